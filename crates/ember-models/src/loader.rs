@@ -138,6 +138,11 @@ fn available_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// A parameter count as people write it: `671.03B`.
+pub fn billions(params: u64) -> String {
+    format!("{:.2}B", params as f64 / 1e9)
+}
+
 /// Bytes the weights take in `dtype`.
 pub fn weight_bytes(cfg: &ModelConfig, dtype: DType) -> u64 {
     cfg.num_parameters() * dtype.size_in_bytes() as u64
@@ -172,9 +177,10 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         if let Some(avail) = available_memory_bytes() {
             if need > avail {
                 return Err(EmberError::Config(format!(
-                    "{} parameters need {:.1} GiB in {dtype:?} but only {:.1} GiB of memory is available; \
+                    "{} parameters ({} active per token) need {:.1} GiB in {dtype:?} but only {:.1} GiB of memory is available; \
                      use a smaller --dtype or fewer layers, e.g. --hf-overrides '{{\"num_hidden_layers\": 2}}'",
-                    config.num_parameters(),
+                    billions(config.num_parameters()),
+                    billions(config.num_active_parameters()),
                     need as f64 / (1u64 << 30) as f64,
                     avail as f64 / (1u64 << 30) as f64
                 )));

@@ -1,5 +1,6 @@
-//! DeepSeek's expert router: sigmoid (or softmax) scores, then either the bias-corrected,
-//! group-limited top-k of DeepSeek-V3 / Kimi K2 (`noaux_tc`) or plain top-k (`greedy`, V2-Lite).
+//! DeepSeek's expert router: sigmoid (or softmax) scores, then the bias-corrected, group-limited
+//! top-k of DeepSeek-V3 / Kimi K2 (`noaux_tc`), plain top-k (`greedy`, V2-Lite), or top-k inside
+//! the groups holding the best single scores (`group_limited_greedy`, V2).
 //! Runs on host f32 rows, as the Qwen3-MoE router does, and yields the same [`ExpertRouting`] plan.
 
 use ember_core::config::{DeepseekConfig, ScoringFunc, TopkMethod};
@@ -71,6 +72,24 @@ impl ExpertRouter {
         top_k_indices(&choice, self.top_k)
     }
 
+    /// Chosen experts of one token: top-k inside the `topk_group` groups whose best expert
+    /// scores highest (DeepSeek-V2's `group_limited_greedy`; other groups' scores count as 0).
+    fn choose_group_limited_greedy(&self, scores: &[f32]) -> Vec<usize> {
+        let per_group = self.num_experts / self.n_group;
+        let group_max: Vec<f32> = scores
+            .chunks(per_group)
+            .map(|g| g.iter().cloned().fold(f32::NEG_INFINITY, f32::max))
+            .collect();
+        let kept = top_k_indices(&group_max, self.topk_group);
+        let mut masked = scores.to_vec();
+        for (g, chunk) in masked.chunks_mut(per_group).enumerate() {
+            if !kept.contains(&g) {
+                chunk.fill(f32::NEG_INFINITY);
+            }
+        }
+        top_k_indices(&masked, self.top_k)
+    }
+
     /// Routes router logits `[tokens][experts]` (f32). `bias` is `e_score_correction_bias`
     /// (used by `noaux_tc` only to choose; weights come from the unbiased scores).
     pub fn route(&self, logits: &[Vec<f32>], bias: &[f32]) -> ExpertRouting {
@@ -80,6 +99,7 @@ impl ExpertRouter {
             let chosen = match self.topk_method {
                 TopkMethod::NoauxTc => self.choose_noaux_tc(&scores, bias),
                 TopkMethod::Greedy => top_k_indices(&scores, self.top_k),
+                TopkMethod::GroupLimitedGreedy => self.choose_group_limited_greedy(&scores),
             };
             let mut weights: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
             if self.norm_topk_prob {
@@ -170,5 +190,19 @@ mod tests {
         assert_eq!(got.iter().map(|c| c.0).collect::<Vec<_>>(), vec![6, 7]);
         assert!((got[0].1 - 7.0 / 36.0 * 2.5).abs() < 1e-6);
         assert!((got[1].1 - 8.0 / 36.0 * 2.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn group_limited_greedy_keeps_the_groups_of_the_best_single_experts() {
+        // Softmax weights (out of 32) in groups of 2: g0 [1 9], g1 [6 6], g2 [8 1], g3 [1 0].
+        // Group maxima 9, 6, 8, 1 keep g0 and g2, so the top-2 are experts 1 (9) and 4 (8).
+        // Ranking groups by their top-2 sum (10, 12, 9, 1) would pick g1's 6s instead.
+        let w = [1.0f32, 9.0, 6.0, 6.0, 8.0, 1.0, 1.0, 0.0];
+        let logits = vec![w.iter().map(|w| w.ln()).collect::<Vec<f32>>()];
+        let r = router(TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, false);
+        let got = chosen(&r.route(&logits, &[]));
+        assert_eq!(got.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 4]);
+        assert!((got[0].1 - 9.0 / 32.0 * 2.5).abs() < 1e-6, "{got:?}");
+        assert!((got[1].1 - 8.0 / 32.0 * 2.5).abs() < 1e-6, "{got:?}");
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use ember_models::loader::{read_config, weight_bytes};
+use ember_models::loader::{billions, read_config, weight_bytes};
 use ember_models::{load_model, ForwardBatch, KvCachePool, LoadFormat, LoadOptions, SequenceInput};
 use serde_json::json;
 
@@ -87,6 +87,28 @@ fn qwen3_30b_a3b_shape_reports_its_size_without_allocating() {
     let gib = weight_bytes(&cfg, DType::BF16) as f64 / (1u64 << 30) as f64;
     assert!((56.0..58.0).contains(&gib), "{gib} GiB");
     assert_eq!(cfg.num_hidden_layers, 48);
+}
+
+#[test]
+fn real_deepseek_v3_and_kimi_k2_configs_report_their_published_sizes_under_dummy_load() {
+    // The full configs cannot be materialised here; a dummy load stops at the memory check and
+    // reports the counts (exact values and published figures: ember-core's config tests).
+    for (name, total, active) in [
+        ("deepseek-v3", "671.03B", "36.63B"),
+        ("kimi-k2", "1026.41B", "31.69B"),
+    ] {
+        let dir = models_dir().join("configs").join(name);
+        let cfg = read_config(&dir, None).unwrap();
+        assert_eq!(billions(cfg.num_parameters()), total);
+        assert_eq!(billions(cfg.num_active_parameters()), active);
+        let mut opts = LoadOptions::new(dir.to_string_lossy());
+        opts.load_format = LoadFormat::Dummy;
+        let err = load_error(&opts);
+        assert!(
+            err.contains(&format!("{total} parameters ({active} active per token)")),
+            "{err}"
+        );
+    }
 }
 
 #[test]
