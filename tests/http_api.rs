@@ -268,7 +268,12 @@ fn stop_strings_n_usage_and_limits_over_http() {
 
 #[test]
 fn deepseek_and_kimi_checkpoints_match_transformers_over_http() {
-    for name in ["deepseek-v3-tiny", "kimi-k2-tiny", "deepseek-v3-fp8-tiny"] {
+    for name in [
+        "deepseek-v3-tiny",
+        "kimi-k2-tiny",
+        "deepseek-v3-fp8-tiny",
+        "deepseek-v2-lite-tiny",
+    ] {
         let server = Server::start_model(name, &[]);
         let reference = reference_of(name);
         for p in reference["prompts"]

@@ -13,7 +13,7 @@ use serde_json::Value;
 const LOGPROB_TOL: f64 = 1e-3;
 /// Largest difference allowed between a request run alone and run in a batch.
 const BATCH_TOL: f64 = 1e-4;
-const MODELS: [&str; 8] = [
+const MODELS: [&str; 10] = [
     "qwen3-tiny",
     "qwen3-moe-tiny",
     "qwen3-moe-mixed-tiny",
@@ -23,6 +23,9 @@ const MODELS: [&str; 8] = [
     "deepseek-v3-fp8-ue8m0-tiny",
     // hidden 320: real 128x128 blocks with ragged edges.
     "deepseek-v3-fp8-256-tiny",
+    // DeepSeek-V2 routing: softmax greedy (V2-Lite shape, YaRN mscale 0.707) and group-limited greedy.
+    "deepseek-v2-lite-tiny",
+    "deepseek-v2-tiny",
 ];
 
 fn model_dir(name: &str) -> PathBuf {
