@@ -113,6 +113,13 @@ fn a_bounded_load_test_leaves_nothing_behind() {
     assert_eq!(server.metric("ember:num_requests_running"), 0.0);
     assert_eq!(server.metric("ember:num_requests_waiting"), 0.0);
     assert_eq!(server.metric("ember:kv_cache_blocks_used"), 0.0);
+    // The engine's time is split by phase, and the forward pass got some of it.
+    let phase =
+        |p: &str| server.metric(&format!("ember:engine_step_seconds_total{{phase=\"{p}\"}}"));
+    let phases: Vec<f64> = ["schedule", "forward", "sample", "other"]
+        .map(phase)
+        .to_vec();
+    assert!(phases.iter().all(|&t| t > 0.0), "{phases:?}");
     // Memory stays flat: 1500 requests may not grow the server by more than 64 MiB.
     assert!(
         rss_after < rss_before + 64 * 1024,

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ember_core::{EngineRequest, FinishReason, Result};
 use ember_models::{LoadedModel, SequenceInput};
@@ -129,6 +130,7 @@ impl Engine {
                     Err(_) => return,
                 }
             }
+            let start = Instant::now();
             loop {
                 match self.requests.try_recv() {
                     Ok(req) => self.accept(req),
@@ -137,8 +139,20 @@ impl Engine {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
-            self.step();
+            let mut phases = StepTimer::new();
+            self.step(&mut phases);
             self.publish_stats();
+            let total = start.elapsed().as_nanos() as u64;
+            let [schedule, forward, sample] = phases.spent;
+            let other = total.saturating_sub(schedule + forward + sample);
+            for (slot, ns) in self
+                .stats
+                .step_time_ns
+                .iter()
+                .zip([schedule, forward, sample, other])
+            {
+                slot.fetch_add(ns, Ordering::Relaxed);
+            }
         }
     }
 
@@ -182,7 +196,7 @@ impl Engine {
             .fetch_add(aborted as u64, Ordering::Relaxed);
     }
 
-    fn step(&mut self) {
+    fn step(&mut self, timer: &mut StepTimer) {
         self.abort_abandoned();
         let plan = self.scheduler.schedule();
         if plan.chunks.is_empty() {
@@ -217,6 +231,7 @@ impl Engine {
                 }
             })
             .collect();
+        timer.lap(0);
         let logits = match self.runner.execute(&inputs) {
             Ok(logits) => logits,
             Err(e) => {
@@ -228,6 +243,7 @@ impl Engine {
                 return;
             }
         };
+        timer.lap(1);
         let mut finished: Vec<usize> = Vec::new();
         for (&(i, n), rows) in plan.chunks.iter().zip(logits) {
             let seq = &mut self.scheduler.running[i];
@@ -248,6 +264,29 @@ impl Engine {
         }
         // `advance` already sent each finished request its last output.
         self.scheduler.finish(finished);
+        timer.lap(2);
+    }
+}
+
+/// Splits a step's wall time into schedule / forward / sample laps.
+struct StepTimer {
+    last: Instant,
+    spent: [u64; 3],
+}
+
+impl StepTimer {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            spent: [0; 3],
+        }
+    }
+
+    /// Charges the time since the previous lap to `phase`.
+    fn lap(&mut self, phase: usize) {
+        let now = Instant::now();
+        self.spent[phase] += (now - self.last).as_nanos() as u64;
+        self.last = now;
     }
 }
 

@@ -19,10 +19,15 @@ pub struct EngineStats {
     pub(crate) prompt_tokens_computed: AtomicU64,
     pub(crate) generation_tokens: AtomicU64,
     pub(crate) steps: AtomicU64,
+    /// Wall time of the engine loop by phase, in nanoseconds, summed over steps.
+    pub(crate) step_time_ns: [AtomicU64; 4],
 }
 
+/// The phases of one engine step, in the order [`StatsSnapshot::step_time_seconds`] lists them.
+pub const STEP_PHASES: [&str; 4] = ["schedule", "forward", "sample", "other"];
+
 /// A consistent-enough copy of [`EngineStats`] at one moment.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct StatsSnapshot {
     /// Requests not running: not yet picked up, waiting for room, or preempted.
     pub waiting: u64,
@@ -39,6 +44,11 @@ pub struct StatsSnapshot {
     pub prompt_tokens_computed: u64,
     pub generation_tokens: u64,
     pub steps: u64,
+    /// Seconds spent, summed over steps, in each of [`STEP_PHASES`]: `schedule` (aborts,
+    /// admission, block allocation, building the batch), `forward` (the model, logits to host),
+    /// `sample` (sampling, logprobs, sending tokens, caching full blocks, finishing requests),
+    /// `other` (taking new requests, publishing counters).
+    pub step_time_seconds: [f64; 4],
 }
 
 impl EngineStats {
@@ -57,11 +67,21 @@ impl EngineStats {
             prompt_tokens_computed: r(&self.prompt_tokens_computed),
             generation_tokens: r(&self.generation_tokens),
             steps: r(&self.steps),
+            step_time_seconds: std::array::from_fn(|i| r(&self.step_time_ns[i]) as f64 * 1e-9),
         }
     }
 }
 
 impl StatsSnapshot {
+    /// Fraction of the engine's busy time spent outside the model's forward pass.
+    pub fn overhead_fraction(&self) -> f64 {
+        let total: f64 = self.step_time_seconds.iter().sum();
+        if total == 0.0 {
+            return 0.0;
+        }
+        1.0 - self.step_time_seconds[1] / total
+    }
+
     /// Fraction of KV blocks held by requests (cached-but-free blocks count as free).
     pub fn kv_usage(&self) -> f64 {
         self.kv_blocks_used as f64 / self.kv_blocks_total.max(1) as f64

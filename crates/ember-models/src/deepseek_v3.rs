@@ -73,7 +73,8 @@ impl DeepseekMoe {
     }
 }
 
-/// Loads `DeepseekV3ForCausalLM` (DeepSeek-V3, V3.1, Kimi K2): layers `0..num_hidden_layers`.
+/// Loads `DeepseekV3ForCausalLM` (DeepSeek-V3, V3.1, Kimi K2) or `DeepseekV2ForCausalLM`
+/// (DeepSeek-V2, V2-Lite; same layers, another router): layers `0..num_hidden_layers`.
 pub fn load_deepseek_v3(
     weights: &Weights,
     cfg: &ModelConfig,

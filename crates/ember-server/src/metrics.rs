@@ -47,6 +47,11 @@ struct FinishLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
     endpoint: String,
     status: u16,
@@ -270,6 +275,16 @@ impl Collector for EngineCollector {
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);
             counter.encode(e.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        let mut family = e.encode_descriptor(
+            "ember:engine_step_seconds",
+            "Engine loop wall time by phase: schedule (admission, blocks, batch), forward (model), \
+             sample (sampling, sending tokens, finishing), other (new requests, counters).",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (phase, seconds) in ember_engine::STEP_PHASES.iter().zip(s.step_time_seconds) {
+            ConstCounter::new(seconds).encode(family.encode_family(&PhaseLabels { phase })?)?;
         }
         Ok(())
     }

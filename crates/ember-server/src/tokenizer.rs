@@ -86,6 +86,11 @@ impl TextTokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Whether `id` is an added token (a special such as `<|im_end|>`), not ordinary text.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.added_ids.contains(&id)
+    }
+
     /// Number of ids the tokenizer knows, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
