@@ -1,7 +1,9 @@
 //! `ember`: serve MoE language models behind the OpenAI/Fireworks API, or run one prompt.
 
 mod args;
+mod bench;
 mod generate;
+mod offline_bench;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +25,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run one prompt and print the completion with its prefill and decode speed.
     Generate(generate::GenerateArgs),
+    /// Benchmark a server or the engine.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -35,6 +39,7 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

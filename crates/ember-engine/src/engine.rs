@@ -251,12 +251,7 @@ impl Engine {
             self.stats
                 .prompt_tokens_computed
                 .fetch_add(prompt_part as u64, Ordering::Relaxed);
-            let generated_before = seq.output.len();
-            let done = advance(seq, n, &rows, self.max_model_len);
-            let generated = (seq.output.len() - generated_before) as u64;
-            self.stats
-                .generation_tokens
-                .fetch_add(generated, Ordering::Relaxed);
+            let done = advance(seq, n, &rows, self.max_model_len, &self.stats);
             self.scheduler.cache_computed_blocks(i);
             if done {
                 finished.push(i);
@@ -292,8 +287,15 @@ impl StepTimer {
 
 /// Records a step's `n` computed tokens of `seq` and, once the sequence is caught up, samples
 /// its next token and sends it (with the finish reason when it is the last). Returns whether
-/// the request is done.
-fn advance(seq: &mut Sequence, n: usize, rows: &[Vec<f32>], max_model_len: usize) -> bool {
+/// the request is done. A sampled token is counted in `stats` before it is sent, so a client
+/// that has its last token also finds it in the counters.
+fn advance(
+    seq: &mut Sequence,
+    n: usize,
+    rows: &[Vec<f32>],
+    max_model_len: usize,
+    stats: &EngineStats,
+) -> bool {
     let first = seq.num_computed;
     seq.num_computed += n;
     let mut out = seq.output_template();
@@ -333,6 +335,7 @@ fn advance(seq: &mut Sequence, n: usize, rows: &[Vec<f32>], max_model_len: usize
     out.completion_tokens = seq.output.len();
     out.finish_reason = seq.check_finished(max_model_len);
     let done = out.finish_reason.is_some();
+    stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
     seq.send(out);
     done
 }

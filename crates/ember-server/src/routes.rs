@@ -9,6 +9,7 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
@@ -93,6 +94,13 @@ pub async fn serve_until(
             );
         }
     };
+    // Stream chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds the first
+    // token on a kept-alive connection until the client's delayed ACK (~40 ms of TTFT).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set: {e}");
+        }
+    });
     let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(drained);
     // Graceful shutdown waits for every open connection; a stream past the deadline (or a
     // second signal) must not keep the process alive.
