@@ -56,7 +56,7 @@ fn throughput_counts_every_token_and_splits_the_step_time() {
     // With 8 sequences at a time the 24 requests need at least 3 rounds of 6 tokens.
     assert!(r["num_steps"].as_u64().unwrap() >= 18, "{r}");
     let phases = r["step_phase_ms"].as_object().unwrap();
-    for phase in ["schedule", "forward", "sample", "other"] {
+    for phase in ["schedule", "prepare", "forward", "sample", "other"] {
         assert!(phases[phase].as_f64().unwrap() >= 0.0, "{phase}: {r}");
     }
     let sum: f64 = phases.values().map(|v| v.as_f64().unwrap()).sum();

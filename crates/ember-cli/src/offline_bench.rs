@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use ember_core::SamplingParams;
 use ember_engine::runner::ModelRunner;
-use ember_engine::{Engine, StatsSnapshot, STEP_PHASES};
+use ember_engine::{Engine, StatsSnapshot, FORWARD_PHASE, STEP_PHASES};
 use ember_models::SequenceInput;
 use ember_server::detokenizer::IncrementalDetokenizer;
 use ember_server::tokenizer::TextTokenizer;
@@ -140,7 +140,7 @@ fn write_json(path: &Option<PathBuf>, value: &serde_json::Value) -> Result<()> {
 }
 
 /// The engine's step-phase seconds between two snapshots.
-fn phase_seconds(before: &StatsSnapshot, after: &StatsSnapshot) -> [f64; 4] {
+fn phase_seconds(before: &StatsSnapshot, after: &StatsSnapshot) -> [f64; 5] {
     std::array::from_fn(|i| after.step_time_seconds[i] - before.step_time_seconds[i])
 }
 
@@ -241,7 +241,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
     println!(
         "{:<40}{:>12.1}%",
         "Outside the forward pass:",
-        (1.0 - phases[1] / busy.max(f64::MIN_POSITIVE)) * 100.0
+        (1.0 - phases[FORWARD_PHASE] / busy.max(f64::MIN_POSITIVE)) * 100.0
     );
     if tokenizer.is_some() && !args.disable_detokenize {
         println!(
@@ -270,7 +270,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
             "num_steps": steps,
             "mean_step_ms": busy / steps.max(1) as f64 * 1e3,
             "step_phase_ms": step_ms,
-            "overhead_fraction": 1.0 - phases[1] / busy.max(f64::MIN_POSITIVE),
+            "overhead_fraction": 1.0 - phases[FORWARD_PHASE] / busy.max(f64::MIN_POSITIVE),
             "detokenize_seconds": detokenize.as_secs_f64(),
         }),
     )

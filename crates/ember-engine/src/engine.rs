@@ -143,14 +143,10 @@ impl Engine {
             self.step(&mut phases);
             self.publish_stats();
             let total = start.elapsed().as_nanos() as u64;
-            let [schedule, forward, sample] = phases.spent;
-            let other = total.saturating_sub(schedule + forward + sample);
-            for (slot, ns) in self
-                .stats
-                .step_time_ns
-                .iter()
-                .zip([schedule, forward, sample, other])
-            {
+            let [schedule, prepare, forward, sample] = phases.spent;
+            let other = total.saturating_sub(schedule + prepare + forward + sample);
+            let spent = [schedule, prepare, forward, sample, other];
+            for (slot, ns) in self.stats.step_time_ns.iter().zip(spent) {
                 slot.fetch_add(ns, Ordering::Relaxed);
             }
         }
@@ -232,7 +228,11 @@ impl Engine {
             })
             .collect();
         timer.lap(0);
-        let logits = match self.runner.execute(&inputs) {
+        let logits = self.runner.prepare(&inputs).and_then(|batch| {
+            timer.lap(1);
+            self.runner.forward(&batch)
+        });
+        let logits = match logits {
             Ok(logits) => logits,
             Err(e) => {
                 tracing::error!("forward failed: {e}");
@@ -243,7 +243,7 @@ impl Engine {
                 return;
             }
         };
-        timer.lap(1);
+        timer.lap(2);
         let mut finished: Vec<usize> = Vec::new();
         for (&(i, n), rows) in plan.chunks.iter().zip(logits) {
             let seq = &mut self.scheduler.running[i];
@@ -259,21 +259,21 @@ impl Engine {
         }
         // `advance` already sent each finished request its last output.
         self.scheduler.finish(finished);
-        timer.lap(2);
+        timer.lap(3);
     }
 }
 
-/// Splits a step's wall time into schedule / forward / sample laps.
+/// Splits a step's wall time into schedule / prepare / forward / sample laps.
 struct StepTimer {
     last: Instant,
-    spent: [u64; 3],
+    spent: [u64; 4],
 }
 
 impl StepTimer {
     fn new() -> Self {
         Self {
             last: Instant::now(),
-            spent: [0; 3],
+            spent: [0; 4],
         }
     }
 

@@ -11,4 +11,4 @@ pub mod stats;
 
 pub use engine::{Engine, EngineConfig};
 pub use handle::{EngineHandle, ModelInfo};
-pub use stats::{StatsSnapshot, STEP_PHASES};
+pub use stats::{StatsSnapshot, FORWARD_PHASE, STEP_PHASES};

@@ -42,8 +42,17 @@ impl ModelRunner {
 
     /// Runs one step; returns, per input, its logits rows (one, or one per token with `all_logits`).
     pub fn execute(&self, inputs: &[SequenceInput<'_>]) -> Result<Vec<Vec<Vec<f32>>>> {
-        let batch = ForwardBatch::new(inputs, self.cache.block_size, &self.device)?;
-        let logits = self.model.forward(&batch, &self.cache)?;
+        self.forward(&self.prepare(inputs)?)
+    }
+
+    /// Builds the step's batch: positions, slots and attention metadata as device tensors.
+    pub fn prepare(&self, inputs: &[SequenceInput<'_>]) -> Result<ForwardBatch> {
+        ForwardBatch::new(inputs, self.cache.block_size, &self.device)
+    }
+
+    /// Runs the model over a prepared batch; returns, per sequence, its logits rows.
+    pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<Vec<Vec<f32>>>> {
+        let logits = self.model.forward(batch, &self.cache)?;
         let mut rows = logits
             .to_vec2::<f32>()
             .map_err(|e| EmberError::Tensor(e.to_string()))?

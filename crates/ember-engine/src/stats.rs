@@ -20,11 +20,14 @@ pub struct EngineStats {
     pub(crate) generation_tokens: AtomicU64,
     pub(crate) steps: AtomicU64,
     /// Wall time of the engine loop by phase, in nanoseconds, summed over steps.
-    pub(crate) step_time_ns: [AtomicU64; 4],
+    pub(crate) step_time_ns: [AtomicU64; 5],
 }
 
 /// The phases of one engine step, in the order [`StatsSnapshot::step_time_seconds`] lists them.
-pub const STEP_PHASES: [&str; 4] = ["schedule", "forward", "sample", "other"];
+pub const STEP_PHASES: [&str; 5] = ["schedule", "prepare", "forward", "sample", "other"];
+
+/// Index of the model's forward pass in [`STEP_PHASES`].
+pub const FORWARD_PHASE: usize = 2;
 
 /// A consistent-enough copy of [`EngineStats`] at one moment.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -48,7 +51,7 @@ pub struct StatsSnapshot {
     /// admission, block allocation, building the batch), `forward` (the model, logits to host),
     /// `sample` (sampling, logprobs, sending tokens, caching full blocks, finishing requests),
     /// `other` (taking new requests, publishing counters).
-    pub step_time_seconds: [f64; 4],
+    pub step_time_seconds: [f64; 5],
 }
 
 impl EngineStats {
@@ -79,7 +82,7 @@ impl StatsSnapshot {
         if total == 0.0 {
             return 0.0;
         }
-        1.0 - self.step_time_seconds[1] / total
+        1.0 - self.step_time_seconds[FORWARD_PHASE] / total
     }
 
     /// Fraction of KV blocks held by requests (cached-but-free blocks count as free).

@@ -278,7 +278,7 @@ impl Collector for EngineCollector {
         }
         let mut family = e.encode_descriptor(
             "ember:engine_step_seconds",
-            "Engine loop wall time by phase: schedule (admission, blocks, batch), forward (model), \
+            "Engine loop wall time by phase: schedule (admission, blocks, tokens), prepare (batch tensors), forward (model), \
              sample (sampling, sending tokens, finishing), other (new requests, counters).",
             None,
             prometheus_client::metrics::MetricType::Counter,
