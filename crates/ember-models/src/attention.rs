@@ -74,6 +74,16 @@ impl Qwen3Attention {
         )?;
 
         let scale = 1.0 / (d as f64).sqrt();
+        if crate::paged_attention::supported(cache, &q) {
+            let attn = crate::paged_attention::paged_attention(
+                &q,
+                cache,
+                batch,
+                self.num_kv_heads,
+                scale as f32,
+            )?;
+            return self.o_proj.forward(&attn);
+        }
         let group = self.num_heads / self.num_kv_heads;
         let mut outputs = Vec::with_capacity(batch.sequences.len());
         for seq in &batch.sequences {

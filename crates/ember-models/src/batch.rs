@@ -27,6 +27,8 @@ pub struct SequenceAttention {
     pub query_len: usize,
     /// Cache slots of all `context_len` tokens the new tokens attend to, in position order.
     pub context_slots: Tensor,
+    /// The same slots on the host, for kernels that walk the cache themselves.
+    pub context_slots_host: Vec<u32>,
     /// Tokens attended to: already computed plus new.
     pub context_len: usize,
     /// Additive causal mask `[query_len, context_len]` (f32), absent for a single query token.
@@ -131,7 +133,8 @@ impl ForwardBatch {
             sequences.push(SequenceAttention {
                 query_start,
                 query_len,
-                context_slots: Tensor::new(context_slots, device).map_err(tensor_err)?,
+                context_slots: Tensor::new(context_slots.as_slice(), device).map_err(tensor_err)?,
+                context_slots_host: context_slots,
                 context_len,
                 causal_mask,
             });

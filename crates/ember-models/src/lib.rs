@@ -16,6 +16,7 @@ pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
+pub mod paged_attention;
 pub mod qwen3;
 pub mod rope;
 pub mod routing;
