@@ -219,11 +219,21 @@ pub async fn send(
         sent,
         (sent - run_start).as_secs_f64(),
     );
-    let mut request = client.post(&input.api_url).json(&payload(input));
-    if let Some(key) = &input.api_key {
-        request = request.bearer_auth(key);
-    }
-    let mut response = match request.send().await {
+    let body = payload(input);
+    let attempt = || {
+        let request = client.post(&input.api_url).json(&body);
+        match &input.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    };
+    // A kept-alive connection the server has just closed (llama-server closes them after a few
+    // requests) fails before the request is read: retry that once on a fresh connection.
+    let sent_result = match attempt().send().await {
+        Err(e) if e.is_request() || e.is_connect() => attempt().send().await,
+        other => other,
+    };
+    let mut response = match sent_result {
         Ok(r) => r,
         Err(e) => {
             timer.fail(format!("connection error: {e}"));
