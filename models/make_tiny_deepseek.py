@@ -363,6 +363,18 @@ def save(sd, d):
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
 
 
+def replace_readme_section(begin, end, text):
+    """Drop the README.md section between the `begin` and `end` markers (if any) and append `text` (which carries
+    the markers itself): each fixture script owns one section."""
+    path = HERE / "README.md"
+    cur = path.read_text(encoding="utf-8")
+    if begin in cur and end in cur:
+        a = cur.index(begin)
+        b = cur.index(end) + len(end) + 1
+        cur = cur[:a] + cur[b:]
+    path.write_text(cur.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+
+
 README_BEGIN = "<!-- make_tiny_deepseek.py: begin -->"
 README_END = "<!-- make_tiny_deepseek.py: end -->"
 
@@ -447,13 +459,7 @@ FP8 variants share `deepseek-v3-tiny`'s seed and the seed was only accepted if t
 {files}
 {README_END}
 """
-    path = HERE / "README.md"
-    cur = path.read_text(encoding="utf-8")
-    if README_BEGIN in cur and README_END in cur:
-        a = cur.index(README_BEGIN)
-        b = cur.index(README_END) + len(README_END) + 1
-        cur = cur[:a] + cur[b:]
-    path.write_text(cur.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+    replace_readme_section(README_BEGIN, README_END, text)
 
 
 def main():

@@ -301,13 +301,7 @@ every routing decision (> 1e-4) are not decided by float noise:
 {files}
 {README_END}
 """
-    path = HERE / "README.md"
-    cur = path.read_text(encoding="utf-8")
-    if README_BEGIN in cur and README_END in cur:
-        a = cur.index(README_BEGIN)
-        b = cur.index(README_END) + len(README_END) + 1
-        cur = cur[:a] + cur[b:]
-    path.write_text(cur.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+    md.replace_readme_section(README_BEGIN, README_END, text)
 
 
 def main():
