@@ -197,7 +197,13 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let after = handle.stats();
+    // The last step publishes its counters just after sending its tokens: wait for them.
+    let mut after = handle.stats();
+    let waited = Instant::now();
+    while (after.running > 0 || after.waiting > 0) && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+        after = handle.stats();
+    }
     let phases = phase_seconds(&before, &after);
     let steps = after.steps - before.steps;
     let busy: f64 = phases.iter().sum();

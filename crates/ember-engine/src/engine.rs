@@ -141,7 +141,6 @@ impl Engine {
             }
             let mut phases = StepTimer::new();
             self.step(&mut phases);
-            self.publish_stats();
             let total = start.elapsed().as_nanos() as u64;
             let [schedule, prepare, forward, sample] = phases.spent;
             let other = total.saturating_sub(schedule + prepare + forward + sample);
@@ -149,6 +148,8 @@ impl Engine {
             for (slot, ns) in self.stats.step_time_ns.iter().zip(spent) {
                 slot.fetch_add(ns, Ordering::Relaxed);
             }
+            // Last, so a reader that sees the step's running count also sees its time and count.
+            self.publish_stats();
         }
     }
 
@@ -159,12 +160,11 @@ impl Engine {
 
     fn publish_stats(&self) {
         let s = &self.stats;
+        s.steps.fetch_add(1, Ordering::Relaxed);
         let kv = &self.scheduler.kv;
         let prefix = kv.stats();
         s.queued
             .store(self.scheduler.waiting.len() as u64, Ordering::Relaxed);
-        s.running
-            .store(self.scheduler.running.len() as u64, Ordering::Relaxed);
         s.kv_blocks_used
             .store((kv.num_blocks() - kv.num_free()) as u64, Ordering::Relaxed);
         s.prefix_cache_queries
@@ -172,7 +172,8 @@ impl Engine {
         s.prefix_cache_hits.store(prefix.hits, Ordering::Relaxed);
         s.preemptions
             .store(self.scheduler.num_preemptions, Ordering::Relaxed);
-        s.steps.fetch_add(1, Ordering::Relaxed);
+        s.running
+            .store(self.scheduler.running.len() as u64, Ordering::Release);
     }
 
     /// Drops requests whose clients left, freeing their blocks this step.

@@ -57,10 +57,13 @@ pub struct StatsSnapshot {
 impl EngineStats {
     /// Reads every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
+        // `running` is stored last in a step (Release): reading it first (Acquire) makes the
+        // step's counters and times visible with it.
+        let running = self.running.load(Ordering::Acquire);
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {
             waiting: r(&self.unseen) + r(&self.queued),
-            running: r(&self.running),
+            running,
             kv_blocks_total: r(&self.kv_blocks_total),
             kv_blocks_used: r(&self.kv_blocks_used),
             prefix_cache_queries: r(&self.prefix_cache_queries),
