@@ -85,14 +85,7 @@ fn steady_decode_scheduler(seed: u64) -> Scheduler {
 /// then advance, "sample" a token, cache filled blocks and finish the done. Returns the plan.
 fn engine_step(s: &mut Scheduler, token: u32) -> StepPlan {
     let plan = s.schedule();
-    let pending: Vec<Vec<u32>> = plan
-        .chunks
-        .iter()
-        .map(|&(i, n)| {
-            let seq = &s.running[i];
-            seq.tokens(seq.num_computed, seq.num_computed + n)
-        })
-        .collect();
+    let pending = s.step_tokens(&plan);
     black_box(&pending);
     complete(s, &plan, token);
     plan
@@ -146,14 +139,7 @@ fn bench_scheduler(c: &mut Criterion) {
     // (positions, slots, every sequence's context slots) before any model work.
     let mut s = steady_decode_scheduler(0);
     let plan = s.schedule();
-    let pending: Vec<Vec<u32>> = plan
-        .chunks
-        .iter()
-        .map(|&(i, n)| {
-            let seq = &s.running[i];
-            seq.tokens(seq.num_computed, seq.num_computed + n)
-        })
-        .collect();
+    let pending = s.step_tokens(&plan);
     let inputs: Vec<SequenceInput<'_>> = plan
         .chunks
         .iter()

@@ -205,14 +205,7 @@ impl Engine {
             }
             return;
         }
-        let pending: Vec<Vec<u32>> = plan
-            .chunks
-            .iter()
-            .map(|&(i, n)| {
-                let seq = &self.scheduler.running[i];
-                seq.tokens(seq.num_computed, seq.num_computed + n)
-            })
-            .collect();
+        let pending = self.scheduler.step_tokens(&plan);
         let inputs: Vec<SequenceInput<'_>> = plan
             .chunks
             .iter()

@@ -132,6 +132,17 @@ impl Scheduler {
             .cache_full_blocks(&seq.block_table, &mut seq.block_hashes, &tokens, 0);
     }
 
+    /// The tokens each chunk of `plan` runs this step, in plan order.
+    pub fn step_tokens(&self, plan: &StepPlan) -> Vec<Vec<u32>> {
+        plan.chunks
+            .iter()
+            .map(|&(i, n)| {
+                let seq = &self.running[i];
+                seq.tokens(seq.num_computed, seq.num_computed + n)
+            })
+            .collect()
+    }
+
     /// Plans the next step.
     pub fn schedule(&mut self) -> StepPlan {
         let mut budget = self.cfg.max_num_batched_tokens;
