@@ -99,6 +99,15 @@ def make_config(spec, vocab_size, ids):
     return cfg
 
 
+def randomize_parameters(model, gen):
+    """Every parameter, in name order, from `gen`: RMSNorm weights ~ 1 + N(0, NORM_STD^2), the rest ~ N(0,
+    INIT_STD^2), rounded to bf16 (buffers such as RoPE's inv_freq are left as transformers computes them)."""
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        v = (1.0 + NORM_STD * torch.randn(p.shape, generator=gen)) if is_norm(name) \
+            else INIT_STD * torch.randn(p.shape, generator=gen)
+        p.copy_(v.to(torch.bfloat16).to(torch.float32))
+
+
 def build_model(cfg, seed, tok_size):
     from transformers import DeepseekV3ForCausalLM
     torch.manual_seed(seed)
@@ -107,10 +116,7 @@ def build_model(cfg, seed, tok_size):
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            v = (1.0 + NORM_STD * torch.randn(p.shape, generator=gen)) if is_norm(name) \
-                else INIT_STD * torch.randn(p.shape, generator=gen)
-            p.copy_(v.to(torch.bfloat16).to(torch.float32))
+        randomize_parameters(model, gen)
         for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(BIAS_STD * torch.randn(b.shape, generator=gen))      # fp32, not bf16-rounded

@@ -77,10 +77,6 @@ log = mt.log
 write_json = mt.write_json
 
 
-def is_norm(name):
-    return name.endswith("norm.weight")
-
-
 def make_config(spec, vocab_size, ids):
     from transformers import DeepseekV2Config
     rp = {"rope_type": "default", "rope_theta": float(spec["rope_theta"])}
@@ -101,11 +97,7 @@ def build_model(cfg, seed, tok_size):
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        # parameters only (bf16-rounded); buffers (rotary inv_freq) are left as transformers computes them
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            v = (1.0 + NORM_STD * torch.randn(p.shape, generator=gen)) if is_norm(name) \
-                else INIT_STD * torch.randn(p.shape, generator=gen)
-            p.copy_(v.to(torch.bfloat16).to(torch.float32))
+        md.randomize_parameters(model, gen)
         model.model.embed_tokens.weight[tok_size:] = 0
         model.lm_head.weight[tok_size:] = 0
     return model
