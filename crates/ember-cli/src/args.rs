@@ -118,6 +118,7 @@ impl ModelArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             enable_prefix_caching: !self.no_enable_prefix_caching,
             max_waiting_requests: self.max_waiting_requests,
+            lora: None,
         })
     }
 }

@@ -317,6 +317,7 @@ fn run_batch(
             num_computed: 0,
             block_table: table,
             all_logits: false,
+            adapter: None,
         })
         .collect();
     let logits = runner.execute(&inputs)?;
@@ -337,6 +338,7 @@ fn run_batch(
                 num_computed: p.len() + step - 1,
                 block_table: table,
                 all_logits: false,
+                adapter: None,
             })
             .collect();
         let logits = runner.execute(&inputs)?;

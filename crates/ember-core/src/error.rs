@@ -24,6 +24,9 @@ pub enum EmberError {
     /// A request the engine cannot serve (bad parameter, prompt too long, ...).
     #[error("{0}")]
     InvalidRequest(String),
+    /// The named thing (a LoRA adapter, a model) does not exist (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
     /// Too many requests are waiting; the client should retry later (HTTP 429).
     #[error("{0}")]
     Overloaded(String),

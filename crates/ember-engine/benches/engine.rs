@@ -52,6 +52,7 @@ fn steady_decode_scheduler(seed: u64) -> Scheduler {
         max_num_seqs: RUNNING,
         block_size: BLOCK_SIZE,
         enable_prefix_caching: true,
+        max_loras: 8,
     };
     let mut s = Scheduler::new(cfg, RUNNING * blocks_per_seq);
     let system: Vec<u32> = (0..SYSTEM_PROMPT_TOKENS)
@@ -151,6 +152,7 @@ fn bench_scheduler(c: &mut Criterion) {
                 num_computed: seq.num_computed,
                 block_table: &seq.block_table,
                 all_logits: false,
+                adapter: None,
             }
         })
         .collect();

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ember_core::{EngineRequest, FinishReason, Result};
-use ember_models::{LoadedModel, SequenceInput};
+use ember_models::{LoadedModel, LoraAdapter, SequenceInput};
 
 use crate::handle::{EngineHandle, ModelInfo};
+use crate::lora::{LoraConfig, LoraManager};
 use crate::runner::ModelRunner;
 use crate::sampler::{log_softmax_top, sample};
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -30,6 +31,14 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// Requests allowed to wait for room before new ones are refused with `Overloaded`.
     pub max_waiting_requests: usize,
+    /// Serve LoRA adapters (`--enable-lora`) within these limits.
+    pub lora: Option<LoraConfig>,
+}
+
+/// A request on its way to the engine thread, with the adapter it runs with.
+pub(crate) struct Submission {
+    pub request: EngineRequest,
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl Default for EngineConfig {
@@ -42,6 +51,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 2048,
             enable_prefix_caching: true,
             max_waiting_requests: 4096,
+            lora: None,
         }
     }
 }
@@ -51,7 +61,7 @@ pub struct Engine {
     runner: ModelRunner,
     scheduler: Scheduler,
     max_model_len: usize,
-    requests: Receiver<EngineRequest>,
+    requests: Receiver<Submission>,
     stats: Arc<EngineStats>,
 }
 
@@ -90,6 +100,20 @@ impl Engine {
             num_blocks * cfg.block_size
         );
         let device = candle_core::Device::Cpu;
+        let lora = cfg
+            .lora
+            .clone()
+            .map(|lora_cfg| {
+                LoraManager::new(
+                    lora_cfg,
+                    loaded.model.lora_targets().clone(),
+                    loaded.dtype,
+                    device.clone(),
+                )
+                .map(Arc::new)
+            })
+            .transpose()?;
+        let max_loras = cfg.lora.as_ref().map_or(1, |l| l.max_loras);
         let runner = ModelRunner::new(loaded, num_blocks, cfg.block_size, device)?;
         let scheduler = Scheduler::new(
             SchedulerConfig {
@@ -97,6 +121,7 @@ impl Engine {
                 max_num_seqs: cfg.max_num_seqs,
                 block_size: cfg.block_size,
                 enable_prefix_caching: cfg.enable_prefix_caching,
+                max_loras,
             },
             num_blocks,
         );
@@ -118,7 +143,13 @@ impl Engine {
             .map_err(|e| {
                 ember_core::EmberError::Config(format!("cannot start the engine thread: {e}"))
             })?;
-        Ok(EngineHandle::new(tx, info, stats, cfg.max_waiting_requests))
+        Ok(EngineHandle::new(
+            tx,
+            info,
+            stats,
+            cfg.max_waiting_requests,
+            lora,
+        ))
     }
 
     fn run(mut self) {
@@ -153,9 +184,10 @@ impl Engine {
         }
     }
 
-    fn accept(&mut self, request: EngineRequest) {
+    fn accept(&mut self, submission: Submission) {
         self.stats.unseen.fetch_sub(1, Ordering::Relaxed);
-        self.scheduler.waiting.push_back(Sequence::new(request));
+        let seq = Sequence::with_adapter(submission.request, submission.adapter);
+        self.scheduler.waiting.push_back(seq);
     }
 
     fn publish_stats(&self) {
@@ -218,6 +250,7 @@ impl Engine {
                     block_table: &seq.block_table,
                     all_logits: seq.prompt_logprobs.is_some()
                         && seq.num_computed < seq.prompt.len(),
+                    adapter: seq.adapter.as_ref(),
                 }
             })
             .collect();

@@ -7,7 +7,11 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use ember_core::{EmberError, EngineRequest, RequestOutput, Result, SamplingParams};
+use ember_models::LoraAdapter;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::engine::Submission;
+use crate::lora::LoraManager;
 
 /// What the HTTP side needs to know about the loaded model.
 #[derive(Debug, Clone)]
@@ -22,19 +26,21 @@ pub struct ModelInfo {
 /// A cheap, clonable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
-    sender: Sender<EngineRequest>,
+    sender: Sender<Submission>,
     next_id: Arc<AtomicU64>,
     info: Arc<ModelInfo>,
     stats: Arc<EngineStats>,
     max_waiting_requests: usize,
+    lora: Option<Arc<LoraManager>>,
 }
 
 impl EngineHandle {
     pub(crate) fn new(
-        sender: Sender<EngineRequest>,
+        sender: Sender<Submission>,
         info: ModelInfo,
         stats: Arc<EngineStats>,
         max_waiting_requests: usize,
+        lora: Option<Arc<LoraManager>>,
     ) -> Self {
         Self {
             sender,
@@ -42,7 +48,13 @@ impl EngineHandle {
             info: Arc::new(info),
             stats,
             max_waiting_requests,
+            lora,
         }
+    }
+
+    /// The LoRA manager, when the engine serves adapters (`--enable-lora`).
+    pub fn lora(&self) -> Option<&Arc<LoraManager>> {
+        self.lora.as_ref()
     }
 
     /// The engine's live counters.
@@ -61,6 +73,16 @@ impl EngineHandle {
         &self,
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
+    ) -> Result<UnboundedReceiver<RequestOutput>> {
+        self.submit_with_adapter(prompt_token_ids, params, None)
+    }
+
+    /// Like [`Self::submit`], running the request with a LoRA `adapter` (from [`LoraManager::get`]).
+    pub fn submit_with_adapter(
+        &self,
+        prompt_token_ids: Vec<u32>,
+        params: SamplingParams,
+        adapter: Option<Arc<LoraAdapter>>,
     ) -> Result<UnboundedReceiver<RequestOutput>> {
         params.validate()?;
         if prompt_token_ids.is_empty() {
@@ -102,7 +124,7 @@ impl EngineHandle {
             output: tx,
         };
         self.stats.unseen.fetch_add(1, Ordering::Relaxed);
-        if self.sender.send(request).is_err() {
+        if self.sender.send(Submission { request, adapter }).is_err() {
             self.stats.unseen.fetch_sub(1, Ordering::Relaxed);
             return Err(EmberError::Unavailable("the engine has stopped".into()));
         }

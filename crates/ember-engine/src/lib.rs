@@ -3,6 +3,7 @@
 pub mod engine;
 pub mod handle;
 pub mod kv_manager;
+pub mod lora;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;
@@ -11,4 +12,5 @@ pub mod stats;
 
 pub use engine::{Engine, EngineConfig};
 pub use handle::{EngineHandle, ModelInfo};
+pub use lora::{LoraConfig, LoraInfo, LoraManager};
 pub use stats::{StatsSnapshot, FORWARD_PHASE, STEP_PHASES};

@@ -17,6 +17,8 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// Reuse KV of identical prompt prefixes across requests.
     pub enable_prefix_caching: bool,
+    /// Most distinct LoRA adapters among running sequences (`--max-loras`).
+    pub max_loras: usize,
 }
 
 /// The plan of one step: for each running sequence (by index), how many tokens it runs.
@@ -96,7 +98,9 @@ impl Scheduler {
         if seq.num_computed > 0 || !seq.block_table.is_empty() || !seq.may_use_prefix_cache() {
             return 0;
         }
-        let (blocks, hashes) = self.kv.find_cached_prefix(&seq.tokens(0, seq.len()), 0);
+        let (blocks, hashes) = self
+            .kv
+            .find_cached_prefix(&seq.tokens(0, seq.len()), seq.adapter_id());
         self.kv.acquire(&blocks);
         let tokens = blocks.len() * self.kv.block_size();
         seq.block_table = blocks;
@@ -128,8 +132,9 @@ impl Scheduler {
             return;
         }
         let tokens = seq.tokens(0, full * self.kv.block_size());
+        let adapter = seq.adapter_id();
         self.kv
-            .cache_full_blocks(&seq.block_table, &mut seq.block_hashes, &tokens, 0);
+            .cache_full_blocks(&seq.block_table, &mut seq.block_hashes, &tokens, adapter);
     }
 
     /// The tokens each chunk of `plan` runs this step, in plan order.
@@ -166,6 +171,15 @@ impl Scheduler {
             }
         }
         // Then admit waiting sequences while the budget, the sequence cap and the blocks allow.
+        // A sequence whose adapter would exceed max_loras distinct adapters waits, and the ones
+        // behind it may go first (as vLLM does), keeping their order otherwise.
+        let mut adapters: Vec<u64> = Vec::new();
+        for seq in &self.running {
+            if seq.adapter.is_some() && !adapters.contains(&seq.adapter_id()) {
+                adapters.push(seq.adapter_id());
+            }
+        }
+        let mut skipped: VecDeque<Sequence> = VecDeque::new();
         while budget > 0
             && self.running.len() < self.cfg.max_num_seqs
             && plan.chunks.len() < self.cfg.max_num_seqs
@@ -173,6 +187,14 @@ impl Scheduler {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
+            let adapter = seq.adapter_id();
+            if seq.adapter.is_some() && !adapters.contains(&adapter) {
+                if adapters.len() >= self.cfg.max_loras {
+                    skipped.push_back(seq);
+                    continue;
+                }
+                adapters.push(adapter);
+            }
             let hit = self.take_cached_prefix(&mut seq);
             let n = (seq.len() - seq.num_computed).min(budget);
             let target = seq.num_computed + n;
@@ -184,6 +206,9 @@ impl Scheduler {
             self.running.push(seq);
             plan.chunks.push((self.running.len() - 1, n));
             budget -= n;
+        }
+        while let Some(seq) = skipped.pop_back() {
+            self.waiting.push_front(seq);
         }
         plan
     }
@@ -200,6 +225,7 @@ mod tests {
             max_num_seqs: max_seqs,
             block_size,
             enable_prefix_caching: true,
+            max_loras: 8,
         }
     }
 
@@ -345,5 +371,82 @@ mod tests {
             12,
             "every block is free (cached or not) once all requests end"
         );
+    }
+}
+
+#[cfg(test)]
+mod lora_tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device};
+    use ember_core::{EngineRequest, SamplingParams};
+    use ember_models::LoraAdapter;
+
+    use super::*;
+
+    /// The tiny attention adapter loaded under `id` (two ids = two distinct adapters).
+    fn adapters(ids: &[u64]) -> Vec<Arc<LoraAdapter>> {
+        let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let mut opts = ember_models::LoadOptions::new(models.join("qwen3-tiny").to_string_lossy());
+        opts.dtype = Some(DType::F32);
+        let loaded = ember_models::load_model(&opts).unwrap();
+        ids.iter()
+            .map(|&id| {
+                let dir = models.join("lora/qwen3-tiny-attn-r8");
+                let targets = loaded.model.lora_targets();
+                Arc::new(
+                    LoraAdapter::load(&dir, "a", id, targets, DType::F32, &Device::Cpu).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn seq(id: u64, adapter: Option<&Arc<LoraAdapter>>) -> Sequence {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::mem::forget(rx);
+        let request = EngineRequest {
+            id,
+            prompt_token_ids: vec![1, 2, 3],
+            params: SamplingParams::greedy(4),
+            eos_token_ids: vec![],
+            output: tx,
+        };
+        Sequence::with_adapter(request, adapter.cloned())
+    }
+
+    #[test]
+    fn a_second_adapter_waits_under_max_loras_one_and_others_pass_it_in_order() {
+        let a = adapters(&[1, 2]);
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: 100,
+                max_num_seqs: 16,
+                block_size: 4,
+                enable_prefix_caching: true,
+                max_loras: 1,
+            },
+            64,
+        );
+        for (id, adapter) in [
+            (1, Some(&a[0])),
+            (2, Some(&a[1])),
+            (3, None),
+            (4, Some(&a[0])),
+            (5, Some(&a[1])),
+        ] {
+            s.waiting.push_back(seq(id, adapter));
+        }
+        s.schedule();
+        let running: Vec<u64> = s.running.iter().map(|q| q.id).collect();
+        assert_eq!(running, vec![1, 3, 4]);
+        let waiting: Vec<u64> = s.waiting.iter().map(|q| q.id).collect();
+        assert_eq!(waiting, vec![2, 5], "skipped requests keep their order");
+        // Once adapter 1's requests finish, adapter 2's run.
+        s.finish(vec![0, 2]);
+        s.schedule();
+        let running: Vec<u64> = s.running.iter().map(|q| q.id).collect();
+        assert_eq!(running, vec![3, 2, 5]);
+        assert!(s.waiting.is_empty());
     }
 }

@@ -1,6 +1,9 @@
 //! A request inside the engine: its tokens, its blocks, its progress.
 
+use std::sync::Arc;
+
 use ember_core::{EngineRequest, FinishReason, RequestOutput, SamplingParams, TokenLogprob};
+use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::sampler::SequenceRng;
@@ -22,12 +25,19 @@ pub struct Sequence {
     pub rng: SequenceRng,
     /// Prompt logprobs gathered so far (first entry `None`), when requested.
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    /// The LoRA adapter it runs with; held until it finishes, even if the adapter is unloaded.
+    pub adapter: Option<Arc<LoraAdapter>>,
     sender: UnboundedSender<RequestOutput>,
 }
 
 impl Sequence {
     /// Takes over a request from the HTTP side.
     pub fn new(request: EngineRequest) -> Self {
+        Self::with_adapter(request, None)
+    }
+
+    /// Takes over a request that runs with `adapter`.
+    pub fn with_adapter(request: EngineRequest, adapter: Option<Arc<LoraAdapter>>) -> Self {
         let rng = SequenceRng::new(request.params.seed);
         let prompt_logprobs = request.params.prompt_logprobs.map(|_| vec![None]);
         Self {
@@ -42,8 +52,14 @@ impl Sequence {
             num_cached_tokens: 0,
             rng,
             prompt_logprobs,
+            adapter,
             sender: request.output,
         }
+    }
+
+    /// The adapter's id in prefix-cache keys (0 for the base model).
+    pub fn adapter_id(&self) -> u64 {
+        self.adapter.as_ref().map_or(0, |a| a.id())
     }
 
     /// Prompt and generated tokens.

@@ -14,6 +14,7 @@ use ember_core::ModelConfig;
 use ember_models::attention::Qwen3Attention;
 use ember_models::kv_cache::LayerKvCache;
 use ember_models::loader::read_config;
+use ember_models::lora::LoraRows;
 use ember_models::mla::MlaAttention;
 use ember_models::moe::SparseMoe;
 use ember_models::rope::{RopeRows, RotaryEmbedding};
@@ -90,6 +91,7 @@ fn decode_setup(cfg: &ModelConfig) -> (KvCachePool, ForwardBatch, RopeRows) {
             num_computed: CONTEXT,
             block_table: table,
             all_logits: false,
+            adapter: None,
         })
         .collect();
     let batch =
@@ -124,7 +126,7 @@ fn bench_moe(c: &mut Criterion) {
     for tokens in [1, 256] {
         let x = random(tokens, cfg.hidden_size, 3);
         group.bench_function(format!("{tokens}_tokens"), |b| {
-            b.iter(|| moe.forward(&x).expect("forward"))
+            b.iter(|| moe.forward(&x, &LoraRows::none()).expect("forward"))
         });
     }
     group.finish();

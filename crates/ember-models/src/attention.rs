@@ -1,13 +1,12 @@
 //! Grouped-query attention of Qwen3 (per-head q/k RMSNorm, RoPE) over the paged KV cache.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 use ember_core::{ModelConfig, Result};
 
 use crate::batch::ForwardBatch;
 use crate::kv_cache::LayerKvCache;
-use crate::linear::{load_linear, LinearLayer};
+use crate::linear::Projection;
+use crate::lora::LoraTargets;
 use crate::norm::RmsNorm;
 use crate::rope::RopeRows;
 use crate::weights::Weights;
@@ -15,10 +14,10 @@ use crate::TensorResult;
 
 /// `self_attn` of a Qwen3 decoder layer.
 pub struct Qwen3Attention {
-    q_proj: Arc<dyn LinearLayer>,
-    k_proj: Arc<dyn LinearLayer>,
-    v_proj: Arc<dyn LinearLayer>,
-    o_proj: Arc<dyn LinearLayer>,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     num_heads: usize,
@@ -33,10 +32,10 @@ impl Qwen3Attention {
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
         Ok(Self {
-            q_proj: load_linear(&weights.pp("q_proj"), h, nq * d, bias)?,
-            k_proj: load_linear(&weights.pp("k_proj"), h, nkv * d, bias)?,
-            v_proj: load_linear(&weights.pp("v_proj"), h, nkv * d, bias)?,
-            o_proj: load_linear(&weights.pp("o_proj"), nq * d, h, bias)?,
+            q_proj: Projection::load(&weights.pp("q_proj"), h, nq * d, bias)?,
+            k_proj: Projection::load(&weights.pp("k_proj"), h, nkv * d, bias)?,
+            v_proj: Projection::load(&weights.pp("v_proj"), h, nkv * d, bias)?,
+            o_proj: Projection::load(&weights.pp("o_proj"), nq * d, h, bias)?,
             q_norm: RmsNorm::load(&weights.pp("q_norm"), d, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(&weights.pp("k_norm"), d, cfg.rms_norm_eps)?,
             num_heads: nq,
@@ -58,13 +57,13 @@ impl Qwen3Attention {
         let d = self.head_dim;
         let q = self
             .q_proj
-            .forward(x)?
+            .forward(x, &batch.lora)?
             .reshape((tokens, self.num_heads, d))?;
         let k = self
             .k_proj
-            .forward(x)?
+            .forward(x, &batch.lora)?
             .reshape((tokens, self.num_kv_heads, d))?;
-        let v = self.v_proj.forward(x)?;
+        let v = self.v_proj.forward(x, &batch.lora)?;
         let q = rope.apply(&self.q_norm.forward(&q)?)?;
         let k = rope.apply(&self.k_norm.forward(&k)?)?;
         cache.write(
@@ -82,7 +81,7 @@ impl Qwen3Attention {
                 self.num_kv_heads,
                 scale as f32,
             )?;
-            return self.o_proj.forward(&attn);
+            return self.o_proj.forward(&attn, &batch.lora);
         }
         let group = self.num_heads / self.num_kv_heads;
         let mut outputs = Vec::with_capacity(batch.sequences.len());
@@ -119,6 +118,13 @@ impl Qwen3Attention {
             outputs.push(out);
         }
         let attn = Tensor::cat(&outputs, 0)?;
-        self.o_proj.forward(&attn)
+        self.o_proj.forward(&attn, &batch.lora)
+    }
+
+    /// Records q/k/v/o as LoRA targets.
+    pub fn register(&self, targets: &mut LoraTargets) {
+        for p in [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj] {
+            p.register(targets);
+        }
     }
 }

@@ -2,8 +2,12 @@
 //! end to end (prefill chunks and decode tokens alike), with the metadata attention needs to
 //! read and write the paged KV cache. Built once per step and shared by every layer.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use ember_core::{EmberError, Result};
+
+use crate::lora::{LoraAdapter, LoraRows, NO_ADAPTER};
 
 /// One sequence's share of a step, as the scheduler describes it.
 #[derive(Debug, Clone)]
@@ -16,6 +20,8 @@ pub struct SequenceInput<'a> {
     pub block_table: &'a [u32],
     /// Compute logits for every new token (prompt logprobs), not only the last.
     pub all_logits: bool,
+    /// The LoRA adapter the sequence runs with; `None` for the base model.
+    pub adapter: Option<&'a Arc<LoraAdapter>>,
 }
 
 /// Per-sequence attention metadata, in device tensors ready for every layer.
@@ -33,6 +39,8 @@ pub struct SequenceAttention {
     pub context_len: usize,
     /// Additive causal mask `[query_len, context_len]` (f32), absent for a single query token.
     pub causal_mask: Option<Tensor>,
+    /// The sequence's LoRA adapter, for projections over its context (MLA's `kv_b_proj`).
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// Everything one forward step needs besides the weights and the cache.
@@ -50,6 +58,8 @@ pub struct ForwardBatch {
     /// For each sequence, how many logits rows it owns (1, or `query_len` with `all_logits`).
     pub logits_per_sequence: Vec<usize>,
     pub num_tokens: usize,
+    /// The LoRA adapter of each token row (empty when the whole step runs the base model).
+    pub lora: LoraRows,
 }
 
 impl SequenceAttention {
@@ -94,6 +104,8 @@ impl ForwardBatch {
         let mut logits_rows = Vec::new();
         let mut logits_per_sequence = Vec::with_capacity(inputs.len());
         let mut sequences = Vec::with_capacity(inputs.len());
+        let mut adapters: Vec<Arc<LoraAdapter>> = Vec::new();
+        let mut row_adapter: Vec<u16> = Vec::new();
         for input in inputs {
             let query_len = input.token_ids.len();
             if query_len == 0 {
@@ -104,6 +116,23 @@ impl ForwardBatch {
             let query_start = token_ids.len();
             let context_len = input.num_computed + query_len;
             token_ids.extend_from_slice(input.token_ids);
+            let adapter_index = match input.adapter {
+                None => NO_ADAPTER,
+                Some(adapter) => match adapters.iter().position(|a| a.id() == adapter.id()) {
+                    Some(i) => i as u16,
+                    None if adapters.len() + 1 >= NO_ADAPTER as usize => {
+                        return Err(EmberError::InvalidRequest(format!(
+                            "a step cannot mix more than {} LoRA adapters",
+                            NO_ADAPTER - 1
+                        )));
+                    }
+                    None => {
+                        adapters.push(adapter.clone());
+                        (adapters.len() - 1) as u16
+                    }
+                },
+            };
+            row_adapter.resize(row_adapter.len() + query_len, adapter_index);
             for pos in input.num_computed..context_len {
                 positions.push(pos as u32);
                 slots.push(slot_of(input.block_table, block_size, pos)?);
@@ -137,9 +166,15 @@ impl ForwardBatch {
                 context_slots_host: context_slots,
                 context_len,
                 causal_mask,
+                adapter: input.adapter.cloned(),
             });
         }
         let num_tokens = token_ids.len();
+        let lora = if adapters.is_empty() {
+            LoraRows::none()
+        } else {
+            LoraRows::new(adapters, row_adapter, device).map_err(tensor_err)?
+        };
         Ok(Self {
             token_ids: Tensor::new(token_ids, device).map_err(tensor_err)?,
             positions: Tensor::new(positions, device).map_err(tensor_err)?,
@@ -148,6 +183,7 @@ impl ForwardBatch {
             logits_rows: Tensor::new(logits_rows, device).map_err(tensor_err)?,
             logits_per_sequence,
             num_tokens,
+            lora,
         })
     }
 }
@@ -166,12 +202,14 @@ mod tests {
                 num_computed: 2,
                 block_table: &[3, 1],
                 all_logits: true,
+                adapter: None,
             },
             SequenceInput {
                 token_ids: &decode,
                 num_computed: 4,
                 block_table: &[0, 2],
                 all_logits: false,
+                adapter: None,
             },
         ];
         let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
@@ -211,6 +249,7 @@ mod tests {
             num_computed: 3,
             block_table: &[0],
             all_logits: false,
+            adapter: None,
         }];
         assert!(ForwardBatch::new(&inputs, 4, &Device::Cpu).is_err());
     }

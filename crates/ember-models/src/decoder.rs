@@ -12,6 +12,7 @@ use crate::batch::ForwardBatch;
 use crate::deepseek_v3::DeepseekMoe;
 use crate::kv_cache::{KvCachePool, LayerKvCache};
 use crate::linear::{linear_from_weight, load_linear, LinearLayer};
+use crate::lora::LoraTargets;
 use crate::mla::MlaAttention;
 use crate::mlp::Mlp;
 use crate::moe::SparseMoe;
@@ -82,11 +83,24 @@ impl DecoderLayer {
         let x = (x + attn)?;
         let normed = self.post_attention_layernorm.forward(&x)?;
         let mlp = match &self.mlp {
-            FeedForward::Dense(mlp) => mlp.forward(&normed)?,
-            FeedForward::Moe(moe) => moe.forward(&normed)?,
-            FeedForward::DeepseekMoe(moe) => moe.forward(&normed)?,
+            FeedForward::Dense(mlp) => mlp.forward(&normed, &batch.lora)?,
+            FeedForward::Moe(moe) => moe.forward(&normed, &batch.lora)?,
+            FeedForward::DeepseekMoe(moe) => moe.forward(&normed, &batch.lora)?,
         };
         x + mlp
+    }
+
+    /// Records the layer's adaptable projections.
+    pub fn register(&self, targets: &mut LoraTargets) {
+        match &self.self_attn {
+            Attention::Gqa(attn) => attn.register(targets),
+            Attention::Mla(attn) => attn.register(targets),
+        }
+        match &self.mlp {
+            FeedForward::Dense(mlp) => mlp.register(targets),
+            FeedForward::Moe(moe) => moe.register(targets),
+            FeedForward::DeepseekMoe(moe) => moe.register(targets),
+        }
     }
 }
 
@@ -98,6 +112,7 @@ pub struct DecoderModel {
     norm: RmsNorm,
     lm_head: Arc<dyn LinearLayer>,
     rotary: RotaryEmbedding,
+    lora_targets: LoraTargets,
 }
 
 impl DecoderModel {
@@ -121,7 +136,12 @@ impl DecoderModel {
         } else {
             load_linear(&weights.pp("lm_head"), h, v, false)?
         };
+        let mut lora_targets = LoraTargets::default();
+        for layer in &layers {
+            layer.register(&mut lora_targets);
+        }
         Ok(Self {
+            lora_targets,
             embed_tokens: candle_nn::Embedding::new(embed, h),
             layers,
             norm: RmsNorm::load(&model.pp("norm"), h, cfg.rms_norm_eps)?,
@@ -135,6 +155,10 @@ impl DecoderModel {
 impl CausalLm for DecoderModel {
     fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    fn lora_targets(&self) -> &LoraTargets {
+        &self.lora_targets
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &KvCachePool) -> Result<Tensor> {

@@ -8,9 +8,10 @@ use ember_core::config::DeepseekConfig;
 use ember_core::{EmberError, ModelConfig, Result};
 
 use crate::decoder::{Attention, DecoderLayer, DecoderModel, FeedForward};
+use crate::lora::{LoraRows, LoraTargets};
 use crate::mla::MlaAttention;
 use crate::mlp::Mlp;
-use crate::moe::{load_experts, run_experts};
+use crate::moe::{load_experts, Experts};
 use crate::routing::ExpertRouter;
 use crate::weights::Weights;
 use crate::TensorResult;
@@ -22,7 +23,7 @@ pub struct DeepseekMoe {
     gate: Tensor,
     e_score_correction_bias: Vec<f32>,
     router: ExpertRouter,
-    experts: Vec<Mlp>,
+    experts: Experts,
     shared_experts: Option<Mlp>,
 }
 
@@ -58,17 +59,25 @@ impl DeepseekMoe {
         })
     }
 
-    /// Applies the block to `[tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor) -> TensorResult {
+    /// Applies the block to `[tokens, hidden]`, each row with its adapter.
+    pub fn forward(&self, x: &Tensor, lora: &LoraRows) -> TensorResult {
         let logits = x
             .to_dtype(DType::F32)?
             .matmul(&self.gate.t()?)?
             .to_vec2::<f32>()?;
         let routing = self.router.route(&logits, &self.e_score_correction_bias);
-        let routed = run_experts(&self.experts, &routing, x)?;
+        let routed = self.experts.run(&routing, x, lora)?;
         match &self.shared_experts {
-            Some(shared) => routed + shared.forward(x)?,
+            Some(shared) => routed + shared.forward(x, lora)?,
             None => Ok(routed),
+        }
+    }
+
+    /// Records routed and shared experts as LoRA targets.
+    pub fn register(&self, targets: &mut LoraTargets) {
+        self.experts.register(targets);
+        if let Some(shared) = &self.shared_experts {
+            shared.register(targets);
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod deepseek_v3;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;
+pub mod lora;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
@@ -28,6 +29,7 @@ use ember_core::{ModelConfig, Result};
 pub use batch::{ForwardBatch, SequenceInput};
 pub use kv_cache::KvCachePool;
 pub use loader::{load_model, LoadOptions, LoadedModel};
+pub use lora::{LoraAdapter, LoraTargets};
 pub use weights::LoadFormat;
 
 /// Result of candle tensor code inside layers; converted to [`ember_core::EmberError`] at the model edge.
@@ -37,6 +39,9 @@ pub type TensorResult<T = Tensor> = candle_core::Result<T>;
 pub trait CausalLm: Send + Sync {
     /// The validated config the model was built from.
     fn config(&self) -> &ModelConfig;
+
+    /// The projections LoRA adapters may target, by module path.
+    fn lora_targets(&self) -> &lora::LoraTargets;
 
     /// Runs the batch and returns f32 logits `[batch.logits_rows.len(), vocab]`, writing the new
     /// tokens' keys and values into `cache`.

@@ -6,8 +6,60 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Tensor};
 use ember_core::{EmberError, Result};
 
+use crate::lora::{LoraRows, LoraTargets};
 use crate::weights::Weights;
 use crate::TensorResult;
+
+/// A projection of the model that LoRA adapters may target: the base [`LinearLayer`] plus the
+/// module path adapters name it by (`model.layers.0.self_attn.q_proj`).
+#[derive(Clone)]
+pub struct Projection {
+    base: Arc<dyn LinearLayer>,
+    path: Arc<str>,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Projection {
+    /// Loads `<prefix>.weight` (and bias) like [`load_linear`]; the prefix is the module path.
+    pub fn load(weights: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Self::new(
+            load_linear(weights, in_dim, out_dim, bias)?,
+            weights.prefix(),
+            in_dim,
+            out_dim,
+        ))
+    }
+
+    /// Wraps an already built layer under the module path `path`.
+    pub fn new(base: Arc<dyn LinearLayer>, path: &str, in_dim: usize, out_dim: usize) -> Self {
+        Self {
+            base,
+            path: path.into(),
+            in_dim,
+            out_dim,
+        }
+    }
+
+    /// `x Wᵀ (+ b)`, plus each row's adapter delta.
+    pub fn forward(&self, x: &Tensor, lora: &LoraRows) -> TensorResult {
+        let y = self.base.forward(x)?;
+        if lora.is_empty() {
+            return Ok(y);
+        }
+        lora.apply(&self.path, x, y)
+    }
+
+    /// The module path adapters name this projection by.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Records this projection as a LoRA target.
+    pub fn register(&self, targets: &mut LoraTargets) {
+        targets.add(&self.path, self.in_dim, self.out_dim);
+    }
+}
 
 /// A linear projection `y = x Wᵀ (+ b)` over the last dimension of a `[tokens, in]` input.
 pub trait LinearLayer: Send + Sync {

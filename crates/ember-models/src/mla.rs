@@ -7,15 +7,14 @@
 //! half into the output, so nothing is expanded per head:
 //! `score = (q_nope · W_uk) · latent + q_rope · k_rope`, `out = (probs · latent) · W_uvᵀ`.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 use ember_core::config::{yarn_get_mscale, DeepseekConfig};
 use ember_core::{EmberError, ModelConfig, Result, RopeScaling};
 
 use crate::batch::{ForwardBatch, SequenceAttention};
 use crate::kv_cache::LayerKvCache;
-use crate::linear::{linear_from_weight, load_linear, load_weight, LinearLayer};
+use crate::linear::{linear_from_weight, load_weight, Projection};
+use crate::lora::{LoraRows, LoraTargets};
 use crate::norm::RmsNorm;
 use crate::rope::RopeRows;
 use crate::weights::Weights;
@@ -24,26 +23,26 @@ use crate::TensorResult;
 /// How queries are projected: through a low-rank bottleneck, or directly.
 enum QueryProjection {
     LowRank {
-        q_a_proj: Arc<dyn LinearLayer>,
+        q_a_proj: Projection,
         q_a_layernorm: RmsNorm,
-        q_b_proj: Arc<dyn LinearLayer>,
+        q_b_proj: Projection,
     },
     Plain {
-        q_proj: Arc<dyn LinearLayer>,
+        q_proj: Projection,
     },
 }
 
 /// `self_attn` of a DeepSeek-V3 decoder layer.
 pub struct MlaAttention {
     q: QueryProjection,
-    kv_a_proj_with_mqa: Arc<dyn LinearLayer>,
+    kv_a_proj_with_mqa: Projection,
     kv_a_layernorm: RmsNorm,
-    kv_b_proj: Arc<dyn LinearLayer>,
+    kv_b_proj: Projection,
     /// `kv_b_proj`'s key half `[heads, qk_nope_head_dim, kv_lora_rank]`, for absorbed decode.
     w_uk: Tensor,
     /// `kv_b_proj`'s value half `[heads, v_head_dim, kv_lora_rank]`, for absorbed decode.
     w_uv: Tensor,
-    o_proj: Arc<dyn LinearLayer>,
+    o_proj: Projection,
     num_heads: usize,
     qk_nope_head_dim: usize,
     qk_rope_head_dim: usize,
@@ -76,12 +75,17 @@ impl MlaAttention {
         let eps = cfg.rms_norm_eps;
         let q = match ds.q_lora_rank {
             Some(r) => QueryProjection::LowRank {
-                q_a_proj: load_linear(&weights.pp("q_a_proj"), h, r, bias)?,
+                q_a_proj: Projection::load(&weights.pp("q_a_proj"), h, r, bias)?,
                 q_a_layernorm: RmsNorm::load(&weights.pp("q_a_layernorm"), r, eps)?,
-                q_b_proj: load_linear(&weights.pp("q_b_proj"), r, n * ds.qk_head_dim(), false)?,
+                q_b_proj: Projection::load(
+                    &weights.pp("q_b_proj"),
+                    r,
+                    n * ds.qk_head_dim(),
+                    false,
+                )?,
             },
             None => QueryProjection::Plain {
-                q_proj: load_linear(&weights.pp("q_proj"), h, n * ds.qk_head_dim(), false)?,
+                q_proj: Projection::load(&weights.pp("q_proj"), h, n * ds.qk_head_dim(), false)?,
             },
         };
         let kvr = ds.kv_lora_rank;
@@ -98,17 +102,22 @@ impl MlaAttention {
         let (w_uk, w_uv) = split().map_err(|e| EmberError::Weights(format!("kv_b_proj: {e}")))?;
         Ok(Self {
             q,
-            kv_a_proj_with_mqa: load_linear(
+            kv_a_proj_with_mqa: Projection::load(
                 &weights.pp("kv_a_proj_with_mqa"),
                 h,
                 kvr + ds.qk_rope_head_dim,
                 bias,
             )?,
             kv_a_layernorm: RmsNorm::load(&weights.pp("kv_a_layernorm"), kvr, eps)?,
-            kv_b_proj: linear_from_weight(kv_b),
+            kv_b_proj: Projection::new(
+                linear_from_weight(kv_b),
+                weights.pp("kv_b_proj").prefix(),
+                kvr,
+                n * per_head,
+            ),
             w_uk,
             w_uv,
-            o_proj: load_linear(&weights.pp("o_proj"), n * ds.v_head_dim, h, bias)?,
+            o_proj: Projection::load(&weights.pp("o_proj"), n * ds.v_head_dim, h, bias)?,
             num_heads: n,
             qk_nope_head_dim: ds.qk_nope_head_dim,
             qk_rope_head_dim: ds.qk_rope_head_dim,
@@ -134,8 +143,11 @@ impl MlaAttention {
                 q_a_proj,
                 q_a_layernorm,
                 q_b_proj,
-            } => q_b_proj.forward(&q_a_layernorm.forward(&q_a_proj.forward(x)?)?)?,
-            QueryProjection::Plain { q_proj } => q_proj.forward(x)?,
+            } => q_b_proj.forward(
+                &q_a_layernorm.forward(&q_a_proj.forward(x, &batch.lora)?)?,
+                &batch.lora,
+            )?,
+            QueryProjection::Plain { q_proj } => q_proj.forward(x, &batch.lora)?,
         }
         .reshape((tokens, self.num_heads, nope + rd))?;
         // [heads, tokens, dim] for per-head matmuls.
@@ -144,7 +156,7 @@ impl MlaAttention {
             .apply(&q.narrow(2, nope, rd)?)?
             .transpose(0, 1)?
             .contiguous()?;
-        let compressed = self.kv_a_proj_with_mqa.forward(x)?;
+        let compressed = self.kv_a_proj_with_mqa.forward(x, &batch.lora)?;
         let latent = self
             .kv_a_layernorm
             .forward(&compressed.narrow(1, 0, self.kv_lora_rank)?.contiguous()?)?;
@@ -165,7 +177,12 @@ impl MlaAttention {
             let q_rope = q_rope.narrow(1, start, ql)?;
             // The rope part of the scores is shared by both forms: [heads, ql, ctx].
             let rope_scores = q_rope.broadcast_matmul(&k_rope_ctx.t()?)?;
-            let out = if ql == 1 {
+            // An adapter on kv_b_proj changes W_uk and W_uv: such sequences expand instead.
+            let kv_b_adapted = seq
+                .adapter
+                .as_ref()
+                .is_some_and(|a| a.factors(self.kv_b_proj.path()).is_some());
+            let out = if ql == 1 && !kv_b_adapted {
                 self.absorbed(&q_nope, &rope_scores, &latent_ctx, seq)?
             } else {
                 self.expanded(&q_nope, &rope_scores, &latent_ctx, seq)?
@@ -176,7 +193,23 @@ impl MlaAttention {
                     .reshape((ql, self.num_heads * self.v_head_dim))?,
             );
         }
-        self.o_proj.forward(&Tensor::cat(&outputs, 0)?)
+        self.o_proj.forward(&Tensor::cat(&outputs, 0)?, &batch.lora)
+    }
+
+    /// Records the MLA projections as LoRA targets.
+    pub fn register(&self, targets: &mut LoraTargets) {
+        match &self.q {
+            QueryProjection::LowRank {
+                q_a_proj, q_b_proj, ..
+            } => {
+                q_a_proj.register(targets);
+                q_b_proj.register(targets);
+            }
+            QueryProjection::Plain { q_proj } => q_proj.register(targets),
+        }
+        for p in [&self.kv_a_proj_with_mqa, &self.kv_b_proj, &self.o_proj] {
+            p.register(targets);
+        }
     }
 
     /// Prefill: expand the context's latents into per-head keys and values.
@@ -188,9 +221,13 @@ impl MlaAttention {
         seq: &SequenceAttention,
     ) -> TensorResult {
         let ctx = seq.context_len;
+        let lora = match &seq.adapter {
+            Some(adapter) => LoraRows::uniform(adapter, ctx),
+            None => LoraRows::none(),
+        };
         let kv = self
             .kv_b_proj
-            .forward(latent_ctx)?
+            .forward(latent_ctx, &lora)?
             .reshape((ctx, self.num_heads, self.qk_nope_head_dim + self.v_head_dim))?
             .transpose(0, 1)?;
         let k_nope = kv.narrow(2, 0, self.qk_nope_head_dim)?.contiguous()?;

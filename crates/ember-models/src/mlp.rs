@@ -1,43 +1,55 @@
 //! The SwiGLU MLP (`down(silu(gate(x)) * up(x))`), used dense and as each MoE expert.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
 use ember_core::Result;
 
-use crate::linear::{linear_from_weight, load_linear, LinearLayer};
+use crate::linear::{linear_from_weight, Projection};
+use crate::lora::{LoraRows, LoraTargets};
 use crate::weights::Weights;
 use crate::TensorResult;
 
 /// `gate_proj`, `up_proj`, `down_proj` of one MLP.
 pub struct Mlp {
-    gate_proj: Arc<dyn LinearLayer>,
-    up_proj: Arc<dyn LinearLayer>,
-    down_proj: Arc<dyn LinearLayer>,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
 }
 
 impl Mlp {
     /// Loads the three projections under `weights` (`hidden → intermediate → hidden`).
     pub fn load(weights: &Weights, hidden: usize, intermediate: usize) -> Result<Self> {
         Ok(Self {
-            gate_proj: load_linear(&weights.pp("gate_proj"), hidden, intermediate, false)?,
-            up_proj: load_linear(&weights.pp("up_proj"), hidden, intermediate, false)?,
-            down_proj: load_linear(&weights.pp("down_proj"), intermediate, hidden, false)?,
+            gate_proj: Projection::load(&weights.pp("gate_proj"), hidden, intermediate, false)?,
+            up_proj: Projection::load(&weights.pp("up_proj"), hidden, intermediate, false)?,
+            down_proj: Projection::load(&weights.pp("down_proj"), intermediate, hidden, false)?,
         })
     }
 
-    /// Builds an expert from slices of fused tensors (`[out, in]` each).
-    pub fn from_weights(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+    /// Builds an expert from slices of fused tensors (`[out, in]` each); `path` is the module
+    /// path adapters name it by (`model.layers.1.mlp.experts.3`).
+    pub fn from_weights(path: &str, gate: Tensor, up: Tensor, down: Tensor) -> Self {
+        let (inter, hidden) = gate.dims2().unwrap_or_default();
+        let proj = |name: &str, w: Tensor, i: usize, o: usize| {
+            Projection::new(linear_from_weight(w), &format!("{path}.{name}"), i, o)
+        };
         Self {
-            gate_proj: linear_from_weight(gate),
-            up_proj: linear_from_weight(up),
-            down_proj: linear_from_weight(down),
+            gate_proj: proj("gate_proj", gate, hidden, inter),
+            up_proj: proj("up_proj", up, hidden, inter),
+            down_proj: proj("down_proj", down, inter, hidden),
         }
     }
 
-    /// Applies the MLP to `[tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor) -> TensorResult {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    /// Applies the MLP to `[tokens, hidden]`, each row with its adapter.
+    pub fn forward(&self, x: &Tensor, lora: &LoraRows) -> TensorResult {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, lora)?)?;
+        self.down_proj
+            .forward(&(gate * self.up_proj.forward(x, lora)?)?, lora)
+    }
+
+    /// Records the three projections as LoRA targets.
+    pub fn register(&self, targets: &mut LoraTargets) {
+        for p in [&self.gate_proj, &self.up_proj, &self.down_proj] {
+            p.register(targets);
+        }
     }
 }

@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use ember_core::{EmberError, MoeConfig, Result};
 
 use crate::linear::{load_linear, LinearLayer};
+use crate::lora::{LoraRows, LoraTargets};
 use crate::mlp::Mlp;
 use crate::weights::Weights;
 use crate::TensorResult;
@@ -50,7 +51,7 @@ pub fn route_softmax_topk(
 /// `mlp` of a sparse Qwen3-MoE layer.
 pub struct SparseMoe {
     gate: Arc<dyn LinearLayer>,
-    experts: Vec<Mlp>,
+    experts: Experts,
     top_k: usize,
     norm_topk_prob: bool,
 }
@@ -69,55 +70,97 @@ impl SparseMoe {
         })
     }
 
-    /// Applies the block to `[tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor) -> TensorResult {
+    /// Applies the block to `[tokens, hidden]`, each row with its adapter.
+    pub fn forward(&self, x: &Tensor, lora: &LoraRows) -> TensorResult {
         let logits = self
             .gate
             .forward(x)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
-        let routing =
-            route_softmax_topk(&logits, self.top_k, self.norm_topk_prob, self.experts.len());
-        run_experts(&self.experts, &routing, x)
+        let routing = route_softmax_topk(
+            &logits,
+            self.top_k,
+            self.norm_topk_prob,
+            self.experts.experts.len(),
+        );
+        self.experts.run(&routing, x, lora)
+    }
+
+    /// Records the experts' projections as LoRA targets.
+    pub fn register(&self, targets: &mut LoraTargets) {
+        self.experts.register(targets);
+    }
+}
+
+/// A layer's routed experts, and the module path adapters name them under
+/// (`model.layers.1.mlp.experts`, expert `e` at `<path>.<e>`).
+pub struct Experts {
+    pub path: String,
+    pub experts: Vec<Mlp>,
+}
+
+impl Experts {
+    /// Runs each expert once over the rows routed to it and scatter-adds the weighted outputs.
+    pub fn run(&self, routing: &ExpertRouting, x: &Tensor, lora: &LoraRows) -> TensorResult {
+        run_experts(&self.experts, routing, x, lora)
+    }
+
+    /// Records every expert's projections, and the container for fused expert adapters.
+    pub fn register(&self, targets: &mut LoraTargets) {
+        targets.add_experts(&self.path, self.experts.len());
+        for expert in &self.experts {
+            expert.register(targets);
+        }
     }
 }
 
 /// Loads `e` experts of intermediate size `i`, either one tensor per expert (Hub layout,
 /// `experts.{e}.gate_proj.weight`) or fused (`experts.gate_up_proj`, `experts.down_proj`).
-pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> Result<Vec<Mlp>> {
-    if experts_w.contains("gate_up_proj") && !experts_w.contains("0.gate_proj.weight") {
+pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> Result<Experts> {
+    let path = experts_w.prefix().to_string();
+    let experts = if experts_w.contains("gate_up_proj") && !experts_w.contains("0.gate_proj.weight")
+    {
         let gate_up = experts_w.get("gate_up_proj", (e, 2 * i, hidden))?;
         let down = experts_w.get("down_proj", (e, hidden, i))?;
         (0..e)
             .map(|x| {
                 let gu = gate_up.get(x)?;
                 Ok(Mlp::from_weights(
+                    &format!("{path}.{x}"),
                     gu.narrow(0, 0, i)?,
                     gu.narrow(0, i, i)?,
                     down.get(x)?,
                 ))
             })
             .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|err| EmberError::Weights(format!("fused experts: {err}")))
+            .map_err(|err| EmberError::Weights(format!("fused experts: {err}")))?
     } else {
         (0..e)
             .map(|x| Mlp::load(&experts_w.pp(x), hidden, i))
-            .collect()
-    }
+            .collect::<Result<_>>()?
+    };
+    Ok(Experts { path, experts })
 }
 
-/// Runs each expert once over the rows routed to it and scatter-adds the weighted outputs.
-pub fn run_experts(experts: &[Mlp], routing: &ExpertRouting, x: &Tensor) -> TensorResult {
+/// Runs each expert once over the rows routed to it and scatter-adds the weighted outputs; each
+/// row keeps its adapter inside the expert.
+pub fn run_experts(
+    experts: &[Mlp],
+    routing: &ExpertRouting,
+    x: &Tensor,
+    lora: &LoraRows,
+) -> TensorResult {
     let mut out = x.zeros_like()?;
     for (expert, (rows, weights)) in experts.iter().zip(&routing.per_expert) {
         if rows.is_empty() {
             continue;
         }
         let n = rows.len();
+        let expert_lora = lora.select(rows, x.device())?;
         let rows = Tensor::from_slice(rows, n, x.device())?;
         let w = Tensor::from_slice(weights, (n, 1), x.device())?.to_dtype(x.dtype())?;
         let y = expert
-            .forward(&x.index_select(&rows, 0)?)?
+            .forward(&x.index_select(&rows, 0)?, &expert_lora)?
             .broadcast_mul(&w)?;
         out = out.index_add(&rows, &y, 0)?;
     }

@@ -195,18 +195,21 @@ mod tests {
                 num_computed: 5,
                 block_table: &t1,
                 all_logits: false,
+                adapter: None,
             },
             SequenceInput {
                 token_ids: &b,
                 num_computed: 9,
                 block_table: &t2,
                 all_logits: false,
+                adapter: None,
             },
             SequenceInput {
                 token_ids: &c,
                 num_computed: 0,
                 block_table: &t3,
                 all_logits: false,
+                adapter: None,
             },
         ];
         let batch = ForwardBatch::new(&inputs, block, &Device::Cpu).unwrap();

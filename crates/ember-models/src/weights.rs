@@ -99,6 +99,11 @@ impl Weights {
         }
     }
 
+    /// The name prefix (the module path, e.g. `model.layers.0.self_attn.q_proj`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The dtype tensors are converted to.
     pub fn dtype(&self) -> DType {
         self.dtype

@@ -134,6 +134,7 @@ fn a_scaled_down_dummy_moe_runs_a_forward() {
         num_computed: 0,
         block_table: &[0],
         all_logits: false,
+        adapter: None,
     };
     let batch = ForwardBatch::new(&[input], 16, &Device::Cpu).unwrap();
     let logits = loaded.model.forward(&batch, &cache).unwrap();
@@ -173,6 +174,7 @@ fn last_logits(
             num_computed: start,
             block_table: &[0, 1],
             all_logits: false,
+            adapter: None,
         };
         let batch = ForwardBatch::new(&[input], 16, &Device::Cpu).unwrap();
         last = loaded
@@ -247,6 +249,7 @@ fn fp8_block_checkpoints_dequantize_to_the_reference_weights() {
             num_computed: 0,
             block_table: &table,
             all_logits: true,
+            adapter: None,
         };
         let batch = ForwardBatch::new(&[input], 16, &Device::Cpu).unwrap();
         let logits = loaded.model.forward(&batch, &cache).unwrap();

@@ -1,0 +1,155 @@
+//! Helpers shared by the tests that compare the engine with transformers' reference outputs.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use ember_core::{FinishReason, RequestOutput, SamplingParams};
+use ember_engine::{Engine, EngineConfig, EngineHandle};
+use ember_models::{load_model, LoadOptions};
+use serde_json::Value;
+
+/// Largest |ember − transformers| allowed on a log-probability (fp32 both sides).
+pub const LOGPROB_TOL: f64 = 1e-3;
+/// Largest difference allowed between a request run alone and run in a batch.
+pub const BATCH_TOL: f64 = 1e-4;
+
+pub fn model_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(name)
+}
+
+pub fn reference(name: &str) -> Value {
+    let path = model_dir(name).join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Starts an fp32 engine on the tiny checkpoint `name`.
+pub fn start(name: &str, cfg: EngineConfig) -> EngineHandle {
+    // A context that any cache of the tests can hold whole, however small.
+    let max_model_len = cfg.num_blocks.map(|n| n * cfg.block_size);
+    let mut opts = LoadOptions::new(model_dir(name).to_string_lossy());
+    opts.dtype = Some(candle_core::DType::F32);
+    opts.max_model_len = max_model_len;
+    Engine::start(load_model(&opts).unwrap(), cfg).unwrap()
+}
+
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Collects every output of a request until it finishes.
+pub struct Finished {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub prompt_logprobs: Vec<Option<f32>>,
+    pub cached_prompt_tokens: usize,
+    pub finish: FinishReason,
+}
+
+pub fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<RequestOutput>) -> Finished {
+    let mut done = Finished {
+        tokens: vec![],
+        logprobs: vec![],
+        prompt_logprobs: vec![],
+        cached_prompt_tokens: 0,
+        finish: FinishReason::Error,
+    };
+    while let Some(out) = rx.blocking_recv() {
+        done.tokens.extend(&out.new_token_ids);
+        done.cached_prompt_tokens = out.cached_prompt_tokens;
+        done.logprobs
+            .extend(out.new_logprobs.iter().map(|l| l.logprob));
+        if let Some(p) = out.prompt_logprobs {
+            done.prompt_logprobs = p.iter().map(|l| l.as_ref().map(|l| l.logprob)).collect();
+        }
+        if let Some(reason) = out.finish_reason {
+            assert!(out.error.is_none(), "{:?}", out.error);
+            done.finish = reason;
+            break;
+        }
+    }
+    done
+}
+
+pub fn greedy_params(steps: usize) -> SamplingParams {
+    SamplingParams {
+        ignore_eos: true,
+        logprobs: Some(5),
+        prompt_logprobs: Some(5),
+        ..SamplingParams::greedy(steps)
+    }
+}
+
+pub fn assert_close(what: &str, ours: &[f32], theirs: &[f64], tol: f64) {
+    assert_eq!(ours.len(), theirs.len(), "{what}: length");
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert!(
+            (*a as f64 - b).abs() <= tol,
+            "{what}[{i}]: ember {a} vs reference {b} (tol {tol})"
+        );
+    }
+}
+
+/// Checks each result against its reference prompt: prompt logprobs and greedy logprobs within
+/// [`LOGPROB_TOL`], greedy tokens identical, finished by length.
+pub fn assert_matches_reference(name: &str, prompts: &[Value], results: &[Finished]) {
+    assert_eq!(prompts.len(), results.len(), "{name}: number of results");
+    for (i, (p, got)) in prompts.iter().zip(results).enumerate() {
+        let what = format!("{name} prompt {i}");
+        let want_prompt: Vec<Option<f64>> = p["prompt_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(Value::as_f64)
+            .collect();
+        assert_eq!(
+            got.prompt_logprobs.len(),
+            want_prompt.len(),
+            "{what}: prompt logprob count"
+        );
+        assert!(got.prompt_logprobs[0].is_none() && want_prompt[0].is_none());
+        let ours: Vec<f32> = got.prompt_logprobs[1..]
+            .iter()
+            .map(|x| x.unwrap())
+            .collect();
+        let theirs: Vec<f64> = want_prompt[1..].iter().map(|x| x.unwrap()).collect();
+        assert_close(
+            &format!("{what} prompt logprobs"),
+            &ours,
+            &theirs,
+            LOGPROB_TOL,
+        );
+        assert_eq!(
+            got.tokens,
+            ids(&p["greedy"]["token_ids"]),
+            "{what}: greedy tokens"
+        );
+        let theirs: Vec<f64> = floats(&p["greedy"]["logprobs"]);
+        assert_close(
+            &format!("{what} greedy logprobs"),
+            &got.logprobs,
+            &theirs,
+            LOGPROB_TOL,
+        );
+        assert_eq!(got.finish, FinishReason::Length);
+    }
+}
+
+/// Greedy steps the reference recorded for prompt `p`.
+pub fn greedy_steps(p: &Value) -> usize {
+    p["greedy"]["token_ids"].as_array().unwrap().len()
+}
