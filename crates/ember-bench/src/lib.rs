@@ -2,6 +2,7 @@
 //! endpoint (ember, vLLM, SGLang, Fireworks) and computes its metrics exactly as
 //! `vllm bench serve` does, so the numbers compare across servers.
 
+pub mod args;
 pub mod arrivals;
 pub mod dataset;
 pub mod metrics;

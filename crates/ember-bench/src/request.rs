@@ -7,9 +7,11 @@
 //! tokens: ember and OpenAI send the role chunk before prefill, which vLLM's rule would count
 //! as the first token. They still end the request's latency, as in vLLM.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use anyhow::{anyhow, Context, Result};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
+use serde_json::{json, Map, Value};
 
 use crate::metrics::RequestOutput;
 use crate::sse::{SseEvent, SseParser};
@@ -35,43 +37,111 @@ impl Backend {
     }
 }
 
-/// Everything one request needs.
+/// What every request of a run shares.
 #[derive(Debug, Clone)]
-pub struct RequestInput {
+pub struct RequestTemplate {
     pub api_url: String,
     pub backend: Backend,
     pub model: String,
+    pub ignore_eos: bool,
+    /// Sent with every request; see [`run_headers`].
+    pub headers: HeaderMap,
+    /// Merged over the body last, as vLLM merges its sampling flags and `--extra-body`.
+    pub extra_body: Map<String, Value>,
+}
+
+/// What differs between the requests of a run.
+#[derive(Debug, Clone)]
+pub struct RequestInput {
     pub prompt: String,
     pub prompt_len: usize,
     pub output_len: usize,
-    pub ignore_eos: bool,
-    pub temperature: Option<f64>,
-    pub api_key: Option<String>,
+    /// Sent as `x-request-id` (vLLM's `--request-id-prefix` and the request's index).
+    pub request_id: Option<String>,
 }
 
-/// The JSON body: streamed, with usage in a final chunk.
-pub fn payload(input: &RequestInput) -> Value {
-    let mut body = match input.backend {
+/// The HTTP client of a run: TLS through rustls with the webpki roots, so `https://` endpoints
+/// work with no system libraries; `insecure` accepts any certificate (vLLM's `--insecure`).
+pub fn client(insecure: bool) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(6 * 3600))
+        .danger_accept_invalid_certs(insecure)
+        .build()
+}
+
+/// The headers of every request, in vLLM's order of precedence: `Authorization: Bearer
+/// <api_key>`, then the `--header` pairs, which replace it when they name it too.
+pub fn run_headers(api_key: Option<&str>, extra: &[(String, String)]) -> Result<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    if let Some(key) = api_key {
+        let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+            anyhow!(
+                "the API key (--api-key or OPENAI_API_KEY) has characters a header cannot carry"
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.insert(AUTHORIZATION, value);
+    }
+    for (name, value) in extra {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .with_context(|| format!("--header {name:?} is not a valid header name"))?;
+        let value = HeaderValue::from_str(value).with_context(|| {
+            format!("--header {name}={value:?}: the value cannot go in a header")
+        })?;
+        headers.insert(name, value);
+    }
+    Ok(headers)
+}
+
+/// The headers of one request: the run's, then its `x-request-id`, which wins over a
+/// `--header` of that name as in vLLM.
+pub fn headers(template: &RequestTemplate, input: &RequestInput) -> HeaderMap {
+    let mut headers = template.headers.clone();
+    if let Some(id) = input.request_id.as_deref() {
+        // An id that cannot go in a header is not sent; the prefix is the only free part.
+        if let Ok(value) = HeaderValue::from_str(id) {
+            headers.insert("x-request-id", value);
+        }
+    }
+    headers
+}
+
+/// The JSON body: streamed, with usage in a final chunk, then `extra_body` over it.
+pub fn payload(template: &RequestTemplate, input: &RequestInput) -> Value {
+    let mut body = match template.backend {
         Backend::Completions => json!({
-            "model": input.model,
+            "model": template.model,
             "prompt": input.prompt,
             "max_tokens": input.output_len,
         }),
         Backend::Chat => json!({
-            "model": input.model,
+            "model": template.model,
             "messages": [{"role": "user", "content": input.prompt}],
             "max_completion_tokens": input.output_len,
         }),
     };
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    if let Some(t) = input.temperature {
-        body["temperature"] = json!(t);
-    }
-    if input.ignore_eos {
+    if template.ignore_eos {
         body["ignore_eos"] = json!(true);
     }
+    if let Value::Object(fields) = &mut body {
+        fields.extend(template.extra_body.clone());
+    }
     body
+}
+
+/// `e` and its causes, joined by ": ": reqwest's own message leaves out why (a refused
+/// connection, an unknown certificate issuer).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// What one stream chunk means to the timer.
@@ -209,23 +279,24 @@ impl StreamTimer {
 /// Sends `input` and times its stream; `run_start` is when the benchmark began.
 pub async fn send(
     client: &reqwest::Client,
+    template: &RequestTemplate,
     input: &RequestInput,
     run_start: Instant,
 ) -> RequestOutput {
     let sent = Instant::now();
     let mut timer = StreamTimer::new(
-        input.backend,
+        template.backend,
         input.prompt_len,
         sent,
         (sent - run_start).as_secs_f64(),
     );
-    let body = payload(input);
+    let body = payload(template, input);
+    let headers = headers(template, input);
     let attempt = || {
-        let request = client.post(&input.api_url).json(&body);
-        match &input.api_key {
-            Some(key) => request.bearer_auth(key),
-            None => request,
-        }
+        client
+            .post(&template.api_url)
+            .headers(headers.clone())
+            .json(&body)
     };
     // A kept-alive connection the server has just closed (llama-server closes them after a few
     // requests) fails before the request is read: retry that once on a fresh connection.
@@ -236,7 +307,7 @@ pub async fn send(
     let mut response = match sent_result {
         Ok(r) => r,
         Err(e) => {
-            timer.fail(format!("connection error: {e}"));
+            timer.fail(format!("connection error: {}", error_chain(&e)));
             return timer.finish();
         }
     };
@@ -401,32 +472,141 @@ mod tests {
         assert!(timer.finish().error.contains("invalid JSON"));
     }
 
-    #[test]
-    fn payloads_follow_the_endpoint() {
-        let mut input = RequestInput {
+    fn template(backend: Backend) -> RequestTemplate {
+        RequestTemplate {
             api_url: "http://x/v1/completions".into(),
-            backend: Backend::Completions,
+            backend,
             model: "m".into(),
+            ignore_eos: true,
+            headers: HeaderMap::new(),
+            extra_body: Map::new(),
+        }
+    }
+
+    fn input(request_id: Option<&str>) -> RequestInput {
+        RequestInput {
             prompt: "p".into(),
             prompt_len: 1,
             output_len: 16,
-            ignore_eos: true,
-            temperature: Some(0.0),
-            api_key: None,
-        };
+            request_id: request_id.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn payloads_follow_the_endpoint() {
+        let mut t = template(Backend::Completions);
         assert_eq!(
-            payload(&input),
+            payload(&t, &input(None)),
             json!({"model": "m", "prompt": "p", "max_tokens": 16, "stream": true,
-                   "stream_options": {"include_usage": true}, "temperature": 0.0, "ignore_eos": true})
+                   "stream_options": {"include_usage": true}, "ignore_eos": true})
         );
-        input.backend = Backend::Chat;
-        input.ignore_eos = false;
-        input.temperature = None;
+        t.backend = Backend::Chat;
+        t.ignore_eos = false;
         assert_eq!(
-            payload(&input),
+            payload(&t, &input(None)),
             json!({"model": "m", "messages": [{"role": "user", "content": "p"}],
                    "max_completion_tokens": 16, "stream": true,
                    "stream_options": {"include_usage": true}})
         );
+    }
+
+    #[test]
+    fn the_extra_body_is_merged_over_the_payload_last() {
+        let mut t = template(Backend::Completions);
+        let extra = json!({"temperature": 0.5, "ignore_eos": false, "max_tokens": 3,
+                           "chat_template_kwargs": {"enable_thinking": false}});
+        t.extra_body = extra.as_object().unwrap().clone();
+        let body = payload(&t, &input(None));
+        assert_eq!(
+            (
+                &body["temperature"],
+                &body["ignore_eos"],
+                &body["max_tokens"]
+            ),
+            (&json!(0.5), &json!(false), &json!(3)),
+            "a shallow merge in which the extra body wins, as vLLM's payload.update"
+        );
+        assert_eq!(body["chat_template_kwargs"]["enable_thinking"], false);
+        assert_eq!(body["prompt"], "p");
+    }
+
+    #[test]
+    fn headers_carry_the_key_then_the_flags_then_the_request_id() {
+        let extra = [
+            ("x-tenant".to_string(), "a".to_string()),
+            ("X-Request-Id".to_string(), "mine".to_string()),
+        ];
+        let mut t = template(Backend::Completions);
+        t.headers = run_headers(Some("sk-1"), &extra).unwrap();
+        let h = headers(&t, &input(Some("bench-0a1b2c3d-7")));
+        assert_eq!(h["authorization"], "Bearer sk-1");
+        assert!(h["authorization"].is_sensitive());
+        assert_eq!(h["x-tenant"], "a");
+        assert_eq!(h["x-request-id"], "bench-0a1b2c3d-7", "the request id wins");
+        assert_eq!(h.len(), 3);
+        assert_eq!(headers(&t, &input(None))["x-request-id"], "mine");
+
+        let own_auth = [("Authorization".to_string(), "Basic eA==".to_string())];
+        let h = run_headers(Some("sk-1"), &own_auth).unwrap();
+        assert_eq!(
+            (h["authorization"].to_str().unwrap(), h.len()),
+            ("Basic eA==", 1),
+            "--header replaces the API key's header"
+        );
+        assert!(run_headers(None, &[]).unwrap().is_empty());
+
+        let bad_name = [("bad name".to_string(), "v".to_string())];
+        let e = run_headers(None, &bad_name).unwrap_err().to_string();
+        assert!(e.contains("--header \"bad name\""), "{e}");
+        let bad_value = [("x-a".to_string(), "line\nbreak".to_string())];
+        let e = run_headers(None, &bad_value).unwrap_err().to_string();
+        assert!(e.contains("x-a"), "{e}");
+    }
+
+    /// Whether an io error of `kind` is among `e`'s causes.
+    fn caused_by(e: &reqwest::Error, kind: std::io::ErrorKind) -> bool {
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            if cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == kind)
+            {
+                return true;
+            }
+            source = cause.source();
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn https_urls_are_dialled_and_spoken_to_in_tls() {
+        let client = client(false).expect("the client builds with TLS");
+        // Nothing listens on port 1: the request gets as far as the TCP connect. A build
+        // without TLS stops before it, at "scheme is not http".
+        let e = client
+            .get("https://127.0.0.1:1/v1/models")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(!e.is_builder(), "{}", error_chain(&e));
+        assert!(
+            e.is_connect() && caused_by(&e, std::io::ErrorKind::ConnectionRefused),
+            "{}",
+            error_chain(&e)
+        );
+
+        // A listener sees a TLS handshake record (type 22, version 3.x) open the connection.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}/v1/models", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut head = [0u8; 2];
+            socket.read_exact(&mut head).unwrap();
+            head
+        });
+        let e = client.get(&url).send().await.unwrap_err();
+        assert_eq!(server.join().unwrap(), [0x16, 0x03]);
+        assert!(e.is_connect(), "the handshake fails: {}", error_chain(&e));
     }
 }

@@ -16,7 +16,7 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Load-test an OpenAI-compatible endpoint (ember, vLLM, SGLang, Fireworks) as `vllm bench serve` does.
     // Boxed: its many flags would make every other variant as large.
-    Serve(Box<ember_bench::serve::ServeArgs>),
+    Serve(Box<ember_bench::args::ServeArgs>),
     /// Offline: many requests through the engine in-process, as fast as it goes, with the
     /// engine's time per step split by phase.
     Throughput(crate::offline_bench::ThroughputArgs),
