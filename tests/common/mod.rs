@@ -138,6 +138,13 @@ impl Server {
         (status, r.json().unwrap())
     }
 
+    /// POSTs `body` as JSON; the status and the answer as text (for plain-text answers).
+    pub fn post_text(&self, path: &str, body: &Value) -> (u16, String) {
+        let r = self.send(path, body);
+        let status = r.status().as_u16();
+        (status, r.text().unwrap())
+    }
+
     /// A greedy completion of `prompt` (token ids) with exactly `max_tokens` tokens and their
     /// logprobs; panics unless it is answered with 200.
     pub fn complete(&self, prompt: &[u32], max_tokens: usize) -> Value {
@@ -228,6 +235,44 @@ impl Server {
             .expect("run kill");
         assert!(status.success());
     }
+}
+
+/// Runs `ember serve` on `models/<name>` with `extra` flags, expecting it to fail before it
+/// serves; its error output. A server that starts instead is killed and the test fails.
+pub fn serve_error(name: &str, extra: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["serve", "--model"])
+        .arg(model_dir(name))
+        .args(["--dtype", "float32", "--host", "127.0.0.1", "--port", "0"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember serve");
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).ok();
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ember serve {extra:?} is still running after 60 s instead of failing");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = log.join().unwrap();
+    assert!(
+        !status.success(),
+        "ember serve {extra:?} succeeded:\n{text}"
+    );
+    text
 }
 
 /// One event of a stream.

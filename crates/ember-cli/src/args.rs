@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ember_engine::EngineConfig;
+use ember_engine::{EngineConfig, LoraConfig};
 use ember_models::{LoadFormat, LoadOptions};
 
 /// The bundled demo model: `models/qwen3-moe-tiny` under the working directory, else in the
@@ -67,6 +67,120 @@ pub struct ModelArgs {
     /// Turn off reuse of KV blocks across requests that share a prompt prefix.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+/// LoRA serving limits (vLLM's flags of the same names).
+#[derive(Args, Debug, Clone)]
+pub struct LoraArgs {
+    /// Serve LoRA adapters: requests pick one by `model`; adapters come from --lora-modules or
+    /// `POST /v1/load_lora_adapter`.
+    #[arg(long)]
+    pub enable_lora: bool,
+    /// Most distinct adapters in one engine step (with --enable-lora).
+    #[arg(long, default_value_t = 8)]
+    pub max_loras: usize,
+    /// Adapters kept in host memory, least recently used dropped first and read again on next
+    /// use; at least --max-loras (default: 32, or --max-loras if larger).
+    #[arg(long)]
+    pub max_cpu_loras: Option<usize>,
+    /// Largest adapter rank accepted (with --enable-lora).
+    #[arg(long, default_value_t = 64)]
+    pub max_lora_rank: usize,
+}
+
+/// `--max-cpu-loras` when not given.
+const DEFAULT_MAX_CPU_LORAS: usize = 32;
+
+impl LoraArgs {
+    /// The engine's LoRA limits; `None` without --enable-lora.
+    pub fn config(&self) -> Result<Option<LoraConfig>> {
+        if !self.enable_lora {
+            return Ok(None);
+        }
+        if self.max_loras == 0 || self.max_lora_rank == 0 {
+            bail!("--max-loras and --max-lora-rank must be at least 1");
+        }
+        let max_cpu_loras = self
+            .max_cpu_loras
+            .unwrap_or(DEFAULT_MAX_CPU_LORAS.max(self.max_loras));
+        if max_cpu_loras < self.max_loras {
+            bail!(
+                "--max-cpu-loras {max_cpu_loras} is below --max-loras {}: adapters of one step \
+                 must all fit in memory; raise --max-cpu-loras or lower --max-loras",
+                self.max_loras
+            );
+        }
+        Ok(Some(LoraConfig {
+            max_loras: self.max_loras,
+            max_cpu_loras,
+            max_lora_rank: self.max_lora_rank,
+        }))
+    }
+}
+
+/// One adapter of `--lora-modules`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    /// The name requests use as `model`.
+    pub name: String,
+    /// The PEFT adapter directory.
+    pub path: PathBuf,
+    /// The served base model name it belongs to (vLLM's JSON form); any served name is accepted.
+    pub base_model_name: Option<String>,
+}
+
+/// Parses one `--lora-modules` value: `name=path`, or vLLM's JSON
+/// `{"name": ..., "path": ..., "base_model_name": ...}`.
+pub fn parse_lora_module(value: &str) -> std::result::Result<LoraModule, String> {
+    let value = value.trim();
+    if value.starts_with('{') {
+        return parse_lora_module_json(value);
+    }
+    match value.split_once('=') {
+        Some((name, path)) if !name.trim().is_empty() && !path.trim().is_empty() => {
+            Ok(LoraModule {
+                name: name.trim().to_string(),
+                path: PathBuf::from(path.trim()),
+                base_model_name: None,
+            })
+        }
+        _ => Err(format!(
+            "expected name=path or a JSON object {{\"name\": ..., \"path\": ...}}, got {value:?}"
+        )),
+    }
+}
+
+fn parse_lora_module_json(value: &str) -> std::result::Result<LoraModule, String> {
+    let json: serde_json::Value =
+        serde_json::from_str(value).map_err(|e| format!("invalid JSON {value:?}: {e}"))?;
+    let object = json
+        .as_object()
+        .ok_or_else(|| format!("expected a JSON object, got {value}"))?;
+    let string = |key: &str| -> std::result::Result<Option<String>, String> {
+        match object.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
+            Some(other) => Err(format!("\"{key}\" must be a non-empty string, got {other}")),
+        }
+    };
+    for key in object.keys() {
+        // vLLM's is_3d_lora_weight is accepted and not needed: fused expert adapters are
+        // recognised from their tensors.
+        if !["name", "path", "base_model_name", "is_3d_lora_weight"].contains(&key.as_str()) {
+            return Err(format!(
+                "unknown key \"{key}\" in {value}; use name, path and base_model_name"
+            ));
+        }
+    }
+    let required =
+        |key: &str| string(key)?.ok_or_else(|| format!("\"{key}\" is missing in {value}"));
+    Ok(LoraModule {
+        name: required("name")?,
+        path: PathBuf::from(required("path")?),
+        base_model_name: string("base_model_name")?,
+    })
 }
 
 impl ModelArgs {
@@ -118,7 +232,112 @@ impl ModelArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             enable_prefix_caching: !self.no_enable_prefix_caching,
             max_waiting_requests: self.max_waiting_requests,
-            lora: None,
+            lora: self.lora.config()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        lora: LoraArgs,
+    }
+
+    fn lora_config(args: &[&str]) -> Result<Option<LoraConfig>> {
+        Cli::try_parse_from(std::iter::once("ember").chain(args.iter().copied()))?
+            .lora
+            .config()
+    }
+
+    #[test]
+    fn lora_limits_default_to_vllm_like_values_and_only_with_enable_lora() {
+        assert!(lora_config(&[]).unwrap().is_none());
+        let c = lora_config(&["--enable-lora"]).unwrap().unwrap();
+        assert_eq!((c.max_loras, c.max_cpu_loras, c.max_lora_rank), (8, 32, 64));
+        // The host cache grows with --max-loras unless given.
+        let c = lora_config(&["--enable-lora", "--max-loras", "40"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.max_loras, c.max_cpu_loras), (40, 40));
+        let c = lora_config(&[
+            "--enable-lora",
+            "--max-cpu-loras",
+            "100",
+            "--max-lora-rank",
+            "8",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((c.max_cpu_loras, c.max_lora_rank), (100, 8));
+        let e = lora_config(&["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--max-cpu-loras 2 is below --max-loras 4"),
+            "{e}"
+        );
+        assert!(lora_config(&["--enable-lora", "--max-lora-rank", "0"]).is_err());
+    }
+
+    #[test]
+    fn lora_modules_take_name_equals_path_and_vllm_json() {
+        assert_eq!(
+            parse_lora_module("sql=/adapters/sql-lora").unwrap(),
+            LoraModule {
+                name: "sql".into(),
+                path: "/adapters/sql-lora".into(),
+                base_model_name: None
+            }
+        );
+        // Only the first '=' splits: paths may hold more.
+        assert_eq!(
+            parse_lora_module("a=dir/x=1,y").unwrap().path,
+            PathBuf::from("dir/x=1,y")
+        );
+        assert_eq!(
+            parse_lora_module(
+                r#"{"name": "sql", "path": "/a/b", "base_model_name": "qwen3-tiny", "is_3d_lora_weight": false}"#
+            )
+            .unwrap(),
+            LoraModule {
+                name: "sql".into(),
+                path: "/a/b".into(),
+                base_model_name: Some("qwen3-tiny".into())
+            }
+        );
+        assert_eq!(
+            parse_lora_module(r#"{"name": "a", "path": "p", "base_model_name": null}"#)
+                .unwrap()
+                .base_model_name,
+            None
+        );
+    }
+
+    #[test]
+    fn bad_lora_modules_say_what_is_wrong() {
+        for (value, expected) in [
+            ("sql", "expected name=path"),
+            ("=path", "expected name=path"),
+            ("sql=", "expected name=path"),
+            ("{\"name\": \"a\"", "invalid JSON"),
+            (r#"{"name": "a"}"#, "\"path\" is missing"),
+            (
+                r#"{"name": 1, "path": "p"}"#,
+                "\"name\" must be a non-empty string",
+            ),
+            (
+                r#"{"name": "a", "path": "p", "rank": 8}"#,
+                "unknown key \"rank\"",
+            ),
+        ] {
+            let e = parse_lora_module(value).unwrap_err();
+            assert!(e.contains(expected), "{value}: {e}");
+        }
     }
 }

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use ember_engine::Engine;
 use ember_server::{AppState, ServerConfig};
 
-use crate::args::ModelArgs;
+use crate::args::{parse_lora_module, LoraModule, ModelArgs};
 
 /// Flags of `ember serve`.
 #[derive(Args, Debug)]
@@ -24,10 +24,44 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <KEY>` on the API routes.
     #[arg(long, env = "EMBER_API_KEY")]
     pub api_key: Option<String>,
+    /// LoRA adapters to load at start (needs --enable-lora), each `name=path` or
+    /// '{"name": "sql", "path": "/adapters/sql", "base_model_name": "..."}'; requests use the
+    /// name as `model`.
+    #[arg(long, num_args = 1.., value_parser = parse_lora_module)]
+    pub lora_modules: Vec<LoraModule>,
+}
+
+/// Registers one adapter of --lora-modules; an error names it, so a bad one stops the start.
+fn load_lora_module(state: &AppState, module: &LoraModule) -> Result<()> {
+    let served = state.served_model_names();
+    if let Some(base) = &module.base_model_name {
+        if !served.contains(base) {
+            bail!(
+                "--lora-modules {:?}: base_model_name {base:?} is not a served model name ({}); \
+                 drop it or add it with --served-model-name",
+                module.name,
+                served.join(", ")
+            );
+        }
+    }
+    state
+        .load_lora_adapter(&module.name, &module.path)
+        .map_err(|e| {
+            anyhow!(
+                "--lora-modules {:?} ({}): {e}",
+                module.name,
+                module.path.display()
+            )
+        })?;
+    Ok(())
 }
 
 /// Runs the server until SIGINT/SIGTERM.
 pub fn run(args: ServeArgs) -> Result<()> {
+    if !args.lora_modules.is_empty() && !args.model.lora.enable_lora {
+        bail!("--lora-modules needs --enable-lora");
+    }
+    let engine_config = args.model.engine_config()?;
     let model_name = args.model.model_name();
     let loaded = ember_models::load_model(&args.model.load_options()?)?;
     let mut served_model_names = if !args.served_model_name.is_empty() {
@@ -51,8 +85,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         model_dir: args.model.tokenizer_dir(&loaded.dir),
     };
-    let engine = Engine::start(loaded, args.model.engine_config()?)?;
+    let engine = Engine::start(loaded, engine_config)?;
     let state = AppState::new(config, engine)?;
+    for module in &args.lora_modules {
+        load_lora_module(&state, module)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -69,4 +106,52 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .context("server failed")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).map(|c| c.serve)
+    }
+
+    #[test]
+    fn lora_modules_are_space_separated_or_repeated_in_both_forms() {
+        let args = parse(&[
+            "--enable-lora",
+            "--lora-modules",
+            "a=/x",
+            r#"{"name": "b", "path": "/y"}"#,
+            "--port",
+            "9000",
+            "--lora-modules",
+            "c=/z",
+        ])
+        .unwrap();
+        let names: Vec<&str> = args.lora_modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(args.lora_modules[1].path, std::path::PathBuf::from("/y"));
+        assert_eq!(args.port, 9000);
+        assert!(args.model.lora.enable_lora);
+        let e = parse(&["--lora-modules", "a=/x", "nameless"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("expected name=path"), "{e}");
+    }
+
+    #[test]
+    fn lora_modules_without_enable_lora_stop_before_loading_anything() {
+        let args = parse(&["--lora-modules", "a=/x", "--model", "/no/such/model"]).unwrap();
+        let e = run(args).unwrap_err().to_string();
+        assert_eq!(e, "--lora-modules needs --enable-lora");
+    }
 }

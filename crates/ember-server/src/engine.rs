@@ -1,7 +1,10 @@
 //! The server's narrow view of the engine, so routes can be tested against a fake one.
 
+use std::sync::Arc;
+
 use ember_core::{RequestOutput, Result, SamplingParams};
-use ember_engine::{EngineHandle, StatsSnapshot};
+use ember_engine::{EngineHandle, LoraManager, StatsSnapshot};
+use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// What the HTTP side must know of the model to validate a request.
@@ -21,15 +24,20 @@ pub(crate) trait EngineClient: Send + Sync + 'static {
     /// The model's end-of-sequence ids (a choice may end on one).
     fn eos_token_ids(&self) -> Vec<u32>;
 
-    /// Queues a request; outputs stream on the receiver, dropping it cancels the request.
+    /// Queues a request, run with the LoRA `adapter` when one is given; outputs stream on the
+    /// receiver, dropping it cancels the request.
     fn submit(
         &self,
         prompt: Vec<u32>,
         params: SamplingParams,
+        adapter: Option<Arc<LoraAdapter>>,
     ) -> Result<UnboundedReceiver<RequestOutput>>;
 
     /// The engine's live counters (running, waiting, KV blocks, ...), for `/metrics`.
     fn stats(&self) -> StatsSnapshot;
+
+    /// The registered LoRA adapters; `None` when the engine runs without `--enable-lora`.
+    fn lora(&self) -> Option<&Arc<LoraManager>>;
 }
 
 impl EngineClient for EngineHandle {
@@ -49,11 +57,16 @@ impl EngineClient for EngineHandle {
         &self,
         prompt: Vec<u32>,
         params: SamplingParams,
+        adapter: Option<Arc<LoraAdapter>>,
     ) -> Result<UnboundedReceiver<RequestOutput>> {
-        EngineHandle::submit(self, prompt, params)
+        EngineHandle::submit_with_adapter(self, prompt, params, adapter)
     }
 
     fn stats(&self) -> StatsSnapshot {
         EngineHandle::stats(self)
+    }
+
+    fn lora(&self) -> Option<&Arc<LoraManager>> {
+        EngineHandle::lora(self)
     }
 }

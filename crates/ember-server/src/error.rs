@@ -161,6 +161,17 @@ impl ApiError {
         )
     }
 
+    /// 404 `model_not_found` for another named thing that does not exist (a LoRA adapter).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            INVALID_REQUEST,
+            message.into(),
+            None,
+            Some("model_not_found"),
+        )
+    }
+
     /// 401 `invalid_api_key`.
     pub fn invalid_api_key(message: impl Into<String>) -> Self {
         Self::new(
@@ -213,8 +224,8 @@ impl ApiError {
     }
 
     /// Maps a library error: a request the engine or template refused is the client's fault
-    /// (400, naming the parameter when the message quotes one); a full queue is 429 and a
-    /// stopped engine 503, both retryable; the rest are ours.
+    /// (400, naming the parameter when the message quotes one); a missing adapter is 404; a
+    /// full queue is 429 and a stopped engine 503, both retryable; the rest are ours.
     pub fn from_ember(error: EmberError) -> Self {
         match error {
             EmberError::InvalidRequest(message) => {
@@ -227,6 +238,7 @@ impl ApiError {
                     None,
                 )
             }
+            EmberError::NotFound(message) => Self::not_found(message),
             EmberError::Overloaded(message) => Self::overloaded(message),
             EmberError::Unavailable(message) => Self::unavailable(message),
             other => Self::internal(other.to_string()),
@@ -287,6 +299,19 @@ mod tests {
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(e.body.error.kind, "server_error");
         assert_eq!(e.retry_after, None);
+    }
+
+    #[test]
+    fn a_missing_adapter_is_a_404_shaped_like_model_not_found() {
+        let e = ApiError::from_ember(EmberError::NotFound(
+            "The lora adapter 'x' cannot be found.".into(),
+        ));
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            serde_json::to_value(&e.body).unwrap(),
+            serde_json::json!({"error": {"message": "The lora adapter 'x' cannot be found.",
+                "type": "invalid_request_error", "param": null, "code": "model_not_found"}})
+        );
     }
 
     #[test]

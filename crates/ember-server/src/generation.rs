@@ -4,10 +4,12 @@
 //! a streamed answer is the plain one cut into pieces.
 
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use ember_core::RequestOutput;
+use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::choice::{ChoiceJob, ChoiceState, Delta, Generated};
@@ -48,6 +50,8 @@ struct ChoiceRun {
 pub(crate) struct Generation {
     state: AppState,
     runs: Vec<ChoiceRun>,
+    /// The LoRA adapter every choice runs with, for the per-adapter metrics.
+    lora_name: Option<String>,
     started: Instant,
     /// Which choice to poll first next time, so that no choice starves the others.
     poll_from: usize,
@@ -55,11 +59,12 @@ pub(crate) struct Generation {
 }
 
 impl Generation {
-    /// Submits every job. If one is refused (full queue, bad parameters), those already
-    /// submitted are cancelled and the error returned.
+    /// Submits every job, run with `adapter` when one is given. If one is refused (full queue,
+    /// bad parameters), those already submitted are cancelled and the error returned.
     pub fn start(
         state: &AppState,
         jobs: &[ChoiceJob],
+        adapter: Option<Arc<LoraAdapter>>,
         started: Instant,
         in_flight: InFlight,
     ) -> Result<Self, ApiError> {
@@ -69,7 +74,7 @@ impl Generation {
         for job in jobs {
             let rx = shared
                 .engine
-                .submit(job.prompt_ids.clone(), job.params.clone())
+                .submit(job.prompt_ids.clone(), job.params.clone(), adapter.clone())
                 .map_err(ApiError::from_ember)?;
             runs.push(ChoiceRun {
                 state: ChoiceState::new(shared.tokenizer.clone(), job, &eos),
@@ -82,6 +87,7 @@ impl Generation {
         Ok(Self {
             state: state.clone(),
             runs,
+            lora_name: adapter.map(|a| a.name().to_string()),
             started,
             poll_from: 0,
             _in_flight: in_flight,
@@ -205,6 +211,7 @@ impl Generation {
             generation_tokens: generated.token_ids.len(),
             time_to_first_token: run.first_output.map(|t| t.duration_since(self.started)),
             e2e_latency: self.started.elapsed(),
+            lora_name: self.lora_name.as_deref(),
         });
     }
 }
@@ -232,7 +239,7 @@ mod tests {
     fn start(engine: &Arc<FakeEngine>, jobs: Vec<ChoiceJob>) -> Generation {
         let state = test_state(engine);
         let in_flight = state.shared().lifecycle.enter().unwrap();
-        Generation::start(&state, &jobs, Instant::now(), in_flight).unwrap()
+        Generation::start(&state, &jobs, None, Instant::now(), in_flight).unwrap()
     }
 
     async fn run(script: Vec<u32>, jobs: Vec<ChoiceJob>) -> Vec<Generated> {

@@ -1,5 +1,6 @@
-//! The router (OpenAI routes under `/v1` and `/inference/v1`, plus `/health`, `/metrics` and
-//! `/version`), API-key auth, request counting, and the server loop with graceful shutdown.
+//! The router (OpenAI routes and vLLM's LoRA load/unload under `/v1` and `/inference/v1`, plus
+//! `/health`, `/metrics` and `/version`), API-key auth, request counting, and the server loop
+//! with graceful shutdown.
 
 use std::future::{Future, IntoFuture};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
-use crate::endpoints::{chat, completions, models};
+use crate::endpoints::{chat, completions, lora, models};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::shutdown::{shutdown_signal, DRAIN_TIMEOUT};
@@ -42,6 +43,14 @@ pub fn router(state: AppState) -> Router {
             .route(
                 &format!("{prefix}/models/{{*id}}"),
                 get(models::retrieve_model),
+            )
+            .route(
+                &format!("{prefix}/load_lora_adapter"),
+                post(lora::load_lora_adapter),
+            )
+            .route(
+                &format!("{prefix}/unload_lora_adapter"),
+                post(lora::unload_lora_adapter),
             );
     }
     api.route_layer(middleware::from_fn_with_state(

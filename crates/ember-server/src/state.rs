@@ -1,10 +1,10 @@
 //! What every handler shares: the configuration, the engine, the tokenizer and chat template.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ember_core::Result;
-use ember_engine::EngineHandle;
+use ember_core::{EmberError, Result};
+use ember_engine::{EngineHandle, LoraInfo, LoraManager};
 
 use crate::api::unix_now;
 use crate::chat_template::ChatTemplate;
@@ -96,11 +96,83 @@ impl AppState {
         &self.inner
     }
 
-    /// The served name a request's `model` refers to, or a 404 naming what is served.
-    pub(crate) fn resolve_model(&self, requested: &str) -> std::result::Result<&str, ApiError> {
-        let names = &self.inner.config.served_model_names;
-        find_model(names, requested).ok_or_else(|| ApiError::model_not_found(requested, names))
+    /// The base model's served names, canonical first.
+    pub fn served_model_names(&self) -> &[String] {
+        &self.inner.config.served_model_names
     }
+
+    /// What a request's `model` refers to: a LoRA adapter's name is tried before the base
+    /// model's, each exactly and then in the `accounts/<acct>/models/<name>` form; an unknown
+    /// name is a 404 naming what is served.
+    pub(crate) fn resolve_model(
+        &self,
+        requested: &str,
+    ) -> std::result::Result<ModelTarget, ApiError> {
+        let names = &self.inner.config.served_model_names;
+        let lora = self.inner.engine.lora();
+        let bare = requested.split('#').next().unwrap_or(requested);
+        if lora.is_some_and(|m| m.contains(bare)) {
+            return Ok(ModelTarget::Adapter(bare.to_string()));
+        }
+        if names.iter().any(|n| n == bare) {
+            return Ok(ModelTarget::Base);
+        }
+        let adapters: Vec<String> = lora
+            .map(|m| m.list().into_iter().map(|info| info.name).collect())
+            .unwrap_or_default();
+        if let Some(name) = find_model(&adapters, requested) {
+            return Ok(ModelTarget::Adapter(name.to_string()));
+        }
+        if find_model(names, requested).is_some() {
+            return Ok(ModelTarget::Base);
+        }
+        let served: Vec<String> = names.iter().cloned().chain(adapters).collect();
+        Err(ApiError::model_not_found(requested, &served))
+    }
+
+    /// The LoRA manager; an error telling how to enable LoRA when the server runs without it.
+    pub(crate) fn lora_manager(&self) -> Result<&Arc<LoraManager>> {
+        self.inner.engine.lora().ok_or_else(|| {
+            EmberError::InvalidRequest(
+                "LoRA adapters are not enabled on this server; restart it with --enable-lora"
+                    .into(),
+            )
+        })
+    }
+
+    /// Registers the PEFT adapter in directory `path` under `name`, which requests then use as
+    /// `model`. Reads and checks the adapter's files, so it blocks: call it off async workers.
+    /// Errors name the fault: LoRA not enabled, a name taken (by an adapter or the base model),
+    /// not an adapter directory, an adapter that does not fit the model, a rank too high.
+    pub fn load_lora_adapter(&self, name: &str, path: &Path) -> Result<LoraInfo> {
+        let manager = self.lora_manager()?;
+        if find_model(self.served_model_names(), name).is_some() {
+            return Err(EmberError::InvalidRequest(format!(
+                "The lora adapter '{name}' conflicts with a served base model; pick another lora_name"
+            )));
+        }
+        if name.contains('#') || name.trim() != name {
+            return Err(EmberError::InvalidRequest(format!(
+                "Invalid 'lora_name': {name:?} may not contain '#' or begin or end with whitespace"
+            )));
+        }
+        manager.load(name, path)
+    }
+
+    /// Forgets adapter `name`; requests already running with it finish. A `NotFound` error when
+    /// no adapter has that name.
+    pub fn unload_lora_adapter(&self, name: &str) -> Result<()> {
+        self.lora_manager()?.unload(name)
+    }
+}
+
+/// What a request's `model` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ModelTarget {
+    /// The base model, by one of its served names.
+    Base,
+    /// The registered LoRA adapter of this name.
+    Adapter(String),
 }
 
 /// Matches `requested` against `names`: exactly, or in Fireworks' `accounts/<acct>/models/<name>`

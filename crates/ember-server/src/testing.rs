@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use ember_core::{EmberError, FinishReason, RequestOutput, SamplingParams, TokenLogprob};
-use ember_engine::StatsSnapshot;
+use ember_engine::{LoraConfig, LoraManager, StatsSnapshot};
+use ember_models::LoraAdapter;
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -144,6 +145,10 @@ pub(crate) struct FakeEngine {
     mode: Mode,
     /// Output channels of requests held open.
     senders: Mutex<Vec<UnboundedSender<RequestOutput>>>,
+    /// The LoRA manager, over qwen3-tiny's projections; `None` as without `--enable-lora`.
+    lora: Option<Arc<LoraManager>>,
+    /// The adapter of every request submitted (by name), in order.
+    adapters: Mutex<Vec<Option<String>>>,
 }
 
 impl FakeEngine {
@@ -162,8 +167,32 @@ impl FakeEngine {
         Self::with_mode(Vec::new(), Mode::Overloaded)
     }
 
+    /// An engine like [`Self::new`] that serves LoRA adapters of `models/qwen3-tiny` within
+    /// `config` (adapters are read and checked for real; generation stays scripted).
+    pub(crate) fn serving_adapters(script: Vec<u32>, config: LoraConfig) -> Arc<Self> {
+        let model_dir = fixture_dir("qwen3-tiny");
+        let mut opts = ember_models::LoadOptions::new(model_dir.to_string_lossy());
+        opts.dtype = Some(candle_core::DType::F32);
+        let loaded = ember_models::load_model(&opts)
+            .unwrap_or_else(|e| panic!("{}: {e}", model_dir.display()));
+        let manager = LoraManager::new(
+            config,
+            loaded.model.lora_targets().clone(),
+            candle_core::DType::F32,
+            candle_core::Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("LoRA manager: {e}"));
+        let mut engine = Self::build(script, Mode::Finish);
+        engine.lora = Some(Arc::new(manager));
+        Arc::new(engine)
+    }
+
     fn with_mode(script: Vec<u32>, mode: Mode) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new(Self::build(script, mode))
+    }
+
+    fn build(script: Vec<u32>, mode: Mode) -> Self {
+        Self {
             limits: ModelLimits {
                 max_model_len: 64,
                 vocab_size: 300,
@@ -174,7 +203,14 @@ impl FakeEngine {
             stats: Mutex::new(StatsSnapshot::default()),
             mode,
             senders: Mutex::new(Vec::new()),
-        })
+            lora: None,
+            adapters: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The adapter each submitted request ran with, by name.
+    pub(crate) fn adapters(&self) -> Vec<Option<String>> {
+        self.adapters.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// What was submitted so far.
@@ -212,10 +248,15 @@ impl EngineClient for FakeEngine {
         self.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
+    fn lora(&self) -> Option<&Arc<LoraManager>> {
+        self.lora.as_ref()
+    }
+
     fn submit(
         &self,
         prompt: Vec<u32>,
         params: SamplingParams,
+        adapter: Option<Arc<LoraAdapter>>,
     ) -> ember_core::Result<UnboundedReceiver<RequestOutput>> {
         params.validate()?;
         if self.mode == Mode::Overloaded {
@@ -229,6 +270,9 @@ impl EngineClient for FakeEngine {
         }
         if let Ok(mut s) = self.submitted.lock() {
             s.push((prompt.clone(), params.clone()));
+        }
+        if let Ok(mut a) = self.adapters.lock() {
+            a.push(adapter.map(|a| a.name().to_string()));
         }
         let (tx, rx) = unbounded_channel();
         let prompt_logprobs = params.prompt_logprobs.map(|k| {
@@ -288,12 +332,19 @@ impl EngineClient for FakeEngine {
     }
 }
 
+/// `models/<name>` of the repository (`lora/<adapter>` for the LoRA fixtures).
+pub(crate) fn fixture_dir(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(name)
+}
+
 /// `(model directory, cases)` for every `models/*/reference.json` with a non-empty `key` list
 /// (`chat`, `tokenization`), so a new fixture is checked without editing any test.
 pub(crate) fn model_reference_cases(
     key: &str,
 ) -> Vec<(std::path::PathBuf, Vec<serde_json::Value>)> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let root = fixture_dir("");
     let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
         .map(|entry| entry.unwrap().path())

@@ -43,7 +43,8 @@ pub(crate) async fn chat_completions(
         limits,
         mut plan,
         options,
-    } = parse_generation_request::<ChatFields>(&state, &body)?;
+        adapter,
+    } = parse_generation_request::<ChatFields>(&state, &body).await?;
     let shared = state.shared();
     if plan.requested_max_tokens == Some(0) {
         return Err(ApiError::invalid_param(
@@ -77,7 +78,7 @@ pub(crate) async fn chat_completions(
             prompt_only: false,
         })
         .collect();
-    let generation = Generation::start(&state, &jobs, started, in_flight)?;
+    let generation = Generation::start(&state, &jobs, adapter, started, in_flight)?;
     let mut writer = ChatWriter::new(shared.tokenizer.clone(), prompt, plan.n, logprobs, options);
     if options.stream {
         let mut spec = StreamSpec::new(

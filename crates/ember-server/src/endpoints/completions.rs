@@ -49,7 +49,8 @@ pub(crate) async fn completions(
         limits,
         mut plan,
         options,
-    } = parse_generation_request::<CompletionFields>(&state, &body)?;
+        adapter,
+    } = parse_generation_request::<CompletionFields>(&state, &body).await?;
     let shared = state.shared();
     if own.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param(
@@ -90,7 +91,7 @@ pub(crate) async fn completions(
             });
         }
     }
-    let generation = Generation::start(&state, &jobs, started, in_flight)?;
+    let generation = Generation::start(&state, &jobs, adapter, started, in_flight)?;
     let format = logprobs.map(|top| LogprobsFormat::Legacy { top });
     let prompt_lens: Vec<usize> = prompts.iter().map(|p| p.ids.len()).collect();
     let mut writer =

@@ -2,13 +2,17 @@
 
 pub(crate) mod chat;
 pub(crate) mod completions;
+pub(crate) mod lora;
 pub(crate) mod models;
 mod render;
 mod stream;
 
+use std::sync::Arc;
+
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use ember_models::LoraAdapter;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -19,7 +23,7 @@ use crate::engine::ModelLimits;
 use crate::error::ApiError;
 use crate::generation::Timing;
 use crate::sampling::GenerationPlan;
-use crate::state::AppState;
+use crate::state::{AppState, ModelTarget};
 use render::EchoSpan;
 
 /// A generation request after the checks every endpoint makes.
@@ -31,6 +35,8 @@ struct ParsedRequest<T> {
     limits: ModelLimits,
     plan: GenerationPlan,
     options: ResponseOptions,
+    /// The LoRA adapter `model` names; `None` for the base model.
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// How to shape the answer, beyond what to generate.
@@ -66,24 +72,43 @@ impl ResponseOptions {
     }
 }
 
-/// Parses both views of the body, checks `model` and validates the sampling fields.
-fn parse_generation_request<T: DeserializeOwned>(
+/// Parses both views of the body, checks `model` and validates the sampling fields; last, when
+/// `model` names a LoRA adapter, fetches it (from disk if it was evicted from memory).
+async fn parse_generation_request<T: DeserializeOwned>(
     state: &AppState,
     body: &[u8],
 ) -> Result<ParsedRequest<T>, ApiError> {
     let fields: SamplingFields = parse_body(body)?;
     let own: T = parse_body(body)?;
-    state.resolve_model(&fields.model)?;
+    let target = state.resolve_model(&fields.model)?;
     check_response_format(fields.response_format.as_ref())?;
     let limits = state.shared().engine.limits();
     let plan = GenerationPlan::from_fields(&fields, limits)?;
     Ok(ParsedRequest {
         options: ResponseOptions::from_fields(&fields),
+        adapter: adapter_of(state, target).await?,
         fields,
         own,
         limits,
         plan,
     })
+}
+
+/// The adapter a request runs with. It was unloaded since `model` was resolved: 404, as if it
+/// had never been there.
+async fn adapter_of(
+    state: &AppState,
+    target: ModelTarget,
+) -> Result<Option<Arc<LoraAdapter>>, ApiError> {
+    let ModelTarget::Adapter(name) = target else {
+        return Ok(None);
+    };
+    let Some(manager) = state.shared().engine.lora().cloned() else {
+        return Err(ApiError::internal(
+            "a LoRA adapter was resolved on a server without LoRA",
+        ));
+    };
+    run_blocking(move || manager.get(&name).map(Some).map_err(ApiError::from_ember)).await
 }
 
 /// `response_format`: plain text only, until structured output exists; the other types are

@@ -14,6 +14,7 @@ use crate::testing::{
 };
 
 mod extras;
+mod lora;
 mod streaming;
 
 fn app(engine: &Arc<FakeEngine>, api_key: Option<&str>) -> Router {
