@@ -41,6 +41,14 @@ pub struct ThroughputArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
+    /// LoRA adapters (`name=path` or vLLM's JSON form; needs --enable-lora): requests are given
+    /// to them in turn, so the batch mixes as many distinct adapters as are listed.
+    #[arg(long, num_args = 1.., value_parser = crate::args::parse_lora_module)]
+    pub lora_modules: Vec<crate::args::LoraModule>,
+    /// vLLM's form: one adapter directory registered --max-loras times under distinct ids
+    /// (distinct adapters to the engine, equal weights); requests are given to them in turn.
+    #[arg(long, conflicts_with = "lora_modules")]
+    pub lora_path: Option<PathBuf>,
 }
 
 /// Flags of `ember bench latency`.
@@ -161,16 +169,18 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         })
         .collect();
     let handle = Engine::start(loaded, args.model.engine_config()?)?;
+    let adapters = throughput_adapters(&args, &handle)?;
     let before = handle.stats();
     let start = Instant::now();
     let mut receivers = Vec::with_capacity(requests.len());
-    for (prompt, output_len) in &requests {
+    for (i, (prompt, output_len)) in requests.iter().enumerate() {
         let params = SamplingParams {
             max_tokens: *output_len,
             ignore_eos: true,
             ..SamplingParams::default()
         };
-        receivers.push(handle.submit(prompt.clone(), params)?);
+        let adapter = (!adapters.is_empty()).then(|| adapters[i % adapters.len()].clone());
+        receivers.push(handle.submit_with_adapter(prompt.clone(), params, adapter)?);
     }
     let mut detokenize = Duration::ZERO;
     let mut output_tokens = 0usize;
@@ -211,6 +221,9 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
     let total_tokens = prompt_tokens + output_tokens;
     println!("============ Offline Throughput Benchmark ============");
     println!("{:<40}{:>12}", "Requests:", requests.len());
+    if !adapters.is_empty() {
+        println!("{:<40}{:>12}", "Distinct LoRA adapters:", adapters.len());
+    }
     println!("{:<40}{:>12.2}", "Elapsed time (s):", elapsed);
     println!("{:<40}{:>12}", "Prompt tokens:", prompt_tokens);
     println!("{:<40}{:>12}", "Output tokens:", output_tokens);
@@ -278,8 +291,41 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
             "step_phase_ms": step_ms,
             "overhead_fraction": 1.0 - phases[FORWARD_PHASE] / busy.max(f64::MIN_POSITIVE),
             "detokenize_seconds": detokenize.as_secs_f64(),
+            "num_lora_adapters": adapters.len(),
+            "lora_max_rank": adapters.iter().map(|a| a.max_rank()).max(),
         }),
     )
+}
+
+/// The adapters `--lora-modules` / `--lora-path` name, registered with the engine.
+fn throughput_adapters(
+    args: &ThroughputArgs,
+    handle: &ember_engine::EngineHandle,
+) -> Result<Vec<Arc<ember_models::LoraAdapter>>> {
+    let modules: Vec<(String, PathBuf)> = match &args.lora_path {
+        Some(path) => (1..=args.model.lora.max_loras)
+            .map(|i| (format!("lora-{i}"), path.clone()))
+            .collect(),
+        None => args
+            .lora_modules
+            .iter()
+            .map(|m| (m.name.clone(), m.path.clone()))
+            .collect(),
+    };
+    if modules.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lora = handle
+        .lora()
+        .ok_or_else(|| anyhow!("--lora-modules and --lora-path need --enable-lora"))?;
+    modules
+        .iter()
+        .map(|(name, path)| {
+            lora.load(name, path)
+                .with_context(|| format!("LoRA adapter {name} ({})", path.display()))?;
+            Ok(lora.get(name)?)
+        })
+        .collect()
 }
 
 /// Timings of one latency iteration.
