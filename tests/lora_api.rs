@@ -335,42 +335,50 @@ fn an_adapter_loads_answers_and_unloads_while_other_requests_run() {
 }
 
 #[test]
-fn adapters_that_cannot_be_served_are_refused_with_400() {
+/// Bad requests are 400; adapters that fail to load are 412, as Fireworks answers (API.md).
+fn adapters_that_cannot_be_served_are_refused_with_400_or_412() {
     let server = lora_server(&[]);
     let cases = [
         (
             json!({"lora_name": "attn", "lora_path": adapter_dir("qwen3-tiny-mlp-r4-rslora")}),
             "The lora adapter 'attn' has already been loaded.",
+            400,
         ),
         (
             json!({"lora_name": BASE, "lora_path": adapter_dir("qwen3-tiny-mlp-r4-rslora")}),
             "conflicts with a served base model",
+            400,
         ),
         (
             json!({"lora_name": "x", "lora_path": adapter_dir("no-such-adapter")}),
             "is not a directory",
+            412,
         ),
         (
             json!({"lora_name": "x", "lora_path": model_dir(BASE)}),
             "adapter_config.json",
+            412,
         ),
         (
             json!({"lora_name": "all", "lora_path": adapter_dir("qwen3-tiny-all-r16")}),
             "rank 16, above --max-lora-rank 8",
+            412,
         ),
         (
             json!({"lora_name": "ds", "lora_path": adapter_dir("deepseek-v3-tiny-mla")}),
             "is not a projection of this model",
+            412,
         ),
         (
             json!({"lora_name": "x"}),
             "Both 'lora_name' and 'lora_path' must be provided.",
+            400,
         ),
     ];
-    for (body, message) in cases {
+    for (body, message, code) in cases {
         for prefix in ["/v1", "/inference/v1"] {
             let (status, error) = server.post(&format!("{prefix}/load_lora_adapter"), &body);
-            assert_eq!(status, 400, "{body}: {error}");
+            assert_eq!(status, code, "{body}: {error}");
             let text = error["error"]["message"].as_str().unwrap();
             assert!(text.contains(message), "{body}: {text}");
         }
@@ -379,7 +387,8 @@ fn adapters_that_cannot_be_served_are_refused_with_400() {
         "/v1/load_lora_adapter",
         &json!({"lora_name": "ds", "lora_path": adapter_dir("deepseek-v3-tiny-mla")}),
     );
-    assert_eq!(status, 400);
+    assert_eq!(status, 412);
+    assert_eq!(error["error"]["code"], "lora_load_failed");
     let text = error["error"]["message"].as_str().unwrap();
     assert!(
         text.contains("q_a_proj") || text.contains("kv_a_proj_with_mqa"),

@@ -24,6 +24,10 @@ pub enum EmberError {
     /// A request the engine cannot serve (bad parameter, prompt too long, ...).
     #[error("{0}")]
     InvalidRequest(String),
+    /// A LoRA adapter could not be loaded: unreadable, not an adapter, or not one this model and
+    /// these limits can serve (HTTP 412, as Fireworks answers a failed adapter load).
+    #[error("{0}")]
+    AdapterLoad(String),
     /// The named thing (a LoRA adapter, a model) does not exist (HTTP 404).
     #[error("{0}")]
     NotFound(String),

@@ -117,7 +117,7 @@ impl LoraManager {
     fn read(&self, name: &str, id: u64, path: &Path) -> Result<Arc<LoraAdapter>> {
         let adapter = LoraAdapter::load(path, name, id, &self.targets, self.dtype, &self.device)?;
         if adapter.max_rank() > self.config.max_lora_rank {
-            return Err(EmberError::InvalidRequest(format!(
+            return Err(EmberError::AdapterLoad(format!(
                 "LoRA adapter {name} has rank {}, above --max-lora-rank {}",
                 adapter.max_rank(),
                 self.config.max_lora_rank
@@ -141,7 +141,7 @@ impl LoraManager {
             )));
         }
         if !path.is_dir() {
-            return Err(EmberError::InvalidRequest(format!(
+            return Err(EmberError::AdapterLoad(format!(
                 "lora_path {} is not a directory holding adapter_config.json and adapter_model.safetensors",
                 path.display()
             )));

@@ -111,7 +111,7 @@ impl AdapterConfig {
         for (pattern, value) in &self.alpha_pattern {
             if pattern_matches(pattern, path)? {
                 return value.as_f64().ok_or_else(|| {
-                    EmberError::InvalidRequest(format!(
+                    EmberError::AdapterLoad(format!(
                         "alpha_pattern `{pattern}` is not a number: {value}"
                     ))
                 });
@@ -125,7 +125,7 @@ impl AdapterConfig {
         for (pattern, value) in &self.rank_pattern {
             if pattern_matches(pattern, path)? {
                 return value.as_u64().map(|r| r as usize).ok_or_else(|| {
-                    EmberError::InvalidRequest(format!(
+                    EmberError::AdapterLoad(format!(
                         "rank_pattern `{pattern}` is not an integer: {value}"
                     ))
                 });
@@ -146,7 +146,7 @@ impl AdapterConfig {
 
 fn pattern_matches(pattern: &str, path: &str) -> Result<bool> {
     let re = regex::Regex::new(&format!("^(?:.*\\.)?(?:{pattern})$")).map_err(|e| {
-        EmberError::InvalidRequest(format!("invalid rank/alpha pattern `{pattern}`: {e}"))
+        EmberError::AdapterLoad(format!("invalid rank/alpha pattern `{pattern}`: {e}"))
     })?;
     Ok(re.is_match(path))
 }
@@ -162,7 +162,7 @@ pub struct LoraAdapter {
 }
 
 fn invalid(dir: &Path, what: impl std::fmt::Display) -> EmberError {
-    EmberError::InvalidRequest(format!("LoRA adapter {}: {what}", dir.display()))
+    EmberError::AdapterLoad(format!("LoRA adapter {}: {what}", dir.display()))
 }
 
 /// Which part of a tensor key names the module, and whether it is LoRA's A or B.

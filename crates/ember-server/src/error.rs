@@ -239,6 +239,14 @@ impl ApiError {
                 )
             }
             EmberError::NotFound(message) => Self::not_found(message),
+            // Fireworks answers a LoRA that failed to load with 412 (API.md, status codes).
+            EmberError::AdapterLoad(message) => Self::new(
+                StatusCode::PRECONDITION_FAILED,
+                INVALID_REQUEST,
+                message,
+                None,
+                Some("lora_load_failed"),
+            ),
             EmberError::Overloaded(message) => Self::overloaded(message),
             EmberError::Unavailable(message) => Self::unavailable(message),
             other => Self::internal(other.to_string()),

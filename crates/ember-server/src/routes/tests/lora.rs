@@ -181,7 +181,7 @@ async fn an_adapter_loads_lists_answers_by_name_and_unloads() {
 }
 
 #[tokio::test]
-async fn bad_loads_are_400_naming_the_fault() {
+async fn bad_loads_are_400_and_failed_loads_412_naming_the_fault() {
     let engine = lora_engine();
     let state = test_state(&engine);
     let attn = adapter_path("qwen3-tiny-attn-r8");
@@ -221,37 +221,48 @@ async fn bad_loads_are_400_naming_the_fault() {
         (
             json!({"lora_name": "attn", "lora_path": attn}),
             "The lora adapter 'attn' has already been loaded.",
+            StatusCode::BAD_REQUEST,
         ),
         (
             json!({"lora_name": "tiny", "lora_path": attn}),
             "conflicts with a served base model",
+            StatusCode::BAD_REQUEST,
         ),
         (
             json!({"lora_name": "accounts/me/models/tiny", "lora_path": attn}),
             "conflicts with a served base model",
+            StatusCode::BAD_REQUEST,
         ),
-        (json!({"lora_name": "a#b", "lora_path": attn}), "'#'"),
+        (
+            json!({"lora_name": "a#b", "lora_path": attn}),
+            "'#'",
+            StatusCode::BAD_REQUEST,
+        ),
         (
             json!({"lora_name": "x", "lora_path": adapter_path("missing")}),
             "is not a directory",
+            StatusCode::PRECONDITION_FAILED,
         ),
         (
             json!({"lora_name": "x", "lora_path": fixture_dir("qwen3-tiny")}),
             "adapter_config.json",
+            StatusCode::PRECONDITION_FAILED,
         ),
         (
             json!({"lora_name": "all", "lora_path": adapter_path("qwen3-tiny-all-r16")}),
             "rank 16, above --max-lora-rank 8",
+            StatusCode::PRECONDITION_FAILED,
         ),
         (
             json!({"lora_name": "ds", "lora_path": adapter_path("deepseek-v3-tiny-mla")}),
             "is not a projection of this model",
+            StatusCode::PRECONDITION_FAILED,
         ),
     ];
-    for (body, message) in cases {
+    for (body, message, code) in cases {
         let (status, error) =
             call_json(&state, post_json("/v1/load_lora_adapter", body.clone())).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(status, code, "{body}");
         assert_eq!(error["error"]["type"], "invalid_request_error");
         let text = error["error"]["message"].as_str().unwrap();
         assert!(text.contains(message), "{body}: {text}");
