@@ -2,11 +2,13 @@
 //! types, and errors. Knows nothing of tensors or HTTP.
 
 pub mod config;
+pub mod constraint;
 pub mod error;
 pub mod request;
 pub mod sampling;
 
 pub use config::{ModelConfig, ModelFamily, MoeConfig, RopeScaling};
+pub use constraint::{Constraint, ConstraintSpec, TokenConstraint, TokenMask};
 pub use error::{EmberError, Result};
 pub use request::{EngineRequest, FinishReason, RequestOutput, TokenLogprob};
 pub use sampling::SamplingParams;

@@ -1,5 +1,6 @@
 //! Per-request sampling parameters, validated once at the edge.
 
+use crate::constraint::Constraint;
 use crate::error::{EmberError, Result};
 
 /// How the next token of a request is chosen, and what is reported about it.
@@ -35,6 +36,8 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// Return logprobs of the prompt's tokens with this many top alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// A grammar or JSON schema the output must follow (structured output, forced tool calls).
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -55,6 +58,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             logprobs: None,
             prompt_logprobs: None,
+            constraint: None,
         }
     }
 }

@@ -6,13 +6,13 @@ use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ember_core::{EngineRequest, FinishReason, Result};
+use ember_core::{EngineRequest, FinishReason, Result, TokenConstraint, TokenMask};
 use ember_models::{LoadedModel, LoraAdapter, SequenceInput};
 
 use crate::handle::{EngineHandle, ModelInfo};
 use crate::lora::{LoraConfig, LoraManager};
 use crate::runner::ModelRunner;
-use crate::sampler::{log_softmax_top, sample};
+use crate::sampler::{log_softmax_top, sample_masked};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sequence::Sequence;
 use crate::stats::EngineStats;
@@ -238,6 +238,20 @@ impl Engine {
             return;
         }
         let pending = self.scheduler.step_tokens(&plan);
+        // Grammars of the sequences that sample this step: their masks are computed on another
+        // thread while the forward runs, so structured output costs the step (almost) nothing.
+        let mut constrained: Vec<(usize, Box<dyn TokenConstraint>)> = plan
+            .chunks
+            .iter()
+            .filter_map(|&(i, n)| {
+                let seq = &mut self.scheduler.running[i];
+                if seq.samples_after(n) {
+                    seq.constraint.take().map(|c| (i, c))
+                } else {
+                    None
+                }
+            })
+            .collect();
         let inputs: Vec<SequenceInput<'_>> = plan
             .chunks
             .iter()
@@ -255,10 +269,28 @@ impl Engine {
             })
             .collect();
         timer.lap(0);
-        let logits = self.runner.prepare(&inputs).and_then(|batch| {
-            timer.lap(1);
-            self.runner.forward(&batch)
+        let runner = &self.runner;
+        let num_constrained = constrained.len();
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masks = (!constrained.is_empty())
+                .then(|| scope.spawn(|| next_token_masks(&mut constrained)));
+            let logits = runner.prepare(&inputs).and_then(|batch| {
+                timer.lap(1);
+                runner.forward(&batch)
+            });
+            let masks = masks.map(|handle| {
+                handle.join().unwrap_or_else(|_| {
+                    vec![Err("the grammar engine panicked".into()); num_constrained]
+                })
+            });
+            (logits, masks.unwrap_or_default())
         });
+        drop(inputs);
+        for ((i, constraint), mask) in constrained.into_iter().zip(masks) {
+            let seq = &mut self.scheduler.running[i];
+            seq.constraint = Some(constraint);
+            seq.mask = Some(mask);
+        }
         let logits = match logits {
             Ok(logits) => logits,
             Err(e) => {
@@ -288,6 +320,16 @@ impl Engine {
         self.scheduler.finish(finished);
         timer.lap(3);
     }
+}
+
+/// The next-token mask of each constrained sequence, in order.
+fn next_token_masks(
+    constrained: &mut [(usize, Box<dyn TokenConstraint>)],
+) -> Vec<std::result::Result<TokenMask, String>> {
+    constrained
+        .iter_mut()
+        .map(|(_, c)| c.allowed_tokens())
+        .collect()
 }
 
 /// Splits a step's wall time into schedule / prepare / forward / sample laps.
@@ -353,9 +395,41 @@ fn advance(
         fail(seq, "the model returned no logits");
         return true;
     };
+    let mask = match seq.mask.take() {
+        Some(Err(e)) => {
+            fail(seq, &format!("structured output failed: {e}"));
+            return true;
+        }
+        Some(Ok(mask)) if mask.is_empty() => {
+            fail(
+                seq,
+                "structured output failed: the grammar allows no next token",
+            );
+            return true;
+        }
+        Some(Ok(mask)) => Some(mask),
+        None => None,
+    };
     let banned = seq.params_banning_stops();
     let params = banned.as_ref().unwrap_or(&seq.params);
-    let sampled = sample(row, params, &seq.prompt, &seq.output, &mut seq.rng);
+    let sampled = sample_masked(
+        row,
+        mask.as_ref(),
+        params,
+        &seq.prompt,
+        &seq.output,
+        &mut seq.rng,
+    );
+    if !seq.eos_token_ids.contains(&sampled.token_id) {
+        if let Some(Err(e)) = seq
+            .constraint
+            .as_mut()
+            .map(|c| c.accept_token(sampled.token_id))
+        {
+            fail(seq, &format!("structured output failed: {e}"));
+            return true;
+        }
+    }
     seq.output.push(sampled.token_id);
     out.new_token_ids = vec![sampled.token_id];
     out.new_logprobs = sampled.logprob.into_iter().collect();

@@ -5,7 +5,7 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 
-use ember_core::{SamplingParams, TokenLogprob};
+use ember_core::{SamplingParams, TokenLogprob, TokenMask};
 
 /// A request's own random stream, so that seeded sampling repeats whatever else shares the batch.
 ///
@@ -73,7 +73,36 @@ pub fn sample(
     output_tokens: &[u32],
     rng: &mut SequenceRng,
 ) -> Sampled {
-    let token_id = choose(logits, params, prompt_tokens, output_tokens, rng);
+    sample_masked(logits, None, params, prompt_tokens, output_tokens, rng)
+}
+
+/// Like [`sample`], choosing only among the tokens `mask` allows (a grammar's next tokens).
+/// Logprobs are still those of the raw logits, so they show what the grammar overruled.
+pub fn sample_masked(
+    logits: &[f32],
+    mask: Option<&TokenMask>,
+    params: &SamplingParams,
+    prompt_tokens: &[u32],
+    output_tokens: &[u32],
+    rng: &mut SequenceRng,
+) -> Sampled {
+    let token_id = match mask {
+        None => choose(logits, params, prompt_tokens, output_tokens, rng),
+        Some(mask) => {
+            let allowed: Vec<f32> = logits
+                .iter()
+                .enumerate()
+                .map(|(id, &logit)| {
+                    if mask.allows(id as u32) {
+                        logit
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            choose(&allowed, params, prompt_tokens, output_tokens, rng)
+        }
+    };
     let logprob = params
         .logprobs
         .map(|k| log_softmax_top(logits, token_id, k));

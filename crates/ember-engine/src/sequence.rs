@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 
-use ember_core::{EngineRequest, FinishReason, RequestOutput, SamplingParams, TokenLogprob};
+use ember_core::{
+    EngineRequest, FinishReason, RequestOutput, SamplingParams, TokenConstraint, TokenLogprob,
+    TokenMask,
+};
 use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -27,6 +30,10 @@ pub struct Sequence {
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     /// The LoRA adapter it runs with; held until it finishes, even if the adapter is unloaded.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// The live grammar of a constrained request (`params.constraint` started for this sequence).
+    pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// The tokens the constraint allows at the next sampled position, computed during the step.
+    pub mask: Option<Result<TokenMask, String>>,
     sender: UnboundedSender<RequestOutput>,
 }
 
@@ -40,6 +47,7 @@ impl Sequence {
     pub fn with_adapter(request: EngineRequest, adapter: Option<Arc<LoraAdapter>>) -> Self {
         let rng = SequenceRng::new(request.params.seed);
         let prompt_logprobs = request.params.prompt_logprobs.map(|_| vec![None]);
+        let constraint = request.params.constraint.as_ref().map(|c| c.0.start());
         Self {
             id: request.id,
             prompt: request.prompt_token_ids,
@@ -53,6 +61,8 @@ impl Sequence {
             rng,
             prompt_logprobs,
             adapter,
+            constraint,
+            mask: None,
             sender: request.output,
         }
     }
@@ -116,10 +126,19 @@ impl Sequence {
         Some(params)
     }
 
+    /// Whether this step's `n` tokens bring the sequence up to date, so it samples its next token.
+    pub fn samples_after(&self, n: usize) -> bool {
+        self.num_computed + n >= self.len() && self.params.max_tokens > 0
+    }
+
     /// Decides whether the token just appended ends the request.
     pub fn check_finished(&self, max_model_len: usize) -> Option<FinishReason> {
         let last = *self.output.last()?;
         let generated = self.output.len();
+        // A constraint that is complete admits nothing more (its eos was allowed, not forced).
+        if self.constraint.as_ref().is_some_and(|c| c.is_finished()) {
+            return Some(FinishReason::Stop);
+        }
         // ignore_eos drops only the model's eos; explicit stop ids still end the request.
         let is_eos = !self.params.ignore_eos && self.eos_token_ids.contains(&last);
         if generated >= self.params.min_tokens
