@@ -11,12 +11,14 @@ pub mod detokenizer;
 mod endpoints;
 mod engine;
 pub mod error;
+pub mod gbnf;
 mod generation;
 mod metrics;
 pub mod routes;
 mod sampling;
 mod shutdown;
 mod state;
+mod structured;
 mod tiktoken;
 pub mod tokenizer;
 

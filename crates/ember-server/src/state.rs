@@ -12,6 +12,7 @@ use crate::engine::EngineClient;
 use crate::error::ApiError;
 use crate::metrics::ServerMetrics;
 use crate::shutdown::Lifecycle;
+use crate::structured::LazyCompiler;
 use crate::tokenizer::TextTokenizer;
 
 /// How the server presents the model and guards its API.
@@ -43,6 +44,8 @@ pub(crate) struct Shared {
     pub metrics: ServerMetrics,
     /// Draining state and running requests, for graceful shutdown.
     pub lifecycle: Lifecycle,
+    /// The grammar compiler for structured output, built on first use.
+    pub grammars: LazyCompiler,
 }
 
 impl AppState {
@@ -84,6 +87,7 @@ impl AppState {
                 config,
                 metrics: ServerMetrics::new(engine.clone()),
                 lifecycle: Lifecycle::default(),
+                grammars: LazyCompiler::default(),
                 engine,
                 tokenizer: Arc::new(tokenizer),
                 chat_template,

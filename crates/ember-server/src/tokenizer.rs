@@ -65,6 +65,13 @@ impl TextTokenizer {
         }
     }
 
+    /// The tokenizer as `tokenizer.json` text (what the grammar engine reads).
+    pub fn to_json(&self) -> std::result::Result<String, String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| format!("cannot serialise the tokenizer: {e}"))
+    }
+
     /// Token ids of `text`, adding no special tokens (the chat template already wrote them).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self

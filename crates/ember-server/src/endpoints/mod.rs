@@ -15,7 +15,6 @@ use axum::Json;
 use ember_models::LoraAdapter;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::api::{parse_body, PerfMetrics, SamplingFields, Usage};
 use crate::choice::Generated;
@@ -24,6 +23,7 @@ use crate::error::ApiError;
 use crate::generation::Timing;
 use crate::sampling::GenerationPlan;
 use crate::state::{AppState, ModelTarget};
+use crate::structured::OutputFormat;
 use render::EchoSpan;
 
 /// A generation request after the checks every endpoint makes.
@@ -81,9 +81,12 @@ async fn parse_generation_request<T: DeserializeOwned>(
     let fields: SamplingFields = parse_body(body)?;
     let own: T = parse_body(body)?;
     let target = state.resolve_model(&fields.model)?;
-    check_response_format(fields.response_format.as_ref())?;
+    let format = OutputFormat::from_response_format(fields.response_format.as_ref())?;
     let limits = state.shared().engine.limits();
-    let plan = GenerationPlan::from_fields(&fields, limits)?;
+    let mut plan = GenerationPlan::from_fields(&fields, limits)?;
+    if let Some(format) = format {
+        plan.params.constraint = Some(compile_format(state, format, "response_format").await?);
+    }
     Ok(ParsedRequest {
         options: ResponseOptions::from_fields(&fields),
         adapter: adapter_of(state, target).await?,
@@ -111,26 +114,25 @@ async fn adapter_of(
     run_blocking(move || manager.get(&name).map(Some).map_err(ApiError::from_ember)).await
 }
 
-/// `response_format`: plain text only, until structured output exists; the other types are
-/// refused by name rather than ignored.
-fn check_response_format(value: Option<&Value>) -> Result<(), ApiError> {
-    let Some(value) = value.filter(|v| !v.is_null()) else {
-        return Ok(());
-    };
-    match value.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(()),
-        Some(kind @ ("json_object" | "json_schema" | "grammar")) => Err(ApiError::invalid_param(
-            "response_format",
-            format!(
-                "Invalid 'response_format': type {kind:?} is not supported yet; \
-                 leave 'response_format' out or send {{\"type\": \"text\"}}"
-            ),
-        )),
-        _ => Err(ApiError::invalid_param(
-            "response_format",
-            "Invalid 'response_format': expected an object whose 'type' is \"text\", \"json_object\", \"json_schema\" or \"grammar\"",
-        )),
-    }
+/// Compiles an output format off the async workers (the first one also builds the
+/// tokenizer's trie); a grammar that does not compile is a 400 on `param`.
+pub(crate) async fn compile_format(
+    state: &AppState,
+    format: OutputFormat,
+    param: &'static str,
+) -> Result<ember_core::Constraint, ApiError> {
+    let state = state.clone();
+    run_blocking(move || {
+        let shared = state.shared();
+        let limits = shared.engine.limits();
+        let compiler = shared.grammars.get(
+            &shared.tokenizer,
+            &shared.engine.eos_token_ids(),
+            limits.vocab_size,
+        )?;
+        format.compile(compiler, param)
+    })
+    .await
 }
 
 /// Runs CPU-heavy request preparation (template rendering, tokenizing long prompts) off the

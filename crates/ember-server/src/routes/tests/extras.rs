@@ -145,12 +145,12 @@ async fn best_of_generates_more_and_returns_n() {
 }
 
 #[tokio::test]
-async fn unsupported_features_are_refused_by_name() {
+async fn unsupported_features_and_malformed_formats_are_refused_by_name() {
     let engine = FakeEngine::new(script("a"));
     for (path, extra, param) in [
         (
             "/v1/chat/completions",
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": "{not json"}}}),
             "response_format",
         ),
         (

@@ -1,0 +1,336 @@
+//! Structured output: `response_format` (`json_object`, `json_schema`, Fireworks' GBNF
+//! `grammar`) and forced tool calls compiled by llguidance into a [`Constraint`] that the engine
+//! applies token by token.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ember_core::{Constraint, ConstraintSpec, TokenConstraint, TokenMask};
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::gbnf::gbnf_to_lark;
+use crate::tokenizer::TextTokenizer;
+
+/// Compiles grammars for one tokenizer. Building its token trie takes a moment on a large
+/// vocabulary, so it is built on first use and then shared.
+pub(crate) struct GrammarCompiler {
+    factory: ParserFactory,
+}
+
+impl GrammarCompiler {
+    /// A compiler whose masks cover `vocab_size` ids (the model's logits, which may be wider
+    /// than the tokenizer) and allow the model's `eos_token_ids` wherever the grammar may end.
+    pub fn new(
+        tokenizer: &TextTokenizer,
+        eos_token_ids: &[u32],
+        vocab_size: usize,
+    ) -> Result<Self, String> {
+        let json = tokenizer.to_json()?;
+        let mut bytes = toktrie_hf_tokenizers::ByteTokenizer::from_json_bytes(json.as_bytes())
+            .map_err(|e| format!("the tokenizer cannot drive structured output: {e}"))?;
+        if !eos_token_ids.is_empty() {
+            bytes.set_eos_tokens(eos_token_ids);
+        }
+        let vocab = vocab_size.max(tokenizer.vocab_size());
+        let env = bytes
+            .into_tok_env(Some(vocab))
+            .map_err(|e| format!("the tokenizer cannot drive structured output: {e}"))?;
+        let mut factory = ParserFactory::new_simple(&env)
+            .map_err(|e| format!("cannot start the grammar engine: {e}"))?;
+        factory.quiet();
+        Ok(Self { factory })
+    }
+
+    /// Compiles `grammar`; the error says what llguidance could not accept.
+    pub fn compile(
+        &self,
+        grammar: TopLevelGrammar,
+        describe: String,
+    ) -> Result<Constraint, String> {
+        let matcher = Matcher::new(self.factory.create_parser(grammar));
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
+        }
+        Ok(Constraint(Arc::new(CompiledGrammar {
+            prototype: Mutex::new(matcher),
+            describe,
+        })))
+    }
+}
+
+/// The compiler of a server, built once on first use (`None` until then).
+#[derive(Default)]
+pub(crate) struct LazyCompiler(OnceLock<Result<GrammarCompiler, String>>);
+
+impl LazyCompiler {
+    /// The compiler, building it now if this is the first structured request.
+    pub fn get(
+        &self,
+        tokenizer: &TextTokenizer,
+        eos_token_ids: &[u32],
+        vocab_size: usize,
+    ) -> Result<&GrammarCompiler, ApiError> {
+        self.0
+            .get_or_init(|| GrammarCompiler::new(tokenizer, eos_token_ids, vocab_size))
+            .as_ref()
+            .map_err(|e| {
+                ApiError::invalid_request(format!("structured output is unavailable: {e}"))
+            })
+    }
+}
+
+/// A compiled grammar; each sequence starts from a copy of its initial matcher.
+struct CompiledGrammar {
+    prototype: Mutex<Matcher>,
+    describe: String,
+}
+
+impl ConstraintSpec for CompiledGrammar {
+    fn start(&self) -> Box<dyn TokenConstraint> {
+        let matcher = match self.prototype.lock() {
+            Ok(m) => m.deep_clone(),
+            Err(poisoned) => poisoned.into_inner().deep_clone(),
+        };
+        Box::new(LiveGrammar { matcher })
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+/// One sequence's position in its grammar.
+struct LiveGrammar {
+    matcher: Matcher,
+}
+
+impl TokenConstraint for LiveGrammar {
+    fn allowed_tokens(&mut self) -> Result<TokenMask, String> {
+        // Once stopped the mask is the eos set, so the request ends on the model's eos.
+        let mask = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| e.to_string())?;
+        Ok(TokenMask::from_words(mask.as_slice().to_vec()))
+    }
+
+    fn accept_token(&mut self, token: u32) -> Result<(), String> {
+        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    fn is_finished(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
+
+/// What a request's output must follow.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum OutputFormat {
+    /// Any JSON object (`json_object`).
+    JsonObject,
+    /// JSON valid under a schema (`json_schema`).
+    JsonSchema(Value),
+    /// A llguidance Lark grammar (from GBNF or built for tool calls).
+    Lark(String),
+}
+
+impl OutputFormat {
+    /// Reads `response_format`; `None` for plain text. Malformed values are a 400 naming the
+    /// problem (a schema or grammar that does not compile is caught by [`Self::grammar`]).
+    pub fn from_response_format(value: Option<&Value>) -> Result<Option<Self>, ApiError> {
+        let Some(value) = value.filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let invalid = |message: String| ApiError::invalid_param("response_format", message);
+        match value.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Self::JsonObject)),
+            Some("json_schema") => {
+                // OpenAI: {"json_schema": {"name", "schema", "strict"}}; Fireworks also takes
+                // the schema at the top level and as a JSON string.
+                let schema = value
+                    .pointer("/json_schema/schema")
+                    .or_else(|| value.get("schema"))
+                    .or_else(|| value.get("json_schema").filter(|s| s.get("type").is_some()));
+                let schema = match schema {
+                    Some(Value::String(text)) => serde_json::from_str(text).map_err(|e| {
+                        invalid(format!("Invalid 'response_format': the schema is not JSON: {e}"))
+                    })?,
+                    Some(schema @ Value::Object(_)) => schema.clone(),
+                    Some(Value::Bool(true)) | None => {
+                        return Err(invalid(
+                            "Invalid 'response_format': type \"json_schema\" needs 'json_schema.schema', a JSON Schema object".into(),
+                        ))
+                    }
+                    Some(other) => {
+                        return Err(invalid(format!(
+                            "Invalid 'response_format': 'json_schema.schema' must be an object, got {other}"
+                        )))
+                    }
+                };
+                Ok(Some(Self::JsonSchema(schema)))
+            }
+            Some("grammar") => {
+                let Some(text) = value.get("grammar").and_then(Value::as_str) else {
+                    return Err(invalid(
+                        "Invalid 'response_format': type \"grammar\" needs 'grammar', a GBNF grammar string".into(),
+                    ));
+                };
+                let lark = gbnf_to_lark(text)
+                    .map_err(|e| invalid(format!("Invalid 'response_format.grammar': {e}")))?;
+                Ok(Some(Self::Lark(lark)))
+            }
+            _ => Err(invalid(
+                "Invalid 'response_format': expected an object whose 'type' is \"text\", \"json_object\", \"json_schema\" or \"grammar\"".into(),
+            )),
+        }
+    }
+
+    /// The llguidance grammar and a short description of it.
+    fn grammar(&self) -> (TopLevelGrammar, String) {
+        match self {
+            Self::JsonObject => (
+                TopLevelGrammar::from_json_schema(with_json_layout(json!({"type": "object"}))),
+                "json_object".into(),
+            ),
+            Self::JsonSchema(schema) => (
+                TopLevelGrammar::from_json_schema(with_json_layout(schema.clone())),
+                "json_schema".into(),
+            ),
+            Self::Lark(lark) => (TopLevelGrammar::from_lark(lark.clone()), "grammar".into()),
+        }
+    }
+
+    /// Compiles the format; a schema or grammar llguidance rejects is a 400 on `param`.
+    pub fn compile(&self, compiler: &GrammarCompiler, param: &str) -> Result<Constraint, ApiError> {
+        let (grammar, describe) = self.grammar();
+        compiler
+            .compile(grammar, describe)
+            .map_err(|e| ApiError::invalid_param(param, format!("Invalid '{param}': {e}")))
+    }
+}
+
+/// JSON is written as `json.dumps` writes it (`", "` and `": "`, no other whitespace) unless
+/// the schema sets llguidance's own `x-guidance` options: with free whitespace a model can pad
+/// with newlines until `max_tokens`, the failure Fireworks warns JSON-mode users about.
+fn with_json_layout(mut schema: Value) -> Value {
+    if let Some(object) = schema.as_object_mut() {
+        object.entry("x-guidance").or_insert_with(
+            || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
+    }
+    schema
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixture_dir;
+
+    fn compiler() -> GrammarCompiler {
+        let tok = TextTokenizer::from_dir(&fixture_dir("qwen3-moe-tiny")).unwrap();
+        GrammarCompiler::new(&tok, &[2], 2048).unwrap()
+    }
+
+    fn format(value: Value) -> Result<Option<OutputFormat>, ApiError> {
+        OutputFormat::from_response_format(Some(&value))
+    }
+
+    /// Walks `text`'s tokens through a fresh constraint: whether every token was allowed and the
+    /// grammar may end (eos allowed) after them.
+    fn accepts(constraint: &Constraint, text: &str) -> bool {
+        let tok = TextTokenizer::from_dir(&fixture_dir("qwen3-moe-tiny")).unwrap();
+        let mut live = constraint.0.start();
+        for id in tok.encode(text).unwrap() {
+            let Ok(mask) = live.allowed_tokens() else {
+                return false;
+            };
+            if !mask.allows(id) || live.accept_token(id).is_err() {
+                return false;
+            }
+        }
+        live.is_finished() || live.allowed_tokens().is_ok_and(|m| m.allows(2))
+    }
+
+    #[test]
+    fn response_formats_are_read_in_openai_and_fireworks_shapes() {
+        assert_eq!(format(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(OutputFormat::from_response_format(None).unwrap(), None);
+        assert_eq!(
+            format(json!({"type": "json_object"})).unwrap(),
+            Some(OutputFormat::JsonObject)
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        for shape in [
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}),
+            json!({"type": "json_schema", "schema": schema}),
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema.to_string()}}),
+        ] {
+            assert_eq!(
+                format(shape).unwrap(),
+                Some(OutputFormat::JsonSchema(schema.clone()))
+            );
+        }
+        let message = |v| format(v).unwrap_err().body.error.message;
+        assert!(message(json!({"type": "json_schema"})).contains("needs 'json_schema.schema'"));
+        assert!(
+            message(json!({"type": "json_schema", "json_schema": {"schema": "{"}}))
+                .contains("not JSON")
+        );
+        assert!(message(json!({"type": "grammar"})).contains("needs 'grammar'"));
+        assert!(
+            message(json!({"type": "grammar", "grammar": "root ::= missing"})).contains("missing")
+        );
+        assert!(message(json!({"type": "xml"})).contains("expected an object whose 'type'"));
+    }
+
+    #[test]
+    fn a_gbnf_grammar_admits_exactly_its_language() {
+        let c = format(json!({"type": "grammar", "grammar": "root ::= \"yes\" | \"no\""}))
+            .unwrap()
+            .unwrap()
+            .compile(&compiler(), "response_format")
+            .unwrap();
+        assert!(accepts(&c, "yes") && accepts(&c, "no"));
+        assert!(!accepts(&c, "maybe") && !accepts(&c, "yes no"));
+    }
+
+    #[test]
+    fn a_schema_admits_valid_json_only() {
+        let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}, "tag": {"enum": ["a", "b"]}},
+                            "required": ["n", "tag"], "additionalProperties": false});
+        let c = OutputFormat::JsonSchema(schema)
+            .compile(&compiler(), "response_format")
+            .unwrap();
+        assert!(accepts(&c, r#"{"n": 3, "tag": "a"}"#));
+        assert!(!accepts(&c, r#"{"n": "3", "tag": "a"}"#));
+        assert!(!accepts(&c, r#"{"n": 3, "tag": "c"}"#));
+        assert!(!accepts(&c, r#"{"n": 3}"#));
+        let any = OutputFormat::JsonObject
+            .compile(&compiler(), "response_format")
+            .unwrap();
+        assert!(accepts(&any, r#"{"x": [1, {"y": null}]}"#));
+        assert!(!accepts(&any, "[1]") && !accepts(&any, "hello"));
+    }
+
+    #[test]
+    fn a_schema_llguidance_rejects_is_a_400_naming_it() {
+        let err = OutputFormat::JsonSchema(
+            json!({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}),
+        )
+        .compile(&compiler(), "response_format")
+        .unwrap_err();
+        assert_eq!(err.status.as_u16(), 400);
+        assert_eq!(err.body.error.param.as_deref(), Some("response_format"));
+        assert!(
+            err.body
+                .error
+                .message
+                .starts_with("Invalid 'response_format': "),
+            "{}",
+            err.body.error.message
+        );
+    }
+}
