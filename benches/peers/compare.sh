@@ -55,6 +55,7 @@
 #   CLIENT [ember|vllm; ember if `ember bench serve` exists, else vllm]  XCLIENT_C [4]
 #   VLLM_CPU_OMP_THREADS_BIND [0-$((THREADS-1)); vLLM's own default "auto" gives 1 thread on 2 cores]
 #   VLLM_KV_GIB [2]  EMBER_KV_GIB [2]  LLAMA_CTX [8192]  SERVER_TIMEOUT [600 s to become ready]
+#   MISTRALRS_BIN [/work/peers/mistralrs/bin/mistralrs]  MISTRALRS_CKPT [$CKPT-stacked] (serve only: ENGINES=mistralrs)
 #   EMBER_LAT_EXTRA / EMBER_SERVE_EXTRA / VLLM_SERVE_EXTRA / LLAMA_SERVE_EXTRA: extra flags
 set -uo pipefail
 
@@ -98,6 +99,8 @@ LLAMA_CTX=${LLAMA_CTX:-8192}
 SERVER_TIMEOUT=${SERVER_TIMEOUT:-600}
 EMBER_LAT_EXTRA=${EMBER_LAT_EXTRA:-}
 EMBER_SERVE_EXTRA=${EMBER_SERVE_EXTRA:-}
+MISTRALRS_BIN=${MISTRALRS_BIN:-/work/peers/mistralrs/bin/mistralrs}
+MISTRALRS_CKPT=${MISTRALRS_CKPT:-$CKPT-stacked}
 VLLM_SERVE_EXTRA=${VLLM_SERVE_EXTRA:-}
 LLAMA_SERVE_EXTRA=${LLAMA_SERVE_EXTRA:-}
 if [[ -z ${LLAMA_CPP_VERSION:-} && -f /work/peers/llama.cpp/PEER_VERSION ]]; then
@@ -238,10 +241,17 @@ start_server() {
       setsid "$LLAMA_BIN/llama-server" -m "$GGUF" -a "$NAME" -t "$THREADS" -c "$LLAMA_CTX" -np 16 \
         --host 127.0.0.1 --port "$PORT" --temp 0 --repeat-penalty 1.0 $LLAMA_SERVE_EXTRA >"$log" 2>&1 &
       ;;
+    mistralrs)
+      # CPU mistral.rs loads Qwen3-MoE experts only stacked: $MISTRALRS_CKPT is $CKPT restacked by
+      # benches/peers/stack_experts.py. It has no /health, so readiness is probed on /v1/models.
+      [[ -x $MISTRALRS_BIN && -d $MISTRALRS_CKPT ]] || { log "mistralrs or its stacked checkpoint missing"; return 1; }
+      HF_HUB_OFFLINE=1 setsid "$MISTRALRS_BIN" --token-source none serve -m "$MISTRALRS_CKPT" --dtype f32 \
+        --host 127.0.0.1 -p "$PORT" >"$log" 2>&1 &
+      ;;
   esac
   SERVER_PID=$!
   local t0=$SECONDS
-  until curl -sf -o /dev/null "$BASE/health"; do
+  until curl -sf -o /dev/null "$BASE/health" || curl -sf -o /dev/null "$BASE/v1/models"; do
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
       log "$eng server exited: last log lines:"; tail -n 15 "$log" >&2; SERVER_PID=; return 1
     fi
@@ -250,8 +260,9 @@ start_server() {
   done
   log "$eng server ready after $((SECONDS - t0)) s"
   local extra=""; [[ $eng == llamacpp ]] && extra=', "repeat_penalty": 1.0'
+  local hello_model=$NAME; [[ $eng == mistralrs ]] && hello_model=default
   curl -s "$BASE/v1/completions" -H 'Content-Type: application/json' \
-    -d "{\"model\": \"$NAME\", \"prompt\": \"The Software is provided without warranty\", \"max_tokens\": 16, \"temperature\": 0, \"ignore_eos\": true$extra}" \
+    -d "{\"model\": \"$hello_model\", \"prompt\": \"The Software is provided without warranty\", \"max_tokens\": 16, \"temperature\": 0, \"ignore_eos\": true$extra}" \
     > "$OUT/hello_$eng.json"
   log "$eng hello: $(head -c 400 "$OUT/hello_$eng.json")"
 }
@@ -294,7 +305,9 @@ bench_client() {
   f=serve_${eng}_c${c}_client-${client}.json
   rm -f "$OUT/$f"
   log "$client client -> $eng, concurrency $c, $n prompts"
-  local common=(--base-url "$BASE" --model "$NAME" --tokenizer "$TOKENIZER" --num-prompts "$n"
+  # mistral.rs names its model by its path and also answers to "default".
+  local model=$NAME; [[ $eng == mistralrs ]] && model=default
+  local common=(--base-url "$BASE" --model "$model" --tokenizer "$TOKENIZER" --num-prompts "$n"
     --max-concurrency "$c" --ignore-eos --seed 0 --save-result --result-filename "$OUT/$f")
   local data=(--dataset-name random --random-input-len "$SERVE_IN" --random-output-len "$SERVE_OUT")
   [[ -s $PROMPTS ]] && data=(--dataset-name custom --dataset-path "$PROMPTS" --custom-output-len "$SERVE_OUT")

@@ -7,7 +7,7 @@ import re
 import sys
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "out")
-ENGINES = ["ember", "vllm", "llamacpp", "transformers"]
+ENGINES = ["ember", "vllm", "llamacpp", "mistralrs", "transformers"]
 
 
 def load(name):
