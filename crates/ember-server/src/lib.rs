@@ -14,6 +14,8 @@ pub mod error;
 pub mod gbnf;
 mod generation;
 mod metrics;
+/// Splits thinking text from the answer (`<think>...</think>`); not yet used by the chat route.
+pub mod reasoning_parser;
 pub mod routes;
 mod sampling;
 mod shutdown;
@@ -21,6 +23,8 @@ mod state;
 mod structured;
 mod tiktoken;
 pub mod tokenizer;
+/// Parses each model family's tool-call output; not yet used by the chat route.
+pub mod tool_parser;
 
 pub use chat_template::ChatTemplate;
 pub use detokenizer::IncrementalDetokenizer;
