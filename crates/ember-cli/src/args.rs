@@ -46,6 +46,11 @@ pub struct ModelArgs {
     /// Seed of dummy weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// What to serve: auto (embed for an embedding checkpoint such as Qwen3-Embedding, detected
+    /// from its sentence-transformers pooling files or a bare `*Model` architecture; else
+    /// generate), generate, or embed (`/v1/embeddings` only). vLLM's `--runner pooling` works too.
+    #[arg(long, alias = "runner", default_value = "auto")]
+    pub task: String,
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -213,6 +218,7 @@ impl ModelArgs {
             .context("--hf-overrides is not valid JSON")?;
         opts.max_model_len = self.max_model_len;
         opts.seed = self.seed;
+        opts.task = ember_core::ModelTask::parse(&self.task)?;
         Ok(opts)
     }
 

@@ -31,7 +31,8 @@ impl ModelFamily {
             _ => None,
         };
         let from_arch = |a: &str| match a {
-            "Qwen3ForCausalLM" => Some(Self::Qwen3),
+            // `Qwen3Model`: a checkpoint saved without the LM head (embedding models).
+            "Qwen3ForCausalLM" | "Qwen3Model" => Some(Self::Qwen3),
             "Qwen3MoeForCausalLM" => Some(Self::Qwen3Moe),
             "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM" => Some(Self::DeepseekV3),
             _ => None,

@@ -6,9 +6,11 @@ pub mod constraint;
 pub mod error;
 pub mod request;
 pub mod sampling;
+pub mod task;
 
 pub use config::{ModelConfig, ModelFamily, MoeConfig, RopeScaling};
 pub use constraint::{Constraint, ConstraintSpec, TokenConstraint, TokenMask};
 pub use error::{EmberError, Result};
 pub use request::{EngineRequest, FinishReason, RequestOutput, TokenLogprob};
 pub use sampling::SamplingParams;
+pub use task::ModelTask;

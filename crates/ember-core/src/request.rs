@@ -58,6 +58,9 @@ pub struct RequestOutput {
     pub new_logprobs: Vec<TokenLogprob>,
     /// Logprobs of the prompt's tokens (the first is `None`), sent once with the first output.
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    /// An embedding request's result, on its last output: the final-normed hidden state of the
+    /// prompt's last token, `hidden_size` floats, not yet L2-normalised.
+    pub embedding: Option<Vec<f32>>,
     /// Set on the last output of the request.
     pub finish_reason: Option<FinishReason>,
     /// Error text when `finish_reason` is `Error`.

@@ -38,6 +38,9 @@ pub struct SamplingParams {
     pub prompt_logprobs: Option<usize>,
     /// A grammar or JSON schema the output must follow (structured output, forced tool calls).
     pub constraint: Option<Constraint>,
+    /// Return the prompt's embedding (its last token's final hidden state) instead of generating;
+    /// needs a model loaded for the embed task and `max_tokens` 0.
+    pub embed: bool,
 }
 
 impl Default for SamplingParams {
@@ -59,6 +62,7 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: None,
             constraint: None,
+            embed: false,
         }
     }
 }
@@ -85,6 +89,15 @@ impl SamplingParams {
         }
     }
 
+    /// An embedding request: the prompt is run once and nothing is generated.
+    pub fn embedding() -> Self {
+        Self {
+            max_tokens: 0,
+            embed: true,
+            ..Self::default()
+        }
+    }
+
     /// Whether sampling reduces to argmax.
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 1e-5 || self.top_k == 1
@@ -92,6 +105,11 @@ impl SamplingParams {
 
     /// Checks every field against its allowed range; the error names the parameter.
     pub fn validate(&self) -> Result<()> {
+        if self.embed && self.max_tokens > 0 {
+            return Err(EmberError::InvalidRequest(
+                "an embedding request generates nothing; its max_tokens must be 0".into(),
+            ));
+        }
         check_range("temperature", self.temperature, 0.0, 2.0)?;
         check_range("top_p", self.top_p, 0.0, 1.0)?;
         if self.top_p == 0.0 {
@@ -139,6 +157,12 @@ mod tests {
         p.validate().unwrap();
         assert!(!p.is_greedy());
         assert!(SamplingParams::greedy(4).is_greedy());
+        SamplingParams::embedding().validate().unwrap();
+        let generating_embedding = SamplingParams {
+            max_tokens: 1,
+            ..SamplingParams::embedding()
+        };
+        assert!(generating_embedding.validate().is_err());
     }
 
     #[test]

@@ -92,6 +92,8 @@ impl Engine {
             max_model_len,
             eos_token_ids: loaded.eos_token_ids.clone(),
             vocab_size: model_cfg.vocab_size,
+            hidden_size: model_cfg.hidden_size,
+            task: loaded.task,
         };
         tracing::info!(
             num_blocks,
@@ -355,9 +357,10 @@ impl StepTimer {
 }
 
 /// Records a step's `n` computed tokens of `seq` and, once the sequence is caught up, samples
-/// its next token and sends it (with the finish reason when it is the last). Returns whether
-/// the request is done. A sampled token is counted in `stats` before it is sent, so a client
-/// that has its last token also finds it in the counters.
+/// its next token and sends it (with the finish reason when it is the last); an embedding
+/// request instead ends with its last row (the model's hidden state there) once its prompt is
+/// in. Returns whether the request is done. A sampled token is counted in `stats` before it is
+/// sent, so a client that has its last token also finds it in the counters.
 fn advance(
     seq: &mut Sequence,
     n: usize,
@@ -386,6 +389,16 @@ fn advance(
         Some(lp) if seq.output.is_empty() && lp.len() == seq.prompt.len() => Some(lp.clone()),
         _ => None,
     };
+    if seq.params.embed {
+        let Some(row) = rows.last() else {
+            fail(seq, "the model returned no hidden state");
+            return true;
+        };
+        out.embedding = Some(row.clone());
+        out.finish_reason = Some(FinishReason::Stop);
+        seq.send(out);
+        return true;
+    }
     if seq.params.max_tokens == 0 {
         out.finish_reason = Some(FinishReason::Length);
         seq.send(out);

@@ -6,7 +6,7 @@ use crate::stats::{EngineStats, StatsSnapshot};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use ember_core::{EmberError, EngineRequest, RequestOutput, Result, SamplingParams};
+use ember_core::{EmberError, EngineRequest, ModelTask, RequestOutput, Result, SamplingParams};
 use ember_models::LoraAdapter;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -21,6 +21,10 @@ pub struct ModelInfo {
     /// End-of-sequence ids (config.json and generation_config.json merged).
     pub eos_token_ids: Vec<u32>,
     pub vocab_size: usize,
+    /// Width of the hidden states, the length of an embedding.
+    pub hidden_size: usize,
+    /// What the model serves: generation requests, or embedding requests only.
+    pub task: ModelTask,
 }
 
 /// A cheap, clonable handle to the engine thread.
@@ -85,6 +89,21 @@ impl EngineHandle {
         adapter: Option<Arc<LoraAdapter>>,
     ) -> Result<UnboundedReceiver<RequestOutput>> {
         params.validate()?;
+        match (self.info.task, params.embed) {
+            (ModelTask::Generate, true) => {
+                return Err(EmberError::InvalidRequest(
+                    "This model does not support embeddings; serve an embedding model \
+                     (e.g. Qwen3-Embedding, or --task embed)"
+                        .into(),
+                ))
+            }
+            (ModelTask::Embed, false) => {
+                return Err(EmberError::InvalidRequest(
+                    "This model serves embeddings only (--task embed); use /v1/embeddings".into(),
+                ))
+            }
+            _ => {}
+        }
         if prompt_token_ids.is_empty() {
             return Err(EmberError::InvalidRequest(
                 "the prompt must not be empty".into(),

@@ -40,7 +40,8 @@ impl ModelRunner {
         self.cache.block_size
     }
 
-    /// Runs one step; returns, per input, its logits rows (one, or one per token with `all_logits`).
+    /// Runs one step; returns, per input, its logits rows (one, or one per token with `all_logits`);
+    /// an embedding model's rows are hidden states.
     pub fn execute(&self, inputs: &[SequenceInput<'_>]) -> Result<Vec<Vec<Vec<f32>>>> {
         self.forward(&self.prepare(inputs)?)
     }

@@ -1,11 +1,12 @@
 //! The decoder-only transformer every family shares: embeddings, pre-norm decoder layers
-//! (attention then MLP, each with a residual), final norm, lm_head. Families differ only in
-//! the attention and MLP variants each layer holds, chosen at load.
+//! (attention then MLP, each with a residual), final norm, then the output head: lm_head for
+//! generation, none for embeddings. Families differ only in the attention and MLP variants each
+//! layer holds, chosen at load.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
-use ember_core::{EmberError, ModelConfig, Result};
+use ember_core::{EmberError, ModelConfig, ModelTask, Result};
 
 use crate::attention::Qwen3Attention;
 use crate::batch::ForwardBatch;
@@ -104,37 +105,59 @@ impl DecoderLayer {
     }
 }
 
-/// A decoder-only language model (`*ForCausalLM`) of any family.
+/// What the model makes of the final-normed hidden states of the rows it is asked for.
+pub enum OutputHead {
+    /// Logits over the vocabulary (`*ForCausalLM`).
+    LmHead(Arc<dyn LinearLayer>),
+    /// The hidden states themselves, for pooling into embeddings (`*Model`, no LM head).
+    Hidden,
+}
+
+/// A decoder-only language model (`*ForCausalLM`, or the bare `*Model` of an embedding
+/// checkpoint) of any family.
 pub struct DecoderModel {
     cfg: ModelConfig,
     embed_tokens: candle_nn::Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Arc<dyn LinearLayer>,
+    head: OutputHead,
     rotary: RotaryEmbedding,
     lora_targets: LoraTargets,
 }
 
 impl DecoderModel {
-    /// Loads embeddings, layers `0..num_hidden_layers` (each by `load_layer`), the final norm and
-    /// lm_head. Layers past `num_hidden_layers` (DeepSeek's MTP layers) are never asked for.
+    /// Loads embeddings, layers `0..num_hidden_layers` (each by `load_layer`), the final norm and,
+    /// for `task` generate, lm_head. Layers past `num_hidden_layers` (DeepSeek's MTP layers) are
+    /// never asked for. The body's tensors sit under `model.` in a `*ForCausalLM` checkpoint and
+    /// at the top in one saved from the bare `*Model` (as Qwen3-Embedding is).
     pub fn load(
         weights: &Weights,
         cfg: &ModelConfig,
         max_positions: usize,
+        task: ModelTask,
         load_layer: impl Fn(&Weights, usize) -> Result<DecoderLayer>,
     ) -> Result<Self> {
-        let model = weights.pp("model");
+        let bare = !weights.contains("model.embed_tokens.weight")
+            && weights.contains("embed_tokens.weight");
+        let model = if bare {
+            weights.clone()
+        } else {
+            weights.pp("model")
+        };
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = model.pp("embed_tokens").get("weight", (v, h))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| load_layer(&model.pp("layers").pp(l), l))
             .collect::<Result<Vec<_>>>()?;
-        // Tied checkpoints reuse the embedding matrix as lm_head, as transformers does.
-        let lm_head = if cfg.tie_word_embeddings {
-            linear_from_weight(embed.clone())
-        } else {
-            load_linear(&weights.pp("lm_head"), h, v, false)?
+        let head = match task {
+            ModelTask::Embed => OutputHead::Hidden,
+            // Tied checkpoints reuse the embedding matrix as lm_head, as transformers does.
+            ModelTask::Generate if cfg.tie_word_embeddings => {
+                OutputHead::LmHead(linear_from_weight(embed.clone()))
+            }
+            ModelTask::Generate => {
+                OutputHead::LmHead(load_linear(&weights.pp("lm_head"), h, v, false)?)
+            }
         };
         let mut lora_targets = LoraTargets::default();
         for layer in &layers {
@@ -145,7 +168,7 @@ impl DecoderModel {
             embed_tokens: candle_nn::Embedding::new(embed, h),
             layers,
             norm: RmsNorm::load(&model.pp("norm"), h, cfg.rms_norm_eps)?,
-            lm_head,
+            head,
             rotary: RotaryEmbedding::new(cfg, max_positions, weights.dtype(), weights.device())?,
             cfg: cfg.clone(),
         })
@@ -168,10 +191,11 @@ impl CausalLm for DecoderModel {
             for (layer, layer_cache) in self.layers.iter().zip(&cache.layers) {
                 x = layer.forward(&x, batch, &rope, layer_cache)?;
             }
-            let x = x.index_select(&batch.logits_rows, 0)?;
-            self.lm_head
-                .forward(&self.norm.forward(&x)?)?
-                .to_dtype(DType::F32)
+            let x = self.norm.forward(&x.index_select(&batch.logits_rows, 0)?)?;
+            match &self.head {
+                OutputHead::LmHead(lm_head) => lm_head.forward(&x)?.to_dtype(DType::F32),
+                OutputHead::Hidden => x.to_dtype(DType::F32),
+            }
         };
         run().map_err(|e| EmberError::Tensor(e.to_string()))
     }

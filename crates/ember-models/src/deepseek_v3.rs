@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 use ember_core::config::DeepseekConfig;
-use ember_core::{EmberError, ModelConfig, Result};
+use ember_core::{EmberError, ModelConfig, ModelTask, Result};
 
 use crate::decoder::{Attention, DecoderLayer, DecoderModel, FeedForward};
 use crate::lora::{LoraRows, LoraTargets};
@@ -92,14 +92,20 @@ pub fn load_deepseek_v3(
     let ds = cfg.deepseek.as_ref().ok_or_else(|| {
         EmberError::Config("a deepseek_v3 model needs its MLA and MoE settings".into())
     })?;
-    DecoderModel::load(weights, cfg, max_positions, |layer, layer_idx| {
-        let h = cfg.hidden_size;
-        let mlp = if cfg.is_moe_layer(layer_idx) {
-            FeedForward::DeepseekMoe(DeepseekMoe::load(&layer.pp("mlp"), h, ds)?)
-        } else {
-            FeedForward::Dense(Mlp::load(&layer.pp("mlp"), h, cfg.intermediate_size)?)
-        };
-        let attn = Attention::Mla(MlaAttention::load(&layer.pp("self_attn"), cfg, ds)?);
-        DecoderLayer::load(layer, cfg, attn, mlp)
-    })
+    DecoderModel::load(
+        weights,
+        cfg,
+        max_positions,
+        ModelTask::Generate,
+        |layer, layer_idx| {
+            let h = cfg.hidden_size;
+            let mlp = if cfg.is_moe_layer(layer_idx) {
+                FeedForward::DeepseekMoe(DeepseekMoe::load(&layer.pp("mlp"), h, ds)?)
+            } else {
+                FeedForward::Dense(Mlp::load(&layer.pp("mlp"), h, cfg.intermediate_size)?)
+            };
+            let attn = Attention::Mla(MlaAttention::load(&layer.pp("self_attn"), cfg, ds)?);
+            DecoderLayer::load(layer, cfg, attn, mlp)
+        },
+    )
 }

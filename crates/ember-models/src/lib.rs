@@ -1,8 +1,8 @@
 //! ember's model families and the loading of Hugging Face checkpoints.
 //!
 //! A model runs one forward over a [`batch::ForwardBatch`] (the flattened new tokens of many
-//! sequences) against a paged [`kv_cache::KvCachePool`], and returns logits for the rows the
-//! batch asks for.
+//! sequences) against a paged [`kv_cache::KvCachePool`], and returns logits (or, for an
+//! embedding model, final hidden states) for the rows the batch asks for.
 
 pub mod attention;
 pub mod batch;
@@ -21,6 +21,7 @@ pub mod paged_attention;
 pub mod qwen3;
 pub mod rope;
 pub mod routing;
+pub mod task;
 pub mod weights;
 
 use candle_core::Tensor;
@@ -43,7 +44,8 @@ pub trait CausalLm: Send + Sync {
     /// The projections LoRA adapters may target, by module path.
     fn lora_targets(&self) -> &lora::LoraTargets;
 
-    /// Runs the batch and returns f32 logits `[batch.logits_rows.len(), vocab]`, writing the new
-    /// tokens' keys and values into `cache`.
+    /// Runs the batch and returns f32 rows for `batch.logits_rows`, writing the new tokens' keys
+    /// and values into `cache`: logits `[rows, vocab]`, or for a model loaded for the embed task
+    /// the final-normed hidden states `[rows, hidden]`.
     fn forward(&self, batch: &ForwardBatch, cache: &KvCachePool) -> Result<Tensor>;
 }

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use ember_core::config::token_ids_from_json;
-use ember_core::{EmberError, ModelConfig, ModelFamily, Result};
+use ember_core::{EmberError, ModelConfig, ModelFamily, ModelTask, Result};
 use serde_json::Value;
 
 use crate::checkpoint::{resolve_model_dir, safetensors_files};
 use crate::deepseek_v3::load_deepseek_v3;
 use crate::qwen3::load_qwen3;
+use crate::task::resolve_task;
 use crate::weights::{LoadFormat, Weights};
 use crate::CausalLm;
 
@@ -29,6 +30,8 @@ pub struct LoadOptions {
     pub max_model_len: Option<usize>,
     /// Seed of dummy weights.
     pub seed: u64,
+    /// `None` (`--task auto`): embed for an embedding checkpoint, else generate.
+    pub task: Option<ModelTask>,
 }
 
 impl LoadOptions {
@@ -42,6 +45,7 @@ impl LoadOptions {
             hf_overrides: None,
             max_model_len: None,
             seed: 0,
+            task: None,
         }
     }
 }
@@ -55,6 +59,8 @@ pub struct LoadedModel {
     /// eos ids from config.json and generation_config.json, merged.
     pub eos_token_ids: Vec<u32>,
     pub max_model_len: usize,
+    /// What the model was loaded for; an embed model has no LM head.
+    pub task: ModelTask,
 }
 
 /// Parses a `--dtype` value; `auto` is `None`.
@@ -152,6 +158,7 @@ pub fn weight_bytes(cfg: &ModelConfig, dtype: DType) -> u64 {
 pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     let dir = resolve_model_dir(&opts.model)?;
     let config = read_config(&dir, opts.hf_overrides.as_ref())?;
+    let task = resolve_task(&dir, &config, opts.task)?;
     let dtype = resolve_dtype(opts.dtype, &config, &opts.device)?;
     let max_model_len = match opts.max_model_len {
         Some(len) if len > config.max_position_embeddings => {
@@ -169,6 +176,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         active_params = config.num_active_parameters(),
         gib = need as f64 / (1u64 << 30) as f64,
         ?dtype,
+        task = task.as_str(),
         "loading {} from {}",
         config.family.model_type(),
         dir.display()
@@ -196,7 +204,13 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     };
     let model: Box<dyn CausalLm> = match config.family {
         ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {
-            Box::new(load_qwen3(&weights, &config, max_model_len)?)
+            Box::new(load_qwen3(&weights, &config, max_model_len, task)?)
+        }
+        ModelFamily::DeepseekV3 if task == ModelTask::Embed => {
+            return Err(EmberError::Config(
+                "--task embed is for Qwen3 embedding checkpoints (Qwen3-Embedding); DeepSeek models only generate"
+                    .into(),
+            ))
         }
         ModelFamily::DeepseekV3 => Box::new(load_deepseek_v3(&weights, &config, max_model_len)?),
     };
@@ -207,6 +221,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         model,
         dtype,
         max_model_len,
+        task,
     })
 }
 

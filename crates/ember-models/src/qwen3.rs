@@ -1,6 +1,6 @@
 //! Qwen3 (dense) and Qwen3-MoE: grouped-query attention, an MLP dense or sparse per layer.
 
-use ember_core::{ModelConfig, Result};
+use ember_core::{ModelConfig, ModelTask, Result};
 
 use crate::attention::Qwen3Attention;
 use crate::decoder::{Attention, DecoderLayer, DecoderModel, FeedForward};
@@ -8,13 +8,15 @@ use crate::mlp::Mlp;
 use crate::moe::SparseMoe;
 use crate::weights::Weights;
 
-/// Loads `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` (names as transformers writes them).
+/// Loads `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` (names as transformers writes them), or a
+/// Qwen3-Embedding checkpoint for `task` embed.
 pub fn load_qwen3(
     weights: &Weights,
     cfg: &ModelConfig,
     max_positions: usize,
+    task: ModelTask,
 ) -> Result<DecoderModel> {
-    DecoderModel::load(weights, cfg, max_positions, |layer, layer_idx| {
+    DecoderModel::load(weights, cfg, max_positions, task, |layer, layer_idx| {
         let h = cfg.hidden_size;
         let mlp = match &cfg.moe {
             Some(moe) if cfg.is_moe_layer(layer_idx) => {
