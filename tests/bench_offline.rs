@@ -98,22 +98,60 @@ fn latency_reports_prefill_and_decode_per_iteration() {
     }
 }
 
-#[test]
-fn latency_refuses_a_batch_longer_than_the_context() {
+/// Runs `ember bench <args>`, which must fail, and returns what it printed on stderr.
+fn bench_error(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args([
-            "bench",
-            "latency",
-            "--input-len",
-            "100000",
-            "--output-len",
-            "8",
-        ])
+        .arg("bench")
+        .args(args)
         .arg("--model")
         .arg(common::model_dir("qwen3-moe-tiny"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ember bench {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn latency_refuses_a_batch_longer_than_the_context() {
+    let err = bench_error(&["latency", "--input-len", "100000", "--output-len", "8"]);
     assert!(err.contains("--input-len"), "{err}");
+}
+
+#[test]
+fn throughput_with_a_response_format_constrains_every_request_to_its_length() {
+    // A grammar that never completes, so ignore_eos runs every request to --output-len.
+    let r = bench(&[
+        "throughput",
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "8",
+        "--output-len",
+        "12",
+        "--response-format",
+        "grammar:root ::= [a-z ]*",
+    ]);
+    assert_eq!(
+        r["response_format"],
+        serde_json::json!({"type": "grammar", "grammar": "root ::= [a-z ]*"})
+    );
+    assert_eq!(r["total_output_tokens"], 4 * 12, "{r}");
+    assert_eq!(r["num_stopped_early"], 0, "{r}");
+    let plain = bench(&["throughput", "--num-prompts", "2", "--output-len", "3"]);
+    assert!(plain["response_format"].is_null(), "{plain}");
+}
+
+#[test]
+fn throughput_refuses_a_grammar_the_server_would_refuse() {
+    let err = bench_error(&[
+        "throughput",
+        "--num-prompts",
+        "1",
+        "--response-format",
+        "grammar:root ::= missing",
+    ]);
+    assert!(
+        err.contains("--response-format: Invalid 'response_format.grammar'"),
+        "{err}"
+    );
 }

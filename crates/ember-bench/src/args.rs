@@ -151,6 +151,11 @@ pub struct ServeArgs {
     /// "repetition_penalty" sent with each request.
     #[arg(long)]
     pub repetition_penalty: Option<f64>,
+    /// Structured output asked of every request, sent as "response_format": json_object,
+    /// json_schema:<file or inline JSON>, grammar:<GBNF file or inline GBNF>, or a whole
+    /// response_format object.
+    #[arg(long, value_name = "FORMAT", value_parser = crate::response_format::parse_response_format)]
+    pub response_format: Option<Value>,
     /// A JSON object merged into every request body, over the sampling flags, e.g.
     /// '{"chat_template_kwargs": {"enable_thinking": false}}'.
     #[arg(long, value_name = "JSON")]
@@ -306,8 +311,8 @@ impl ServeArgs {
         })
     }
 
-    /// What is merged into every request body: the sampling flags that were given, then
-    /// --extra-body over them.
+    /// What is merged into every request body: the sampling flags and --response-format that
+    /// were given, then --extra-body over them.
     pub(crate) fn extra_body(&self) -> Result<Map<String, Value>> {
         let sampling = [
             ("top_p", self.top_p.map(Value::from)),
@@ -325,6 +330,9 @@ impl ServeArgs {
             .into_iter()
             .filter_map(|(key, value)| Some((key.to_string(), value?)))
             .collect();
+        if let Some(format) = &self.response_format {
+            body.insert("response_format".into(), format.clone());
+        }
         if let Some(text) = &self.extra_body {
             match serde_json::from_str(text) {
                 Ok(Value::Object(extra)) => body.extend(extra),
@@ -536,6 +544,35 @@ mod tests {
             .extra_body()
             .unwrap_err();
         assert!(e.to_string().contains("is not JSON"), "{e}");
+    }
+
+    #[test]
+    fn a_response_format_goes_in_every_body_unless_the_extra_body_sets_one() {
+        let a = parse(&[
+            "--model",
+            "m",
+            "--response-format",
+            "grammar:root ::= [a-z ]*",
+        ]);
+        assert_eq!(
+            Value::Object(a.extra_body().unwrap()),
+            serde_json::json!({"response_format": {"type": "grammar", "grammar": "root ::= [a-z ]*"}})
+        );
+        let a = parse(&[
+            "--model",
+            "m",
+            "--response-format",
+            "json_object",
+            "--extra-body",
+            r#"{"response_format": {"type": "text"}}"#,
+        ]);
+        assert_eq!(
+            a.extra_body().unwrap()["response_format"],
+            serde_json::json!({"type": "text"})
+        );
+        let bad = Cli::try_parse_from(["bench", "--model", "m", "--response-format", "yaml"]);
+        let e = bad.err().expect("an unknown format is refused").to_string();
+        assert!(e.contains("expected json_object"), "{e}");
     }
 
     #[test]

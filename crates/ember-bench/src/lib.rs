@@ -8,5 +8,6 @@ pub mod dataset;
 pub mod metrics;
 pub mod report;
 pub mod request;
+pub mod response_format;
 pub mod serve;
 pub mod sse;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use ember_core::SamplingParams;
+use ember_core::{Constraint, FinishReason, SamplingParams};
 use ember_engine::runner::ModelRunner;
 use ember_engine::{Engine, StatsSnapshot, FORWARD_PHASE, STEP_PHASES};
 use ember_models::SequenceInput;
@@ -49,6 +49,11 @@ pub struct ThroughputArgs {
     /// (distinct adapters to the engine, equal weights); requests are given to them in turn.
     #[arg(long, conflicts_with = "lora_modules")]
     pub lora_path: Option<PathBuf>,
+    /// Structured output for every request, compiled as the server compiles `response_format`:
+    /// json_object, json_schema:<file or inline JSON>, grammar:<GBNF file or inline GBNF>, or a
+    /// whole response_format object. A grammar that completes ends its request early.
+    #[arg(long, value_name = "FORMAT", value_parser = ember_bench::response_format::parse_response_format)]
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// Flags of `ember bench latency`.
@@ -161,6 +166,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         loaded.config.vocab_size,
         args.model.seed,
     )?;
+    let constraint = throughput_constraint(&args, tokenizer.as_deref(), &loaded)?;
     let requests: Vec<(Vec<u32>, usize)> = (0..args.num_prompts)
         .map(|_| {
             let input = sampler.length(args.input_len, args.random_range_ratio);
@@ -177,6 +183,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         let params = SamplingParams {
             max_tokens: *output_len,
             ignore_eos: true,
+            constraint: constraint.clone(),
             ..SamplingParams::default()
         };
         let adapter = (!adapters.is_empty()).then(|| adapters[i % adapters.len()].clone());
@@ -184,6 +191,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
     }
     let mut detokenize = Duration::ZERO;
     let mut output_tokens = 0usize;
+    let mut stopped_early = 0usize;
     for ((prompt, _), mut rx) in requests.iter().zip(receivers) {
         let mut detok = tokenizer
             .as_ref()
@@ -201,7 +209,8 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
             if let Some(err) = out.error {
                 bail!("request failed: {err}");
             }
-            if out.finish_reason.is_some() {
+            if let Some(reason) = out.finish_reason {
+                stopped_early += usize::from(reason == FinishReason::Stop);
                 break;
             }
         }
@@ -223,6 +232,17 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
     println!("{:<40}{:>12}", "Requests:", requests.len());
     if !adapters.is_empty() {
         println!("{:<40}{:>12}", "Distinct LoRA adapters:", adapters.len());
+    }
+    if let Some(format) = &args.response_format {
+        println!(
+            "{:<40}{:>12}",
+            "Response format:",
+            format["type"].as_str().unwrap_or("?")
+        );
+        println!(
+            "{:<40}{:>12}",
+            "Requests its grammar ended early:", stopped_early
+        );
     }
     println!("{:<40}{:>12.2}", "Elapsed time (s):", elapsed);
     println!("{:<40}{:>12}", "Prompt tokens:", prompt_tokens);
@@ -293,8 +313,32 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
             "detokenize_seconds": detokenize.as_secs_f64(),
             "num_lora_adapters": adapters.len(),
             "lora_max_rank": adapters.iter().map(|a| a.max_rank()).max(),
+            "response_format": args.response_format,
+            "num_stopped_early": stopped_early,
         }),
     )
+}
+
+/// `--response-format` compiled through the server's own path (same tokenizer, eos ids and
+/// vocabulary width as `ember serve` gives it); `None` without the flag or for plain text.
+fn throughput_constraint(
+    args: &ThroughputArgs,
+    tokenizer: Option<&TextTokenizer>,
+    loaded: &ember_models::LoadedModel,
+) -> Result<Option<Constraint>> {
+    let Some(format) = &args.response_format else {
+        return Ok(None);
+    };
+    let tokenizer = tokenizer.ok_or_else(|| {
+        anyhow!("--response-format needs the model's tokenizer; pass --tokenizer <dir with tokenizer.json>")
+    })?;
+    ember_server::structured::compile_response_format(
+        tokenizer,
+        &loaded.eos_token_ids,
+        loaded.config.vocab_size,
+        format,
+    )
+    .map_err(|e| anyhow!("--response-format: {e}"))
 }
 
 /// The adapters `--lora-modules` / `--lora-path` name, registered with the engine.

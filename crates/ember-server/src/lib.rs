@@ -20,7 +20,8 @@ pub mod routes;
 mod sampling;
 mod shutdown;
 mod state;
-mod structured;
+/// Structured output: `response_format` compiled by llguidance into engine constraints.
+pub mod structured;
 mod tiktoken;
 pub mod tokenizer;
 /// Parses each model family's tool-call output; not yet used by the chat route.

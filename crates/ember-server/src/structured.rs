@@ -212,6 +212,28 @@ impl OutputFormat {
     }
 }
 
+/// Compiles a `response_format` value exactly as the server compiles a request's, for callers
+/// outside a server (`ember bench throughput --response-format`): `None` for plain text; the
+/// error is the message a request would get in its 400.
+pub fn compile_response_format(
+    tokenizer: &TextTokenizer,
+    eos_token_ids: &[u32],
+    vocab_size: usize,
+    response_format: &Value,
+) -> Result<Option<Constraint>, String> {
+    let message = |e: ApiError| e.body.error.message;
+    let Some(format) =
+        OutputFormat::from_response_format(Some(response_format)).map_err(message)?
+    else {
+        return Ok(None);
+    };
+    let compiler = GrammarCompiler::new(tokenizer, eos_token_ids, vocab_size)?;
+    format
+        .compile(&compiler, "response_format")
+        .map(Some)
+        .map_err(message)
+}
+
 /// JSON is written as `json.dumps` writes it (`", "` and `": "`, no other whitespace) unless
 /// the schema sets llguidance's own `x-guidance` options: with free whitespace a model can pad
 /// with newlines until `max_tokens`, the failure Fireworks warns JSON-mode users about.
@@ -313,6 +335,22 @@ mod tests {
             .unwrap();
         assert!(accepts(&any, r#"{"x": [1, {"y": null}]}"#));
         assert!(!accepts(&any, "[1]") && !accepts(&any, "hello"));
+    }
+
+    #[test]
+    fn a_response_format_compiles_outside_a_server_as_inside() {
+        let tok = TextTokenizer::from_dir(&fixture_dir("qwen3-moe-tiny")).unwrap();
+        let compile = |v: Value| compile_response_format(&tok, &[2], 2048, &v);
+        assert!(compile(json!({"type": "text"})).unwrap().is_none());
+        let words = compile(json!({"type": "grammar", "grammar": "root ::= [a-z ]*"}))
+            .unwrap()
+            .unwrap();
+        assert!(accepts(&words, "hello world") && !accepts(&words, "Hello"));
+        let err = compile(json!({"type": "grammar", "grammar": "root ::= missing"})).unwrap_err();
+        assert!(
+            err.starts_with("Invalid 'response_format.grammar': "),
+            "{err}"
+        );
     }
 
     #[test]
