@@ -29,7 +29,20 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Fixes candle's CPU thread count for the process. Without `RAYON_NUM_THREADS` candle works it
+/// out again on every matmul, reading and parsing /proc/cpuinfo each time: on the demo model
+/// that was half of a decode step. Set first thing, while the process has one thread.
+fn pin_cpu_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            candle_core::utils::get_num_threads().to_string(),
+        );
+    }
+}
+
 fn main() {
+    pin_cpu_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
