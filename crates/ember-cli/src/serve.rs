@@ -5,7 +5,9 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use ember_engine::Engine;
-use ember_server::{AppState, ServerConfig};
+use ember_server::reasoning_parser::ReasoningFormat;
+use ember_server::tool_parser::ToolCallFormat;
+use ember_server::{AppState, ParserChoice, ServerConfig};
 
 use crate::args::{parse_lora_module, LoraModule, ModelArgs};
 
@@ -29,6 +31,46 @@ pub struct ServeArgs {
     /// name as `model`.
     #[arg(long, num_args = 1.., value_parser = parse_lora_module)]
     pub lora_modules: Vec<LoraModule>,
+    /// How tool calls are read from the output: hermes (Qwen3), deepseek_v3, deepseek_v31,
+    /// kimi_k2, none, or auto (from the model's chat template and model_type).
+    #[arg(long, default_value = "auto", value_parser = parse_tool_call_parser)]
+    pub tool_call_parser: ParserChoice<ToolCallFormat>,
+    /// How thinking is split from the answer into reasoning_content: think (`<think>` tags;
+    /// also qwen3, deepseek_r1, deepseek_v3, kimi_k2), none, or auto (on when the chat
+    /// template knows `</think>`).
+    #[arg(long, default_value = "auto", value_parser = parse_reasoning_parser)]
+    pub reasoning_parser: ParserChoice<ReasoningFormat>,
+}
+
+/// `auto`, `none`, or a name `known` accepts.
+fn parse_parser<T>(
+    value: &str,
+    known: fn(&str) -> Option<T>,
+    names: &str,
+) -> Result<ParserChoice<T>, String> {
+    match value {
+        "auto" => Ok(ParserChoice::Auto),
+        "none" => Ok(ParserChoice::Off),
+        name => known(name)
+            .map(ParserChoice::Use)
+            .ok_or_else(|| format!("unknown parser {name:?}; expected auto, none, {names}")),
+    }
+}
+
+fn parse_tool_call_parser(value: &str) -> Result<ParserChoice<ToolCallFormat>, String> {
+    parse_parser(
+        value,
+        ToolCallFormat::from_name,
+        "hermes, deepseek_v3, deepseek_v31 or kimi_k2",
+    )
+}
+
+fn parse_reasoning_parser(value: &str) -> Result<ParserChoice<ReasoningFormat>, String> {
+    parse_parser(
+        value,
+        ReasoningFormat::from_name,
+        "think, qwen3, deepseek_r1, deepseek_v3 or kimi_k2",
+    )
 }
 
 /// Registers one adapter of --lora-modules; an error names it, so a bad one stops the start.
@@ -84,6 +126,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         served_model_names,
         api_key: args.api_key.clone(),
         model_dir: args.model.tokenizer_dir(&loaded.dir),
+        model_type: loaded.config.family.model_type().into(),
+        tool_call_parser: args.tool_call_parser,
+        reasoning_parser: args.reasoning_parser,
     };
     let engine = Engine::start(loaded, engine_config)?;
     let state = AppState::new(config, engine)?;

@@ -14,7 +14,7 @@ pub mod error;
 pub mod gbnf;
 mod generation;
 mod metrics;
-/// Splits thinking text from the answer (`<think>...</think>`); not yet used by the chat route.
+/// Splits thinking text from the answer (`<think>...</think>`).
 pub mod reasoning_parser;
 pub mod routes;
 mod sampling;
@@ -24,7 +24,7 @@ mod state;
 pub mod structured;
 mod tiktoken;
 pub mod tokenizer;
-/// Parses each model family's tool-call output; not yet used by the chat route.
+/// Parses each model family's tool-call output.
 pub mod tool_parser;
 
 pub use chat_template::ChatTemplate;
@@ -32,7 +32,7 @@ pub use detokenizer::IncrementalDetokenizer;
 pub use error::ApiError;
 pub use routes::{router, serve, serve_until, MAX_BODY_BYTES};
 pub use shutdown::DRAIN_TIMEOUT;
-pub use state::{AppState, ServerConfig};
+pub use state::{AppState, ParserChoice, ServerConfig};
 pub use tokenizer::TextTokenizer;
 
 #[cfg(test)]

@@ -11,9 +11,11 @@ use crate::chat_template::ChatTemplate;
 use crate::engine::EngineClient;
 use crate::error::ApiError;
 use crate::metrics::ServerMetrics;
+use crate::reasoning_parser::ReasoningFormat;
 use crate::shutdown::Lifecycle;
 use crate::structured::LazyCompiler;
 use crate::tokenizer::TextTokenizer;
+use crate::tool_parser::ToolCallFormat;
 
 /// How the server presents the model and guards its API.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +27,35 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// The model directory: `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`.
     pub model_dir: PathBuf,
+    /// config.json's `model_type`, which picks the default parsers.
+    pub model_type: String,
+    /// `--tool-call-parser`: how the model's tool calls are read back.
+    pub tool_call_parser: ParserChoice<ToolCallFormat>,
+    /// `--reasoning-parser`: how the model's thinking is split from its answer.
+    pub reasoning_parser: ParserChoice<ReasoningFormat>,
+}
+
+/// A parser flag: picked from the model, turned off, or named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ParserChoice<T> {
+    /// The model's own, from its `model_type` and chat template (none if it has none).
+    #[default]
+    Auto,
+    /// No parsing: the raw text stays in `content`.
+    Off,
+    /// This one.
+    Use(T),
+}
+
+impl<T: Copy> ParserChoice<T> {
+    /// The parser in effect, `detected` standing for the model's own.
+    pub fn resolve(self, detected: impl FnOnce() -> Option<T>) -> Option<T> {
+        match self {
+            Self::Auto => detected(),
+            Self::Off => None,
+            Self::Use(format) => Some(format),
+        }
+    }
 }
 
 /// The handlers' shared state; cheap to clone.
@@ -46,6 +77,10 @@ pub(crate) struct Shared {
     pub lifecycle: Lifecycle,
     /// The grammar compiler for structured output, built on first use.
     pub grammars: LazyCompiler,
+    /// How tool calls are read from the output; `None`: requests with tools are refused.
+    pub tool_format: Option<ToolCallFormat>,
+    /// How thinking is split from the answer; `None`: it stays in `content`.
+    pub reasoning_format: Option<ReasoningFormat>,
 }
 
 impl AppState {
@@ -82,8 +117,22 @@ impl AppState {
                 .served_model_names
                 .push(dir_name.unwrap_or_else(|| "ember".into()));
         }
+        let template = chat_template.as_ref().map(ChatTemplate::source);
+        let tool_format = config
+            .tool_call_parser
+            .resolve(|| ToolCallFormat::detect(&config.model_type, template));
+        let reasoning_format = config
+            .reasoning_parser
+            .resolve(|| ReasoningFormat::detect(&config.model_type, template));
+        tracing::info!(
+            "tool-call parser: {}; reasoning parser: {}",
+            tool_format.map_or("none", ToolCallFormat::name),
+            reasoning_format.map_or("none", ReasoningFormat::name)
+        );
         Self {
             inner: Arc::new(Shared {
+                tool_format,
+                reasoning_format,
                 config,
                 metrics: ServerMetrics::new(engine.clone()),
                 lifecycle: Lifecycle::default(),

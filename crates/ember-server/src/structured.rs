@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ember_core::{Constraint, ConstraintSpec, TokenConstraint, TokenMask};
 use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokEnv, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 
@@ -37,6 +38,7 @@ impl GrammarCompiler {
         let env = bytes
             .into_tok_env(Some(vocab))
             .map_err(|e| format!("the tokenizer cannot drive structured output: {e}"))?;
+        let env: TokEnv = Arc::new(TextOnlyTokenizing(env));
         let mut factory = ParserFactory::new_simple(&env)
             .map_err(|e| format!("cannot start the grammar engine: {e}"))?;
         factory.quiet();
@@ -57,6 +59,31 @@ impl GrammarCompiler {
             prototype: Mutex::new(matcher),
             describe,
         })))
+    }
+}
+
+/// The token environment with forced text tokenized as text only.
+///
+/// llguidance's trie treats every `<...>` added token (Qwen3's `<think>`, `<tool_call>`) as a
+/// special token that grammar text cannot produce, while the Hugging Face tokenizer it asks to
+/// tokenize forced text still turns "<think>" into that token: the mask would then allow a token
+/// the grammar refuses to consume. Forced text that tokenizes into such a token is tokenized by
+/// the trie instead (grammars name those tokens as `<[id]>`).
+struct TextOnlyTokenizing(TokEnv);
+
+impl TokenizerEnv for TextOnlyTokenizing {
+    fn tok_trie(&self) -> &TokTrie {
+        self.0.tok_trie()
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        let tokens = self.0.tokenize_bytes(s);
+        let trie = self.0.tok_trie();
+        if tokens.iter().any(|&t| trie.is_special_token(t)) {
+            trie.greedy_tokenize(s)
+        } else {
+            tokens
+        }
     }
 }
 
@@ -237,7 +264,7 @@ pub fn compile_response_format(
 /// JSON is written as `json.dumps` writes it (`", "` and `": "`, no other whitespace) unless
 /// the schema sets llguidance's own `x-guidance` options: with free whitespace a model can pad
 /// with newlines until `max_tokens`, the failure Fireworks warns JSON-mode users about.
-fn with_json_layout(mut schema: Value) -> Value {
+pub(crate) fn with_json_layout(mut schema: Value) -> Value {
     if let Some(object) = schema.as_object_mut() {
         object.entry("x-guidance").or_insert_with(
             || json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
@@ -351,6 +378,38 @@ mod tests {
             err.starts_with("Invalid 'response_format.grammar': "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_token_a_mask_allows_is_consumed_even_over_added_tokens() {
+        // "<think>" is an added token that llguidance's trie holds as special: grammar text
+        // spelling it must be offered as text, never as that token.
+        let c = format(
+            json!({"type": "grammar", "grammar": "root ::= \"<think>\\n\" [a-z]+ \"</think>\""}),
+        )
+        .unwrap()
+        .unwrap()
+        .compile(&compiler(), "response_format")
+        .unwrap();
+        let mut prefix: Vec<u32> = Vec::new();
+        let mut live = c.0.start();
+        for _ in 0..10 {
+            let mask = live.allowed_tokens().unwrap();
+            let allowed: Vec<u32> = (0..2048).filter(|&t| mask.allows(t)).collect();
+            assert!(!allowed.is_empty());
+            for &t in &allowed {
+                let mut probe = c.0.start();
+                for &p in &prefix {
+                    probe.accept_token(p).unwrap();
+                }
+                assert!(
+                    probe.accept_token(t).is_ok(),
+                    "token {t} allowed after {prefix:?} but refused"
+                );
+            }
+            live.accept_token(allowed[0]).unwrap();
+            prefix.push(allowed[0]);
+        }
     }
 
     #[test]

@@ -12,8 +12,10 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::chat_template::ChatTemplate;
 use crate::choice::ChoiceJob;
 use crate::engine::{EngineClient, ModelLimits};
-use crate::state::{AppState, ServerConfig};
+use crate::reasoning_parser::ReasoningFormat;
+use crate::state::{AppState, ParserChoice, ServerConfig};
 use crate::tokenizer::{byte_level_alphabet, TextTokenizer};
+use crate::tool_parser::ToolCallFormat;
 
 /// A ChatML template like Qwen's, without the extras.
 pub(crate) const CHATML: &str =
@@ -25,12 +27,34 @@ pub(crate) fn test_state(engine: &Arc<FakeEngine>) -> AppState {
     test_state_with_key(engine, None)
 }
 
+/// [`test_state`] reading tool calls in Qwen3's format and `<think>` reasoning.
+pub(crate) fn test_state_with_parsers(engine: &Arc<FakeEngine>) -> AppState {
+    let config = ServerConfig {
+        served_model_names: vec!["tiny".into()],
+        model_dir: "/models/tiny".into(),
+        tool_call_parser: ParserChoice::Use(ToolCallFormat::Qwen3),
+        reasoning_parser: ParserChoice::Use(ReasoningFormat::Think),
+        ..ServerConfig::default()
+    };
+    let template = match ChatTemplate::new(vec![("default".into(), CHATML.into())], Vec::new()) {
+        Ok(t) => t,
+        Err(e) => panic!("fixture template: {e}"),
+    };
+    AppState::from_parts(
+        config,
+        engine.clone(),
+        byte_level_tokenizer(),
+        Some(template),
+    )
+}
+
 /// [`test_state`] guarded by an API key.
 pub(crate) fn test_state_with_key(engine: &Arc<FakeEngine>, api_key: Option<&str>) -> AppState {
     let config = ServerConfig {
         served_model_names: vec!["tiny".into()],
         api_key: api_key.map(str::to_string),
         model_dir: "/models/tiny".into(),
+        ..ServerConfig::default()
     };
     let template = match ChatTemplate::new(vec![("default".into(), CHATML.into())], Vec::new()) {
         Ok(t) => t,
@@ -160,6 +184,13 @@ impl FakeEngine {
     /// An engine that sends `script` but never finishes, keeping each request's channel.
     pub(crate) fn holding_open(script: Vec<u32>) -> Arc<Self> {
         Self::with_mode(script, Mode::HoldOpen)
+    }
+
+    /// [`Self::new`] with a context of `max_model_len` tokens.
+    pub(crate) fn with_context(script: Vec<u32>, max_model_len: usize) -> Arc<Self> {
+        let mut engine = Self::build(script, Mode::Finish);
+        engine.limits.max_model_len = max_model_len;
+        Arc::new(engine)
     }
 
     /// An engine whose waiting queue is always full.

@@ -103,6 +103,11 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The id of a token given by its vocabulary entry (e.g. `</think>`), if it is one token.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// The text of one token as OpenAI logprobs show it: the token decoded on its own, specials
     /// kept. A token holding part of a UTF-8 character shows as U+FFFD.
     pub fn token_text(&self, id: u32) -> String {

@@ -11,12 +11,21 @@ pub struct ChatFields {
     /// The conversation: objects with `role` and `content` (a string or text parts), plus
     /// `tool_calls`, `tool_call_id`, `name`, `reasoning_content` as the template reads them.
     pub messages: Option<Vec<Value>>,
-    /// Function tools; refused until tool calling is supported (an empty list is fine).
+    /// Function tools, `[{type: "function", function: {name, description, parameters}}]`.
     pub tools: Option<Vec<Value>>,
-    /// The deprecated form of `tools`; refused the same way.
+    /// The deprecated form of `tools` (`[{name, description, parameters}]`).
     pub functions: Option<Vec<Value>>,
-    /// `none` and `auto` are accepted (no tools are called); forcing a call is refused.
+    /// `none`, `auto`, `required` (Fireworks: `any`), or `{type: "function", function: {name}}`.
     pub tool_choice: Option<Value>,
+    /// The deprecated form of `tool_choice`: `none`, `auto` or `{name}`.
+    pub function_call: Option<Value>,
+    /// Whether a reply may call several tools (default true).
+    pub parallel_tool_calls: Option<bool>,
+    /// `none`/`low`/`medium`/`high` (OpenAI also `minimal`/`xhigh`/`max`), a boolean, or
+    /// Fireworks' integer: whether a thinking model thinks.
+    pub reasoning_effort: Option<Value>,
+    /// Fireworks' Anthropic-style switch: `{"type": "enabled" | "disabled"}`.
+    pub thinking: Option<Value>,
     /// Fireworks: drop the earliest non-system messages until the prompt has at most this
     /// many tokens.
     pub prompt_truncate_len: Option<u64>,
@@ -62,7 +71,7 @@ pub struct ChatChoice {
     pub message: ChatMessage,
     /// Present when the request asked for `logprobs`.
     pub logprobs: Option<ChoiceLogprobs>,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: String,
     /// The generated token ids (`return_token_ids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,6 +109,65 @@ pub struct ChatDelta {
     /// The next piece of text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// The next piece of the thinking text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// New tool calls (name first) and further pieces of their arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallChunk>>,
+}
+
+impl ChatDelta {
+    /// Whether the delta adds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.role.is_none()
+            && self.content.is_none()
+            && self.reasoning_content.is_none()
+            && self.tool_calls.is_none()
+    }
+}
+
+/// A tool call the model made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// `call_...` (Kimi K2: `functions.NAME:IDX`), what the `tool` message answers to.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function and its arguments.
+    pub function: FunctionCall,
+}
+
+/// The function of a tool call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The tool's name.
+    pub name: String,
+    /// The arguments, a JSON object as a string.
+    pub arguments: String,
+}
+
+/// A piece of a streamed tool call: `id`, `type` and the name come once, in the call's first
+/// piece; the arguments come in fragments that concatenate to the JSON string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallChunk {
+    /// Which call of the message.
+    pub index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub function: FunctionCallChunk,
+}
+
+/// The function part of a [`ToolCallChunk`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCallChunk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 /// The generated assistant message.
@@ -107,10 +175,16 @@ pub struct ChatDelta {
 pub struct ChatMessage {
     /// Always `assistant`.
     pub role: String,
-    /// The text.
+    /// The answer; null when the reply is only tool calls.
     pub content: Option<String>,
     /// Always null.
     pub refusal: Option<String>,
+    /// The thinking, split from the answer by the reasoning parser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The calls the reply makes (`finish_reason: tool_calls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// Per-token logprobs of a reply.

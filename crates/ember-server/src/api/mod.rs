@@ -108,6 +108,16 @@ pub struct Usage {
     /// Breakdown of the prompt tokens.
     pub prompt_tokens_details: PromptTokensDetails,
 }
+    /// Breakdown of the completion tokens, when a reasoning parser applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+/// How many completion tokens were thinking.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompletionTokensDetails {
+    /// Tokens of the reasoning, its closing tag included.
+    pub reasoning_tokens: usize,
 
 /// How many prompt tokens were served from the prefix cache.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -125,6 +135,7 @@ impl Usage {
             total_tokens: prompt_tokens + completion_tokens,
             prompt_tokens_details: PromptTokensDetails { cached_tokens },
         }
+            completion_tokens_details: None,
     }
 }
 

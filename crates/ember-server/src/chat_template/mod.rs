@@ -32,6 +32,8 @@ const TOOL_USE: &str = "tool_use";
 /// A compiled chat template plus the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The `default` template's source (parsers are picked by what it renders).
+    source: String,
     has_tool_use: bool,
     special_tokens: Vec<(String, String)>,
 }
@@ -97,6 +99,11 @@ impl ChatTemplate {
         }
         let mut env = template_environment();
         let has_tool_use = templates.iter().any(|(name, _)| name == TOOL_USE);
+        let source = templates
+            .iter()
+            .find(|(name, _)| name == DEFAULT)
+            .map(|(_, source)| source.clone())
+            .unwrap_or_default();
         for (name, source) in templates {
             env.add_template_owned(name.clone(), source).map_err(|e| {
                 EmberError::Config(format!("chat template {name:?} does not compile: {e}"))
@@ -104,9 +111,15 @@ impl ChatTemplate {
         }
         Ok(Self {
             env,
+            source,
             has_tool_use,
             special_tokens,
         })
+    }
+
+    /// The source of the default template.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages` (an array of message objects) to the prompt text. `extra_kwargs`

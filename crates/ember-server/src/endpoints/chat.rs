@@ -9,21 +9,29 @@ use axum::response::Response;
 use ember_core::EmberError;
 use serde_json::Value;
 
+use super::chat_output::{ReplyFormat, ReplyStream};
+use super::chat_tools::{
+    forced_call_grammar, thinking_enabled, thinking_kwargs, thinking_requested, ThinkingPrefix,
+    ToolChoice, ToolRequest,
+};
 use super::render::{raw_output, ChoiceRenderer, Echo, LogprobsFormat};
 use super::stream::{sse_response, ChunkWriter, StreamSpec};
 use super::{
-    json_with_perf_headers, parse_generation_request, perf_metrics, response_id, run_blocking,
-    usage, ParsedRequest, ResponseOptions,
+    compile_format, json_with_perf_headers, parse_generation_request, perf_metrics, response_id,
+    run_blocking, usage, ParsedRequest, ResponseOptions,
 };
 use crate::api::chat::{
     ChatChoice, ChatChunkChoice, ChatDelta, ChatFields, ChatMessage, ChatResponse,
 };
-use crate::api::{unix_now, JsonBody};
+use crate::api::{unix_now, CompletionTokensDetails, JsonBody};
 use crate::choice::{ChoiceJob, Delta, Generated};
 use crate::error::ApiError;
 use crate::generation::Generation;
+use crate::reasoning_parser::prompt_opens_reasoning;
 use crate::state::AppState;
+use crate::structured::OutputFormat;
 use crate::tokenizer::TextTokenizer;
+use crate::tool_parser::ToolCallFormat;
 
 /// Most alternatives `top_logprobs` may ask for.
 const MAX_TOP_LOGPROBS: u32 = 20;
@@ -56,17 +64,62 @@ pub(crate) async fn chat_completions(
             "Invalid 'max_tokens': a reply needs at least 1 token",
         ));
     }
-    reject_tool_calling(&own)?;
+    let tools = ToolRequest::from_fields(&own)?;
+    let thinking = thinking_requested(&own)?;
+    let tool_format = match &tools {
+        Some(tools) if tools.choice != ToolChoice::None => Some(shared.tool_format.ok_or_else(|| {
+            ApiError::invalid_param(
+                "tools",
+                "Invalid 'tools': this model has no tool-call format; start the server with --tool-call-parser (hermes, deepseek_v3, deepseek_v31 or kimi_k2) to call tools",
+            )
+        })?),
+        _ => None,
+    };
+    let forced = tools.as_ref().filter(|t| t.forced());
+    if forced.is_some() && plan.params.constraint.is_some() {
+        return Err(ApiError::invalid_param(
+            "tool_choice",
+            "Invalid 'tool_choice': a required tool call cannot be combined with 'response_format'",
+        ));
+    }
     let logprobs = chat_logprobs(&own)?;
     plan.params.logprobs = logprobs.map(LogprobsFormat::top);
     if options.echo.is_some() {
         plan.params.prompt_logprobs = plan.params.logprobs;
     }
 
+    let template_tools = tools.as_ref().and_then(ToolRequest::template_tools);
     let prompt = {
         let state = state.clone();
-        run_blocking(move || chat_prompt(&state, own)).await?
+        run_blocking(move || chat_prompt(&state, own, template_tools, thinking)).await?
     };
+    let reasoning = shared.reasoning_format.is_some();
+    let starts_in_reasoning = reasoning && prompt_opens_reasoning(&prompt.text);
+    let reply = ReplyFormat::new(
+        &shared.tokenizer,
+        reasoning,
+        starts_in_reasoning,
+        tool_format,
+        tools.as_ref().is_none_or(|t| t.parallel),
+    );
+    if let (Some(forced), Some(format)) = (forced, tool_format) {
+        // A thinking model may think before it calls, unless the prompt closed the thinking
+        // (Qwen3 without thinking, DeepSeek V3.1's default).
+        let closed = prompt.text.trim_end().ends_with("</think>");
+        let prefix = match (reasoning, starts_in_reasoning, prompt.thinking && !closed) {
+            (false, _, _) => ThinkingPrefix::None,
+            (true, true, _) => ThinkingPrefix::Open,
+            (true, false, true) => ThinkingPrefix::Optional,
+            (true, false, false) => ThinkingPrefix::None,
+        };
+        let eos = shared.engine.eos_token_ids();
+        let grammar = forced_call_grammar(forced, format, &shared.tokenizer, prefix, &eos);
+        plan.params.constraint =
+            Some(compile_format(&state, OutputFormat::Lark(grammar), "tools").await?);
+    }
+    if hides_markers(&shared.tokenizer, reasoning, tool_format) {
+        plan.skip_special_tokens = false;
+    }
     let max_tokens =
         plan.max_tokens_for(prompt.ids.len(), None, limits.max_model_len, "messages")?;
     let jobs: Vec<ChoiceJob> = (0..plan.n)
@@ -79,7 +132,14 @@ pub(crate) async fn chat_completions(
         })
         .collect();
     let generation = Generation::start(&state, &jobs, adapter, started, in_flight)?;
-    let mut writer = ChatWriter::new(shared.tokenizer.clone(), prompt, plan.n, logprobs, options);
+    let mut writer = ChatWriter::new(
+        shared.tokenizer.clone(),
+        prompt,
+        plan.n,
+        logprobs,
+        options,
+        reply,
+    );
     if options.stream {
         let mut spec = StreamSpec::new(
             "chatcmpl",
@@ -94,7 +154,8 @@ pub(crate) async fn chat_completions(
     }
 
     let (generated, timing) = generation.run_to_end().await?;
-    let usage = usage(&[writer.prompt.ids.len()], plan.n, &generated);
+    let mut usage = usage(&[writer.prompt.ids.len()], plan.n, &generated);
+    usage.completion_tokens_details = writer.usage_details(generated.iter());
     let choices = generated
         .iter()
         .enumerate()
@@ -118,6 +179,31 @@ pub(crate) async fn chat_completions(
 struct ChatPrompt {
     text: String,
     ids: Vec<u32>,
+    /// Whether the template was asked to let the model think.
+    thinking: bool,
+}
+
+/// Whether decoding with special tokens skipped would hide the markers a parser reads
+/// (DeepSeek's and Kimi's tool-call markers are special tokens); then they are kept.
+fn hides_markers(
+    tokenizer: &TextTokenizer,
+    reasoning: bool,
+    tools: Option<ToolCallFormat>,
+) -> bool {
+    let mut markers: Vec<&str> = Vec::new();
+    if reasoning {
+        markers.extend(["<think>", "</think>"]);
+    }
+    if let Some(format) = tools {
+        markers.push(format.section_start());
+    }
+    markers.into_iter().any(|marker| {
+        tokenizer.token_id(marker).is_some_and(|id| {
+            tokenizer
+                .decode(&[id], true)
+                .is_ok_and(|text| text.is_empty())
+        })
+    })
 }
 
 /// Shapes a request's choices, whole or as stream chunks.
@@ -126,6 +212,9 @@ struct ChatWriter {
     prompt: ChatPrompt,
     renderers: Vec<ChoiceRenderer>,
     raw_output: bool,
+    reply: ReplyFormat,
+    /// Each choice's streaming reader.
+    streams: Vec<ReplyStream>,
 }
 
 impl ChatWriter {
@@ -135,6 +224,7 @@ impl ChatWriter {
         n: usize,
         logprobs: Option<LogprobsFormat>,
         options: ResponseOptions,
+        reply: ReplyFormat,
     ) -> Self {
         let echo = options
             .echo
@@ -154,21 +244,47 @@ impl ChatWriter {
             prompt,
             renderers,
             raw_output: options.raw_output,
+            streams: (0..n).map(|_| reply.stream()).collect(),
+            reply,
         }
+    }
+
+    /// The thinking tokens of all choices, when a reasoning parser applies.
+    fn usage_details<'a>(
+        &self,
+        generated: impl IntoIterator<Item = &'a Generated>,
+    ) -> Option<CompletionTokensDetails> {
+        let mut total = None;
+        for g in generated {
+            if let Some(n) = self.reply.reasoning_tokens(&self.tokenizer, &g.token_ids) {
+                *total.get_or_insert(0) += n;
+            }
+        }
+        total.map(|reasoning_tokens| CompletionTokensDetails { reasoning_tokens })
     }
 
     /// Choice `index` of a plain response.
     fn whole(&mut self, index: usize, g: &Generated) -> ChatChoice {
         let piece = self.renderers[index].piece(Delta::whole(g), g.prompt_logprobs.as_deref());
+        // An echoed prompt leads the content as it is; only the reply is parsed.
+        let echoed = &piece.text[..piece.text.len() - g.text.len()];
+        let reply = self.reply.whole(&g.text);
+        let content = match (echoed.is_empty(), reply.content) {
+            (true, content) => content,
+            (false, content) => Some(format!("{echoed}{}", content.unwrap_or_default())),
+        };
+        let called = !reply.tool_calls.is_empty();
         ChatChoice {
             index,
             message: ChatMessage {
                 role: "assistant".into(),
-                content: Some(piece.text),
+                content,
                 refusal: None,
+                reasoning_content: reply.reasoning,
+                tool_calls: called.then_some(reply.tool_calls),
             },
             logprobs: piece.logprobs,
-            finish_reason: g.finish_reason.as_str().into(),
+            finish_reason: ReplyFormat::finish_reason(called, g.finish_reason).into(),
             token_ids: piece.token_ids,
             raw_output: self.raw_output(g),
         }
@@ -191,6 +307,7 @@ impl ChunkWriter for ChatWriter {
                 delta: ChatDelta {
                     role: Some("assistant".into()),
                     content: Some(String::new()),
+                    ..ChatDelta::default()
                 },
                 logprobs: None,
                 finish_reason: None,
@@ -208,17 +325,31 @@ impl ChunkWriter for ChatWriter {
         delta: Delta,
         generated: &Generated,
     ) -> Vec<ChatChunkChoice> {
+        let reply_text = delta.text.clone();
         let piece = self.renderers[index].piece(delta, generated.prompt_logprobs.as_deref());
+        let echoed = &piece.text[..piece.text.len() - reply_text.len()];
+        let parsed = self.streams[index].push(&reply_text, piece.finish_reason.is_some());
+        let mut content = parsed.content;
+        if !echoed.is_empty() {
+            content = Some(format!("{echoed}{}", content.unwrap_or_default()));
+        }
+        let delta = ChatDelta {
+            role: None,
+            content,
+            reasoning_content: parsed.reasoning,
+            tool_calls: (!parsed.tool_calls.is_empty()).then_some(parsed.tool_calls),
+        };
         let mut chunks = Vec::new();
         let mut tokens = Some((piece.logprobs, piece.token_ids));
-        if !piece.text.is_empty() {
+        // Tokens whose text a parser holds back still report their logprobs and ids.
+        let carries_tokens = tokens
+            .as_ref()
+            .is_some_and(|(l, t)| l.is_some() || t.is_some());
+        if !delta.is_empty() || (carries_tokens && piece.finish_reason.is_none()) {
             let (logprobs, token_ids) = tokens.take().unwrap_or_default();
             chunks.push(ChatChunkChoice {
                 index,
-                delta: ChatDelta {
-                    role: None,
-                    content: Some(piece.text),
-                },
+                delta,
                 logprobs,
                 finish_reason: None,
                 token_ids,
@@ -227,42 +358,32 @@ impl ChunkWriter for ChatWriter {
         }
         if let Some(reason) = piece.finish_reason {
             let (logprobs, token_ids) = tokens.take().unwrap_or_default();
+            let called = self.streams[index].called();
             chunks.push(ChatChunkChoice {
                 index,
                 delta: ChatDelta::default(),
                 logprobs,
-                finish_reason: Some(reason.as_str().into()),
+                finish_reason: Some(ReplyFormat::finish_reason(called, reason).into()),
                 token_ids,
                 raw_output: self.raw_output(generated),
             });
         }
         chunks
     }
-}
 
-/// Tool calling is a later feature: refuse `tools` rather than ignore them.
-fn reject_tool_calling(fields: &ChatFields) -> Result<(), ApiError> {
-    for (param, list) in [("tools", &fields.tools), ("functions", &fields.functions)] {
-        if list.as_ref().is_some_and(|l| !l.is_empty()) {
-            return Err(ApiError::invalid_param(
-                param,
-                format!("Invalid '{param}': tool calling is not supported yet; send the request without '{param}'"),
-            ));
-        }
-    }
-    match &fields.tool_choice {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(choice)) if choice == "none" || choice == "auto" => Ok(()),
-        Some(other) => Err(ApiError::invalid_param(
-            "tool_choice",
-            format!("Invalid 'tool_choice': {other} asks for a tool call, and tool calling is not supported yet"),
-        )),
+    fn usage_details(&self, generated: &[&Generated]) -> Option<CompletionTokensDetails> {
+        ChatWriter::usage_details(self, generated.iter().copied())
     }
 }
 
 /// The conversation rendered by the chat template and tokenized. With `prompt_truncate_len`
 /// the earliest messages (never system ones, never the last) are dropped until it fits.
-fn chat_prompt(state: &AppState, own: ChatFields) -> Result<ChatPrompt, ApiError> {
+fn chat_prompt(
+    state: &AppState,
+    own: ChatFields,
+    tools: Option<Value>,
+    thinking: Option<bool>,
+) -> Result<ChatPrompt, ApiError> {
     let shared = state.shared();
     let Some(template) = &shared.chat_template else {
         return Err(ApiError::invalid_request(
@@ -270,8 +391,11 @@ fn chat_prompt(state: &AppState, own: ChatFields) -> Result<ChatPrompt, ApiError
         ));
     };
     let mut messages = template_messages(own.messages)?;
-    let tools = own.tools.map(Value::Array);
-    let kwargs = own.chat_template_kwargs.unwrap_or_default();
+    let mut kwargs = own.chat_template_kwargs.unwrap_or_default();
+    if let Some(on) = thinking {
+        thinking_kwargs(&mut kwargs, on);
+    }
+    let thinking = thinking_enabled(&kwargs);
     let add_generation_prompt = own.add_generation_prompt.unwrap_or(true);
     let render = |messages: &[Value]| -> Result<ChatPrompt, ApiError> {
         let text = template
@@ -289,7 +413,11 @@ fn chat_prompt(state: &AppState, own: ChatFields) -> Result<ChatPrompt, ApiError
             .tokenizer
             .encode(&text)
             .map_err(ApiError::from_ember)?;
-        Ok(ChatPrompt { text, ids })
+        Ok(ChatPrompt {
+            text,
+            ids,
+            thinking,
+        })
     };
     let mut prompt = render(&messages)?;
     if let Some(limit) = own.prompt_truncate_len {
@@ -553,36 +681,5 @@ mod tests {
         assert!(drop_earliest_message(&mut messages));
         assert_eq!(roles(&messages), ["system", "user"]);
         assert!(!drop_earliest_message(&mut messages));
-    }
-
-    #[test]
-    fn tool_calling_is_refused_by_name() {
-        let param = |body: Value| {
-            reject_tool_calling(&fields(body))
-                .unwrap_err()
-                .body
-                .error
-                .param
-        };
-        assert_eq!(
-            param(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})).as_deref(),
-            Some("tools")
-        );
-        assert_eq!(
-            param(json!({"functions": [{"name": "f"}]})).as_deref(),
-            Some("functions")
-        );
-        assert_eq!(
-            param(json!({"tool_choice": "required"})).as_deref(),
-            Some("tool_choice")
-        );
-        for fine in [
-            json!({}),
-            json!({"tools": []}),
-            json!({"tool_choice": "none"}),
-            json!({"tool_choice": "auto"}),
-        ] {
-            assert!(reject_tool_calling(&fields(fine.clone())).is_ok(), "{fine}");
-        }
     }
 }

@@ -1,6 +1,8 @@
 //! The handlers, one file per endpoint family, and the few helpers they share.
 
 pub(crate) mod chat;
+mod chat_output;
+mod chat_tools;
 pub(crate) mod completions;
 pub(crate) mod lora;
 pub(crate) mod models;

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::{perf_metrics, response_id, usage, ResponseOptions};
-use crate::api::{unix_now, StreamChunk, Usage};
+use crate::api::{unix_now, CompletionTokensDetails, StreamChunk, Usage};
 use crate::choice::{Delta, Generated};
 use crate::error::ApiError;
 use crate::generation::Generation;
@@ -29,6 +29,12 @@ pub(crate) trait ChunkWriter: Send + 'static {
     /// The choices (each its own chunk) for an update of choice `index`; `generated` is that
     /// choice so far.
     fn update(&mut self, index: usize, delta: Delta, generated: &Generated) -> Vec<Self::Choice>;
+
+    /// The breakdown of the completion tokens, given every choice (none by default).
+    fn usage_details(&self, generated: &[&Generated]) -> Option<CompletionTokensDetails> {
+        let _ = generated;
+        None
+    }
 }
 
 /// What every chunk of a stream shares, and where the usage goes.
@@ -174,7 +180,8 @@ impl<W: ChunkWriter> EventStream<W> {
         let all: Vec<&Generated> = (0..self.generation.len())
             .map(|i| self.generation.generated(i))
             .collect();
-        let usage: Usage = usage(&self.spec.prompt_lens, self.spec.n, all);
+        let mut usage: Usage = usage(&self.spec.prompt_lens, self.spec.n, all.iter().copied());
+        usage.completion_tokens_details = self.writer.usage_details(&all);
         if self.spec.perf_metrics {
             chunk.perf_metrics = Some(perf_metrics(&usage, self.generation.timing()));
         }

@@ -16,6 +16,7 @@ use crate::testing::{
 mod extras;
 mod lora;
 mod streaming;
+mod tools;
 
 fn app(engine: &Arc<FakeEngine>, api_key: Option<&str>) -> Router {
     router(test_state_with_key(engine, api_key))

@@ -165,7 +165,7 @@ async fn unsupported_features_and_malformed_formats_are_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
-            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}),
             "tools",
         ),
         ("/v1/completions", json!({"suffix": "end"}), "suffix"),
