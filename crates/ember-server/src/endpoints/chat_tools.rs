@@ -700,6 +700,43 @@ mod tests {
     }
 
     #[test]
+    fn kimi_call_ids_count_on_from_the_calls_in_the_conversation() {
+        let tok = TextTokenizer::from_dir(&fixture_dir("qwen3-moe-tiny")).unwrap();
+        let earlier = json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "functions.get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+            {"id": "functions.get_weather:1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]});
+        let r = request(
+            json!({"tools": [weather()], "tool_choice": "required", "messages": [
+            {"role": "user", "content": "a"}, earlier, {"role": "tool", "content": "x"}]}),
+        );
+        assert_eq!(r.first_call_index, 2);
+        let g = forced_call_grammar(
+            &r,
+            ToolCallFormat::KimiK2,
+            &tok,
+            ThinkingPrefix::None,
+            &[1993],
+        );
+        let call = |i: usize| {
+            format!("<|tool_call_begin|>functions.get_weather:{i}<|tool_call_argument_begin|>{{\"city\": \"a\", \"days\": 1}}<|tool_call_end|>")
+        };
+        let section =
+            |calls: &str| format!("<|tool_calls_section_begin|>{calls}<|tool_calls_section_end|>");
+        assert!(accepts(&tok, &g, &section(&call(2))));
+        assert!(accepts(
+            &tok,
+            &g,
+            &section(&format!("{}{}", call(2), call(3)))
+        ));
+        assert!(!accepts(&tok, &g, &section(&call(0))));
+        assert!(!accepts(
+            &tok,
+            &g,
+            &section(&format!("{}{}", call(2), call(2)))
+        ));
+    }
+
+    #[test]
     fn forced_calls_of_every_family_parse_back() {
         // The tiny tokenizer has none of DeepSeek's or Kimi's markers as tokens, so they are
         // matched as text; what the grammar admits must be what the family's parser reads.
