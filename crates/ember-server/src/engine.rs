@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use ember_core::{RequestOutput, Result, SamplingParams};
+use ember_core::{ModelTask, RequestOutput, Result, SamplingParams};
 use ember_engine::{EngineHandle, LoraManager, StatsSnapshot};
 use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -23,6 +23,12 @@ pub(crate) trait EngineClient: Send + Sync + 'static {
 
     /// The model's end-of-sequence ids (a choice may end on one).
     fn eos_token_ids(&self) -> Vec<u32>;
+
+    /// Length of the model's embeddings when it serves them (`--task embed`); `None` for a model
+    /// that generates.
+    fn embedding_size(&self) -> Option<usize> {
+        None
+    }
 
     /// Queues a request, run with the LoRA `adapter` when one is given; outputs stream on the
     /// receiver, dropping it cancels the request.
@@ -51,6 +57,11 @@ impl EngineClient for EngineHandle {
 
     fn eos_token_ids(&self) -> Vec<u32> {
         self.info().eos_token_ids.clone()
+    }
+
+    fn embedding_size(&self) -> Option<usize> {
+        let info = self.info();
+        (info.task == ModelTask::Embed).then_some(info.hidden_size)
     }
 
     fn submit(

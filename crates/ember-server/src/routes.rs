@@ -1,4 +1,4 @@
-//! The router (OpenAI routes and vLLM's LoRA load/unload under `/v1` and `/inference/v1`, plus
+//! The router (OpenAI routes, embeddings included, and vLLM's LoRA load/unload under `/v1` and `/inference/v1`, plus
 //! `/health`, `/metrics` and `/version`), API-key auth, request counting, and the server loop
 //! with graceful shutdown.
 
@@ -14,7 +14,7 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
-use crate::endpoints::{chat, completions, lora, models};
+use crate::endpoints::{chat, completions, embeddings, lora, models};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::shutdown::{shutdown_signal, DRAIN_TIMEOUT};
@@ -38,6 +38,10 @@ pub fn router(state: AppState) -> Router {
             .route(
                 &format!("{prefix}/completions"),
                 post(completions::completions),
+            )
+            .route(
+                &format!("{prefix}/embeddings"),
+                post(embeddings::embeddings),
             )
             .route(&format!("{prefix}/models"), get(models::list_models))
             .route(

@@ -74,9 +74,19 @@ impl TextTokenizer {
 
     /// Token ids of `text`, adding no special tokens (the chat template already wrote them).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_as(text, false)
+    }
+
+    /// Token ids of `text` with the special tokens the tokenizer's post-processor adds, e.g. the
+    /// `<|endoftext|>` whose hidden state Qwen3-Embedding pools.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_as(text, true)
+    }
+
+    fn encode_as(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let encoding = self
             .inner
-            .encode(text, false)
+            .encode(text, add_special_tokens)
             .map_err(|e| EmberError::Tokenizer(format!("cannot tokenize the prompt: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }

@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 mod json_body;
 
 use std::collections::HashMap;

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::response::Response;
 use serde_json::Value;
 
+use super::prompt_input::{parse_prompt_input, PromptInput as Prompt};
 use super::render::{raw_output, ChoiceRenderer, Echo, LogprobsFormat};
 use super::stream::{sse_response, ChunkWriter, StreamSpec};
 use super::{
@@ -28,13 +29,6 @@ const DEFAULT_MAX_TOKENS: usize = 16;
 const MAX_LEGACY_LOGPROBS: u64 = 5;
 /// Most candidates `best_of` may ask for (OpenAI's limit).
 const MAX_BEST_OF: u32 = 20;
-
-/// One prompt of the request.
-struct Prompt {
-    ids: Vec<u32>,
-    /// The text as sent (echoed as is); `None` when sent as token ids.
-    text: Option<String>,
-}
 
 /// The handler.
 pub(crate) async fn completions(
@@ -278,53 +272,7 @@ fn parse_prompts(
     tokenizer: &TextTokenizer,
     vocab_size: usize,
 ) -> Result<Vec<Prompt>, ApiError> {
-    let invalid = |message: String| ApiError::invalid_param("prompt", message);
-    let shape = "Invalid 'prompt': expected a string, a list of strings, a list of token ids or a list of token-id lists";
-    let text_prompt = |text: String| -> Result<Prompt, ApiError> {
-        let ids = tokenizer.encode(&text).map_err(ApiError::from_ember)?;
-        Ok(Prompt {
-            ids,
-            text: Some(text),
-        })
-    };
-    let token_prompt = |items: &[Value]| -> Result<Prompt, ApiError> {
-        let ids = items
-            .iter()
-            .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
-            .collect::<Option<Vec<u32>>>()
-            .ok_or_else(|| invalid(shape.into()))?;
-        Ok(Prompt { ids, text: None })
-    };
-    let prompts = match value {
-        None | Some(Value::Null) => {
-            return Err(invalid("Missing required parameter: 'prompt'".into()))
-        }
-        Some(Value::String(text)) => vec![text_prompt(text)?],
-        Some(Value::Array(items)) => match items.first() {
-            None => return Err(invalid("Invalid 'prompt': the list is empty".into())),
-            Some(Value::Number(_)) => vec![token_prompt(&items)?],
-            Some(_) => items
-                .into_iter()
-                .map(|v| match v {
-                    Value::String(text) => text_prompt(text),
-                    Value::Array(ids) => token_prompt(&ids),
-                    _ => Err(invalid(shape.into())),
-                })
-                .collect::<Result<_, _>>()?,
-        },
-        Some(_) => return Err(invalid(shape.into())),
-    };
-    for (i, prompt) in prompts.iter().enumerate() {
-        if prompt.ids.is_empty() {
-            return Err(invalid(format!("Invalid 'prompt': prompt {i} is empty")));
-        }
-        if let Some(bad) = prompt.ids.iter().find(|&&id| id as usize >= vocab_size) {
-            return Err(invalid(format!(
-                "Invalid 'prompt': token id {bad} is outside the vocabulary of {vocab_size}"
-            )));
-        }
-    }
-    Ok(prompts)
+    parse_prompt_input(value, "prompt", |text| tokenizer.encode(text), vocab_size)
 }
 
 #[cfg(test)]

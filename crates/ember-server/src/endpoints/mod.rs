@@ -4,8 +4,10 @@ pub(crate) mod chat;
 mod chat_output;
 mod chat_tools;
 pub(crate) mod completions;
+pub(crate) mod embeddings;
 pub(crate) mod lora;
 pub(crate) mod models;
+mod prompt_input;
 mod render;
 mod stream;
 
