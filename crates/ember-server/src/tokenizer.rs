@@ -103,6 +103,11 @@ impl TextTokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The id of a token given by its vocabulary entry (e.g. `</think>`), if it is one token.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// Whether `id` is an added token (a special such as `<|im_end|>`), not ordinary text.
     pub fn is_special(&self, id: u32) -> bool {
         self.added_ids.contains(&id)
@@ -111,11 +116,6 @@ impl TextTokenizer {
     /// Number of ids the tokenizer knows, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
-    }
-
-    /// The id of a token given by its vocabulary entry (e.g. `</think>`), if it is one token.
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
     }
 
     /// The text of one token as OpenAI logprobs show it: the token decoded on its own, specials

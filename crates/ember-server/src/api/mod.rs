@@ -108,7 +108,6 @@ pub struct Usage {
     pub total_tokens: usize,
     /// Breakdown of the prompt tokens.
     pub prompt_tokens_details: PromptTokensDetails,
-}
     /// Breakdown of the completion tokens, when a reasoning parser applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_tokens_details: Option<CompletionTokensDetails>,
@@ -119,6 +118,7 @@ pub struct Usage {
 pub struct CompletionTokensDetails {
     /// Tokens of the reasoning, its closing tag included.
     pub reasoning_tokens: usize,
+}
 
 /// How many prompt tokens were served from the prefix cache.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -135,8 +135,8 @@ impl Usage {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             prompt_tokens_details: PromptTokensDetails { cached_tokens },
-        }
             completion_tokens_details: None,
+        }
     }
 }
 
