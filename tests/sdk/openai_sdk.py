@@ -2,7 +2,9 @@
 demo model: `chat.completions.parse` with Pydantic models (structured output and strict tools),
 forced tool calls whole and streamed, the tool-result turn, and JSON mode.
 
-Usage: python openai_sdk.py BASE_URL MODEL
+Usage: python openai_sdk.py BASE_URL MODEL [EMBED_BASE_URL EMBED_MODEL REFERENCE_JSON]
+(with the embedding server: `embeddings.create`, which asks for base64 and decodes it, against
+the transformers reference of the tiny Qwen3-Embedding checkpoint).
 """
 
 import json
@@ -113,6 +115,26 @@ try:
     check(False, "tool_choice without tools was accepted")
 except openai.BadRequestError as e:
     check(e.param == "tool_choice", f"400 param {e.param}")
+
+# 7. Embeddings through the SDK (base64 on the wire by default), against transformers.
+if len(sys.argv) > 5:
+    embed_client = openai.OpenAI(base_url=sys.argv[3], api_key="unused", max_retries=0)
+    reference = json.load(open(sys.argv[5]))
+    texts = [item["text"] for item in reference["inputs"]]
+    result = embed_client.embeddings.create(model=sys.argv[4], input=texts)
+    check(len(result.data) == len(texts), "embeddings: count")
+    for item, got in zip(reference["inputs"], result.data):
+        diff = max(abs(a - b) for a, b in zip(item["embedding"], got.embedding))
+        check(len(got.embedding) == len(item["embedding"]) and diff < 1e-4,
+              f"embeddings: {item['text'][:20]!r} differs by {diff}")
+    check(result.usage.prompt_tokens == sum(len(i["token_ids"]) for i in reference["inputs"]),
+          f"embeddings: usage {result.usage}")
+    case = reference["dimensions"][0]
+    short = embed_client.embeddings.create(
+        model=sys.argv[4], input=texts[case["input"]], dimensions=case["dimensions"],
+    ).data[0].embedding
+    diff = max(abs(a - b) for a, b in zip(case["embedding"], short))
+    check(len(short) == case["dimensions"] and diff < 1e-4, f"embeddings: dimensions differ by {diff}")
 
 print(f"openai {openai.__version__}: {len(failures)} failures")
 sys.exit(1 if failures else 0)

@@ -17,13 +17,22 @@ if ! "$VENV/bin/python" -c "import openai, pydantic" 2>/dev/null; then
   fi
 fi
 [ -x "$EMBER" ] || cargo build -q -p ember-cli
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+EMBED_PORT=$(free_port)
 "$EMBER" serve --served-model-name demo --port "$PORT" > target/sdk-serve.log 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-  curl -fs "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
-  kill -0 $SERVER 2>/dev/null || { cat target/sdk-serve.log; exit 1; }
-  sleep 0.1
+"$EMBER" serve --model models/qwen3-embedding-tiny --dtype float32 --served-model-name embed \
+  --port "$EMBED_PORT" > target/sdk-serve-embed.log 2>&1 &
+EMBED_SERVER=$!
+trap 'kill $SERVER $EMBED_SERVER 2>/dev/null || true' EXIT
+for port in "$PORT" "$EMBED_PORT"; do
+  for _ in $(seq 600); do
+    curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    kill -0 $SERVER 2>/dev/null && kill -0 $EMBED_SERVER 2>/dev/null \
+      || { cat target/sdk-serve.log target/sdk-serve-embed.log; exit 1; }
+    sleep 0.1
+  done
 done
-"$VENV/bin/python" tests/sdk/openai_sdk.py "http://127.0.0.1:$PORT/v1" demo
+"$VENV/bin/python" tests/sdk/openai_sdk.py "http://127.0.0.1:$PORT/v1" demo \
+  "http://127.0.0.1:$EMBED_PORT/v1" embed models/qwen3-embedding-tiny/reference.json
