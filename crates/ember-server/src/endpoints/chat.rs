@@ -28,6 +28,7 @@ use crate::choice::{ChoiceJob, Delta, Generated};
 use crate::error::ApiError;
 use crate::generation::Generation;
 use crate::reasoning_parser::prompt_opens_reasoning;
+use crate::sampling::GenerationPlan;
 use crate::state::AppState;
 use crate::structured::OutputFormat;
 use crate::tokenizer::TextTokenizer;
@@ -75,8 +76,7 @@ pub(crate) async fn chat_completions(
         })?),
         _ => None,
     };
-    let forced = tools.as_ref().filter(|t| t.forced());
-    if forced.is_some() && plan.params.constraint.is_some() {
+    if tools.as_ref().is_some_and(ToolRequest::forced) && plan.params.constraint.is_some() {
         return Err(ApiError::invalid_param(
             "tool_choice",
             "Invalid 'tool_choice': a required tool call cannot be combined with 'response_format'",
@@ -93,33 +93,7 @@ pub(crate) async fn chat_completions(
         let state = state.clone();
         run_blocking(move || chat_prompt(&state, own, template_tools, thinking)).await?
     };
-    let reasoning = shared.reasoning_format.is_some();
-    let starts_in_reasoning = reasoning && prompt_opens_reasoning(&prompt.text);
-    let reply = ReplyFormat::new(
-        &shared.tokenizer,
-        reasoning,
-        starts_in_reasoning,
-        tool_format,
-        tools.as_ref().is_none_or(|t| t.parallel),
-    );
-    if let (Some(forced), Some(format)) = (forced, tool_format) {
-        // A thinking model may think before it calls, unless the prompt closed the thinking
-        // (Qwen3 without thinking, DeepSeek V3.1's default).
-        let closed = prompt.text.trim_end().ends_with("</think>");
-        let prefix = match (reasoning, starts_in_reasoning, prompt.thinking && !closed) {
-            (false, _, _) => ThinkingPrefix::None,
-            (true, true, _) => ThinkingPrefix::Open,
-            (true, false, true) => ThinkingPrefix::Optional,
-            (true, false, false) => ThinkingPrefix::None,
-        };
-        let eos = shared.engine.eos_token_ids();
-        let grammar = forced_call_grammar(forced, format, &shared.tokenizer, prefix, &eos);
-        plan.params.constraint =
-            Some(compile_format(&state, OutputFormat::Lark(grammar), "tools").await?);
-    }
-    if hides_markers(&shared.tokenizer, reasoning, tool_format) {
-        plan.skip_special_tokens = false;
-    }
+    let reply = reply_format(&state, &prompt, tools.as_ref(), tool_format, &mut plan).await?;
     let max_tokens =
         plan.max_tokens_for(prompt.ids.len(), None, limits.max_model_len, "messages")?;
     let jobs: Vec<ChoiceJob> = (0..plan.n)
@@ -181,6 +155,46 @@ struct ChatPrompt {
     ids: Vec<u32>,
     /// Whether the template was asked to let the model think.
     thinking: bool,
+}
+
+/// How the replies are read back (thinking, tool calls), and for a forced call the grammar
+/// that decodes it; special tokens are kept when the parsers need them.
+async fn reply_format(
+    state: &AppState,
+    prompt: &ChatPrompt,
+    tools: Option<&ToolRequest>,
+    tool_format: Option<ToolCallFormat>,
+    plan: &mut GenerationPlan,
+) -> Result<ReplyFormat, ApiError> {
+    let shared = state.shared();
+    let reasoning = shared.reasoning_format.is_some();
+    let starts_in_reasoning = reasoning && prompt_opens_reasoning(&prompt.text);
+    let reply = ReplyFormat::new(
+        &shared.tokenizer,
+        reasoning,
+        starts_in_reasoning,
+        tool_format,
+        tools.is_none_or(|t| t.parallel),
+    );
+    if let (Some(forced), Some(format)) = (tools.filter(|t| t.forced()), tool_format) {
+        // A thinking model may think before it calls, unless the prompt closed the thinking
+        // (Qwen3 without thinking, DeepSeek V3.1's default).
+        let closed = prompt.text.trim_end().ends_with("</think>");
+        let prefix = match (reasoning, starts_in_reasoning, prompt.thinking && !closed) {
+            (false, _, _) => ThinkingPrefix::None,
+            (true, true, _) => ThinkingPrefix::Open,
+            (true, false, true) => ThinkingPrefix::Optional,
+            (true, false, false) => ThinkingPrefix::None,
+        };
+        let eos = shared.engine.eos_token_ids();
+        let grammar = forced_call_grammar(forced, format, &shared.tokenizer, prefix, &eos);
+        plan.params.constraint =
+            Some(compile_format(state, OutputFormat::Lark(grammar), "tools").await?);
+    }
+    if hides_markers(&shared.tokenizer, reasoning, tool_format) {
+        plan.skip_special_tokens = false;
+    }
+    Ok(reply)
 }
 
 /// Whether decoding with special tokens skipped would hide the markers a parser reads
