@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{EmberError, Result};
+use crate::quantization::{parse_quantization_config, WeightQuantization};
 
 /// The model families ember runs, chosen from `model_type` / `architectures`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,9 +212,8 @@ pub struct ModelConfig {
     pub moe: Option<MoeConfig>,
     /// Present for the DeepSeek-V3 family.
     pub deepseek: Option<DeepseekConfig>,
-    /// `[rows, cols]` of one scale block of an FP8 block-quantized checkpoint
-    /// (`quantization_config.quant_method: fp8`, `weight_block_size`).
-    pub fp8_weight_block_size: Option<[usize; 2]>,
+    /// How the checkpoint stores its quantized linear weights (`quantization_config`), if it does.
+    pub quantization: Option<WeightQuantization>,
 }
 
 /// config.json as written on disk; every key optional so that errors can name what is missing.
@@ -279,36 +279,6 @@ pub fn token_ids_from_json(value: &Value) -> Vec<u32> {
             .filter_map(|v| v.as_u64().map(|v| v as u32))
             .collect(),
         _ => Vec::new(),
-    }
-}
-
-fn parse_quantization(qc: Option<&Value>) -> Result<Option<[usize; 2]>> {
-    let Some(qc) = qc.filter(|q| !q.is_null()) else {
-        return Ok(None);
-    };
-    let method = qc.get("quant_method").and_then(Value::as_str).unwrap_or("");
-    if method != "fp8" {
-        return Err(EmberError::Config(format!(
-            "quantization_config quant_method {method:?} is not supported yet; supported: fp8 (block-quantized)"
-        )));
-    }
-    if let Some(fmt) = qc.get("fmt").and_then(Value::as_str) {
-        if fmt != "e4m3" {
-            return Err(EmberError::Config(format!(
-                "fp8 format {fmt:?} is not supported; only e4m3 checkpoints load"
-            )));
-        }
-    }
-    let block = qc
-        .get("weight_block_size")
-        .and_then(Value::as_array)
-        .map(|b| b.iter().filter_map(Value::as_u64).collect::<Vec<_>>())
-        .unwrap_or_default();
-    match block.as_slice() {
-        [r, c] if *r > 0 && *c > 0 => Ok(Some([*r as usize, *c as usize])),
-        _ => Err(EmberError::Config(
-            "fp8 quantization_config needs `weight_block_size: [rows, cols]`; per-tensor fp8 checkpoints are not supported yet".into(),
-        )),
     }
 }
 
@@ -539,7 +509,7 @@ impl ModelConfig {
                 .unwrap_or_default(),
             moe,
             deepseek,
-            fp8_weight_block_size: parse_quantization(raw.quantization_config.as_ref())?,
+            quantization: parse_quantization_config(raw.quantization_config.as_ref())?,
         })
     }
 

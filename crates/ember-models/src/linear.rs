@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use ember_core::{EmberError, Result};
 
 use crate::lora::{LoraRows, LoraTargets};
+use crate::quantized::dequantize_weight;
 use crate::weights::Weights;
 use crate::TensorResult;
 
@@ -96,39 +97,23 @@ pub fn load_linear(
     }))
 }
 
-/// Loads `<prefix>.weight` `[out, in]` in the model dtype. An FP8 block-quantized weight
-/// (float8_e4m3fn with `<prefix>.weight_scale_inv`, one f32 per block) is dequantized here, at
-/// load: CPU matmuls need a float weight anyway, so the model then holds it in the model dtype
-/// (4 bytes per parameter in f32, 2 in bf16: 2-4x the checkpoint's 1 byte) and pays nothing per
-/// step. `scale_fmt: ue8m0` scales are powers of two stored as f32, so they need no decoding.
+/// Loads `<prefix>.weight` `[out, in]` in the model dtype. A weight the checkpoint stores
+/// quantized (block FP8, packed INT4/INT8, NVFP4, MXFP4: see [`crate::quantized`]) is
+/// dequantized here, at load, so the model holds it in the model dtype (4 bytes per parameter in
+/// f32, 2 in bf16, against the checkpoint's 0.5-1) and pays nothing per step.
 pub fn load_weight(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Tensor> {
-    let Some([block_rows, block_cols]) = weights.fp8_block_of("weight") else {
-        return weights.get("weight", (out_dim, in_dim));
-    };
-    let (rows, cols) = (out_dim.div_ceil(block_rows), in_dim.div_ceil(block_cols));
-    let weight = weights.get_as("weight", (out_dim, in_dim), DType::F32)?;
-    let scale = weights.get_as("weight_scale_inv", (rows, cols), DType::F32)?;
-    dequantize_fp8_blocks(&weight, &scale, [block_rows, block_cols])
-        .and_then(|w| w.to_dtype(weights.dtype()))
-        .map_err(|e| EmberError::Weights(format!("cannot dequantize fp8 weight: {e}")))
-}
-
-/// `weight[i, j] * scale[i / block_rows, j / block_cols]`, for an f32 weight `[out, in]`.
-pub fn dequantize_fp8_blocks(
-    weight: &Tensor,
-    scale: &Tensor,
-    [block_rows, block_cols]: [usize; 2],
-) -> TensorResult {
-    let (out_dim, in_dim) = weight.dims2()?;
-    let (rows, cols) = scale.dims2()?;
-    let expanded = scale
-        .unsqueeze(1)?
-        .unsqueeze(3)?
-        .broadcast_as((rows, block_rows, cols, block_cols))?
-        .reshape((rows * block_rows, cols * block_cols))?
-        .narrow(0, 0, out_dim)?
-        .narrow(1, 0, in_dim)?;
-    weight.mul(&expanded)
+    match dequantize_weight(weights, in_dim, out_dim)? {
+        None => weights.get("weight", (out_dim, in_dim)),
+        Some(w) => w
+            .to_dtype(weights.dtype())
+            .and_then(|w| w.to_device(weights.device()))
+            .map_err(|e| {
+                EmberError::Weights(format!(
+                    "cannot dequantize `{}.weight`: {e}",
+                    weights.prefix()
+                ))
+            }),
+    }
 }
 
 /// A linear layer over an already loaded weight (tied embeddings).
@@ -141,37 +126,4 @@ pub fn linear_from_weight(weight: Tensor) -> Arc<dyn LinearLayer> {
 /// Shorthand used by layers: forward through a shared linear layer.
 pub fn apply(layer: &Arc<dyn LinearLayer>, x: &Tensor) -> TensorResult {
     layer.forward(x)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn fp8_blocks_scale_their_own_rows_and_columns_including_partial_edges() {
-        // A 3x5 weight of ones in 2x2 blocks: scale rows 2, cols 3 (the last block partial).
-        let weight = Tensor::ones((3, 5), DType::F32, &Device::Cpu).unwrap();
-        let scale = Tensor::new(&[[1f32, 2.0, 4.0], [0.5, 0.25, 8.0]], &Device::Cpu).unwrap();
-        let got = dequantize_fp8_blocks(&weight, &scale, [2, 2])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(got[0], vec![1.0, 1.0, 2.0, 2.0, 4.0]);
-        assert_eq!(got[1], vec![1.0, 1.0, 2.0, 2.0, 4.0]);
-        assert_eq!(got[2], vec![0.5, 0.5, 0.25, 0.25, 8.0]);
-    }
-
-    #[test]
-    fn e4m3_values_convert_exactly() {
-        // 448 is e4m3's largest finite value; 0.01953125 = 2^-6 * 1.25 is a normal one.
-        let values = [448f32, -0.019_531_25, 1.5, 0.0];
-        let t = Tensor::new(&values, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F8E4M3)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        assert_eq!(t.to_vec1::<f32>().unwrap(), values);
-    }
 }

@@ -198,7 +198,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     let weights = match opts.load_format {
         LoadFormat::Safetensors => {
             Weights::from_safetensors(&safetensors_files(&dir)?, dtype, &opts.device)?
-                .with_fp8_block_size(config.fp8_weight_block_size)
+                .with_quantization(config.quantization)
         }
         LoadFormat::Dummy => Weights::dummy(opts.seed, dtype, &opts.device),
     };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
-use ember_core::{EmberError, Result};
+use ember_core::{EmberError, Result, WeightQuantization};
 
 /// How weights are produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +30,8 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
-    /// Scale block `[rows, cols]` of an FP8 block-quantized checkpoint.
-    fp8_block: Option<[usize; 2]>,
+    /// How the checkpoint stores its quantized linear weights (from config.json).
+    quantization: Option<WeightQuantization>,
 }
 
 fn tensor_err(e: candle_core::Error) -> EmberError {
@@ -50,7 +50,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
-            fp8_block: None,
+            quantization: None,
         })
     }
 
@@ -61,29 +61,49 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
-            fp8_block: None,
+            quantization: None,
         }
     }
 
-    /// Marks the checkpoint as FP8 block-quantized with scale blocks of `block` (from config.json).
-    pub fn with_fp8_block_size(self, block: Option<[usize; 2]>) -> Self {
+    /// Marks the checkpoint's linear weights as stored in `quantization` (from config.json).
+    pub fn with_quantization(self, quantization: Option<WeightQuantization>) -> Self {
         Self {
-            fp8_block: block,
+            quantization,
             ..self
         }
     }
 
-    /// The FP8 scale block of tensor `name` when it is stored block-quantized (float8_e4m3fn with
-    /// a `<name>_scale_inv` next to it); `None` for everything else, dummy weights included.
-    pub fn fp8_block_of(&self, name: &str) -> Option<[usize; 2]> {
-        let block = self.fp8_block?;
+    /// The checkpoint's weight quantization; `None` for unquantized and dummy weights.
+    pub fn quantization(&self) -> Option<WeightQuantization> {
+        match self.source.as_ref() {
+            Source::Mmap(_) => self.quantization,
+            Source::Dummy { .. } => None,
+        }
+    }
+
+    /// The stored dtype of tensor `name`, if the checkpoint holds it (`None` for dummy weights).
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
         let Source::Mmap(m) = self.source.as_ref() else {
             return None;
         };
         let view = m.get(&self.full_name(name)).ok()?;
-        (DType::try_from(view.dtype()).ok() == Some(DType::F8E4M3)
-            && m.get(&self.full_name(&format!("{name}_scale_inv"))).is_ok())
-        .then_some(block)
+        DType::try_from(view.dtype()).ok()
+    }
+
+    /// Loads tensor `name` as stored (its own dtype and shape), on the CPU: the packed storage
+    /// of a quantized weight, read by the dequantizers.
+    pub fn get_stored(&self, name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let Source::Mmap(m) = self.source.as_ref() else {
+            return Err(EmberError::Weights(format!(
+                "tensor `{full}`: dummy weights hold no quantized storage"
+            )));
+        };
+        m.get(&full).map_err(|_| {
+            EmberError::Weights(format!("tensor `{full}` is missing from the checkpoint"))
+        })?;
+        m.load(&full, &Device::Cpu)
+            .map_err(|e| EmberError::Weights(format!("tensor `{full}` cannot be loaded: {e}")))
     }
 
     /// The same weights with `name` appended to the prefix (`model` → `model.layers`).

@@ -217,7 +217,10 @@ fn fp8_block_checkpoints_dequantize_to_the_reference_weights() {
     // prompt log-probabilities must match it.
     for name in ["deepseek-v3-fp8-tiny", "deepseek-v3-fp8-ue8m0-tiny"] {
         let loaded = load_model(&options(name)).unwrap();
-        assert_eq!(loaded.config.fp8_weight_block_size, Some([128, 128]));
+        assert_eq!(
+            loaded.config.quantization,
+            Some(ember_core::WeightQuantization::Fp8Block([128, 128]))
+        );
         let text = std::fs::read_to_string(models_dir().join(name).join("reference.json")).unwrap();
         let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
         // The longest prompt, so that many positions are checked.

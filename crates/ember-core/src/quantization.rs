@@ -1,0 +1,335 @@
+//! How a checkpoint stores its linear weights, read from config.json's `quantization_config`,
+//! and what `--quantization` asks for. Which tensors are quantized is read from the checkpoint
+//! itself (a `weight_packed` or a float8 `weight` next to its scales): the config says how.
+
+use serde_json::Value;
+
+use crate::error::{EmberError, Result};
+
+/// The storage format of a checkpoint's quantized linear weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightQuantization {
+    /// float8_e4m3fn with one f32 `weight_scale_inv` per `[rows, cols]` block (DeepSeek's
+    /// `quant_method: fp8`, `weight_block_size`).
+    Fp8Block([usize; 2]),
+    /// compressed-tensors `pack-quantized`: `num_bits`-bit integers packed densely into int32
+    /// `weight_packed`, a `weight_scale` per `group_size` input columns (`None`: one per output
+    /// channel), a packed `weight_zero_point` unless `symmetric` (W4A16 / W8A16, GPTQ / AWQ-style).
+    PackedInt {
+        num_bits: u32,
+        group_size: Option<usize>,
+        symmetric: bool,
+    },
+    /// NVFP4: e2m1 pairs in uint8, one float8_e4m3fn scale per 16 inputs and an f32 global scale.
+    Nvfp4(Nvfp4Layout),
+    /// MXFP4: e2m1 pairs in uint8 `weight_packed`, one e8m0 (uint8, bias 127) scale per 32
+    /// inputs (compressed-tensors `mxfp4-pack-quantized`).
+    Mxfp4,
+}
+
+/// Where an NVFP4 checkpoint keeps its global scale, and which way it applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nvfp4Layout {
+    /// compressed-tensors `nvfp4-pack-quantized`: `weight_packed`, `weight_scale`,
+    /// `weight_global_scale`; `w = e2m1 * (scale / global_scale)`.
+    CompressedTensors,
+    /// NVIDIA ModelOpt (`quant_method: modelopt`, `quant_algo: NVFP4`): `weight` (uint8),
+    /// `weight_scale`, `weight_scale_2`; `w = e2m1 * (scale * scale_2)`.
+    ModelOpt,
+}
+
+impl WeightQuantization {
+    /// The `--quantization` name of the format, as vLLM spells it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Fp8Block(_) => "fp8",
+            Self::PackedInt { .. } | Self::Nvfp4(Nvfp4Layout::CompressedTensors) | Self::Mxfp4 => {
+                "compressed-tensors"
+            }
+            Self::Nvfp4(Nvfp4Layout::ModelOpt) => "modelopt",
+        }
+    }
+}
+
+/// Parses `quantization_config`; `None` (or null) is an unquantized checkpoint.
+pub fn parse_quantization_config(qc: Option<&Value>) -> Result<Option<WeightQuantization>> {
+    let Some(qc) = qc.filter(|q| !q.is_null()) else {
+        return Ok(None);
+    };
+    let method = qc.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    match method {
+        "fp8" => parse_fp8(qc).map(Some),
+        "compressed-tensors" => parse_compressed_tensors(qc).map(Some),
+        "modelopt" => parse_modelopt(qc).map(Some),
+        _ => Err(EmberError::Config(format!(
+            "quantization_config quant_method {method:?} is not supported yet; supported: fp8 (block-quantized), \
+             compressed-tensors (pack-quantized, nvfp4-pack-quantized, mxfp4-pack-quantized), modelopt (NVFP4)"
+        ))),
+    }
+}
+
+fn parse_fp8(qc: &Value) -> Result<WeightQuantization> {
+    if let Some(fmt) = qc.get("fmt").and_then(Value::as_str) {
+        if fmt != "e4m3" {
+            return Err(EmberError::Config(format!(
+                "fp8 format {fmt:?} is not supported; only e4m3 checkpoints load"
+            )));
+        }
+    }
+    let block = qc
+        .get("weight_block_size")
+        .and_then(Value::as_array)
+        .map(|b| b.iter().filter_map(Value::as_u64).collect::<Vec<_>>())
+        .unwrap_or_default();
+    match block.as_slice() {
+        [r, c] if *r > 0 && *c > 0 => Ok(WeightQuantization::Fp8Block([*r as usize, *c as usize])),
+        _ => Err(EmberError::Config(
+            "fp8 quantization_config needs `weight_block_size: [rows, cols]`; per-tensor fp8 checkpoints are not supported yet".into(),
+        )),
+    }
+}
+
+fn parse_modelopt(qc: &Value) -> Result<WeightQuantization> {
+    // config.json carries the algorithm at the top level; hf_quant_config.json nests it.
+    let algo = qc
+        .get("quant_algo")
+        .or_else(|| qc.pointer("/quantization/quant_algo"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let group = qc
+        .get("group_size")
+        .or_else(|| qc.pointer("/quantization/group_size"))
+        .and_then(Value::as_u64)
+        .unwrap_or(16);
+    if algo != "NVFP4" || group != 16 {
+        return Err(EmberError::Config(format!(
+            "modelopt quant_algo {algo:?} with group_size {group} is not supported; only NVFP4 (group 16) loads"
+        )));
+    }
+    Ok(WeightQuantization::Nvfp4(Nvfp4Layout::ModelOpt))
+}
+
+/// One scheme for the whole checkpoint: every config group must agree on the format and the
+/// weight arguments (mixed-precision checkpoints are refused, naming the groups).
+fn parse_compressed_tensors(qc: &Value) -> Result<WeightQuantization> {
+    let groups = qc
+        .get("config_groups")
+        .and_then(Value::as_object)
+        .filter(|g| !g.is_empty())
+        .ok_or_else(|| {
+            EmberError::Config("compressed-tensors quantization_config has no config_groups".into())
+        })?;
+    let top_format = qc.get("format").and_then(Value::as_str);
+    let mut found: Option<(String, WeightQuantization)> = None;
+    for (name, group) in groups {
+        let format = group
+            .get("format")
+            .and_then(Value::as_str)
+            .or(top_format)
+            .unwrap_or("");
+        let scheme = parse_compressed_tensors_group(name, format, group)?;
+        match &found {
+            Some((first, s)) if *s != scheme => {
+                return Err(EmberError::Config(format!(
+                    "compressed-tensors config groups {first:?} ({s:?}) and {name:?} ({scheme:?}) differ; \
+                     mixed-precision checkpoints are not supported yet"
+                )))
+            }
+            Some(_) => {}
+            None => found = Some((name.clone(), scheme)),
+        }
+    }
+    Ok(found.expect("config_groups is not empty").1)
+}
+
+fn parse_compressed_tensors_group(
+    name: &str,
+    format: &str,
+    group: &Value,
+) -> Result<WeightQuantization> {
+    let w = group.get("weights").filter(|w| !w.is_null()).ok_or_else(|| {
+        EmberError::Config(format!(
+            "compressed-tensors group {name:?} quantizes no weights; only weight quantization is supported"
+        ))
+    })?;
+    let num_bits = w.get("num_bits").and_then(Value::as_u64).unwrap_or(0) as u32;
+    let kind = w.get("type").and_then(Value::as_str).unwrap_or("");
+    let strategy = w.get("strategy").and_then(Value::as_str).unwrap_or("");
+    let group_size = w
+        .get("group_size")
+        .and_then(Value::as_u64)
+        .map(|g| g as usize);
+    let symmetric = w.get("symmetric").and_then(Value::as_bool).unwrap_or(true);
+    let bad = |why: &str| {
+        EmberError::Config(format!(
+            "compressed-tensors group {name:?} (format {format:?}, {num_bits}-bit {kind}, strategy {strategy:?}, \
+             group_size {group_size:?}): {why}"
+        ))
+    };
+    match format {
+        "pack-quantized" => {
+            if group.get("input_activations").is_some_and(|a| !a.is_null()) {
+                return Err(bad(
+                    "activation quantization is not supported; only weight-only (W4A16 / W8A16) pack-quantized loads",
+                ));
+            }
+            if w.get("actorder").and_then(Value::as_str) == Some("group") {
+                return Err(bad(
+                    "actorder \"group\" (a weight_g_idx column permutation) is not supported yet",
+                ));
+            }
+            if kind != "int" || !(1..=8).contains(&num_bits) {
+                return Err(bad("pack-quantized holds 1-8 bit integers"));
+            }
+            let group_size = match strategy {
+                "group" => match group_size {
+                    Some(g) if g > 0 => Some(g),
+                    _ => return Err(bad("strategy group needs a positive group_size")),
+                },
+                "channel" => None,
+                _ => return Err(bad("only group and channel strategies are supported")),
+            };
+            Ok(WeightQuantization::PackedInt {
+                num_bits,
+                group_size,
+                symmetric,
+            })
+        }
+        // Activation scales of W4A4 checkpoints are ignored: the CPU path runs W4A16.
+        "nvfp4-pack-quantized" if kind == "float" && num_bits == 4 && group_size == Some(16) => {
+            Ok(WeightQuantization::Nvfp4(Nvfp4Layout::CompressedTensors))
+        }
+        "mxfp4-pack-quantized" if kind == "float" && num_bits == 4 && group_size == Some(32) => {
+            Ok(WeightQuantization::Mxfp4)
+        }
+        "nvfp4-pack-quantized" | "mxfp4-pack-quantized" => Err(bad(
+            "nvfp4 needs 4-bit float weights in groups of 16, mxfp4 in groups of 32",
+        )),
+        _ => Err(bad(
+            "supported formats: pack-quantized, nvfp4-pack-quantized, mxfp4-pack-quantized",
+        )),
+    }
+}
+
+/// What `--quantization` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuantizationRequest {
+    /// Whatever the checkpoint's `quantization_config` says (none: unquantized).
+    #[default]
+    Auto,
+    /// `fp8`: a checkpoint's block FP8 as is, or a 16/32-bit checkpoint quantized at load to
+    /// float8_e4m3fn with one f32 scale per output channel (online FP8).
+    Fp8,
+    /// A named checkpoint method (`compressed-tensors`, `modelopt`) that must match config.json.
+    Checkpoint(&'static str),
+}
+
+impl QuantizationRequest {
+    /// Parses a `--quantization` value.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "auto" | "none" => Ok(Self::Auto),
+            "fp8" => Ok(Self::Fp8),
+            "compressed-tensors" | "compressed_tensors" => {
+                Ok(Self::Checkpoint("compressed-tensors"))
+            }
+            "modelopt" | "modelopt_fp4" | "nvfp4" => Ok(Self::Checkpoint("modelopt")),
+            other => Err(EmberError::Config(format!(
+                "unknown --quantization {other:?}; use auto, fp8, compressed-tensors or modelopt"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<Option<WeightQuantization>> {
+        parse_quantization_config(Some(&v))
+    }
+
+    #[test]
+    fn kimi_k2_thinking_int4_experts_parse_as_packed_w4a16_group_32() {
+        let qc = json!({
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed", "kv_cache_scheme": null,
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": null, "output_activations": null,
+                "weights": {"num_bits": 4, "type": "int", "symmetric": true, "group_size": 32,
+                            "strategy": "group", "dynamic": false, "actorder": null, "observer": "minmax"}}}
+        });
+        assert_eq!(
+            parse(qc).unwrap(),
+            Some(WeightQuantization::PackedInt {
+                num_bits: 4,
+                group_size: Some(32),
+                symmetric: true
+            })
+        );
+    }
+
+    #[test]
+    fn fp4_formats_and_fp8_blocks_parse() {
+        let nv = json!({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+            "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group"}}}});
+        assert_eq!(
+            parse(nv).unwrap(),
+            Some(WeightQuantization::Nvfp4(Nvfp4Layout::CompressedTensors))
+        );
+        let mx = json!({"quant_method": "compressed-tensors",
+            "config_groups": {"g": {"format": "mxfp4-pack-quantized",
+                "weights": {"num_bits": 4, "type": "float", "group_size": 32, "strategy": "group"}}}});
+        assert_eq!(parse(mx).unwrap(), Some(WeightQuantization::Mxfp4));
+        let mo = json!({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16});
+        assert_eq!(
+            parse(mo).unwrap(),
+            Some(WeightQuantization::Nvfp4(Nvfp4Layout::ModelOpt))
+        );
+        let fp8 = json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]});
+        assert_eq!(
+            parse(fp8).unwrap(),
+            Some(WeightQuantization::Fp8Block([128, 128]))
+        );
+        assert_eq!(parse(Value::Null).unwrap(), None);
+    }
+
+    #[test]
+    fn unsupported_schemes_are_refused_naming_what_is_wrong() {
+        let w8a8 = json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+                                    "input_activations": {"num_bits": 8, "type": "int", "dynamic": true}}}});
+        let err = parse(w8a8).unwrap_err().to_string();
+        assert!(err.contains("activation quantization"), "{err}");
+        let mixed = json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "config_groups": {
+                "a": {"weights": {"num_bits": 4, "type": "int", "group_size": 32, "strategy": "group"}},
+                "b": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}});
+        let err = parse(mixed).unwrap_err().to_string();
+        assert!(
+            err.contains("mixed-precision") && err.contains("\"b\""),
+            "{err}"
+        );
+        let awq = json!({"quant_method": "awq", "bits": 4});
+        let err = parse(awq).unwrap_err().to_string();
+        assert!(
+            err.contains("\"awq\"") && err.contains("compressed-tensors"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn quantization_flag_values() {
+        assert_eq!(
+            QuantizationRequest::parse("auto").unwrap(),
+            QuantizationRequest::Auto
+        );
+        assert_eq!(
+            QuantizationRequest::parse("FP8").unwrap(),
+            QuantizationRequest::Fp8
+        );
+        let err = QuantizationRequest::parse("gguf").unwrap_err().to_string();
+        assert!(err.contains("gguf") && err.contains("fp8"), "{err}");
+    }
+}

@@ -1,0 +1,194 @@
+//! The dequantizing CPU references of the checkpoint weight formats: each turns a quantized
+//! `<prefix>.weight` back into an f32 `[out, in]` matrix. They are the correctness oracle of
+//! any GPU kernel and the CPU serving path (CPU matmuls need a float weight anyway: the model
+//! then holds it in the model dtype and pays nothing per step).
+
+pub mod fp4;
+pub mod fp8;
+pub mod packed_int;
+
+use candle_core::{DType, Device, Tensor};
+use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};
+
+use crate::weights::Weights;
+
+/// Dequantizes `<prefix>.weight` `[out_dim, in_dim]` to f32 on the CPU when the checkpoint
+/// stores it quantized; `None` when it is stored plain (an ignored module: embeddings, router,
+/// or whatever the checkpoint's ignore list kept in 16 bits).
+pub fn dequantize_weight(
+    weights: &Weights,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Option<Tensor>> {
+    let Some(scheme) = weights.quantization() else {
+        return Ok(None);
+    };
+    let w = match scheme {
+        WeightQuantization::Fp8Block(block) => {
+            if weights.stored_dtype("weight") != Some(DType::F8E4M3)
+                || !weights.contains("weight_scale_inv")
+            {
+                return Ok(None);
+            }
+            let (rows, cols) = (out_dim.div_ceil(block[0]), in_dim.div_ceil(block[1]));
+            let weight = weights.get_as("weight", (out_dim, in_dim), DType::F32)?;
+            let scale = weights.get_as("weight_scale_inv", (rows, cols), DType::F32)?;
+            fp8::dequantize_fp8_blocks(&weight, &scale, block)
+                .map_err(|e| dequant_err(weights, e))?
+        }
+        WeightQuantization::PackedInt {
+            num_bits,
+            group_size,
+            symmetric,
+        } => {
+            if !weights.contains("weight_packed") {
+                return Ok(None);
+            }
+            packed_int_weight(weights, [out_dim, in_dim], num_bits, group_size, symmetric)?
+        }
+        WeightQuantization::Nvfp4(layout) => {
+            let (packed, global) = match layout {
+                Nvfp4Layout::CompressedTensors => ("weight_packed", "weight_global_scale"),
+                Nvfp4Layout::ModelOpt => ("weight", "weight_scale_2"),
+            };
+            if weights.stored_dtype(packed) != Some(DType::U8) {
+                return Ok(None);
+            }
+            let codes = u8s(weights, packed, &[out_dim, in_dim / 2])?;
+            let scale = f32s(
+                weights,
+                "weight_scale",
+                &[out_dim, in_dim / 16],
+                DType::F8E4M3,
+            )?;
+            let global = f32s(weights, global, &[1], DType::F32)?[0];
+            // compressed-tensors stores the global scale inverted and divides; ModelOpt multiplies.
+            let block_scale: Vec<f32> = match layout {
+                Nvfp4Layout::CompressedTensors => scale.iter().map(|s| s / global).collect(),
+                Nvfp4Layout::ModelOpt => scale.iter().map(|s| s * global).collect(),
+            };
+            let values = fp4::unpack_e2m1(&codes);
+            from_vec(
+                fp4::scale_groups(&values, &block_scale, in_dim, 16),
+                [out_dim, in_dim],
+            )?
+        }
+        WeightQuantization::Mxfp4 => {
+            if !weights.contains("weight_packed") {
+                return Ok(None);
+            }
+            let codes = u8s(weights, "weight_packed", &[out_dim, in_dim / 2])?;
+            let exps = u8s(weights, "weight_scale", &[out_dim, in_dim / 32])?;
+            let block_scale: Vec<f32> = exps.into_iter().map(fp4::e8m0).collect();
+            let values = fp4::unpack_e2m1(&codes);
+            from_vec(
+                fp4::scale_groups(&values, &block_scale, in_dim, 32),
+                [out_dim, in_dim],
+            )?
+        }
+    };
+    Ok(Some(w))
+}
+
+fn packed_int_weight(
+    weights: &Weights,
+    [rows, cols]: [usize; 2],
+    num_bits: u32,
+    group_size: Option<usize>,
+    symmetric: bool,
+) -> Result<Tensor> {
+    let words = (cols * num_bits as usize).div_ceil(32);
+    let packed = i32s(weights, "weight_packed", &[rows, words])?;
+    if weights.contains("weight_shape") {
+        let shape = stored(weights, "weight_shape", &[2])?
+            .to_dtype(DType::I64)
+            .and_then(|t| t.to_vec1::<i64>())
+            .map_err(|e| dequant_err(weights, e))?;
+        if shape != [rows as i64, cols as i64] {
+            return Err(EmberError::Weights(format!(
+                "{}.weight_shape is {shape:?}, expected [{rows}, {cols}]",
+                weights.prefix()
+            )));
+        }
+    }
+    let groups = group_size.map_or(1, |g| cols.div_ceil(g));
+    let scale = f32s(weights, "weight_scale", &[rows, groups], DType::F32)?;
+    let q = packed_int::unpack_rows(&packed, rows, cols, num_bits);
+    let zero = if symmetric {
+        None
+    } else {
+        let zp_words = (rows * num_bits as usize).div_ceil(32);
+        let zp = i32s(weights, "weight_zero_point", &[zp_words, groups])?;
+        Some(packed_int::unpack_columns(&zp, rows, groups, num_bits))
+    };
+    let group_of = |c: usize| group_size.map_or(0, |size| c / size);
+    let w =
+        packed_int::dequantize_groups(&q, &scale, zero.as_deref(), [rows, cols], groups, group_of);
+    from_vec(w, [rows, cols])
+}
+
+fn dequant_err(weights: &Weights, e: candle_core::Error) -> EmberError {
+    EmberError::Weights(format!(
+        "cannot dequantize `{}.weight`: {e}",
+        weights.prefix()
+    ))
+}
+
+fn from_vec(values: Vec<f32>, shape: [usize; 2]) -> Result<Tensor> {
+    Tensor::from_vec(values, (shape[0], shape[1]), &Device::Cpu)
+        .map_err(|e| EmberError::Tensor(e.to_string()))
+}
+
+/// Tensor `name` as stored, checked to hold `dims` (a scalar passes for `[1]`).
+fn stored(weights: &Weights, name: &str, dims: &[usize]) -> Result<Tensor> {
+    let t = weights.get_stored(name)?;
+    let ok = t.dims() == dims || (dims == [1] && t.elem_count() == 1);
+    if !ok {
+        return Err(EmberError::Weights(format!(
+            "tensor `{}.{name}` has shape {:?}, expected {dims:?}",
+            weights.prefix(),
+            t.dims()
+        )));
+    }
+    Ok(t)
+}
+
+fn i32s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<i32>> {
+    typed(weights, name, dims, DType::I32)?
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<i32>())
+        .map_err(|e| dequant_err(weights, e))
+}
+
+fn u8s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<u8>> {
+    typed(weights, name, dims, DType::U8)?
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<u8>())
+        .map_err(|e| dequant_err(weights, e))
+}
+
+/// A float tensor as f32; `expected` is only checked when it is float8 (a 16- or 32-bit scale
+/// converts exactly either way).
+fn f32s(weights: &Weights, name: &str, dims: &[usize], expected: DType) -> Result<Vec<f32>> {
+    let t = if expected == DType::F8E4M3 {
+        typed(weights, name, dims, expected)?
+    } else {
+        stored(weights, name, dims)?
+    };
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| dequant_err(weights, e))
+}
+
+fn typed(weights: &Weights, name: &str, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    let t = stored(weights, name, dims)?;
+    if t.dtype() != dtype {
+        return Err(EmberError::Weights(format!(
+            "tensor `{}.{name}` is {:?}, expected {dtype:?}",
+            weights.prefix(),
+            t.dtype()
+        )));
+    }
+    Ok(t)
+}

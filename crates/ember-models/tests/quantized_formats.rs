@@ -1,0 +1,153 @@
+//! Bit-exact dequantization against the makers' own tools: `models/quantized-tensors/` holds
+//! random weights quantized and packed by compressed-tensors (pack-quantized INT4/INT8, NVFP4,
+//! MXFP4) and NVIDIA ModelOpt (NVFP4), with the tools' unpacked values and dequantized weights
+//! (`models/make_quantized_tensors.py`). Ours must equal theirs bit for bit, in their dtype.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use ember_core::quantization::parse_quantization_config;
+use ember_core::WeightQuantization;
+use ember_models::quantized::{dequantize_weight, fp4, packed_int};
+use ember_models::weights::Weights;
+
+fn fixture(scheme: &str) -> (Weights, WeightQuantization) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/quantized-tensors");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{scheme}.json"))).unwrap())
+            .unwrap();
+    let q = parse_quantization_config(Some(&meta["quantization_config"]))
+        .unwrap()
+        .unwrap();
+    let file = dir.join(format!("{scheme}.safetensors"));
+    let weights = Weights::from_safetensors(&[file], DType::F32, &Device::Cpu)
+        .unwrap()
+        .with_quantization(Some(q));
+    (weights, q)
+}
+
+fn floats(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Checks every `layer{i}` of `scheme`: unpacked codes, then the dequantized weight.
+fn check(scheme: &str, expect: WeightQuantization, layers: usize) {
+    let (weights, q) = fixture(scheme);
+    assert_eq!(q, expect, "{scheme}");
+    for i in 0..layers {
+        let layer = weights.pp(format!("layer{i}"));
+        let unpacked = layer.get_stored("unpacked").unwrap();
+        let (rows, cols) = unpacked.dims2().unwrap();
+        let want_codes = floats(&unpacked);
+        let ours_codes: Vec<f32> = match q {
+            WeightQuantization::PackedInt { num_bits, .. } => {
+                let packed = layer.get_stored("weight_packed").unwrap();
+                let packed: Vec<i32> = packed.flatten_all().unwrap().to_vec1().unwrap();
+                packed_int::unpack_rows(&packed, rows, cols, num_bits)
+                    .into_iter()
+                    .map(|v| v as f32)
+                    .collect()
+            }
+            _ => {
+                let name = if layer.contains("weight_packed") {
+                    "weight_packed"
+                } else {
+                    "weight"
+                };
+                let packed = layer.get_stored(name).unwrap();
+                fp4::unpack_e2m1(&packed.flatten_all().unwrap().to_vec1::<u8>().unwrap())
+            }
+        };
+        assert_eq!(ours_codes, want_codes, "{scheme} layer{i} unpacked");
+
+        let want = layer.get_stored("dequantized").unwrap();
+        let ours = dequantize_weight(&layer, cols, rows)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{scheme} layer{i} not seen as quantized"));
+        // The tool's dtype: bf16 for compressed-tensors (it dequantizes in the scale's dtype),
+        // f32 for ModelOpt. Our f32 rounded to it must be the same bits, but for the sign of
+        // zero: e2m1 code 8 is -0 to compressed-tensors and +0 in ModelOpt's table.
+        let ours = floats(&ours.to_dtype(want.dtype()).unwrap());
+        let want = floats(&want);
+        let differing = ours
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits() && !(**a == 0.0 && **b == 0.0))
+            .count();
+        assert_eq!(
+            differing,
+            0,
+            "{scheme} layer{i}: {differing} of {} differ",
+            want.len()
+        );
+        assert!(
+            want.iter().any(|v| *v != 0.0),
+            "{scheme} layer{i} is all zero"
+        );
+    }
+}
+
+#[test]
+fn compressed_tensors_int4_group32_symmetric_as_kimi_k2_thinking_ships() {
+    let q = WeightQuantization::PackedInt {
+        num_bits: 4,
+        group_size: Some(32),
+        symmetric: true,
+    };
+    check("int4-group32-symmetric", q, 3);
+}
+
+#[test]
+fn compressed_tensors_int4_group128_with_zero_points() {
+    let q = WeightQuantization::PackedInt {
+        num_bits: 4,
+        group_size: Some(128),
+        symmetric: false,
+    };
+    check("int4-group128-asymmetric", q, 2);
+}
+
+#[test]
+fn compressed_tensors_int8_per_channel() {
+    let q = WeightQuantization::PackedInt {
+        num_bits: 8,
+        group_size: None,
+        symmetric: true,
+    };
+    check("int8-channel-symmetric", q, 2);
+}
+
+#[test]
+fn compressed_tensors_nvfp4() {
+    let q = WeightQuantization::Nvfp4(ember_core::Nvfp4Layout::CompressedTensors);
+    check("nvfp4-compressed-tensors", q, 2);
+}
+
+#[test]
+fn compressed_tensors_mxfp4() {
+    check("mxfp4-compressed-tensors", WeightQuantization::Mxfp4, 2);
+}
+
+#[test]
+fn modelopt_nvfp4() {
+    let q = WeightQuantization::Nvfp4(ember_core::Nvfp4Layout::ModelOpt);
+    check("nvfp4-modelopt", q, 2);
+}
+
+#[test]
+fn a_misshaped_scale_is_named() {
+    let (weights, _) = fixture("int4-group32-symmetric");
+    // layer0 is [24, 64]: claiming 128 inputs makes the packed words and the scale disagree.
+    let err = dequantize_weight(&weights.pp("layer0"), 128, 24)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layer0.weight_packed") && err.contains("[24, 8]") && err.contains("[24, 16]"),
+        "{err}"
+    );
+}
