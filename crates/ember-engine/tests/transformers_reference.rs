@@ -10,7 +10,7 @@ use ember_engine::{Engine, EngineConfig};
 use ember_models::{load_model, LoadOptions};
 use serde_json::Value;
 
-const MODELS: [&str; 10] = [
+const MODELS: [&str; 11] = [
     "qwen3-tiny",
     "qwen3-moe-tiny",
     "qwen3-moe-mixed-tiny",
@@ -23,6 +23,8 @@ const MODELS: [&str; 10] = [
     // DeepSeek-V2 routing: softmax greedy (V2-Lite shape, YaRN mscale 0.707) and group-limited greedy.
     "deepseek-v2-lite-tiny",
     "deepseek-v2-tiny",
+    // Routed experts in compressed-tensors pack-quantized INT4 (group 32), as Kimi K2 Thinking.
+    "kimi-k2-int4-tiny",
 ];
 
 #[test]
