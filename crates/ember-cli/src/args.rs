@@ -34,6 +34,11 @@ pub struct ModelArgs {
     /// Weight and activation dtype: auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16 or float32.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Weight quantization: auto (what config.json's quantization_config says: block fp8,
+    /// compressed-tensors pack-quantized INT4/INT8, NVFP4, MXFP4, modelopt NVFP4), or the method
+    /// the checkpoint must have (fp8, compressed-tensors, modelopt).
+    #[arg(long, default_value = "auto")]
+    pub quantization: String,
     /// `auto`/`safetensors` reads the weights; `dummy` makes random ones from config.json.
     #[arg(long, default_value = "auto")]
     pub load_format: String,
@@ -219,6 +224,7 @@ impl ModelArgs {
         opts.max_model_len = self.max_model_len;
         opts.seed = self.seed;
         opts.task = ember_core::ModelTask::parse(&self.task)?;
+        opts.quantization = ember_core::QuantizationRequest::parse(&self.quantization)?;
         Ok(opts)
     }
 

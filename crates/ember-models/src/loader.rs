@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use ember_core::config::token_ids_from_json;
-use ember_core::{EmberError, ModelConfig, ModelFamily, ModelTask, Result};
+use ember_core::{
+    EmberError, ModelConfig, ModelFamily, ModelTask, QuantizationRequest, Result,
+    WeightQuantization,
+};
 use serde_json::Value;
 
 use crate::checkpoint::{resolve_model_dir, safetensors_files};
@@ -32,6 +35,8 @@ pub struct LoadOptions {
     pub seed: u64,
     /// `None` (`--task auto`): embed for an embedding checkpoint, else generate.
     pub task: Option<ModelTask>,
+    /// `--quantization`: auto (from `quantization_config`) or a method the checkpoint must match.
+    pub quantization: QuantizationRequest,
 }
 
 impl LoadOptions {
@@ -46,6 +51,7 @@ impl LoadOptions {
             max_model_len: None,
             seed: 0,
             task: None,
+            quantization: QuantizationRequest::Auto,
         }
     }
 }
@@ -154,11 +160,50 @@ pub fn weight_bytes(cfg: &ModelConfig, dtype: DType) -> u64 {
     cfg.num_parameters() * dtype.size_in_bytes() as u64
 }
 
+/// Checks `--quantization` against the checkpoint's `quantization_config`.
+fn check_quantization(
+    request: QuantizationRequest,
+    stored: Option<WeightQuantization>,
+) -> Result<()> {
+    let stored_method = stored.map(|q| q.method());
+    match (request, stored) {
+        (QuantizationRequest::Auto, _) => Ok(()),
+        (QuantizationRequest::Fp8, Some(WeightQuantization::Fp8Block(_))) => Ok(()),
+        (QuantizationRequest::Fp8, None) => Err(EmberError::Config(
+            "--quantization fp8 on an unquantized checkpoint (online FP8, per-channel scales computed at load) \
+             is not supported yet; drop the flag, or serve an FP8 checkpoint"
+                .into(),
+        )),
+        (QuantizationRequest::Checkpoint(m), Some(q)) if q.method() == m => Ok(()),
+        (QuantizationRequest::Fp8 | QuantizationRequest::Checkpoint(_), _) => {
+            let asked = match request {
+                QuantizationRequest::Checkpoint(m) => m,
+                _ => "fp8",
+            };
+            Err(EmberError::Config(format!(
+                "--quantization {asked} does not match the checkpoint, whose quantization_config is {}; \
+                 pass --quantization auto",
+                stored_method.unwrap_or("absent (unquantized)")
+            )))
+        }
+    }
+}
+
+/// Bytes of the checkpoint's safetensors files on disk.
+fn checkpoint_bytes(files: &[PathBuf]) -> u64 {
+    files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// Loads a model as `opts` says.
 pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     let dir = resolve_model_dir(&opts.model)?;
     let config = read_config(&dir, opts.hf_overrides.as_ref())?;
     let task = resolve_task(&dir, &config, opts.task)?;
+    check_quantization(opts.quantization, config.quantization)?;
     let dtype = resolve_dtype(opts.dtype, &config, &opts.device)?;
     let max_model_len = match opts.max_model_len {
         Some(len) if len > config.max_position_embeddings => {
@@ -197,7 +242,17 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let weights = match opts.load_format {
         LoadFormat::Safetensors => {
-            Weights::from_safetensors(&safetensors_files(&dir)?, dtype, &opts.device)?
+            let files = safetensors_files(&dir)?;
+            // The memory report: quantized weights are dequantized at load, so they are held in
+            // `dtype`, not at their checkpoint size.
+            tracing::info!(
+                weights_gib = need as f64 / (1u64 << 30) as f64,
+                checkpoint_gib = checkpoint_bytes(&files) as f64 / (1u64 << 30) as f64,
+                available_gib = available_memory_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
+                quantization = ?config.quantization,
+                "memory: weights held in {dtype:?} (quantized checkpoints are dequantized at load on CPU)"
+            );
+            Weights::from_safetensors(&files, dtype, &opts.device)?
                 .with_quantization(config.quantization)
         }
         LoadFormat::Dummy => Weights::dummy(opts.seed, dtype, &opts.device),
@@ -228,6 +283,36 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantization_flag_must_match_the_checkpoint() {
+        let int4 = Some(WeightQuantization::PackedInt {
+            num_bits: 4,
+            group_size: Some(32),
+            symmetric: true,
+        });
+        let fp8 = Some(WeightQuantization::Fp8Block([128, 128]));
+        let ct = QuantizationRequest::Checkpoint("compressed-tensors");
+        assert!(check_quantization(QuantizationRequest::Auto, int4).is_ok());
+        assert!(check_quantization(ct, int4).is_ok());
+        assert!(check_quantization(QuantizationRequest::Fp8, fp8).is_ok());
+        let err = check_quantization(QuantizationRequest::Fp8, int4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("compressed-tensors") && err.contains("auto"),
+            "{err}"
+        );
+        let err = check_quantization(ct, None).unwrap_err().to_string();
+        assert!(err.contains("unquantized"), "{err}");
+        let err = check_quantization(QuantizationRequest::Fp8, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("online FP8") && err.contains("not supported yet"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn dtype_names() {
