@@ -274,6 +274,7 @@ fn deepseek_and_kimi_checkpoints_match_transformers_over_http() {
         "deepseek-v3-fp8-tiny",
         "deepseek-v2-lite-tiny",
         "kimi-k2-int4-tiny",
+        "kimi-k2-nvfp4-tiny",
     ] {
         let server = Server::start_model(name, &[]);
         let reference = reference_of(name);

@@ -10,7 +10,7 @@ use ember_engine::{Engine, EngineConfig};
 use ember_models::{load_model, LoadOptions};
 use serde_json::Value;
 
-const MODELS: [&str; 11] = [
+const MODELS: [&str; 13] = [
     "qwen3-tiny",
     "qwen3-moe-tiny",
     "qwen3-moe-mixed-tiny",
@@ -25,6 +25,9 @@ const MODELS: [&str; 11] = [
     "deepseek-v2-tiny",
     // Routed experts in compressed-tensors pack-quantized INT4 (group 32), as Kimi K2 Thinking.
     "kimi-k2-int4-tiny",
+    // Routed experts in compressed-tensors NVFP4 (e4m3 per 16 + global) and MXFP4 (e8m0 per 32).
+    "kimi-k2-nvfp4-tiny",
+    "kimi-k2-mxfp4-tiny",
 ];
 
 #[test]

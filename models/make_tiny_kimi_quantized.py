@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""Build ember's kimi-k2-int4-tiny fixture (deterministic, offline): the kimi-k2-tiny architecture with its routed
-experts stored as Kimi K2 Thinking ships them, compressed-tensors `pack-quantized` INT4 (group 32, symmetric,
-bf16 scales), everything else bf16 (attention, shared experts, dense MLPs, router, embeddings, lm_head).
+"""Build ember's kimi-k2-{int4,nvfp4,mxfp4}-tiny fixtures (deterministic, offline): the kimi-k2-tiny architecture
+with its routed experts quantized, everything else bf16 (attention, shared experts, dense MLPs, router, embeddings,
+lm_head):
+  kimi-k2-int4-tiny    as Kimi K2 Thinking ships them: compressed-tensors `pack-quantized` INT4, group 32,
+                       symmetric, bf16 scales
+  kimi-k2-nvfp4-tiny   compressed-tensors `nvfp4-pack-quantized` (NVFP4A16: e2m1, e4m3 scale per 16, global scale)
+  kimi-k2-mxfp4-tiny   compressed-tensors `mxfp4-pack-quantized` (MXFP4A16: e2m1, e8m0 scale per 32)
 
 The experts are quantized and packed by compressed-tensors' own PackedQuantizationCompressor (scales from its
 calculate_qparams, the minmax rule); the config's quantization_config is compressed-tensors' QuantizationConfig
@@ -9,7 +13,8 @@ serialised. The reference is transformers in float32 running the DEQUANTIZED mod
 compressed-tensors' unpack_from_int32 ints times the bf16 scale, in float32 (exact; it rounds to compressed-tensors'
 own bf16 decompression bit for bit, which the script checks).
 
-Usage:  pip install compressed-tensors;  python models/make_tiny_kimi_int4.py      (after make_tiny_deepseek.py)
+Usage:  pip install compressed-tensors;  python models/make_tiny_kimi_quantized.py [int4|nvfp4|mxfp4 ...]
+        (after make_tiny_deepseek.py; all three by default)
 """
 import os
 import sys
@@ -22,8 +27,7 @@ sys.path.insert(0, str(HERE))
 import make_tiny_deepseek as md  # noqa: E402
 import make_tiny_models as mt  # noqa: E402
 
-NAME = "kimi-k2-int4-tiny"
-SPEC = dict(md.MODELS[1], name=NAME, seed_base=6004)      # kimi-k2-tiny's accepted seed first
+SPEC = dict(md.MODELS[1], seed_base=6004)      # kimi-k2-tiny's accepted seed first
 assert SPEC["model_type"] == "kimi_k2"
 MAX_TRIES = 60
 WEIGHTS = dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32, dynamic=False,
@@ -68,15 +72,68 @@ def compress(sd):
     return out, deq
 
 
-def quantization_config():
+def compress_fp4(sd, preset):
+    """compressed-tensors NVFP4A16 / MXFP4A16 -> (checkpoint tensors, exact float32 dequantized weights)."""
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+    s = preset_name_to_scheme(preset, ["Linear"])
+    nv = s.weights.group_size == 16
+    C = NVFP4PackedCompressor if nv else MXFP4PackedCompressor
+    out, deq = {}, {}
+    for k, w in sd.items():
+        if not is_routed_expert(k):
+            out[k] = w
+            continue
+        o, n = w.shape
+        g = w.float().reshape(o, -1, s.weights.group_size)
+        state = {"weight": w}
+        gscale = None
+        if nv:
+            gscale = generate_gparam(w.float().min(), w.float().max()).reshape(1)
+            state["weight_global_scale"] = gscale
+        scale, _ = calculate_qparams(g.amin(dim=-1), g.amax(dim=-1), s.weights, global_scale=gscale)
+        state["weight_scale"] = scale
+        comp = C.compress(state, s)
+        pre = k[: -len("weight")]
+        for name, t in comp.items():
+            out[pre + name] = t.contiguous()
+        codes = unpack_fp4_from_uint8(comp["weight_packed"], o, n, dtype=torch.float32)
+        block = comp["weight_scale"].float() / gscale if nv else decompress_mx_scale(comp["weight_scale"]).float()
+        deq[k] = (codes.reshape(o, -1, s.weights.group_size) * block[..., None]).reshape(o, n)
+        assert torch.equal(deq[k].to(torch.bfloat16), C.decompress(comp, s)["weight"]), k
+    return out, deq, s
+
+
+def quantization_config(sch, fmt):
     import json
     from compressed_tensors.quantization import QuantizationConfig
-    qc = QuantizationConfig(config_groups={"group_0": scheme()}, format="pack-quantized",
+    qc = QuantizationConfig(config_groups={"group_0": sch}, format=fmt,
                             quantization_status="compressed", ignore=IGNORE)
     return json.loads(json.dumps(qc.to_dict(), default=str))
 
 
+FORMATS = {
+    "int4": lambda sd: (*compress(sd), scheme(), "pack-quantized"),
+    "nvfp4": lambda sd: (*compress_fp4(sd, "NVFP4A16"), "nvfp4-pack-quantized"),
+    "mxfp4": lambda sd: (*compress_fp4(sd, "MXFP4A16"), "mxfp4-pack-quantized"),
+}
+NOTES = {
+    "int4": "W = compressed-tensors unpack_from_int32(weight_packed) * weight_scale (bf16 scale, one per 32 inputs)",
+    "nvfp4": "W = e2m1(weight_packed) * (float(weight_scale e4m3, one per 16 inputs) / weight_global_scale)",
+    "mxfp4": "W = e2m1(weight_packed) * 2^(weight_scale - 127) (e8m0, one per 32 inputs)",
+}
+
+
 def main():
+    for fmt in sys.argv[1:] or list(FORMATS):
+        build(fmt)
+
+
+def build(fmt):
     import json
     import compressed_tensors
     import safetensors
@@ -96,13 +153,14 @@ def main():
     ids = {t: hf_tok.convert_tokens_to_ids(t) for t in mt.SPECIAL_TOKENS + mt.EXTRA_ADDED_TOKENS}
     prompt_ids = [hf_tok.encode(t, add_special_tokens=False) for t in mt.PROMPTS]
     cfg = md.make_config(SPEC, vocab_size, ids)
+    NAME = f"kimi-k2-{fmt}-tiny"
 
     found = None
     for t in range(MAX_TRIES):
         seed = SPEC["seed_base"] + t
         model = md.build_model(cfg, seed, tok_size)
         sd = md.hub_state_dict(model, cfg)
-        qsd, deq = compress(sd)
+        qsd, deq, sch, ct_format = FORMATS[fmt](sd)
         qm = md.build_model(cfg, seed, tok_size)
         qm.load_state_dict(md.to_model_state_dict({**sd, **deq}, qm), strict=True)
         qm.eval()
@@ -110,11 +168,11 @@ def main():
         ok = m > md.MIN_GREEDY_MARGIN and rec.min_gap > md.MIN_ROUTER_MARGIN
         md.log(f"  {NAME}: seed {seed}: greedy {m:.5f} router {rec.min_gap:.3g}{'  <- accepted' if ok else ''}")
         if ok:
-            found = (seed, sd, qsd, deq)
+            found = (seed, sd, qsd, deq, sch, ct_format)
             break
     if not found:
         raise SystemExit("no seed satisfied the margins")
-    seed, sd, qsd, deq = found
+    seed, sd, qsd, deq, sch, ct_format = found
 
     d = HERE / NAME
     d.mkdir(exist_ok=True)
@@ -123,24 +181,21 @@ def main():
     cfg.save_pretrained(str(d))
     v5 = json.loads((d / "config.json").read_text())
     vcfg = md.legacy_config(SPEC, cfg, v5)
-    vcfg["quantization_config"] = quantization_config()
+    vcfg["quantization_config"] = quantization_config(sch, ct_format)
     md.write_json(d / "config.json", dict(sorted(vcfg.items())))
 
     # Dequantize again from the file as written, and run that.
     ql = load_file(str(d / "model.safetensors"))
-    assert set(ql) == set(qsd)
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    assert set(ql) == set(qsd) and all(torch.equal(ql[k], qsd[k]) for k in ql)
+    again = FORMATS[fmt]({k: v for k, v in sd.items()})[1]
     hub, n_packed = {}, 0
     for k, v in ql.items():
         if k.endswith("weight_packed"):
             n_packed += 1
             pre = k[: -len("weight_packed")]
-            ints = unpack_from_int32(v, 4, ql[pre + "weight_shape"])
-            groups = ql[pre + "weight_scale"].float()
-            w = (ints.float().reshape(ints.shape[0], groups.shape[1], -1) * groups[..., None]).reshape(ints.shape)
-            assert torch.equal(w, deq[pre + "weight"])
-            hub[pre + "weight"] = w
-        elif not (k.endswith("weight_scale") or k.endswith("weight_shape")):
+            assert torch.equal(again[pre + "weight"], deq[pre + "weight"])
+            hub[pre + "weight"] = deq[pre + "weight"]
+        elif not any(k.endswith(x) for x in ("weight_scale", "weight_shape", "weight_global_scale")):
             hub[k] = v.float()
     qm = md.build_model(cfg, seed, tok_size)
     qm.load_state_dict(md.to_model_state_dict(hub, qm), strict=True)
@@ -149,8 +204,7 @@ def main():
     extra = {"architecture": "DeepseekV3ForCausalLM", "config_model_type": "kimi_k2",
              "rope_parameters": dict(qm.config.rope_parameters),
              "note": ("reference computed in float32 from the DEQUANTIZED weights: every routed-expert projection "
-                      "W = compressed-tensors unpack_from_int32(weight_packed) * weight_scale (bf16 scale, one per "
-                      "32 inputs) in float32; all other tensors as stored (bf16 / fp32)"),
+                      f"{NOTES[fmt]}, in float32; all other tensors as stored (bf16 / fp32)"),
              "quantization_config": vcfg["quantization_config"], "packed_tensor_count": n_packed}
     ref = md.make_reference(NAME, seed, res, margin, rec, hf_tok, prompt_ids, versions, ids, extra)
     ref["min_router_group_margin"] = None
