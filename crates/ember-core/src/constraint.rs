@@ -63,6 +63,13 @@ pub trait TokenConstraint: Send {
     fn allowed_tokens(&mut self) -> Result<TokenMask, String>;
     /// Records the sampled token (never an end-of-sequence token, which the engine handles).
     fn accept_token(&mut self, token: u32) -> Result<(), String>;
+    /// Records `token` and answers true only if [`Self::allowed_tokens`] would allow it, found
+    /// without computing the whole mask; false leaves the constraint as it was. The engine then
+    /// falls back to the mask, so an implementation may say false whenever it cannot tell
+    /// cheaply, as this default always does (never an end-of-sequence token here either).
+    fn try_accept_token(&mut self, _token: u32) -> Result<bool, String> {
+        Ok(false)
+    }
     /// Whether the output is complete and nothing more may follow: the request stops.
     fn is_finished(&self) -> bool;
 }

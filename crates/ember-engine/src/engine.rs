@@ -6,13 +6,14 @@ use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ember_core::{EngineRequest, FinishReason, Result, TokenConstraint, TokenMask};
+use ember_core::{EngineRequest, FinishReason, Result};
 use ember_models::{LoadedModel, LoraAdapter, SequenceInput};
 
+use crate::constrained::{needs_mask_first, sample_constrained, Draw, MaskResult, MaskWorker};
 use crate::handle::{EngineHandle, ModelInfo};
 use crate::lora::{LoraConfig, LoraManager};
 use crate::runner::ModelRunner;
-use crate::sampler::{log_softmax_top, sample_masked};
+use crate::sampler::{choose_masked, log_softmax_top, with_logprobs};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sequence::Sequence;
 use crate::stats::EngineStats;
@@ -63,6 +64,7 @@ pub struct Engine {
     max_model_len: usize,
     requests: Receiver<Submission>,
     stats: Arc<EngineStats>,
+    masks: MaskWorker,
 }
 
 impl Engine {
@@ -132,12 +134,16 @@ impl Engine {
         stats
             .kv_blocks_total
             .store(num_blocks as u64, Ordering::Relaxed);
+        let masks = MaskWorker::start().map_err(|e| {
+            ember_core::EmberError::Config(format!("cannot start the grammar mask thread: {e}"))
+        })?;
         let engine = Engine {
             runner,
             scheduler,
             max_model_len,
             requests: rx,
             stats: stats.clone(),
+            masks,
         };
         std::thread::Builder::new()
             .name("ember-engine".into())
@@ -240,15 +246,17 @@ impl Engine {
             return;
         }
         let pending = self.scheduler.step_tokens(&plan);
-        // Grammars of the sequences that sample this step: their masks are computed on another
-        // thread while the forward runs, so structured output costs the step (almost) nothing.
-        let mut constrained: Vec<(usize, Box<dyn TokenConstraint>)> = plan
+        // Grammars of the sequences that sample this step and need their mask first (the others
+        // sample first, see `sample_constrained`): the mask worker computes them while the
+        // forward runs. Each is keyed by its position in the step's chunks.
+        let constrained: Vec<_> = plan
             .chunks
             .iter()
-            .filter_map(|&(i, n)| {
+            .enumerate()
+            .filter_map(|(k, &(i, n))| {
                 let seq = &mut self.scheduler.running[i];
-                if seq.samples_after(n) {
-                    seq.constraint.take().map(|c| (i, c))
+                if seq.samples_after(n) && needs_mask_first(&seq.params) {
+                    seq.constraint.take().map(|c| (k, c))
                 } else {
                     None
                 }
@@ -271,27 +279,16 @@ impl Engine {
             })
             .collect();
         timer.lap(0);
-        let runner = &self.runner;
-        let num_constrained = constrained.len();
-        let (logits, masks) = std::thread::scope(|scope| {
-            let masks = (!constrained.is_empty())
-                .then(|| scope.spawn(|| next_token_masks(&mut constrained)));
-            let logits = runner.prepare(&inputs).and_then(|batch| {
-                timer.lap(1);
-                runner.forward(&batch)
-            });
-            let masks = masks.map(|handle| {
-                handle.join().unwrap_or_else(|_| {
-                    vec![Err("the grammar engine panicked".into()); num_constrained]
-                })
-            });
-            (logits, masks.unwrap_or_default())
+        self.masks.begin(constrained);
+        let logits = self.runner.prepare(&inputs).and_then(|batch| {
+            timer.lap(1);
+            self.runner.forward(&batch)
         });
         drop(inputs);
-        for ((i, constraint), mask) in constrained.into_iter().zip(masks) {
-            let seq = &mut self.scheduler.running[i];
-            seq.constraint = Some(constraint);
-            seq.mask = Some(mask);
+        let mut masks: Vec<Option<MaskResult>> = plan.chunks.iter().map(|_| None).collect();
+        for (k, constraint, mask) in self.masks.finish() {
+            self.scheduler.running[plan.chunks[k].0].constraint = constraint;
+            masks[k] = Some(mask);
         }
         let logits = match logits {
             Ok(logits) => logits,
@@ -306,13 +303,13 @@ impl Engine {
         };
         timer.lap(2);
         let mut finished: Vec<usize> = Vec::new();
-        for (&(i, n), rows) in plan.chunks.iter().zip(logits) {
+        for ((&(i, n), rows), mask) in plan.chunks.iter().zip(logits).zip(masks) {
             let seq = &mut self.scheduler.running[i];
             let prompt_part = seq.prompt.len().saturating_sub(seq.num_computed).min(n);
             self.stats
                 .prompt_tokens_computed
                 .fetch_add(prompt_part as u64, Ordering::Relaxed);
-            let done = advance(seq, n, &rows, self.max_model_len, &self.stats);
+            let done = advance(seq, n, &rows, mask, self.max_model_len, &self.stats);
             self.scheduler.cache_computed_blocks(i);
             if done {
                 finished.push(i);
@@ -322,16 +319,6 @@ impl Engine {
         self.scheduler.finish(finished);
         timer.lap(3);
     }
-}
-
-/// The next-token mask of each constrained sequence, in order.
-fn next_token_masks(
-    constrained: &mut [(usize, Box<dyn TokenConstraint>)],
-) -> Vec<std::result::Result<TokenMask, String>> {
-    constrained
-        .iter_mut()
-        .map(|(_, c)| c.allowed_tokens())
-        .collect()
 }
 
 /// Splits a step's wall time into schedule / prepare / forward / sample laps.
@@ -359,12 +346,14 @@ impl StepTimer {
 /// Records a step's `n` computed tokens of `seq` and, once the sequence is caught up, samples
 /// its next token and sends it (with the finish reason when it is the last); an embedding
 /// request instead ends with its last row (the model's hidden state there) once its prompt is
-/// in. Returns whether the request is done. A sampled token is counted in `stats` before it is
-/// sent, so a client that has its last token also finds it in the counters.
+/// in. `mask` is its grammar's mask when the step computed one. Returns whether the request is
+/// done. A sampled token is counted in `stats` before it is sent, so a client that has its last
+/// token also finds it in the counters.
 fn advance(
     seq: &mut Sequence,
     n: usize,
     rows: &[Vec<f32>],
+    mask: Option<MaskResult>,
     max_model_len: usize,
     stats: &EngineStats,
 ) -> bool {
@@ -408,41 +397,35 @@ fn advance(
         fail(seq, "the model returned no logits");
         return true;
     };
-    let mask = match seq.mask.take() {
-        Some(Err(e)) => {
-            fail(seq, &format!("structured output failed: {e}"));
-            return true;
-        }
-        Some(Ok(mask)) if mask.is_empty() => {
-            fail(
-                seq,
-                "structured output failed: the grammar allows no next token",
-            );
-            return true;
-        }
-        Some(Ok(mask)) => Some(mask),
-        None => None,
-    };
     let banned = seq.params_banning_stops();
     let params = banned.as_ref().unwrap_or(&seq.params);
-    let sampled = sample_masked(
-        row,
-        mask.as_ref(),
-        params,
-        &seq.prompt,
-        &seq.output,
-        &mut seq.rng,
-    );
-    if !seq.eos_token_ids.contains(&sampled.token_id) {
-        if let Some(Err(e)) = seq
-            .constraint
-            .as_mut()
-            .map(|c| c.accept_token(sampled.token_id))
-        {
-            fail(seq, &format!("structured output failed: {e}"));
-            return true;
+    let token_id = match (seq.constraint.as_mut(), mask) {
+        (None, None) => choose_masked(row, None, params, &seq.prompt, &seq.output, &mut seq.rng),
+        (constraint, mask) => {
+            let draw = Draw {
+                logits: row,
+                params,
+                prompt: &seq.prompt,
+                output: &seq.output,
+                eos_token_ids: &seq.eos_token_ids,
+            };
+            // A mask without its constraint: the worker lost it, and `mask` says so.
+            let sampled = match constraint {
+                Some(c) => sample_constrained(c.as_mut(), mask, draw, &mut seq.rng),
+                None => Err(mask
+                    .and_then(|m| m.err())
+                    .unwrap_or_else(|| "the grammar was lost".into())),
+            };
+            match sampled {
+                Ok(token) => token,
+                Err(e) => {
+                    fail(seq, &format!("structured output failed: {e}"));
+                    return true;
+                }
+            }
         }
-    }
+    };
+    let sampled = with_logprobs(row, token_id, params);
     seq.output.push(sampled.token_id);
     out.new_token_ids = vec![sampled.token_id];
     out.new_logprobs = sampled.logprob.into_iter().collect();

@@ -1,5 +1,6 @@
 //! ember's engine: turns requests into batched forward steps and sampled tokens.
 
+mod constrained;
 pub mod engine;
 pub mod handle;
 pub mod kv_manager;

@@ -86,27 +86,54 @@ pub fn sample_masked(
     output_tokens: &[u32],
     rng: &mut SequenceRng,
 ) -> Sampled {
-    let token_id = match mask {
-        None => choose(logits, params, prompt_tokens, output_tokens, rng),
-        Some(mask) => {
-            let allowed: Vec<f32> = logits
-                .iter()
-                .enumerate()
-                .map(|(id, &logit)| {
-                    if mask.allows(id as u32) {
-                        logit
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-                .collect();
-            choose(&allowed, params, prompt_tokens, output_tokens, rng)
-        }
+    let token_id = choose_masked(logits, mask, params, prompt_tokens, output_tokens, rng);
+    with_logprobs(logits, token_id, params)
+}
+
+/// The token [`sample_masked`] chooses, without its logprobs.
+pub fn choose_masked(
+    logits: &[f32],
+    mask: Option<&TokenMask>,
+    params: &SamplingParams,
+    prompt_tokens: &[u32],
+    output_tokens: &[u32],
+    rng: &mut SequenceRng,
+) -> u32 {
+    let Some(mask) = mask else {
+        return choose(logits, params, prompt_tokens, output_tokens, rng);
     };
+    let allowed: Vec<f32> = logits
+        .iter()
+        .enumerate()
+        .map(|(id, &logit)| {
+            if mask.allows(id as u32) {
+                logit
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    choose(&allowed, params, prompt_tokens, output_tokens, rng)
+}
+
+/// `token_id` as sampled from `logits`, with its logprobs when `params` asks for them.
+pub fn with_logprobs(logits: &[f32], token_id: u32, params: &SamplingParams) -> Sampled {
     let logprob = params
         .logprobs
         .map(|k| log_softmax_top(logits, token_id, k));
     Sampled { token_id, logprob }
+}
+
+/// Whether masking only conditions `params`' distribution on the allowed set A, so that drawing
+/// unmasked and keeping the draw when A holds it (drawing again under the mask when not) is
+/// exactly [`sample_masked`]: P(x) = p(x) + (1 - p(A)) p(x) / p(A) = p(x) / p(A).
+///
+/// Greedy: an allowed argmax is the argmax over A (ties too: both take the lowest id). Bias,
+/// penalties and temperature change each token's weight from its own logit alone, so they keep
+/// this. Top-k, top-p and min-p pick their candidates against the whole vocabulary, a different
+/// set once A is masked, so under them the first draw proves nothing.
+pub fn masking_is_conditioning(params: &SamplingParams) -> bool {
+    params.is_greedy() || (params.top_k == 0 && params.top_p >= 1.0 && params.min_p <= 0.0)
 }
 
 /// The log-probability of `token` under `log_softmax(logits)` and the `k` most likely tokens,

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use ember_core::{
     EngineRequest, FinishReason, RequestOutput, SamplingParams, TokenConstraint, TokenLogprob,
-    TokenMask,
 };
 use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedSender;
@@ -32,8 +31,6 @@ pub struct Sequence {
     pub adapter: Option<Arc<LoraAdapter>>,
     /// The live grammar of a constrained request (`params.constraint` started for this sequence).
     pub constraint: Option<Box<dyn TokenConstraint>>,
-    /// The tokens the constraint allows at the next sampled position, computed during the step.
-    pub mask: Option<Result<TokenMask, String>>,
     sender: UnboundedSender<RequestOutput>,
 }
 
@@ -62,7 +59,6 @@ impl Sequence {
             prompt_logprobs,
             adapter,
             constraint,
-            mask: None,
             sender: request.output,
         }
     }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
@@ -198,4 +199,122 @@ fn constrained_and_free_requests_share_batches_without_affecting_each_other() {
             }
         }
     }
+}
+
+/// Allows the ids in `lo..hi`, counting the masks it computes and the tokens it takes when
+/// asked about one token alone (only if `checks_one`; otherwise it always falls back).
+struct Counted {
+    lo: u32,
+    hi: u32,
+    checks_one: bool,
+    masks: Arc<AtomicUsize>,
+    taken_alone: Arc<AtomicUsize>,
+}
+
+impl TokenConstraint for Counted {
+    fn allowed_tokens(&mut self) -> Result<TokenMask, String> {
+        self.masks.fetch_add(1, Ordering::Relaxed);
+        Ok(TokenMask::allowing(VOCAB, self.lo..self.hi))
+    }
+    fn accept_token(&mut self, token: u32) -> Result<(), String> {
+        assert!(
+            (self.lo..self.hi).contains(&token),
+            "{token} is outside the mask"
+        );
+        Ok(())
+    }
+    fn try_accept_token(&mut self, token: u32) -> Result<bool, String> {
+        let taken = self.checks_one && (self.lo..self.hi).contains(&token);
+        if taken {
+            self.taken_alone.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(taken)
+    }
+    fn is_finished(&self) -> bool {
+        false
+    }
+}
+
+/// Runs `params` constrained to `lo..hi` through `engine`: its tokens, masks computed and
+/// tokens taken without a mask.
+fn run_counted(
+    engine: &ember_engine::EngineHandle,
+    params: SamplingParams,
+    (lo, hi): (u32, u32),
+    checks_one: bool,
+) -> (Vec<u32>, usize, usize) {
+    let masks = Arc::new(AtomicUsize::new(0));
+    let taken_alone = Arc::new(AtomicUsize::new(0));
+    let (m, t) = (masks.clone(), taken_alone.clone());
+    let params = SamplingParams {
+        ignore_eos: true,
+        constraint: Some(constraint(move || {
+            Box::new(Counted {
+                lo,
+                hi,
+                checks_one,
+                masks: m.clone(),
+                taken_alone: t.clone(),
+            })
+        })),
+        ..params
+    };
+    let done = collect(engine.submit(prompt(), params).unwrap());
+    assert!(
+        done.tokens.iter().all(|t| (lo..hi).contains(t)),
+        "{:?}",
+        done.tokens
+    );
+    (
+        done.tokens,
+        masks.load(Ordering::Relaxed),
+        taken_alone.load(Ordering::Relaxed),
+    )
+}
+
+#[test]
+fn sampling_first_picks_the_tokens_masking_first_picks() {
+    let engine = start("qwen3-moe-tiny", EngineConfig::default());
+    let steps = 16;
+    // Half the vocabulary: the model's own choice is sometimes allowed, sometimes not.
+    let half = (0, VOCAB as u32 / 2);
+    let (greedy, masks, alone) = run_counted(&engine, SamplingParams::greedy(steps), half, true);
+    assert!(alone > 0 && masks > 0, "{alone} taken alone, {masks} masks");
+    assert_eq!(
+        alone + masks,
+        steps,
+        "each step either took its draw or computed a mask"
+    );
+    // A grammar that cannot check one token: every step falls back to the mask, same tokens.
+    let (fallback, masks, alone) = run_counted(&engine, SamplingParams::greedy(steps), half, false);
+    assert_eq!((fallback, masks, alone), (greedy.clone(), steps, 0));
+    // top-k masks first (on the mask thread, during the forward); at a near-zero temperature
+    // it is the argmax under the mask, which is what greedy sampled first.
+    let near_greedy = SamplingParams {
+        temperature: 1e-4,
+        top_k: VOCAB,
+        seed: Some(1),
+        ..SamplingParams::greedy(steps)
+    };
+    let (masked_first, masks, alone) = run_counted(&engine, near_greedy, half, true);
+    assert_eq!((masked_first, masks, alone), (greedy, steps, 0));
+}
+
+#[test]
+fn a_refused_first_draw_falls_back_to_the_mask() {
+    let engine = start("qwen3-moe-tiny", EngineConfig::default());
+    let steps = 24;
+    let seeded = SamplingParams {
+        temperature: 1.0,
+        seed: Some(11),
+        ..SamplingParams::greedy(steps)
+    };
+    // Ten tokens of 2048: almost every first draw is refused and drawn again under the mask.
+    let (tokens, masks, alone) = run_counted(&engine, seeded.clone(), (100, 110), true);
+    assert_eq!(tokens.len(), steps);
+    assert!(masks >= steps - 2, "{masks} masks");
+    assert_eq!(alone + masks, steps);
+    // Whether the draw is taken alone or checked against the mask, the tokens are the same.
+    let (again, ..) = run_counted(&engine, seeded, (100, 110), false);
+    assert_eq!(again, tokens);
 }

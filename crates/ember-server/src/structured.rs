@@ -147,6 +147,20 @@ impl TokenConstraint for LiveGrammar {
         self.matcher.consume_token(token).map_err(|e| e.to_string())
     }
 
+    fn try_accept_token(&mut self, token: u32) -> Result<bool, String> {
+        // Where the grammar forces bytes, the mask holds only their canonical tokenization
+        // (and heals the previous token), which checking one token does not see; elsewhere the
+        // mask is exactly the tokens the parser accepts next (`compute_bias` of no prefix).
+        if !self.matcher.compute_ff_bytes().is_empty() {
+            return Ok(false);
+        }
+        let consumed = self
+            .matcher
+            .try_consume_tokens(&[token])
+            .map_err(|e| e.to_string())?;
+        Ok(consumed == 1)
+    }
+
     fn is_finished(&self) -> bool {
         self.matcher.is_stopped()
     }
@@ -409,6 +423,54 @@ mod tests {
             }
             live.accept_token(allowed[0]).unwrap();
             prefix.push(allowed[0]);
+        }
+    }
+
+    #[test]
+    fn a_token_taken_without_the_mask_is_one_the_mask_allows() {
+        // The engine keeps a first draw that `try_accept_token` takes, without the mask: it must
+        // never take a token the mask refuses, and where it answers at all (no forced bytes) it
+        // takes every token the mask allows, or sampling first would never save the mask.
+        let compiler = compiler();
+        let grammars = [
+            json!({"type": "grammar", "grammar": "root ::= [a-z ]*"}),
+            json!({"type": "grammar", "grammar":
+                "root ::= \"{\\\"items\\\": [\" item (\", \" item)*\nitem ::= \"\\\"\" [a-z ]* \"\\\"\""}),
+            json!({"type": "json_schema", "json_schema": {"schema": {"type": "object",
+                "properties": {"n": {"type": "integer"}, "s": {"type": "string"}},
+                "required": ["n", "s"]}}}),
+        ];
+        for grammar in grammars {
+            let (top, _) = format(grammar.clone()).unwrap().unwrap().grammar();
+            let mut live = LiveGrammar {
+                matcher: Matcher::new(compiler.factory.create_parser(top)),
+            };
+            let (mut answered, mut forced) = (0, 0);
+            for step in 0..16 {
+                let mask = live.allowed_tokens().unwrap();
+                let allowed: Vec<u32> = (0..2048).filter(|&t| t != 2 && mask.allows(t)).collect();
+                let taken: Vec<u32> = (0..2048)
+                    .filter(|&t| t != 2)
+                    .filter(|&t| {
+                        let mut probe = LiveGrammar {
+                            matcher: live.matcher.deep_clone(),
+                        };
+                        probe.try_accept_token(t).unwrap()
+                    })
+                    .collect();
+                if taken.is_empty() {
+                    forced += 1;
+                } else {
+                    assert_eq!(taken, allowed, "{grammar} at step {step}");
+                    answered += 1;
+                }
+                live.accept_token(allowed[step * 7919 % allowed.len()])
+                    .unwrap();
+            }
+            assert!(
+                answered > 0,
+                "{grammar}: {answered} answered, {forced} forced"
+            );
         }
     }
 
