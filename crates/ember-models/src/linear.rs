@@ -8,7 +8,8 @@ use ember_core::{EmberError, Result};
 
 use crate::lora::{LoraRows, LoraTargets};
 use crate::quantized::dequantize_weight;
-use crate::weights::Weights;
+use crate::quantized::fp8::Fp8ChannelLinear;
+use crate::weights::{tensor_bytes, Weights};
 use crate::TensorResult;
 
 /// A projection of the model that LoRA adapters may target: the base [`LinearLayer`] plus the
@@ -22,10 +23,17 @@ pub struct Projection {
 }
 
 impl Projection {
-    /// Loads `<prefix>.weight` (and bias) like [`load_linear`]; the prefix is the module path.
+    /// Loads `<prefix>.weight` (and bias) like [`load_linear`], quantized to e4m3 under online
+    /// FP8 (see [`projection_from_weight`]); the prefix is the module path.
     pub fn load(weights: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = load_weight(weights, in_dim, out_dim)?;
+        let bias = if bias {
+            Some(weights.get("bias", out_dim)?)
+        } else {
+            None
+        };
         Ok(Self::new(
-            load_linear(weights, in_dim, out_dim, bias)?,
+            projection_from_weight(weights, weight, bias)?,
             weights.prefix(),
             in_dim,
             out_dim,
@@ -66,6 +74,10 @@ impl Projection {
 pub trait LinearLayer: Send + Sync {
     /// Applies the projection.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The weight `[out, in]` as the matmul sees it, in the model dtype (dequantized if held
+    /// quantized): what MLA folds into its absorbed decode.
+    fn weight(&self) -> candle_core::Result<Tensor>;
 }
 
 /// Weights kept unquantized in the model dtype (bf16, f16 or f32).
@@ -77,9 +89,15 @@ impl LinearLayer for DenseLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.inner.forward(x)
     }
+
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        Ok(self.inner.weight().clone())
+    }
 }
 
-/// Loads `<prefix>.weight` of shape `[out, in]` (and `<prefix>.bias` when `bias`).
+/// Loads `<prefix>.weight` of shape `[out, in]` (and `<prefix>.bias` when `bias`) as the
+/// checkpoint stores it, never quantized online: the router and the LM head, which vLLM's online
+/// FP8 keeps in 16 bits too.
 pub fn load_linear(
     weights: &Weights,
     in_dim: usize,
@@ -104,19 +122,46 @@ pub fn load_linear(
 pub fn load_weight(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Tensor> {
     match dequantize_weight(weights, in_dim, out_dim)? {
         None => weights.get("weight", (out_dim, in_dim)),
-        Some(w) => w
-            .to_dtype(weights.dtype())
-            .and_then(|w| w.to_device(weights.device()))
-            .map_err(|e| {
-                EmberError::Weights(format!(
-                    "cannot dequantize `{}.weight`: {e}",
-                    weights.prefix()
-                ))
-            }),
+        Some(w) => {
+            let w = w
+                .to_dtype(weights.dtype())
+                .and_then(|w| w.to_device(weights.device()))
+                .map_err(|e| {
+                    EmberError::Weights(format!(
+                        "cannot dequantize `{}.weight`: {e}",
+                        weights.prefix()
+                    ))
+                })?;
+            weights.note_held(tensor_bytes(&w));
+            Ok(w)
+        }
     }
 }
 
-/// A linear layer over an already loaded weight (tied embeddings).
+/// A projection of attention, an MLP or an expert over its loaded weight `[out, in]` (counted as
+/// held by `weights`). Under online FP8 ([`Weights::online_fp8`]) the weight is quantized to e4m3
+/// with per-output-channel scales and the full-precision tensor is released.
+pub fn projection_from_weight(
+    weights: &Weights,
+    weight: Tensor,
+    bias: Option<Tensor>,
+) -> Result<Arc<dyn LinearLayer>> {
+    if !weights.online_fp8() {
+        return Ok(Arc::new(DenseLinear {
+            inner: candle_nn::Linear::new(weight, bias),
+        }));
+    }
+    let layer = Fp8ChannelLinear::quantize(&weight, bias).map_err(|e| {
+        EmberError::Weights(format!(
+            "cannot quantize `{}.weight` to fp8: {e}",
+            weights.prefix()
+        ))
+    })?;
+    weights.note_held(layer.weight_bytes() as i64 - tensor_bytes(&weight));
+    Ok(Arc::new(layer))
+}
+
+/// A linear layer over an already loaded weight, never quantized online (tied embeddings).
 pub fn linear_from_weight(weight: Tensor) -> Arc<dyn LinearLayer> {
     Arc::new(DenseLinear {
         inner: candle_nn::Linear::new(weight, None),

@@ -67,6 +67,8 @@ pub struct LoadedModel {
     pub max_model_len: usize,
     /// What the model was loaded for; an embed model has no LM head.
     pub task: ModelTask,
+    /// Bytes of the weights the model holds, as loaded (fp8 projections at 1 byte a parameter).
+    pub weight_bytes: u64,
 }
 
 /// Parses a `--dtype` value; `auto` is `None`.
@@ -160,21 +162,18 @@ pub fn weight_bytes(cfg: &ModelConfig, dtype: DType) -> u64 {
     cfg.num_parameters() * dtype.size_in_bytes() as u64
 }
 
-/// Checks `--quantization` against the checkpoint's `quantization_config`.
+/// Checks `--quantization` against the checkpoint's `quantization_config`; `true` when the
+/// weights are to be quantized at load (online FP8: `fp8` on an unquantized checkpoint).
 fn check_quantization(
     request: QuantizationRequest,
     stored: Option<WeightQuantization>,
-) -> Result<()> {
+) -> Result<bool> {
     let stored_method = stored.map(|q| q.method());
     match (request, stored) {
-        (QuantizationRequest::Auto, _) => Ok(()),
-        (QuantizationRequest::Fp8, Some(WeightQuantization::Fp8Block(_))) => Ok(()),
-        (QuantizationRequest::Fp8, None) => Err(EmberError::Config(
-            "--quantization fp8 on an unquantized checkpoint (online FP8, per-channel scales computed at load) \
-             is not supported yet; drop the flag, or serve an FP8 checkpoint"
-                .into(),
-        )),
-        (QuantizationRequest::Checkpoint(m), Some(q)) if q.method() == m => Ok(()),
+        (QuantizationRequest::Auto, _) => Ok(false),
+        (QuantizationRequest::Fp8, Some(WeightQuantization::Fp8Block(_))) => Ok(false),
+        (QuantizationRequest::Fp8, None) => Ok(true),
+        (QuantizationRequest::Checkpoint(m), Some(q)) if q.method() == m => Ok(false),
         (QuantizationRequest::Fp8 | QuantizationRequest::Checkpoint(_), _) => {
             let asked = match request {
                 QuantizationRequest::Checkpoint(m) => m,
@@ -203,7 +202,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     let dir = resolve_model_dir(&opts.model)?;
     let config = read_config(&dir, opts.hf_overrides.as_ref())?;
     let task = resolve_task(&dir, &config, opts.task)?;
-    check_quantization(opts.quantization, config.quantization)?;
+    let online_fp8 = check_quantization(opts.quantization, config.quantization)?;
     let dtype = resolve_dtype(opts.dtype, &config, &opts.device)?;
     let max_model_len = match opts.max_model_len {
         Some(len) if len > config.max_position_embeddings => {
@@ -256,7 +255,8 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 .with_quantization(config.quantization)
         }
         LoadFormat::Dummy => Weights::dummy(opts.seed, dtype, &opts.device),
-    };
+    }
+    .with_online_fp8(online_fp8);
     let model: Box<dyn CausalLm> = match config.family {
         ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {
             Box::new(load_qwen3(&weights, &config, max_model_len, task)?)
@@ -269,7 +269,20 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         }
         ModelFamily::DeepseekV3 => Box::new(load_deepseek_v3(&weights, &config, max_model_len)?),
     };
+    let weight_bytes = weights.held_bytes();
+    tracing::info!(
+        weights_gib = weight_bytes as f64 / (1u64 << 30) as f64,
+        weight_bytes,
+        online_fp8,
+        "memory: weights held after load{}",
+        if online_fp8 {
+            " (projections in fp8 e4m3 with per-channel f32 scales; embeddings, norms, router, LM head in the model dtype)"
+        } else {
+            ""
+        }
+    );
     Ok(LoadedModel {
+        weight_bytes,
         eos_token_ids: eos_token_ids(&dir, &config)?,
         dir,
         config,
@@ -305,13 +318,9 @@ mod tests {
         );
         let err = check_quantization(ct, None).unwrap_err().to_string();
         assert!(err.contains("unquantized"), "{err}");
-        let err = check_quantization(QuantizationRequest::Fp8, None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("online FP8") && err.contains("not supported yet"),
-            "{err}"
-        );
+        // fp8 on an unquantized checkpoint is online FP8; on a block-FP8 one, the checkpoint as is.
+        assert!(check_quantization(QuantizationRequest::Fp8, None).unwrap());
+        assert!(!check_quantization(QuantizationRequest::Fp8, fp8).unwrap());
     }
 
     #[test]

@@ -13,11 +13,11 @@ use ember_core::{EmberError, ModelConfig, Result, RopeScaling};
 
 use crate::batch::{ForwardBatch, SequenceAttention};
 use crate::kv_cache::LayerKvCache;
-use crate::linear::{linear_from_weight, load_weight, Projection};
+use crate::linear::{load_weight, projection_from_weight, Projection};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::norm::RmsNorm;
 use crate::rope::RopeRows;
-use crate::weights::Weights;
+use crate::weights::{tensor_bytes, Weights};
 use crate::TensorResult;
 
 /// How queries are projected: through a low-rank bottleneck, or directly.
@@ -90,9 +90,13 @@ impl MlaAttention {
         };
         let kvr = ds.kv_lora_rank;
         let per_head = ds.qk_nope_head_dim + ds.v_head_dim;
-        let kv_b = load_weight(&weights.pp("kv_b_proj"), kvr, n * per_head)?;
+        let kv_b_w = weights.pp("kv_b_proj");
+        let kv_b = load_weight(&kv_b_w, kvr, n * per_head)?;
+        let kv_b = projection_from_weight(&kv_b_w, kv_b, None)?;
+        // Absorbed decode folds the weight as the expanded path's matmul sees it (dequantized
+        // under online FP8, as vLLM does), so both forms compute the same attention.
         let split = || -> candle_core::Result<(Tensor, Tensor)> {
-            let w = kv_b.reshape((n, per_head, kvr))?;
+            let w = kv_b.weight()?.reshape((n, per_head, kvr))?;
             Ok((
                 w.narrow(1, 0, ds.qk_nope_head_dim)?.contiguous()?,
                 w.narrow(1, ds.qk_nope_head_dim, ds.v_head_dim)?
@@ -100,6 +104,7 @@ impl MlaAttention {
             ))
         };
         let (w_uk, w_uv) = split().map_err(|e| EmberError::Weights(format!("kv_b_proj: {e}")))?;
+        weights.note_held(tensor_bytes(&w_uk) + tensor_bytes(&w_uv));
         Ok(Self {
             q,
             kv_a_proj_with_mqa: Projection::load(
@@ -109,12 +114,7 @@ impl MlaAttention {
                 bias,
             )?,
             kv_a_layernorm: RmsNorm::load(&weights.pp("kv_a_layernorm"), kvr, eps)?,
-            kv_b_proj: Projection::new(
-                linear_from_weight(kv_b),
-                weights.pp("kv_b_proj").prefix(),
-                kvr,
-                n * per_head,
-            ),
+            kv_b_proj: Projection::new(kv_b, kv_b_w.prefix(), kvr, n * per_head),
             w_uk,
             w_uv,
             o_proj: Projection::load(&weights.pp("o_proj"), n * ds.v_head_dim, h, bias)?,

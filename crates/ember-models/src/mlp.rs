@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use ember_core::Result;
 
-use crate::linear::{linear_from_weight, Projection};
+use crate::linear::{projection_from_weight, Projection};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::weights::Weights;
 use crate::TensorResult;
@@ -25,18 +25,26 @@ impl Mlp {
         })
     }
 
-    /// Builds an expert from slices of fused tensors (`[out, in]` each); `path` is the module
-    /// path adapters name it by (`model.layers.1.mlp.experts.3`).
-    pub fn from_weights(path: &str, gate: Tensor, up: Tensor, down: Tensor) -> Self {
+    /// Builds expert `index` of `experts` (the fused tensors' owner, whose prefix is the module
+    /// path adapters name the experts under) from slices of fused tensors (`[out, in]` each).
+    pub fn from_weights(
+        experts: &Weights,
+        index: usize,
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+    ) -> Result<Self> {
         let (inter, hidden) = gate.dims2().unwrap_or_default();
-        let proj = |name: &str, w: Tensor, i: usize, o: usize| {
-            Projection::new(linear_from_weight(w), &format!("{path}.{name}"), i, o)
+        let path = format!("{}.{index}", experts.prefix());
+        let proj = |name: &str, w: Tensor, i: usize, o: usize| -> Result<Projection> {
+            let layer = projection_from_weight(&experts.pp(index).pp(name), w, None)?;
+            Ok(Projection::new(layer, &format!("{path}.{name}"), i, o))
         };
-        Self {
-            gate_proj: proj("gate_proj", gate, hidden, inter),
-            up_proj: proj("up_proj", up, hidden, inter),
-            down_proj: proj("down_proj", down, inter, hidden),
-        }
+        Ok(Self {
+            gate_proj: proj("gate_proj", gate, hidden, inter)?,
+            up_proj: proj("up_proj", up, hidden, inter)?,
+            down_proj: proj("down_proj", down, inter, hidden)?,
+        })
     }
 
     /// Applies the MLP to `[tokens, hidden]`, each row with its adapter.

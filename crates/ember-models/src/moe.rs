@@ -122,18 +122,20 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
     {
         let gate_up = experts_w.get("gate_up_proj", (e, 2 * i, hidden))?;
         let down = experts_w.get("down_proj", (e, hidden, i))?;
+        let fused_err =
+            |err: candle_core::Error| EmberError::Weights(format!("fused experts: {err}"));
         (0..e)
             .map(|x| {
-                let gu = gate_up.get(x)?;
-                Ok(Mlp::from_weights(
-                    &format!("{path}.{x}"),
-                    gu.narrow(0, 0, i)?,
-                    gu.narrow(0, i, i)?,
-                    down.get(x)?,
-                ))
+                let gu = gate_up.get(x).map_err(fused_err)?;
+                Mlp::from_weights(
+                    experts_w,
+                    x,
+                    gu.narrow(0, 0, i).map_err(fused_err)?,
+                    gu.narrow(0, i, i).map_err(fused_err)?,
+                    down.get(x).map_err(fused_err)?,
+                )
             })
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|err| EmberError::Weights(format!("fused experts: {err}")))?
+            .collect::<Result<Vec<_>>>()?
     } else {
         (0..e)
             .map(|x| Mlp::load(&experts_w.pp(x), hidden, i))

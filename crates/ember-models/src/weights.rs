@@ -3,6 +3,7 @@
 //! prefix, so each weight name is written once, next to the module that owns it.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -32,6 +33,10 @@ pub struct Weights {
     device: Device,
     /// How the checkpoint stores its quantized linear weights (from config.json).
     quantization: Option<WeightQuantization>,
+    /// `--quantization fp8` on an unquantized checkpoint: projections are quantized at load.
+    online_fp8: bool,
+    /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
+    held: Arc<AtomicI64>,
 }
 
 fn tensor_err(e: candle_core::Error) -> EmberError {
@@ -51,6 +56,8 @@ impl Weights {
             dtype,
             device: device.clone(),
             quantization: None,
+            online_fp8: false,
+            held: Arc::default(),
         })
     }
 
@@ -62,6 +69,8 @@ impl Weights {
             dtype,
             device: device.clone(),
             quantization: None,
+            online_fp8: false,
+            held: Arc::default(),
         }
     }
 
@@ -71,6 +80,27 @@ impl Weights {
             quantization,
             ..self
         }
+    }
+
+    /// Asks for online FP8: projections quantized to e4m3 per output channel at load.
+    pub fn with_online_fp8(self, online_fp8: bool) -> Self {
+        Self { online_fp8, ..self }
+    }
+
+    /// Whether projections are quantized to e4m3 at load (`--quantization fp8`, unquantized checkpoint).
+    pub fn online_fp8(&self) -> bool {
+        self.online_fp8
+    }
+
+    /// Bytes of the tensors handed out by [`Weights::get`] and [`Weights::get_as`], less those
+    /// released by layers that replaced them (online FP8), plus those layers noted as held.
+    pub fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Counts `bytes` more (or, negative, fewer) as held by the model.
+    pub fn note_held(&self, bytes: i64) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// The checkpoint's weight quantization; `None` for unquantized and dummy weights.
@@ -157,6 +187,19 @@ impl Weights {
 
     /// Like [`Weights::get`], converting to `dtype` instead of the model dtype.
     pub fn get_as(&self, name: &str, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        let t = self.read_as(name, shape, dtype)?;
+        self.note_held(tensor_bytes(&t));
+        Ok(t)
+    }
+
+    /// Like [`Weights::get_as`] for a tensor only read at load (a dequantizer's input), so not
+    /// counted as held.
+    pub(crate) fn read_as(
+        &self,
+        name: &str,
+        shape: impl Into<Shape>,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let full = self.full_name(name);
         let shape = shape.into();
         let tensor = match self.source.as_ref() {
@@ -179,6 +222,11 @@ impl Weights {
         };
         tensor.to_dtype(dtype).map_err(tensor_err)
     }
+}
+
+/// Bytes a tensor's elements take.
+pub fn tensor_bytes(t: &Tensor) -> i64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as i64
 }
 
 /// Norm scales start at one (as initialised models do); other weights are small normals.

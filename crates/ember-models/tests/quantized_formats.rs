@@ -1,14 +1,15 @@
 //! Bit-exact dequantization against the makers' own tools: `models/quantized-tensors/` holds
 //! random weights quantized and packed by compressed-tensors (pack-quantized INT4/INT8, NVFP4,
 //! MXFP4) and NVIDIA ModelOpt (NVFP4), with the tools' unpacked values and dequantized weights
-//! (`models/make_quantized_tensors.py`). Ours must equal theirs bit for bit, in their dtype.
+//! (`models/make_quantized_tensors.py`), and torch's own float8_e4m3fn rounding of online FP8
+//! (`models/make_fp8_channel_tensors.py`). Ours must equal theirs bit for bit, in their dtype.
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use ember_core::quantization::parse_quantization_config;
 use ember_core::WeightQuantization;
-use ember_models::quantized::{dequantize_weight, fp4, packed_int};
+use ember_models::quantized::{dequantize_weight, fp4, fp8, packed_int};
 use ember_models::weights::Weights;
 
 fn fixture(scheme: &str) -> (Weights, WeightQuantization) {
@@ -150,4 +151,54 @@ fn a_misshaped_scale_is_named() {
         err.contains("layer0.weight_packed") && err.contains("[24, 8]") && err.contains("[24, 16]"),
         "{err}"
     );
+}
+
+/// f32 bits of a tensor, zero's sign kept (torch and we must agree on it too).
+fn bits(t: &Tensor) -> Vec<u32> {
+    floats(t).into_iter().map(f32::to_bits).collect()
+}
+
+#[test]
+fn online_fp8_per_channel_quantization_rounds_as_torch_float8_e4m3fn() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/quantized-tensors");
+    let file = dir.join("fp8-channel.safetensors");
+    let weights = Weights::from_safetensors(&[file], DType::F32, &Device::Cpu).unwrap();
+    for i in 0..3 {
+        let layer = weights.pp(format!("layer{i}"));
+        let w = layer.get_stored("weight").unwrap();
+        assert_eq!(w.dtype(), DType::BF16);
+        let (q, scale) = fp8::quantize_per_channel(&w).unwrap();
+        assert_eq!(q.dtype(), DType::F8E4M3);
+        let want_q = layer.get_stored("qweight").unwrap();
+        assert_eq!(want_q.dtype(), DType::F8E4M3);
+        assert_eq!(
+            bits(&scale),
+            bits(&layer.get_stored("weight_scale").unwrap()),
+            "layer{i} scales"
+        );
+        let (ours, theirs) = (bits(&q), bits(&want_q));
+        let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing,
+            0,
+            "layer{i}: {differing} of {} e4m3 codes differ",
+            ours.len()
+        );
+        let deq = fp8::dequantize_per_channel(&q, &scale).unwrap();
+        assert_eq!(
+            bits(&deq),
+            bits(&layer.get_stored("dequantized").unwrap()),
+            "layer{i} dequantized"
+        );
+        // The fixture exercises subnormal codes and the ±448 bound, not only normal values.
+        let codes = floats(&want_q);
+        assert!(
+            codes.iter().any(|v| v.abs() == 448.0),
+            "layer{i} never saturates"
+        );
+        assert!(
+            codes.iter().any(|v| *v != 0.0 && v.abs() < 2f32.powi(-6)),
+            "layer{i} has no subnormal"
+        );
+    }
 }

@@ -1,9 +1,91 @@
 //! FP8 e4m3 weights: DeepSeek's block-scaled checkpoints (one f32 `weight_scale_inv` per
-//! 128x128 block; `scale_fmt: ue8m0` scales are powers of two stored as f32, needing no decoding).
+//! 128x128 block; `scale_fmt: ue8m0` scales are powers of two stored as f32, needing no decoding),
+//! and online FP8 (`--quantization fp8` on a 16/32-bit checkpoint): weights quantized at load to
+//! e4m3 with one f32 scale per output channel, held as e4m3 and dequantized per matmul.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Module, Tensor};
 
+use crate::linear::LinearLayer;
 use crate::TensorResult;
+
+/// float8_e4m3fn's largest finite value.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// The smallest per-channel scale, as vLLM's dynamic FP8 kernels floor it: an all-zero (or
+/// nearly zero) row gets a finite scale instead of dividing by zero.
+const MIN_SCALE: f32 = 1.0 / (E4M3_MAX * 512.0);
+
+/// Quantizes `weight` `[out, in]` to e4m3 per output channel, as vLLM's dynamic FP8 kernels do:
+/// `scale = max(absmax(row) / 448, 1 / (448·512))`, `q = clamp(w / scale, ±448)` rounded to
+/// nearest even. Returns `(q [out, in] F8E4M3, scale [out, 1] f32)`, on the weight's device.
+pub fn quantize_per_channel(weight: &Tensor) -> TensorResult<(Tensor, Tensor)> {
+    let (rows, cols) = weight.dims2()?;
+    let w = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let w = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut scales = Vec::with_capacity(rows);
+    let mut scaled = Vec::with_capacity(rows * cols);
+    for row in w.chunks_exact(cols.max(1)) {
+        let absmax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let scale = (absmax / E4M3_MAX).max(MIN_SCALE);
+        scales.push(scale);
+        // Division, not a multiply by 1/scale: the two round differently, and vLLM divides.
+        scaled.extend(row.iter().map(|x| (x / scale).clamp(-E4M3_MAX, E4M3_MAX)));
+    }
+    let q = Tensor::from_vec(scaled, (rows, cols), &Device::Cpu)?.to_dtype(DType::F8E4M3)?;
+    let scale = Tensor::from_vec(scales, (rows, 1), &Device::Cpu)?;
+    Ok((
+        q.to_device(weight.device())?,
+        scale.to_device(weight.device())?,
+    ))
+}
+
+/// `q · scale` per output channel, in f32 (`q` e4m3 `[out, in]`, `scale` f32 `[out, 1]`).
+pub fn dequantize_per_channel(q: &Tensor, scale: &Tensor) -> TensorResult {
+    q.to_dtype(DType::F32)?.broadcast_mul(scale)
+}
+
+/// A linear layer holding its weight in e4m3 with per-output-channel f32 scales (1 byte per
+/// parameter plus 4 per row). The CPU has no e4m3 GEMM, so each forward dequantizes the weight
+/// into the activations' dtype and runs the plain matmul: half the weight memory of bf16,
+/// paid for with a dequantization per call.
+pub struct Fp8ChannelLinear {
+    weight: Tensor,
+    scale: Tensor,
+    bias: Option<Tensor>,
+    /// The dtype the weight was given in (the model dtype).
+    dtype: DType,
+}
+
+impl Fp8ChannelLinear {
+    /// Quantizes `weight` `[out, in]` (see [`quantize_per_channel`]); `bias` stays as given.
+    pub fn quantize(weight: &Tensor, bias: Option<Tensor>) -> TensorResult<Self> {
+        let dtype = weight.dtype();
+        let (weight, scale) = quantize_per_channel(weight)?;
+        Ok(Self {
+            weight,
+            scale,
+            bias,
+            dtype,
+        })
+    }
+
+    /// Bytes of the e4m3 weight and its scales.
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        bytes(&self.weight) + bytes(&self.scale)
+    }
+}
+
+impl LinearLayer for Fp8ChannelLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = dequantize_per_channel(&self.weight, &self.scale)?.to_dtype(x.dtype())?;
+        candle_nn::Linear::new(w, self.bias.clone()).forward(x)
+    }
+
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        dequantize_per_channel(&self.weight, &self.scale)?.to_dtype(self.dtype)
+    }
+}
 
 /// `weight[i, j] * scale[i / block_rows, j / block_cols]`, for an f32 weight `[out, in]`.
 pub fn dequantize_fp8_blocks(

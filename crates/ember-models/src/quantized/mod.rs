@@ -31,8 +31,8 @@ pub fn dequantize_weight(
                 return Ok(None);
             }
             let (rows, cols) = (out_dim.div_ceil(block[0]), in_dim.div_ceil(block[1]));
-            let weight = weights.get_as("weight", (out_dim, in_dim), DType::F32)?;
-            let scale = weights.get_as("weight_scale_inv", (rows, cols), DType::F32)?;
+            let weight = weights.read_as("weight", (out_dim, in_dim), DType::F32)?;
+            let scale = weights.read_as("weight_scale_inv", (rows, cols), DType::F32)?;
             fp8::dequantize_fp8_blocks(&weight, &scale, block)
                 .map_err(|e| dequant_err(weights, e))?
         }
