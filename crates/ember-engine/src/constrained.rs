@@ -107,22 +107,24 @@ pub(crate) struct Draw<'a> {
 }
 
 /// Samples a constrained sequence's next token and records it in `constraint` (an eos token,
-/// which the engine handles, is not recorded).
+/// which the engine handles, is not recorded); also says whether a first draw was refused.
 ///
-/// With `mask` (computed during the forward) it samples under it. Without one, where
-/// [`masking_is_conditioning`] makes it exact, it samples from the unmasked distribution
-/// first and asks the grammar about that one token (llama.cpp's order): a grammar that agrees
-/// costs one token check instead of a mask over the vocabulary. A refused or undecided first
-/// draw falls back to the mask, keeping the draw if the mask allows it and drawing again
-/// under the mask otherwise: rejection sampling, so the distribution is the masked one, and
-/// greedy picks the same token. Random draws take a second number from the sequence's stream
-/// on a refusal, so seeded outputs differ from a mask-first order, reproducibly.
+/// Where [`masking_is_conditioning`] makes it exact, it samples from the unmasked
+/// distribution first (llama.cpp's order) and keeps the draw if the grammar allows it, else
+/// draws again under the mask: rejection sampling, so the distribution is the masked one, and
+/// greedy picks the same token. Without `mask` it asks the grammar about that one token
+/// first, so a grammar that agrees costs one token check instead of a mask over the
+/// vocabulary; with `mask` (computed during the forward) it checks the draw against it. The
+/// tokens are the same either way, so which sequences get a mask during the forward is only a
+/// matter of speed. Random draws take a second number from the sequence's stream on a
+/// refusal, so seeded outputs differ from a mask-first order, reproducibly. Otherwise (top-k,
+/// top-p, min-p) it samples under the mask.
 pub(crate) fn sample_constrained(
     constraint: &mut dyn TokenConstraint,
     mask: Option<MaskResult>,
     draw: Draw<'_>,
     rng: &mut SequenceRng,
-) -> Result<u32, String> {
+) -> Result<(u32, bool), String> {
     let choose = |mask: Option<&TokenMask>, rng: &mut SequenceRng| {
         choose_masked(
             draw.logits,
@@ -135,12 +137,13 @@ pub(crate) fn sample_constrained(
     };
     let is_eos = |token: u32| draw.eos_token_ids.contains(&token);
     let (mask, first) = match mask {
-        Some(mask) => (mask?, None),
+        Some(mask) if needs_mask_first(draw.params) => (mask?, None),
+        Some(mask) => (mask?, Some(choose(None, rng))),
         None if needs_mask_first(draw.params) => (constraint.allowed_tokens()?, None),
         None => {
             let first = choose(None, rng);
             if !is_eos(first) && constraint.try_accept_token(first)? {
-                return Ok(first);
+                return Ok((first, false));
             }
             (constraint.allowed_tokens()?, Some(first))
         }
@@ -148,14 +151,14 @@ pub(crate) fn sample_constrained(
     if mask.is_empty() {
         return Err("the grammar allows no next token".into());
     }
-    let token = match first {
-        Some(first) if mask.allows(first) => first,
-        _ => choose(Some(&mask), rng),
+    let (token, refused) = match first {
+        Some(first) if mask.allows(first) => (first, false),
+        first => (choose(Some(&mask), rng), first.is_some()),
     };
     if !is_eos(token) {
         constraint.accept_token(token)?;
     }
-    Ok(token)
+    Ok((token, refused))
 }
 
 #[cfg(test)]

@@ -246,16 +246,18 @@ impl Engine {
             return;
         }
         let pending = self.scheduler.step_tokens(&plan);
-        // Grammars of the sequences that sample this step and need their mask first (the others
-        // sample first, see `sample_constrained`): the mask worker computes them while the
-        // forward runs. Each is keyed by its position in the step's chunks.
+        // Grammars of the sequences that sample this step and need their mask first, or whose
+        // last first draw was refused (the others try their draw alone, see
+        // `sample_constrained`): the mask worker computes them while the forward runs. Each is
+        // keyed by its position in the step's chunks.
         let constrained: Vec<_> = plan
             .chunks
             .iter()
             .enumerate()
             .filter_map(|(k, &(i, n))| {
                 let seq = &mut self.scheduler.running[i];
-                if seq.samples_after(n) && needs_mask_first(&seq.params) {
+                if seq.samples_after(n) && (seq.last_draw_refused || needs_mask_first(&seq.params))
+                {
                     seq.constraint.take().map(|c| (k, c))
                 } else {
                     None
@@ -411,7 +413,12 @@ fn advance(
             };
             // A mask without its constraint: the worker lost it, and `mask` says so.
             let sampled = match constraint {
-                Some(c) => sample_constrained(c.as_mut(), mask, draw, &mut seq.rng),
+                Some(c) => sample_constrained(c.as_mut(), mask, draw, &mut seq.rng).map(
+                    |(token, refused)| {
+                        seq.last_draw_refused = refused;
+                        token
+                    },
+                ),
                 None => Err(mask
                     .and_then(|m| m.err())
                     .unwrap_or_else(|| "the grammar was lost".into())),

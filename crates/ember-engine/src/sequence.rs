@@ -31,6 +31,9 @@ pub struct Sequence {
     pub adapter: Option<Arc<LoraAdapter>>,
     /// The live grammar of a constrained request (`params.constraint` started for this sequence).
     pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// Whether its grammar refused its last first draw: the next mask is then likely needed,
+    /// so the step computes it during the forward.
+    pub last_draw_refused: bool,
     sender: UnboundedSender<RequestOutput>,
 }
 
@@ -59,6 +62,7 @@ impl Sequence {
             prompt_logprobs,
             adapter,
             constraint,
+            last_draw_refused: false,
             sender: request.output,
         }
     }
