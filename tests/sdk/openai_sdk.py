@@ -55,7 +55,7 @@ tool = openai.pydantic_function_tool(GetWeather)
 for seed in range(10):
     completion = client.chat.completions.parse(
         model=model, messages=messages, tools=[tool], tool_choice="required",
-        parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=200,
+        parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=200, extra_body=no_thinking,
     )
     choice = completion.choices[0]
     check(choice.finish_reason == "tool_calls", f"tool seed {seed}: finish {choice.finish_reason}")
@@ -70,9 +70,11 @@ for seed in range(10):
 named = {"type": "function", "function": {"name": "GetWeather"}}
 whole = client.chat.completions.create(
     model=model, messages=messages, tools=[tool], tool_choice=named, temperature=0, max_tokens=200,
+    extra_body=no_thinking,
 )
 with client.chat.completions.stream(
     model=model, messages=messages, tools=[tool], tool_choice=named, temperature=0, max_tokens=200,
+    extra_body=no_thinking,
 ) as stream:
     for _ in stream:
         pass
