@@ -18,6 +18,7 @@ pub mod mlp;
 pub mod moe;
 pub mod norm;
 pub mod paged_attention;
+pub mod parallel;
 pub mod quantized;
 pub mod qwen3;
 pub mod rope;
