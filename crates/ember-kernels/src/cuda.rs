@@ -1,0 +1,179 @@
+//! The CUDA side: the fatbins build.rs made from `kernels/*.cu` (SASS for sm_80, sm_90, sm_100 by
+//! default), loaded into one device's context at start, and one method per op with the CPU
+//! reference's signature over device slices. Launches are asynchronous on the context's stream.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::check_shape;
+use crate::rms_norm::rms_norm_shape;
+use crate::silu_and_mul::silu_and_mul_shape;
+use crate::{Element, KernelError};
+
+const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
+const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
+
+/// ptxas's registers and spills per kernel and architecture, as build.rs recorded them.
+pub const PTXAS_RESOURCE_USAGE: &str =
+    include_str!(concat!(env!("OUT_DIR"), "/ptxas-resource-usage.txt"));
+
+/// An element type the CUDA kernels take ([`Element`] that cudarc can pass to a kernel and zero).
+pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {}
+impl CudaElement for f32 {}
+impl CudaElement for half::bf16 {}
+
+/// ember's kernels loaded on one GPU, with the stream they launch on.
+pub struct CudaKernels {
+    stream: Arc<CudaStream>,
+    rms_norm: Arc<CudaModule>,
+    silu_and_mul: Arc<CudaModule>,
+}
+
+impl CudaKernels {
+    /// Opens GPU `ordinal` and loads the kernels; fails when there is no driver, no such device, or
+    /// the fatbins hold no code for its architecture.
+    pub fn new(ordinal: usize) -> Result<Self, KernelError> {
+        // cudarc panics, rather than erring, when it cannot dlopen libcuda (no driver installed).
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal)).map_err(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            KernelError::NoDriver(why)
+        })??;
+        let load = |image: &[u8]| ctx.load_module(Ptx::from_binary(image.to_vec()));
+        Ok(Self {
+            rms_norm: load(RMS_NORM_FATBIN)?,
+            silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
+            stream: ctx.default_stream(),
+        })
+    }
+
+    /// The stream every launch goes on (copy inputs and results with it).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// [`crate::rms_norm::rms_norm`] on the GPU.
+    pub fn rms_norm<T: CudaElement>(
+        &self,
+        x: &CudaSlice<T>,
+        weight: &CudaSlice<T>,
+        eps: f32,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        let (rows, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let hidden_arg = hidden_i32(hidden)?;
+        let f = kernel(&self.rms_norm, "rms_norm", T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(x)
+            .arg(weight)
+            .arg(&hidden_arg)
+            .arg(&eps);
+        // SAFETY: the argument list matches rms_norm_<T>(T*, const T*, const T*, int, float) in
+        // kernels/rms_norm.cu, and the shape check above bounds every index it touches.
+        unsafe { launch.launch(row_launch(rows, hidden)?) }?;
+        Ok(())
+    }
+
+    /// [`crate::rms_norm::fused_add_rms_norm`] on the GPU (`residual` is updated in place).
+    pub fn fused_add_rms_norm<T: CudaElement>(
+        &self,
+        x: &CudaSlice<T>,
+        residual: &mut CudaSlice<T>,
+        weight: &CudaSlice<T>,
+        eps: f32,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        let (rows, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
+        check_shape(residual.len() == x.len(), "fused_add_rms_norm", || {
+            format!(
+                "residual has {} elements, x has {}",
+                residual.len(),
+                x.len()
+            )
+        })?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let hidden_arg = hidden_i32(hidden)?;
+        let f = kernel(&self.rms_norm, "fused_add_rms_norm", T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(residual)
+            .arg(x)
+            .arg(weight)
+            .arg(&hidden_arg)
+            .arg(&eps);
+        // SAFETY: matches fused_add_rms_norm_<T>(T*, T*, const T*, const T*, int, float); shapes checked.
+        unsafe { launch.launch(row_launch(rows, hidden)?) }?;
+        Ok(())
+    }
+
+    /// [`crate::silu_and_mul::silu_and_mul`] on the GPU.
+    pub fn silu_and_mul<T: CudaElement>(
+        &self,
+        input: &CudaSlice<T>,
+        d: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        silu_and_mul_shape(input.len(), out.len(), d)?;
+        let d_arg = i32::try_from(d).map_err(|_| too_big("silu_and_mul", "d", d))?;
+        let n = out.len() as i64;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = kernel(&self.silu_and_mul, "silu_and_mul", T::KERNEL_SUFFIX)?;
+        let threads = 256u32;
+        // Enough blocks to fill any of our GPUs; the kernel strides over the rest.
+        let blocks = (out.len().div_ceil(threads as usize)).min(65_535) as u32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(input).arg(&d_arg).arg(&n);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches silu_and_mul_<T>(T*, const T*, int, long long); shapes checked.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+fn kernel(module: &Arc<CudaModule>, op: &str, suffix: &str) -> Result<CudaFunction, KernelError> {
+    Ok(module.load_function(&format!("{op}_{suffix}"))?)
+}
+
+fn hidden_i32(hidden: usize) -> Result<i32, KernelError> {
+    i32::try_from(hidden).map_err(|_| too_big("rms_norm", "hidden", hidden))
+}
+
+fn too_big(op: &'static str, what: &str, value: usize) -> KernelError {
+    KernelError::Shape {
+        op,
+        message: format!("{what} = {value} does not fit the kernel's 32-bit index"),
+    }
+}
+
+/// One block per row, a multiple of 32 threads (block_sum's warp shuffles need full warps), ≤ 1024.
+fn row_launch(rows: usize, hidden: usize) -> Result<LaunchConfig, KernelError> {
+    let rows = u32::try_from(rows).map_err(|_| too_big("rms_norm", "rows", rows))?;
+    let threads = hidden.next_multiple_of(32).clamp(32, 1024) as u32;
+    Ok(LaunchConfig {
+        grid_dim: (rows, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}

@@ -1,0 +1,13 @@
+//! ember's own kernels. Each op has a CPU reference (always built) and, with the `cuda` feature,
+//! a CUDA kernel from the top-level `kernels/` with the same signature over device slices.
+
+mod element;
+mod error;
+pub mod rms_norm;
+pub mod silu_and_mul;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+pub use element::Element;
+pub use error::KernelError;
