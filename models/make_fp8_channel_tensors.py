@@ -11,7 +11,9 @@ torch.float8_e4m3fn, with torch's own rounding, as vLLM's dynamic per-channel/pe
   qwen3-moe-tiny/online-fp8-reference.json    transformers fp32 logprobs of fixed tokens (each reference prompt
                                               and its greedy continuation, teacher-forced) with every attention,
                                               MLP and expert projection replaced by w' (router, embeddings, norms
-                                              and lm_head untouched, as vLLM's online FP8), and unquantized
+                                              and lm_head untouched, as vLLM's online FP8); unquantized; and
+                                              unquantized with keys (after q/k norm and rope) and values rounded
+                                              to e4m3 as an fp8 KV cache of scale 1.0 stores them (`fp8_kv_cache`)
 
 Rows span nine orders of magnitude, one row is zero and one holds a single large outlier, so the e4m3 codes run
 through subnormals, every exponent and the saturation bound.
@@ -56,6 +58,30 @@ def main():
     model_reference("qwen3-moe-tiny")
 
 
+def with_fp8_kv_cache(model, run):
+    """`run()` with Qwen3-MoE's cached keys and values saturated and rounded to e4m3 (scale 1.0)."""
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as qwen3_moe
+
+    def e4m3(x):
+        return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+    rope = qwen3_moe.apply_rotary_pos_emb
+
+    def rope_then_round_k(q, k, *args, **kwargs):
+        q, k = rope(q, k, *args, **kwargs)
+        return q, e4m3(k)
+
+    qwen3_moe.apply_rotary_pos_emb = rope_then_round_k
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, out: e4m3(out))
+             for layer in model.model.layers]
+    try:
+        return run()
+    finally:
+        qwen3_moe.apply_rotary_pos_emb = rope
+        for hook in hooks:
+            hook.remove()
+
+
 def model_reference(name):
     from transformers import AutoModelForCausalLM
     model_dir = HERE / name
@@ -72,6 +98,7 @@ def model_reference(name):
         return out
 
     unquantized = logprobs()
+    fp8_kv_cache = with_fp8_kv_cache(model, logprobs)
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not path.endswith(("lm_head", "mlp.gate")):
             module.weight.data = quantize(module.weight.data)[2]
@@ -81,7 +108,7 @@ def model_reference(name):
     out = model_dir / "online-fp8-reference.json"
     out.write_text(json.dumps({"model": name, "dtype": "float32", "torch_version": torch.__version__,
                                "sequences": sequences, "unquantized": unquantized,
-                               "online_fp8": logprobs()}) + "\n")
+                               "fp8_kv_cache": fp8_kv_cache, "online_fp8": logprobs()}) + "\n")
     print(f"wrote {out}")
 
 

@@ -58,6 +58,10 @@ pub struct ModelArgs {
     /// generate), generate, or embed (`/v1/embeddings` only). vLLM's `--runner pooling` works too.
     #[arg(long, alias = "runner", default_value = "auto")]
     pub task: String,
+    /// KV cache element type: auto (the model dtype) or fp8 (e4m3, per-tensor scale 1.0, as vLLM
+    /// without checkpoint scales): one byte per element, dequantized when attention reads it.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -227,6 +231,7 @@ impl ModelArgs {
         opts.seed = self.seed;
         opts.task = ember_core::ModelTask::parse(&self.task)?;
         opts.quantization = ember_core::QuantizationRequest::parse(&self.quantization)?;
+        opts.kv_cache_dtype = ember_core::KvCacheDtype::parse(&self.kv_cache_dtype)?;
         Ok(opts)
     }
 

@@ -241,6 +241,30 @@ impl QuantizationRequest {
     }
 }
 
+/// What `--kv-cache-dtype` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// The model dtype.
+    #[default]
+    Auto,
+    /// float8_e4m3fn with a per-tensor scale of 1.0 (vLLM's default for checkpoints without
+    /// `k_scale`/`v_scale`): one byte per element.
+    Fp8E4m3,
+}
+
+impl KvCacheDtype {
+    /// Parses a `--kv-cache-dtype` value (vLLM's names: `fp8` is e4m3).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "fp8" | "fp8_e4m3" => Ok(Self::Fp8E4m3),
+            other => Err(EmberError::Config(format!(
+                "unknown --kv-cache-dtype {other:?}; use auto or fp8 (e4m3; fp8_e5m2 is not supported)"
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,5 +355,9 @@ mod tests {
         );
         let err = QuantizationRequest::parse("gguf").unwrap_err().to_string();
         assert!(err.contains("gguf") && err.contains("fp8"), "{err}");
+        assert_eq!(KvCacheDtype::parse("fp8").unwrap(), KvCacheDtype::Fp8E4m3);
+        assert_eq!(KvCacheDtype::parse("auto").unwrap(), KvCacheDtype::Auto);
+        let err = KvCacheDtype::parse("fp8_e5m2").unwrap_err().to_string();
+        assert!(err.contains("fp8_e5m2") && err.contains("auto"), "{err}");
     }
 }

@@ -20,12 +20,13 @@ impl ModelRunner {
         device: candle_core::Device,
     ) -> Result<Self> {
         let cfg = loaded.model.config();
-        let cache = KvCachePool::new(
+        let cache = KvCachePool::with_storage(
             cfg.num_hidden_layers,
             num_blocks,
             block_size,
             cfg.kv_cache_row_widths(),
             loaded.dtype,
+            loaded.kv_cache_dtype,
             &device,
         )?;
         Ok(Self {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use ember_core::config::token_ids_from_json;
 use ember_core::{
-    EmberError, ModelConfig, ModelFamily, ModelTask, QuantizationRequest, Result,
+    EmberError, KvCacheDtype, ModelConfig, ModelFamily, ModelTask, QuantizationRequest, Result,
     WeightQuantization,
 };
 use serde_json::Value;
@@ -37,6 +37,8 @@ pub struct LoadOptions {
     pub task: Option<ModelTask>,
     /// `--quantization`: auto (from `quantization_config`) or a method the checkpoint must match.
     pub quantization: QuantizationRequest,
+    /// `--kv-cache-dtype`: the model dtype, or fp8 e4m3.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl LoadOptions {
@@ -52,6 +54,7 @@ impl LoadOptions {
             seed: 0,
             task: None,
             quantization: QuantizationRequest::Auto,
+            kv_cache_dtype: KvCacheDtype::Auto,
         }
     }
 }
@@ -69,6 +72,8 @@ pub struct LoadedModel {
     pub task: ModelTask,
     /// Bytes of the weights the model holds, as loaded (fp8 projections at 1 byte a parameter).
     pub weight_bytes: u64,
+    /// The dtype the paged KV cache stores: `dtype`, or `F8E4M3` under `--kv-cache-dtype fp8`.
+    pub kv_cache_dtype: DType,
 }
 
 /// Parses a `--dtype` value; `auto` is `None`.
@@ -283,6 +288,10 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     );
     Ok(LoadedModel {
         weight_bytes,
+        kv_cache_dtype: match opts.kv_cache_dtype {
+            KvCacheDtype::Auto => dtype,
+            KvCacheDtype::Fp8E4m3 => DType::F8E4M3,
+        },
         eos_token_ids: eos_token_ids(&dir, &config)?,
         dir,
         config,

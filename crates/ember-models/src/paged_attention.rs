@@ -4,10 +4,11 @@
 //! runs small batched matmuls: a dozen candle ops and three copies of the context per sequence
 //! and layer, which dominate a decode step of a batch. This kernel walks the block table instead:
 //! one task per (sequence, query head), f32 dot products against the cached rows, a numerically
-//! stable softmax, and the weighted sum of value rows. It serves f32 caches on the CPU; other
-//! dtypes and devices keep the tensor path.
+//! stable softmax, and the weighted sum of value rows. It serves f32 and fp8 (e4m3, converted
+//! row by row as it reads) caches of f32 models on the CPU; other dtypes and devices keep the
+//! tensor path.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::batch::ForwardBatch;
@@ -18,29 +19,53 @@ type TensorResult<T = Tensor> = candle_core::Result<T>;
 /// Whether [`paged_attention`] can serve this cache.
 pub fn supported(cache: &LayerKvCache, q: &Tensor) -> bool {
     matches!(cache.k.device(), Device::Cpu)
-        && cache.k.dtype() == DType::F32
+        && matches!(cache.k.dtype(), DType::F32 | DType::F8E4M3)
+        && cache.v.dtype() == cache.k.dtype()
         && q.dtype() == DType::F32
 }
 
-/// `Σ a·b` with eight independent accumulators, so the compiler vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// An element of a cache the kernel reads: f32, or e4m3 converted as it is read.
+trait CacheElem: WithDType {
+    fn to_f32(self) -> f32;
+}
+
+impl CacheElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl CacheElem for float8::F8E4M3 {
+    fn to_f32(self) -> f32 {
+        // The inherent conversion, named in full: candle 0.11's `WithDType::to_f64` for e4m3
+        // calls itself forever.
+        float8::F8E4M3::to_f32(&self)
+    }
+}
+
+/// `Σ a·b` with eight independent accumulators, so the compiler vectorises it; `b` is a cached
+/// row, converted to f32 as it is read (a no-op for f32).
+fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8 * 8;
     for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += ca[l] * cb[l];
+            acc[l] += ca[l] * cb[l].to_f32();
         }
     }
     let tail: f32 = a[chunks..]
         .iter()
         .zip(&b[chunks..])
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     acc.iter().sum::<f32>() + tail
 }
 
-/// Runs `f` over the contiguous f32 data of a CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> TensorResult<R>) -> TensorResult<R> {
+/// Runs `f` over the contiguous data of a CPU tensor of element type `T`.
+fn with_slice<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> TensorResult<R>,
+) -> TensorResult<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("paged attention: the tensor is not on the CPU");
@@ -48,7 +73,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> TensorResult<R>) -> TensorR
     if !layout.is_contiguous() {
         candle_core::bail!("paged attention: the tensor is not contiguous");
     }
-    let data = cpu.as_slice::<f32>()?;
+    let data = cpu.as_slice::<T>()?;
     f(&data[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()])
 }
 
@@ -63,18 +88,34 @@ pub fn paged_attention(
     num_kv_heads: usize,
     scale: f32,
 ) -> TensorResult {
+    match cache.k.dtype() {
+        DType::F8E4M3 => attend::<float8::F8E4M3>(q, cache, batch, num_kv_heads, scale),
+        _ => attend::<f32>(q, cache, batch, num_kv_heads, scale),
+    }
+}
+
+/// [`paged_attention`] over a cache whose elements are `T`.
+fn attend<T: CacheElem>(
+    q: &Tensor,
+    cache: &LayerKvCache,
+    batch: &ForwardBatch,
+    num_kv_heads: usize,
+    scale: f32,
+) -> TensorResult {
     let (tokens, num_heads, d) = q.dims3()?;
     let group = num_heads / num_kv_heads;
     let k_width = cache.k.dim(1)?;
     let v_width = cache.v.dim(1)?;
     let v_dim = v_width / num_kv_heads;
+    // Per-tensor fp8 scales fold into the score scale and the output (1.0 for other caches).
+    let (scale, v_scale) = (scale * cache.k_scale, cache.v_scale);
     let q = q.contiguous()?;
     let tasks: Vec<(usize, usize)> = (0..batch.sequences.len())
         .flat_map(|s| (0..num_heads).map(move |h| (s, h)))
         .collect();
-    let results: Vec<Vec<f32>> = with_f32(&q, |q| {
-        with_f32(&cache.k, |k| {
-            with_f32(&cache.v, |v| {
+    let results: Vec<Vec<f32>> = with_slice::<f32, _>(&q, |q| {
+        with_slice::<T, _>(&cache.k, |k| {
+            with_slice::<T, _>(&cache.v, |v| {
                 Ok(tasks
                     .par_iter()
                     .map(|&(s, h)| {
@@ -101,9 +142,9 @@ pub fn paged_attention(
                             let o = &mut out[i * v_dim..(i + 1) * v_dim];
                             for (&w, &slot) in scores.iter().zip(&seq.context_slots_host) {
                                 let v_row = &v[slot as usize * v_width + kv * v_dim..][..v_dim];
-                                let w = w / sum;
+                                let w = w / sum * v_scale;
                                 for (o, &x) in o.iter_mut().zip(v_row) {
-                                    *o += w * x;
+                                    *o += w * x.to_f32();
                                 }
                             }
                         }
@@ -174,16 +215,37 @@ mod tests {
 
     #[test]
     fn matches_a_plain_reference_on_random_gqa_chunks_and_decodes() {
+        check_against_reference(DType::F32);
+    }
+
+    #[test]
+    fn reads_an_fp8_cache_as_its_e4m3_values() {
+        check_against_reference(DType::F8E4M3);
+    }
+
+    /// Runs the kernel over a cache stored in `storage`; the reference sees the stored values.
+    fn check_against_reference(storage: DType) {
         let (num_heads, kv_heads, d, v_dim, block) = (8, 2, 12, 12, 4);
         let slots = 64;
         let mut rng = StdRng::seed_from_u64(7);
         let mut rand_vec =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
-        let k = rand_vec(slots * kv_heads * d);
-        let v = rand_vec(slots * kv_heads * v_dim);
+        let stored = |values: Vec<f32>, width: usize| {
+            let t = Tensor::from_vec(values, (slots, width), &Device::Cpu)
+                .unwrap()
+                .to_dtype(storage)
+                .unwrap();
+            let seen = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            (t, seen.to_vec1::<f32>().unwrap())
+        };
+        let (k_stored, k) = stored(rand_vec(slots * kv_heads * d), kv_heads * d);
+        let (v_stored, v) = stored(rand_vec(slots * kv_heads * v_dim), kv_heads * v_dim);
         let cache = LayerKvCache {
-            k: Tensor::from_vec(k.clone(), (slots, kv_heads * d), &Device::Cpu).unwrap(),
-            v: Tensor::from_vec(v.clone(), (slots, kv_heads * v_dim), &Device::Cpu).unwrap(),
+            k: k_stored,
+            v: v_stored,
+            dtype: DType::F32,
+            k_scale: 1.0,
+            v_scale: 1.0,
         };
         // A prefill chunk of 3 after 5 cached tokens, a decode after 9, a fresh prompt of 4;
         // block tables scattered over the pool.
