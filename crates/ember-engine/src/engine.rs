@@ -75,7 +75,8 @@ impl Engine {
             model_cfg.num_hidden_layers,
             cfg.block_size,
             model_cfg.kv_cache_row_widths(),
-            loaded.dtype,
+            // An fp8 cache holds twice the tokens of a bf16 one in the same memory.
+            loaded.kv_cache_dtype,
         );
         let num_blocks = cfg
             .num_blocks

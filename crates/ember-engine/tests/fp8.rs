@@ -174,3 +174,23 @@ fn an_fp8_kv_cache_stays_close_to_the_f32_cache() {
         assert_eq!(c.weight_bytes, c.base_weight_bytes);
     }
 }
+
+#[test]
+fn an_fp8_kv_cache_holds_twice_the_blocks_of_a_bf16_one_in_the_same_memory() {
+    let blocks = |fp8: bool| {
+        let mut opts = LoadOptions::new(model_dir("qwen3-moe-tiny").to_string_lossy());
+        opts.dtype = Some(DType::BF16);
+        if fp8 {
+            fp8_kv_cache(&mut opts);
+        }
+        let cfg = EngineConfig {
+            kv_cache_bytes: 4 << 20,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::start(load_model(&opts).unwrap(), cfg).unwrap();
+        engine.stats().kv_blocks_total
+    };
+    let (bf16, fp8) = (blocks(false), blocks(true));
+    assert!(bf16 > 0);
+    assert_eq!(fp8, 2 * bf16);
+}
