@@ -290,7 +290,7 @@ pub(crate) fn with_json_layout(mut schema: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::fixture_dir;
+    use crate::testing::{constraint_accepts, fixture_dir};
 
     fn compiler() -> GrammarCompiler {
         let tok = TextTokenizer::from_dir(&fixture_dir("qwen3-moe-tiny")).unwrap();
@@ -301,20 +301,9 @@ mod tests {
         OutputFormat::from_response_format(Some(&value))
     }
 
-    /// Walks `text`'s tokens through a fresh constraint: whether every token was allowed and the
-    /// grammar may end (eos allowed) after them.
     fn accepts(constraint: &Constraint, text: &str) -> bool {
         let tok = TextTokenizer::from_dir(&fixture_dir("qwen3-moe-tiny")).unwrap();
-        let mut live = constraint.0.start();
-        for id in tok.encode(text).unwrap() {
-            let Ok(mask) = live.allowed_tokens() else {
-                return false;
-            };
-            if !mask.allows(id) || live.accept_token(id).is_err() {
-                return false;
-            }
-        }
-        live.is_finished() || live.allowed_tokens().is_ok_and(|m| m.allows(2))
+        constraint_accepts(constraint, &tok, text, 2)
     }
 
     #[test]

@@ -29,33 +29,38 @@ pub(crate) fn test_state(engine: &Arc<FakeEngine>) -> AppState {
 
 /// [`test_state`] reading tool calls in Qwen3's format and `<think>` reasoning.
 pub(crate) fn test_state_with_parsers(engine: &Arc<FakeEngine>) -> AppState {
-    let config = ServerConfig {
-        served_model_names: vec!["tiny".into()],
-        model_dir: "/models/tiny".into(),
-        tool_call_parser: ParserChoice::Use(ToolCallFormat::Qwen3),
-        reasoning_parser: ParserChoice::Use(ReasoningFormat::Think),
-        ..ServerConfig::default()
-    };
-    let template = match ChatTemplate::new(vec![("default".into(), CHATML.into())], Vec::new()) {
-        Ok(t) => t,
-        Err(e) => panic!("fixture template: {e}"),
-    };
-    AppState::from_parts(
-        config,
-        engine.clone(),
-        byte_level_tokenizer(),
-        Some(template),
+    chatml_state(
+        engine,
+        ServerConfig {
+            tool_call_parser: ParserChoice::Use(ToolCallFormat::Qwen3),
+            reasoning_parser: ParserChoice::Use(ReasoningFormat::Think),
+            ..tiny_config()
+        },
     )
 }
 
 /// [`test_state`] guarded by an API key.
 pub(crate) fn test_state_with_key(engine: &Arc<FakeEngine>, api_key: Option<&str>) -> AppState {
-    let config = ServerConfig {
+    chatml_state(
+        engine,
+        ServerConfig {
+            api_key: api_key.map(str::to_string),
+            ..tiny_config()
+        },
+    )
+}
+
+/// Serving model `tiny` from `/models/tiny`, the rest as by default.
+fn tiny_config() -> ServerConfig {
+    ServerConfig {
         served_model_names: vec!["tiny".into()],
-        api_key: api_key.map(str::to_string),
         model_dir: "/models/tiny".into(),
         ..ServerConfig::default()
-    };
+    }
+}
+
+/// Server state over `engine` with `config`, the fixture tokenizer and ChatML.
+fn chatml_state(engine: &Arc<FakeEngine>, config: ServerConfig) -> AppState {
     let template = match ChatTemplate::new(vec![("default".into(), CHATML.into())], Vec::new()) {
         Ok(t) => t,
         Err(e) => panic!("fixture template: {e}"),
@@ -123,6 +128,26 @@ pub(crate) fn byte_level_tokenizer() -> TextTokenizer {
         Ok(t) => t,
         Err(e) => panic!("fixture tokenizer: {e}"),
     }
+}
+
+/// Walks `text`'s tokens through a fresh copy of `constraint`: whether every token was allowed
+/// and the grammar may end (`eos` allowed, or finished) after them.
+pub(crate) fn constraint_accepts(
+    constraint: &ember_core::Constraint,
+    tokenizer: &TextTokenizer,
+    text: &str,
+    eos: u32,
+) -> bool {
+    let mut live = constraint.0.start();
+    for id in tokenizer.encode(text).unwrap_or_default() {
+        let Ok(mask) = live.allowed_tokens() else {
+            return false;
+        };
+        if !mask.allows(id) || live.accept_token(id).is_err() {
+            return false;
+        }
+    }
+    live.is_finished() || live.allowed_tokens().is_ok_and(|m| m.allows(eos))
 }
 
 /// A greedy job of `max_tokens` after the prompt "ab", with logprobs, cut at `stop`.

@@ -449,7 +449,7 @@ mod tests {
     use super::*;
     use crate::api::parse_body;
     use crate::structured::{GrammarCompiler, OutputFormat};
-    use crate::testing::fixture_dir;
+    use crate::testing::{constraint_accepts, fixture_dir};
     use crate::tool_parser::parse_tool_calls;
 
     fn fields(body: Value) -> ChatFields {
@@ -605,16 +605,7 @@ mod tests {
         let constraint = OutputFormat::Lark(grammar.to_string())
             .compile(&compiler, "tools")
             .unwrap_or_else(|e| panic!("{grammar}\n{}", e.body.error.message));
-        let mut live = constraint.0.start();
-        for id in tok.encode(text).unwrap() {
-            let Ok(mask) = live.allowed_tokens() else {
-                return false;
-            };
-            if !mask.allows(id) || live.accept_token(id).is_err() {
-                return false;
-            }
-        }
-        live.is_finished() || live.allowed_tokens().is_ok_and(|m| m.allows(eos))
+        constraint_accepts(&constraint, tok, text, eos)
     }
 
     #[test]
