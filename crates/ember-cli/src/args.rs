@@ -62,6 +62,15 @@ pub struct ModelArgs {
     /// without checkpoint scales): one byte per element, dequantized when attention reads it.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
+    /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the
+    /// vocabulary split, one all-reduce per block). Without GPUs the ranks are threads of this
+    /// process over the in-process collectives backend.
+    #[arg(long, short = 't', default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+    /// Partition routed experts across the ranks (expert parallelism: tokens sent to their
+    /// experts' owners by all-to-all, shared experts replicated) instead of splitting each.
+    #[arg(long)]
+    pub enable_expert_parallel: bool,
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -232,6 +241,17 @@ impl ModelArgs {
         opts.task = ember_core::ModelTask::parse(&self.task)?;
         opts.quantization = ember_core::QuantizationRequest::parse(&self.quantization)?;
         opts.kv_cache_dtype = ember_core::KvCacheDtype::parse(&self.kv_cache_dtype)?;
+        if self.tensor_parallel_size == 0 {
+            bail!("--tensor-parallel-size must be at least 1");
+        }
+        if self.tensor_parallel_size > 1 && self.lora.enable_lora {
+            bail!(
+                "--enable-lora with --tensor-parallel-size > 1 is not supported yet: adapters are \
+                 not sharded; serve LoRA on one rank"
+            );
+        }
+        opts.tensor_parallel_size = self.tensor_parallel_size;
+        opts.enable_expert_parallel = self.enable_expert_parallel;
         Ok(opts)
     }
 

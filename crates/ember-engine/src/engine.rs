@@ -71,13 +71,21 @@ impl Engine {
     /// Builds the runner and cache and starts the engine thread.
     pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Result<EngineHandle> {
         let model_cfg = loaded.model.config().clone();
-        let per_block = ember_models::KvCachePool::bytes_per_block(
-            model_cfg.num_hidden_layers,
-            cfg.block_size,
-            model_cfg.kv_cache_row_widths(),
-            // An fp8 cache holds twice the tokens of a bf16 one in the same memory.
-            loaded.kv_cache_dtype,
-        );
+        // Every rank of a sharded model caches its own heads of each block.
+        let per_block: usize = loaded
+            .model
+            .kv_cache_shards()
+            .into_iter()
+            .map(|widths| {
+                ember_models::KvCachePool::bytes_per_block(
+                    model_cfg.num_hidden_layers,
+                    cfg.block_size,
+                    widths,
+                    // An fp8 cache holds twice the tokens of a bf16 one in the same memory.
+                    loaded.kv_cache_dtype,
+                )
+            })
+            .sum();
         let num_blocks = cfg
             .num_blocks
             .unwrap_or(cfg.kv_cache_bytes / per_block.max(1));

@@ -7,7 +7,9 @@ use ember_models::{CausalLm, ForwardBatch, KvCachePool, LoadedModel, SequenceInp
 /// A loaded model plus its paged KV cache.
 pub struct ModelRunner {
     model: Box<dyn CausalLm>,
-    cache: KvCachePool,
+    /// One pool per rank of a sharded model (each caches its own heads), all with the same
+    /// blocks, so one block table addresses them all.
+    caches: Vec<KvCachePool>,
     device: candle_core::Device,
 }
 
@@ -19,26 +21,38 @@ impl ModelRunner {
         block_size: usize,
         device: candle_core::Device,
     ) -> Result<Self> {
-        let cfg = loaded.model.config();
-        let cache = KvCachePool::with_storage(
-            cfg.num_hidden_layers,
-            num_blocks,
-            block_size,
-            cfg.kv_cache_row_widths(),
-            loaded.dtype,
-            loaded.kv_cache_dtype,
-            &device,
-        )?;
+        let layers = loaded.model.config().num_hidden_layers;
+        let caches = loaded
+            .model
+            .kv_cache_shards()
+            .into_iter()
+            .map(|widths| {
+                KvCachePool::with_storage(
+                    layers,
+                    num_blocks,
+                    block_size,
+                    widths,
+                    loaded.dtype,
+                    loaded.kv_cache_dtype,
+                    &device,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             model: loaded.model,
-            cache,
+            caches,
             device,
         })
     }
 
     /// Block size of the cache.
     pub fn block_size(&self) -> usize {
-        self.cache.block_size
+        self.caches[0].block_size
+    }
+
+    /// Why the model can no longer run (a rank failed), if it cannot.
+    pub fn failure(&self) -> Option<String> {
+        self.model.failure()
     }
 
     /// Runs one step; returns, per input, its logits rows (one, or one per token with `all_logits`);
@@ -49,12 +63,12 @@ impl ModelRunner {
 
     /// Builds the step's batch: positions, slots and attention metadata as device tensors.
     pub fn prepare(&self, inputs: &[SequenceInput<'_>]) -> Result<ForwardBatch> {
-        ForwardBatch::new(inputs, self.cache.block_size, &self.device)
+        ForwardBatch::new(inputs, self.block_size(), &self.device)
     }
 
     /// Runs the model over a prepared batch; returns, per sequence, its logits rows.
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<Vec<Vec<f32>>>> {
-        let logits = self.model.forward(batch, &self.cache)?;
+        let logits = self.model.forward(batch, &self.caches)?;
         let mut rows = logits
             .to_vec2::<f32>()
             .map_err(|e| EmberError::Tensor(e.to_string()))?

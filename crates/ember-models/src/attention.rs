@@ -5,9 +5,10 @@ use ember_core::{ModelConfig, Result};
 
 use crate::batch::ForwardBatch;
 use crate::kv_cache::LayerKvCache;
-use crate::linear::Projection;
+use crate::linear::{Projection, Split};
 use crate::lora::LoraTargets;
 use crate::norm::RmsNorm;
+use crate::parallel::kv_head_share;
 use crate::rope::RopeRows;
 use crate::weights::Weights;
 use crate::TensorResult;
@@ -26,20 +27,45 @@ pub struct Qwen3Attention {
 }
 
 impl Qwen3Attention {
-    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm` under `weights`.
+    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm` under `weights`. On a
+    /// tensor-parallel rank, the rank's query heads and their key/value heads (replicated when
+    /// there are fewer than ranks), with `o_proj` split by rows: the output is a partial sum.
     pub fn load(weights: &Weights, cfg: &ModelConfig) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
+        let (q_split, kv_split, o_split, local_q, local_kv) = match weights.rank() {
+            None => (None, None, None, nq, nkv),
+            Some(rank) => {
+                let (q0, qn) = rank.even_share(nq, "num_attention_heads")?;
+                let (kv0, kvn) = kv_head_share(nkv, rank.rank(), rank.world_size())?;
+                (
+                    Some(Split::Columns {
+                        start: q0 * d,
+                        len: qn * d,
+                    }),
+                    Some(Split::Columns {
+                        start: kv0 * d,
+                        len: kvn * d,
+                    }),
+                    Some(Split::Rows {
+                        start: q0 * d,
+                        len: qn * d,
+                    }),
+                    qn,
+                    kvn,
+                )
+            }
+        };
         Ok(Self {
-            q_proj: Projection::load(&weights.pp("q_proj"), h, nq * d, bias)?,
-            k_proj: Projection::load(&weights.pp("k_proj"), h, nkv * d, bias)?,
-            v_proj: Projection::load(&weights.pp("v_proj"), h, nkv * d, bias)?,
-            o_proj: Projection::load(&weights.pp("o_proj"), nq * d, h, bias)?,
+            q_proj: Projection::load_split(&weights.pp("q_proj"), h, nq * d, bias, q_split)?,
+            k_proj: Projection::load_split(&weights.pp("k_proj"), h, nkv * d, bias, kv_split)?,
+            v_proj: Projection::load_split(&weights.pp("v_proj"), h, nkv * d, bias, kv_split)?,
+            o_proj: Projection::load_split(&weights.pp("o_proj"), nq * d, h, bias, o_split)?,
             q_norm: RmsNorm::load(&weights.pp("q_norm"), d, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(&weights.pp("k_norm"), d, cfg.rms_norm_eps)?,
-            num_heads: nq,
-            num_kv_heads: nkv,
+            num_heads: local_q,
+            num_kv_heads: local_kv,
             head_dim: d,
         })
     }

@@ -12,12 +12,13 @@ use crate::attention::Qwen3Attention;
 use crate::batch::ForwardBatch;
 use crate::deepseek_v3::DeepseekMoe;
 use crate::kv_cache::{KvCachePool, LayerKvCache};
-use crate::linear::{linear_from_weight, load_linear, LinearLayer};
+use crate::linear::{linear_from_weight, load_linear, load_weight_split, LinearLayer, Split};
 use crate::lora::LoraTargets;
 use crate::mla::MlaAttention;
 use crate::mlp::Mlp;
 use crate::moe::SparseMoe;
 use crate::norm::RmsNorm;
+use crate::parallel::{kv_head_share, RankContext};
 use crate::rope::{RopeRows, RotaryEmbedding};
 use crate::weights::Weights;
 use crate::{CausalLm, TensorResult};
@@ -45,6 +46,20 @@ pub struct DecoderLayer {
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: FeedForward,
+    /// The rank's group on a sharded model: attention's (and a split MLP's) partial outputs
+    /// are summed across ranks, one all-reduce each.
+    rank: Option<RankContext>,
+}
+
+impl FeedForward {
+    /// Whether the block's output is a rank's partial sum under `rank`.
+    fn output_is_partial(&self, rank: Option<&RankContext>) -> bool {
+        match self {
+            FeedForward::Dense(_) => rank.is_some(),
+            FeedForward::Moe(moe) => moe.output_is_partial(rank),
+            FeedForward::DeepseekMoe(moe) => moe.output_is_partial(rank),
+        }
+    }
 }
 
 impl DecoderLayer {
@@ -66,6 +81,7 @@ impl DecoderLayer {
                 eps,
             )?,
             mlp,
+            rank: weights.rank().cloned(),
         })
     }
 
@@ -81,12 +97,22 @@ impl DecoderLayer {
             Attention::Gqa(attn) => attn.forward(&normed, batch, rope, cache)?,
             Attention::Mla(attn) => attn.forward(&normed, batch, rope, cache)?,
         };
+        let attn = match &self.rank {
+            Some(rank) => rank.comm.all_reduce_sum(&attn)?,
+            None => attn,
+        };
         let x = (x + attn)?;
         let normed = self.post_attention_layernorm.forward(&x)?;
         let mlp = match &self.mlp {
             FeedForward::Dense(mlp) => mlp.forward(&normed, &batch.lora)?,
             FeedForward::Moe(moe) => moe.forward(&normed, &batch.lora)?,
             FeedForward::DeepseekMoe(moe) => moe.forward(&normed, &batch.lora)?,
+        };
+        let mlp = match &self.rank {
+            Some(rank) if self.mlp.output_is_partial(Some(rank)) => {
+                rank.comm.all_reduce_sum(&mlp)?
+            }
+            _ => mlp,
         };
         x + mlp
     }
@@ -118,6 +144,12 @@ pub enum OutputHead {
 pub struct DecoderModel {
     cfg: ModelConfig,
     embed_tokens: candle_nn::Embedding,
+    /// On a sharded model, the rank's rows `start..` of the vocabulary: its part of the
+    /// embedding and of the LM head (vocab-parallel).
+    vocab_start: usize,
+    rank: Option<RankContext>,
+    /// Widths of this rank's cached K and V rows.
+    kv_widths: (usize, usize),
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     head: OutputHead,
@@ -145,7 +177,22 @@ impl DecoderModel {
             weights.pp("model")
         };
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = model.pp("embed_tokens").get("weight", (v, h))?;
+        let rank = weights.rank().cloned();
+        let (vocab_start, vocab_len) = match &rank {
+            Some(r) => r.even_share(v, "vocab_size")?,
+            None => (0, v),
+        };
+        let embed =
+            model
+                .pp("embed_tokens")
+                .get_slice("weight", (v, h), 0, vocab_start, vocab_len)?;
+        let kv_widths = match (&cfg.deepseek, &rank) {
+            (None, Some(r)) => {
+                let (_, kv) = kv_head_share(cfg.num_key_value_heads, r.rank(), r.world_size())?;
+                (kv * cfg.head_dim, kv * cfg.head_dim)
+            }
+            _ => cfg.kv_cache_row_widths(),
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| load_layer(&model.pp("layers").pp(l), l))
             .collect::<Result<Vec<_>>>()?;
@@ -155,9 +202,18 @@ impl DecoderModel {
             ModelTask::Generate if cfg.tie_word_embeddings => {
                 OutputHead::LmHead(linear_from_weight(embed.clone()))
             }
-            ModelTask::Generate => {
+            ModelTask::Generate if rank.is_none() => {
                 OutputHead::LmHead(load_linear(&weights.pp("lm_head"), h, v, false)?)
             }
+            ModelTask::Generate => OutputHead::LmHead(linear_from_weight(load_weight_split(
+                &weights.pp("lm_head"),
+                h,
+                v,
+                Split::Columns {
+                    start: vocab_start,
+                    len: vocab_len,
+                },
+            )?)),
         };
         let mut lora_targets = LoraTargets::default();
         for layer in &layers {
@@ -166,12 +222,74 @@ impl DecoderModel {
         Ok(Self {
             lora_targets,
             embed_tokens: candle_nn::Embedding::new(embed, h),
+            vocab_start,
+            rank,
+            kv_widths,
             layers,
             norm: RmsNorm::load(&model.pp("norm"), h, cfg.rms_norm_eps)?,
             head,
             rotary: RotaryEmbedding::new(cfg, max_positions, weights.dtype(), weights.device())?,
             cfg: cfg.clone(),
         })
+    }
+}
+
+impl DecoderModel {
+    /// The embeddings of `ids`; on a sharded model each rank looks up the ids in its part of
+    /// the vocabulary (zeros elsewhere) and the parts are summed.
+    fn embed(&self, ids: &Tensor) -> TensorResult {
+        let Some(rank) = &self.rank else {
+            return self.embed_tokens.forward(ids);
+        };
+        let len = self.embed_tokens.embeddings().dim(0)?;
+        let (start, end) = (self.vocab_start as u32, (self.vocab_start + len) as u32);
+        let ids = ids.to_vec1::<u32>()?;
+        let local: Vec<u32> = ids
+            .iter()
+            .map(|&i| {
+                if (start..end).contains(&i) {
+                    i - start
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let keep: Vec<f32> = ids
+            .iter()
+            .map(|i| f32::from(u8::from((start..end).contains(i))))
+            .collect();
+        let device = self.embed_tokens.embeddings().device();
+        let x = self
+            .embed_tokens
+            .forward(&Tensor::from_vec(local, ids.len(), device)?)?;
+        let keep = Tensor::from_vec(keep, (ids.len(), 1), device)?.to_dtype(x.dtype())?;
+        rank.comm.all_reduce_sum(&x.broadcast_mul(&keep)?)
+    }
+
+    /// Widths of the K and V rows this model (this rank, when sharded) caches per token.
+    pub fn kv_cache_row_widths(&self) -> (usize, usize) {
+        self.kv_widths
+    }
+
+    /// Runs the batch against this rank's cache.
+    pub fn forward_rank(&self, batch: &ForwardBatch, cache: &KvCachePool) -> Result<Tensor> {
+        let run = || -> TensorResult {
+            let rope = self.rotary.select(&batch.positions)?;
+            let mut x = self.embed(&batch.token_ids)?;
+            for (layer, layer_cache) in self.layers.iter().zip(&cache.layers) {
+                x = layer.forward(&x, batch, &rope, layer_cache)?;
+            }
+            let x = self.norm.forward(&x.index_select(&batch.logits_rows, 0)?)?;
+            match (&self.head, &self.rank) {
+                (OutputHead::LmHead(lm_head), None) => lm_head.forward(&x)?.to_dtype(DType::F32),
+                // Each rank's logits over its vocabulary rows, gathered in rank order.
+                (OutputHead::LmHead(lm_head), Some(rank)) => rank
+                    .comm
+                    .all_gather(&lm_head.forward(&x)?.to_dtype(DType::F32)?, 1),
+                (OutputHead::Hidden, _) => x.to_dtype(DType::F32),
+            }
+        };
+        run().map_err(|e| EmberError::Tensor(e.to_string()))
     }
 }
 
@@ -184,19 +302,17 @@ impl CausalLm for DecoderModel {
         &self.lora_targets
     }
 
-    fn forward(&self, batch: &ForwardBatch, cache: &KvCachePool) -> Result<Tensor> {
-        let run = || -> TensorResult {
-            let rope = self.rotary.select(&batch.positions)?;
-            let mut x = self.embed_tokens.forward(&batch.token_ids)?;
-            for (layer, layer_cache) in self.layers.iter().zip(&cache.layers) {
-                x = layer.forward(&x, batch, &rope, layer_cache)?;
-            }
-            let x = self.norm.forward(&x.index_select(&batch.logits_rows, 0)?)?;
-            match &self.head {
-                OutputHead::LmHead(lm_head) => lm_head.forward(&x)?.to_dtype(DType::F32),
-                OutputHead::Hidden => x.to_dtype(DType::F32),
-            }
+    fn kv_cache_shards(&self) -> Vec<(usize, usize)> {
+        vec![self.kv_widths]
+    }
+
+    fn forward(&self, batch: &ForwardBatch, caches: &[KvCachePool]) -> Result<Tensor> {
+        let [cache] = caches else {
+            return Err(EmberError::Tensor(format!(
+                "an unsharded model runs against one KV cache, not {}",
+                caches.len()
+            )));
         };
-        run().map_err(|e| EmberError::Tensor(e.to_string()))
+        self.forward_rank(batch, cache)
     }
 }

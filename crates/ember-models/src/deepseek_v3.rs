@@ -41,12 +41,22 @@ impl DeepseekMoe {
         } else {
             vec![0.0; e]
         };
+        // Shared experts are split like a dense MLP under tensor parallelism and replicated
+        // under expert parallelism (where the routed output is whole on every rank).
+        let shared_i = i * ds.n_shared_experts;
+        let shared_channels = match weights.rank() {
+            Some(rank) if !rank.expert_parallel => {
+                Some(rank.even_share(shared_i, "the shared experts' intermediate size")?)
+            }
+            _ => None,
+        };
         let shared_experts = (ds.n_shared_experts > 0)
             .then(|| {
-                Mlp::load(
+                Mlp::load_split(
                     &weights.pp("shared_experts"),
                     hidden,
-                    i * ds.n_shared_experts,
+                    shared_i,
+                    shared_channels,
                 )
             })
             .transpose()?;
@@ -71,6 +81,11 @@ impl DeepseekMoe {
             Some(shared) => routed + shared.forward(x, lora)?,
             None => Ok(routed),
         }
+    }
+
+    /// Whether the block's output is a rank's partial sum (tensor parallelism).
+    pub fn output_is_partial(&self, rank: Option<&crate::parallel::RankContext>) -> bool {
+        self.experts.output_is_partial(rank)
     }
 
     /// Records routed and shared experts as LoRA targets.
@@ -102,7 +117,7 @@ pub fn load_deepseek_v3(
             let mlp = if cfg.is_moe_layer(layer_idx) {
                 FeedForward::DeepseekMoe(DeepseekMoe::load(&layer.pp("mlp"), h, ds)?)
             } else {
-                FeedForward::Dense(Mlp::load(&layer.pp("mlp"), h, cfg.intermediate_size)?)
+                FeedForward::Dense(Mlp::load_dense(&layer.pp("mlp"), h, cfg.intermediate_size)?)
             };
             let attn = Attention::Mla(MlaAttention::load(&layer.pp("self_attn"), cfg, ds)?);
             DecoderLayer::load(layer, cfg, attn, mlp)

@@ -23,6 +23,7 @@ pub mod quantized;
 pub mod qwen3;
 pub mod rope;
 pub mod routing;
+pub mod sharded;
 pub mod task;
 pub mod weights;
 
@@ -46,8 +47,20 @@ pub trait CausalLm: Send + Sync {
     /// The projections LoRA adapters may target, by module path.
     fn lora_targets(&self) -> &lora::LoraTargets;
 
+    /// Widths of the cached K and V rows of each KV cache the model runs against: one for an
+    /// unsharded model, one per rank for a sharded one (each rank caches its own heads).
+    fn kv_cache_shards(&self) -> Vec<(usize, usize)> {
+        vec![self.config().kv_cache_row_widths()]
+    }
+
     /// Runs the batch and returns f32 rows for `batch.logits_rows`, writing the new tokens' keys
-    /// and values into `cache`: logits `[rows, vocab]`, or for a model loaded for the embed task
-    /// the final-normed hidden states `[rows, hidden]`.
-    fn forward(&self, batch: &ForwardBatch, cache: &KvCachePool) -> Result<Tensor>;
+    /// and values into `caches` (one per entry of [`CausalLm::kv_cache_shards`], same blocks in
+    /// each): logits `[rows, vocab]`, or for a model loaded for the embed task the final-normed
+    /// hidden states `[rows, hidden]`.
+    fn forward(&self, batch: &ForwardBatch, caches: &[KvCachePool]) -> Result<Tensor>;
+
+    /// Why the model can no longer run (a rank of a sharded model failed), if it cannot.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }

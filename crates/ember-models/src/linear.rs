@@ -40,6 +40,39 @@ impl Projection {
         ))
     }
 
+    /// Loads one rank's part of a projection split across tensor-parallel ranks (`split`), or
+    /// all of it (`None`). A row-parallel projection's partial outputs are summed across ranks
+    /// by the caller; its bias is held by rank 0 alone, so the sum adds it once.
+    pub fn load_split(
+        weights: &Weights,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        split: Option<Split>,
+    ) -> Result<Self> {
+        let Some(split) = split else {
+            return Self::load(weights, in_dim, out_dim, bias);
+        };
+        let weight = load_weight_split(weights, in_dim, out_dim, split)?;
+        let bias = match split {
+            _ if !bias => None,
+            Split::Columns { start, len } => {
+                Some(weights.get_slice("bias", out_dim, 0, start, len)?)
+            }
+            Split::Rows { .. } if weights.rank().is_none_or(|r| r.rank() == 0) => {
+                Some(weights.get("bias", out_dim)?)
+            }
+            Split::Rows { .. } => None,
+        };
+        let (i, o) = split.local_dims(in_dim, out_dim);
+        Ok(Self::new(
+            projection_from_weight(weights, weight, bias)?,
+            weights.prefix(),
+            i,
+            o,
+        ))
+    }
+
     /// Wraps an already built layer under the module path `path`.
     pub fn new(base: Arc<dyn LinearLayer>, path: &str, in_dim: usize, out_dim: usize) -> Self {
         Self {
@@ -113,6 +146,63 @@ pub fn load_linear(
     Ok(Arc::new(DenseLinear {
         inner: candle_nn::Linear::new(weight, bias),
     }))
+}
+
+/// One rank's part of a projection `[out, in]` under tensor parallelism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Output channels `start..start + len` (column-parallel: q/k/v, gate/up).
+    Columns { start: usize, len: usize },
+    /// Input channels `start..start + len` (row-parallel: o_proj, down_proj); partial sums.
+    Rows { start: usize, len: usize },
+}
+
+impl Split {
+    /// `(in, out)` of the rank's part.
+    pub fn local_dims(self, in_dim: usize, out_dim: usize) -> (usize, usize) {
+        match self {
+            Split::Columns { len, .. } => (in_dim, len),
+            Split::Rows { len, .. } => (len, out_dim),
+        }
+    }
+
+    /// The weight's dimension and range the split takes.
+    fn range(self) -> (usize, usize, usize) {
+        match self {
+            Split::Columns { start, len } => (0, start, len),
+            Split::Rows { start, len } => (1, start, len),
+        }
+    }
+}
+
+/// Like [`load_weight`] for one rank's part: only the slice is read from an unquantized
+/// checkpoint; a quantized one is dequantized whole at load and cut (its packing does not align
+/// with every split), and the rank holds only its part.
+pub fn load_weight_split(
+    weights: &Weights,
+    in_dim: usize,
+    out_dim: usize,
+    split: Split,
+) -> Result<Tensor> {
+    let (dim, start, len) = split.range();
+    match dequantize_weight(weights, in_dim, out_dim)? {
+        None => weights.get_slice("weight", (out_dim, in_dim), dim, start, len),
+        Some(w) => {
+            let w = w
+                .narrow(dim, start, len)
+                .and_then(|w| w.contiguous())
+                .and_then(|w| w.to_dtype(weights.dtype()))
+                .and_then(|w| w.to_device(weights.device()))
+                .map_err(|e| {
+                    EmberError::Weights(format!(
+                        "cannot dequantize `{}.weight`: {e}",
+                        weights.prefix()
+                    ))
+                })?;
+            weights.note_held(tensor_bytes(&w));
+            Ok(w)
+        }
+    }
 }
 
 /// Loads `<prefix>.weight` `[out, in]` in the model dtype. A weight the checkpoint stores

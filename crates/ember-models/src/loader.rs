@@ -12,8 +12,13 @@ use ember_core::{
 use serde_json::Value;
 
 use crate::checkpoint::{resolve_model_dir, safetensors_files};
+use std::sync::Arc;
+
+use crate::decoder::DecoderModel;
 use crate::deepseek_v3::load_deepseek_v3;
+use crate::parallel::{Communicator, RankContext, ThreadGroup};
 use crate::qwen3::load_qwen3;
+use crate::sharded::ShardedModel;
 use crate::task::resolve_task;
 use crate::weights::{LoadFormat, Weights};
 use crate::CausalLm;
@@ -39,6 +44,11 @@ pub struct LoadOptions {
     pub quantization: QuantizationRequest,
     /// `--kv-cache-dtype`: the model dtype, or fp8 e4m3.
     pub kv_cache_dtype: KvCacheDtype,
+    /// `--tensor-parallel-size`: ranks the model is sharded over (threads of this process on
+    /// the CPU), 1 for an unsharded model.
+    pub tensor_parallel_size: usize,
+    /// `--enable-expert-parallel`: routed experts partitioned across the ranks instead of split.
+    pub enable_expert_parallel: bool,
 }
 
 impl LoadOptions {
@@ -55,6 +65,8 @@ impl LoadOptions {
             task: None,
             quantization: QuantizationRequest::Auto,
             kv_cache_dtype: KvCacheDtype::Auto,
+            tensor_parallel_size: 1,
+            enable_expert_parallel: false,
         }
     }
 }
@@ -70,8 +82,11 @@ pub struct LoadedModel {
     pub max_model_len: usize,
     /// What the model was loaded for; an embed model has no LM head.
     pub task: ModelTask,
-    /// Bytes of the weights the model holds, as loaded (fp8 projections at 1 byte a parameter).
+    /// Bytes of the weights the model holds, as loaded (fp8 projections at 1 byte a parameter),
+    /// all ranks together.
     pub weight_bytes: u64,
+    /// Bytes each rank holds (one entry for an unsharded model).
+    pub rank_weight_bytes: Vec<u64>,
     /// The dtype the paged KV cache stores: `dtype`, or `F8E4M3` under `--kv-cache-dtype fp8`.
     pub kv_cache_dtype: DType,
 }
@@ -262,19 +277,51 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         LoadFormat::Dummy => Weights::dummy(opts.seed, dtype, &opts.device),
     }
     .with_online_fp8(online_fp8);
-    let model: Box<dyn CausalLm> = match config.family {
-        ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {
-            Box::new(load_qwen3(&weights, &config, max_model_len, task)?)
-        }
-        ModelFamily::DeepseekV3 if task == ModelTask::Embed => {
-            return Err(EmberError::Config(
+    let build = |weights: &Weights| -> Result<DecoderModel> {
+        match config.family {
+            ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {
+                load_qwen3(weights, &config, max_model_len, task)
+            }
+            ModelFamily::DeepseekV3 if task == ModelTask::Embed => Err(EmberError::Config(
                 "--task embed is for Qwen3 embedding checkpoints (Qwen3-Embedding); DeepSeek models only generate"
                     .into(),
+            )),
+            ModelFamily::DeepseekV3 => load_deepseek_v3(weights, &config, max_model_len),
+        }
+    };
+    let world = opts.tensor_parallel_size;
+    let (model, rank_weight_bytes): (Box<dyn CausalLm>, Vec<u64>) = match world {
+        0 => {
+            return Err(EmberError::Config(
+                "--tensor-parallel-size must be at least 1".into(),
             ))
         }
-        ModelFamily::DeepseekV3 => Box::new(load_deepseek_v3(&weights, &config, max_model_len)?),
+        1 => {
+            let model = build(&weights)?;
+            (Box::new(model), vec![weights.held_bytes()])
+        }
+        _ => {
+            let mut ranks = Vec::with_capacity(world);
+            let mut bytes = Vec::with_capacity(world);
+            for comm in ThreadGroup::ranks(world) {
+                let comm: Arc<dyn Communicator> = Arc::new(comm);
+                let rank_weights = weights.clone().with_rank(RankContext {
+                    comm: comm.clone(),
+                    expert_parallel: opts.enable_expert_parallel,
+                });
+                ranks.push((build(&rank_weights)?, comm));
+                bytes.push(rank_weights.held_bytes());
+            }
+            tracing::info!(
+                ranks = world,
+                expert_parallel = opts.enable_expert_parallel,
+                rank_weights_gib = ?bytes.iter().map(|&b| b as f64 / (1u64 << 30) as f64).collect::<Vec<_>>(),
+                "sharded over {world} ranks (threads of this process, in lock-step)"
+            );
+            (Box::new(ShardedModel::new(ranks)?), bytes)
+        }
     };
-    let weight_bytes = weights.held_bytes();
+    let weight_bytes = rank_weight_bytes.iter().sum();
     tracing::info!(
         weights_gib = weight_bytes as f64 / (1u64 << 30) as f64,
         weight_bytes,
@@ -288,6 +335,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     );
     Ok(LoadedModel {
         weight_bytes,
+        rank_weight_bytes,
         kv_cache_dtype: match opts.kv_cache_dtype {
             KvCacheDtype::Auto => dtype,
             KvCacheDtype::Fp8E4m3 => DType::F8E4M3,

@@ -13,7 +13,7 @@ use ember_core::{EmberError, ModelConfig, Result, RopeScaling};
 
 use crate::batch::{ForwardBatch, SequenceAttention};
 use crate::kv_cache::LayerKvCache;
-use crate::linear::{load_weight, projection_from_weight, Projection};
+use crate::linear::{load_weight, load_weight_split, projection_from_weight, Projection, Split};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::norm::RmsNorm;
 use crate::rope::RopeRows;
@@ -70,28 +70,51 @@ impl MlaAttention {
     /// Loads the projections and norms under `weights`.
     pub fn load(weights: &Weights, cfg: &ModelConfig, ds: &DeepseekConfig) -> Result<Self> {
         let h = cfg.hidden_size;
-        let n = cfg.num_attention_heads;
+        let n_all = cfg.num_attention_heads;
         let bias = cfg.attention_bias;
         let eps = cfg.rms_norm_eps;
+        // A tensor-parallel rank keeps its heads' query, key/value expansion and output rows;
+        // the latent projection (shared by all heads) is replicated.
+        let (h0, n) = match weights.rank() {
+            Some(rank) => rank.even_share(n_all, "num_attention_heads")?,
+            None => (0, n_all),
+        };
+        let sharded = weights.rank().is_some();
+        let heads = |per_head: usize, split: fn(usize, usize) -> Split| {
+            sharded.then(|| split(h0 * per_head, n * per_head))
+        };
+        let columns = |start, len| Split::Columns { start, len };
+        let rows = |start, len| Split::Rows { start, len };
+        let qk = ds.qk_head_dim();
         let q = match ds.q_lora_rank {
             Some(r) => QueryProjection::LowRank {
                 q_a_proj: Projection::load(&weights.pp("q_a_proj"), h, r, bias)?,
                 q_a_layernorm: RmsNorm::load(&weights.pp("q_a_layernorm"), r, eps)?,
-                q_b_proj: Projection::load(
+                q_b_proj: Projection::load_split(
                     &weights.pp("q_b_proj"),
                     r,
-                    n * ds.qk_head_dim(),
+                    n_all * qk,
                     false,
+                    heads(qk, columns),
                 )?,
             },
             None => QueryProjection::Plain {
-                q_proj: Projection::load(&weights.pp("q_proj"), h, n * ds.qk_head_dim(), false)?,
+                q_proj: Projection::load_split(
+                    &weights.pp("q_proj"),
+                    h,
+                    n_all * qk,
+                    false,
+                    heads(qk, columns),
+                )?,
             },
         };
         let kvr = ds.kv_lora_rank;
         let per_head = ds.qk_nope_head_dim + ds.v_head_dim;
         let kv_b_w = weights.pp("kv_b_proj");
-        let kv_b = load_weight(&kv_b_w, kvr, n * per_head)?;
+        let kv_b = match heads(per_head, columns) {
+            Some(split) => load_weight_split(&kv_b_w, kvr, n_all * per_head, split)?,
+            None => load_weight(&kv_b_w, kvr, n_all * per_head)?,
+        };
         let kv_b = projection_from_weight(&kv_b_w, kv_b, None)?;
         // Absorbed decode folds the weight as the expanded path's matmul sees it (dequantized
         // under online FP8, as vLLM does), so both forms compute the same attention.
@@ -117,7 +140,13 @@ impl MlaAttention {
             kv_b_proj: Projection::new(kv_b, kv_b_w.prefix(), kvr, n * per_head),
             w_uk,
             w_uv,
-            o_proj: Projection::load(&weights.pp("o_proj"), n * ds.v_head_dim, h, bias)?,
+            o_proj: Projection::load_split(
+                &weights.pp("o_proj"),
+                n_all * ds.v_head_dim,
+                h,
+                bias,
+                heads(ds.v_head_dim, rows),
+            )?,
             num_heads: n,
             qk_nope_head_dim: ds.qk_nope_head_dim,
             qk_rope_head_dim: ds.qk_rope_head_dim,

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use ember_core::Result;
 
-use crate::linear::{projection_from_weight, Projection};
+use crate::linear::{projection_from_weight, Projection, Split};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::weights::Weights;
 use crate::TensorResult;
@@ -23,6 +23,51 @@ impl Mlp {
             up_proj: Projection::load(&weights.pp("up_proj"), hidden, intermediate, false)?,
             down_proj: Projection::load(&weights.pp("down_proj"), intermediate, hidden, false)?,
         })
+    }
+
+    /// Loads one rank's share `(start, len)` of the intermediate channels (gate/up by columns,
+    /// down by rows: the output is a partial sum), or the whole MLP (`None`).
+    pub fn load_split(
+        weights: &Weights,
+        hidden: usize,
+        intermediate: usize,
+        channels: Option<(usize, usize)>,
+    ) -> Result<Self> {
+        let cols = channels.map(|(start, len)| Split::Columns { start, len });
+        let rows = channels.map(|(start, len)| Split::Rows { start, len });
+        Ok(Self {
+            gate_proj: Projection::load_split(
+                &weights.pp("gate_proj"),
+                hidden,
+                intermediate,
+                false,
+                cols,
+            )?,
+            up_proj: Projection::load_split(
+                &weights.pp("up_proj"),
+                hidden,
+                intermediate,
+                false,
+                cols,
+            )?,
+            down_proj: Projection::load_split(
+                &weights.pp("down_proj"),
+                intermediate,
+                hidden,
+                false,
+                rows,
+            )?,
+        })
+    }
+
+    /// Loads a dense MLP the way the rank of `weights` holds it: its share of the intermediate
+    /// channels on a sharded model (partial output), else whole.
+    pub fn load_dense(weights: &Weights, hidden: usize, intermediate: usize) -> Result<Self> {
+        let channels = weights
+            .rank()
+            .map(|r| r.even_share(intermediate, "intermediate_size"))
+            .transpose()?;
+        Self::load_split(weights, hidden, intermediate, channels)
     }
 
     /// Builds expert `index` of `experts` (the fused tensors' owner, whose prefix is the module

@@ -9,7 +9,8 @@ use ember_core::{EmberError, MoeConfig, Result};
 use crate::linear::{load_linear, LinearLayer};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::mlp::Mlp;
-use crate::weights::Weights;
+use crate::parallel::{uneven_share, RankContext};
+use crate::weights::{tensor_bytes, Weights};
 use crate::TensorResult;
 
 /// Which experts each token goes to, grouped by expert (the plan both CPU and CUDA paths run).
@@ -81,9 +82,14 @@ impl SparseMoe {
             &logits,
             self.top_k,
             self.norm_topk_prob,
-            self.experts.experts.len(),
+            self.experts.num_experts,
         );
         self.experts.run(&routing, x, lora)
+    }
+
+    /// Whether the block's output is a rank's partial sum (tensor parallelism).
+    pub fn output_is_partial(&self, rank: Option<&RankContext>) -> bool {
+        self.experts.output_is_partial(rank)
     }
 
     /// Records the experts' projections as LoRA targets.
@@ -96,13 +102,129 @@ impl SparseMoe {
 /// (`model.layers.1.mlp.experts`, expert `e` at `<path>.<e>`).
 pub struct Experts {
     pub path: String,
+    /// The experts this rank runs: every expert (whole, or under tensor parallelism each one's
+    /// share of its intermediate channels), or under expert parallelism the rank's own range.
     pub experts: Vec<Mlp>,
+    /// Experts in the layer, on all ranks together.
+    pub num_experts: usize,
+    /// Set under expert parallelism: `experts` are experts `rank * len..`, tokens travel.
+    expert_parallel: Option<RankContext>,
 }
 
 impl Experts {
     /// Runs each expert once over the rows routed to it and scatter-adds the weighted outputs.
+    /// Under expert parallelism the result is whole on every rank; under tensor parallelism it
+    /// is this rank's partial sum.
     pub fn run(&self, routing: &ExpertRouting, x: &Tensor, lora: &LoraRows) -> TensorResult {
-        run_experts(&self.experts, routing, x, lora)
+        match &self.expert_parallel {
+            None => run_experts(&self.experts, routing, x, lora),
+            Some(ctx) => self.run_expert_parallel(ctx, routing, x),
+        }
+    }
+
+    /// Whether [`Experts::run`] returns a partial sum that the ranks must add up.
+    pub fn output_is_partial(&self, rank: Option<&RankContext>) -> bool {
+        rank.is_some() && self.expert_parallel.is_none()
+    }
+
+    /// Expert parallelism: each rank sends the rows of its share of the step's tokens to the
+    /// ranks owning their experts (all-to-all), runs its experts over what it received, sends
+    /// the weighted outputs back (all-to-all), adds them up for its rows, and the shares are
+    /// gathered so every rank holds the whole result. Routing is computed on every rank alike.
+    fn run_expert_parallel(
+        &self,
+        ctx: &RankContext,
+        routing: &ExpertRouting,
+        x: &Tensor,
+    ) -> TensorResult {
+        let (tokens, hidden) = x.dims2()?;
+        let (world, device, dtype) = (ctx.world_size(), x.device(), x.dtype());
+        let (first, mine) = uneven_share(tokens, ctx.rank(), world);
+        let per_rank = self.experts.len();
+        let mut send_rows: Vec<Vec<u32>> = vec![Vec::new(); world];
+        let mut send_meta: Vec<Vec<f32>> = vec![Vec::new(); world];
+        for (expert, (rows, weights)) in routing.per_expert.iter().enumerate() {
+            let owner = expert / per_rank;
+            for (&row, &weight) in rows.iter().zip(weights) {
+                if (first..first + mine).contains(&(row as usize)) {
+                    send_rows[owner].push(row);
+                    send_meta[owner].extend([(expert - owner * per_rank) as f32, weight]);
+                }
+            }
+        }
+        let rows_of = |rows: &[u32]| -> TensorResult {
+            if rows.is_empty() {
+                return Tensor::zeros((0, hidden), dtype, device);
+            }
+            x.index_select(&Tensor::from_slice(rows, rows.len(), device)?, 0)
+        };
+        let hidden_out = send_rows
+            .iter()
+            .map(|r| rows_of(r))
+            .collect::<TensorResult<Vec<_>>>()?;
+        let meta_out = send_meta
+            .iter()
+            .map(|m| Tensor::from_slice(m, (m.len() / 2, 2), device))
+            .collect::<TensorResult<Vec<_>>>()?;
+        let hidden_in = ctx.comm.all_to_all(hidden_out)?;
+        let meta_in = ctx.comm.all_to_all(meta_out)?;
+
+        // Everything received, as one batch of rows for the local experts.
+        let counts: Vec<usize> = hidden_in
+            .iter()
+            .map(|t| t.dim(0))
+            .collect::<TensorResult<_>>()?;
+        let mut local = ExpertRouting {
+            per_expert: vec![(Vec::new(), Vec::new()); per_rank],
+        };
+        let mut row = 0u32;
+        for meta in &meta_in {
+            if meta.dim(0)? == 0 {
+                continue;
+            }
+            for pair in meta.to_vec2::<f32>()? {
+                let expert = &mut local.per_expert[pair[0] as usize];
+                expert.0.push(row);
+                expert.1.push(pair[1]);
+                row += 1;
+            }
+        }
+        let received: Vec<Tensor> = hidden_in
+            .into_iter()
+            .filter(|t| t.dim(0).is_ok_and(|n| n > 0))
+            .collect();
+        let outputs = if received.is_empty() {
+            Tensor::zeros((0, hidden), dtype, device)?
+        } else {
+            run_experts(
+                &self.experts,
+                &local,
+                &Tensor::cat(&received, 0)?,
+                &LoraRows::none(),
+            )?
+        };
+        let mut back = Vec::with_capacity(world);
+        let mut offset = 0;
+        for &n in &counts {
+            back.push(if n == 0 {
+                Tensor::zeros((0, hidden), dtype, device)?
+            } else {
+                outputs.narrow(0, offset, n)?
+            });
+            offset += n;
+        }
+        let returned = ctx.comm.all_to_all(back)?;
+
+        let mut combined = Tensor::zeros((mine, hidden), dtype, device)?;
+        for (rows, y) in send_rows.iter().zip(&returned) {
+            if rows.is_empty() {
+                continue;
+            }
+            let local_rows: Vec<u32> = rows.iter().map(|&r| r - first as u32).collect();
+            let index = Tensor::from_slice(&local_rows, local_rows.len(), device)?;
+            combined = combined.index_add(&index, y, 0)?;
+        }
+        ctx.comm.all_gather(&combined, 0)
     }
 
     /// Records every expert's projections, and the container for fused expert adapters.
@@ -115,33 +237,60 @@ impl Experts {
 }
 
 /// Loads `e` experts of intermediate size `i`, either one tensor per expert (Hub layout,
-/// `experts.{e}.gate_proj.weight`) or fused (`experts.gate_up_proj`, `experts.down_proj`).
+/// `experts.{e}.gate_proj.weight`) or fused (`experts.gate_up_proj`, `experts.down_proj`). On a
+/// rank of a sharded model: under expert parallelism the rank's range of whole experts, else
+/// every expert's share of the intermediate channels (see [`Mlp::load_split`]).
 pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> Result<Experts> {
     let path = experts_w.prefix().to_string();
+    let rank = experts_w.rank();
+    let expert_parallel = rank.filter(|r| r.expert_parallel).cloned();
+    let (first, count) = match &expert_parallel {
+        Some(ctx) => ctx.even_share(e, "the number of routed experts")?,
+        None => (0, e),
+    };
+    let channels = match rank {
+        Some(ctx) if expert_parallel.is_none() => Some(ctx.even_share(i, "moe_intermediate_size")?),
+        _ => None,
+    };
     let experts = if experts_w.contains("gate_up_proj") && !experts_w.contains("0.gate_proj.weight")
     {
-        let gate_up = experts_w.get("gate_up_proj", (e, 2 * i, hidden))?;
-        let down = experts_w.get("down_proj", (e, hidden, i))?;
         let fused_err =
             |err: candle_core::Error| EmberError::Weights(format!("fused experts: {err}"));
-        (0..e)
+        // Read whole (a rank keeps only its part, counted below as each expert is built).
+        let gate_up = experts_w.read_as("gate_up_proj", (e, 2 * i, hidden), experts_w.dtype())?;
+        let down = experts_w.read_as("down_proj", (e, hidden, i), experts_w.dtype())?;
+        let (c0, cn) = channels.unwrap_or((0, i));
+        (first..first + count)
             .map(|x| {
                 let gu = gate_up.get(x).map_err(fused_err)?;
+                let part = |t: Tensor, dim: usize, start: usize| -> Result<Tensor> {
+                    let t = t
+                        .narrow(dim, start, cn)
+                        .and_then(|t| t.contiguous())
+                        .map_err(fused_err)?;
+                    experts_w.note_held(tensor_bytes(&t));
+                    Ok(t)
+                };
                 Mlp::from_weights(
                     experts_w,
                     x,
-                    gu.narrow(0, 0, i).map_err(fused_err)?,
-                    gu.narrow(0, i, i).map_err(fused_err)?,
-                    down.get(x).map_err(fused_err)?,
+                    part(gu.clone(), 0, c0)?,
+                    part(gu, 0, i + c0)?,
+                    part(down.get(x).map_err(fused_err)?, 1, c0)?,
                 )
             })
             .collect::<Result<Vec<_>>>()?
     } else {
-        (0..e)
-            .map(|x| Mlp::load(&experts_w.pp(x), hidden, i))
+        (first..first + count)
+            .map(|x| Mlp::load_split(&experts_w.pp(x), hidden, i, channels))
             .collect::<Result<_>>()?
     };
-    Ok(Experts { path, experts })
+    Ok(Experts {
+        path,
+        experts,
+        num_experts: e,
+        expert_parallel,
+    })
 }
 
 /// Runs each expert once over the rows routed to it and scatter-adds the weighted outputs; each

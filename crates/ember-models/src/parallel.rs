@@ -40,6 +40,78 @@ pub trait Communicator: Send + Sync {
     fn abort(&self, reason: &str);
 }
 
+/// Where one rank sits in a sharded model: its collectives, and how its layers are split.
+/// Handed to the loader through [`crate::weights::Weights::with_rank`]; every layer that shards
+/// reads its slice of the checkpoint by it.
+#[derive(Clone)]
+pub struct RankContext {
+    pub comm: Arc<dyn Communicator>,
+    /// `--enable-expert-parallel`: routed experts are partitioned across the ranks (tokens sent
+    /// to their experts' owners by all-to-all) instead of each expert being split like an MLP.
+    pub expert_parallel: bool,
+}
+
+impl RankContext {
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// This rank's even share `start..start + len` of `n` items (heads, channels, vocabulary
+    /// rows), or an error naming `what` when `n` does not split evenly.
+    pub fn even_share(&self, n: usize, what: &str) -> ember_core::Result<(usize, usize)> {
+        even_share(n, self.rank(), self.world_size(), what)
+    }
+}
+
+/// Rank `rank`'s share `(start, len)` of `n` items split evenly over `world` ranks.
+pub fn even_share(
+    n: usize,
+    rank: usize,
+    world: usize,
+    what: &str,
+) -> ember_core::Result<(usize, usize)> {
+    if world == 0 || !n.is_multiple_of(world) {
+        return Err(ember_core::EmberError::Config(format!(
+            "{what} ({n}) does not split evenly over {world} ranks; choose a parallel size that divides it"
+        )));
+    }
+    let len = n / world;
+    Ok((rank * len, len))
+}
+
+/// Rank `rank`'s contiguous share of `n` rows when they need not split evenly (the tokens of a
+/// step): the first `n % world` ranks take one more.
+pub fn uneven_share(n: usize, rank: usize, world: usize) -> (usize, usize) {
+    let (base, extra) = (n / world, n % world);
+    (
+        rank * base + rank.min(extra),
+        base + usize::from(rank < extra),
+    )
+}
+
+/// Which of `kv_heads` key/value heads a rank of `world` attends with: an even share when there
+/// are at least as many heads as ranks, else the one head its group of `world / kv_heads` ranks
+/// shares (replicated, as vLLM does). `(first head, heads)`.
+pub fn kv_head_share(
+    kv_heads: usize,
+    rank: usize,
+    world: usize,
+) -> ember_core::Result<(usize, usize)> {
+    if kv_heads >= world {
+        return even_share(kv_heads, rank, world, "num_key_value_heads");
+    }
+    if !world.is_multiple_of(kv_heads) {
+        return Err(ember_core::EmberError::Config(format!(
+            "{kv_heads} key/value heads cannot be replicated evenly over {world} ranks; choose a              tensor parallel size that divides or is a multiple of num_key_value_heads"
+        )));
+    }
+    Ok((rank / (world / kv_heads), 1))
+}
+
 /// How long a rank waits for the others before the group is declared failed.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 

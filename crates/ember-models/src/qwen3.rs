@@ -22,7 +22,7 @@ pub fn load_qwen3(
             Some(moe) if cfg.is_moe_layer(layer_idx) => {
                 FeedForward::Moe(SparseMoe::load(&layer.pp("mlp"), h, moe)?)
             }
-            _ => FeedForward::Dense(Mlp::load(&layer.pp("mlp"), h, cfg.intermediate_size)?),
+            _ => FeedForward::Dense(Mlp::load_dense(&layer.pp("mlp"), h, cfg.intermediate_size)?),
         };
         let attn = Attention::Gqa(Qwen3Attention::load(&layer.pp("self_attn"), cfg)?);
         DecoderLayer::load(layer, cfg, attn, mlp)

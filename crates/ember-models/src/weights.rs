@@ -10,6 +10,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use ember_core::{EmberError, Result, WeightQuantization};
 
+use crate::parallel::RankContext;
+
 /// How weights are produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadFormat {
@@ -37,6 +39,8 @@ pub struct Weights {
     online_fp8: bool,
     /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
     held: Arc<AtomicI64>,
+    /// The rank this model is loaded for, when sharded (`--tensor-parallel-size` > 1).
+    rank: Option<RankContext>,
 }
 
 fn tensor_err(e: candle_core::Error) -> EmberError {
@@ -58,6 +62,7 @@ impl Weights {
             quantization: None,
             online_fp8: false,
             held: Arc::default(),
+            rank: None,
         })
     }
 
@@ -71,6 +76,7 @@ impl Weights {
             quantization: None,
             online_fp8: false,
             held: Arc::default(),
+            rank: None,
         }
     }
 
@@ -80,6 +86,21 @@ impl Weights {
             quantization,
             ..self
         }
+    }
+
+    /// Loads one rank's shard of the model: sharded layers read only their slices. Each rank
+    /// counts its own held bytes.
+    pub fn with_rank(self, rank: RankContext) -> Self {
+        Self {
+            rank: Some(rank),
+            held: Arc::default(),
+            ..self
+        }
+    }
+
+    /// The rank being loaded, `None` for an unsharded model.
+    pub fn rank(&self) -> Option<&RankContext> {
+        self.rank.as_ref()
     }
 
     /// Asks for online FP8: projections quantized to e4m3 per output channel at load.
@@ -221,6 +242,76 @@ impl Weights {
             Source::Dummy { seed } => dummy_tensor(&full, &shape, *seed, &self.device)?,
         };
         tensor.to_dtype(dtype).map_err(tensor_err)
+    }
+}
+
+impl Weights {
+    /// Loads `len` entries from `start` along `dim` of tensor `name`, whose whole shape is
+    /// `full` (checked), in the model dtype: one rank's shard. From a checkpoint only the
+    /// slice's bytes are read (the rest of the mapping is never touched); dummy weights make the
+    /// whole tensor and cut it, so a shard holds what the unsharded model holds there.
+    pub fn get_slice(
+        &self,
+        name: &str,
+        full: impl Into<Shape>,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let full = full.into();
+        let dims = full.dims().to_vec();
+        let whole = || EmberError::Weights(format!("tensor `{}`", self.full_name(name)));
+        if dim >= dims.len() || start + len > dims[dim] {
+            return Err(EmberError::Weights(format!(
+                "{}: cannot take {start}..{} along dim {dim} of {dims:?}",
+                whole(),
+                start + len
+            )));
+        }
+        if start == 0 && len == dims[dim] {
+            return self.get(name, full);
+        }
+        let t = match self.source.as_ref() {
+            Source::Mmap(m) => {
+                let full_name = self.full_name(name);
+                let view = m.get(&full_name).map_err(|_| {
+                    EmberError::Weights(format!(
+                        "tensor `{full_name}` is missing from the checkpoint"
+                    ))
+                })?;
+                if view.shape() != dims.as_slice() {
+                    return Err(EmberError::Weights(format!(
+                        "tensor `{full_name}` has shape {:?}, expected {dims:?}",
+                        view.shape()
+                    )));
+                }
+                let stored = DType::try_from(view.dtype())
+                    .map_err(|e| EmberError::Weights(format!("tensor `{full_name}`: {e}")))?;
+                let elem = stored.size_in_bytes();
+                let outer: usize = dims[..dim].iter().product();
+                let inner: usize = dims[dim + 1..].iter().product::<usize>() * elem;
+                let data = view.data();
+                let mut raw = Vec::with_capacity(outer * len * inner);
+                for o in 0..outer {
+                    let base = (o * dims[dim] + start) * inner;
+                    raw.extend_from_slice(&data[base..base + len * inner]);
+                }
+                let mut shape = dims.clone();
+                shape[dim] = len;
+                Tensor::from_raw_buffer(&raw, stored, &shape, &self.device)
+                    .and_then(|t| t.to_dtype(self.dtype))
+                    .map_err(|e| {
+                        EmberError::Weights(format!("tensor `{full_name}` cannot be loaded: {e}"))
+                    })?
+            }
+            Source::Dummy { .. } => self
+                .read_as(name, full, self.dtype)?
+                .narrow(dim, start, len)
+                .and_then(|t| t.contiguous())
+                .map_err(tensor_err)?,
+        };
+        self.note_held(tensor_bytes(&t));
+        Ok(t)
     }
 }
 

@@ -137,7 +137,10 @@ fn a_scaled_down_dummy_moe_runs_a_forward() {
         adapter: None,
     };
     let batch = ForwardBatch::new(&[input], 16, &Device::Cpu).unwrap();
-    let logits = loaded.model.forward(&batch, &cache).unwrap();
+    let logits = loaded
+        .model
+        .forward(&batch, std::slice::from_ref(&cache))
+        .unwrap();
     assert_eq!(logits.dims(), &[1, 1024]);
     let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(values.iter().all(|v| v.is_finite()));
@@ -179,7 +182,7 @@ fn last_logits(
         let batch = ForwardBatch::new(&[input], 16, &Device::Cpu).unwrap();
         last = loaded
             .model
-            .forward(&batch, &cache)
+            .forward(&batch, std::slice::from_ref(&cache))
             .unwrap()
             .to_vec2::<f32>()
             .unwrap()[0]
@@ -255,7 +258,10 @@ fn fp8_block_checkpoints_dequantize_to_the_reference_weights() {
             adapter: None,
         };
         let batch = ForwardBatch::new(&[input], 16, &Device::Cpu).unwrap();
-        let logits = loaded.model.forward(&batch, &cache).unwrap();
+        let logits = loaded
+            .model
+            .forward(&batch, std::slice::from_ref(&cache))
+            .unwrap();
         let logprobs = candle_nn::ops::log_softmax(&logits, 1)
             .unwrap()
             .to_vec2::<f32>()

@@ -1,0 +1,154 @@
+//! A model sharded over the ranks of one parallel group, driven in lock-step: every step runs
+//! each rank's shard on its own thread over the same batch (rank 0 on the caller's), the ranks
+//! meet at their collectives, and rank 0's output (whole on every rank) is the step's result.
+//!
+//! A rank that fails, by error or panic, aborts the group: the others return from their
+//! collectives with its reason instead of waiting, and the model reports itself failed so the
+//! engine stops rather than step a group that can no longer agree.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use candle_core::Tensor;
+use ember_core::{EmberError, ModelConfig, Result};
+
+use crate::batch::ForwardBatch;
+use crate::decoder::DecoderModel;
+use crate::kv_cache::KvCachePool;
+use crate::lora::LoraTargets;
+use crate::parallel::Communicator;
+use crate::CausalLm;
+
+/// One shard per rank, each with its rank's communicator.
+pub struct ShardedModel {
+    ranks: Vec<(DecoderModel, Arc<dyn Communicator>)>,
+    failed: Mutex<Option<String>>,
+}
+
+impl ShardedModel {
+    /// The shards of ranks `0..n`, in rank order.
+    pub fn new(ranks: Vec<(DecoderModel, Arc<dyn Communicator>)>) -> Result<Self> {
+        if ranks.is_empty() {
+            return Err(EmberError::Config(
+                "a sharded model needs at least one rank".into(),
+            ));
+        }
+        for (i, (_, comm)) in ranks.iter().enumerate() {
+            if comm.rank() != i || comm.world_size() != ranks.len() {
+                return Err(EmberError::Config(format!(
+                    "shard {i} holds rank {} of {}; shards must be ranks 0..{} in order",
+                    comm.rank(),
+                    comm.world_size(),
+                    ranks.len()
+                )));
+            }
+        }
+        Ok(Self {
+            ranks,
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// Ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn run_rank(
+        model: &DecoderModel,
+        comm: &dyn Communicator,
+        batch: &ForwardBatch,
+        cache: &KvCachePool,
+    ) -> Result<Tensor> {
+        let rank = comm.rank();
+        let outcome = catch_unwind(AssertUnwindSafe(|| model.forward_rank(batch, cache)));
+        let reason = match outcome {
+            Ok(Ok(out)) => return Ok(out),
+            Ok(Err(e)) => format!("rank {rank} failed: {e}"),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic".into());
+                format!("rank {rank} panicked: {what}")
+            }
+        };
+        comm.abort(&reason);
+        Err(EmberError::Tensor(reason))
+    }
+}
+
+impl CausalLm for ShardedModel {
+    fn config(&self) -> &ModelConfig {
+        self.ranks[0].0.config()
+    }
+
+    fn lora_targets(&self) -> &LoraTargets {
+        self.ranks[0].0.lora_targets()
+    }
+
+    fn kv_cache_shards(&self) -> Vec<(usize, usize)> {
+        self.ranks
+            .iter()
+            .map(|(m, _)| m.kv_cache_row_widths())
+            .collect()
+    }
+
+    fn forward(&self, batch: &ForwardBatch, caches: &[KvCachePool]) -> Result<Tensor> {
+        if let Some(reason) = self.failure() {
+            return Err(EmberError::Tensor(format!(
+                "the model's ranks failed: {reason}"
+            )));
+        }
+        if caches.len() != self.ranks.len() {
+            return Err(EmberError::Tensor(format!(
+                "{} ranks need one KV cache each, got {}",
+                self.ranks.len(),
+                caches.len()
+            )));
+        }
+        let results: Vec<Result<Tensor>> = std::thread::scope(|scope| {
+            let others: Vec<_> = self.ranks[1..]
+                .iter()
+                .zip(&caches[1..])
+                .map(|((model, comm), cache)| {
+                    scope.spawn(move || Self::run_rank(model, comm.as_ref(), batch, cache))
+                })
+                .collect();
+            let (model, comm) = &self.ranks[0];
+            let mut results = vec![Self::run_rank(model, comm.as_ref(), batch, &caches[0])];
+            results.extend(others.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(EmberError::Tensor("a rank thread died".into())))
+            }));
+            results
+        });
+        // The first rank to fail names the cause; the others only saw the abort.
+        let first_failure = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|e| e.to_string())
+            .find(|e| !e.contains("the parallel group failed"))
+            .or_else(|| {
+                results
+                    .iter()
+                    .find_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            });
+        if let Some(reason) = first_failure {
+            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+            return Err(EmberError::Tensor(reason));
+        }
+        results
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(EmberError::Tensor("a sharded model without ranks".into())))
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
