@@ -122,7 +122,10 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
     // 4 attention heads do not split over 3 ranks.
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "3"]);
     assert!(err.contains("does not split evenly over 3 ranks"), "{err}");
-    let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "2", "--enable-lora"]);
+    let err = serve_error(
+        "qwen3-tiny",
+        &["--tensor-parallel-size", "2", "--enable-lora"],
+    );
     assert!(err.contains("--enable-lora"), "{err}");
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "0"]);
     assert!(err.contains("at least 1"), "{err}");

@@ -1,6 +1,7 @@
 //! `ember serve`: load the model, start the engine, serve the HTTP API.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -131,6 +132,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         reasoning_parser: args.reasoning_parser,
     };
     let engine = Engine::start(loaded, engine_config)?;
+    let engine_failure = engine.failure_probe();
     let state = AppState::new(config, engine)?;
     for module in &args.lora_modules {
         load_lora_module(&state, module)?;
@@ -147,9 +149,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 format!("cannot listen on {addr}; is the port in use? pick another with --port")
             })?;
         tracing::info!("serving on http://{addr}");
-        ember_server::serve(listener, state)
+        let failure = Arc::new(engine_failure);
+        let watch = failure.clone();
+        // A sharded model whose rank failed cannot run again: shut down instead of erroring forever.
+        let stopped = async move {
+            while watch().is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        };
+        ember_server::serve_or_stop(listener, state, stopped)
             .await
-            .context("server failed")
+            .context("server failed")?;
+        match failure() {
+            Some(reason) => bail!("the engine stopped: {reason}"),
+            None => Ok(()),
+        }
     })
 }
 

@@ -189,6 +189,10 @@ impl Engine {
             }
             let mut phases = StepTimer::new();
             self.step(&mut phases);
+            if let Some(reason) = self.runner.failure() {
+                self.stop_for_good(&reason);
+                return;
+            }
             let total = start.elapsed().as_nanos() as u64;
             let [schedule, prepare, forward, sample] = phases.spent;
             let other = total.saturating_sub(schedule + prepare + forward + sample);
@@ -199,6 +203,27 @@ impl Engine {
             // Last, so a reader that sees the step's running count also sees its time and count.
             self.publish_stats();
         }
+    }
+
+    /// The model cannot run any more (its parallel group failed): ends every request with the
+    /// reason, records it for the server (which shuts down), and leaves the loop.
+    fn stop_for_good(&mut self, reason: &str) {
+        tracing::error!("the engine stops: {reason}");
+        let message = format!("the server is shutting down: {reason}");
+        while let Ok(req) = self.requests.try_recv() {
+            self.accept(req);
+        }
+        let running: Vec<usize> = (0..self.scheduler.running.len()).collect();
+        for seq in self
+            .scheduler
+            .finish(running)
+            .iter()
+            .chain(self.scheduler.waiting.drain(..).collect::<Vec<_>>().iter())
+        {
+            fail(seq, &message);
+        }
+        *self.stats.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+        self.publish_stats();
     }
 
     fn accept(&mut self, submission: Submission) {

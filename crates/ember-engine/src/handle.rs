@@ -66,6 +66,28 @@ impl EngineHandle {
         self.stats.snapshot()
     }
 
+    /// Why the engine stopped serving for good, once it has: a rank of a sharded model failed,
+    /// every request was ended with the reason, and the server should shut down.
+    pub fn failure(&self) -> Option<String> {
+        self.stats
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// [`EngineHandle::failure`] as a probe the caller keeps after handing the engine over.
+    pub fn failure_probe(&self) -> impl Fn() -> Option<String> + Send + Sync + 'static {
+        let stats = self.stats.clone();
+        move || {
+            stats
+                .failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        }
+    }
+
     /// Facts about the served model.
     pub fn info(&self) -> &ModelInfo {
         &self.info

@@ -21,6 +21,8 @@ pub struct EngineStats {
     pub(crate) steps: AtomicU64,
     /// Wall time of the engine loop by phase, in nanoseconds, summed over steps.
     pub(crate) step_time_ns: [AtomicU64; 5],
+    /// Why the engine stopped for good (a rank of a sharded model failed), once it has.
+    pub(crate) failure: std::sync::Mutex<Option<String>>,
 }
 
 /// The phases of one engine step, in the order [`StatsSnapshot::step_time_seconds`] lists them.

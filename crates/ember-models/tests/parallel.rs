@@ -125,3 +125,41 @@ fn deepseek_v2_lite_shards_match_one_rank() {
     // No q_lora_rank: the query projection itself is split by heads.
     check_family("deepseek-v2-lite-tiny", &LAYOUTS);
 }
+
+#[test]
+fn a_failing_rank_fails_the_step_and_the_model_without_hanging() {
+    let loaded = load_model(&options("qwen3-tiny", 2, false)).unwrap();
+    let layers = loaded.model.config().num_hidden_layers;
+    let widths = loaded.model.kv_cache_shards();
+    // Rank 1's cache is one block short of the block the step writes: rank 1 fails alone while
+    // rank 0 waits for it at the first all-reduce.
+    let caches = vec![
+        KvCachePool::new(layers, 4, 4, widths[0], DType::F32, &Device::Cpu).unwrap(),
+        KvCachePool::new(layers, 1, 4, widths[1], DType::F32, &Device::Cpu).unwrap(),
+    ];
+    let tokens = [3u32, 14, 15];
+    let input = SequenceInput {
+        token_ids: &tokens,
+        num_computed: 0,
+        block_table: &[3],
+        all_logits: false,
+        adapter: None,
+    };
+    let batch = ForwardBatch::new(&[input], 4, &Device::Cpu).unwrap();
+    let started = std::time::Instant::now();
+    let err = loaded
+        .model
+        .forward(&batch, &caches)
+        .unwrap_err()
+        .to_string();
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(loaded.model.failure().is_some_and(|f| f.contains("rank 1")));
+    // The group cannot agree again: later steps fail at once, naming the first cause.
+    let again = loaded
+        .model
+        .forward(&batch, &caches)
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("rank 1"), "{again}");
+}

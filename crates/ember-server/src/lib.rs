@@ -30,7 +30,7 @@ pub mod tool_parser;
 pub use chat_template::ChatTemplate;
 pub use detokenizer::IncrementalDetokenizer;
 pub use error::ApiError;
-pub use routes::{router, serve, serve_until, MAX_BODY_BYTES};
+pub use routes::{router, serve, serve_or_stop, serve_until, MAX_BODY_BYTES};
 pub use shutdown::DRAIN_TIMEOUT;
 pub use state::{AppState, ParserChoice, ServerConfig};
 pub use tokenizer::TextTokenizer;

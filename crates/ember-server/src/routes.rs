@@ -77,7 +77,23 @@ pub fn router(state: AppState) -> Router {
 /// Serves `state` on `listener` until Ctrl-C or SIGTERM, then drains (see [`serve_until`])
 /// for up to [`DRAIN_TIMEOUT`].
 pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
-    serve_until(listener, state, shutdown_signal(), DRAIN_TIMEOUT).await
+    serve_or_stop(listener, state, std::future::pending()).await
+}
+
+/// [`serve`], also shutting down (the same drain) when `stop` resolves: the engine stopped for
+/// good, so the process should exit rather than answer every request with an error.
+pub async fn serve_or_stop(
+    listener: TcpListener,
+    state: AppState,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let signal = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = stop => {}
+        }
+    };
+    serve_until(listener, state, signal, DRAIN_TIMEOUT).await
 }
 
 /// Serves until `signal` resolves, then shuts down gracefully: `/health` answers 503 and new
