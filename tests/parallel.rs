@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::{reference_of, serve_error, Server};
 use serde_json::{json, Value};
 
@@ -67,9 +69,31 @@ fn answers(server: &Server, name: &str) -> Vec<(Vec<f64>, Value, Vec<f64>)> {
     })
 }
 
+/// `ember:moe_expert_tokens_total` by `{layer, expert}` labels, and the per-rank totals of an
+/// expert-parallel server.
+fn expert_load(server: &Server) -> (BTreeMap<String, f64>, Vec<f64>) {
+    let metrics = server.metrics();
+    let experts = metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with("ember:moe_expert_tokens_total{"))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    let ranks = (0..)
+        .map_while(|r| {
+            metrics
+                .get(&format!("ember:ep_rank_tokens_total{{rank=\"{r}\"}}"))
+                .copied()
+        })
+        .collect();
+    (experts, ranks)
+}
+
 fn check_family(name: &str, layouts: &[&[&str]]) {
     let reference = reference_of(name);
-    let one = answers(&Server::start_model(name, &[]), name);
+    let server = Server::start_model(name, &[]);
+    let one = answers(&server, name);
+    let (one_load, _) = expert_load(&server);
+    drop(server);
     for (i, (prompt, ids, greedy)) in one.iter().enumerate() {
         let p = &reference["prompts"][i + 1];
         assert!(max_diff(prompt, &floats(&p["prompt_logprobs"])) <= REFERENCE_TOL);
@@ -77,7 +101,16 @@ fn check_family(name: &str, layouts: &[&[&str]]) {
         assert!(max_diff(greedy, &floats(&p["greedy"]["logprobs"])) <= REFERENCE_TOL);
     }
     for flags in layouts {
-        let sharded = answers(&Server::start_model(name, flags), name);
+        let server = Server::start_model(name, flags);
+        let sharded = answers(&server, name);
+        // The same tokens reach the same experts however the model is split.
+        let (load, ranks) = expert_load(&server);
+        assert_eq!(load, one_load, "{name} {flags:?}: tokens per expert");
+        if flags.contains(&"--enable-expert-parallel") {
+            let world: usize = flags[1].parse().unwrap();
+            assert_eq!(ranks.len(), world, "{name} {flags:?}: ranks in /metrics");
+            assert_eq!(ranks.iter().sum::<f64>(), load.values().sum::<f64>());
+        }
         for ((p1, ids1, g1), (pn, idsn, gn)) in one.iter().zip(&sharded) {
             assert_eq!(ids1, idsn, "{name} {flags:?}: greedy tokens");
             let diff = max_diff(p1, pn).max(max_diff(g1, gn));
@@ -100,6 +133,38 @@ const TP_AND_EP: [&[&str]; 4] = [
 #[test]
 fn qwen3_dense_tensor_parallel_matches_one_rank() {
     check_family("qwen3-tiny", &TP);
+}
+
+/// Every MoE layer sees every token: per layer, the experts' counts add up to the same total,
+/// top-k times the tokens run.
+fn check_load_is_per_token(name: &str, top_k: f64) {
+    let server = Server::start_model(name, &[]);
+    answers(&server, name);
+    let (load, _) = expert_load(&server);
+    let mut per_layer: BTreeMap<String, f64> = BTreeMap::new();
+    for (key, v) in &load {
+        let layer = key
+            .split("layer=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        *per_layer.entry(layer.to_string()).or_default() += v;
+    }
+    let totals: Vec<f64> = per_layer.values().copied().collect();
+    assert!(!totals.is_empty() && totals[0] > 0.0, "{name}: {load:?}");
+    assert!(
+        totals.iter().all(|&t| t == totals[0]),
+        "{name}: {per_layer:?}"
+    );
+    assert_eq!(totals[0] % top_k, 0.0, "{name}: {per_layer:?}");
+}
+
+#[test]
+fn expert_load_counts_each_token_top_k_times_per_layer() {
+    check_load_is_per_token("qwen3-moe-tiny", 2.0);
+    check_load_is_per_token("deepseek-v3-tiny", 2.0);
 }
 
 #[test]

@@ -71,6 +71,7 @@ impl Engine {
     /// Builds the runner and cache and starts the engine thread.
     pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Result<EngineHandle> {
         let model_cfg = loaded.model.config().clone();
+        let expert_load = loaded.expert_load.clone();
         // Every rank of a sharded model caches its own heads of each block.
         let per_block: usize = loaded
             .model
@@ -139,7 +140,10 @@ impl Engine {
             num_blocks,
         );
         let (tx, rx) = channel();
-        let stats = Arc::new(EngineStats::default());
+        let stats = Arc::new(EngineStats {
+            expert_load: expert_load.clone(),
+            ..EngineStats::default()
+        });
         stats
             .kv_blocks_total
             .store(num_blocks as u64, Ordering::Relaxed);

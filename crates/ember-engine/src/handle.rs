@@ -88,6 +88,11 @@ impl EngineHandle {
         }
     }
 
+    /// Tokens routed to each expert of each MoE layer so far (load balance).
+    pub fn expert_load(&self) -> &Arc<ember_models::moe::ExpertLoad> {
+        &self.stats.expert_load
+    }
+
     /// Facts about the served model.
     pub fn info(&self) -> &ModelInfo {
         &self.info

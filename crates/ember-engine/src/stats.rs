@@ -23,6 +23,8 @@ pub struct EngineStats {
     pub(crate) step_time_ns: [AtomicU64; 5],
     /// Why the engine stopped for good (a rank of a sharded model failed), once it has.
     pub(crate) failure: std::sync::Mutex<Option<String>>,
+    /// Tokens routed to each expert of the model's MoE layers.
+    pub(crate) expert_load: std::sync::Arc<ember_models::moe::ExpertLoad>,
 }
 
 /// The phases of one engine step, in the order [`StatsSnapshot::step_time_seconds`] lists them.

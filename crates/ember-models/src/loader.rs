@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use crate::decoder::DecoderModel;
 use crate::deepseek_v3::load_deepseek_v3;
+use crate::moe::ExpertLoad;
 use crate::parallel::{Communicator, RankContext, ThreadGroup};
 use crate::qwen3::load_qwen3;
 use crate::sharded::ShardedModel;
@@ -87,6 +88,8 @@ pub struct LoadedModel {
     pub weight_bytes: u64,
     /// Bytes each rank holds (one entry for an unsharded model).
     pub rank_weight_bytes: Vec<u64>,
+    /// Tokens routed to each expert of each MoE layer, counted as the model runs.
+    pub expert_load: Arc<ExpertLoad>,
     /// The dtype the paged KV cache stores: `dtype`, or `F8E4M3` under `--kv-cache-dtype fp8`.
     pub kv_cache_dtype: DType,
 }
@@ -336,6 +339,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     Ok(LoadedModel {
         weight_bytes,
         rank_weight_bytes,
+        expert_load: weights.expert_load().clone(),
         kv_cache_dtype: match opts.kv_cache_dtype {
             KvCacheDtype::Auto => dtype,
             KvCacheDtype::Fp8E4m3 => DType::F8E4M3,

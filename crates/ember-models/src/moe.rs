@@ -1,7 +1,9 @@
 //! The sparse MoE block of Qwen3-MoE: softmax router, top-k experts per token (optionally
 //! renormalised), each expert run once over the tokens routed to it, outputs scattered back.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 use ember_core::{EmberError, MoeConfig, Result};
@@ -47,6 +49,49 @@ pub fn route_softmax_topk(
         }
     }
     ExpertRouting { per_expert }
+}
+
+/// Tokens routed to each expert of each MoE layer since the model loaded (the load-balance
+/// statistics of `/metrics`), shared by every rank's copy of a layer.
+#[derive(Debug, Default)]
+pub struct ExpertLoad {
+    layers: Mutex<BTreeMap<usize, Arc<Vec<AtomicU64>>>>,
+    /// Experts each rank owns under expert parallelism; 0 otherwise.
+    experts_per_rank: AtomicUsize,
+}
+
+impl ExpertLoad {
+    /// The counters of layer `layer` (created on first use, `experts` of them).
+    fn layer(&self, layer: usize, experts: usize) -> Arc<Vec<AtomicU64>> {
+        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        layers
+            .entry(layer)
+            .or_insert_with(|| Arc::new((0..experts).map(|_| AtomicU64::new(0)).collect()))
+            .clone()
+    }
+
+    /// Tokens per expert, by layer index, in layer order.
+    pub fn snapshot(&self) -> Vec<(usize, Vec<u64>)> {
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        layers
+            .iter()
+            .map(|(&l, c)| (l, c.iter().map(|n| n.load(Ordering::Relaxed)).collect()))
+            .collect()
+    }
+
+    /// Under expert parallelism, how many consecutive experts each rank owns.
+    pub fn experts_per_rank(&self) -> Option<usize> {
+        Some(self.experts_per_rank.load(Ordering::Relaxed)).filter(|&n| n > 0)
+    }
+}
+
+/// The decoder layer index in a module path (`model.layers.3.mlp.experts` → 3).
+fn layer_index(path: &str) -> usize {
+    path.split('.')
+        .skip_while(|p| *p != "layers")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `mlp` of a sparse Qwen3-MoE layer.
@@ -109,6 +154,11 @@ pub struct Experts {
     pub num_experts: usize,
     /// Set under expert parallelism: `experts` are experts `rank * len..`, tokens travel.
     expert_parallel: Option<RankContext>,
+    /// Tokens routed to each expert of the layer (all ranks' copies share them).
+    load: Arc<Vec<AtomicU64>>,
+    /// Whether this copy counts: every rank under expert parallelism (each its own experts'
+    /// tokens), rank 0 alone under tensor parallelism (every rank routes every token).
+    counts_load: bool,
 }
 
 impl Experts {
@@ -117,7 +167,14 @@ impl Experts {
     /// is this rank's partial sum.
     pub fn run(&self, routing: &ExpertRouting, x: &Tensor, lora: &LoraRows) -> TensorResult {
         match &self.expert_parallel {
-            None => run_experts(&self.experts, routing, x, lora),
+            None => {
+                if self.counts_load {
+                    for (count, (rows, _)) in self.load.iter().zip(&routing.per_expert) {
+                        count.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                run_experts(&self.experts, routing, x, lora)
+            }
             Some(ctx) => self.run_expert_parallel(ctx, routing, x),
         }
     }
@@ -188,6 +245,9 @@ impl Experts {
                 expert.1.push(pair[1]);
                 row += 1;
             }
+        }
+        for (k, (rows, _)) in local.per_expert.iter().enumerate() {
+            self.load[ctx.rank() * per_rank + k].fetch_add(rows.len() as u64, Ordering::Relaxed);
         }
         let received: Vec<Tensor> = hidden_in
             .into_iter()
@@ -285,7 +345,13 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             .map(|x| Mlp::load_split(&experts_w.pp(x), hidden, i, channels))
             .collect::<Result<_>>()?
     };
+    let registry = experts_w.expert_load();
+    if expert_parallel.is_some() {
+        registry.experts_per_rank.store(count, Ordering::Relaxed);
+    }
     Ok(Experts {
+        load: registry.layer(layer_index(&path), e),
+        counts_load: expert_parallel.is_some() || rank.is_none_or(|r| r.rank() == 0),
         path,
         experts,
         num_experts: e,

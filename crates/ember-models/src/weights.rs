@@ -10,6 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use ember_core::{EmberError, Result, WeightQuantization};
 
+use crate::moe::ExpertLoad;
 use crate::parallel::RankContext;
 
 /// How weights are produced.
@@ -41,6 +42,8 @@ pub struct Weights {
     held: Arc<AtomicI64>,
     /// The rank this model is loaded for, when sharded (`--tensor-parallel-size` > 1).
     rank: Option<RankContext>,
+    /// Per-expert token counters of the MoE layers, shared by every rank.
+    expert_load: Arc<ExpertLoad>,
 }
 
 fn tensor_err(e: candle_core::Error) -> EmberError {
@@ -63,6 +66,7 @@ impl Weights {
             online_fp8: false,
             held: Arc::default(),
             rank: None,
+            expert_load: Arc::default(),
         })
     }
 
@@ -77,6 +81,7 @@ impl Weights {
             online_fp8: false,
             held: Arc::default(),
             rank: None,
+            expert_load: Arc::default(),
         }
     }
 
@@ -96,6 +101,11 @@ impl Weights {
             held: Arc::default(),
             ..self
         }
+    }
+
+    /// The MoE layers' per-expert token counters (the same for every rank's view).
+    pub fn expert_load(&self) -> &Arc<ExpertLoad> {
+        &self.expert_load
     }
 
     /// The rank being loaded, `None` for an unsharded model.

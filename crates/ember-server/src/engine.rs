@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use ember_core::{ModelTask, RequestOutput, Result, SamplingParams};
 use ember_engine::{EngineHandle, LoraManager, StatsSnapshot};
+use ember_models::moe::ExpertLoad;
 use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -44,6 +45,11 @@ pub(crate) trait EngineClient: Send + Sync + 'static {
 
     /// The registered LoRA adapters; `None` when the engine runs without `--enable-lora`.
     fn lora(&self) -> Option<&Arc<LoraManager>>;
+
+    /// Tokens routed to each expert of each MoE layer, when the model has experts.
+    fn expert_load(&self) -> Option<&Arc<ExpertLoad>> {
+        None
+    }
 }
 
 impl EngineClient for EngineHandle {
@@ -79,5 +85,9 @@ impl EngineClient for EngineHandle {
 
     fn lora(&self) -> Option<&Arc<LoraManager>> {
         EngineHandle::lora(self)
+    }
+
+    fn expert_load(&self) -> Option<&Arc<ExpertLoad>> {
+        Some(EngineHandle::expert_load(self))
     }
 }

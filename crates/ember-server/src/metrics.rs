@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use ember_models::moe::ExpertLoad;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
@@ -49,6 +50,17 @@ struct FinishLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExpertLabels {
+    layer: usize,
+    expert: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RankLabels {
+    rank: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -241,6 +253,50 @@ fn one_two_five_buckets(max: usize) -> Vec<f64> {
     buckets
 }
 
+/// Load balance of a MoE model: tokens per expert of each layer, and under expert parallelism
+/// tokens per rank (all layers), whose spread is what redundant experts would even out.
+fn encode_expert_load(e: &mut DescriptorEncoder, load: &ExpertLoad) -> fmt::Result {
+    let layers = load.snapshot();
+    if layers.is_empty() {
+        return Ok(());
+    }
+    let mut family = e.encode_descriptor(
+        "ember:moe_expert_tokens",
+        "Tokens routed to each expert of each MoE layer (a token counts once per expert it picks).",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (layer, experts) in &layers {
+        for (expert, &tokens) in experts.iter().enumerate() {
+            ConstCounter::new(tokens).encode(family.encode_family(&ExpertLabels {
+                layer: *layer,
+                expert,
+            })?)?;
+        }
+    }
+    if let Some(per_rank) = load.experts_per_rank() {
+        let ranks = layers[0].1.len() / per_rank;
+        let mut family = e.encode_descriptor(
+            "ember:ep_rank_tokens",
+            "Expert-parallel ranks: tokens their experts processed, all MoE layers together.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for rank in 0..ranks {
+            let tokens: u64 = layers
+                .iter()
+                .map(|(_, experts)| {
+                    experts[rank * per_rank..(rank + 1) * per_rank]
+                        .iter()
+                        .sum::<u64>()
+                })
+                .sum();
+            ConstCounter::new(tokens).encode(family.encode_family(&RankLabels { rank })?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Reads the engine's counters on each scrape.
 struct EngineCollector(Arc<dyn EngineClient>);
 
@@ -327,6 +383,9 @@ impl Collector for EngineCollector {
         )?;
         for (phase, seconds) in ember_engine::STEP_PHASES.iter().zip(s.step_time_seconds) {
             ConstCounter::new(seconds).encode(family.encode_family(&PhaseLabels { phase })?)?;
+        }
+        if let Some(load) = self.0.expert_load() {
+            encode_expert_load(e, load)?;
         }
         if let Some(lora) = self.0.lora() {
             gauge(
