@@ -13,6 +13,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod loader;
 pub mod lora;
+pub mod memory_plan;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
