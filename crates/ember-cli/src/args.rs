@@ -62,6 +62,10 @@ pub struct ModelArgs {
     /// without checkpoint scales): one byte per element, dequantized when attention reads it.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
+    /// Where the model runs: auto, cpu, or cuda[:N]. This build runs on the CPU only (auto is cpu);
+    /// cuda is a clear error until the CUDA backend serves models.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
     /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the
     /// vocabulary split, one all-reduce per block). Without GPUs the ranks are threads of this
     /// process over the in-process collectives backend.
@@ -241,6 +245,7 @@ impl ModelArgs {
         opts.task = ember_core::ModelTask::parse(&self.task)?;
         opts.quantization = ember_core::QuantizationRequest::parse(&self.quantization)?;
         opts.kv_cache_dtype = ember_core::KvCacheDtype::parse(&self.kv_cache_dtype)?;
+        opts.device = parse_device(&self.device)?;
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }
@@ -276,6 +281,26 @@ impl ModelArgs {
     }
 }
 
+/// Parses `--device`: `auto` and `cpu` are the CPU; `cuda`/`cuda:N` names a GPU, which this build
+/// cannot drive yet.
+pub fn parse_device(name: &str) -> Result<candle_core::Device> {
+    match name.to_ascii_lowercase().as_str() {
+        "auto" | "cpu" => Ok(candle_core::Device::Cpu),
+        gpu if gpu == "cuda"
+            || gpu
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok()) =>
+        {
+            bail!(
+                "--device {name}: this build of ember serves on the CPU only (the CUDA backend's \
+                 kernels are built with --features cuda in ember-kernels, but no model runs on them \
+                 yet); use --device cpu"
+            )
+        }
+        other => bail!("unknown --device {other:?}; use auto, cpu, cuda or cuda:N"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -292,6 +317,22 @@ mod tests {
         Cli::try_parse_from(std::iter::once("ember").chain(args.iter().copied()))?
             .lora
             .config()
+    }
+
+    #[test]
+    fn device_names_are_checked_and_cuda_is_a_clear_error_on_this_build() {
+        assert!(parse_device("auto").unwrap().is_cpu());
+        assert!(parse_device("CPU").unwrap().is_cpu());
+        for gpu in ["cuda", "cuda:1"] {
+            let err = parse_device(gpu).unwrap_err().to_string();
+            assert!(
+                err.contains("CPU only") && err.contains("--device cpu"),
+                "{err}"
+            );
+        }
+        let err = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(err.contains("unknown --device"), "{err}");
+        assert!(parse_device("tpu").is_err());
     }
 
     #[test]
