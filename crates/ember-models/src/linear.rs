@@ -184,25 +184,7 @@ pub fn load_weight_split(
     out_dim: usize,
     split: Split,
 ) -> Result<Tensor> {
-    let (dim, start, len) = split.range();
-    match dequantize_weight(weights, in_dim, out_dim)? {
-        None => weights.get_slice("weight", (out_dim, in_dim), dim, start, len),
-        Some(w) => {
-            let w = w
-                .narrow(dim, start, len)
-                .and_then(|w| w.contiguous())
-                .and_then(|w| w.to_dtype(weights.dtype()))
-                .and_then(|w| w.to_device(weights.device()))
-                .map_err(|e| {
-                    EmberError::Weights(format!(
-                        "cannot dequantize `{}.weight`: {e}",
-                        weights.prefix()
-                    ))
-                })?;
-            weights.note_held(tensor_bytes(&w));
-            Ok(w)
-        }
-    }
+    load_weight_part(weights, in_dim, out_dim, Some(split))
 }
 
 /// Loads `<prefix>.weight` `[out, in]` in the model dtype. A weight the checkpoint stores
@@ -210,18 +192,37 @@ pub fn load_weight_split(
 /// dequantized here, at load, so the model holds it in the model dtype (4 bytes per parameter in
 /// f32, 2 in bf16, against the checkpoint's 0.5-1) and pays nothing per step.
 pub fn load_weight(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Tensor> {
+    load_weight_part(weights, in_dim, out_dim, None)
+}
+
+/// The whole weight, or the part `split` takes; see [`load_weight`] and [`load_weight_split`].
+fn load_weight_part(
+    weights: &Weights,
+    in_dim: usize,
+    out_dim: usize,
+    split: Option<Split>,
+) -> Result<Tensor> {
+    let part = split.map(Split::range);
     match dequantize_weight(weights, in_dim, out_dim)? {
-        None => weights.get("weight", (out_dim, in_dim)),
+        None => match part {
+            Some((dim, start, len)) => {
+                weights.get_slice("weight", (out_dim, in_dim), dim, start, len)
+            }
+            None => weights.get("weight", (out_dim, in_dim)),
+        },
         Some(w) => {
-            let w = w
-                .to_dtype(weights.dtype())
-                .and_then(|w| w.to_device(weights.device()))
-                .map_err(|e| {
-                    EmberError::Weights(format!(
-                        "cannot dequantize `{}.weight`: {e}",
-                        weights.prefix()
-                    ))
-                })?;
+            let w = match part {
+                Some((dim, start, len)) => w.narrow(dim, start, len).and_then(|w| w.contiguous()),
+                None => Ok(w),
+            }
+            .and_then(|w| w.to_dtype(weights.dtype()))
+            .and_then(|w| w.to_device(weights.device()))
+            .map_err(|e| {
+                EmberError::Weights(format!(
+                    "cannot dequantize `{}.weight`: {e}",
+                    weights.prefix()
+                ))
+            })?;
             weights.note_held(tensor_bytes(&w));
             Ok(w)
         }
