@@ -12,7 +12,7 @@ use crate::linear::{load_linear, LinearLayer};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::mlp::Mlp;
 use crate::parallel::{uneven_share, RankContext};
-use crate::weights::{tensor_bytes, Weights};
+use crate::weights::Weights;
 use crate::TensorResult;
 
 /// Which experts each token goes to, grouped by expert (the plan both CPU and CUDA paths run).
@@ -316,27 +316,35 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
     {
         let fused_err =
             |err: candle_core::Error| EmberError::Weights(format!("fused experts: {err}"));
-        // Read whole (a rank keeps only its part, counted below as each expert is built).
-        let gate_up = experts_w.read_as("gate_up_proj", (e, 2 * i, hidden), experts_w.dtype())?;
-        let down = experts_w.read_as("down_proj", (e, hidden, i), experts_w.dtype())?;
-        let (c0, cn) = channels.unwrap_or((0, i));
-        (first..first + count)
-            .map(|x| {
-                let gu = gate_up.get(x).map_err(fused_err)?;
-                let part = |t: Tensor, dim: usize, start: usize| -> Result<Tensor> {
-                    let t = t
-                        .narrow(dim, start, cn)
-                        .and_then(|t| t.contiguous())
-                        .map_err(fused_err)?;
-                    experts_w.note_held(tensor_bytes(&t));
-                    Ok(t)
-                };
+        // Only the rank's part is read: its experts (expert parallel), or every expert's share
+        // of the intermediate channels (tensor parallel), gate rows first then up rows.
+        let (gate_up_shape, down_shape) = ((e, 2 * i, hidden), (e, hidden, i));
+        let (gate, up, down) = match channels {
+            Some((c0, cn)) => (
+                experts_w.get_slice("gate_up_proj", gate_up_shape, 1, c0, cn)?,
+                experts_w.get_slice("gate_up_proj", gate_up_shape, 1, i + c0, cn)?,
+                experts_w.get_slice("down_proj", down_shape, 2, c0, cn)?,
+            ),
+            None => {
+                let gate_up =
+                    experts_w.get_slice("gate_up_proj", gate_up_shape, 0, first, count)?;
+                let (gate, up) = (
+                    gate_up.narrow(1, 0, i).map_err(fused_err)?,
+                    gate_up.narrow(1, i, i).map_err(fused_err)?,
+                );
+                let down = experts_w.get_slice("down_proj", down_shape, 0, first, count)?;
+                (gate, up, down)
+            }
+        };
+        (0..count)
+            .map(|k| {
+                let expert = |t: &Tensor| t.get(k).and_then(|t| t.contiguous()).map_err(fused_err);
                 Mlp::from_weights(
                     experts_w,
-                    x,
-                    part(gu.clone(), 0, c0)?,
-                    part(gu, 0, i + c0)?,
-                    part(down.get(x).map_err(fused_err)?, 1, c0)?,
+                    first + k,
+                    expert(&gate)?,
+                    expert(&up)?,
+                    expert(&down)?,
                 )
             })
             .collect::<Result<Vec<_>>>()?

@@ -163,3 +163,81 @@ fn a_failing_rank_fails_the_step_and_the_model_without_hanging() {
         .to_string();
     assert!(again.contains("rank 1"), "{again}");
 }
+
+/// `models/qwen3-moe-tiny` rewritten with its experts fused as transformers 5 holds them
+/// (`experts.gate_up_proj [E, 2I, H]`, gate rows first; `experts.down_proj [E, H, I]`).
+fn fused_copy_of_qwen3_moe() -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/qwen3-moe-tiny");
+    let dir = std::env::temp_dir().join(format!("ember-fused-qwen3-moe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut tensors = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            tensors.extend(candle_core::safetensors::load(&path, &Device::Cpu).unwrap());
+        }
+    }
+    let mut fused = std::collections::HashMap::new();
+    let mut experts: std::collections::BTreeMap<String, Vec<(usize, String, candle_core::Tensor)>> =
+        Default::default();
+    for (name, t) in tensors {
+        match name.split_once(".mlp.experts.") {
+            Some((layer, rest)) => {
+                let (e, proj) = rest.split_once('.').unwrap();
+                experts.entry(layer.to_string()).or_default().push((
+                    e.parse().unwrap(),
+                    proj.trim_end_matches(".weight").to_string(),
+                    t,
+                ));
+            }
+            None => {
+                fused.insert(name, t);
+            }
+        }
+    }
+    for (layer, mut list) in experts {
+        list.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let of = |proj: &str| -> Vec<candle_core::Tensor> {
+            list.iter()
+                .filter(|x| x.1 == proj)
+                .map(|x| x.2.clone())
+                .collect()
+        };
+        let gate_up: Vec<_> = of("gate_proj")
+            .iter()
+            .zip(of("up_proj"))
+            .map(|(g, u)| candle_core::Tensor::cat(&[g, &u], 0).unwrap())
+            .collect();
+        let stack = |ts: &[candle_core::Tensor]| candle_core::Tensor::stack(ts, 0).unwrap();
+        fused.insert(format!("{layer}.mlp.experts.gate_up_proj"), stack(&gate_up));
+        fused.insert(
+            format!("{layer}.mlp.experts.down_proj"),
+            stack(&of("down_proj")),
+        );
+    }
+    candle_core::safetensors::save(&fused, dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn fused_expert_checkpoints_shard_like_per_expert_ones() {
+    let dir = fused_copy_of_qwen3_moe();
+    let reference = logprobs(&run_steps(
+        &load_model(&options("qwen3-moe-tiny", 1, false)).unwrap(),
+    ));
+    for (tp, ep) in [(1, false), (2, false), (4, false), (2, true), (4, true)] {
+        let mut opts = options("qwen3-moe-tiny", tp, ep);
+        opts.model = dir.to_string_lossy().into_owned();
+        let loaded = load_model(&opts).unwrap();
+        let per_expert = load_model(&options("qwen3-moe-tiny", tp, ep)).unwrap();
+        // Each rank holds (and so read) only its part, as with one tensor per expert.
+        assert_eq!(
+            loaded.rank_weight_bytes, per_expert.rank_weight_bytes,
+            "tp {tp} ep {ep}"
+        );
+        let diff = max_diff(&reference, &logprobs(&run_steps(&loaded)));
+        assert!(diff < 1e-4, "fused tp {tp} ep {ep}: max |Δ logprob| {diff}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
