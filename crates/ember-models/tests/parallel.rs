@@ -241,3 +241,14 @@ fn fused_expert_checkpoints_shard_like_per_expert_ones() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn an_embedding_model_shards_to_the_same_hidden_states() {
+    // Qwen3-Embedding (no LM head): the final-normed hidden states the pooling reads.
+    let one = run_steps(&load_model(&options("qwen3-embedding-tiny", 1, false)).unwrap());
+    for tp in [2, 4] {
+        let got = run_steps(&load_model(&options("qwen3-embedding-tiny", tp, false)).unwrap());
+        let diff = max_diff(&one, &got);
+        assert!(diff < 1e-4, "tp {tp}: max |Δ hidden| {diff}");
+    }
+}
