@@ -12,7 +12,7 @@ use crate::attention::Qwen3Attention;
 use crate::batch::ForwardBatch;
 use crate::deepseek_v3::DeepseekMoe;
 use crate::kv_cache::{KvCachePool, LayerKvCache};
-use crate::linear::{linear_from_weight, load_linear, load_weight_split, LinearLayer, Split};
+use crate::linear::{linear_from_weight, load_weight_split, LinearLayer, Split};
 use crate::lora::LoraTargets;
 use crate::mla::MlaAttention;
 use crate::mlp::Mlp;
@@ -202,9 +202,7 @@ impl DecoderModel {
             ModelTask::Generate if cfg.tie_word_embeddings => {
                 OutputHead::LmHead(linear_from_weight(embed.clone()))
             }
-            ModelTask::Generate if rank.is_none() => {
-                OutputHead::LmHead(load_linear(&weights.pp("lm_head"), h, v, false)?)
-            }
+            // A rank's vocabulary rows (all of them unsharded).
             ModelTask::Generate => OutputHead::LmHead(linear_from_weight(load_weight_split(
                 &weights.pp("lm_head"),
                 h,
