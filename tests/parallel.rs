@@ -182,16 +182,86 @@ fn kimi_k2_tensor_and_expert_parallel_match_one_rank() {
     check_family("kimi-k2-tiny", &TP_AND_EP);
 }
 
+/// LoRA adapters on a tensor-parallel model: each rank applies its part of every adapted
+/// projection (its columns of B, or its rows of A as a partial sum), matching transformers+peft.
+#[test]
+fn lora_adapters_under_tensor_parallelism_match_transformers_and_peft() {
+    for (base, adapter, ranks) in [
+        ("qwen3-tiny", "qwen3-tiny-all-r16", &["2", "4"][..]),
+        ("deepseek-v3-tiny", "deepseek-v3-tiny-mla", &["2", "4"][..]),
+        ("qwen3-moe-tiny", "qwen3-moe-tiny-experts", &["2"][..]),
+    ] {
+        let dir = common::model_dir(&format!("lora/{adapter}"));
+        let module = format!("a={}", dir.display());
+        let reference = reference_of(&format!("lora/{adapter}"));
+        for tp in ranks {
+            let flags = [
+                "--enable-lora",
+                "--max-lora-rank",
+                "16",
+                "--lora-modules",
+                &module,
+                "--tensor-parallel-size",
+                tp,
+            ];
+            let server = Server::start_model(base, &flags);
+            for p in reference["prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .skip(1)
+                .take(3)
+            {
+                let (status, echo) = server.post(
+                    "/v1/completions",
+                    &json!({"model": "a", "prompt": p["token_ids"], "echo": true,
+                            "logprobs": 1, "max_tokens": 0}),
+                );
+                assert_eq!(status, 200, "{echo}");
+                let lps = floats(&echo["choices"][0]["logprobs"]["token_logprobs"]);
+                let diff = max_diff(&lps, &floats(&p["prompt_logprobs"]));
+                assert!(diff <= REFERENCE_TOL, "{adapter} tp {tp}: prompt {diff}");
+                let steps = p["greedy"]["token_ids"].as_array().unwrap().len();
+                let (status, body) = server.post(
+                    "/v1/completions",
+                    &json!({"model": "a", "prompt": p["token_ids"], "temperature": 0,
+                            "ignore_eos": true, "logprobs": 1, "max_tokens": steps,
+                            "return_token_ids": true}),
+                );
+                assert_eq!(status, 200, "{body}");
+                let c = &body["choices"][0];
+                assert_eq!(
+                    c["token_ids"], p["greedy"]["token_ids"],
+                    "{adapter} tp {tp}"
+                );
+                let diff = max_diff(
+                    &floats(&c["logprobs"]["token_logprobs"]),
+                    &floats(&p["greedy"]["logprobs"]),
+                );
+                assert!(diff <= REFERENCE_TOL, "{adapter} tp {tp}: greedy {diff}");
+            }
+        }
+    }
+}
+
 #[test]
 fn layouts_a_model_cannot_take_are_clear_errors() {
     // 4 attention heads do not split over 3 ranks.
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "3"]);
     assert!(err.contains("does not split evenly over 3 ranks"), "{err}");
     let err = serve_error(
-        "qwen3-tiny",
-        &["--tensor-parallel-size", "2", "--enable-lora"],
+        "qwen3-moe-tiny",
+        &[
+            "--tensor-parallel-size",
+            "2",
+            "--enable-expert-parallel",
+            "--enable-lora",
+        ],
     );
-    assert!(err.contains("--enable-lora"), "{err}");
+    assert!(
+        err.contains("--enable-lora with --enable-expert-parallel"),
+        "{err}"
+    );
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "0"]);
     assert!(err.contains("at least 1"), "{err}");
 }

@@ -18,8 +18,11 @@ use crate::TensorResult;
 pub struct Projection {
     base: Arc<dyn LinearLayer>,
     path: Arc<str>,
+    /// The whole projection's dimensions, as adapters are shaped.
     in_dim: usize,
     out_dim: usize,
+    /// The part of the projection a tensor-parallel rank holds; adapters are cut to match.
+    split: Option<Split>,
 }
 
 impl Projection {
@@ -64,23 +67,30 @@ impl Projection {
             }
             Split::Rows { .. } => None,
         };
-        let (i, o) = split.local_dims(in_dim, out_dim);
         Ok(Self::new(
             projection_from_weight(weights, weight, bias)?,
             weights.prefix(),
-            i,
-            o,
-        ))
+            in_dim,
+            out_dim,
+        )
+        .with_split(Some(split)))
     }
 
-    /// Wraps an already built layer under the module path `path`.
+    /// Wraps an already built layer under the module path `path`; `in_dim`/`out_dim` are the
+    /// whole projection's (see [`Projection::with_split`] for a rank's part).
     pub fn new(base: Arc<dyn LinearLayer>, path: &str, in_dim: usize, out_dim: usize) -> Self {
         Self {
             base,
             path: path.into(),
             in_dim,
             out_dim,
+            split: None,
         }
+    }
+
+    /// Marks the layer as a tensor-parallel rank's part `split` of the projection.
+    pub fn with_split(self, split: Option<Split>) -> Self {
+        Self { split, ..self }
     }
 
     /// `x Wᵀ (+ b)`, plus each row's adapter delta.
@@ -89,7 +99,7 @@ impl Projection {
         if lora.is_empty() {
             return Ok(y);
         }
-        lora.apply(&self.path, x, y)
+        lora.apply(&self.path, x, y, self.split)
     }
 
     /// The module path adapters name this projection by.
@@ -158,14 +168,6 @@ pub enum Split {
 }
 
 impl Split {
-    /// `(in, out)` of the rank's part.
-    pub fn local_dims(self, in_dim: usize, out_dim: usize) -> (usize, usize) {
-        match self {
-            Split::Columns { len, .. } => (in_dim, len),
-            Split::Rows { len, .. } => (len, out_dim),
-        }
-    }
-
     /// The weight's dimension and range the split takes.
     fn range(self) -> (usize, usize, usize) {
         match self {

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use ember_core::{EmberError, Result};
 use serde::Deserialize;
 
+use crate::linear::Split;
 use crate::TensorResult;
 
 /// The low-rank factors of one adapted projection, transposed for `x · Aᵀ · Bᵀ`, with the
@@ -35,6 +36,21 @@ impl LoraFactors {
     /// `(x Aᵀ) (s Bᵀ)` for `x` `[rows, in]`.
     pub fn delta(&self, x: &Tensor) -> TensorResult {
         x.matmul(&self.a_t)?.matmul(&self.b_t)
+    }
+
+    /// [`LoraFactors::delta`] for a tensor-parallel rank's part of the projection: its output
+    /// columns of `B` (column-parallel), or its input rows of `A` (row-parallel, a partial sum
+    /// the ranks add up like the base output).
+    pub fn delta_part(&self, x: &Tensor, split: Option<Split>) -> TensorResult {
+        match split {
+            None => self.delta(x),
+            Some(Split::Columns { start, len }) => x
+                .matmul(&self.a_t)?
+                .matmul(&self.b_t.narrow(1, start, len)?.contiguous()?),
+            Some(Split::Rows { start, len }) => x
+                .matmul(&self.a_t.narrow(0, start, len)?.contiguous()?)?
+                .matmul(&self.b_t),
+        }
     }
 
     /// The adapter's rank on this projection.
@@ -563,7 +579,7 @@ impl LoraRows {
 
     /// `y + Σ_adapters scaling · (x_rows Aᵀ) Bᵀ` for the projection at `path`, over the rows of
     /// each adapter that adapts it. `x` is `[rows, in]`, `y` the base output `[rows, out]`.
-    pub fn apply(&self, path: &str, x: &Tensor, y: Tensor) -> TensorResult {
+    pub fn apply(&self, path: &str, x: &Tensor, y: Tensor, split: Option<Split>) -> TensorResult {
         let mut y = y;
         let mut scattered: Vec<(Tensor, Tensor)> = Vec::new();
         for group in &self.groups {
@@ -572,15 +588,15 @@ impl LoraRows {
             };
             match &group.rows {
                 GroupRows::Range(start, len) if *start == 0 && *len == x.dim(0)? => {
-                    y = (y + factors.delta(x)?)?;
+                    y = (y + factors.delta_part(x, split)?)?;
                 }
                 GroupRows::Range(start, len) => {
-                    let delta = factors.delta(&x.narrow(0, *start, *len)?)?;
+                    let delta = factors.delta_part(&x.narrow(0, *start, *len)?, split)?;
                     let rows = Tensor::arange(*start as u32, (*start + *len) as u32, x.device())?;
                     scattered.push((rows, delta));
                 }
                 GroupRows::Indices(rows) => {
-                    let delta = factors.delta(&x.index_select(rows, 0)?)?;
+                    let delta = factors.delta_part(&x.index_select(rows, 0)?, split)?;
                     scattered.push((rows.clone(), delta));
                 }
             }
@@ -670,7 +686,7 @@ mod tests {
         ];
         let row_adapter = vec![0, 0, NO_ADAPTER, 1, 0, 2, 1];
         let rows = LoraRows::new(adapters.clone(), row_adapter.clone(), &Device::Cpu).unwrap();
-        let got = rows.apply("p", &x, x.matmul(&w).unwrap()).unwrap();
+        let got = rows.apply("p", &x, x.matmul(&w).unwrap(), None).unwrap();
         for (row, &a) in row_adapter.iter().enumerate() {
             let merged = match a {
                 // Adapter 2 targets "q", not "p": its rows get the base output.

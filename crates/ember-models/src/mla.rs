@@ -137,7 +137,8 @@ impl MlaAttention {
                 bias,
             )?,
             kv_a_layernorm: RmsNorm::load(&weights.pp("kv_a_layernorm"), kvr, eps)?,
-            kv_b_proj: Projection::new(kv_b, kv_b_w.prefix(), kvr, n * per_head),
+            kv_b_proj: Projection::new(kv_b, kv_b_w.prefix(), kvr, n_all * per_head)
+                .with_split(heads(per_head, columns)),
             w_uk,
             w_uv,
             o_proj: Projection::load_split(

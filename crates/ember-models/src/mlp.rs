@@ -71,24 +71,27 @@ impl Mlp {
     }
 
     /// Builds expert `index` of `experts` (the fused tensors' owner, whose prefix is the module
-    /// path adapters name the experts under) from slices of fused tensors (`[out, in]` each).
+    /// path adapters name the experts under) from slices of fused tensors (`[out, in]` each) of
+    /// an expert of `intermediate` channels, of which a tensor-parallel rank holds `channels`.
     pub fn from_weights(
         experts: &Weights,
         index: usize,
-        gate: Tensor,
-        up: Tensor,
-        down: Tensor,
+        (gate, up, down): (Tensor, Tensor, Tensor),
+        intermediate: usize,
+        channels: Option<(usize, usize)>,
     ) -> Result<Self> {
-        let (inter, hidden) = gate.dims2().unwrap_or_default();
+        let hidden = gate.dims2().map(|d| d.1).unwrap_or_default();
         let path = format!("{}.{index}", experts.prefix());
-        let proj = |name: &str, w: Tensor, i: usize, o: usize| -> Result<Projection> {
+        let cols = channels.map(|(start, len)| Split::Columns { start, len });
+        let rows = channels.map(|(start, len)| Split::Rows { start, len });
+        let proj = |name: &str, w: Tensor, i: usize, o: usize, split| -> Result<Projection> {
             let layer = projection_from_weight(&experts.pp(index).pp(name), w, None)?;
-            Ok(Projection::new(layer, &format!("{path}.{name}"), i, o))
+            Ok(Projection::new(layer, &format!("{path}.{name}"), i, o).with_split(split))
         };
         Ok(Self {
-            gate_proj: proj("gate_proj", gate, hidden, inter)?,
-            up_proj: proj("up_proj", up, hidden, inter)?,
-            down_proj: proj("down_proj", down, inter, hidden)?,
+            gate_proj: proj("gate_proj", gate, hidden, intermediate, cols)?,
+            up_proj: proj("up_proj", up, hidden, intermediate, cols)?,
+            down_proj: proj("down_proj", down, intermediate, hidden, rows)?,
         })
     }
 

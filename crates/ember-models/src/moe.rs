@@ -342,9 +342,9 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
                 Mlp::from_weights(
                     experts_w,
                     first + k,
-                    expert(&gate)?,
-                    expert(&up)?,
-                    expert(&down)?,
+                    (expert(&gate)?, expert(&up)?, expert(&down)?),
+                    i,
+                    channels,
                 )
             })
             .collect::<Result<Vec<_>>>()?
