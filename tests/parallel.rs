@@ -35,7 +35,11 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 /// Per reference prompt: echoed prompt logprobs, then greedy token ids and logprobs; the
 /// greedy requests are sent together so the engine batches them.
 fn answers(server: &Server, name: &str) -> Vec<(Vec<f64>, Value, Vec<f64>)> {
-    let reference = reference_of(name);
+    answers_of(server, name, &reference_of(name))
+}
+
+/// [`answers`] of model `name` (a base model or an adapter) for the prompts of `reference`.
+fn answers_of(server: &Server, name: &str, reference: &Value) -> Vec<(Vec<f64>, Value, Vec<f64>)> {
     let prompts: Vec<Value> = reference["prompts"].as_array().unwrap()[1..4].to_vec();
     std::thread::scope(|scope| {
         let handles: Vec<_> = prompts
@@ -88,18 +92,30 @@ fn expert_load(server: &Server) -> (BTreeMap<String, f64>, Vec<f64>) {
     (experts, ranks)
 }
 
+/// Answers from [`answers_of`] against transformers' reference: greedy tokens equal, prompt and
+/// greedy logprobs within [`REFERENCE_TOL`].
+fn assert_matches_reference(
+    what: &str,
+    answers: &[(Vec<f64>, Value, Vec<f64>)],
+    reference: &Value,
+) {
+    for (i, (prompt, ids, greedy)) in answers.iter().enumerate() {
+        let p = &reference["prompts"][i + 1];
+        let diff = max_diff(prompt, &floats(&p["prompt_logprobs"]));
+        assert!(diff <= REFERENCE_TOL, "{what}: prompt {diff}");
+        assert_eq!(ids, &p["greedy"]["token_ids"], "{what}");
+        let diff = max_diff(greedy, &floats(&p["greedy"]["logprobs"]));
+        assert!(diff <= REFERENCE_TOL, "{what}: greedy {diff}");
+    }
+}
+
 fn check_family(name: &str, layouts: &[&[&str]]) {
     let reference = reference_of(name);
     let server = Server::start_model(name, &[]);
     let one = answers(&server, name);
     let (one_load, _) = expert_load(&server);
     drop(server);
-    for (i, (prompt, ids, greedy)) in one.iter().enumerate() {
-        let p = &reference["prompts"][i + 1];
-        assert!(max_diff(prompt, &floats(&p["prompt_logprobs"])) <= REFERENCE_TOL);
-        assert_eq!(ids, &p["greedy"]["token_ids"], "{name}");
-        assert!(max_diff(greedy, &floats(&p["greedy"]["logprobs"])) <= REFERENCE_TOL);
-    }
+    assert_matches_reference(name, &one, &reference);
     for flags in layouts {
         let server = Server::start_model(name, flags);
         let sharded = answers(&server, name);
@@ -205,41 +221,8 @@ fn lora_adapters_under_tensor_parallelism_match_transformers_and_peft() {
                 tp,
             ];
             let server = Server::start_model(base, &flags);
-            for p in reference["prompts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .skip(1)
-                .take(3)
-            {
-                let (status, echo) = server.post(
-                    "/v1/completions",
-                    &json!({"model": "a", "prompt": p["token_ids"], "echo": true,
-                            "logprobs": 1, "max_tokens": 0}),
-                );
-                assert_eq!(status, 200, "{echo}");
-                let lps = floats(&echo["choices"][0]["logprobs"]["token_logprobs"]);
-                let diff = max_diff(&lps, &floats(&p["prompt_logprobs"]));
-                assert!(diff <= REFERENCE_TOL, "{adapter} tp {tp}: prompt {diff}");
-                let steps = p["greedy"]["token_ids"].as_array().unwrap().len();
-                let (status, body) = server.post(
-                    "/v1/completions",
-                    &json!({"model": "a", "prompt": p["token_ids"], "temperature": 0,
-                            "ignore_eos": true, "logprobs": 1, "max_tokens": steps,
-                            "return_token_ids": true}),
-                );
-                assert_eq!(status, 200, "{body}");
-                let c = &body["choices"][0];
-                assert_eq!(
-                    c["token_ids"], p["greedy"]["token_ids"],
-                    "{adapter} tp {tp}"
-                );
-                let diff = max_diff(
-                    &floats(&c["logprobs"]["token_logprobs"]),
-                    &floats(&p["greedy"]["logprobs"]),
-                );
-                assert!(diff <= REFERENCE_TOL, "{adapter} tp {tp}: greedy {diff}");
-            }
+            let got = answers_of(&server, "a", &reference);
+            assert_matches_reference(&format!("{adapter} tp {tp}"), &got, &reference);
         }
     }
 }
