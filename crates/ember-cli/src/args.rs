@@ -62,8 +62,8 @@ pub struct ModelArgs {
     /// without checkpoint scales): one byte per element, dequantized when attention reads it.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
-    /// Where the model runs: auto, cpu, or cuda[:N]. This build runs on the CPU only (auto is cpu);
-    /// cuda is a clear error until the CUDA backend serves models.
+    /// Where the model runs: auto, cpu, or cuda[:N]. auto is GPU 0 when ember was built with
+    /// `--features cuda` and a GPU opens, else the CPU; cuda on a CPU-only build is an error.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the
@@ -78,9 +78,14 @@ pub struct ModelArgs {
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// Memory for the KV cache, in GiB.
-    #[arg(long, default_value_t = 1.0)]
-    pub kv_cache_memory: f64,
+    /// Memory for the KV cache, in GiB. Default: 1 GiB on the CPU; on a GPU, what
+    /// --gpu-memory-utilization leaves.
+    #[arg(long)]
+    pub kv_cache_memory: Option<f64>,
+    /// On a GPU, the share of its memory ember may use (weights, step activations and the KV
+    /// cache, which gets the rest), as vLLM's flag of the same name.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Number of KV cache blocks (overrides --kv-cache-memory).
     #[arg(long)]
     pub num_gpu_blocks_override: Option<usize>,
@@ -265,13 +270,20 @@ impl ModelArgs {
         if self.block_size == 0 || self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
             bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
         }
-        if !self.kv_cache_memory.is_finite() || self.kv_cache_memory <= 0.0 {
+        let kv_cache_memory = self.kv_cache_memory.unwrap_or(1.0);
+        if !kv_cache_memory.is_finite() || kv_cache_memory <= 0.0 {
             bail!("--kv-cache-memory must be a positive number of GiB");
+        }
+        let utilization = self.gpu_memory_utilization;
+        if !(utilization > 0.0 && utilization <= 1.0) {
+            bail!("--gpu-memory-utilization {utilization} must be in (0, 1]");
         }
         Ok(EngineConfig {
             block_size: self.block_size,
             num_blocks: self.num_gpu_blocks_override,
-            kv_cache_bytes: (self.kv_cache_memory * (1u64 << 30) as f64) as usize,
+            kv_cache_bytes: (kv_cache_memory * (1u64 << 30) as f64) as usize,
+            // An explicit --kv-cache-memory wins; the engine ignores this on the CPU.
+            gpu_memory_utilization: self.kv_cache_memory.is_none().then_some(utilization),
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             enable_prefix_caching: !self.no_enable_prefix_caching,
@@ -281,24 +293,20 @@ impl ModelArgs {
     }
 }
 
-/// Parses `--device`: `auto` and `cpu` are the CPU; `cuda`/`cuda:N` names a GPU, which this build
-/// cannot drive yet.
+/// Parses `--device`: `cpu`; `cuda`/`cuda:N`, a GPU this build must be able to open; `auto`, GPU 0
+/// if one opens, else the CPU.
 pub fn parse_device(name: &str) -> Result<candle_core::Device> {
-    match name.to_ascii_lowercase().as_str() {
-        "auto" | "cpu" => Ok(candle_core::Device::Cpu),
-        gpu if gpu == "cuda"
-            || gpu
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok()) =>
-        {
-            bail!(
-                "--device {name}: this build of ember serves on the CPU only (the CUDA backend's \
-                 kernels are built with --features cuda in ember-kernels, but no model runs on them \
-                 yet); use --device cpu"
-            )
-        }
-        other => bail!("unknown --device {other:?}; use auto, cpu, cuda or cuda:N"),
-    }
+    let lower = name.to_ascii_lowercase();
+    let ordinal = match lower.as_str() {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "auto" => return Ok(ember_models::device::auto_device()),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("unknown --device {name:?}; use auto, cpu, cuda or cuda:N"),
+        },
+    };
+    Ok(ember_models::device::open_cuda(ordinal)?)
 }
 
 #[cfg(test)]
@@ -320,9 +328,15 @@ mod tests {
     }
 
     #[test]
-    fn device_names_are_checked_and_cuda_is_a_clear_error_on_this_build() {
-        assert!(parse_device("auto").unwrap().is_cpu());
+    fn device_names_are_checked_and_cuda_is_a_clear_error_on_a_cpu_build() {
         assert!(parse_device("CPU").unwrap().is_cpu());
+        let err = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(err.contains("unknown --device"), "{err}");
+        assert!(parse_device("tpu").is_err());
+        if ember_models::device::cuda_built() {
+            return;
+        }
+        assert!(parse_device("auto").unwrap().is_cpu());
         for gpu in ["cuda", "cuda:1"] {
             let err = parse_device(gpu).unwrap_err().to_string();
             assert!(
@@ -330,9 +344,6 @@ mod tests {
                 "{err}"
             );
         }
-        let err = parse_device("cuda:x").unwrap_err().to_string();
-        assert!(err.contains("unknown --device"), "{err}");
-        assert!(parse_device("tpu").is_err());
     }
 
     #[test]

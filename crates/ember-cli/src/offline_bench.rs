@@ -468,12 +468,7 @@ pub fn run_latency(args: LatencyArgs) -> Result<()> {
         .collect();
     let block_size = args.model.block_size;
     let blocks_per_seq = total_len.div_ceil(block_size);
-    let runner = ModelRunner::new(
-        loaded,
-        blocks_per_seq * args.batch_size,
-        block_size,
-        candle_core::Device::Cpu,
-    )?;
+    let runner = ModelRunner::new(loaded, blocks_per_seq * args.batch_size, block_size)?;
     for _ in 0..args.num_iters_warmup {
         run_batch(&runner, &prompts, args.output_len, blocks_per_seq)?;
     }

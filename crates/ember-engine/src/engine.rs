@@ -24,8 +24,12 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Cache blocks; `None` sizes the cache from `kv_cache_bytes`.
     pub num_blocks: Option<usize>,
-    /// Memory given to the KV cache when `num_blocks` is not set.
+    /// Memory given to the KV cache when `num_blocks` is not set (and, on a GPU, when
+    /// `gpu_memory_utilization` is not either).
     pub kv_cache_bytes: usize,
+    /// On a GPU: the share of its memory this engine may hold, weights, step and cache together;
+    /// the cache gets what the share leaves (`--gpu-memory-utilization`). Ignored on the CPU.
+    pub gpu_memory_utilization: Option<f64>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     /// Reuse KV of identical prompt prefixes across requests.
@@ -48,6 +52,7 @@ impl Default for EngineConfig {
             block_size: 16,
             num_blocks: None,
             kv_cache_bytes: 1 << 30,
+            gpu_memory_utilization: None,
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             enable_prefix_caching: true,
@@ -87,9 +92,30 @@ impl Engine {
                 )
             })
             .sum();
-        let num_blocks = cfg
-            .num_blocks
-            .unwrap_or(cfg.kv_cache_bytes / per_block.max(1));
+        let gpu = ember_models::device::gpu_memory(&loaded.device)?;
+        let kv_cache_bytes = match (cfg.num_blocks, cfg.gpu_memory_utilization, gpu) {
+            (None, Some(utilization), Some((free, total))) => {
+                let reserve = ember_models::device::activation_reserve_bytes(
+                    &model_cfg,
+                    loaded.dtype,
+                    cfg.max_num_batched_tokens,
+                    cfg.max_num_seqs,
+                );
+                let budget =
+                    ember_models::device::kv_cache_budget(free, total, utilization, reserve)?;
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                tracing::info!(
+                    free_gib = gib(free),
+                    total_gib = gib(total),
+                    step_reserve_gib = gib(reserve),
+                    kv_cache_gib = gib(budget),
+                    "memory: KV cache sized by --gpu-memory-utilization {utilization}"
+                );
+                usize::try_from(budget).unwrap_or(usize::MAX)
+            }
+            _ => cfg.kv_cache_bytes,
+        };
+        let num_blocks = cfg.num_blocks.unwrap_or(kv_cache_bytes / per_block.max(1));
         let max_model_len = loaded.max_model_len;
         // Every request that fits the context must be servable, if only alone.
         if num_blocks * cfg.block_size < max_model_len {
@@ -113,7 +139,7 @@ impl Engine {
             "KV cache: {} tokens",
             num_blocks * cfg.block_size
         );
-        let device = candle_core::Device::Cpu;
+        let device = loaded.device.clone();
         let lora = cfg
             .lora
             .clone()
@@ -128,7 +154,7 @@ impl Engine {
             })
             .transpose()?;
         let max_loras = cfg.lora.as_ref().map_or(1, |l| l.max_loras);
-        let runner = ModelRunner::new(loaded, num_blocks, cfg.block_size, device)?;
+        let runner = ModelRunner::new(loaded, num_blocks, cfg.block_size)?;
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,

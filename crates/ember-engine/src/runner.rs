@@ -14,13 +14,9 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    /// Allocates `num_blocks` cache blocks of `block_size` tokens for the model.
-    pub fn new(
-        loaded: LoadedModel,
-        num_blocks: usize,
-        block_size: usize,
-        device: candle_core::Device,
-    ) -> Result<Self> {
+    /// Allocates `num_blocks` cache blocks of `block_size` tokens for the model, on its device.
+    pub fn new(loaded: LoadedModel, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let device = loaded.device.clone();
         let layers = loaded.model.config().num_hidden_layers;
         let caches = loaded
             .model

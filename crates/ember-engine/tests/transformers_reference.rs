@@ -10,26 +10,6 @@ use ember_engine::{Engine, EngineConfig};
 use ember_models::{load_model, LoadOptions};
 use serde_json::Value;
 
-const MODELS: [&str; 13] = [
-    "qwen3-tiny",
-    "qwen3-moe-tiny",
-    "qwen3-moe-mixed-tiny",
-    "deepseek-v3-tiny",
-    "kimi-k2-tiny",
-    "deepseek-v3-fp8-tiny",
-    "deepseek-v3-fp8-ue8m0-tiny",
-    // hidden 320: real 128x128 blocks with ragged edges.
-    "deepseek-v3-fp8-256-tiny",
-    // DeepSeek-V2 routing: softmax greedy (V2-Lite shape, YaRN mscale 0.707) and group-limited greedy.
-    "deepseek-v2-lite-tiny",
-    "deepseek-v2-tiny",
-    // Routed experts in compressed-tensors pack-quantized INT4 (group 32), as Kimi K2 Thinking.
-    "kimi-k2-int4-tiny",
-    // Routed experts in compressed-tensors NVFP4 (e4m3 per 16 + global) and MXFP4 (e8m0 per 32).
-    "kimi-k2-nvfp4-tiny",
-    "kimi-k2-mxfp4-tiny",
-];
-
 #[test]
 fn a_cache_too_small_for_one_full_request_is_refused_at_start() {
     let opts = LoadOptions {

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod decoder;
 pub mod deepseek_v3;
+pub mod device;
 pub mod kv_cache;
 pub mod linear;
 pub mod loader;

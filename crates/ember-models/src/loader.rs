@@ -92,6 +92,8 @@ pub struct LoadedModel {
     pub expert_load: Arc<ExpertLoad>,
     /// The dtype the paged KV cache stores: `dtype`, or `F8E4M3` under `--kv-cache-dtype fp8`.
     pub kv_cache_dtype: DType,
+    /// Where the weights live and the model runs; its KV cache goes there too.
+    pub device: Device,
 }
 
 /// Parses a `--dtype` value; `auto` is `None`.
@@ -248,6 +250,30 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         config.family.model_type(),
         dir.display()
     );
+    if !opts.device.is_cpu() && opts.tensor_parallel_size > 1 {
+        return Err(EmberError::Config(format!(
+            "--tensor-parallel-size {} on a GPU needs the NCCL backend, which ember does not have \
+             yet; serve on one GPU (-t 1), or shard over CPU threads with --device cpu",
+            opts.tensor_parallel_size
+        )));
+    }
+    if let Some((free, total)) = crate::device::gpu_memory(&opts.device)? {
+        tracing::info!(
+            free_gib = free as f64 / (1u64 << 30) as f64,
+            total_gib = total as f64 / (1u64 << 30) as f64,
+            "memory: GPU before loading"
+        );
+        if need > free {
+            return Err(EmberError::Config(format!(
+                "{} parameters need {:.1} GiB in {dtype:?} but the GPU has {:.1} GiB free of {:.1} GiB; \
+                 use a smaller --dtype, a quantized checkpoint, or fewer layers (--hf-overrides)",
+                billions(config.num_parameters()),
+                need as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
     if opts.device.is_cpu() {
         if let Some(avail) = available_memory_bytes() {
             if need > avail {
@@ -345,6 +371,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             KvCacheDtype::Fp8E4m3 => DType::F8E4M3,
         },
         eos_token_ids: eos_token_ids(&dir, &config)?,
+        device: opts.device.clone(),
         dir,
         config,
         model,

@@ -8,6 +8,27 @@ use ember_engine::{Engine, EngineConfig, EngineHandle};
 use ember_models::{load_model, LoadOptions};
 use serde_json::Value;
 
+/// Every tiny generating checkpoint with a transformers reference.
+pub const MODELS: [&str; 13] = [
+    "qwen3-tiny",
+    "qwen3-moe-tiny",
+    "qwen3-moe-mixed-tiny",
+    "deepseek-v3-tiny",
+    "kimi-k2-tiny",
+    "deepseek-v3-fp8-tiny",
+    "deepseek-v3-fp8-ue8m0-tiny",
+    // hidden 320: real 128x128 blocks with ragged edges.
+    "deepseek-v3-fp8-256-tiny",
+    // DeepSeek-V2 routing: softmax greedy (V2-Lite shape, YaRN mscale 0.707) and group-limited greedy.
+    "deepseek-v2-lite-tiny",
+    "deepseek-v2-tiny",
+    // Routed experts in compressed-tensors pack-quantized INT4 (group 32), as Kimi K2 Thinking.
+    "kimi-k2-int4-tiny",
+    // Routed experts in compressed-tensors NVFP4 (e4m3 per 16 + global) and MXFP4 (e8m0 per 32).
+    "kimi-k2-nvfp4-tiny",
+    "kimi-k2-mxfp4-tiny",
+];
+
 /// Largest |ember − transformers| allowed on a log-probability (fp32 both sides).
 pub const LOGPROB_TOL: f64 = 1e-3;
 /// Largest difference allowed between a request run alone and run in a batch.
@@ -27,12 +48,24 @@ pub fn reference(name: &str) -> Value {
 
 /// Starts an fp32 engine on the tiny checkpoint `name`.
 pub fn start(name: &str, cfg: EngineConfig) -> EngineHandle {
+    start_on(name, cfg, candle_core::Device::Cpu, candle_core::DType::F32)
+}
+
+/// Starts an engine on the tiny checkpoint `name`, computing in `dtype` on `device`.
+pub fn start_on(
+    name: &str,
+    cfg: EngineConfig,
+    device: candle_core::Device,
+    dtype: candle_core::DType,
+) -> EngineHandle {
     // A context that any cache of the tests can hold whole, however small.
     let max_model_len = cfg.num_blocks.map(|n| n * cfg.block_size);
     let mut opts = LoadOptions::new(model_dir(name).to_string_lossy());
-    opts.dtype = Some(candle_core::DType::F32);
+    opts.dtype = Some(dtype);
+    opts.device = device;
     opts.max_model_len = max_model_len;
-    Engine::start(load_model(&opts).unwrap(), cfg).unwrap()
+    let loaded = load_model(&opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    Engine::start(loaded, cfg).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 pub fn floats(v: &Value) -> Vec<f64> {

@@ -1,0 +1,143 @@
+//! The engine on a GPU (`--features cuda`): every tiny checkpoint through the real engine on
+//! CUDA against transformers' fp32 reference, and the KV cache sized from the GPU's memory.
+//! Each test prints SKIPPED with the reason and passes when the build has no CUDA or no GPU
+//! opens; run them on a GPU machine with `cargo test -p ember-engine --features cuda --test cuda`.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use ember_engine::EngineConfig;
+use serde_json::Value;
+
+/// Largest |bf16 on the GPU − fp32 transformers| allowed on one prompt log-probability, and on
+/// their mean over a checkpoint's prompts: bf16 keeps 8 significant bits, so each of the tiny
+/// models' few layers moves a logprob by a few hundredths.
+const BF16_MAX_TOL: f64 = 0.15;
+const BF16_MEAN_TOL: f64 = 0.03;
+
+fn gpu(test: &str) -> Option<Device> {
+    if !ember_models::device::cuda_built() {
+        eprintln!("SKIPPED {test}: ember was built without --features cuda");
+        return None;
+    }
+    match ember_models::device::open_cuda(0) {
+        Ok(device) => Some(device),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no GPU: {e}");
+            None
+        }
+    }
+}
+
+/// Runs every prompt of `name`'s reference batched, chunked prefill next to decodes.
+fn run_batched(name: &str, device: &Device, dtype: DType) -> (Value, Vec<Finished>) {
+    let reference = reference(name);
+    let cfg = EngineConfig {
+        max_num_batched_tokens: 24,
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let engine = start_on(name, cfg, device.clone(), dtype);
+    let prompts = reference["prompts"].as_array().unwrap();
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .submit(ids(&p["token_ids"]), greedy_params(greedy_steps(p)))
+                .unwrap()
+        })
+        .collect();
+    let results = receivers.into_iter().map(collect).collect();
+    (reference, results)
+}
+
+#[test]
+fn every_model_matches_transformers_on_cuda_in_f32() {
+    let Some(device) = gpu("every_model_matches_transformers_on_cuda_in_f32") else {
+        return;
+    };
+    for name in MODELS {
+        let (reference, results) = run_batched(name, &device, DType::F32);
+        assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
+        eprintln!("{name}: f32 on CUDA matches transformers (tol {LOGPROB_TOL})");
+    }
+}
+
+#[test]
+fn every_model_tracks_transformers_on_cuda_in_bf16() {
+    let Some(device) = gpu("every_model_tracks_transformers_on_cuda_in_bf16") else {
+        return;
+    };
+    for name in MODELS {
+        let (reference, results) = run_batched(name, &device, DType::BF16);
+        let (mut max, mut sum, mut n) = (0f64, 0f64, 0usize);
+        for (p, got) in reference["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(&results)
+        {
+            // Prompt logprobs are teacher-forced: they compare position by position even where
+            // a bf16 greedy path would pick another token.
+            let want = p["prompt_logprobs"].as_array().unwrap();
+            assert_eq!(
+                got.prompt_logprobs.len(),
+                want.len(),
+                "{name}: prompt logprobs"
+            );
+            for (ours, theirs) in got.prompt_logprobs.iter().zip(want).skip(1) {
+                let d = (ours.unwrap() as f64 - theirs.as_f64().unwrap()).abs();
+                max = max.max(d);
+                sum += d;
+                n += 1;
+            }
+        }
+        let mean = sum / n as f64;
+        eprintln!("{name}: bf16 on CUDA vs transformers fp32: max |Δ| {max:.4}, mean {mean:.4}");
+        assert!(
+            max <= BF16_MAX_TOL && mean <= BF16_MEAN_TOL,
+            "{name}: bf16 prompt logprobs off by max {max} (tol {BF16_MAX_TOL}), mean {mean} (tol {BF16_MEAN_TOL})"
+        );
+    }
+}
+
+#[test]
+fn the_kv_cache_takes_what_gpu_memory_utilization_leaves() {
+    let Some(device) = gpu("the_kv_cache_takes_what_gpu_memory_utilization_leaves") else {
+        return;
+    };
+    let utilization = 0.3;
+    let cfg = EngineConfig {
+        gpu_memory_utilization: Some(utilization),
+        // Far below what the share leaves: the share, not this, must size the cache.
+        kv_cache_bytes: 1 << 20,
+        ..EngineConfig::default()
+    };
+    let engine = start_on("qwen3-tiny", cfg, device.clone(), DType::BF16);
+    let blocks = engine.stats().kv_blocks_total;
+    let (free, total) = ember_models::device::gpu_memory(&device).unwrap().unwrap();
+    let used = total - free;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    eprintln!(
+        "qwen3-tiny bf16 at {utilization}: {blocks} blocks, {:.2} of {:.2} GiB in use",
+        gib(used),
+        gib(total)
+    );
+    // The cache is allocated, the step's reserve is not: in use stays under the share.
+    assert!(blocks > 1000, "{blocks} blocks");
+    assert!(
+        (used as f64) <= utilization * total as f64,
+        "{:.2} GiB in use, over {utilization} of {:.2} GiB",
+        gib(used),
+        gib(total)
+    );
+    // A well-formed request still runs on it.
+    let p = &reference("qwen3-tiny")["prompts"][0];
+    let got = collect(
+        engine
+            .submit(ids(&p["token_ids"]), greedy_params(4))
+            .unwrap(),
+    );
+    assert_eq!(got.tokens.len(), 4);
+}
