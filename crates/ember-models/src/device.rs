@@ -13,8 +13,9 @@ pub fn open_cuda(ordinal: usize) -> Result<Device> {
         match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
             Ok(Ok(device)) => Ok(device),
             Ok(Err(e)) => Err(EmberError::Config(format!(
-                "--device cuda:{ordinal}: cannot open the GPU: {}",
-                one_line(&e.to_string())
+                "--device cuda:{ordinal}: cannot open the GPU: {} (is the NVIDIA driver installed, \
+                 and the CUDA 13 runtime libraries on LD_LIBRARY_PATH?)",
+                first_line(&e.to_string())
             ))),
             Err(panic) => Err(EmberError::Config(format!(
                 "--device cuda:{ordinal}: cannot open the GPU: {}",
@@ -71,9 +72,10 @@ pub fn gpu_memory(device: &Device) -> Result<Option<(u64, u64)>> {
     }
 }
 
+/// The error without the backtrace candle appends on further lines.
 #[cfg(feature = "cuda")]
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text).trim()
 }
 
 /// Peak bytes one engine step may allocate beside weights and KV cache, estimated from the
@@ -183,6 +185,23 @@ mod tests {
                 "{err}"
             );
             assert!(auto_device().is_cpu());
+            return;
+        }
+        // A CUDA build: auto takes GPU 0 when it opens, else the CPU; cuda names why it cannot.
+        match open_cuda(0) {
+            Ok(gpu) => {
+                assert!(gpu.is_cuda() && auto_device().is_cuda());
+                let (free, total) = gpu_memory(&gpu).unwrap().unwrap();
+                assert!(free > 0 && free <= total);
+            }
+            Err(e) => {
+                let err = e.to_string();
+                assert!(
+                    err.contains("cannot open the GPU") && !err.contains('\n'),
+                    "{err}"
+                );
+                assert!(auto_device().is_cpu());
+            }
         }
     }
 }
