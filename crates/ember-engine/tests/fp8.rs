@@ -194,3 +194,86 @@ fn an_fp8_kv_cache_holds_twice_the_blocks_of_a_bf16_one_in_the_same_memory() {
     assert!(bf16 > 0);
     assert_eq!(fp8, 2 * bf16);
 }
+
+/// The fixture of models/make_tiny_kv_scales.py for `name`.
+fn kv_scales_reference(name: &str) -> serde_json::Value {
+    let path = model_dir(name).join("kv-scales-reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn checkpoint_kv_cache_scales_match_transformers_with_the_same_scaled_cache() {
+    // Qwen3: per-head scales (compressed-tensors names) on layers 0 and 2, per-tensor on 1
+    // (ModelOpt names) and 3; DeepSeek-V3: one `k_scale` for the MLA row per layer.
+    for name in ["qwen3-tiny-kv-scales", "deepseek-v3-tiny-kv-scales"] {
+        let reference = kv_scales_reference(name);
+        let sequences: Vec<Vec<u32>> = reference["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
+        let flat = |key: &str| -> Vec<f64> {
+            reference[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(floats)
+                .collect()
+        };
+        let mut opts = LoadOptions::new(model_dir(name).to_string_lossy());
+        opts.dtype = Some(DType::F32);
+        fp8_kv_cache(&mut opts);
+        let (ours, _) = score(&opts, &sequences);
+        let worst = |theirs: &[f64]| {
+            ours.iter()
+                .zip(theirs)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max)
+        };
+        let (scaled, unit) = (worst(&flat("fp8_scaled")), worst(&flat("fp8_unit")));
+        println!(
+            "{name}: max |Δ| vs the scaled-cache reference {scaled:.2e}, vs scale 1.0 {unit:.3}"
+        );
+        // Same tolerance as the unit-scale fp8 cache above (an e4m3 rounding boundary may fall
+        // either way; measured worst 1.7e-5 and 1.0e-5); ignoring the scales would land on the
+        // scale-1.0 reference instead (1.05 and 4.6 away).
+        assert_close(
+            &format!("{name} scaled fp8 KV cache"),
+            &ours,
+            &flat("fp8_scaled"),
+            1e-2,
+        );
+        assert!(
+            unit > 0.1,
+            "{name}: the fixture must tell scales from none ({unit})"
+        );
+        // Sharded, each rank keeps its key/value heads' scales (Qwen3's two heads: one each at
+        // TP 2, replicated at TP 4).
+        for tp in [2, 4] {
+            let (sharded, _) = score(
+                &LoadOptions {
+                    tensor_parallel_size: tp,
+                    ..opts.clone()
+                },
+                &sequences,
+            );
+            let ours: Vec<f64> = ours.iter().map(|&x| x as f64).collect();
+            // Another reduction order may round a cached value the other way (measured worst
+            // 4.7e-4 at TP 4; a wrong head's scale moves logprobs by ~1).
+            assert_close(&format!("{name} at TP {tp}"), &sharded, &ours, 1e-2);
+        }
+        // Served in the model dtype, the cache ignores the scales, as vLLM's does.
+        opts.kv_cache_dtype = KvCacheDtype::Auto;
+        let (plain, _) = score(&opts, &sequences);
+        let base = LoadOptions {
+            model: model_dir(reference["base"].as_str().unwrap())
+                .to_string_lossy()
+                .into(),
+            ..opts.clone()
+        };
+        let (want, _) = score(&base, &sequences);
+        let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+        assert_close(&format!("{name} in f32"), &plain, &want, 1e-6);
+    }
+}

@@ -80,6 +80,7 @@ fn decode_setup(cfg: &ModelConfig) -> (KvCachePool, ForwardBatch, RopeRows) {
             &random(rows, widths.0, 1),
             &random(rows, widths.1, 2),
             &slots,
+            &ember_models::kv_cache::KvScales::default(),
         )
         .expect("slots are inside the pool");
     let tokens: Vec<[u32; 1]> = (0..BATCH as u32).map(|s| [s + 7]).collect();

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use ember_core::{ModelConfig, Result};
 
 use crate::batch::ForwardBatch;
-use crate::kv_cache::LayerKvCache;
+use crate::kv_cache::{KvScales, LayerKvCache};
 use crate::linear::{Projection, Split};
 use crate::lora::LoraTargets;
 use crate::norm::RmsNorm;
@@ -24,6 +24,8 @@ pub struct Qwen3Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// fp8 cache scales of this layer's key/value heads (the checkpoint's, else 1.0).
+    kv_scales: KvScales,
 }
 
 impl Qwen3Attention {
@@ -34,8 +36,8 @@ impl Qwen3Attention {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
-        let (q_split, kv_split, o_split, local_q, local_kv) = match weights.rank() {
-            None => (None, None, None, nq, nkv),
+        let (q_split, kv_split, o_split, local_q, local_kv, kv_first) = match weights.rank() {
+            None => (None, None, None, nq, nkv, 0),
             Some(rank) => {
                 let (q0, qn) = rank.even_share(nq, "num_attention_heads")?;
                 let (kv0, kvn) = kv_head_share(nkv, rank.rank(), rank.world_size())?;
@@ -54,6 +56,7 @@ impl Qwen3Attention {
                     }),
                     qn,
                     kvn,
+                    kv0,
                 )
             }
         };
@@ -67,6 +70,7 @@ impl Qwen3Attention {
             num_heads: local_q,
             num_kv_heads: local_kv,
             head_dim: d,
+            kv_scales: KvScales::load(weights, nkv, (kv_first, local_kv))?.unwrap_or_default(),
         })
     }
 
@@ -96,6 +100,7 @@ impl Qwen3Attention {
             &k.reshape((tokens, self.num_kv_heads * d))?,
             &v,
             &batch.slot_mapping,
+            &self.kv_scales,
         )?;
 
         let scale = 1.0 / (d as f64).sqrt();
@@ -103,6 +108,7 @@ impl Qwen3Attention {
             let attn = crate::paged_attention::paged_attention(
                 &q,
                 cache,
+                &self.kv_scales,
                 batch,
                 self.num_kv_heads,
                 scale as f32,
@@ -113,7 +119,7 @@ impl Qwen3Attention {
         let mut outputs = Vec::with_capacity(batch.sequences.len());
         for seq in &batch.sequences {
             let (ql, ctx) = (seq.query_len, seq.context_len);
-            let (k_ctx, v_ctx) = cache.gather(&seq.context_slots)?;
+            let (k_ctx, v_ctx) = cache.gather(&seq.context_slots, &self.kv_scales)?;
             // [kv_heads, ctx, d]
             let k_ctx = k_ctx
                 .reshape((ctx, self.num_kv_heads, d))?

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use ember_core::{EmberError, Result};
 
 use crate::quantized::fp8::E4M3_MAX;
+use crate::weights::Weights;
 use crate::TensorResult;
 
 /// Keys and values of one layer: `k` is `[slots, k_width]`, `v` is `[slots, v_width]`. The model
@@ -18,10 +19,93 @@ pub struct LayerKvCache {
     /// The dtype rows are written in and read back as (the model dtype); `k` and `v` hold it
     /// too unless the cache is fp8.
     pub dtype: DType,
-    /// Per-tensor scales of an e4m3 cache: `stored = sat(x / scale)`, `x = stored · scale`.
-    /// 1.0, vLLM's default for checkpoints that ship no `k_scale`/`v_scale` (none of ember's do).
-    pub k_scale: f32,
-    pub v_scale: f32,
+}
+
+/// Scales of an e4m3 cache's rows, `stored = sat(x / scale)` and `x = stored · scale`: one for the
+/// whole tensor, or one per head (a row's columns split evenly among them). They belong to the
+/// attention layer that writes and reads the rows, from the checkpoint's `k_scale`/`v_scale`, or
+/// 1.0 (vLLM's default) where it ships none. Caches in the model dtype ignore them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvScales {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl Default for KvScales {
+    fn default() -> Self {
+        Self {
+            k: vec![1.0],
+            v: vec![1.0],
+        }
+    }
+}
+
+impl KvScales {
+    /// Reads an attention layer's cache scales under `weights` (its `self_attn` prefix), as
+    /// compressed-tensors (`k_scale`, `v_scale`), ModelOpt (`k_proj.k_scale`, `v_proj.v_scale`)
+    /// and older FP8 checkpoints (`kv_scale`, both) store them: a scalar, or one per key/value
+    /// head of `kv_heads`, of which this rank keeps `local` (`(first, count)`). `None` when the
+    /// checkpoint has none (and for dummy weights).
+    pub fn load(weights: &Weights, kv_heads: usize, local: (usize, usize)) -> Result<Option<Self>> {
+        const NAMES: [&str; 5] = [
+            "k_scale",
+            "v_scale",
+            "k_proj.k_scale",
+            "v_proj.v_scale",
+            "kv_scale",
+        ];
+        if NAMES.iter().all(|n| weights.stored_dtype(n).is_none()) {
+            return Ok(None);
+        }
+        let read = |names: &[&str]| -> Result<Vec<f32>> {
+            let Some(name) = names.iter().find(|n| weights.stored_dtype(n).is_some()) else {
+                return Ok(vec![1.0]);
+            };
+            let what = format!("`{}.{name}`", weights.prefix());
+            let values = weights
+                .get_stored(name)?
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| EmberError::Weights(format!("KV cache scale {what}: {e}")))?;
+            if let Some(bad) = values.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                return Err(EmberError::Weights(format!(
+                    "KV cache scale {what} holds {bad}; scales must be positive and finite"
+                )));
+            }
+            match values.len() {
+                1 => Ok(values),
+                n if n == kv_heads => Ok(values[local.0..local.0 + local.1].to_vec()),
+                n => Err(EmberError::Weights(format!(
+                    "KV cache scale {what} has {n} values; expected 1 (per tensor) or {kv_heads} \
+                     (per key/value head)"
+                ))),
+            }
+        };
+        Ok(Some(Self {
+            k: read(&["k_scale", "k_proj.k_scale", "kv_scale"])?,
+            v: read(&["v_scale", "v_proj.v_scale", "kv_scale"])?,
+        }))
+    }
+
+    /// The scale of head `head` of `heads` in a row.
+    pub fn of_head(scales: &[f32], head: usize, heads: usize) -> f32 {
+        if scales.len() == 1 {
+            scales[0]
+        } else {
+            scales[head * scales.len() / heads]
+        }
+    }
+
+    /// `[1, width]` factors of `scales` over a row's columns; `None` when every one is 1.0.
+    fn columns(scales: &[f32], width: usize, device: &Device) -> TensorResult<Option<Tensor>> {
+        if scales.iter().all(|&s| s == 1.0) {
+            return Ok(None);
+        }
+        let per = width / scales.len();
+        let factors: Vec<f32> = (0..width).map(|c| scales[c / per]).collect();
+        Tensor::from_vec(factors, (1, width), device).map(Some)
+    }
 }
 
 /// Every layer's KV pool.
@@ -82,8 +166,6 @@ impl KvCachePool {
                     k: Tensor::zeros((slots, k_width), storage, device)?,
                     v: Tensor::zeros((slots, v_width), storage, device)?,
                     dtype,
-                    k_scale: 1.0,
-                    v_scale: 1.0,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()
@@ -104,10 +186,16 @@ impl KvCachePool {
 
 impl LayerKvCache {
     /// Writes `k` (`[tokens, k_width]`) and `v` (`[tokens, v_width]`) into the slots of
-    /// `slot_mapping` (`[tokens]` u32), quantized if the cache is fp8.
-    pub fn write(&self, k: &Tensor, v: &Tensor, slot_mapping: &Tensor) -> TensorResult<()> {
+    /// `slot_mapping` (`[tokens]` u32), quantized with `scales` if the cache is fp8.
+    pub fn write(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        slot_mapping: &Tensor,
+        scales: &KvScales,
+    ) -> TensorResult<()> {
         let tokens = slot_mapping.dim(0)?;
-        for (pool, rows, scale) in [(&self.k, k, self.k_scale), (&self.v, v, self.v_scale)] {
+        for (pool, rows, scale) in [(&self.k, k, &scales.k), (&self.v, v, &scales.v)] {
             let index = slot_mapping
                 .unsqueeze(1)?
                 .broadcast_as((tokens, pool.dim(1)?))?
@@ -123,33 +211,31 @@ impl LayerKvCache {
     }
 
     /// Reads the rows of `slots` (`[n]` u32) as `([n, k_width], [n, v_width])` in the model
-    /// dtype (dequantized if the cache is fp8).
-    pub fn gather(&self, slots: &Tensor) -> TensorResult<(Tensor, Tensor)> {
-        let read = |pool: &Tensor, scale: f32| -> TensorResult {
+    /// dtype (dequantized with `scales` if the cache is fp8).
+    pub fn gather(&self, slots: &Tensor, scales: &KvScales) -> TensorResult<(Tensor, Tensor)> {
+        let read = |pool: &Tensor, scale: &[f32]| -> TensorResult {
             let rows = pool.index_select(slots, 0)?;
             if pool.dtype() != DType::F8E4M3 {
                 return Ok(rows);
             }
             let rows = rows.to_dtype(DType::F32)?;
-            let rows = if scale == 1.0 {
-                rows
-            } else {
-                rows.affine(scale as f64, 0.0)?
+            let rows = match KvScales::columns(scale, rows.dim(1)?, rows.device())? {
+                None => rows,
+                Some(factors) => rows.broadcast_mul(&factors)?,
             };
             rows.to_dtype(self.dtype)
         };
-        Ok((read(&self.k, self.k_scale)?, read(&self.v, self.v_scale)?))
+        Ok((read(&self.k, &scales.k)?, read(&self.v, &scales.v)?))
     }
 }
 
-/// `sat(x / scale)` in e4m3, rounded to nearest even: out-of-range values saturate to ±448, as
-/// vLLM's cache writes do (`__NV_SATFINITE`).
-fn quantize_rows(rows: &Tensor, scale: f32) -> TensorResult {
+/// `sat(x / scale)` in e4m3 (a scale per tensor or per head), rounded to nearest even:
+/// out-of-range values saturate to ±448, as vLLM's cache writes do (`__NV_SATFINITE`).
+fn quantize_rows(rows: &Tensor, scales: &[f32]) -> TensorResult {
     let rows = rows.to_dtype(DType::F32)?;
-    let rows = if scale == 1.0 {
-        rows
-    } else {
-        (rows / scale as f64)?
+    let rows = match KvScales::columns(scales, rows.dim(1)?, rows.device())? {
+        None => rows,
+        Some(factors) => rows.broadcast_div(&factors)?,
     };
     rows.clamp(-E4M3_MAX, E4M3_MAX)?
         .contiguous()?
@@ -171,8 +257,9 @@ mod tests {
         let k = Tensor::new(&[[0.1f32, -1000.0, 1.0625]], &Device::Cpu).unwrap();
         let v = Tensor::new(&[[3.3f32, -0.001]], &Device::Cpu).unwrap();
         let slot = Tensor::new(&[2u32], &Device::Cpu).unwrap();
-        layer.write(&k, &v, &slot).unwrap();
-        let (k_read, v_read) = layer.gather(&slot).unwrap();
+        let unit = KvScales::default();
+        layer.write(&k, &v, &slot, &unit).unwrap();
+        let (k_read, v_read) = layer.gather(&slot, &unit).unwrap();
         assert_eq!(k_read.dtype(), DType::F32);
         assert_eq!(k_read.to_vec2::<f32>().unwrap(), [[0.1015625, -448.0, 1.0]]);
         // 0.001 rounds to e4m3's smallest subnormal, 2^-9.
@@ -182,5 +269,30 @@ mod tests {
             KvCachePool::bytes_per_block(1, 2, (3, 2), DType::F8E4M3),
             KvCachePool::bytes_per_block(1, 2, (3, 2), DType::F32) / 4
         );
+    }
+
+    #[test]
+    fn per_head_scales_divide_each_heads_columns_when_written_and_multiply_when_read() {
+        // Two heads of width 2 in K, one scale for V.
+        let pool =
+            KvCachePool::with_storage(1, 1, 2, (4, 2), DType::F32, DType::F8E4M3, &Device::Cpu)
+                .unwrap();
+        let layer = &pool.layers[0];
+        let scales = KvScales {
+            k: vec![0.5, 4.0],
+            v: vec![0.25],
+        };
+        // 300 / 0.5 = 600 saturates at 448 (x 0.5 = 224); 320 / 4 = 80 is exact in e4m3.
+        let k = Tensor::new(&[[0.75f32, 300.0, 320.0, -1.0]], &Device::Cpu).unwrap();
+        let v = Tensor::new(&[[0.1f32, -50.0]], &Device::Cpu).unwrap();
+        let slot = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        layer.write(&k, &v, &slot, &scales).unwrap();
+        let (k_read, v_read) = layer.gather(&slot, &scales).unwrap();
+        assert_eq!(
+            k_read.to_vec2::<f32>().unwrap(),
+            [[0.75, 224.0, 320.0, -1.0]]
+        );
+        // 0.1 / 0.25 = 0.4 rounds to e4m3's 0.40625; -200 is a tie between -192 and -208: even.
+        assert_eq!(v_read.to_vec2::<f32>().unwrap(), [[0.1015625, -48.0]]);
     }
 }

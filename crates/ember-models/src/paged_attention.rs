@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::batch::ForwardBatch;
-use crate::kv_cache::LayerKvCache;
+use crate::kv_cache::{KvScales, LayerKvCache};
 
 type TensorResult<T = Tensor> = candle_core::Result<T>;
 
@@ -84,13 +84,14 @@ fn with_slice<T: WithDType, R>(
 pub fn paged_attention(
     q: &Tensor,
     cache: &LayerKvCache,
+    scales: &KvScales,
     batch: &ForwardBatch,
     num_kv_heads: usize,
     scale: f32,
 ) -> TensorResult {
     match cache.k.dtype() {
-        DType::F8E4M3 => attend::<float8::F8E4M3>(q, cache, batch, num_kv_heads, scale),
-        _ => attend::<f32>(q, cache, batch, num_kv_heads, scale),
+        DType::F8E4M3 => attend::<float8::F8E4M3>(q, cache, scales, batch, num_kv_heads, scale),
+        _ => attend::<f32>(q, cache, &KvScales::default(), batch, num_kv_heads, scale),
     }
 }
 
@@ -98,6 +99,7 @@ pub fn paged_attention(
 fn attend<T: CacheElem>(
     q: &Tensor,
     cache: &LayerKvCache,
+    scales: &KvScales,
     batch: &ForwardBatch,
     num_kv_heads: usize,
     scale: f32,
@@ -107,8 +109,8 @@ fn attend<T: CacheElem>(
     let k_width = cache.k.dim(1)?;
     let v_width = cache.v.dim(1)?;
     let v_dim = v_width / num_kv_heads;
-    // Per-tensor fp8 scales fold into the score scale and the output (1.0 for other caches).
-    let (scale, v_scale) = (scale * cache.k_scale, cache.v_scale);
+    // fp8 scales (per tensor or per key/value head) fold into the score scale and the output
+    // (1.0 for other caches).
     let q = q.contiguous()?;
     let tasks: Vec<(usize, usize)> = (0..batch.sequences.len())
         .flat_map(|s| (0..num_heads).map(move |h| (s, h)))
@@ -121,6 +123,8 @@ fn attend<T: CacheElem>(
                     .map(|&(s, h)| {
                         let seq = &batch.sequences[s];
                         let kv = h / group;
+                        let k_scale = scale * KvScales::of_head(&scales.k, kv, num_kv_heads);
+                        let v_scale = KvScales::of_head(&scales.v, kv, num_kv_heads);
                         let past = seq.context_len - seq.query_len;
                         let mut out = vec![0f32; seq.query_len * v_dim];
                         let mut scores = Vec::with_capacity(seq.context_len);
@@ -131,7 +135,7 @@ fn attend<T: CacheElem>(
                             // Causal: token i of the chunk sees the past and itself.
                             for &slot in &seq.context_slots_host[..past + i + 1] {
                                 let k_row = &k[slot as usize * k_width + kv * d..][..d];
-                                scores.push(dot(q_row, k_row) * scale);
+                                scores.push(dot(q_row, k_row) * k_scale);
                             }
                             let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                             let mut sum = 0f32;
@@ -215,16 +219,33 @@ mod tests {
 
     #[test]
     fn matches_a_plain_reference_on_random_gqa_chunks_and_decodes() {
-        check_against_reference(DType::F32);
+        check_against_reference(DType::F32, KvScales::default());
     }
 
     #[test]
     fn reads_an_fp8_cache_as_its_e4m3_values() {
-        check_against_reference(DType::F8E4M3);
+        check_against_reference(DType::F8E4M3, KvScales::default());
     }
 
-    /// Runs the kernel over a cache stored in `storage`; the reference sees the stored values.
-    fn check_against_reference(storage: DType) {
+    #[test]
+    fn reads_an_fp8_cache_with_per_tensor_and_per_head_scales() {
+        for scales in [
+            KvScales {
+                k: vec![0.05],
+                v: vec![3.0],
+            },
+            KvScales {
+                k: vec![0.5, 2.0],
+                v: vec![0.25, 4.0],
+            },
+        ] {
+            check_against_reference(DType::F8E4M3, scales);
+        }
+    }
+
+    /// Runs the kernel over a cache stored in `storage`; the reference sees the stored values,
+    /// times their head's scale.
+    fn check_against_reference(storage: DType, scales: KvScales) {
         let (num_heads, kv_heads, d, v_dim, block) = (8, 2, 12, 12, 4);
         let slots = 64;
         let mut rng = StdRng::seed_from_u64(7);
@@ -238,14 +259,19 @@ mod tests {
             let seen = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
             (t, seen.to_vec1::<f32>().unwrap())
         };
-        let (k_stored, k) = stored(rand_vec(slots * kv_heads * d), kv_heads * d);
-        let (v_stored, v) = stored(rand_vec(slots * kv_heads * v_dim), kv_heads * v_dim);
+        let (k_stored, mut k) = stored(rand_vec(slots * kv_heads * d), kv_heads * d);
+        let (v_stored, mut v) = stored(rand_vec(slots * kv_heads * v_dim), kv_heads * v_dim);
+        for (values, per_head, head_scales) in [(&mut k, d, &scales.k), (&mut v, v_dim, &scales.v)]
+        {
+            for (i, x) in values.iter_mut().enumerate() {
+                let head = i % (kv_heads * per_head) / per_head;
+                *x *= KvScales::of_head(head_scales, head, kv_heads);
+            }
+        }
         let cache = LayerKvCache {
             k: k_stored,
             v: v_stored,
             dtype: DType::F32,
-            k_scale: 1.0,
-            v_scale: 1.0,
         };
         // A prefill chunk of 3 after 5 cached tokens, a decode after 9, a fresh prompt of 4;
         // block tables scattered over the pool.
@@ -280,7 +306,7 @@ mod tests {
         let q_t = Tensor::from_vec(q.clone(), (tokens, num_heads, d), &Device::Cpu).unwrap();
         assert!(supported(&cache, &q_t));
         let scale = 1.0 / (d as f32).sqrt();
-        let out = paged_attention(&q_t, &cache, &batch, kv_heads, scale)
+        let out = paged_attention(&q_t, &cache, &scales, &batch, kv_heads, scale)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();

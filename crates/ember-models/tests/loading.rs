@@ -282,3 +282,55 @@ fn fp8_block_checkpoints_dequantize_to_the_reference_weights() {
         }
     }
 }
+
+/// A copy of checkpoint `name` in a fresh temp dir with tensor `tensor` replaced by f32 `values`.
+fn with_tensor_replaced(name: &str, tensor: &str, values: &[f32]) -> PathBuf {
+    use safetensors::tensor::{Dtype, TensorView};
+    let src = models_dir().join(name);
+    let dst = std::env::temp_dir().join(format!(
+        "ember-{name}-{}-{}",
+        std::process::id(),
+        values.len()
+    ));
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dst.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut tensors: Vec<(String, TensorView)> = file
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != tensor)
+        .collect();
+    tensors.push((
+        tensor.to_string(),
+        TensorView::new(Dtype::F32, vec![values.len()], &data).unwrap(),
+    ));
+    safetensors::serialize_to_file(tensors, None, &dst.join("model.safetensors")).unwrap();
+    dst
+}
+
+#[test]
+fn kv_cache_scales_of_the_wrong_count_or_sign_are_named() {
+    let tensor = "model.layers.0.self_attn.k_scale";
+    for (values, expect) in [
+        (
+            vec![0.1f32, 0.2, 0.3],
+            "has 3 values; expected 1 (per tensor) or 2",
+        ),
+        (vec![-0.5f32], "holds -0.5"),
+    ] {
+        let dir = with_tensor_replaced("qwen3-tiny-kv-scales", tensor, &values);
+        let mut opts = options("qwen3-tiny-kv-scales");
+        opts.model = dir.to_string_lossy().into();
+        let msg = load_error(&opts);
+        assert!(msg.contains(tensor) && msg.contains(expect), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
