@@ -198,31 +198,46 @@ fn kimi_k2_tensor_and_expert_parallel_match_one_rank() {
     check_family("kimi-k2-tiny", &TP_AND_EP);
 }
 
-/// LoRA adapters on a tensor-parallel model: each rank applies its part of every adapted
-/// projection (its columns of B, or its rows of A as a partial sum), matching transformers+peft.
+/// LoRA adapters on a sharded model: under tensor parallelism each rank applies its part of
+/// every adapted projection (its columns of B, or its rows of A as a partial sum); under expert
+/// parallelism a token's rows carry their step index to the experts' owner, which applies the
+/// token's adapter. Both match transformers+peft.
 #[test]
-fn lora_adapters_under_tensor_parallelism_match_transformers_and_peft() {
-    for (base, adapter, ranks) in [
-        ("qwen3-tiny", "qwen3-tiny-all-r16", &["2", "4"][..]),
-        ("deepseek-v3-tiny", "deepseek-v3-tiny-mla", &["2", "4"][..]),
-        ("qwen3-moe-tiny", "qwen3-moe-tiny-experts", &["2"][..]),
+fn lora_adapters_under_tensor_and_expert_parallelism_match_transformers_and_peft() {
+    let ep = "--enable-expert-parallel";
+    for (base, adapter, layouts) in [
+        (
+            "qwen3-tiny",
+            "qwen3-tiny-all-r16",
+            &[&["2"][..], &["4"]][..],
+        ),
+        (
+            "deepseek-v3-tiny",
+            "deepseek-v3-tiny-mla",
+            &[&["2"][..], &["4"], &["4", ep]],
+        ),
+        (
+            "qwen3-moe-tiny",
+            "qwen3-moe-tiny-experts",
+            &[&["2"][..], &["2", ep], &["4", ep]],
+        ),
     ] {
         let dir = common::model_dir(&format!("lora/{adapter}"));
         let module = format!("a={}", dir.display());
         let reference = reference_of(&format!("lora/{adapter}"));
-        for tp in ranks {
-            let flags = [
+        for layout in layouts {
+            let mut flags = vec![
                 "--enable-lora",
                 "--max-lora-rank",
                 "16",
                 "--lora-modules",
                 &module,
                 "--tensor-parallel-size",
-                tp,
             ];
+            flags.extend(layout.iter().copied());
             let server = Server::start_model(base, &flags);
             let got = answers_of(&server, "a", &reference);
-            assert_matches_reference(&format!("{adapter} tp {tp}"), &got, &reference);
+            assert_matches_reference(&format!("{adapter} {layout:?}"), &got, &reference);
         }
     }
 }
@@ -232,19 +247,6 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
     // 4 attention heads do not split over 3 ranks.
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "3"]);
     assert!(err.contains("does not split evenly over 3 ranks"), "{err}");
-    let err = serve_error(
-        "qwen3-moe-tiny",
-        &[
-            "--tensor-parallel-size",
-            "2",
-            "--enable-expert-parallel",
-            "--enable-lora",
-        ],
-    );
-    assert!(
-        err.contains("--enable-lora with --enable-expert-parallel"),
-        "{err}"
-    );
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "0"]);
     assert!(err.contains("at least 1"), "{err}");
 }

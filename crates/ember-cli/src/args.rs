@@ -254,12 +254,6 @@ impl ModelArgs {
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }
-        if self.tensor_parallel_size > 1 && self.enable_expert_parallel && self.lora.enable_lora {
-            bail!(
-                "--enable-lora with --enable-expert-parallel is not supported yet: tokens sent to \
-                 other ranks' experts travel without their adapters; use tensor parallelism alone"
-            );
-        }
         opts.tensor_parallel_size = self.tensor_parallel_size;
         opts.enable_expert_parallel = self.enable_expert_parallel;
         Ok(opts)

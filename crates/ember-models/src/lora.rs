@@ -79,6 +79,14 @@ impl LoraTargets {
         self.experts.insert(path.to_string(), num_experts);
     }
 
+    /// Adds `other`'s projections and expert containers (the ranks of a sharded model).
+    pub fn merge(&mut self, other: &LoraTargets) {
+        self.modules
+            .extend(other.modules.iter().map(|(k, v)| (k.clone(), *v)));
+        self.experts
+            .extend(other.experts.iter().map(|(k, v)| (k.clone(), *v)));
+    }
+
     /// `[in, out]` of the projection at `path`.
     pub fn dims(&self, path: &str) -> Option<[usize; 2]> {
         self.modules.get(path).copied()

@@ -175,7 +175,7 @@ impl Experts {
                 }
                 run_experts(&self.experts, routing, x, lora)
             }
-            Some(ctx) => self.run_expert_parallel(ctx, routing, x),
+            Some(ctx) => self.run_expert_parallel(ctx, routing, x, lora),
         }
     }
 
@@ -188,11 +188,14 @@ impl Experts {
     /// ranks owning their experts (all-to-all), runs its experts over what it received, sends
     /// the weighted outputs back (all-to-all), adds them up for its rows, and the shares are
     /// gathered so every rank holds the whole result. Routing is computed on every rank alike.
+    /// Each row travels with its index in the step, so the owner applies the row's adapter
+    /// (every rank holds the step's `lora` rows alike).
     fn run_expert_parallel(
         &self,
         ctx: &RankContext,
         routing: &ExpertRouting,
         x: &Tensor,
+        lora: &LoraRows,
     ) -> TensorResult {
         let (tokens, hidden) = x.dims2()?;
         let (world, device, dtype) = (ctx.world_size(), x.device(), x.dtype());
@@ -205,7 +208,12 @@ impl Experts {
             for (&row, &weight) in rows.iter().zip(weights) {
                 if (first..first + mine).contains(&(row as usize)) {
                     send_rows[owner].push(row);
-                    send_meta[owner].extend([(expert - owner * per_rank) as f32, weight]);
+                    // f32 holds row indices exactly up to 2^24 tokens a step.
+                    send_meta[owner].extend([
+                        (expert - owner * per_rank) as f32,
+                        weight,
+                        row as f32,
+                    ]);
                 }
             }
         }
@@ -221,7 +229,7 @@ impl Experts {
             .collect::<TensorResult<Vec<_>>>()?;
         let meta_out = send_meta
             .iter()
-            .map(|m| Tensor::from_slice(m, (m.len() / 2, 2), device))
+            .map(|m| Tensor::from_slice(m, (m.len() / 3, 3), device))
             .collect::<TensorResult<Vec<_>>>()?;
         let hidden_in = ctx.comm.all_to_all(hidden_out)?;
         let meta_in = ctx.comm.all_to_all(meta_out)?;
@@ -235,14 +243,16 @@ impl Experts {
             per_expert: vec![(Vec::new(), Vec::new()); per_rank],
         };
         let mut row = 0u32;
+        let mut step_rows = Vec::new();
         for meta in &meta_in {
             if meta.dim(0)? == 0 {
                 continue;
             }
-            for pair in meta.to_vec2::<f32>()? {
-                let expert = &mut local.per_expert[pair[0] as usize];
+            for triple in meta.to_vec2::<f32>()? {
+                let expert = &mut local.per_expert[triple[0] as usize];
                 expert.0.push(row);
-                expert.1.push(pair[1]);
+                expert.1.push(triple[1]);
+                step_rows.push(triple[2] as u32);
                 row += 1;
             }
         }
@@ -260,7 +270,7 @@ impl Experts {
                 &self.experts,
                 &local,
                 &Tensor::cat(&received, 0)?,
-                &LoraRows::none(),
+                &lora.select(&step_rows, device)?,
             )?
         };
         let mut back = Vec::with_capacity(world);
@@ -289,7 +299,8 @@ impl Experts {
 
     /// Records every expert's projections, and the container for fused expert adapters.
     pub fn register(&self, targets: &mut LoraTargets) {
-        targets.add_experts(&self.path, self.experts.len());
+        // All of the layer's experts: fused adapters split over them whichever rank runs each.
+        targets.add_experts(&self.path, self.num_experts);
         for expert in &self.experts {
             expert.register(targets);
         }

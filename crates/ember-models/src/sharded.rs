@@ -23,6 +23,9 @@ use crate::CausalLm;
 pub struct ShardedModel {
     ranks: Vec<(DecoderModel, Arc<dyn Communicator>)>,
     failed: Mutex<Option<String>>,
+    /// Every rank's adaptable projections together: under expert parallelism each rank holds
+    /// only its own experts.
+    lora_targets: LoraTargets,
 }
 
 impl ShardedModel {
@@ -43,9 +46,14 @@ impl ShardedModel {
                 )));
             }
         }
+        let mut lora_targets = LoraTargets::default();
+        for (model, _) in &ranks {
+            lora_targets.merge(model.lora_targets());
+        }
         Ok(Self {
             ranks,
             failed: Mutex::new(None),
+            lora_targets,
         })
     }
 
@@ -85,7 +93,7 @@ impl CausalLm for ShardedModel {
     }
 
     fn lora_targets(&self) -> &LoraTargets {
-        self.ranks[0].0.lora_targets()
+        &self.lora_targets
     }
 
     fn kv_cache_shards(&self) -> Vec<(usize, usize)> {
