@@ -250,3 +250,83 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "0"]);
     assert!(err.contains("at least 1"), "{err}");
 }
+
+/// A rank that fails mid-run (injected with `EMBER_FAULT_INJECT`, rank 1 at its second step)
+/// ends the request in flight with the reason, and `ember serve` exits non-zero naming the
+/// rank instead of hanging.
+#[test]
+fn a_rank_failure_ends_the_request_and_stops_the_server_with_the_reason() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["serve", "--model"])
+        .arg(common::model_dir("qwen3-moe-tiny"))
+        .args(["--dtype", "float32", "--host", "127.0.0.1", "--port"])
+        .arg(port.to_string())
+        .args(["--tensor-parallel-size", "2", "--enable-expert-parallel"])
+        .env("EMBER_FAULT_INJECT", "1:2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember serve");
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(format!("{base}/health"))
+        .send()
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "ember serve did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Step 1 prefills, step 2 (the first decode) fails on rank 1.
+    let body = json!({"model": "qwen3-moe-tiny", "prompt": [1, 2, 3, 4], "max_tokens": 8});
+    let r = http
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .expect("the request in flight gets an answer before the server stops");
+    let status = r.status().as_u16();
+    let text = r.text().unwrap_or_default();
+    assert!(
+        status >= 500 && text.contains("rank 1 failed"),
+        "{status} {text}"
+    );
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline + Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("ember serve kept running after its rank failed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = log.join().unwrap();
+    assert!(!exit.success(), "exit {exit:?}\n{text}");
+    assert!(
+        text.contains("the engine stopped")
+            && text.contains("rank 1 failed")
+            && text.contains("fault injected by EMBER_FAULT_INJECT"),
+        "{text}"
+    );
+}

@@ -7,6 +7,7 @@
 //! engine stops rather than step a group that can no longer agree.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
@@ -26,6 +27,33 @@ pub struct ShardedModel {
     /// Every rank's adaptable projections together: under expert parallelism each rank holds
     /// only its own experts.
     lora_targets: LoraTargets,
+    /// Steps run so far, counting from 1.
+    steps: AtomicU64,
+    /// `EMBER_FAULT_INJECT=RANK:STEP`: rank RANK fails its STEP-th step, so tests can drive a
+    /// real server through a rank failure. Unset in normal use.
+    fault: Option<(usize, u64)>,
+}
+
+/// Parses `EMBER_FAULT_INJECT` (`RANK:STEP`); a malformed value is ignored with a warning.
+fn fault_from_env() -> Option<(usize, u64)> {
+    let value = std::env::var("EMBER_FAULT_INJECT").ok()?;
+    let parsed = value
+        .split_once(':')
+        .and_then(|(r, s)| Some((r.trim().parse().ok()?, s.trim().parse().ok()?)));
+    match parsed {
+        Some(fault) => {
+            tracing::warn!(
+                "EMBER_FAULT_INJECT={value}: rank {} will fail at step {}",
+                fault.0,
+                fault.1
+            );
+            Some(fault)
+        }
+        None => {
+            tracing::warn!("EMBER_FAULT_INJECT={value} ignored: expected RANK:STEP");
+            None
+        }
+    }
 }
 
 impl ShardedModel {
@@ -54,6 +82,8 @@ impl ShardedModel {
             ranks,
             failed: Mutex::new(None),
             lora_targets,
+            steps: AtomicU64::new(0),
+            fault: fault_from_env(),
         })
     }
 
@@ -67,9 +97,17 @@ impl ShardedModel {
         comm: &dyn Communicator,
         batch: &ForwardBatch,
         cache: &KvCachePool,
+        injected: bool,
     ) -> Result<Tensor> {
         let rank = comm.rank();
-        let outcome = catch_unwind(AssertUnwindSafe(|| model.forward_rank(batch, cache)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            if injected {
+                return Err(EmberError::Tensor(
+                    "fault injected by EMBER_FAULT_INJECT".into(),
+                ));
+            }
+            model.forward_rank(batch, cache)
+        }));
         let reason = match outcome {
             Ok(Ok(out)) => return Ok(out),
             Ok(Err(e)) => format!("rank {rank} failed: {e}"),
@@ -116,16 +154,26 @@ impl CausalLm for ShardedModel {
                 caches.len()
             )));
         }
+        let step = self.steps.fetch_add(1, Ordering::Relaxed) + 1;
+        let injected = |rank: usize| self.fault == Some((rank, step));
         let results: Vec<Result<Tensor>> = std::thread::scope(|scope| {
             let others: Vec<_> = self.ranks[1..]
                 .iter()
                 .zip(&caches[1..])
-                .map(|((model, comm), cache)| {
-                    scope.spawn(move || Self::run_rank(model, comm.as_ref(), batch, cache))
+                .enumerate()
+                .map(|(i, ((model, comm), cache))| {
+                    let fail = injected(i + 1);
+                    scope.spawn(move || Self::run_rank(model, comm.as_ref(), batch, cache, fail))
                 })
                 .collect();
             let (model, comm) = &self.ranks[0];
-            let mut results = vec![Self::run_rank(model, comm.as_ref(), batch, &caches[0])];
+            let mut results = vec![Self::run_rank(
+                model,
+                comm.as_ref(),
+                batch,
+                &caches[0],
+                injected(0),
+            )];
             results.extend(others.into_iter().map(|h| {
                 h.join()
                     .unwrap_or_else(|_| Err(EmberError::Tensor("a rank thread died".into())))
