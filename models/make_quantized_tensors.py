@@ -12,7 +12,10 @@ Tools: compressed-tensors (PackedQuantizationCompressor pack-quantized INT4/INT8
 MXFP4PackedCompressor, with its own calculate_qparams / generate_gparam scales) and NVIDIA ModelOpt
 (NVFP4QTensor.quantize / dequantize).
 
-Usage:  pip install compressed-tensors nvidia-modelopt;  python models/make_quantized_tensors.py
+Usage:  pip install compressed-tensors nvidia-modelopt;  python models/make_quantized_tensors.py [SCHEME ...]
+        (every scheme but int4-group32-actorder by default; that one needs compressed-tensors 0.12.x:
+        pip install --target /tmp/ct012 --no-deps compressed-tensors==0.12.2;
+        PYTHONPATH=/tmp/ct012 python models/make_quantized_tensors.py int4-group32-actorder)
 """
 import json
 from pathlib import Path
@@ -63,6 +66,43 @@ def pack_quantized(name, preset_args, shapes, gen):
         tensors[f"layer{i}.unpacked"] = ints.float()
         tensors[f"layer{i}.dequantized"] = dec["weight"].contiguous()
         assert dec["weight"].dtype == torch.bfloat16
+    return tensors, ct_config(scheme, "pack-quantized")
+
+
+def pack_quantized_actorder(name, preset_args, shapes, gen):
+    """compressed-tensors pack-quantized with GPTQ's activation order (`actorder: group`): a `weight_g_idx`
+    [in] maps every input column to its group, as GPTQ leaves it after quantizing the columns in a permuted
+    order. compressed-tensors dropped actorder "group" in 2026-08, so this scheme needs a version that still
+    has it (0.12.x, whose PackedQuantizationCompressor.compress_weight / decompress_weight take g_idx)."""
+    from compressed_tensors.compressors.quantized_compressors.pack_quantized import (
+        PackedQuantizationCompressor as C)
+    from compressed_tensors.compressors.quantized_compressors.pack_quantized import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    args = QuantizationArgs(**preset_args)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    compressor = C(config=None)
+    tensors = {}
+    for i, (o, n) in enumerate(shapes):
+        w = (0.2 * torch.randn(o, n, generator=gen)).to(torch.bfloat16)
+        group = args.group_size
+        # Column perm[j] was quantized j-th: its group is j // group.
+        perm = torch.randperm(n, generator=gen)
+        g_idx = torch.empty(n, dtype=torch.int32)
+        g_idx[perm] = torch.arange(n, dtype=torch.int32) // group
+        cols = w.float()[:, perm].reshape(o, -1, group)
+        scale, zp = calculate_qparams(cols.amin(dim=-1), cols.amax(dim=-1), args)
+        scale = scale.to(torch.bfloat16)
+        comp = compressor.compress_weight(weight=w, scale=scale, quantization_args=args, zero_point=zp,
+                                          g_idx=g_idx)
+        comp.update({"weight_scale": scale.contiguous(), "weight_g_idx": g_idx})
+        dec = compressor.decompress_weight(comp, quantization_args=args)
+        ints = unpack_from_int32(comp["weight_packed"], args.num_bits, torch.Size(comp["weight_shape"]))
+        for k, v in comp.items():
+            tensors[f"layer{i}.{k}"] = v.contiguous()
+        tensors[f"layer{i}.unpacked"] = ints.float()
+        tensors[f"layer{i}.dequantized"] = dec.contiguous()
+        assert dec.dtype == torch.bfloat16
     return tensors, ct_config(scheme, "pack-quantized")
 
 
@@ -137,16 +177,24 @@ SCHEMES = {
     "nvfp4-compressed-tensors": lambda g: fp4_compressed_tensors("nvfp4", "NVFP4A16", [(32, 64), (48, 32)], g),
     "mxfp4-compressed-tensors": lambda g: fp4_compressed_tensors("mxfp4", "MXFP4A16", [(32, 64), (16, 96)], g),
     "nvfp4-modelopt": lambda g: nvfp4_modelopt("nvfp4", [(32, 64), (48, 32)], g),
+    # GPTQ with activation order: INT4, group 32, symmetric, a weight_g_idx column-to-group map
+    # (compressed-tensors 0.12.x: `make_quantized_tensors.py int4-group32-actorder`).
+    "int4-group32-actorder": lambda g: pack_quantized_actorder(
+        "int4g", dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32, actorder="group"),
+        [(24, 64), (40, 96)], g),
 }
 
 
-def main():
+def main(only):
     import compressed_tensors
-    import modelopt
+    versions = {"torch": torch.__version__, "compressed-tensors": compressed_tensors.__version__}
+    if only != ["int4-group32-actorder"]:
+        import modelopt
+        versions["nvidia-modelopt"] = modelopt.__version__
     OUT.mkdir(exist_ok=True)
-    versions = {"torch": torch.__version__, "compressed-tensors": compressed_tensors.__version__,
-                "nvidia-modelopt": modelopt.__version__}
     for i, (name, make) in enumerate(SCHEMES.items()):
+        if only and name not in only:
+            continue
         gen = torch.Generator().manual_seed(SEED + i)
         tensors, qc = make(gen)
         save_file(tensors, str(OUT / f"{name}.safetensors"), metadata={"format": "pt"})
@@ -157,5 +205,6 @@ def main():
 
 
 if __name__ == "__main__":
+    import sys
     torch.manual_seed(0)
-    main()
+    main(sys.argv[1:])

@@ -15,6 +15,8 @@ own bf16 decompression bit for bit, which the script checks).
 
 Usage:  pip install compressed-tensors;  python models/make_tiny_kimi_quantized.py [int4|nvfp4|mxfp4 ...]
         (after make_tiny_deepseek.py; all three by default)
+        PYTHONPATH=<compressed-tensors 0.12.2> python models/make_tiny_kimi_quantized.py int4-actorder
+        kimi-k2-int4-actorder-tiny: int4 with GPTQ's activation order (`actorder: group`, `weight_g_idx`)
 """
 import os
 import sys
@@ -72,6 +74,45 @@ def compress(sd):
     return out, deq
 
 
+def compress_actorder(sd):
+    """-> (checkpoint tensors, exact float32 dequantized expert weights, scheme): INT4 group 32 symmetric with
+    GPTQ's activation order (`actorder: group`): each expert weight's columns are grouped in a random order
+    and `weight_g_idx` [in] maps every column to its group. Needs compressed-tensors 0.12.x, the last with
+    g_idx in its pack-quantized compressor (see make_quantized_tensors.py)."""
+    from compressed_tensors.compressors.quantized_compressors.pack_quantized import (
+        PackedQuantizationCompressor as C, unpack_from_int32)
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    s = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**WEIGHTS, actorder="group"))
+    compressor = C(config=None)
+    gen = torch.Generator().manual_seed(7)
+    group = WEIGHTS["group_size"]
+    out, deq = {}, {}
+    for k, w in sd.items():
+        if not is_routed_expert(k):
+            out[k] = w
+            continue
+        n = w.shape[1]
+        perm = torch.randperm(n, generator=gen)
+        g_idx = torch.empty(n, dtype=torch.int32)
+        g_idx[perm] = torch.arange(n, dtype=torch.int32) // group
+        cols = w.float()[:, perm].reshape(w.shape[0], -1, group)
+        scale, _ = calculate_qparams(cols.amin(dim=-1), cols.amax(dim=-1), s.weights)
+        scale = scale.to(torch.bfloat16)
+        comp = compressor.compress_weight(weight=w, scale=scale, quantization_args=s.weights, g_idx=g_idx)
+        comp.update({"weight_scale": scale, "weight_g_idx": g_idx})
+        pre = k[: -len("weight")]
+        for name, t in comp.items():
+            out[pre + name] = t.contiguous()
+        ints = unpack_from_int32(comp["weight_packed"], 4, torch.Size(comp["weight_shape"]))
+        deq[k] = dequantize(x_q=ints, scale=scale.float(), args=s.weights, g_idx=g_idx)
+        assert deq[k].dtype == torch.float32
+        assert torch.equal(deq[k].to(torch.bfloat16), compressor.decompress_weight(comp, s.weights)), k
+        assert (deq[k] - w.float()).abs().max() <= 0.6 * scale.float().max(), k
+    return out, deq, s
+
+
 def compress_fp4(sd, preset):
     """compressed-tensors NVFP4A16 / MXFP4A16 -> (checkpoint tensors, exact float32 dequantized weights)."""
     from compressed_tensors.compressors.mx_utils import decompress_mx_scale
@@ -120,16 +161,20 @@ FORMATS = {
     "int4": lambda sd: (*compress(sd), scheme(), "pack-quantized"),
     "nvfp4": lambda sd: (*compress_fp4(sd, "NVFP4A16"), "nvfp4-pack-quantized"),
     "mxfp4": lambda sd: (*compress_fp4(sd, "MXFP4A16"), "mxfp4-pack-quantized"),
+    # Only with compressed-tensors 0.12.x on PYTHONPATH; not in the default list.
+    "int4-actorder": lambda sd: (*compress_actorder(sd), "pack-quantized"),
 }
 NOTES = {
     "int4": "W = compressed-tensors unpack_from_int32(weight_packed) * weight_scale (bf16 scale, one per 32 inputs)",
     "nvfp4": "W = e2m1(weight_packed) * (float(weight_scale e4m3, one per 16 inputs) / weight_global_scale)",
     "mxfp4": "W = e2m1(weight_packed) * 2^(weight_scale - 127) (e8m0, one per 32 inputs)",
+    "int4-actorder": ("W[:, c] = compressed-tensors unpack_from_int32(weight_packed)[:, c] * "
+                      "weight_scale[:, weight_g_idx[c]] (GPTQ activation order: a random column-to-group map)"),
 }
 
 
 def main():
-    for fmt in sys.argv[1:] or list(FORMATS):
+    for fmt in sys.argv[1:] or ["int4", "nvfp4", "mxfp4"]:
         build(fmt)
 
 
@@ -195,7 +240,8 @@ def build(fmt):
             pre = k[: -len("weight_packed")]
             assert torch.equal(again[pre + "weight"], deq[pre + "weight"])
             hub[pre + "weight"] = deq[pre + "weight"]
-        elif not any(k.endswith(x) for x in ("weight_scale", "weight_shape", "weight_global_scale")):
+        elif not any(k.endswith(x) for x in ("weight_scale", "weight_shape", "weight_global_scale",
+                                             "weight_g_idx")):
             hub[k] = v.float()
     qm = md.build_model(cfg, seed, tok_size)
     qm.load_state_dict(md.to_model_state_dict(hub, qm), strict=True)

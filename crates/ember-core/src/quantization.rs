@@ -173,11 +173,8 @@ fn parse_compressed_tensors_group(
                     "activation quantization is not supported; only weight-only (W4A16 / W8A16) pack-quantized loads",
                 ));
             }
-            if w.get("actorder").and_then(Value::as_str) == Some("group") {
-                return Err(bad(
-                    "actorder \"group\" (a weight_g_idx column permutation) is not supported yet",
-                ));
-            }
+            // actorder "group" (GPTQ's activation order) stores a `weight_g_idx` column-to-group
+            // map beside each weight, which the dequantizer reads; "weight" stores nothing.
             if kind != "int" || !(1..=8).contains(&num_bits) {
                 return Err(bad("pack-quantized holds 1-8 bit integers"));
             }

@@ -114,6 +114,18 @@ fn compressed_tensors_int4_group128_with_zero_points() {
 }
 
 #[test]
+fn compressed_tensors_int4_with_gptq_activation_order() {
+    // `actorder: group`: weight_g_idx maps each input column to its group (compressed-tensors
+    // 0.12.2, the last versions that wrote it); contiguous groups would be 0.2-0.3 off.
+    let q = WeightQuantization::PackedInt {
+        num_bits: 4,
+        group_size: Some(32),
+        symmetric: true,
+    };
+    check("int4-group32-actorder", q, 2);
+}
+
+#[test]
 fn compressed_tensors_int8_per_channel() {
     let q = WeightQuantization::PackedInt {
         num_bits: 8,

@@ -9,7 +9,7 @@ use ember_models::{load_model, LoadOptions};
 use serde_json::Value;
 
 /// Every tiny generating checkpoint with a transformers reference.
-pub const MODELS: [&str; 13] = [
+pub const MODELS: [&str; 14] = [
     "qwen3-tiny",
     "qwen3-moe-tiny",
     "qwen3-moe-mixed-tiny",
@@ -24,6 +24,8 @@ pub const MODELS: [&str; 13] = [
     "deepseek-v2-tiny",
     // Routed experts in compressed-tensors pack-quantized INT4 (group 32), as Kimi K2 Thinking.
     "kimi-k2-int4-tiny",
+    // The same with GPTQ's activation order: a weight_g_idx column-to-group map per expert weight.
+    "kimi-k2-int4-actorder-tiny",
     // Routed experts in compressed-tensors NVFP4 (e4m3 per 16 + global) and MXFP4 (e8m0 per 32).
     "kimi-k2-nvfp4-tiny",
     "kimi-k2-mxfp4-tiny",

@@ -121,7 +121,28 @@ fn packed_int_weight(
         let zp = i32s(weights, "weight_zero_point", &[zp_words, groups])?;
         Some(packed_int::unpack_columns(&zp, rows, groups, num_bits))
     };
-    let group_of = |c: usize| group_size.map_or(0, |size| c / size);
+    // GPTQ's activation order (compressed-tensors `actorder: group`): `weight_g_idx[c]` is column
+    // c's group; otherwise groups are runs of `group_size` columns.
+    let g_idx = match (group_size, weights.stored_dtype("weight_g_idx")) {
+        (Some(_), Some(_)) => {
+            let g_idx = stored(weights, "weight_g_idx", &[cols])?
+                .to_dtype(DType::I64)
+                .and_then(|t| t.to_vec1::<i64>())
+                .map_err(|e| dequant_err(weights, e))?;
+            if let Some(bad) = g_idx.iter().find(|&&g| g < 0 || g as usize >= groups) {
+                return Err(EmberError::Weights(format!(
+                    "{}.weight_g_idx names group {bad}, outside the weight's {groups} groups",
+                    weights.prefix()
+                )));
+            }
+            Some(g_idx)
+        }
+        _ => None,
+    };
+    let group_of = |c: usize| match (&g_idx, group_size) {
+        (Some(g_idx), _) => g_idx[c] as usize,
+        (None, size) => size.map_or(0, |size| c / size),
+    };
     let w =
         packed_int::dequantize_groups(&q, &scale, zero.as_deref(), [rows, cols], groups, group_of);
     from_vec(w, [rows, cols])
