@@ -11,12 +11,17 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::error::check_shape;
+use crate::paged_attention::{paged_attention_shape, PagedAttentionBatch, PagedAttentionShape};
 use crate::rms_norm::rms_norm_shape;
 use crate::silu_and_mul::silu_and_mul_shape;
 use crate::{Element, KernelError};
 
 const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
+const PAGED_ATTENTION_FATBIN: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
+/// Threads per block of `kernels/paged_attention.cu` (its `PA_THREADS`).
+const PA_THREADS: u32 = 128;
 
 /// ptxas's registers and spills per kernel and architecture, as build.rs recorded them.
 pub const PTXAS_RESOURCE_USAGE: &str =
@@ -32,6 +37,7 @@ pub struct CudaKernels {
     stream: Arc<CudaStream>,
     rms_norm: Arc<CudaModule>,
     silu_and_mul: Arc<CudaModule>,
+    paged_attention: Arc<CudaModule>,
 }
 
 impl CudaKernels {
@@ -51,6 +57,7 @@ impl CudaKernels {
         Ok(Self {
             rms_norm: load(RMS_NORM_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
+            paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             stream: ctx.default_stream(),
         })
     }
@@ -147,6 +154,82 @@ impl CudaKernels {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches silu_and_mul_<T>(T*, const T*, int, long long); shapes checked.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl CudaKernels {
+    /// [`crate::paged_attention::paged_attention`] on the GPU. The metadata (`batch`) is checked
+    /// on the host, every block a token reads against the cache's size, then copied over.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaSlice<T>,
+        k_cache: &CudaSlice<T>,
+        v_cache: &CudaSlice<T>,
+        batch: &PagedAttentionBatch<'_>,
+        scale: f32,
+        shape: &PagedAttentionShape,
+    ) -> Result<(), KernelError> {
+        let tokens = paged_attention_shape(
+            shape,
+            q.len(),
+            k_cache.len(),
+            v_cache.len(),
+            out.len(),
+            batch,
+        )?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let int = |what: &str, v: usize| {
+            i32::try_from(v).map_err(|_| too_big("paged_attention", what, v))
+        };
+        let s = shape;
+        let args = [
+            int("num_heads", s.num_heads)?,
+            int("num_kv_heads", s.num_kv_heads)?,
+            int("head_dim", s.head_dim)?,
+            int("v_dim", s.v_dim)?,
+            int("block_size", s.block_size)?,
+            int("max_blocks", s.max_blocks)?,
+        ];
+        check_shape(s.num_heads <= 65_535, "paged_attention", || {
+            format!("{} heads exceed the grid's 65535", s.num_heads)
+        })?;
+        let tokens =
+            u32::try_from(tokens).map_err(|_| too_big("paged_attention", "tokens", tokens))?;
+        let tables = self.stream.clone_htod(batch.block_tables)?;
+        let token_seq = self.stream.clone_htod(batch.token_seq)?;
+        let token_ctx = self.stream.clone_htod(batch.token_ctx)?;
+        let f = kernel(&self.paged_attention, "paged_attention", T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(&tables)
+            .arg(&token_seq)
+            .arg(&token_ctx)
+            .arg(&scale);
+        for a in &args {
+            launch.arg(a);
+        }
+        // q, the tile's weights and slots, and one float per warp.
+        let shared = (s.head_dim + 2 * PA_THREADS as usize + PA_THREADS as usize / 32) * 4;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens, s.num_heads as u32, 1),
+            block_dim: (PA_THREADS, 1, 1),
+            shared_mem_bytes: u32::try_from(shared)
+                .map_err(|_| too_big("paged_attention", "head_dim", s.head_dim))?,
+        };
+        // SAFETY: the argument list matches paged_attention_<T>(T*, const T*, const T*, const T*,
+        // const unsigned*, const unsigned*, const unsigned*, float, int x 6) in
+        // kernels/paged_attention.cu; paged_attention_shape bounds every index it reads, the
+        // metadata buffers live until the launch is enqueued and are freed in stream order.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -2,9 +2,12 @@
 //! failure can be replayed with EMBER_KERNEL_TEST_SEED). Skipped, saying so, without a GPU.
 //! Tolerance: f32 within 2e-5 relative (plus 1e-6 absolute): only the order of the f32 sum and
 //! rsqrtf/expf differ; bf16 within one bf16 ulp of the reference (2^-7 relative, plus 1e-6).
+//! Paged attention sums softmax-weighted rows in tiles (online rescaling, __expf): f32 within
+//! 1e-4 relative plus 1e-5 absolute, bf16 one ulp plus 1e-3 absolute (outputs are O(1)).
 #![cfg(feature = "cuda")]
 
 use ember_kernels::cuda::{CudaElement, CudaKernels};
+use ember_kernels::paged_attention::{self, PagedAttentionBatch, PagedAttentionShape};
 use ember_kernels::{rms_norm, silu_and_mul};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -154,4 +157,134 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         );
     }
     assert!(!report.contains("SPILL"), "a kernel spills:\n{report}");
+}
+
+/// A batch mix for paged attention: per sequence, its cached positions before the step and the
+/// new tokens it brings (1 = a decode), its blocks scattered over a pool.
+struct Mix {
+    name: &'static str,
+    shape: PagedAttentionShape,
+    /// (past, new) per sequence.
+    seqs: &'static [(usize, usize)],
+}
+
+const MIXES: &[Mix] = &[
+    Mix {
+        // Qwen3-30B-A3B attention: 32 query heads over 4 kv heads of 128; decodes of ragged
+        // lengths, one exactly at a block boundary, one past several tiles of 128.
+        name: "gqa decode",
+        shape: PagedAttentionShape {
+            num_heads: 32,
+            num_kv_heads: 4,
+            head_dim: 128,
+            v_dim: 128,
+            block_size: 16,
+            max_blocks: 0,
+        },
+        seqs: &[(0, 1), (15, 1), (16, 1), (100, 1), (700, 1)],
+    },
+    Mix {
+        // Prefill chunks next to decodes: a fresh prompt, a chunk after cached blocks, decodes.
+        name: "mixed prefill and decode",
+        shape: PagedAttentionShape {
+            num_heads: 8,
+            num_kv_heads: 2,
+            head_dim: 64,
+            v_dim: 64,
+            block_size: 16,
+            max_blocks: 0,
+        },
+        seqs: &[(0, 37), (48, 20), (9, 1), (130, 1)],
+    },
+    Mix {
+        // MLA's absorbed decode shape: one latent "kv head" of 576 (512 + 64 rope) read by 16
+        // heads, values 512 wide; block 64 as FlashMLA uses.
+        name: "mla-shaped decode",
+        shape: PagedAttentionShape {
+            num_heads: 16,
+            num_kv_heads: 1,
+            head_dim: 576,
+            v_dim: 512,
+            block_size: 64,
+            max_blocks: 0,
+        },
+        seqs: &[(3, 1), (200, 1), (63, 2)],
+    },
+];
+
+fn check_paged_attention<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
+    let st = k.stream();
+    let (rel, abs) = if T::KERNEL_SUFFIX == "bf16" {
+        (1.0 / 128.0, 1e-3)
+    } else {
+        (1e-4, 1e-5)
+    };
+    for mix in MIXES {
+        let mut shape = mix.shape;
+        let block = shape.block_size;
+        shape.max_blocks = mix
+            .seqs
+            .iter()
+            .map(|(p, n)| (p + n).div_ceil(block))
+            .max()
+            .unwrap();
+        let blocks_needed: usize = mix.seqs.iter().map(|(p, n)| (p + n).div_ceil(block)).sum();
+        // A pool with spare blocks; each sequence's blocks drawn in a random order.
+        let pool = blocks_needed + 7;
+        let mut free: Vec<u32> = (0..pool as u32).collect();
+        for i in (1..free.len()).rev() {
+            free.swap(i, rng.random_range(0..=i));
+        }
+        let mut tables = vec![0u32; mix.seqs.len() * shape.max_blocks];
+        let (mut token_seq, mut token_ctx) = (vec![], vec![]);
+        for (s, &(past, new)) in mix.seqs.iter().enumerate() {
+            for b in 0..(past + new).div_ceil(block) {
+                tables[s * shape.max_blocks + b] = free.pop().unwrap();
+            }
+            for i in 0..new {
+                token_seq.push(s as u32);
+                token_ctx.push((past + i + 1) as u32);
+            }
+        }
+        let tokens = token_seq.len();
+        let slots = pool * block;
+        let q: Vec<T> = random(rng, tokens * shape.num_heads * shape.head_dim, -1.0, 1.0);
+        let kc: Vec<T> = random(rng, slots * shape.num_kv_heads * shape.head_dim, -1.0, 1.0);
+        let vc: Vec<T> = random(rng, slots * shape.num_kv_heads * shape.v_dim, -1.0, 1.0);
+        let batch = PagedAttentionBatch {
+            block_tables: &tables,
+            token_seq: &token_seq,
+            token_ctx: &token_ctx,
+        };
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let mut cpu = vec![T::from_f32(0.0); tokens * shape.num_heads * shape.v_dim];
+        paged_attention::paged_attention(&mut cpu, &q, &kc, &vc, &batch, scale, &shape).unwrap();
+        let (dq, dk, dv) = (
+            st.clone_htod(&q).unwrap(),
+            st.clone_htod(&kc).unwrap(),
+            st.clone_htod(&vc).unwrap(),
+        );
+        let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
+        k.paged_attention(&mut dout, &dq, &dk, &dv, &batch, scale, &shape)
+            .unwrap();
+        let gpu = st.clone_dtoh(&dout).unwrap();
+        let what = format!("paged_attention_{} {}", T::KERNEL_SUFFIX, mix.name);
+        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            let (g, c) = (g.to_f32(), c.to_f32());
+            let tol = rel * c.abs() + abs;
+            assert!(
+                (g - c).abs() <= tol,
+                "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
+            );
+        }
+        eprintln!("{what}: {tokens} tokens match");
+    }
+}
+
+#[test]
+fn paged_attention_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_paged_attention::<f32>(&k, &mut rng);
+    check_paged_attention::<bf16>(&k, &mut rng);
 }

@@ -1,0 +1,250 @@
+//! Paged attention for the flattened batch: every query token (a prefill chunk's or a decode's)
+//! attends to the first `token_ctx[t]` positions of its sequence, read where they sit in the
+//! paged KV cache through the sequence's block table. Causality is in `token_ctx`: token `i` of
+//! a chunk after `past` cached tokens sees `past + i + 1` positions. Grouped-query attention:
+//! query head `h` reads key/value head `h / (num_heads / num_kv_heads)`.
+//!
+//! Layouts (row-major): `q` `[tokens, num_heads, head_dim]`; `k_cache` `[slots, num_kv_heads,
+//! head_dim]`, `v_cache` `[slots, num_kv_heads, v_dim]` with slot `block * block_size + offset`
+//! (ember's `KvCachePool` rows); `block_tables` `[num_seqs, max_blocks]`; `out` `[tokens,
+//! num_heads, v_dim]`.
+//!
+//! Numerics, shared by the CPU reference and `kernels/paged_attention.cu`: load as f32, scores
+//! `scale · q·k` in f32, a max-subtracted softmax in f32 (the kernel's online form rescales by
+//! `exp(m_old − m_new)` per tile, which the reference's two passes equal up to f32 rounding),
+//! the weighted sum of value rows in f32, one rounding to the storage dtype on store.
+
+use crate::error::check_shape;
+use crate::{Element, KernelError};
+
+/// The sizes of a paged attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedAttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub v_dim: usize,
+    pub block_size: usize,
+    /// Columns of `block_tables`: the most blocks any sequence of the call holds.
+    pub max_blocks: usize,
+}
+
+/// The per-call metadata, on the host: which sequence each token belongs to and how many of its
+/// positions it sees, and every sequence's block table.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedAttentionBatch<'a> {
+    pub block_tables: &'a [u32],
+    pub token_seq: &'a [u32],
+    pub token_ctx: &'a [u32],
+}
+
+/// Largest `v_dim` the CUDA kernel accumulates (its per-thread registers); the reference takes any.
+pub const MAX_V_DIM: usize = 1024;
+
+/// Tokens of a call, or why the buffers and metadata don't fit `shape`: lengths, the GQA ratio,
+/// each token's sequence and context against the block tables, and every block a token reads
+/// against the cache's size.
+pub fn paged_attention_shape(
+    shape: &PagedAttentionShape,
+    q_len: usize,
+    k_len: usize,
+    v_len: usize,
+    out_len: usize,
+    batch: &PagedAttentionBatch<'_>,
+) -> Result<usize, KernelError> {
+    const OP: &str = "paged_attention";
+    let s = shape;
+    check_shape(
+        s.num_heads > 0
+            && s.num_kv_heads > 0
+            && s.num_heads.is_multiple_of(s.num_kv_heads)
+            && s.head_dim > 0
+            && s.v_dim > 0
+            && s.block_size > 0
+            && s.max_blocks > 0,
+        OP,
+        || format!("{shape:?}: heads must be a multiple of kv heads, and every size positive"),
+    )?;
+    check_shape(s.v_dim <= MAX_V_DIM, OP, || {
+        format!("v_dim {} is over the kernel's {MAX_V_DIM}", s.v_dim)
+    })?;
+    let q_row = s.num_heads * s.head_dim;
+    check_shape(q_len.is_multiple_of(q_row), OP, || {
+        format!("q has {q_len} elements, not a multiple of num_heads x head_dim = {q_row}")
+    })?;
+    let tokens = q_len / q_row;
+    check_shape(out_len == tokens * s.num_heads * s.v_dim, OP, || {
+        format!(
+            "out has {out_len} elements, expected {tokens} tokens x {} heads x {}",
+            s.num_heads, s.v_dim
+        )
+    })?;
+    check_shape(
+        batch.token_seq.len() == tokens && batch.token_ctx.len() == tokens,
+        OP,
+        || {
+            format!(
+                "{tokens} tokens but {} token_seq and {} token_ctx entries",
+                batch.token_seq.len(),
+                batch.token_ctx.len()
+            )
+        },
+    )?;
+    check_shape(
+        batch.block_tables.len().is_multiple_of(s.max_blocks),
+        OP,
+        || {
+            format!(
+                "block_tables has {} entries, not a multiple of max_blocks = {}",
+                batch.block_tables.len(),
+                s.max_blocks
+            )
+        },
+    )?;
+    let (k_row, v_row) = (s.num_kv_heads * s.head_dim, s.num_kv_heads * s.v_dim);
+    check_shape(
+        k_len.is_multiple_of(k_row)
+            && v_len.is_multiple_of(v_row)
+            && k_len / k_row == v_len / v_row,
+        OP,
+        || format!("k_cache ({k_len}) and v_cache ({v_len}) do not hold the same whole slots"),
+    )?;
+    let blocks_in_cache = k_len / k_row / s.block_size;
+    let num_seqs = batch.block_tables.len() / s.max_blocks;
+    for (t, (&seq, &ctx)) in batch.token_seq.iter().zip(batch.token_ctx).enumerate() {
+        let (seq, ctx) = (seq as usize, ctx as usize);
+        check_shape(seq < num_seqs, OP, || {
+            format!("token {t} belongs to sequence {seq} of {num_seqs}")
+        })?;
+        check_shape(ctx > 0 && ctx <= s.max_blocks * s.block_size, OP, || {
+            format!(
+                "token {t} sees {ctx} positions; 1 to {} fit its block table",
+                s.max_blocks * s.block_size
+            )
+        })?;
+        let table = &batch.block_tables[seq * s.max_blocks..][..ctx.div_ceil(s.block_size)];
+        if let Some(&bad) = table.iter().find(|&&b| b as usize >= blocks_in_cache) {
+            return Err(KernelError::Shape {
+                op: OP,
+                message: format!(
+                    "token {t} reads block {bad}; the cache holds {blocks_in_cache} blocks"
+                ),
+            });
+        }
+    }
+    Ok(tokens)
+}
+
+/// CPU reference: `out[t, h] = softmax_p(scale · q[t, h]·k[p]) · v[p]` over the `token_ctx[t]`
+/// positions `p` of token `t`'s sequence, `k`/`v` of key/value head `h / group`.
+pub fn paged_attention<T: Element>(
+    out: &mut [T],
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    batch: &PagedAttentionBatch<'_>,
+    scale: f32,
+    shape: &PagedAttentionShape,
+) -> Result<(), KernelError> {
+    let s = *shape;
+    let tokens =
+        paged_attention_shape(&s, q.len(), k_cache.len(), v_cache.len(), out.len(), batch)?;
+    let group = s.num_heads / s.num_kv_heads;
+    let mut scores = Vec::new();
+    for t in 0..tokens {
+        let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
+        let table = &batch.block_tables[seq * s.max_blocks..];
+        let slot = |p: usize| table[p / s.block_size] as usize * s.block_size + p % s.block_size;
+        for h in 0..s.num_heads {
+            let kv = h / group;
+            let q_row = &q[(t * s.num_heads + h) * s.head_dim..][..s.head_dim];
+            scores.clear();
+            scores.extend((0..ctx).map(|p| {
+                let k_row = &k_cache[(slot(p) * s.num_kv_heads + kv) * s.head_dim..][..s.head_dim];
+                scale
+                    * q_row
+                        .iter()
+                        .zip(k_row)
+                        .map(|(a, b)| a.to_f32() * b.to_f32())
+                        .sum::<f32>()
+            }));
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in scores.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let o = &mut out[(t * s.num_heads + h) * s.v_dim..][..s.v_dim];
+            for (d, o) in o.iter_mut().enumerate() {
+                let acc: f32 = scores
+                    .iter()
+                    .enumerate()
+                    .map(|(p, w)| {
+                        w * v_cache[(slot(p) * s.num_kv_heads + kv) * s.v_dim + d].to_f32()
+                    })
+                    .sum();
+                *o = T::from_f32(acc / sum);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: PagedAttentionShape = PagedAttentionShape {
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 2,
+        v_dim: 1,
+        block_size: 2,
+        max_blocks: 2,
+    };
+
+    #[test]
+    fn a_token_sees_only_its_context_through_its_block_table() {
+        // One sequence in blocks [1, 0]: positions 0,1 in slots 2,3; position 2 in slot 0.
+        let k = [0.0f32, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
+        let v = [10.0f32, 0.0, 20.0, 30.0];
+        let q = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+        let batch = PagedAttentionBatch {
+            block_tables: &[1, 0],
+            token_seq: &[0, 0],
+            token_ctx: &[1, 3],
+        };
+        let mut out = [0.0f32; 4];
+        paged_attention(&mut out, &q, &k, &v, &batch, 1.0, &SHAPE).unwrap();
+        // Token 0 sees slot 2 only: its value, whatever the scores.
+        assert_eq!(&out[..2], &[20.0, 20.0]);
+        // Token 1, head 0 (q = e0): scores over slots 2, 3, 0 are 1, 0, 0.
+        let e = std::f32::consts::E;
+        let want0 = (20.0 * e + 30.0 + 10.0) / (e + 2.0);
+        // Head 1 (q = e1): scores 0, 1, 1.
+        let want1 = (20.0 + 30.0 * e + 10.0 * e) / (1.0 + 2.0 * e);
+        assert!(
+            (out[2] - want0).abs() < 1e-5 && (out[3] - want1).abs() < 1e-5,
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn metadata_that_reads_outside_the_cache_is_refused() {
+        let (k, v, q) = ([0.0f32; 8], [0.0f32; 4], [0.0f32; 4]);
+        let mut out = [0.0f32; 2];
+        let run = |tables: &[u32], ctx: u32, out: &mut [f32]| {
+            let batch = PagedAttentionBatch {
+                block_tables: tables,
+                token_seq: &[0],
+                token_ctx: &[ctx],
+            };
+            paged_attention(out, &q, &k, &v, &batch, 1.0, &SHAPE)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(run(&[0, 2], 3, &mut out).contains("reads block 2; the cache holds 2"));
+        assert!(run(&[0, 1], 5, &mut out).contains("sees 5 positions"));
+        assert!(run(&[0, 1], 0, &mut out).contains("sees 0 positions"));
+    }
+}
