@@ -66,6 +66,10 @@ pub struct ModelArgs {
     /// `--features cuda` and a GPU opens, else the CPU; cuda on a CPU-only build is an error.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Attention on a GPU: tensor (candle's ops; the default) or ember (ember's paged attention
+    /// kernel, for f32/bf16 caches). The CPU always runs ember's CPU kernel or the tensor path.
+    #[arg(long, default_value = "tensor")]
+    pub attention_backend: String,
     /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the
     /// vocabulary split, one all-reduce per block). Without GPUs the ranks are threads of this
     /// process over the in-process collectives backend.
@@ -251,6 +255,8 @@ impl ModelArgs {
         opts.quantization = ember_core::QuantizationRequest::parse(&self.quantization)?;
         opts.kv_cache_dtype = ember_core::KvCacheDtype::parse(&self.kv_cache_dtype)?;
         opts.device = parse_device(&self.device)?;
+        opts.attention_backend =
+            ember_models::attention::AttentionBackend::parse(&self.attention_backend)?;
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }

@@ -8,6 +8,7 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use ember_engine::EngineConfig;
+use ember_models::attention::AttentionBackend;
 use serde_json::Value;
 
 /// Largest |bf16 on the GPU − fp32 transformers| allowed on one prompt log-probability, and on
@@ -32,13 +33,26 @@ fn gpu(test: &str) -> Option<Device> {
 
 /// Runs every prompt of `name`'s reference batched, chunked prefill next to decodes.
 fn run_batched(name: &str, device: &Device, dtype: DType) -> (Value, Vec<Finished>) {
+    run_batched_on(name, device, dtype, AttentionBackend::Tensor)
+}
+
+fn run_batched_on(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    backend: AttentionBackend,
+) -> (Value, Vec<Finished>) {
     let reference = reference(name);
     let cfg = EngineConfig {
         max_num_batched_tokens: 24,
         block_size: 4,
         ..EngineConfig::default()
     };
-    let engine = start_on(name, cfg, device.clone(), dtype);
+    let engine = start_with(name, cfg, |opts| {
+        opts.dtype = Some(dtype);
+        opts.device = device.clone();
+        opts.attention_backend = backend;
+    });
     let prompts = reference["prompts"].as_array().unwrap();
     let receivers: Vec<_> = prompts
         .iter()
@@ -61,6 +75,21 @@ fn every_model_matches_transformers_on_cuda_in_f32() {
         let (reference, results) = run_batched(name, &device, DType::F32);
         assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
         eprintln!("{name}: f32 on CUDA matches transformers (tol {LOGPROB_TOL})");
+    }
+}
+
+#[test]
+fn ember_paged_attention_kernel_matches_transformers_on_cuda() {
+    let Some(device) = gpu("ember_paged_attention_kernel_matches_transformers_on_cuda") else {
+        return;
+    };
+    // The Qwen3 families' attention runs ember's kernel under --attention-backend ember (MLA
+    // keeps the tensor path): f32 against the reference, blocks of 4 and chunked prefill.
+    for name in ["qwen3-tiny", "qwen3-moe-tiny", "qwen3-moe-mixed-tiny"] {
+        let (reference, results) =
+            run_batched_on(name, &device, DType::F32, AttentionBackend::Ember);
+        assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
+        eprintln!("{name}: ember's paged attention kernel on CUDA matches transformers (tol {LOGPROB_TOL})");
     }
 }
 

@@ -62,6 +62,19 @@ impl CudaKernels {
         })
     }
 
+    /// Loads the kernels into the context of `stream` and launches them on it: candle's stream,
+    /// so that our ops run in order with candle's on the same GPU.
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self, KernelError> {
+        let ctx = stream.context().clone();
+        let load = |image: &[u8]| ctx.load_module(Ptx::from_binary(image.to_vec()));
+        Ok(Self {
+            rms_norm: load(RMS_NORM_FATBIN)?,
+            silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
+            paged_attention: load(PAGED_ATTENTION_FATBIN)?,
+            stream,
+        })
+    }
+
     /// The stream every launch goes on (copy inputs and results with it).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

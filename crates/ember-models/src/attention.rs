@@ -14,6 +14,31 @@ use crate::weights::Weights;
 use crate::TensorResult;
 
 /// `self_attn` of a Qwen3 decoder layer.
+/// Which implementation attention runs (`--attention-backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttentionBackend {
+    /// candle's tensor ops on the GPU (gather the context, matmuls, masked softmax), and ember's
+    /// CPU kernel on the CPU: the default until ember's CUDA kernel has been run on a GPU.
+    #[default]
+    Tensor,
+    /// ember's paged attention kernel (`kernels/paged_attention.cu`) where it serves the layer
+    /// (CUDA, f32/bf16 caches); elsewhere as `Tensor`.
+    Ember,
+}
+
+impl AttentionBackend {
+    /// Parses `--attention-backend`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "tensor" | "auto" => Ok(Self::Tensor),
+            "ember" => Ok(Self::Ember),
+            other => Err(ember_core::EmberError::Config(format!(
+                "unknown --attention-backend {other:?}; use tensor or ember"
+            ))),
+        }
+    }
+}
+
 pub struct Qwen3Attention {
     q_proj: Projection,
     k_proj: Projection,
@@ -26,6 +51,9 @@ pub struct Qwen3Attention {
     head_dim: usize,
     /// fp8 cache scales of this layer's key/value heads (the checkpoint's, else 1.0).
     kv_scales: KvScales,
+    /// Read on CUDA builds only (the CPU has one kernel).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    backend: AttentionBackend,
 }
 
 impl Qwen3Attention {
@@ -71,6 +99,7 @@ impl Qwen3Attention {
             num_kv_heads: local_kv,
             head_dim: d,
             kv_scales: KvScales::load(weights, nkv, (kv_first, local_kv))?.unwrap_or_default(),
+            backend: weights.attention_backend(),
         })
     }
 
@@ -104,6 +133,19 @@ impl Qwen3Attention {
         )?;
 
         let scale = 1.0 / (d as f64).sqrt();
+        #[cfg(feature = "cuda")]
+        if self.backend == AttentionBackend::Ember
+            && crate::cuda_attention::supported(cache, &q, self.num_kv_heads)
+        {
+            let attn = crate::cuda_attention::paged_attention(
+                &q,
+                cache,
+                batch,
+                self.num_kv_heads,
+                scale as f32,
+            )?;
+            return self.o_proj.forward(&attn, &batch.lora);
+        }
         if crate::paged_attention::supported(cache, &q) {
             let attn = crate::paged_attention::paged_attention(
                 &q,

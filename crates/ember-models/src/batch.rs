@@ -60,6 +60,8 @@ pub struct ForwardBatch {
     pub num_tokens: usize,
     /// The LoRA adapter of each token row (empty when the whole step runs the base model).
     pub lora: LoraRows,
+    /// Tokens per cache block (slot = block · block_size + offset).
+    pub block_size: usize,
 }
 
 impl SequenceAttention {
@@ -184,6 +186,7 @@ impl ForwardBatch {
             logits_per_sequence,
             num_tokens,
             lora,
+            block_size,
         })
     }
 }

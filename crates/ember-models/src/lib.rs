@@ -7,6 +7,8 @@
 pub mod attention;
 pub mod batch;
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda_attention;
 pub mod decoder;
 pub mod deepseek_v3;
 pub mod device;

@@ -50,6 +50,8 @@ pub struct LoadOptions {
     pub tensor_parallel_size: usize,
     /// `--enable-expert-parallel`: routed experts partitioned across the ranks instead of split.
     pub enable_expert_parallel: bool,
+    /// `--attention-backend`: candle's tensor path, or ember's CUDA kernel where it serves.
+    pub attention_backend: crate::attention::AttentionBackend,
 }
 
 impl LoadOptions {
@@ -68,6 +70,7 @@ impl LoadOptions {
             kv_cache_dtype: KvCacheDtype::Auto,
             tensor_parallel_size: 1,
             enable_expert_parallel: false,
+            attention_backend: Default::default(),
         }
     }
 }
@@ -305,7 +308,8 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         }
         LoadFormat::Dummy => Weights::dummy(opts.seed, dtype, &opts.device),
     }
-    .with_online_fp8(online_fp8);
+    .with_online_fp8(online_fp8)
+    .with_attention_backend(opts.attention_backend);
     let build = |weights: &Weights| -> Result<DecoderModel> {
         match config.family {
             ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {

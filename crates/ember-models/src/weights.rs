@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
+
+use crate::attention::AttentionBackend;
 use ember_core::{EmberError, Result, WeightQuantization};
 
 use crate::moe::ExpertLoad;
@@ -38,6 +40,7 @@ pub struct Weights {
     quantization: Option<WeightQuantization>,
     /// `--quantization fp8` on an unquantized checkpoint: projections are quantized at load.
     online_fp8: bool,
+    attention_backend: AttentionBackend,
     /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
     held: Arc<AtomicI64>,
     /// The rank this model is loaded for, when sharded (`--tensor-parallel-size` > 1).
@@ -64,6 +67,7 @@ impl Weights {
             device: device.clone(),
             quantization: None,
             online_fp8: false,
+            attention_backend: AttentionBackend::default(),
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
@@ -79,6 +83,7 @@ impl Weights {
             device: device.clone(),
             quantization: None,
             online_fp8: false,
+            attention_backend: AttentionBackend::default(),
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
@@ -114,6 +119,19 @@ impl Weights {
     }
 
     /// Asks for online FP8: projections quantized to e4m3 per output channel at load.
+    /// The same weights, with attention layers loaded to run on `backend`.
+    pub fn with_attention_backend(self, attention_backend: AttentionBackend) -> Self {
+        Self {
+            attention_backend,
+            ..self
+        }
+    }
+
+    /// Which attention implementation the layers loaded from these weights run.
+    pub fn attention_backend(&self) -> AttentionBackend {
+        self.attention_backend
+    }
+
     pub fn with_online_fp8(self, online_fp8: bool) -> Self {
         Self { online_fp8, ..self }
     }

@@ -60,11 +60,22 @@ pub fn start_on(
     device: candle_core::Device,
     dtype: candle_core::DType,
 ) -> EngineHandle {
+    start_with(name, cfg, |opts| {
+        opts.dtype = Some(dtype);
+        opts.device = device;
+    })
+}
+
+/// Starts an engine on the tiny checkpoint `name` with load options `set` adjusts.
+pub fn start_with(
+    name: &str,
+    cfg: EngineConfig,
+    set: impl FnOnce(&mut LoadOptions),
+) -> EngineHandle {
     // A context that any cache of the tests can hold whole, however small.
     let max_model_len = cfg.num_blocks.map(|n| n * cfg.block_size);
     let mut opts = LoadOptions::new(model_dir(name).to_string_lossy());
-    opts.dtype = Some(dtype);
-    opts.device = device;
+    set(&mut opts);
     opts.max_model_len = max_model_len;
     let loaded = load_model(&opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     Engine::start(loaded, cfg).unwrap_or_else(|e| panic!("{name}: {e}"))
