@@ -11,6 +11,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::error::check_shape;
+use crate::moe_routing::{routing_shape, RoutingConfig, TopkMethod};
 use crate::paged_attention::{paged_attention_shape, PagedAttentionBatch, PagedAttentionShape};
 use crate::rms_norm::rms_norm_shape;
 use crate::silu_and_mul::silu_and_mul_shape;
@@ -18,6 +19,7 @@ use crate::{Element, KernelError};
 
 const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
+const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
 const PAGED_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
 /// Threads per block of `kernels/paged_attention.cu` (its `PA_THREADS`).
@@ -38,6 +40,7 @@ pub struct CudaKernels {
     rms_norm: Arc<CudaModule>,
     silu_and_mul: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
+    moe_routing: Arc<CudaModule>,
 }
 
 impl CudaKernels {
@@ -58,6 +61,7 @@ impl CudaKernels {
             rms_norm: load(RMS_NORM_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
+            moe_routing: load(MOE_ROUTING_FATBIN)?,
             stream: ctx.default_stream(),
         })
     }
@@ -71,6 +75,7 @@ impl CudaKernels {
             rms_norm: load(RMS_NORM_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
+            moe_routing: load(MOE_ROUTING_FATBIN)?,
             stream,
         })
     }
@@ -244,6 +249,59 @@ impl CudaKernels {
         // kernels/paged_attention.cu; paged_attention_shape bounds every index it reads, the
         // metadata buffers live until the launch is enqueued and are freed in stream order.
         unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl CudaKernels {
+    /// [`crate::moe_routing::route`] on the GPU: f32 router logits `[tokens, experts]` to each
+    /// token's chosen expert ids and weights (`[tokens, top_k]`, best first). `bias` may be empty
+    /// unless the method is `NoauxTc`.
+    pub fn moe_routing(
+        &self,
+        logits: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        cfg: &RoutingConfig,
+        ids: &mut CudaSlice<u32>,
+        weights: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let tokens = routing_shape(cfg, logits.len(), bias.len(), ids.len(), weights.len())?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let tokens = u32::try_from(tokens).map_err(|_| too_big("moe_routing", "tokens", tokens))?;
+        let method: i32 = match cfg.method {
+            TopkMethod::Greedy => 0,
+            TopkMethod::GroupLimitedGreedy => 1,
+            TopkMethod::NoauxTc => 2,
+        };
+        // Sizes are bounded by routing_shape (at most 1024 experts).
+        let ints = [
+            cfg.num_experts as i32,
+            cfg.top_k as i32,
+            cfg.n_group as i32,
+            cfg.topk_group as i32,
+            method,
+            cfg.sigmoid as i32,
+            cfg.renormalize as i32,
+        ];
+        let f = self.moe_routing.load_function("moe_routing")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(ids).arg(weights).arg(logits).arg(bias);
+        for i in &ints {
+            launch.arg(i);
+        }
+        launch.arg(&cfg.scaling);
+        let threads = cfg.num_experts.next_multiple_of(32).clamp(32, 1024) as u32;
+        let launch_cfg = LaunchConfig {
+            grid_dim: (tokens, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches moe_routing(unsigned*, float*, const float*, const float*, int x 7,
+        // float) in kernels/moe_routing.cu; routing_shape bounds the experts, groups and top_k
+        // by the kernel's shared arrays and every buffer by the token count.
+        unsafe { launch.launch(launch_cfg) }?;
         Ok(())
     }
 }

@@ -205,4 +205,99 @@ mod tests {
         assert!((got[0].1 - 9.0 / 32.0 * 2.5).abs() < 1e-6, "{got:?}");
         assert!((got[1].1 - 8.0 / 32.0 * 2.5).abs() < 1e-6, "{got:?}");
     }
+
+    /// ember-kernels' routing reference (the CUDA kernel's oracle) routes as this router and
+    /// as Qwen3-MoE's softmax top-k do, on random logits of every method.
+    #[test]
+    fn the_kernels_routing_reference_agrees_with_the_model_routers() {
+        use ember_kernels::moe_routing::{route, RoutingConfig, TopkMethod as K};
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let (tokens, e) = (50, 64);
+        let logits: Vec<Vec<f32>> = (0..tokens)
+            .map(|_| (0..e).map(|_| rng.random_range(-4.0f32..4.0)).collect())
+            .collect();
+        let bias: Vec<f32> = (0..e).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let flat: Vec<f32> = logits.concat();
+        let as_pairs = |routing: &ExpertRouting| -> Vec<Vec<(usize, f32)>> {
+            let mut per_token = vec![vec![]; tokens];
+            for (x, (rows, weights)) in routing.per_expert.iter().enumerate() {
+                for (&r, &w) in rows.iter().zip(weights) {
+                    per_token[r as usize].push((x, w));
+                }
+            }
+            per_token
+        };
+        let cases = [
+            (TopkMethod::NoauxTc, K::NoauxTc, ScoringFunc::Sigmoid, true),
+            (TopkMethod::Greedy, K::Greedy, ScoringFunc::Softmax, false),
+            (
+                TopkMethod::GroupLimitedGreedy,
+                K::GroupLimitedGreedy,
+                ScoringFunc::Softmax,
+                true,
+            ),
+        ];
+        for (method, kmethod, scoring, norm) in cases {
+            let r = ExpertRouter {
+                num_experts: e,
+                top_k: 6,
+                n_group: 8,
+                topk_group: 3,
+                topk_method: method,
+                scoring_func: scoring,
+                norm_topk_prob: norm,
+                routed_scaling_factor: 2.5,
+            };
+            let cfg = RoutingConfig {
+                num_experts: e,
+                top_k: 6,
+                n_group: 8,
+                topk_group: 3,
+                method: kmethod,
+                sigmoid: scoring == ScoringFunc::Sigmoid,
+                renormalize: norm,
+                scaling: 2.5,
+            };
+            let (mut ids, mut w) = (vec![0u32; tokens * 6], vec![0f32; tokens * 6]);
+            route(&flat, &bias, &cfg, &mut ids, &mut w).unwrap();
+            for (t, mut want) in as_pairs(&r.route(&logits, &bias)).into_iter().enumerate() {
+                let mut got: Vec<(usize, f32)> = (0..6)
+                    .map(|i| (ids[t * 6 + i] as usize, w[t * 6 + i]))
+                    .collect();
+                got.sort_by_key(|p| p.0);
+                want.sort_by_key(|p| p.0);
+                assert_eq!(got, want, "{method:?} token {t}");
+            }
+        }
+        // Qwen3-MoE: softmax over all experts, top-k, renormalised.
+        let qwen = crate::moe::route_softmax_topk(&logits, 8, true, e);
+        let cfg = RoutingConfig {
+            num_experts: e,
+            top_k: 8,
+            n_group: 1,
+            topk_group: 1,
+            method: K::Greedy,
+            sigmoid: false,
+            renormalize: true,
+            scaling: 1.0,
+        };
+        let (mut ids, mut w) = (vec![0u32; tokens * 8], vec![0f32; tokens * 8]);
+        route(&flat, &[], &cfg, &mut ids, &mut w).unwrap();
+        for (t, mut want) in as_pairs(&qwen).into_iter().enumerate() {
+            let mut got: Vec<(usize, f32)> = (0..8)
+                .map(|i| (ids[t * 8 + i] as usize, w[t * 8 + i]))
+                .collect();
+            got.sort_by_key(|p| p.0);
+            want.sort_by_key(|p| p.0);
+            for ((ge, gw), (we, ww)) in got.iter().zip(&want) {
+                assert_eq!(ge, we, "qwen3 token {t}");
+                // Qwen3 renormalises p / Σp of probabilities already divided by the sum.
+                assert!(
+                    (gw - ww).abs() <= 1e-6 * ww.abs(),
+                    "qwen3 token {t}: {gw} vs {ww}"
+                );
+            }
+        }
+    }
 }
