@@ -11,6 +11,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::error::check_shape;
+use crate::fused_moe::{align_capacity, GroupedGemmShape};
 use crate::moe_routing::{routing_shape, RoutingConfig, TopkMethod};
 use crate::paged_attention::{paged_attention_shape, PagedAttentionBatch, PagedAttentionShape};
 use crate::rms_norm::rms_norm_shape;
@@ -19,6 +20,7 @@ use crate::{Element, KernelError};
 
 const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
+const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
 const PAGED_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
@@ -41,6 +43,7 @@ pub struct CudaKernels {
     silu_and_mul: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
+    fused_moe: Arc<CudaModule>,
 }
 
 impl CudaKernels {
@@ -62,6 +65,7 @@ impl CudaKernels {
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
+            fused_moe: load(FUSED_MOE_FATBIN)?,
             stream: ctx.default_stream(),
         })
     }
@@ -76,6 +80,7 @@ impl CudaKernels {
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
+            fused_moe: load(FUSED_MOE_FATBIN)?,
             stream,
         })
     }
@@ -302,6 +307,185 @@ impl CudaKernels {
         // float) in kernels/moe_routing.cu; routing_shape bounds the experts, groups and top_k
         // by the kernel's shared arrays and every buffer by the token count.
         unsafe { launch.launch(launch_cfg) }?;
+        Ok(())
+    }
+}
+
+/// [`crate::fused_moe::MoeAlignment`] on the GPU: computed there, read by the grouped GEMM there.
+pub struct DeviceAlignment {
+    pub sorted_ids: CudaSlice<u32>,
+    pub expert_ids: CudaSlice<u32>,
+    /// One element: the rows in use.
+    pub num_padded: CudaSlice<u32>,
+    pub num_entries: usize,
+    pub num_experts: usize,
+    pub block_m: usize,
+}
+
+impl CudaKernels {
+    /// [`crate::fused_moe::moe_align`] on the GPU. An id of `topk_ids` outside the experts is
+    /// counted by none of them: its entry is dropped, never read out of bounds.
+    pub fn moe_align(
+        &self,
+        topk_ids: &CudaSlice<u32>,
+        num_experts: usize,
+        block_m: usize,
+    ) -> Result<DeviceAlignment, KernelError> {
+        check_shape(
+            num_experts > 0 && num_experts <= 1024 && block_m > 0 && block_m <= 1024,
+            "moe_align",
+            || format!("{num_experts} experts (1 to 1024), block_m {block_m} (1 to 1024)"),
+        )?;
+        let n = topk_ids.len();
+        let cap = align_capacity(n, num_experts, block_m);
+        let int =
+            |what: &str, v: usize| i32::try_from(v).map_err(|_| too_big("moe_align", what, v));
+        let args = [
+            int("entries", n)?,
+            num_experts as i32,
+            block_m as i32,
+            int("capacity", cap)?,
+        ];
+        let mut a = DeviceAlignment {
+            sorted_ids: self.stream.alloc_zeros::<u32>(cap)?,
+            expert_ids: self.stream.alloc_zeros::<u32>(cap / block_m)?,
+            num_padded: self.stream.alloc_zeros::<u32>(1)?,
+            num_entries: n,
+            num_experts,
+            block_m,
+        };
+        let f = self.fused_moe.load_function("moe_align")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(&mut a.sorted_ids)
+            .arg(&mut a.expert_ids)
+            .arg(&mut a.num_padded)
+            .arg(topk_ids);
+        for x in &args {
+            launch.arg(x);
+        }
+        let threads = num_experts.next_multiple_of(32) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches moe_align(unsigned*, unsigned*, unsigned*, const unsigned*, int x 4) in
+        // kernels/fused_moe.cu; the outputs hold `cap` rows and `cap / block_m` blocks, what any
+        // counts of n entries over num_experts (<= 1024 threads) can fill.
+        unsafe { launch.launch(cfg) }?;
+        Ok(a)
+    }
+
+    /// [`crate::fused_moe::grouped_gemm`] on the GPU over an alignment [`CudaKernels::moe_align`]
+    /// made (`shape.block_m` must be 64, its tiles' rows).
+    pub fn grouped_gemm<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        align: &DeviceAlignment,
+        shape: &GroupedGemmShape,
+    ) -> Result<(), KernelError> {
+        let s = shape;
+        check_shape(
+            align.num_entries == s.num_entries
+                && align.num_experts == s.num_experts
+                && align.block_m == s.block_m,
+            "grouped_gemm",
+            || "the alignment was made for other entries, experts or block_m".into(),
+        )?;
+        // The sizes checks of the reference, on a host alignment of the same capacity.
+        let cap = align_capacity(s.num_entries, s.num_experts, s.block_m);
+        let host_shape = crate::fused_moe::MoeAlignment {
+            sorted_ids: vec![0; cap],
+            expert_ids: vec![0; cap / s.block_m.max(1)],
+            num_padded: 0,
+        };
+        crate::fused_moe::grouped_gemm_shape(s, out.len(), x.len(), w.len(), &host_shape)?;
+        if s.num_entries == 0 {
+            return Ok(());
+        }
+        let int =
+            |what: &str, v: usize| i32::try_from(v).map_err(|_| too_big("grouped_gemm", what, v));
+        let args = [
+            int("entries", s.num_entries)?,
+            int("experts", s.num_experts)?,
+            int("k_in", s.k_in)?,
+            int("n_out", s.n_out)?,
+            int("x_div", s.x_div)?,
+        ];
+        let bf16 = T::KERNEL_SUFFIX == "bf16";
+        let f = kernel(&self.fused_moe, "grouped_gemm", T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(x)
+            .arg(w)
+            .arg(&align.sorted_ids)
+            .arg(&align.expert_ids)
+            .arg(&align.num_padded);
+        for a in &args {
+            launch.arg(a);
+        }
+        let blocks_n = u32::try_from(s.n_out.div_ceil(64))
+            .map_err(|_| too_big("grouped_gemm", "n_out", s.n_out))?;
+        let cfg = LaunchConfig {
+            grid_dim: ((cap / s.block_m) as u32, blocks_n, 1),
+            block_dim: (if bf16 { 128 } else { 256 }, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches grouped_gemm_<T>(T*, const T*, const T*, const unsigned* x 3, int x 5);
+        // the kernel reads x rows of ids < num_entries, weights of experts < num_experts and
+        // writes rows of ids < num_entries, all bounded by the length checks above.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::fused_moe::moe_sum`] on the GPU.
+    pub fn moe_sum<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        y: &CudaSlice<T>,
+        weights: &CudaSlice<f32>,
+        top_k: usize,
+        hidden: usize,
+    ) -> Result<(), KernelError> {
+        check_shape(
+            top_k > 0
+                && hidden > 0
+                && y.len() == weights.len() * hidden
+                && out.len() * top_k == y.len(),
+            "moe_sum",
+            || {
+                format!(
+                    "y {} / weights {} / out {} do not fit top_k {top_k} x hidden {hidden}",
+                    y.len(),
+                    weights.len(),
+                    out.len()
+                )
+            },
+        )?;
+        let tokens = out.len() / hidden;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let int = |what: &str, v: usize| i32::try_from(v).map_err(|_| too_big("moe_sum", what, v));
+        let (k_arg, h_arg) = (int("top_k", top_k)?, int("hidden", hidden)?);
+        let f = kernel(&self.fused_moe, "moe_sum", T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(y).arg(weights).arg(&k_arg).arg(&h_arg);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(tokens).map_err(|_| too_big("moe_sum", "tokens", tokens))?,
+                1,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches moe_sum_<T>(T*, const T*, const float*, int, int); lengths checked.
+        unsafe { launch.launch(cfg) }?;
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 
 mod element;
 mod error;
+pub mod fused_moe;
 pub mod moe_routing;
 pub mod paged_attention;
 pub mod rms_norm;

@@ -394,3 +394,119 @@ fn moe_routing_matches_the_cpu_reference() {
         }
     }
 }
+
+/// The fused MoE pipeline (align, grouped GEMM, SiLU-and-mul, grouped GEMM, weighted sum) on the
+/// GPU against the CPU references, for Qwen3-30B-A3B-like and DeepSeek-like (narrower) layers.
+/// The alignment must be identical; outputs within f32 1e-4 relative + 1e-5, or for bf16 (whose
+/// intermediates round to bf16 on both sides, so an ulp flip upstream carries) 3 bf16 ulps
+/// (3/128 relative) + 2e-3.
+fn check_fused_moe<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
+    use ember_kernels::fused_moe::{self, GroupedGemmShape};
+    let st = k.stream();
+    let (rel, abs) = if T::KERNEL_SUFFIX == "bf16" {
+        (3.0 / 128.0, 2e-3)
+    } else {
+        (1e-4, 1e-5)
+    };
+    // (tokens, experts, top_k, hidden, intermediate)
+    for (tokens, experts, top_k, hidden, inter) in [
+        (1, 128, 8, 256, 96),
+        (37, 128, 8, 512, 96),
+        (300, 64, 6, 200, 72),
+    ] {
+        let what = format!(
+            "fused_moe_{} t{tokens} e{experts} k{top_k}",
+            T::KERNEL_SUFFIX
+        );
+        // Distinct experts per token, drawn at random.
+        let mut ids = Vec::with_capacity(tokens * top_k);
+        for _ in 0..tokens {
+            let mut all: Vec<u32> = (0..experts as u32).collect();
+            for i in 0..top_k {
+                let j = rng.random_range(i..experts);
+                all.swap(i, j);
+            }
+            ids.extend_from_slice(&all[..top_k]);
+        }
+        let n = ids.len();
+        let weights: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..0.5)).collect();
+        let x: Vec<T> = random(rng, tokens * hidden, -1.0, 1.0);
+        let w1: Vec<T> = random(rng, experts * 2 * inter * hidden, -0.1, 0.1);
+        let w2: Vec<T> = random(rng, experts * hidden * inter, -0.1, 0.1);
+        let s1 = GroupedGemmShape {
+            num_experts: experts,
+            k_in: hidden,
+            n_out: 2 * inter,
+            block_m: 64,
+            x_div: top_k,
+            num_entries: n,
+        };
+        let s2 = GroupedGemmShape {
+            k_in: inter,
+            n_out: hidden,
+            x_div: 1,
+            ..s1
+        };
+        // CPU.
+        let align = fused_moe::moe_align(&ids, experts, 64).unwrap();
+        let mut h1 = vec![T::from_f32(0.0); n * 2 * inter];
+        fused_moe::grouped_gemm(&mut h1, &x, &w1, &align, &s1).unwrap();
+        let mut act = vec![T::from_f32(0.0); n * inter];
+        silu_and_mul::silu_and_mul(&h1, inter, &mut act).unwrap();
+        let mut h2 = vec![T::from_f32(0.0); n * hidden];
+        fused_moe::grouped_gemm(&mut h2, &act, &w2, &align, &s2).unwrap();
+        let mut cpu = vec![T::from_f32(0.0); tokens * hidden];
+        fused_moe::moe_sum(&mut cpu, &h2, &weights, top_k, hidden).unwrap();
+        // GPU.
+        let dids = st.clone_htod(&ids).unwrap();
+        let dalign = k.moe_align(&dids, experts, 64).unwrap();
+        assert_eq!(
+            st.clone_dtoh(&dalign.sorted_ids).unwrap(),
+            align.sorted_ids,
+            "{what}: sorted ids"
+        );
+        assert_eq!(
+            st.clone_dtoh(&dalign.expert_ids).unwrap(),
+            align.expert_ids,
+            "{what}: expert ids"
+        );
+        assert_eq!(
+            st.clone_dtoh(&dalign.num_padded).unwrap(),
+            vec![align.num_padded as u32],
+            "{what}: padded rows"
+        );
+        let (dx, dw1, dw2) = (
+            st.clone_htod(&x).unwrap(),
+            st.clone_htod(&w1).unwrap(),
+            st.clone_htod(&w2).unwrap(),
+        );
+        let mut dh1 = st.alloc_zeros::<T>(h1.len()).unwrap();
+        k.grouped_gemm(&mut dh1, &dx, &dw1, &dalign, &s1).unwrap();
+        let mut dact = st.alloc_zeros::<T>(act.len()).unwrap();
+        k.silu_and_mul(&dh1, inter, &mut dact).unwrap();
+        let mut dh2 = st.alloc_zeros::<T>(h2.len()).unwrap();
+        k.grouped_gemm(&mut dh2, &dact, &dw2, &dalign, &s2).unwrap();
+        let dweights = st.clone_htod(&weights).unwrap();
+        let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
+        k.moe_sum(&mut dout, &dh2, &dweights, top_k, hidden)
+            .unwrap();
+        let gpu = st.clone_dtoh(&dout).unwrap();
+        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            let (g, c) = (g.to_f32(), c.to_f32());
+            let tol = rel * c.abs() + abs;
+            assert!(
+                (g - c).abs() <= tol,
+                "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
+            );
+        }
+        eprintln!("{what}: matches");
+    }
+}
+
+#[test]
+fn fused_moe_matches_the_cpu_references() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_fused_moe::<f32>(&k, &mut rng);
+    check_fused_moe::<bf16>(&k, &mut rng);
+}

@@ -1,0 +1,247 @@
+//! The pieces of a fused MoE layer on the GPU, as vLLM's fused_moe composes them: align the
+//! step's (token, expert) entries by expert into blocks of `block_m` rows, run one grouped GEMM
+//! over the blocks (each block multiplies by its expert's weight), apply SiLU-and-mul, the second
+//! grouped GEMM, and sum each token's weighted expert outputs.
+//!
+//! Entries: with `top_k` experts per token, entry `i` is token `i / top_k`'s `i % top_k`-th
+//! choice, `topk_ids[i]` its expert. Numerics, shared by the CPU references and
+//! `kernels/fused_moe.cu`: load as f32, products summed in f32 (the bf16 kernel on tensor cores,
+//! so in another order), one rounding to the storage dtype on store.
+
+use crate::error::check_shape;
+use crate::{Element, KernelError};
+
+/// The step's entries ordered by expert (vLLM's `moe_align_block_size`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoeAlignment {
+    /// Entry ids, each expert's in increasing order, its run padded with `num_entries` to a
+    /// multiple of `block_m`; `capacity` long, the tail past `num_padded` padding too.
+    pub sorted_ids: Vec<u32>,
+    /// The expert of each block of `block_m` sorted rows (`capacity / block_m` long; blocks past
+    /// `num_padded` hold 0 and are never read).
+    pub expert_ids: Vec<u32>,
+    /// Rows of `sorted_ids` in use: the sum over experts of their entries rounded up to `block_m`.
+    pub num_padded: usize,
+}
+
+/// Rows the alignment of `num_entries` entries over `num_experts` may need: every expert's run
+/// rounded up to `block_m`.
+pub fn align_capacity(num_entries: usize, num_experts: usize, block_m: usize) -> usize {
+    (num_entries + num_experts * (block_m - 1)).div_ceil(block_m) * block_m
+}
+
+fn check_align(topk_ids: &[u32], num_experts: usize, block_m: usize) -> Result<(), KernelError> {
+    check_shape(
+        num_experts > 0 && num_experts <= 1024 && block_m > 0 && block_m <= 1024,
+        "moe_align",
+        || format!("{num_experts} experts (1 to 1024), block_m {block_m} (1 to 1024)"),
+    )?;
+    if let Some(bad) = topk_ids.iter().find(|&&e| e as usize >= num_experts) {
+        return Err(KernelError::Shape {
+            op: "moe_align",
+            message: format!("expert id {bad} of {num_experts} experts"),
+        });
+    }
+    Ok(())
+}
+
+/// CPU reference of the alignment.
+pub fn moe_align(
+    topk_ids: &[u32],
+    num_experts: usize,
+    block_m: usize,
+) -> Result<MoeAlignment, KernelError> {
+    check_align(topk_ids, num_experts, block_m)?;
+    let n = topk_ids.len();
+    let cap = align_capacity(n, num_experts, block_m);
+    let mut sorted_ids = Vec::with_capacity(cap);
+    let mut expert_ids = Vec::with_capacity(cap / block_m);
+    for e in 0..num_experts as u32 {
+        let start = sorted_ids.len();
+        sorted_ids.extend((0..n as u32).filter(|&i| topk_ids[i as usize] == e));
+        let padded = (sorted_ids.len() - start).div_ceil(block_m) * block_m;
+        sorted_ids.resize(start + padded, n as u32);
+        expert_ids.extend(std::iter::repeat_n(e, padded / block_m));
+    }
+    let num_padded = sorted_ids.len();
+    sorted_ids.resize(cap, n as u32);
+    expert_ids.resize(cap / block_m, 0);
+    Ok(MoeAlignment {
+        sorted_ids,
+        expert_ids,
+        num_padded,
+    })
+}
+
+/// Sizes of a grouped GEMM: `x` rows of `k_in`, experts' weights `[num_experts, n_out, k_in]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupedGemmShape {
+    pub num_experts: usize,
+    pub k_in: usize,
+    pub n_out: usize,
+    pub block_m: usize,
+    /// Entries per row of `x`: `top_k` when `x` holds tokens (the first GEMM), 1 when it holds
+    /// entries (the second).
+    pub x_div: usize,
+    /// Entries of the step (`tokens * top_k`): `out` has this many rows.
+    pub num_entries: usize,
+}
+
+/// Checks a grouped GEMM's buffers and alignment against `s`.
+pub fn grouped_gemm_shape(
+    s: &GroupedGemmShape,
+    out_len: usize,
+    x_len: usize,
+    w_len: usize,
+    align: &MoeAlignment,
+) -> Result<(), KernelError> {
+    const OP: &str = "grouped_gemm";
+    check_shape(
+        s.k_in > 0 && s.n_out > 0 && s.x_div > 0 && s.num_experts > 0 && s.block_m > 0,
+        OP,
+        || format!("{s:?}: every size must be positive"),
+    )?;
+    check_shape(s.block_m == 64, OP, || {
+        format!("block_m {} (the kernel's tiles are 64 rows)", s.block_m)
+    })?;
+    check_shape(
+        s.num_entries.is_multiple_of(s.x_div) && x_len == s.num_entries / s.x_div * s.k_in,
+        OP,
+        || {
+            format!(
+                "x has {x_len} elements for {} entries / {} x {}",
+                s.num_entries, s.x_div, s.k_in
+            )
+        },
+    )?;
+    check_shape(w_len == s.num_experts * s.n_out * s.k_in, OP, || {
+        format!(
+            "weights have {w_len} elements, expected {} x {} x {}",
+            s.num_experts, s.n_out, s.k_in
+        )
+    })?;
+    check_shape(out_len == s.num_entries * s.n_out, OP, || {
+        format!(
+            "out has {out_len} elements, expected {} x {}",
+            s.num_entries, s.n_out
+        )
+    })?;
+    let cap = align_capacity(s.num_entries, s.num_experts, s.block_m);
+    check_shape(
+        align.sorted_ids.len() == cap
+            && align.expert_ids.len() == cap / s.block_m
+            && align.num_padded <= cap
+            && align.num_padded.is_multiple_of(s.block_m),
+        OP,
+        || "the alignment does not match the entries, experts and block_m".into(),
+    )?;
+    Ok(())
+}
+
+/// CPU reference: `out[id] = x[id / x_div] · W[expert]ᵀ` for every real entry `id` of the
+/// alignment's rows (the rows of each expert's block).
+pub fn grouped_gemm<T: Element>(
+    out: &mut [T],
+    x: &[T],
+    w: &[T],
+    align: &MoeAlignment,
+    s: &GroupedGemmShape,
+) -> Result<(), KernelError> {
+    grouped_gemm_shape(s, out.len(), x.len(), w.len(), align)?;
+    for (r, &id) in align.sorted_ids[..align.num_padded].iter().enumerate() {
+        let id = id as usize;
+        if id >= s.num_entries {
+            continue;
+        }
+        let e = align.expert_ids[r / s.block_m] as usize;
+        let x_row = &x[id / s.x_div * s.k_in..][..s.k_in];
+        for n in 0..s.n_out {
+            let w_row = &w[(e * s.n_out + n) * s.k_in..][..s.k_in];
+            let acc: f32 = x_row
+                .iter()
+                .zip(w_row)
+                .map(|(a, b)| a.to_f32() * b.to_f32())
+                .sum();
+            out[id * s.n_out + n] = T::from_f32(acc);
+        }
+    }
+    Ok(())
+}
+
+/// CPU reference: `out[t] = Σ_j weights[t·top_k + j] · y[t·top_k + j]` (rows of `hidden`).
+pub fn moe_sum<T: Element>(
+    out: &mut [T],
+    y: &[T],
+    weights: &[f32],
+    top_k: usize,
+    hidden: usize,
+) -> Result<(), KernelError> {
+    check_shape(
+        top_k > 0
+            && hidden > 0
+            && y.len() == weights.len() * hidden
+            && out.len() * top_k == y.len(),
+        "moe_sum",
+        || {
+            format!(
+                "y {} / weights {} / out {} do not fit top_k {top_k} x hidden {hidden}",
+                y.len(),
+                weights.len(),
+                out.len()
+            )
+        },
+    )?;
+    for (t, o) in out.chunks_exact_mut(hidden).enumerate() {
+        for (d, o) in o.iter_mut().enumerate() {
+            let acc: f32 = (0..top_k)
+                .map(|j| weights[t * top_k + j] * y[(t * top_k + j) * hidden + d].to_f32())
+                .sum();
+            *o = T::from_f32(acc);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_sort_by_expert_in_order_and_pad_each_run() {
+        // 3 tokens x top-2: entries 0..6 choose experts 2,0 | 0,1 | 2,0.
+        let a = moe_align(&[2, 0, 0, 1, 2, 0], 3, 4).unwrap();
+        assert_eq!(a.num_padded, 12);
+        assert_eq!(&a.sorted_ids[..12], &[1, 2, 5, 6, 3, 6, 6, 6, 0, 4, 6, 6]);
+        assert_eq!(&a.expert_ids[..3], &[0, 1, 2]);
+        assert_eq!(a.sorted_ids.len(), align_capacity(6, 3, 4));
+        assert!(moe_align(&[3], 3, 4).is_err());
+    }
+
+    #[test]
+    fn the_grouped_gemm_runs_each_entry_through_its_expert() {
+        // 2 tokens x top-1, experts 1 and 0; k_in 2, n_out 1: W0 = [1 0], W1 = [0 1].
+        let ids = [1u32, 0];
+        let align = moe_align(&ids, 2, 64).unwrap();
+        let s = GroupedGemmShape {
+            num_experts: 2,
+            k_in: 2,
+            n_out: 1,
+            block_m: 64,
+            x_div: 1,
+            num_entries: 2,
+        };
+        let mut out = [0f32; 2];
+        grouped_gemm(
+            &mut out,
+            &[3.0, 4.0, 5.0, 6.0],
+            &[1.0, 0.0, 0.0, 1.0],
+            &align,
+            &s,
+        )
+        .unwrap();
+        assert_eq!(out, [4.0, 5.0]);
+        let mut sum = [0f32; 1];
+        moe_sum(&mut sum, &out, &[0.25, 0.5], 2, 1).unwrap();
+        assert_eq!(sum, [3.5]);
+    }
+}
