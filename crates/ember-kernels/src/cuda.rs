@@ -451,21 +451,7 @@ impl CudaKernels {
         top_k: usize,
         hidden: usize,
     ) -> Result<(), KernelError> {
-        check_shape(
-            top_k > 0
-                && hidden > 0
-                && y.len() == weights.len() * hidden
-                && out.len() * top_k == y.len(),
-            "moe_sum",
-            || {
-                format!(
-                    "y {} / weights {} / out {} do not fit top_k {top_k} x hidden {hidden}",
-                    y.len(),
-                    weights.len(),
-                    out.len()
-                )
-            },
-        )?;
+        crate::fused_moe::moe_sum_shape(out.len(), y.len(), weights.len(), top_k, hidden)?;
         let tokens = out.len() / hidden;
         if tokens == 0 {
             return Ok(());

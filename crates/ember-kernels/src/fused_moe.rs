@@ -168,6 +168,24 @@ pub fn grouped_gemm<T: Element>(
     Ok(())
 }
 
+/// Checks a weighted sum's lengths: `y` `[tokens · top_k, hidden]`, `weights` `[tokens · top_k]`,
+/// `out` `[tokens, hidden]`.
+pub fn moe_sum_shape(
+    out_len: usize,
+    y_len: usize,
+    weights_len: usize,
+    top_k: usize,
+    hidden: usize,
+) -> Result<(), KernelError> {
+    check_shape(
+        top_k > 0 && hidden > 0 && y_len == weights_len * hidden && out_len * top_k == y_len,
+        "moe_sum",
+        || {
+            format!("y {y_len} / weights {weights_len} / out {out_len} do not fit top_k {top_k} x hidden {hidden}")
+        },
+    )
+}
+
 /// CPU reference: `out[t] = Σ_j weights[t·top_k + j] · y[t·top_k + j]` (rows of `hidden`).
 pub fn moe_sum<T: Element>(
     out: &mut [T],
@@ -176,21 +194,7 @@ pub fn moe_sum<T: Element>(
     top_k: usize,
     hidden: usize,
 ) -> Result<(), KernelError> {
-    check_shape(
-        top_k > 0
-            && hidden > 0
-            && y.len() == weights.len() * hidden
-            && out.len() * top_k == y.len(),
-        "moe_sum",
-        || {
-            format!(
-                "y {} / weights {} / out {} do not fit top_k {top_k} x hidden {hidden}",
-                y.len(),
-                weights.len(),
-                out.len()
-            )
-        },
-    )?;
+    moe_sum_shape(out.len(), y.len(), weights.len(), top_k, hidden)?;
     for (t, o) in out.chunks_exact_mut(hidden).enumerate() {
         for (d, o) in o.iter_mut().enumerate() {
             let acc: f32 = (0..top_k)
