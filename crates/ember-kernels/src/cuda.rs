@@ -59,15 +59,7 @@ impl CudaKernels {
                 .unwrap_or_default();
             KernelError::NoDriver(why)
         })??;
-        let load = |image: &[u8]| ctx.load_module(Ptx::from_binary(image.to_vec()));
-        Ok(Self {
-            rms_norm: load(RMS_NORM_FATBIN)?,
-            silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
-            paged_attention: load(PAGED_ATTENTION_FATBIN)?,
-            moe_routing: load(MOE_ROUTING_FATBIN)?,
-            fused_moe: load(FUSED_MOE_FATBIN)?,
-            stream: ctx.default_stream(),
-        })
+        Self::with_stream(ctx.default_stream())
     }
 
     /// Loads the kernels into the context of `stream` and launches them on it: candle's stream,
@@ -207,9 +199,7 @@ impl CudaKernels {
         if tokens == 0 {
             return Ok(());
         }
-        let int = |what: &str, v: usize| {
-            i32::try_from(v).map_err(|_| too_big("paged_attention", what, v))
-        };
+        let int = |what: &str, v: usize| int32("paged_attention", what, v);
         let s = shape;
         let args = [
             int("num_heads", s.num_heads)?,
@@ -456,7 +446,7 @@ impl CudaKernels {
         if tokens == 0 {
             return Ok(());
         }
-        let int = |what: &str, v: usize| i32::try_from(v).map_err(|_| too_big("moe_sum", what, v));
+        let int = |what: &str, v: usize| int32("moe_sum", what, v);
         let (k_arg, h_arg) = (int("top_k", top_k)?, int("hidden", hidden)?);
         let f = kernel(&self.fused_moe, "moe_sum", T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
@@ -482,6 +472,11 @@ fn kernel(module: &Arc<CudaModule>, op: &str, suffix: &str) -> Result<CudaFuncti
 
 fn hidden_i32(hidden: usize) -> Result<i32, KernelError> {
     i32::try_from(hidden).map_err(|_| too_big("rms_norm", "hidden", hidden))
+}
+
+/// `value` as a kernel's 32-bit int argument, or why it does not fit.
+fn int32(op: &'static str, what: &str, value: usize) -> Result<i32, KernelError> {
+    i32::try_from(value).map_err(|_| too_big(op, what, value))
 }
 
 fn too_big(op: &'static str, what: &str, value: usize) -> KernelError {
