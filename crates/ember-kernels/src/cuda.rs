@@ -15,10 +15,12 @@ use crate::fused_moe::{align_capacity, GroupedGemmShape};
 use crate::moe_routing::{routing_shape, RoutingConfig, TopkMethod};
 use crate::paged_attention::{paged_attention_shape, PagedAttentionBatch, PagedAttentionShape};
 use crate::rms_norm::rms_norm_shape;
+use crate::rotary::{rotary_shape, RotaryShape};
 use crate::silu_and_mul::silu_and_mul_shape;
 use crate::{Element, KernelError};
 
 const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
+const ROTARY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rotary.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
@@ -40,6 +42,7 @@ impl CudaElement for half::bf16 {}
 pub struct CudaKernels {
     stream: Arc<CudaStream>,
     rms_norm: Arc<CudaModule>,
+    rotary: Arc<CudaModule>,
     silu_and_mul: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
@@ -69,6 +72,7 @@ impl CudaKernels {
         let load = |image: &[u8]| ctx.load_module(Ptx::from_binary(image.to_vec()));
         Ok(Self {
             rms_norm: load(RMS_NORM_FATBIN)?,
+            rotary: load(ROTARY_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
@@ -169,6 +173,54 @@ impl CudaKernels {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches silu_and_mul_<T>(T*, const T*, int, long long); shapes checked.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+    /// [`crate::rotary::rotary_embedding`] on the GPU. `positions` stays on the host: it is
+    /// checked against the tables there (every row the kernel reads exists), then copied over.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rotary_embedding<T: CudaElement>(
+        &self,
+        x: &CudaSlice<T>,
+        positions: &[u32],
+        cos: &CudaSlice<T>,
+        sin: &CudaSlice<T>,
+        shape: &RotaryShape,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        check_shape(cos.len() == sin.len(), "rotary_embedding", || {
+            format!("cos has {} elements, sin {}", cos.len(), sin.len())
+        })?;
+        let tokens = rotary_shape(shape, x.len(), positions, cos.len(), out.len())?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let op = "rotary_embedding";
+        let tokens = u32::try_from(tokens).map_err(|_| too_big(op, "tokens", tokens))?;
+        let heads = int32(op, "heads", shape.heads)?;
+        let head_dim = int32(op, "head_dim", shape.head_dim)?;
+        int32(op, "heads x head_dim", shape.heads * shape.head_dim)?;
+        let interleaved = i32::from(shape.interleaved);
+        let positions = self.stream.clone_htod(positions)?;
+        let f = kernel(&self.rotary, op, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(x)
+            .arg(&positions)
+            .arg(cos)
+            .arg(sin)
+            .arg(&heads)
+            .arg(&head_dim)
+            .arg(&interleaved);
+        let pairs = shape.heads * shape.head_dim / 2;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens, 1, 1),
+            block_dim: (pairs.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches rotary_embedding_<T>(T*, const T*, const unsigned*, const T*, const T*,
+        // int, int, int) in kernels/rotary.cu; rotary_shape bounds every x, out and table index.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -7,6 +7,7 @@ pub mod fused_moe;
 pub mod moe_routing;
 pub mod paged_attention;
 pub mod rms_norm;
+pub mod rotary;
 pub mod silu_and_mul;
 
 #[cfg(feature = "cuda")]

@@ -4,10 +4,12 @@
 //! rsqrtf/expf differ; bf16 within one bf16 ulp of the reference (2^-7 relative, plus 1e-6).
 //! Paged attention sums softmax-weighted rows in tiles (online rescaling, __expf): f32 within
 //! 1e-4 relative plus 1e-5 absolute, bf16 one ulp plus 1e-3 absolute (outputs are O(1)).
+//! RoPE does the same f32 products and sums on both sides (no FMA on the GPU): bit-identical.
 #![cfg(feature = "cuda")]
 
 use ember_kernels::cuda::{CudaElement, CudaKernels};
 use ember_kernels::paged_attention::{self, PagedAttentionBatch, PagedAttentionShape};
+use ember_kernels::rotary::{self, RotaryShape};
 use ember_kernels::{moe_routing, rms_norm, silu_and_mul};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -142,6 +144,93 @@ fn silu_and_mul_matches_the_cpu_reference() {
     check_silu_and_mul::<bf16>(&k, &mut rng);
 }
 
+/// Rotary shapes (tokens, heads, head_dim, interleaved): Qwen3-30B-A3B queries and keys (128), a
+/// head past one block of threads, DeepSeek's interleaved rope part of 64, and a tiny head.
+const ROTARY_SHAPES: &[(usize, usize, usize, bool)] = &[
+    (5, 32, 128, false),
+    (3, 4, 128, false),
+    (2, 7, 96, false),
+    (9, 128, 64, true),
+    (4, 1, 64, true),
+    (1, 3, 2, false),
+];
+
+/// Same f32 products and sums, FMA contraction off on the GPU: f32 and bf16 agree bit for bit.
+fn check_rotary<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
+    let s = k.stream();
+    let rows = 5000;
+    for &(tokens, heads, head_dim, interleaved) in ROTARY_SHAPES {
+        let what = format!(
+            "rotary_{} [{tokens}, {heads}, {head_dim}] interleaved {interleaved}",
+            T::KERNEL_SUFFIX
+        );
+        let shape = RotaryShape {
+            heads,
+            head_dim,
+            interleaved,
+        };
+        let half = head_dim / 2;
+        let angles: Vec<f32> = (0..rows * half)
+            .map(|_| rng.random_range(-50.0..50.0))
+            .collect();
+        // Scaled as YaRN's attention factor scales them, so the tables are not unit-norm.
+        let cos: Vec<T> = angles.iter().map(|a| T::from_f32(a.cos() * 1.2)).collect();
+        let sin: Vec<T> = angles.iter().map(|a| T::from_f32(a.sin() * 1.2)).collect();
+        // Ragged positions, the last row included.
+        let positions: Vec<u32> = (0..tokens)
+            .map(|t| {
+                if t == 0 {
+                    rows as u32 - 1
+                } else {
+                    rng.random_range(0..rows as u32)
+                }
+            })
+            .collect();
+        let x: Vec<T> = random(rng, tokens * heads * head_dim, -3.0, 3.0);
+        let mut cpu = vec![T::from_f32(0.0); x.len()];
+        rotary::rotary_embedding(&x, &positions, &cos, &sin, &shape, &mut cpu).unwrap();
+        let (dx, dcos, dsin) = (
+            s.clone_htod(&x).unwrap(),
+            s.clone_htod(&cos).unwrap(),
+            s.clone_htod(&sin).unwrap(),
+        );
+        let mut dout = s.alloc_zeros::<T>(x.len()).unwrap();
+        k.rotary_embedding(&dx, &positions, &dcos, &dsin, &shape, &mut dout)
+            .unwrap();
+        let gpu = s.clone_dtoh(&dout).unwrap();
+        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            assert_eq!(
+                g.to_f32().to_bits(),
+                c.to_f32().to_bits(),
+                "{what}[{i}]: GPU {} vs CPU {}",
+                g.to_f32(),
+                c.to_f32()
+            );
+        }
+    }
+    // A position past the tables is refused on the host, before any launch.
+    let shape = RotaryShape {
+        heads: 1,
+        head_dim: 4,
+        interleaved: false,
+    };
+    let dx = s.clone_htod(&random::<T>(rng, 4, -1.0, 1.0)).unwrap();
+    let table = s.clone_htod(&random::<T>(rng, 6, -1.0, 1.0)).unwrap();
+    let mut dout = s.alloc_zeros::<T>(4).unwrap();
+    let err = k
+        .rotary_embedding(&dx, &[3], &table, &table, &shape, &mut dout)
+        .unwrap_err();
+    assert!(err.to_string().contains("past the tables' 3 rows"), "{err}");
+}
+
+#[test]
+fn rotary_embedding_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_rotary::<f32>(&k, &mut rng);
+    check_rotary::<bf16>(&k, &mut rng);
+}
+
 #[test]
 fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
     let report = ember_kernels::cuda::PTXAS_RESOURCE_USAGE;
@@ -150,6 +239,8 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "rms_norm_bf16",
         "fused_add_rms_norm_f32",
         "silu_and_mul_bf16",
+        "rotary_embedding_f32",
+        "rotary_embedding_bf16",
     ] {
         assert!(
             report.contains(&format!("::{kernel} ")),

@@ -205,4 +205,67 @@ mod tests {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
         }
     }
+
+    /// The CUDA kernel's CPU reference (ember-kernels' `rotary_embedding`) rotates as this module
+    /// does, on these tables, for rotate-half, YaRN and interleaved checkpoints; so the kernel,
+    /// tested against that reference, can stand in for `RopeRows::apply`. Tolerance 1e-6 (the
+    /// same f32 products; candle's CPU rope may contract them differently).
+    #[test]
+    fn kernel_reference_rotates_as_rope_rows() {
+        use ember_kernels::rotary::{rotary_embedding, RotaryShape};
+        let qwen = r#"{"model_type":"qwen3","vocab_size":8,"hidden_size":16,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":8,
+            "rope_theta":1000000.0}"#;
+        let deepseek_yarn = r#"{"model_type":"deepseek_v3","vocab_size":8,"hidden_size":8,
+            "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"kv_lora_rank":4,
+            "q_lora_rank":null,"qk_nope_head_dim":2,"qk_rope_head_dim":8,"v_head_dim":2,
+            "n_routed_experts":4,"num_experts_per_tok":2,"moe_intermediate_size":4,
+            "rope_theta":10000.0,"rope_scaling":{"type":"yarn","factor":40.0,
+            "original_max_position_embeddings":16,"beta_fast":32.0,"beta_slow":1.0,"mscale":1.0,
+            "mscale_all_dim":1.0}}"#;
+        let mut seed = 0x2545_f491_u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+        };
+        for (json, interleaved) in [(qwen, false), (deepseek_yarn, true)] {
+            let cfg = ModelConfig::from_json_str(json).unwrap();
+            assert_eq!(
+                matches!(cfg.rope_scaling, RopeScaling::Yarn(_)),
+                interleaved
+            );
+            let rope = RotaryEmbedding::new(&cfg, 64, DType::F32, &Device::Cpu).unwrap();
+            let (heads, head_dim) = (2, cfg.head_dim);
+            let positions = [0u32, 63, 5, 17, 40];
+            let x: Vec<f32> = (0..positions.len() * heads * head_dim)
+                .map(|_| next())
+                .collect();
+            let xt =
+                Tensor::from_slice(&x, (positions.len(), heads, head_dim), &Device::Cpu).unwrap();
+            let rows = rope
+                .select(&Tensor::new(&positions[..], &Device::Cpu).unwrap())
+                .unwrap();
+            let want = rows.apply(&xt).unwrap().flatten_all().unwrap();
+            let want = want.to_vec1::<f32>().unwrap();
+            let table = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let shape = RotaryShape {
+                heads,
+                head_dim,
+                interleaved,
+            };
+            let mut got = vec![0f32; x.len()];
+            rotary_embedding(
+                &x,
+                &positions,
+                &table(&rope.cos),
+                &table(&rope.sin),
+                &shape,
+                &mut got,
+            )
+            .unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-6, "{json}: element {i}: {g} vs {w}");
+            }
+        }
+    }
 }
