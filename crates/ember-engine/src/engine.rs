@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ember_core::{EngineRequest, FinishReason, Result};
+use ember_core::{EngineRequest, FinishReason, RequestOutput, Result, TokenLogprob};
 use ember_models::{LoadedModel, LoraAdapter, SequenceInput};
 
 use crate::constrained::{needs_mask_first, sample_constrained, Draw, MaskResult, MaskWorker};
@@ -310,6 +310,13 @@ impl Engine {
             return;
         }
         let pending = self.scheduler.step_tokens(&plan);
+        // A step whose sequences take nothing from it but their logits' argmax picks the tokens
+        // on the model's device and copies back only their ids (decided before the grammars
+        // below leave their sequences).
+        let greedy = plan
+            .chunks
+            .iter()
+            .all(|&(i, n)| self.scheduler.running[i].takes_only_the_argmax(n));
         // Grammars of the sequences that sample this step and need their mask first, or whose
         // last first draw was refused (the others try their draw alone, see
         // `sample_constrained`): the mask worker computes them while the forward runs. Each is
@@ -348,7 +355,16 @@ impl Engine {
         self.masks.begin(constrained);
         let logits = self.runner.prepare(&inputs).and_then(|batch| {
             timer.lap(1);
-            self.runner.forward(&batch)
+            if greedy {
+                let tokens = self.runner.forward_greedy(&batch)?;
+                self.stats
+                    .device_sampled_steps
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(tokens.into_iter().map(StepOutput::Token).collect())
+            } else {
+                let rows = self.runner.forward(&batch)?;
+                Ok(rows.into_iter().map(StepOutput::Rows).collect::<Vec<_>>())
+            }
         });
         drop(inputs);
         let mut masks: Vec<Option<MaskResult>> = plan.chunks.iter().map(|_| None).collect();
@@ -369,13 +385,13 @@ impl Engine {
         };
         timer.lap(2);
         let mut finished: Vec<usize> = Vec::new();
-        for ((&(i, n), rows), mask) in plan.chunks.iter().zip(logits).zip(masks) {
+        for ((&(i, n), output), mask) in plan.chunks.iter().zip(logits).zip(masks) {
             let seq = &mut self.scheduler.running[i];
             let prompt_part = seq.prompt.len().saturating_sub(seq.num_computed).min(n);
             self.stats
                 .prompt_tokens_computed
                 .fetch_add(prompt_part as u64, Ordering::Relaxed);
-            let done = advance(seq, n, &rows, mask, self.max_model_len, &self.stats);
+            let done = advance(seq, n, &output, mask, self.max_model_len, &self.stats);
             self.scheduler.cache_computed_blocks(i);
             if done {
                 finished.push(i);
@@ -409,6 +425,13 @@ impl StepTimer {
     }
 }
 
+/// What a step gives one sequence: its logits rows (hidden states for an embedding), or, on a
+/// step that sampled greedily on the device, its token.
+enum StepOutput {
+    Rows(Vec<Vec<f32>>),
+    Token(u32),
+}
+
 /// Records a step's `n` computed tokens of `seq` and, once the sequence is caught up, samples
 /// its next token and sends it (with the finish reason when it is the last); an embedding
 /// request instead ends with its last row (the model's hidden state there) once its prompt is
@@ -418,13 +441,17 @@ impl StepTimer {
 fn advance(
     seq: &mut Sequence,
     n: usize,
-    rows: &[Vec<f32>],
+    output: &StepOutput,
     mask: Option<MaskResult>,
     max_model_len: usize,
     stats: &EngineStats,
 ) -> bool {
     let first = seq.num_computed;
     seq.num_computed += n;
+    let rows = match output {
+        StepOutput::Rows(rows) => &rows[..],
+        StepOutput::Token(_) => &[],
+    };
     let mut out = seq.output_template();
     if let (Some(logprobs), Some(k)) = (seq.prompt_logprobs.as_mut(), seq.params.prompt_logprobs) {
         // Row j predicts position first + j + 1 when all rows were computed for this chunk.
@@ -458,6 +485,10 @@ fn advance(
         out.finish_reason = Some(FinishReason::Length);
         seq.send(out);
         return true;
+    }
+    if let StepOutput::Token(token_id) = *output {
+        // `takes_only_the_argmax` held: greedy, nothing banned, no grammar, no logprobs.
+        return emit(seq, out, token_id, None, max_model_len, stats);
     }
     let Some(row) = rows.last() else {
         fail(seq, "the model returned no logits");
@@ -496,10 +527,23 @@ fn advance(
             }
         }
     };
-    let sampled = with_logprobs(row, token_id, params);
-    seq.output.push(sampled.token_id);
-    out.new_token_ids = vec![sampled.token_id];
-    out.new_logprobs = sampled.logprob.into_iter().collect();
+    let logprob = with_logprobs(row, token_id, params).logprob;
+    emit(seq, out, token_id, logprob, max_model_len, stats)
+}
+
+/// Appends the sampled `token_id` to `seq`, counts it and sends it (with the finish reason when
+/// it is the last); returns whether the request is done.
+fn emit(
+    seq: &mut Sequence,
+    mut out: RequestOutput,
+    token_id: u32,
+    logprob: Option<TokenLogprob>,
+    max_model_len: usize,
+    stats: &EngineStats,
+) -> bool {
+    seq.output.push(token_id);
+    out.new_token_ids = vec![token_id];
+    out.new_logprobs = logprob.into_iter().collect();
     out.completion_tokens = seq.output.len();
     out.finish_reason = seq.check_finished(max_model_len);
     let done = out.finish_reason.is_some();

@@ -2,6 +2,7 @@
 //! It never decides policy; the scheduler tells it what to run.
 
 use ember_core::{EmberError, Result};
+use ember_models::greedy::greedy_tokens;
 use ember_models::{CausalLm, ForwardBatch, KvCachePool, LoadedModel, SequenceInput};
 
 /// A loaded model plus its paged KV cache.
@@ -74,5 +75,18 @@ impl ModelRunner {
             .iter()
             .map(|&n| rows.by_ref().take(n).collect())
             .collect())
+    }
+
+    /// Runs the model over a prepared batch whose sequences each own one logits row and all
+    /// decode greedily; returns each one's token (its row's argmax, the lowest id on ties),
+    /// chosen on the model's device so only the ids come back.
+    pub fn forward_greedy(&self, batch: &ForwardBatch) -> Result<Vec<u32>> {
+        if batch.logits_per_sequence.iter().any(|&n| n != 1) {
+            return Err(EmberError::Tensor(
+                "greedy decoding needs exactly one logits row per sequence".into(),
+            ));
+        }
+        let logits = self.model.forward(batch, &self.caches)?;
+        greedy_tokens(&logits).map_err(|e| EmberError::Tensor(e.to_string()))
     }
 }

@@ -6,6 +6,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use ember_core::{SamplingParams, TokenLogprob, TokenMask};
+use ember_kernels::sampling::argmax;
 
 /// A request's own random stream, so that seeded sampling repeats whatever else shares the batch.
 ///
@@ -181,12 +182,8 @@ fn choose(
     output_tokens: &[u32],
     rng: &mut SequenceRng,
 ) -> u32 {
-    let modifies_logits = !params.logit_bias.is_empty()
-        || params.repetition_penalty != 1.0
-        || params.presence_penalty != 0.0
-        || params.frequency_penalty != 0.0;
-    if params.is_greedy() && !modifies_logits {
-        return argmax(logits.iter().copied());
+    if params.is_greedy() && !modifies_logits(params) {
+        return argmax(logits);
     }
     // The one working buffer: (token id, value), first logits, then sampling weights.
     let mut candidates: Vec<(u32, f32)> = logits
@@ -196,15 +193,25 @@ fn choose(
         .collect();
     apply_bias_and_penalties(&mut candidates, params, prompt_tokens, output_tokens);
     if params.is_greedy() {
-        return argmax(candidates.iter().map(|&(_, logit)| logit));
+        let logits: Vec<f32> = candidates.iter().map(|&(_, logit)| logit).collect();
+        return argmax(&logits);
     }
     draw_filtered(candidates, params, rng)
 }
 
-/// First index of the largest value; NaN never wins. Two passes, so the max can vectorise.
-fn argmax(values: impl Iterator<Item = f32> + Clone) -> u32 {
-    let max = values.clone().fold(f32::NEG_INFINITY, f32::max);
-    values.into_iter().position(|v| v == max).unwrap_or(0) as u32
+/// Whether `params` changes logits before choosing: a bias or a penalty.
+fn modifies_logits(params: &SamplingParams) -> bool {
+    !params.logit_bias.is_empty()
+        || params.repetition_penalty != 1.0
+        || params.presence_penalty != 0.0
+        || params.frequency_penalty != 0.0
+}
+
+/// Whether `params` picks the raw logits' argmax and wants nothing else from them: greedy, no
+/// bias or penalty, no logprobs. Such a token can be chosen where the logits are
+/// ([`ember_models::greedy::greedy_tokens`], the same argmax as here).
+pub fn is_plain_greedy(params: &SamplingParams) -> bool {
+    params.is_greedy() && !modifies_logits(params) && params.logprobs.is_none()
 }
 
 /// Applies `logit_bias`, then the repetition penalty (prompt and output tokens), then the

@@ -126,6 +126,20 @@ impl Sequence {
         Some(params)
     }
 
+    /// Whether a step of `n` of this sequence's tokens can run on device-side greedy sampling:
+    /// what it takes from the step is at most one token, its logits' plain argmax (see
+    /// [`crate::sampler::is_plain_greedy`]); a step that does not sample must not want the rows
+    /// either (prompt logprobs, an embedding).
+    pub fn takes_only_the_argmax(&self, n: usize) -> bool {
+        if self.params.embed || self.prompt_logprobs.is_some() {
+            return false;
+        }
+        !self.samples_after(n)
+            || (crate::sampler::is_plain_greedy(&self.params)
+                && self.constraint.is_none()
+                && self.output.len() >= self.params.min_tokens)
+    }
+
     /// Whether this step's `n` tokens bring the sequence up to date, so it samples its next token.
     pub fn samples_after(&self, n: usize) -> bool {
         self.num_computed + n >= self.len() && self.params.max_tokens > 0

@@ -203,3 +203,75 @@ fn min_tokens_bans_the_stop_token_until_reached() {
     assert!(!got.tokens[..5].contains(&stop), "{:?}", got.tokens);
     assert_eq!(got.tokens[..2], greedy[..2]);
 }
+
+/// Steps where every sequence decodes plainly greedily choose their tokens on the model's device
+/// (`ModelRunner::forward_greedy`); they must be the host sampler's tokens, and so the
+/// reference's, alone, batched with chunked prefills, and mixed with a request that needs its
+/// logits rows (logprobs), which sends the steps it shares back to the host sampler.
+#[test]
+fn device_greedy_sampling_gives_the_host_samplers_tokens() {
+    let plain = |steps| SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(steps)
+    };
+    for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let reference = reference(name);
+        let prompts = reference["prompts"].as_array().unwrap();
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| ids(&p["greedy"]["token_ids"]))
+            .collect();
+        let cfg = EngineConfig {
+            max_num_batched_tokens: 24,
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        let engine = start(name, cfg);
+        let submit = |p: &Value, params: SamplingParams| {
+            engine.submit(ids(&p["token_ids"]), params).unwrap()
+        };
+        // Alone, then all at once: only device-sampled steps.
+        for (p, want) in prompts.iter().zip(&want) {
+            let got = collect(submit(p, plain(want.len())));
+            assert_eq!(&got.tokens, want, "{name}: alone");
+            assert!(got.logprobs.is_empty());
+        }
+        let before = engine.stats();
+        // The last step's count may not be published yet when its request has finished.
+        assert!(
+            before.device_sampled_steps > 0 && before.device_sampled_steps + 1 >= before.steps,
+            "{name}: {before:?}"
+        );
+        let receivers: Vec<_> = prompts
+            .iter()
+            .zip(&want)
+            .map(|(p, w)| submit(p, plain(w.len())))
+            .collect();
+        for (rx, want) in receivers.into_iter().zip(&want) {
+            assert_eq!(&collect(rx).tokens, want, "{name}: batched");
+        }
+        // One request with logprobs among plain ones: the shared steps sample on the host.
+        let receivers: Vec<_> = prompts
+            .iter()
+            .zip(&want)
+            .enumerate()
+            .map(|(i, (p, w))| {
+                let params = if i == 0 {
+                    greedy_params(w.len())
+                } else {
+                    plain(w.len())
+                };
+                submit(p, params)
+            })
+            .collect();
+        for (rx, want) in receivers.into_iter().zip(&want) {
+            assert_eq!(&collect(rx).tokens, want, "{name}: mixed");
+        }
+        let after = engine.stats();
+        assert!(after.device_sampled_steps > before.device_sampled_steps);
+        assert!(
+            after.device_sampled_steps < after.steps,
+            "{name}: the logprobs request's steps ran on the host"
+        );
+    }
+}

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -16,16 +16,20 @@ use crate::moe_routing::{routing_shape, RoutingConfig, TopkMethod};
 use crate::paged_attention::{paged_attention_shape, PagedAttentionBatch, PagedAttentionShape};
 use crate::rms_norm::rms_norm_shape;
 use crate::rotary::{rotary_shape, RotaryShape};
+use crate::sampling::argmax_shape;
 use crate::silu_and_mul::silu_and_mul_shape;
 use crate::{Element, KernelError};
 
 const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
 const ROTARY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rotary.fatbin"));
+const SAMPLING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
 const PAGED_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
+/// Threads per block of `argmax_f32` in `kernels/sampling.cu` (its `ARGMAX_THREADS`).
+const ARGMAX_THREADS: u32 = 256;
 /// Threads per block of `kernels/paged_attention.cu` (its `PA_THREADS`).
 const PA_THREADS: u32 = 128;
 
@@ -43,6 +47,7 @@ pub struct CudaKernels {
     stream: Arc<CudaStream>,
     rms_norm: Arc<CudaModule>,
     rotary: Arc<CudaModule>,
+    sampling: Arc<CudaModule>,
     silu_and_mul: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
@@ -73,6 +78,7 @@ impl CudaKernels {
         Ok(Self {
             rms_norm: load(RMS_NORM_FATBIN)?,
             rotary: load(ROTARY_FATBIN)?,
+            sampling: load(SAMPLING_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
@@ -221,6 +227,37 @@ impl CudaKernels {
         };
         // SAFETY: matches rotary_embedding_<T>(T*, const T*, const unsigned*, const T*, const T*,
         // int, int, int) in kernels/rotary.cu; rotary_shape bounds every x, out and table index.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl CudaKernels {
+    /// [`crate::sampling::argmax_rows`] on the GPU: each f32 logits row's token id, so greedy
+    /// decoding copies back `rows` ids instead of `rows x vocab` logits. `logits` is a view, as a
+    /// tensor's rows may start inside its buffer.
+    pub fn argmax_rows(
+        &self,
+        logits: &CudaView<'_, f32>,
+        vocab: usize,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<(), KernelError> {
+        let rows = argmax_shape(logits.len(), vocab, out.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let rows = u32::try_from(rows).map_err(|_| too_big("argmax", "rows", rows))?;
+        let vocab = int32("argmax", "vocab", vocab)?;
+        let f = self.sampling.load_function("argmax_f32")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(logits).arg(&vocab);
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (ARGMAX_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches argmax_f32(unsigned*, const float*, int) in kernels/sampling.cu, launched
+        // with its ARGMAX_THREADS; argmax_shape bounds every row it reads and writes.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod moe_routing;
 pub mod paged_attention;
 pub mod rms_norm;
 pub mod rotary;
+pub mod sampling;
 pub mod silu_and_mul;
 
 #[cfg(feature = "cuda")]

@@ -5,12 +5,13 @@
 //! Paged attention sums softmax-weighted rows in tiles (online rescaling, __expf): f32 within
 //! 1e-4 relative plus 1e-5 absolute, bf16 one ulp plus 1e-3 absolute (outputs are O(1)).
 //! RoPE does the same f32 products and sums on both sides (no FMA on the GPU): bit-identical.
+//! Argmax only compares: exact, ties (lowest id) and NaN included.
 #![cfg(feature = "cuda")]
 
 use ember_kernels::cuda::{CudaElement, CudaKernels};
 use ember_kernels::paged_attention::{self, PagedAttentionBatch, PagedAttentionShape};
 use ember_kernels::rotary::{self, RotaryShape};
-use ember_kernels::{moe_routing, rms_norm, silu_and_mul};
+use ember_kernels::{moe_routing, rms_norm, sampling, silu_and_mul};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -231,6 +232,58 @@ fn rotary_embedding_matches_the_cpu_reference() {
     check_rotary::<bf16>(&k, &mut rng);
 }
 
+/// Greedy sampling over real vocab sizes: random logits, and rows salted with ties of the max
+/// (spread over threads and warps), NaNs, infinities and all-NaN rows.
+#[test]
+fn argmax_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    let s = k.stream();
+    for &(rows, vocab) in &[
+        (1, 7),
+        (3, 32),
+        (5, 1000),
+        (16, 151_936),
+        (4, 129_280),
+        (2, 163_840),
+    ] {
+        let mut logits: Vec<f32> = random(&mut rng, rows * vocab, -20.0, 20.0);
+        for (r, row) in logits.chunks_exact_mut(vocab).enumerate() {
+            match r % 4 {
+                // The max at several scattered ids: the lowest must win.
+                1 => {
+                    for _ in 0..5 {
+                        row[rng.random_range(0..vocab)] = 50.0;
+                    }
+                }
+                // NaNs everywhere, one of them where the max was, and a -inf.
+                2 => {
+                    for _ in 0..vocab / 3 + 1 {
+                        row[rng.random_range(0..vocab)] = f32::NAN;
+                    }
+                    row[rng.random_range(0..vocab)] = f32::NEG_INFINITY;
+                }
+                3 if r == 3 => row.fill(f32::NAN),
+                3 => row[rng.random_range(0..vocab)] = f32::INFINITY,
+                _ => {}
+            }
+        }
+        let mut cpu = vec![0u32; rows];
+        sampling::argmax_rows(&logits, vocab, &mut cpu).unwrap();
+        let dlogits = s.clone_htod(&logits).unwrap();
+        let mut dout = s.alloc_zeros::<u32>(rows).unwrap();
+        k.argmax_rows(&dlogits.as_view(), vocab, &mut dout).unwrap();
+        assert_eq!(
+            s.clone_dtoh(&dout).unwrap(),
+            cpu,
+            "argmax [{rows}, {vocab}]"
+        );
+    }
+    let d = s.clone_htod(&[1f32; 6]).unwrap();
+    let mut out = s.alloc_zeros::<u32>(4).unwrap();
+    assert!(k.argmax_rows(&d.as_view(), 4, &mut out).is_err());
+}
+
 #[test]
 fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
     let report = ember_kernels::cuda::PTXAS_RESOURCE_USAGE;
@@ -241,6 +294,7 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "silu_and_mul_bf16",
         "rotary_embedding_f32",
         "rotary_embedding_bf16",
+        "argmax_f32",
     ] {
         assert!(
             report.contains(&format!("::{kernel} ")),

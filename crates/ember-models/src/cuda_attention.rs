@@ -29,7 +29,7 @@ pub fn supported(cache: &LayerKvCache, q: &Tensor, num_kv_heads: usize) -> bool 
 }
 
 /// The kernels loaded on each GPU candle uses, once.
-fn kernels(device: &CudaDevice) -> candle_core::Result<Arc<CudaKernels>> {
+pub(crate) fn kernels(device: &CudaDevice) -> candle_core::Result<Arc<CudaKernels>> {
     static LOADED: OnceLock<Mutex<HashMap<candle_core::cuda::DeviceId, Arc<CudaKernels>>>> =
         OnceLock::new();
     let mut loaded = LOADED

@@ -369,6 +369,11 @@ impl Collector for EngineCollector {
                 s.prompt_tokens_computed,
             ),
             ("ember:generation_tokens", "Tokens generated.", s.generation_tokens),
+            (
+                "ember:device_sampled_steps",
+                "Engine steps whose tokens were all chosen greedily on the model's device.",
+                s.device_sampled_steps,
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);

@@ -1,0 +1,95 @@
+//! Greedy sampling where the logits are: each row's argmax as a candle op, ember-kernels' CPU
+//! reference on the CPU and its `argmax_f32` kernel on CUDA, so a step that decodes greedily
+//! copies back one token id per row instead of the whole `[rows, vocab]` logits.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use ember_kernels::sampling::argmax_rows;
+
+/// The argmax of each row of f32 `logits` `[rows, vocab]`: the lowest id of the largest logit, NaN
+/// never chosen (as the host sampler chooses), brought back to the host.
+pub fn greedy_tokens(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    if logits.dtype() != DType::F32 {
+        candle_core::bail!("greedy sampling takes f32 logits, not {:?}", logits.dtype());
+    }
+    let (_, vocab) = logits.dims2()?;
+    logits
+        .contiguous()?
+        .apply_op1_no_bwd(&Argmax { vocab })?
+        .to_vec1::<u32>()
+}
+
+struct Argmax {
+    vocab: usize,
+}
+
+/// The f32 elements of a contiguous layout, from its start.
+fn contiguous_range(layout: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(start..end),
+        None => candle_core::bail!("greedy sampling needs contiguous logits"),
+    }
+}
+
+impl CustomOp1 for Argmax {
+    fn name(&self) -> &'static str {
+        "ember-argmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let logits = &storage.as_slice::<f32>()?[contiguous_range(layout)?];
+        let mut out = vec![0u32; logits.len() / self.vocab];
+        argmax_rows(logits, self.vocab, &mut out).map_err(candle_core::Error::wrap)?;
+        let rows = out.len();
+        Ok((CpuStorage::U32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let range = contiguous_range(layout)?;
+        let device = storage.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let logits = storage.as_cuda_slice::<f32>()?.slice(range.clone());
+        let rows = range.len() / self.vocab;
+        let mut out = device.alloc_zeros::<u32>(rows)?;
+        kernels
+            .argmax_rows(&logits, self.vocab, &mut out)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from(rows),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn picks_each_rows_lowest_best_id_from_a_strided_view() {
+        // Columns 1.. of a [3, 5] tensor: a non-contiguous view, made contiguous by the op.
+        let t = Tensor::new(
+            &[
+                [9f32, 1.0, 4.0, 4.0, 0.0],
+                [9.0, f32::NAN, -1.0, 2.0, 2.0],
+                [9.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let view = t.narrow(1, 1, 4).unwrap();
+        assert_eq!(greedy_tokens(&view).unwrap(), [1, 2, 0]);
+        assert!(greedy_tokens(&view.to_dtype(DType::BF16).unwrap()).is_err());
+    }
+}
