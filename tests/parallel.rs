@@ -126,6 +126,37 @@ fn check_family(name: &str, layouts: &[&[&str]]) {
             let world: usize = flags[1].parse().unwrap();
             assert_eq!(ranks.len(), world, "{name} {flags:?}: ranks in /metrics");
             assert_eq!(ranks.iter().sum::<f64>(), load.values().sum::<f64>());
+            // Copies per expert: one each, plus the redundant ones, in every MoE layer.
+            let redundant: f64 = flags
+                .iter()
+                .position(|f| *f == "--num-redundant-experts")
+                .map_or(0.0, |i| flags[i + 1].parse().unwrap());
+            let mut copies: BTreeMap<String, f64> = BTreeMap::new();
+            for (key, v) in server.metrics() {
+                if let Some(labels) = key.strip_prefix("ember:moe_expert_replicas{") {
+                    assert!(v >= 1.0, "{name} {flags:?}: {key} {v}");
+                    let layer = labels
+                        .split("layer=\"")
+                        .nth(1)
+                        .unwrap()
+                        .split('"')
+                        .next()
+                        .unwrap();
+                    *copies.entry(layer.to_string()).or_default() += v;
+                }
+            }
+            let experts = (load.len() / copies.len().max(1)) as f64;
+            assert!(
+                !copies.is_empty(),
+                "{name} {flags:?}: no ember:moe_expert_replicas"
+            );
+            for (layer, total) in &copies {
+                assert_eq!(
+                    *total,
+                    experts + redundant,
+                    "{name} {flags:?}: layer {layer}"
+                );
+            }
         }
         for ((p1, ids1, g1), (pn, idsn, gn)) in one.iter().zip(&sharded) {
             assert_eq!(ids1, idsn, "{name} {flags:?}: greedy tokens");
@@ -139,11 +170,21 @@ const TP: [&[&str]; 2] = [
     &["--tensor-parallel-size", "2"],
     &["--tensor-parallel-size", "4"],
 ];
-const TP_AND_EP: [&[&str]; 4] = [
+/// TP 2/4, EP 2/4, and EP 4 with 4 redundant expert copies re-placed (EPLB) before every step.
+const TP_AND_EP: [&[&str]; 5] = [
     &["--tensor-parallel-size", "2"],
     &["--tensor-parallel-size", "4"],
     &["--tensor-parallel-size", "2", "--enable-expert-parallel"],
     &["--tensor-parallel-size", "4", "--enable-expert-parallel"],
+    &[
+        "--tensor-parallel-size",
+        "4",
+        "--enable-expert-parallel",
+        "--num-redundant-experts",
+        "4",
+        "--eplb-step-interval",
+        "1",
+    ],
 ];
 
 #[test]
@@ -249,6 +290,21 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
     assert!(err.contains("does not split evenly over 3 ranks"), "{err}");
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "0"]);
     assert!(err.contains("at least 1"), "{err}");
+    let err = serve_error(
+        "qwen3-moe-tiny",
+        &["-t", "2", "--num-redundant-experts", "2"],
+    );
+    assert!(err.contains("--enable-expert-parallel"), "{err}");
+    // 8 experts plus 2 copies do not split over 4 ranks.
+    let ep = [
+        "-t",
+        "4",
+        "--enable-expert-parallel",
+        "--num-redundant-experts",
+        "2",
+    ];
+    let err = serve_error("qwen3-moe-tiny", &ep);
+    assert!(err.contains("do not split evenly over 4"), "{err}");
 }
 
 /// A rank that fails mid-run (injected with `EMBER_FAULT_INJECT`, rank 1 at its second step)

@@ -79,6 +79,15 @@ pub struct ModelArgs {
     /// experts' owners by all-to-all, shared experts replicated) instead of splitting each.
     #[arg(long)]
     pub enable_expert_parallel: bool,
+    /// Extra expert slots over the expert-parallel ranks, each holding a copy of a hot expert,
+    /// as DeepSeek's EPLB does; a token routed to a copied expert goes to one of its copies.
+    /// The routed experts plus these must split evenly over the ranks.
+    #[arg(long, default_value_t = 0)]
+    pub num_redundant_experts: usize,
+    /// With --num-redundant-experts: every this many engine steps, re-place the copies for the
+    /// per-expert load seen since the last time (0 keeps the initial placement).
+    #[arg(long, default_value_t = 3000)]
+    pub eplb_step_interval: u64,
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -262,6 +271,13 @@ impl ModelArgs {
         }
         opts.tensor_parallel_size = self.tensor_parallel_size;
         opts.enable_expert_parallel = self.enable_expert_parallel;
+        if self.num_redundant_experts > 0
+            && !(self.enable_expert_parallel && self.tensor_parallel_size > 1)
+        {
+            bail!("--num-redundant-experts needs --enable-expert-parallel and --tensor-parallel-size above 1");
+        }
+        opts.num_redundant_experts = self.num_redundant_experts;
+        opts.eplb_step_interval = self.eplb_step_interval;
         Ok(opts)
     }
 

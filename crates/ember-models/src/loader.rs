@@ -50,6 +50,12 @@ pub struct LoadOptions {
     pub tensor_parallel_size: usize,
     /// `--enable-expert-parallel`: routed experts partitioned across the ranks instead of split.
     pub enable_expert_parallel: bool,
+    /// `--num-redundant-experts`: extra expert slots over the expert-parallel ranks, each a
+    /// copy of a hot expert (DeepSeek's EPLB); needs expert parallelism.
+    pub num_redundant_experts: usize,
+    /// `--eplb-step-interval`: with redundant experts, re-place the copies every this many
+    /// steps from the load seen since the last time (0: keep the initial placement).
+    pub eplb_step_interval: u64,
     /// `--attention-backend`: candle's tensor path, or ember's CUDA kernel where it serves.
     pub attention_backend: crate::attention::AttentionBackend,
 }
@@ -70,6 +76,8 @@ impl LoadOptions {
             kv_cache_dtype: KvCacheDtype::Auto,
             tensor_parallel_size: 1,
             enable_expert_parallel: false,
+            num_redundant_experts: 0,
+            eplb_step_interval: 0,
             attention_backend: Default::default(),
         }
     }
@@ -323,6 +331,11 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         }
     };
     let world = opts.tensor_parallel_size;
+    if opts.num_redundant_experts > 0 && !(opts.enable_expert_parallel && world > 1) {
+        return Err(EmberError::Config(
+            "--num-redundant-experts needs --enable-expert-parallel over more than one rank".into(),
+        ));
+    }
     let (model, rank_weight_bytes): (Box<dyn CausalLm>, Vec<u64>) = match world {
         0 => {
             return Err(EmberError::Config(
@@ -341,6 +354,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 let rank_weights = weights.clone().with_rank(RankContext {
                     comm: comm.clone(),
                     expert_parallel: opts.enable_expert_parallel,
+                    redundant_experts: opts.num_redundant_experts,
                 });
                 ranks.push((build(&rank_weights)?, comm));
                 bytes.push(rank_weights.held_bytes());
@@ -351,7 +365,12 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 rank_weights_gib = ?bytes.iter().map(|&b| b as f64 / (1u64 << 30) as f64).collect::<Vec<_>>(),
                 "sharded over {world} ranks (threads of this process, in lock-step)"
             );
-            (Box::new(ShardedModel::new(ranks)?), bytes)
+            let mut sharded = ShardedModel::new(ranks)?;
+            if opts.num_redundant_experts > 0 && opts.eplb_step_interval > 0 {
+                sharded = sharded
+                    .with_rebalancing(weights.expert_load().clone(), opts.eplb_step_interval);
+            }
+            (Box::new(sharded), bytes)
         }
     };
     let weight_bytes = rank_weight_bytes.iter().sum();

@@ -2,8 +2,8 @@
 //! renormalised), each expert run once over the tokens routed to it, outputs scattered back.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use candle_core::{DType, Tensor};
 use ember_core::{EmberError, MoeConfig, Result};
@@ -52,12 +52,14 @@ pub fn route_softmax_topk(
 }
 
 /// Tokens routed to each expert of each MoE layer since the model loaded (the load-balance
-/// statistics of `/metrics`), shared by every rank's copy of a layer.
+/// statistics of `/metrics`), shared by every rank's copy of a layer; under expert parallelism
+/// also each rank's tokens and, per layer, where the experts' copies are ([`ExpertPlacement`]).
 #[derive(Debug, Default)]
 pub struct ExpertLoad {
     layers: Mutex<BTreeMap<usize, Arc<Vec<AtomicU64>>>>,
-    /// Experts each rank owns under expert parallelism; 0 otherwise.
-    experts_per_rank: AtomicUsize,
+    /// Under expert parallelism, tokens each rank's experts processed (all layers).
+    rank_tokens: OnceLock<Vec<AtomicU64>>,
+    placements: Mutex<BTreeMap<usize, Arc<ExpertPlacement>>>,
 }
 
 impl ExpertLoad {
@@ -70,6 +72,32 @@ impl ExpertLoad {
             .clone()
     }
 
+    /// Layer `layer`'s placement of `experts` experts over `world` ranks of `slots` slots each
+    /// (created on first use: expert `p % experts` in slot `p`, so the copies beyond the
+    /// experts start as experts 0, 1, …).
+    fn placement(
+        &self,
+        layer: usize,
+        experts: usize,
+        slots: usize,
+        world: usize,
+    ) -> Arc<ExpertPlacement> {
+        self.rank_tokens
+            .get_or_init(|| (0..world).map(|_| AtomicU64::new(0)).collect());
+        let mut placements = self.placements.lock().unwrap_or_else(|p| p.into_inner());
+        placements
+            .entry(layer)
+            .or_insert_with(|| {
+                Arc::new(ExpertPlacement {
+                    map: RwLock::new(Arc::new((0..slots * world).map(|p| p % experts).collect())),
+                    version: AtomicU64::new(0),
+                    window_start: Mutex::new(vec![0; experts]),
+                    slots_per_rank: slots,
+                })
+            })
+            .clone()
+    }
+
     /// Tokens per expert, by layer index, in layer order.
     pub fn snapshot(&self) -> Vec<(usize, Vec<u64>)> {
         let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
@@ -79,10 +107,137 @@ impl ExpertLoad {
             .collect()
     }
 
-    /// Under expert parallelism, how many consecutive experts each rank owns.
-    pub fn experts_per_rank(&self) -> Option<usize> {
-        Some(self.experts_per_rank.load(Ordering::Relaxed)).filter(|&n| n > 0)
+    /// Under expert parallelism, tokens each rank's experts processed, all layers together.
+    pub fn rank_tokens(&self) -> Option<Vec<u64>> {
+        self.rank_tokens
+            .get()
+            .map(|r| r.iter().map(|n| n.load(Ordering::Relaxed)).collect())
     }
+
+    /// Under expert parallelism, each layer's copies of each expert (1 without redundancy).
+    pub fn replicas(&self) -> Vec<(usize, Vec<usize>)> {
+        let placements = self.placements.lock().unwrap_or_else(|p| p.into_inner());
+        placements
+            .iter()
+            .map(|(&layer, placement)| {
+                let experts = placement.window_start.lock().map_or(0, |w| w.len());
+                let mut copies = vec![0; experts];
+                for &e in placement.map().iter() {
+                    copies[e] += 1;
+                }
+                (layer, copies)
+            })
+            .collect()
+    }
+
+    /// Re-places every layer's expert copies for the load seen since its last rebalance (see
+    /// [`eplb_placement`]); each rank loads the experts of its changed slots at its next run of
+    /// the layer. Call only between steps, when no rank is running. Returns the layers changed.
+    pub fn rebalance(&self) -> usize {
+        let placements: Vec<(usize, Arc<ExpertPlacement>)> = {
+            let p = self.placements.lock().unwrap_or_else(|p| p.into_inner());
+            p.iter().map(|(&l, p)| (l, p.clone())).collect()
+        };
+        let mut changed = 0;
+        for (layer, placement) in placements {
+            let now: Vec<u64> = {
+                let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+                match layers.get(&layer) {
+                    Some(c) => c.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
+                    None => continue,
+                }
+            };
+            let mut start = placement
+                .window_start
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let window: Vec<u64> = now.iter().zip(start.iter()).map(|(n, s)| n - s).collect();
+            *start = now;
+            if window.iter().all(|&n| n == 0) {
+                continue;
+            }
+            let world = placement.map().len() / placement.slots_per_rank;
+            let map = eplb_placement(&window, placement.slots_per_rank, world);
+            if map != **placement.map() {
+                *placement.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+                placement.version.fetch_add(1, Ordering::Release);
+                changed += 1;
+            }
+        }
+        changed
+    }
+}
+
+/// Where the copies of one MoE layer's experts live under expert parallelism: `map[p]` is the
+/// expert in physical slot `p`, rank `r` holding slots `r * slots_per_rank..`. With
+/// `--num-redundant-experts` there are more slots than experts and hot experts get several
+/// copies; a token routed to an expert goes to one of its copies. Every rank's copy of the layer
+/// reads this one, so they agree on where each token goes.
+#[derive(Debug)]
+pub struct ExpertPlacement {
+    map: RwLock<Arc<Vec<usize>>>,
+    /// Bumped at each change, so each rank knows to reload its slots.
+    version: AtomicU64,
+    /// The layer's per-expert token counts at the last rebalance (its window starts there).
+    window_start: Mutex<Vec<u64>>,
+    slots_per_rank: usize,
+}
+
+impl ExpertPlacement {
+    fn map(&self) -> Arc<Vec<usize>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A placement of `load.len()` experts into `world` ranks of `slots` slots each, for the
+/// tokens each expert received (`load`), as DeepSeek's EPLB balances them: the spare slots go one
+/// by one to the expert with the most tokens per copy, then the copies (each carrying its
+/// expert's tokens over its copies) are packed heaviest first onto the least-loaded rank with a
+/// free slot, a rank not yet holding that expert first. Deterministic: ties go to the lower
+/// expert and rank. Returns the expert of each slot, ranks in order, each rank's slots sorted.
+pub fn eplb_placement(load: &[u64], slots: usize, world: usize) -> Vec<usize> {
+    let experts = load.len();
+    let total = slots * world;
+    assert!(
+        total >= experts && experts > 0,
+        "{total} slots for {experts} experts"
+    );
+    let mut copies = vec![1usize; experts];
+    for _ in experts..total {
+        // Most tokens per copy: compare load[a] / copies[a] with load[b] / copies[b] exactly.
+        let hot = (0..experts)
+            .max_by(|&a, &b| {
+                (load[a] as u128 * copies[b] as u128)
+                    .cmp(&(load[b] as u128 * copies[a] as u128))
+                    .then(b.cmp(&a))
+            })
+            .expect("at least one expert");
+        copies[hot] += 1;
+    }
+    let mut items: Vec<(usize, f64)> = (0..experts)
+        .flat_map(|e| std::iter::repeat_n((e, load[e] as f64 / copies[e] as f64), copies[e]))
+        .collect();
+    items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut ranks: Vec<(f64, Vec<usize>)> = vec![(0.0, Vec::with_capacity(slots)); world];
+    for (expert, weight) in items {
+        let pick = |distinct: bool| {
+            (0..world)
+                .filter(|&r| {
+                    ranks[r].1.len() < slots && !(distinct && ranks[r].1.contains(&expert))
+                })
+                .min_by(|&a, &b| ranks[a].0.total_cmp(&ranks[b].0).then(a.cmp(&b)))
+        };
+        let r = pick(true).or_else(|| pick(false)).expect("a free slot");
+        ranks[r].0 += weight;
+        ranks[r].1.push(expert);
+    }
+    ranks
+        .into_iter()
+        .flat_map(|(_, mut held)| {
+            held.sort_unstable();
+            held
+        })
+        .collect()
 }
 
 /// The decoder layer index in a module path (`model.layers.3.mlp.experts` → 3).
@@ -148,17 +303,79 @@ impl SparseMoe {
 pub struct Experts {
     pub path: String,
     /// The experts this rank runs: every expert (whole, or under tensor parallelism each one's
-    /// share of its intermediate channels), or under expert parallelism the rank's own range.
-    pub experts: Vec<Mlp>,
+    /// share of its intermediate channels), or under expert parallelism those of its slots.
+    slots: RwLock<RankSlots>,
     /// Experts in the layer, on all ranks together.
     pub num_experts: usize,
-    /// Set under expert parallelism: `experts` are experts `rank * len..`, tokens travel.
-    expert_parallel: Option<RankContext>,
+    /// Set under expert parallelism: the rank holds whole experts, tokens travel to them.
+    expert_parallel: Option<Box<ExpertParallel>>,
     /// Tokens routed to each expert of the layer (all ranks' copies share them).
     load: Arc<Vec<AtomicU64>>,
     /// Whether this copy counts: every rank under expert parallelism (each its own experts'
     /// tokens), rank 0 alone under tensor parallelism (every rank routes every token).
     counts_load: bool,
+}
+
+/// The experts one rank holds, slot by slot, as loaded for one version of the placement.
+struct RankSlots {
+    version: u64,
+    /// The expert in each slot.
+    experts: Vec<usize>,
+    mlps: Vec<Arc<Mlp>>,
+}
+
+/// What a rank needs under expert parallelism: its group, the layer's placement, and where to
+/// read an expert the placement moves to it.
+struct ExpertParallel {
+    ctx: RankContext,
+    placement: Arc<ExpertPlacement>,
+    registry: Arc<ExpertLoad>,
+    source: ExpertSource,
+}
+
+/// The checkpoint tensors of a layer's experts (memory-mapped: reading one expert reads its bytes).
+struct ExpertSource {
+    weights: Weights,
+    hidden: usize,
+    intermediate: usize,
+    experts: usize,
+}
+
+impl ExpertSource {
+    /// Expert `x`, whole.
+    fn load(&self, x: usize) -> Result<Mlp> {
+        let (w, i, hidden) = (&self.weights, self.intermediate, self.hidden);
+        if !is_fused(w) {
+            return Mlp::load_split(&w.pp(x), hidden, i, None);
+        }
+        let fused_err =
+            |err: candle_core::Error| EmberError::Weights(format!("fused experts: {err}"));
+        let e = self.experts;
+        let gate_up = w.get_slice("gate_up_proj", (e, 2 * i, hidden), 0, x, 1)?;
+        let down = w.get_slice("down_proj", (e, hidden, i), 0, x, 1)?;
+        let part = |t: &Tensor, start: usize, len: usize| {
+            t.get(0)
+                .and_then(|t| t.narrow(0, start, len))
+                .and_then(|t| t.contiguous())
+                .map_err(fused_err)
+        };
+        let down = down
+            .get(0)
+            .and_then(|t| t.contiguous())
+            .map_err(fused_err)?;
+        Mlp::from_weights(
+            w,
+            x,
+            (part(&gate_up, 0, i)?, part(&gate_up, i, i)?, down),
+            i,
+            None,
+        )
+    }
+}
+
+/// Whether the experts are stored fused (`gate_up_proj`, `down_proj`) rather than one by one.
+fn is_fused(experts_w: &Weights) -> bool {
+    experts_w.contains("gate_up_proj") && !experts_w.contains("0.gate_proj.weight")
 }
 
 impl Experts {
@@ -173,9 +390,10 @@ impl Experts {
                         count.fetch_add(rows.len() as u64, Ordering::Relaxed);
                     }
                 }
-                run_experts(&self.experts, routing, x, lora)
+                let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+                run_experts(&slots.mlps, routing, x, lora)
             }
-            Some(ctx) => self.run_expert_parallel(ctx, routing, x, lora),
+            Some(ep) => self.run_expert_parallel(ep, routing, x, lora),
         }
     }
 
@@ -184,36 +402,68 @@ impl Experts {
         rank.is_some() && self.expert_parallel.is_none()
     }
 
+    /// Brings this rank's slots up to the placement's version: keeps the experts it still holds,
+    /// reads the ones moved to it from the checkpoint, drops the rest.
+    fn refresh_slots(&self, ep: &ExpertParallel) -> TensorResult<()> {
+        let version = ep.placement.version.load(Ordering::Acquire);
+        if self.slots.read().unwrap_or_else(|p| p.into_inner()).version == version {
+            return Ok(());
+        }
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let per_rank = ep.placement.slots_per_rank;
+        let map = ep.placement.map();
+        let wanted = &map[ep.ctx.rank() * per_rank..(ep.ctx.rank() + 1) * per_rank];
+        let mut mlps = Vec::with_capacity(per_rank);
+        for &x in wanted {
+            let held = slots.experts.iter().position(|&h| h == x);
+            mlps.push(match held {
+                Some(k) => slots.mlps[k].clone(),
+                None => Arc::new(ep.source.load(x).map_err(candle_core::Error::wrap)?),
+            });
+        }
+        *slots = RankSlots {
+            version,
+            experts: wanted.to_vec(),
+            mlps,
+        };
+        Ok(())
+    }
+
     /// Expert parallelism: each rank sends the rows of its share of the step's tokens to the
-    /// ranks owning their experts (all-to-all), runs its experts over what it received, sends
-    /// the weighted outputs back (all-to-all), adds them up for its rows, and the shares are
-    /// gathered so every rank holds the whole result. Routing is computed on every rank alike.
-    /// Each row travels with its index in the step, so the owner applies the row's adapter
-    /// (every rank holds the step's `lora` rows alike).
+    /// ranks holding a copy of their experts (all-to-all; with several copies, row `r` goes to
+    /// copy `r % copies`), runs its slots' experts over what it received, sends the weighted
+    /// outputs back (all-to-all), adds them up for its rows, and the shares are gathered so every
+    /// rank holds the whole result. Routing is computed on every rank alike. Each row travels
+    /// with its index in the step, so the owner applies the row's adapter (every rank holds the
+    /// step's `lora` rows alike).
     fn run_expert_parallel(
         &self,
-        ctx: &RankContext,
+        ep: &ExpertParallel,
         routing: &ExpertRouting,
         x: &Tensor,
         lora: &LoraRows,
     ) -> TensorResult {
+        self.refresh_slots(ep)?;
+        let ctx = &ep.ctx;
         let (tokens, hidden) = x.dims2()?;
         let (world, device, dtype) = (ctx.world_size(), x.device(), x.dtype());
         let (first, mine) = uneven_share(tokens, ctx.rank(), world);
-        let per_rank = self.experts.len();
+        let per_rank = ep.placement.slots_per_rank;
+        let mut copies: Vec<Vec<usize>> = vec![Vec::new(); self.num_experts];
+        for (slot, &expert) in ep.placement.map().iter().enumerate() {
+            copies[expert].push(slot);
+        }
         let mut send_rows: Vec<Vec<u32>> = vec![Vec::new(); world];
         let mut send_meta: Vec<Vec<f32>> = vec![Vec::new(); world];
         for (expert, (rows, weights)) in routing.per_expert.iter().enumerate() {
-            let owner = expert / per_rank;
+            let slots = &copies[expert];
             for (&row, &weight) in rows.iter().zip(weights) {
                 if (first..first + mine).contains(&(row as usize)) {
+                    let slot = slots[row as usize % slots.len()];
+                    let owner = slot / per_rank;
                     send_rows[owner].push(row);
                     // f32 holds row indices exactly up to 2^24 tokens a step.
-                    send_meta[owner].extend([
-                        (expert - owner * per_rank) as f32,
-                        weight,
-                        row as f32,
-                    ]);
+                    send_meta[owner].extend([(slot - owner * per_rank) as f32, weight, row as f32]);
                 }
             }
         }
@@ -234,7 +484,7 @@ impl Experts {
         let hidden_in = ctx.comm.all_to_all(hidden_out)?;
         let meta_in = ctx.comm.all_to_all(meta_out)?;
 
-        // Everything received, as one batch of rows for the local experts.
+        // Everything received, as one batch of rows for the local slots.
         let counts: Vec<usize> = hidden_in
             .iter()
             .map(|t| t.dim(0))
@@ -249,15 +499,19 @@ impl Experts {
                 continue;
             }
             for triple in meta.to_vec2::<f32>()? {
-                let expert = &mut local.per_expert[triple[0] as usize];
-                expert.0.push(row);
-                expert.1.push(triple[1]);
+                let slot = &mut local.per_expert[triple[0] as usize];
+                slot.0.push(row);
+                slot.1.push(triple[1]);
                 step_rows.push(triple[2] as u32);
                 row += 1;
             }
         }
-        for (k, (rows, _)) in local.per_expert.iter().enumerate() {
-            self.load[ctx.rank() * per_rank + k].fetch_add(rows.len() as u64, Ordering::Relaxed);
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        for (&expert, (rows, _)) in slots.experts.iter().zip(&local.per_expert) {
+            self.load[expert].fetch_add(rows.len() as u64, Ordering::Relaxed);
+        }
+        if let Some(rank_tokens) = ep.registry.rank_tokens.get() {
+            rank_tokens[ctx.rank()].fetch_add(u64::from(row), Ordering::Relaxed);
         }
         let received: Vec<Tensor> = hidden_in
             .into_iter()
@@ -267,12 +521,13 @@ impl Experts {
             Tensor::zeros((0, hidden), dtype, device)?
         } else {
             run_experts(
-                &self.experts,
+                &slots.mlps,
                 &local,
                 &Tensor::cat(&received, 0)?,
                 &lora.select(&step_rows, device)?,
             )?
         };
+        drop(slots);
         let mut back = Vec::with_capacity(world);
         let mut offset = 0;
         for &n in &counts {
@@ -301,7 +556,8 @@ impl Experts {
     pub fn register(&self, targets: &mut LoraTargets) {
         // All of the layer's experts: fused adapters split over them whichever rank runs each.
         targets.add_experts(&self.path, self.num_experts);
-        for expert in &self.experts {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        for expert in &slots.mlps {
             expert.register(targets);
         }
     }
@@ -309,26 +565,65 @@ impl Experts {
 
 /// Loads `e` experts of intermediate size `i`, either one tensor per expert (Hub layout,
 /// `experts.{e}.gate_proj.weight`) or fused (`experts.gate_up_proj`, `experts.down_proj`). On a
-/// rank of a sharded model: under expert parallelism the rank's range of whole experts, else
-/// every expert's share of the intermediate channels (see [`Mlp::load_split`]).
+/// rank of a sharded model: under expert parallelism the whole experts of the rank's slots (see
+/// [`ExpertPlacement`]), else every expert's share of the intermediate channels (see
+/// [`Mlp::load_split`]).
 pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> Result<Experts> {
     let path = experts_w.prefix().to_string();
     let rank = experts_w.rank();
-    let expert_parallel = rank.filter(|r| r.expert_parallel).cloned();
-    let (first, count) = match &expert_parallel {
-        Some(ctx) => ctx.even_share(e, "the number of routed experts")?,
-        None => (0, e),
-    };
+    let registry = experts_w.expert_load();
+    let load = registry.layer(layer_index(&path), e);
+    if let Some(ctx) = rank.filter(|r| r.expert_parallel) {
+        let world = ctx.world_size();
+        let physical = e + ctx.redundant_experts;
+        if !physical.is_multiple_of(world) {
+            return Err(EmberError::Config(format!(
+                "the {e} routed experts plus {} redundant copies do not split evenly over {world} \
+                 expert-parallel ranks",
+                ctx.redundant_experts
+            )));
+        }
+        let per_rank = physical / world;
+        let placement = registry.placement(layer_index(&path), e, per_rank, world);
+        let source = ExpertSource {
+            weights: experts_w.clone(),
+            hidden,
+            intermediate: i,
+            experts: e,
+        };
+        let map = placement.map();
+        let experts = map[ctx.rank() * per_rank..(ctx.rank() + 1) * per_rank].to_vec();
+        let mlps = experts
+            .iter()
+            .map(|&x| source.load(x).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Experts {
+            slots: RwLock::new(RankSlots {
+                version: placement.version.load(Ordering::Acquire),
+                experts,
+                mlps,
+            }),
+            load,
+            counts_load: true,
+            path,
+            num_experts: e,
+            expert_parallel: Some(Box::new(ExpertParallel {
+                ctx: ctx.clone(),
+                placement,
+                registry: registry.clone(),
+                source,
+            })),
+        });
+    }
     let channels = match rank {
-        Some(ctx) if expert_parallel.is_none() => Some(ctx.even_share(i, "moe_intermediate_size")?),
-        _ => None,
+        Some(ctx) => Some(ctx.even_share(i, "moe_intermediate_size")?),
+        None => None,
     };
-    let experts = if experts_w.contains("gate_up_proj") && !experts_w.contains("0.gate_proj.weight")
-    {
+    let mlps = if is_fused(experts_w) {
         let fused_err =
             |err: candle_core::Error| EmberError::Weights(format!("fused experts: {err}"));
-        // Only the rank's part is read: its experts (expert parallel), or every expert's share
-        // of the intermediate channels (tensor parallel), gate rows first then up rows.
+        // Only the rank's part is read: every expert's share of the intermediate channels
+        // (tensor parallel), gate rows first then up rows.
         let (gate_up_shape, down_shape) = ((e, 2 * i, hidden), (e, hidden, i));
         let (gate, up, down) = match channels {
             Some((c0, cn)) => (
@@ -337,51 +632,51 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
                 experts_w.get_slice("down_proj", down_shape, 2, c0, cn)?,
             ),
             None => {
-                let gate_up =
-                    experts_w.get_slice("gate_up_proj", gate_up_shape, 0, first, count)?;
+                let gate_up = experts_w.get_slice("gate_up_proj", gate_up_shape, 0, 0, e)?;
                 let (gate, up) = (
                     gate_up.narrow(1, 0, i).map_err(fused_err)?,
                     gate_up.narrow(1, i, i).map_err(fused_err)?,
                 );
-                let down = experts_w.get_slice("down_proj", down_shape, 0, first, count)?;
+                let down = experts_w.get_slice("down_proj", down_shape, 0, 0, e)?;
                 (gate, up, down)
             }
         };
-        (0..count)
+        (0..e)
             .map(|k| {
                 let expert = |t: &Tensor| t.get(k).and_then(|t| t.contiguous()).map_err(fused_err);
                 Mlp::from_weights(
                     experts_w,
-                    first + k,
+                    k,
                     (expert(&gate)?, expert(&up)?, expert(&down)?),
                     i,
                     channels,
                 )
+                .map(Arc::new)
             })
             .collect::<Result<Vec<_>>>()?
     } else {
-        (first..first + count)
-            .map(|x| Mlp::load_split(&experts_w.pp(x), hidden, i, channels))
+        (0..e)
+            .map(|x| Mlp::load_split(&experts_w.pp(x), hidden, i, channels).map(Arc::new))
             .collect::<Result<_>>()?
     };
-    let registry = experts_w.expert_load();
-    if expert_parallel.is_some() {
-        registry.experts_per_rank.store(count, Ordering::Relaxed);
-    }
     Ok(Experts {
-        load: registry.layer(layer_index(&path), e),
-        counts_load: expert_parallel.is_some() || rank.is_none_or(|r| r.rank() == 0),
+        slots: RwLock::new(RankSlots {
+            version: 0,
+            experts: (0..e).collect(),
+            mlps,
+        }),
+        load,
+        counts_load: rank.is_none_or(|r| r.rank() == 0),
         path,
-        experts,
         num_experts: e,
-        expert_parallel,
+        expert_parallel: None,
     })
 }
 
 /// Runs each expert once over the rows routed to it and scatter-adds the weighted outputs; each
 /// row keeps its adapter inside the expert.
 pub fn run_experts(
-    experts: &[Mlp],
+    experts: &[Arc<Mlp>],
     routing: &ExpertRouting,
     x: &Tensor,
     lora: &LoraRows,
@@ -406,6 +701,66 @@ pub fn run_experts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Copies per expert and tokens per rank of a placement (each copy carrying its expert's
+    /// tokens over its copies).
+    fn copies_and_rank_loads(map: &[usize], load: &[u64], slots: usize) -> (Vec<usize>, Vec<f64>) {
+        let mut copies = vec![0; load.len()];
+        for &e in map {
+            copies[e] += 1;
+        }
+        let ranks = map
+            .chunks(slots)
+            .map(|held| {
+                held.iter()
+                    .map(|&e| load[e] as f64 / copies[e] as f64)
+                    .sum()
+            })
+            .collect();
+        (copies, ranks)
+    }
+
+    #[test]
+    fn eplb_copies_the_hottest_experts_and_balances_the_ranks() {
+        // Expert 3 takes most tokens: both spare slots go to it (100, then 50 tokens per copy,
+        // beat expert 6's 40).
+        let load = [5, 5, 5, 100, 5, 5, 40, 5];
+        let map = eplb_placement(&load, 5, 2);
+        assert_eq!(map.len(), 10);
+        let (copies, ranks) = copies_and_rank_loads(&map, &load, 5);
+        assert_eq!(copies, [1, 1, 1, 3, 1, 1, 1, 1]);
+        // Without copies one rank would carry expert 3's 100 tokens; now 170 tokens split
+        // within the weight of one copy.
+        assert!((ranks[0] - ranks[1]).abs() <= 100.0 / 3.0, "{ranks:?}");
+        for held in map.chunks(5) {
+            assert!(
+                held.windows(2).all(|w| w[0] <= w[1]),
+                "slots sorted: {map:?}"
+            );
+        }
+        // Two hot experts, four spare slots over four ranks: each hot one on distinct ranks.
+        let load = [90, 1, 1, 1, 1, 1, 1, 90];
+        let map = eplb_placement(&load, 3, 4);
+        let (copies, _) = copies_and_rank_loads(&map, &load, 3);
+        assert_eq!(copies, [3, 1, 1, 1, 1, 1, 1, 3]);
+        for hot in [0, 7] {
+            let ranks: Vec<usize> = (0..4)
+                .filter(|r| map[r * 3..r * 3 + 3].contains(&hot))
+                .collect();
+            assert_eq!(ranks.len(), 3, "copies of {hot} spread over ranks: {map:?}");
+        }
+    }
+
+    #[test]
+    fn eplb_without_spare_slots_only_balances() {
+        let load = [8, 7, 6, 5, 4, 3, 2, 1];
+        let map = eplb_placement(&load, 4, 2);
+        let mut sorted = map.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+        let (_, ranks) = copies_and_rank_loads(&map, &load, 4);
+        assert_eq!(ranks, [18.0, 18.0], "{map:?}");
+    }
 
     #[test]
     fn routes_top_k_with_and_without_renormalisation() {

@@ -49,6 +49,9 @@ pub struct RankContext {
     /// `--enable-expert-parallel`: routed experts are partitioned across the ranks (tokens sent
     /// to their experts' owners by all-to-all) instead of each expert being split like an MLP.
     pub expert_parallel: bool,
+    /// `--num-redundant-experts`: extra expert slots over the expert-parallel ranks, holding
+    /// copies of the hottest experts (see [`crate::moe::ExpertPlacement`]).
+    pub redundant_experts: usize,
 }
 
 impl RankContext {

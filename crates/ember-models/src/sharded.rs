@@ -17,6 +17,7 @@ use crate::batch::ForwardBatch;
 use crate::decoder::DecoderModel;
 use crate::kv_cache::KvCachePool;
 use crate::lora::LoraTargets;
+use crate::moe::ExpertLoad;
 use crate::parallel::Communicator;
 use crate::CausalLm;
 
@@ -32,6 +33,9 @@ pub struct ShardedModel {
     /// `EMBER_FAULT_INJECT=RANK:STEP`: rank RANK fails its STEP-th step, so tests can drive a
     /// real server through a rank failure. Unset in normal use.
     fault: Option<(usize, u64)>,
+    /// With redundant experts: the load statistics to re-place the copies from, and every how
+    /// many steps.
+    rebalancing: Option<(Arc<ExpertLoad>, u64)>,
 }
 
 /// Parses `EMBER_FAULT_INJECT` (`RANK:STEP`); a malformed value is ignored with a warning.
@@ -84,7 +88,15 @@ impl ShardedModel {
             lora_targets,
             steps: AtomicU64::new(0),
             fault: fault_from_env(),
+            rebalancing: None,
         })
+    }
+
+    /// Re-places the redundant expert copies from `load` before every `interval`-th step (see
+    /// [`ExpertLoad::rebalance`]); between steps, so every rank sees the same placement.
+    pub fn with_rebalancing(mut self, load: Arc<ExpertLoad>, interval: u64) -> Self {
+        self.rebalancing = (interval > 0).then_some((load, interval));
+        self
     }
 
     /// Ranks in the group.
@@ -155,6 +167,19 @@ impl CausalLm for ShardedModel {
             )));
         }
         let step = self.steps.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some((load, interval)) = &self.rebalancing {
+            // After `interval` steps of statistics: before steps interval + 1, 2 interval + 1, …
+            if step > 1 && (step - 1).is_multiple_of(*interval) {
+                let changed = load.rebalance();
+                if changed > 0 {
+                    tracing::info!(
+                        step,
+                        layers = changed,
+                        "EPLB: re-placed the redundant expert copies"
+                    );
+                }
+            }
+        }
         let injected = |rank: usize| self.fault == Some((rank, step));
         let results: Vec<Result<Tensor>> = std::thread::scope(|scope| {
             let others: Vec<_> = self.ranks[1..]

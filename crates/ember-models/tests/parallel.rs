@@ -99,6 +99,78 @@ fn check_family(name: &str, layouts: &[(usize, bool)]) {
 
 const LAYOUTS: [(usize, bool); 4] = [(2, false), (4, false), (2, true), (4, true)];
 
+/// Expert parallelism with `--num-redundant-experts`: copies of experts in the spare slots, kept
+/// where they start (interval 0) or re-placed from the load before every step (interval 1, so
+/// ranks load the experts moved to them mid-run), give the logprobs of one rank.
+fn check_redundant_experts(name: &str) {
+    let reference = logprobs(&run_steps(&load_model(&options(name, 1, false)).unwrap()));
+    for (ranks, redundant) in [(2, 2), (4, 4), (2, 6)] {
+        for interval in [0, 1] {
+            let mut opts = options(name, ranks, true);
+            opts.num_redundant_experts = redundant;
+            opts.eplb_step_interval = interval;
+            let sharded = load_model(&opts).unwrap();
+            let initial = sharded.expert_load.replicas();
+            assert!(!initial.is_empty(), "{name}: no placement recorded");
+            let got = logprobs(&run_steps(&sharded));
+            let diff = max_diff(&reference, &got);
+            println!("{name} ep {ranks} +{redundant} copies, interval {interval}: max |Δ logprob| {diff:.2e}");
+            assert!(
+                diff < 1e-4,
+                "{name} ep {ranks} +{redundant}, interval {interval}: {diff}"
+            );
+            let after = sharded.expert_load.replicas();
+            for (layer, copies) in &after {
+                assert_eq!(copies.iter().sum::<usize>(), 8 + redundant, "layer {layer}");
+                assert!(copies.iter().all(|&c| c >= 1), "layer {layer}: {copies:?}");
+            }
+            // Re-placing follows the load: some layer's copies moved off the initial experts.
+            assert_eq!(
+                initial != after,
+                interval == 1,
+                "{name}: {initial:?} then {after:?}"
+            );
+            let ranks_tokens = sharded.expert_load.rank_tokens().unwrap();
+            assert_eq!(ranks_tokens.len(), ranks);
+            let routed: u64 = sharded
+                .expert_load
+                .snapshot()
+                .iter()
+                .flat_map(|(_, c)| c)
+                .sum();
+            assert_eq!(ranks_tokens.iter().sum::<u64>(), routed);
+        }
+    }
+}
+
+#[test]
+fn redundant_experts_match_one_rank() {
+    for name in ["qwen3-moe-tiny", "deepseek-v3-tiny", "kimi-k2-tiny"] {
+        check_redundant_experts(name);
+    }
+}
+
+#[test]
+fn redundant_experts_that_do_not_split_evenly_or_lack_expert_parallelism_are_refused() {
+    let mut opts = options("qwen3-moe-tiny", 4, true);
+    opts.num_redundant_experts = 2;
+    let err = load_model(&opts)
+        .err()
+        .expect("10 slots over 4 ranks")
+        .to_string();
+    assert!(
+        err.contains("8 routed experts plus 2 redundant copies"),
+        "{err}"
+    );
+    let mut opts = options("qwen3-moe-tiny", 2, false);
+    opts.num_redundant_experts = 2;
+    let err = load_model(&opts)
+        .err()
+        .expect("no expert parallelism")
+        .to_string();
+    assert!(err.contains("--enable-expert-parallel"), "{err}");
+}
+
 #[test]
 fn qwen3_dense_shards_match_one_rank() {
     // 2 key/value heads: at 4 ranks each is replicated on two.

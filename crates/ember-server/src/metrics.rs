@@ -254,7 +254,7 @@ fn one_two_five_buckets(max: usize) -> Vec<f64> {
 }
 
 /// Load balance of a MoE model: tokens per expert of each layer, and under expert parallelism
-/// tokens per rank (all layers), whose spread is what redundant experts would even out.
+/// tokens per rank (all layers), whose spread redundant experts even out, and each expert's copies.
 fn encode_expert_load(e: &mut DescriptorEncoder, load: &ExpertLoad) -> fmt::Result {
     let layers = load.snapshot();
     if layers.is_empty() {
@@ -274,24 +274,27 @@ fn encode_expert_load(e: &mut DescriptorEncoder, load: &ExpertLoad) -> fmt::Resu
             })?)?;
         }
     }
-    if let Some(per_rank) = load.experts_per_rank() {
-        let ranks = layers[0].1.len() / per_rank;
+    if let Some(ranks) = load.rank_tokens() {
         let mut family = e.encode_descriptor(
             "ember:ep_rank_tokens",
             "Expert-parallel ranks: tokens their experts processed, all MoE layers together.",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
-        for rank in 0..ranks {
-            let tokens: u64 = layers
-                .iter()
-                .map(|(_, experts)| {
-                    experts[rank * per_rank..(rank + 1) * per_rank]
-                        .iter()
-                        .sum::<u64>()
-                })
-                .sum();
+        for (rank, &tokens) in ranks.iter().enumerate() {
             ConstCounter::new(tokens).encode(family.encode_family(&RankLabels { rank })?)?;
+        }
+        let mut family = e.encode_descriptor(
+            "ember:moe_expert_replicas",
+            "Expert-parallel copies of each expert of each MoE layer (above 1 with --num-redundant-experts).",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (layer, experts) in load.replicas() {
+            for (expert, &copies) in experts.iter().enumerate() {
+                ConstGauge::new(copies as i64)
+                    .encode(family.encode_family(&ExpertLabels { layer, expert })?)?;
+            }
         }
     }
     Ok(())
