@@ -62,6 +62,11 @@ pub struct ModelArgs {
     /// without checkpoint scales): one byte per element, dequantized when attention reads it.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
+    /// With --kv-cache-dtype fp8: compute each attention layer's cache scales from the first
+    /// keys and values it writes (max |k| / 200, max |v| / 100, as vLLM) instead of taking the
+    /// checkpoint's or 1.0.
+    #[arg(long)]
+    pub calculate_kv_scales: bool,
     /// Where the model runs: auto, cpu, or cuda[:N]. auto is GPU 0 when ember was built with
     /// `--features cuda` and a GPU opens, else the CPU; cuda on a CPU-only build is an error.
     #[arg(long, default_value = "auto")]
@@ -263,6 +268,10 @@ impl ModelArgs {
         opts.task = ember_core::ModelTask::parse(&self.task)?;
         opts.quantization = ember_core::QuantizationRequest::parse(&self.quantization)?;
         opts.kv_cache_dtype = ember_core::KvCacheDtype::parse(&self.kv_cache_dtype)?;
+        opts.calculate_kv_scales = self.calculate_kv_scales;
+        if self.calculate_kv_scales && opts.kv_cache_dtype == ember_core::KvCacheDtype::Auto {
+            tracing::warn!("--calculate-kv-scales has no effect without --kv-cache-dtype fp8");
+        }
         opts.device = parse_device(&self.device)?;
         opts.attention_backend =
             ember_models::attention::AttentionBackend::parse(&self.attention_backend)?;

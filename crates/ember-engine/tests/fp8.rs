@@ -175,6 +175,33 @@ fn an_fp8_kv_cache_stays_close_to_the_f32_cache() {
     }
 }
 
+/// `--calculate-kv-scales`: each layer's scales from its first write (max |x| / 200 for keys,
+/// / 100 for values) are used for every write and read after, so the cache stays as close to
+/// the f32 one as with unit scales (a scale written one way and read another would not), for
+/// per-head keys and values and for MLA's latent.
+#[test]
+fn calculated_kv_scales_keep_an_fp8_cache_close_to_the_f32_cache() {
+    for name in ["qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let unit = compare(name, DType::F32, fp8_kv_cache);
+        let calculated = compare(name, DType::F32, |opts| {
+            fp8_kv_cache(opts);
+            opts.calculate_kv_scales = true;
+        });
+        println!(
+            "{name}: mean |Δ logprob| vs f32, unit scales {:.4}, calculated {:.4}",
+            unit.mean, calculated.mean
+        );
+        assert!(
+            calculated.mean < unit.mean * 1.25 && calculated.max < unit.max * 3.0,
+            "{name}: calculated mean {} max {} vs unit mean {} max {}",
+            calculated.mean,
+            calculated.max,
+            unit.mean,
+            unit.max
+        );
+    }
+}
+
 #[test]
 fn an_fp8_kv_cache_holds_twice_the_blocks_of_a_bf16_one_in_the_same_memory() {
     let blocks = |fp8: bool| {

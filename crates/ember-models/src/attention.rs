@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use ember_core::{ModelConfig, Result};
 
 use crate::batch::ForwardBatch;
-use crate::kv_cache::{KvScales, LayerKvCache};
+use crate::kv_cache::{KvScales, LayerKvCache, LayerKvScales};
 use crate::linear::{Projection, Split};
 use crate::lora::LoraTargets;
 use crate::norm::RmsNorm;
@@ -50,7 +50,7 @@ pub struct Qwen3Attention {
     num_kv_heads: usize,
     head_dim: usize,
     /// fp8 cache scales of this layer's key/value heads (the checkpoint's, else 1.0).
-    kv_scales: KvScales,
+    kv_scales: LayerKvScales,
     /// Read on CUDA builds only (the CPU has one kernel).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     backend: AttentionBackend,
@@ -98,7 +98,13 @@ impl Qwen3Attention {
             num_heads: local_q,
             num_kv_heads: local_kv,
             head_dim: d,
-            kv_scales: KvScales::load(weights, nkv, (kv_first, local_kv))?.unwrap_or_default(),
+            kv_scales: if weights.calculate_kv_scales() {
+                LayerKvScales::calculated(false)
+            } else {
+                LayerKvScales::fixed(
+                    KvScales::load(weights, nkv, (kv_first, local_kv))?.unwrap_or_default(),
+                )
+            },
             backend: weights.attention_backend(),
         })
     }
@@ -125,12 +131,9 @@ impl Qwen3Attention {
         let v = self.v_proj.forward(x, &batch.lora)?;
         let q = rope.apply(&self.q_norm.forward(&q)?)?;
         let k = rope.apply(&self.k_norm.forward(&k)?)?;
-        cache.write(
-            &k.reshape((tokens, self.num_kv_heads * d))?,
-            &v,
-            &batch.slot_mapping,
-            &self.kv_scales,
-        )?;
+        let k_rows = k.reshape((tokens, self.num_kv_heads * d))?;
+        let kv_scales = self.kv_scales.resolve(cache, &k_rows, &v)?;
+        cache.write(&k_rows, &v, &batch.slot_mapping, kv_scales)?;
 
         let scale = 1.0 / (d as f64).sqrt();
         #[cfg(feature = "cuda")]
@@ -150,7 +153,7 @@ impl Qwen3Attention {
             let attn = crate::paged_attention::paged_attention(
                 &q,
                 cache,
-                &self.kv_scales,
+                kv_scales,
                 batch,
                 self.num_kv_heads,
                 scale as f32,
@@ -161,7 +164,7 @@ impl Qwen3Attention {
         let mut outputs = Vec::with_capacity(batch.sequences.len());
         for seq in &batch.sequences {
             let (ql, ctx) = (seq.query_len, seq.context_len);
-            let (k_ctx, v_ctx) = cache.gather(&seq.context_slots, &self.kv_scales)?;
+            let (k_ctx, v_ctx) = cache.gather(&seq.context_slots, kv_scales)?;
             // [kv_heads, ctx, d]
             let k_ctx = k_ctx
                 .reshape((ctx, self.num_kv_heads, d))?

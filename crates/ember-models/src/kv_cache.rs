@@ -108,6 +108,80 @@ impl KvScales {
     }
 }
 
+/// Ranges vLLM's `--calculate-kv-scales` maps the first batch's largest |key| and |value| to
+/// (`K_SCALE_CONSTANT`, `V_SCALE_CONSTANT`): scale = amax / range, leaving e4m3 headroom above.
+pub const CALCULATED_K_RANGE: f32 = 200.0;
+pub const CALCULATED_V_RANGE: f32 = 100.0;
+
+/// An attention layer's cache scales: fixed (the checkpoint's, or 1.0), or under
+/// `--calculate-kv-scales` computed once, per tensor, from the first keys and values the layer
+/// writes into an fp8 cache, then kept for every later write and read.
+#[derive(Debug)]
+pub struct LayerKvScales {
+    fixed: KvScales,
+    /// `Some(one_scale)` when calculated; `one_scale`: both parts of a row take the key scale
+    /// (MLA's cache of latent and rope key, as vLLM scales it).
+    calculate: Option<bool>,
+    calculated: std::sync::OnceLock<KvScales>,
+}
+
+impl LayerKvScales {
+    pub fn fixed(scales: KvScales) -> Self {
+        Self {
+            fixed: scales,
+            calculate: None,
+            calculated: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Scales computed from the first write; with `one_scale`, the key scale serves both parts.
+    pub fn calculated(one_scale: bool) -> Self {
+        Self {
+            calculate: Some(one_scale),
+            ..Self::fixed(KvScales::default())
+        }
+    }
+
+    /// The scales to write `k` and `v` into `cache` with and read it back with: the fixed ones,
+    /// or, for a calculated layer's fp8 cache, those of its first write (computed now if this
+    /// is it). A zero or non-finite amax keeps 1.0.
+    pub fn resolve(&self, cache: &LayerKvCache, k: &Tensor, v: &Tensor) -> TensorResult<&KvScales> {
+        let Some(one_scale) = self.calculate else {
+            return Ok(&self.fixed);
+        };
+        if cache.k.dtype() != DType::F8E4M3 {
+            return Ok(&self.fixed);
+        }
+        if let Some(scales) = self.calculated.get() {
+            return Ok(scales);
+        }
+        let scale = |t: &Tensor, range: f32| -> TensorResult<f32> {
+            let amax = t
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            let s = amax / range;
+            Ok(if s.is_finite() && s > 0.0 { s } else { 1.0 })
+        };
+        let k_scale = scale(k, CALCULATED_K_RANGE)?;
+        let v_scale = if one_scale {
+            k_scale
+        } else {
+            scale(v, CALCULATED_V_RANGE)?
+        };
+        tracing::debug!(
+            k_scale,
+            v_scale,
+            "calculated the KV cache scales of a layer"
+        );
+        Ok(self.calculated.get_or_init(|| KvScales {
+            k: vec![k_scale],
+            v: vec![v_scale],
+        }))
+    }
+}
+
 /// Every layer's KV pool.
 pub struct KvCachePool {
     pub layers: Vec<LayerKvCache>,
@@ -268,6 +342,44 @@ mod tests {
         assert_eq!(
             KvCachePool::bytes_per_block(1, 2, (3, 2), DType::F8E4M3),
             KvCachePool::bytes_per_block(1, 2, (3, 2), DType::F32) / 4
+        );
+    }
+
+    #[test]
+    fn calculated_scales_come_from_the_first_write_and_stay() {
+        let fp8 =
+            KvCachePool::with_storage(1, 1, 4, (2, 2), DType::F32, DType::F8E4M3, &Device::Cpu)
+                .unwrap();
+        let layer = &fp8.layers[0];
+        let k = Tensor::new(&[[1.0f32, -40.0], [3.0, 2.0]], &Device::Cpu).unwrap();
+        let v = Tensor::new(&[[0.5f32, 0.25], [-5.0, 1.0]], &Device::Cpu).unwrap();
+        let scales = LayerKvScales::calculated(false);
+        let first = scales.resolve(layer, &k, &v).unwrap().clone();
+        assert_eq!(
+            first,
+            KvScales {
+                k: vec![40.0 / 200.0],
+                v: vec![5.0 / 100.0]
+            }
+        );
+        // Later writes keep them, however large.
+        let big = (&k * 100.0).unwrap();
+        assert_eq!(scales.resolve(layer, &big, &big).unwrap(), &first);
+        // MLA: one scale, the latent's, for both parts; an all-zero first write keeps 1.0.
+        let one = LayerKvScales::calculated(true);
+        assert_eq!(one.resolve(layer, &k, &v).unwrap().v, vec![0.2]);
+        let zero = LayerKvScales::calculated(false);
+        let zeros = k.zeros_like().unwrap();
+        assert_eq!(
+            zero.resolve(layer, &zeros, &zeros).unwrap(),
+            &KvScales::default()
+        );
+        // A cache in the model dtype has no scales to calculate.
+        let f32_pool = KvCachePool::new(1, 1, 4, (2, 2), DType::F32, &Device::Cpu).unwrap();
+        let plain = LayerKvScales::calculated(false);
+        assert_eq!(
+            plain.resolve(&f32_pool.layers[0], &k, &v).unwrap(),
+            &KvScales::default()
         );
     }
 

@@ -56,6 +56,9 @@ pub struct LoadOptions {
     /// `--eplb-step-interval`: with redundant experts, re-place the copies every this many
     /// steps from the load seen since the last time (0: keep the initial placement).
     pub eplb_step_interval: u64,
+    /// `--calculate-kv-scales`: with an fp8 KV cache, each attention layer's scales come from
+    /// the first keys and values it writes (max |x| / 200 for keys, / 100 for values, as vLLM).
+    pub calculate_kv_scales: bool,
     /// `--attention-backend`: candle's tensor path, or ember's CUDA kernel where it serves.
     pub attention_backend: crate::attention::AttentionBackend,
 }
@@ -78,6 +81,7 @@ impl LoadOptions {
             enable_expert_parallel: false,
             num_redundant_experts: 0,
             eplb_step_interval: 0,
+            calculate_kv_scales: false,
             attention_backend: Default::default(),
         }
     }
@@ -317,7 +321,8 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         LoadFormat::Dummy => Weights::dummy(opts.seed, dtype, &opts.device),
     }
     .with_online_fp8(online_fp8)
-    .with_attention_backend(opts.attention_backend);
+    .with_attention_backend(opts.attention_backend)
+    .with_calculate_kv_scales(opts.calculate_kv_scales);
     let build = |weights: &Weights| -> Result<DecoderModel> {
         match config.family {
             ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {

@@ -12,7 +12,7 @@ use ember_core::config::{yarn_get_mscale, DeepseekConfig};
 use ember_core::{EmberError, ModelConfig, Result, RopeScaling};
 
 use crate::batch::{ForwardBatch, SequenceAttention};
-use crate::kv_cache::{KvScales, LayerKvCache};
+use crate::kv_cache::{KvScales, LayerKvCache, LayerKvScales};
 use crate::linear::{load_weight, load_weight_split, projection_from_weight, Projection, Split};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::norm::RmsNorm;
@@ -51,7 +51,7 @@ pub struct MlaAttention {
     softmax_scale: f64,
     /// fp8 cache scale of the latent and rope key rows: the checkpoint's `k_scale` for both, as
     /// vLLM's MLA cache (one row of both) uses it, else 1.0.
-    kv_scales: KvScales,
+    kv_scales: LayerKvScales,
 }
 
 /// `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)²` under YaRN, as transformers does.
@@ -157,12 +157,18 @@ impl MlaAttention {
             v_head_dim: ds.v_head_dim,
             kv_lora_rank: kvr,
             softmax_scale: softmax_scale(cfg, ds),
-            kv_scales: KvScales::load(weights, 1, (0, 1))?
-                .map(|s| KvScales {
-                    v: s.k.clone(),
-                    ..s
-                })
-                .unwrap_or_default(),
+            kv_scales: if weights.calculate_kv_scales() {
+                LayerKvScales::calculated(true)
+            } else {
+                LayerKvScales::fixed(
+                    KvScales::load(weights, 1, (0, 1))?
+                        .map(|s| KvScales {
+                            v: s.k.clone(),
+                            ..s
+                        })
+                        .unwrap_or_default(),
+                )
+            },
         })
     }
 
@@ -206,12 +212,13 @@ impl MlaAttention {
                     .reshape((tokens, 1, rd))?,
             )?
             .reshape((tokens, rd))?;
-        cache.write(&latent, &k_rope, &batch.slot_mapping, &self.kv_scales)?;
+        let kv_scales = self.kv_scales.resolve(cache, &latent, &k_rope)?;
+        cache.write(&latent, &k_rope, &batch.slot_mapping, kv_scales)?;
 
         let mut outputs = Vec::with_capacity(batch.sequences.len());
         for seq in &batch.sequences {
             let (start, ql) = (seq.query_start, seq.query_len);
-            let (latent_ctx, k_rope_ctx) = cache.gather(&seq.context_slots, &self.kv_scales)?;
+            let (latent_ctx, k_rope_ctx) = cache.gather(&seq.context_slots, kv_scales)?;
             let q_nope = q_nope.narrow(1, start, ql)?;
             let q_rope = q_rope.narrow(1, start, ql)?;
             // The rope part of the scores is shared by both forms: [heads, ql, ctx].

@@ -41,6 +41,7 @@ pub struct Weights {
     /// `--quantization fp8` on an unquantized checkpoint: projections are quantized at load.
     online_fp8: bool,
     attention_backend: AttentionBackend,
+    calculate_kv_scales: bool,
     /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
     held: Arc<AtomicI64>,
     /// The rank this model is loaded for, when sharded (`--tensor-parallel-size` > 1).
@@ -68,6 +69,7 @@ impl Weights {
             quantization: None,
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
+            calculate_kv_scales: false,
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
@@ -84,6 +86,7 @@ impl Weights {
             quantization: None,
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
+            calculate_kv_scales: false,
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
@@ -118,7 +121,6 @@ impl Weights {
         self.rank.as_ref()
     }
 
-    /// Asks for online FP8: projections quantized to e4m3 per output channel at load.
     /// The same weights, with attention layers loaded to run on `backend`.
     pub fn with_attention_backend(self, attention_backend: AttentionBackend) -> Self {
         Self {
@@ -132,6 +134,22 @@ impl Weights {
         self.attention_backend
     }
 
+    /// `--calculate-kv-scales`: attention layers compute their fp8 cache scales from the first
+    /// keys and values they write instead of taking the checkpoint's (or 1.0).
+    pub fn with_calculate_kv_scales(self, calculate_kv_scales: bool) -> Self {
+        Self {
+            calculate_kv_scales,
+            ..self
+        }
+    }
+
+    /// Whether attention layers compute their fp8 cache scales (see
+    /// [`Weights::with_calculate_kv_scales`]).
+    pub fn calculate_kv_scales(&self) -> bool {
+        self.calculate_kv_scales
+    }
+
+    /// Asks for online FP8: projections quantized to e4m3 per output channel at load.
     pub fn with_online_fp8(self, online_fp8: bool) -> Self {
         Self { online_fp8, ..self }
     }
