@@ -24,6 +24,7 @@ const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_nor
 const ROTARY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rotary.fatbin"));
 const SAMPLING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
+const FP8_E5M2_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_e5m2.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
 const PAGED_ATTENTION_FATBIN: &[u8] =
@@ -47,6 +48,7 @@ pub struct CudaKernels {
     stream: Arc<CudaStream>,
     rms_norm: Arc<CudaModule>,
     rotary: Arc<CudaModule>,
+    fp8_e5m2: Arc<CudaModule>,
     sampling: Arc<CudaModule>,
     silu_and_mul: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
@@ -78,6 +80,7 @@ impl CudaKernels {
         Ok(Self {
             rms_norm: load(RMS_NORM_FATBIN)?,
             rotary: load(ROTARY_FATBIN)?,
+            fp8_e5m2: load(FP8_E5M2_FATBIN)?,
             sampling: load(SAMPLING_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
@@ -233,6 +236,44 @@ impl CudaKernels {
 }
 
 impl CudaKernels {
+    /// [`crate::fp8_e5m2::encode_slice`] on the GPU: f32 to e5m2 bytes (nearest even, saturating).
+    pub fn e5m2_from_f32(
+        &self,
+        x: &CudaView<'_, f32>,
+        out: &mut CudaSlice<u8>,
+    ) -> Result<(), KernelError> {
+        check_shape(x.len() == out.len(), "e5m2_from_f32", || {
+            format!("x has {} elements, out {}", x.len(), out.len())
+        })?;
+        let f = self.fp8_e5m2.load_function("e5m2_from_f32")?;
+        let n = out.len() as i64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(x).arg(&n);
+        // SAFETY: matches e5m2_from_f32(unsigned char*, const float*, long long) in
+        // kernels/fp8_e5m2.cu; both buffers hold n elements.
+        unsafe { launch.launch(elementwise_launch(n)) }?;
+        Ok(())
+    }
+
+    /// [`crate::fp8_e5m2::decode_slice`] on the GPU: e5m2 bytes to f32 (exact).
+    pub fn e5m2_to_f32(
+        &self,
+        x: &CudaView<'_, u8>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        check_shape(x.len() == out.len(), "e5m2_to_f32", || {
+            format!("x has {} elements, out {}", x.len(), out.len())
+        })?;
+        let f = self.fp8_e5m2.load_function("e5m2_to_f32")?;
+        let n = out.len() as i64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(x).arg(&n);
+        // SAFETY: matches e5m2_to_f32(float*, const unsigned char*, long long) in
+        // kernels/fp8_e5m2.cu; both buffers hold n elements.
+        unsafe { launch.launch(elementwise_launch(n)) }?;
+        Ok(())
+    }
+
     /// [`crate::sampling::argmax_rows`] on the GPU: each f32 logits row's token id, so greedy
     /// decoding copies back `rows` ids instead of `rows x vocab` logits. `logits` is a view, as a
     /// tensor's rows may start inside its buffer.
@@ -576,6 +617,16 @@ fn too_big(op: &'static str, what: &str, value: usize) -> KernelError {
 }
 
 /// One block per row, a multiple of 32 threads (block_sum's warp shuffles need full warps), ≤ 1024.
+/// 256 threads a block, enough blocks for `n` elements up to 65535 (the kernel strides on).
+fn elementwise_launch(n: i64) -> LaunchConfig {
+    let blocks = (n.max(1) as usize).div_ceil(256).min(65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn row_launch(rows: usize, hidden: usize) -> Result<LaunchConfig, KernelError> {
     let rows = u32::try_from(rows).map_err(|_| too_big("rms_norm", "rows", rows))?;
     let threads = hidden.next_multiple_of(32).clamp(32, 1024) as u32;

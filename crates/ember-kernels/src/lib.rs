@@ -3,6 +3,7 @@
 
 mod element;
 mod error;
+pub mod fp8_e5m2;
 pub mod fused_moe;
 pub mod moe_routing;
 pub mod paged_attention;
