@@ -13,7 +13,8 @@ torch.float8_e4m3fn, with torch's own rounding, as vLLM's dynamic per-channel/pe
                                               MLP and expert projection replaced by w' (router, embeddings, norms
                                               and lm_head untouched, as vLLM's online FP8); unquantized; and
                                               unquantized with keys (after q/k norm and rope) and values rounded
-                                              to e4m3 as an fp8 KV cache of scale 1.0 stores them (`fp8_kv_cache`)
+                                              to e4m3 as an fp8 KV cache of scale 1.0 stores them (`fp8_kv_cache`),
+                                              and the same in e5m2 (`fp8_e5m2_kv_cache`, saturating at 57344)
 
 Rows span nine orders of magnitude, one row is zero and one holds a single large outlier, so the e4m3 codes run
 through subnormals, every exponent and the saturation bound.
@@ -58,21 +59,24 @@ def main():
     model_reference("qwen3-moe-tiny")
 
 
-def with_fp8_kv_cache(model, run):
-    """`run()` with Qwen3-MoE's cached keys and values saturated and rounded to e4m3 (scale 1.0)."""
+def with_fp8_kv_cache(model, run, fp8=torch.float8_e4m3fn):
+    """`run()` with Qwen3-MoE's cached keys and values saturated and rounded to `fp8` (e4m3 or
+    e5m2, scale 1.0), as vLLM's cache writes saturate (`__NV_SATFINITE`)."""
     import transformers.models.qwen3_moe.modeling_qwen3_moe as qwen3_moe
 
-    def e4m3(x):
-        return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+    fp8_max = torch.finfo(fp8).max
+
+    def round_fp8(x):
+        return x.clamp(-fp8_max, fp8_max).to(fp8).to(x.dtype)
 
     rope = qwen3_moe.apply_rotary_pos_emb
 
     def rope_then_round_k(q, k, *args, **kwargs):
         q, k = rope(q, k, *args, **kwargs)
-        return q, e4m3(k)
+        return q, round_fp8(k)
 
     qwen3_moe.apply_rotary_pos_emb = rope_then_round_k
-    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, out: e4m3(out))
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, out: round_fp8(out))
              for layer in model.model.layers]
     try:
         return run()
@@ -99,6 +103,7 @@ def model_reference(name):
 
     unquantized = logprobs()
     fp8_kv_cache = with_fp8_kv_cache(model, logprobs)
+    fp8_e5m2_kv_cache = with_fp8_kv_cache(model, logprobs, torch.float8_e5m2)
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not path.endswith(("lm_head", "mlp.gate")):
             module.weight.data = quantize(module.weight.data)[2]
@@ -108,7 +113,8 @@ def model_reference(name):
     out = model_dir / "online-fp8-reference.json"
     out.write_text(json.dumps({"model": name, "dtype": "float32", "torch_version": torch.__version__,
                                "sequences": sequences, "unquantized": unquantized,
-                               "fp8_kv_cache": fp8_kv_cache, "online_fp8": logprobs()}) + "\n")
+                               "fp8_kv_cache": fp8_kv_cache, "fp8_e5m2_kv_cache": fp8_e5m2_kv_cache,
+                               "online_fp8": logprobs()}) + "\n")
     print(f"wrote {out}")
 
 

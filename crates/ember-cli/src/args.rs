@@ -58,8 +58,9 @@ pub struct ModelArgs {
     /// generate), generate, or embed (`/v1/embeddings` only). vLLM's `--runner pooling` works too.
     #[arg(long, alias = "runner", default_value = "auto")]
     pub task: String,
-    /// KV cache element type: auto (the model dtype) or fp8 (e4m3, per-tensor scale 1.0, as vLLM
-    /// without checkpoint scales): one byte per element, dequantized when attention reads it.
+    /// KV cache element type: auto (the model dtype), fp8 / fp8_e4m3 (e4m3), or fp8_e5m2: one
+    /// byte per element, scaled by the checkpoint's k/v scales (1.0 without them, as vLLM) and
+    /// dequantized when attention reads it.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
     /// With --kv-cache-dtype fp8: compute each attention layer's cache scales from the first

@@ -247,6 +247,9 @@ pub enum KvCacheDtype {
     /// float8_e4m3fn with a per-tensor scale of 1.0 (vLLM's default for checkpoints without
     /// `k_scale`/`v_scale`): one byte per element.
     Fp8E4m3,
+    /// float8_e5m2 (vLLM's `fp8_e5m2`): one byte per element, range ±57344 at one mantissa bit
+    /// less than e4m3; checkpoint scales apply as for e4m3, and default to 1.0.
+    Fp8E5m2,
 }
 
 impl KvCacheDtype {
@@ -255,8 +258,9 @@ impl KvCacheDtype {
         match name.to_ascii_lowercase().as_str() {
             "auto" => Ok(Self::Auto),
             "fp8" | "fp8_e4m3" => Ok(Self::Fp8E4m3),
+            "fp8_e5m2" => Ok(Self::Fp8E5m2),
             other => Err(EmberError::Config(format!(
-                "unknown --kv-cache-dtype {other:?}; use auto or fp8 (e4m3; fp8_e5m2 is not supported)"
+                "unknown --kv-cache-dtype {other:?}; use auto, fp8 (e4m3), fp8_e4m3 or fp8_e5m2"
             ))),
         }
     }
@@ -354,7 +358,11 @@ mod tests {
         assert!(err.contains("gguf") && err.contains("fp8"), "{err}");
         assert_eq!(KvCacheDtype::parse("fp8").unwrap(), KvCacheDtype::Fp8E4m3);
         assert_eq!(KvCacheDtype::parse("auto").unwrap(), KvCacheDtype::Auto);
-        let err = KvCacheDtype::parse("fp8_e5m2").unwrap_err().to_string();
-        assert!(err.contains("fp8_e5m2") && err.contains("auto"), "{err}");
+        assert_eq!(
+            KvCacheDtype::parse("fp8_e5m2").unwrap(),
+            KvCacheDtype::Fp8E5m2
+        );
+        let err = KvCacheDtype::parse("int8").unwrap_err().to_string();
+        assert!(err.contains("int8") && err.contains("fp8_e5m2"), "{err}");
     }
 }

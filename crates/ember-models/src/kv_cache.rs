@@ -1,7 +1,8 @@
 //! The paged KV cache: one preallocated pool of fixed-size blocks per layer. Sequences own
 //! blocks through block tables (kept by the engine); the model only reads and writes slots.
-//! The pool stores rows in the model dtype or, under `--kv-cache-dtype fp8`, in e4m3 with one
-//! scale per tensor (quantized when written, dequantized when read).
+//! The pool stores rows in the model dtype or, under `--kv-cache-dtype fp8` / `fp8_e5m2`, in
+//! e4m3 / e5m2 with a scale per tensor or per head (quantized when written, dequantized when
+//! read). Candle has no e5m2 dtype: such a pool is `U8` ([`E5M2_STORAGE`]) holding e5m2 bytes.
 
 use candle_core::{DType, Device, Tensor};
 use ember_core::{EmberError, Result};
@@ -9,6 +10,14 @@ use ember_core::{EmberError, Result};
 use crate::quantized::fp8::E4M3_MAX;
 use crate::weights::Weights;
 use crate::TensorResult;
+
+/// The storage dtype of an e5m2 cache: its bytes (see [`crate::fp8_e5m2`]).
+pub const E5M2_STORAGE: DType = DType::U8;
+
+/// Whether a pool of `storage` holds fp8 (e4m3 or e5m2 bytes), quantized with scales.
+pub fn is_fp8(storage: DType) -> bool {
+    matches!(storage, DType::F8E4M3 | E5M2_STORAGE)
+}
 
 /// Keys and values of one layer: `k` is `[slots, k_width]`, `v` is `[slots, v_width]`. The model
 /// decides what a row holds (see `ModelConfig::kv_cache_row_widths`): per-head keys and values for
@@ -149,7 +158,7 @@ impl LayerKvScales {
         let Some(one_scale) = self.calculate else {
             return Ok(&self.fixed);
         };
-        if cache.k.dtype() != DType::F8E4M3 {
+        if !is_fp8(cache.k.dtype()) {
             return Ok(&self.fixed);
         }
         if let Some(scales) = self.calculated.get() {
@@ -227,9 +236,9 @@ impl KvCachePool {
         storage: DType,
         device: &Device,
     ) -> Result<Self> {
-        if storage != dtype && storage != DType::F8E4M3 {
+        if storage != dtype && !is_fp8(storage) {
             return Err(EmberError::Config(format!(
-                "a KV cache of {storage:?} for a {dtype:?} model is not supported; use auto or fp8"
+                "a KV cache of {storage:?} for a {dtype:?} model is not supported; use auto, fp8 or fp8_e5m2"
             )));
         }
         let (k_width, v_width) = row_widths;
@@ -274,8 +283,8 @@ impl LayerKvCache {
                 .unsqueeze(1)?
                 .broadcast_as((tokens, pool.dim(1)?))?
                 .contiguous()?;
-            let rows = if pool.dtype() == DType::F8E4M3 {
-                quantize_rows(rows, scale)?
+            let rows = if is_fp8(pool.dtype()) {
+                quantize_rows(rows, scale, pool.dtype())?
             } else {
                 rows.contiguous()?
             };
@@ -289,10 +298,11 @@ impl LayerKvCache {
     pub fn gather(&self, slots: &Tensor, scales: &KvScales) -> TensorResult<(Tensor, Tensor)> {
         let read = |pool: &Tensor, scale: &[f32]| -> TensorResult {
             let rows = pool.index_select(slots, 0)?;
-            if pool.dtype() != DType::F8E4M3 {
-                return Ok(rows);
-            }
-            let rows = rows.to_dtype(DType::F32)?;
+            let rows = match pool.dtype() {
+                DType::F8E4M3 => rows.to_dtype(DType::F32)?,
+                E5M2_STORAGE => crate::fp8_e5m2::decode(&rows)?,
+                _ => return Ok(rows),
+            };
             let rows = match KvScales::columns(scale, rows.dim(1)?, rows.device())? {
                 None => rows,
                 Some(factors) => rows.broadcast_mul(&factors)?,
@@ -303,14 +313,18 @@ impl LayerKvCache {
     }
 }
 
-/// `sat(x / scale)` in e4m3 (a scale per tensor or per head), rounded to nearest even:
-/// out-of-range values saturate to ±448, as vLLM's cache writes do (`__NV_SATFINITE`).
-fn quantize_rows(rows: &Tensor, scales: &[f32]) -> TensorResult {
+/// `sat(x / scale)` in e4m3 or e5m2 (`storage`; a scale per tensor or per head), rounded to
+/// nearest even: out-of-range values saturate to ±448 / ±57344, as vLLM's cache writes do
+/// (`__NV_SATFINITE`).
+fn quantize_rows(rows: &Tensor, scales: &[f32], storage: DType) -> TensorResult {
     let rows = rows.to_dtype(DType::F32)?;
     let rows = match KvScales::columns(scales, rows.dim(1)?, rows.device())? {
         None => rows,
         Some(factors) => rows.broadcast_div(&factors)?,
     };
+    if storage == E5M2_STORAGE {
+        return crate::fp8_e5m2::encode(&rows);
+    }
     rows.clamp(-E4M3_MAX, E4M3_MAX)?
         .contiguous()?
         .to_dtype(DType::F8E4M3)
@@ -343,6 +357,36 @@ mod tests {
             KvCachePool::bytes_per_block(1, 2, (3, 2), DType::F8E4M3),
             KvCachePool::bytes_per_block(1, 2, (3, 2), DType::F32) / 4
         );
+    }
+
+    #[test]
+    fn an_e5m2_cache_stores_bytes_and_reads_back_scaled_values() {
+        let pool =
+            KvCachePool::with_storage(1, 2, 2, (3, 2), DType::F32, E5M2_STORAGE, &Device::Cpu)
+                .unwrap();
+        let layer = &pool.layers[0];
+        assert_eq!(layer.k.dtype(), DType::U8);
+        // 1000 (e4m3 would saturate at 448) is held: e5m2 has 1024 and 896 around it.
+        let k = Tensor::new(&[[0.1f32, -1000.0, 1.125]], &Device::Cpu).unwrap();
+        let v = Tensor::new(&[[3.3f32, 1e6]], &Device::Cpu).unwrap();
+        let slot = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        let scales = KvScales {
+            k: vec![1.0],
+            v: vec![2.0],
+        };
+        layer.write(&k, &v, &slot, &scales).unwrap();
+        let (k_read, v_read) = layer.gather(&slot, &scales).unwrap();
+        assert_eq!(k_read.dtype(), DType::F32);
+        assert_eq!(k_read.to_vec2::<f32>().unwrap(), [[0.09375, -1024.0, 1.0]]);
+        // 3.3 / 2 = 1.65 rounds to 1.75 (x 2 = 3.5); 1e6 / 2 saturates at 57344 (x 2).
+        assert_eq!(v_read.to_vec2::<f32>().unwrap(), [[3.5, 114688.0]]);
+        assert_eq!(
+            KvCachePool::bytes_per_block(1, 2, (3, 2), E5M2_STORAGE),
+            KvCachePool::bytes_per_block(1, 2, (3, 2), DType::F32) / 4
+        );
+        // Calculated scales apply to an e5m2 cache too.
+        let calc = LayerKvScales::calculated(false);
+        assert_eq!(calc.resolve(layer, &k, &v).unwrap().k, vec![1000.0 / 200.0]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod cuda_attention;
 pub mod decoder;
 pub mod deepseek_v3;
 pub mod device;
+pub mod fp8_e5m2;
 pub mod greedy;
 pub mod kv_cache;
 pub mod linear;

@@ -105,7 +105,8 @@ pub struct LoadedModel {
     pub rank_weight_bytes: Vec<u64>,
     /// Tokens routed to each expert of each MoE layer, counted as the model runs.
     pub expert_load: Arc<ExpertLoad>,
-    /// The dtype the paged KV cache stores: `dtype`, or `F8E4M3` under `--kv-cache-dtype fp8`.
+    /// The dtype the paged KV cache stores: `dtype`, `F8E4M3` under `--kv-cache-dtype fp8`, or
+    /// `U8` holding e5m2 bytes under `fp8_e5m2` (see [`crate::kv_cache::E5M2_STORAGE`]).
     pub kv_cache_dtype: DType,
     /// Where the weights live and the model runs; its KV cache goes there too.
     pub device: Device,
@@ -397,6 +398,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         kv_cache_dtype: match opts.kv_cache_dtype {
             KvCacheDtype::Auto => dtype,
             KvCacheDtype::Fp8E4m3 => DType::F8E4M3,
+            KvCacheDtype::Fp8E5m2 => crate::kv_cache::E5M2_STORAGE,
         },
         eos_token_ids: eos_token_ids(&dir, &config)?,
         device: opts.device.clone(),

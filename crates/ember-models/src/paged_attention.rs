@@ -4,22 +4,22 @@
 //! runs small batched matmuls: a dozen candle ops and three copies of the context per sequence
 //! and layer, which dominate a decode step of a batch. This kernel walks the block table instead:
 //! one task per (sequence, query head), f32 dot products against the cached rows, a numerically
-//! stable softmax, and the weighted sum of value rows. It serves f32 and fp8 (e4m3, converted
-//! row by row as it reads) caches of f32 models on the CPU; other dtypes and devices keep the
+//! stable softmax, and the weighted sum of value rows. It serves f32 and fp8 (e4m3 or e5m2,
+//! converted as it reads) caches of f32 models on the CPU; other dtypes and devices keep the
 //! tensor path.
 
 use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::batch::ForwardBatch;
-use crate::kv_cache::{KvScales, LayerKvCache};
+use crate::kv_cache::{KvScales, LayerKvCache, E5M2_STORAGE};
 
 type TensorResult<T = Tensor> = candle_core::Result<T>;
 
 /// Whether [`paged_attention`] can serve this cache.
 pub fn supported(cache: &LayerKvCache, q: &Tensor) -> bool {
     matches!(cache.k.device(), Device::Cpu)
-        && matches!(cache.k.dtype(), DType::F32 | DType::F8E4M3)
+        && matches!(cache.k.dtype(), DType::F32 | DType::F8E4M3 | E5M2_STORAGE)
         && cache.v.dtype() == cache.k.dtype()
         && q.dtype() == DType::F32
 }
@@ -40,6 +40,13 @@ impl CacheElem for float8::F8E4M3 {
         // The inherent conversion, named in full: candle 0.11's `WithDType::to_f64` for e4m3
         // calls itself forever.
         float8::F8E4M3::to_f32(&self)
+    }
+}
+
+/// An e5m2 cache's bytes ([`E5M2_STORAGE`]), decoded as they are read.
+impl CacheElem for u8 {
+    fn to_f32(self) -> f32 {
+        ember_kernels::fp8_e5m2::decode(self)
     }
 }
 
@@ -91,6 +98,7 @@ pub fn paged_attention(
 ) -> TensorResult {
     match cache.k.dtype() {
         DType::F8E4M3 => attend::<float8::F8E4M3>(q, cache, scales, batch, num_kv_heads, scale),
+        E5M2_STORAGE => attend::<u8>(q, cache, scales, batch, num_kv_heads, scale),
         _ => attend::<f32>(q, cache, &KvScales::default(), batch, num_kv_heads, scale),
     }
 }
@@ -228,6 +236,18 @@ mod tests {
     }
 
     #[test]
+    fn reads_an_e5m2_cache_as_its_values_with_and_without_scales() {
+        check_against_reference(E5M2_STORAGE, KvScales::default());
+        check_against_reference(
+            E5M2_STORAGE,
+            KvScales {
+                k: vec![0.5, 2.0],
+                v: vec![0.25],
+            },
+        );
+    }
+
+    #[test]
     fn reads_an_fp8_cache_with_per_tensor_and_per_head_scales() {
         for scales in [
             KvScales {
@@ -252,12 +272,17 @@ mod tests {
         let mut rand_vec =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
         let stored = |values: Vec<f32>, width: usize| {
-            let t = Tensor::from_vec(values, (slots, width), &Device::Cpu)
-                .unwrap()
-                .to_dtype(storage)
-                .unwrap();
-            let seen = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-            (t, seen.to_vec1::<f32>().unwrap())
+            let t = Tensor::from_vec(values, (slots, width), &Device::Cpu).unwrap();
+            let (t, seen) = if storage == E5M2_STORAGE {
+                let bytes = crate::fp8_e5m2::encode(&t).unwrap();
+                let seen = crate::fp8_e5m2::decode(&bytes).unwrap();
+                (bytes, seen)
+            } else {
+                let t = t.to_dtype(storage).unwrap();
+                let seen = t.to_dtype(DType::F32).unwrap();
+                (t, seen)
+            };
+            (t, seen.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         };
         let (k_stored, mut k) = stored(rand_vec(slots * kv_heads * d), kv_heads * d);
         let (v_stored, mut v) = stored(rand_vec(slots * kv_heads * v_dim), kv_heads * v_dim);
