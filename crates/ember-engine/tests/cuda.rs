@@ -93,6 +93,78 @@ fn ember_paged_attention_kernel_matches_transformers_on_cuda() {
     }
 }
 
+/// Plain greedy requests (no logprobs) take the device-greedy path: the argmax kernel on the
+/// GPU, only token ids copied back. Their tokens must be transformers' greedy tokens, batched
+/// and chunked, and every step must have sampled on the device.
+#[test]
+fn device_greedy_sampling_on_cuda_gives_the_reference_tokens() {
+    let Some(device) = gpu("device_greedy_sampling_on_cuda_gives_the_reference_tokens") else {
+        return;
+    };
+    for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let reference = reference(name);
+        let cfg = EngineConfig {
+            max_num_batched_tokens: 24,
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        let engine = start_with(name, cfg, |opts| {
+            opts.dtype = Some(DType::F32);
+            opts.device = device.clone();
+        });
+        let prompts = reference["prompts"].as_array().unwrap();
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let params = ember_core::SamplingParams {
+                    ignore_eos: true,
+                    ..ember_core::SamplingParams::greedy(greedy_steps(p))
+                };
+                engine.submit(ids(&p["token_ids"]), params).unwrap()
+            })
+            .collect();
+        for (rx, p) in receivers.into_iter().zip(prompts) {
+            assert_eq!(collect(rx).tokens, ids(&p["greedy"]["token_ids"]), "{name}");
+        }
+        let stats = engine.stats();
+        assert!(
+            stats.device_sampled_steps + 1 >= stats.steps,
+            "{name}: {stats:?}"
+        );
+        eprintln!("{name}: device greedy sampling on CUDA gives the reference tokens");
+    }
+}
+
+/// An e5m2 KV cache on CUDA (bytes written and read by kernels/fp8_e5m2.cu) scores as the same
+/// cache on the CPU (the conversions are exact on both; only f32 arithmetic order differs).
+#[test]
+fn an_e5m2_kv_cache_on_cuda_matches_the_cpu() {
+    let Some(device) = gpu("an_e5m2_kv_cache_on_cuda_matches_the_cpu") else {
+        return;
+    };
+    for name in ["qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let reference = reference(name);
+        let run = |device: &Device| {
+            let engine = start_with(name, EngineConfig::default(), |opts| {
+                opts.dtype = Some(DType::F32);
+                opts.device = device.clone();
+                opts.kv_cache_dtype = ember_core::KvCacheDtype::Fp8E5m2;
+            });
+            let p = &reference["prompts"][0];
+            collect(
+                engine
+                    .submit(ids(&p["token_ids"]), greedy_params(greedy_steps(p)))
+                    .unwrap(),
+            )
+        };
+        let (cpu, gpu) = (run(&Device::Cpu), run(&device));
+        assert_eq!(cpu.tokens, gpu.tokens, "{name}");
+        let as_f64: Vec<f64> = cpu.logprobs.iter().map(|&x| x as f64).collect();
+        assert_close(&format!("{name} e5m2 cache"), &gpu.logprobs, &as_f64, 1e-3);
+        eprintln!("{name}: e5m2 KV cache on CUDA matches the CPU");
+    }
+}
+
 #[test]
 fn every_model_tracks_transformers_on_cuda_in_bf16() {
     let Some(device) = gpu("every_model_tracks_transformers_on_cuda_in_bf16") else {
