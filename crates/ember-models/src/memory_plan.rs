@@ -15,7 +15,7 @@ use candle_core::DType;
 use ember_core::config::{DeepseekConfig, TopkMethod};
 use ember_core::{ModelConfig, Result};
 
-use crate::parallel::{even_share, kv_head_share};
+use crate::parallel::{even_share, expert_slots_per_rank, kv_head_share};
 
 /// How the weights are stored in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +119,27 @@ pub fn rank_weights(
     expert_parallel: bool,
     format: WeightFormat,
 ) -> Result<Vec<RankWeights>> {
+    plan_ranks(cfg, world_size, expert_parallel, 0, format)
+}
+
+/// [`rank_weights`] under expert parallelism with `--num-redundant-experts redundant`: each
+/// rank holds `(experts + redundant) / world_size` whole experts, its share of the copies.
+pub fn rank_weights_with_redundant_experts(
+    cfg: &ModelConfig,
+    world_size: usize,
+    redundant: usize,
+    format: WeightFormat,
+) -> Result<Vec<RankWeights>> {
+    plan_ranks(cfg, world_size, true, redundant, format)
+}
+
+fn plan_ranks(
+    cfg: &ModelConfig,
+    world_size: usize,
+    expert_parallel: bool,
+    redundant_experts: usize,
+    format: WeightFormat,
+) -> Result<Vec<RankWeights>> {
     (0..world_size.max(1))
         .map(|rank| {
             RankPlan {
@@ -127,6 +148,7 @@ pub fn rank_weights(
                 rank,
                 world: world_size,
                 expert_parallel,
+                redundant_experts,
                 bytes: RankWeights::default(),
             }
             .plan()
@@ -160,6 +182,8 @@ struct RankPlan<'a> {
     rank: usize,
     world: usize,
     expert_parallel: bool,
+    /// Expert slots beyond the routed experts, spread over the ranks (expert parallelism).
+    redundant_experts: usize,
     bytes: RankWeights,
 }
 
@@ -277,7 +301,8 @@ impl RankPlan<'_> {
     /// else every expert's share of its channels.
     fn experts(&self, e: usize, i: usize) -> Result<u64> {
         let (count, channels) = if self.sharded() && self.expert_parallel {
-            (self.share(e, "the number of routed experts")?, i as u64)
+            let per_rank = expert_slots_per_rank(e, self.redundant_experts, self.world)?;
+            (per_rank as u64, i as u64)
         } else {
             (e as u64, self.share(i, "moe_intermediate_size")?)
         };

@@ -11,7 +11,7 @@ use ember_core::{EmberError, MoeConfig, Result};
 use crate::linear::{load_linear, LinearLayer};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::mlp::Mlp;
-use crate::parallel::{uneven_share, RankContext};
+use crate::parallel::{expert_slots_per_rank, uneven_share, RankContext};
 use crate::weights::Weights;
 use crate::TensorResult;
 
@@ -575,15 +575,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
     let load = registry.layer(layer_index(&path), e);
     if let Some(ctx) = rank.filter(|r| r.expert_parallel) {
         let world = ctx.world_size();
-        let physical = e + ctx.redundant_experts;
-        if !physical.is_multiple_of(world) {
-            return Err(EmberError::Config(format!(
-                "the {e} routed experts plus {} redundant copies do not split evenly over {world} \
-                 expert-parallel ranks",
-                ctx.redundant_experts
-            )));
-        }
-        let per_rank = physical / world;
+        let per_rank = expert_slots_per_rank(e, ctx.redundant_experts, world)?;
         let placement = registry.placement(layer_index(&path), e, per_rank, world);
         let source = ExpertSource {
             weights: experts_w.clone(),

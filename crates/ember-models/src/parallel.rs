@@ -70,6 +70,27 @@ impl RankContext {
     }
 }
 
+/// Expert slots each of `world` expert-parallel ranks holds: `experts` routed experts plus
+/// `redundant` copies (`--num-redundant-experts`), which must split evenly.
+pub fn expert_slots_per_rank(
+    experts: usize,
+    redundant: usize,
+    world: usize,
+) -> ember_core::Result<usize> {
+    let slots = experts + redundant;
+    if world == 0 || !slots.is_multiple_of(world) {
+        let copies = if redundant > 0 {
+            format!(" plus {redundant} redundant copies")
+        } else {
+            String::new()
+        };
+        return Err(ember_core::EmberError::Config(format!(
+            "the {experts} routed experts{copies} do not split evenly over {world} expert-parallel ranks"
+        )));
+    }
+    Ok(slots / world)
+}
+
 /// Rank `rank`'s share `(start, len)` of `n` items split evenly over `world` ranks.
 pub fn even_share(
     n: usize,

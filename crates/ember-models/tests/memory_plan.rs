@@ -9,7 +9,8 @@ use candle_core::DType;
 use ember_core::ModelConfig;
 use ember_models::loader::read_config;
 use ember_models::memory_plan::{
-    kv_cache_bytes_per_token, rank_weights, RankWeights, WeightFormat,
+    kv_cache_bytes_per_token, rank_weights, rank_weights_with_redundant_experts, RankWeights,
+    WeightFormat,
 };
 use ember_models::{load_model, LoadFormat, LoadOptions};
 
@@ -70,6 +71,46 @@ fn the_plan_equals_what_every_rank_of_a_real_load_holds() {
                 }
             }
         }
+    }
+}
+
+/// With `--num-redundant-experts`, each expert-parallel rank holds its share of the copies too:
+/// the plan equals what every rank of a real load holds, and the copies add whole experts.
+#[test]
+fn the_plan_counts_each_ranks_redundant_expert_copies() {
+    for name in ["qwen3-moe-tiny", "deepseek-v3-tiny", "kimi-k2-tiny"] {
+        let cfg = config(name);
+        for (world, redundant) in [(2, 2), (4, 4), (2, 6)] {
+            let loaded = load_model(&LoadOptions {
+                dtype: Some(DType::F32),
+                tensor_parallel_size: world,
+                enable_expert_parallel: true,
+                num_redundant_experts: redundant,
+                ..LoadOptions::new(model_dir(name).to_string_lossy())
+            })
+            .unwrap();
+            let format = WeightFormat::Loaded(DType::F32);
+            let plan = rank_weights_with_redundant_experts(&cfg, world, redundant, format).unwrap();
+            assert_eq!(
+                totals(&plan),
+                loaded.rank_weight_bytes,
+                "{name} ep {world} +{redundant}"
+            );
+            let plain = rank_weights(&cfg, world, true, format).unwrap();
+            let experts = 8;
+            assert_eq!(
+                plan[0].routed_experts * experts as u64,
+                plain[0].routed_experts * (experts + redundant) as u64,
+                "{name}: {redundant} copies over {world} ranks"
+            );
+        }
+        let err = rank_weights_with_redundant_experts(&cfg, 4, 2, WeightFormat::Loaded(DType::F32))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("plus 2 redundant copies do not split evenly over 4"),
+            "{err}"
+        );
     }
 }
 
@@ -224,6 +265,25 @@ fn deepseek_v3_fp8_fits_an_h200_node_but_not_an_h100_node() {
     }
     // In bf16 it fits neither.
     assert!(eight_ranks(v3, false, WeightFormat::Loaded(DType::BF16)).total() > H200);
+    // EP8 with 32 redundant experts (288 slots, 36 experts a rank instead of 32): each copy is
+    // one more FP8 expert of 3 x 7168 x 2048 values plus scales, ~44 MB a layer; 58 MoE layers
+    // make 4 copies a rank 10.2 GB more, which still fits an H200 with a full sequence's cache.
+    let cfg = config(v3);
+    let plain = rank_weights(&cfg, 8, true, WeightFormat::Fp8Block).unwrap()[0];
+    let copies =
+        rank_weights_with_redundant_experts(&cfg, 8, 32, WeightFormat::Fp8Block).unwrap()[0];
+    let extra = copies.total() - plain.total();
+    println!(
+        "deepseek-v3 fp8 ep8 + 32 redundant experts: {} a rank ({} more)",
+        gb(copies.total()),
+        gb(extra)
+    );
+    assert_eq!(extra * 8, plain.routed_experts);
+    assert!(
+        copies.total() + full_context_kv(v3, 2) < H200,
+        "{}",
+        copies.total()
+    );
 }
 
 #[test]
