@@ -180,6 +180,7 @@ const TP_AND_EP: [&[&str]; 5] = [
         "--tensor-parallel-size",
         "4",
         "--enable-expert-parallel",
+        "--enable-eplb",
         "--num-redundant-experts",
         "4",
         "--eplb-step-interval",
@@ -294,12 +295,18 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
         "qwen3-moe-tiny",
         &["-t", "2", "--num-redundant-experts", "2"],
     );
-    assert!(err.contains("--enable-expert-parallel"), "{err}");
+    assert!(err.contains("needs --enable-eplb"), "{err}");
+    let err = serve_error("qwen3-moe-tiny", &["-t", "2", "--enable-eplb"]);
+    assert!(
+        err.contains("--enable-eplb needs --enable-expert-parallel"),
+        "{err}"
+    );
     // 8 experts plus 2 copies do not split over 4 ranks.
     let ep = [
         "-t",
         "4",
         "--enable-expert-parallel",
+        "--enable-eplb",
         "--num-redundant-experts",
         "2",
     ];

@@ -85,13 +85,17 @@ pub struct ModelArgs {
     /// experts' owners by all-to-all, shared experts replicated) instead of splitting each.
     #[arg(long)]
     pub enable_expert_parallel: bool,
-    /// Extra expert slots over the expert-parallel ranks, each holding a copy of a hot expert,
-    /// as DeepSeek's EPLB does; a token routed to a copied expert goes to one of its copies.
-    /// The routed experts plus these must split evenly over the ranks.
+    /// Expert-parallel load balancing (DeepSeek's EPLB): every --eplb-step-interval steps,
+    /// re-place the experts (and their --num-redundant-experts copies) over the ranks for the
+    /// per-expert load seen since the last time.
+    #[arg(long)]
+    pub enable_eplb: bool,
+    /// With --enable-eplb: extra expert slots over the expert-parallel ranks, each holding a
+    /// copy of a hot expert; a token routed to a copied expert goes to one of its copies. The
+    /// routed experts plus these must split evenly over the ranks.
     #[arg(long, default_value_t = 0)]
     pub num_redundant_experts: usize,
-    /// With --num-redundant-experts: every this many engine steps, re-place the copies for the
-    /// per-expert load seen since the last time (0 keeps the initial placement).
+    /// With --enable-eplb: engine steps between re-placements.
     #[arg(long, default_value_t = 3000)]
     pub eplb_step_interval: u64,
     /// Tokens per KV cache block.
@@ -281,13 +285,19 @@ impl ModelArgs {
         }
         opts.tensor_parallel_size = self.tensor_parallel_size;
         opts.enable_expert_parallel = self.enable_expert_parallel;
-        if self.num_redundant_experts > 0
-            && !(self.enable_expert_parallel && self.tensor_parallel_size > 1)
-        {
-            bail!("--num-redundant-experts needs --enable-expert-parallel and --tensor-parallel-size above 1");
+        if self.num_redundant_experts > 0 && !self.enable_eplb {
+            bail!("--num-redundant-experts needs --enable-eplb (as vLLM), with --enable-expert-parallel");
+        }
+        if self.enable_eplb {
+            if !(self.enable_expert_parallel && self.tensor_parallel_size > 1) {
+                bail!("--enable-eplb needs --enable-expert-parallel and --tensor-parallel-size above 1");
+            }
+            if self.eplb_step_interval == 0 {
+                bail!("--eplb-step-interval must be positive");
+            }
+            opts.eplb_step_interval = self.eplb_step_interval;
         }
         opts.num_redundant_experts = self.num_redundant_experts;
-        opts.eplb_step_interval = self.eplb_step_interval;
         Ok(opts)
     }
 

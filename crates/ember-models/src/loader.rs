@@ -53,8 +53,8 @@ pub struct LoadOptions {
     /// `--num-redundant-experts`: extra expert slots over the expert-parallel ranks, each a
     /// copy of a hot expert (DeepSeek's EPLB); needs expert parallelism.
     pub num_redundant_experts: usize,
-    /// `--eplb-step-interval`: with redundant experts, re-place the copies every this many
-    /// steps from the load seen since the last time (0: keep the initial placement).
+    /// `--enable-eplb --eplb-step-interval N`: under expert parallelism, re-place the experts
+    /// and their copies every N steps from the load seen since the last time (0: never).
     pub eplb_step_interval: u64,
     /// `--calculate-kv-scales`: with an fp8 KV cache, each attention layer's scales come from
     /// the first keys and values it writes (max |x| / 200 for keys, / 100 for values, as vLLM).
@@ -337,9 +337,12 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         }
     };
     let world = opts.tensor_parallel_size;
-    if opts.num_redundant_experts > 0 && !(opts.enable_expert_parallel && world > 1) {
+    if (opts.num_redundant_experts > 0 || opts.eplb_step_interval > 0)
+        && !(opts.enable_expert_parallel && world > 1)
+    {
         return Err(EmberError::Config(
-            "--num-redundant-experts needs --enable-expert-parallel over more than one rank".into(),
+            "--num-redundant-experts and --enable-eplb need --enable-expert-parallel over more than one rank"
+                .into(),
         ));
     }
     let (model, rank_weight_bytes): (Box<dyn CausalLm>, Vec<u64>) = match world {
@@ -372,7 +375,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 "sharded over {world} ranks (threads of this process, in lock-step)"
             );
             let mut sharded = ShardedModel::new(ranks)?;
-            if opts.num_redundant_experts > 0 && opts.eplb_step_interval > 0 {
+            if opts.enable_expert_parallel && opts.eplb_step_interval > 0 {
                 sharded = sharded
                     .with_rebalancing(weights.expert_load().clone(), opts.eplb_step_interval);
             }

@@ -114,6 +114,15 @@ impl ExpertLoad {
             .map(|r| r.iter().map(|n| n.load(Ordering::Relaxed)).collect())
     }
 
+    /// Under expert parallelism, each layer's placement: the expert in each slot, ranks in order.
+    pub fn placements(&self) -> Vec<(usize, Vec<usize>)> {
+        let placements = self.placements.lock().unwrap_or_else(|p| p.into_inner());
+        placements
+            .iter()
+            .map(|(&layer, placement)| (layer, placement.map().to_vec()))
+            .collect()
+    }
+
     /// Under expert parallelism, each layer's copies of each expert (1 without redundancy).
     pub fn replicas(&self) -> Vec<(usize, Vec<usize>)> {
         let placements = self.placements.lock().unwrap_or_else(|p| p.into_inner());

@@ -100,17 +100,19 @@ fn check_family(name: &str, layouts: &[(usize, bool)]) {
 const LAYOUTS: [(usize, bool); 4] = [(2, false), (4, false), (2, true), (4, true)];
 
 /// Expert parallelism with `--num-redundant-experts`: copies of experts in the spare slots, kept
-/// where they start (interval 0) or re-placed from the load before every step (interval 1, so
-/// ranks load the experts moved to them mid-run), give the logprobs of one rank.
+/// where they start (interval 0) or re-placed from the load before every step (`--enable-eplb`
+/// at interval 1, so ranks load the experts moved to them mid-run; also without copies), give
+/// the logprobs of one rank.
 fn check_redundant_experts(name: &str) {
     let reference = logprobs(&run_steps(&load_model(&options(name, 1, false)).unwrap()));
-    for (ranks, redundant) in [(2, 2), (4, 4), (2, 6)] {
+    // (2, 0): no copies, the experts themselves re-placed over the ranks.
+    for (ranks, redundant) in [(2, 2), (4, 4), (2, 6), (2, 0)] {
         for interval in [0, 1] {
             let mut opts = options(name, ranks, true);
             opts.num_redundant_experts = redundant;
             opts.eplb_step_interval = interval;
             let sharded = load_model(&opts).unwrap();
-            let initial = sharded.expert_load.replicas();
+            let initial = sharded.expert_load.placements();
             assert!(!initial.is_empty(), "{name}: no placement recorded");
             let got = logprobs(&run_steps(&sharded));
             let diff = max_diff(&reference, &got);
@@ -119,12 +121,12 @@ fn check_redundant_experts(name: &str) {
                 diff < 1e-4,
                 "{name} ep {ranks} +{redundant}, interval {interval}: {diff}"
             );
-            let after = sharded.expert_load.replicas();
-            for (layer, copies) in &after {
+            let after = sharded.expert_load.placements();
+            for (layer, copies) in &sharded.expert_load.replicas() {
                 assert_eq!(copies.iter().sum::<usize>(), 8 + redundant, "layer {layer}");
                 assert!(copies.iter().all(|&c| c >= 1), "layer {layer}: {copies:?}");
             }
-            // Re-placing follows the load: some layer's copies moved off the initial experts.
+            // Re-placing follows the load: some layer's experts moved off their initial slots.
             assert_eq!(
                 initial != after,
                 interval == 1,
