@@ -92,6 +92,14 @@ fn expert_load(server: &Server) -> (BTreeMap<String, f64>, Vec<f64>) {
     (experts, ranks)
 }
 
+/// The `layer` label of a `/metrics` sample's name.
+fn layer_label(key: &str) -> &str {
+    key.split("layer=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no layer label in {key}"))
+}
+
 /// Answers from [`answers_of`] against transformers' reference: greedy tokens equal, prompt and
 /// greedy logprobs within [`REFERENCE_TOL`].
 fn assert_matches_reference(
@@ -135,14 +143,7 @@ fn check_family(name: &str, layouts: &[&[&str]]) {
             for (key, v) in server.metrics() {
                 if let Some(labels) = key.strip_prefix("ember:moe_expert_replicas{") {
                     assert!(v >= 1.0, "{name} {flags:?}: {key} {v}");
-                    let layer = labels
-                        .split("layer=\"")
-                        .nth(1)
-                        .unwrap()
-                        .split('"')
-                        .next()
-                        .unwrap();
-                    *copies.entry(layer.to_string()).or_default() += v;
+                    *copies.entry(layer_label(labels).to_string()).or_default() += v;
                 }
             }
             let experts = (load.len() / copies.len().max(1)) as f64;
@@ -201,14 +202,7 @@ fn check_load_is_per_token(name: &str, top_k: f64) {
     let (load, _) = expert_load(&server);
     let mut per_layer: BTreeMap<String, f64> = BTreeMap::new();
     for (key, v) in &load {
-        let layer = key
-            .split("layer=\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap();
-        *per_layer.entry(layer.to_string()).or_default() += v;
+        *per_layer.entry(layer_label(key).to_string()).or_default() += v;
     }
     let totals: Vec<f64> = per_layer.values().copied().collect();
     assert!(!totals.is_empty() && totals[0] > 0.0, "{name}: {load:?}");

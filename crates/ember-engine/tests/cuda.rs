@@ -36,6 +36,26 @@ fn run_batched(name: &str, device: &Device, dtype: DType) -> (Value, Vec<Finishe
     run_batched_on(name, device, dtype, AttentionBackend::Tensor)
 }
 
+/// An engine on `name` with a small token budget and blocks of 4: prompts prefill in chunks
+/// next to other requests' decodes.
+fn chunked_engine(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    backend: AttentionBackend,
+) -> ember_engine::EngineHandle {
+    let cfg = EngineConfig {
+        max_num_batched_tokens: 24,
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    start_with(name, cfg, |opts| {
+        opts.dtype = Some(dtype);
+        opts.device = device.clone();
+        opts.attention_backend = backend;
+    })
+}
+
 fn run_batched_on(
     name: &str,
     device: &Device,
@@ -43,16 +63,7 @@ fn run_batched_on(
     backend: AttentionBackend,
 ) -> (Value, Vec<Finished>) {
     let reference = reference(name);
-    let cfg = EngineConfig {
-        max_num_batched_tokens: 24,
-        block_size: 4,
-        ..EngineConfig::default()
-    };
-    let engine = start_with(name, cfg, |opts| {
-        opts.dtype = Some(dtype);
-        opts.device = device.clone();
-        opts.attention_backend = backend;
-    });
+    let engine = chunked_engine(name, device, dtype, backend);
     let prompts = reference["prompts"].as_array().unwrap();
     let receivers: Vec<_> = prompts
         .iter()
@@ -103,15 +114,7 @@ fn device_greedy_sampling_on_cuda_gives_the_reference_tokens() {
     };
     for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
         let reference = reference(name);
-        let cfg = EngineConfig {
-            max_num_batched_tokens: 24,
-            block_size: 4,
-            ..EngineConfig::default()
-        };
-        let engine = start_with(name, cfg, |opts| {
-            opts.dtype = Some(DType::F32);
-            opts.device = device.clone();
-        });
+        let engine = chunked_engine(name, &device, DType::F32, AttentionBackend::Tensor);
         let prompts = reference["prompts"].as_array().unwrap();
         let receivers: Vec<_> = prompts
             .iter()

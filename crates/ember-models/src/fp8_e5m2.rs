@@ -24,13 +24,6 @@ enum Convert {
     FromE5m2,
 }
 
-fn range(layout: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(start..end),
-        None => candle_core::bail!("e5m2 conversion needs a contiguous tensor"),
-    }
-}
-
 impl CustomOp1 for Convert {
     fn name(&self) -> &'static str {
         match self {
@@ -44,7 +37,7 @@ impl CustomOp1 for Convert {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let range = range(layout)?;
+        let range = crate::contiguous_range(layout, "e5m2 conversion")?;
         let wrap = candle_core::Error::wrap;
         let storage = match self {
             Self::ToE5m2 => {
@@ -70,7 +63,7 @@ impl CustomOp1 for Convert {
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let range = range(layout)?;
+        let range = crate::contiguous_range(layout, "e5m2 conversion")?;
         let device = storage.device().clone();
         let kernels = crate::cuda_attention::kernels(&device)?;
         let wrap = candle_core::Error::wrap;

@@ -22,14 +22,6 @@ struct Argmax {
     vocab: usize,
 }
 
-/// The f32 elements of a contiguous layout, from its start.
-fn contiguous_range(layout: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(start..end),
-        None => candle_core::bail!("greedy sampling needs contiguous logits"),
-    }
-}
-
 impl CustomOp1 for Argmax {
     fn name(&self) -> &'static str {
         "ember-argmax"
@@ -40,7 +32,8 @@ impl CustomOp1 for Argmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let logits = &storage.as_slice::<f32>()?[contiguous_range(layout)?];
+        let logits =
+            &storage.as_slice::<f32>()?[crate::contiguous_range(layout, "greedy sampling")?];
         let mut out = vec![0u32; logits.len() / self.vocab];
         argmax_rows(logits, self.vocab, &mut out).map_err(candle_core::Error::wrap)?;
         let rows = out.len();
@@ -54,7 +47,7 @@ impl CustomOp1 for Argmax {
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let range = contiguous_range(layout)?;
+        let range = crate::contiguous_range(layout, "greedy sampling")?;
         let device = storage.device().clone();
         let kernels = crate::cuda_attention::kernels(&device)?;
         let logits = storage.as_cuda_slice::<f32>()?.slice(range.clone());

@@ -45,6 +45,18 @@ pub use weights::LoadFormat;
 /// Result of candle tensor code inside layers; converted to [`ember_core::EmberError`] at the model edge.
 pub type TensorResult<T = Tensor> = candle_core::Result<T>;
 
+/// The elements of a custom op's contiguous input, from its layout's start; `what` names the op
+/// that refuses a strided one.
+pub(crate) fn contiguous_range(
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<std::ops::Range<usize>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(start..end),
+        None => candle_core::bail!("{what} needs a contiguous tensor"),
+    }
+}
+
 /// A decoder-only language model.
 pub trait CausalLm: Send + Sync {
     /// The validated config the model was built from.
