@@ -139,9 +139,9 @@ fn device_greedy_sampling_on_cuda_gives_the_reference_tokens() {
 }
 
 /// fp8 KV caches on CUDA score as the same cache on the CPU (the conversions are exact on both;
-/// only f32 arithmetic order differs): e5m2 (bytes written and read by kernels/fp8_e5m2.cu) and
-/// e4m3 (candle's float8 tensors: this also shows whether candle's CUDA scatter serves them,
-/// which its kernel list suggests it may not).
+/// only f32 arithmetic order differs): e5m2 (bytes converted by kernels/fp8_e5m2.cu) and e4m3
+/// (candle's float8 casts), both written by kernels/scatter_rows.cu (candle's CUDA scatter has
+/// no float8 kernel).
 #[test]
 fn fp8_kv_caches_on_cuda_match_the_cpu() {
     let Some(device) = gpu("fp8_kv_caches_on_cuda_match_the_cpu") else {

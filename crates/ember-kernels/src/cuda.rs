@@ -17,12 +17,14 @@ use crate::paged_attention::{paged_attention_shape, PagedAttentionBatch, PagedAt
 use crate::rms_norm::rms_norm_shape;
 use crate::rotary::{rotary_shape, RotaryShape};
 use crate::sampling::argmax_shape;
+use crate::scatter_rows::scatter_rows_shape;
 use crate::silu_and_mul::silu_and_mul_shape;
 use crate::{Element, KernelError};
 
 const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
 const ROTARY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rotary.fatbin"));
 const SAMPLING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
+const SCATTER_ROWS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/scatter_rows.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
 const FP8_E5M2_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_e5m2.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
@@ -50,6 +52,7 @@ pub struct CudaKernels {
     rotary: Arc<CudaModule>,
     fp8_e5m2: Arc<CudaModule>,
     sampling: Arc<CudaModule>,
+    scatter_rows: Arc<CudaModule>,
     silu_and_mul: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
@@ -82,6 +85,7 @@ impl CudaKernels {
             rotary: load(ROTARY_FATBIN)?,
             fp8_e5m2: load(FP8_E5M2_FATBIN)?,
             sampling: load(SAMPLING_FATBIN)?,
+            scatter_rows: load(SCATTER_ROWS_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
@@ -271,6 +275,49 @@ impl CudaKernels {
         // SAFETY: matches e5m2_to_f32(float*, const unsigned char*, long long) in
         // kernels/fp8_e5m2.cu; both buffers hold n elements.
         unsafe { launch.launch(elementwise_launch(n)) }?;
+        Ok(())
+    }
+
+    /// [`crate::scatter_rows::scatter_rows`] on the GPU, over a pool of any one-byte element
+    /// (`u8`, float8): `slots` stay on the device; one past the pool is skipped.
+    pub fn scatter_rows<P: DeviceRepr>(
+        &self,
+        pool: &mut CudaSlice<P>,
+        rows: &CudaView<'_, P>,
+        slots: &CudaView<'_, u32>,
+        row_bytes: usize,
+    ) -> Result<(), KernelError> {
+        check_shape(std::mem::size_of::<P>() == 1, "scatter_rows", || {
+            format!(
+                "elements of {} bytes; the kernel copies bytes",
+                std::mem::size_of::<P>()
+            )
+        })?;
+        let tokens = scatter_rows_shape(pool.len(), rows.len(), slots.len(), row_bytes)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let tokens =
+            u32::try_from(tokens).map_err(|_| too_big("scatter_rows", "tokens", tokens))?;
+        let pool_rows = (pool.len() / row_bytes) as i64;
+        let row_bytes = row_bytes as i64;
+        let f = self.scatter_rows.load_function("scatter_rows_u8")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(pool)
+            .arg(rows)
+            .arg(slots)
+            .arg(&row_bytes)
+            .arg(&pool_rows);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens, 1, 1),
+            block_dim: ((row_bytes as u32).next_multiple_of(32).clamp(32, 256), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches scatter_rows_u8(unsigned char*, const unsigned char*, const unsigned*,
+        // long long, long long) in kernels/scatter_rows.cu for one-byte elements (checked);
+        // scatter_rows_shape bounds every row read, and the kernel skips slots past pool_rows.
+        unsafe { launch.launch(cfg) }?;
         Ok(())
     }
 

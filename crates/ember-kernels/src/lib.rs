@@ -10,6 +10,7 @@ pub mod paged_attention;
 pub mod rms_norm;
 pub mod rotary;
 pub mod sampling;
+pub mod scatter_rows;
 pub mod silu_and_mul;
 
 #[cfg(feature = "cuda")]

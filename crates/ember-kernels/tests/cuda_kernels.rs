@@ -11,7 +11,7 @@
 use ember_kernels::cuda::{CudaElement, CudaKernels};
 use ember_kernels::paged_attention::{self, PagedAttentionBatch, PagedAttentionShape};
 use ember_kernels::rotary::{self, RotaryShape};
-use ember_kernels::{fp8_e5m2, moe_routing, rms_norm, sampling, silu_and_mul};
+use ember_kernels::{fp8_e5m2, moe_routing, rms_norm, sampling, scatter_rows, silu_and_mul};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -338,6 +338,36 @@ fn e5m2_conversions_match_the_cpu_reference() {
     }
 }
 
+/// fp8 cache writes: random bytes into scattered slots of a pool (one slot past it), row widths
+/// from one MLA latent row to narrower than a warp; exact.
+#[test]
+fn scatter_rows_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    let s = k.stream();
+    for &(pool_rows, tokens, row_bytes) in &[(64, 5, 576), (1024, 37, 256), (16, 3, 7)] {
+        let mut pool: Vec<u8> = (0..pool_rows * row_bytes).map(|_| rng.random()).collect();
+        let rows: Vec<u8> = (0..tokens * row_bytes).map(|_| rng.random()).collect();
+        let mut slots: Vec<u32> = (0..pool_rows as u32).collect();
+        slots.sort_by_key(|_| rng.random::<u32>());
+        slots.truncate(tokens - 1);
+        slots.push(pool_rows as u32 + 3);
+        let mut dpool = s.clone_htod(&pool).unwrap();
+        let (drows, dslots) = (s.clone_htod(&rows).unwrap(), s.clone_htod(&slots).unwrap());
+        assert_eq!(
+            scatter_rows::scatter_rows(&mut pool, &rows, &slots, row_bytes).unwrap(),
+            1
+        );
+        k.scatter_rows(&mut dpool, &drows.as_view(), &dslots.as_view(), row_bytes)
+            .unwrap();
+        assert_eq!(
+            s.clone_dtoh(&dpool).unwrap(),
+            pool,
+            "[{pool_rows}, {row_bytes}]"
+        );
+    }
+}
+
 #[test]
 fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
     let report = ember_kernels::cuda::PTXAS_RESOURCE_USAGE;
@@ -351,6 +381,7 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "argmax_f32",
         "e5m2_from_f32",
         "e5m2_to_f32",
+        "scatter_rows_u8",
     ] {
         assert!(
             report.contains(&format!("::{kernel} ")),

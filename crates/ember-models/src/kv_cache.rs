@@ -7,6 +7,8 @@
 use candle_core::{DType, Device, Tensor};
 use ember_core::{EmberError, Result};
 
+use ember_kernels::scatter_rows::scatter_rows;
+
 use crate::quantized::fp8::E4M3_MAX;
 use crate::weights::Weights;
 use crate::TensorResult;
@@ -279,16 +281,20 @@ impl LayerKvCache {
     ) -> TensorResult<()> {
         let tokens = slot_mapping.dim(0)?;
         for (pool, rows, scale) in [(&self.k, k, &scales.k), (&self.v, v, &scales.v)] {
+            if is_fp8(pool.dtype()) {
+                // candle's CUDA scatter has no float8 kernel: fp8 rows go through ember's.
+                let rows = quantize_rows(rows, scale, pool.dtype())?;
+                let op = ScatterRows {
+                    row_len: pool.dim(1)?,
+                };
+                pool.inplace_op3(&rows, &slot_mapping.contiguous()?, &op)?;
+                continue;
+            }
             let index = slot_mapping
                 .unsqueeze(1)?
                 .broadcast_as((tokens, pool.dim(1)?))?
                 .contiguous()?;
-            let rows = if is_fp8(pool.dtype()) {
-                quantize_rows(rows, scale, pool.dtype())?
-            } else {
-                rows.contiguous()?
-            };
-            pool.scatter_set(&index, &rows, 0)?;
+            pool.scatter_set(&index, &rows.contiguous()?, 0)?;
         }
         Ok(())
     }
@@ -310,6 +316,85 @@ impl LayerKvCache {
             rows.to_dtype(self.dtype)
         };
         Ok((read(&self.k, &scales.k)?, read(&self.v, &scales.v)?))
+    }
+}
+
+/// Writes fp8 rows `[tokens, row_len]` into the pool rows of their slots (`[tokens]` u32):
+/// ember-kernels' `scatter_rows`, its reference on the CPU and its kernel on CUDA. A slot past
+/// the pool is not written.
+struct ScatterRows {
+    row_len: usize,
+}
+
+impl candle_core::InplaceOp3 for ScatterRows {
+    fn name(&self) -> &'static str {
+        "ember-scatter-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        pool: &mut candle_core::CpuStorage,
+        pool_l: &candle_core::Layout,
+        rows: &candle_core::CpuStorage,
+        rows_l: &candle_core::Layout,
+        slots: &candle_core::CpuStorage,
+        slots_l: &candle_core::Layout,
+    ) -> TensorResult<()> {
+        use candle_core::CpuStorage as S;
+        let range = |l: &candle_core::Layout| crate::contiguous_range(l, "a KV cache write");
+        let (pr, rr) = (range(pool_l)?, range(rows_l)?);
+        let slots = &slots.as_slice::<u32>()?[range(slots_l)?];
+        let wrap = candle_core::Error::wrap;
+        match (pool, rows) {
+            (S::U8(p), S::U8(r)) => {
+                scatter_rows(&mut p[pr], &r[rr], slots, self.row_len).map_err(wrap)?;
+            }
+            (S::F8E4M3(p), S::F8E4M3(r)) => {
+                scatter_rows(&mut p[pr], &r[rr], slots, self.row_len).map_err(wrap)?;
+            }
+            _ => candle_core::bail!(
+                "a KV cache write of fp8 rows into an fp8 pool of the same dtype"
+            ),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        pool: &mut candle_core::CudaStorage,
+        pool_l: &candle_core::Layout,
+        rows: &candle_core::CudaStorage,
+        rows_l: &candle_core::Layout,
+        slots: &candle_core::CudaStorage,
+        slots_l: &candle_core::Layout,
+    ) -> TensorResult<()> {
+        use candle_core::backend::BackendStorage;
+        let range = |l: &candle_core::Layout| crate::contiguous_range(l, "a KV cache write");
+        if range(pool_l)?.start != 0 {
+            candle_core::bail!("a KV cache write needs the pool from its start");
+        }
+        let kernels = crate::cuda_attention::kernels(pool.device())?;
+        let slots = slots.as_cuda_slice::<u32>()?.slice(range(slots_l)?);
+        let rr = range(rows_l)?;
+        let wrap = candle_core::Error::wrap;
+        match rows.dtype() {
+            DType::U8 => {
+                let r = rows.as_cuda_slice::<u8>()?.slice(rr);
+                let p = pool.as_cuda_slice_mut::<u8>()?;
+                kernels
+                    .scatter_rows(p, &r, &slots, self.row_len)
+                    .map_err(wrap)
+            }
+            DType::F8E4M3 => {
+                let r = rows.as_cuda_slice::<float8::F8E4M3>()?.slice(rr);
+                let p = pool.as_cuda_slice_mut::<float8::F8E4M3>()?;
+                kernels
+                    .scatter_rows(p, &r, &slots, self.row_len)
+                    .map_err(wrap)
+            }
+            other => candle_core::bail!("a KV cache write of {other:?} rows"),
+        }
     }
 }
 
