@@ -186,6 +186,8 @@ const TP_AND_EP: [&[&str]; 5] = [
         "4",
         "--eplb-step-interval",
         "1",
+        "--eplb-window-size",
+        "1",
     ],
 ];
 
@@ -293,6 +295,13 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
     let err = serve_error("qwen3-moe-tiny", &["-t", "2", "--enable-eplb"]);
     assert!(
         err.contains("--enable-eplb needs --enable-expert-parallel"),
+        "{err}"
+    );
+    let eplb = ["-t", "2", "--enable-expert-parallel", "--enable-eplb"];
+    let window = ["--eplb-step-interval", "10", "--eplb-window-size", "20"];
+    let err = serve_error("qwen3-moe-tiny", &[&eplb[..], &window[..]].concat());
+    assert!(
+        err.contains("--eplb-window-size 20 is longer than"),
         "{err}"
     );
     // 8 experts plus 2 copies do not split over 4 ranks.

@@ -98,6 +98,10 @@ pub struct ModelArgs {
     /// With --enable-eplb: engine steps between re-placements.
     #[arg(long, default_value_t = 3000)]
     pub eplb_step_interval: u64,
+    /// With --enable-eplb: each re-placement weighs the load of this many last steps (at most
+    /// the interval).
+    #[arg(long, default_value_t = 1000)]
+    pub eplb_window_size: u64,
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -292,10 +296,18 @@ impl ModelArgs {
             if !(self.enable_expert_parallel && self.tensor_parallel_size > 1) {
                 bail!("--enable-eplb needs --enable-expert-parallel and --tensor-parallel-size above 1");
             }
-            if self.eplb_step_interval == 0 {
-                bail!("--eplb-step-interval must be positive");
+            if self.eplb_step_interval == 0 || self.eplb_window_size == 0 {
+                bail!("--eplb-step-interval and --eplb-window-size must be positive");
+            }
+            if self.eplb_window_size > self.eplb_step_interval {
+                bail!(
+                    "--eplb-window-size {} is longer than --eplb-step-interval {}",
+                    self.eplb_window_size,
+                    self.eplb_step_interval
+                );
             }
             opts.eplb_step_interval = self.eplb_step_interval;
+            opts.eplb_window_size = self.eplb_window_size;
         }
         opts.num_redundant_experts = self.num_redundant_experts;
         Ok(opts)

@@ -56,6 +56,9 @@ pub struct LoadOptions {
     /// `--enable-eplb --eplb-step-interval N`: under expert parallelism, re-place the experts
     /// and their copies every N steps from the load seen since the last time (0: never).
     pub eplb_step_interval: u64,
+    /// `--eplb-window-size`: the re-placement weighs the last this many steps' load (0, or not
+    /// below the interval: all of them since the last re-placement).
+    pub eplb_window_size: u64,
     /// `--calculate-kv-scales`: with an fp8 KV cache, each attention layer's scales come from
     /// the first keys and values it writes (max |x| / 200 for keys, / 100 for values, as vLLM).
     pub calculate_kv_scales: bool,
@@ -81,6 +84,7 @@ impl LoadOptions {
             enable_expert_parallel: false,
             num_redundant_experts: 0,
             eplb_step_interval: 0,
+            eplb_window_size: 0,
             calculate_kv_scales: false,
             attention_backend: Default::default(),
         }
@@ -376,8 +380,11 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             );
             let mut sharded = ShardedModel::new(ranks)?;
             if opts.enable_expert_parallel && opts.eplb_step_interval > 0 {
-                sharded = sharded
-                    .with_rebalancing(weights.expert_load().clone(), opts.eplb_step_interval);
+                sharded = sharded.with_rebalancing(
+                    weights.expert_load().clone(),
+                    opts.eplb_step_interval,
+                    opts.eplb_window_size,
+                );
             }
             (Box::new(sharded), bytes)
         }

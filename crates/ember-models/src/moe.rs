@@ -139,7 +139,24 @@ impl ExpertLoad {
             .collect()
     }
 
-    /// Re-places every layer's expert copies for the load seen since its last rebalance (see
+    /// Starts every layer's load window now: the next [`ExpertLoad::rebalance`] weighs only the
+    /// tokens routed from here on (`--eplb-window-size`).
+    pub fn start_window(&self) {
+        let placements = self.placements.lock().unwrap_or_else(|p| p.into_inner());
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        for (layer, placement) in placements.iter() {
+            if let Some(counts) = layers.get(layer) {
+                *placement
+                    .window_start
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) =
+                    counts.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+            }
+        }
+    }
+
+    /// Re-places every layer's expert copies for the load seen since its window started (its
+    /// last rebalance, or [`ExpertLoad::start_window`] after it; see
     /// [`eplb_placement`]); each rank loads the experts of its changed slots at its next run of
     /// the layer. Call only between steps, when no rank is running. Returns the layers changed.
     pub fn rebalance(&self) -> usize {
@@ -750,6 +767,24 @@ mod tests {
                 .collect();
             assert_eq!(ranks.len(), 3, "copies of {hot} spread over ranks: {map:?}");
         }
+    }
+
+    #[test]
+    fn rebalancing_weighs_only_the_window() {
+        let load = ExpertLoad::default();
+        let counts = load.layer(3, 4);
+        let placement = load.placement(3, 4, 3, 2);
+        assert_eq!(*placement.map(), [0, 1, 2, 3, 0, 1]);
+        // Expert 0 was hot before the window, expert 2 within it: the copies follow expert 2.
+        counts[0].fetch_add(1000, Ordering::Relaxed);
+        load.start_window();
+        counts[2].fetch_add(90, Ordering::Relaxed);
+        counts[1].fetch_add(5, Ordering::Relaxed);
+        assert_eq!(load.rebalance(), 1);
+        assert_eq!(load.replicas(), [(3, vec![1, 1, 3, 1])]);
+        assert_eq!(placement.version.load(Ordering::Relaxed), 1);
+        // Nothing routed since: the placement stays.
+        assert_eq!(load.rebalance(), 0);
     }
 
     #[test]

@@ -35,7 +35,14 @@ pub struct ShardedModel {
     fault: Option<(usize, u64)>,
     /// With redundant experts: the load statistics to re-place the copies from, and every how
     /// many steps.
-    rebalancing: Option<(Arc<ExpertLoad>, u64)>,
+    rebalancing: Option<Rebalancing>,
+}
+
+/// EPLB's schedule: re-place every `interval` steps, from the load of the last `window` steps.
+struct Rebalancing {
+    load: Arc<ExpertLoad>,
+    interval: u64,
+    window: u64,
 }
 
 /// Parses `EMBER_FAULT_INJECT` (`RANK:STEP`); a malformed value is ignored with a warning.
@@ -92,10 +99,15 @@ impl ShardedModel {
         })
     }
 
-    /// Re-places the redundant expert copies from `load` before every `interval`-th step (see
+    /// Re-places the experts and their copies from `load` after every `interval` steps, weighing
+    /// the last `window` of them (all `interval` when `window` is 0 or not smaller; see
     /// [`ExpertLoad::rebalance`]); between steps, so every rank sees the same placement.
-    pub fn with_rebalancing(mut self, load: Arc<ExpertLoad>, interval: u64) -> Self {
-        self.rebalancing = (interval > 0).then_some((load, interval));
+    pub fn with_rebalancing(mut self, load: Arc<ExpertLoad>, interval: u64, window: u64) -> Self {
+        self.rebalancing = (interval > 0).then_some(Rebalancing {
+            load,
+            interval,
+            window,
+        });
         self
     }
 
@@ -167,15 +179,25 @@ impl CausalLm for ShardedModel {
             )));
         }
         let step = self.steps.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some((load, interval)) = &self.rebalancing {
-            // After `interval` steps of statistics: before steps interval + 1, 2 interval + 1, …
-            if step > 1 && (step - 1).is_multiple_of(*interval) {
+        if let Some(Rebalancing {
+            load,
+            interval,
+            window,
+        }) = &self.rebalancing
+        {
+            // `done` steps have run. Re-place after each `interval` of them; the window opens
+            // `window` steps before that.
+            let done = step - 1;
+            if (1..*interval).contains(window) && done % interval == interval - window {
+                load.start_window();
+            }
+            if done > 0 && done.is_multiple_of(*interval) {
                 let changed = load.rebalance();
                 if changed > 0 {
                     tracing::info!(
                         step,
                         layers = changed,
-                        "EPLB: re-placed the redundant expert copies"
+                        "EPLB: re-placed the experts over the ranks"
                     );
                 }
             }
