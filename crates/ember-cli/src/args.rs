@@ -102,6 +102,11 @@ pub struct ModelArgs {
     /// the interval).
     #[arg(long, default_value_t = 1000)]
     pub eplb_window_size: u64,
+    /// vLLM's newer form of the EPLB flags, a JSON object with any of `window_size`,
+    /// `step_interval`, `num_redundant_experts` (and `log_balancedness`, accepted and ignored:
+    /// /metrics shows the balance); its keys win over the flags above.
+    #[arg(long)]
+    pub eplb_config: Option<String>,
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -258,6 +263,39 @@ impl ModelArgs {
     }
 
     /// Loader options from the flags.
+    /// The EPLB flags, with `--eplb-config`'s keys over them.
+    fn eplb_settings(&self) -> Result<EplbSettings> {
+        let mut settings = EplbSettings {
+            window_size: self.eplb_window_size,
+            step_interval: self.eplb_step_interval,
+            num_redundant_experts: self.num_redundant_experts as u64,
+        };
+        if let Some(json) = &self.eplb_config {
+            let value: serde_json::Value = serde_json::from_str(json)
+                .map_err(|e| anyhow::anyhow!("--eplb-config is not JSON: {e}"))?;
+            let Some(object) = value.as_object() else {
+                bail!("--eplb-config must be a JSON object, not {value}");
+            };
+            for (key, v) in object {
+                let field = match key.as_str() {
+                    "window_size" => &mut settings.window_size,
+                    "step_interval" => &mut settings.step_interval,
+                    "num_redundant_experts" => &mut settings.num_redundant_experts,
+                    // vLLM logs the balance with it; ember's /metrics always shows it.
+                    "log_balancedness" if v.is_boolean() => continue,
+                    other => bail!(
+                        "--eplb-config has no key {other:?}; use window_size, step_interval, \
+                         num_redundant_experts or log_balancedness"
+                    ),
+                };
+                *field = v.as_u64().ok_or_else(|| {
+                    anyhow::anyhow!("--eplb-config {key} must be a non-negative integer, not {v}")
+                })?;
+            }
+        }
+        Ok(settings)
+    }
+
     pub fn load_options(&self) -> Result<LoadOptions> {
         let mut opts = LoadOptions::new(self.model_name());
         opts.dtype = ember_models::loader::parse_dtype(&self.dtype)?;
@@ -289,27 +327,29 @@ impl ModelArgs {
         }
         opts.tensor_parallel_size = self.tensor_parallel_size;
         opts.enable_expert_parallel = self.enable_expert_parallel;
-        if self.num_redundant_experts > 0 && !self.enable_eplb {
+        let eplb = self.eplb_settings()?;
+        if eplb.num_redundant_experts > 0 && !self.enable_eplb {
             bail!("--num-redundant-experts needs --enable-eplb (as vLLM), with --enable-expert-parallel");
         }
         if self.enable_eplb {
             if !(self.enable_expert_parallel && self.tensor_parallel_size > 1) {
                 bail!("--enable-eplb needs --enable-expert-parallel and --tensor-parallel-size above 1");
             }
-            if self.eplb_step_interval == 0 || self.eplb_window_size == 0 {
+            if eplb.step_interval == 0 || eplb.window_size == 0 {
                 bail!("--eplb-step-interval and --eplb-window-size must be positive");
             }
-            if self.eplb_window_size > self.eplb_step_interval {
+            if eplb.window_size > eplb.step_interval {
                 bail!(
                     "--eplb-window-size {} is longer than --eplb-step-interval {}",
-                    self.eplb_window_size,
-                    self.eplb_step_interval
+                    eplb.window_size,
+                    eplb.step_interval
                 );
             }
-            opts.eplb_step_interval = self.eplb_step_interval;
-            opts.eplb_window_size = self.eplb_window_size;
+            opts.eplb_step_interval = eplb.step_interval;
+            opts.eplb_window_size = eplb.window_size;
         }
-        opts.num_redundant_experts = self.num_redundant_experts;
+        opts.num_redundant_experts = usize::try_from(eplb.num_redundant_experts)
+            .context("--num-redundant-experts is too large")?;
         Ok(opts)
     }
 
@@ -357,6 +397,14 @@ pub fn parse_device(name: &str) -> Result<candle_core::Device> {
     Ok(ember_models::device::open_cuda(ordinal)?)
 }
 
+/// `--enable-eplb`'s schedule and copies, from the flags and `--eplb-config`.
+#[derive(Debug, PartialEq, Eq)]
+struct EplbSettings {
+    window_size: u64,
+    step_interval: u64,
+    num_redundant_experts: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -373,6 +421,55 @@ mod tests {
         Cli::try_parse_from(std::iter::once("ember").chain(args.iter().copied()))?
             .lora
             .config()
+    }
+
+    #[derive(Parser)]
+    struct ModelCli {
+        #[command(flatten)]
+        model: ModelArgs,
+    }
+
+    fn eplb(args: &[&str]) -> Result<EplbSettings> {
+        let argv = ["ember", "--model", "m"]
+            .into_iter()
+            .chain(args.iter().copied());
+        ModelCli::try_parse_from(argv)?.model.eplb_settings()
+    }
+
+    #[test]
+    fn eplb_config_json_wins_over_the_flags_and_unknown_keys_are_named() {
+        let flags = ["--eplb-window-size", "10", "--num-redundant-experts", "4"];
+        assert_eq!(
+            eplb(&flags).unwrap(),
+            EplbSettings {
+                window_size: 10,
+                step_interval: 3000,
+                num_redundant_experts: 4
+            }
+        );
+        let json = r#"{"window_size": 500, "num_redundant_experts": 32, "log_balancedness": true}"#;
+        let both = [&flags[..], &["--eplb-config", json]].concat();
+        assert_eq!(
+            eplb(&both).unwrap(),
+            EplbSettings {
+                window_size: 500,
+                step_interval: 3000,
+                num_redundant_experts: 32
+            }
+        );
+        let err = eplb(&["--eplb-config", r#"{"windowsize": 5}"#])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no key \"windowsize\""), "{err}");
+        let err = eplb(&["--eplb-config", r#"{"step_interval": -1}"#])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("step_interval must be a non-negative integer"),
+            "{err}"
+        );
+        assert!(eplb(&["--eplb-config", "[1]"]).is_err());
+        assert!(eplb(&["--eplb-config", r#"{"log_balancedness": 1}"#]).is_err());
     }
 
     #[test]
