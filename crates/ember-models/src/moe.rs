@@ -101,17 +101,12 @@ impl ExpertLoad {
     /// Tokens per expert, by layer index, in layer order.
     pub fn snapshot(&self) -> Vec<(usize, Vec<u64>)> {
         let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
-        layers
-            .iter()
-            .map(|(&l, c)| (l, c.iter().map(|n| n.load(Ordering::Relaxed)).collect()))
-            .collect()
+        layers.iter().map(|(&l, c)| (l, read_counts(c))).collect()
     }
 
     /// Under expert parallelism, tokens each rank's experts processed, all layers together.
     pub fn rank_tokens(&self) -> Option<Vec<u64>> {
-        self.rank_tokens
-            .get()
-            .map(|r| r.iter().map(|n| n.load(Ordering::Relaxed)).collect())
+        self.rank_tokens.get().map(|r| read_counts(r))
     }
 
     /// Under expert parallelism, each layer's placement: the expert in each slot, ranks in order.
@@ -149,8 +144,7 @@ impl ExpertLoad {
                 *placement
                     .window_start
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner()) =
-                    counts.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+                    .unwrap_or_else(|p| p.into_inner()) = read_counts(counts);
             }
         }
     }
@@ -169,7 +163,7 @@ impl ExpertLoad {
             let now: Vec<u64> = {
                 let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
                 match layers.get(&layer) {
-                    Some(c) => c.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
+                    Some(c) => read_counts(c),
                     None => continue,
                 }
             };
@@ -266,6 +260,11 @@ pub fn eplb_placement(load: &[u64], slots: usize, world: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The current values of a layer's counters.
+fn read_counts(counts: &[AtomicU64]) -> Vec<u64> {
+    counts.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+}
+
 /// The decoder layer index in a module path (`model.layers.3.mlp.experts` → 3).
 fn layer_index(path: &str) -> usize {
     path.split('.')
@@ -350,6 +349,37 @@ struct RankSlots {
     mlps: Vec<Arc<Mlp>>,
 }
 
+impl RankSlots {
+    /// None yet: [`RankSlots::load`] fills every slot.
+    fn empty() -> Self {
+        Self {
+            version: u64::MAX,
+            experts: Vec::new(),
+            mlps: Vec::new(),
+        }
+    }
+
+    /// The slots of `ep`'s rank under placement `version`: the experts `held` already has are
+    /// kept, the others read from the checkpoint.
+    fn load(ep: &ExpertParallel, version: u64, held: &RankSlots) -> Result<Self> {
+        let per_rank = ep.placement.slots_per_rank;
+        let rank = ep.ctx.rank();
+        let experts = ep.placement.map()[rank * per_rank..(rank + 1) * per_rank].to_vec();
+        let mut mlps: Vec<Arc<Mlp>> = Vec::with_capacity(per_rank);
+        for &x in &experts {
+            mlps.push(match held.experts.iter().position(|&h| h == x) {
+                Some(j) => held.mlps[j].clone(),
+                None => Arc::new(ep.source.load(x)?),
+            });
+        }
+        Ok(Self {
+            version,
+            experts,
+            mlps,
+        })
+    }
+}
+
 /// What a rank needs under expert parallelism: its group, the layer's placement, and where to
 /// read an expert the placement moves to it.
 struct ExpertParallel {
@@ -428,30 +458,14 @@ impl Experts {
         rank.is_some() && self.expert_parallel.is_none()
     }
 
-    /// Brings this rank's slots up to the placement's version: keeps the experts it still holds,
-    /// reads the ones moved to it from the checkpoint, drops the rest.
+    /// Brings this rank's slots up to the placement's version (see [`RankSlots::load`]).
     fn refresh_slots(&self, ep: &ExpertParallel) -> TensorResult<()> {
         let version = ep.placement.version.load(Ordering::Acquire);
         if self.slots.read().unwrap_or_else(|p| p.into_inner()).version == version {
             return Ok(());
         }
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
-        let per_rank = ep.placement.slots_per_rank;
-        let map = ep.placement.map();
-        let wanted = &map[ep.ctx.rank() * per_rank..(ep.ctx.rank() + 1) * per_rank];
-        let mut mlps = Vec::with_capacity(per_rank);
-        for &x in wanted {
-            let held = slots.experts.iter().position(|&h| h == x);
-            mlps.push(match held {
-                Some(k) => slots.mlps[k].clone(),
-                None => Arc::new(ep.source.load(x).map_err(candle_core::Error::wrap)?),
-            });
-        }
-        *slots = RankSlots {
-            version,
-            experts: wanted.to_vec(),
-            mlps,
-        };
+        *slots = RankSlots::load(ep, version, &slots).map_err(candle_core::Error::wrap)?;
         Ok(())
     }
 
@@ -609,28 +623,21 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             intermediate: i,
             experts: e,
         };
-        let map = placement.map();
-        let experts = map[ctx.rank() * per_rank..(ctx.rank() + 1) * per_rank].to_vec();
-        let mlps = experts
-            .iter()
-            .map(|&x| source.load(x).map(Arc::new))
-            .collect::<Result<Vec<_>>>()?;
+        let ep = ExpertParallel {
+            ctx: ctx.clone(),
+            placement,
+            registry: registry.clone(),
+            source,
+        };
+        let version = ep.placement.version.load(Ordering::Acquire);
+        let slots = RankSlots::load(&ep, version, &RankSlots::empty())?;
         return Ok(Experts {
-            slots: RwLock::new(RankSlots {
-                version: placement.version.load(Ordering::Acquire),
-                experts,
-                mlps,
-            }),
+            slots: RwLock::new(slots),
             load,
             counts_load: true,
             path,
             num_experts: e,
-            expert_parallel: Some(Box::new(ExpertParallel {
-                ctx: ctx.clone(),
-                placement,
-                registry: registry.clone(),
-                source,
-            })),
+            expert_parallel: Some(Box::new(ep)),
         });
     }
     let channels = match rank {
