@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use ember_core::{SamplingParams, TokenLogprob, TokenMask};
-use ember_kernels::sampling::argmax;
+use ember_kernels::sampling::{argmax, argmax_iter};
 
 /// A request's own random stream, so that seeded sampling repeats whatever else shares the batch.
 ///
@@ -193,8 +193,7 @@ fn choose(
         .collect();
     apply_bias_and_penalties(&mut candidates, params, prompt_tokens, output_tokens);
     if params.is_greedy() {
-        let logits: Vec<f32> = candidates.iter().map(|&(_, logit)| logit).collect();
-        return argmax(&logits);
+        return argmax_iter(candidates.iter().map(|&(_, logit)| logit));
     }
     draw_filtered(candidates, params, rng)
 }

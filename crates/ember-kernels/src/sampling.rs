@@ -19,9 +19,15 @@ pub fn argmax_shape(logits_len: usize, vocab: usize, out_len: usize) -> Result<u
 
 /// The first index of the largest value of `values`; NaN never wins; 0 when every value is NaN.
 pub fn argmax(values: &[f32]) -> u32 {
+    argmax_iter(values.iter().copied())
+}
+
+/// [`argmax`] over values read twice from an iterator (a sampler's `(id, logit)` candidates),
+/// so callers need not copy them into a slice.
+pub fn argmax_iter(values: impl Iterator<Item = f32> + Clone) -> u32 {
     // Two passes, so the max can vectorise.
-    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    values.iter().position(|&v| v == max).unwrap_or(0) as u32
+    let max = values.clone().fold(f32::NEG_INFINITY, f32::max);
+    values.into_iter().position(|v| v == max).unwrap_or(0) as u32
 }
 
 /// CPU reference: `out[r]` = [`argmax`] of row `r` of `logits` (`[rows, vocab]`).
