@@ -7,6 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+mod runs;
+
 /// The rule GBNF starts from.
 const ROOT: &str = "root";
 /// How deep groups and stacked repetitions may nest, so deep input cannot exhaust our stack.
@@ -59,9 +61,15 @@ pub enum GbnfError {
 
 /// Translates llama.cpp GBNF into an llguidance Lark grammar whose start rule is GBNF's `root`.
 pub fn gbnf_to_lark(gbnf: &str) -> Result<String, GbnfError> {
+    translate(gbnf, true)
+}
+
+/// [`gbnf_to_lark`], optionally without [`runs`] (every class repetition one character per
+/// terminal), which the tests use as the oracle for runs.
+fn translate(gbnf: &str, merge_runs: bool) -> Result<String, GbnfError> {
     let rules = Parser::new(gbnf).parse_grammar()?;
     check_names(gbnf, &rules)?;
-    Ok(Emitter::new(&rules).emit_grammar(&rules))
+    Ok(Emitter::new(&rules, merge_runs).emit_grammar(&rules))
 }
 
 /// One `name ::= body` definition.
@@ -831,19 +839,27 @@ enum Place {
 /// Writes parsed rules as Lark.
 struct Emitter {
     split: HashSet<Vec<char>>,
+    /// Repetitions written as one regex terminal (see [`runs`]), by node address.
+    runs: HashSet<*const Node>,
     /// Lark rules for groups hoisted out of deep nesting, as (name, body).
     hoisted: Vec<(String, String)>,
 }
 
 impl Emitter {
-    fn new(rules: &[RuleDef]) -> Self {
+    fn new(rules: &[RuleDef], merge_runs: bool) -> Self {
         let split = Terminals::of(rules)
             .literals_to_split()
             .into_iter()
             .map(<[char]>::to_vec)
             .collect();
+        let runs = if merge_runs {
+            runs::runs_of(rules, &split)
+        } else {
+            HashSet::new()
+        };
         Emitter {
             split,
+            runs,
             hoisted: Vec::new(),
         }
     }
@@ -921,6 +937,14 @@ impl Emitter {
             Node::Token(TokenRef::Id { id, negated: false }) => format!("<[{id}]>"),
             Node::Token(TokenRef::Id { id, negated: true }) => format!("<[^{id}]>"),
             Node::Token(TokenRef::Text(text)) => text.clone(),
+            Node::Repeat { item, min, max } if self.runs.contains(&(node as *const Node)) => {
+                let run = runs::run_regex(item, *min, *max);
+                match (*min, place) {
+                    (0, Place::Operand) => self.group(depth, |_, _| format!("{run}?")),
+                    (0, _) => format!("{run}?"),
+                    _ => run,
+                }
+            }
             Node::Repeat { item, min, max } => {
                 let suffix = match (*min, *max) {
                     (_, Some(0)) => return "\"\"".to_string(),
@@ -986,22 +1010,22 @@ mod tests {
     #[test]
     fn sequences_groups_and_operators() {
         assert_eq!(
-            lark_rules("root ::= (\"a\" b)* \"c\"+ b? (b | \"d\")\nb ::= \"b\""),
+            lark_rules("root ::= (\"a\" b)* \"cc\"+ b? (b | \"d\")\nb ::= \"b\""),
             [
-                "g_root: (\"a\" g_b)* \"c\"+ g_b? (g_b | \"d\")",
+                "g_root: (\"a\" g_b)* \"cc\"+ g_b? (g_b | \"d\")",
                 "g_b: \"b\""
             ]
         );
         // Stacked operators nest; an empty alternative and an empty rule become "".
-        assert_eq!(root_body("root ::= \"x\"*? | "), "(\"x\"*)? | \"\"");
+        assert_eq!(root_body("root ::= \"xy\"*? | "), "(\"xy\"*)? | \"\"");
         assert_eq!(root_body("root ::="), "\"\"");
     }
 
     #[test]
     fn counted_repetition() {
         assert_eq!(
-            root_body("root ::= \"a\"{3} \"b\"{2,} \"c\"{2,5} \"d\"{ 0 , 1 } \"e\"{0,} \"f\"{1,} \"g\"{1}"),
-            "\"a\"{3} \"b\"{2,} \"c\"{2,5} \"d\"? \"e\"* \"f\"+ \"g\""
+            root_body("root ::= \"a1\"{3} \"b1\"{2,} \"c1\"{2,5} \"d1\"{ 0 , 1 } \"e1\"{0,} \"f1\"{1,} \"g1\"{1}"),
+            "\"a1\"{3} \"b1\"{2,} \"c1\"{2,5} \"d1\"? \"e1\"* \"f1\"+ \"g1\""
         );
         // Lark refuses {0}: zero repetitions match the empty string.
         assert_eq!(
@@ -1248,7 +1272,7 @@ mod tests {
     }
 
     /// The tokenizer of the tiny Qwen3-MoE fixture, loaded once.
-    fn tok_env() -> &'static llguidance::toktrie::TokEnv {
+    pub(super) fn tok_env() -> &'static llguidance::toktrie::TokEnv {
         static ENV: OnceLock<llguidance::toktrie::TokEnv> = OnceLock::new();
         ENV.get_or_init(|| {
             let path = crate::testing::fixture_dir("qwen3-moe-tiny").join("tokenizer.json");
@@ -1259,14 +1283,17 @@ mod tests {
     }
 
     /// Runs texts through llguidance constrained by a translated GBNF grammar.
-    struct GrammarTester {
+    pub(super) struct GrammarTester {
         factory: ParserFactory,
-        lark: String,
+        pub(super) lark: String,
     }
 
     impl GrammarTester {
         fn new(gbnf: &str) -> Self {
-            let lark = gbnf_to_lark(gbnf).unwrap_or_else(|e| panic!("{gbnf:?}: {e}"));
+            Self::from_lark(gbnf_to_lark(gbnf).unwrap_or_else(|e| panic!("{gbnf:?}: {e}")))
+        }
+
+        pub(super) fn from_lark(lark: String) -> Self {
             let mut factory = ParserFactory::new_simple(tok_env()).unwrap();
             factory.quiet();
             let tester = GrammarTester { factory, lark };
@@ -1277,7 +1304,7 @@ mod tests {
             tester
         }
 
-        fn matcher(&self) -> Matcher {
+        pub(super) fn matcher(&self) -> Matcher {
             let grammar = TopLevelGrammar::from_lark(self.lark.clone());
             Matcher::new(self.factory.create_parser(grammar))
         }
