@@ -6,7 +6,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 
 use ember_core::{SamplingParams, TokenConstraint, TokenMask};
 
-use crate::sampler::{choose_masked, masking_is_conditioning, SequenceRng};
+use crate::sampler::{
+    choose_again, choose_first, choose_masked, masking_is_conditioning, Choice, SequenceRng,
+};
 
 /// A next-token mask, or why the grammar could not give one (the request then fails).
 pub(crate) type MaskResult = Result<TokenMask, String>;
@@ -125,25 +127,18 @@ pub(crate) fn sample_constrained(
     draw: Draw<'_>,
     rng: &mut SequenceRng,
 ) -> Result<(u32, bool), String> {
-    let choose = |mask: Option<&TokenMask>, rng: &mut SequenceRng| {
-        choose_masked(
-            draw.logits,
-            mask,
-            draw.params,
-            draw.prompt,
-            draw.output,
-            rng,
-        )
+    let first_draw = |rng: &mut SequenceRng| {
+        choose_first(draw.logits, draw.params, draw.prompt, draw.output, rng)
     };
     let is_eos = |token: u32| draw.eos_token_ids.contains(&token);
-    let (mask, first) = match mask {
+    let (mask, first): (TokenMask, Option<Choice>) = match mask {
         Some(mask) if needs_mask_first(draw.params) => (mask?, None),
-        Some(mask) => (mask?, Some(choose(None, rng))),
+        Some(mask) => (mask?, Some(first_draw(rng))),
         None if needs_mask_first(draw.params) => (constraint.allowed_tokens()?, None),
         None => {
-            let first = choose(None, rng);
-            if !is_eos(first) && constraint.try_accept_token(first)? {
-                return Ok((first, false));
+            let first = first_draw(rng);
+            if !is_eos(first.token) && constraint.try_accept_token(first.token)? {
+                return Ok((first.token, false));
             }
             (constraint.allowed_tokens()?, Some(first))
         }
@@ -152,8 +147,23 @@ pub(crate) fn sample_constrained(
         return Err("the grammar allows no next token".into());
     }
     let (token, refused) = match first {
-        Some(first) if mask.allows(first) => (first, false),
-        first => (choose(Some(&mask), rng), first.is_some()),
+        Some(first) if mask.allows(first.token) => (first.token, false),
+        Some(first) => {
+            let (logits, params) = (draw.logits, draw.params);
+            let again = choose_again(first, &mask, logits, params, draw.prompt, draw.output, rng);
+            (again, true)
+        }
+        None => {
+            let token = choose_masked(
+                draw.logits,
+                Some(&mask),
+                draw.params,
+                draw.prompt,
+                draw.output,
+                rng,
+            );
+            (token, false)
+        }
     };
     if !is_eos(token) {
         constraint.accept_token(token)?;

@@ -175,6 +175,114 @@ pub fn log_softmax_top(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
     }
 }
 
+/// A first, unmasked draw ([`choose_first`]) that can be drawn again under a mask
+/// ([`choose_again`]) without recomputing its weights.
+pub struct Choice {
+    /// The token drawn.
+    pub token: u32,
+    /// Plain temperature sampling's weights (`exp` of the scaled logits, the best at 1.0), kept
+    /// for the second draw; `None` where the second draw recomputes.
+    weights: Option<Vec<(u32, f32)>>,
+}
+
+/// The allowed mass below which [`choose_again`] recomputes its weights instead of reusing the
+/// first draw's: relative to the best token's weight of 1.0, tokens whose f32 weight underflows
+/// would then matter.
+const MIN_REUSED_MASS: f64 = 1e-12;
+
+/// [`choose_masked`] without a mask, keeping what a second draw under a mask can reuse.
+pub fn choose_first(
+    logits: &[f32],
+    params: &SamplingParams,
+    prompt_tokens: &[u32],
+    output_tokens: &[u32],
+    rng: &mut SequenceRng,
+) -> Choice {
+    if params.is_greedy() || !masking_is_conditioning(params) {
+        let token = choose(logits, params, prompt_tokens, output_tokens, rng);
+        return Choice {
+            token,
+            weights: None,
+        };
+    }
+    let weights = weights(logits, params, prompt_tokens, output_tokens);
+    let token = draw(&weights, rng.next_f64());
+    Choice {
+        token,
+        weights: Some(weights),
+    }
+}
+
+/// The token [`choose_masked`] with `mask` chooses after `first` (from [`choose_first`] on the
+/// same inputs) was refused: under [`masking_is_conditioning`] the first draw's weights restricted
+/// to the allowed tokens are the masked distribution, scaled, so only the draw is repeated. It
+/// takes one number from `rng`, as [`choose_masked`] does.
+pub fn choose_again(
+    first: Choice,
+    mask: &TokenMask,
+    logits: &[f32],
+    params: &SamplingParams,
+    prompt_tokens: &[u32],
+    output_tokens: &[u32],
+    rng: &mut SequenceRng,
+) -> u32 {
+    if let Some(mut weights) = first.weights {
+        weights.retain(|&(id, _)| mask.allows(id));
+        if weight_sum(&weights) >= MIN_REUSED_MASS {
+            return draw(&weights, rng.next_f64());
+        }
+    }
+    choose_masked(
+        logits,
+        Some(mask),
+        params,
+        prompt_tokens,
+        output_tokens,
+        rng,
+    )
+}
+
+/// Plain temperature sampling's weights: bias and penalties, temperature, `exp` relative to
+/// the best (finite candidates only).
+fn weights(
+    logits: &[f32],
+    params: &SamplingParams,
+    prompt_tokens: &[u32],
+    output_tokens: &[u32],
+) -> Vec<(u32, f32)> {
+    let mut candidates = candidates(logits);
+    apply_bias_and_penalties(&mut candidates, params, prompt_tokens, output_tokens);
+    scale_and_exp(&mut candidates, params);
+    candidates
+}
+
+/// `(token id, logit)` for every token: the one working buffer of a draw.
+fn candidates(logits: &[f32]) -> Vec<(u32, f32)> {
+    logits
+        .iter()
+        .enumerate()
+        .map(|(id, &logit)| (id as u32, logit))
+        .collect()
+}
+
+/// Temperature, then (without top-k) weights relative to the best; drops tokens at -inf.
+fn scale_and_exp(candidates: &mut Vec<(u32, f32)>, params: &SamplingParams) {
+    for (_, logit) in candidates.iter_mut() {
+        *logit = finite_or_neg_inf(*logit / params.temperature);
+    }
+    candidates.retain(|&(_, logit)| logit > f32::NEG_INFINITY);
+    if params.top_k > 0 {
+        move_best_to_front(candidates, params.top_k);
+        candidates.truncate(params.top_k);
+    }
+    let max = candidates
+        .iter()
+        .fold(f32::NEG_INFINITY, |max, &(_, logit)| max.max(logit));
+    for (_, value) in candidates.iter_mut() {
+        *value = (*value - max).exp();
+    }
+}
+
 fn choose(
     logits: &[f32],
     params: &SamplingParams,
@@ -185,12 +293,7 @@ fn choose(
     if params.is_greedy() && !modifies_logits(params) {
         return argmax(logits);
     }
-    // The one working buffer: (token id, value), first logits, then sampling weights.
-    let mut candidates: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(id, &logit)| (id as u32, logit))
-        .collect();
+    let mut candidates = candidates(logits);
     apply_bias_and_penalties(&mut candidates, params, prompt_tokens, output_tokens);
     if params.is_greedy() {
         return argmax_iter(candidates.iter().map(|&(_, logit)| logit));
@@ -268,20 +371,7 @@ fn draw_filtered(
     params: &SamplingParams,
     rng: &mut SequenceRng,
 ) -> u32 {
-    for (_, logit) in candidates.iter_mut() {
-        *logit = finite_or_neg_inf(*logit / params.temperature);
-    }
-    candidates.retain(|&(_, logit)| logit > f32::NEG_INFINITY);
-    if params.top_k > 0 {
-        move_best_to_front(&mut candidates, params.top_k);
-        candidates.truncate(params.top_k);
-    }
-    let max = candidates
-        .iter()
-        .fold(f32::NEG_INFINITY, |max, &(_, logit)| max.max(logit));
-    for (_, value) in candidates.iter_mut() {
-        *value = (*value - max).exp();
-    }
+    scale_and_exp(&mut candidates, params);
     if params.top_p < 1.0 {
         // Validation keeps top_p above 0; the clamp keeps at least one token regardless.
         keep_nucleus(&mut candidates, params.top_p.max(f32::MIN_POSITIVE));
@@ -513,6 +603,77 @@ mod tests {
         for &(id, logprob) in &lp.top {
             assert!((f64::from(logprob) - exact(id as usize)).abs() < 1e-5);
         }
+    }
+
+    /// Draw first, and under `mask` again when refused: the loop the constrained path runs.
+    fn first_then_again(
+        logits: &[f32],
+        mask: &TokenMask,
+        params: &SamplingParams,
+        rng: &mut SequenceRng,
+    ) -> u32 {
+        let first = choose_first(logits, params, &[], &[], rng);
+        if mask.allows(first.token) {
+            first.token
+        } else {
+            choose_again(first, mask, logits, params, &[], &[], rng)
+        }
+    }
+
+    #[test]
+    fn a_second_draw_reusing_the_first_draws_weights_is_the_masked_distribution() {
+        // Tokens 1 and 3 allowed: 0.2 and 0.4 renormalised to 1/3 and 2/3, at temperature 1
+        // and, squared, at 0.5 (4/20, 16/20); a penalty on token 3 moves weight to token 1.
+        let mask = TokenMask::allowing(4, [1, 3]);
+        let cases = [
+            (
+                random(SamplingParams::default()),
+                [0.0, 1.0 / 3.0, 0.0, 2.0 / 3.0],
+            ),
+            (
+                SamplingParams {
+                    temperature: 0.5,
+                    ..Default::default()
+                },
+                [0.0, 0.2, 0.0, 0.8],
+            ),
+            (
+                random(SamplingParams {
+                    logit_bias: vec![(3, -(2.0f32.ln()))],
+                    ..Default::default()
+                }),
+                [0.0, 0.5, 0.0, 0.5],
+            ),
+        ];
+        for (params, probs) in cases {
+            let mut rng = SequenceRng::new(Some(3));
+            let mut counts = vec![0; 4];
+            for _ in 0..20_000 {
+                counts[first_then_again(&tenths(), &mask, &params, &mut rng) as usize] += 1;
+            }
+            assert!(
+                chi_square(&counts, &probs) < CHI_SQUARE_3DF,
+                "{counts:?} vs {probs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_second_draw_whose_allowed_weights_underflow_recomputes_them() {
+        // The allowed tokens sit 200 below the best: exp(-200) is 0 in f32, so the first draw's
+        // weights say nothing about them; the draw recomputes and keeps their 1 : 2 ratio.
+        let logits = [0.0, -200.0, 50.0, -200.0 + 2.0f32.ln()];
+        let mask = TokenMask::allowing(4, [1, 3]);
+        let params = random(SamplingParams::default());
+        let mut rng = SequenceRng::new(Some(5));
+        let mut counts = vec![0; 4];
+        for _ in 0..6000 {
+            counts[first_then_again(&logits, &mask, &params, &mut rng) as usize] += 1;
+        }
+        assert!(
+            chi_square(&counts, &[0.0, 1.0 / 3.0, 0.0, 2.0 / 3.0]) < CHI_SQUARE_3DF,
+            "{counts:?}"
+        );
     }
 
     #[test]
