@@ -2,6 +2,7 @@
 //! `grammar`) and forced tool calls compiled by llguidance into a [`Constraint`] that the engine
 //! applies token by token.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use ember_core::{Constraint, ConstraintSpec, TokenConstraint, TokenMask};
@@ -14,10 +15,51 @@ use crate::error::ApiError;
 use crate::gbnf::gbnf_to_lark;
 use crate::tokenizer::TextTokenizer;
 
+/// How many compiled grammars a server keeps for requests that send the same format again.
+const COMPILED_CACHE_ENTRIES: usize = 128;
+
 /// Compiles grammars for one tokenizer. Building its token trie takes a moment on a large
 /// vocabulary, so it is built on first use and then shared.
+///
+/// Compiled grammars are kept, least recently used dropped first: clients typically send the
+/// same schema or grammar with every request, and compiling one costs from about half a
+/// millisecond (a small GBNF grammar) to far more for large schemas.
 pub(crate) struct GrammarCompiler {
     factory: ParserFactory,
+    compiled: Mutex<CompiledCache>,
+}
+
+/// Compiled grammars by their serialized form, each with when it was last used.
+#[derive(Default)]
+struct CompiledCache {
+    entries: HashMap<String, (Constraint, u64)>,
+    clock: u64,
+}
+
+impl CompiledCache {
+    fn get(&mut self, key: &str) -> Option<Constraint> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(key).map(|(constraint, used)| {
+            *used = clock;
+            constraint.clone()
+        })
+    }
+
+    fn insert(&mut self, key: String, constraint: Constraint) {
+        if self.entries.len() >= COMPILED_CACHE_ENTRIES {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.clock += 1;
+        self.entries.insert(key, (constraint, self.clock));
+    }
 }
 
 impl GrammarCompiler {
@@ -42,23 +84,40 @@ impl GrammarCompiler {
         let mut factory = ParserFactory::new_simple(&env)
             .map_err(|e| format!("cannot start the grammar engine: {e}"))?;
         factory.quiet();
-        Ok(Self { factory })
+        Ok(Self {
+            factory,
+            compiled: Mutex::default(),
+        })
     }
 
-    /// Compiles `grammar`; the error says what llguidance could not accept.
+    /// Compiles `grammar`, or finds it compiled before; the error says what llguidance could
+    /// not accept (refused grammars are not kept).
     pub fn compile(
         &self,
         grammar: TopLevelGrammar,
         describe: String,
     ) -> Result<Constraint, String> {
+        // Serializing the grammar (a schema, Lark text and options) is a key that cannot
+        // confuse two grammars; it is cheap next to compiling.
+        let key = serde_json::to_string(&grammar)
+            .ok()
+            .map(|g| format!("{describe}\n{g}"));
+        let cache = || self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = key.as_deref().and_then(|k| cache().get(k)) {
+            return Ok(hit);
+        }
         let matcher = Matcher::new(self.factory.create_parser(grammar));
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
-        Ok(Constraint(Arc::new(CompiledGrammar {
+        let constraint = Constraint(Arc::new(CompiledGrammar {
             prototype: Mutex::new(matcher),
             describe,
-        })))
+        }));
+        if let Some(key) = key {
+            cache().insert(key, constraint.clone());
+        }
+        Ok(constraint)
     }
 }
 
@@ -461,6 +520,51 @@ mod tests {
                 "{grammar}: {answered} answered, {forced} forced"
             );
         }
+    }
+
+    #[test]
+    fn a_format_sent_again_reuses_its_compiled_grammar() {
+        let compiler = compiler();
+        let lark = |text: &str| TopLevelGrammar::from_lark(text.to_string());
+        let a = compiler
+            .compile(lark("start: \"yes\" | \"no\""), "grammar".into())
+            .unwrap();
+        let again = compiler
+            .compile(lark("start: \"yes\" | \"no\""), "grammar".into())
+            .unwrap();
+        let other = compiler
+            .compile(lark("start: \"yes\""), "grammar".into())
+            .unwrap();
+        assert!(a == again && a != other);
+        // Each sequence still starts from the grammar's beginning.
+        assert!(accepts(&again, "no") && !accepts(&again, "yes no"));
+        // A refused grammar is refused again, not remembered as compiled.
+        for _ in 0..2 {
+            assert!(compiler
+                .compile(lark("start: nope"), "grammar".into())
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn the_compiled_cache_drops_the_least_recently_used() {
+        let compiler = compiler();
+        let constraint = compiler
+            .compile(
+                TopLevelGrammar::from_lark("start: \"a\"".into()),
+                "grammar".into(),
+            )
+            .unwrap();
+        let mut cache = CompiledCache::default();
+        for i in 0..COMPILED_CACHE_ENTRIES {
+            cache.insert(i.to_string(), constraint.clone());
+        }
+        // "0" was used last, so "1" goes when a new one comes.
+        assert!(cache.get("0").is_some());
+        cache.insert("new".into(), constraint);
+        assert_eq!(cache.entries.len(), COMPILED_CACHE_ENTRIES);
+        assert!(cache.get("0").is_some() && cache.get("new").is_some());
+        assert!(cache.get("1").is_none() && cache.get("2").is_some());
     }
 
     #[test]
