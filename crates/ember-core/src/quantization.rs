@@ -25,6 +25,20 @@ pub enum WeightQuantization {
     /// MXFP4: e2m1 pairs in uint8 `weight_packed`, one e8m0 (uint8, bias 127) scale per 32
     /// inputs (compressed-tensors `mxfp4-pack-quantized`).
     Mxfp4,
+    /// GPTQ (`quant_method: gptq`, AutoGPTQ / GPTQModel): `qweight` int32 `[in * bits / 32, out]`
+    /// packed down the input dimension, `qzeros` int32 `[groups, out * bits / 32]`, `scales`
+    /// `[groups, out]` in 16 bits, `g_idx` `[in]` (each input column's group; activation order
+    /// permutes it). `v1` (`checkpoint_format: gptq`, the default) stores each packed zero word
+    /// less one per field, as GPTQModel's own conversion adds back word-wise; `gptq_v2` does not.
+    Gptq {
+        bits: u32,
+        group_size: Option<usize>,
+        v1: bool,
+    },
+    /// AWQ (`quant_method: awq`, AutoAWQ `version: gemm`): 4-bit `qweight` int32 `[in, out / 8]`
+    /// packed along the output dimension in AWQ's interleaved order, `qzeros` `[groups, out / 8]`
+    /// packed alike, `scales` `[groups, out]` in float16.
+    Awq { group_size: usize },
 }
 
 /// Where an NVFP4 checkpoint keeps its global scale, and which way it applies.
@@ -47,6 +61,8 @@ impl WeightQuantization {
                 "compressed-tensors"
             }
             Self::Nvfp4(Nvfp4Layout::ModelOpt) => "modelopt",
+            Self::Gptq { .. } => "gptq",
+            Self::Awq { .. } => "awq",
         }
     }
 }
@@ -61,9 +77,12 @@ pub fn parse_quantization_config(qc: Option<&Value>) -> Result<Option<WeightQuan
         "fp8" => parse_fp8(qc).map(Some),
         "compressed-tensors" => parse_compressed_tensors(qc).map(Some),
         "modelopt" => parse_modelopt(qc).map(Some),
+        "gptq" => parse_gptq(qc).map(Some),
+        "awq" => parse_awq(qc).map(Some),
         _ => Err(EmberError::Config(format!(
             "quantization_config quant_method {method:?} is not supported yet; supported: fp8 (block-quantized), \
-             compressed-tensors (pack-quantized, nvfp4-pack-quantized, mxfp4-pack-quantized), modelopt (NVFP4)"
+             compressed-tensors (pack-quantized, nvfp4-pack-quantized, mxfp4-pack-quantized), modelopt (NVFP4), \
+             gptq (2/4/8-bit), awq (4-bit gemm)"
         ))),
     }
 }
@@ -87,6 +106,76 @@ fn parse_fp8(qc: &Value) -> Result<WeightQuantization> {
             "fp8 quantization_config needs `weight_block_size: [rows, cols]`; per-tensor fp8 checkpoints are not supported yet".into(),
         )),
     }
+}
+
+/// `group_size` as GPTQ and AWQ write it: `-1` (or absent for GPTQ) is one group per output
+/// channel.
+fn group_size_of(qc: &Value, method: &str) -> Result<Option<usize>> {
+    match qc.get("group_size").and_then(Value::as_i64) {
+        None | Some(-1) => Ok(None),
+        Some(g) if g > 0 => Ok(Some(g as usize)),
+        Some(g) => Err(EmberError::Config(format!(
+            "{method} quantization_config group_size {g} is neither positive nor -1"
+        ))),
+    }
+}
+
+fn parse_gptq(qc: &Value) -> Result<WeightQuantization> {
+    let bits = qc.get("bits").and_then(Value::as_u64).unwrap_or(0) as u32;
+    if ![2, 4, 8].contains(&bits) {
+        return Err(EmberError::Config(format!(
+            "gptq quantization_config bits {bits} is not supported; 2, 4 and 8-bit GPTQ load (3-bit packs across words)"
+        )));
+    }
+    let format = qc
+        .get("checkpoint_format")
+        .and_then(Value::as_str)
+        .unwrap_or("gptq");
+    let v1 = match format {
+        "gptq" => true,
+        "gptq_v2" => false,
+        other => {
+            return Err(EmberError::Config(format!(
+                "gptq checkpoint_format {other:?} is not supported; gptq and gptq_v2 load"
+            )))
+        }
+    };
+    Ok(WeightQuantization::Gptq {
+        bits,
+        group_size: group_size_of(qc, "gptq")?,
+        v1,
+    })
+}
+
+fn parse_awq(qc: &Value) -> Result<WeightQuantization> {
+    let bits = qc
+        .get("bits")
+        .or_else(|| qc.get("w_bit"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let version = qc
+        .get("version")
+        .and_then(Value::as_str)
+        .unwrap_or("gemm")
+        .to_ascii_lowercase();
+    let zero_point = qc
+        .get("zero_point")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let group_size = qc
+        .get("group_size")
+        .or_else(|| qc.get("q_group_size"))
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if bits != 4 || version != "gemm" || !zero_point || group_size <= 0 {
+        return Err(EmberError::Config(format!(
+            "awq quantization_config (bits {bits}, version {version:?}, zero_point {zero_point}, group_size {group_size}) \
+             is not supported; only 4-bit GEMM checkpoints with zero points and a positive group_size load"
+        )));
+    }
+    Ok(WeightQuantization::Awq {
+        group_size: group_size as usize,
+    })
 }
 
 fn parse_modelopt(qc: &Value) -> Result<WeightQuantization> {
@@ -231,8 +320,10 @@ impl QuantizationRequest {
                 Ok(Self::Checkpoint("compressed-tensors"))
             }
             "modelopt" | "modelopt_fp4" | "nvfp4" => Ok(Self::Checkpoint("modelopt")),
+            "gptq" => Ok(Self::Checkpoint("gptq")),
+            "awq" => Ok(Self::Checkpoint("awq")),
             other => Err(EmberError::Config(format!(
-                "unknown --quantization {other:?}; use auto, fp8, compressed-tensors or modelopt"
+                "unknown --quantization {other:?}; use auto, fp8, compressed-tensors, modelopt, gptq or awq"
             ))),
         }
     }
@@ -296,6 +387,65 @@ mod tests {
     }
 
     #[test]
+    fn gptq_and_awq_configs_parse_as_their_makers_write_them() {
+        // Qwen's Qwen3-*-GPTQ-Int4 and -AWQ configs, trimmed to what decides the layout.
+        let gptq = json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": false,
+                          "sym": true, "damp_percent": 0.01, "true_sequential": true});
+        assert_eq!(
+            parse(gptq).unwrap(),
+            Some(WeightQuantization::Gptq {
+                bits: 4,
+                group_size: Some(128),
+                v1: true
+            })
+        );
+        let v2 = json!({"quant_method": "gptq", "bits": 8, "group_size": -1, "checkpoint_format": "gptq_v2"});
+        assert_eq!(
+            parse(v2).unwrap(),
+            Some(WeightQuantization::Gptq {
+                bits: 8,
+                group_size: None,
+                v1: false
+            })
+        );
+        let awq = json!({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": true,
+                         "version": "gemm", "modules_to_not_convert": null});
+        assert_eq!(
+            parse(awq).unwrap(),
+            Some(WeightQuantization::Awq { group_size: 128 })
+        );
+        for (bad, says) in [
+            (
+                json!({"quant_method": "gptq", "bits": 3, "group_size": 128}),
+                "3-bit",
+            ),
+            (
+                json!({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}),
+                "marlin",
+            ),
+            (
+                json!({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}),
+                "gemv",
+            ),
+            (
+                json!({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": false}),
+                "zero_point false",
+            ),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        assert_eq!(
+            QuantizationRequest::parse("GPTQ").unwrap(),
+            QuantizationRequest::Checkpoint("gptq")
+        );
+        assert_eq!(
+            QuantizationRequest::parse("awq").unwrap(),
+            QuantizationRequest::Checkpoint("awq")
+        );
+    }
+
+    #[test]
     fn fp4_formats_and_fp8_blocks_parse() {
         let nv = json!({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
             "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group"}}}});
@@ -336,10 +486,12 @@ mod tests {
             err.contains("mixed-precision") && err.contains("\"b\""),
             "{err}"
         );
-        let awq = json!({"quant_method": "awq", "bits": 4});
-        let err = parse(awq).unwrap_err().to_string();
+        let bnb = json!({"quant_method": "bitsandbytes", "load_in_4bit": true});
+        let err = parse(bnb).unwrap_err().to_string();
         assert!(
-            err.contains("\"awq\"") && err.contains("compressed-tensors"),
+            err.contains("\"bitsandbytes\"")
+                && err.contains("compressed-tensors")
+                && err.contains("awq"),
             "{err}"
         );
     }

@@ -214,3 +214,82 @@ fn online_fp8_per_channel_quantization_rounds_as_torch_float8_e4m3fn() {
         );
     }
 }
+
+/// Checks every `layer{i}` of a GPTQ or AWQ `scheme` (`models/make_gptq_awq_tensors.py`: packed
+/// by GPTQModel 7.7.0 / AutoAWQ 0.2.9, dequantized by them in float16): ours rounded to float16
+/// must be their bits.
+fn check_dequantized(scheme: &str, expect: WeightQuantization, layers: usize) {
+    let (weights, q) = fixture(scheme);
+    assert_eq!(q, expect, "{scheme}");
+    for i in 0..layers {
+        let layer = weights.pp(format!("layer{i}"));
+        let want = layer.get_stored("dequantized").unwrap();
+        let (rows, cols) = want.dims2().unwrap();
+        let ours = dequantize_weight(&layer, cols, rows)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{scheme} layer{i} not seen as quantized"));
+        let ours = floats(&ours.to_dtype(want.dtype()).unwrap());
+        let want = floats(&want);
+        let differing = ours
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differing,
+            0,
+            "{scheme} layer{i}: {differing} of {} differ",
+            want.len()
+        );
+        assert!(
+            want.iter().any(|v| *v != 0.0),
+            "{scheme} layer{i} is all zero"
+        );
+    }
+}
+
+#[test]
+fn gptq_int4_group32_symmetric_v1_as_most_gptq_checkpoints_ship() {
+    let q = WeightQuantization::Gptq {
+        bits: 4,
+        group_size: Some(32),
+        v1: true,
+    };
+    check_dequantized("gptq-int4-group32-symmetric", q, 2);
+}
+
+#[test]
+fn gptq_int4_asymmetric_with_activation_order_and_v1_borrows() {
+    // Zero points of 0 and 15 included: v1 stores them less one word-wise, with a borrow.
+    let q = WeightQuantization::Gptq {
+        bits: 4,
+        group_size: Some(32),
+        v1: true,
+    };
+    check_dequantized("gptq-int4-group32-asymmetric-actorder", q, 2);
+}
+
+#[test]
+fn gptq_int8_per_channel_v2_and_int2() {
+    let q = WeightQuantization::Gptq {
+        bits: 8,
+        group_size: None,
+        v1: false,
+    };
+    check_dequantized("gptq-int8-channel-v2", q, 2);
+    let q = WeightQuantization::Gptq {
+        bits: 2,
+        group_size: Some(16),
+        v1: true,
+    };
+    check_dequantized("gptq-int2-group16-v1", q, 1);
+}
+
+#[test]
+fn awq_int4_gemm_group32() {
+    check_dequantized(
+        "awq-int4-group32",
+        WeightQuantization::Awq { group_size: 32 },
+        2,
+    );
+}

@@ -73,6 +73,39 @@ pub fn dequantize_weight(
                 [out_dim, in_dim],
             )?
         }
+        WeightQuantization::Gptq {
+            bits,
+            group_size,
+            v1,
+        } => {
+            if !weights.contains("qweight") {
+                return Ok(None);
+            }
+            gptq_weight(weights, [out_dim, in_dim], bits, group_size, v1)?
+        }
+        WeightQuantization::Awq { group_size } => {
+            if !weights.contains("qweight") {
+                return Ok(None);
+            }
+            if out_dim % 8 != 0 || in_dim % group_size != 0 {
+                return Err(EmberError::Weights(format!(
+                    "{}: AWQ needs outputs in multiples of 8 and inputs in multiples of group_size {group_size}, got [{out_dim}, {in_dim}]",
+                    weights.prefix()
+                )));
+            }
+            let groups = in_dim / group_size;
+            let qweight = i32s(weights, "qweight", &[in_dim, out_dim / 8])?;
+            let qzeros = i32s(weights, "qzeros", &[groups, out_dim / 8])?;
+            let scales = f32s(weights, "scales", &[groups, out_dim], DType::F16)?;
+            let w = packed_int::dequantize_awq(
+                &qweight,
+                &qzeros,
+                &scales,
+                [out_dim, in_dim],
+                group_size,
+            );
+            from_vec(w, [out_dim, in_dim])?
+        }
         WeightQuantization::Mxfp4 => {
             if !weights.contains("weight_packed") {
                 return Ok(None);
@@ -146,6 +179,57 @@ fn packed_int_weight(
     let w =
         packed_int::dequantize_groups(&q, &scale, zero.as_deref(), [rows, cols], groups, group_of);
     from_vec(w, [rows, cols])
+}
+
+fn gptq_weight(
+    weights: &Weights,
+    [out, inputs]: [usize; 2],
+    bits: u32,
+    group_size: Option<usize>,
+    v1: bool,
+) -> Result<Tensor> {
+    let per_word = (32 / bits) as usize;
+    if inputs % per_word != 0 {
+        return Err(EmberError::Weights(format!(
+            "{}: GPTQ packs {per_word} inputs to a word, and {inputs} inputs do not divide",
+            weights.prefix()
+        )));
+    }
+    let groups = group_size.map_or(1, |g| inputs.div_ceil(g));
+    let qweight = i32s(weights, "qweight", &[inputs / per_word, out])?;
+    let qzeros = i32s(weights, "qzeros", &[groups, out.div_ceil(per_word)])?;
+    let scales = f32s(weights, "scales", &[groups, out], DType::F16)?;
+    // `g_idx` maps each input to its group; activation order (desc_act) permutes it. A
+    // checkpoint without it has groups of consecutive inputs.
+    let g_idx = if weights.contains("g_idx") {
+        let g_idx = stored(weights, "g_idx", &[inputs])?
+            .to_dtype(DType::I64)
+            .and_then(|t| t.to_vec1::<i64>())
+            .map_err(|e| dequant_err(weights, e))?;
+        if let Some(bad) = g_idx.iter().find(|&&g| g < 0 || g as usize >= groups) {
+            return Err(EmberError::Weights(format!(
+                "{}.g_idx names group {bad}, outside the weight's {groups} groups",
+                weights.prefix()
+            )));
+        }
+        Some(g_idx)
+    } else {
+        None
+    };
+    let group_of = |i: usize| match (&g_idx, group_size) {
+        (Some(g_idx), _) => g_idx[i] as usize,
+        (None, size) => size.map_or(0, |size| i / size),
+    };
+    let w = packed_int::dequantize_gptq(
+        &qweight,
+        &qzeros,
+        &scales,
+        [out, inputs],
+        bits,
+        v1,
+        group_of,
+    );
+    from_vec(w, [out, inputs])
 }
 
 fn dequant_err(weights: &Weights, e: candle_core::Error) -> EmberError {

@@ -1,6 +1,8 @@
 //! compressed-tensors `pack-quantized` integers (W4A16 / W8A16, as Kimi K2 Thinking ships its
 //! experts): `num_bits`-bit values packed densely into int32 words, element `i` of a row at bit
 //! `i * num_bits` of the row's little-endian bit stream, stored offset by `2^(num_bits-1)`.
+//! Also GPTQ's and AWQ's own layouts ([`dequantize_gptq`], [`dequantize_awq`]): unsigned
+//! fields, `32 / bits` to a word, with explicit zero points.
 
 /// Unpacks `count` signed values from a bit stream whose `k`-th 32-bit word is `word(k)`.
 fn unpack_stream(word: impl Fn(usize) -> u32, count: usize, num_bits: u32) -> Vec<i32> {
@@ -71,6 +73,81 @@ pub fn dequantize_groups(
     out
 }
 
+/// The field `k` of a word holding `32 / bits` unsigned `bits`-bit fields, lowest first.
+fn field(word: i32, k: usize, bits: u32) -> i32 {
+    ((word as u32 >> (k as u32 * bits)) & ((1u32 << bits) - 1)) as i32
+}
+
+/// GPTQ's weight `[out, in]` from `qweight` `[in * bits / 32, out]` (packed down the input
+/// dimension), `qzeros` `[groups, out * bits / 32]`, `scales` `[groups, out]` and each input's
+/// group: `w[o, i] = scales[g, o] * (q[i, o] - zero[g, o])` with `g = group_of(i)`.
+///
+/// `v1` (`checkpoint_format: gptq`) zero words hold each zero less one, subtracted word-wise
+/// when GPTQModel saves them; adding one to every field word-wise, as GPTQModel's loader does,
+/// gives the zeros back exactly, borrows included (a zero of 0 is stored as 15 with a borrow).
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_gptq(
+    qweight: &[i32],
+    qzeros: &[i32],
+    scales: &[f32],
+    [out, inputs]: [usize; 2],
+    bits: u32,
+    v1: bool,
+    group_of: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    let per_word = (32 / bits) as usize;
+    let zero_words = out.div_ceil(per_word);
+    let ones = (0..per_word).fold(0u32, |w, k| w | 1 << (k as u32 * bits));
+    let zero = |g: usize, o: usize| {
+        let word = qzeros[g * zero_words + o / per_word];
+        let word = if v1 {
+            (word as u32).wrapping_add(ones) as i32
+        } else {
+            word
+        };
+        field(word, o % per_word, bits)
+    };
+    let mut w = vec![0f32; out * inputs];
+    for i in 0..inputs {
+        let g = group_of(i);
+        let row = &qweight[(i / per_word) * out..(i / per_word + 1) * out];
+        for o in 0..out {
+            let q = field(row[o], i % per_word, bits);
+            w[o * inputs + i] = (q - zero(g, o)) as f32 * scales[g * out + o];
+        }
+    }
+    w
+}
+
+/// Where AWQ's packing puts output column `8c + k` of a word: field `AWQ_FIELD[k]` (AutoAWQ
+/// packs field `f` from column `[0, 2, 4, 6, 1, 3, 5, 7][f]`).
+const AWQ_FIELD: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+
+/// AWQ's (GEMM) 4-bit weight `[out, in]` from `qweight` `[in, out / 8]`, `qzeros`
+/// `[groups, out / 8]` (both packed along the output dimension in AWQ's order) and `scales`
+/// `[groups, out]`: `w[o, i] = (q[i, o] - zero[i / group_size, o]) * scales[i / group_size, o]`.
+pub fn dequantize_awq(
+    qweight: &[i32],
+    qzeros: &[i32],
+    scales: &[f32],
+    [out, inputs]: [usize; 2],
+    group_size: usize,
+) -> Vec<f32> {
+    let words = out / 8;
+    let unpack = |row: &[i32], o: usize| field(row[o / 8], AWQ_FIELD[o % 8], 4);
+    let mut w = vec![0f32; out * inputs];
+    for i in 0..inputs {
+        let g = i / group_size;
+        let row = &qweight[i * words..(i + 1) * words];
+        let zeros = &qzeros[g * words..(g + 1) * words];
+        for o in 0..out {
+            let q = unpack(row, o) - unpack(zeros, o);
+            w[o * inputs + i] = q as f32 * scales[g * out + o];
+        }
+    }
+    w
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +179,39 @@ mod tests {
         let packed = [stream as u32 as i32, (stream >> 32) as u32 as i32];
         let want: Vec<i32> = values.iter().map(|v| *v as i32 - 4).collect();
         assert_eq!(unpack_rows(&packed, 1, 11, 3), want);
+    }
+
+    #[test]
+    fn gptq_v1_zeros_carry_their_borrow_back() {
+        // One input row of 8 outputs, 4-bit: q = 9 everywhere, scale 1. True zeros 0 and 3 for
+        // outputs 0 and 1 stored v1 (less one, word-wise): 0 - 1 borrows from field 1.
+        let qweight: Vec<i32> = vec![9; 8];
+        let true_zeros = 3u32 << 4;
+        let stored = true_zeros.wrapping_sub(0x1111_1111) as i32;
+        let w = dequantize_gptq(&qweight, &[stored], &[1.0; 8], [8, 1], 4, true, |_| 0);
+        assert_eq!(w[..2], [9.0, 6.0]);
+        let v2 = dequantize_gptq(
+            &qweight,
+            &[true_zeros as i32],
+            &[1.0; 8],
+            [8, 1],
+            4,
+            false,
+            |_| 0,
+        );
+        assert_eq!(w, v2);
+    }
+
+    #[test]
+    fn awq_fields_follow_its_interleaved_order() {
+        // Field f holds output column [0, 2, 4, 6, 1, 3, 5, 7][f]; write value = column.
+        let order = [0u32, 2, 4, 6, 1, 3, 5, 7];
+        let word = order
+            .iter()
+            .enumerate()
+            .fold(0u32, |w, (f, &c)| w | c << (4 * f)) as i32;
+        let w = dequantize_awq(&[word], &[0], &[1.0; 8], [8, 1], 1);
+        assert_eq!(w, (0..8).map(|c| c as f32).collect::<Vec<_>>());
     }
 
     #[test]
