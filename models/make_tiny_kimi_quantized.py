@@ -149,8 +149,15 @@ def compress_fp4(sd, preset):
     return out, deq, s
 
 
+# The tensor that holds a quantized weight's codes, and the ones beside it (compressed-tensors; GPTQ / AWQ).
+PACKED = ("weight_packed", "qweight")
+AUXILIARY = ("weight_scale", "weight_shape", "weight_global_scale", "weight_g_idx", "qzeros", "scales", "g_idx")
+
+
 def quantization_config(sch, fmt):
     import json
+    if isinstance(fmt, dict):   # a GPTQ / AWQ config, written as its tool writes it
+        return fmt
     from compressed_tensors.quantization import QuantizationConfig
     qc = QuantizationConfig(config_groups={"group_0": sch}, format=fmt,
                             quantization_status="compressed", ignore=IGNORE)
@@ -164,6 +171,8 @@ FORMATS = {
     # Only with compressed-tensors 0.12.x on PYTHONPATH; not in the default list.
     "int4-actorder": lambda sd: (*compress_actorder(sd), "pack-quantized"),
 }
+# Versions of tools other than compressed-tensors, by format (filled by scripts that add formats).
+TOOL_VERSIONS = {}
 NOTES = {
     "int4": "W = compressed-tensors unpack_from_int32(weight_packed) * weight_scale (bf16 scale, one per 32 inputs)",
     "nvfp4": "W = e2m1(weight_packed) * (float(weight_scale e4m3, one per 16 inputs) / weight_global_scale)",
@@ -180,7 +189,6 @@ def main():
 
 def build(fmt):
     import json
-    import compressed_tensors
     import safetensors
     import tokenizers
     import transformers
@@ -191,7 +199,10 @@ def build(fmt):
     torch.use_deterministic_algorithms(True)
     versions = dict(transformers=transformers.__version__, torch=torch.__version__,
                     tokenizers=tokenizers.__version__, safetensors=safetensors.__version__,
-                    compressed_tensors=compressed_tensors.__version__)
+                    **TOOL_VERSIONS.get(fmt, {}))
+    if fmt in ("int4", "nvfp4", "mxfp4", "int4-actorder"):
+        import compressed_tensors
+        versions["compressed_tensors"] = compressed_tensors.__version__
     hf_tok = AutoTokenizer.from_pretrained(str(md.TOK_SRC))
     tok_size = len(hf_tok)
     vocab_size = (tok_size + 63) // 64 * 64
@@ -235,13 +246,13 @@ def build(fmt):
     again = FORMATS[fmt]({k: v for k, v in sd.items()})[1]
     hub, n_packed = {}, 0
     for k, v in ql.items():
-        if k.endswith("weight_packed"):
+        packed = next((p for p in PACKED if k.endswith(p)), None)
+        if packed:
             n_packed += 1
-            pre = k[: -len("weight_packed")]
+            pre = k[: -len(packed)]
             assert torch.equal(again[pre + "weight"], deq[pre + "weight"])
             hub[pre + "weight"] = deq[pre + "weight"]
-        elif not any(k.endswith(x) for x in ("weight_scale", "weight_shape", "weight_global_scale",
-                                             "weight_g_idx")):
+        elif not any(k.endswith(x) for x in AUXILIARY):
             hub[k] = v.float()
     qm = md.build_model(cfg, seed, tok_size)
     qm.load_state_dict(md.to_model_state_dict(hub, qm), strict=True)

@@ -275,6 +275,8 @@ fn deepseek_and_kimi_checkpoints_match_transformers_over_http() {
         "deepseek-v2-lite-tiny",
         "kimi-k2-int4-tiny",
         "kimi-k2-nvfp4-tiny",
+        "kimi-k2-gptq-tiny",
+        "kimi-k2-awq-tiny",
     ] {
         let server = Server::start_model(name, &[]);
         let reference = reference_of(name);

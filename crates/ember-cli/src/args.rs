@@ -35,8 +35,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Weight quantization: auto (what config.json's quantization_config says: block fp8,
-    /// compressed-tensors pack-quantized INT4/INT8, NVFP4, MXFP4, modelopt NVFP4), or the method
-    /// the checkpoint must have (fp8, compressed-tensors, modelopt). fp8 on an unquantized
+    /// compressed-tensors pack-quantized INT4/INT8, NVFP4, MXFP4, modelopt NVFP4, GPTQ, AWQ), or
+    /// the method the checkpoint must have (fp8, compressed-tensors, modelopt, gptq, awq). fp8 on an unquantized
     /// checkpoint is online FP8: attention, MLP and expert projections quantized at load to e4m3
     /// with one scale per output channel.
     #[arg(long, default_value = "auto")]

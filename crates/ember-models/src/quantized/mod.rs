@@ -104,7 +104,7 @@ pub fn dequantize_weight(
                 [out_dim, in_dim],
                 group_size,
             );
-            from_vec(w, [out_dim, in_dim])?
+            in_scale_dtype(weights, from_vec(w, [out_dim, in_dim])?)?
         }
         WeightQuantization::Mxfp4 => {
             if !weights.contains("weight_packed") {
@@ -229,7 +229,20 @@ fn gptq_weight(
         v1,
         group_of,
     );
-    from_vec(w, [out, inputs])
+    in_scale_dtype(weights, from_vec(w, [out, inputs])?)
+}
+
+/// `w` rounded to the dtype of the checkpoint's `scales` (float16 as GPTQ and AWQ write them) and
+/// back: their kernels and their tools dequantize in that dtype, so the weight the model holds
+/// is theirs bit for bit rather than the exact product.
+fn in_scale_dtype(weights: &Weights, w: Tensor) -> Result<Tensor> {
+    match weights.stored_dtype("scales") {
+        Some(dtype) if dtype != DType::F32 => w
+            .to_dtype(dtype)
+            .and_then(|w| w.to_dtype(DType::F32))
+            .map_err(|e| dequant_err(weights, e)),
+        _ => Ok(w),
+    }
 }
 
 fn dequant_err(weights: &Weights, e: candle_core::Error) -> EmberError {
