@@ -66,30 +66,10 @@ fn check(scheme: &str, expect: WeightQuantization, layers: usize) {
         };
         assert_eq!(ours_codes, want_codes, "{scheme} layer{i} unpacked");
 
-        let want = layer.get_stored("dequantized").unwrap();
-        let ours = dequantize_weight(&layer, cols, rows)
-            .unwrap()
-            .unwrap_or_else(|| panic!("{scheme} layer{i} not seen as quantized"));
         // The tool's dtype: bf16 for compressed-tensors (it dequantizes in the scale's dtype),
         // f32 for ModelOpt. Our f32 rounded to it must be the same bits, but for the sign of
         // zero: e2m1 code 8 is -0 to compressed-tensors and +0 in ModelOpt's table.
-        let ours = floats(&ours.to_dtype(want.dtype()).unwrap());
-        let want = floats(&want);
-        let differing = ours
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits() && !(**a == 0.0 && **b == 0.0))
-            .count();
-        assert_eq!(
-            differing,
-            0,
-            "{scheme} layer{i}: {differing} of {} differ",
-            want.len()
-        );
-        assert!(
-            want.iter().any(|v| *v != 0.0),
-            "{scheme} layer{i} is all zero"
-        );
+        assert_dequantized_as_the_tool(&layer, &format!("{scheme} layer{i}"), true);
     }
 }
 
@@ -215,6 +195,26 @@ fn online_fp8_per_channel_quantization_rounds_as_torch_float8_e4m3fn() {
     }
 }
 
+/// `layer`'s weight dequantized by us, rounded to the dtype of the tool's `dequantized`, has the
+/// tool's bits (a zero of either sign matching either when `any_zero_sign`).
+fn assert_dequantized_as_the_tool(layer: &Weights, what: &str, any_zero_sign: bool) {
+    let want = layer.get_stored("dequantized").unwrap();
+    let (rows, cols) = want.dims2().unwrap();
+    let ours = dequantize_weight(layer, cols, rows)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{what} not seen as quantized"));
+    let ours = floats(&ours.to_dtype(want.dtype()).unwrap());
+    let want = floats(&want);
+    let zero_either_sign = |a: f32, b: f32| any_zero_sign && a == 0.0 && b == 0.0;
+    let differing = ours
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits() && !zero_either_sign(**a, **b))
+        .count();
+    assert_eq!(differing, 0, "{what}: {differing} of {} differ", want.len());
+    assert!(want.iter().any(|v| *v != 0.0), "{what} is all zero");
+}
+
 /// Checks every `layer{i}` of a GPTQ or AWQ `scheme` (`models/make_gptq_awq_tensors.py`: packed
 /// by GPTQModel 7.7.0 / AutoAWQ 0.2.9, dequantized by them in float16): ours rounded to float16
 /// must be their bits.
@@ -223,28 +223,7 @@ fn check_dequantized(scheme: &str, expect: WeightQuantization, layers: usize) {
     assert_eq!(q, expect, "{scheme}");
     for i in 0..layers {
         let layer = weights.pp(format!("layer{i}"));
-        let want = layer.get_stored("dequantized").unwrap();
-        let (rows, cols) = want.dims2().unwrap();
-        let ours = dequantize_weight(&layer, cols, rows)
-            .unwrap()
-            .unwrap_or_else(|| panic!("{scheme} layer{i} not seen as quantized"));
-        let ours = floats(&ours.to_dtype(want.dtype()).unwrap());
-        let want = floats(&want);
-        let differing = ours
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        assert_eq!(
-            differing,
-            0,
-            "{scheme} layer{i}: {differing} of {} differ",
-            want.len()
-        );
-        assert!(
-            want.iter().any(|v| *v != 0.0),
-            "{scheme} layer{i} is all zero"
-        );
+        assert_dequantized_as_the_tool(&layer, &format!("{scheme} layer{i}"), false);
     }
 }
 

@@ -156,26 +156,11 @@ fn packed_int_weight(
     };
     // GPTQ's activation order (compressed-tensors `actorder: group`): `weight_g_idx[c]` is column
     // c's group; otherwise groups are runs of `group_size` columns.
-    let g_idx = match (group_size, weights.stored_dtype("weight_g_idx")) {
-        (Some(_), Some(_)) => {
-            let g_idx = stored(weights, "weight_g_idx", &[cols])?
-                .to_dtype(DType::I64)
-                .and_then(|t| t.to_vec1::<i64>())
-                .map_err(|e| dequant_err(weights, e))?;
-            if let Some(bad) = g_idx.iter().find(|&&g| g < 0 || g as usize >= groups) {
-                return Err(EmberError::Weights(format!(
-                    "{}.weight_g_idx names group {bad}, outside the weight's {groups} groups",
-                    weights.prefix()
-                )));
-            }
-            Some(g_idx)
-        }
-        _ => None,
+    let g_idx = match group_size {
+        Some(_) => read_group_map(weights, "weight_g_idx", cols, groups)?,
+        None => None,
     };
-    let group_of = |c: usize| match (&g_idx, group_size) {
-        (Some(g_idx), _) => g_idx[c] as usize,
-        (None, size) => size.map_or(0, |size| c / size),
-    };
+    let group_of = |c: usize| group_of(g_idx.as_deref(), group_size, c);
     let w =
         packed_int::dequantize_groups(&q, &scale, zero.as_deref(), [rows, cols], groups, group_of);
     from_vec(w, [rows, cols])
@@ -201,25 +186,8 @@ fn gptq_weight(
     let scales = f32s(weights, "scales", &[groups, out], DType::F16)?;
     // `g_idx` maps each input to its group; activation order (desc_act) permutes it. A
     // checkpoint without it has groups of consecutive inputs.
-    let g_idx = if weights.contains("g_idx") {
-        let g_idx = stored(weights, "g_idx", &[inputs])?
-            .to_dtype(DType::I64)
-            .and_then(|t| t.to_vec1::<i64>())
-            .map_err(|e| dequant_err(weights, e))?;
-        if let Some(bad) = g_idx.iter().find(|&&g| g < 0 || g as usize >= groups) {
-            return Err(EmberError::Weights(format!(
-                "{}.g_idx names group {bad}, outside the weight's {groups} groups",
-                weights.prefix()
-            )));
-        }
-        Some(g_idx)
-    } else {
-        None
-    };
-    let group_of = |i: usize| match (&g_idx, group_size) {
-        (Some(g_idx), _) => g_idx[i] as usize,
-        (None, size) => size.map_or(0, |size| i / size),
-    };
+    let g_idx = read_group_map(weights, "g_idx", inputs, groups)?;
+    let group_of = |i: usize| group_of(g_idx.as_deref(), group_size, i);
     let w = packed_int::dequantize_gptq(
         &qweight,
         &qzeros,
@@ -230,6 +198,38 @@ fn gptq_weight(
         group_of,
     );
     in_scale_dtype(weights, from_vec(w, [out, inputs])?)
+}
+
+/// Each input's group from `name` (`[inputs]`: GPTQ's activation order), if the checkpoint
+/// stores one, checked to name only the weight's `groups`.
+fn read_group_map(
+    weights: &Weights,
+    name: &str,
+    inputs: usize,
+    groups: usize,
+) -> Result<Option<Vec<i64>>> {
+    if weights.stored_dtype(name).is_none() {
+        return Ok(None);
+    }
+    let map = stored(weights, name, &[inputs])?
+        .to_dtype(DType::I64)
+        .and_then(|t| t.to_vec1::<i64>())
+        .map_err(|e| dequant_err(weights, e))?;
+    if let Some(bad) = map.iter().find(|&&g| g < 0 || g as usize >= groups) {
+        return Err(EmberError::Weights(format!(
+            "{}.{name} names group {bad}, outside the weight's {groups} groups",
+            weights.prefix()
+        )));
+    }
+    Ok(Some(map))
+}
+
+/// Input `i`'s group: from the stored map, else runs of `group_size` (one group without).
+fn group_of(map: Option<&[i64]>, group_size: Option<usize>, i: usize) -> usize {
+    match (map, group_size) {
+        (Some(map), _) => map[i] as usize,
+        (None, size) => size.map_or(0, |size| i / size),
+    }
 }
 
 /// `w` rounded to the dtype of the checkpoint's `scales` (float16 as GPTQ and AWQ write them) and
