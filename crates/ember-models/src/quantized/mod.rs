@@ -87,7 +87,7 @@ pub fn dequantize_weight(
             if !weights.contains("qweight") {
                 return Ok(None);
             }
-            if out_dim % 8 != 0 || in_dim % group_size != 0 {
+            if !out_dim.is_multiple_of(8) || !in_dim.is_multiple_of(group_size) {
                 return Err(EmberError::Weights(format!(
                     "{}: AWQ needs outputs in multiples of 8 and inputs in multiples of group_size {group_size}, got [{out_dim}, {in_dim}]",
                     weights.prefix()
@@ -174,7 +174,7 @@ fn gptq_weight(
     v1: bool,
 ) -> Result<Tensor> {
     let per_word = (32 / bits) as usize;
-    if inputs % per_word != 0 {
+    if !inputs.is_multiple_of(per_word) {
         return Err(EmberError::Weights(format!(
             "{}: GPTQ packs {per_word} inputs to a word, and {inputs} inputs do not divide",
             weights.prefix()
