@@ -1338,7 +1338,7 @@ mod tests {
     }
 
     /// llama.cpp's grammars/json.gbnf, as published.
-    const JSON_GBNF: &str = r#"root   ::= object
+    pub(super) const JSON_GBNF: &str = r#"root   ::= object
 value  ::= object | array | string | number | ("true" | "false" | "null") ws
 
 object ::=

@@ -565,6 +565,11 @@ mod tests {
         "root ::= w (\" \" w)*\nw ::= [a-z]+ | [0-9]+",
         "root ::= a? [a-z]+ \"!\"\na ::= \"a\"",
         "root ::= \"-\"? [0-9]+ (\".\" [0-9]+)? ([eE] [-+]? [0-9]+)?",
+        // llama.cpp's grammars/json.gbnf, as published: `[ \t]{0,20}` and `[0-9]{0,15}` are runs.
+        super::super::tests::JSON_GBNF,
+        // llama.cpp's grammars/list.gbnf and a shape of its arithmetic.gbnf.
+        "root ::= item+\nitem ::= \"- \" [^\\r\\n\\x0b\\x0c\\x85\\u2028\\u2029]+ \"\\n\"",
+        "root ::= (expr \"=\" ws term \"\\n\")+\nexpr ::= term ([-+*/] term)*\nterm ::= ident | num | \"(\" ws expr \")\" ws\nident ::= [a-z] [a-z0-9_]* ws\nnum ::= [0-9]+ ws\nws ::= [ \\t\\n]*",
     ];
 
     /// Characters the sampler draws for classes, `.` and edits.
