@@ -19,6 +19,7 @@ use crate::rotary::{rotary_shape, RotaryShape};
 use crate::sampling::argmax_shape;
 use crate::scatter_rows::scatter_rows_shape;
 use crate::silu_and_mul::silu_and_mul_shape;
+use crate::w4a16::{w4a16_shape, W4a16Shape};
 use crate::{Element, KernelError};
 
 const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
@@ -26,6 +27,7 @@ const ROTARY_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rotary.fa
 const SAMPLING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sampling.fatbin"));
 const SCATTER_ROWS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/scatter_rows.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
+const W4A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w4a16.fatbin"));
 const FP8_E5M2_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_e5m2.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
@@ -33,6 +35,9 @@ const PAGED_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
 /// Threads per block of `argmax_f32` in `kernels/sampling.cu` (its `ARGMAX_THREADS`).
 const ARGMAX_THREADS: u32 = 256;
+/// Warps per block and rows of `x` per block of `kernels/w4a16.cu` (`W4A16_WARPS`, `W4A16_ROWS`).
+const W4A16_WARPS: u32 = 4;
+const W4A16_ROWS: u32 = 8;
 /// Threads per block of `kernels/paged_attention.cu` (its `PA_THREADS`).
 const PA_THREADS: u32 = 128;
 
@@ -54,6 +59,7 @@ pub struct CudaKernels {
     sampling: Arc<CudaModule>,
     scatter_rows: Arc<CudaModule>,
     silu_and_mul: Arc<CudaModule>,
+    w4a16: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
     fused_moe: Arc<CudaModule>,
@@ -87,6 +93,7 @@ impl CudaKernels {
             sampling: load(SAMPLING_FATBIN)?,
             scatter_rows: load(SCATTER_ROWS_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
+            w4a16: load(W4A16_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
             fused_moe: load(FUSED_MOE_FATBIN)?,
@@ -158,6 +165,60 @@ impl CudaKernels {
             .arg(&eps);
         // SAFETY: matches fused_add_rms_norm_<T>(T*, T*, const T*, const T*, int, float); shapes checked.
         unsafe { launch.launch(row_launch(rows, hidden)?) }?;
+        Ok(())
+    }
+
+    /// [`crate::w4a16::w4a16_gemm`] on the GPU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn w4a16_gemm<T: CudaElement>(
+        &self,
+        x: &CudaSlice<T>,
+        codes: &CudaSlice<u8>,
+        scales: &CudaSlice<f32>,
+        zeros: &CudaSlice<u8>,
+        shape: &W4a16Shape,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        w4a16_shape(
+            shape,
+            x.len(),
+            codes.len(),
+            scales.len(),
+            zeros.len(),
+            y.len(),
+        )?;
+        if shape.m == 0 || shape.n == 0 {
+            return Ok(());
+        }
+        let op = "w4a16_gemm";
+        let m = int32(op, "m", shape.m)?;
+        let n = int32(op, "n", shape.n)?;
+        let k = int32(op, "k", shape.k)?;
+        let group_size = int32(op, "group_size", shape.group_size)?;
+        let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
+        let blocks_y = u32::try_from(shape.m.div_ceil(W4A16_ROWS as usize))
+            .ok()
+            .filter(|&b| b <= 65_535)
+            .ok_or_else(|| too_big(op, "m", shape.m))?;
+        let cfg = LaunchConfig {
+            grid_dim: (shape.n.div_ceil(W4A16_WARPS as usize) as u32, blocks_y, 1),
+            block_dim: (32 * W4A16_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(y)
+            .arg(x)
+            .arg(codes)
+            .arg(scales)
+            .arg(zeros)
+            .arg(&m)
+            .arg(&n)
+            .arg(&k)
+            .arg(&group_size);
+        // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, const u8*, int,
+        // int, int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
+        unsafe { launch.launch(cfg) }?;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ pub mod rotary;
 pub mod sampling;
 pub mod scatter_rows;
 pub mod silu_and_mul;
+pub mod w4a16;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

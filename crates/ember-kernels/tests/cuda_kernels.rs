@@ -6,11 +6,14 @@
 //! 1e-4 relative plus 1e-5 absolute, bf16 one ulp plus 1e-3 absolute (outputs are O(1)).
 //! RoPE does the same f32 products and sums on both sides (no FMA on the GPU): bit-identical.
 //! Argmax only compares: exact, ties (lowest id) and NaN included. e5m2 conversions are exact too.
+//! W4A16 GEMM dequantizes exactly and sums in another order: within 1e-5 of the sum of the
+//! terms' magnitudes (plus one bf16 ulp of the result for bf16).
 #![cfg(feature = "cuda")]
 
 use ember_kernels::cuda::{CudaElement, CudaKernels};
 use ember_kernels::paged_attention::{self, PagedAttentionBatch, PagedAttentionShape};
 use ember_kernels::rotary::{self, RotaryShape};
+use ember_kernels::w4a16::{self, W4a16Shape};
 use ember_kernels::{fp8_e5m2, moe_routing, rms_norm, sampling, scatter_rows, silu_and_mul};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -368,6 +371,78 @@ fn scatter_rows_matches_the_cpu_reference() {
     }
 }
 
+fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
+    let s = k.stream();
+    // (m, n, k, group_size): one token, ragged tiles of rows and warps, the smallest group, and
+    // real expert and dense shapes (DeepSeek-V3's 7168 hidden, Qwen3's 4096 at group 128).
+    for &(m, n, kk, group_size) in &[
+        (1, 64, 128, 32),
+        (3, 33, 256, 128),
+        (9, 7, 64, 2),
+        (8, 100, 2048, 128),
+        (17, 512, 7168, 32),
+        (1, 4096, 4096, 128),
+    ] {
+        let shape = W4a16Shape {
+            m,
+            n,
+            k: kk,
+            group_size,
+        };
+        let what = format!("w4a16_gemm_{} {shape:?}", T::KERNEL_SUFFIX);
+        let groups = kk / group_size;
+        let codes: Vec<u8> = (0..n * kk).map(|_| rng.random_range(0..16u8)).collect();
+        let packed = w4a16::pack_codes(&codes, kk);
+        let zeros: Vec<u8> = (0..n * groups).map(|_| rng.random_range(0..16u8)).collect();
+        let scales: Vec<f32> = (0..n * groups)
+            .map(|_| rng.random_range(0.001..0.1f32))
+            .collect();
+        let x: Vec<T> = random(rng, m * kk, -2.0, 2.0);
+        let mut cpu = vec![T::from_f32(0.0); m * n];
+        w4a16::w4a16_gemm(&x, &packed, &scales, &zeros, &shape, &mut cpu).unwrap();
+        let (dx, dcodes) = (s.clone_htod(&x).unwrap(), s.clone_htod(&packed).unwrap());
+        let (dscales, dzeros) = (
+            s.clone_htod(&scales).unwrap(),
+            s.clone_htod(&zeros).unwrap(),
+        );
+        let mut dy = s.alloc_zeros::<T>(m * n).unwrap();
+        k.w4a16_gemm(&dx, &dcodes, &dscales, &dzeros, &shape, &mut dy)
+            .unwrap();
+        let gpu = s.clone_dtoh(&dy).unwrap();
+        for r in 0..m {
+            for j in 0..n {
+                let magnitude: f32 = (0..kk)
+                    .map(|c| {
+                        let g = j * groups + c / group_size;
+                        let w =
+                            (i32::from(codes[j * kk + c]) - i32::from(zeros[g])) as f32 * scales[g];
+                        (x[r * kk + c].to_f32() * w).abs()
+                    })
+                    .sum();
+                let (g, c) = (gpu[r * n + j].to_f32(), cpu[r * n + j].to_f32());
+                let ulp = if T::KERNEL_SUFFIX == "bf16" {
+                    c.abs() / 128.0
+                } else {
+                    0.0
+                };
+                let tol = 1e-5 * magnitude + ulp + 1e-6;
+                assert!(
+                    (g - c).abs() <= tol,
+                    "{what} y[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn w4a16_gemm_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_w4a16::<f32>(&k, &mut rng);
+    check_w4a16::<bf16>(&k, &mut rng);
+}
+
 #[test]
 fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
     let report = ember_kernels::cuda::PTXAS_RESOURCE_USAGE;
@@ -382,6 +457,8 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "e5m2_from_f32",
         "e5m2_to_f32",
         "scatter_rows_u8",
+        "w4a16_gemm_f32",
+        "w4a16_gemm_bf16",
     ] {
         assert!(
             report.contains(&format!("::{kernel} ")),

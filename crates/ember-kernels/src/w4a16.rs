@@ -1,0 +1,168 @@
+//! W4A16 GEMM: `y[m, n] = x[m, k] · Wᵀ` with `W` `[n, k]` held as 4-bit codes, the layout every
+//! INT4 checkpoint format (compressed-tensors `pack-quantized`, GPTQ, AWQ) unpacks to:
+//! - `codes` `[n, k / 2]` bytes, input `c` of a row in byte `c / 2`, the low nibble when `c` is
+//!   even, unsigned 0..=15;
+//! - `scales` `[n, k / group_size]` f32 and `zeros` `[n, k / group_size]` unsigned zero points
+//!   (8 for a symmetric checkpoint);
+//! - `W[j, c] = (code[j, c] - zero[j, g]) * scale[j, g]` with `g = c / group_size`.
+//!
+//! Numerics, shared by the CPU reference and `kernels/w4a16.cu`: each weight is dequantized in
+//! f32 (exact: a small integer times the scale) and the products are summed in f32. The GPU sums
+//! in another order (lanes, then a shuffle tree), so the two agree to f32 rounding of the sum
+//! (relative to the sum of the terms' magnitudes), then one rounding to the storage dtype.
+
+use crate::error::check_shape;
+use crate::{Element, KernelError};
+
+/// The dimensions of one W4A16 GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct W4a16Shape {
+    /// Rows of `x` and `y` (tokens).
+    pub m: usize,
+    /// Outputs: rows of `W`, columns of `y`.
+    pub n: usize,
+    /// Inputs: columns of `x` and `W`.
+    pub k: usize,
+    /// Inputs per scale and zero point; even, and divides `k`.
+    pub group_size: usize,
+}
+
+/// Checks the buffers of a call against `shape`.
+pub fn w4a16_shape(
+    shape: &W4a16Shape,
+    x_len: usize,
+    codes_len: usize,
+    scales_len: usize,
+    zeros_len: usize,
+    y_len: usize,
+) -> Result<(), KernelError> {
+    let W4a16Shape {
+        m,
+        n,
+        k,
+        group_size,
+    } = *shape;
+    let op = "w4a16_gemm";
+    check_shape(
+        group_size > 0 && group_size.is_multiple_of(2) && k.is_multiple_of(group_size),
+        op,
+        || format!("group_size {group_size} must be even and divide k = {k}"),
+    )?;
+    let groups = k / group_size;
+    for (what, len, want) in [
+        ("x", x_len, m * k),
+        ("codes", codes_len, n * k / 2),
+        ("scales", scales_len, n * groups),
+        ("zeros", zeros_len, n * groups),
+        ("y", y_len, m * n),
+    ] {
+        check_shape(len == want, op, || {
+            format!("{what} has {len} elements, expected {want} for m {m}, n {n}, k {k}, group_size {group_size}")
+        })?;
+    }
+    Ok(())
+}
+
+/// Packs unsigned 4-bit codes `[n, k]` (row-major, each 0..=15) into [`w4a16_gemm`]'s bytes.
+pub fn pack_codes(codes: &[u8], k: usize) -> Vec<u8> {
+    assert!(k.is_multiple_of(2) && codes.len().is_multiple_of(k.max(1)));
+    codes
+        .chunks_exact(2)
+        .map(|pair| (pair[0] & 15) | (pair[1] & 15) << 4)
+        .collect()
+}
+
+/// The weight `W[j, c]` of `codes`, `scales` and `zeros`.
+fn weight(
+    codes: &[u8],
+    scales: &[f32],
+    zeros: &[u8],
+    shape: &W4a16Shape,
+    j: usize,
+    c: usize,
+) -> f32 {
+    let groups = shape.k / shape.group_size;
+    let byte = codes[j * shape.k / 2 + c / 2];
+    let code = if c.is_multiple_of(2) {
+        byte & 15
+    } else {
+        byte >> 4
+    };
+    let g = j * groups + c / shape.group_size;
+    (i32::from(code) - i32::from(zeros[g])) as f32 * scales[g]
+}
+
+/// CPU reference: `y[r, j] = Σ_c x[r, c] · W[j, c]`, summed in f32 in input order.
+pub fn w4a16_gemm<T: Element>(
+    x: &[T],
+    codes: &[u8],
+    scales: &[f32],
+    zeros: &[u8],
+    shape: &W4a16Shape,
+    y: &mut [T],
+) -> Result<(), KernelError> {
+    w4a16_shape(
+        shape,
+        x.len(),
+        codes.len(),
+        scales.len(),
+        zeros.len(),
+        y.len(),
+    )?;
+    let (m, n, k) = (shape.m, shape.n, shape.k);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| weight(codes, scales, zeros, shape, i / k, i % k))
+        .collect();
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        for j in 0..n {
+            let sum = xr
+                .iter()
+                .zip(&w[j * k..(j + 1) * k])
+                .fold(0f32, |acc, (&a, &b)| acc + a.to_f32() * b);
+            y[r * n + j] = T::from_f32(sum);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_zero_points_and_scales_give_the_weight() {
+        // W = [[(3-8)*0.5, (12-8)*0.5, (0-1)*2, (15-1)*2]]: group_size 2, two groups.
+        let shape = W4a16Shape {
+            m: 2,
+            n: 1,
+            k: 4,
+            group_size: 2,
+        };
+        let codes = pack_codes(&[3, 12, 0, 15], 4);
+        assert_eq!(codes, [3 | 12 << 4, 15 << 4]);
+        let (scales, zeros) = ([0.5f32, 2.0], [8u8, 1]);
+        let x = [1.0f32, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.5];
+        let mut y = [0.0f32; 2];
+        w4a16_gemm(&x, &codes, &scales, &zeros, &shape, &mut y).unwrap();
+        assert_eq!(y, [-2.5 + 2.0 - 2.0 + 28.0, -2.5 + 14.0]);
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_named() {
+        let shape = W4a16Shape {
+            m: 1,
+            n: 2,
+            k: 8,
+            group_size: 3,
+        };
+        let e = w4a16_shape(&shape, 8, 8, 4, 4, 2).unwrap_err().to_string();
+        assert!(e.contains("group_size 3"), "{e}");
+        let shape = W4a16Shape {
+            group_size: 4,
+            ..shape
+        };
+        let e = w4a16_shape(&shape, 8, 7, 4, 4, 2).unwrap_err().to_string();
+        assert!(e.contains("codes has 7"), "{e}");
+    }
+}

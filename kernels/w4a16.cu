@@ -1,0 +1,66 @@
+// W4A16 GEMM for decode-sized batches: y[m, n] = x[m, k] . W^T, W [n, k] stored as unsigned 4-bit
+// codes (two per byte, the even input in the low nibble) with one f32 scale and one unsigned zero
+// point per (output row, group of group_size inputs): W[j, c] = (code - zero) * scale. Each warp
+// owns one output column for a tile of W4A16_ROWS rows of x: its lanes split the inputs a byte at
+// a time (coalesced), dequantize in registers and reduce with shuffles. CPU reference and the
+// numerics contract: crates/ember-kernels/src/w4a16.rs.
+#include "element.cuh"
+
+#define W4A16_WARPS 4
+#define W4A16_ROWS 8
+
+template <typename T>
+__device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
+                           const unsigned char* __restrict__ codes,
+                           const float* __restrict__ scales,
+                           const unsigned char* __restrict__ zeros, int m, int n, int k,
+                           int group_size) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int j = blockIdx.x * W4A16_WARPS + warp;
+  const int r0 = blockIdx.y * W4A16_ROWS;
+  // A whole warp shares j, so it leaves together and the shuffles below stay full-warp.
+  if (j >= n) return;
+  const int rows = min(W4A16_ROWS, m - r0);
+  const int groups = k / group_size;
+  const unsigned char* row_codes = codes + (long long)j * (k / 2);
+  const float* row_scales = scales + (long long)j * groups;
+  const unsigned char* row_zeros = zeros + (long long)j * groups;
+  float acc[W4A16_ROWS];
+#pragma unroll
+  for (int r = 0; r < W4A16_ROWS; ++r) acc[r] = 0.f;
+  for (int b = lane; b < k / 2; b += 32) {
+    const int c = 2 * b;
+    // group_size is even, so both inputs of a byte share a group.
+    const int g = c / group_size;
+    const float s = row_scales[g];
+    const int z = row_zeros[g];
+    const unsigned char byte = row_codes[b];
+    const float w0 = (float)((int)(byte & 15) - z) * s;
+    const float w1 = (float)((int)(byte >> 4) - z) * s;
+#pragma unroll
+    for (int r = 0; r < W4A16_ROWS; ++r) {
+      if (r < rows) {
+        const T* xr = x + (long long)(r0 + r) * k + c;
+        acc[r] = fmaf(load_f32(xr[0]), w0, acc[r]);
+        acc[r] = fmaf(load_f32(xr[1]), w1, acc[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < W4A16_ROWS; ++r) {
+    float v = acc[r];
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0 && r < rows) y[(long long)(r0 + r) * n + j] = store_f32<T>(v);
+  }
+}
+
+#define W4A16_KERNEL(T, SUFFIX)                                                                  \
+  extern "C" __global__ void w4a16_gemm_##SUFFIX(T* y, const T* x, const unsigned char* codes,  \
+                                                 const float* scales, const unsigned char* zeros, \
+                                                 int m, int n, int k, int group_size) {         \
+    w4a16_gemm<T>(y, x, codes, scales, zeros, m, n, k, group_size);                             \
+  }
+
+W4A16_KERNEL(float, f32)
+W4A16_KERNEL(__nv_bfloat16, bf16)
