@@ -1,6 +1,6 @@
 // W4A16 GEMM for decode-sized batches: y[m, n] = x[m, k] . W^T, W [n, k] stored as unsigned 4-bit
-// codes (two per byte, the even input in the low nibble) with one f32 scale and one unsigned zero
-// point per (output row, group of group_size inputs): W[j, c] = (code - zero) * scale. Each warp
+// codes (two per byte, the even input in the low nibble) with one f32 (scale, zero point) pair
+// per (output row, group of group_size inputs): W[j, c] = (code - zero) * scale. Each warp
 // owns one output column for a tile of W4A16_ROWS rows of x: its lanes split the inputs a byte at
 // a time (coalesced), dequantize in registers and reduce with shuffles. CPU reference and the
 // numerics contract: crates/ember-kernels/src/w4a16.rs.
@@ -12,8 +12,7 @@
 template <typename T>
 __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
                            const unsigned char* __restrict__ codes,
-                           const float* __restrict__ scales,
-                           const unsigned char* __restrict__ zeros, int m, int n, int k,
+                           const float* __restrict__ qparams, int m, int n, int k,
                            int group_size) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = blockIdx.x * W4A16_WARPS + warp;
@@ -23,8 +22,7 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
   const int rows = min(W4A16_ROWS, m - r0);
   const int groups = k / group_size;
   const unsigned char* row_codes = codes + (long long)j * (k / 2);
-  const float* row_scales = scales + (long long)j * groups;
-  const unsigned char* row_zeros = zeros + (long long)j * groups;
+  const float* row_qparams = qparams + (long long)j * groups * 2;
   float acc[W4A16_ROWS];
 #pragma unroll
   for (int r = 0; r < W4A16_ROWS; ++r) acc[r] = 0.f;
@@ -32,11 +30,10 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
     const int c = 2 * b;
     // group_size is even, so both inputs of a byte share a group.
     const int g = c / group_size;
-    const float s = row_scales[g];
-    const int z = row_zeros[g];
+    const float s = row_qparams[2 * g], z = row_qparams[2 * g + 1];
     const unsigned char byte = row_codes[b];
-    const float w0 = (float)((int)(byte & 15) - z) * s;
-    const float w1 = (float)((int)(byte >> 4) - z) * s;
+    const float w0 = ((float)(byte & 15) - z) * s;
+    const float w1 = ((float)(byte >> 4) - z) * s;
 #pragma unroll
     for (int r = 0; r < W4A16_ROWS; ++r) {
       if (r < rows) {
@@ -57,9 +54,9 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
 
 #define W4A16_KERNEL(T, SUFFIX)                                                                  \
   extern "C" __global__ void w4a16_gemm_##SUFFIX(T* y, const T* x, const unsigned char* codes,  \
-                                                 const float* scales, const unsigned char* zeros, \
-                                                 int m, int n, int k, int group_size) {         \
-    w4a16_gemm<T>(y, x, codes, scales, zeros, m, n, k, group_size);                             \
+                                                 const float* qparams, int m, int n, int k,      \
+                                                 int group_size) {                               \
+    w4a16_gemm<T>(y, x, codes, qparams, m, n, k, group_size);                                   \
   }
 
 W4A16_KERNEL(float, f32)

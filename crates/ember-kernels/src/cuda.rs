@@ -172,21 +172,13 @@ impl CudaKernels {
     #[allow(clippy::too_many_arguments)]
     pub fn w4a16_gemm<T: CudaElement>(
         &self,
-        x: &CudaSlice<T>,
-        codes: &CudaSlice<u8>,
-        scales: &CudaSlice<f32>,
-        zeros: &CudaSlice<u8>,
+        x: &CudaView<T>,
+        codes: &CudaView<u8>,
+        qparams: &CudaView<f32>,
         shape: &W4a16Shape,
         y: &mut CudaSlice<T>,
     ) -> Result<(), KernelError> {
-        w4a16_shape(
-            shape,
-            x.len(),
-            codes.len(),
-            scales.len(),
-            zeros.len(),
-            y.len(),
-        )?;
+        w4a16_shape(shape, x.len(), codes.len(), qparams.len(), y.len())?;
         if shape.m == 0 || shape.n == 0 {
             return Ok(());
         }
@@ -210,14 +202,13 @@ impl CudaKernels {
             .arg(y)
             .arg(x)
             .arg(codes)
-            .arg(scales)
-            .arg(zeros)
+            .arg(qparams)
             .arg(&m)
             .arg(&n)
             .arg(&k)
             .arg(&group_size);
-        // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, const u8*, int,
-        // int, int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
+        // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
+        // int) in kernels/w4a16.cu; the shape check bounds every index it reads.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -2,8 +2,8 @@
 //! INT4 checkpoint format (compressed-tensors `pack-quantized`, GPTQ, AWQ) unpacks to:
 //! - `codes` `[n, k / 2]` bytes, input `c` of a row in byte `c / 2`, the low nibble when `c` is
 //!   even, unsigned 0..=15;
-//! - `scales` `[n, k / group_size]` f32 and `zeros` `[n, k / group_size]` unsigned zero points
-//!   (8 for a symmetric checkpoint);
+//! - `qparams` `[n, k / group_size, 2]` f32: each group's scale, then its zero point (a whole
+//!   number, 8 for a symmetric checkpoint);
 //! - `W[j, c] = (code[j, c] - zero[j, g]) * scale[j, g]` with `g = c / group_size`.
 //!
 //! Numerics, shared by the CPU reference and `kernels/w4a16.cu`: each weight is dequantized in
@@ -32,8 +32,7 @@ pub fn w4a16_shape(
     shape: &W4a16Shape,
     x_len: usize,
     codes_len: usize,
-    scales_len: usize,
-    zeros_len: usize,
+    qparams_len: usize,
     y_len: usize,
 ) -> Result<(), KernelError> {
     let W4a16Shape {
@@ -52,8 +51,7 @@ pub fn w4a16_shape(
     for (what, len, want) in [
         ("x", x_len, m * k),
         ("codes", codes_len, n * k / 2),
-        ("scales", scales_len, n * groups),
-        ("zeros", zeros_len, n * groups),
+        ("qparams", qparams_len, n * groups * 2),
         ("y", y_len, m * n),
     ] {
         check_shape(len == want, op, || {
@@ -72,15 +70,8 @@ pub fn pack_codes(codes: &[u8], k: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The weight `W[j, c]` of `codes`, `scales` and `zeros`.
-fn weight(
-    codes: &[u8],
-    scales: &[f32],
-    zeros: &[u8],
-    shape: &W4a16Shape,
-    j: usize,
-    c: usize,
-) -> f32 {
+/// The weight `W[j, c]` of `codes` and `qparams`.
+pub fn weight(codes: &[u8], qparams: &[f32], shape: &W4a16Shape, j: usize, c: usize) -> f32 {
     let groups = shape.k / shape.group_size;
     let byte = codes[j * shape.k / 2 + c / 2];
     let code = if c.is_multiple_of(2) {
@@ -89,29 +80,21 @@ fn weight(
         byte >> 4
     };
     let g = j * groups + c / shape.group_size;
-    (i32::from(code) - i32::from(zeros[g])) as f32 * scales[g]
+    (f32::from(code) - qparams[2 * g + 1]) * qparams[2 * g]
 }
 
 /// CPU reference: `y[r, j] = Σ_c x[r, c] · W[j, c]`, summed in f32 in input order.
 pub fn w4a16_gemm<T: Element>(
     x: &[T],
     codes: &[u8],
-    scales: &[f32],
-    zeros: &[u8],
+    qparams: &[f32],
     shape: &W4a16Shape,
     y: &mut [T],
 ) -> Result<(), KernelError> {
-    w4a16_shape(
-        shape,
-        x.len(),
-        codes.len(),
-        scales.len(),
-        zeros.len(),
-        y.len(),
-    )?;
+    w4a16_shape(shape, x.len(), codes.len(), qparams.len(), y.len())?;
     let (m, n, k) = (shape.m, shape.n, shape.k);
     let w: Vec<f32> = (0..n * k)
-        .map(|i| weight(codes, scales, zeros, shape, i / k, i % k))
+        .map(|i| weight(codes, qparams, shape, i / k, i % k))
         .collect();
     for r in 0..m {
         let xr = &x[r * k..(r + 1) * k];
@@ -141,10 +124,10 @@ mod tests {
         };
         let codes = pack_codes(&[3, 12, 0, 15], 4);
         assert_eq!(codes, [3 | 12 << 4, 15 << 4]);
-        let (scales, zeros) = ([0.5f32, 2.0], [8u8, 1]);
+        let qparams = [0.5f32, 8.0, 2.0, 1.0];
         let x = [1.0f32, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.5];
         let mut y = [0.0f32; 2];
-        w4a16_gemm(&x, &codes, &scales, &zeros, &shape, &mut y).unwrap();
+        w4a16_gemm(&x, &codes, &qparams, &shape, &mut y).unwrap();
         assert_eq!(y, [-2.5 + 2.0 - 2.0 + 28.0, -2.5 + 14.0]);
     }
 
@@ -156,13 +139,13 @@ mod tests {
             k: 8,
             group_size: 3,
         };
-        let e = w4a16_shape(&shape, 8, 8, 4, 4, 2).unwrap_err().to_string();
+        let e = w4a16_shape(&shape, 8, 8, 8, 2).unwrap_err().to_string();
         assert!(e.contains("group_size 3"), "{e}");
         let shape = W4a16Shape {
             group_size: 4,
             ..shape
         };
-        let e = w4a16_shape(&shape, 8, 7, 4, 4, 2).unwrap_err().to_string();
+        let e = w4a16_shape(&shape, 8, 7, 8, 2).unwrap_err().to_string();
         assert!(e.contains("codes has 7"), "{e}");
     }
 }

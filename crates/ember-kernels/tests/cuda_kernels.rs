@@ -397,17 +397,25 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         let scales: Vec<f32> = (0..n * groups)
             .map(|_| rng.random_range(0.001..0.1f32))
             .collect();
+        let qparams: Vec<f32> = scales
+            .iter()
+            .zip(&zeros)
+            .flat_map(|(&s, &z)| [s, f32::from(z)])
+            .collect();
         let x: Vec<T> = random(rng, m * kk, -2.0, 2.0);
         let mut cpu = vec![T::from_f32(0.0); m * n];
-        w4a16::w4a16_gemm(&x, &packed, &scales, &zeros, &shape, &mut cpu).unwrap();
+        w4a16::w4a16_gemm(&x, &packed, &qparams, &shape, &mut cpu).unwrap();
         let (dx, dcodes) = (s.clone_htod(&x).unwrap(), s.clone_htod(&packed).unwrap());
-        let (dscales, dzeros) = (
-            s.clone_htod(&scales).unwrap(),
-            s.clone_htod(&zeros).unwrap(),
-        );
+        let dqparams = s.clone_htod(&qparams).unwrap();
         let mut dy = s.alloc_zeros::<T>(m * n).unwrap();
-        k.w4a16_gemm(&dx, &dcodes, &dscales, &dzeros, &shape, &mut dy)
-            .unwrap();
+        k.w4a16_gemm(
+            &dx.as_view(),
+            &dcodes.as_view(),
+            &dqparams.as_view(),
+            &shape,
+            &mut dy,
+        )
+        .unwrap();
         let gpu = s.clone_dtoh(&dy).unwrap();
         for r in 0..m {
             for j in 0..n {
