@@ -5,6 +5,7 @@
 // a time (coalesced), dequantize in registers and reduce with shuffles. CPU reference and the
 // numerics contract: crates/ember-kernels/src/w4a16.rs.
 #include "element.cuh"
+#include <cuda_fp16.h>
 
 #define W4A16_WARPS 4
 #define W4A16_ROWS 8
@@ -13,7 +14,7 @@ template <typename T>
 __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
                            const unsigned char* __restrict__ codes,
                            const float* __restrict__ qparams, int m, int n, int k,
-                           int group_size) {
+                           int group_size, int f16_weights) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = blockIdx.x * W4A16_WARPS + warp;
   const int r0 = blockIdx.y * W4A16_ROWS;
@@ -32,8 +33,12 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
     const int g = c / group_size;
     const float s = row_qparams[2 * g], z = row_qparams[2 * g + 1];
     const unsigned char byte = row_codes[b];
-    const float w0 = ((float)(byte & 15) - z) * s;
-    const float w1 = ((float)(byte >> 4) - z) * s;
+    float w0 = ((float)(byte & 15) - z) * s;
+    float w1 = ((float)(byte >> 4) - z) * s;
+    if (f16_weights) {
+      w0 = __half2float(__float2half_rn(w0));
+      w1 = __half2float(__float2half_rn(w1));
+    }
 #pragma unroll
     for (int r = 0; r < W4A16_ROWS; ++r) {
       if (r < rows) {
@@ -55,8 +60,8 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
 #define W4A16_KERNEL(T, SUFFIX)                                                                  \
   extern "C" __global__ void w4a16_gemm_##SUFFIX(T* y, const T* x, const unsigned char* codes,  \
                                                  const float* qparams, int m, int n, int k,      \
-                                                 int group_size) {                               \
-    w4a16_gemm<T>(y, x, codes, qparams, m, n, k, group_size);                                   \
+                                                 int group_size, int f16_weights) {              \
+    w4a16_gemm<T>(y, x, codes, qparams, m, n, k, group_size, f16_weights);                      \
   }
 
 W4A16_KERNEL(float, f32)

@@ -187,6 +187,7 @@ impl CudaKernels {
         let n = int32(op, "n", shape.n)?;
         let k = int32(op, "k", shape.k)?;
         let group_size = int32(op, "group_size", shape.group_size)?;
+        let f16_weights = i32::from(shape.f16_weights);
         let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
         let blocks_y = u32::try_from(shape.m.div_ceil(W4A16_ROWS as usize))
             .ok()
@@ -206,9 +207,10 @@ impl CudaKernels {
             .arg(&m)
             .arg(&n)
             .arg(&k)
-            .arg(&group_size);
+            .arg(&group_size)
+            .arg(&f16_weights);
         // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
-        // int) in kernels/w4a16.cu; the shape check bounds every index it reads.
+        // int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

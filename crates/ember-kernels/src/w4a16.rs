@@ -4,7 +4,9 @@
 //!   even, unsigned 0..=15;
 //! - `qparams` `[n, k / group_size, 2]` f32: each group's scale, then its zero point (a whole
 //!   number, 8 for a symmetric checkpoint);
-//! - `W[j, c] = (code[j, c] - zero[j, g]) * scale[j, g]` with `g = c / group_size`.
+//! - `W[j, c] = (code[j, c] - zero[j, g]) * scale[j, g]` with `g = c / group_size`, rounded to
+//!   float16 when [`W4a16Shape::f16_weights`] (GPTQ and AWQ dequantize in their float16 scales'
+//!   dtype; their tools' weights are those, bit for bit).
 //!
 //! Numerics, shared by the CPU reference and `kernels/w4a16.cu`: each weight is dequantized in
 //! f32 (exact: a small integer times the scale) and the products are summed in f32. The GPU sums
@@ -25,6 +27,8 @@ pub struct W4a16Shape {
     pub k: usize,
     /// Inputs per scale and zero point; even, and divides `k`.
     pub group_size: usize,
+    /// Round each dequantized weight to float16 (round to nearest even) before multiplying.
+    pub f16_weights: bool,
 }
 
 /// Checks the buffers of a call against `shape`.
@@ -40,6 +44,7 @@ pub fn w4a16_shape(
         n,
         k,
         group_size,
+        ..
     } = *shape;
     let op = "w4a16_gemm";
     check_shape(
@@ -80,7 +85,12 @@ pub fn weight(codes: &[u8], qparams: &[f32], shape: &W4a16Shape, j: usize, c: us
         byte >> 4
     };
     let g = j * groups + c / shape.group_size;
-    (f32::from(code) - qparams[2 * g + 1]) * qparams[2 * g]
+    let w = (f32::from(code) - qparams[2 * g + 1]) * qparams[2 * g];
+    if shape.f16_weights {
+        half::f16::from_f32(w).to_f32()
+    } else {
+        w
+    }
 }
 
 /// CPU reference: `y[r, j] = Σ_c x[r, c] · W[j, c]`, summed in f32 in input order.
@@ -121,6 +131,7 @@ mod tests {
             n: 1,
             k: 4,
             group_size: 2,
+            f16_weights: false,
         };
         let codes = pack_codes(&[3, 12, 0, 15], 4);
         assert_eq!(codes, [3 | 12 << 4, 15 << 4]);
@@ -129,6 +140,18 @@ mod tests {
         let mut y = [0.0f32; 2];
         w4a16_gemm(&x, &codes, &qparams, &shape, &mut y).unwrap();
         assert_eq!(y, [-2.5 + 2.0 - 2.0 + 28.0, -2.5 + 14.0]);
+        // (7 - 0) * 0.1 = 0.7 rounds to float16's 0.7001953.
+        let shape = W4a16Shape {
+            m: 1,
+            n: 1,
+            k: 2,
+            group_size: 2,
+            f16_weights: true,
+        };
+        let mut y = [0.0f32];
+        w4a16_gemm(&[1.0f32, 0.0], &[7], &[0.1, 0.0], &shape, &mut y).unwrap();
+        assert_eq!(y, [half::f16::from_f32(0.7).to_f32()]);
+        assert_ne!(y, [0.7]);
     }
 
     #[test]
@@ -138,6 +161,7 @@ mod tests {
             n: 2,
             k: 8,
             group_size: 3,
+            f16_weights: false,
         };
         let e = w4a16_shape(&shape, 8, 8, 8, 2).unwrap_err().to_string();
         assert!(e.contains("group_size 3"), "{e}");

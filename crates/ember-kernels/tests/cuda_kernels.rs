@@ -375,19 +375,20 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     let s = k.stream();
     // (m, n, k, group_size): one token, ragged tiles of rows and warps, the smallest group, and
     // real expert and dense shapes (DeepSeek-V3's 7168 hidden, Qwen3's 4096 at group 128).
-    for &(m, n, kk, group_size) in &[
-        (1, 64, 128, 32),
-        (3, 33, 256, 128),
-        (9, 7, 64, 2),
-        (8, 100, 2048, 128),
-        (17, 512, 7168, 32),
-        (1, 4096, 4096, 128),
+    for &(m, n, kk, group_size, f16_weights) in &[
+        (1, 64, 128, 32, false),
+        (3, 33, 256, 128, true),
+        (9, 7, 64, 2, false),
+        (8, 100, 2048, 128, true),
+        (17, 512, 7168, 32, false),
+        (1, 4096, 4096, 128, true),
     ] {
         let shape = W4a16Shape {
             m,
             n,
             k: kk,
             group_size,
+            f16_weights,
         };
         let what = format!("w4a16_gemm_{} {shape:?}", T::KERNEL_SUFFIX);
         let groups = kk / group_size;

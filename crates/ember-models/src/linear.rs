@@ -9,6 +9,7 @@ use ember_core::{EmberError, Result};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::quantized::dequantize_weight;
 use crate::quantized::fp8::Fp8ChannelLinear;
+use crate::quantized::int4::Int4Linear;
 use crate::weights::{tensor_bytes, Weights};
 use crate::TensorResult;
 
@@ -29,18 +30,19 @@ impl Projection {
     /// Loads `<prefix>.weight` (and bias) like [`load_linear`], quantized to e4m3 under online
     /// FP8 (see [`projection_from_weight`]); the prefix is the module path.
     pub fn load(weights: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = load_weight(weights, in_dim, out_dim)?;
         let bias = if bias {
             Some(weights.get("bias", out_dim)?)
         } else {
             None
         };
-        Ok(Self::new(
-            projection_from_weight(weights, weight, bias)?,
-            weights.prefix(),
-            in_dim,
-            out_dim,
-        ))
+        let layer = match packed_int4(weights, in_dim, out_dim, None, &bias)? {
+            Some(layer) => layer,
+            None => {
+                let weight = load_weight(weights, in_dim, out_dim)?;
+                projection_from_weight(weights, weight, bias)?
+            }
+        };
+        Ok(Self::new(layer, weights.prefix(), in_dim, out_dim))
     }
 
     /// Loads one rank's part of a projection split across tensor-parallel ranks (`split`), or
@@ -56,7 +58,6 @@ impl Projection {
         let Some(split) = split else {
             return Self::load(weights, in_dim, out_dim, bias);
         };
-        let weight = load_weight_split(weights, in_dim, out_dim, split)?;
         let bias = match split {
             _ if !bias => None,
             Split::Columns { start, len } => {
@@ -67,13 +68,14 @@ impl Projection {
             }
             Split::Rows { .. } => None,
         };
-        Ok(Self::new(
-            projection_from_weight(weights, weight, bias)?,
-            weights.prefix(),
-            in_dim,
-            out_dim,
-        )
-        .with_split(Some(split)))
+        let layer = match packed_int4(weights, in_dim, out_dim, Some(split), &bias)? {
+            Some(layer) => layer,
+            None => {
+                let weight = load_weight_split(weights, in_dim, out_dim, split)?;
+                projection_from_weight(weights, weight, bias)?
+            }
+        };
+        Ok(Self::new(layer, weights.prefix(), in_dim, out_dim).with_split(Some(split)))
     }
 
     /// Wraps an already built layer under the module path `path`; `in_dim`/`out_dim` are the
@@ -229,6 +231,22 @@ fn load_weight_part(
             Ok(w)
         }
     }
+}
+
+/// The projection held packed for the W4A16 kernel, when [`Weights::int4_packed`] asks for it
+/// and the checkpoint stores the weight in a 4-bit layout the kernel reads.
+fn packed_int4(
+    weights: &Weights,
+    in_dim: usize,
+    out_dim: usize,
+    split: Option<Split>,
+    bias: &Option<Tensor>,
+) -> Result<Option<Arc<dyn LinearLayer>>> {
+    if !weights.int4_packed() {
+        return Ok(None);
+    }
+    let layer = Int4Linear::load(weights, in_dim, out_dim, split, bias.clone())?;
+    Ok(layer.map(|l| Arc::new(l) as Arc<dyn LinearLayer>))
 }
 
 /// A projection of attention, an MLP or an expert over its loaded weight `[out, in]` (counted as

@@ -64,6 +64,10 @@ pub struct LoadOptions {
     pub calculate_kv_scales: bool,
     /// `--attention-backend`: candle's tensor path, or ember's CUDA kernel where it serves.
     pub attention_backend: crate::attention::AttentionBackend,
+    /// Hold 4-bit checkpoint projections packed and multiply them with the W4A16 kernel
+    /// (`None`: on CUDA, where it saves the memory; on the CPU they are dequantized at load,
+    /// which candle's matmuls run faster than the kernel's reference).
+    pub int4_packed: Option<bool>,
 }
 
 impl LoadOptions {
@@ -87,6 +91,7 @@ impl LoadOptions {
             eplb_window_size: 0,
             calculate_kv_scales: false,
             attention_backend: Default::default(),
+            int4_packed: None,
         }
     }
 }
@@ -327,7 +332,8 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     }
     .with_online_fp8(online_fp8)
     .with_attention_backend(opts.attention_backend)
-    .with_calculate_kv_scales(opts.calculate_kv_scales);
+    .with_calculate_kv_scales(opts.calculate_kv_scales)
+    .with_int4_packed(opts.int4_packed.unwrap_or(opts.device.is_cuda()));
     let build = |weights: &Weights| -> Result<DecoderModel> {
         match config.family {
             ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {

@@ -42,6 +42,8 @@ pub struct Weights {
     online_fp8: bool,
     attention_backend: AttentionBackend,
     calculate_kv_scales: bool,
+    /// 4-bit checkpoint weights are held packed for the W4A16 kernel instead of dequantized.
+    int4_packed: bool,
     /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
     held: Arc<AtomicI64>,
     /// The rank this model is loaded for, when sharded (`--tensor-parallel-size` > 1).
@@ -70,6 +72,7 @@ impl Weights {
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
             calculate_kv_scales: false,
+            int4_packed: false,
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
@@ -87,6 +90,7 @@ impl Weights {
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
             calculate_kv_scales: false,
+            int4_packed: false,
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
@@ -147,6 +151,20 @@ impl Weights {
     /// [`Weights::with_calculate_kv_scales`]).
     pub fn calculate_kv_scales(&self) -> bool {
         self.calculate_kv_scales
+    }
+
+    /// Holds the projections a checkpoint stores in 4 bits packed, multiplied by the W4A16 kernel
+    /// ([`crate::quantized::int4`]), instead of dequantizing them at load.
+    pub fn with_int4_packed(self, int4_packed: bool) -> Self {
+        Self {
+            int4_packed,
+            ..self
+        }
+    }
+
+    /// Whether 4-bit projections are held packed (see [`Weights::with_int4_packed`]).
+    pub fn int4_packed(&self) -> bool {
+        self.int4_packed
     }
 
     /// Asks for online FP8: projections quantized to e4m3 per output channel at load.

@@ -9,7 +9,7 @@ use ember_models::{load_model, LoadOptions};
 use serde_json::Value;
 
 /// Every tiny generating checkpoint with a transformers reference.
-pub const MODELS: [&str; 14] = [
+pub const MODELS: [&str; 16] = [
     "qwen3-tiny",
     "qwen3-moe-tiny",
     "qwen3-moe-mixed-tiny",
@@ -29,6 +29,10 @@ pub const MODELS: [&str; 14] = [
     // Routed experts in compressed-tensors NVFP4 (e4m3 per 16 + global) and MXFP4 (e8m0 per 32).
     "kimi-k2-nvfp4-tiny",
     "kimi-k2-mxfp4-tiny",
+    // Routed experts in GPTQ's own layout (v1, act order, asymmetric) and AWQ's (GEMM); held
+    // packed for the W4A16 kernel on CUDA.
+    "kimi-k2-gptq-tiny",
+    "kimi-k2-awq-tiny",
 ];
 
 /// Largest |ember − transformers| allowed on a log-probability (fp32 both sides).

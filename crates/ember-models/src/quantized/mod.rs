@@ -5,6 +5,7 @@
 
 pub mod fp4;
 pub mod fp8;
+pub mod int4;
 pub mod packed_int;
 
 use candle_core::{DType, Device, Tensor};
@@ -202,7 +203,7 @@ fn gptq_weight(
 
 /// Each input's group from `name` (`[inputs]`: GPTQ's activation order), if the checkpoint
 /// stores one, checked to name only the weight's `groups`.
-fn read_group_map(
+pub(super) fn read_group_map(
     weights: &Weights,
     name: &str,
     inputs: usize,
@@ -225,7 +226,7 @@ fn read_group_map(
 }
 
 /// Input `i`'s group: from the stored map, else runs of `group_size` (one group without).
-fn group_of(map: Option<&[i64]>, group_size: Option<usize>, i: usize) -> usize {
+pub(super) fn group_of(map: Option<&[i64]>, group_size: Option<usize>, i: usize) -> usize {
     match (map, group_size) {
         (Some(map), _) => map[i] as usize,
         (None, size) => size.map_or(0, |size| i / size),
@@ -271,7 +272,7 @@ fn stored(weights: &Weights, name: &str, dims: &[usize]) -> Result<Tensor> {
     Ok(t)
 }
 
-fn i32s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<i32>> {
+pub(super) fn i32s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<i32>> {
     typed(weights, name, dims, DType::I32)?
         .flatten_all()
         .and_then(|t| t.to_vec1::<i32>())
@@ -287,7 +288,12 @@ fn u8s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<u8>> {
 
 /// A float tensor as f32; `expected` is only checked when it is float8 (a 16- or 32-bit scale
 /// converts exactly either way).
-fn f32s(weights: &Weights, name: &str, dims: &[usize], expected: DType) -> Result<Vec<f32>> {
+pub(super) fn f32s(
+    weights: &Weights,
+    name: &str,
+    dims: &[usize],
+    expected: DType,
+) -> Result<Vec<f32>> {
     let t = if expected == DType::F8E4M3 {
         typed(weights, name, dims, expected)?
     } else {

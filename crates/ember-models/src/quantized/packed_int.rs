@@ -78,13 +78,48 @@ fn field(word: i32, k: usize, bits: u32) -> i32 {
     ((word as u32 >> (k as u32 * bits)) & ((1u32 << bits) - 1)) as i32
 }
 
-/// GPTQ's weight `[out, in]` from `qweight` `[in * bits / 32, out]` (packed down the input
-/// dimension), `qzeros` `[groups, out * bits / 32]`, `scales` `[groups, out]` and each input's
-/// group: `w[o, i] = scales[g, o] * (q[i, o] - zero[g, o])` with `g = group_of(i)`.
+/// GPTQ's unsigned codes `[out, in]` and zero points `[groups, out]` from `qweight`
+/// `[in * bits / 32, out]` (packed down the input dimension) and `qzeros`
+/// `[groups, out * bits / 32]`.
 ///
 /// `v1` (`checkpoint_format: gptq`) zero words hold each zero less one, subtracted word-wise
 /// when GPTQModel saves them; adding one to every field word-wise, as GPTQModel's loader does,
 /// gives the zeros back exactly, borrows included (a zero of 0 is stored as 15 with a borrow).
+pub fn gptq_codes(
+    qweight: &[i32],
+    qzeros: &[i32],
+    [out, inputs]: [usize; 2],
+    groups: usize,
+    bits: u32,
+    v1: bool,
+) -> (Vec<u8>, Vec<f32>) {
+    let per_word = (32 / bits) as usize;
+    let zero_words = out.div_ceil(per_word);
+    let ones = (0..per_word).fold(0u32, |w, k| w | 1 << (k as u32 * bits));
+    let mut zeros = Vec::with_capacity(groups * out);
+    for g in 0..groups {
+        for o in 0..out {
+            let word = qzeros[g * zero_words + o / per_word];
+            let word = if v1 {
+                (word as u32).wrapping_add(ones) as i32
+            } else {
+                word
+            };
+            zeros.push(field(word, o % per_word, bits) as f32);
+        }
+    }
+    let mut codes = vec![0u8; out * inputs];
+    for i in 0..inputs {
+        let row = &qweight[(i / per_word) * out..(i / per_word + 1) * out];
+        for o in 0..out {
+            codes[o * inputs + i] = field(row[o], i % per_word, bits) as u8;
+        }
+    }
+    (codes, zeros)
+}
+
+/// GPTQ's weight `[out, in]`: `w[o, i] = scales[g, o] * (q[i, o] - zero[g, o])` with
+/// `g = group_of(i)`, from [`gptq_codes`]' inputs and `scales` `[groups, out]`.
 #[allow(clippy::too_many_arguments)]
 pub fn dequantize_gptq(
     qweight: &[i32],
@@ -95,25 +130,25 @@ pub fn dequantize_gptq(
     v1: bool,
     group_of: impl Fn(usize) -> usize,
 ) -> Vec<f32> {
-    let per_word = (32 / bits) as usize;
-    let zero_words = out.div_ceil(per_word);
-    let ones = (0..per_word).fold(0u32, |w, k| w | 1 << (k as u32 * bits));
-    let zero = |g: usize, o: usize| {
-        let word = qzeros[g * zero_words + o / per_word];
-        let word = if v1 {
-            (word as u32).wrapping_add(ones) as i32
-        } else {
-            word
-        };
-        field(word, o % per_word, bits)
-    };
+    let groups = scales.len() / out.max(1);
+    let (codes, zeros) = gptq_codes(qweight, qzeros, [out, inputs], groups, bits, v1);
+    dequantize_codes(&codes, &zeros, scales, [out, inputs], group_of)
+}
+
+/// `w[o, i] = (codes[o, i] - zeros[g, o]) * scales[g, o]` with `g = group_of(i)`.
+fn dequantize_codes(
+    codes: &[u8],
+    zeros: &[f32],
+    scales: &[f32],
+    [out, inputs]: [usize; 2],
+    group_of: impl Fn(usize) -> usize,
+) -> Vec<f32> {
     let mut w = vec![0f32; out * inputs];
     for i in 0..inputs {
         let g = group_of(i);
-        let row = &qweight[(i / per_word) * out..(i / per_word + 1) * out];
         for o in 0..out {
-            let q = field(row[o], i % per_word, bits);
-            w[o * inputs + i] = (q - zero(g, o)) as f32 * scales[g * out + o];
+            let q = f32::from(codes[o * inputs + i]);
+            w[o * inputs + i] = (q - zeros[g * out + o]) * scales[g * out + o];
         }
     }
     w
@@ -123,9 +158,32 @@ pub fn dequantize_gptq(
 /// packs field `f` from column `[0, 2, 4, 6, 1, 3, 5, 7][f]`).
 const AWQ_FIELD: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
 
-/// AWQ's (GEMM) 4-bit weight `[out, in]` from `qweight` `[in, out / 8]`, `qzeros`
-/// `[groups, out / 8]` (both packed along the output dimension in AWQ's order) and `scales`
-/// `[groups, out]`: `w[o, i] = (q[i, o] - zero[i / group_size, o]) * scales[i / group_size, o]`.
+/// AWQ's (GEMM) 4-bit codes `[out, in]` and zero points `[groups, out]` from `qweight`
+/// `[in, out / 8]` and `qzeros` `[groups, out / 8]`, both packed along the output dimension in
+/// AWQ's order.
+pub fn awq_codes(
+    qweight: &[i32],
+    qzeros: &[i32],
+    [out, inputs]: [usize; 2],
+    groups: usize,
+) -> (Vec<u8>, Vec<f32>) {
+    let words = out / 8;
+    let unpack = |row: &[i32], o: usize| field(row[o / 8], AWQ_FIELD[o % 8], 4);
+    let zeros = (0..groups * out)
+        .map(|i| unpack(&qzeros[(i / out) * words..(i / out + 1) * words], i % out) as f32)
+        .collect();
+    let mut codes = vec![0u8; out * inputs];
+    for i in 0..inputs {
+        let row = &qweight[i * words..(i + 1) * words];
+        for o in 0..out {
+            codes[o * inputs + i] = unpack(row, o) as u8;
+        }
+    }
+    (codes, zeros)
+}
+
+/// AWQ's weight `[out, in]`:
+/// `w[o, i] = (q[i, o] - zero[i / group_size, o]) * scales[i / group_size, o]`.
 pub fn dequantize_awq(
     qweight: &[i32],
     qzeros: &[i32],
@@ -133,19 +191,9 @@ pub fn dequantize_awq(
     [out, inputs]: [usize; 2],
     group_size: usize,
 ) -> Vec<f32> {
-    let words = out / 8;
-    let unpack = |row: &[i32], o: usize| field(row[o / 8], AWQ_FIELD[o % 8], 4);
-    let mut w = vec![0f32; out * inputs];
-    for i in 0..inputs {
-        let g = i / group_size;
-        let row = &qweight[i * words..(i + 1) * words];
-        let zeros = &qzeros[g * words..(g + 1) * words];
-        for o in 0..out {
-            let q = unpack(row, o) - unpack(zeros, o);
-            w[o * inputs + i] = q as f32 * scales[g * out + o];
-        }
-    }
-    w
+    let groups = inputs / group_size;
+    let (codes, zeros) = awq_codes(qweight, qzeros, [out, inputs], groups);
+    dequantize_codes(&codes, &zeros, scales, [out, inputs], |i| i / group_size)
 }
 
 #[cfg(test)]

@@ -1,0 +1,430 @@
+//! 4-bit weights kept packed in memory and multiplied by ember's W4A16 kernel
+//! (`kernels/w4a16.cu`, [`ember_kernels::w4a16`]): half a byte per parameter plus one
+//! (scale, zero point) pair per group, instead of the model dtype's 2 or 4 bytes.
+//!
+//! Every INT4 layout this loader reads repacks into the kernel's one layout (unsigned codes,
+//! groups of consecutive inputs): compressed-tensors `pack-quantized` 4-bit, GPTQ 4-bit and AWQ.
+//! A weight whose groups are not runs of consecutive inputs (GPTQ's activation order, a permuted
+//! `g_idx`) has its inputs reordered so that they are, and the layer gathers its input's columns
+//! in that order before the kernel (as exllama does). On the CPU the op runs the kernel's
+//! reference, which is how the repacking is tested against the dequantizing loaders.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use ember_core::{EmberError, Result, WeightQuantization};
+use ember_kernels::w4a16::{self, W4a16Shape};
+
+use super::{f32s, i32s, packed_int, read_group_map};
+use crate::linear::{LinearLayer, Split};
+use crate::weights::{tensor_bytes, Weights};
+
+/// A weight `[n, k]` as the W4A16 kernel reads it, on the host.
+struct Int4Parts {
+    /// Unsigned codes `[n, k]`, one per byte (packed when uploaded).
+    codes: Vec<u8>,
+    /// `[n, groups]` scales and zero points.
+    scales: Vec<f32>,
+    zeros: Vec<f32>,
+    n: usize,
+    k: usize,
+    group_size: usize,
+    /// The inputs in the order `codes` holds them (activation order), if not the identity.
+    order: Option<Vec<u32>>,
+    /// Each weight rounds to float16, as GPTQ's and AWQ's dequantization in their float16
+    /// scales' dtype does (and so the dequantizing loader, see `in_scale_dtype`).
+    f16_weights: bool,
+}
+
+impl Int4Parts {
+    /// The codes with each row's inputs in `order`, so that groups are runs.
+    fn in_order(mut self) -> Self {
+        if let Some(order) = &self.order {
+            let k = self.k;
+            self.codes = self
+                .codes
+                .chunks_exact(k)
+                .flat_map(|row| order.iter().map(|&c| row[c as usize]).collect::<Vec<u8>>())
+                .collect();
+        }
+        self
+    }
+
+    fn groups(&self) -> usize {
+        self.k / self.group_size
+    }
+
+    /// Rows `start..start + len` (outputs), or columns (inputs) when `columns`.
+    fn slice(self, split: Option<Split>) -> Option<Self> {
+        let (n, k, groups) = (self.n, self.k, self.groups());
+        match split {
+            None => Some(self),
+            Some(Split::Columns { start, len }) => Some(Self {
+                codes: self.codes[start * k..(start + len) * k].to_vec(),
+                scales: self.scales[start * groups..(start + len) * groups].to_vec(),
+                zeros: self.zeros[start * groups..(start + len) * groups].to_vec(),
+                n: len,
+                ..self
+            }),
+            // A rank's inputs must be whole groups to keep their scales, in input order.
+            Some(Split::Rows { start, len })
+                if self.order.is_none()
+                    && start.is_multiple_of(self.group_size)
+                    && len.is_multiple_of(self.group_size) =>
+            {
+                let (g0, gl) = (start / self.group_size, len / self.group_size);
+                let rows = |v: &[f32]| -> Vec<f32> {
+                    (0..n)
+                        .flat_map(|r| v[r * groups + g0..r * groups + g0 + gl].to_vec())
+                        .collect()
+                };
+                Some(Self {
+                    codes: (0..n)
+                        .flat_map(|r| self.codes[r * k + start..r * k + start + len].to_vec())
+                        .collect(),
+                    scales: rows(&self.scales),
+                    zeros: rows(&self.zeros),
+                    k: len,
+                    ..self
+                })
+            }
+            Some(Split::Rows { .. }) => None,
+        }
+    }
+}
+
+/// The 4-bit parts of `<prefix>.weight` `[out_dim, in_dim]` when the checkpoint stores it in a
+/// 4-bit layout whose groups are runs of consecutive inputs; `None` otherwise.
+fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option<Int4Parts>> {
+    let (n, k) = (out_dim, in_dim);
+    if !k.is_multiple_of(2) {
+        return Ok(None);
+    }
+    // Inputs sorted by group, when the map is not already runs of `size`; `Err` when the
+    // groups are not all `size` inputs (no order makes them runs).
+    let order =
+        |map: &Option<Vec<i64>>, size: usize| -> std::result::Result<Option<Vec<u32>>, ()> {
+            let Some(map) = map else { return Ok(None) };
+            if map.iter().enumerate().all(|(i, &g)| g as usize == i / size) {
+                return Ok(None);
+            }
+            let mut order: Vec<u32> = (0..k as u32).collect();
+            order.sort_by_key(|&i| map[i as usize]);
+            let runs = order
+                .iter()
+                .enumerate()
+                .all(|(i, &c)| map[c as usize] as usize == i / size);
+            if runs {
+                Ok(Some(order))
+            } else {
+                Err(())
+            }
+        };
+    let parts = match weights.quantization() {
+        Some(WeightQuantization::PackedInt {
+            num_bits: 4,
+            group_size,
+            symmetric,
+        }) if weights.contains("weight_packed") => {
+            let size = group_size.unwrap_or(k);
+            if !size.is_multiple_of(2) || !k.is_multiple_of(size) {
+                return Ok(None);
+            }
+            let groups = k / size;
+            let map = match group_size {
+                Some(_) => read_group_map(weights, "weight_g_idx", k, groups)?,
+                None => None,
+            };
+            let Ok(order) = order(&map, size) else {
+                return Ok(None);
+            };
+            // Stored values are offset by 8: w = v * s, or (v - z) * s with signed zeros.
+            let packed = i32s(weights, "weight_packed", &[n, k.div_ceil(8)])?;
+            let values = packed_int::unpack_rows(&packed, n, k, 4);
+            let zeros = if symmetric {
+                vec![8.0; n * groups]
+            } else {
+                let zp = i32s(weights, "weight_zero_point", &[n.div_ceil(8), groups])?;
+                packed_int::unpack_columns(&zp, n, groups, 4)
+                    .into_iter()
+                    .map(|z| (z + 8) as f32)
+                    .collect()
+            };
+            Int4Parts {
+                codes: values.into_iter().map(|v| (v + 8) as u8).collect(),
+                scales: f32s(weights, "weight_scale", &[n, groups], DType::F32)?,
+                zeros,
+                n,
+                k,
+                group_size: size,
+                order,
+                f16_weights: false,
+            }
+        }
+        Some(WeightQuantization::Gptq {
+            bits: 4,
+            group_size,
+            v1,
+        }) if weights.contains("qweight") => {
+            let size = group_size.unwrap_or(k);
+            if !size.is_multiple_of(2) || !k.is_multiple_of(size) || !k.is_multiple_of(8) {
+                return Ok(None);
+            }
+            let groups = k / size;
+            let map = read_group_map(weights, "g_idx", k, groups)?;
+            let Ok(order) = order(&map, size) else {
+                return Ok(None);
+            };
+            let qweight = i32s(weights, "qweight", &[k / 8, n])?;
+            let qzeros = i32s(weights, "qzeros", &[groups, n.div_ceil(8)])?;
+            let (codes, zeros) = packed_int::gptq_codes(&qweight, &qzeros, [n, k], groups, 4, v1);
+            Int4Parts {
+                codes,
+                scales: f32s(weights, "scales", &[groups, n], DType::F16)
+                    .map(|s| transpose(&s, groups, n))?,
+                zeros: transpose(&zeros, groups, n),
+                n,
+                k,
+                group_size: size,
+                order,
+                f16_weights: weights.stored_dtype("scales") == Some(DType::F16),
+            }
+        }
+        Some(WeightQuantization::Awq { group_size })
+            if weights.contains("qweight")
+                && n.is_multiple_of(8)
+                && k.is_multiple_of(group_size)
+                && group_size.is_multiple_of(2) =>
+        {
+            let groups = k / group_size;
+            let qweight = i32s(weights, "qweight", &[k, n / 8])?;
+            let qzeros = i32s(weights, "qzeros", &[groups, n / 8])?;
+            let (codes, zeros) = packed_int::awq_codes(&qweight, &qzeros, [n, k], groups);
+            Int4Parts {
+                codes,
+                scales: f32s(weights, "scales", &[groups, n], DType::F16)
+                    .map(|s| transpose(&s, groups, n))?,
+                zeros: transpose(&zeros, groups, n),
+                n,
+                k,
+                group_size,
+                order: None,
+                f16_weights: weights.stored_dtype("scales") == Some(DType::F16),
+            }
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(parts.in_order()))
+}
+
+/// `[rows, cols]` row-major to `[cols, rows]`.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| v[r * cols + c]))
+        .collect()
+}
+
+/// A projection over a 4-bit weight held packed, multiplied by the W4A16 kernel.
+pub struct Int4Linear {
+    /// `[n * k / 2]` packed codes.
+    codes: Tensor,
+    /// `[n * groups * 2]` interleaved (scale, zero point).
+    qparams: Tensor,
+    shape: W4a16Shape,
+    bias: Option<Tensor>,
+    /// The input columns the kernel takes, in its order (activation order), if permuted.
+    order: Option<Tensor>,
+    /// The model dtype, which [`LinearLayer::weight`] returns.
+    dtype: DType,
+}
+
+impl Int4Linear {
+    /// The rank's part `split` of `<prefix>.weight` held packed, when the checkpoint stores it
+    /// in a 4-bit layout the kernel reads and the model computes in f32 or bf16; `None` to load
+    /// it the usual way.
+    pub fn load(
+        weights: &Weights,
+        in_dim: usize,
+        out_dim: usize,
+        split: Option<Split>,
+        bias: Option<Tensor>,
+    ) -> Result<Option<Self>> {
+        if !matches!(weights.dtype(), DType::F32 | DType::BF16) {
+            return Ok(None);
+        }
+        let Some(parts) = int4_parts(weights, in_dim, out_dim)?.and_then(|p| p.slice(split)) else {
+            return Ok(None);
+        };
+        let err = |e: candle_core::Error| {
+            EmberError::Weights(format!(
+                "cannot hold `{}.weight` as 4-bit: {e}",
+                weights.prefix()
+            ))
+        };
+        let packed = w4a16::pack_codes(&parts.codes, parts.k);
+        let qparams: Vec<f32> = parts
+            .scales
+            .iter()
+            .zip(&parts.zeros)
+            .flat_map(|(&s, &z)| [s, z])
+            .collect();
+        let device = weights.device();
+        let codes = Tensor::from_vec(packed, parts.n * parts.k / 2, device).map_err(err)?;
+        let qparams =
+            Tensor::from_vec(qparams, parts.n * parts.groups() * 2, device).map_err(err)?;
+        let order = match &parts.order {
+            Some(order) => Some(Tensor::new(order.as_slice(), device).map_err(err)?),
+            None => None,
+        };
+        weights.note_held((tensor_bytes(&codes) + tensor_bytes(&qparams)) as i64);
+        Ok(Some(Self {
+            order,
+            dtype: weights.dtype(),
+            codes,
+            qparams,
+            shape: W4a16Shape {
+                m: 0,
+                n: parts.n,
+                k: parts.k,
+                group_size: parts.group_size,
+                f16_weights: parts.f16_weights,
+            },
+            bias,
+        }))
+    }
+}
+
+impl LinearLayer for Int4Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m = x.elem_count() / k.max(1);
+        let x2 = x.reshape((m, k))?;
+        let x2 = match &self.order {
+            Some(order) => x2.index_select(order, 1)?,
+            None => x2.contiguous()?,
+        };
+        let op = W4a16Op {
+            shape: W4a16Shape { m, ..self.shape },
+        };
+        let y = x2.apply_op3_no_bwd(&self.codes, &self.qparams, &op)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("x has a last dimension") = self.shape.n;
+        let y = y.reshape(out_dims)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        let codes = self
+            .codes
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1::<u8>()?;
+        let qparams = self
+            .qparams
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let (n, k) = (self.shape.n, self.shape.k);
+        let mut w = vec![0f32; n * k];
+        let order = match &self.order {
+            Some(o) => o.to_device(&candle_core::Device::Cpu)?.to_vec1::<u32>()?,
+            None => (0..k as u32).collect(),
+        };
+        for j in 0..n {
+            for (c, &input) in order.iter().enumerate() {
+                w[j * k + input as usize] = w4a16::weight(&codes, &qparams, &self.shape, j, c);
+            }
+        }
+        Tensor::from_vec(w, (n, k), self.codes.device())?.to_dtype(self.dtype)
+    }
+}
+
+/// `y = x · Wᵀ` over a packed 4-bit weight: ember-kernels' reference on the CPU, its
+/// `w4a16_gemm` kernel on CUDA. Inputs: `x` `[m, k]` (f32 or bf16), codes, qparams.
+struct W4a16Op {
+    shape: W4a16Shape,
+}
+
+impl CustomOp3 for W4a16Op {
+    fn name(&self) -> &'static str {
+        "ember-w4a16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        codes: &CpuStorage,
+        codes_layout: &Layout,
+        qparams: &CpuStorage,
+        qparams_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let codes = &codes.as_slice::<u8>()?[crate::contiguous_range(codes_layout, "w4a16 codes")?];
+        let qparams =
+            &qparams.as_slice::<f32>()?[crate::contiguous_range(qparams_layout, "w4a16 qparams")?];
+        let range = crate::contiguous_range(x_layout, "w4a16 input")?;
+        let (m, n) = (self.shape.m, self.shape.n);
+        let wrap = candle_core::Error::wrap;
+        let out = match x {
+            CpuStorage::F32(x) => {
+                let mut y = vec![0f32; m * n];
+                w4a16::w4a16_gemm(&x[range], codes, qparams, &self.shape, &mut y).map_err(wrap)?;
+                CpuStorage::F32(y)
+            }
+            CpuStorage::BF16(x) => {
+                let mut y = vec![half::bf16::ZERO; m * n];
+                w4a16::w4a16_gemm(&x[range], codes, qparams, &self.shape, &mut y).map_err(wrap)?;
+                CpuStorage::BF16(y)
+            }
+            other => candle_core::bail!(
+                "w4a16 takes f32 or bf16 inputs, not {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        codes: &candle_core::CudaStorage,
+        codes_layout: &Layout,
+        qparams: &candle_core::CudaStorage,
+        qparams_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = x.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let codes = codes
+            .as_cuda_slice::<u8>()?
+            .slice(crate::contiguous_range(codes_layout, "w4a16 codes")?);
+        let qparams = qparams
+            .as_cuda_slice::<f32>()?
+            .slice(crate::contiguous_range(qparams_layout, "w4a16 qparams")?);
+        let range = crate::contiguous_range(x_layout, "w4a16 input")?;
+        let (m, n) = (self.shape.m, self.shape.n);
+        let wrap = candle_core::Error::wrap;
+        let out = match x.dtype() {
+            DType::F32 => {
+                let xs = x.as_cuda_slice::<f32>()?.slice(range);
+                let mut y = device.alloc_zeros::<f32>(m * n)?;
+                kernels
+                    .w4a16_gemm(&xs, &codes, &qparams, &self.shape, &mut y)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, device)
+            }
+            DType::BF16 => {
+                let xs = x.as_cuda_slice::<half::bf16>()?.slice(range);
+                let mut y = device.alloc_zeros::<half::bf16>(m * n)?;
+                kernels
+                    .w4a16_gemm(&xs, &codes, &qparams, &self.shape, &mut y)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, device)
+            }
+            other => candle_core::bail!("w4a16 takes f32 or bf16 inputs, not {other:?}"),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+}
