@@ -212,6 +212,25 @@ pub fn weight_bytes(cfg: &ModelConfig, dtype: DType) -> u64 {
     cfg.num_parameters() * dtype.size_in_bytes() as u64
 }
 
+/// Whether 4-bit checkpoint projections are held packed ([`LoadOptions::int4_packed`]).
+fn int4_packed(opts: &LoadOptions) -> bool {
+    opts.int4_packed.unwrap_or(opts.device.is_cuda())
+}
+
+/// Whether the checkpoint stores 4-bit integer projections that this load holds packed (the
+/// W4A16 kernel computes in f32 and bf16).
+fn holds_int4_packed(opts: &LoadOptions, stored: Option<WeightQuantization>, dtype: DType) -> bool {
+    let four_bit = matches!(
+        stored,
+        Some(
+            WeightQuantization::PackedInt { num_bits: 4, .. }
+                | WeightQuantization::Gptq { bits: 4, .. }
+                | WeightQuantization::Awq { .. }
+        )
+    );
+    four_bit && int4_packed(opts) && matches!(dtype, DType::F32 | DType::BF16)
+}
+
 /// Checks `--quantization` against the checkpoint's `quantization_config`; `true` when the
 /// weights are to be quantized at load (online FP8: `fp8` on an unquantized checkpoint).
 fn check_quantization(
@@ -288,7 +307,9 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             total_gib = total as f64 / (1u64 << 30) as f64,
             "memory: GPU before loading"
         );
-        if need > free {
+        // 4-bit projections held packed take a fraction of `need`; their load fails with the
+        // GPU's out-of-memory error if they do not fit.
+        if need > free && !holds_int4_packed(opts, config.quantization, dtype) {
             return Err(EmberError::Config(format!(
                 "{} parameters need {:.1} GiB in {dtype:?} but the GPU has {:.1} GiB free of {:.1} GiB; \
                  use a smaller --dtype, a quantized checkpoint, or fewer layers (--hf-overrides)",
@@ -323,7 +344,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 checkpoint_gib = checkpoint_bytes(&files) as f64 / (1u64 << 30) as f64,
                 available_gib = available_memory_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
                 quantization = ?config.quantization,
-                "memory: weights held in {dtype:?} (quantized checkpoints are dequantized at load on CPU)"
+                "memory: weights held in {dtype:?} (quantized checkpoints are dequantized at load, but for 4-bit projections on CUDA, held packed)"
             );
             Weights::from_safetensors(&files, dtype, &opts.device)?
                 .with_quantization(config.quantization)
@@ -333,7 +354,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     .with_online_fp8(online_fp8)
     .with_attention_backend(opts.attention_backend)
     .with_calculate_kv_scales(opts.calculate_kv_scales)
-    .with_int4_packed(opts.int4_packed.unwrap_or(opts.device.is_cuda()));
+    .with_int4_packed(int4_packed(opts));
     let build = |weights: &Weights| -> Result<DecoderModel> {
         match config.family {
             ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {
