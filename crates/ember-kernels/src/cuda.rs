@@ -20,6 +20,7 @@ use crate::sampling::argmax_shape;
 use crate::scatter_rows::scatter_rows_shape;
 use crate::silu_and_mul::silu_and_mul_shape;
 use crate::w4a16::{w4a16_shape, W4a16Shape};
+use crate::w8a16::{w8a16_shape, W8a16Shape};
 use crate::{Element, KernelError};
 
 const RMS_NORM_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rms_norm.fatbin"));
@@ -28,6 +29,7 @@ const SAMPLING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/samplin
 const SCATTER_ROWS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/scatter_rows.fatbin"));
 const SILU_AND_MUL_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/silu_and_mul.fatbin"));
 const W4A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w4a16.fatbin"));
+const W8A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w8a16.fatbin"));
 const FP8_E5M2_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_e5m2.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
@@ -35,7 +37,8 @@ const PAGED_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
 /// Threads per block of `argmax_f32` in `kernels/sampling.cu` (its `ARGMAX_THREADS`).
 const ARGMAX_THREADS: u32 = 256;
-/// Warps per block and rows of `x` per block of `kernels/w4a16.cu` (`W4A16_WARPS`, `W4A16_ROWS`).
+/// Warps per block and rows of `x` per block of `kernels/w4a16.cu` (`W4A16_WARPS`, `W4A16_ROWS`)
+/// and of `kernels/w8a16.cu` (`W8A16_WARPS`, `W8A16_ROWS`, the same).
 const W4A16_WARPS: u32 = 4;
 const W4A16_ROWS: u32 = 8;
 /// Threads per block of `kernels/paged_attention.cu` (its `PA_THREADS`).
@@ -60,6 +63,7 @@ pub struct CudaKernels {
     scatter_rows: Arc<CudaModule>,
     silu_and_mul: Arc<CudaModule>,
     w4a16: Arc<CudaModule>,
+    w8a16: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
     fused_moe: Arc<CudaModule>,
@@ -94,6 +98,7 @@ impl CudaKernels {
             scatter_rows: load(SCATTER_ROWS_FATBIN)?,
             silu_and_mul: load(SILU_AND_MUL_FATBIN)?,
             w4a16: load(W4A16_FATBIN)?,
+            w8a16: load(W8A16_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
             fused_moe: load(FUSED_MOE_FATBIN)?,
@@ -211,6 +216,60 @@ impl CudaKernels {
             .arg(&f16_weights);
         // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
         // int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::w8a16::w8a16_gemm`] on the GPU, over e4m3 weights as any one-byte element
+    /// (`float8::F8E4M3` from candle, or raw `u8`).
+    pub fn w8a16_gemm<T: CudaElement, P: DeviceRepr>(
+        &self,
+        x: &CudaView<T>,
+        w: &CudaView<P>,
+        scales: &CudaView<f32>,
+        shape: &W8a16Shape,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        let op = "w8a16_gemm";
+        check_shape(std::mem::size_of::<P>() == 1, op, || {
+            format!(
+                "weights must be one byte each, not {}",
+                std::mem::size_of::<P>()
+            )
+        })?;
+        w8a16_shape(shape, x.len(), w.len(), scales.len(), y.len())?;
+        if shape.m == 0 || shape.n == 0 {
+            return Ok(());
+        }
+        let m = int32(op, "m", shape.m)?;
+        let n = int32(op, "n", shape.n)?;
+        let k = int32(op, "k", shape.k)?;
+        let block_n = int32(op, "block_n", shape.block_n)?;
+        let block_k = int32(op, "block_k", shape.block_k)?;
+        let f = kernel(&self.w8a16, op, T::KERNEL_SUFFIX)?;
+        let blocks_y = u32::try_from(shape.m.div_ceil(W4A16_ROWS as usize))
+            .ok()
+            .filter(|&b| b <= 65_535)
+            .ok_or_else(|| too_big(op, "m", shape.m))?;
+        let cfg = LaunchConfig {
+            grid_dim: (shape.n.div_ceil(W4A16_WARPS as usize) as u32, blocks_y, 1),
+            block_dim: (32 * W4A16_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(y)
+            .arg(x)
+            .arg(w)
+            .arg(scales)
+            .arg(&m)
+            .arg(&n)
+            .arg(&k)
+            .arg(&block_n)
+            .arg(&block_k);
+        // SAFETY: matches w8a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
+        // int, int) in kernels/w8a16.cu (its W8A16_WARPS and W8A16_ROWS equal W4A16's); the
+        // shape check bounds every index it reads, and `P` is one byte.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod sampling;
 pub mod scatter_rows;
 pub mod silu_and_mul;
 pub mod w4a16;
+pub mod w8a16;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

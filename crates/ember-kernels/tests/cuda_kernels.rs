@@ -7,13 +7,15 @@
 //! RoPE does the same f32 products and sums on both sides (no FMA on the GPU): bit-identical.
 //! Argmax only compares: exact, ties (lowest id) and NaN included. e5m2 conversions are exact too.
 //! W4A16 GEMM dequantizes exactly and sums in another order: within 1e-5 of the sum of the
-//! terms' magnitudes (plus one bf16 ulp of the result for bf16).
+//! terms' magnitudes (plus one bf16 ulp of the result for bf16); W8A16 (e4m3 weights, block
+//! scales) the same.
 #![cfg(feature = "cuda")]
 
 use ember_kernels::cuda::{CudaElement, CudaKernels};
 use ember_kernels::paged_attention::{self, PagedAttentionBatch, PagedAttentionShape};
 use ember_kernels::rotary::{self, RotaryShape};
 use ember_kernels::w4a16::{self, W4a16Shape};
+use ember_kernels::w8a16::{self, W8a16Shape};
 use ember_kernels::{fp8_e5m2, moe_routing, rms_norm, sampling, scatter_rows, silu_and_mul};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -452,6 +454,81 @@ fn w4a16_gemm_matches_the_cpu_reference() {
     check_w4a16::<bf16>(&k, &mut rng);
 }
 
+fn check_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
+    let s = k.stream();
+    // (m, n, k, block_n, block_k): DeepSeek's 128 x 128 blocks with ragged edges (320, 257, 129),
+    // per-channel scales, one token, ragged row and warp tiles, and real shapes.
+    for &(m, n, kk, block_n, block_k) in &[
+        (1, 64, 128, 128, 128),
+        (3, 33, 320, 128, 128),
+        (9, 7, 64, 1, 64),
+        (17, 129, 257, 128, 128),
+        (8, 200, 7168, 128, 128),
+        (1, 4096, 4096, 128, 128),
+    ] {
+        let shape = W8a16Shape {
+            m,
+            n,
+            k: kk,
+            block_n,
+            block_k,
+        };
+        let what = format!("w8a16_gemm_{} {shape:?}", T::KERNEL_SUFFIX);
+        // Every finite e4m3 code (0x7F and 0xFF are NaN).
+        let w: Vec<u8> = (0..n * kk)
+            .map(|_| loop {
+                let b: u8 = rng.random();
+                if b & 0x7F != 0x7F {
+                    break b;
+                }
+            })
+            .collect();
+        let scales: Vec<f32> = (0..shape.scale_len())
+            .map(|_| rng.random_range(0.001..0.1f32))
+            .collect();
+        let x: Vec<T> = random(rng, m * kk, -2.0, 2.0);
+        let mut cpu = vec![T::from_f32(0.0); m * n];
+        w8a16::w8a16_gemm(&x, &w, &scales, &shape, &mut cpu).unwrap();
+        let (dx, dw, ds) = (
+            s.clone_htod(&x).unwrap(),
+            s.clone_htod(&w).unwrap(),
+            s.clone_htod(&scales).unwrap(),
+        );
+        let mut dy = s.alloc_zeros::<T>(m * n).unwrap();
+        k.w8a16_gemm(&dx.as_view(), &dw.as_view(), &ds.as_view(), &shape, &mut dy)
+            .unwrap();
+        let gpu = s.clone_dtoh(&dy).unwrap();
+        for r in 0..m {
+            for j in 0..n {
+                let magnitude: f32 = (0..kk)
+                    .map(|c| {
+                        (x[r * kk + c].to_f32() * w8a16::weight(&w, &scales, &shape, j, c)).abs()
+                    })
+                    .sum();
+                let (g, c) = (gpu[r * n + j].to_f32(), cpu[r * n + j].to_f32());
+                let ulp = if T::KERNEL_SUFFIX == "bf16" {
+                    c.abs() / 128.0
+                } else {
+                    0.0
+                };
+                let tol = 1e-5 * magnitude + ulp + 1e-6;
+                assert!(
+                    (g - c).abs() <= tol,
+                    "{what} y[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn w8a16_gemm_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_w8a16::<f32>(&k, &mut rng);
+    check_w8a16::<bf16>(&k, &mut rng);
+}
+
 #[test]
 fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
     let report = ember_kernels::cuda::PTXAS_RESOURCE_USAGE;
@@ -468,6 +545,8 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "scatter_rows_u8",
         "w4a16_gemm_f32",
         "w4a16_gemm_bf16",
+        "w8a16_gemm_f32",
+        "w8a16_gemm_bf16",
     ] {
         assert!(
             report.contains(&format!("::{kernel} ")),

@@ -35,7 +35,7 @@ impl Projection {
         } else {
             None
         };
-        let layer = match packed_int4(weights, in_dim, out_dim, None, &bias)? {
+        let layer = match packed_projection(weights, in_dim, out_dim, None, &bias)? {
             Some(layer) => layer,
             None => {
                 let weight = load_weight(weights, in_dim, out_dim)?;
@@ -68,7 +68,7 @@ impl Projection {
             }
             Split::Rows { .. } => None,
         };
-        let layer = match packed_int4(weights, in_dim, out_dim, Some(split), &bias)? {
+        let layer = match packed_projection(weights, in_dim, out_dim, Some(split), &bias)? {
             Some(layer) => layer,
             None => {
                 let weight = load_weight_split(weights, in_dim, out_dim, split)?;
@@ -233,16 +233,16 @@ fn load_weight_part(
     }
 }
 
-/// The projection held packed for the W4A16 kernel, when [`Weights::int4_packed`] asks for it
+/// The projection held packed for the W4A16 kernel, when [`Weights::packed_weights`] asks for it
 /// and the checkpoint stores the weight in a 4-bit layout the kernel reads.
-fn packed_int4(
+fn packed_projection(
     weights: &Weights,
     in_dim: usize,
     out_dim: usize,
     split: Option<Split>,
     bias: &Option<Tensor>,
 ) -> Result<Option<Arc<dyn LinearLayer>>> {
-    if !weights.int4_packed() {
+    if !weights.packed_weights() {
         return Ok(None);
     }
     let layer = Int4Linear::load(weights, in_dim, out_dim, split, bias.clone())?;

@@ -67,7 +67,7 @@ pub struct LoadOptions {
     /// Hold 4-bit checkpoint projections packed and multiply them with the W4A16 kernel
     /// (`None`: on CUDA, where it saves the memory; on the CPU they are dequantized at load,
     /// which candle's matmuls run faster than the kernel's reference).
-    pub int4_packed: Option<bool>,
+    pub packed_weights: Option<bool>,
 }
 
 impl LoadOptions {
@@ -91,7 +91,7 @@ impl LoadOptions {
             eplb_window_size: 0,
             calculate_kv_scales: false,
             attention_backend: Default::default(),
-            int4_packed: None,
+            packed_weights: None,
         }
     }
 }
@@ -212,14 +212,14 @@ pub fn weight_bytes(cfg: &ModelConfig, dtype: DType) -> u64 {
     cfg.num_parameters() * dtype.size_in_bytes() as u64
 }
 
-/// Whether 4-bit checkpoint projections are held packed ([`LoadOptions::int4_packed`]).
-fn int4_packed(opts: &LoadOptions) -> bool {
-    opts.int4_packed.unwrap_or(opts.device.is_cuda())
+/// Whether 4-bit checkpoint projections are held packed ([`LoadOptions::packed_weights`]).
+fn packed_weights(opts: &LoadOptions) -> bool {
+    opts.packed_weights.unwrap_or(opts.device.is_cuda())
 }
 
 /// Whether the checkpoint stores 4-bit integer projections that this load holds packed (the
 /// W4A16 kernel computes in f32 and bf16).
-fn holds_int4_packed(opts: &LoadOptions, stored: Option<WeightQuantization>, dtype: DType) -> bool {
+fn holds_packed_weights(opts: &LoadOptions, stored: Option<WeightQuantization>, dtype: DType) -> bool {
     let four_bit = matches!(
         stored,
         Some(
@@ -228,7 +228,7 @@ fn holds_int4_packed(opts: &LoadOptions, stored: Option<WeightQuantization>, dty
                 | WeightQuantization::Awq { .. }
         )
     );
-    four_bit && int4_packed(opts) && matches!(dtype, DType::F32 | DType::BF16)
+    four_bit && packed_weights(opts) && matches!(dtype, DType::F32 | DType::BF16)
 }
 
 /// Checks `--quantization` against the checkpoint's `quantization_config`; `true` when the
@@ -309,7 +309,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         );
         // 4-bit projections held packed take a fraction of `need`; their load fails with the
         // GPU's out-of-memory error if they do not fit.
-        if need > free && !holds_int4_packed(opts, config.quantization, dtype) {
+        if need > free && !holds_packed_weights(opts, config.quantization, dtype) {
             return Err(EmberError::Config(format!(
                 "{} parameters need {:.1} GiB in {dtype:?} but the GPU has {:.1} GiB free of {:.1} GiB; \
                  use a smaller --dtype, a quantized checkpoint, or fewer layers (--hf-overrides)",
@@ -354,7 +354,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     .with_online_fp8(online_fp8)
     .with_attention_backend(opts.attention_backend)
     .with_calculate_kv_scales(opts.calculate_kv_scales)
-    .with_int4_packed(int4_packed(opts));
+    .with_packed_weights(packed_weights(opts));
     let build = |weights: &Weights| -> Result<DecoderModel> {
         match config.family {
             ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {

@@ -43,7 +43,7 @@ pub struct Weights {
     attention_backend: AttentionBackend,
     calculate_kv_scales: bool,
     /// 4-bit checkpoint weights are held packed for the W4A16 kernel instead of dequantized.
-    int4_packed: bool,
+    packed_weights: bool,
     /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
     held: Arc<AtomicI64>,
     /// The rank this model is loaded for, when sharded (`--tensor-parallel-size` > 1).
@@ -72,7 +72,7 @@ impl Weights {
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
             calculate_kv_scales: false,
-            int4_packed: false,
+            packed_weights: false,
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
@@ -90,7 +90,7 @@ impl Weights {
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
             calculate_kv_scales: false,
-            int4_packed: false,
+            packed_weights: false,
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
@@ -155,16 +155,16 @@ impl Weights {
 
     /// Holds the projections a checkpoint stores in 4 bits packed, multiplied by the W4A16 kernel
     /// ([`crate::quantized::int4`]), instead of dequantizing them at load.
-    pub fn with_int4_packed(self, int4_packed: bool) -> Self {
+    pub fn with_packed_weights(self, packed_weights: bool) -> Self {
         Self {
-            int4_packed,
+            packed_weights,
             ..self
         }
     }
 
-    /// Whether 4-bit projections are held packed (see [`Weights::with_int4_packed`]).
-    pub fn int4_packed(&self) -> bool {
-        self.int4_packed
+    /// Whether 4-bit projections are held packed (see [`Weights::with_packed_weights`]).
+    pub fn packed_weights(&self) -> bool {
+        self.packed_weights
     }
 
     /// Asks for online FP8: projections quantized to e4m3 per output channel at load.

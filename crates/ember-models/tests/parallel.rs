@@ -344,7 +344,7 @@ fn four_bit_projections_held_packed_give_the_dequantized_logprobs() {
         for tp in [1, 2] {
             let dequantized = load_model(&options(name, tp, false)).unwrap();
             let mut opts = options(name, tp, false);
-            opts.int4_packed = Some(true);
+            opts.packed_weights = Some(true);
             let packed = load_model(&opts).unwrap();
             let diff = max_diff(&reference, &logprobs(&run_steps(&packed)));
             println!(

@@ -1,0 +1,161 @@
+//! W8A16 GEMM: `y[m, n] = x[m, k] · Wᵀ` with `W` `[n, k]` held as float8 e4m3 bytes and one f32
+//! scale per `block_n x block_k` block (DeepSeek-V3's and Kimi K2's 128 x 128 `weight_scale_inv`;
+//! `block_n = 1, block_k = k` is one scale per output channel). Blocks at the edges may be
+//! partial: `scales` is `[ceil(n / block_n), ceil(k / block_k)]`.
+//!
+//! Numerics, shared by the CPU reference and `kernels/w8a16.cu`: each weight is its e4m3 value
+//! (exact in f32) times its block's scale, rounded once to f32, and the products are summed in
+//! f32. The GPU sums in another order, so the two agree to f32 rounding of the sum (relative to
+//! the sum of the terms' magnitudes), then one rounding to the storage dtype.
+
+use crate::error::check_shape;
+use crate::{Element, KernelError};
+
+/// The dimensions of one W8A16 GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct W8a16Shape {
+    /// Rows of `x` and `y` (tokens).
+    pub m: usize,
+    /// Outputs: rows of `W`, columns of `y`.
+    pub n: usize,
+    /// Inputs: columns of `x` and `W`.
+    pub k: usize,
+    /// Rows of `W` per scale block.
+    pub block_n: usize,
+    /// Columns of `W` per scale block.
+    pub block_k: usize,
+}
+
+impl W8a16Shape {
+    /// Elements of `scales`.
+    pub fn scale_len(&self) -> usize {
+        self.n.div_ceil(self.block_n.max(1)) * self.k.div_ceil(self.block_k.max(1))
+    }
+}
+
+/// Checks the buffers of a call against `shape`.
+pub fn w8a16_shape(
+    shape: &W8a16Shape,
+    x_len: usize,
+    w_len: usize,
+    scales_len: usize,
+    y_len: usize,
+) -> Result<(), KernelError> {
+    let W8a16Shape {
+        m,
+        n,
+        k,
+        block_n,
+        block_k,
+    } = *shape;
+    let op = "w8a16_gemm";
+    check_shape(block_n > 0 && block_k > 0, op, || {
+        format!("blocks must be at least 1 x 1, got {block_n} x {block_k}")
+    })?;
+    for (what, len, want) in [
+        ("x", x_len, m * k),
+        ("w", w_len, n * k),
+        ("scales", scales_len, shape.scale_len()),
+        ("y", y_len, m * n),
+    ] {
+        check_shape(len == want, op, || {
+            format!("{what} has {len} elements, expected {want} for m {m}, n {n}, k {k}, blocks {block_n} x {block_k}")
+        })?;
+    }
+    Ok(())
+}
+
+/// float8 e4m3 (the `fn` variant: no infinities, `S.1111.111` is NaN) to f32, exactly.
+pub fn e4m3_to_f32(byte: u8) -> f32 {
+    let sign = if byte & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = i32::from((byte >> 3) & 0xF);
+    let mantissa = f32::from(byte & 7);
+    if exp == 15 && byte & 7 == 7 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        return sign * mantissa * 2f32.powi(-9);
+    }
+    sign * (1.0 + mantissa / 8.0) * 2f32.powi(exp - 7)
+}
+
+/// The weight `W[j, c]` of `w` and `scales`.
+pub fn weight(w: &[u8], scales: &[f32], shape: &W8a16Shape, j: usize, c: usize) -> f32 {
+    let scale_cols = shape.k.div_ceil(shape.block_k);
+    e4m3_to_f32(w[j * shape.k + c]) * scales[(j / shape.block_n) * scale_cols + c / shape.block_k]
+}
+
+/// CPU reference: `y[r, j] = Σ_c x[r, c] · W[j, c]`, summed in f32 in input order.
+pub fn w8a16_gemm<T: Element>(
+    x: &[T],
+    w: &[u8],
+    scales: &[f32],
+    shape: &W8a16Shape,
+    y: &mut [T],
+) -> Result<(), KernelError> {
+    w8a16_shape(shape, x.len(), w.len(), scales.len(), y.len())?;
+    let (m, n, k) = (shape.m, shape.n, shape.k);
+    let dequantized: Vec<f32> = (0..n * k)
+        .map(|i| weight(w, scales, shape, i / k, i % k))
+        .collect();
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        for j in 0..n {
+            let sum = xr
+                .iter()
+                .zip(&dequantized[j * k..(j + 1) * k])
+                .fold(0f32, |acc, (&a, &b)| acc + a.to_f32() * b);
+            y[r * n + j] = T::from_f32(sum);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_decodes_normals_subnormals_and_nan() {
+        assert_eq!(e4m3_to_f32(0x00), 0.0);
+        assert_eq!(e4m3_to_f32(0x38), 1.0); // exponent 7, mantissa 0
+        assert_eq!(e4m3_to_f32(0x7E), 448.0); // the largest finite
+        assert_eq!(e4m3_to_f32(0xFE), -448.0);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9)); // the smallest subnormal
+        assert_eq!(e4m3_to_f32(0x07), 7.0 * 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6)); // the smallest normal
+        assert!(e4m3_to_f32(0x7F).is_nan() && e4m3_to_f32(0xFF).is_nan());
+    }
+
+    #[test]
+    fn e4m3_decodes_every_code_as_the_float8_crate_does() {
+        for byte in 0..=255u8 {
+            let ours = e4m3_to_f32(byte);
+            let theirs = float8::F8E4M3::from_bits(byte).to_f32();
+            assert!(
+                ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()),
+                "{byte:#04x}: {ours} vs {theirs}"
+            );
+        }
+    }
+
+    #[test]
+    fn block_scales_apply_to_their_rows_and_columns_including_partial_edges() {
+        // W [3, 3] of ones (0x38), blocks 2 x 2: scales [[1, 2], [3, 4]] (the last row and
+        // column are partial blocks).
+        let shape = W8a16Shape {
+            m: 1,
+            n: 3,
+            k: 3,
+            block_n: 2,
+            block_k: 2,
+        };
+        let w = [0x38u8; 9];
+        let scales = [1.0f32, 2.0, 3.0, 4.0];
+        let mut y = [0.0f32; 3];
+        w8a16_gemm(&[1.0f32, 1.0, 1.0], &w, &scales, &shape, &mut y).unwrap();
+        assert_eq!(y, [1.0 + 1.0 + 2.0, 1.0 + 1.0 + 2.0, 3.0 + 3.0 + 4.0]);
+        let e = w8a16_shape(&shape, 3, 9, 3, 3).unwrap_err().to_string();
+        assert!(e.contains("scales has 3"), "{e}");
+    }
+}
