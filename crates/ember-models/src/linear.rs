@@ -9,6 +9,7 @@ use ember_core::{EmberError, Result};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::quantized::dequantize_weight;
 use crate::quantized::fp8::Fp8ChannelLinear;
+use crate::quantized::fp8_block::Fp8BlockLinear;
 use crate::quantized::int4::Int4Linear;
 use crate::weights::{tensor_bytes, Weights};
 use crate::TensorResult;
@@ -233,8 +234,8 @@ fn load_weight_part(
     }
 }
 
-/// The projection held packed for the W4A16 kernel, when [`Weights::packed_weights`] asks for it
-/// and the checkpoint stores the weight in a 4-bit layout the kernel reads.
+/// The projection held as the checkpoint packs it, when [`Weights::packed_weights`] asks for
+/// it: 4-bit weights for the W4A16 kernel, block FP8 for the W8A16 kernel.
 fn packed_projection(
     weights: &Weights,
     in_dim: usize,
@@ -245,7 +246,10 @@ fn packed_projection(
     if !weights.packed_weights() {
         return Ok(None);
     }
-    let layer = Int4Linear::load(weights, in_dim, out_dim, split, bias.clone())?;
+    if let Some(layer) = Int4Linear::load(weights, in_dim, out_dim, split, bias.clone())? {
+        return Ok(Some(Arc::new(layer)));
+    }
+    let layer = Fp8BlockLinear::load(weights, in_dim, out_dim, split, bias.clone())?;
     Ok(layer.map(|l| Arc::new(l) as Arc<dyn LinearLayer>))
 }
 

@@ -64,9 +64,9 @@ pub struct LoadOptions {
     pub calculate_kv_scales: bool,
     /// `--attention-backend`: candle's tensor path, or ember's CUDA kernel where it serves.
     pub attention_backend: crate::attention::AttentionBackend,
-    /// Hold 4-bit checkpoint projections packed and multiply them with the W4A16 kernel
-    /// (`None`: on CUDA, where it saves the memory; on the CPU they are dequantized at load,
-    /// which candle's matmuls run faster than the kernel's reference).
+    /// Hold 4-bit and block-FP8 checkpoint projections as stored and multiply them with the
+    /// W4A16 / W8A16 kernels (`None`: on CUDA, where it saves the memory; on the CPU they are
+    /// dequantized at load, which candle's matmuls run faster than the kernels' references).
     pub packed_weights: Option<bool>,
 }
 
@@ -212,23 +212,28 @@ pub fn weight_bytes(cfg: &ModelConfig, dtype: DType) -> u64 {
     cfg.num_parameters() * dtype.size_in_bytes() as u64
 }
 
-/// Whether 4-bit checkpoint projections are held packed ([`LoadOptions::packed_weights`]).
+/// Whether 4-bit and block-FP8 checkpoint projections are held as stored ([`LoadOptions::packed_weights`]).
 fn packed_weights(opts: &LoadOptions) -> bool {
     opts.packed_weights.unwrap_or(opts.device.is_cuda())
 }
 
-/// Whether the checkpoint stores 4-bit integer projections that this load holds packed (the
-/// W4A16 kernel computes in f32 and bf16).
-fn holds_packed_weights(opts: &LoadOptions, stored: Option<WeightQuantization>, dtype: DType) -> bool {
-    let four_bit = matches!(
+/// Whether the checkpoint stores 4-bit integer or block-FP8 projections that this load holds
+/// packed (the W4A16 and W8A16 kernels compute in f32 and bf16).
+fn holds_packed_weights(
+    opts: &LoadOptions,
+    stored: Option<WeightQuantization>,
+    dtype: DType,
+) -> bool {
+    let packs = matches!(
         stored,
         Some(
             WeightQuantization::PackedInt { num_bits: 4, .. }
                 | WeightQuantization::Gptq { bits: 4, .. }
                 | WeightQuantization::Awq { .. }
+                | WeightQuantization::Fp8Block(_)
         )
     );
-    four_bit && packed_weights(opts) && matches!(dtype, DType::F32 | DType::BF16)
+    packs && packed_weights(opts) && matches!(dtype, DType::F32 | DType::BF16)
 }
 
 /// Checks `--quantization` against the checkpoint's `quantization_config`; `true` when the
@@ -307,8 +312,8 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             total_gib = total as f64 / (1u64 << 30) as f64,
             "memory: GPU before loading"
         );
-        // 4-bit projections held packed take a fraction of `need`; their load fails with the
-        // GPU's out-of-memory error if they do not fit.
+        // Projections held packed (4-bit, block FP8) take a fraction of `need`; their load
+        // fails with the GPU's out-of-memory error if they do not fit.
         if need > free && !holds_packed_weights(opts, config.quantization, dtype) {
             return Err(EmberError::Config(format!(
                 "{} parameters need {:.1} GiB in {dtype:?} but the GPU has {:.1} GiB free of {:.1} GiB; \
@@ -344,7 +349,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 checkpoint_gib = checkpoint_bytes(&files) as f64 / (1u64 << 30) as f64,
                 available_gib = available_memory_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
                 quantization = ?config.quantization,
-                "memory: weights held in {dtype:?} (quantized checkpoints are dequantized at load, but for 4-bit projections on CUDA, held packed)"
+                "memory: weights held in {dtype:?} (quantized checkpoints are dequantized at load, but for 4-bit and block-FP8 projections on CUDA, held as stored)"
             );
             Weights::from_safetensors(&files, dtype, &opts.device)?
                 .with_quantization(config.quantization)

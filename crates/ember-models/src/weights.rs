@@ -42,7 +42,8 @@ pub struct Weights {
     online_fp8: bool,
     attention_backend: AttentionBackend,
     calculate_kv_scales: bool,
-    /// 4-bit checkpoint weights are held packed for the W4A16 kernel instead of dequantized.
+    /// 4-bit and block-FP8 checkpoint weights are held as stored for the W4A16 / W8A16 kernels
+    /// instead of dequantized.
     packed_weights: bool,
     /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
     held: Arc<AtomicI64>,
@@ -153,8 +154,9 @@ impl Weights {
         self.calculate_kv_scales
     }
 
-    /// Holds the projections a checkpoint stores in 4 bits packed, multiplied by the W4A16 kernel
-    /// ([`crate::quantized::int4`]), instead of dequantizing them at load.
+    /// Holds the projections a checkpoint stores in 4 bits or block FP8 as stored, multiplied by
+    /// the W4A16 / W8A16 kernels ([`crate::quantized::int4`], [`crate::quantized::fp8_block`]),
+    /// instead of dequantizing them at load.
     pub fn with_packed_weights(self, packed_weights: bool) -> Self {
         Self {
             packed_weights,
@@ -162,7 +164,7 @@ impl Weights {
         }
     }
 
-    /// Whether 4-bit projections are held packed (see [`Weights::with_packed_weights`]).
+    /// Whether 4-bit and block-FP8 projections are held packed (see [`Weights::with_packed_weights`]).
     pub fn packed_weights(&self) -> bool {
         self.packed_weights
     }

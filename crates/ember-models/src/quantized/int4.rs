@@ -274,7 +274,7 @@ impl Int4Linear {
             Some(order) => Some(Tensor::new(order.as_slice(), device).map_err(err)?),
             None => None,
         };
-        weights.note_held((tensor_bytes(&codes) + tensor_bytes(&qparams)) as i64);
+        weights.note_held(tensor_bytes(&codes) + tensor_bytes(&qparams));
         Ok(Some(Self {
             order,
             dtype: weights.dtype(),

@@ -5,6 +5,7 @@
 
 pub mod fp4;
 pub mod fp8;
+pub mod fp8_block;
 pub mod int4;
 pub mod packed_int;
 
