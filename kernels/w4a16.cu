@@ -57,11 +57,37 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
   }
 }
 
+// The weight itself, W [n, k] in T, for batches too large for the GEMV above: the caller then
+// runs a dense GEMM on it. One thread per weight, grid-stride.
+template <typename T>
+__device__ void w4a16_dequant(T* __restrict__ out, const unsigned char* __restrict__ codes,
+                              const float* __restrict__ qparams, int n, int k, int group_size,
+                              int f16_weights) {
+  const long long total = (long long)n * k;
+  const int groups = k / group_size;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long j = i / k;
+    const int c = (int)(i % k);
+    const unsigned char byte = codes[j * (k / 2) + c / 2];
+    const float code = (float)((c % 2 == 0) ? (byte & 15) : (byte >> 4));
+    const long long g = j * groups + c / group_size;
+    float w = (code - qparams[2 * g + 1]) * qparams[2 * g];
+    if (f16_weights) w = __half2float(__float2half_rn(w));
+    out[i] = store_f32<T>(w);
+  }
+}
+
 #define W4A16_KERNEL(T, SUFFIX)                                                                  \
   extern "C" __global__ void w4a16_gemm_##SUFFIX(T* y, const T* x, const unsigned char* codes,  \
                                                  const float* qparams, int m, int n, int k,      \
                                                  int group_size, int f16_weights) {              \
     w4a16_gemm<T>(y, x, codes, qparams, m, n, k, group_size, f16_weights);                      \
+  }                                                                                              \
+  extern "C" __global__ void w4a16_dequant_##SUFFIX(T* out, const unsigned char* codes,          \
+                                                    const float* qparams, int n, int k,          \
+                                                    int group_size, int f16_weights) {           \
+    w4a16_dequant<T>(out, codes, qparams, n, k, group_size, f16_weights);                       \
   }
 
 W4A16_KERNEL(float, f32)

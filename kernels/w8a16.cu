@@ -45,11 +45,33 @@ __device__ void w8a16_gemm(T* __restrict__ y, const T* __restrict__ x,
   }
 }
 
+// The weight itself, W [n, k] in T, for batches too large for the GEMV above: the caller then
+// runs a dense GEMM on it. One thread per weight, grid-stride.
+template <typename T>
+__device__ void w8a16_dequant(T* __restrict__ out, const unsigned char* __restrict__ w,
+                              const float* __restrict__ scales, int n, int k, int block_n,
+                              int block_k) {
+  const long long total = (long long)n * k;
+  const int scale_cols = (k + block_k - 1) / block_k;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long j = i / k;
+    const int c = (int)(i % k);
+    const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)w[i], __NV_E4M3);
+    out[i] = store_f32<T>(__half2float(__half(h)) * scales[(j / block_n) * scale_cols + c / block_k]);
+  }
+}
+
 #define W8A16_KERNEL(T, SUFFIX)                                                                  \
   extern "C" __global__ void w8a16_gemm_##SUFFIX(T* y, const T* x, const unsigned char* w,      \
                                                  const float* scales, int m, int n, int k,       \
                                                  int block_n, int block_k) {                     \
     w8a16_gemm<T>(y, x, w, scales, m, n, k, block_n, block_k);                                  \
+  }                                                                                              \
+  extern "C" __global__ void w8a16_dequant_##SUFFIX(T* out, const unsigned char* w,              \
+                                                    const float* scales, int n, int k,           \
+                                                    int block_n, int block_k) {                  \
+    w8a16_dequant<T>(out, w, scales, n, k, block_n, block_k);                                   \
   }
 
 W8A16_KERNEL(float, f32)

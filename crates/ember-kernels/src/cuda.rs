@@ -274,6 +274,100 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// [`crate::w4a16::dequantize`] on the GPU.
+    pub fn w4a16_dequant<T: CudaElement>(
+        &self,
+        codes: &CudaView<u8>,
+        qparams: &CudaView<f32>,
+        shape: &W4a16Shape,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        let op = "w4a16_dequant";
+        w4a16_shape(
+            &W4a16Shape { m: 0, ..*shape },
+            0,
+            codes.len(),
+            qparams.len(),
+            0,
+        )?;
+        check_shape(out.len() == shape.n * shape.k, op, || {
+            format!(
+                "out has {} elements, expected {} x {}",
+                out.len(),
+                shape.n,
+                shape.k
+            )
+        })?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let n = int32(op, "n", shape.n)?;
+        let k = int32(op, "k", shape.k)?;
+        let group_size = int32(op, "group_size", shape.group_size)?;
+        let f16_weights = i32::from(shape.f16_weights);
+        let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(codes)
+            .arg(qparams)
+            .arg(&n)
+            .arg(&k)
+            .arg(&group_size)
+            .arg(&f16_weights);
+        // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int) in
+        // kernels/w4a16.cu; the shape check bounds every index it touches.
+        unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
+        Ok(())
+    }
+
+    /// [`crate::w8a16::dequantize`] on the GPU, over e4m3 weights as any one-byte element.
+    pub fn w8a16_dequant<T: CudaElement, P: DeviceRepr>(
+        &self,
+        w: &CudaView<P>,
+        scales: &CudaView<f32>,
+        shape: &W8a16Shape,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        let op = "w8a16_dequant";
+        check_shape(std::mem::size_of::<P>() == 1, op, || {
+            format!(
+                "weights must be one byte each, not {}",
+                std::mem::size_of::<P>()
+            )
+        })?;
+        w8a16_shape(&W8a16Shape { m: 0, ..*shape }, 0, w.len(), scales.len(), 0)?;
+        check_shape(out.len() == shape.n * shape.k, op, || {
+            format!(
+                "out has {} elements, expected {} x {}",
+                out.len(),
+                shape.n,
+                shape.k
+            )
+        })?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let n = int32(op, "n", shape.n)?;
+        let k = int32(op, "k", shape.k)?;
+        let block_n = int32(op, "block_n", shape.block_n)?;
+        let block_k = int32(op, "block_k", shape.block_k)?;
+        let f = kernel(&self.w8a16, op, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(w)
+            .arg(scales)
+            .arg(&n)
+            .arg(&k)
+            .arg(&block_n)
+            .arg(&block_k);
+        // SAFETY: matches w8a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int) in
+        // kernels/w8a16.cu; the shape check bounds every index it touches, and `P` is one byte.
+        unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
+        Ok(())
+    }
+
     /// [`crate::silu_and_mul::silu_and_mul`] on the GPU.
     pub fn silu_and_mul<T: CudaElement>(
         &self,

@@ -93,6 +93,31 @@ pub fn weight(codes: &[u8], qparams: &[f32], shape: &W4a16Shape, j: usize, c: us
     }
 }
 
+/// CPU reference of `w4a16_dequant`: `W` `[n, k]` itself in `T` (each weight rounded once), for
+/// batches too large for the GEMV, which then run a dense GEMM on it. `shape.m` is ignored.
+pub fn dequantize<T: Element>(
+    codes: &[u8],
+    qparams: &[f32],
+    shape: &W4a16Shape,
+    out: &mut [T],
+) -> Result<(), KernelError> {
+    let (n, k) = (shape.n, shape.k);
+    w4a16_shape(
+        &W4a16Shape { m: 0, ..*shape },
+        0,
+        codes.len(),
+        qparams.len(),
+        0,
+    )?;
+    check_shape(out.len() == n * k, "w4a16_dequant", || {
+        format!("out has {} elements, expected {n} x {k}", out.len())
+    })?;
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = T::from_f32(weight(codes, qparams, shape, i / k, i % k));
+    }
+    Ok(())
+}
+
 /// CPU reference: `y[r, j] = Σ_c x[r, c] · W[j, c]`, summed in f32 in input order.
 pub fn w4a16_gemm<T: Element>(
     x: &[T],

@@ -85,6 +85,25 @@ pub fn weight(w: &[u8], scales: &[f32], shape: &W8a16Shape, j: usize, c: usize) 
     e4m3_to_f32(w[j * shape.k + c]) * scales[(j / shape.block_n) * scale_cols + c / shape.block_k]
 }
 
+/// CPU reference of `w8a16_dequant`: `W` `[n, k]` itself in `T` (each weight rounded once), for
+/// batches too large for the GEMV, which then run a dense GEMM on it. `shape.m` is ignored.
+pub fn dequantize<T: Element>(
+    w: &[u8],
+    scales: &[f32],
+    shape: &W8a16Shape,
+    out: &mut [T],
+) -> Result<(), KernelError> {
+    let (n, k) = (shape.n, shape.k);
+    w8a16_shape(&W8a16Shape { m: 0, ..*shape }, 0, w.len(), scales.len(), 0)?;
+    check_shape(out.len() == n * k, "w8a16_dequant", || {
+        format!("out has {} elements, expected {n} x {k}", out.len())
+    })?;
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = T::from_f32(weight(w, scales, shape, i / k, i % k));
+    }
+    Ok(())
+}
+
 /// CPU reference: `y[r, j] = Σ_c x[r, c] · W[j, c]`, summed in f32 in input order.
 pub fn w8a16_gemm<T: Element>(
     x: &[T],

@@ -443,6 +443,20 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
                 );
             }
         }
+        // The dequantized weight: the same f32 math and one rounding, so bit for bit.
+        let mut cpu_w = vec![T::from_f32(0.0); n * kk];
+        w4a16::dequantize(&packed, &qparams, &shape, &mut cpu_w).unwrap();
+        let mut dw = s.alloc_zeros::<T>(n * kk).unwrap();
+        k.w4a16_dequant(&dcodes.as_view(), &dqparams.as_view(), &shape, &mut dw)
+            .unwrap();
+        let gpu_w = s.clone_dtoh(&dw).unwrap();
+        for (i, (g, c)) in gpu_w.iter().zip(&cpu_w).enumerate() {
+            assert_eq!(
+                g.to_f32().to_bits(),
+                c.to_f32().to_bits(),
+                "{what} dequant[{i}]"
+            );
+        }
     }
 }
 
@@ -518,6 +532,20 @@ fn check_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
                 );
             }
         }
+        // The dequantized weight: the same f32 math and one rounding, so bit for bit.
+        let mut cpu_w = vec![T::from_f32(0.0); n * kk];
+        w8a16::dequantize(&w, &scales, &shape, &mut cpu_w).unwrap();
+        let mut dwt = s.alloc_zeros::<T>(n * kk).unwrap();
+        k.w8a16_dequant(&dw.as_view(), &ds.as_view(), &shape, &mut dwt)
+            .unwrap();
+        let gpu_w = s.clone_dtoh(&dwt).unwrap();
+        for (i, (g, c)) in gpu_w.iter().zip(&cpu_w).enumerate() {
+            assert_eq!(
+                g.to_f32().to_bits(),
+                c.to_f32().to_bits(),
+                "{what} dequant[{i}]"
+            );
+        }
     }
 }
 
@@ -547,6 +575,8 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "w4a16_gemm_bf16",
         "w8a16_gemm_f32",
         "w8a16_gemm_bf16",
+        "w4a16_dequant_bf16",
+        "w8a16_dequant_bf16",
     ] {
         assert!(
             report.contains(&format!("::{kernel} ")),

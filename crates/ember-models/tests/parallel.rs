@@ -62,6 +62,30 @@ fn run_steps(loaded: &LoadedModel) -> Vec<Vec<f32>> {
     rows
 }
 
+/// Every logits row of one 40-token prefill: batches past the packed weights' GEMV size, which
+/// dequantize on the device and run a dense GEMM instead.
+fn run_prefill(loaded: &LoadedModel) -> Vec<Vec<f32>> {
+    let layers = loaded.model.config().num_hidden_layers;
+    let caches: Vec<KvCachePool> = loaded
+        .model
+        .kv_cache_shards()
+        .into_iter()
+        .map(|w| KvCachePool::new(layers, 16, 4, w, DType::F32, &Device::Cpu).unwrap())
+        .collect();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 1900).collect();
+    let table: Vec<u32> = (0..10).collect();
+    let inputs = [SequenceInput {
+        token_ids: &tokens,
+        num_computed: 0,
+        block_table: &table,
+        all_logits: true,
+        adapter: None,
+    }];
+    let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
+    let out = loaded.model.forward(&batch, &caches).unwrap();
+    out.to_vec2::<f32>().unwrap()
+}
+
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -340,13 +364,15 @@ fn an_embedding_model_shards_to_the_same_hidden_states() {
 fn four_bit_projections_held_packed_give_the_dequantized_logprobs() {
     for name in ["kimi-k2-int4-tiny", "kimi-k2-gptq-tiny", "kimi-k2-awq-tiny"] {
         let tol = 1e-4;
-        let reference = logprobs(&run_steps(&load_model(&options(name, 1, false)).unwrap()));
+        let one = load_model(&options(name, 1, false)).unwrap();
+        let (reference, prefill) = (logprobs(&run_steps(&one)), logprobs(&run_prefill(&one)));
         for tp in [1, 2] {
             let dequantized = load_model(&options(name, tp, false)).unwrap();
             let mut opts = options(name, tp, false);
             opts.packed_weights = Some(true);
             let packed = load_model(&opts).unwrap();
-            let diff = max_diff(&reference, &logprobs(&run_steps(&packed)));
+            let diff = max_diff(&reference, &logprobs(&run_steps(&packed)))
+                .max(max_diff(&prefill, &logprobs(&run_prefill(&packed))));
             println!(
                 "{name} tp {tp}: max |Δ logprob| {diff:.2e}, weights {} B packed vs {} B",
                 packed.weight_bytes, dequantized.weight_bytes
@@ -378,13 +404,15 @@ fn block_fp8_projections_held_as_stored_give_the_dequantized_logprobs() {
         "deepseek-v3-fp8-ue8m0-tiny",
         "deepseek-v3-fp8-256-tiny",
     ] {
-        let reference = logprobs(&run_steps(&load_model(&options(name, 1, false)).unwrap()));
+        let one = load_model(&options(name, 1, false)).unwrap();
+        let (reference, prefill) = (logprobs(&run_steps(&one)), logprobs(&run_prefill(&one)));
         for tp in [1, 2] {
             let dequantized = load_model(&options(name, tp, false)).unwrap();
             let mut opts = options(name, tp, false);
             opts.packed_weights = Some(true);
             let packed = load_model(&opts).unwrap();
-            let diff = max_diff(&reference, &logprobs(&run_steps(&packed)));
+            let diff = max_diff(&reference, &logprobs(&run_steps(&packed)))
+                .max(max_diff(&prefill, &logprobs(&run_prefill(&packed))));
             println!(
                 "{name} tp {tp}: max |Δ logprob| {diff:.2e}, weights {} B packed vs {} B",
                 packed.weight_bytes, dequantized.weight_bytes

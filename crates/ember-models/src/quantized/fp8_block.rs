@@ -4,10 +4,11 @@
 //! dtype at load. On the CPU the op runs the kernel's reference, which is how the path is tested
 //! against the dequantizing loader.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use ember_core::{EmberError, Result, WeightQuantization};
 use ember_kernels::w8a16::{self, W8a16Shape};
 
+use super::GEMV_MAX_ROWS;
 use crate::linear::{LinearLayer, Split};
 use crate::weights::{tensor_bytes, Weights};
 
@@ -110,13 +111,21 @@ impl LinearLayer for Fp8BlockLinear {
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let m = x.elem_count() / k.max(1);
-        let op = W8a16Op {
-            shape: W8a16Shape { m, ..self.shape },
+        let x2 = x.reshape((m, k))?.contiguous()?;
+        let y = if m <= GEMV_MAX_ROWS {
+            let op = W8a16Op {
+                shape: W8a16Shape { m, ..self.shape },
+            };
+            x2.apply_op3_no_bwd(&self.weight, &self.scales, &op)?
+        } else {
+            // A prefill-sized batch: the weight dequantized on the device, then a dense GEMM.
+            let op = W8a16Dequant {
+                shape: self.shape,
+                dtype: x2.dtype(),
+            };
+            let w = self.weight.apply_op2_no_bwd(&self.scales, &op)?;
+            x2.matmul(&w.t()?)?
         };
-        let y =
-            x.reshape((m, k))?
-                .contiguous()?
-                .apply_op3_no_bwd(&self.weight, &self.scales, &op)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has a last dimension") = self.shape.n;
         let y = y.reshape(out_dims)?;
@@ -225,5 +234,85 @@ impl CustomOp3 for W8a16Op {
             other => candle_core::bail!("w8a16 takes f32 or bf16 inputs, not {other:?}"),
         };
         Ok((out, Shape::from((m, n))))
+    }
+}
+
+/// The weight `[n, k]` itself from e4m3 bytes and block scales, in `dtype` (f32 or bf16):
+/// ember-kernels' `w8a16::dequantize` on the CPU, its `w8a16_dequant` kernel on CUDA.
+struct W8a16Dequant {
+    shape: W8a16Shape,
+    dtype: DType,
+}
+
+impl CustomOp2 for W8a16Dequant {
+    fn name(&self) -> &'static str {
+        "ember-w8a16-dequant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        scales: &CpuStorage,
+        scales_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &w.as_slice::<u8>()?[crate::contiguous_range(w_layout, "w8a16 weights")?];
+        let scales =
+            &scales.as_slice::<f32>()?[crate::contiguous_range(scales_layout, "w8a16 scales")?];
+        let (n, k) = (self.shape.n, self.shape.k);
+        let wrap = candle_core::Error::wrap;
+        let out = match self.dtype {
+            DType::F32 => {
+                let mut out = vec![0f32; n * k];
+                w8a16::dequantize(w, scales, &self.shape, &mut out).map_err(wrap)?;
+                CpuStorage::F32(out)
+            }
+            DType::BF16 => {
+                let mut out = vec![half::bf16::ZERO; n * k];
+                w8a16::dequantize(w, scales, &self.shape, &mut out).map_err(wrap)?;
+                CpuStorage::BF16(out)
+            }
+            other => candle_core::bail!("w8a16 dequantizes to f32 or bf16, not {other:?}"),
+        };
+        Ok((out, Shape::from((n, k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        w: &candle_core::CudaStorage,
+        w_layout: &Layout,
+        scales: &candle_core::CudaStorage,
+        scales_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = w.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let w = w
+            .as_cuda_slice::<u8>()?
+            .slice(crate::contiguous_range(w_layout, "w8a16 weights")?);
+        let scales = scales
+            .as_cuda_slice::<f32>()?
+            .slice(crate::contiguous_range(scales_layout, "w8a16 scales")?);
+        let (n, k) = (self.shape.n, self.shape.k);
+        let wrap = candle_core::Error::wrap;
+        let out = match self.dtype {
+            DType::F32 => {
+                let mut out = device.alloc_zeros::<f32>(n * k)?;
+                kernels
+                    .w8a16_dequant(&w, &scales, &self.shape, &mut out)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(out, device)
+            }
+            DType::BF16 => {
+                let mut out = device.alloc_zeros::<half::bf16>(n * k)?;
+                kernels
+                    .w8a16_dequant(&w, &scales, &self.shape, &mut out)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(out, device)
+            }
+            other => candle_core::bail!("w8a16 dequantizes to f32 or bf16, not {other:?}"),
+        };
+        Ok((out, Shape::from((n, k))))
     }
 }

@@ -9,11 +9,11 @@
 //! in that order before the kernel (as exllama does). On the CPU the op runs the kernel's
 //! reference, which is how the repacking is tested against the dequantizing loaders.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use ember_core::{EmberError, Result, WeightQuantization};
 use ember_kernels::w4a16::{self, W4a16Shape};
 
-use super::{f32s, i32s, packed_int, read_group_map};
+use super::{f32s, i32s, packed_int, read_group_map, GEMV_MAX_ROWS};
 use crate::linear::{LinearLayer, Split};
 use crate::weights::{tensor_bytes, Weights};
 
@@ -302,10 +302,20 @@ impl LinearLayer for Int4Linear {
             Some(order) => x2.index_select(order, 1)?,
             None => x2.contiguous()?,
         };
-        let op = W4a16Op {
-            shape: W4a16Shape { m, ..self.shape },
+        let y = if m <= GEMV_MAX_ROWS {
+            let op = W4a16Op {
+                shape: W4a16Shape { m, ..self.shape },
+            };
+            x2.apply_op3_no_bwd(&self.codes, &self.qparams, &op)?
+        } else {
+            // A prefill-sized batch: the weight dequantized on the device, then a dense GEMM.
+            let op = W4a16Dequant {
+                shape: self.shape,
+                dtype: x2.dtype(),
+            };
+            let w = self.codes.apply_op2_no_bwd(&self.qparams, &op)?;
+            x2.matmul(&w.t()?)?
         };
-        let y = x2.apply_op3_no_bwd(&self.codes, &self.qparams, &op)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has a last dimension") = self.shape.n;
         let y = y.reshape(out_dims)?;
@@ -426,5 +436,85 @@ impl CustomOp3 for W4a16Op {
             other => candle_core::bail!("w4a16 takes f32 or bf16 inputs, not {other:?}"),
         };
         Ok((out, Shape::from((m, n))))
+    }
+}
+
+/// The weight `[n, k]` itself from packed codes and qparams, in `dtype` (f32 or bf16):
+/// ember-kernels' `w4a16::dequantize` on the CPU, its `w4a16_dequant` kernel on CUDA.
+struct W4a16Dequant {
+    shape: W4a16Shape,
+    dtype: DType,
+}
+
+impl CustomOp2 for W4a16Dequant {
+    fn name(&self) -> &'static str {
+        "ember-w4a16-dequant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        codes: &CpuStorage,
+        codes_layout: &Layout,
+        qparams: &CpuStorage,
+        qparams_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let codes = &codes.as_slice::<u8>()?[crate::contiguous_range(codes_layout, "w4a16 codes")?];
+        let qparams =
+            &qparams.as_slice::<f32>()?[crate::contiguous_range(qparams_layout, "w4a16 qparams")?];
+        let (n, k) = (self.shape.n, self.shape.k);
+        let wrap = candle_core::Error::wrap;
+        let out = match self.dtype {
+            DType::F32 => {
+                let mut w = vec![0f32; n * k];
+                w4a16::dequantize(codes, qparams, &self.shape, &mut w).map_err(wrap)?;
+                CpuStorage::F32(w)
+            }
+            DType::BF16 => {
+                let mut w = vec![half::bf16::ZERO; n * k];
+                w4a16::dequantize(codes, qparams, &self.shape, &mut w).map_err(wrap)?;
+                CpuStorage::BF16(w)
+            }
+            other => candle_core::bail!("w4a16 dequantizes to f32 or bf16, not {other:?}"),
+        };
+        Ok((out, Shape::from((n, k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        codes: &candle_core::CudaStorage,
+        codes_layout: &Layout,
+        qparams: &candle_core::CudaStorage,
+        qparams_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = codes.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let codes = codes
+            .as_cuda_slice::<u8>()?
+            .slice(crate::contiguous_range(codes_layout, "w4a16 codes")?);
+        let qparams = qparams
+            .as_cuda_slice::<f32>()?
+            .slice(crate::contiguous_range(qparams_layout, "w4a16 qparams")?);
+        let (n, k) = (self.shape.n, self.shape.k);
+        let wrap = candle_core::Error::wrap;
+        let out = match self.dtype {
+            DType::F32 => {
+                let mut w = device.alloc_zeros::<f32>(n * k)?;
+                kernels
+                    .w4a16_dequant(&codes, &qparams, &self.shape, &mut w)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(w, device)
+            }
+            DType::BF16 => {
+                let mut w = device.alloc_zeros::<half::bf16>(n * k)?;
+                kernels
+                    .w4a16_dequant(&codes, &qparams, &self.shape, &mut w)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(w, device)
+            }
+            other => candle_core::bail!("w4a16 dequantizes to f32 or bf16, not {other:?}"),
+        };
+        Ok((out, Shape::from((n, k))))
     }
 }

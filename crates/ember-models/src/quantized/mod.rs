@@ -14,6 +14,11 @@ use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};
 
 use crate::weights::Weights;
 
+/// Batches of at most this many rows multiply a packed weight with the GEMV kernels (W4A16,
+/// W8A16), which read the weight once per 8 rows; larger ones (prefill) dequantize it on the
+/// device and run a dense GEMM. Not yet tuned on a GPU.
+pub(crate) const GEMV_MAX_ROWS: usize = 16;
+
 /// Dequantizes `<prefix>.weight` `[out_dim, in_dim]` to f32 on the CPU when the checkpoint
 /// stores it quantized; `None` when it is stored plain (an ignored module: embeddings, router,
 /// or whatever the checkpoint's ignore list kept in 16 bits).
