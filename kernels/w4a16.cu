@@ -10,11 +10,22 @@
 #define W4A16_WARPS 4
 #define W4A16_ROWS 8
 
+// One 4-bit code's weight before its scale: the integer less the zero point, or the e2m1 value
+// (sign bit 3, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6).
+__device__ __forceinline__ float w4_value(unsigned int code, float zero, int e2m1) {
+  if (!e2m1) return (float)code - zero;
+  // Exponent bits e and mantissa bit m: m / 2 when e is 0, else (1 + m / 2) * 2^(e - 1), built
+  // from its f32 bits (no lookup table, which ptxas puts on the stack).
+  const unsigned int e = (code >> 1) & 3, m = code & 1;
+  const float magnitude = e == 0 ? 0.5f * (float)m : __int_as_float(((e + 126u) << 23) | (m << 22));
+  return (code & 8) ? -magnitude : magnitude;
+}
+
 template <typename T>
 __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
                            const unsigned char* __restrict__ codes,
                            const float* __restrict__ qparams, int m, int n, int k,
-                           int group_size, int f16_weights) {
+                           int group_size, int f16_weights, int e2m1) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = blockIdx.x * W4A16_WARPS + warp;
   const int r0 = blockIdx.y * W4A16_ROWS;
@@ -33,8 +44,8 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
     const int g = c / group_size;
     const float s = row_qparams[2 * g], z = row_qparams[2 * g + 1];
     const unsigned char byte = row_codes[b];
-    float w0 = ((float)(byte & 15) - z) * s;
-    float w1 = ((float)(byte >> 4) - z) * s;
+    float w0 = w4_value(byte & 15, z, e2m1) * s;
+    float w1 = w4_value(byte >> 4, z, e2m1) * s;
     if (f16_weights) {
       w0 = __half2float(__float2half_rn(w0));
       w1 = __half2float(__float2half_rn(w1));
@@ -62,7 +73,7 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
 template <typename T>
 __device__ void w4a16_dequant(T* __restrict__ out, const unsigned char* __restrict__ codes,
                               const float* __restrict__ qparams, int n, int k, int group_size,
-                              int f16_weights) {
+                              int f16_weights, int e2m1) {
   const long long total = (long long)n * k;
   const int groups = k / group_size;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -70,9 +81,9 @@ __device__ void w4a16_dequant(T* __restrict__ out, const unsigned char* __restri
     const long long j = i / k;
     const int c = (int)(i % k);
     const unsigned char byte = codes[j * (k / 2) + c / 2];
-    const float code = (float)((c % 2 == 0) ? (byte & 15) : (byte >> 4));
+    const unsigned int code = (c % 2 == 0) ? (byte & 15) : (byte >> 4);
     const long long g = j * groups + c / group_size;
-    float w = (code - qparams[2 * g + 1]) * qparams[2 * g];
+    float w = w4_value(code, qparams[2 * g + 1], e2m1) * qparams[2 * g];
     if (f16_weights) w = __half2float(__float2half_rn(w));
     out[i] = store_f32<T>(w);
   }
@@ -81,13 +92,13 @@ __device__ void w4a16_dequant(T* __restrict__ out, const unsigned char* __restri
 #define W4A16_KERNEL(T, SUFFIX)                                                                  \
   extern "C" __global__ void w4a16_gemm_##SUFFIX(T* y, const T* x, const unsigned char* codes,  \
                                                  const float* qparams, int m, int n, int k,      \
-                                                 int group_size, int f16_weights) {              \
-    w4a16_gemm<T>(y, x, codes, qparams, m, n, k, group_size, f16_weights);                      \
+                                                 int group_size, int f16_weights, int e2m1) {    \
+    w4a16_gemm<T>(y, x, codes, qparams, m, n, k, group_size, f16_weights, e2m1);                \
   }                                                                                              \
   extern "C" __global__ void w4a16_dequant_##SUFFIX(T* out, const unsigned char* codes,          \
                                                     const float* qparams, int n, int k,          \
-                                                    int group_size, int f16_weights) {           \
-    w4a16_dequant<T>(out, codes, qparams, n, k, group_size, f16_weights);                       \
+                                                    int group_size, int f16_weights, int e2m1) { \
+    w4a16_dequant<T>(out, codes, qparams, n, k, group_size, f16_weights, e2m1);                 \
   }
 
 W4A16_KERNEL(float, f32)

@@ -193,6 +193,7 @@ impl CudaKernels {
         let k = int32(op, "k", shape.k)?;
         let group_size = int32(op, "group_size", shape.group_size)?;
         let f16_weights = i32::from(shape.f16_weights);
+        let e2m1 = i32::from(shape.e2m1);
         let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
         let blocks_y = u32::try_from(shape.m.div_ceil(W4A16_ROWS as usize))
             .ok()
@@ -213,9 +214,10 @@ impl CudaKernels {
             .arg(&n)
             .arg(&k)
             .arg(&group_size)
-            .arg(&f16_weights);
+            .arg(&f16_weights)
+            .arg(&e2m1);
         // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
-        // int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
+        // int, int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
@@ -305,6 +307,7 @@ impl CudaKernels {
         let k = int32(op, "k", shape.k)?;
         let group_size = int32(op, "group_size", shape.group_size)?;
         let f16_weights = i32::from(shape.f16_weights);
+        let e2m1 = i32::from(shape.e2m1);
         let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -314,9 +317,10 @@ impl CudaKernels {
             .arg(&n)
             .arg(&k)
             .arg(&group_size)
-            .arg(&f16_weights);
-        // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int) in
-        // kernels/w4a16.cu; the shape check bounds every index it touches.
+            .arg(&f16_weights)
+            .arg(&e2m1);
+        // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int, int)
+        // in kernels/w4a16.cu; the shape check bounds every index it touches.
         unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
         Ok(())
     }

@@ -8,6 +8,10 @@
 //!   float16 when [`W4a16Shape::f16_weights`] (GPTQ and AWQ dequantize in their float16 scales'
 //!   dtype; their tools' weights are those, bit for bit).
 //!
+//! With [`W4a16Shape::e2m1`] the codes are FP4 instead (NVFP4, MXFP4): `W[j, c] =
+//! e2m1(code) * scale[j, g]`, the zero point unused; e2m1 has a sign bit (bit 3) and the
+//! magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+//!
 //! Numerics, shared by the CPU reference and `kernels/w4a16.cu`: each weight is dequantized in
 //! f32 (exact: a small integer times the scale) and the products are summed in f32. The GPU sums
 //! in another order (lanes, then a shuffle tree), so the two agree to f32 rounding of the sum
@@ -29,6 +33,24 @@ pub struct W4a16Shape {
     pub group_size: usize,
     /// Round each dequantized weight to float16 (round to nearest even) before multiplying.
     pub f16_weights: bool,
+    /// The codes are e2m1 (FP4) values rather than integers less a zero point.
+    pub e2m1: bool,
+}
+
+/// The magnitudes of e2m1 codes 0-7; bit 3 is the sign.
+const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// A 4-bit code's weight before its scale: the integer less `zero`, or its e2m1 value.
+fn code_value(code: u8, zero: f32, e2m1: bool) -> f32 {
+    if !e2m1 {
+        return f32::from(code) - zero;
+    }
+    let magnitude = E2M1[usize::from(code & 7)];
+    if code & 8 != 0 {
+        -magnitude
+    } else {
+        magnitude
+    }
 }
 
 /// Checks the buffers of a call against `shape`.
@@ -85,7 +107,7 @@ pub fn weight(codes: &[u8], qparams: &[f32], shape: &W4a16Shape, j: usize, c: us
         byte >> 4
     };
     let g = j * groups + c / shape.group_size;
-    let w = (f32::from(code) - qparams[2 * g + 1]) * qparams[2 * g];
+    let w = code_value(code, qparams[2 * g + 1], shape.e2m1) * qparams[2 * g];
     if shape.f16_weights {
         half::f16::from_f32(w).to_f32()
     } else {
@@ -157,6 +179,7 @@ mod tests {
             k: 4,
             group_size: 2,
             f16_weights: false,
+            e2m1: false,
         };
         let codes = pack_codes(&[3, 12, 0, 15], 4);
         assert_eq!(codes, [3 | 12 << 4, 15 << 4]);
@@ -172,11 +195,20 @@ mod tests {
             k: 2,
             group_size: 2,
             f16_weights: true,
+            e2m1: false,
         };
         let mut y = [0.0f32];
         w4a16_gemm(&[1.0f32, 0.0], &[7], &[0.1, 0.0], &shape, &mut y).unwrap();
         assert_eq!(y, [half::f16::from_f32(0.7).to_f32()]);
         assert_ne!(y, [0.7]);
+        // e2m1 codes 3 (1.5) and 13 (-3) at scale 2; the zero point is ignored.
+        let shape = W4a16Shape {
+            e2m1: true,
+            f16_weights: false,
+            ..shape
+        };
+        w4a16_gemm(&[1.0f32, 1.0], &[3 | 13 << 4], &[2.0, 5.0], &shape, &mut y).unwrap();
+        assert_eq!(y, [3.0 - 6.0]);
     }
 
     #[test]
@@ -187,6 +219,7 @@ mod tests {
             k: 8,
             group_size: 3,
             f16_weights: false,
+            e2m1: false,
         };
         let e = w4a16_shape(&shape, 8, 8, 8, 2).unwrap_err().to_string();
         assert!(e.contains("group_size 3"), "{e}");

@@ -377,13 +377,16 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     let s = k.stream();
     // (m, n, k, group_size): one token, ragged tiles of rows and warps, the smallest group, and
     // real expert and dense shapes (DeepSeek-V3's 7168 hidden, Qwen3's 4096 at group 128).
-    for &(m, n, kk, group_size, f16_weights) in &[
-        (1, 64, 128, 32, false),
-        (3, 33, 256, 128, true),
-        (9, 7, 64, 2, false),
-        (8, 100, 2048, 128, true),
-        (17, 512, 7168, 32, false),
-        (1, 4096, 4096, 128, true),
+    // The last two are FP4: NVFP4's groups of 16, MXFP4's of 32.
+    for &(m, n, kk, group_size, f16_weights, e2m1) in &[
+        (1, 64, 128, 32, false, false),
+        (3, 33, 256, 128, true, false),
+        (9, 7, 64, 2, false, false),
+        (8, 100, 2048, 128, true, false),
+        (17, 512, 7168, 32, false, false),
+        (1, 4096, 4096, 128, true, false),
+        (5, 300, 7168, 16, false, true),
+        (2, 96, 2048, 32, false, true),
     ] {
         let shape = W4a16Shape {
             m,
@@ -391,6 +394,7 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             k: kk,
             group_size,
             f16_weights,
+            e2m1,
         };
         let what = format!("w4a16_gemm_{} {shape:?}", T::KERNEL_SUFFIX);
         let groups = kk / group_size;
@@ -424,9 +428,7 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             for j in 0..n {
                 let magnitude: f32 = (0..kk)
                     .map(|c| {
-                        let g = j * groups + c / group_size;
-                        let w =
-                            (i32::from(codes[j * kk + c]) - i32::from(zeros[g])) as f32 * scales[g];
+                        let w = w4a16::weight(&packed, &qparams, &shape, j, c);
                         (x[r * kk + c].to_f32() * w).abs()
                     })
                     .sum();

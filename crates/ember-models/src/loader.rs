@@ -230,6 +230,8 @@ fn holds_packed_weights(
             WeightQuantization::PackedInt { num_bits: 4, .. }
                 | WeightQuantization::Gptq { bits: 4, .. }
                 | WeightQuantization::Awq { .. }
+                | WeightQuantization::Nvfp4(_)
+                | WeightQuantization::Mxfp4
                 | WeightQuantization::Fp8Block(_)
         )
     );

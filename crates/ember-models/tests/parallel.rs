@@ -355,14 +355,20 @@ fn an_embedding_model_shards_to_the_same_hidden_states() {
     }
 }
 
-/// 4-bit routed experts held packed and multiplied by the W4A16 op (its CPU reference here) give
+/// 4-bit routed experts (integer, or FP4: NVFP4, MXFP4) held packed and multiplied by the W4A16 op (its CPU reference here) give
 /// the logprobs of the same weights dequantized at load, at TP 1 and 2 (column and row splits),
 /// and hold a fraction of the bytes. Both dequantize the same way (exact in f32; rounded to
 /// float16 for GPTQ and AWQ, as their tools do), so they agree to the order of the f32 sums:
 /// 1e-4. The GPTQ checkpoint uses activation order: its inputs are gathered.
 #[test]
 fn four_bit_projections_held_packed_give_the_dequantized_logprobs() {
-    for name in ["kimi-k2-int4-tiny", "kimi-k2-gptq-tiny", "kimi-k2-awq-tiny"] {
+    for name in [
+        "kimi-k2-int4-tiny",
+        "kimi-k2-gptq-tiny",
+        "kimi-k2-awq-tiny",
+        "kimi-k2-nvfp4-tiny",
+        "kimi-k2-mxfp4-tiny",
+    ] {
         let tol = 1e-4;
         let one = load_model(&options(name, 1, false)).unwrap();
         let (reference, prefill) = (logprobs(&run_steps(&one)), logprobs(&run_prefill(&one)));

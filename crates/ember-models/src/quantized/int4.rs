@@ -2,18 +2,21 @@
 //! (`kernels/w4a16.cu`, [`ember_kernels::w4a16`]): half a byte per parameter plus one
 //! (scale, zero point) pair per group, instead of the model dtype's 2 or 4 bytes.
 //!
-//! Every INT4 layout this loader reads repacks into the kernel's one layout (unsigned codes,
-//! groups of consecutive inputs): compressed-tensors `pack-quantized` 4-bit, GPTQ 4-bit and AWQ.
+//! Every 4-bit layout this loader reads repacks into the kernel's one layout (codes, groups of
+//! consecutive inputs): compressed-tensors `pack-quantized` 4-bit, GPTQ 4-bit and AWQ as unsigned
+//! integers with zero points; NVFP4 (compressed-tensors and ModelOpt) and MXFP4 as e2m1 codes
+//! with one f32 scale per group (the e4m3 scale with its global scale applied, or the e8m0 power
+//! of two), exactly as their dequantizer computes it.
 //! A weight whose groups are not runs of consecutive inputs (GPTQ's activation order, a permuted
 //! `g_idx`) has its inputs reordered so that they are, and the layer gathers its input's columns
 //! in that order before the kernel (as exllama does). On the CPU the op runs the kernel's
 //! reference, which is how the repacking is tested against the dequantizing loaders.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use ember_core::{EmberError, Result, WeightQuantization};
+use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};
 use ember_kernels::w4a16::{self, W4a16Shape};
 
-use super::{f32s, i32s, packed_int, read_group_map, GEMV_MAX_ROWS};
+use super::{f32s, fp4, i32s, packed_int, read_group_map, u8s, GEMV_MAX_ROWS};
 use crate::linear::{LinearLayer, Split};
 use crate::weights::{tensor_bytes, Weights};
 
@@ -32,6 +35,8 @@ struct Int4Parts {
     /// Each weight rounds to float16, as GPTQ's and AWQ's dequantization in their float16
     /// scales' dtype does (and so the dequantizing loader, see `in_scale_dtype`).
     f16_weights: bool,
+    /// The codes are e2m1 (FP4) values; `zeros` are unused.
+    e2m1: bool,
 }
 
 impl Int4Parts {
@@ -157,6 +162,7 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
                 group_size: size,
                 order,
                 f16_weights: false,
+                e2m1: false,
             }
         }
         Some(WeightQuantization::Gptq {
@@ -186,6 +192,7 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
                 group_size: size,
                 order,
                 f16_weights: weights.stored_dtype("scales") == Some(DType::F16),
+                e2m1: false,
             }
         }
         Some(WeightQuantization::Awq { group_size })
@@ -208,11 +215,57 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
                 group_size,
                 order: None,
                 f16_weights: weights.stored_dtype("scales") == Some(DType::F16),
+                e2m1: false,
             }
+        }
+        Some(WeightQuantization::Nvfp4(layout)) => {
+            let (packed, global) = match layout {
+                Nvfp4Layout::CompressedTensors => ("weight_packed", "weight_global_scale"),
+                Nvfp4Layout::ModelOpt => ("weight", "weight_scale_2"),
+            };
+            if weights.stored_dtype(packed) != Some(DType::U8) || !k.is_multiple_of(16) {
+                return Ok(None);
+            }
+            let scale = f32s(weights, "weight_scale", &[n, k / 16], DType::F8E4M3)?;
+            let global = f32s(weights, global, &[1], DType::F32)?[0];
+            // As the dequantizer: compressed-tensors divides by its global scale, ModelOpt multiplies.
+            let scales = match layout {
+                Nvfp4Layout::CompressedTensors => scale.iter().map(|s| s / global).collect(),
+                Nvfp4Layout::ModelOpt => scale.iter().map(|s| s * global).collect(),
+            };
+            fp4_parts(u8s(weights, packed, &[n, k / 2])?, scales, n, k, 16)
+        }
+        Some(WeightQuantization::Mxfp4)
+            if weights.contains("weight_packed") && k.is_multiple_of(32) =>
+        {
+            let exps = u8s(weights, "weight_scale", &[n, k / 32])?;
+            let scales = exps.into_iter().map(fp4::e8m0).collect();
+            fp4_parts(
+                u8s(weights, "weight_packed", &[n, k / 2])?,
+                scales,
+                n,
+                k,
+                32,
+            )
         }
         _ => return Ok(None),
     };
     Ok(Some(parts.in_order()))
+}
+
+/// FP4 parts from e2m1 bytes `[n, k / 2]` (low nibble first) and one f32 scale per group.
+fn fp4_parts(bytes: Vec<u8>, scales: Vec<f32>, n: usize, k: usize, group_size: usize) -> Int4Parts {
+    Int4Parts {
+        codes: bytes.iter().flat_map(|b| [b & 15, b >> 4]).collect(),
+        zeros: vec![0.0; scales.len()],
+        scales,
+        n,
+        k,
+        group_size,
+        order: None,
+        f16_weights: false,
+        e2m1: true,
+    }
 }
 
 /// `[rows, cols]` row-major to `[cols, rows]`.
@@ -286,6 +339,7 @@ impl Int4Linear {
                 k: parts.k,
                 group_size: parts.group_size,
                 f16_weights: parts.f16_weights,
+                e2m1: parts.e2m1,
             },
             bias,
         }))

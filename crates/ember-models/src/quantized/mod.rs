@@ -285,7 +285,7 @@ pub(super) fn i32s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<
         .map_err(|e| dequant_err(weights, e))
 }
 
-fn u8s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<u8>> {
+pub(super) fn u8s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<u8>> {
     typed(weights, name, dims, DType::U8)?
         .flatten_all()
         .and_then(|t| t.to_vec1::<u8>())
