@@ -57,7 +57,9 @@ impl Int4Parts {
         self.k / self.group_size
     }
 
-    /// Rows `start..start + len` (outputs), or columns (inputs) when `columns`.
+    /// A tensor-parallel rank's part: [`Split::Columns`] takes rows of W (outputs),
+    /// [`Split::Rows`] columns (inputs, whole groups in input order only); `None` when the part
+    /// cannot be held packed.
     fn slice(self, split: Option<Split>) -> Option<Self> {
         let (n, k, groups) = (self.n, self.k, self.groups());
         match split {
