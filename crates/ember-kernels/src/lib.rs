@@ -14,6 +14,7 @@ pub mod scatter_rows;
 pub mod silu_and_mul;
 pub mod w4a16;
 pub mod w8a16;
+mod weight_gemm;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -134,9 +134,7 @@ pub fn dequantize<T: Element>(
     check_shape(out.len() == n * k, "w4a16_dequant", || {
         format!("out has {} elements, expected {n} x {k}", out.len())
     })?;
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = T::from_f32(weight(codes, qparams, shape, i / k, i % k));
-    }
+    crate::weight_gemm::dequantize_into(k, |j, c| weight(codes, qparams, shape, j, c), out);
     Ok(())
 }
 
@@ -149,20 +147,8 @@ pub fn w4a16_gemm<T: Element>(
     y: &mut [T],
 ) -> Result<(), KernelError> {
     w4a16_shape(shape, x.len(), codes.len(), qparams.len(), y.len())?;
-    let (m, n, k) = (shape.m, shape.n, shape.k);
-    let w: Vec<f32> = (0..n * k)
-        .map(|i| weight(codes, qparams, shape, i / k, i % k))
-        .collect();
-    for r in 0..m {
-        let xr = &x[r * k..(r + 1) * k];
-        for j in 0..n {
-            let sum = xr
-                .iter()
-                .zip(&w[j * k..(j + 1) * k])
-                .fold(0f32, |acc, (&a, &b)| acc + a.to_f32() * b);
-            y[r * n + j] = T::from_f32(sum);
-        }
-    }
+    let dims = [shape.m, shape.n, shape.k];
+    crate::weight_gemm::gemm(x, dims, |j, c| weight(codes, qparams, shape, j, c), y);
     Ok(())
 }
 

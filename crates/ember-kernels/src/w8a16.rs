@@ -98,9 +98,7 @@ pub fn dequantize<T: Element>(
     check_shape(out.len() == n * k, "w8a16_dequant", || {
         format!("out has {} elements, expected {n} x {k}", out.len())
     })?;
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = T::from_f32(weight(w, scales, shape, i / k, i % k));
-    }
+    crate::weight_gemm::dequantize_into(k, |j, c| weight(w, scales, shape, j, c), out);
     Ok(())
 }
 
@@ -113,20 +111,8 @@ pub fn w8a16_gemm<T: Element>(
     y: &mut [T],
 ) -> Result<(), KernelError> {
     w8a16_shape(shape, x.len(), w.len(), scales.len(), y.len())?;
-    let (m, n, k) = (shape.m, shape.n, shape.k);
-    let dequantized: Vec<f32> = (0..n * k)
-        .map(|i| weight(w, scales, shape, i / k, i % k))
-        .collect();
-    for r in 0..m {
-        let xr = &x[r * k..(r + 1) * k];
-        for j in 0..n {
-            let sum = xr
-                .iter()
-                .zip(&dequantized[j * k..(j + 1) * k])
-                .fold(0f32, |acc, (&a, &b)| acc + a.to_f32() * b);
-            y[r * n + j] = T::from_f32(sum);
-        }
-    }
+    let dims = [shape.m, shape.n, shape.k];
+    crate::weight_gemm::gemm(x, dims, |j, c| weight(w, scales, shape, j, c), y);
     Ok(())
 }
 

@@ -373,6 +373,40 @@ fn scatter_rows_matches_the_cpu_reference() {
     }
 }
 
+/// GEMM outputs `[m, n]` within 1e-5 of the sum of their terms' magnitudes (the f32 sums run in
+/// another order), plus one bf16 ulp of the result for bf16.
+fn assert_gemm_close<T: CudaElement>(
+    what: &str,
+    [m, n]: [usize; 2],
+    gpu: &[T],
+    cpu: &[T],
+    magnitude: impl Fn(usize, usize) -> f32,
+) {
+    for r in 0..m {
+        for j in 0..n {
+            let (g, c) = (gpu[r * n + j].to_f32(), cpu[r * n + j].to_f32());
+            let ulp = if T::KERNEL_SUFFIX == "bf16" {
+                c.abs() / 128.0
+            } else {
+                0.0
+            };
+            let tol = 1e-5 * magnitude(r, j) + ulp + 1e-6;
+            assert!(
+                (g - c).abs() <= tol,
+                "{what} y[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+            );
+        }
+    }
+}
+
+/// The same bits, element by element.
+fn assert_bits_equal<T: CudaElement>(what: &str, gpu: &[T], cpu: &[T]) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert_eq!(g.to_f32().to_bits(), c.to_f32().to_bits(), "{what}[{i}]");
+    }
+}
+
 fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     let s = k.stream();
     // (m, n, k, group_size): one token, ragged tiles of rows and warps, the smallest group, and
@@ -424,27 +458,13 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         )
         .unwrap();
         let gpu = s.clone_dtoh(&dy).unwrap();
-        for r in 0..m {
-            for j in 0..n {
-                let magnitude: f32 = (0..kk)
-                    .map(|c| {
-                        let w = w4a16::weight(&packed, &qparams, &shape, j, c);
-                        (x[r * kk + c].to_f32() * w).abs()
-                    })
-                    .sum();
-                let (g, c) = (gpu[r * n + j].to_f32(), cpu[r * n + j].to_f32());
-                let ulp = if T::KERNEL_SUFFIX == "bf16" {
-                    c.abs() / 128.0
-                } else {
-                    0.0
-                };
-                let tol = 1e-5 * magnitude + ulp + 1e-6;
-                assert!(
-                    (g - c).abs() <= tol,
-                    "{what} y[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
-                );
-            }
-        }
+        assert_gemm_close(&what, [m, n], &gpu, &cpu, |r, j| {
+            (0..kk)
+                .map(|c| {
+                    (x[r * kk + c].to_f32() * w4a16::weight(&packed, &qparams, &shape, j, c)).abs()
+                })
+                .sum()
+        });
         // The dequantized weight: the same f32 math and one rounding, so bit for bit.
         let mut cpu_w = vec![T::from_f32(0.0); n * kk];
         w4a16::dequantize(&packed, &qparams, &shape, &mut cpu_w).unwrap();
@@ -452,13 +472,7 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         k.w4a16_dequant(&dcodes.as_view(), &dqparams.as_view(), &shape, &mut dw)
             .unwrap();
         let gpu_w = s.clone_dtoh(&dw).unwrap();
-        for (i, (g, c)) in gpu_w.iter().zip(&cpu_w).enumerate() {
-            assert_eq!(
-                g.to_f32().to_bits(),
-                c.to_f32().to_bits(),
-                "{what} dequant[{i}]"
-            );
-        }
+        assert_bits_equal(&format!("{what} dequant"), &gpu_w, &cpu_w);
     }
 }
 
@@ -514,26 +528,11 @@ fn check_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         k.w8a16_gemm(&dx.as_view(), &dw.as_view(), &ds.as_view(), &shape, &mut dy)
             .unwrap();
         let gpu = s.clone_dtoh(&dy).unwrap();
-        for r in 0..m {
-            for j in 0..n {
-                let magnitude: f32 = (0..kk)
-                    .map(|c| {
-                        (x[r * kk + c].to_f32() * w8a16::weight(&w, &scales, &shape, j, c)).abs()
-                    })
-                    .sum();
-                let (g, c) = (gpu[r * n + j].to_f32(), cpu[r * n + j].to_f32());
-                let ulp = if T::KERNEL_SUFFIX == "bf16" {
-                    c.abs() / 128.0
-                } else {
-                    0.0
-                };
-                let tol = 1e-5 * magnitude + ulp + 1e-6;
-                assert!(
-                    (g - c).abs() <= tol,
-                    "{what} y[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
-                );
-            }
-        }
+        assert_gemm_close(&what, [m, n], &gpu, &cpu, |r, j| {
+            (0..kk)
+                .map(|c| (x[r * kk + c].to_f32() * w8a16::weight(&w, &scales, &shape, j, c)).abs())
+                .sum()
+        });
         // The dequantized weight: the same f32 math and one rounding, so bit for bit.
         let mut cpu_w = vec![T::from_f32(0.0); n * kk];
         w8a16::dequantize(&w, &scales, &shape, &mut cpu_w).unwrap();
@@ -541,13 +540,7 @@ fn check_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         k.w8a16_dequant(&dw.as_view(), &ds.as_view(), &shape, &mut dwt)
             .unwrap();
         let gpu_w = s.clone_dtoh(&dwt).unwrap();
-        for (i, (g, c)) in gpu_w.iter().zip(&cpu_w).enumerate() {
-            assert_eq!(
-                g.to_f32().to_bits(),
-                c.to_f32().to_bits(),
-                "{what} dequant[{i}]"
-            );
-        }
+        assert_bits_equal(&format!("{what} dequant"), &gpu_w, &cpu_w);
     }
 }
 

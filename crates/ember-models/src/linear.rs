@@ -9,8 +9,7 @@ use ember_core::{EmberError, Result};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::quantized::dequantize_weight;
 use crate::quantized::fp8::Fp8ChannelLinear;
-use crate::quantized::fp8_block::Fp8BlockLinear;
-use crate::quantized::int4::Int4Linear;
+use crate::quantized::{fp8_block, int4};
 use crate::weights::{tensor_bytes, Weights};
 use crate::TensorResult;
 
@@ -246,10 +245,10 @@ fn packed_projection(
     if !weights.packed_weights() {
         return Ok(None);
     }
-    if let Some(layer) = Int4Linear::load(weights, in_dim, out_dim, split, bias.clone())? {
+    if let Some(layer) = int4::load(weights, in_dim, out_dim, split, bias.clone())? {
         return Ok(Some(Arc::new(layer)));
     }
-    let layer = Fp8BlockLinear::load(weights, in_dim, out_dim, split, bias.clone())?;
+    let layer = fp8_block::load(weights, in_dim, out_dim, split, bias.clone())?;
     Ok(layer.map(|l| Arc::new(l) as Arc<dyn LinearLayer>))
 }
 

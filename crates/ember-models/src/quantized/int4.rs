@@ -12,12 +12,13 @@
 //! in that order before the kernel (as exllama does). On the CPU the op runs the kernel's
 //! reference, which is how the repacking is tested against the dequantizing loaders.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Tensor};
 use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};
 use ember_kernels::w4a16::{self, W4a16Shape};
 
-use super::{f32s, fp4, i32s, packed_int, read_group_map, u8s, GEMV_MAX_ROWS};
-use crate::linear::{LinearLayer, Split};
+use super::packed::PackedLinear;
+use super::{f32s, fp4, i32s, packed_int, read_group_map, u8s};
+use crate::linear::Split;
 use crate::weights::{tensor_bytes, Weights};
 
 /// A weight `[n, k]` as the W4A16 kernel reads it, on the host.
@@ -277,300 +278,51 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A projection over a 4-bit weight held packed, multiplied by the W4A16 kernel.
-pub struct Int4Linear {
-    /// `[n * k / 2]` packed codes.
-    codes: Tensor,
-    /// `[n * groups * 2]` interleaved (scale, zero point).
-    qparams: Tensor,
-    shape: W4a16Shape,
+/// The rank's part `split` of `<prefix>.weight` held packed for the W4A16 kernel, when the
+/// checkpoint stores it in a 4-bit layout the kernel reads and the model computes in f32 or
+/// bf16; `None` to load it the usual way.
+pub(crate) fn load(
+    weights: &Weights,
+    in_dim: usize,
+    out_dim: usize,
+    split: Option<Split>,
     bias: Option<Tensor>,
-    /// The input columns the kernel takes, in its order (activation order), if permuted.
-    order: Option<Tensor>,
-    /// The model dtype, which [`LinearLayer::weight`] returns.
-    dtype: DType,
-}
-
-impl Int4Linear {
-    /// The rank's part `split` of `<prefix>.weight` held packed, when the checkpoint stores it
-    /// in a 4-bit layout the kernel reads and the model computes in f32 or bf16; `None` to load
-    /// it the usual way.
-    pub fn load(
-        weights: &Weights,
-        in_dim: usize,
-        out_dim: usize,
-        split: Option<Split>,
-        bias: Option<Tensor>,
-    ) -> Result<Option<Self>> {
-        if !matches!(weights.dtype(), DType::F32 | DType::BF16) {
-            return Ok(None);
-        }
-        let Some(parts) = int4_parts(weights, in_dim, out_dim)?.and_then(|p| p.slice(split)) else {
-            return Ok(None);
-        };
-        let err = |e: candle_core::Error| {
-            EmberError::Weights(format!(
-                "cannot hold `{}.weight` as 4-bit: {e}",
-                weights.prefix()
-            ))
-        };
-        let packed = w4a16::pack_codes(&parts.codes, parts.k);
-        let qparams: Vec<f32> = parts
-            .scales
-            .iter()
-            .zip(&parts.zeros)
-            .flat_map(|(&s, &z)| [s, z])
-            .collect();
-        let device = weights.device();
-        let codes = Tensor::from_vec(packed, parts.n * parts.k / 2, device).map_err(err)?;
-        let qparams =
-            Tensor::from_vec(qparams, parts.n * parts.groups() * 2, device).map_err(err)?;
-        let order = match &parts.order {
-            Some(order) => Some(Tensor::new(order.as_slice(), device).map_err(err)?),
-            None => None,
-        };
-        weights.note_held(tensor_bytes(&codes) + tensor_bytes(&qparams));
-        Ok(Some(Self {
-            order,
-            dtype: weights.dtype(),
-            codes,
-            qparams,
-            shape: W4a16Shape {
-                m: 0,
-                n: parts.n,
-                k: parts.k,
-                group_size: parts.group_size,
-                f16_weights: parts.f16_weights,
-                e2m1: parts.e2m1,
-            },
-            bias,
-        }))
+) -> Result<Option<PackedLinear<W4a16Shape>>> {
+    if !matches!(weights.dtype(), DType::F32 | DType::BF16) {
+        return Ok(None);
     }
-}
-
-impl LinearLayer for Int4Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        let m = x.elem_count() / k.max(1);
-        let x2 = x.reshape((m, k))?;
-        let x2 = match &self.order {
-            Some(order) => x2.index_select(order, 1)?,
-            None => x2.contiguous()?,
-        };
-        let y = if m <= GEMV_MAX_ROWS {
-            let op = W4a16Op {
-                shape: W4a16Shape { m, ..self.shape },
-            };
-            x2.apply_op3_no_bwd(&self.codes, &self.qparams, &op)?
-        } else {
-            // A prefill-sized batch: the weight dequantized on the device, then a dense GEMM.
-            let op = W4a16Dequant {
-                shape: self.shape,
-                dtype: x2.dtype(),
-            };
-            let w = self.codes.apply_op2_no_bwd(&self.qparams, &op)?;
-            x2.matmul(&w.t()?)?
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("x has a last dimension") = self.shape.n;
-        let y = y.reshape(out_dims)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-
-    fn weight(&self) -> candle_core::Result<Tensor> {
-        let codes = self
-            .codes
-            .to_device(&candle_core::Device::Cpu)?
-            .to_vec1::<u8>()?;
-        let qparams = self
-            .qparams
-            .to_device(&candle_core::Device::Cpu)?
-            .to_vec1::<f32>()?;
-        let (n, k) = (self.shape.n, self.shape.k);
-        let mut w = vec![0f32; n * k];
-        let order = match &self.order {
-            Some(o) => o.to_device(&candle_core::Device::Cpu)?.to_vec1::<u32>()?,
-            None => (0..k as u32).collect(),
-        };
-        for j in 0..n {
-            for (c, &input) in order.iter().enumerate() {
-                w[j * k + input as usize] = w4a16::weight(&codes, &qparams, &self.shape, j, c);
-            }
-        }
-        Tensor::from_vec(w, (n, k), self.codes.device())?.to_dtype(self.dtype)
-    }
-}
-
-/// `y = x · Wᵀ` over a packed 4-bit weight: ember-kernels' reference on the CPU, its
-/// `w4a16_gemm` kernel on CUDA. Inputs: `x` `[m, k]` (f32 or bf16), codes, qparams.
-struct W4a16Op {
-    shape: W4a16Shape,
-}
-
-impl CustomOp3 for W4a16Op {
-    fn name(&self) -> &'static str {
-        "ember-w4a16"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        codes: &CpuStorage,
-        codes_layout: &Layout,
-        qparams: &CpuStorage,
-        qparams_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let codes = &codes.as_slice::<u8>()?[crate::contiguous_range(codes_layout, "w4a16 codes")?];
-        let qparams =
-            &qparams.as_slice::<f32>()?[crate::contiguous_range(qparams_layout, "w4a16 qparams")?];
-        let range = crate::contiguous_range(x_layout, "w4a16 input")?;
-        let (m, n) = (self.shape.m, self.shape.n);
-        let wrap = candle_core::Error::wrap;
-        let out = match x {
-            CpuStorage::F32(x) => {
-                let mut y = vec![0f32; m * n];
-                w4a16::w4a16_gemm(&x[range], codes, qparams, &self.shape, &mut y).map_err(wrap)?;
-                CpuStorage::F32(y)
-            }
-            CpuStorage::BF16(x) => {
-                let mut y = vec![half::bf16::ZERO; m * n];
-                w4a16::w4a16_gemm(&x[range], codes, qparams, &self.shape, &mut y).map_err(wrap)?;
-                CpuStorage::BF16(y)
-            }
-            other => candle_core::bail!(
-                "w4a16 takes f32 or bf16 inputs, not {:?}",
-                candle_core::backend::BackendStorage::dtype(other)
-            ),
-        };
-        Ok((out, Shape::from((m, n))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        x_layout: &Layout,
-        codes: &candle_core::CudaStorage,
-        codes_layout: &Layout,
-        qparams: &candle_core::CudaStorage,
-        qparams_layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let device = x.device().clone();
-        let kernels = crate::cuda_attention::kernels(&device)?;
-        let codes = codes
-            .as_cuda_slice::<u8>()?
-            .slice(crate::contiguous_range(codes_layout, "w4a16 codes")?);
-        let qparams = qparams
-            .as_cuda_slice::<f32>()?
-            .slice(crate::contiguous_range(qparams_layout, "w4a16 qparams")?);
-        let range = crate::contiguous_range(x_layout, "w4a16 input")?;
-        let (m, n) = (self.shape.m, self.shape.n);
-        let wrap = candle_core::Error::wrap;
-        let out = match x.dtype() {
-            DType::F32 => {
-                let xs = x.as_cuda_slice::<f32>()?.slice(range);
-                let mut y = device.alloc_zeros::<f32>(m * n)?;
-                kernels
-                    .w4a16_gemm(&xs, &codes, &qparams, &self.shape, &mut y)
-                    .map_err(wrap)?;
-                candle_core::CudaStorage::wrap_cuda_slice(y, device)
-            }
-            DType::BF16 => {
-                let xs = x.as_cuda_slice::<half::bf16>()?.slice(range);
-                let mut y = device.alloc_zeros::<half::bf16>(m * n)?;
-                kernels
-                    .w4a16_gemm(&xs, &codes, &qparams, &self.shape, &mut y)
-                    .map_err(wrap)?;
-                candle_core::CudaStorage::wrap_cuda_slice(y, device)
-            }
-            other => candle_core::bail!("w4a16 takes f32 or bf16 inputs, not {other:?}"),
-        };
-        Ok((out, Shape::from((m, n))))
-    }
-}
-
-/// The weight `[n, k]` itself from packed codes and qparams, in `dtype` (f32 or bf16):
-/// ember-kernels' `w4a16::dequantize` on the CPU, its `w4a16_dequant` kernel on CUDA.
-struct W4a16Dequant {
-    shape: W4a16Shape,
-    dtype: DType,
-}
-
-impl CustomOp2 for W4a16Dequant {
-    fn name(&self) -> &'static str {
-        "ember-w4a16-dequant"
-    }
-
-    fn cpu_fwd(
-        &self,
-        codes: &CpuStorage,
-        codes_layout: &Layout,
-        qparams: &CpuStorage,
-        qparams_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let codes = &codes.as_slice::<u8>()?[crate::contiguous_range(codes_layout, "w4a16 codes")?];
-        let qparams =
-            &qparams.as_slice::<f32>()?[crate::contiguous_range(qparams_layout, "w4a16 qparams")?];
-        let (n, k) = (self.shape.n, self.shape.k);
-        let wrap = candle_core::Error::wrap;
-        let out = match self.dtype {
-            DType::F32 => {
-                let mut w = vec![0f32; n * k];
-                w4a16::dequantize(codes, qparams, &self.shape, &mut w).map_err(wrap)?;
-                CpuStorage::F32(w)
-            }
-            DType::BF16 => {
-                let mut w = vec![half::bf16::ZERO; n * k];
-                w4a16::dequantize(codes, qparams, &self.shape, &mut w).map_err(wrap)?;
-                CpuStorage::BF16(w)
-            }
-            other => candle_core::bail!("w4a16 dequantizes to f32 or bf16, not {other:?}"),
-        };
-        Ok((out, Shape::from((n, k))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        codes: &candle_core::CudaStorage,
-        codes_layout: &Layout,
-        qparams: &candle_core::CudaStorage,
-        qparams_layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let device = codes.device().clone();
-        let kernels = crate::cuda_attention::kernels(&device)?;
-        let codes = codes
-            .as_cuda_slice::<u8>()?
-            .slice(crate::contiguous_range(codes_layout, "w4a16 codes")?);
-        let qparams = qparams
-            .as_cuda_slice::<f32>()?
-            .slice(crate::contiguous_range(qparams_layout, "w4a16 qparams")?);
-        let (n, k) = (self.shape.n, self.shape.k);
-        let wrap = candle_core::Error::wrap;
-        let out = match self.dtype {
-            DType::F32 => {
-                let mut w = device.alloc_zeros::<f32>(n * k)?;
-                kernels
-                    .w4a16_dequant(&codes, &qparams, &self.shape, &mut w)
-                    .map_err(wrap)?;
-                candle_core::CudaStorage::wrap_cuda_slice(w, device)
-            }
-            DType::BF16 => {
-                let mut w = device.alloc_zeros::<half::bf16>(n * k)?;
-                kernels
-                    .w4a16_dequant(&codes, &qparams, &self.shape, &mut w)
-                    .map_err(wrap)?;
-                candle_core::CudaStorage::wrap_cuda_slice(w, device)
-            }
-            other => candle_core::bail!("w4a16 dequantizes to f32 or bf16, not {other:?}"),
-        };
-        Ok((out, Shape::from((n, k))))
-    }
+    let Some(parts) = int4_parts(weights, in_dim, out_dim)?.and_then(|p| p.slice(split)) else {
+        return Ok(None);
+    };
+    let err = |e: candle_core::Error| {
+        EmberError::Weights(format!(
+            "cannot hold `{}.weight` as 4-bit: {e}",
+            weights.prefix()
+        ))
+    };
+    let packed = w4a16::pack_codes(&parts.codes, parts.k);
+    let qparams: Vec<f32> = parts
+        .scales
+        .iter()
+        .zip(&parts.zeros)
+        .flat_map(|(&s, &z)| [s, z])
+        .collect();
+    let device = weights.device();
+    let codes = Tensor::from_vec(packed, parts.n * parts.k / 2, device).map_err(err)?;
+    let qparams = Tensor::from_vec(qparams, parts.n * parts.groups() * 2, device).map_err(err)?;
+    let order = match &parts.order {
+        Some(order) => Some(Tensor::new(order.as_slice(), device).map_err(err)?),
+        None => None,
+    };
+    weights.note_held(tensor_bytes(&codes) + tensor_bytes(&qparams));
+    let shape = W4a16Shape {
+        m: 0,
+        n: parts.n,
+        k: parts.k,
+        group_size: parts.group_size,
+        f16_weights: parts.f16_weights,
+        e2m1: parts.e2m1,
+    };
+    let layer = PackedLinear::new(codes, qparams, shape, bias, order, weights.dtype());
+    Ok(Some(layer))
 }

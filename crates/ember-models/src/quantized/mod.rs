@@ -7,6 +7,7 @@ pub mod fp4;
 pub mod fp8;
 pub mod fp8_block;
 pub mod int4;
+mod packed;
 pub mod packed_int;
 
 use candle_core::{DType, Device, Tensor};

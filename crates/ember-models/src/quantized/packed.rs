@@ -1,0 +1,450 @@
+//! A projection over a weight held as its checkpoint packs it (4-bit codes, e4m3 bytes), one
+//! layer for every packed format: batches of up to [`GEMV_MAX_ROWS`] rows multiply the packed
+//! weight with the format's GEMV kernel; larger ones (prefill) dequantize it on the device and
+//! run a dense GEMM. On the CPU both ops run ember-kernels' references. The formats are
+//! [`ember_kernels::w4a16`] ([`crate::quantized::int4`]) and [`ember_kernels::w8a16`]
+//! ([`crate::quantized::fp8_block`]).
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use ember_kernels::w4a16::{self, W4a16Shape};
+use ember_kernels::w8a16::{self, W8a16Shape};
+use ember_kernels::{Element, KernelError};
+
+use super::GEMV_MAX_ROWS;
+use crate::linear::LinearLayer;
+
+/// A packed weight format: its shape, and its kernels over the packed bytes and the f32
+/// parameters (qparams or block scales) beside them.
+pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
+    /// The op names candle reports.
+    const GEMM: &'static str;
+    const DEQUANT: &'static str;
+
+    /// Outputs `n` and inputs `k` of the weight `[n, k]`.
+    fn dims(&self) -> (usize, usize);
+
+    /// The CPU GEMM reference over `m` rows.
+    fn gemm<T: Element>(
+        &self,
+        m: usize,
+        x: &[T],
+        bytes: &[u8],
+        params: &[f32],
+        y: &mut [T],
+    ) -> Result<(), KernelError>;
+
+    /// The CPU dequantization reference: the weight `[n, k]` in `T`.
+    fn dequant<T: Element>(
+        &self,
+        bytes: &[u8],
+        params: &[f32],
+        out: &mut [T],
+    ) -> Result<(), KernelError>;
+
+    /// [`PackedFormat::gemm`] on the GPU.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_cuda<T: ember_kernels::cuda::CudaElement>(
+        &self,
+        kernels: &ember_kernels::cuda::CudaKernels,
+        m: usize,
+        x: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
+        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+        y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    ) -> Result<(), KernelError>;
+
+    /// [`PackedFormat::dequant`] on the GPU.
+    #[cfg(feature = "cuda")]
+    fn dequant_cuda<T: ember_kernels::cuda::CudaElement>(
+        &self,
+        kernels: &ember_kernels::cuda::CudaKernels,
+        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+        out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    ) -> Result<(), KernelError>;
+}
+
+impl PackedFormat for W4a16Shape {
+    const GEMM: &'static str = "ember-w4a16";
+    const DEQUANT: &'static str = "ember-w4a16-dequant";
+
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn gemm<T: Element>(
+        &self,
+        m: usize,
+        x: &[T],
+        bytes: &[u8],
+        params: &[f32],
+        y: &mut [T],
+    ) -> Result<(), KernelError> {
+        w4a16::w4a16_gemm(x, bytes, params, &W4a16Shape { m, ..*self }, y)
+    }
+
+    fn dequant<T: Element>(
+        &self,
+        bytes: &[u8],
+        params: &[f32],
+        out: &mut [T],
+    ) -> Result<(), KernelError> {
+        w4a16::dequantize(bytes, params, self, out)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn gemm_cuda<T: ember_kernels::cuda::CudaElement>(
+        &self,
+        kernels: &ember_kernels::cuda::CudaKernels,
+        m: usize,
+        x: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
+        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+        y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        kernels.w4a16_gemm(x, bytes, params, &W4a16Shape { m, ..*self }, y)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn dequant_cuda<T: ember_kernels::cuda::CudaElement>(
+        &self,
+        kernels: &ember_kernels::cuda::CudaKernels,
+        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+        out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        kernels.w4a16_dequant(bytes, params, self, out)
+    }
+}
+
+impl PackedFormat for W8a16Shape {
+    const GEMM: &'static str = "ember-w8a16";
+    const DEQUANT: &'static str = "ember-w8a16-dequant";
+
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    fn gemm<T: Element>(
+        &self,
+        m: usize,
+        x: &[T],
+        bytes: &[u8],
+        params: &[f32],
+        y: &mut [T],
+    ) -> Result<(), KernelError> {
+        w8a16::w8a16_gemm(x, bytes, params, &W8a16Shape { m, ..*self }, y)
+    }
+
+    fn dequant<T: Element>(
+        &self,
+        bytes: &[u8],
+        params: &[f32],
+        out: &mut [T],
+    ) -> Result<(), KernelError> {
+        w8a16::dequantize(bytes, params, self, out)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn gemm_cuda<T: ember_kernels::cuda::CudaElement>(
+        &self,
+        kernels: &ember_kernels::cuda::CudaKernels,
+        m: usize,
+        x: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
+        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+        y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        kernels.w8a16_gemm(x, bytes, params, &W8a16Shape { m, ..*self }, y)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn dequant_cuda<T: ember_kernels::cuda::CudaElement>(
+        &self,
+        kernels: &ember_kernels::cuda::CudaKernels,
+        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+        out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        kernels.w8a16_dequant(bytes, params, self, out)
+    }
+}
+
+/// A projection over a packed weight (see the module doc).
+pub(crate) struct PackedLinear<F: PackedFormat> {
+    /// The packed bytes (u8).
+    bytes: Tensor,
+    /// The f32 parameters beside them.
+    params: Tensor,
+    format: F,
+    bias: Option<Tensor>,
+    /// The input columns the kernels take, in their order (GPTQ's activation order), if permuted.
+    order: Option<Tensor>,
+    /// The model dtype, which [`LinearLayer::weight`] returns.
+    dtype: DType,
+}
+
+impl<F: PackedFormat> PackedLinear<F> {
+    pub fn new(
+        bytes: Tensor,
+        params: Tensor,
+        format: F,
+        bias: Option<Tensor>,
+        order: Option<Tensor>,
+        dtype: DType,
+    ) -> Self {
+        Self {
+            bytes,
+            params,
+            format,
+            bias,
+            order,
+            dtype,
+        }
+    }
+}
+
+impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, _) = self.format.dims();
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m = x.elem_count() / k.max(1);
+        let x2 = x.reshape((m, k))?;
+        let x2 = match &self.order {
+            Some(order) => x2.index_select(order, 1)?,
+            None => x2.contiguous()?,
+        };
+        let y = if m <= GEMV_MAX_ROWS {
+            let op = Gemm {
+                format: self.format,
+                m,
+            };
+            x2.apply_op3_no_bwd(&self.bytes, &self.params, &op)?
+        } else {
+            let op = Dequant {
+                format: self.format,
+                dtype: x2.dtype(),
+            };
+            let w = self.bytes.apply_op2_no_bwd(&self.params, &op)?;
+            x2.matmul(&w.t()?)?
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("x has a last dimension") = n;
+        let y = y.reshape(out_dims)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        let cpu = candle_core::Device::Cpu;
+        let (n, k) = self.format.dims();
+        let bytes = self.bytes.to_device(&cpu)?.to_vec1::<u8>()?;
+        let params = self.params.to_device(&cpu)?.to_vec1::<f32>()?;
+        let mut kernel_order = vec![0f32; n * k];
+        self.format
+            .dequant(&bytes, &params, &mut kernel_order)
+            .map_err(candle_core::Error::wrap)?;
+        // Columns back to the inputs' order.
+        let w = match &self.order {
+            Some(order) => {
+                let order = order.to_device(&cpu)?.to_vec1::<u32>()?;
+                let mut w = vec![0f32; n * k];
+                for j in 0..n {
+                    for (c, &input) in order.iter().enumerate() {
+                        w[j * k + input as usize] = kernel_order[j * k + c];
+                    }
+                }
+                w
+            }
+            None => kernel_order,
+        };
+        Tensor::from_vec(w, (n, k), self.bytes.device())?.to_dtype(self.dtype)
+    }
+}
+
+/// The format's GEMM over `x` `[m, k]` (f32 or bf16), the bytes and the params.
+struct Gemm<F> {
+    format: F,
+    m: usize,
+}
+
+/// The weight `[n, k]` itself, in `dtype` (f32 or bf16), from the bytes and the params.
+struct Dequant<F> {
+    format: F,
+    dtype: DType,
+}
+
+/// The contiguous slices of the bytes and params an op reads.
+fn packed_slices<'a>(
+    bytes: &'a CpuStorage,
+    bytes_layout: &Layout,
+    params: &'a CpuStorage,
+    params_layout: &Layout,
+) -> candle_core::Result<(&'a [u8], &'a [f32])> {
+    Ok((
+        &bytes.as_slice::<u8>()?[crate::contiguous_range(bytes_layout, "packed weight")?],
+        &params.as_slice::<f32>()?[crate::contiguous_range(params_layout, "packed params")?],
+    ))
+}
+
+impl<F: PackedFormat> CustomOp3 for Gemm<F> {
+    fn name(&self) -> &'static str {
+        F::GEMM
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        bytes: &CpuStorage,
+        bytes_layout: &Layout,
+        params: &CpuStorage,
+        params_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bytes, params) = packed_slices(bytes, bytes_layout, params, params_layout)?;
+        let range = crate::contiguous_range(x_layout, "packed GEMM input")?;
+        let (m, (n, _)) = (self.m, self.format.dims());
+        let wrap = candle_core::Error::wrap;
+        let out = match x {
+            CpuStorage::F32(x) => {
+                let mut y = vec![0f32; m * n];
+                self.format
+                    .gemm(m, &x[range], bytes, params, &mut y)
+                    .map_err(wrap)?;
+                CpuStorage::F32(y)
+            }
+            CpuStorage::BF16(x) => {
+                let mut y = vec![half::bf16::ZERO; m * n];
+                self.format
+                    .gemm(m, &x[range], bytes, params, &mut y)
+                    .map_err(wrap)?;
+                CpuStorage::BF16(y)
+            }
+            other => candle_core::bail!(
+                "{} takes f32 or bf16 inputs, not {:?}",
+                F::GEMM,
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        bytes: &candle_core::CudaStorage,
+        bytes_layout: &Layout,
+        params: &candle_core::CudaStorage,
+        params_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = x.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let bytes = bytes
+            .as_cuda_slice::<u8>()?
+            .slice(crate::contiguous_range(bytes_layout, "packed weight")?);
+        let params = params
+            .as_cuda_slice::<f32>()?
+            .slice(crate::contiguous_range(params_layout, "packed params")?);
+        let range = crate::contiguous_range(x_layout, "packed GEMM input")?;
+        let (m, (n, _)) = (self.m, self.format.dims());
+        let wrap = candle_core::Error::wrap;
+        let out = match x.dtype() {
+            DType::F32 => {
+                let xs = x.as_cuda_slice::<f32>()?.slice(range);
+                let mut y = device.alloc_zeros::<f32>(m * n)?;
+                self.format
+                    .gemm_cuda(&kernels, m, &xs, &bytes, &params, &mut y)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, device)
+            }
+            DType::BF16 => {
+                let xs = x.as_cuda_slice::<half::bf16>()?.slice(range);
+                let mut y = device.alloc_zeros::<half::bf16>(m * n)?;
+                self.format
+                    .gemm_cuda(&kernels, m, &xs, &bytes, &params, &mut y)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, device)
+            }
+            other => candle_core::bail!("{} takes f32 or bf16 inputs, not {other:?}", F::GEMM),
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+impl<F: PackedFormat> CustomOp2 for Dequant<F> {
+    fn name(&self) -> &'static str {
+        F::DEQUANT
+    }
+
+    fn cpu_fwd(
+        &self,
+        bytes: &CpuStorage,
+        bytes_layout: &Layout,
+        params: &CpuStorage,
+        params_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bytes, params) = packed_slices(bytes, bytes_layout, params, params_layout)?;
+        let (n, k) = self.format.dims();
+        let wrap = candle_core::Error::wrap;
+        let out = match self.dtype {
+            DType::F32 => {
+                let mut w = vec![0f32; n * k];
+                self.format.dequant(bytes, params, &mut w).map_err(wrap)?;
+                CpuStorage::F32(w)
+            }
+            DType::BF16 => {
+                let mut w = vec![half::bf16::ZERO; n * k];
+                self.format.dequant(bytes, params, &mut w).map_err(wrap)?;
+                CpuStorage::BF16(w)
+            }
+            other => candle_core::bail!("{} gives f32 or bf16, not {other:?}", F::DEQUANT),
+        };
+        Ok((out, Shape::from((n, k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        bytes: &candle_core::CudaStorage,
+        bytes_layout: &Layout,
+        params: &candle_core::CudaStorage,
+        params_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = bytes.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let bytes = bytes
+            .as_cuda_slice::<u8>()?
+            .slice(crate::contiguous_range(bytes_layout, "packed weight")?);
+        let params = params
+            .as_cuda_slice::<f32>()?
+            .slice(crate::contiguous_range(params_layout, "packed params")?);
+        let (n, k) = self.format.dims();
+        let wrap = candle_core::Error::wrap;
+        let out = match self.dtype {
+            DType::F32 => {
+                let mut w = device.alloc_zeros::<f32>(n * k)?;
+                self.format
+                    .dequant_cuda(&kernels, &bytes, &params, &mut w)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(w, device)
+            }
+            DType::BF16 => {
+                let mut w = device.alloc_zeros::<half::bf16>(n * k)?;
+                self.format
+                    .dequant_cuda(&kernels, &bytes, &params, &mut w)
+                    .map_err(wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(w, device)
+            }
+            other => candle_core::bail!("{} gives f32 or bf16, not {other:?}", F::DEQUANT),
+        };
+        Ok((out, Shape::from((n, k))))
+    }
+}
