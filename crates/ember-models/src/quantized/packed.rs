@@ -65,111 +65,81 @@ pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
     ) -> Result<(), KernelError>;
 }
 
-impl PackedFormat for W4a16Shape {
-    const GEMM: &'static str = "ember-w4a16";
-    const DEQUANT: &'static str = "ember-w4a16-dequant";
+/// Implements [`PackedFormat`] for a kernel shape by delegating to its module's references and
+/// to its `CudaKernels` launchers (the formats differ only in these names).
+macro_rules! packed_format {
+    ($shape:ident, $module:ident, $gemm:ident, $dequant:ident, $gemm_name:literal, $dequant_name:literal) => {
+        impl PackedFormat for $shape {
+            const GEMM: &'static str = $gemm_name;
+            const DEQUANT: &'static str = $dequant_name;
 
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
+            fn dims(&self) -> (usize, usize) {
+                (self.n, self.k)
+            }
 
-    fn gemm<T: Element>(
-        &self,
-        m: usize,
-        x: &[T],
-        bytes: &[u8],
-        params: &[f32],
-        y: &mut [T],
-    ) -> Result<(), KernelError> {
-        w4a16::w4a16_gemm(x, bytes, params, &W4a16Shape { m, ..*self }, y)
-    }
+            fn gemm<T: Element>(
+                &self,
+                m: usize,
+                x: &[T],
+                bytes: &[u8],
+                params: &[f32],
+                y: &mut [T],
+            ) -> Result<(), KernelError> {
+                $module::$gemm(x, bytes, params, &$shape { m, ..*self }, y)
+            }
 
-    fn dequant<T: Element>(
-        &self,
-        bytes: &[u8],
-        params: &[f32],
-        out: &mut [T],
-    ) -> Result<(), KernelError> {
-        w4a16::dequantize(bytes, params, self, out)
-    }
+            fn dequant<T: Element>(
+                &self,
+                bytes: &[u8],
+                params: &[f32],
+                out: &mut [T],
+            ) -> Result<(), KernelError> {
+                $module::dequantize(bytes, params, self, out)
+            }
 
-    #[cfg(feature = "cuda")]
-    fn gemm_cuda<T: ember_kernels::cuda::CudaElement>(
-        &self,
-        kernels: &ember_kernels::cuda::CudaKernels,
-        m: usize,
-        x: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
-        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
-        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
-        y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    ) -> Result<(), KernelError> {
-        kernels.w4a16_gemm(x, bytes, params, &W4a16Shape { m, ..*self }, y)
-    }
+            #[cfg(feature = "cuda")]
+            fn gemm_cuda<T: ember_kernels::cuda::CudaElement>(
+                &self,
+                kernels: &ember_kernels::cuda::CudaKernels,
+                m: usize,
+                x: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
+                bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+                params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+                y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+            ) -> Result<(), KernelError> {
+                kernels.$gemm(x, bytes, params, &$shape { m, ..*self }, y)
+            }
 
-    #[cfg(feature = "cuda")]
-    fn dequant_cuda<T: ember_kernels::cuda::CudaElement>(
-        &self,
-        kernels: &ember_kernels::cuda::CudaKernels,
-        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
-        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
-        out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    ) -> Result<(), KernelError> {
-        kernels.w4a16_dequant(bytes, params, self, out)
-    }
+            #[cfg(feature = "cuda")]
+            fn dequant_cuda<T: ember_kernels::cuda::CudaElement>(
+                &self,
+                kernels: &ember_kernels::cuda::CudaKernels,
+                bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+                params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+                out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+            ) -> Result<(), KernelError> {
+                kernels.$dequant(bytes, params, self, out)
+            }
+        }
+    };
 }
 
-impl PackedFormat for W8a16Shape {
-    const GEMM: &'static str = "ember-w8a16";
-    const DEQUANT: &'static str = "ember-w8a16-dequant";
-
-    fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
-    fn gemm<T: Element>(
-        &self,
-        m: usize,
-        x: &[T],
-        bytes: &[u8],
-        params: &[f32],
-        y: &mut [T],
-    ) -> Result<(), KernelError> {
-        w8a16::w8a16_gemm(x, bytes, params, &W8a16Shape { m, ..*self }, y)
-    }
-
-    fn dequant<T: Element>(
-        &self,
-        bytes: &[u8],
-        params: &[f32],
-        out: &mut [T],
-    ) -> Result<(), KernelError> {
-        w8a16::dequantize(bytes, params, self, out)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn gemm_cuda<T: ember_kernels::cuda::CudaElement>(
-        &self,
-        kernels: &ember_kernels::cuda::CudaKernels,
-        m: usize,
-        x: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
-        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
-        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
-        y: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    ) -> Result<(), KernelError> {
-        kernels.w8a16_gemm(x, bytes, params, &W8a16Shape { m, ..*self }, y)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn dequant_cuda<T: ember_kernels::cuda::CudaElement>(
-        &self,
-        kernels: &ember_kernels::cuda::CudaKernels,
-        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
-        params: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
-        out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    ) -> Result<(), KernelError> {
-        kernels.w8a16_dequant(bytes, params, self, out)
-    }
-}
+packed_format!(
+    W4a16Shape,
+    w4a16,
+    w4a16_gemm,
+    w4a16_dequant,
+    "ember-w4a16",
+    "ember-w4a16-dequant"
+);
+packed_format!(
+    W8a16Shape,
+    w8a16,
+    w8a16_gemm,
+    w8a16_dequant,
+    "ember-w8a16",
+    "ember-w8a16-dequant"
+);
 
 /// A projection over a packed weight (see the module doc).
 pub(crate) struct PackedLinear<F: PackedFormat> {
