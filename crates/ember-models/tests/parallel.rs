@@ -21,17 +21,22 @@ fn options(name: &str, tp: usize, ep: bool) -> LoadOptions {
     opts
 }
 
-/// Every logits row of a two-sequence batch: a 9-token prefill (all rows) beside a 5-token
-/// prompt, then a step decoding one token of each, then a 3-token chunk of the first beside a
-/// decode of the second (blocks of 4 tokens, so chunks cross block boundaries).
-fn run_steps(loaded: &LoadedModel) -> Vec<Vec<f32>> {
+/// An f32 cache of 16 blocks of 4 tokens for each of the model's shards.
+fn caches(loaded: &LoadedModel) -> Vec<KvCachePool> {
     let layers = loaded.model.config().num_hidden_layers;
-    let caches: Vec<KvCachePool> = loaded
+    loaded
         .model
         .kv_cache_shards()
         .into_iter()
         .map(|w| KvCachePool::new(layers, 16, 4, w, DType::F32, &Device::Cpu).unwrap())
-        .collect();
+        .collect()
+}
+
+/// Every logits row of a two-sequence batch: a 9-token prefill (all rows) beside a 5-token
+/// prompt, then a step decoding one token of each, then a 3-token chunk of the first beside a
+/// decode of the second (blocks of 4 tokens, so chunks cross block boundaries).
+fn run_steps(loaded: &LoadedModel) -> Vec<Vec<f32>> {
+    let caches = caches(loaded);
     let a: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38];
     let b: Vec<u32> = vec![27, 18, 28, 1828, 45, 90, 45];
     let (ta, tb) = ([0u32, 1, 2, 3], [4u32, 5, 6, 7]);
@@ -65,13 +70,7 @@ fn run_steps(loaded: &LoadedModel) -> Vec<Vec<f32>> {
 /// Every logits row of one 40-token prefill: batches past the packed weights' GEMV size, which
 /// dequantize on the device and run a dense GEMM instead.
 fn run_prefill(loaded: &LoadedModel) -> Vec<Vec<f32>> {
-    let layers = loaded.model.config().num_hidden_layers;
-    let caches: Vec<KvCachePool> = loaded
-        .model
-        .kv_cache_shards()
-        .into_iter()
-        .map(|w| KvCachePool::new(layers, 16, 4, w, DType::F32, &Device::Cpu).unwrap())
-        .collect();
+    let caches = caches(loaded);
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 1900).collect();
     let table: Vec<u32> = (0..10).collect();
     let inputs = [SequenceInput {
