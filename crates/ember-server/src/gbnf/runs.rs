@@ -131,11 +131,14 @@ pub(super) fn run_item_regex(item: &Node) -> String {
 }
 
 /// Whether `node` is a repetition that could be a run: a single-character item repeated with
-/// no bound or a small one, at least twice at most.
+/// small counts (at most [`MAX_RUN_BOUND`] at least, no bound or a small one at most, and at
+/// least twice at most).
 fn is_candidate(node: &Node) -> bool {
     match node {
-        Node::Repeat { item, max, .. } => {
-            run_item_chars(item).is_some() && max.is_none_or(|m| (2..=MAX_RUN_BOUND).contains(&m))
+        Node::Repeat { item, min, max } => {
+            run_item_chars(item).is_some()
+                && *min <= MAX_RUN_BOUND
+                && max.is_none_or(|m| (2..=MAX_RUN_BOUND).contains(&m))
         }
         _ => false,
     }
@@ -531,6 +534,10 @@ mod tests {
             r#"("q" /[0-9]/ | /[a-z]/{2,4}) ";""#
         );
         // Large bounds stay Lark repetitions.
+        assert_eq!(
+            root_body("root ::= [a-z]{200,} \"!\""),
+            "/[a-z]/{200,} \"!\""
+        );
         assert_eq!(
             root_body("root ::= [a-z]{1,500} \"!\""),
             "/[a-z]/{1,500} \"!\""
