@@ -37,6 +37,10 @@ const MAX_OCCURRENCES: usize = 4096;
 /// pass is linear in the grammar; chains of rules converge in about as many passes as rules).
 const MAX_PASSES: usize = 256;
 
+/// Set elements the analysis may touch in all before it gives up (runs are an optimization: a
+/// grammar built to make the analysis slow is written one character per terminal instead).
+const WORK_BUDGET: usize = 4_000_000;
+
 /// Inclusive code point ranges, sorted and disjoint.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct CharSet(Vec<(u32, u32)>);
@@ -175,6 +179,8 @@ struct Flow<'n> {
     /// Occurrence → occurrences (or [`END`]) that may come right after it.
     follow: Vec<BTreeSet<usize>>,
     too_big: bool,
+    /// Set elements touched so far (see [`WORK_BUDGET`]).
+    work: usize,
 }
 
 impl<'n> Flow<'n> {
@@ -191,6 +197,7 @@ impl<'n> Flow<'n> {
             rules: HashMap::new(),
             follow: Vec::new(),
             too_big: false,
+            work: 0,
         };
         let mut converged = false;
         for _ in 0..MAX_PASSES {
@@ -216,6 +223,9 @@ impl<'n> Flow<'n> {
         flow.follow = vec![BTreeSet::new(); flow.occurrences.len()];
         for rule in rules {
             flow.walk(&rule.body, true);
+        }
+        if flow.too_big {
+            return None;
         }
         if let Some(root) = flow.rules.get(ROOT) {
             for &t in &root.last.clone() {
@@ -257,8 +267,17 @@ impl<'n> Flow<'n> {
         }
     }
 
+    /// Counts `elements` against [`WORK_BUDGET`].
+    fn spend(&mut self, elements: usize) {
+        self.work += elements;
+        if self.work > WORK_BUDGET {
+            self.too_big = true;
+        }
+    }
+
     fn link(&mut self, from: &BTreeSet<usize>, to: &BTreeSet<usize>, emit: bool) {
         if emit {
+            self.spend(from.len() * to.len());
             for &f in from {
                 self.follow[f].extend(to.iter().copied());
             }
@@ -266,6 +285,9 @@ impl<'n> Flow<'n> {
     }
 
     fn walk(&mut self, node: &Node, emit: bool) -> Summary {
+        if self.too_big {
+            return Summary::default();
+        }
         match node {
             Node::Literal(chars) if chars.is_empty() => Summary {
                 nullable: true,
@@ -320,7 +342,11 @@ impl<'n> Flow<'n> {
                 };
                 self.single(node, key, CharSet::all())
             }
-            Node::Ref { name, .. } => self.rules.get(name.as_str()).cloned().unwrap_or_default(),
+            Node::Ref { name, .. } => {
+                let summary = self.rules.get(name.as_str()).cloned().unwrap_or_default();
+                self.spend(summary.first.len() + summary.last.len());
+                summary
+            }
             Node::Alt(alternatives) => {
                 let mut out = Summary::default();
                 for a in alternatives {
@@ -542,6 +568,25 @@ mod tests {
             root_body("root ::= [a-z]{1,500} \"!\""),
             "/[a-z]/{1,500} \"!\""
         );
+    }
+
+    #[test]
+    fn a_grammar_too_costly_to_analyse_is_written_one_character_per_terminal() {
+        // 300 rules, each a run or a sequence of the next 39: the rules' first and last sets grow
+        // with every reference. Unbounded, the analysis took 5.7 s here (it would merge the runs:
+        // neither ';' nor 'X' is a letter); the budget stops it within milliseconds.
+        let mut gbnf = String::from("root ::= r0\n");
+        for i in 0..300 {
+            let later: Vec<String> = (i + 1..300.min(i + 40)).map(|j| format!("r{j}")).collect();
+            gbnf.push_str(&format!(
+                "r{i} ::= [a-z]+ \";\" | {} \"X\"\n",
+                later.join(" ").trim()
+            ));
+        }
+        let start = std::time::Instant::now();
+        let lark = gbnf_to_lark(&gbnf).unwrap();
+        assert!(start.elapsed().as_secs_f64() < 5.0, "{:?}", start.elapsed());
+        assert!(!lark.contains("]+/"), "no run is merged: {}", &lark[..200]);
     }
 
     fn lark_rules(gbnf: &str) -> Vec<String> {
