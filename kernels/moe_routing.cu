@@ -7,6 +7,8 @@
 // blockDim.x is a multiple of 32, at most 1024.
 #include <float.h>
 
+#include "warp.cuh"
+
 #define ROUTING_MAX_EXPERTS 1024
 #define ROUTING_MAX_GROUPS 64
 #define ROUTING_MAX_TOPK 32
@@ -81,7 +83,7 @@ extern "C" __global__ void moe_routing(unsigned* __restrict__ ids, float* __rest
       scores[i] = expf(row[i] - max);
       part += scores[i];
     }
-    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    part = warp_sum(part);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = part;
     __syncthreads();
     float sum = 0.f;

@@ -2,18 +2,19 @@
 // One block per row; blockDim.x is a multiple of 32 (at most 1024). CPU reference and the
 // numerics contract: crates/ember-kernels/src/rms_norm.rs.
 #include "element.cuh"
+#include "warp.cuh"
 
 // Sum of v over the block, returned to every thread.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float warp_sums[32];
   __shared__ float total;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(v);
     if (lane == 0) total = v;
   }
   __syncthreads();

@@ -5,6 +5,7 @@
 // a time (coalesced), dequantize in registers and reduce with shuffles. CPU reference and the
 // numerics contract: crates/ember-kernels/src/w4a16.rs.
 #include "element.cuh"
+#include "warp.cuh"
 #include <cuda_fp16.h>
 
 #define W4A16_WARPS 4
@@ -61,9 +62,7 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
   }
 #pragma unroll
   for (int r = 0; r < W4A16_ROWS; ++r) {
-    float v = acc[r];
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const float v = warp_sum(acc[r]);
     if (lane == 0 && r < rows) y[(long long)(r0 + r) * n + j] = store_f32<T>(v);
   }
 }

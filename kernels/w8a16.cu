@@ -6,6 +6,7 @@
 // where FP8 tensor cores do not exist. CPU reference and numerics contract:
 // crates/ember-kernels/src/w8a16.rs.
 #include "element.cuh"
+#include "warp.cuh"
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
@@ -38,9 +39,7 @@ __device__ void w8a16_gemm(T* __restrict__ y, const T* __restrict__ x,
   }
 #pragma unroll
   for (int r = 0; r < W8A16_ROWS; ++r) {
-    float v = acc[r];
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const float v = warp_sum(acc[r]);
     if (lane == 0 && r < rows) y[(long long)(r0 + r) * n + j] = store_f32<T>(v);
   }
 }
