@@ -457,17 +457,8 @@ impl CudaKernels {
         x: &CudaView<'_, f32>,
         out: &mut CudaSlice<u8>,
     ) -> Result<(), KernelError> {
-        check_shape(x.len() == out.len(), "e5m2_from_f32", || {
-            format!("x has {} elements, out {}", x.len(), out.len())
-        })?;
-        let f = self.fp8_e5m2.load_function("e5m2_from_f32")?;
-        let n = out.len() as i64;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(out).arg(x).arg(&n);
-        // SAFETY: matches e5m2_from_f32(unsigned char*, const float*, long long) in
-        // kernels/fp8_e5m2.cu; both buffers hold n elements.
-        unsafe { launch.launch(elementwise_launch(n)) }?;
-        Ok(())
+        // SAFETY: e5m2_from_f32(unsigned char*, const float*, long long) in kernels/fp8_e5m2.cu.
+        unsafe { self.e5m2_convert("e5m2_from_f32", x, out) }
     }
 
     /// [`crate::fp8_e5m2::decode_slice`] on the GPU: e5m2 bytes to f32 (exact).
@@ -476,15 +467,28 @@ impl CudaKernels {
         x: &CudaView<'_, u8>,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
-        check_shape(x.len() == out.len(), "e5m2_to_f32", || {
+        // SAFETY: e5m2_to_f32(float*, const unsigned char*, long long) in kernels/fp8_e5m2.cu.
+        unsafe { self.e5m2_convert("e5m2_to_f32", x, out) }
+    }
+
+    /// Launches `name` of `kernels/fp8_e5m2.cu` over equal-length `x` and `out`.
+    ///
+    /// # Safety
+    /// `name` must take `(O* out, const I* x, long long n)`.
+    unsafe fn e5m2_convert<I: DeviceRepr, O: DeviceRepr>(
+        &self,
+        name: &'static str,
+        x: &CudaView<'_, I>,
+        out: &mut CudaSlice<O>,
+    ) -> Result<(), KernelError> {
+        check_shape(x.len() == out.len(), name, || {
             format!("x has {} elements, out {}", x.len(), out.len())
         })?;
-        let f = self.fp8_e5m2.load_function("e5m2_to_f32")?;
+        let f = self.fp8_e5m2.load_function(name)?;
         let n = out.len() as i64;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(x).arg(&n);
-        // SAFETY: matches e5m2_to_f32(float*, const unsigned char*, long long) in
-        // kernels/fp8_e5m2.cu; both buffers hold n elements.
+        // SAFETY: the caller names a kernel of this signature; both buffers hold n elements.
         unsafe { launch.launch(elementwise_launch(n)) }?;
         Ok(())
     }

@@ -235,7 +235,7 @@ fn holds_packed_weights(
                 | WeightQuantization::Fp8Block(_)
         )
     );
-    packs && packed_weights(opts) && matches!(dtype, DType::F32 | DType::BF16)
+    packs && packed_weights(opts) && crate::quantized::packed_computes_in(dtype)
 }
 
 /// Checks `--quantization` against the checkpoint's `quantization_config`; `true` when the

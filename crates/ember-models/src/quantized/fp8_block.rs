@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use ember_core::{EmberError, Result, WeightQuantization};
 use ember_kernels::w8a16::W8a16Shape;
 
-use super::packed::PackedLinear;
+use super::packed::{computes_in, PackedLinear};
 use crate::linear::Split;
 use crate::weights::{tensor_bytes, Weights};
 
@@ -25,7 +25,7 @@ pub(crate) fn load(
     let Some(WeightQuantization::Fp8Block([block_n, block_k])) = weights.quantization() else {
         return Ok(None);
     };
-    if !matches!(weights.dtype(), DType::F32 | DType::BF16)
+    if !computes_in(weights.dtype())
         || weights.stored_dtype("weight") != Some(DType::F8E4M3)
         || !weights.contains("weight_scale_inv")
     {

@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor};
 use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};
 use ember_kernels::w4a16::{self, W4a16Shape};
 
-use super::packed::PackedLinear;
+use super::packed::{computes_in, PackedLinear};
 use super::{f32s, fp4, i32s, packed_int, read_group_map, u8s};
 use crate::linear::Split;
 use crate::weights::{tensor_bytes, Weights};
@@ -288,7 +288,7 @@ pub(crate) fn load(
     split: Option<Split>,
     bias: Option<Tensor>,
 ) -> Result<Option<PackedLinear<W4a16Shape>>> {
-    if !matches!(weights.dtype(), DType::F32 | DType::BF16) {
+    if !computes_in(weights.dtype()) {
         return Ok(None);
     }
     let Some(parts) = int4_parts(weights, in_dim, out_dim)?.and_then(|p| p.slice(split)) else {

@@ -8,6 +8,7 @@ pub mod fp8;
 pub mod fp8_block;
 pub mod int4;
 mod packed;
+pub(crate) use packed::computes_in as packed_computes_in;
 pub mod packed_int;
 
 use candle_core::{DType, Device, Tensor};

@@ -13,6 +13,12 @@ use ember_kernels::{Element, KernelError};
 use super::GEMV_MAX_ROWS;
 use crate::linear::LinearLayer;
 
+/// Whether the packed kernels compute in `dtype` (f32 and bf16); other model dtypes dequantize
+/// at load.
+pub(crate) fn computes_in(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16)
+}
+
 /// A packed weight format: its shape, and its kernels over the packed bytes and the f32
 /// parameters (qparams or block scales) beside them.
 pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
@@ -261,6 +267,27 @@ fn packed_slices<'a>(
     ))
 }
 
+/// [`packed_slices`] on the GPU.
+#[cfg(feature = "cuda")]
+fn packed_views<'a>(
+    bytes: &'a candle_core::CudaStorage,
+    bytes_layout: &Layout,
+    params: &'a candle_core::CudaStorage,
+    params_layout: &Layout,
+) -> candle_core::Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaView<'a, u8>,
+    candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>,
+)> {
+    Ok((
+        bytes
+            .as_cuda_slice::<u8>()?
+            .slice(crate::contiguous_range(bytes_layout, "packed weight")?),
+        params
+            .as_cuda_slice::<f32>()?
+            .slice(crate::contiguous_range(params_layout, "packed params")?),
+    ))
+}
+
 impl<F: PackedFormat> CustomOp3 for Gemm<F> {
     fn name(&self) -> &'static str {
         F::GEMM
@@ -316,12 +343,7 @@ impl<F: PackedFormat> CustomOp3 for Gemm<F> {
         use candle_core::backend::BackendStorage;
         let device = x.device().clone();
         let kernels = crate::cuda_attention::kernels(&device)?;
-        let bytes = bytes
-            .as_cuda_slice::<u8>()?
-            .slice(crate::contiguous_range(bytes_layout, "packed weight")?);
-        let params = params
-            .as_cuda_slice::<f32>()?
-            .slice(crate::contiguous_range(params_layout, "packed params")?);
+        let (bytes, params) = packed_views(bytes, bytes_layout, params, params_layout)?;
         let range = crate::contiguous_range(x_layout, "packed GEMM input")?;
         let (m, (n, _)) = (self.m, self.format.dims());
         let wrap = candle_core::Error::wrap;
@@ -390,12 +412,7 @@ impl<F: PackedFormat> CustomOp2 for Dequant<F> {
         use candle_core::backend::BackendStorage;
         let device = bytes.device().clone();
         let kernels = crate::cuda_attention::kernels(&device)?;
-        let bytes = bytes
-            .as_cuda_slice::<u8>()?
-            .slice(crate::contiguous_range(bytes_layout, "packed weight")?);
-        let params = params
-            .as_cuda_slice::<f32>()?
-            .slice(crate::contiguous_range(params_layout, "packed params")?);
+        let (bytes, params) = packed_views(bytes, bytes_layout, params, params_layout)?;
         let (n, k) = self.format.dims();
         let wrap = candle_core::Error::wrap;
         let out = match self.dtype {
