@@ -9,7 +9,7 @@
 #   2. ember-kernels' tests: every kernel against its CPU reference on fresh random inputs
 #   3. ember-engine's CUDA tests: the tiny checkpoints on CUDA against transformers (f32, bf16), cache sizing
 #   4. ember bench latency on a dummy-weight Qwen3-30B-A3B (real shape, bf16), batch 1 and 10, with
-#      candle's attention and with ember's paged attention kernel
+#      candle's attention, with ember's paged attention kernel, and with that and the fused MoE kernels
 #   5. ember serve on that model + ember bench serve, 2048 in / 1024 out at concurrency 10 (shortened
 #      with EMBER_GPU_PROMPTS), results JSON to $OUT
 # EMBER_GPU_STEPS="1 2 3" runs a subset.
@@ -76,11 +76,12 @@ fi
 MODEL=models/configs/qwen3-30b-a3b
 TOK=models/qwen3-moe-tiny
 if step 4; then
-    for backend in tensor ember; do
+    for backends in "tensor experts" "ember experts" "ember fused"; do
+        read -r attention moe <<< "$backends"
         for bs in 1 10; do
             run "$BIN/ember" bench latency --model "$MODEL" --load-format dummy --tokenizer "$TOK" \
-                --device cuda --dtype bfloat16 --attention-backend "$backend" --batch-size "$bs" \
-                --input-len 2048 --output-len 128 --num-iters-warmup 1 --num-iters 3
+                --device cuda --dtype bfloat16 --attention-backend "$attention" --moe-backend "$moe" \
+                --batch-size "$bs" --input-len 2048 --output-len 128 --num-iters-warmup 1 --num-iters 3
         done
     done
 fi

@@ -76,6 +76,14 @@ pub struct ModelArgs {
     /// kernel, for f32/bf16 caches). The CPU always runs ember's CPU kernel or the tensor path.
     #[arg(long, default_value = "tensor")]
     pub attention_backend: String,
+    /// Routed experts: experts (each expert's MLP over its rows, routed on the host; the
+    /// default) or fused (router, alignment, grouped GEMMs and weighted sum as ember's fused MoE
+    /// kernels, logits kept on the device; for dense f32/bf16 experts without expert
+    /// parallelism, the rest run as experts; /metrics' per-expert token counts skip fused
+    /// layers, whose routing never leaves the GPU). On the CPU fused runs the kernels'
+    /// references.
+    #[arg(long, default_value = "experts")]
+    pub moe_backend: String,
     /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the
     /// vocabulary split, one all-reduce per block). Without GPUs the ranks are threads of this
     /// process over the in-process collectives backend.
@@ -322,6 +330,7 @@ impl ModelArgs {
         opts.device = parse_device(&self.device)?;
         opts.attention_backend =
             ember_models::attention::AttentionBackend::parse(&self.attention_backend)?;
+        opts.moe_backend = ember_models::fused_moe::MoeBackend::parse(&self.moe_backend)?;
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }

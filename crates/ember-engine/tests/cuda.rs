@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use common::*;
 use ember_engine::EngineConfig;
 use ember_models::attention::AttentionBackend;
+use ember_models::fused_moe::MoeBackend;
 use serde_json::Value;
 
 /// Largest |bf16 on the GPU − fp32 transformers| allowed on one prompt log-probability, and on
@@ -36,6 +37,16 @@ fn run_batched(name: &str, device: &Device, dtype: DType) -> (Value, Vec<Finishe
     run_batched_on(name, device, dtype, AttentionBackend::Tensor)
 }
 
+/// [`run_batched`] with the routed experts on `moe` (`--moe-backend`).
+fn run_batched_moe(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    moe: MoeBackend,
+) -> (Value, Vec<Finished>) {
+    run_batched_with(name, device, dtype, AttentionBackend::Tensor, moe)
+}
+
 /// An engine on `name` with a small token budget and blocks of 4: prompts prefill in chunks
 /// next to other requests' decodes.
 fn chunked_engine(
@@ -43,6 +54,7 @@ fn chunked_engine(
     device: &Device,
     dtype: DType,
     backend: AttentionBackend,
+    moe: MoeBackend,
 ) -> ember_engine::EngineHandle {
     let cfg = EngineConfig {
         max_num_batched_tokens: 24,
@@ -53,6 +65,7 @@ fn chunked_engine(
         opts.dtype = Some(dtype);
         opts.device = device.clone();
         opts.attention_backend = backend;
+        opts.moe_backend = moe;
     })
 }
 
@@ -62,8 +75,18 @@ fn run_batched_on(
     dtype: DType,
     backend: AttentionBackend,
 ) -> (Value, Vec<Finished>) {
+    run_batched_with(name, device, dtype, backend, MoeBackend::Experts)
+}
+
+fn run_batched_with(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    backend: AttentionBackend,
+    moe: MoeBackend,
+) -> (Value, Vec<Finished>) {
     let reference = reference(name);
-    let engine = chunked_engine(name, device, dtype, backend);
+    let engine = chunked_engine(name, device, dtype, backend, moe);
     let prompts = reference["prompts"].as_array().unwrap();
     let receivers: Vec<_> = prompts
         .iter()
@@ -114,7 +137,13 @@ fn device_greedy_sampling_on_cuda_gives_the_reference_tokens() {
     };
     for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
         let reference = reference(name);
-        let engine = chunked_engine(name, &device, DType::F32, AttentionBackend::Tensor);
+        let engine = chunked_engine(
+            name,
+            &device,
+            DType::F32,
+            AttentionBackend::Tensor,
+            MoeBackend::Experts,
+        );
         let prompts = reference["prompts"].as_array().unwrap();
         let receivers: Vec<_> = prompts
             .iter()
@@ -187,34 +216,64 @@ fn every_model_tracks_transformers_on_cuda_in_bf16() {
     };
     for name in MODELS {
         let (reference, results) = run_batched(name, &device, DType::BF16);
-        let (mut max, mut sum, mut n) = (0f64, 0f64, 0usize);
-        for (p, got) in reference["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(&results)
-        {
-            // Prompt logprobs are teacher-forced: they compare position by position even where
-            // a bf16 greedy path would pick another token.
-            let want = p["prompt_logprobs"].as_array().unwrap();
-            assert_eq!(
-                got.prompt_logprobs.len(),
-                want.len(),
-                "{name}: prompt logprobs"
-            );
-            for (ours, theirs) in got.prompt_logprobs.iter().zip(want).skip(1) {
-                let d = (ours.unwrap() as f64 - theirs.as_f64().unwrap()).abs();
-                max = max.max(d);
-                sum += d;
-                n += 1;
-            }
-        }
-        let mean = sum / n as f64;
-        eprintln!("{name}: bf16 on CUDA vs transformers fp32: max |Δ| {max:.4}, mean {mean:.4}");
-        assert!(
-            max <= BF16_MAX_TOL && mean <= BF16_MEAN_TOL,
-            "{name}: bf16 prompt logprobs off by max {max} (tol {BF16_MAX_TOL}), mean {mean} (tol {BF16_MEAN_TOL})"
+        assert_tracks_in_bf16(name, &reference, &results, "bf16 on CUDA");
+    }
+}
+
+/// `name`'s teacher-forced prompt logprobs within the bf16 tolerances of transformers' fp32.
+fn assert_tracks_in_bf16(name: &str, reference: &Value, results: &[Finished], what: &str) {
+    let (mut max, mut sum, mut n) = (0f64, 0f64, 0usize);
+    for (p, got) in reference["prompts"].as_array().unwrap().iter().zip(results) {
+        // Prompt logprobs are teacher-forced: they compare position by position even where a
+        // bf16 greedy path would pick another token.
+        let want = p["prompt_logprobs"].as_array().unwrap();
+        assert_eq!(
+            got.prompt_logprobs.len(),
+            want.len(),
+            "{name}: prompt logprobs"
         );
+        for (ours, theirs) in got.prompt_logprobs.iter().zip(want).skip(1) {
+            let d = (ours.unwrap() as f64 - theirs.as_f64().unwrap()).abs();
+            max = max.max(d);
+            sum += d;
+            n += 1;
+        }
+    }
+    let mean = sum / n as f64;
+    eprintln!("{name}: {what} vs transformers fp32: max |Δ| {max:.4}, mean {mean:.4}");
+    assert!(
+        max <= BF16_MAX_TOL && mean <= BF16_MEAN_TOL,
+        "{name}: {what}: prompt logprobs off by max {max} (tol {BF16_MAX_TOL}), mean {mean} (tol {BF16_MEAN_TOL})"
+    );
+}
+
+/// The MoE checkpoints with dense experts under `--moe-backend fused`: routing, alignment, the
+/// grouped GEMMs (bf16 on tensor cores) and the weighted sum as ember's kernels, router logits
+/// kept on the GPU. f32 within the reference tolerance, bf16 within the bf16 ones, and every
+/// model must actually have run the fused op.
+#[test]
+fn ember_fused_moe_kernels_match_transformers_on_cuda() {
+    let Some(device) = gpu("ember_fused_moe_kernels_match_transformers_on_cuda") else {
+        return;
+    };
+    for name in [
+        "qwen3-moe-tiny",
+        "qwen3-moe-mixed-tiny",
+        "deepseek-v3-tiny",
+        "kimi-k2-tiny",
+        "deepseek-v2-lite-tiny",
+        "deepseek-v2-tiny",
+    ] {
+        let before = ember_models::fused_moe::calls();
+        let (reference, results) = run_batched_moe(name, &device, DType::F32, MoeBackend::Fused);
+        assert!(
+            ember_models::fused_moe::calls() > before,
+            "{name}: the fused MoE never ran"
+        );
+        assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
+        eprintln!("{name}: the fused MoE on CUDA in f32 matches transformers (tol {LOGPROB_TOL})");
+        let (reference, results) = run_batched_moe(name, &device, DType::BF16, MoeBackend::Fused);
+        assert_tracks_in_bf16(name, &reference, &results, "the fused MoE in bf16 on CUDA");
     }
 }
 

@@ -646,8 +646,8 @@ impl CudaKernels {
     /// unless the method is `NoauxTc`.
     pub fn moe_routing(
         &self,
-        logits: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        logits: &CudaView<f32>,
+        bias: &CudaView<f32>,
         cfg: &RoutingConfig,
         ids: &mut CudaSlice<u32>,
         weights: &mut CudaSlice<f32>,
@@ -709,7 +709,7 @@ impl CudaKernels {
     /// counted by none of them: its entry is dropped, never read out of bounds.
     pub fn moe_align(
         &self,
-        topk_ids: &CudaSlice<u32>,
+        topk_ids: &CudaView<u32>,
         num_experts: usize,
         block_m: usize,
     ) -> Result<DeviceAlignment, KernelError> {
@@ -764,8 +764,8 @@ impl CudaKernels {
     pub fn grouped_gemm<T: CudaElement>(
         &self,
         out: &mut CudaSlice<T>,
-        x: &CudaSlice<T>,
-        w: &CudaSlice<T>,
+        x: &CudaView<T>,
+        w: &CudaView<T>,
         align: &DeviceAlignment,
         shape: &GroupedGemmShape,
     ) -> Result<(), KernelError> {
@@ -828,8 +828,8 @@ impl CudaKernels {
     pub fn moe_sum<T: CudaElement>(
         &self,
         out: &mut CudaSlice<T>,
-        y: &CudaSlice<T>,
-        weights: &CudaSlice<f32>,
+        y: &CudaView<T>,
+        weights: &CudaView<f32>,
         top_k: usize,
         hidden: usize,
     ) -> Result<(), KernelError> {

@@ -784,7 +784,8 @@ fn moe_routing_matches_the_cpu_reference() {
             );
             let mut dids = st.alloc_zeros::<u32>(ids.len()).unwrap();
             let mut dw = st.alloc_zeros::<f32>(w.len()).unwrap();
-            k.moe_routing(&dl, &db, &cfg, &mut dids, &mut dw).unwrap();
+            k.moe_routing(&dl.as_view(), &db.as_view(), &cfg, &mut dids, &mut dw)
+                .unwrap();
             let (gids, gw) = (st.clone_dtoh(&dids).unwrap(), st.clone_dtoh(&dw).unwrap());
             // expf differs from the host's exp by an ulp or two and the softmax sums in another
             // order: a near-tie may rank the other way, at most one token in a thousand here.
@@ -881,7 +882,7 @@ fn check_fused_moe<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         fused_moe::moe_sum(&mut cpu, &h2, &weights, top_k, hidden).unwrap();
         // GPU.
         let dids = st.clone_htod(&ids).unwrap();
-        let dalign = k.moe_align(&dids, experts, 64).unwrap();
+        let dalign = k.moe_align(&dids.as_view(), experts, 64).unwrap();
         assert_eq!(
             st.clone_dtoh(&dalign.sorted_ids).unwrap(),
             align.sorted_ids,
@@ -903,15 +904,23 @@ fn check_fused_moe<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             st.clone_htod(&w2).unwrap(),
         );
         let mut dh1 = st.alloc_zeros::<T>(h1.len()).unwrap();
-        k.grouped_gemm(&mut dh1, &dx, &dw1, &dalign, &s1).unwrap();
+        k.grouped_gemm(&mut dh1, &dx.as_view(), &dw1.as_view(), &dalign, &s1)
+            .unwrap();
         let mut dact = st.alloc_zeros::<T>(act.len()).unwrap();
         k.silu_and_mul(&dh1, inter, &mut dact).unwrap();
         let mut dh2 = st.alloc_zeros::<T>(h2.len()).unwrap();
-        k.grouped_gemm(&mut dh2, &dact, &dw2, &dalign, &s2).unwrap();
+        k.grouped_gemm(&mut dh2, &dact.as_view(), &dw2.as_view(), &dalign, &s2)
+            .unwrap();
         let dweights = st.clone_htod(&weights).unwrap();
         let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
-        k.moe_sum(&mut dout, &dh2, &dweights, top_k, hidden)
-            .unwrap();
+        k.moe_sum(
+            &mut dout,
+            &dh2.as_view(),
+            &dweights.as_view(),
+            top_k,
+            hidden,
+        )
+        .unwrap();
         let gpu = st.clone_dtoh(&dout).unwrap();
         for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
             let (g, c) = (g.to_f32(), c.to_f32());

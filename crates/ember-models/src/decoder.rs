@@ -37,7 +37,7 @@ pub enum FeedForward {
     /// Qwen3-MoE's softmax top-k experts.
     Moe(SparseMoe),
     /// DeepSeek's routed plus shared experts.
-    DeepseekMoe(DeepseekMoe),
+    DeepseekMoe(Box<DeepseekMoe>),
 }
 
 /// One pre-norm decoder layer.

@@ -25,6 +25,8 @@ pub struct DeepseekMoe {
     router: ExpertRouter,
     experts: Experts,
     shared_experts: Option<Mlp>,
+    /// The bias on the device, when the experts are stacked for the fused MoE.
+    fused_bias: Option<Tensor>,
 }
 
 impl DeepseekMoe {
@@ -60,23 +62,40 @@ impl DeepseekMoe {
                 )
             })
             .transpose()?;
+        let experts = load_experts(&weights.pp("experts"), hidden, e, i)?;
+        let fused_bias = experts
+            .is_stacked()
+            .then(|| Tensor::from_slice(&e_score_correction_bias, e, weights.device()))
+            .transpose()
+            .map_err(|err| EmberError::Tensor(err.to_string()))?;
         Ok(Self {
             gate,
             e_score_correction_bias,
             router: ExpertRouter::new(ds),
-            experts: load_experts(&weights.pp("experts"), hidden, e, i)?,
+            experts,
             shared_experts,
+            fused_bias,
         })
     }
 
     /// Applies the block to `[tokens, hidden]`, each row with its adapter.
     pub fn forward(&self, x: &Tensor, lora: &LoraRows) -> TensorResult {
-        let logits = x
-            .to_dtype(DType::F32)?
-            .matmul(&self.gate.t()?)?
-            .to_vec2::<f32>()?;
-        let routing = self.router.route(&logits, &self.e_score_correction_bias);
-        let routed = self.experts.run(&routing, x, lora)?;
+        let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?;
+        let fused = match &self.fused_bias {
+            Some(bias) => {
+                let routing = self.router.kernel_config();
+                self.experts.run_fused(x, &logits, &routing, bias, lora)?
+            }
+            None => None,
+        };
+        let routed = match fused {
+            Some(routed) => routed,
+            None => {
+                let logits = logits.to_vec2::<f32>()?;
+                let routing = self.router.route(&logits, &self.e_score_correction_bias);
+                self.experts.run(&routing, x, lora)?
+            }
+        };
         match &self.shared_experts {
             Some(shared) => routed + shared.forward(x, lora)?,
             None => Ok(routed),
@@ -115,7 +134,7 @@ pub fn load_deepseek_v3(
         |layer, layer_idx| {
             let h = cfg.hidden_size;
             let mlp = if cfg.is_moe_layer(layer_idx) {
-                FeedForward::DeepseekMoe(DeepseekMoe::load(&layer.pp("mlp"), h, ds)?)
+                FeedForward::DeepseekMoe(Box::new(DeepseekMoe::load(&layer.pp("mlp"), h, ds)?))
             } else {
                 FeedForward::Dense(Mlp::load_dense(&layer.pp("mlp"), h, cfg.intermediate_size)?)
             };

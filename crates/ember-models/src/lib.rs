@@ -13,6 +13,7 @@ pub mod decoder;
 pub mod deepseek_v3;
 pub mod device;
 pub mod fp8_e5m2;
+pub mod fused_moe;
 pub mod greedy;
 pub mod kv_cache;
 pub mod linear;

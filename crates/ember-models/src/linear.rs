@@ -104,6 +104,11 @@ impl Projection {
         lora.apply(&self.path, x, y, self.split)
     }
 
+    /// The base layer's weight when held dense and without a bias ([`LinearLayer::dense_weight`]).
+    pub fn dense_weight(&self) -> Option<Tensor> {
+        self.base.dense_weight()
+    }
+
     /// The module path adapters name this projection by.
     pub fn path(&self) -> &str {
         &self.path
@@ -123,6 +128,12 @@ pub trait LinearLayer: Send + Sync {
     /// The weight `[out, in]` as the matmul sees it, in the model dtype (dequantized if held
     /// quantized): what MLA folds into its absorbed decode.
     fn weight(&self) -> candle_core::Result<Tensor>;
+
+    /// The weight `[out, in]` when the layer is that weight alone, held as is (no bias, no
+    /// quantization): what the fused MoE stacks.
+    fn dense_weight(&self) -> Option<Tensor> {
+        None
+    }
 }
 
 /// Weights kept unquantized in the model dtype (bf16, f16 or f32).
@@ -137,6 +148,13 @@ impl LinearLayer for DenseLinear {
 
     fn weight(&self) -> candle_core::Result<Tensor> {
         Ok(self.inner.weight().clone())
+    }
+
+    fn dense_weight(&self) -> Option<Tensor> {
+        self.inner
+            .bias()
+            .is_none()
+            .then(|| self.inner.weight().clone())
     }
 }
 

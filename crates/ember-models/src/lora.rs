@@ -576,6 +576,17 @@ impl LoraRows {
         self.groups.is_empty()
     }
 
+    /// Whether a row's adapter adapts a projection under the module path `prefix` (a layer's
+    /// experts, `model.layers.3.mlp.experts`).
+    pub fn adapts_under(&self, prefix: &str) -> bool {
+        self.groups.iter().any(|g| {
+            self.adapters[g.adapter].modules.keys().any(|path| {
+                path.strip_prefix(prefix)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            })
+        })
+    }
+
     /// The rows `rows` of this set, renumbered `0..rows.len()` (the tokens routed to one expert).
     pub fn select(&self, rows: &[u32], device: &Device) -> TensorResult<Self> {
         if self.is_empty() {

@@ -102,6 +102,15 @@ impl Mlp {
             .forward(&(gate * self.up_proj.forward(x, lora)?)?, lora)
     }
 
+    /// The gate, up and down weights when all three are held dense without biases.
+    pub fn dense_weights(&self) -> Option<(Tensor, Tensor, Tensor)> {
+        Some((
+            self.gate_proj.dense_weight()?,
+            self.up_proj.dense_weight()?,
+            self.down_proj.dense_weight()?,
+        ))
+    }
+
     /// Records the three projections as LoRA targets.
     pub fn register(&self, targets: &mut LoraTargets) {
         for p in [&self.gate_proj, &self.up_proj, &self.down_proj] {

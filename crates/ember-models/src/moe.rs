@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use candle_core::{DType, Tensor};
 use ember_core::{EmberError, MoeConfig, Result};
+use ember_kernels::moe_routing::{RoutingConfig, TopkMethod as KernelTopk};
 
+use crate::fused_moe::{MoeBackend, StackedExperts};
 use crate::linear::{load_linear, LinearLayer};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::mlp::Mlp;
@@ -280,6 +282,9 @@ pub struct SparseMoe {
     experts: Experts,
     top_k: usize,
     norm_topk_prob: bool,
+    /// Zeros `[experts]` f32 on the device (the routing kernel's unused bias) when the experts
+    /// are stacked for the fused MoE.
+    fused_bias: Option<Tensor>,
 }
 
 impl SparseMoe {
@@ -288,9 +293,15 @@ impl SparseMoe {
         let (e, i) = (moe.num_experts, moe.moe_intermediate_size);
         let gate = load_linear(&weights.pp("gate"), hidden, e, false)?;
         let experts = load_experts(&weights.pp("experts"), hidden, e, i)?;
+        let fused_bias = experts
+            .is_stacked()
+            .then(|| Tensor::zeros(e, DType::F32, weights.device()))
+            .transpose()
+            .map_err(|err| EmberError::Tensor(err.to_string()))?;
         Ok(Self {
             gate,
             experts,
+            fused_bias,
             top_k: moe.num_experts_per_tok,
             norm_topk_prob: moe.norm_topk_prob,
         })
@@ -298,11 +309,23 @@ impl SparseMoe {
 
     /// Applies the block to `[tokens, hidden]`, each row with its adapter.
     pub fn forward(&self, x: &Tensor, lora: &LoraRows) -> TensorResult {
-        let logits = self
-            .gate
-            .forward(x)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
+        let logits = self.gate.forward(x)?.to_dtype(DType::F32)?;
+        if let Some(bias) = &self.fused_bias {
+            let routing = RoutingConfig {
+                num_experts: self.experts.num_experts,
+                top_k: self.top_k,
+                n_group: 1,
+                topk_group: 1,
+                method: KernelTopk::Greedy,
+                sigmoid: false,
+                renormalize: self.norm_topk_prob,
+                scaling: 1.0,
+            };
+            if let Some(y) = self.experts.run_fused(x, &logits, &routing, bias, lora)? {
+                return Ok(y);
+            }
+        }
+        let logits = logits.to_vec2::<f32>()?;
         let routing = route_softmax_topk(
             &logits,
             self.top_k,
@@ -339,6 +362,9 @@ pub struct Experts {
     /// Whether this copy counts: every rank under expert parallelism (each its own experts'
     /// tokens), rank 0 alone under tensor parallelism (every rank routes every token).
     counts_load: bool,
+    /// The experts stacked for the fused MoE (`--moe-backend fused`, dense experts, not expert
+    /// parallel); the slots' MLPs are then views of it.
+    stacked: Option<StackedExperts>,
 }
 
 /// The experts one rank holds, slot by slot, as loaded for one version of the placement.
@@ -451,6 +477,31 @@ impl Experts {
             }
             Some(ep) => self.run_expert_parallel(ep, routing, x, lora),
         }
+    }
+
+    /// The routed experts' output through the fused MoE (see [`crate::fused_moe`]) for `x` and
+    /// its router `logits` `[tokens, experts]`, routed by `routing` (`bias` `[experts]` f32), as
+    /// [`Experts::run`] would give it; `None` where the fused MoE does not serve this layer (not
+    /// stacked) or this step (an adapter of the step adapts these experts).
+    pub fn run_fused(
+        &self,
+        x: &Tensor,
+        logits: &Tensor,
+        routing: &RoutingConfig,
+        bias: &Tensor,
+        lora: &LoraRows,
+    ) -> TensorResult<Option<Tensor>> {
+        match &self.stacked {
+            Some(stack) if !lora.adapts_under(&self.path) => {
+                stack.forward(x, logits, routing, bias).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the experts are stacked for the fused MoE.
+    pub fn is_stacked(&self) -> bool {
+        self.stacked.is_some()
     }
 
     /// Whether [`Experts::run`] returns a partial sum that the ranks must add up.
@@ -638,6 +689,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             path,
             num_experts: e,
             expert_parallel: Some(Box::new(ep)),
+            stacked: None,
         });
     }
     let channels = match rank {
@@ -684,7 +736,12 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             .map(|x| Mlp::load_split(&experts_w.pp(x), hidden, i, channels).map(Arc::new))
             .collect::<Result<_>>()?
     };
+    let (mlps, stacked) = match experts_w.moe_backend() {
+        MoeBackend::Fused => stack_experts(experts_w, mlps, i, channels)?,
+        MoeBackend::Experts => (mlps, None),
+    };
     Ok(Experts {
+        stacked,
         slots: RwLock::new(RankSlots {
             version: 0,
             experts: (0..e).collect(),
@@ -696,6 +753,34 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
         num_experts: e,
         expert_parallel: None,
     })
+}
+
+/// The layer's experts stacked for the fused MoE, and MLPs over views of the stack in place of
+/// `mlps`; `mlps` unchanged (and no stack) when an expert is not held dense in f32 or bf16.
+fn stack_experts(
+    experts_w: &Weights,
+    mlps: Vec<Arc<Mlp>>,
+    intermediate: usize,
+    channels: Option<(usize, usize)>,
+) -> Result<(Vec<Arc<Mlp>>, Option<StackedExperts>)> {
+    let err = |e: candle_core::Error| {
+        EmberError::Weights(format!("{}: stacking the experts: {e}", experts_w.prefix()))
+    };
+    let Some(stack) = StackedExperts::stack(&mlps).map_err(err)? else {
+        tracing::info!(
+            experts = experts_w.prefix(),
+            "--moe-backend fused: the experts are not held dense in f32 or bf16; they run one by one"
+        );
+        return Ok((mlps, None));
+    };
+    drop(mlps);
+    let views = (0..stack.len())
+        .map(|k| {
+            let weights = stack.expert(k).map_err(err)?;
+            Mlp::from_weights(experts_w, k, weights, intermediate, channels).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((views, Some(stack)))
 }
 
 /// Runs each expert once over the rows routed to it and scatter-adds the weighted outputs; each

@@ -43,6 +43,25 @@ impl ExpertRouter {
         }
     }
 
+    /// The same rules as the routing kernel's settings (`kernels/moe_routing.cu`).
+    pub fn kernel_config(&self) -> ember_kernels::moe_routing::RoutingConfig {
+        use ember_kernels::moe_routing::TopkMethod as K;
+        ember_kernels::moe_routing::RoutingConfig {
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            method: match self.topk_method {
+                TopkMethod::Greedy => K::Greedy,
+                TopkMethod::GroupLimitedGreedy => K::GroupLimitedGreedy,
+                TopkMethod::NoauxTc => K::NoauxTc,
+            },
+            sigmoid: self.scoring_func == ScoringFunc::Sigmoid,
+            renormalize: self.norm_topk_prob,
+            scaling: self.routed_scaling_factor,
+        }
+    }
+
     fn scores(&self, logits: &[f32]) -> Vec<f32> {
         match self.scoring_func {
             ScoringFunc::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
@@ -259,6 +278,8 @@ mod tests {
                 renormalize: norm,
                 scaling: 2.5,
             };
+            // The fused MoE hands the kernel these settings.
+            assert_eq!(r.kernel_config(), cfg, "{method:?}");
             let (mut ids, mut w) = (vec![0u32; tokens * 6], vec![0f32; tokens * 6]);
             route(&flat, &bias, &cfg, &mut ids, &mut w).unwrap();
             for (t, mut want) in as_pairs(&r.route(&logits, &bias)).into_iter().enumerate() {

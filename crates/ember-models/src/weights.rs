@@ -10,6 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::attention::AttentionBackend;
+use crate::fused_moe::MoeBackend;
 use ember_core::{EmberError, Result, WeightQuantization};
 
 use crate::moe::ExpertLoad;
@@ -41,6 +42,7 @@ pub struct Weights {
     /// `--quantization fp8` on an unquantized checkpoint: projections are quantized at load.
     online_fp8: bool,
     attention_backend: AttentionBackend,
+    moe_backend: MoeBackend,
     calculate_kv_scales: bool,
     /// 4-bit and block-FP8 checkpoint weights are held as stored for the W4A16 / W8A16 kernels
     /// instead of dequantized.
@@ -72,6 +74,7 @@ impl Weights {
             quantization: None,
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
+            moe_backend: MoeBackend::default(),
             calculate_kv_scales: false,
             packed_weights: false,
             held: Arc::default(),
@@ -90,6 +93,7 @@ impl Weights {
             quantization: None,
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
+            moe_backend: MoeBackend::default(),
             calculate_kv_scales: false,
             packed_weights: false,
             held: Arc::default(),
@@ -137,6 +141,19 @@ impl Weights {
     /// Which attention implementation the layers loaded from these weights run.
     pub fn attention_backend(&self) -> AttentionBackend {
         self.attention_backend
+    }
+
+    /// The same weights, with MoE layers loaded to run their routed experts on `backend`.
+    pub fn with_moe_backend(self, moe_backend: MoeBackend) -> Self {
+        Self {
+            moe_backend,
+            ..self
+        }
+    }
+
+    /// Which implementation the MoE layers loaded from these weights run their experts on.
+    pub fn moe_backend(&self) -> MoeBackend {
+        self.moe_backend
     }
 
     /// `--calculate-kv-scales`: attention layers compute their fp8 cache scales from the first

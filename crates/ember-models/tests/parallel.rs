@@ -419,3 +419,112 @@ fn block_fp8_projections_held_as_stored_give_the_dequantized_logprobs() {
         check_held(name, 1e-4, 8);
     }
 }
+
+fn fused_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
+    let mut opts = options(name, tp, ep);
+    opts.moe_backend = ember_models::fused_moe::MoeBackend::Fused;
+    opts
+}
+
+/// `--moe-backend fused` (routing, alignment, grouped GEMMs and weighted sum as one op; on the
+/// CPU the kernels' references) gives the logprobs of the experts run one by one, for every MoE
+/// family's routing (softmax top-k with and without renormalisation, noaux_tc with its bias,
+/// group-limited and plain greedy) in steps that mix prefill, decode and chunks and in a 40-token
+/// prefill, at TP 1 and 2 (each rank's channel share of every expert); fp32, so within 1e-4.
+/// The experts' MLPs become views of the stack: the model holds the same bytes.
+#[test]
+fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
+    use ember_models::fused_moe::calls;
+    for name in [
+        "qwen3-moe-tiny",
+        "qwen3-moe-mixed-tiny",
+        "deepseek-v3-tiny",
+        "kimi-k2-tiny",
+        "deepseek-v2-tiny",
+        "deepseek-v2-lite-tiny",
+    ] {
+        for tp in [1, 2] {
+            let experts = load_model(&options(name, tp, false)).unwrap();
+            let fused = load_model(&fused_options(name, tp, false)).unwrap();
+            assert_eq!(
+                fused.rank_weight_bytes, experts.rank_weight_bytes,
+                "{name} tp {tp}"
+            );
+            let before = calls();
+            for run in [run_steps, run_prefill] {
+                let want = logprobs(&run(&experts));
+                let got = logprobs(&run(&fused));
+                let diff = max_diff(&want, &got);
+                println!("{name} tp {tp}: fused MoE max |Δ logprob| {diff:.2e}");
+                assert!(diff < 1e-4, "{name} tp {tp}: max |Δ logprob| {diff}");
+            }
+            assert!(calls() > before, "{name} tp {tp}: the fused MoE never ran");
+        }
+    }
+    // Checkpoints that store the experts fused, and expert parallelism (which the fused MoE
+    // leaves to the experts one by one: the same logprobs still).
+    let dir = fused_copy_of_qwen3_moe();
+    let reference = logprobs(&run_steps(
+        &load_model(&options("qwen3-moe-tiny", 1, false)).unwrap(),
+    ));
+    for (tp, ep) in [(1, false), (2, false), (2, true)] {
+        let mut opts = fused_options("qwen3-moe-tiny", tp, ep);
+        opts.model = dir.to_string_lossy().into_owned();
+        let diff = max_diff(
+            &reference,
+            &logprobs(&run_steps(&load_model(&opts).unwrap())),
+        );
+        assert!(
+            diff < 1e-4,
+            "fused checkpoint tp {tp} ep {ep}: max |Δ logprob| {diff}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A step whose adapter adapts the experts runs them one by one (the fused MoE has no adapter
+/// path), so adapted rows keep their deltas: the same logprobs as the experts backend, and not
+/// those of the base model.
+#[test]
+fn adapted_experts_leave_the_fused_moe_for_the_step() {
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/lora/qwen3-moe-tiny-experts");
+    let run = |loaded: &LoadedModel, adapted: bool| -> Vec<Vec<f32>> {
+        let adapter = std::sync::Arc::new(
+            ember_models::lora::LoraAdapter::load(
+                &dir,
+                "experts",
+                1,
+                loaded.model.lora_targets(),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap(),
+        );
+        let caches = caches(loaded);
+        let tokens: Vec<u32> = vec![3, 14, 15, 92, 65, 35];
+        let table = [0u32, 1];
+        let inputs = [SequenceInput {
+            token_ids: &tokens,
+            num_computed: 0,
+            block_table: &table,
+            all_logits: true,
+            adapter: adapted.then_some(&adapter),
+        }];
+        let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
+        logprobs(
+            &loaded
+                .model
+                .forward(&batch, &caches)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+        )
+    };
+    let experts = load_model(&options("qwen3-moe-tiny", 1, false)).unwrap();
+    let fused = load_model(&fused_options("qwen3-moe-tiny", 1, false)).unwrap();
+    let diff = max_diff(&run(&experts, true), &run(&fused, true));
+    assert!(diff < 1e-4, "adapted: max |Δ logprob| {diff}");
+    let moved = max_diff(&run(&fused, true), &run(&fused, false));
+    assert!(moved > 1e-3, "the adapter changed nothing ({moved})");
+}
