@@ -13,7 +13,10 @@ use cudarc::nvrtc::Ptx;
 use crate::error::check_shape;
 use crate::fused_moe::{align_capacity, GroupedGemmShape};
 use crate::moe_routing::{routing_shape, RoutingConfig, TopkMethod};
-use crate::paged_attention::{paged_attention_shape, PagedAttentionBatch, PagedAttentionShape};
+use crate::paged_attention::{
+    check_extent, paged_attention_dims, paged_batch_extent, BatchExtent, PagedAttentionBatch,
+    PagedAttentionShape,
+};
 use crate::rms_norm::rms_norm_shape;
 use crate::rotary::{rotary_shape, RotaryShape};
 use crate::sampling::argmax_shape;
@@ -567,32 +570,57 @@ impl CudaKernels {
 }
 
 impl CudaKernels {
-    /// [`crate::paged_attention::paged_attention`] on the GPU. The metadata (`batch`) is checked
-    /// on the host, every block a token reads against the cache's size, then copied over.
+    /// A call's metadata checked on the host ([`paged_batch_extent`]) and copied to the GPU once,
+    /// for every layer of a step to read.
+    pub fn upload_paged_batch(
+        &self,
+        batch: &PagedAttentionBatch<'_>,
+        block_size: usize,
+        max_blocks: usize,
+    ) -> Result<DevicePagedBatch, KernelError> {
+        let extent = paged_batch_extent(batch, block_size, max_blocks)?;
+        Ok(DevicePagedBatch {
+            block_tables: self.stream.clone_htod(batch.block_tables)?,
+            token_seq: self.stream.clone_htod(batch.token_seq)?,
+            token_ctx: self.stream.clone_htod(batch.token_ctx)?,
+            extent,
+            block_size,
+            max_blocks,
+        })
+    }
+
+    /// [`crate::paged_attention::paged_attention`] on the GPU, over metadata
+    /// [`CudaKernels::upload_paged_batch`] checked and copied: the buffers are checked against
+    /// it here (the tokens, and every block it reads against the cache's size).
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention<T: CudaElement>(
         &self,
         out: &mut CudaSlice<T>,
-        q: &CudaSlice<T>,
-        k_cache: &CudaSlice<T>,
-        v_cache: &CudaSlice<T>,
-        batch: &PagedAttentionBatch<'_>,
+        q: &CudaView<T>,
+        k_cache: &CudaView<T>,
+        v_cache: &CudaView<T>,
+        batch: &DevicePagedBatch,
         scale: f32,
         shape: &PagedAttentionShape,
     ) -> Result<(), KernelError> {
-        let tokens = paged_attention_shape(
-            shape,
-            q.len(),
-            k_cache.len(),
-            v_cache.len(),
-            out.len(),
-            batch,
+        let s = shape;
+        check_shape(
+            s.block_size == batch.block_size && s.max_blocks == batch.max_blocks,
+            "paged_attention",
+            || {
+                format!(
+                    "the metadata was made for blocks of {} and tables of {}, not {} and {}",
+                    batch.block_size, batch.max_blocks, s.block_size, s.max_blocks
+                )
+            },
         )?;
+        let (tokens, blocks_in_cache) =
+            paged_attention_dims(shape, q.len(), k_cache.len(), v_cache.len(), out.len())?;
+        check_extent(&batch.extent, tokens, blocks_in_cache)?;
         if tokens == 0 {
             return Ok(());
         }
         let int = |what: &str, v: usize| int32("paged_attention", what, v);
-        let s = shape;
         let args = [
             int("num_heads", s.num_heads)?,
             int("num_kv_heads", s.num_kv_heads)?,
@@ -606,9 +634,6 @@ impl CudaKernels {
         })?;
         let tokens =
             u32::try_from(tokens).map_err(|_| too_big("paged_attention", "tokens", tokens))?;
-        let tables = self.stream.clone_htod(batch.block_tables)?;
-        let token_seq = self.stream.clone_htod(batch.token_seq)?;
-        let token_ctx = self.stream.clone_htod(batch.token_ctx)?;
         let f = kernel(&self.paged_attention, "paged_attention", T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -616,9 +641,9 @@ impl CudaKernels {
             .arg(q)
             .arg(k_cache)
             .arg(v_cache)
-            .arg(&tables)
-            .arg(&token_seq)
-            .arg(&token_ctx)
+            .arg(&batch.block_tables)
+            .arg(&batch.token_seq)
+            .arg(&batch.token_ctx)
             .arg(&scale);
         for a in &args {
             launch.arg(a);
@@ -633,10 +658,28 @@ impl CudaKernels {
         };
         // SAFETY: the argument list matches paged_attention_<T>(T*, const T*, const T*, const T*,
         // const unsigned*, const unsigned*, const unsigned*, float, int x 6) in
-        // kernels/paged_attention.cu; paged_attention_shape bounds every index it reads, the
-        // metadata buffers live until the launch is enqueued and are freed in stream order.
+        // kernels/paged_attention.cu; the metadata was checked when uploaded (each token's
+        // sequence and context fit the tables) and its extent here against these buffers (every
+        // block read is in the cache), which bounds every index the kernel reads.
         unsafe { launch.launch(cfg) }?;
         Ok(())
+    }
+}
+
+/// A step's paged attention metadata on the GPU ([`CudaKernels::upload_paged_batch`]).
+pub struct DevicePagedBatch {
+    block_tables: CudaSlice<u32>,
+    token_seq: CudaSlice<u32>,
+    token_ctx: CudaSlice<u32>,
+    extent: BatchExtent,
+    block_size: usize,
+    max_blocks: usize,
+}
+
+impl DevicePagedBatch {
+    /// What the metadata needs of a call's buffers.
+    pub fn extent(&self) -> BatchExtent {
+        self.extent
     }
 }
 

@@ -52,6 +52,31 @@ pub fn paged_attention_shape(
     out_len: usize,
     batch: &PagedAttentionBatch<'_>,
 ) -> Result<usize, KernelError> {
+    let (tokens, blocks_in_cache) = paged_attention_dims(shape, q_len, k_len, v_len, out_len)?;
+    let extent = paged_batch_extent(batch, shape.block_size, shape.max_blocks)?;
+    check_extent(&extent, tokens, blocks_in_cache)?;
+    Ok(tokens)
+}
+
+/// What a call's metadata needs of the buffers, checked against its block size and table width
+/// alone (so a step checks it once for all its layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchExtent {
+    /// Query tokens.
+    pub tokens: usize,
+    /// One more than the largest block any token reads: the blocks a cache must hold.
+    pub blocks_read: usize,
+}
+
+/// Tokens and blocks of the caches of a call of `shape`, or why the buffer lengths don't fit it
+/// (the GQA ratio, whole rows and slots, the output's size).
+pub fn paged_attention_dims(
+    shape: &PagedAttentionShape,
+    q_len: usize,
+    k_len: usize,
+    v_len: usize,
+    out_len: usize,
+) -> Result<(usize, usize), KernelError> {
     const OP: &str = "paged_attention";
     let s = shape;
     check_shape(
@@ -79,28 +104,6 @@ pub fn paged_attention_shape(
             s.num_heads, s.v_dim
         )
     })?;
-    check_shape(
-        batch.token_seq.len() == tokens && batch.token_ctx.len() == tokens,
-        OP,
-        || {
-            format!(
-                "{tokens} tokens but {} token_seq and {} token_ctx entries",
-                batch.token_seq.len(),
-                batch.token_ctx.len()
-            )
-        },
-    )?;
-    check_shape(
-        batch.block_tables.len().is_multiple_of(s.max_blocks),
-        OP,
-        || {
-            format!(
-                "block_tables has {} entries, not a multiple of max_blocks = {}",
-                batch.block_tables.len(),
-                s.max_blocks
-            )
-        },
-    )?;
     let (k_row, v_row) = (s.num_kv_heads * s.head_dim, s.num_kv_heads * s.v_dim);
     check_shape(
         k_len.is_multiple_of(k_row)
@@ -109,30 +112,77 @@ pub fn paged_attention_shape(
         OP,
         || format!("k_cache ({k_len}) and v_cache ({v_len}) do not hold the same whole slots"),
     )?;
-    let blocks_in_cache = k_len / k_row / s.block_size;
-    let num_seqs = batch.block_tables.len() / s.max_blocks;
+    Ok((tokens, k_len / k_row / s.block_size))
+}
+
+/// The extent of a call's metadata, or why it is inconsistent: each token's sequence must have a
+/// table row, and its context must be positive and fit the row's `max_blocks` blocks.
+pub fn paged_batch_extent(
+    batch: &PagedAttentionBatch<'_>,
+    block_size: usize,
+    max_blocks: usize,
+) -> Result<BatchExtent, KernelError> {
+    const OP: &str = "paged_attention";
+    check_shape(block_size > 0 && max_blocks > 0, OP, || {
+        format!("block_size {block_size} and max_blocks {max_blocks} must be positive")
+    })?;
+    let tokens = batch.token_seq.len();
+    check_shape(batch.token_ctx.len() == tokens, OP, || {
+        format!(
+            "{tokens} token_seq but {} token_ctx entries",
+            batch.token_ctx.len()
+        )
+    })?;
+    check_shape(
+        batch.block_tables.len().is_multiple_of(max_blocks),
+        OP,
+        || {
+            format!(
+                "block_tables has {} entries, not a multiple of max_blocks = {max_blocks}",
+                batch.block_tables.len()
+            )
+        },
+    )?;
+    let num_seqs = batch.block_tables.len() / max_blocks;
+    let mut blocks_read = 0usize;
     for (t, (&seq, &ctx)) in batch.token_seq.iter().zip(batch.token_ctx).enumerate() {
         let (seq, ctx) = (seq as usize, ctx as usize);
         check_shape(seq < num_seqs, OP, || {
             format!("token {t} belongs to sequence {seq} of {num_seqs}")
         })?;
-        check_shape(ctx > 0 && ctx <= s.max_blocks * s.block_size, OP, || {
+        check_shape(ctx > 0 && ctx <= max_blocks * block_size, OP, || {
             format!(
                 "token {t} sees {ctx} positions; 1 to {} fit its block table",
-                s.max_blocks * s.block_size
+                max_blocks * block_size
             )
         })?;
-        let table = &batch.block_tables[seq * s.max_blocks..][..ctx.div_ceil(s.block_size)];
-        if let Some(&bad) = table.iter().find(|&&b| b as usize >= blocks_in_cache) {
-            return Err(KernelError::Shape {
-                op: OP,
-                message: format!(
-                    "token {t} reads block {bad}; the cache holds {blocks_in_cache} blocks"
-                ),
-            });
+        let table = &batch.block_tables[seq * max_blocks..][..ctx.div_ceil(block_size)];
+        if let Some(&most) = table.iter().max() {
+            blocks_read = blocks_read.max(most as usize + 1);
         }
     }
-    Ok(tokens)
+    Ok(BatchExtent {
+        tokens,
+        blocks_read,
+    })
+}
+
+/// Checks a batch's extent against a call's tokens and cache blocks.
+pub fn check_extent(
+    extent: &BatchExtent,
+    tokens: usize,
+    blocks_in_cache: usize,
+) -> Result<(), KernelError> {
+    const OP: &str = "paged_attention";
+    check_shape(extent.tokens == tokens, OP, || {
+        format!("q holds {tokens} tokens but the metadata {}", extent.tokens)
+    })?;
+    check_shape(extent.blocks_read <= blocks_in_cache, OP, || {
+        format!(
+            "a token reads block {}; the cache holds {blocks_in_cache} blocks",
+            extent.blocks_read - 1
+        )
+    })
 }
 
 /// CPU reference: `out[t, h] = softmax_p(scale · q[t, h]·k[p]) · v[p]` over the `token_ctx[t]`

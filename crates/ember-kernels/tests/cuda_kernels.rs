@@ -687,8 +687,19 @@ fn check_paged_attention<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             st.clone_htod(&vc).unwrap(),
         );
         let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
-        k.paged_attention(&mut dout, &dq, &dk, &dv, &batch, scale, &shape)
+        let dbatch = k
+            .upload_paged_batch(&batch, shape.block_size, shape.max_blocks)
             .unwrap();
+        k.paged_attention(
+            &mut dout,
+            &dq.as_view(),
+            &dk.as_view(),
+            &dv.as_view(),
+            &dbatch,
+            scale,
+            &shape,
+        )
+        .unwrap();
         let gpu = st.clone_dtoh(&dout).unwrap();
         let what = format!("paged_attention_{} {}", T::KERNEL_SUFFIX, mix.name);
         for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {

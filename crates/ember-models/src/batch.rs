@@ -62,6 +62,9 @@ pub struct ForwardBatch {
     pub lora: LoraRows,
     /// Tokens per cache block (slot = block · block_size + offset).
     pub block_size: usize,
+    /// What ember's CUDA kernels copy to the GPU once per step for every layer to read.
+    #[cfg(feature = "cuda")]
+    pub(crate) device_metadata: crate::cuda_attention::StepMetadata,
 }
 
 impl SequenceAttention {
@@ -187,6 +190,8 @@ impl ForwardBatch {
             num_tokens,
             lora,
             block_size,
+            #[cfg(feature = "cuda")]
+            device_metadata: Default::default(),
         })
     }
 }
