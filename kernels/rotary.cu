@@ -1,5 +1,6 @@
 // Rotary position embedding over a flattened batch, out of place: one block per token, its threads
-// striding over the token's heads x head_dim/2 pairs. Rotate-half or interleaved input; the output
+// striding over the token's heads x head_dim/2 pairs. Rows of the tables by each token's position,
+// or (the _rows kernels) the step's rows already gathered, row t for token t. Rotate-half or interleaved input; the output
 // is always rotate-half. CPU reference and the numerics contract: crates/ember-kernels/src/rotary.rs.
 #include "element.cuh"
 
@@ -9,7 +10,8 @@ __device__ void rotary_embedding(T* __restrict__ out, const T* __restrict__ x,
                                  const T* __restrict__ sin_table, int heads, int head_dim, int interleaved) {
   const int half = head_dim >> 1;
   const size_t token = blockIdx.x;
-  const size_t row = (size_t)positions[token] * half;
+  // Without positions the tables hold the step's rows, one per token.
+  const size_t row = (positions ? (size_t)positions[token] : token) * half;
   const size_t base = token * (size_t)heads * head_dim;
   for (int p = threadIdx.x; p < heads * half; p += blockDim.x) {
     const int head = p / half, i = p % half;
@@ -29,6 +31,11 @@ __device__ void rotary_embedding(T* __restrict__ out, const T* __restrict__ x,
                                                        const T* cos_table, const T* sin_table,      \
                                                        int heads, int head_dim, int interleaved) {  \
     rotary_embedding<T>(out, x, positions, cos_table, sin_table, heads, head_dim, interleaved);     \
+  }                                                                                                \
+  extern "C" __global__ void rotary_embedding_rows_##SUFFIX(T* out, const T* x, const T* cos_rows,   \
+                                                            const T* sin_rows, int heads,           \
+                                                            int head_dim, int interleaved) {        \
+    rotary_embedding<T>(out, x, nullptr, cos_rows, sin_rows, heads, head_dim, interleaved);         \
   }
 
 ROTARY_KERNEL(float, f32)

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -117,10 +117,10 @@ impl CudaKernels {
     /// [`crate::rms_norm::rms_norm`] on the GPU.
     pub fn rms_norm<T: CudaElement>(
         &self,
-        x: &CudaSlice<T>,
-        weight: &CudaSlice<T>,
+        x: &CudaView<T>,
+        weight: &CudaView<T>,
         eps: f32,
-        out: &mut CudaSlice<T>,
+        out: &mut CudaViewMut<T>,
     ) -> Result<(), KernelError> {
         let (rows, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
         if rows == 0 {
@@ -144,11 +144,11 @@ impl CudaKernels {
     /// [`crate::rms_norm::fused_add_rms_norm`] on the GPU (`residual` is updated in place).
     pub fn fused_add_rms_norm<T: CudaElement>(
         &self,
-        x: &CudaSlice<T>,
-        residual: &mut CudaSlice<T>,
-        weight: &CudaSlice<T>,
+        x: &CudaView<T>,
+        residual: &mut CudaViewMut<T>,
+        weight: &CudaView<T>,
         eps: f32,
-        out: &mut CudaSlice<T>,
+        out: &mut CudaViewMut<T>,
     ) -> Result<(), KernelError> {
         let (rows, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
         check_shape(residual.len() == x.len(), "fused_add_rms_norm", || {
@@ -378,7 +378,7 @@ impl CudaKernels {
     /// [`crate::silu_and_mul::silu_and_mul`] on the GPU.
     pub fn silu_and_mul<T: CudaElement>(
         &self,
-        input: &CudaSlice<T>,
+        input: &CudaView<T>,
         d: usize,
         out: &mut CudaSlice<T>,
     ) -> Result<(), KernelError> {
@@ -408,10 +408,10 @@ impl CudaKernels {
     #[allow(clippy::too_many_arguments)]
     pub fn rotary_embedding<T: CudaElement>(
         &self,
-        x: &CudaSlice<T>,
+        x: &CudaView<T>,
         positions: &[u32],
-        cos: &CudaSlice<T>,
-        sin: &CudaSlice<T>,
+        cos: &CudaView<T>,
+        sin: &CudaView<T>,
         shape: &RotaryShape,
         out: &mut CudaSlice<T>,
     ) -> Result<(), KernelError> {
@@ -422,19 +422,59 @@ impl CudaKernels {
         if tokens == 0 {
             return Ok(());
         }
+        let positions = self.stream.clone_htod(positions)?;
+        self.launch_rotary(x, Some(&positions), cos, sin, shape, tokens, out)
+    }
+
+    /// [`crate::rotary::rotary_embedding_rows`] on the GPU: token `t` rotated by row `t` of
+    /// `cos`/`sin` (the step's rows, gathered once), so no positions are copied.
+    pub fn rotary_embedding_rows<T: CudaElement>(
+        &self,
+        x: &CudaView<T>,
+        cos: &CudaView<T>,
+        sin: &CudaView<T>,
+        shape: &RotaryShape,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        let tokens =
+            crate::rotary::rotary_rows_shape(shape, x.len(), cos.len(), sin.len(), out.len())?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        self.launch_rotary(x, None, cos, sin, shape, tokens, out)
+    }
+
+    /// Launches `rotary_embedding_<T>` (with positions) or `rotary_embedding_rows_<T>` (without)
+    /// over `tokens` tokens whose buffers the caller checked.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_rotary<T: CudaElement>(
+        &self,
+        x: &CudaView<T>,
+        positions: Option<&CudaSlice<u32>>,
+        cos: &CudaView<T>,
+        sin: &CudaView<T>,
+        shape: &RotaryShape,
+        tokens: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
         let op = "rotary_embedding";
         let tokens = u32::try_from(tokens).map_err(|_| too_big(op, "tokens", tokens))?;
         let heads = int32(op, "heads", shape.heads)?;
         let head_dim = int32(op, "head_dim", shape.head_dim)?;
         int32(op, "heads x head_dim", shape.heads * shape.head_dim)?;
         let interleaved = i32::from(shape.interleaved);
-        let positions = self.stream.clone_htod(positions)?;
-        let f = kernel(&self.rotary, op, T::KERNEL_SUFFIX)?;
+        let name = if positions.is_some() {
+            op
+        } else {
+            "rotary_embedding_rows"
+        };
+        let f = kernel(&self.rotary, name, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(x);
+        if let Some(positions) = positions {
+            launch.arg(positions);
+        }
         launch
-            .arg(out)
-            .arg(x)
-            .arg(&positions)
             .arg(cos)
             .arg(sin)
             .arg(&heads)
@@ -447,7 +487,8 @@ impl CudaKernels {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches rotary_embedding_<T>(T*, const T*, const unsigned*, const T*, const T*,
-        // int, int, int) in kernels/rotary.cu; rotary_shape bounds every x, out and table index.
+        // int, int, int) and rotary_embedding_rows_<T>(the same without positions) in
+        // kernels/rotary.cu; rotary_shape / rotary_rows_shape bound every x, out and table index.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -69,6 +69,49 @@ pub fn rotary_shape(
     Ok(tokens)
 }
 
+/// Tokens of a call of [`rotary_embedding_rows`], or why the buffers do not fit `shape`: `x`/`out`
+/// `[tokens, heads, head_dim]` and the step's rows `cos`/`sin` `[tokens, head_dim / 2]`.
+pub fn rotary_rows_shape(
+    shape: &RotaryShape,
+    x_len: usize,
+    cos_len: usize,
+    sin_len: usize,
+    out_len: usize,
+) -> Result<usize, KernelError> {
+    const OP: &str = "rotary_embedding_rows";
+    check_shape(
+        shape.heads > 0 && shape.head_dim > 0 && shape.head_dim.is_multiple_of(2),
+        OP,
+        || format!("{shape:?}: heads and head_dim must be positive, head_dim even"),
+    )?;
+    let token_len = shape.heads * shape.head_dim;
+    check_shape(
+        x_len.is_multiple_of(token_len) && out_len == x_len,
+        OP,
+        || format!("x has {x_len} and out {out_len} elements, not whole tokens of {token_len}"),
+    )?;
+    let tokens = x_len / token_len;
+    let half = shape.head_dim / 2;
+    check_shape(cos_len == tokens * half && sin_len == cos_len, OP, || {
+        format!("cos ({cos_len}) and sin ({sin_len}) must hold {tokens} rows of {half}")
+    })?;
+    Ok(tokens)
+}
+
+/// CPU reference of the step-rows form: token `t` rotated by row `t` of `cos`/`sin`, the rows
+/// already gathered by position (as [`rotary_embedding`] with positions `0, 1, …`).
+pub fn rotary_embedding_rows<T: Element>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    shape: &RotaryShape,
+    out: &mut [T],
+) -> Result<(), KernelError> {
+    let tokens = rotary_rows_shape(shape, x.len(), cos.len(), sin.len(), out.len())?;
+    let identity: Vec<u32> = (0..tokens as u32).collect();
+    rotary_embedding(x, &identity, cos, sin, shape, out)
+}
+
 /// CPU reference: rotates every head of token `t` of `x` by row `positions[t]` of `cos`/`sin`.
 pub fn rotary_embedding<T: Element>(
     x: &[T],

@@ -80,7 +80,8 @@ fn check_rms_norm<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         rms_norm::rms_norm(&x, &w, 1e-6, &mut cpu).unwrap();
         let (dx, dw) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap());
         let mut dout = s.alloc_zeros::<T>(x.len()).unwrap();
-        k.rms_norm(&dx, &dw, 1e-6, &mut dout).unwrap();
+        k.rms_norm(&dx.as_view(), &dw.as_view(), 1e-6, &mut dout.as_view_mut())
+            .unwrap();
         assert_close(&what, &s.clone_dtoh(&dout).unwrap(), &cpu);
     }
 }
@@ -97,8 +98,14 @@ fn check_fused_add_rms_norm<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         let (dx, dw) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap());
         let mut dres = s.clone_htod(&residual).unwrap();
         let mut dout = s.alloc_zeros::<T>(x.len()).unwrap();
-        k.fused_add_rms_norm(&dx, &mut dres, &dw, 1e-6, &mut dout)
-            .unwrap();
+        k.fused_add_rms_norm(
+            &dx.as_view(),
+            &mut dres.as_view_mut(),
+            &dw.as_view(),
+            1e-6,
+            &mut dout.as_view_mut(),
+        )
+        .unwrap();
         // The stored sum is one f32 add and one rounding on both sides: bit-identical.
         let gpu_residual = s.clone_dtoh(&dres).unwrap();
         for (i, (g, c)) in gpu_residual.iter().zip(&cpu_residual).enumerate() {
@@ -121,7 +128,7 @@ fn check_silu_and_mul<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         silu_and_mul::silu_and_mul(&input, d, &mut cpu).unwrap();
         let din = s.clone_htod(&input).unwrap();
         let mut dout = s.alloc_zeros::<T>(rows * d).unwrap();
-        k.silu_and_mul(&din, d, &mut dout).unwrap();
+        k.silu_and_mul(&din.as_view(), d, &mut dout).unwrap();
         assert_close(&what, &s.clone_dtoh(&dout).unwrap(), &cpu);
     }
 }
@@ -201,9 +208,49 @@ fn check_rotary<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             s.clone_htod(&sin).unwrap(),
         );
         let mut dout = s.alloc_zeros::<T>(x.len()).unwrap();
-        k.rotary_embedding(&dx, &positions, &dcos, &dsin, &shape, &mut dout)
-            .unwrap();
+        k.rotary_embedding(
+            &dx.as_view(),
+            &positions,
+            &dcos.as_view(),
+            &dsin.as_view(),
+            &shape,
+            &mut dout,
+        )
+        .unwrap();
         let gpu = s.clone_dtoh(&dout).unwrap();
+        // The step-rows form over the same rows gathered: the same bits.
+        let half = head_dim / 2;
+        let gather = |t: &[T]| -> Vec<T> {
+            positions
+                .iter()
+                .flat_map(|&p| t[p as usize * half..][..half].to_vec())
+                .collect()
+        };
+        let (rcos, rsin) = (gather(&cos), gather(&sin));
+        let mut cpu_rows = vec![T::from_f32(0.0); x.len()];
+        rotary::rotary_embedding_rows(&x, &rcos, &rsin, &shape, &mut cpu_rows).unwrap();
+        assert!(cpu_rows
+            .iter()
+            .zip(&cpu)
+            .all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits()));
+        let (drcos, drsin) = (s.clone_htod(&rcos).unwrap(), s.clone_htod(&rsin).unwrap());
+        let mut drout = s.alloc_zeros::<T>(x.len()).unwrap();
+        k.rotary_embedding_rows(
+            &dx.as_view(),
+            &drcos.as_view(),
+            &drsin.as_view(),
+            &shape,
+            &mut drout,
+        )
+        .unwrap();
+        assert!(
+            s.clone_dtoh(&drout)
+                .unwrap()
+                .iter()
+                .zip(&gpu)
+                .all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits()),
+            "{what}: the step-rows kernel differs"
+        );
         for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
             assert_eq!(
                 g.to_f32().to_bits(),
@@ -224,7 +271,14 @@ fn check_rotary<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     let table = s.clone_htod(&random::<T>(rng, 6, -1.0, 1.0)).unwrap();
     let mut dout = s.alloc_zeros::<T>(4).unwrap();
     let err = k
-        .rotary_embedding(&dx, &[3], &table, &table, &shape, &mut dout)
+        .rotary_embedding(
+            &dx.as_view(),
+            &[3],
+            &table.as_view(),
+            &table.as_view(),
+            &shape,
+            &mut dout,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("past the tables' 3 rows"), "{err}");
 }
@@ -918,7 +972,7 @@ fn check_fused_moe<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         k.grouped_gemm(&mut dh1, &dx.as_view(), &dw1.as_view(), &dalign, &s1)
             .unwrap();
         let mut dact = st.alloc_zeros::<T>(act.len()).unwrap();
-        k.silu_and_mul(&dh1, inter, &mut dact).unwrap();
+        k.silu_and_mul(&dh1.as_view(), inter, &mut dact).unwrap();
         let mut dh2 = st.alloc_zeros::<T>(h2.len()).unwrap();
         k.grouped_gemm(&mut dh2, &dact.as_view(), &dw2.as_view(), &dalign, &s2)
             .unwrap();

@@ -367,7 +367,7 @@ fn experts_cuda<T: ember_kernels::cuda::CudaElement + candle_core::cuda_backend:
         .map_err(wrap)?;
     let mut act = device.alloc_zeros::<T>(up.num_entries * down.k_in)?;
     kernels
-        .silu_and_mul(&h, down.k_in, &mut act)
+        .silu_and_mul(&h.as_view(), down.k_in, &mut act)
         .map_err(wrap)?;
     drop(h);
     let mut y = device.alloc_zeros::<T>(down.num_entries * down.n_out)?;
