@@ -9,7 +9,8 @@
 #   2. ember-kernels' tests: every kernel against its CPU reference on fresh random inputs
 #   3. ember-engine's CUDA tests: the tiny checkpoints on CUDA against transformers (f32, bf16), cache sizing
 #   4. ember bench latency on a dummy-weight Qwen3-30B-A3B (real shape, bf16), batch 1 and 10, with
-#      candle's attention, with ember's paged attention kernel, and with that and the fused MoE kernels
+#      candle's attention, with ember's paged attention kernel, and with all of ember's kernels (that,
+#      the fused MoE and the layer kernels)
 #   5. ember serve on that model + ember bench serve, 2048 in / 1024 out at concurrency 10 (shortened
 #      with EMBER_GPU_PROMPTS), results JSON to $OUT
 # EMBER_GPU_STEPS="1 2 3" runs a subset.
@@ -76,11 +77,11 @@ fi
 MODEL=models/configs/qwen3-30b-a3b
 TOK=models/qwen3-moe-tiny
 if step 4; then
-    for backends in "tensor experts" "ember experts" "ember fused"; do
-        read -r attention moe <<< "$backends"
+    for backends in "tensor experts candle" "ember experts candle" "ember fused ember"; do
+        read -r attention moe layer <<< "$backends"
         for bs in 1 10; do
             run "$BIN/ember" bench latency --model "$MODEL" --load-format dummy --tokenizer "$TOK" \
-                --device cuda --dtype bfloat16 --attention-backend "$attention" --moe-backend "$moe" \
+                --device cuda --dtype bfloat16 --attention-backend "$attention" --moe-backend "$moe" --layer-kernels "$layer" \
                 --batch-size "$bs" --input-len 2048 --output-len 128 --num-iters-warmup 1 --num-iters 3
         done
     done

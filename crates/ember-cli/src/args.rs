@@ -84,6 +84,11 @@ pub struct ModelArgs {
     /// references.
     #[arg(long, default_value = "experts")]
     pub moe_backend: String,
+    /// RMSNorm (fused with the residual add before it), SiLU-and-mul (over one fused gate/up
+    /// GEMM) and RoPE: candle (candle's ops; the default) or ember (ember's kernels, for f32 and
+    /// bf16; on the CPU their references).
+    #[arg(long, default_value = "candle")]
+    pub layer_kernels: String,
     /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the
     /// vocabulary split, one all-reduce per block). Without GPUs the ranks are threads of this
     /// process over the in-process collectives backend.
@@ -331,6 +336,7 @@ impl ModelArgs {
         opts.attention_backend =
             ember_models::attention::AttentionBackend::parse(&self.attention_backend)?;
         opts.moe_backend = ember_models::fused_moe::MoeBackend::parse(&self.moe_backend)?;
+        opts.layer_kernels = ember_models::layer_ops::LayerKernels::parse(&self.layer_kernels)?;
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }

@@ -10,6 +10,7 @@ use common::*;
 use ember_engine::EngineConfig;
 use ember_models::attention::AttentionBackend;
 use ember_models::fused_moe::MoeBackend;
+use ember_models::layer_ops::LayerKernels;
 use serde_json::Value;
 
 /// Largest |bf16 on the GPU − fp32 transformers| allowed on one prompt log-probability, and on
@@ -37,15 +38,21 @@ fn run_batched(name: &str, device: &Device, dtype: DType) -> (Value, Vec<Finishe
     run_batched_on(name, device, dtype, AttentionBackend::Tensor)
 }
 
-/// [`run_batched`] with the routed experts on `moe` (`--moe-backend`).
-fn run_batched_moe(
-    name: &str,
-    device: &Device,
-    dtype: DType,
+/// The implementations a CUDA run selects (`--attention-backend`, `--moe-backend`,
+/// `--layer-kernels`).
+#[derive(Clone, Copy, Default)]
+struct Backends {
+    attention: AttentionBackend,
     moe: MoeBackend,
-) -> (Value, Vec<Finished>) {
-    run_batched_with(name, device, dtype, AttentionBackend::Tensor, moe)
+    layer: LayerKernels,
 }
+
+/// ember's kernels everywhere they serve.
+const EMBER: Backends = Backends {
+    attention: AttentionBackend::Ember,
+    moe: MoeBackend::Fused,
+    layer: LayerKernels::Ember,
+};
 
 /// An engine on `name` with a small token budget and blocks of 4: prompts prefill in chunks
 /// next to other requests' decodes.
@@ -53,8 +60,7 @@ fn chunked_engine(
     name: &str,
     device: &Device,
     dtype: DType,
-    backend: AttentionBackend,
-    moe: MoeBackend,
+    backends: Backends,
 ) -> ember_engine::EngineHandle {
     let cfg = EngineConfig {
         max_num_batched_tokens: 24,
@@ -64,8 +70,9 @@ fn chunked_engine(
     start_with(name, cfg, |opts| {
         opts.dtype = Some(dtype);
         opts.device = device.clone();
-        opts.attention_backend = backend;
-        opts.moe_backend = moe;
+        opts.attention_backend = backends.attention;
+        opts.moe_backend = backends.moe;
+        opts.layer_kernels = backends.layer;
     })
 }
 
@@ -73,20 +80,23 @@ fn run_batched_on(
     name: &str,
     device: &Device,
     dtype: DType,
-    backend: AttentionBackend,
+    attention: AttentionBackend,
 ) -> (Value, Vec<Finished>) {
-    run_batched_with(name, device, dtype, backend, MoeBackend::Experts)
+    let backends = Backends {
+        attention,
+        ..Backends::default()
+    };
+    run_batched_with(name, device, dtype, backends)
 }
 
 fn run_batched_with(
     name: &str,
     device: &Device,
     dtype: DType,
-    backend: AttentionBackend,
-    moe: MoeBackend,
+    backends: Backends,
 ) -> (Value, Vec<Finished>) {
     let reference = reference(name);
-    let engine = chunked_engine(name, device, dtype, backend, moe);
+    let engine = chunked_engine(name, device, dtype, backends);
     let prompts = reference["prompts"].as_array().unwrap();
     let receivers: Vec<_> = prompts
         .iter()
@@ -137,13 +147,7 @@ fn device_greedy_sampling_on_cuda_gives_the_reference_tokens() {
     };
     for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
         let reference = reference(name);
-        let engine = chunked_engine(
-            name,
-            &device,
-            DType::F32,
-            AttentionBackend::Tensor,
-            MoeBackend::Experts,
-        );
+        let engine = chunked_engine(name, &device, DType::F32, Backends::default());
         let prompts = reference["prompts"].as_array().unwrap();
         let receivers: Vec<_> = prompts
             .iter()
@@ -265,15 +269,48 @@ fn ember_fused_moe_kernels_match_transformers_on_cuda() {
         "deepseek-v2-tiny",
     ] {
         let before = ember_models::fused_moe::calls();
-        let (reference, results) = run_batched_moe(name, &device, DType::F32, MoeBackend::Fused);
+        let fused = Backends {
+            moe: MoeBackend::Fused,
+            ..Backends::default()
+        };
+        let (reference, results) = run_batched_with(name, &device, DType::F32, fused);
         assert!(
             ember_models::fused_moe::calls() > before,
             "{name}: the fused MoE never ran"
         );
         assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
         eprintln!("{name}: the fused MoE on CUDA in f32 matches transformers (tol {LOGPROB_TOL})");
-        let (reference, results) = run_batched_moe(name, &device, DType::BF16, MoeBackend::Fused);
+        let (reference, results) = run_batched_with(name, &device, DType::BF16, fused);
         assert_tracks_in_bf16(name, &reference, &results, "the fused MoE in bf16 on CUDA");
+    }
+}
+
+/// Every checkpoint with all of ember's kernels selected (paged attention, the fused MoE, RMSNorm
+/// with the residual add, the fused gate/up GEMM with SiLU-and-mul, RoPE): f32 within the
+/// reference tolerance, bf16 within the bf16 ones. What switching the defaults would serve.
+#[test]
+fn every_model_matches_transformers_with_all_of_embers_kernels() {
+    let Some(device) = gpu("every_model_matches_transformers_with_all_of_embers_kernels") else {
+        return;
+    };
+    for name in MODELS {
+        let before = ember_models::layer_ops::calls();
+        let (reference, results) = run_batched_with(name, &device, DType::F32, EMBER);
+        assert!(
+            ember_models::layer_ops::calls()[1] > before[1],
+            "{name}: the fused add-RMSNorm never ran"
+        );
+        assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
+        eprintln!(
+            "{name}: all of ember's kernels on CUDA in f32 match transformers (tol {LOGPROB_TOL})"
+        );
+        let (reference, results) = run_batched_with(name, &device, DType::BF16, EMBER);
+        assert_tracks_in_bf16(
+            name,
+            &reference,
+            &results,
+            "all of ember's kernels in bf16 on CUDA",
+        );
     }
 }
 

@@ -32,8 +32,17 @@ fn a_cache_too_small_for_one_full_request_is_refused_at_start() {
 }
 
 fn check_against_reference(name: &str, cfg: EngineConfig, batched: bool) {
+    check_against_reference_with(name, cfg, batched, |_| {});
+}
+
+fn check_against_reference_with(
+    name: &str,
+    cfg: EngineConfig,
+    batched: bool,
+    set: impl FnOnce(&mut LoadOptions),
+) {
     let reference = reference(name);
-    let engine = start(name, cfg);
+    let engine = start_with(name, cfg, set);
     let prompts = reference["prompts"].as_array().unwrap();
     let run = |p: &Value| {
         engine
@@ -66,6 +75,23 @@ fn every_model_matches_transformers_batched_and_chunked() {
             ..EngineConfig::default()
         };
         check_against_reference(name, cfg, true);
+    }
+}
+
+/// The fused MoE and ember's layer kernels (their CPU references here: the oracles of the CUDA
+/// kernels), batched and chunked: every checkpoint still matches transformers.
+#[test]
+fn every_model_matches_transformers_through_embers_kernel_references() {
+    for name in MODELS {
+        let cfg = EngineConfig {
+            max_num_batched_tokens: 24,
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        check_against_reference_with(name, cfg, true, |opts| {
+            opts.moe_backend = ember_models::fused_moe::MoeBackend::Fused;
+            opts.layer_kernels = ember_models::layer_ops::LayerKernels::Ember;
+        });
     }
 }
 

@@ -85,14 +85,21 @@ impl DecoderLayer {
         })
     }
 
+    /// Runs the layer on the hidden state `residual + delta` (`delta` the previous layer's MLP
+    /// output, added here, fused with the norm after it). Returns the residual stream after
+    /// attention and this layer's MLP output, which the next layer (or the final norm) adds.
     fn forward(
         &self,
-        x: &Tensor,
+        residual: &Tensor,
+        delta: Option<&Tensor>,
         batch: &ForwardBatch,
         rope: &RopeRows,
         cache: &LayerKvCache,
-    ) -> TensorResult {
-        let normed = self.input_layernorm.forward(x)?;
+    ) -> TensorResult<(Tensor, Tensor)> {
+        let (x, normed) = match delta {
+            Some(delta) => self.input_layernorm.forward_add(delta, residual)?,
+            None => (residual.clone(), self.input_layernorm.forward(residual)?),
+        };
         let attn = match &self.self_attn {
             Attention::Gqa(attn) => attn.forward(&normed, batch, rope, cache)?,
             Attention::Mla(attn) => attn.forward(&normed, batch, rope, cache)?,
@@ -101,8 +108,7 @@ impl DecoderLayer {
             Some(rank) => rank.comm.all_reduce_sum(&attn)?,
             None => attn,
         };
-        let x = (x + attn)?;
-        let normed = self.post_attention_layernorm.forward(&x)?;
+        let (x, normed) = self.post_attention_layernorm.forward_add(&attn, &x)?;
         let mlp = match &self.mlp {
             FeedForward::Dense(mlp) => mlp.forward(&normed, &batch.lora)?,
             FeedForward::Moe(moe) => moe.forward(&normed, &batch.lora)?,
@@ -114,7 +120,7 @@ impl DecoderLayer {
             }
             _ => mlp,
         };
-        x + mlp
+        Ok((x, mlp))
     }
 
     /// Records the layer's adaptable projections.
@@ -226,7 +232,8 @@ impl DecoderModel {
             layers,
             norm: RmsNorm::load(&model.pp("norm"), h, cfg.rms_norm_eps)?,
             head,
-            rotary: RotaryEmbedding::new(cfg, max_positions, weights.dtype(), weights.device())?,
+            rotary: RotaryEmbedding::new(cfg, max_positions, weights.dtype(), weights.device())?
+                .with_kernels(weights.layer_kernels()),
             cfg: cfg.clone(),
         })
     }
@@ -274,10 +281,20 @@ impl DecoderModel {
         let run = || -> TensorResult {
             let rope = self.rotary.select(&batch.positions)?;
             let mut x = self.embed(&batch.token_ids)?;
+            let mut delta = None;
             for (layer, layer_cache) in self.layers.iter().zip(&cache.layers) {
-                x = layer.forward(&x, batch, &rope, layer_cache)?;
+                let (residual, mlp) =
+                    layer.forward(&x, delta.as_ref(), batch, &rope, layer_cache)?;
+                (x, delta) = (residual, Some(mlp));
             }
-            let x = self.norm.forward(&x.index_select(&batch.logits_rows, 0)?)?;
+            let rows = &batch.logits_rows;
+            let x = match &delta {
+                Some(delta) => {
+                    let (delta, x) = (delta.index_select(rows, 0)?, x.index_select(rows, 0)?);
+                    self.norm.forward_add(&delta, &x)?.1
+                }
+                None => self.norm.forward(&x.index_select(rows, 0)?)?,
+            };
             match (&self.head, &self.rank) {
                 (OutputHead::LmHead(lm_head), None) => lm_head.forward(&x)?.to_dtype(DType::F32),
                 // Each rank's logits over its vocabulary rows, gathered in rank order.

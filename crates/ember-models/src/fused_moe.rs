@@ -105,6 +105,11 @@ impl StackedExperts {
         self.len() == 0
     }
 
+    /// Expert `k`'s gate and up rows `[2 · inter, hidden]`: a view of the stack.
+    pub fn gate_up(&self, k: usize) -> TensorResult {
+        self.w13.get(k)
+    }
+
     /// Expert `k`'s gate `[inter, hidden]`, up and down `[hidden, inter]` weights: views of
     /// the stack.
     pub fn expert(&self, k: usize) -> TensorResult<(Tensor, Tensor, Tensor)> {

@@ -16,6 +16,7 @@ pub mod fp8_e5m2;
 pub mod fused_moe;
 pub mod greedy;
 pub mod kv_cache;
+pub mod layer_ops;
 pub mod linear;
 pub mod loader;
 pub mod lora;

@@ -90,6 +90,11 @@ impl Projection {
         }
     }
 
+    /// The same projection (path, dimensions, split) over another base layer.
+    pub fn with_base(self, base: Arc<dyn LinearLayer>) -> Self {
+        Self { base, ..self }
+    }
+
     /// Marks the layer as a tensor-parallel rank's part `split` of the projection.
     pub fn with_split(self, split: Option<Split>) -> Self {
         Self { split, ..self }

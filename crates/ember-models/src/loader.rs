@@ -66,6 +66,8 @@ pub struct LoadOptions {
     pub attention_backend: crate::attention::AttentionBackend,
     /// `--moe-backend`: each expert's MLP routed on the host, or the fused MoE kernels.
     pub moe_backend: crate::fused_moe::MoeBackend,
+    /// `--layer-kernels`: candle's RMSNorm, SiLU and RoPE ops, or ember's kernels.
+    pub layer_kernels: crate::layer_ops::LayerKernels,
     /// Hold 4-bit and block-FP8 checkpoint projections as stored and multiply them with the
     /// W4A16 / W8A16 kernels (`None`: on CUDA, where it saves the memory; on the CPU they are
     /// dequantized at load, which candle's matmuls run faster than the kernels' references).
@@ -94,6 +96,7 @@ impl LoadOptions {
             calculate_kv_scales: false,
             attention_backend: Default::default(),
             moe_backend: Default::default(),
+            layer_kernels: Default::default(),
             packed_weights: None,
         }
     }
@@ -364,6 +367,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     .with_online_fp8(online_fp8)
     .with_attention_backend(opts.attention_backend)
     .with_moe_backend(opts.moe_backend)
+    .with_layer_kernels(opts.layer_kernels)
     .with_calculate_kv_scales(opts.calculate_kv_scales)
     .with_packed_weights(packed_weights(opts));
     let build = |weights: &Weights| -> Result<DecoderModel> {

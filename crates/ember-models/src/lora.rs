@@ -576,6 +576,13 @@ impl LoraRows {
         self.groups.is_empty()
     }
 
+    /// Whether a row's adapter adapts the projection at `path`.
+    pub fn adapts(&self, path: &str) -> bool {
+        self.groups
+            .iter()
+            .any(|g| self.adapters[g.adapter].modules.contains_key(path))
+    }
+
     /// Whether a row's adapter adapts a projection under the module path `prefix` (a layer's
     /// experts, `model.layers.3.mlp.experts`).
     pub fn adapts_under(&self, prefix: &str) -> bool {

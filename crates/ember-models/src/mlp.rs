@@ -1,9 +1,10 @@
 //! The SwiGLU MLP (`down(silu(gate(x)) * up(x))`), used dense and as each MoE expert.
 
-use candle_core::Tensor;
-use ember_core::Result;
+use candle_core::{DType, Tensor};
+use ember_core::{EmberError, Result};
 
-use crate::linear::{projection_from_weight, Projection, Split};
+use crate::layer_ops::{self, LayerKernels};
+use crate::linear::{linear_from_weight, projection_from_weight, Projection, Split};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::weights::Weights;
 use crate::TensorResult;
@@ -13,16 +14,15 @@ pub struct Mlp {
     gate_proj: Projection,
     up_proj: Projection,
     down_proj: Projection,
+    /// Under ember's layer kernels, the gate and up weights as one `[2 · inter, hidden]` tensor
+    /// (gate rows first) that `gate_proj` and `up_proj` are views of: one GEMM, then SiLU-and-mul.
+    gate_up: Option<Tensor>,
 }
 
 impl Mlp {
     /// Loads the three projections under `weights` (`hidden → intermediate → hidden`).
     pub fn load(weights: &Weights, hidden: usize, intermediate: usize) -> Result<Self> {
-        Ok(Self {
-            gate_proj: Projection::load(&weights.pp("gate_proj"), hidden, intermediate, false)?,
-            up_proj: Projection::load(&weights.pp("up_proj"), hidden, intermediate, false)?,
-            down_proj: Projection::load(&weights.pp("down_proj"), intermediate, hidden, false)?,
-        })
+        Self::load_split(weights, hidden, intermediate, None)
     }
 
     /// Loads one rank's share `(start, len)` of the intermediate channels (gate/up by columns,
@@ -35,7 +35,7 @@ impl Mlp {
     ) -> Result<Self> {
         let cols = channels.map(|(start, len)| Split::Columns { start, len });
         let rows = channels.map(|(start, len)| Split::Rows { start, len });
-        Ok(Self {
+        Self {
             gate_proj: Projection::load_split(
                 &weights.pp("gate_proj"),
                 hidden,
@@ -57,7 +57,9 @@ impl Mlp {
                 false,
                 rows,
             )?,
-        })
+            gate_up: None,
+        }
+        .fuse_gate_up(weights)
     }
 
     /// Loads a dense MLP the way the rank of `weights` holds it: its share of the intermediate
@@ -73,12 +75,14 @@ impl Mlp {
     /// Builds expert `index` of `experts` (the fused tensors' owner, whose prefix is the module
     /// path adapters name the experts under) from slices of fused tensors (`[out, in]` each) of
     /// an expert of `intermediate` channels, of which a tensor-parallel rank holds `channels`.
+    /// `gate_up`, when given, is the `[gate; up]` tensor `gate` and `up` are views of.
     pub fn from_weights(
         experts: &Weights,
         index: usize,
         (gate, up, down): (Tensor, Tensor, Tensor),
         intermediate: usize,
         channels: Option<(usize, usize)>,
+        gate_up: Option<Tensor>,
     ) -> Result<Self> {
         let hidden = gate.dims2().map(|d| d.1).unwrap_or_default();
         let path = format!("{}.{index}", experts.prefix());
@@ -88,15 +92,63 @@ impl Mlp {
             let layer = projection_from_weight(&experts.pp(index).pp(name), w, None)?;
             Ok(Projection::new(layer, &format!("{path}.{name}"), i, o).with_split(split))
         };
-        Ok(Self {
+        let mlp = Self {
             gate_proj: proj("gate_proj", gate, hidden, intermediate, cols)?,
             up_proj: proj("up_proj", up, hidden, intermediate, cols)?,
             down_proj: proj("down_proj", down, intermediate, hidden, rows)?,
+            gate_up: None,
+        };
+        match gate_up {
+            Some(gate_up) if experts.layer_kernels() == LayerKernels::Ember => Ok(Self {
+                gate_up: Some(gate_up),
+                ..mlp
+            }),
+            Some(_) => Ok(mlp),
+            None => mlp.fuse_gate_up(experts),
+        }
+    }
+
+    /// Under ember's layer kernels, holds the gate and up weights as one tensor (and the two
+    /// projections as views of it) when both are dense f32/bf16 weights of one dtype; else as is.
+    fn fuse_gate_up(self, weights: &Weights) -> Result<Self> {
+        if weights.layer_kernels() != LayerKernels::Ember {
+            return Ok(self);
+        }
+        let (Some(gate), Some(up)) = (self.gate_proj.dense_weight(), self.up_proj.dense_weight())
+        else {
+            return Ok(self);
+        };
+        if gate.dtype() != up.dtype() || !matches!(gate.dtype(), DType::F32 | DType::BF16) {
+            return Ok(self);
+        }
+        let fuse = || -> TensorResult<(Tensor, Tensor, Tensor)> {
+            let inter = gate.dim(0)?;
+            let gate_up = Tensor::cat(&[&gate, &up], 0)?;
+            Ok((
+                gate_up.narrow(0, 0, inter)?,
+                gate_up.narrow(0, inter, inter)?,
+                gate_up,
+            ))
+        };
+        let (gate, up, gate_up) = fuse().map_err(|e| {
+            EmberError::Weights(format!("{}: fusing gate and up: {e}", weights.prefix()))
+        })?;
+        Ok(Self {
+            gate_proj: self.gate_proj.with_base(linear_from_weight(gate)),
+            up_proj: self.up_proj.with_base(linear_from_weight(up)),
+            gate_up: Some(gate_up),
+            ..self
         })
     }
 
     /// Applies the MLP to `[tokens, hidden]`, each row with its adapter.
     pub fn forward(&self, x: &Tensor, lora: &LoraRows) -> TensorResult {
+        if let Some(gate_up) = &self.gate_up {
+            if !lora.adapts(self.gate_proj.path()) && !lora.adapts(self.up_proj.path()) {
+                let h = x.matmul(&gate_up.t()?)?;
+                return self.down_proj.forward(&layer_ops::silu_and_mul(&h)?, lora);
+            }
+        }
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, lora)?)?;
         self.down_proj
             .forward(&(gate * self.up_proj.forward(x, lora)?)?, lora)

@@ -451,6 +451,7 @@ impl ExpertSource {
             (part(&gate_up, 0, i)?, part(&gate_up, i, i)?, down),
             i,
             None,
+            None,
         )
     }
 }
@@ -727,6 +728,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
                     (expert(&gate)?, expert(&up)?, expert(&down)?),
                     i,
                     channels,
+                    None,
                 )
                 .map(Arc::new)
             })
@@ -777,7 +779,9 @@ fn stack_experts(
     let views = (0..stack.len())
         .map(|k| {
             let weights = stack.expert(k).map_err(err)?;
-            Mlp::from_weights(experts_w, k, weights, intermediate, channels).map(Arc::new)
+            let gate_up = stack.gate_up(k).map_err(err)?;
+            Mlp::from_weights(experts_w, k, weights, intermediate, channels, Some(gate_up))
+                .map(Arc::new)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((views, Some(stack)))

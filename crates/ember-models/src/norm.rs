@@ -1,8 +1,10 @@
-//! RMSNorm, as Qwen3 and DeepSeek use it (`weight * x / sqrt(mean(x²) + eps)`).
+//! RMSNorm, as Qwen3 and DeepSeek use it (`weight * x / sqrt(mean(x²) + eps)`), alone or fused
+//! with the residual add before it.
 
 use candle_core::Tensor;
 use ember_core::Result;
 
+use crate::layer_ops::{self, LayerKernels};
 use crate::weights::Weights;
 use crate::TensorResult;
 
@@ -10,6 +12,7 @@ use crate::TensorResult;
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    kernels: LayerKernels,
 }
 
 impl RmsNorm {
@@ -18,11 +21,29 @@ impl RmsNorm {
         Ok(Self {
             weight: weights.get("weight", size)?,
             eps,
+            kernels: weights.layer_kernels(),
         })
+    }
+
+    fn ember_serves(&self, x: &Tensor) -> bool {
+        layer_ops::serves(self.kernels, x.dtype()) && self.weight.dtype() == x.dtype()
     }
 
     /// Normalises `x` (`[..., size]`), returning the input dtype; accumulates in f32.
     pub fn forward(&self, x: &Tensor) -> TensorResult {
+        if self.ember_serves(x) {
+            return layer_ops::rms_norm(x, &self.weight, self.eps as f32);
+        }
         candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+    }
+
+    /// `residual + delta` and its norm: `(sum, normed)`; one kernel under ember's layer kernels.
+    pub fn forward_add(&self, delta: &Tensor, residual: &Tensor) -> TensorResult<(Tensor, Tensor)> {
+        if self.ember_serves(residual) && delta.dtype() == residual.dtype() {
+            return layer_ops::add_rms_norm(delta, residual, &self.weight, self.eps as f32);
+        }
+        let sum = (residual + delta)?;
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
     }
 }

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use ember_core::config::YarnScaling;
 use ember_core::{EmberError, ModelConfig, Result, RopeScaling};
 
+use crate::layer_ops::{self, LayerKernels};
 use crate::TensorResult;
 
 /// Precomputed cos/sin tables `[max_positions, head_dim / 2]` in the model dtype.
@@ -14,6 +15,7 @@ pub struct RotaryEmbedding {
     sin: Tensor,
     /// For interleaved checkpoints, the permutation that gathers even then odd dims.
     deinterleave: Option<Tensor>,
+    kernels: LayerKernels,
 }
 
 /// YaRN's inverse frequencies for `dim` rotary dims, as transformers' `_compute_yarn_parameters`:
@@ -103,7 +105,14 @@ impl RotaryEmbedding {
             cos: build(cos)?,
             sin: build(sin)?,
             deinterleave,
+            kernels: LayerKernels::default(),
         })
+    }
+
+    /// The same tables, rotated by `kernels` (ember's rotary kernel reads interleaved pairs in
+    /// place).
+    pub fn with_kernels(self, kernels: LayerKernels) -> Self {
+        Self { kernels, ..self }
     }
 
     /// The cos/sin rows of the given positions (a u32 `[tokens]` tensor), picked once per step.
@@ -112,6 +121,7 @@ impl RotaryEmbedding {
             cos: self.cos.index_select(positions, 0)?,
             sin: self.sin.index_select(positions, 0)?,
             deinterleave: self.deinterleave.clone(),
+            kernels: self.kernels,
         })
     }
 }
@@ -121,6 +131,7 @@ pub struct RopeRows {
     cos: Tensor,
     sin: Tensor,
     deinterleave: Option<Tensor>,
+    kernels: LayerKernels,
 }
 
 impl RopeRows {
@@ -128,6 +139,9 @@ impl RopeRows {
     /// first gathered as `[x0, x2, …, x1, x3, …]`, so the output is in rotate-half layout, as
     /// transformers' `apply_rotary_pos_emb_interleave` returns it (queries and keys alike).
     pub fn apply(&self, x: &Tensor) -> TensorResult {
+        if layer_ops::serves(self.kernels, x.dtype()) && self.cos.dtype() == x.dtype() {
+            return layer_ops::rotary_rows(x, &self.cos, &self.sin, self.deinterleave.is_some());
+        }
         let x = match &self.deinterleave {
             Some(order) => x.contiguous()?.index_select(order, 2)?,
             None => x.clone(),

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::attention::AttentionBackend;
 use crate::fused_moe::MoeBackend;
+use crate::layer_ops::LayerKernels;
 use ember_core::{EmberError, Result, WeightQuantization};
 
 use crate::moe::ExpertLoad;
@@ -43,6 +44,7 @@ pub struct Weights {
     online_fp8: bool,
     attention_backend: AttentionBackend,
     moe_backend: MoeBackend,
+    layer_kernels: LayerKernels,
     calculate_kv_scales: bool,
     /// 4-bit and block-FP8 checkpoint weights are held as stored for the W4A16 / W8A16 kernels
     /// instead of dequantized.
@@ -75,6 +77,7 @@ impl Weights {
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
             moe_backend: MoeBackend::default(),
+            layer_kernels: LayerKernels::default(),
             calculate_kv_scales: false,
             packed_weights: false,
             held: Arc::default(),
@@ -94,6 +97,7 @@ impl Weights {
             online_fp8: false,
             attention_backend: AttentionBackend::default(),
             moe_backend: MoeBackend::default(),
+            layer_kernels: LayerKernels::default(),
             calculate_kv_scales: false,
             packed_weights: false,
             held: Arc::default(),
@@ -154,6 +158,20 @@ impl Weights {
     /// Which implementation the MoE layers loaded from these weights run their experts on.
     pub fn moe_backend(&self) -> MoeBackend {
         self.moe_backend
+    }
+
+    /// The same weights, with norms, SiLU-and-mul and RoPE loaded to run on `kernels`.
+    pub fn with_layer_kernels(self, layer_kernels: LayerKernels) -> Self {
+        Self {
+            layer_kernels,
+            ..self
+        }
+    }
+
+    /// Which implementation the layers loaded from these weights run norms, SiLU-and-mul and
+    /// RoPE on.
+    pub fn layer_kernels(&self) -> LayerKernels {
+        self.layer_kernels
     }
 
     /// `--calculate-kv-scales`: attention layers compute their fp8 cache scales from the first

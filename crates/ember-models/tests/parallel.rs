@@ -420,6 +420,14 @@ fn block_fp8_projections_held_as_stored_give_the_dequantized_logprobs() {
     }
 }
 
+/// Held by the tests that count the calls of the fused MoE and layer ops (process-wide counters),
+/// so another test's calls cannot stand in for a path that never ran.
+static COUNTED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn counted() -> std::sync::MutexGuard<'static, ()> {
+    COUNTED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn fused_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
     let mut opts = options(name, tp, ep);
     opts.moe_backend = ember_models::fused_moe::MoeBackend::Fused;
@@ -434,6 +442,7 @@ fn fused_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
 /// The experts' MLPs become views of the stack: the model holds the same bytes.
 #[test]
 fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
+    let _counted = counted();
     use ember_models::fused_moe::calls;
     for name in [
         "qwen3-moe-tiny",
@@ -487,6 +496,7 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
 /// those of the base model.
 #[test]
 fn adapted_experts_leave_the_fused_moe_for_the_step() {
+    let _counted = counted();
     let dir =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/lora/qwen3-moe-tiny-experts");
     let run = |loaded: &LoadedModel, adapted: bool| -> Vec<Vec<f32>> {
@@ -526,5 +536,113 @@ fn adapted_experts_leave_the_fused_moe_for_the_step() {
     let diff = max_diff(&run(&experts, true), &run(&fused, true));
     assert!(diff < 1e-4, "adapted: max |Δ logprob| {diff}");
     let moved = max_diff(&run(&fused, true), &run(&fused, false));
+    assert!(moved > 1e-3, "the adapter changed nothing ({moved})");
+}
+
+/// `--layer-kernels ember`: RMSNorm fused with the residual add, one gate/up GEMM with
+/// SiLU-and-mul, and the step-rows RoPE (rotate-half, interleaved, YaRN) as ember's ops (their CPU
+/// references here) give candle's logprobs for every family, at TP 1 and 2, alone and with the
+/// fused MoE; fp32, so within 1e-4. Every op must have run.
+#[test]
+fn ember_layer_kernels_give_the_logprobs_of_candles_ops() {
+    let _counted = counted();
+    use ember_models::layer_ops::{calls, LayerKernels};
+    for name in [
+        "qwen3-tiny",
+        "qwen3-moe-tiny",
+        "qwen3-moe-mixed-tiny",
+        "deepseek-v3-tiny",
+        "kimi-k2-tiny",
+        "deepseek-v2-lite-tiny",
+        "deepseek-v2-tiny",
+    ] {
+        for (tp, fused) in [(1, false), (2, false), (1, true)] {
+            let candle = load_model(&options(name, tp, false)).unwrap();
+            let mut opts = if fused {
+                fused_options(name, tp, false)
+            } else {
+                options(name, tp, false)
+            };
+            opts.layer_kernels = LayerKernels::Ember;
+            let ember = load_model(&opts).unwrap();
+            assert_eq!(
+                ember.rank_weight_bytes, candle.rank_weight_bytes,
+                "{name} tp {tp}"
+            );
+            let before = calls();
+            for run in [run_steps, run_prefill] {
+                let diff = max_diff(&logprobs(&run(&candle)), &logprobs(&run(&ember)));
+                println!(
+                    "{name} tp {tp} fused {fused}: ember layer kernels max |Δ logprob| {diff:.2e}"
+                );
+                assert!(
+                    diff < 1e-4,
+                    "{name} tp {tp} fused {fused}: max |Δ logprob| {diff}"
+                );
+            }
+            let after = calls();
+            // Every op ran; SiLU-and-mul only where some MLP runs one by one (dense layers, shared
+            // experts, or experts without the fused MoE, whose own kernel combines the halves).
+            for (op, (a, b)) in ["rms_norm", "add_rms_norm", "silu_and_mul", "rotary"]
+                .iter()
+                .zip(after.iter().zip(before))
+            {
+                let may_skip = *op == "silu_and_mul" && fused && name.starts_with("qwen3-moe-tiny");
+                assert!(
+                    may_skip || a > &b,
+                    "{name} tp {tp} fused {fused}: {op} never ran"
+                );
+            }
+        }
+    }
+}
+
+/// A row whose adapter adapts gate_proj or up_proj runs them apart (the fused gate/up GEMM has no
+/// adapter path): the same logprobs as candle's ops with the adapter, not the base model's.
+#[test]
+fn adapted_gate_and_up_leave_the_fused_gemm_for_the_step() {
+    let _counted = counted();
+    use ember_models::layer_ops::LayerKernels;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/lora/qwen3-tiny-mlp-r4-rslora");
+    let run = |loaded: &LoadedModel, adapted: bool| -> Vec<Vec<f32>> {
+        let adapter = std::sync::Arc::new(
+            ember_models::lora::LoraAdapter::load(
+                &dir,
+                "mlp",
+                1,
+                loaded.model.lora_targets(),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap(),
+        );
+        let caches = caches(loaded);
+        let tokens: Vec<u32> = vec![3, 14, 15, 92, 65, 35];
+        let table = [0u32, 1];
+        let inputs = [SequenceInput {
+            token_ids: &tokens,
+            num_computed: 0,
+            block_table: &table,
+            all_logits: true,
+            adapter: adapted.then_some(&adapter),
+        }];
+        let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
+        logprobs(
+            &loaded
+                .model
+                .forward(&batch, &caches)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+        )
+    };
+    let candle = load_model(&options("qwen3-tiny", 1, false)).unwrap();
+    let mut opts = options("qwen3-tiny", 1, false);
+    opts.layer_kernels = LayerKernels::Ember;
+    let ember = load_model(&opts).unwrap();
+    let diff = max_diff(&run(&candle, true), &run(&ember, true));
+    assert!(diff < 1e-4, "adapted: max |Δ logprob| {diff}");
+    let moved = max_diff(&run(&ember, true), &run(&ember, false));
     assert!(moved > 1e-3, "the adapter changed nothing ({moved})");
 }
