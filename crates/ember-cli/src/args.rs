@@ -72,8 +72,9 @@ pub struct ModelArgs {
     /// `--features cuda` and a GPU opens, else the CPU; cuda on a CPU-only build is an error.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Attention on a GPU: tensor (candle's ops; the default) or ember (ember's paged attention
-    /// kernel, for f32/bf16 caches). The CPU always runs ember's CPU kernel or the tensor path.
+    /// Attention: tensor (candle's ops on a GPU; the default) or ember (ember's paged attention
+    /// kernel on a GPU, and MLA's decodes through ember's MLA kernel, its CPU reference on the
+    /// CPU; f32/bf16 caches). Other attention on the CPU runs ember's CPU kernel or the tensor path.
     #[arg(long, default_value = "tensor")]
     pub attention_backend: String,
     /// Routed experts: experts (each expert's MLP over its rows, routed on the host; the

@@ -285,7 +285,7 @@ fn ember_fused_moe_kernels_match_transformers_on_cuda() {
     }
 }
 
-/// Every checkpoint with all of ember's kernels selected (paged attention, the fused MoE, RMSNorm
+/// Every checkpoint with all of ember's kernels selected (paged attention, MLA decode, the fused MoE, RMSNorm
 /// with the residual add, the fused gate/up GEMM with SiLU-and-mul, RoPE): f32 within the
 /// reference tolerance, bf16 within the bf16 ones. What switching the defaults would serve.
 #[test]
@@ -295,10 +295,16 @@ fn every_model_matches_transformers_with_all_of_embers_kernels() {
     };
     for name in MODELS {
         let before = ember_models::layer_ops::calls();
+        let mla_before = ember_models::mla_kernel::calls();
         let (reference, results) = run_batched_with(name, &device, DType::F32, EMBER);
         assert!(
             ember_models::layer_ops::calls()[1] > before[1],
             "{name}: the fused add-RMSNorm never ran"
+        );
+        let mla = name.starts_with("deepseek") || name.starts_with("kimi");
+        assert!(
+            !mla || ember_models::mla_kernel::calls() > mla_before,
+            "{name}: the MLA decode kernel never ran"
         );
         assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
         eprintln!(

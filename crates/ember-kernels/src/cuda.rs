@@ -12,6 +12,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::error::check_shape;
 use crate::fused_moe::{align_capacity, GroupedGemmShape};
+use crate::mla_decode::{mla_dims, MlaShape};
 use crate::moe_routing::{routing_shape, RoutingConfig, TopkMethod};
 use crate::paged_attention::{
     check_extent, paged_attention_dims, paged_batch_extent, BatchExtent, PagedAttentionBatch,
@@ -36,6 +37,7 @@ const W8A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w8a16.fatb
 const FP8_E5M2_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_e5m2.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
+const MLA_DECODE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mla_decode.fatbin"));
 const PAGED_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
 /// Threads per block of `argmax_f32` in `kernels/sampling.cu` (its `ARGMAX_THREADS`).
@@ -46,6 +48,8 @@ const W4A16_WARPS: u32 = 4;
 const W4A16_ROWS: u32 = 8;
 /// Threads per block of `kernels/paged_attention.cu` (its `PA_THREADS`).
 const PA_THREADS: u32 = 128;
+/// Threads per block of `kernels/mla_decode.cu` (its `MLA_THREADS`).
+const MLA_THREADS: u32 = 128;
 
 /// ptxas's registers and spills per kernel and architecture, as build.rs recorded them.
 pub const PTXAS_RESOURCE_USAGE: &str =
@@ -68,6 +72,7 @@ pub struct CudaKernels {
     w4a16: Arc<CudaModule>,
     w8a16: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
+    mla_decode: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
     fused_moe: Arc<CudaModule>,
 }
@@ -103,6 +108,7 @@ impl CudaKernels {
             w4a16: load(W4A16_FATBIN)?,
             w8a16: load(W8A16_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
+            mla_decode: load(MLA_DECODE_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
             fused_moe: load(FUSED_MOE_FATBIN)?,
             stream,
@@ -702,6 +708,86 @@ impl CudaKernels {
         // kernels/paged_attention.cu; the metadata was checked when uploaded (each token's
         // sequence and context fit the tables) and its extent here against these buffers (every
         // block read is in the cache), which bounds every index the kernel reads.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl CudaKernels {
+    /// [`crate::mla_decode::mla_decode`] on the GPU, over metadata
+    /// [`CudaKernels::upload_paged_batch`] checked and copied (its extent checked here against
+    /// these caches).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_decode<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaView<T>,
+        latent_cache: &CudaView<T>,
+        rope_cache: &CudaView<T>,
+        batch: &DevicePagedBatch,
+        scale: f32,
+        shape: &MlaShape,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "mla_decode";
+        let s = shape;
+        check_shape(
+            s.block_size == batch.block_size && s.max_blocks == batch.max_blocks,
+            OP,
+            || {
+                format!(
+                    "the metadata was made for blocks of {} and tables of {}, not {} and {}",
+                    batch.block_size, batch.max_blocks, s.block_size, s.max_blocks
+                )
+            },
+        )?;
+        let (tokens, blocks_in_cache) = mla_dims(
+            shape,
+            q.len(),
+            latent_cache.len(),
+            rope_cache.len(),
+            out.len(),
+        )?;
+        check_extent(&batch.extent, tokens, blocks_in_cache)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        check_shape(s.num_heads <= 65_535, OP, || {
+            format!("{} heads exceed the grid's 65535", s.num_heads)
+        })?;
+        let int = |what: &str, v: usize| int32(OP, what, v);
+        let args = [
+            int("num_heads", s.num_heads)?,
+            int("rank", s.rank)?,
+            int("rope_dim", s.rope_dim)?,
+            int("block_size", s.block_size)?,
+            int("max_blocks", s.max_blocks)?,
+        ];
+        let tokens = u32::try_from(tokens).map_err(|_| too_big(OP, "tokens", tokens))?;
+        let f = kernel(&self.mla_decode, OP, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(q)
+            .arg(latent_cache)
+            .arg(rope_cache)
+            .arg(&batch.block_tables)
+            .arg(&batch.token_seq)
+            .arg(&batch.token_ctx)
+            .arg(&scale);
+        for a in &args {
+            launch.arg(a);
+        }
+        // q, the tile's weights and slots, and one float per warp.
+        let shared =
+            (s.rank + s.rope_dim + 2 * MLA_THREADS as usize + MLA_THREADS as usize / 32) * 4;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens, s.num_heads as u32, 1),
+            block_dim: (MLA_THREADS, 1, 1),
+            shared_mem_bytes: u32::try_from(shared).map_err(|_| too_big(OP, "rank", s.rank))?,
+        };
+        // SAFETY: matches mla_decode_<T>(T*, const T*, const T*, const T*, const unsigned* x 3,
+        // float, int x 5) in kernels/mla_decode.cu; the metadata was checked when uploaded and its
+        // extent here against these caches, and mla_dims bounds q, out and every cache row.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

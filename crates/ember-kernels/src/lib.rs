@@ -5,6 +5,7 @@ mod element;
 mod error;
 pub mod fp8_e5m2;
 pub mod fused_moe;
+pub mod mla_decode;
 pub mod moe_routing;
 pub mod paged_attention;
 pub mod rms_norm;

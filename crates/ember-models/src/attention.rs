@@ -22,7 +22,9 @@ pub enum AttentionBackend {
     #[default]
     Tensor,
     /// ember's paged attention kernel (`kernels/paged_attention.cu`) where it serves the layer
-    /// (CUDA, f32/bf16 caches); elsewhere as `Tensor`.
+    /// (CUDA, f32/bf16 caches), and for MLA layers the step's decodes through ember's MLA
+    /// kernel (`kernels/mla_decode.cu`; its CPU reference on the CPU, f32/bf16 caches);
+    /// elsewhere as `Tensor`.
     Ember,
 }
 

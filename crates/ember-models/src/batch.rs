@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use ember_core::{EmberError, Result};
 
 use crate::lora::{LoraAdapter, LoraRows, NO_ADAPTER};
+use crate::TensorResult;
 
 /// One sequence's share of a step, as the scheduler describes it.
 #[derive(Debug, Clone)]
@@ -62,9 +63,22 @@ pub struct ForwardBatch {
     pub lora: LoraRows,
     /// Tokens per cache block (slot = block · block_size + offset).
     pub block_size: usize,
+    /// The step's decodes for MLA's kernel, built by the first layer that asks.
+    pub(crate) mla_decodes: std::sync::OnceLock<Arc<crate::mla_kernel::MlaDecodeBatch>>,
     /// What ember's CUDA kernels copy to the GPU once per step for every layer to read.
     #[cfg(feature = "cuda")]
     pub(crate) device_metadata: crate::cuda_attention::StepMetadata,
+}
+
+impl ForwardBatch {
+    /// The step's single-token decodes and their metadata for MLA's kernel, made once.
+    pub fn mla_decodes(&self) -> TensorResult<Arc<crate::mla_kernel::MlaDecodeBatch>> {
+        if let Some(d) = self.mla_decodes.get() {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(crate::mla_kernel::MlaDecodeBatch::new(self)?);
+        Ok(self.mla_decodes.get_or_init(|| d).clone())
+    }
 }
 
 impl SequenceAttention {
@@ -190,6 +204,7 @@ impl ForwardBatch {
             num_tokens,
             lora,
             block_size,
+            mla_decodes: Default::default(),
             #[cfg(feature = "cuda")]
             device_metadata: Default::default(),
         })

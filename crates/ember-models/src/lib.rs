@@ -22,6 +22,7 @@ pub mod loader;
 pub mod lora;
 pub mod memory_plan;
 pub mod mla;
+pub mod mla_kernel;
 pub mod mlp;
 pub mod moe;
 pub mod norm;

@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use ember_core::config::{yarn_get_mscale, DeepseekConfig};
 use ember_core::{EmberError, ModelConfig, Result, RopeScaling};
 
+use crate::attention::AttentionBackend;
 use crate::batch::{ForwardBatch, SequenceAttention};
 use crate::kv_cache::{KvScales, LayerKvCache, LayerKvScales};
 use crate::linear::{load_weight, load_weight_split, projection_from_weight, Projection, Split};
@@ -52,6 +53,8 @@ pub struct MlaAttention {
     /// fp8 cache scale of the latent and rope key rows: the checkpoint's `k_scale` for both, as
     /// vLLM's MLA cache (one row of both) uses it, else 1.0.
     kv_scales: LayerKvScales,
+    /// `--attention-backend ember`: the step's decodes through ember's MLA kernel.
+    backend: AttentionBackend,
 }
 
 /// `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)²` under YaRN, as transformers does.
@@ -169,6 +172,7 @@ impl MlaAttention {
                         .unwrap_or_default(),
                 )
             },
+            backend: weights.attention_backend(),
         })
     }
 
@@ -215,8 +219,16 @@ impl MlaAttention {
         let kv_scales = self.kv_scales.resolve(cache, &latent, &k_rope)?;
         cache.write(&latent, &k_rope, &batch.slot_mapping, kv_scales)?;
 
+        // The step's decodes through ember's kernel, all at once: `[decodes, heads * v]`.
+        let decoded = self.decode_with_kernel(&q_nope, &q_rope, batch, cache)?;
         let mut outputs = Vec::with_capacity(batch.sequences.len());
-        for seq in &batch.sequences {
+        for (s, seq) in batch.sequences.iter().enumerate() {
+            if let Some((decodes, out)) = &decoded {
+                if let Ok(j) = decodes.seqs.binary_search(&s) {
+                    outputs.push(out.narrow(0, j, 1)?);
+                    continue;
+                }
+            }
             let (start, ql) = (seq.query_start, seq.query_len);
             let (latent_ctx, k_rope_ctx) = cache.gather(&seq.context_slots, kv_scales)?;
             let q_nope = q_nope.narrow(1, start, ql)?;
@@ -240,6 +252,48 @@ impl MlaAttention {
             );
         }
         self.o_proj.forward(&Tensor::cat(&outputs, 0)?, &batch.lora)
+    }
+
+    /// Under `--attention-backend ember`, the outputs `[decodes, heads * v_head_dim]` of the
+    /// step's single-token decodes through ember's MLA kernel (absorbed, every decode in one
+    /// call), with the decodes; `None` when the kernel does not serve this layer or step (no
+    /// decodes, an fp8 cache, or a decode whose adapter adapts `kv_b_proj`).
+    fn decode_with_kernel(
+        &self,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        batch: &ForwardBatch,
+        cache: &LayerKvCache,
+    ) -> TensorResult<Option<(std::sync::Arc<crate::mla_kernel::MlaDecodeBatch>, Tensor)>> {
+        if self.backend != AttentionBackend::Ember
+            || !crate::mla_kernel::serves(cache, q_nope, self.kv_lora_rank)
+        {
+            return Ok(None);
+        }
+        let decodes = batch.mla_decodes()?;
+        let adapted = decodes.seqs.iter().any(|&s| {
+            batch.sequences[s]
+                .adapter
+                .as_ref()
+                .is_some_and(|a| a.factors(self.kv_b_proj.path()).is_some())
+        });
+        if decodes.seqs.is_empty() || adapted {
+            return Ok(None);
+        }
+        let n = decodes.seqs.len();
+        // [heads, n, kv_lora_rank] and [heads, n, rope] → [n, heads, kv_lora_rank + rope].
+        let q_latent = q_nope.index_select(&decodes.rows, 1)?.matmul(&self.w_uk)?;
+        let q_rope = q_rope.index_select(&decodes.rows, 1)?;
+        let q = Tensor::cat(&[&q_latent, &q_rope], 2)?.transpose(0, 1)?;
+        let latent_out = crate::mla_kernel::decode(&q, cache, &decodes, self.softmax_scale as f32)?;
+        // [n, heads, kv_lora_rank] → [heads, n, v] → [n, heads * v]
+        let out = latent_out
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&self.w_uv.t()?)?
+            .transpose(0, 1)?
+            .reshape((n, self.num_heads * self.v_head_dim))?;
+        Ok(Some((decodes, out)))
     }
 
     /// Records the MLA projections as LoRA targets.

@@ -1,0 +1,200 @@
+//! MLA attention (DeepSeek-V2/V3, Kimi K2) in the absorbed form over the paged latent cache, for
+//! the flattened batch: every query token attends to the first `token_ctx[t]` positions of its
+//! sequence, read through the sequence's block table, as [`crate::paged_attention`] does. All
+//! heads share one cached row per position: the latent `c` (`rank` = kv_lora_rank) in one cache
+//! and the roped key `k_r` (`rope_dim`) in another. With `kv_b_proj`'s key half folded into the
+//! query (`q_latent = q_nope · W_uk`), the score is `scale · (q_latent·c + q_rope·k_r)` and the
+//! output is the weighted sum of the latents, which the caller maps through `W_uv`.
+//!
+//! Layouts (row-major): `q` `[tokens, num_heads, rank + rope_dim]` (latent part, then rope part);
+//! `latent_cache` `[slots, rank]`, `rope_cache` `[slots, rope_dim]` (ember's MLA cache: the
+//! `k` and `v` tensors of its layer); `out` `[tokens, num_heads, rank]`. Metadata as
+//! [`crate::paged_attention::PagedAttentionBatch`].
+//!
+//! Numerics, shared by the CPU reference and `kernels/mla_decode.cu`: load as f32, the latent and
+//! rope dot products each summed in f32 and added, times `scale`; a max-subtracted softmax in f32
+//! (online in the kernel); the weighted sum of latents in f32; one rounding on store.
+
+use crate::error::check_shape;
+use crate::paged_attention::{check_extent, paged_batch_extent, BatchExtent, PagedAttentionBatch};
+use crate::{Element, KernelError};
+
+/// Largest `rank` the CUDA kernel accumulates (its per-thread registers).
+pub const MLA_MAX_RANK: usize = 1024;
+
+/// The sizes of an MLA call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaShape {
+    pub num_heads: usize,
+    /// kv_lora_rank: the latent's width, and the output's.
+    pub rank: usize,
+    /// qk_rope_head_dim.
+    pub rope_dim: usize,
+    pub block_size: usize,
+    /// Columns of `block_tables`.
+    pub max_blocks: usize,
+}
+
+/// Tokens and cache blocks of a call of `shape`, or why the buffer lengths don't fit it.
+pub fn mla_dims(
+    shape: &MlaShape,
+    q_len: usize,
+    latent_len: usize,
+    rope_len: usize,
+    out_len: usize,
+) -> Result<(usize, usize), KernelError> {
+    const OP: &str = "mla_decode";
+    let s = shape;
+    check_shape(
+        s.num_heads > 0 && s.rank > 0 && s.rope_dim > 0 && s.block_size > 0 && s.max_blocks > 0,
+        OP,
+        || format!("{shape:?}: every size must be positive"),
+    )?;
+    check_shape(s.rank <= MLA_MAX_RANK, OP, || {
+        format!("rank {} is over the kernel's {MLA_MAX_RANK}", s.rank)
+    })?;
+    let q_row = s.num_heads * (s.rank + s.rope_dim);
+    check_shape(q_len.is_multiple_of(q_row), OP, || {
+        format!("q has {q_len} elements, not a multiple of heads x (rank + rope_dim) = {q_row}")
+    })?;
+    let tokens = q_len / q_row;
+    check_shape(out_len == tokens * s.num_heads * s.rank, OP, || {
+        format!(
+            "out has {out_len} elements, expected {tokens} tokens x {} heads x {}",
+            s.num_heads, s.rank
+        )
+    })?;
+    check_shape(
+        latent_len.is_multiple_of(s.rank)
+            && rope_len.is_multiple_of(s.rope_dim)
+            && latent_len / s.rank == rope_len / s.rope_dim,
+        OP,
+        || {
+            format!(
+                "the latent ({latent_len}) and rope ({rope_len}) caches do not hold the same slots"
+            )
+        },
+    )?;
+    Ok((tokens, latent_len / s.rank / s.block_size))
+}
+
+/// Tokens of a call, or why the buffers and metadata don't fit `shape` (as
+/// [`crate::paged_attention::paged_attention_shape`]).
+pub fn mla_shape(
+    shape: &MlaShape,
+    q_len: usize,
+    latent_len: usize,
+    rope_len: usize,
+    out_len: usize,
+    batch: &PagedAttentionBatch<'_>,
+) -> Result<usize, KernelError> {
+    let (tokens, blocks) = mla_dims(shape, q_len, latent_len, rope_len, out_len)?;
+    let extent: BatchExtent = paged_batch_extent(batch, shape.block_size, shape.max_blocks)?;
+    check_extent(&extent, tokens, blocks)?;
+    Ok(tokens)
+}
+
+/// CPU reference: `out[t, h] = softmax_p(scale · (q_lat[t, h]·c[p] + q_rope[t, h]·k_r[p])) · c[p]`
+/// over the `token_ctx[t]` positions `p` of token `t`'s sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode<T: Element>(
+    out: &mut [T],
+    q: &[T],
+    latent_cache: &[T],
+    rope_cache: &[T],
+    batch: &PagedAttentionBatch<'_>,
+    scale: f32,
+    shape: &MlaShape,
+) -> Result<(), KernelError> {
+    let s = *shape;
+    let tokens = mla_shape(
+        &s,
+        q.len(),
+        latent_cache.len(),
+        rope_cache.len(),
+        out.len(),
+        batch,
+    )?;
+    let q_dim = s.rank + s.rope_dim;
+    let dot =
+        |a: &[T], b: &[T]| -> f32 { a.iter().zip(b).map(|(x, y)| x.to_f32() * y.to_f32()).sum() };
+    let mut weights = Vec::new();
+    for t in 0..tokens {
+        let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
+        let table = &batch.block_tables[seq * s.max_blocks..];
+        let slot = |p: usize| table[p / s.block_size] as usize * s.block_size + p % s.block_size;
+        for h in 0..s.num_heads {
+            let q_row = &q[(t * s.num_heads + h) * q_dim..][..q_dim];
+            let (q_lat, q_rope) = q_row.split_at(s.rank);
+            weights.clear();
+            weights.extend((0..ctx).map(|p| {
+                let c = &latent_cache[slot(p) * s.rank..][..s.rank];
+                let r = &rope_cache[slot(p) * s.rope_dim..][..s.rope_dim];
+                (dot(q_lat, c) + dot(q_rope, r)) * scale
+            }));
+            let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for w in weights.iter_mut() {
+                *w = (*w - max).exp();
+                sum += *w;
+            }
+            let o = &mut out[(t * s.num_heads + h) * s.rank..][..s.rank];
+            for (d, o) in o.iter_mut().enumerate() {
+                let acc: f32 = weights
+                    .iter()
+                    .enumerate()
+                    .map(|(p, w)| w * latent_cache[slot(p) * s.rank + d].to_f32())
+                    .sum();
+                *o = T::from_f32(acc / sum);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_position_returns_its_latent_and_two_weigh_by_their_scores() {
+        let shape = MlaShape {
+            num_heads: 1,
+            rank: 2,
+            rope_dim: 1,
+            block_size: 2,
+            max_blocks: 1,
+        };
+        // Slots 0 and 1: latents [1 0] and [0 1], rope keys 0 and ln 3 (with q_rope 1).
+        let latent = [1.0f32, 0.0, 0.0, 1.0];
+        let rope = [0.0f32, 3f32.ln()];
+        let q = [0.0f32, 0.0, 1.0];
+        let run = |ctx: u32| {
+            let batch = PagedAttentionBatch {
+                block_tables: &[0],
+                token_seq: &[0],
+                token_ctx: &[ctx],
+            };
+            let mut out = [0f32; 2];
+            mla_decode(&mut out, &q, &latent, &rope, &batch, 1.0, &shape).unwrap();
+            out
+        };
+        assert_eq!(run(1), [1.0, 0.0]);
+        let two = run(2);
+        assert!(
+            (two[0] - 0.25).abs() < 1e-6 && (two[1] - 0.75).abs() < 1e-6,
+            "{two:?}"
+        );
+        let batch = PagedAttentionBatch {
+            block_tables: &[1],
+            token_seq: &[0],
+            token_ctx: &[1],
+        };
+        let mut out = [0f32; 2];
+        let err = mla_decode(&mut out, &q, &latent, &rope, &batch, 1.0, &shape).unwrap_err();
+        assert!(
+            err.to_string().contains("reads block 1; the cache holds 1"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! MLA decode through ember's kernel (`kernels/mla_decode.cu`, `--attention-backend ember`): the
+//! step's single-token decodes attend over the latent cache in the absorbed form in one call,
+//! instead of one gather and three matmuls per sequence. A candle custom op over the queries and
+//! the layer's two caches: the kernel on a GPU, its CPU reference (ember-kernels' `mla_decode`,
+//! the kernel's oracle) on the CPU.
+//!
+//! The step's metadata (which sequences decode, their block tables and context lengths) is built
+//! once per step on the host and, on a GPU, checked and copied once, for every layer to read.
+
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use ember_kernels::mla_decode::{self, MlaShape};
+use ember_kernels::paged_attention::PagedAttentionBatch;
+use ember_kernels::Element;
+
+use crate::batch::ForwardBatch;
+use crate::kv_cache::LayerKvCache;
+use crate::TensorResult;
+
+/// Layer calls the kernel has served since start (tests check the path they mean is taken).
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many layer calls MLA's decode kernel has served in this process.
+pub fn calls() -> u64 {
+    CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The step's single-token decodes and the kernel's metadata for them.
+pub struct MlaDecodeBatch {
+    /// Indices of the decoding sequences in the batch, in order.
+    pub seqs: Vec<usize>,
+    /// Their tokens' rows in the flattened batch (u32, on the model's device).
+    pub rows: Tensor,
+    block_tables: Vec<u32>,
+    token_seq: Vec<u32>,
+    token_ctx: Vec<u32>,
+    max_blocks: usize,
+    block_size: usize,
+    #[cfg(feature = "cuda")]
+    uploaded: Mutex<
+        Vec<(
+            candle_core::cuda::DeviceId,
+            Arc<ember_kernels::cuda::DevicePagedBatch>,
+        )>,
+    >,
+    #[cfg(not(feature = "cuda"))]
+    #[allow(dead_code)]
+    uploaded: Mutex<()>,
+}
+
+impl std::fmt::Debug for MlaDecodeBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MlaDecodeBatch")
+            .field("seqs", &self.seqs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MlaDecodeBatch {
+    /// The decodes of `batch` (sequences with one new token).
+    pub fn new(batch: &ForwardBatch) -> TensorResult<Self> {
+        let block_size = batch.block_size;
+        let seqs: Vec<usize> = batch
+            .sequences
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.query_len == 1)
+            .map(|(i, _)| i)
+            .collect();
+        let max_blocks = seqs
+            .iter()
+            .map(|&i| batch.sequences[i].context_len.div_ceil(block_size))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut block_tables = vec![0u32; seqs.len() * max_blocks];
+        let (mut token_seq, mut token_ctx, mut rows) = (vec![], vec![], vec![]);
+        for (j, &i) in seqs.iter().enumerate() {
+            let seq = &batch.sequences[i];
+            // Each block's first slot names it: slot = block · block_size + offset.
+            for (b, slot) in seq
+                .context_slots_host
+                .iter()
+                .step_by(block_size)
+                .enumerate()
+            {
+                block_tables[j * max_blocks + b] = slot / block_size as u32;
+            }
+            token_seq.push(j as u32);
+            token_ctx.push(seq.context_len as u32);
+            rows.push(seq.query_start as u32);
+        }
+        let n = rows.len();
+        Ok(Self {
+            seqs,
+            rows: Tensor::from_vec(rows, n, batch.token_ids.device())?,
+            block_tables,
+            token_seq,
+            token_ctx,
+            max_blocks,
+            block_size,
+            uploaded: Default::default(),
+        })
+    }
+
+    fn host(&self) -> PagedAttentionBatch<'_> {
+        PagedAttentionBatch {
+            block_tables: &self.block_tables,
+            token_seq: &self.token_seq,
+            token_ctx: &self.token_ctx,
+        }
+    }
+
+    /// The metadata on `device`, checked and copied by the first layer that asks.
+    #[cfg(feature = "cuda")]
+    fn on_device(
+        &self,
+        device: &candle_core::CudaDevice,
+    ) -> candle_core::Result<Arc<ember_kernels::cuda::DevicePagedBatch>> {
+        let mut uploaded = self.uploaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, meta)) = uploaded.iter().find(|(id, _)| *id == device.id()) {
+            return Ok(meta.clone());
+        }
+        let meta = Arc::new(
+            crate::cuda_attention::kernels(device)?
+                .upload_paged_batch(&self.host(), self.block_size, self.max_blocks)
+                .map_err(candle_core::Error::wrap)?,
+        );
+        uploaded.push((device.id(), meta.clone()));
+        Ok(meta)
+    }
+}
+
+/// Whether the kernel serves a layer: queries in f32 or bf16, caches of the same dtype (an fp8
+/// cache keeps the tensor path), latents within the kernel's width.
+pub fn serves(cache: &LayerKvCache, q: &Tensor, rank: usize) -> bool {
+    matches!(q.dtype(), DType::F32 | DType::BF16)
+        && cache.k.dtype() == q.dtype()
+        && cache.v.dtype() == q.dtype()
+        && rank <= mla_decode::MLA_MAX_RANK
+}
+
+/// Attention of the decodes' queries `q` (`[decodes, heads, rank + rope_dim]`: the absorbed
+/// latent query, then the roped query) over their cached context: `[decodes, heads, rank]`.
+pub fn decode(
+    q: &Tensor,
+    cache: &LayerKvCache,
+    decodes: &MlaDecodeBatch,
+    scale: f32,
+) -> TensorResult {
+    let (_, num_heads, q_dim) = q.dims3()?;
+    let rank = cache.k.dim(1)?;
+    let shape = MlaShape {
+        num_heads,
+        rank,
+        rope_dim: q_dim - rank,
+        block_size: decodes.block_size,
+        max_blocks: decodes.max_blocks,
+    };
+    let op = MlaDecodeOp {
+        decodes,
+        shape,
+        scale,
+    };
+    let out = q.contiguous()?.apply_op3_no_bwd(&cache.k, &cache.v, &op)?;
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(out)
+}
+
+struct MlaDecodeOp<'a> {
+    decodes: &'a MlaDecodeBatch,
+    shape: MlaShape,
+    scale: f32,
+}
+
+impl MlaDecodeOp<'_> {
+    fn out_shape(&self) -> Shape {
+        Shape::from((
+            self.decodes.seqs.len(),
+            self.shape.num_heads,
+            self.shape.rank,
+        ))
+    }
+
+    fn cpu<T: Element + candle_core::WithDType>(
+        &self,
+        [q, c, r]: [(&CpuStorage, &Layout); 3],
+    ) -> candle_core::Result<Vec<T>> {
+        fn slice<'s, T: candle_core::WithDType>(
+            (s, l): (&'s CpuStorage, &Layout),
+            what: &str,
+        ) -> candle_core::Result<&'s [T]> {
+            Ok(&s.as_slice::<T>()?[crate::contiguous_range(l, what)?])
+        }
+        let mut out = vec![T::from_f32(0.0); self.out_shape().elem_count()];
+        mla_decode::mla_decode(
+            &mut out,
+            slice(q, "MLA queries")?,
+            slice(c, "the latent cache")?,
+            slice(r, "the rope key cache")?,
+            &self.decodes.host(),
+            self.scale,
+            &self.shape,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for MlaDecodeOp<'_> {
+    fn name(&self) -> &'static str {
+        "ember-mla-decode"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        c: &CpuStorage,
+        lc: &Layout,
+        r: &CpuStorage,
+        lr: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = [(q, lq), (c, lc), (r, lr)];
+        let out = match (q, c, r) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(self.cpu::<f32>(inputs)?)
+            }
+            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+                CpuStorage::BF16(self.cpu::<half::bf16>(inputs)?)
+            }
+            _ => candle_core::bail!("MLA decode takes f32 or bf16 queries and caches of one dtype"),
+        };
+        Ok((out, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        lq: &Layout,
+        c: &candle_core::CudaStorage,
+        lc: &Layout,
+        r: &candle_core::CudaStorage,
+        lr: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = q.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let meta = self.decodes.on_device(&device)?;
+        let ranges = [
+            crate::contiguous_range(lq, "MLA queries")?,
+            crate::contiguous_range(lc, "the latent cache")?,
+            crate::contiguous_range(lr, "the rope key cache")?,
+        ];
+        fn run<T: ember_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
+            op: &MlaDecodeOp<'_>,
+            kernels: &ember_kernels::cuda::CudaKernels,
+            device: &candle_core::CudaDevice,
+            meta: &ember_kernels::cuda::DevicePagedBatch,
+            [q, c, r]: [&candle_core::CudaStorage; 3],
+            [rq, rc, rr]: [std::ops::Range<usize>; 3],
+        ) -> candle_core::Result<candle_core::CudaStorage> {
+            let mut out = device.alloc_zeros::<T>(op.out_shape().elem_count())?;
+            kernels
+                .mla_decode(
+                    &mut out,
+                    &q.as_cuda_slice::<T>()?.slice(rq),
+                    &c.as_cuda_slice::<T>()?.slice(rc),
+                    &r.as_cuda_slice::<T>()?.slice(rr),
+                    meta,
+                    op.scale,
+                    &op.shape,
+                )
+                .map_err(candle_core::Error::wrap)?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(
+                out,
+                device.clone(),
+            ))
+        }
+        let storage = match (q.dtype(), c.dtype(), r.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => {
+                run::<f32>(self, &kernels, &device, &meta, [q, c, r], ranges)?
+            }
+            (DType::BF16, DType::BF16, DType::BF16) => {
+                run::<half::bf16>(self, &kernels, &device, &meta, [q, c, r], ranges)?
+            }
+            _ => candle_core::bail!("MLA decode takes f32 or bf16 queries and caches of one dtype"),
+        };
+        Ok((storage, self.out_shape()))
+    }
+}
