@@ -168,6 +168,83 @@ pub fn grouped_gemm<T: Element>(
     Ok(())
 }
 
+/// Scale blocks of a grouped W8A16 GEMM's experts: `block_n x block_k` of each `[n_out, k_in]`
+/// weight (DeepSeek's 128 x 128; `1 x k_in` for one scale per output channel), edges partial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScaleBlocks {
+    pub block_n: usize,
+    pub block_k: usize,
+}
+
+impl ScaleBlocks {
+    /// Scales of one expert's `[n_out, k_in]` weight.
+    pub fn per_expert(&self, n_out: usize, k_in: usize) -> usize {
+        n_out.div_ceil(self.block_n.max(1)) * k_in.div_ceil(self.block_k.max(1))
+    }
+}
+
+/// Checks a grouped W8A16 GEMM's buffers: as [`grouped_gemm_shape`] with `w` the experts' e4m3
+/// bytes `[num_experts, n_out, k_in]` and `scales` `[num_experts, scale rows, scale columns]`.
+pub fn grouped_w8a16_shape(
+    s: &GroupedGemmShape,
+    blocks: &ScaleBlocks,
+    out_len: usize,
+    x_len: usize,
+    w_len: usize,
+    scales_len: usize,
+    align: &MoeAlignment,
+) -> Result<(), KernelError> {
+    check_shape(
+        blocks.block_n > 0 && blocks.block_k > 0,
+        "grouped_w8a16",
+        || format!("scale blocks of {} x {}", blocks.block_n, blocks.block_k),
+    )?;
+    grouped_gemm_shape(s, out_len, x_len, w_len, align)?;
+    let want = s.num_experts * blocks.per_expert(s.n_out, s.k_in);
+    check_shape(scales_len == want, "grouped_w8a16", || {
+        format!("scales have {scales_len} elements, expected {want} for {blocks:?}")
+    })
+}
+
+/// CPU reference of the grouped GEMM over e4m3 experts: as [`grouped_gemm`], each weight its
+/// e4m3 value times its block's scale in f32 (`crate::w8a16`'s numerics).
+pub fn grouped_w8a16<T: Element>(
+    out: &mut [T],
+    x: &[T],
+    w: &[u8],
+    scales: &[f32],
+    align: &MoeAlignment,
+    s: &GroupedGemmShape,
+    blocks: &ScaleBlocks,
+) -> Result<(), KernelError> {
+    grouped_w8a16_shape(s, blocks, out.len(), x.len(), w.len(), scales.len(), align)?;
+    let per_expert = blocks.per_expert(s.n_out, s.k_in);
+    let scale_cols = s.k_in.div_ceil(blocks.block_k);
+    for (r, &id) in align.sorted_ids[..align.num_padded].iter().enumerate() {
+        let id = id as usize;
+        if id >= s.num_entries {
+            continue;
+        }
+        let e = align.expert_ids[r / s.block_m] as usize;
+        let x_row = &x[id / s.x_div * s.k_in..][..s.k_in];
+        let expert_scales = &scales[e * per_expert..][..per_expert];
+        for n in 0..s.n_out {
+            let w_row = &w[(e * s.n_out + n) * s.k_in..][..s.k_in];
+            let row_scales = &expert_scales[n / blocks.block_n * scale_cols..][..scale_cols];
+            let acc: f32 = x_row
+                .iter()
+                .zip(w_row)
+                .enumerate()
+                .map(|(c, (a, &b))| {
+                    a.to_f32() * (crate::w8a16::e4m3_to_f32(b) * row_scales[c / blocks.block_k])
+                })
+                .sum();
+            out[id * s.n_out + n] = T::from_f32(acc);
+        }
+    }
+    Ok(())
+}
+
 /// Checks a weighted sum's lengths: `y` `[tokens · top_k, hidden]`, `weights` `[tokens · top_k]`,
 /// `out` `[tokens, hidden]`.
 pub fn moe_sum_shape(
@@ -219,6 +296,59 @@ mod tests {
         assert_eq!(&a.expert_ids[..3], &[0, 1, 2]);
         assert_eq!(a.sorted_ids.len(), align_capacity(6, 3, 4));
         assert!(moe_align(&[3], 3, 4).is_err());
+    }
+
+    /// Over e4m3 experts with 2 x 3 scale blocks (ragged edges), the grouped W8A16 GEMM is the
+    /// grouped GEMM over the dequantized weights, bit for bit (the same f32 weights and sums).
+    #[test]
+    fn the_grouped_w8a16_gemm_is_the_grouped_gemm_over_dequantized_experts() {
+        let (experts, n_out, k_in, tokens, top_k) = (3, 5, 7, 4, 2);
+        let blocks = ScaleBlocks {
+            block_n: 2,
+            block_k: 3,
+        };
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed >> 8
+        };
+        // Finite e4m3 codes only (0x7F / 0xFF are NaN).
+        let w: Vec<u8> = (0..experts * n_out * k_in)
+            .map(|_| (next() % 0x7F) as u8 | if next() % 2 == 0 { 0x80 } else { 0 })
+            .collect();
+        let scales: Vec<f32> = (0..experts * blocks.per_expert(n_out, k_in))
+            .map(|_| (next() % 1000) as f32 / 4000.0 + 0.01)
+            .collect();
+        let x: Vec<f32> = (0..tokens * k_in)
+            .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+            .collect();
+        let ids: Vec<u32> = (0..tokens * top_k).map(|i| (i % experts) as u32).collect();
+        let align = moe_align(&ids, experts, 64).unwrap();
+        let s = GroupedGemmShape {
+            num_experts: experts,
+            k_in,
+            n_out,
+            block_m: 64,
+            x_div: top_k,
+            num_entries: tokens * top_k,
+        };
+        let per = blocks.per_expert(n_out, k_in);
+        let cols = k_in.div_ceil(blocks.block_k);
+        let dense: Vec<f32> = (0..experts * n_out * k_in)
+            .map(|i| {
+                let (e, n, c) = (i / (n_out * k_in), i / k_in % n_out, i % k_in);
+                crate::w8a16::e4m3_to_f32(w[i])
+                    * scales[e * per + n / blocks.block_n * cols + c / blocks.block_k]
+            })
+            .collect();
+        let mut want = vec![0f32; tokens * top_k * n_out];
+        grouped_gemm(&mut want, &x, &dense, &align, &s).unwrap();
+        let mut got = vec![0f32; want.len()];
+        grouped_w8a16(&mut got, &x, &w, &scales, &align, &s, &blocks).unwrap();
+        assert_eq!(got, want);
+        assert!(got.iter().any(|&v| v != 0.0));
+        let err = grouped_w8a16(&mut got, &x, &w, &scales[1..], &align, &s, &blocks).unwrap_err();
+        assert!(err.to_string().contains("scales"), "{err}");
     }
 
     #[test]

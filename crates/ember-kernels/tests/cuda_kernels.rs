@@ -628,6 +628,8 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "w8a16_dequant_bf16",
         "mla_decode_f32",
         "mla_decode_bf16",
+        "grouped_w8a16_f32",
+        "grouped_w8a16_bf16",
         "rotary_embedding_rows_bf16",
     ] {
         assert!(
@@ -1110,6 +1112,138 @@ fn check_fused_moe<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         }
         eprintln!("{what}: matches");
     }
+}
+
+/// The grouped GEMM over e4m3 experts against its CPU reference: DeepSeek's 128 x 128 blocks
+/// with ragged edges (n_out 320, k_in 200) and per-channel scales, one token (a decode: mostly
+/// padding rows) to 300 tokens over 64 experts, as the first GEMM (x per token) and the second
+/// (x per entry). Random finite e4m3 codes, scales ~1/64. Tolerance 1e-5 of the sum of |terms|
+/// (f32 sums in another order), plus the output dtype's rounding.
+fn check_grouped_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
+    use ember_kernels::fused_moe::{self, GroupedGemmShape, ScaleBlocks};
+    let st = k.stream();
+    let rounding = if T::KERNEL_SUFFIX == "bf16" {
+        1.0 / 128.0
+    } else {
+        0.0
+    };
+    for (tokens, experts, top_k, n_out, k_in, blocks, x_div) in [
+        (
+            1,
+            64,
+            8,
+            320,
+            200,
+            ScaleBlocks {
+                block_n: 128,
+                block_k: 128,
+            },
+            8,
+        ),
+        (
+            37,
+            64,
+            6,
+            320,
+            200,
+            ScaleBlocks {
+                block_n: 128,
+                block_k: 128,
+            },
+            1,
+        ),
+        (
+            300,
+            16,
+            2,
+            96,
+            256,
+            ScaleBlocks {
+                block_n: 1,
+                block_k: 256,
+            },
+            2,
+        ),
+    ] {
+        let what = format!(
+            "grouped_w8a16_{} t{tokens} e{experts} {blocks:?} x_div {x_div}",
+            T::KERNEL_SUFFIX
+        );
+        let n = tokens * top_k;
+        let ids: Vec<u32> = (0..n)
+            .map(|_| rng.random_range(0..experts as u32))
+            .collect();
+        let rows = n / x_div;
+        let x: Vec<T> = random(rng, rows * k_in, -1.0, 1.0);
+        let w: Vec<u8> = (0..experts * n_out * k_in)
+            .map(|_| {
+                let code: u8 = rng.random_range(0..0x7F);
+                code | if rng.random_bool(0.5) { 0x80 } else { 0 }
+            })
+            .collect();
+        let scales: Vec<f32> = (0..experts * blocks.per_expert(n_out, k_in))
+            .map(|_| rng.random_range(0.005f32..0.03))
+            .collect();
+        let s = GroupedGemmShape {
+            num_experts: experts,
+            k_in,
+            n_out,
+            block_m: 64,
+            x_div,
+            num_entries: n,
+        };
+        let align = fused_moe::moe_align(&ids, experts, 64).unwrap();
+        let mut cpu = vec![T::from_f32(0.0); n * n_out];
+        fused_moe::grouped_w8a16(&mut cpu, &x, &w, &scales, &align, &s, &blocks).unwrap();
+        let dids = st.clone_htod(&ids).unwrap();
+        let dalign = k.moe_align(&dids.as_view(), experts, 64).unwrap();
+        let (dx, dw, ds) = (
+            st.clone_htod(&x).unwrap(),
+            st.clone_htod(&w).unwrap(),
+            st.clone_htod(&scales).unwrap(),
+        );
+        let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
+        k.grouped_w8a16(
+            &mut dout,
+            &dx.as_view(),
+            &dw.as_view(),
+            &ds.as_view(),
+            &dalign,
+            &s,
+            &blocks,
+        )
+        .unwrap();
+        let gpu = st.clone_dtoh(&dout).unwrap();
+        let per = blocks.per_expert(n_out, k_in);
+        let cols = k_in.div_ceil(blocks.block_k);
+        for id in 0..n {
+            let e = ids[id] as usize;
+            for j in 0..n_out {
+                let magnitude: f32 = (0..k_in)
+                    .map(|c| {
+                        let wv = ember_kernels::w8a16::e4m3_to_f32(w[(e * n_out + j) * k_in + c])
+                            * scales[e * per + j / blocks.block_n * cols + c / blocks.block_k];
+                        (x[id / x_div * k_in + c].to_f32() * wv).abs()
+                    })
+                    .sum();
+                let (g, c) = (gpu[id * n_out + j].to_f32(), cpu[id * n_out + j].to_f32());
+                let tol = 1e-5 * magnitude + rounding * c.abs() + 1e-6;
+                assert!(
+                    (g - c).abs() <= tol,
+                    "{what}[{id}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+                );
+            }
+        }
+        eprintln!("{what}: matches");
+    }
+}
+
+#[test]
+fn grouped_w8a16_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_grouped_w8a16::<f32>(&k, &mut rng);
+    check_grouped_w8a16::<bf16>(&k, &mut rng);
 }
 
 #[test]
