@@ -6,7 +6,9 @@
 //!
 //! The experts' weights are stacked once at load (`[E, 2I, H]` gate then up rows, `[E, H, I]`
 //! down; `I` is a tensor-parallel rank's share) and each expert's projections become views of
-//! the stack, so the per-expert path (adapters, the fallback) holds no second copy.
+//! the stack, so the per-expert path (adapters, the fallback) holds no second copy. Dense f32 /
+//! bf16 experts run the grouped GEMM (bf16 on tensor cores); e4m3 experts held as stored (FP8
+//! checkpoints' block scales, on CUDA) run the grouped W8A16 GEMM (`kernels/moe_w8a16.cu`).
 //! On the CPU the same op runs ember-kernels' references, the oracle the CUDA kernels are tested
 //! against; it is there to test the wiring, not to be fast.
 
@@ -15,11 +17,14 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use ember_core::{EmberError, Result};
-use ember_kernels::fused_moe::{self, GroupedGemmShape, MoeAlignment};
+use ember_kernels::fused_moe::{self, GroupedGemmShape, MoeAlignment, ScaleBlocks};
 use ember_kernels::moe_routing::{self, RoutingConfig};
 use ember_kernels::{silu_and_mul, Element};
 
+use crate::linear::LinearLayer;
 use crate::mlp::Mlp;
+use crate::quantized::packed::{PackedLinear, PackedW8a16};
+use crate::weights::Weights;
 use crate::TensorResult;
 
 /// Layers run through the fused MoE since start (tests check the path they mean is taken).
@@ -58,19 +63,49 @@ impl MoeBackend {
     }
 }
 
+/// The stacked weights, dense or e4m3.
+enum ExpertWeights {
+    Dense {
+        /// `[experts, 2 * inter, hidden]`: each expert's gate rows, then its up rows.
+        w13: Tensor,
+        /// `[experts, hidden, inter]`.
+        w2: Tensor,
+    },
+    W8a16 {
+        /// `[experts, 2 * inter * hidden]` e4m3 bytes (u8), gate rows then up rows.
+        w13: Tensor,
+        /// `[experts, scales of w13]` f32: the gate's scale rows, then the up's.
+        s13: Tensor,
+        b13: ScaleBlocks,
+        /// `[experts, hidden * inter]` bytes and their scales.
+        w2: Tensor,
+        s2: Tensor,
+        b2: ScaleBlocks,
+        /// The model dtype the per-expert layers compute in.
+        dtype: DType,
+    },
+}
+
 /// A layer's routed experts stacked for the grouped GEMMs.
 pub struct StackedExperts {
-    /// `[experts, 2 * inter, hidden]`: each expert's gate rows, then its up rows.
-    w13: Tensor,
-    /// `[experts, hidden, inter]`.
-    w2: Tensor,
+    weights: ExpertWeights,
+    experts: usize,
     inter: usize,
+    hidden: usize,
 }
 
 impl StackedExperts {
     /// Stacks `mlps` when every projection is a dense f32 or bf16 weight without a bias (the
-    /// kernels' types), all of one dtype; `None` otherwise (held quantized, say).
+    /// kernels' types), all of one dtype, or every one an e4m3 weight held as stored whose gate
+    /// and up rows stack on scale-block boundaries; `None` otherwise (4-bit, say).
     pub fn stack(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
+        match Self::stack_dense(mlps)? {
+            Some(stack) => Ok(Some(stack)),
+            None => Self::stack_w8a16(mlps),
+        }
+    }
+
+    fn stack_dense(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
         let mut gate_up = Vec::with_capacity(mlps.len());
         let mut down = Vec::with_capacity(mlps.len());
         for mlp in mlps {
@@ -91,34 +126,165 @@ impl StackedExperts {
         }
         let w13 = Tensor::stack(&gate_up, 0)?;
         let w2 = Tensor::stack(&down, 0)?;
-        let inter = w2.dim(2)?;
-        Ok(Some(Self { w13, w2, inter }))
+        let (experts, hidden, inter) = w2.dims3()?;
+        Ok(Some(Self {
+            weights: ExpertWeights::Dense { w13, w2 },
+            experts,
+            inter,
+            hidden,
+        }))
+    }
+
+    fn stack_w8a16(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
+        let blocks = |p: &PackedW8a16| ScaleBlocks {
+            block_n: p.shape.block_n,
+            block_k: p.shape.block_k,
+        };
+        let (mut w13, mut s13, mut w2, mut s2) = (vec![], vec![], vec![], vec![]);
+        let mut layout: Option<(usize, usize, ScaleBlocks, ScaleBlocks)> = None;
+        for mlp in mlps {
+            let Some([gate, up, down]) = mlp.packed_w8a16_weights() else {
+                return Ok(None);
+            };
+            let (inter, hidden) = (gate.shape.n, gate.shape.k);
+            // The up rows must start a scale block of the stacked rows: whole blocks of rows,
+            // or a single (partial) one, which then spans the gate's rows alone.
+            let gate_blocks = blocks(&gate);
+            let b13 = if inter.is_multiple_of(gate_blocks.block_n) {
+                gate_blocks
+            } else if inter < gate_blocks.block_n {
+                ScaleBlocks {
+                    block_n: inter,
+                    ..gate_blocks
+                }
+            } else {
+                return Ok(None);
+            };
+            let this = (inter, hidden, b13, blocks(&down));
+            // Every expert alike.
+            let fits = up.shape.n == inter
+                && up.shape.k == hidden
+                && blocks(&up) == gate_blocks
+                && (down.shape.n, down.shape.k) == (hidden, inter)
+                && layout.is_none_or(|l| l == this);
+            if !fits {
+                return Ok(None);
+            }
+            layout = Some(this);
+            w13.push(Tensor::cat(&[&gate.bytes, &up.bytes], 0)?);
+            s13.push(Tensor::cat(&[&gate.scales, &up.scales], 0)?);
+            w2.push(down.bytes);
+            s2.push(down.scales);
+        }
+        let (Some((inter, hidden, b13, b2)), Some(first)) = (layout, mlps.first()) else {
+            return Ok(None);
+        };
+        let dtype = first
+            .packed_w8a16_weights()
+            .map_or(DType::BF16, |[gate, ..]| gate.dtype);
+        Ok(Some(Self {
+            weights: ExpertWeights::W8a16 {
+                w13: Tensor::stack(&w13, 0)?,
+                s13: Tensor::stack(&s13, 0)?,
+                b13,
+                w2: Tensor::stack(&w2, 0)?,
+                s2: Tensor::stack(&s2, 0)?,
+                b2,
+                dtype,
+            },
+            experts: mlps.len(),
+            inter,
+            hidden,
+        }))
     }
 
     /// Experts in the stack.
     pub fn len(&self) -> usize {
-        self.w13.dims().first().copied().unwrap_or(0)
+        self.experts
     }
 
     /// Whether the stack holds no expert (never: [`StackedExperts::stack`] refuses none).
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.experts == 0
     }
 
-    /// Expert `k`'s gate and up rows `[2 · inter, hidden]`: a view of the stack.
-    pub fn gate_up(&self, k: usize) -> TensorResult {
-        self.w13.get(k)
-    }
-
-    /// Expert `k`'s gate `[inter, hidden]`, up and down `[hidden, inter]` weights: views of
-    /// the stack.
-    pub fn expert(&self, k: usize) -> TensorResult<(Tensor, Tensor, Tensor)> {
-        let gate_up = self.w13.get(k)?;
-        Ok((
-            gate_up.narrow(0, 0, self.inter)?,
-            gate_up.narrow(0, self.inter, self.inter)?,
-            self.w2.get(k)?,
-        ))
+    /// Expert `k` of the layer as `original` is (module paths, tensor-parallel splits) over
+    /// views of the stack; `experts_w` and `channels` as [`Mlp::from_weights`] takes them.
+    pub fn expert_mlp(
+        &self,
+        k: usize,
+        original: &Mlp,
+        experts_w: &Weights,
+        channels: Option<(usize, usize)>,
+    ) -> Result<Mlp> {
+        let err = |e: candle_core::Error| {
+            EmberError::Weights(format!("{}: stacking the experts: {e}", experts_w.prefix()))
+        };
+        let (i, h) = (self.inter, self.hidden);
+        match &self.weights {
+            ExpertWeights::Dense { w13, w2 } => {
+                let views = || -> TensorResult<_> {
+                    let gate_up = w13.get(k)?;
+                    Ok((
+                        (
+                            gate_up.narrow(0, 0, i)?,
+                            gate_up.narrow(0, i, i)?,
+                            w2.get(k)?,
+                        ),
+                        gate_up,
+                    ))
+                };
+                let (weights, gate_up) = views().map_err(err)?;
+                Mlp::from_weights(experts_w, k, weights, i, channels, Some(gate_up))
+            }
+            ExpertWeights::W8a16 {
+                w13,
+                s13,
+                b13,
+                w2,
+                s2,
+                b2,
+                dtype,
+            } => {
+                let views = || -> TensorResult<[Arc<dyn LinearLayer>; 3]> {
+                    let (bytes13, scales13) = (w13.get(k)?, s13.get(k)?);
+                    let per_gate = b13.per_expert(i, h);
+                    let part = |bytes: Tensor, scales: Tensor, n, kk, b: &ScaleBlocks| {
+                        let shape = ember_kernels::w8a16::W8a16Shape {
+                            m: 0,
+                            n,
+                            k: kk,
+                            block_n: b.block_n,
+                            block_k: b.block_k,
+                        };
+                        Arc::new(PackedLinear::w8a16(PackedW8a16 {
+                            bytes,
+                            scales,
+                            shape,
+                            dtype: *dtype,
+                        })) as Arc<dyn LinearLayer>
+                    };
+                    Ok([
+                        part(
+                            bytes13.narrow(0, 0, i * h)?,
+                            scales13.narrow(0, 0, per_gate)?,
+                            i,
+                            h,
+                            b13,
+                        ),
+                        part(
+                            bytes13.narrow(0, i * h, i * h)?,
+                            scales13.narrow(0, per_gate, per_gate)?,
+                            i,
+                            h,
+                            b13,
+                        ),
+                        part(w2.get(k)?, s2.get(k)?, h, i, b2),
+                    ])
+                };
+                Ok(original.clone().with_bases(views().map_err(err)?))
+            }
+        }
     }
 
     /// The routed experts' output `[tokens, hidden]` for `x` `[tokens, hidden]` and its router
@@ -137,12 +303,9 @@ impl StackedExperts {
         let x = x.contiguous()?;
         let logits = logits.to_dtype(DType::F32)?.contiguous()?;
         let op = FusedMoeOp {
-            w13: &self.w13,
-            w2: &self.w2,
+            stack: self,
             bias,
             routing: *routing,
-            inter: self.inter,
-            hidden: self.w2.dim(1)?,
         };
         let y = x.apply_op2_no_bwd(&logits, &op)?;
         CALLS.fetch_add(1, Ordering::Relaxed);
@@ -151,12 +314,9 @@ impl StackedExperts {
 }
 
 struct FusedMoeOp<'a> {
-    w13: &'a Tensor,
-    w2: &'a Tensor,
+    stack: &'a StackedExperts,
     bias: &'a Tensor,
     routing: RoutingConfig,
-    inter: usize,
-    hidden: usize,
 }
 
 impl FusedMoeOp<'_> {
@@ -164,41 +324,20 @@ impl FusedMoeOp<'_> {
     fn shapes(&self, tokens: usize) -> (GroupedGemmShape, GroupedGemmShape) {
         let up = GroupedGemmShape {
             num_experts: self.routing.num_experts,
-            k_in: self.hidden,
-            n_out: 2 * self.inter,
+            k_in: self.stack.hidden,
+            n_out: 2 * self.stack.inter,
             block_m: BLOCK_M,
             x_div: self.routing.top_k,
             num_entries: tokens * self.routing.top_k,
         };
         let down = GroupedGemmShape {
-            k_in: self.inter,
-            n_out: self.hidden,
+            k_in: self.stack.inter,
+            n_out: self.stack.hidden,
             x_div: 1,
             ..up
         };
         (up, down)
     }
-}
-
-/// The fused MoE on the CPU references, after routing.
-fn experts_cpu<T: Element + candle_core::WithDType>(
-    x: &[T],
-    w13: &[T],
-    w2: &[T],
-    align: &MoeAlignment,
-    weights: &[f32],
-    (up, down): (GroupedGemmShape, GroupedGemmShape),
-) -> std::result::Result<Vec<T>, ember_kernels::KernelError> {
-    let zero = T::from_f32(0.0);
-    let mut h = vec![zero; up.num_entries * up.n_out];
-    fused_moe::grouped_gemm(&mut h, x, w13, align, &up)?;
-    let mut act = vec![zero; up.num_entries * down.k_in];
-    silu_and_mul::silu_and_mul(&h, down.k_in, &mut act)?;
-    let mut y = vec![zero; down.num_entries * down.n_out];
-    fused_moe::grouped_gemm(&mut y, &act, w2, align, &down)?;
-    let mut out = vec![zero; up.num_entries / up.x_div * down.n_out];
-    fused_moe::moe_sum(&mut out, &y, weights, up.x_div, down.n_out)?;
-    Ok(out)
 }
 
 /// A held tensor's CPU storage, or why it is elsewhere.
@@ -216,6 +355,64 @@ fn cuda_of(storage: &Storage) -> candle_core::Result<&candle_core::CudaStorage> 
         Storage::Cuda(c) => Ok(c),
         _ => candle_core::bail!("fused MoE: a weight is not on the input's device"),
     }
+}
+
+/// The elements of a held CPU tensor.
+fn held_slice<'s, T: candle_core::WithDType>(
+    storage: &'s Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'s [T]> {
+    Ok(&cpu_of(storage)?.as_slice::<T>()?[crate::contiguous_range(layout, what)?])
+}
+
+/// The fused MoE on the CPU references, after routing.
+fn experts_cpu<T: Element + candle_core::WithDType>(
+    stack: &StackedExperts,
+    x: &[T],
+    align: &MoeAlignment,
+    weights: &[f32],
+    (up, down): (GroupedGemmShape, GroupedGemmShape),
+) -> candle_core::Result<Vec<T>> {
+    let wrap = candle_core::Error::wrap;
+    let zero = T::from_f32(0.0);
+    let mut h = vec![zero; up.num_entries * up.n_out];
+    let mut act = vec![zero; up.num_entries * down.k_in];
+    let mut y = vec![zero; down.num_entries * down.n_out];
+    match &stack.weights {
+        ExpertWeights::Dense { w13, w2 } => {
+            let (g13, l13) = w13.storage_and_layout();
+            let (g2, l2) = w2.storage_and_layout();
+            let w13 = held_slice::<T>(&g13, l13, "stacked gate/up weights")?;
+            let w2 = held_slice::<T>(&g2, l2, "stacked down weights")?;
+            fused_moe::grouped_gemm(&mut h, x, w13, align, &up).map_err(wrap)?;
+            silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
+            fused_moe::grouped_gemm(&mut y, &act, w2, align, &down).map_err(wrap)?;
+        }
+        ExpertWeights::W8a16 {
+            w13,
+            s13,
+            b13,
+            w2,
+            s2,
+            b2,
+            ..
+        } => {
+            let guards = [w13, s13, w2, s2].map(|t| t.storage_and_layout());
+            let bytes13 = held_slice::<u8>(&guards[0].0, guards[0].1, "stacked gate/up weights")?;
+            let scales13 = held_slice::<f32>(&guards[1].0, guards[1].1, "their scales")?;
+            let bytes2 = held_slice::<u8>(&guards[2].0, guards[2].1, "stacked down weights")?;
+            let scales2 = held_slice::<f32>(&guards[3].0, guards[3].1, "their scales")?;
+            fused_moe::grouped_w8a16(&mut h, x, bytes13, scales13, align, &up, b13)
+                .map_err(wrap)?;
+            silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
+            fused_moe::grouped_w8a16(&mut y, &act, bytes2, scales2, align, &down, b2)
+                .map_err(wrap)?;
+        }
+    }
+    let mut out = vec![zero; up.num_entries / up.x_div * down.n_out];
+    fused_moe::moe_sum(&mut out, &y, weights, up.x_div, down.n_out).map_err(wrap)?;
+    Ok(out)
 }
 
 impl CustomOp2 for FusedMoeOp<'_> {
@@ -236,47 +433,33 @@ impl CustomOp2 for FusedMoeOp<'_> {
         let tokens = x_layout.shape().dims2()?.0;
         let entries = tokens * self.routing.top_k;
         let (bias, bias_layout) = self.bias.storage_and_layout();
-        let bias = &cpu_of(&bias)?.as_slice::<f32>()?
-            [crate::contiguous_range(bias_layout, "router bias")?];
+        let bias = held_slice::<f32>(&bias, bias_layout, "router bias")?;
         let (mut ids, mut weights) = (vec![0u32; entries], vec![0f32; entries]);
         moe_routing::route(logits, bias, &self.routing, &mut ids, &mut weights).map_err(wrap)?;
         let align = fused_moe::moe_align(&ids, self.routing.num_experts, BLOCK_M).map_err(wrap)?;
-        let (w13_guard, w13_layout) = self.w13.storage_and_layout();
-        let (w2_guard, w2_layout) = self.w2.storage_and_layout();
-        let (w13, w2) = (cpu_of(&w13_guard)?, cpu_of(&w2_guard)?);
         let x_range = crate::contiguous_range(x_layout, "fused MoE input")?;
-        let w13_range = crate::contiguous_range(w13_layout, "stacked gate/up weights")?;
-        let w2_range = crate::contiguous_range(w2_layout, "stacked down weights")?;
         let shapes = self.shapes(tokens);
-        let out = match (x, w13, w2) {
-            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(
-                experts_cpu(
-                    &x[x_range],
-                    &a[w13_range],
-                    &b[w2_range],
-                    &align,
-                    &weights,
-                    shapes,
-                )
-                .map_err(wrap)?,
-            ),
-            (CpuStorage::BF16(x), CpuStorage::BF16(a), CpuStorage::BF16(b)) => CpuStorage::BF16(
-                experts_cpu(
-                    &x[x_range],
-                    &a[w13_range],
-                    &b[w2_range],
-                    &align,
-                    &weights,
-                    shapes,
-                )
-                .map_err(wrap)?,
-            ),
+        let out = match x {
+            CpuStorage::F32(x) => CpuStorage::F32(experts_cpu(
+                self.stack,
+                &x[x_range],
+                &align,
+                &weights,
+                shapes,
+            )?),
+            CpuStorage::BF16(x) => CpuStorage::BF16(experts_cpu(
+                self.stack,
+                &x[x_range],
+                &align,
+                &weights,
+                shapes,
+            )?),
             _ => candle_core::bail!(
-                "fused MoE takes f32 or bf16 inputs of the experts' dtype, not {:?}",
+                "fused MoE takes f32 or bf16 inputs, not {:?}",
                 candle_core::backend::BackendStorage::dtype(x)
             ),
         };
-        Ok((out, Shape::from((tokens, self.hidden))))
+        Ok((out, Shape::from((tokens, self.stack.hidden))))
     }
 
     #[cfg(feature = "cuda")]
@@ -308,86 +491,115 @@ impl CustomOp2 for FusedMoeOp<'_> {
         let align = kernels
             .moe_align(&ids.as_view(), self.routing.num_experts, BLOCK_M)
             .map_err(wrap)?;
-        let (w13_guard, w13_layout) = self.w13.storage_and_layout();
-        let (w2_guard, w2_layout) = self.w2.storage_and_layout();
-        let (w13, w2) = (cuda_of(&w13_guard)?, cuda_of(&w2_guard)?);
-        let ranges = [
-            crate::contiguous_range(x_layout, "fused MoE input")?,
-            crate::contiguous_range(w13_layout, "stacked gate/up weights")?,
-            crate::contiguous_range(w2_layout, "stacked down weights")?,
-        ];
-        let shapes = self.shapes(tokens);
-        let out = match (x.dtype(), w13.dtype(), w2.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => candle_core::CudaStorage::wrap_cuda_slice(
-                experts_cuda::<f32>(
-                    &kernels,
-                    &device,
-                    [x, w13, w2],
-                    ranges,
-                    &align,
-                    &weights,
-                    shapes,
-                )?,
-                device,
-            ),
-            (DType::BF16, DType::BF16, DType::BF16) => candle_core::CudaStorage::wrap_cuda_slice(
-                experts_cuda::<half::bf16>(
-                    &kernels,
-                    &device,
-                    [x, w13, w2],
-                    ranges,
-                    &align,
-                    &weights,
-                    shapes,
-                )?,
-                device,
-            ),
-            (other, ..) => candle_core::bail!(
-                "fused MoE takes f32 or bf16 inputs of the experts' dtype, not {other:?}"
-            ),
+        let x_range = crate::contiguous_range(x_layout, "fused MoE input")?;
+        let run = Cuda {
+            kernels: &kernels,
+            device: &device,
+            stack: self.stack,
+            align: &align,
+            weights: &weights,
+            shapes: self.shapes(tokens),
         };
-        Ok((out, Shape::from((tokens, self.hidden))))
+        let out = match x.dtype() {
+            DType::F32 => candle_core::CudaStorage::wrap_cuda_slice(
+                run.experts::<f32>(x, x_range)?,
+                device.clone(),
+            ),
+            DType::BF16 => candle_core::CudaStorage::wrap_cuda_slice(
+                run.experts::<half::bf16>(x, x_range)?,
+                device.clone(),
+            ),
+            other => candle_core::bail!("fused MoE takes f32 or bf16 inputs, not {other:?}"),
+        };
+        Ok((out, Shape::from((tokens, self.stack.hidden))))
     }
 }
 
-/// The fused MoE's kernels on the GPU, after routing: `[x, w13, w2]` and their element ranges.
+/// The fused MoE's kernels on one GPU, after routing.
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
-fn experts_cuda<T: ember_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
-    kernels: &ember_kernels::cuda::CudaKernels,
-    device: &candle_core::CudaDevice,
-    [x, w13, w2]: [&candle_core::CudaStorage; 3],
-    [x_range, w13_range, w2_range]: [std::ops::Range<usize>; 3],
-    align: &ember_kernels::cuda::DeviceAlignment,
-    weights: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
-    (up, down): (GroupedGemmShape, GroupedGemmShape),
-) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
-    let wrap = candle_core::Error::wrap;
-    let x = x.as_cuda_slice::<T>()?.slice(x_range);
-    let w13 = w13.as_cuda_slice::<T>()?.slice(w13_range);
-    let w2 = w2.as_cuda_slice::<T>()?.slice(w2_range);
-    let mut h = device.alloc_zeros::<T>(up.num_entries * up.n_out)?;
-    kernels
-        .grouped_gemm(&mut h, &x, &w13, align, &up)
-        .map_err(wrap)?;
-    let mut act = device.alloc_zeros::<T>(up.num_entries * down.k_in)?;
-    kernels
-        .silu_and_mul(&h.as_view(), down.k_in, &mut act)
-        .map_err(wrap)?;
-    drop(h);
-    let mut y = device.alloc_zeros::<T>(down.num_entries * down.n_out)?;
-    kernels
-        .grouped_gemm(&mut y, &act.as_view(), &w2, align, &down)
-        .map_err(wrap)?;
-    let mut out = device.alloc_zeros::<T>(up.num_entries / up.x_div * down.n_out)?;
-    kernels
-        .moe_sum(
+struct Cuda<'a> {
+    kernels: &'a ember_kernels::cuda::CudaKernels,
+    device: &'a candle_core::CudaDevice,
+    stack: &'a StackedExperts,
+    align: &'a ember_kernels::cuda::DeviceAlignment,
+    weights: &'a candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    shapes: (GroupedGemmShape, GroupedGemmShape),
+}
+
+#[cfg(feature = "cuda")]
+impl Cuda<'_> {
+    fn experts<T: ember_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_range: std::ops::Range<usize>,
+    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+        let wrap = candle_core::Error::wrap;
+        let (up, down) = self.shapes;
+        let (k, align) = (self.kernels, self.align);
+        let x = x.as_cuda_slice::<T>()?.slice(x_range);
+        let mut h = self.device.alloc_zeros::<T>(up.num_entries * up.n_out)?;
+        let mut act = self.device.alloc_zeros::<T>(up.num_entries * down.k_in)?;
+        let mut y = self
+            .device
+            .alloc_zeros::<T>(down.num_entries * down.n_out)?;
+        match &self.stack.weights {
+            ExpertWeights::Dense { w13, w2 } => {
+                let ((g13, l13), (g2, l2)) = (w13.storage_and_layout(), w2.storage_and_layout());
+                let w13 = cuda_of(&g13)?
+                    .as_cuda_slice::<T>()?
+                    .slice(crate::contiguous_range(l13, "stacked gate/up weights")?);
+                let w2 = cuda_of(&g2)?
+                    .as_cuda_slice::<T>()?
+                    .slice(crate::contiguous_range(l2, "stacked down weights")?);
+                k.grouped_gemm(&mut h, &x, &w13, align, &up).map_err(wrap)?;
+                k.silu_and_mul(&h.as_view(), down.k_in, &mut act)
+                    .map_err(wrap)?;
+                k.grouped_gemm(&mut y, &act.as_view(), &w2, align, &down)
+                    .map_err(wrap)?;
+            }
+            ExpertWeights::W8a16 {
+                w13,
+                s13,
+                b13,
+                w2,
+                s2,
+                b2,
+                ..
+            } => {
+                let guards = [w13, s13, w2, s2].map(|t| t.storage_and_layout());
+                let range = |i: usize, what: &str| crate::contiguous_range(guards[i].1, what);
+                let bytes13 = cuda_of(&guards[0].0)?
+                    .as_cuda_slice::<u8>()?
+                    .slice(range(0, "stacked gate/up weights")?);
+                let scales13 = cuda_of(&guards[1].0)?
+                    .as_cuda_slice::<f32>()?
+                    .slice(range(1, "their scales")?);
+                let bytes2 = cuda_of(&guards[2].0)?
+                    .as_cuda_slice::<u8>()?
+                    .slice(range(2, "stacked down weights")?);
+                let scales2 = cuda_of(&guards[3].0)?
+                    .as_cuda_slice::<f32>()?
+                    .slice(range(3, "their scales")?);
+                k.grouped_w8a16(&mut h, &x, &bytes13, &scales13, align, &up, b13)
+                    .map_err(wrap)?;
+                k.silu_and_mul(&h.as_view(), down.k_in, &mut act)
+                    .map_err(wrap)?;
+                k.grouped_w8a16(&mut y, &act.as_view(), &bytes2, &scales2, align, &down, b2)
+                    .map_err(wrap)?;
+            }
+        }
+        drop(h);
+        let mut out = self
+            .device
+            .alloc_zeros::<T>(up.num_entries / up.x_div * down.n_out)?;
+        k.moe_sum(
             &mut out,
             &y.as_view(),
-            &weights.as_view(),
+            &self.weights.as_view(),
             up.x_div,
             down.n_out,
         )
         .map_err(wrap)?;
-    Ok(out)
+        Ok(out)
+    }
 }

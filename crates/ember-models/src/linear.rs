@@ -109,6 +109,11 @@ impl Projection {
         lora.apply(&self.path, x, y, self.split)
     }
 
+    /// The base layer's e4m3 weight ([`LinearLayer::packed_w8a16`]).
+    pub fn packed_w8a16(&self) -> Option<crate::quantized::packed::PackedW8a16> {
+        self.base.packed_w8a16()
+    }
+
     /// The base layer's weight when held dense and without a bias ([`LinearLayer::dense_weight`]).
     pub fn dense_weight(&self) -> Option<Tensor> {
         self.base.dense_weight()
@@ -137,6 +142,12 @@ pub trait LinearLayer: Send + Sync {
     /// The weight `[out, in]` when the layer is that weight alone, held as is (no bias, no
     /// quantization): what the fused MoE stacks.
     fn dense_weight(&self) -> Option<Tensor> {
+        None
+    }
+
+    /// The e4m3 bytes and block scales when the layer is a W8A16 weight alone (no bias, inputs
+    /// in order): what the fused MoE stacks for its grouped W8A16 GEMM.
+    fn packed_w8a16(&self) -> Option<crate::quantized::packed::PackedW8a16> {
         None
     }
 }

@@ -10,6 +10,7 @@ use crate::weights::Weights;
 use crate::TensorResult;
 
 /// `gate_proj`, `up_proj`, `down_proj` of one MLP.
+#[derive(Clone)]
 pub struct Mlp {
     gate_proj: Projection,
     up_proj: Projection,
@@ -152,6 +153,28 @@ impl Mlp {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, lora)?)?;
         self.down_proj
             .forward(&(gate * self.up_proj.forward(x, lora)?)?, lora)
+    }
+
+    /// The gate, up and down e4m3 weights when all three are held as W8A16 weights alone.
+    pub fn packed_w8a16_weights(&self) -> Option<[crate::quantized::packed::PackedW8a16; 3]> {
+        Some([
+            self.gate_proj.packed_w8a16()?,
+            self.up_proj.packed_w8a16()?,
+            self.down_proj.packed_w8a16()?,
+        ])
+    }
+
+    /// The same MLP (paths, splits) over other base layers for its three projections.
+    pub fn with_bases(
+        self,
+        [gate, up, down]: [std::sync::Arc<dyn crate::linear::LinearLayer>; 3],
+    ) -> Self {
+        Self {
+            gate_proj: self.gate_proj.with_base(gate),
+            up_proj: self.up_proj.with_base(up),
+            down_proj: self.down_proj.with_base(down),
+            gate_up: None,
+        }
     }
 
     /// The gate, up and down weights when all three are held dense without biases.

@@ -739,7 +739,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             .collect::<Result<_>>()?
     };
     let (mlps, stacked) = match experts_w.moe_backend() {
-        MoeBackend::Fused => stack_experts(experts_w, mlps, i, channels)?,
+        MoeBackend::Fused => stack_experts(experts_w, mlps, channels)?,
         MoeBackend::Experts => (mlps, None),
     };
     Ok(Experts {
@@ -758,11 +758,11 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
 }
 
 /// The layer's experts stacked for the fused MoE, and MLPs over views of the stack in place of
-/// `mlps`; `mlps` unchanged (and no stack) when an expert is not held dense in f32 or bf16.
+/// `mlps`; `mlps` unchanged (and no stack) when the experts do not stack (see
+/// [`StackedExperts::stack`]).
 fn stack_experts(
     experts_w: &Weights,
     mlps: Vec<Arc<Mlp>>,
-    intermediate: usize,
     channels: Option<(usize, usize)>,
 ) -> Result<(Vec<Arc<Mlp>>, Option<StackedExperts>)> {
     let err = |e: candle_core::Error| {
@@ -771,18 +771,14 @@ fn stack_experts(
     let Some(stack) = StackedExperts::stack(&mlps).map_err(err)? else {
         tracing::info!(
             experts = experts_w.prefix(),
-            "--moe-backend fused: the experts are not held dense in f32 or bf16; they run one by one"
+            "--moe-backend fused: the experts are neither dense f32/bf16 nor e4m3 held as stored; they run one by one"
         );
         return Ok((mlps, None));
     };
-    drop(mlps);
-    let views = (0..stack.len())
-        .map(|k| {
-            let weights = stack.expert(k).map_err(err)?;
-            let gate_up = stack.gate_up(k).map_err(err)?;
-            Mlp::from_weights(experts_w, k, weights, intermediate, channels, Some(gate_up))
-                .map(Arc::new)
-        })
+    let views = mlps
+        .iter()
+        .enumerate()
+        .map(|(k, mlp)| stack.expert_mlp(k, mlp, experts_w, channels).map(Arc::new))
         .collect::<Result<Vec<_>>>()?;
     Ok((views, Some(stack)))
 }

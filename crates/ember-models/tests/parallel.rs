@@ -742,3 +742,49 @@ fn embers_mla_decode_gives_the_tensor_paths_logprobs() {
     let moved = max_diff(&want, &run_adapted(&ember, "deepseek-v3-tiny-mla", false));
     assert!(moved > 1e-3, "the adapter changed nothing ({moved})");
 }
+
+/// The fused MoE over FP8 checkpoints' experts held as stored (e4m3 bytes and block scales, as
+/// on CUDA; `packed_weights` forces it here): the grouped W8A16 GEMM (its CPU reference) gives
+/// the logprobs of the same packed experts run one by one, holding the same bytes; fp32, 1e-4.
+/// deepseek-v3-fp8-256-tiny has real 128 x 128 blocks with ragged edges, and 192 intermediate
+/// channels: its up rows would start inside a scale block of the stacked gate/up rows, so its
+/// experts run one by one (the real checkpoints' 768, 2048 and their TP shares stack). At TP 2
+/// a rank's part off a block boundary is dequantized, and such a layer stacks dense or runs one
+/// by one.
+#[test]
+fn the_fused_moe_over_fp8_experts_gives_their_logprobs_one_by_one() {
+    use ember_models::fused_moe::calls;
+    let _counted = counted();
+    for name in [
+        "deepseek-v3-fp8-tiny",
+        "deepseek-v3-fp8-ue8m0-tiny",
+        "deepseek-v3-fp8-256-tiny",
+    ] {
+        for tp in [1, 2] {
+            let mut opts = options(name, tp, false);
+            opts.packed_weights = Some(true);
+            let experts = load_model(&opts).unwrap();
+            opts.moe_backend = ember_models::fused_moe::MoeBackend::Fused;
+            let fused = load_model(&opts).unwrap();
+            assert_eq!(
+                fused.rank_weight_bytes, experts.rank_weight_bytes,
+                "{name} tp {tp}"
+            );
+            let before = calls();
+            for run in [run_steps, run_prefill] {
+                let diff = max_diff(&logprobs(&run(&experts)), &logprobs(&run(&fused)));
+                println!("{name} tp {tp}: fused FP8 MoE max |Δ logprob| {diff:.2e}");
+                assert!(diff < 1e-4, "{name} tp {tp}: max |Δ logprob| {diff}");
+            }
+            if tp == 1 {
+                let stacks = name != "deepseek-v3-fp8-256-tiny";
+                assert_eq!(
+                    calls() > before,
+                    stacks,
+                    "{name}: the fused MoE ran: {}",
+                    !stacks
+                );
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ pub mod fp4;
 pub mod fp8;
 pub mod fp8_block;
 pub mod int4;
-mod packed;
+pub(crate) mod packed;
 pub(crate) use packed::computes_in as packed_computes_in;
 pub mod packed_int;
 

@@ -29,6 +29,9 @@ pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
     /// Outputs `n` and inputs `k` of the weight `[n, k]`.
     fn dims(&self) -> (usize, usize);
 
+    /// The shape, when the format is W8A16 (e4m3 bytes with block scales).
+    fn as_w8a16(&self) -> Option<W8a16Shape>;
+
     /// The CPU GEMM reference over `m` rows.
     fn gemm<T: Element>(
         &self,
@@ -74,13 +77,18 @@ pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
 /// Implements [`PackedFormat`] for a kernel shape by delegating to its module's references and
 /// to its `CudaKernels` launchers (the formats differ only in these names).
 macro_rules! packed_format {
-    ($shape:ident, $module:ident, $gemm:ident, $dequant:ident, $gemm_name:literal, $dequant_name:literal) => {
+    ($shape:ident, $module:ident, $gemm:ident, $dequant:ident, $gemm_name:literal, $dequant_name:literal, $as_w8a16:expr) => {
         impl PackedFormat for $shape {
             const GEMM: &'static str = $gemm_name;
             const DEQUANT: &'static str = $dequant_name;
 
             fn dims(&self) -> (usize, usize) {
                 (self.n, self.k)
+            }
+
+            fn as_w8a16(&self) -> Option<W8a16Shape> {
+                let as_w8a16: fn(&$shape) -> Option<W8a16Shape> = $as_w8a16;
+                as_w8a16(self)
             }
 
             fn gemm<T: Element>(
@@ -136,7 +144,8 @@ packed_format!(
     w4a16_gemm,
     w4a16_dequant,
     "ember-w4a16",
-    "ember-w4a16-dequant"
+    "ember-w4a16-dequant",
+    |_| None
 );
 packed_format!(
     W8a16Shape,
@@ -144,7 +153,8 @@ packed_format!(
     w8a16_gemm,
     w8a16_dequant,
     "ember-w8a16",
-    "ember-w8a16-dequant"
+    "ember-w8a16-dequant",
+    |s| Some(*s)
 );
 
 /// A projection over a packed weight (see the module doc).
@@ -181,7 +191,43 @@ impl<F: PackedFormat> PackedLinear<F> {
     }
 }
 
+/// An e4m3 weight as [`PackedLinear`] holds it: bytes `[n · k]` (u8), block scales and shape.
+#[derive(Clone)]
+pub struct PackedW8a16 {
+    pub bytes: Tensor,
+    pub scales: Tensor,
+    pub shape: W8a16Shape,
+    /// The model dtype the layer computes in.
+    pub dtype: DType,
+}
+
+impl PackedLinear<W8a16Shape> {
+    /// A projection over e4m3 `bytes` and `scales` (views of a stack, say).
+    pub(crate) fn w8a16(packed: PackedW8a16) -> Self {
+        Self::new(
+            packed.bytes,
+            packed.scales,
+            packed.shape,
+            None,
+            None,
+            packed.dtype,
+        )
+    }
+}
+
 impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
+    fn packed_w8a16(&self) -> Option<PackedW8a16> {
+        if self.bias.is_some() || self.order.is_some() {
+            return None;
+        }
+        Some(PackedW8a16 {
+            bytes: self.bytes.clone(),
+            scales: self.params.clone(),
+            shape: self.format.as_w8a16()?,
+            dtype: self.dtype,
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, _) = self.format.dims();
         let dims = x.dims().to_vec();
