@@ -299,6 +299,20 @@ pub fn projection_from_weight(
             inner: candle_nn::Linear::new(weight, bias),
         }));
     }
+    if weights.packed_weights() && crate::quantized::packed::computes_in(weight.dtype()) {
+        // Held for the W8A16 kernels (on CUDA): e4m3 bytes, one scale per output channel.
+        let p = crate::quantized::fp8::packed_per_channel(&weight).map_err(|e| {
+            EmberError::Weights(format!(
+                "cannot quantize `{}.weight` to fp8: {e}",
+                weights.prefix()
+            ))
+        })?;
+        let held = p.bytes.elem_count() + 4 * p.scales.elem_count();
+        weights.note_held(held as i64 - tensor_bytes(&weight));
+        return Ok(Arc::new(crate::quantized::packed::PackedLinear::new(
+            p.bytes, p.scales, p.shape, bias, None, p.dtype,
+        )));
+    }
     let layer = Fp8ChannelLinear::quantize(&weight, bias).map_err(|e| {
         EmberError::Weights(format!(
             "cannot quantize `{}.weight` to fp8: {e}",

@@ -788,3 +788,37 @@ fn the_fused_moe_over_fp8_experts_gives_their_logprobs_one_by_one() {
         }
     }
 }
+
+/// Online FP8 (`--quantization fp8`) held for the W8A16 kernels (as on CUDA; `packed_weights`
+/// forces it here: e4m3 bytes with one scale block per output row) gives the logprobs of online
+/// FP8 dequantized per matmul (the CPU's), with the same bytes held; and its MoE experts stack
+/// for the fused MoE's grouped W8A16 GEMM. fp32, within 1e-4.
+#[test]
+fn online_fp8_held_for_the_w8a16_kernels_gives_the_dequantized_logprobs() {
+    use ember_models::fused_moe::{calls, MoeBackend};
+    let _counted = counted();
+    for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let mut opts = options(name, 1, false);
+        opts.quantization = ember_core::QuantizationRequest::Fp8;
+        let dequantized = load_model(&opts).unwrap();
+        opts.packed_weights = Some(true);
+        let packed = load_model(&opts).unwrap();
+        opts.moe_backend = MoeBackend::Fused;
+        let fused = load_model(&opts).unwrap();
+        assert_eq!(
+            packed.rank_weight_bytes, dequantized.rank_weight_bytes,
+            "{name}"
+        );
+        for run in [run_steps, run_prefill] {
+            let want = logprobs(&run(&dequantized));
+            let diff = max_diff(&want, &logprobs(&run(&packed)));
+            assert!(diff < 1e-4, "{name} packed: max |Δ logprob| {diff}");
+            let before = calls();
+            let diff = max_diff(&want, &logprobs(&run(&fused)));
+            assert!(diff < 1e-4, "{name} fused: max |Δ logprob| {diff}");
+            let moe = name != "qwen3-tiny";
+            assert_eq!(calls() > before, moe, "{name}: the fused MoE ran: {}", !moe);
+            println!("{name}: online FP8 held packed and fused within {diff:.2e}");
+        }
+    }
+}

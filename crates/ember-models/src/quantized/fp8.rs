@@ -1,7 +1,9 @@
 //! FP8 e4m3 weights: DeepSeek's block-scaled checkpoints (one f32 `weight_scale_inv` per
 //! 128x128 block; `scale_fmt: ue8m0` scales are powers of two stored as f32, needing no decoding),
 //! and online FP8 (`--quantization fp8` on a 16/32-bit checkpoint): weights quantized at load to
-//! e4m3 with one f32 scale per output channel, held as e4m3 and dequantized per matmul.
+//! e4m3 with one f32 scale per output channel, held as e4m3: on the CPU dequantized per matmul,
+//! where weights are held packed (CUDA) multiplied by the W8A16 kernels (one scale block per
+//! output row), the fused MoE's grouped one included.
 
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -37,6 +39,32 @@ pub fn quantize_per_channel(weight: &Tensor) -> TensorResult<(Tensor, Tensor)> {
         q.to_device(weight.device())?,
         scale.to_device(weight.device())?,
     ))
+}
+
+/// [`quantize_per_channel`] held for the W8A16 kernels: the e4m3 bytes `[out · in]` (u8) and
+/// the scales `[out]` as one block per output row, in the weight's dtype.
+pub(crate) fn packed_per_channel(weight: &Tensor) -> TensorResult<super::packed::PackedW8a16> {
+    let (n, k) = weight.dims2()?;
+    let (q, scale) = quantize_per_channel(weight)?;
+    let bytes: Vec<u8> = q
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<float8::F8E4M3>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    Ok(super::packed::PackedW8a16 {
+        bytes: Tensor::from_vec(bytes, n * k, weight.device())?,
+        scales: scale.flatten_all()?,
+        shape: ember_kernels::w8a16::W8a16Shape {
+            m: 0,
+            n,
+            k,
+            block_n: 1,
+            block_k: k.max(1),
+        },
+        dtype: weight.dtype(),
+    })
 }
 
 /// `q · scale` per output channel, in f32 (`q` e4m3 `[out, in]`, `scale` f32 `[out, 1]`).
