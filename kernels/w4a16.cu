@@ -5,22 +5,12 @@
 // a time (coalesced), dequantize in registers and reduce with shuffles. CPU reference and the
 // numerics contract: crates/ember-kernels/src/w4a16.rs.
 #include "element.cuh"
+#include "w4.cuh"
 #include "warp.cuh"
 #include <cuda_fp16.h>
 
 #define W4A16_WARPS 4
 #define W4A16_ROWS 8
-
-// One 4-bit code's weight before its scale: the integer less the zero point, or the e2m1 value
-// (sign bit 3, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6).
-__device__ __forceinline__ float w4_value(unsigned int code, float zero, int e2m1) {
-  if (!e2m1) return (float)code - zero;
-  // Exponent bits e and mantissa bit m: m / 2 when e is 0, else (1 + m / 2) * 2^(e - 1), built
-  // from its f32 bits (no lookup table, which ptxas puts on the stack).
-  const unsigned int e = (code >> 1) & 3, m = code & 1;
-  const float magnitude = e == 0 ? 0.5f * (float)m : __int_as_float(((e + 126u) << 23) | (m << 22));
-  return (code & 8) ? -magnitude : magnitude;
-}
 
 template <typename T>
 __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,

@@ -37,6 +37,7 @@ const W8A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w8a16.fatb
 const FP8_E5M2_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_e5m2.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
+const MOE_W4A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_w4a16.fatbin"));
 const MOE_W8A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_w8a16.fatbin"));
 const MLA_DECODE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mla_decode.fatbin"));
 const PAGED_ATTENTION_FATBIN: &[u8] =
@@ -49,7 +50,8 @@ const W4A16_WARPS: u32 = 4;
 const W4A16_ROWS: u32 = 8;
 /// Threads per block of `kernels/paged_attention.cu` (its `PA_THREADS`).
 const PA_THREADS: u32 = 128;
-/// Warps per block and sorted rows per tile of `kernels/moe_w8a16.cu` (`GW8_WARPS`, `GW8_ROWS`).
+/// Warps per block and sorted rows per tile of `kernels/moe_w8a16.cu` (`GW8_WARPS`, `GW8_ROWS`)
+/// and of `kernels/moe_w4a16.cu` (`GW4_WARPS`, `GW4_ROWS`, the same).
 const GW8_WARPS: u32 = 4;
 const GW8_ROWS: usize = 8;
 /// Threads per block of `kernels/mla_decode.cu` (its `MLA_THREADS`).
@@ -78,6 +80,7 @@ pub struct CudaKernels {
     paged_attention: Arc<CudaModule>,
     mla_decode: Arc<CudaModule>,
     moe_w8a16: Arc<CudaModule>,
+    moe_w4a16: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
     fused_moe: Arc<CudaModule>,
 }
@@ -115,6 +118,7 @@ impl CudaKernels {
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
             mla_decode: load(MLA_DECODE_FATBIN)?,
             moe_w8a16: load(MOE_W8A16_FATBIN)?,
+            moe_w4a16: load(MOE_W4A16_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
             fused_moe: load(FUSED_MOE_FATBIN)?,
             stream,
@@ -1019,14 +1023,7 @@ impl CudaKernels {
         check_shape(std::mem::size_of::<P>() == 1, OP, || {
             "e4m3 weights are one byte each".into()
         })?;
-        check_shape(
-            align.num_entries == s.num_entries
-                && align.num_experts == s.num_experts
-                && align.block_m == s.block_m,
-            OP,
-            || "the alignment was made for other entries, experts or block_m".into(),
-        )?;
-        let cap = align_capacity(s.num_entries, s.num_experts, s.block_m);
+        let cap = self.check_alignment(OP, align, s)?;
         let host_shape = crate::fused_moe::MoeAlignment {
             sorted_ids: vec![0; cap],
             expert_ids: vec![0; cap / s.block_m.max(1)],
@@ -1067,20 +1064,76 @@ impl CudaKernels {
         for a in &args {
             launch.arg(a);
         }
-        let tiles =
-            u32::try_from(cap / GW8_ROWS).map_err(|_| too_big(OP, "entries", s.num_entries))?;
-        let blocks_n = u32::try_from(s.n_out.div_ceil(GW8_WARPS as usize))
-            .ok()
-            .filter(|&b| b <= 65_535)
-            .ok_or_else(|| too_big(OP, "n_out", s.n_out))?;
-        let cfg = LaunchConfig {
-            grid_dim: (tiles, blocks_n, 1),
-            block_dim: (32 * GW8_WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grouped_tile_launch(OP, cap, s)?;
         // SAFETY: matches grouped_w8a16_<T>(T*, const T*, const u8*, const float*, const unsigned*
         // x 3, int x 7) in kernels/moe_w8a16.cu; the kernel reads x rows of ids < num_entries,
         // weights and scales of experts < num_experts within the lengths checked above, and
+        // writes rows of ids < num_entries.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::fused_moe::grouped_w4a16`] on the GPU over an alignment
+    /// [`CudaKernels::moe_align`] made (`shape.block_m` must be 64).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_w4a16<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        x: &CudaView<T>,
+        codes: &CudaView<u8>,
+        qparams: &CudaView<f32>,
+        align: &DeviceAlignment,
+        shape: &GroupedGemmShape,
+        params: &crate::fused_moe::W4Params,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "grouped_w4a16";
+        let s = shape;
+        let cap = self.check_alignment(OP, align, s)?;
+        let host_shape = crate::fused_moe::MoeAlignment {
+            sorted_ids: vec![0; cap],
+            expert_ids: vec![0; cap / s.block_m.max(1)],
+            num_padded: 0,
+        };
+        crate::fused_moe::grouped_w4a16_shape(
+            s,
+            params,
+            out.len(),
+            x.len(),
+            codes.len(),
+            qparams.len(),
+            &host_shape,
+        )?;
+        if s.num_entries == 0 {
+            return Ok(());
+        }
+        let int = |what: &str, v: usize| int32(OP, what, v);
+        let args = [
+            int("entries", s.num_entries)?,
+            int("experts", s.num_experts)?,
+            int("k_in", s.k_in)?,
+            int("n_out", s.n_out)?,
+            int("x_div", s.x_div)?,
+            int("group_size", params.group_size)?,
+            i32::from(params.f16_weights),
+            i32::from(params.e2m1),
+        ];
+        let f = kernel(&self.moe_w4a16, OP, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(x)
+            .arg(codes)
+            .arg(qparams)
+            .arg(&align.sorted_ids)
+            .arg(&align.expert_ids)
+            .arg(&align.num_padded);
+        for a in &args {
+            launch.arg(a);
+        }
+        let cfg = grouped_tile_launch(OP, cap, s)?;
+        // SAFETY: matches grouped_w4a16_<T>(T*, const T*, const u8*, const float*, const unsigned*
+        // x 3, int x 8) in kernels/moe_w4a16.cu; the kernel reads x rows of ids < num_entries,
+        // codes and qparams of experts < num_experts within the lengths checked above, and
         // writes rows of ids < num_entries.
         unsafe { launch.launch(cfg) }?;
         Ok(())
@@ -1118,6 +1171,44 @@ impl CudaKernels {
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
+}
+
+impl CudaKernels {
+    /// Checks that `align` was made for `s`; the alignment's capacity.
+    fn check_alignment(
+        &self,
+        op: &'static str,
+        align: &DeviceAlignment,
+        s: &GroupedGemmShape,
+    ) -> Result<usize, KernelError> {
+        check_shape(
+            align.num_entries == s.num_entries
+                && align.num_experts == s.num_experts
+                && align.block_m == s.block_m,
+            op,
+            || "the alignment was made for other entries, experts or block_m".into(),
+        )?;
+        Ok(align_capacity(s.num_entries, s.num_experts, s.block_m))
+    }
+}
+
+/// The launch of kernels/moe_w8a16.cu and moe_w4a16.cu: a tile of `GW8_ROWS` sorted rows by
+/// `GW8_WARPS` output columns per block.
+fn grouped_tile_launch(
+    op: &'static str,
+    cap: usize,
+    s: &GroupedGemmShape,
+) -> Result<LaunchConfig, KernelError> {
+    let tiles = u32::try_from(cap / GW8_ROWS).map_err(|_| too_big(op, "entries", s.num_entries))?;
+    let blocks_n = u32::try_from(s.n_out.div_ceil(GW8_WARPS as usize))
+        .ok()
+        .filter(|&b| b <= 65_535)
+        .ok_or_else(|| too_big(op, "n_out", s.n_out))?;
+    Ok(LaunchConfig {
+        grid_dim: (tiles, blocks_n, 1),
+        block_dim: (32 * GW8_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 fn kernel(module: &Arc<CudaModule>, op: &str, suffix: &str) -> Result<CudaFunction, KernelError> {

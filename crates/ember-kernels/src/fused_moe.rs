@@ -245,6 +245,106 @@ pub fn grouped_w8a16<T: Element>(
     Ok(())
 }
 
+/// How a grouped W4A16 GEMM's experts are quantized (as [`crate::w4a16::W4a16Shape`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct W4Params {
+    /// Inputs per scale and zero point; even, and divides `k_in`.
+    pub group_size: usize,
+    /// Each dequantized weight rounded to float16 (GPTQ, AWQ).
+    pub f16_weights: bool,
+    /// e2m1 (FP4) codes rather than integers less a zero point.
+    pub e2m1: bool,
+}
+
+impl W4Params {
+    /// One expert's `[n_out, k_in]` weight as the W4A16 kernels' shape.
+    fn shape(&self, n_out: usize, k_in: usize) -> crate::w4a16::W4a16Shape {
+        crate::w4a16::W4a16Shape {
+            m: 0,
+            n: n_out,
+            k: k_in,
+            group_size: self.group_size,
+            f16_weights: self.f16_weights,
+            e2m1: self.e2m1,
+        }
+    }
+}
+
+/// Checks a grouped W4A16 GEMM's buffers: as [`grouped_gemm_shape`] with `codes` the experts'
+/// 4-bit codes `[num_experts, n_out, k_in / 2]` and `qparams` `[num_experts, n_out, groups, 2]`.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_w4a16_shape(
+    s: &GroupedGemmShape,
+    params: &W4Params,
+    out_len: usize,
+    x_len: usize,
+    codes_len: usize,
+    qparams_len: usize,
+    align: &MoeAlignment,
+) -> Result<(), KernelError> {
+    const OP: &str = "grouped_w4a16";
+    let g = params.group_size;
+    check_shape(
+        g > 0 && g.is_multiple_of(2) && s.k_in.is_multiple_of(g),
+        OP,
+        || format!("group size {g} must be even and divide k_in {}", s.k_in),
+    )?;
+    grouped_gemm_shape(s, out_len, x_len, codes_len * 2, align)?;
+    let want = s.num_experts * s.n_out * (s.k_in / g) * 2;
+    check_shape(qparams_len == want, OP, || {
+        format!("qparams have {qparams_len} elements, expected {want}")
+    })
+}
+
+/// CPU reference of the grouped GEMM over 4-bit experts: as [`grouped_gemm`], each weight
+/// dequantized as [`crate::w4a16::weight`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_w4a16<T: Element>(
+    out: &mut [T],
+    x: &[T],
+    codes: &[u8],
+    qparams: &[f32],
+    align: &MoeAlignment,
+    s: &GroupedGemmShape,
+    params: &W4Params,
+) -> Result<(), KernelError> {
+    grouped_w4a16_shape(
+        s,
+        params,
+        out.len(),
+        x.len(),
+        codes.len(),
+        qparams.len(),
+        align,
+    )?;
+    let shape = params.shape(s.n_out, s.k_in);
+    let (codes_per, params_per) = (
+        s.n_out * s.k_in / 2,
+        s.n_out * (s.k_in / params.group_size) * 2,
+    );
+    for (r, &id) in align.sorted_ids[..align.num_padded].iter().enumerate() {
+        let id = id as usize;
+        if id >= s.num_entries {
+            continue;
+        }
+        let e = align.expert_ids[r / s.block_m] as usize;
+        let x_row = &x[id / s.x_div * s.k_in..][..s.k_in];
+        let (codes, qparams) = (
+            &codes[e * codes_per..][..codes_per],
+            &qparams[e * params_per..][..params_per],
+        );
+        for n in 0..s.n_out {
+            let acc: f32 = x_row
+                .iter()
+                .enumerate()
+                .map(|(c, a)| a.to_f32() * crate::w4a16::weight(codes, qparams, &shape, n, c))
+                .sum();
+            out[id * s.n_out + n] = T::from_f32(acc);
+        }
+    }
+    Ok(())
+}
+
 /// Checks a weighted sum's lengths: `y` `[tokens · top_k, hidden]`, `weights` `[tokens · top_k]`,
 /// `out` `[tokens, hidden]`.
 pub fn moe_sum_shape(
@@ -349,6 +449,66 @@ mod tests {
         assert!(got.iter().any(|&v| v != 0.0));
         let err = grouped_w8a16(&mut got, &x, &w, &scales[1..], &align, &s, &blocks).unwrap_err();
         assert!(err.to_string().contains("scales"), "{err}");
+    }
+
+    /// Over 4-bit experts (integer with zero points, float16-rounded, and e2m1), the grouped
+    /// W4A16 GEMM is the grouped GEMM over the dequantized weights, bit for bit.
+    #[test]
+    fn the_grouped_w4a16_gemm_is_the_grouped_gemm_over_dequantized_experts() {
+        let (experts, n_out, k_in, tokens, top_k) = (3, 5, 8, 4, 2);
+        let mut seed = 11u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed >> 8
+        };
+        let codes: Vec<u8> = (0..experts * n_out * k_in / 2)
+            .map(|_| next() as u8)
+            .collect();
+        let x: Vec<f32> = (0..tokens * k_in)
+            .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+            .collect();
+        let ids: Vec<u32> = (0..tokens * top_k)
+            .map(|i| ((i * 2) % experts) as u32)
+            .collect();
+        let align = moe_align(&ids, experts, 64).unwrap();
+        let s = GroupedGemmShape {
+            num_experts: experts,
+            k_in,
+            n_out,
+            block_m: 64,
+            x_div: top_k,
+            num_entries: tokens * top_k,
+        };
+        for (f16_weights, e2m1) in [(false, false), (true, false), (false, true)] {
+            let params = W4Params {
+                group_size: 4,
+                f16_weights,
+                e2m1,
+            };
+            let qparams: Vec<f32> = (0..experts * n_out * 2)
+                .flat_map(|_| [(next() % 1000) as f32 / 7000.0 + 0.01, (next() % 16) as f32])
+                .collect();
+            let shape = params.shape(n_out, k_in);
+            let per = (n_out * k_in / 2, n_out * 2 * 2);
+            let dense: Vec<f32> = (0..experts * n_out * k_in)
+                .map(|i| {
+                    let (e, n, c) = (i / (n_out * k_in), i / k_in % n_out, i % k_in);
+                    crate::w4a16::weight(
+                        &codes[e * per.0..][..per.0],
+                        &qparams[e * per.1..][..per.1],
+                        &shape,
+                        n,
+                        c,
+                    )
+                })
+                .collect();
+            let mut want = vec![0f32; tokens * top_k * n_out];
+            grouped_gemm(&mut want, &x, &dense, &align, &s).unwrap();
+            let mut got = vec![0f32; want.len()];
+            grouped_w4a16(&mut got, &x, &codes, &qparams, &align, &s, &params).unwrap();
+            assert_eq!(got, want, "{params:?}");
+            assert!(got.iter().any(|&v| v != 0.0));
+        }
     }
 
     #[test]

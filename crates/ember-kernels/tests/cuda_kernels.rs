@@ -630,6 +630,8 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "mla_decode_bf16",
         "grouped_w8a16_f32",
         "grouped_w8a16_bf16",
+        "grouped_w4a16_f32",
+        "grouped_w4a16_bf16",
         "rotary_embedding_rows_bf16",
     ] {
         assert!(
@@ -1236,6 +1238,135 @@ fn check_grouped_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         }
         eprintln!("{what}: matches");
     }
+}
+
+/// The grouped GEMM over 4-bit experts against its CPU reference: Kimi K2 Thinking's int4
+/// (group 32, symmetric zero 8), GPTQ-style asymmetric float16-rounded weights (group 128) and
+/// NVFP4 e2m1 codes (group 16), a decode (mostly padding rows) to 300 tokens, as the first GEMM
+/// and the second. Tolerance 1e-5 of the sum of |terms|, plus the output dtype's rounding.
+fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
+    use ember_kernels::fused_moe::{self, GroupedGemmShape, W4Params};
+    let st = k.stream();
+    let rounding = if T::KERNEL_SUFFIX == "bf16" {
+        1.0 / 128.0
+    } else {
+        0.0
+    };
+    let int4 = W4Params {
+        group_size: 32,
+        f16_weights: false,
+        e2m1: false,
+    };
+    let gptq = W4Params {
+        group_size: 128,
+        f16_weights: true,
+        e2m1: false,
+    };
+    let fp4 = W4Params {
+        group_size: 16,
+        f16_weights: false,
+        e2m1: true,
+    };
+    for (tokens, experts, top_k, n_out, k_in, params, x_div) in [
+        (1, 64, 8, 192, 256, int4, 8),
+        (37, 64, 6, 96, 256, gptq, 1),
+        (300, 16, 2, 160, 128, fp4, 2),
+    ] {
+        let what = format!(
+            "grouped_w4a16_{} t{tokens} e{experts} {params:?} x_div {x_div}",
+            T::KERNEL_SUFFIX
+        );
+        let n = tokens * top_k;
+        let ids: Vec<u32> = (0..n)
+            .map(|_| rng.random_range(0..experts as u32))
+            .collect();
+        let x: Vec<T> = random(rng, n / x_div * k_in, -1.0, 1.0);
+        let codes: Vec<u8> = (0..experts * n_out * k_in / 2)
+            .map(|_| rng.random())
+            .collect();
+        let groups = k_in / params.group_size;
+        let qparams: Vec<f32> = (0..experts * n_out * groups)
+            .flat_map(|_| {
+                let zero = if params.e2m1 {
+                    0.0
+                } else if params.f16_weights {
+                    rng.random_range(0..16) as f32
+                } else {
+                    8.0
+                };
+                [rng.random_range(0.002f32..0.02), zero]
+            })
+            .collect();
+        let s = GroupedGemmShape {
+            num_experts: experts,
+            k_in,
+            n_out,
+            block_m: 64,
+            x_div,
+            num_entries: n,
+        };
+        let align = fused_moe::moe_align(&ids, experts, 64).unwrap();
+        let mut cpu = vec![T::from_f32(0.0); n * n_out];
+        fused_moe::grouped_w4a16(&mut cpu, &x, &codes, &qparams, &align, &s, &params).unwrap();
+        let dids = st.clone_htod(&ids).unwrap();
+        let dalign = k.moe_align(&dids.as_view(), experts, 64).unwrap();
+        let (dx, dc, dq) = (
+            st.clone_htod(&x).unwrap(),
+            st.clone_htod(&codes).unwrap(),
+            st.clone_htod(&qparams).unwrap(),
+        );
+        let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
+        k.grouped_w4a16(
+            &mut dout,
+            &dx.as_view(),
+            &dc.as_view(),
+            &dq.as_view(),
+            &dalign,
+            &s,
+            &params,
+        )
+        .unwrap();
+        let gpu = st.clone_dtoh(&dout).unwrap();
+        let shape = W4a16Shape {
+            m: 0,
+            n: n_out,
+            k: k_in,
+            group_size: params.group_size,
+            f16_weights: params.f16_weights,
+            e2m1: params.e2m1,
+        };
+        let (codes_per, params_per) = (n_out * k_in / 2, n_out * groups * 2);
+        for id in 0..n {
+            let e = ids[id] as usize;
+            let (ec, eq) = (
+                &codes[e * codes_per..][..codes_per],
+                &qparams[e * params_per..][..params_per],
+            );
+            for j in 0..n_out {
+                let magnitude: f32 = (0..k_in)
+                    .map(|c| {
+                        (x[id / x_div * k_in + c].to_f32() * w4a16::weight(ec, eq, &shape, j, c))
+                            .abs()
+                    })
+                    .sum();
+                let (g, c) = (gpu[id * n_out + j].to_f32(), cpu[id * n_out + j].to_f32());
+                let tol = 1e-5 * magnitude + rounding * c.abs() + 1e-6;
+                assert!(
+                    (g - c).abs() <= tol,
+                    "{what}[{id}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+                );
+            }
+        }
+        eprintln!("{what}: matches");
+    }
+}
+
+#[test]
+fn grouped_w4a16_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_grouped_w4a16::<f32>(&k, &mut rng);
+    check_grouped_w4a16::<bf16>(&k, &mut rng);
 }
 
 #[test]
