@@ -252,9 +252,9 @@ fn assert_tracks_in_bf16(name: &str, reference: &Value, results: &[Finished], wh
 }
 
 /// The MoE checkpoints with dense experts under `--moe-backend fused`: routing, alignment, the
-/// grouped GEMMs (bf16 on tensor cores; the grouped W8A16 GEMM for the FP8 checkpoints, whose
-/// experts stay e4m3 on CUDA) and the weighted sum as ember's kernels, router logits kept on
-/// the GPU. f32 within the reference tolerance, bf16 within the bf16 ones, and every
+/// grouped GEMMs (bf16 on tensor cores; the grouped W8A16 / W4A16 GEMMs for the FP8 and 4-bit
+/// checkpoints, whose experts stay packed on CUDA) and the weighted sum as ember's kernels,
+/// router logits kept on the GPU. f32 within the reference tolerance, bf16 within the bf16 ones, and every
 /// model must actually have run the fused op.
 #[test]
 fn ember_fused_moe_kernels_match_transformers_on_cuda() {
@@ -271,6 +271,10 @@ fn ember_fused_moe_kernels_match_transformers_on_cuda() {
         // e4m3 experts held as stored on CUDA: the grouped W8A16 GEMM.
         "deepseek-v3-fp8-tiny",
         "deepseek-v3-fp8-ue8m0-tiny",
+        // 4-bit experts held packed: the grouped W4A16 GEMM (int4, AWQ, NVFP4).
+        "kimi-k2-int4-tiny",
+        "kimi-k2-awq-tiny",
+        "kimi-k2-nvfp4-tiny",
     ] {
         let before = ember_models::fused_moe::calls();
         let fused = Backends {

@@ -7,8 +7,10 @@
 //! The experts' weights are stacked once at load (`[E, 2I, H]` gate then up rows, `[E, H, I]`
 //! down; `I` is a tensor-parallel rank's share) and each expert's projections become views of
 //! the stack, so the per-expert path (adapters, the fallback) holds no second copy. Dense f32 /
-//! bf16 experts run the grouped GEMM (bf16 on tensor cores); e4m3 experts held as stored (FP8
-//! checkpoints' block scales, on CUDA) run the grouped W8A16 GEMM (`kernels/moe_w8a16.cu`).
+//! bf16 experts run the grouped GEMM (bf16 on tensor cores); experts held as stored (on CUDA)
+//! run the grouped W8A16 GEMM over e4m3 bytes (FP8 checkpoints' block scales, online FP8;
+//! `kernels/moe_w8a16.cu`) or the grouped W4A16 GEMM over 4-bit codes (INT4, GPTQ/AWQ without
+//! activation order, NVFP4/MXFP4; `kernels/moe_w4a16.cu`).
 //! On the CPU the same op runs ember-kernels' references, the oracle the CUDA kernels are tested
 //! against; it is there to test the wiring, not to be fast.
 
@@ -17,13 +19,13 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use ember_core::{EmberError, Result};
-use ember_kernels::fused_moe::{self, GroupedGemmShape, MoeAlignment, ScaleBlocks};
+use ember_kernels::fused_moe::{self, GroupedGemmShape, MoeAlignment, ScaleBlocks, W4Params};
 use ember_kernels::moe_routing::{self, RoutingConfig};
 use ember_kernels::{silu_and_mul, Element};
 
 use crate::linear::LinearLayer;
 use crate::mlp::Mlp;
-use crate::quantized::packed::{PackedLinear, PackedW8a16};
+use crate::quantized::packed::{PackedShape, PackedWeight};
 use crate::weights::Weights;
 use crate::TensorResult;
 
@@ -71,19 +73,27 @@ enum ExpertWeights {
         /// `[experts, hidden, inter]`.
         w2: Tensor,
     },
-    W8a16 {
-        /// `[experts, 2 * inter * hidden]` e4m3 bytes (u8), gate rows then up rows.
+    Packed {
+        kind: PackedKind,
+        /// `[experts, gate/up bytes]` (u8): the gate's rows, then the up's.
         w13: Tensor,
-        /// `[experts, scales of w13]` f32: the gate's scale rows, then the up's.
-        s13: Tensor,
-        b13: ScaleBlocks,
-        /// `[experts, hidden * inter]` bytes and their scales.
+        /// `[experts, gate/up parameters]` (f32): the gate's, then the up's.
+        p13: Tensor,
+        /// `[experts, down bytes]` and `[experts, down parameters]`.
         w2: Tensor,
-        s2: Tensor,
-        b2: ScaleBlocks,
+        p2: Tensor,
         /// The model dtype the per-expert layers compute in.
         dtype: DType,
     },
+}
+
+/// How packed experts are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PackedKind {
+    /// e4m3 bytes with f32 block scales: the gate/up rows' blocks and the down rows'.
+    W8a16 { b13: ScaleBlocks, b2: ScaleBlocks },
+    /// 4-bit codes with an f32 (scale, zero) pair per group.
+    W4a16(W4Params),
 }
 
 /// A layer's routed experts stacked for the grouped GEMMs.
@@ -101,7 +111,7 @@ impl StackedExperts {
     pub fn stack(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
         match Self::stack_dense(mlps)? {
             Some(stack) => Ok(Some(stack)),
-            None => Self::stack_w8a16(mlps),
+            None => Self::stack_packed(mlps),
         }
     }
 
@@ -135,61 +145,36 @@ impl StackedExperts {
         }))
     }
 
-    fn stack_w8a16(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
-        let blocks = |p: &PackedW8a16| ScaleBlocks {
-            block_n: p.shape.block_n,
-            block_k: p.shape.block_k,
-        };
-        let (mut w13, mut s13, mut w2, mut s2) = (vec![], vec![], vec![], vec![]);
-        let mut layout: Option<(usize, usize, ScaleBlocks, ScaleBlocks)> = None;
+    fn stack_packed(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
+        let (mut w13, mut p13, mut w2, mut p2) = (vec![], vec![], vec![], vec![]);
+        let mut layout: Option<(usize, usize, PackedKind, DType)> = None;
         for mlp in mlps {
-            let Some([gate, up, down]) = mlp.packed_w8a16_weights() else {
+            let Some([gate, up, down]) = mlp.packed_weights() else {
                 return Ok(None);
             };
-            let (inter, hidden) = (gate.shape.n, gate.shape.k);
-            // The up rows must start a scale block of the stacked rows: whole blocks of rows,
-            // or a single (partial) one, which then spans the gate's rows alone.
-            let gate_blocks = blocks(&gate);
-            let b13 = if inter.is_multiple_of(gate_blocks.block_n) {
-                gate_blocks
-            } else if inter < gate_blocks.block_n {
-                ScaleBlocks {
-                    block_n: inter,
-                    ..gate_blocks
-                }
-            } else {
+            let Some(this) = packed_layout(&gate, &up, &down) else {
                 return Ok(None);
             };
-            let this = (inter, hidden, b13, blocks(&down));
             // Every expert alike.
-            let fits = up.shape.n == inter
-                && up.shape.k == hidden
-                && blocks(&up) == gate_blocks
-                && (down.shape.n, down.shape.k) == (hidden, inter)
-                && layout.is_none_or(|l| l == this);
-            if !fits {
+            if layout.is_some_and(|l| l != this) {
                 return Ok(None);
             }
             layout = Some(this);
             w13.push(Tensor::cat(&[&gate.bytes, &up.bytes], 0)?);
-            s13.push(Tensor::cat(&[&gate.scales, &up.scales], 0)?);
+            p13.push(Tensor::cat(&[&gate.params, &up.params], 0)?);
             w2.push(down.bytes);
-            s2.push(down.scales);
+            p2.push(down.params);
         }
-        let (Some((inter, hidden, b13, b2)), Some(first)) = (layout, mlps.first()) else {
+        let Some((inter, hidden, kind, dtype)) = layout else {
             return Ok(None);
         };
-        let dtype = first
-            .packed_w8a16_weights()
-            .map_or(DType::BF16, |[gate, ..]| gate.dtype);
         Ok(Some(Self {
-            weights: ExpertWeights::W8a16 {
+            weights: ExpertWeights::Packed {
+                kind,
                 w13: Tensor::stack(&w13, 0)?,
-                s13: Tensor::stack(&s13, 0)?,
-                b13,
+                p13: Tensor::stack(&p13, 0)?,
                 w2: Tensor::stack(&w2, 0)?,
-                s2: Tensor::stack(&s2, 0)?,
-                b2,
+                p2: Tensor::stack(&p2, 0)?,
                 dtype,
             },
             experts: mlps.len(),
@@ -237,49 +222,39 @@ impl StackedExperts {
                 let (weights, gate_up) = views().map_err(err)?;
                 Mlp::from_weights(experts_w, k, weights, i, channels, Some(gate_up))
             }
-            ExpertWeights::W8a16 {
+            ExpertWeights::Packed {
+                kind,
                 w13,
-                s13,
-                b13,
+                p13,
                 w2,
-                s2,
-                b2,
+                p2,
                 dtype,
             } => {
                 let views = || -> TensorResult<[Arc<dyn LinearLayer>; 3]> {
-                    let (bytes13, scales13) = (w13.get(k)?, s13.get(k)?);
-                    let per_gate = b13.per_expert(i, h);
-                    let part = |bytes: Tensor, scales: Tensor, n, kk, b: &ScaleBlocks| {
-                        let shape = ember_kernels::w8a16::W8a16Shape {
-                            m: 0,
-                            n,
-                            k: kk,
-                            block_n: b.block_n,
-                            block_k: b.block_k,
-                        };
-                        Arc::new(PackedLinear::w8a16(PackedW8a16 {
+                    let (bytes13, params13) = (w13.get(k)?, p13.get(k)?);
+                    let (gate_bytes, gate_params) = (bytes13.dim(0)? / 2, params13.dim(0)? / 2);
+                    let (gate, up, down) = kind.shapes(i, h);
+                    let part = |bytes: Tensor, params: Tensor, shape| {
+                        PackedWeight {
                             bytes,
-                            scales,
+                            params,
                             shape,
                             dtype: *dtype,
-                        })) as Arc<dyn LinearLayer>
+                        }
+                        .layer()
                     };
                     Ok([
                         part(
-                            bytes13.narrow(0, 0, i * h)?,
-                            scales13.narrow(0, 0, per_gate)?,
-                            i,
-                            h,
-                            b13,
+                            bytes13.narrow(0, 0, gate_bytes)?,
+                            params13.narrow(0, 0, gate_params)?,
+                            gate,
                         ),
                         part(
-                            bytes13.narrow(0, i * h, i * h)?,
-                            scales13.narrow(0, per_gate, per_gate)?,
-                            i,
-                            h,
-                            b13,
+                            bytes13.narrow(0, gate_bytes, gate_bytes)?,
+                            params13.narrow(0, gate_params, gate_params)?,
+                            up,
                         ),
-                        part(w2.get(k)?, s2.get(k)?, h, i, b2),
+                        part(w2.get(k)?, p2.get(k)?, down),
                     ])
                 };
                 Ok(original.clone().with_bases(views().map_err(err)?))
@@ -389,25 +364,33 @@ fn experts_cpu<T: Element + candle_core::WithDType>(
             silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
             fused_moe::grouped_gemm(&mut y, &act, w2, align, &down).map_err(wrap)?;
         }
-        ExpertWeights::W8a16 {
+        ExpertWeights::Packed {
+            kind,
             w13,
-            s13,
-            b13,
+            p13,
             w2,
-            s2,
-            b2,
+            p2,
             ..
         } => {
-            let guards = [w13, s13, w2, s2].map(|t| t.storage_and_layout());
+            let guards = [w13, p13, w2, p2].map(|t| t.storage_and_layout());
             let bytes13 = held_slice::<u8>(&guards[0].0, guards[0].1, "stacked gate/up weights")?;
-            let scales13 = held_slice::<f32>(&guards[1].0, guards[1].1, "their scales")?;
+            let params13 = held_slice::<f32>(&guards[1].0, guards[1].1, "their parameters")?;
             let bytes2 = held_slice::<u8>(&guards[2].0, guards[2].1, "stacked down weights")?;
-            let scales2 = held_slice::<f32>(&guards[3].0, guards[3].1, "their scales")?;
-            fused_moe::grouped_w8a16(&mut h, x, bytes13, scales13, align, &up, b13)
-                .map_err(wrap)?;
+            let params2 = held_slice::<f32>(&guards[3].0, guards[3].1, "their parameters")?;
+            let gemm = |out: &mut [T], x: &[T], bytes, params, s: &GroupedGemmShape, down: bool| {
+                match *kind {
+                    PackedKind::W8a16 { b13, b2 } => {
+                        let b = if down { b2 } else { b13 };
+                        fused_moe::grouped_w8a16(out, x, bytes, params, align, s, &b)
+                    }
+                    PackedKind::W4a16(p) => {
+                        fused_moe::grouped_w4a16(out, x, bytes, params, align, s, &p)
+                    }
+                }
+            };
+            gemm(&mut h, x, bytes13, params13, &up, false).map_err(wrap)?;
             silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
-            fused_moe::grouped_w8a16(&mut y, &act, bytes2, scales2, align, &down, b2)
-                .map_err(wrap)?;
+            gemm(&mut y, &act, bytes2, params2, &down, true).map_err(wrap)?;
         }
     }
     let mut out = vec![zero; up.num_entries / up.x_div * down.n_out];
@@ -557,35 +540,45 @@ impl Cuda<'_> {
                 k.grouped_gemm(&mut y, &act.as_view(), &w2, align, &down)
                     .map_err(wrap)?;
             }
-            ExpertWeights::W8a16 {
+            ExpertWeights::Packed {
+                kind,
                 w13,
-                s13,
-                b13,
+                p13,
                 w2,
-                s2,
-                b2,
+                p2,
                 ..
             } => {
-                let guards = [w13, s13, w2, s2].map(|t| t.storage_and_layout());
+                let guards = [w13, p13, w2, p2].map(|t| t.storage_and_layout());
                 let range = |i: usize, what: &str| crate::contiguous_range(guards[i].1, what);
                 let bytes13 = cuda_of(&guards[0].0)?
                     .as_cuda_slice::<u8>()?
                     .slice(range(0, "stacked gate/up weights")?);
-                let scales13 = cuda_of(&guards[1].0)?
+                let params13 = cuda_of(&guards[1].0)?
                     .as_cuda_slice::<f32>()?
-                    .slice(range(1, "their scales")?);
+                    .slice(range(1, "their parameters")?);
                 let bytes2 = cuda_of(&guards[2].0)?
                     .as_cuda_slice::<u8>()?
                     .slice(range(2, "stacked down weights")?);
-                let scales2 = cuda_of(&guards[3].0)?
+                let params2 = cuda_of(&guards[3].0)?
                     .as_cuda_slice::<f32>()?
-                    .slice(range(3, "their scales")?);
-                k.grouped_w8a16(&mut h, &x, &bytes13, &scales13, align, &up, b13)
-                    .map_err(wrap)?;
+                    .slice(range(3, "their parameters")?);
+                type View<'v, E> = candle_core::cuda_backend::cudarc::driver::CudaView<'v, E>;
+                let gemm = |out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+                            x: &View<'_, T>,
+                            bytes: &View<'_, u8>,
+                            params: &View<'_, f32>,
+                            s: &GroupedGemmShape,
+                            down: bool| match *kind {
+                    PackedKind::W8a16 { b13, b2 } => {
+                        let b = if down { b2 } else { b13 };
+                        k.grouped_w8a16(out, x, bytes, params, align, s, &b)
+                    }
+                    PackedKind::W4a16(p) => k.grouped_w4a16(out, x, bytes, params, align, s, &p),
+                };
+                gemm(&mut h, &x, &bytes13, &params13, &up, false).map_err(wrap)?;
                 k.silu_and_mul(&h.as_view(), down.k_in, &mut act)
                     .map_err(wrap)?;
-                k.grouped_w8a16(&mut y, &act.as_view(), &bytes2, &scales2, align, &down, b2)
-                    .map_err(wrap)?;
+                gemm(&mut y, &act.as_view(), &bytes2, &params2, &down, true).map_err(wrap)?;
             }
         }
         drop(h);
@@ -601,5 +594,105 @@ impl Cuda<'_> {
         )
         .map_err(wrap)?;
         Ok(out)
+    }
+}
+
+impl PackedKind {
+    /// The gate, up and down weights' shapes for `inter` channels over `hidden`.
+    fn shapes(&self, inter: usize, hidden: usize) -> (PackedShape, PackedShape, PackedShape) {
+        match *self {
+            PackedKind::W8a16 { b13, b2 } => {
+                let shape = |n, k, b: ScaleBlocks| {
+                    PackedShape::W8a16(ember_kernels::w8a16::W8a16Shape {
+                        m: 0,
+                        n,
+                        k,
+                        block_n: b.block_n,
+                        block_k: b.block_k,
+                    })
+                };
+                (
+                    shape(inter, hidden, b13),
+                    shape(inter, hidden, b13),
+                    shape(hidden, inter, b2),
+                )
+            }
+            PackedKind::W4a16(p) => {
+                let shape = |n, k| {
+                    PackedShape::W4a16(ember_kernels::w4a16::W4a16Shape {
+                        m: 0,
+                        n,
+                        k,
+                        group_size: p.group_size,
+                        f16_weights: p.f16_weights,
+                        e2m1: p.e2m1,
+                    })
+                };
+                (
+                    shape(inter, hidden),
+                    shape(inter, hidden),
+                    shape(hidden, inter),
+                )
+            }
+        }
+    }
+}
+
+/// How one expert's packed gate, up and down weights stack: `(inter, hidden, kind, dtype)`, or
+/// `None` when they do not. e4m3 gate/up rows must keep their scale blocks when stacked (whole
+/// blocks of rows, or a single partial one, which then spans the gate's rows alone); 4-bit ones
+/// must share one group size and encoding.
+fn packed_layout(
+    gate: &PackedWeight,
+    up: &PackedWeight,
+    down: &PackedWeight,
+) -> Option<(usize, usize, PackedKind, DType)> {
+    let same_dtype = gate.dtype == up.dtype && up.dtype == down.dtype;
+    match (gate.shape, up.shape, down.shape) {
+        (PackedShape::W8a16(g), PackedShape::W8a16(u), PackedShape::W8a16(d)) => {
+            let blocks = |s: &ember_kernels::w8a16::W8a16Shape| ScaleBlocks {
+                block_n: s.block_n,
+                block_k: s.block_k,
+            };
+            let (inter, hidden) = (g.n, g.k);
+            let b13 = if inter.is_multiple_of(g.block_n) {
+                blocks(&g)
+            } else if inter < g.block_n {
+                ScaleBlocks {
+                    block_n: inter,
+                    ..blocks(&g)
+                }
+            } else {
+                return None;
+            };
+            let fits = (u.n, u.k) == (inter, hidden)
+                && blocks(&u) == blocks(&g)
+                && (d.n, d.k) == (hidden, inter)
+                && same_dtype;
+            fits.then_some((
+                inter,
+                hidden,
+                PackedKind::W8a16 {
+                    b13,
+                    b2: blocks(&d),
+                },
+                gate.dtype,
+            ))
+        }
+        (PackedShape::W4a16(g), PackedShape::W4a16(u), PackedShape::W4a16(d)) => {
+            let (inter, hidden) = (g.n, g.k);
+            let params = |s: &ember_kernels::w4a16::W4a16Shape| W4Params {
+                group_size: s.group_size,
+                f16_weights: s.f16_weights,
+                e2m1: s.e2m1,
+            };
+            let fits = (u.n, u.k) == (inter, hidden)
+                && params(&u) == params(&g)
+                && params(&d) == params(&g)
+                && (d.n, d.k) == (hidden, inter)
+                && same_dtype;
+            fits.then_some((inter, hidden, PackedKind::W4a16(params(&g)), gate.dtype))
+        }
+        _ => None,
     }
 }

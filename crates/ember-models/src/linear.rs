@@ -109,9 +109,9 @@ impl Projection {
         lora.apply(&self.path, x, y, self.split)
     }
 
-    /// The base layer's e4m3 weight ([`LinearLayer::packed_w8a16`]).
-    pub fn packed_w8a16(&self) -> Option<crate::quantized::packed::PackedW8a16> {
-        self.base.packed_w8a16()
+    /// The base layer's packed weight ([`LinearLayer::packed`]).
+    pub fn packed(&self) -> Option<crate::quantized::packed::PackedWeight> {
+        self.base.packed()
     }
 
     /// The base layer's weight when held dense and without a bias ([`LinearLayer::dense_weight`]).
@@ -145,9 +145,9 @@ pub trait LinearLayer: Send + Sync {
         None
     }
 
-    /// The e4m3 bytes and block scales when the layer is a W8A16 weight alone (no bias, inputs
-    /// in order): what the fused MoE stacks for its grouped W8A16 GEMM.
-    fn packed_w8a16(&self) -> Option<crate::quantized::packed::PackedW8a16> {
+    /// The packed bytes and parameters when the layer is a packed weight alone (no bias, inputs
+    /// in order): what the fused MoE stacks for its grouped W8A16 / W4A16 GEMMs.
+    fn packed(&self) -> Option<crate::quantized::packed::PackedWeight> {
         None
     }
 }
@@ -301,16 +301,22 @@ pub fn projection_from_weight(
     }
     if weights.packed_weights() && crate::quantized::packed::computes_in(weight.dtype()) {
         // Held for the W8A16 kernels (on CUDA): e4m3 bytes, one scale per output channel.
-        let p = crate::quantized::fp8::packed_per_channel(&weight).map_err(|e| {
-            EmberError::Weights(format!(
-                "cannot quantize `{}.weight` to fp8: {e}",
-                weights.prefix()
-            ))
-        })?;
-        let held = p.bytes.elem_count() + 4 * p.scales.elem_count();
+        let (bytes, scales, shape) =
+            crate::quantized::fp8::packed_per_channel(&weight).map_err(|e| {
+                EmberError::Weights(format!(
+                    "cannot quantize `{}.weight` to fp8: {e}",
+                    weights.prefix()
+                ))
+            })?;
+        let held = bytes.elem_count() + 4 * scales.elem_count();
         weights.note_held(held as i64 - tensor_bytes(&weight));
         return Ok(Arc::new(crate::quantized::packed::PackedLinear::new(
-            p.bytes, p.scales, p.shape, bias, None, p.dtype,
+            bytes,
+            scales,
+            shape,
+            bias,
+            None,
+            weight.dtype(),
         )));
     }
     let layer = Fp8ChannelLinear::quantize(&weight, bias).map_err(|e| {

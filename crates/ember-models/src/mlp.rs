@@ -155,12 +155,12 @@ impl Mlp {
             .forward(&(gate * self.up_proj.forward(x, lora)?)?, lora)
     }
 
-    /// The gate, up and down e4m3 weights when all three are held as W8A16 weights alone.
-    pub fn packed_w8a16_weights(&self) -> Option<[crate::quantized::packed::PackedW8a16; 3]> {
+    /// The gate, up and down weights when all three are held packed alone.
+    pub fn packed_weights(&self) -> Option<[crate::quantized::packed::PackedWeight; 3]> {
         Some([
-            self.gate_proj.packed_w8a16()?,
-            self.up_proj.packed_w8a16()?,
-            self.down_proj.packed_w8a16()?,
+            self.gate_proj.packed()?,
+            self.up_proj.packed()?,
+            self.down_proj.packed()?,
         ])
     }
 

@@ -753,13 +753,35 @@ fn embers_mla_decode_gives_the_tensor_paths_logprobs() {
 /// by one.
 #[test]
 fn the_fused_moe_over_fp8_experts_gives_their_logprobs_one_by_one() {
+    check_fused_packed(&[
+        ("deepseek-v3-fp8-tiny", true),
+        ("deepseek-v3-fp8-ue8m0-tiny", true),
+        ("deepseek-v3-fp8-256-tiny", false),
+    ]);
+}
+
+/// The fused MoE over 4-bit experts held packed (integer with zero points, AWQ's float16
+/// weights, NVFP4 and MXFP4 as e2m1): the grouped W4A16 GEMM (its CPU reference) gives the
+/// logprobs of the same packed experts run one by one; fp32, within 1e-4. GPTQ with activation
+/// order gathers each expert's inputs in its own order, so those experts run one by one.
+#[test]
+fn the_fused_moe_over_four_bit_experts_gives_their_logprobs_one_by_one() {
+    check_fused_packed(&[
+        ("kimi-k2-int4-tiny", true),
+        ("kimi-k2-awq-tiny", true),
+        ("kimi-k2-nvfp4-tiny", true),
+        ("kimi-k2-mxfp4-tiny", true),
+        ("kimi-k2-gptq-tiny", false),
+        ("kimi-k2-int4-actorder-tiny", false),
+    ]);
+}
+
+/// Packed experts under the fused MoE against the same packed experts one by one, at TP 1 and
+/// 2; `stacks`: whether the fused MoE runs at TP 1.
+fn check_fused_packed(models: &[(&str, bool)]) {
     use ember_models::fused_moe::calls;
     let _counted = counted();
-    for name in [
-        "deepseek-v3-fp8-tiny",
-        "deepseek-v3-fp8-ue8m0-tiny",
-        "deepseek-v3-fp8-256-tiny",
-    ] {
+    for &(name, stacks) in models {
         for tp in [1, 2] {
             let mut opts = options(name, tp, false);
             opts.packed_weights = Some(true);
@@ -773,11 +795,10 @@ fn the_fused_moe_over_fp8_experts_gives_their_logprobs_one_by_one() {
             let before = calls();
             for run in [run_steps, run_prefill] {
                 let diff = max_diff(&logprobs(&run(&experts)), &logprobs(&run(&fused)));
-                println!("{name} tp {tp}: fused FP8 MoE max |Δ logprob| {diff:.2e}");
+                println!("{name} tp {tp}: fused packed MoE max |Δ logprob| {diff:.2e}");
                 assert!(diff < 1e-4, "{name} tp {tp}: max |Δ logprob| {diff}");
             }
             if tp == 1 {
-                let stacks = name != "deepseek-v3-fp8-256-tiny";
                 assert_eq!(
                     calls() > before,
                     stacks,

@@ -43,7 +43,9 @@ pub fn quantize_per_channel(weight: &Tensor) -> TensorResult<(Tensor, Tensor)> {
 
 /// [`quantize_per_channel`] held for the W8A16 kernels: the e4m3 bytes `[out · in]` (u8) and
 /// the scales `[out]` as one block per output row, in the weight's dtype.
-pub(crate) fn packed_per_channel(weight: &Tensor) -> TensorResult<super::packed::PackedW8a16> {
+pub(crate) fn packed_per_channel(
+    weight: &Tensor,
+) -> TensorResult<(Tensor, Tensor, ember_kernels::w8a16::W8a16Shape)> {
     let (n, k) = weight.dims2()?;
     let (q, scale) = quantize_per_channel(weight)?;
     let bytes: Vec<u8> = q
@@ -53,18 +55,17 @@ pub(crate) fn packed_per_channel(weight: &Tensor) -> TensorResult<super::packed:
         .iter()
         .map(|v| v.to_bits())
         .collect();
-    Ok(super::packed::PackedW8a16 {
-        bytes: Tensor::from_vec(bytes, n * k, weight.device())?,
-        scales: scale.flatten_all()?,
-        shape: ember_kernels::w8a16::W8a16Shape {
+    Ok((
+        Tensor::from_vec(bytes, n * k, weight.device())?,
+        scale.flatten_all()?,
+        ember_kernels::w8a16::W8a16Shape {
             m: 0,
             n,
             k,
             block_n: 1,
             block_k: k.max(1),
         },
-        dtype: weight.dtype(),
-    })
+    ))
 }
 
 /// `q · scale` per output channel, in f32 (`q` e4m3 `[out, in]`, `scale` f32 `[out, 1]`).

@@ -29,8 +29,8 @@ pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
     /// Outputs `n` and inputs `k` of the weight `[n, k]`.
     fn dims(&self) -> (usize, usize);
 
-    /// The shape, when the format is W8A16 (e4m3 bytes with block scales).
-    fn as_w8a16(&self) -> Option<W8a16Shape>;
+    /// The shape, as either format.
+    fn packed_shape(&self) -> PackedShape;
 
     /// The CPU GEMM reference over `m` rows.
     fn gemm<T: Element>(
@@ -77,7 +77,7 @@ pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
 /// Implements [`PackedFormat`] for a kernel shape by delegating to its module's references and
 /// to its `CudaKernels` launchers (the formats differ only in these names).
 macro_rules! packed_format {
-    ($shape:ident, $module:ident, $gemm:ident, $dequant:ident, $gemm_name:literal, $dequant_name:literal, $as_w8a16:expr) => {
+    ($shape:ident, $module:ident, $gemm:ident, $dequant:ident, $gemm_name:literal, $dequant_name:literal, $variant:ident) => {
         impl PackedFormat for $shape {
             const GEMM: &'static str = $gemm_name;
             const DEQUANT: &'static str = $dequant_name;
@@ -86,9 +86,8 @@ macro_rules! packed_format {
                 (self.n, self.k)
             }
 
-            fn as_w8a16(&self) -> Option<W8a16Shape> {
-                let as_w8a16: fn(&$shape) -> Option<W8a16Shape> = $as_w8a16;
-                as_w8a16(self)
+            fn packed_shape(&self) -> PackedShape {
+                PackedShape::$variant(*self)
             }
 
             fn gemm<T: Element>(
@@ -145,7 +144,7 @@ packed_format!(
     w4a16_dequant,
     "ember-w4a16",
     "ember-w4a16-dequant",
-    |_| None
+    W4a16
 );
 packed_format!(
     W8a16Shape,
@@ -154,7 +153,7 @@ packed_format!(
     w8a16_dequant,
     "ember-w8a16",
     "ember-w8a16-dequant",
-    |s| Some(*s)
+    W8a16
 );
 
 /// A projection over a packed weight (see the module doc).
@@ -191,39 +190,48 @@ impl<F: PackedFormat> PackedLinear<F> {
     }
 }
 
-/// An e4m3 weight as [`PackedLinear`] holds it: bytes `[n · k]` (u8), block scales and shape.
+/// The shape of a packed weight, in either format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedShape {
+    W4a16(W4a16Shape),
+    W8a16(W8a16Shape),
+}
+
+/// A packed weight as [`PackedLinear`] holds it: the bytes (u8), the f32 parameters beside them
+/// (qparams or block scales) and the shape.
 #[derive(Clone)]
-pub struct PackedW8a16 {
+pub struct PackedWeight {
     pub bytes: Tensor,
-    pub scales: Tensor,
-    pub shape: W8a16Shape,
+    pub params: Tensor,
+    pub shape: PackedShape,
     /// The model dtype the layer computes in.
     pub dtype: DType,
 }
 
-impl PackedLinear<W8a16Shape> {
-    /// A projection over e4m3 `bytes` and `scales` (views of a stack, say).
-    pub(crate) fn w8a16(packed: PackedW8a16) -> Self {
-        Self::new(
-            packed.bytes,
-            packed.scales,
-            packed.shape,
-            None,
-            None,
-            packed.dtype,
-        )
+impl PackedWeight {
+    /// A projection over the weight (views of a stack, say), without bias or input order.
+    pub(crate) fn layer(self) -> std::sync::Arc<dyn LinearLayer> {
+        let (bytes, params, dtype) = (self.bytes, self.params, self.dtype);
+        match self.shape {
+            PackedShape::W4a16(s) => {
+                std::sync::Arc::new(PackedLinear::new(bytes, params, s, None, None, dtype))
+            }
+            PackedShape::W8a16(s) => {
+                std::sync::Arc::new(PackedLinear::new(bytes, params, s, None, None, dtype))
+            }
+        }
     }
 }
 
 impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
-    fn packed_w8a16(&self) -> Option<PackedW8a16> {
+    fn packed(&self) -> Option<PackedWeight> {
         if self.bias.is_some() || self.order.is_some() {
             return None;
         }
-        Some(PackedW8a16 {
+        Some(PackedWeight {
             bytes: self.bytes.clone(),
-            scales: self.params.clone(),
-            shape: self.format.as_w8a16()?,
+            params: self.params.clone(),
+            shape: self.format.packed_shape(),
             dtype: self.dtype,
         })
     }
