@@ -44,6 +44,8 @@ const PAGED_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
 /// Threads per block of `argmax_f32` in `kernels/sampling.cu` (its `ARGMAX_THREADS`).
 const ARGMAX_THREADS: u32 = 256;
+/// Threads per block of `sample_rows_f32` in `kernels/sampling.cu` (its `SAMPLE_THREADS`).
+const SAMPLE_THREADS: u32 = 512;
 /// Warps per block and rows of `x` per block of `kernels/w4a16.cu` (`W4A16_WARPS`, `W4A16_ROWS`)
 /// and of `kernels/w8a16.cu` (`W8A16_WARPS`, `W8A16_ROWS`, the same).
 const W4A16_WARPS: u32 = 4;
@@ -621,6 +623,42 @@ impl CudaKernels {
         };
         // SAFETY: matches argmax_f32(unsigned*, const float*, int) in kernels/sampling.cu, launched
         // with its ARGMAX_THREADS; argmax_shape bounds every row it reads and writes.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::sampling::sample_rows`] on the GPU: one token per row of f32 `logits`
+    /// (`[rows, vocab]`), each row drawn under its `params` (copied over, five floats a row).
+    pub fn sample_rows(
+        &self,
+        logits: &CudaView<f32>,
+        vocab: usize,
+        params: &[crate::sampling::DrawParams],
+        out: &mut CudaSlice<u32>,
+    ) -> Result<(), KernelError> {
+        let rows = crate::sampling::sample_shape(logits.len(), vocab, params.len(), out.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let op = "sample_rows";
+        let rows = u32::try_from(rows).map_err(|_| too_big(op, "rows", rows))?;
+        let vocab_arg = int32(op, "vocab", vocab)?;
+        let flat: Vec<f32> = params
+            .iter()
+            .flat_map(|p| [p.temperature, p.top_k as f32, p.top_p, p.min_p, p.uniform])
+            .collect();
+        let dparams = self.stream.clone_htod(&flat)?;
+        let f = self.sampling.load_function("sample_rows_f32")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(logits).arg(&dparams).arg(&vocab_arg);
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (SAMPLE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches sample_rows_f32(unsigned*, const float*, const float*, int) in
+        // kernels/sampling.cu; sample_shape checked `rows` rows of `vocab` logits, five params
+        // and one output per row (top_k below 2^23, exact as a float).
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
