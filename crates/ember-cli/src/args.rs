@@ -393,6 +393,8 @@ impl ModelArgs {
             enable_prefix_caching: !self.no_enable_prefix_caching,
             max_waiting_requests: self.max_waiting_requests,
             lora: self.lora.config()?,
+            // Sampled tokens drawn where the logits are on a GPU, on the host on the CPU.
+            device_sampling: None,
         })
     }
 }

@@ -17,6 +17,7 @@ use crate::sampler::{choose_masked, log_softmax_top, with_logprobs};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sequence::Sequence;
 use crate::stats::EngineStats;
+use ember_kernels::sampling::DrawParams;
 
 /// Sizes of the engine's batch and cache.
 #[derive(Debug, Clone)]
@@ -38,6 +39,11 @@ pub struct EngineConfig {
     pub max_waiting_requests: usize,
     /// Serve LoRA adapters (`--enable-lora`) within these limits.
     pub lora: Option<LoraConfig>,
+    /// Draw sampled tokens where the logits are (temperature, top-k, top-p, min-p; see
+    /// `ember_kernels::sampling`) when a step asks nothing else of them, copying back only the
+    /// ids. `None`: on a GPU, where it saves copying every row; the CPU's host sampler
+    /// otherwise. Greedy steps always take the argmax where the logits are.
+    pub device_sampling: Option<bool>,
 }
 
 /// A request on its way to the engine thread, with the adapter it runs with.
@@ -58,6 +64,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             max_waiting_requests: 4096,
             lora: None,
+            device_sampling: None,
         }
     }
 }
@@ -65,6 +72,8 @@ impl Default for EngineConfig {
 /// The engine loop's state; lives on its own thread once started.
 pub struct Engine {
     runner: ModelRunner,
+    /// [`EngineConfig::device_sampling`], resolved.
+    device_sampling: bool,
     scheduler: Scheduler,
     max_model_len: usize,
     requests: Receiver<Submission>,
@@ -177,6 +186,7 @@ impl Engine {
             ember_core::EmberError::Config(format!("cannot start the grammar mask thread: {e}"))
         })?;
         let engine = Engine {
+            device_sampling: cfg.device_sampling.unwrap_or(runner.on_gpu()),
             runner,
             scheduler,
             max_model_len,
@@ -317,6 +327,21 @@ impl Engine {
             .chunks
             .iter()
             .all(|&(i, n)| self.scheduler.running[i].takes_only_the_argmax(n));
+        // Likewise a step whose samplers need only temperature, top-k, top-p and min-p: each
+        // sampling sequence's uniform is drawn from its own stream now, as the host sampler
+        // would draw it, and the tokens are drawn where the logits are.
+        let draws: Option<Vec<DrawParams>> = (!greedy
+            && self.device_sampling
+            && plan
+                .chunks
+                .iter()
+                .all(|&(i, n)| self.scheduler.running[i].takes_only_a_device_draw(n)))
+        .then(|| {
+            plan.chunks
+                .iter()
+                .map(|&(i, n)| self.scheduler.running[i].device_draw(n))
+                .collect()
+        });
         // Grammars of the sequences that sample this step and need their mask first, or whose
         // last first draw was refused (the others try their draw alone, see
         // `sample_constrained`): the mask worker computes them while the forward runs. Each is
@@ -355,8 +380,11 @@ impl Engine {
         self.masks.begin(constrained);
         let logits = self.runner.prepare(&inputs).and_then(|batch| {
             timer.lap(1);
-            if greedy {
-                let tokens = self.runner.forward_greedy(&batch)?;
+            if greedy || draws.is_some() {
+                let tokens = match &draws {
+                    Some(draws) => self.runner.forward_draw(&batch, draws)?,
+                    None => self.runner.forward_greedy(&batch)?,
+                };
                 self.stats
                     .device_sampled_steps
                     .fetch_add(1, Ordering::Relaxed);
@@ -487,7 +515,8 @@ fn advance(
         return true;
     }
     if let StepOutput::Token(token_id) = *output {
-        // `takes_only_the_argmax` held: greedy, nothing banned, no grammar, no logprobs.
+        // `takes_only_the_argmax` or `takes_only_a_device_draw` held: nothing banned, no
+        // grammar, no logprobs.
         return emit(seq, out, token_id, None, max_model_len, stats);
     }
     let Some(row) = rows.last() else {

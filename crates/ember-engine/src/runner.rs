@@ -2,7 +2,8 @@
 //! It never decides policy; the scheduler tells it what to run.
 
 use ember_core::{EmberError, Result};
-use ember_models::greedy::greedy_tokens;
+use ember_kernels::sampling::DrawParams;
+use ember_models::greedy::{greedy_tokens, sampled_tokens};
 use ember_models::{CausalLm, ForwardBatch, KvCachePool, LoadedModel, SequenceInput};
 
 /// A loaded model plus its paged KV cache.
@@ -88,5 +89,24 @@ impl ModelRunner {
         }
         let logits = self.model.forward(batch, &self.caches)?;
         greedy_tokens(&logits).map_err(|e| EmberError::Tensor(e.to_string()))
+    }
+
+    /// Runs the model over a prepared batch whose sequences each own one logits row; returns
+    /// each one's token drawn under its `draws` entry on the model's device (greedy rows at
+    /// temperature 0), so only the ids come back.
+    pub fn forward_draw(&self, batch: &ForwardBatch, draws: &[DrawParams]) -> Result<Vec<u32>> {
+        if batch.logits_per_sequence.iter().any(|&n| n != 1) || draws.len() != batch.sequences.len()
+        {
+            return Err(EmberError::Tensor(
+                "device sampling needs exactly one logits row and one draw per sequence".into(),
+            ));
+        }
+        let logits = self.model.forward(batch, &self.caches)?;
+        sampled_tokens(&logits, draws).map_err(|e| EmberError::Tensor(e.to_string()))
+    }
+
+    /// Whether the model runs on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        self.device.is_cuda()
     }
 }

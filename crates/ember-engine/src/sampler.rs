@@ -309,6 +309,13 @@ fn modifies_logits(params: &SamplingParams) -> bool {
         || params.frequency_penalty != 0.0
 }
 
+/// Whether `params` draws from the raw logits under temperature, top-k, top-p and min-p alone
+/// (or greedily) and wants nothing else from them: no bias or penalty, no logprobs. Such a token
+/// can be drawn where the logits are ([`ember_models::greedy::sampled_tokens`]).
+pub fn is_plain_draw(params: &SamplingParams) -> bool {
+    !modifies_logits(params) && params.logprobs.is_none()
+}
+
 /// Whether `params` picks the raw logits' argmax and wants nothing else from them: greedy, no
 /// bias or penalty, no logprobs. Such a token can be chosen where the logits are
 /// ([`ember_models::greedy::greedy_tokens`], the same argmax as here).

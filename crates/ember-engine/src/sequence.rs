@@ -140,6 +140,45 @@ impl Sequence {
                 && self.output.len() >= self.params.min_tokens)
     }
 
+    /// Whether this step's chunk of `n` tokens needs nothing of its logits that a device draw
+    /// cannot give: no sampling, or a draw under temperature, top-k, top-p and min-p alone (no
+    /// bias, penalty, logprobs, grammar or banned stop).
+    pub fn takes_only_a_device_draw(&self, n: usize) -> bool {
+        if self.params.embed || self.prompt_logprobs.is_some() {
+            return false;
+        }
+        !self.samples_after(n)
+            || (crate::sampler::is_plain_draw(&self.params)
+                && self.constraint.is_none()
+                && self.output.len() >= self.params.min_tokens)
+    }
+
+    /// This step's device draw for a chunk of `n` tokens (see [`Sequence::takes_only_a_device_draw`]):
+    /// greedy when it does not sample or samples greedily, else its settings and the next
+    /// uniform of its own stream (one per random step, as the host sampler draws).
+    pub fn device_draw(&mut self, n: usize) -> ember_kernels::sampling::DrawParams {
+        let p = &self.params;
+        let greedy = ember_kernels::sampling::DrawParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            uniform: 0.0,
+        };
+        if !self.samples_after(n) || p.is_greedy() {
+            return greedy;
+        }
+        // The largest f32 below 1, so the draw stays in [0, 1).
+        let below_one = f32::from_bits(0x3F7F_FFFF);
+        ember_kernels::sampling::DrawParams {
+            temperature: p.temperature,
+            top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform: (self.rng.next_f64() as f32).min(below_one),
+        }
+    }
+
     /// Whether this step's `n` tokens bring the sequence up to date, so it samples its next token.
     pub fn samples_after(&self, n: usize) -> bool {
         self.num_computed + n >= self.len() && self.params.max_tokens > 0

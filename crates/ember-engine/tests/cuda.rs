@@ -171,6 +171,54 @@ fn device_greedy_sampling_on_cuda_gives_the_reference_tokens() {
     }
 }
 
+/// Sampling requests take the device-draw path on a GPU (the default there): top-k 1 at
+/// temperature 1.3 keeps only the best token, so the tokens are transformers' greedy tokens with
+/// every step drawn by `sample_rows_f32`; a seeded request repeats its tokens.
+#[test]
+fn device_sampling_on_cuda_keeps_filters_and_seeds() {
+    let Some(device) = gpu("device_sampling_on_cuda_keeps_filters_and_seeds") else {
+        return;
+    };
+    for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        let reference = reference(name);
+        let engine = chunked_engine(name, &device, DType::F32, Backends::default());
+        let prompts = reference["prompts"].as_array().unwrap();
+        let sampled = |steps, top_k, seed| ember_core::SamplingParams {
+            temperature: 1.3,
+            top_k,
+            seed,
+            ignore_eos: true,
+            ..ember_core::SamplingParams::greedy(steps)
+        };
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                engine
+                    .submit(ids(&p["token_ids"]), sampled(greedy_steps(p), 1, None))
+                    .unwrap()
+            })
+            .collect();
+        for (rx, p) in receivers.into_iter().zip(prompts) {
+            assert_eq!(collect(rx).tokens, ids(&p["greedy"]["token_ids"]), "{name}");
+        }
+        let stats = engine.stats();
+        assert!(
+            stats.device_sampled_steps + 1 >= stats.steps,
+            "{name}: {stats:?}"
+        );
+        let seeded = || {
+            collect(
+                engine
+                    .submit(ids(&prompts[0]["token_ids"]), sampled(16, 50, Some(3)))
+                    .unwrap(),
+            )
+            .tokens
+        };
+        assert_eq!(seeded(), seeded(), "{name}: a seed repeats its tokens");
+        eprintln!("{name}: device sampling on CUDA keeps top-k 1 greedy and seeds reproducible");
+    }
+}
+
 /// fp8 KV caches on CUDA score as the same cache on the CPU (the conversions are exact on both;
 /// only f32 arithmetic order differs): e5m2 (bytes converted by kernels/fp8_e5m2.cu) and e4m3
 /// (candle's float8 casts), both written by kernels/scatter_rows.cu (candle's CUDA scatter has

@@ -301,3 +301,103 @@ fn device_greedy_sampling_gives_the_host_samplers_tokens() {
         );
     }
 }
+
+/// Device sampling (`EngineConfig::device_sampling`, on by default on a GPU; forced here on the
+/// CPU, where the draw runs ember-kernels' reference of the CUDA kernel): steps whose samplers
+/// need only temperature, top-k, top-p and min-p draw there and copy back token ids.
+/// - top-k 1 and min-p 1 keep only the best token: the transformers greedy tokens, alone and
+///   batched, every step drawn where the logits are;
+/// - a seed repeats its tokens, alone or batched next to other requests (each draws from its
+///   own stream, one uniform a step, as the host sampler does);
+/// - a request with a penalty in the batch sends the shared steps to the host sampler.
+#[test]
+fn device_draws_keep_greedy_filters_greedy_and_seeds_reproducible() {
+    let name = "qwen3-moe-tiny";
+    let reference = reference(name);
+    let prompts = reference["prompts"].as_array().unwrap();
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| ids(&p["greedy"]["token_ids"]))
+        .collect();
+    let cfg = EngineConfig {
+        max_num_batched_tokens: 24,
+        block_size: 4,
+        device_sampling: Some(true),
+        ..EngineConfig::default()
+    };
+    let engine = start(name, cfg);
+    let sampled = |steps: usize, top_k: usize, min_p: f32, seed: Option<u64>| SamplingParams {
+        temperature: 1.3,
+        top_k,
+        min_p,
+        seed,
+        ignore_eos: true,
+        ..SamplingParams::greedy(steps)
+    };
+    let submit =
+        |p: &Value, params: SamplingParams| engine.submit(ids(&p["token_ids"]), params).unwrap();
+    for (top_k, min_p) in [(1, 0.0), (0, 1.0)] {
+        for (p, want) in prompts.iter().zip(&want) {
+            let got = collect(submit(p, sampled(want.len(), top_k, min_p, None)));
+            assert_eq!(&got.tokens, want, "top_k {top_k} min_p {min_p}: alone");
+        }
+        let receivers: Vec<_> = prompts
+            .iter()
+            .zip(&want)
+            .map(|(p, w)| submit(p, sampled(w.len(), top_k, min_p, None)))
+            .collect();
+        for (rx, want) in receivers.into_iter().zip(&want) {
+            assert_eq!(
+                &collect(rx).tokens,
+                want,
+                "top_k {top_k} min_p {min_p}: batched"
+            );
+        }
+    }
+    let stats = engine.stats();
+    assert!(
+        stats.device_sampled_steps > 0 && stats.device_sampled_steps + 1 >= stats.steps,
+        "{stats:?}"
+    );
+    // Seeds: alone, then batched next to unseeded requests.
+    let seeded = |p: &Value, seed| submit(p, sampled(12, 40, 0.0, Some(seed)));
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| collect(seeded(p, 7 + i as u64)).tokens)
+        .collect();
+    assert!(
+        alone
+            .iter()
+            .zip(&want)
+            .any(|(a, w)| a[..] != w[..a.len().min(w.len())]),
+        "temperature 1.3 drew the greedy tokens everywhere"
+    );
+    let receivers: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            [
+                seeded(p, 7 + i as u64),
+                submit(p, sampled(12, 40, 0.0, None)),
+            ]
+        })
+        .collect();
+    let batched: Vec<Vec<u32>> = receivers.into_iter().map(|rx| collect(rx).tokens).collect();
+    for (i, a) in alone.iter().enumerate() {
+        assert_eq!(a, &batched[2 * i], "prompt {i}: seeded alone vs batched");
+    }
+    // A penalty needs the host sampler: that request's steps copy the logits back.
+    let before = engine.stats();
+    let penalised = SamplingParams {
+        repetition_penalty: 1.3,
+        ..sampled(6, 0, 0.0, Some(1))
+    };
+    collect(submit(&prompts[0], penalised));
+    let after = engine.stats();
+    assert!(after.steps > before.steps);
+    assert_eq!(
+        after.device_sampled_steps, before.device_sampled_steps,
+        "{after:?}"
+    );
+}

@@ -1,9 +1,10 @@
-//! Greedy sampling where the logits are: each row's argmax as a candle op, ember-kernels' CPU
-//! reference on the CPU and its `argmax_f32` kernel on CUDA, so a step that decodes greedily
-//! copies back one token id per row instead of the whole `[rows, vocab]` logits.
+//! Sampling where the logits are: each row's argmax, or a draw under temperature, top-k, top-p
+//! and min-p, as candle ops (ember-kernels' CPU references on the CPU, its `argmax_f32` and
+//! `sample_rows_f32` kernels on CUDA), so a step copies back one token id per row instead of
+//! the whole `[rows, vocab]` logits.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use ember_kernels::sampling::argmax_rows;
+use ember_kernels::sampling::{argmax_rows, sample_rows, DrawParams};
 
 /// The argmax of each row of f32 `logits` `[rows, vocab]`: the lowest id of the largest logit, NaN
 /// never chosen (as the host sampler chooses), brought back to the host.
@@ -55,6 +56,64 @@ impl CustomOp1 for Argmax {
         let mut out = device.alloc_zeros::<u32>(rows)?;
         kernels
             .argmax_rows(&logits, self.vocab, &mut out)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, device),
+            Shape::from(rows),
+        ))
+    }
+}
+
+/// Each row of f32 `logits` `[rows, vocab]` drawn under its `params` (see
+/// [`ember_kernels::sampling`]), brought back to the host.
+pub fn sampled_tokens(logits: &Tensor, params: &[DrawParams]) -> candle_core::Result<Vec<u32>> {
+    if logits.dtype() != DType::F32 {
+        candle_core::bail!("sampling takes f32 logits, not {:?}", logits.dtype());
+    }
+    let (_, vocab) = logits.dims2()?;
+    logits
+        .contiguous()?
+        .apply_op1_no_bwd(&Draw { vocab, params })?
+        .to_vec1::<u32>()
+}
+
+struct Draw<'a> {
+    vocab: usize,
+    params: &'a [DrawParams],
+}
+
+impl CustomOp1 for Draw<'_> {
+    fn name(&self) -> &'static str {
+        "ember-sample"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let logits = &storage.as_slice::<f32>()?[crate::contiguous_range(layout, "sampling")?];
+        let mut out = vec![0u32; self.params.len()];
+        sample_rows(logits, self.vocab, self.params, &mut out).map_err(candle_core::Error::wrap)?;
+        let rows = out.len();
+        Ok((CpuStorage::U32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let range = crate::contiguous_range(layout, "sampling")?;
+        let device = storage.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let logits = storage.as_cuda_slice::<f32>()?.slice(range);
+        let rows = self.params.len();
+        let mut out = device.alloc_zeros::<u32>(rows)?;
+        kernels
+            .sample_rows(&logits, self.vocab, self.params, &mut out)
             .map_err(candle_core::Error::wrap)?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, device),
