@@ -116,15 +116,24 @@ pub fn slot_of(block_table: &[u32], block_size: usize, pos: usize) -> Result<u32
 
 impl ForwardBatch {
     /// Flattens the sequences of one step. Sequences with no new tokens are rejected.
+    ///
+    /// The step's metadata reaches the device in two copies, whatever the batch: every u32
+    /// (token ids, positions, slots, logits rows and each sequence's context slots) in one
+    /// tensor and every causal mask in another; the fields are views of them.
     pub fn new(inputs: &[SequenceInput<'_>], block_size: usize, device: &Device) -> Result<Self> {
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
         let mut slots = Vec::new();
         let mut logits_rows = Vec::new();
         let mut logits_per_sequence = Vec::with_capacity(inputs.len());
-        let mut sequences = Vec::with_capacity(inputs.len());
         let mut adapters: Vec<Arc<LoraAdapter>> = Vec::new();
         let mut row_adapter: Vec<u16> = Vec::new();
+        // Every sequence's context slots, and causal masks, one after the other.
+        let mut all_context_slots: Vec<u32> = Vec::new();
+        let mut masks: Vec<f32> = Vec::new();
+        // Per sequence: query start and length, context length, where its mask starts.
+        let mut layout: Vec<(usize, usize, usize, Option<usize>)> =
+            Vec::with_capacity(inputs.len());
         for input in inputs {
             let query_len = input.token_ids.len();
             if query_len == 0 {
@@ -156,50 +165,78 @@ impl ForwardBatch {
                 positions.push(pos as u32);
                 slots.push(slot_of(input.block_table, block_size, pos)?);
             }
-            let context_slots: Vec<u32> = (0..context_len)
-                .map(|pos| slot_of(input.block_table, block_size, pos))
-                .collect::<Result<_>>()?;
-            let causal_mask = (query_len > 1)
-                .then(|| {
-                    let mut mask = vec![0f32; query_len * context_len];
-                    for i in 0..query_len {
-                        let last_visible = input.num_computed + i;
-                        for v in
-                            &mut mask[i * context_len + last_visible + 1..(i + 1) * context_len]
-                        {
-                            *v = f32::NEG_INFINITY;
-                        }
+            for pos in 0..context_len {
+                all_context_slots.push(slot_of(input.block_table, block_size, pos)?);
+            }
+            let mask_start = (query_len > 1).then(|| {
+                let start = masks.len();
+                masks.resize(start + query_len * context_len, 0.0);
+                let mask = &mut masks[start..];
+                for i in 0..query_len {
+                    let last_visible = input.num_computed + i;
+                    for v in &mut mask[i * context_len + last_visible + 1..(i + 1) * context_len] {
+                        *v = f32::NEG_INFINITY;
                     }
-                    Tensor::from_vec(mask, (query_len, context_len), device)
-                })
-                .transpose()
-                .map_err(tensor_err)?;
+                }
+                start
+            });
             let rows = if input.all_logits { query_len } else { 1 };
             let first_row = query_start + query_len - rows;
             logits_rows.extend((first_row..query_start + query_len).map(|r| r as u32));
             logits_per_sequence.push(rows);
+            layout.push((query_start, query_len, context_len, mask_start));
+        }
+        let (t, l) = (token_ids.len(), logits_rows.len());
+        let mut ints = token_ids;
+        ints.extend_from_slice(&positions);
+        ints.extend_from_slice(&slots);
+        ints.extend_from_slice(&logits_rows);
+        let context_base = ints.len();
+        ints.extend_from_slice(&all_context_slots);
+        let n = ints.len();
+        let ints = Tensor::from_vec(ints, n, device).map_err(tensor_err)?;
+        let masks_len = masks.len();
+        let masks = (masks_len > 0)
+            .then(|| Tensor::from_vec(masks, masks_len, device))
+            .transpose()
+            .map_err(tensor_err)?;
+        let view = |start: usize, len: usize| ints.narrow(0, start, len).map_err(tensor_err);
+        let mut sequences = Vec::with_capacity(inputs.len());
+        let mut context_at = 0;
+        for (query_start, query_len, context_len, mask_start) in layout {
+            let causal_mask = match (mask_start, &masks) {
+                (Some(start), Some(masks)) => Some(
+                    masks
+                        .narrow(0, start, query_len * context_len)
+                        .and_then(|m| m.reshape((query_len, context_len)))
+                        .map_err(tensor_err)?,
+                ),
+                _ => None,
+            };
             sequences.push(SequenceAttention {
                 query_start,
                 query_len,
-                context_slots: Tensor::new(context_slots.as_slice(), device).map_err(tensor_err)?,
-                context_slots_host: context_slots,
+                context_slots: view(context_base + context_at, context_len)?,
+                context_slots_host: all_context_slots[context_at..context_at + context_len]
+                    .to_vec(),
                 context_len,
                 causal_mask,
-                adapter: input.adapter.cloned(),
+                adapter: inputs[sequences.len()].adapter.cloned(),
             });
+            context_at += context_len;
         }
-        let num_tokens = token_ids.len();
+        let num_tokens = t;
         let lora = if adapters.is_empty() {
             LoraRows::none()
         } else {
             LoraRows::new(adapters, row_adapter, device).map_err(tensor_err)?
         };
         Ok(Self {
-            token_ids: Tensor::new(token_ids, device).map_err(tensor_err)?,
-            positions: Tensor::new(positions, device).map_err(tensor_err)?,
-            slot_mapping: Tensor::new(slots, device).map_err(tensor_err)?,
+            token_ids: view(0, t)?,
+            positions: view(t, t)?,
+            slot_mapping: view(2 * t, t)?,
             sequences,
-            logits_rows: Tensor::new(logits_rows, device).map_err(tensor_err)?,
+            logits_rows: view(3 * t, l)?,
             logits_per_sequence,
             num_tokens,
             lora,
