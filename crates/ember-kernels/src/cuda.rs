@@ -37,6 +37,7 @@ const W8A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w8a16.fatb
 const FP8_E5M2_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fp8_e5m2.fatbin"));
 const FUSED_MOE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fused_moe.fatbin"));
 const MOE_ROUTING_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_routing.fatbin"));
+const W8A8_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/w8a8.fatbin"));
 const MOE_W4A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_w4a16.fatbin"));
 const MOE_W8A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_w8a16.fatbin"));
 const MLA_DECODE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mla_decode.fatbin"));
@@ -83,6 +84,7 @@ pub struct CudaKernels {
     mla_decode: Arc<CudaModule>,
     moe_w8a16: Arc<CudaModule>,
     moe_w4a16: Arc<CudaModule>,
+    w8a8: Arc<CudaModule>,
     moe_routing: Arc<CudaModule>,
     fused_moe: Arc<CudaModule>,
 }
@@ -121,6 +123,7 @@ impl CudaKernels {
             mla_decode: load(MLA_DECODE_FATBIN)?,
             moe_w8a16: load(MOE_W8A16_FATBIN)?,
             moe_w4a16: load(MOE_W4A16_FATBIN)?,
+            w8a8: load(W8A8_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
             fused_moe: load(FUSED_MOE_FATBIN)?,
             stream,
@@ -836,6 +839,111 @@ impl CudaKernels {
         // SAFETY: matches mla_decode_<T>(T*, const T*, const T*, const T*, const unsigned* x 3,
         // float, int x 5) in kernels/mla_decode.cu; the metadata was checked when uploaded and its
         // extent here against these caches, and mla_dims bounds q, out and every cache row.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl CudaKernels {
+    /// Whether the GPU has FP8 tensor cores (compute capability 8.9 and up), which
+    /// [`CudaKernels::w8a8_gemm`] needs.
+    pub fn has_fp8_tensor_cores(&self) -> Result<bool, KernelError> {
+        Ok(self.stream.context().compute_capability()? >= (8, 9))
+    }
+
+    /// [`crate::w8a8::quantize_groups`] on the GPU: `x` `[m, k]` to e4m3 bytes `q` `[m, k]` and
+    /// scales `[m, ceil(k / 128)]`.
+    pub fn quant_fp8_groups<T: CudaElement>(
+        &self,
+        x: &CudaView<T>,
+        k: usize,
+        q: &mut CudaSlice<u8>,
+        scales: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "quant_fp8_groups";
+        check_shape(k > 0 && x.len().is_multiple_of(k), OP, || {
+            format!("x has {} elements, not rows of {k}", x.len())
+        })?;
+        let m = x.len() / k;
+        let groups = k.div_ceil(crate::w8a8::GROUP);
+        check_shape(q.len() == m * k && scales.len() == m * groups, OP, || {
+            format!(
+                "q has {} and scales {} elements for [{m}, {k}]",
+                q.len(),
+                scales.len()
+            )
+        })?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (m_arg, k_arg) = (int32(OP, "m", m)?, int32(OP, "k", k)?);
+        let items = m * groups;
+        let blocks = u32::try_from(items.div_ceil(8)).map_err(|_| too_big(OP, "rows", m))?;
+        let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(q).arg(scales).arg(x).arg(&m_arg).arg(&k_arg);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches quant_fp8_groups_<T>(u8*, float*, const T*, int, int) in
+        // kernels/w8a8.cu: one warp per (row, group), 8 a block; lengths checked above.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::w8a8::w8a8_gemm`] on FP8 tensor cores; `qw` e4m3 bytes as any one-byte element.
+    /// Refused on a GPU without them ([`CudaKernels::has_fp8_tensor_cores`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn w8a8_gemm<T: CudaElement, P: DeviceRepr>(
+        &self,
+        qa: &CudaView<u8>,
+        sa: &CudaView<f32>,
+        qw: &CudaView<P>,
+        sw: &CudaView<f32>,
+        shape: &crate::w8a8::W8a8Shape,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "w8a8_gemm";
+        check_shape(std::mem::size_of::<P>() == 1, OP, || {
+            "e4m3 weights are one byte each".into()
+        })?;
+        crate::w8a8::w8a8_shape(shape, qa.len(), sa.len(), qw.len(), sw.len(), y.len())?;
+        check_shape(self.has_fp8_tensor_cores()?, OP, || {
+            "this GPU has no FP8 tensor cores (compute capability below 8.9)".into()
+        })?;
+        let s = shape;
+        if s.m == 0 || s.n == 0 {
+            return Ok(());
+        }
+        let int = |what: &str, v: usize| int32(OP, what, v);
+        let args = [
+            int("m", s.m)?,
+            int("n", s.n)?,
+            int("k", s.k)?,
+            int("block_n", s.block_n)?,
+        ];
+        let tiles = |v: usize, what| {
+            u32::try_from(v.div_ceil(64))
+                .ok()
+                .filter(|&b| b <= 65_535 || what == "m")
+                .ok_or_else(|| too_big(OP, what, v))
+        };
+        let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(y).arg(qa).arg(sa).arg(qw).arg(sw);
+        for a in &args {
+            launch.arg(a);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (tiles(s.m, "m")?, tiles(s.n, "n")?, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches w8a8_gemm_<T>(T*, const u8*, const float*, const u8*, const float*,
+        // int x 4) in kernels/w8a8.cu, launched with its 128 threads; w8a8_shape bounds every
+        // row, input and scale it reads, and it writes only rows < m and columns < n.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

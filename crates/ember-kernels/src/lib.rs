@@ -15,6 +15,7 @@ pub mod scatter_rows;
 pub mod silu_and_mul;
 pub mod w4a16;
 pub mod w8a16;
+pub mod w8a8;
 mod weight_gemm;
 
 #[cfg(feature = "cuda")]

@@ -633,6 +633,8 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "grouped_w4a16_f32",
         "grouped_w4a16_bf16",
         "sample_rows_f32",
+        "quant_fp8_groups_bf16",
+        "w8a8_gemm_bf16",
         "rotary_embedding_rows_bf16",
     ] {
         assert!(
@@ -981,6 +983,109 @@ fn sample_rows_matches_the_cpu_reference() {
             e / sum
         );
     }
+}
+
+/// W8A8 FP8: the activation quantizer is bit-exact with its CPU reference (bytes and scales); the
+/// tensor-core GEMM matches its reference within 1e-3 of the sum of |terms| (every e4m3 product is
+/// exact; the tensor cores add each 32-input slice in their own order and precision) plus the
+/// output dtype's rounding. Shapes: 1, 7 and 200 tokens; n 320 and 200 (ragged against the 64-wide
+/// tiles); k 1024 and 1000 (a partial last group); DeepSeek's 128 x 128 weight blocks and
+/// per-channel ones (block_n 1).
+fn check_w8a8<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
+    use ember_kernels::w8a8::{self, W8a8Shape, GROUP};
+    let st = k.stream();
+    let tensor_cores = k.has_fp8_tensor_cores().unwrap();
+    let rounding = if T::KERNEL_SUFFIX == "bf16" {
+        1.0 / 128.0
+    } else {
+        0.0
+    };
+    for (m, n, kk, block_n) in [
+        (1, 320, 1024, 128),
+        (7, 200, 1000, 128),
+        (200, 320, 1024, 1),
+    ] {
+        let what = format!(
+            "w8a8_{} m{m} n{n} k{kk} block_n {block_n}",
+            T::KERNEL_SUFFIX
+        );
+        let x: Vec<T> = random(rng, m * kk, -3.0, 3.0);
+        let (qa, sa) = w8a8::quantize_groups(&x, kk).unwrap();
+        let dx = st.clone_htod(&x).unwrap();
+        let mut dqa = st.alloc_zeros::<u8>(qa.len()).unwrap();
+        let mut dsa = st.alloc_zeros::<f32>(sa.len()).unwrap();
+        k.quant_fp8_groups(&dx.as_view(), kk, &mut dqa, &mut dsa)
+            .unwrap();
+        assert_eq!(st.clone_dtoh(&dqa).unwrap(), qa, "{what}: quantized bytes");
+        assert_eq!(
+            st.clone_dtoh(&dsa).unwrap(),
+            sa,
+            "{what}: activation scales"
+        );
+        let s = W8a8Shape {
+            m,
+            n,
+            k: kk,
+            block_n,
+        };
+        let qw: Vec<u8> = (0..n * kk)
+            .map(|_| {
+                let code: u8 = rng.random_range(0..0x7F);
+                code | if rng.random_bool(0.5) { 0x80 } else { 0 }
+            })
+            .collect();
+        let sw: Vec<f32> = (0..s.weight_scale_len())
+            .map(|_| rng.random_range(0.001f32..0.01))
+            .collect();
+        let mut cpu = vec![T::from_f32(0.0); m * n];
+        w8a8::w8a8_gemm(&qa, &sa, &qw, &sw, &s, &mut cpu).unwrap();
+        if !tensor_cores {
+            eprintln!("SKIPPED {what} GEMM: this GPU has no FP8 tensor cores");
+            continue;
+        }
+        let (dqw, dsw) = (st.clone_htod(&qw).unwrap(), st.clone_htod(&sw).unwrap());
+        let mut dy = st.alloc_zeros::<T>(m * n).unwrap();
+        k.w8a8_gemm(
+            &dqa.as_view(),
+            &dsa.as_view(),
+            &dqw.as_view(),
+            &dsw.as_view(),
+            &s,
+            &mut dy,
+        )
+        .unwrap();
+        let gpu = st.clone_dtoh(&dy).unwrap();
+        let blocks = kk.div_ceil(GROUP);
+        let e4 = ember_kernels::w8a16::e4m3_to_f32;
+        for r in 0..m {
+            for j in 0..n {
+                let magnitude: f32 = (0..kk)
+                    .map(|c| {
+                        (e4(qa[r * kk + c])
+                            * e4(qw[j * kk + c])
+                            * sa[r * blocks + c / GROUP]
+                            * sw[(j / block_n) * blocks + c / GROUP])
+                            .abs()
+                    })
+                    .sum();
+                let (g, c) = (gpu[r * n + j].to_f32(), cpu[r * n + j].to_f32());
+                let tol = 1e-3 * magnitude + rounding * c.abs() + 1e-6;
+                assert!(
+                    (g - c).abs() <= tol,
+                    "{what}[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+                );
+            }
+        }
+        eprintln!("{what}: matches");
+    }
+}
+
+#[test]
+fn w8a8_matches_the_cpu_reference() {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_w8a8::<f32>(&k, &mut rng);
+    check_w8a8::<bf16>(&k, &mut rng);
 }
 
 /// Routing of real layer shapes: (name, config, tokens).

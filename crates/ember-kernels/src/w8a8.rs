@@ -1,0 +1,231 @@
+//! W8A8 FP8 GEMM, as DeepSeek-V3 / Kimi K2 FP8 checkpoints were trained to run: activations
+//! quantized on the fly to e4m3 per token and per group of 128 input channels (one f32 scale each,
+//! `amax / 448`), weights e4m3 with `block_n x block_k` block scales (`block_k` must be the
+//! activation group, 128), and `y[r, j] = Σ_kb (Σ_{c in kb} qa[r, c] · qw[j, c]) · sa[r, kb] ·
+//! sw[j / block_n, kb]`: e4m3 products summed per 128-channel block, then scaled and added in f32
+//! (DeepSeek's promotion every 128 products). On Hopper and Blackwell (sm_89 and up) the inner
+//! sums run on FP8 tensor cores (`kernels/w8a8.cu`, `mma.sync` m16n8k32); sm_80 has none, and
+//! keeps the W8A16 path.
+//!
+//! Numerics shared with the kernels: [`quantize_groups`] is bit-exact (the scale in f32, `x /
+//! scale` in f32, rounded to nearest even and saturated to ±448 as `__nv_cvt_float_to_fp8` does
+//! with `__NV_SATFINITE`); every e4m3 product is exact in f32, so each block's inner sum differs
+//! only by the order (and the tensor cores' accumulation) of its additions.
+
+use crate::error::check_shape;
+use crate::w8a16::e4m3_to_f32;
+use crate::{Element, KernelError};
+
+/// float8_e4m3fn's largest finite value.
+pub const E4M3_MAX: f32 = 448.0;
+/// Input channels per activation scale (and the weights' `block_k`).
+pub const GROUP: usize = 128;
+/// The smallest activation scale, as vLLM's `per_token_group_quant_fp8` floors `amax` (1e-10 /
+/// 448): an all-zero group gets a finite scale.
+pub const MIN_AMAX: f32 = 1e-10;
+
+/// The sizes of one W8A8 GEMM: `x` `[m, k]`, `W` `[n, k]` with `block_n x 128` scale blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct W8a8Shape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub block_n: usize,
+}
+
+impl W8a8Shape {
+    /// Activation scales: one per row and group of 128 inputs (the last group may be partial).
+    pub fn act_scale_len(&self) -> usize {
+        self.m * self.k.div_ceil(GROUP)
+    }
+
+    /// Weight scales: `[ceil(n / block_n), ceil(k / 128)]`.
+    pub fn weight_scale_len(&self) -> usize {
+        self.n.div_ceil(self.block_n.max(1)) * self.k.div_ceil(GROUP)
+    }
+}
+
+/// Checks a call's buffers.
+pub fn w8a8_shape(
+    s: &W8a8Shape,
+    qa_len: usize,
+    sa_len: usize,
+    qw_len: usize,
+    sw_len: usize,
+    y_len: usize,
+) -> Result<(), KernelError> {
+    check_shape(s.block_n > 0 && s.k > 0, "w8a8_gemm", || {
+        format!("{s:?}: block_n and k must be positive")
+    })?;
+    for (what, len, want) in [
+        ("activations", qa_len, s.m * s.k),
+        ("activation scales", sa_len, s.act_scale_len()),
+        ("weights", qw_len, s.n * s.k),
+        ("weight scales", sw_len, s.weight_scale_len()),
+        ("y", y_len, s.m * s.n),
+    ] {
+        check_shape(len == want, "w8a8_gemm", || {
+            format!("{what} have {len} elements, expected {want} for {s:?}")
+        })?;
+    }
+    Ok(())
+}
+
+/// f32 to e4m3, rounded to nearest even and saturated to ±448 (NaN stays NaN).
+pub fn f32_to_e4m3(v: f32) -> u8 {
+    if v.is_nan() {
+        return 0x7F;
+    }
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs().min(E4M3_MAX);
+    // Codes 0x00..=0x7E are the non-negative finite values in increasing order.
+    let (mut lo, mut hi) = (0u8, 0x7E);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if e4m3_to_f32(mid) <= a {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let (dl, dh) = (a - e4m3_to_f32(lo), e4m3_to_f32(hi) - a);
+    let code = if dl < dh || (dl == dh && lo % 2 == 0) {
+        lo
+    } else {
+        hi
+    };
+    sign | code
+}
+
+/// CPU reference of `quant_fp8_groups`: each row of `x` (`[m, k]`) in groups of 128 inputs, the
+/// group's scale `max(amax, 1e-10) / 448` and its values `x / scale` as e4m3. Returns the bytes
+/// `[m, k]` and the scales `[m, ceil(k / 128)]`.
+pub fn quantize_groups<T: Element>(x: &[T], k: usize) -> Result<(Vec<u8>, Vec<f32>), KernelError> {
+    check_shape(
+        k > 0 && x.len().is_multiple_of(k),
+        "quant_fp8_groups",
+        || format!("x has {} elements, not rows of {k}", x.len()),
+    )?;
+    let mut q = Vec::with_capacity(x.len());
+    let mut scales = Vec::with_capacity(x.len() / k * k.div_ceil(GROUP));
+    for row in x.chunks_exact(k) {
+        for group in row.chunks(GROUP) {
+            let amax = group.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+            let scale = amax.max(MIN_AMAX) / E4M3_MAX;
+            scales.push(scale);
+            q.extend(group.iter().map(|v| f32_to_e4m3(v.to_f32() / scale)));
+        }
+    }
+    Ok((q, scales))
+}
+
+/// CPU reference of `w8a8_gemm` (see the module doc): each block's e4m3 products summed in f32
+/// in input order, then scaled and added in block order.
+pub fn w8a8_gemm<T: Element>(
+    qa: &[u8],
+    sa: &[f32],
+    qw: &[u8],
+    sw: &[f32],
+    s: &W8a8Shape,
+    y: &mut [T],
+) -> Result<(), KernelError> {
+    w8a8_shape(s, qa.len(), sa.len(), qw.len(), sw.len(), y.len())?;
+    let blocks = s.k.div_ceil(GROUP);
+    for r in 0..s.m {
+        for j in 0..s.n {
+            let mut acc = 0f32;
+            for kb in 0..blocks {
+                let cols = kb * GROUP..((kb + 1) * GROUP).min(s.k);
+                let inner: f32 = cols
+                    .map(|c| e4m3_to_f32(qa[r * s.k + c]) * e4m3_to_f32(qw[j * s.k + c]))
+                    .sum();
+                acc += inner * sa[r * blocks + kb] * sw[(j / s.block_n) * blocks + kb];
+            }
+            y[r * s.n + j] = T::from_f32(acc);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_encoding_rounds_to_nearest_even_and_saturates() {
+        for code in 0..=0x7Eu8 {
+            let v = e4m3_to_f32(code);
+            assert_eq!(f32_to_e4m3(v), code, "{v}");
+            assert_eq!(f32_to_e4m3(-v), code | 0x80, "-{v}");
+        }
+        // 1.0 (0x38) and 1.125 (0x39): the midpoint goes to the even code.
+        assert_eq!(f32_to_e4m3(1.0625), 0x38);
+        assert_eq!(f32_to_e4m3(1.07), 0x39);
+        // 1.125 and 1.25: the midpoint 1.1875 goes to the even 1.25 (0x3A).
+        assert_eq!(f32_to_e4m3(1.1875), 0x3A);
+        assert_eq!(f32_to_e4m3(1e6), 0x7E);
+        assert_eq!(f32_to_e4m3(-1e6), 0xFE);
+        assert_eq!(f32_to_e4m3(2f32.powi(-11)), 0x00); // below half the smallest subnormal
+        assert_eq!(f32_to_e4m3(f32::NAN), 0x7F);
+    }
+
+    /// The encoder agrees with the float8 crate (candle's e4m3) on values across the range.
+    #[test]
+    fn e4m3_encoding_matches_the_float8_crate() {
+        let mut v = 2f32.powi(-10);
+        while v < 460.0 {
+            for x in [v, -v, v * 1.03, v * 0.97] {
+                let theirs = float8::F8E4M3::from_f32(x.clamp(-448.0, 448.0)).to_bits();
+                assert_eq!(f32_to_e4m3(x), theirs, "{x}");
+            }
+            v *= 1.07;
+        }
+    }
+
+    #[test]
+    fn the_gemm_of_quantized_activations_approximates_the_f32_product() {
+        let (m, n, k) = (3, 5, 300);
+        let mut seed = 3u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        };
+        let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| next() * 0.1).collect();
+        let s = W8a8Shape {
+            m,
+            n,
+            k,
+            block_n: 2,
+        };
+        let (qa, sa) = quantize_groups(&x, k).unwrap();
+        assert_eq!(sa.len(), s.act_scale_len());
+        // Weights: per block of 2 x 128, scale amax / 448.
+        let blocks = k.div_ceil(GROUP);
+        let mut sw = vec![0f32; s.weight_scale_len()];
+        for (b, scale) in sw.iter_mut().enumerate() {
+            let (rb, kb) = (b / blocks, b % blocks);
+            let amax = (rb * 2..(rb * 2 + 2).min(n))
+                .flat_map(|j| (kb * GROUP..((kb + 1) * GROUP).min(k)).map(move |c| (j, c)))
+                .fold(0f32, |a, (j, c)| a.max(w[j * k + c].abs()));
+            *scale = amax / E4M3_MAX;
+        }
+        let qw: Vec<u8> = (0..n * k)
+            .map(|i| f32_to_e4m3(w[i] / sw[(i / k / 2) * blocks + (i % k) / GROUP]))
+            .collect();
+        let mut y = vec![0f32; m * n];
+        w8a8_gemm(&qa, &sa, &qw, &sw, &s, &mut y).unwrap();
+        for r in 0..m {
+            for j in 0..n {
+                let exact: f32 = (0..k).map(|c| x[r * k + c] * w[j * k + c]).sum();
+                let scale: f32 = (0..k).map(|c| (x[r * k + c] * w[j * k + c]).abs()).sum();
+                assert!(
+                    (y[r * n + j] - exact).abs() < 0.05 * scale,
+                    "{r},{j}: {} vs {exact}",
+                    y[r * n + j]
+                );
+            }
+        }
+        assert!(w8a8_gemm(&qa, &sa[1..], &qw, &sw, &s, &mut y).is_err());
+    }
+}
