@@ -90,6 +90,12 @@ pub struct ModelArgs {
     /// bf16; on the CPU their references).
     #[arg(long, default_value = "candle")]
     pub layer_kernels: String,
+    /// Block-FP8 projections (DeepSeek-V3, Kimi K2, Qwen3 -FP8 checkpoints, 128-input scale
+    /// blocks): w8a16 (activations in the model dtype, weights decoded in the GEMM; the default)
+    /// or w8a8 (activations quantized per token and 128-input group to e4m3, FP8 tensor cores on
+    /// sm_89 and up, as the checkpoints were trained; w8a16 on a GPU without them, with a warning).
+    #[arg(long, default_value = "w8a16")]
+    pub fp8_gemm: String,
     /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the
     /// vocabulary split, one all-reduce per block). Without GPUs the ranks are threads of this
     /// process over the in-process collectives backend.
@@ -338,6 +344,7 @@ impl ModelArgs {
             ember_models::attention::AttentionBackend::parse(&self.attention_backend)?;
         opts.moe_backend = ember_models::fused_moe::MoeBackend::parse(&self.moe_backend)?;
         opts.layer_kernels = ember_models::layer_ops::LayerKernels::parse(&self.layer_kernels)?;
+        opts.fp8_gemm = ember_models::quantized::Fp8Gemm::parse(&self.fp8_gemm)?;
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }

@@ -68,6 +68,8 @@ pub struct LoadOptions {
     pub moe_backend: crate::fused_moe::MoeBackend,
     /// `--layer-kernels`: candle's RMSNorm, SiLU and RoPE ops, or ember's kernels.
     pub layer_kernels: crate::layer_ops::LayerKernels,
+    /// `--fp8-gemm`: block-FP8 projections as W8A16 or W8A8 (FP8 tensor cores, sm_89 and up).
+    pub fp8_gemm: crate::quantized::packed::Fp8Gemm,
     /// Hold 4-bit and block-FP8 checkpoint projections as stored and multiply them with the
     /// W4A16 / W8A16 kernels (`None`: on CUDA, where it saves the memory; on the CPU they are
     /// dequantized at load, which candle's matmuls run faster than the kernels' references).
@@ -97,9 +99,30 @@ impl LoadOptions {
             attention_backend: Default::default(),
             moe_backend: Default::default(),
             layer_kernels: Default::default(),
+            fp8_gemm: Default::default(),
             packed_weights: None,
         }
     }
+}
+
+/// `--fp8-gemm` as the device can run it: W8A8 needs FP8 tensor cores on a GPU (the CPU runs its
+/// references); without them it is W8A16, with a warning.
+fn fp8_gemm(opts: &LoadOptions) -> Result<crate::quantized::packed::Fp8Gemm> {
+    #[cfg(feature = "cuda")]
+    if let (crate::quantized::packed::Fp8Gemm::W8a8, Device::Cuda(device)) =
+        (opts.fp8_gemm, &opts.device)
+    {
+        let kernels = crate::cuda_attention::kernels(device)
+            .map_err(|e| EmberError::Config(format!("cannot load ember's kernels: {e}")))?;
+        if !kernels
+            .has_fp8_tensor_cores()
+            .map_err(|e| EmberError::Config(e.to_string()))?
+        {
+            tracing::warn!("--fp8-gemm w8a8: this GPU has no FP8 tensor cores; using w8a16");
+            return Ok(crate::quantized::packed::Fp8Gemm::W8a16);
+        }
+    }
+    Ok(opts.fp8_gemm)
 }
 
 /// A model ready to run, with what the rest of ember needs to know about it.
@@ -368,6 +391,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     .with_attention_backend(opts.attention_backend)
     .with_moe_backend(opts.moe_backend)
     .with_layer_kernels(opts.layer_kernels)
+    .with_fp8_gemm(fp8_gemm(opts)?)
     .with_calculate_kv_scales(opts.calculate_kv_scales)
     .with_packed_weights(packed_weights(opts));
     let build = |weights: &Weights| -> Result<DecoderModel> {

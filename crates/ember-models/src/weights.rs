@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use crate::attention::AttentionBackend;
 use crate::fused_moe::MoeBackend;
 use crate::layer_ops::LayerKernels;
+use crate::quantized::packed::Fp8Gemm;
 use ember_core::{EmberError, Result, WeightQuantization};
 
 use crate::moe::ExpertLoad;
@@ -45,6 +46,7 @@ pub struct Weights {
     attention_backend: AttentionBackend,
     moe_backend: MoeBackend,
     layer_kernels: LayerKernels,
+    fp8_gemm: Fp8Gemm,
     calculate_kv_scales: bool,
     /// 4-bit and block-FP8 checkpoint weights are held as stored for the W4A16 / W8A16 kernels
     /// instead of dequantized.
@@ -78,6 +80,7 @@ impl Weights {
             attention_backend: AttentionBackend::default(),
             moe_backend: MoeBackend::default(),
             layer_kernels: LayerKernels::default(),
+            fp8_gemm: Fp8Gemm::default(),
             calculate_kv_scales: false,
             packed_weights: false,
             held: Arc::default(),
@@ -98,6 +101,7 @@ impl Weights {
             attention_backend: AttentionBackend::default(),
             moe_backend: MoeBackend::default(),
             layer_kernels: LayerKernels::default(),
+            fp8_gemm: Fp8Gemm::default(),
             calculate_kv_scales: false,
             packed_weights: false,
             held: Arc::default(),
@@ -172,6 +176,16 @@ impl Weights {
     /// RoPE on.
     pub fn layer_kernels(&self) -> LayerKernels {
         self.layer_kernels
+    }
+
+    /// The same weights, with block-FP8 projections multiplying by `fp8_gemm`.
+    pub fn with_fp8_gemm(self, fp8_gemm: Fp8Gemm) -> Self {
+        Self { fp8_gemm, ..self }
+    }
+
+    /// How block-FP8 projections loaded from these weights multiply.
+    pub fn fp8_gemm(&self) -> Fp8Gemm {
+        self.fp8_gemm
     }
 
     /// `--calculate-kv-scales`: attention layers compute their fp8 cache scales from the first

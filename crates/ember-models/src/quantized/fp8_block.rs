@@ -84,5 +84,8 @@ pub(crate) fn load(
     let scales = Tensor::from_vec(scales, shape.scale_len(), device).map_err(err)?;
     weights.note_held(tensor_bytes(&weight) + tensor_bytes(&scales));
     let layer = PackedLinear::new(weight, scales, shape, bias, None, weights.dtype());
-    Ok(Some(layer))
+    Ok(Some(match weights.fp8_gemm() {
+        super::packed::Fp8Gemm::W8a8 => layer.with_w8a8(),
+        super::packed::Fp8Gemm::W8a16 => layer,
+    }))
 }

@@ -9,6 +9,7 @@ pub mod fp8_block;
 pub mod int4;
 pub(crate) mod packed;
 pub(crate) use packed::computes_in as packed_computes_in;
+pub use packed::Fp8Gemm;
 pub mod packed_int;
 
 use candle_core::{DType, Device, Tensor};

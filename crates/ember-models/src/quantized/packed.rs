@@ -156,6 +156,32 @@ packed_format!(
     W8a16
 );
 
+/// How block-FP8 projections multiply (`--fp8-gemm`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Fp8Gemm {
+    /// Activations in the model dtype, weights decoded in the GEMM (the W8A16 kernels): the
+    /// default until the W8A8 kernel has run on a GPU, and the only path on sm_80.
+    #[default]
+    W8a16,
+    /// Activations quantized per token and 128-input group to e4m3, FP8 tensor cores (sm_89 and
+    /// up; on the CPU the kernels' references), as DeepSeek-V3 was trained: checkpoints with
+    /// 128-input scale blocks.
+    W8a8,
+}
+
+impl Fp8Gemm {
+    /// Parses `--fp8-gemm`.
+    pub fn parse(name: &str) -> ember_core::Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "w8a16" | "auto" => Ok(Self::W8a16),
+            "w8a8" => Ok(Self::W8a8),
+            other => Err(ember_core::EmberError::Config(format!(
+                "unknown --fp8-gemm {other:?}; use w8a16 or w8a8"
+            ))),
+        }
+    }
+}
+
 /// A projection over a packed weight (see the module doc).
 pub(crate) struct PackedLinear<F: PackedFormat> {
     /// The packed bytes (u8).
@@ -168,6 +194,9 @@ pub(crate) struct PackedLinear<F: PackedFormat> {
     order: Option<Tensor>,
     /// The model dtype, which [`LinearLayer::weight`] returns.
     dtype: DType,
+    /// W8A8 (e4m3 weights with 128-input scale blocks only): every batch quantizes its
+    /// activations and runs the FP8 GEMM.
+    w8a8: Option<ember_kernels::w8a8::W8a8Shape>,
 }
 
 impl<F: PackedFormat> PackedLinear<F> {
@@ -186,6 +215,27 @@ impl<F: PackedFormat> PackedLinear<F> {
             bias,
             order,
             dtype,
+            w8a8: None,
+        }
+    }
+}
+
+impl PackedLinear<W8a16Shape> {
+    /// The same projection multiplied by the W8A8 GEMM, when its scale blocks are 128 inputs wide;
+    /// unchanged otherwise.
+    pub(crate) fn with_w8a8(self) -> Self {
+        if self.format.block_k != ember_kernels::w8a8::GROUP || self.order.is_some() {
+            return self;
+        }
+        let shape = ember_kernels::w8a8::W8a8Shape {
+            m: 0,
+            n: self.format.n,
+            k: self.format.k,
+            block_n: self.format.block_n,
+        };
+        Self {
+            w8a8: Some(shape),
+            ..self
         }
     }
 }
@@ -246,7 +296,12 @@ impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
             Some(order) => x2.index_select(order, 1)?,
             None => x2.contiguous()?,
         };
-        let y = if m <= GEMV_MAX_ROWS {
+        let y = if let Some(shape) = self.w8a8 {
+            let op = W8a8Gemm {
+                shape: ember_kernels::w8a8::W8a8Shape { m, ..shape },
+            };
+            x2.apply_op3_no_bwd(&self.bytes, &self.params, &op)?
+        } else if m <= GEMV_MAX_ROWS {
             let op = Gemm {
                 format: self.format,
                 m,
@@ -487,5 +542,194 @@ impl<F: PackedFormat> CustomOp2 for Dequant<F> {
             other => candle_core::bail!("{} gives f32 or bf16, not {other:?}", F::DEQUANT),
         };
         Ok((out, Shape::from((n, k))))
+    }
+}
+
+/// The W8A8 GEMM over `x` `[m, k]` (f32 or bf16), e4m3 bytes and block scales: activations
+/// quantized per token and 128-input group, then the FP8 GEMM (tensor cores on CUDA, the
+/// references on the CPU).
+struct W8a8Gemm {
+    shape: ember_kernels::w8a8::W8a8Shape,
+}
+
+impl W8a8Gemm {
+    fn cpu<T: Element + candle_core::WithDType>(
+        &self,
+        x: &[T],
+        bytes: &[u8],
+        scales: &[f32],
+    ) -> candle_core::Result<Vec<T>> {
+        use ember_kernels::w8a8;
+        let wrap = candle_core::Error::wrap;
+        let s = &self.shape;
+        let (qa, sa) = w8a8::quantize_groups(x, s.k).map_err(wrap)?;
+        let mut y = vec![T::from_f32(0.0); s.m * s.n];
+        w8a8::w8a8_gemm(&qa, &sa, bytes, scales, s, &mut y).map_err(wrap)?;
+        Ok(y)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda<T: ember_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
+        &self,
+        kernels: &ember_kernels::cuda::CudaKernels,
+        device: &candle_core::CudaDevice,
+        x: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
+        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
+        scales: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
+    ) -> candle_core::Result<candle_core::CudaStorage> {
+        let wrap = candle_core::Error::wrap;
+        let s = &self.shape;
+        let mut qa = device.alloc_zeros::<u8>(s.m * s.k)?;
+        let mut sa = device.alloc_zeros::<f32>(s.act_scale_len())?;
+        kernels
+            .quant_fp8_groups(x, s.k, &mut qa, &mut sa)
+            .map_err(wrap)?;
+        let mut y = device.alloc_zeros::<T>(s.m * s.n)?;
+        kernels
+            .w8a8_gemm(&qa.as_view(), &sa.as_view(), bytes, scales, s, &mut y)
+            .map_err(wrap)?;
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(y, device.clone()))
+    }
+}
+
+impl CustomOp3 for W8a8Gemm {
+    fn name(&self) -> &'static str {
+        "ember-w8a8"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        bytes: &CpuStorage,
+        bytes_layout: &Layout,
+        params: &CpuStorage,
+        params_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bytes, scales) = packed_slices(bytes, bytes_layout, params, params_layout)?;
+        let range = crate::contiguous_range(x_layout, "W8A8 GEMM input")?;
+        let out = match x {
+            CpuStorage::F32(x) => CpuStorage::F32(self.cpu(&x[range], bytes, scales)?),
+            CpuStorage::BF16(x) => CpuStorage::BF16(self.cpu(&x[range], bytes, scales)?),
+            other => candle_core::bail!(
+                "the W8A8 GEMM takes f32 or bf16 inputs, not {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        Ok((out, Shape::from((self.shape.m, self.shape.n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        bytes: &candle_core::CudaStorage,
+        bytes_layout: &Layout,
+        params: &candle_core::CudaStorage,
+        params_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = x.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        let (bytes, scales) = packed_views(bytes, bytes_layout, params, params_layout)?;
+        let range = crate::contiguous_range(x_layout, "W8A8 GEMM input")?;
+        let out = match x.dtype() {
+            DType::F32 => {
+                let xs = x.as_cuda_slice::<f32>()?.slice(range);
+                self.cuda(&kernels, &device, &xs, &bytes, &scales)?
+            }
+            DType::BF16 => {
+                let xs = x.as_cuda_slice::<half::bf16>()?.slice(range);
+                self.cuda(&kernels, &device, &xs, &bytes, &scales)?
+            }
+            other => candle_core::bail!("the W8A8 GEMM takes f32 or bf16 inputs, not {other:?}"),
+        };
+        Ok((out, Shape::from((self.shape.m, self.shape.n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_kernels::w8a16::e4m3_to_f32;
+    use ember_kernels::w8a8::{quantize_groups, GROUP};
+
+    /// The W8A8 projection is the dense product of the fake-quantized activations (each group's
+    /// e4m3 values times its scale) and the decoded weight, to f32 rounding: the op quantizes
+    /// with the right groups and applies both scales where they belong (128 x 128 blocks with a
+    /// ragged edge, n 200 and k 300).
+    #[test]
+    fn the_w8a8_projection_multiplies_fake_quantized_activations_by_the_decoded_weight() {
+        let (m, n, k) = (5, 200, 300);
+        let mut seed = 5u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed >> 8
+        };
+        let bytes: Vec<u8> = (0..n * k)
+            .map(|_| (next() % 0x7F) as u8 | ((next() % 2) << 7) as u8)
+            .collect();
+        let shape = W8a16Shape {
+            m: 0,
+            n,
+            k,
+            block_n: 128,
+            block_k: 128,
+        };
+        let scales: Vec<f32> = (0..shape.scale_len())
+            .map(|_| (next() % 100 + 1) as f32 / 3000.0)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|_| (next() % 4000) as f32 / 1000.0 - 2.0)
+            .collect();
+        let dev = candle_core::Device::Cpu;
+        let layer = PackedLinear::new(
+            Tensor::from_vec(bytes.clone(), n * k, &dev).unwrap(),
+            Tensor::from_vec(scales.clone(), shape.scale_len(), &dev).unwrap(),
+            shape,
+            None,
+            None,
+            DType::F32,
+        )
+        .with_w8a8();
+        assert!(layer.w8a8.is_some());
+        let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+        let got = layer.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
+        let (qa, sa) = quantize_groups(&x, k).unwrap();
+        let groups = k.div_ceil(GROUP);
+        for r in 0..m {
+            for j in 0..n {
+                let (mut want, mut magnitude) = (0f32, 0f32);
+                for c in 0..k {
+                    let a = e4m3_to_f32(qa[r * k + c]) * sa[r * groups + c / GROUP];
+                    let w = e4m3_to_f32(bytes[j * k + c]) * scales[(j / 128) * groups + c / 128];
+                    want += a * w;
+                    magnitude += (a * w).abs();
+                }
+                let g = got[r][j];
+                assert!(
+                    (g - want).abs() <= 1e-5 * magnitude + 1e-6,
+                    "{r},{j}: {g} vs {want}"
+                );
+            }
+        }
+        // A weight whose scale blocks are not 128 inputs wide keeps W8A16.
+        let other = PackedLinear::new(
+            Tensor::from_vec(bytes, n * k, &dev).unwrap(),
+            Tensor::from_vec(vec![1f32; n], n, &dev).unwrap(),
+            W8a16Shape {
+                m: 0,
+                n,
+                k,
+                block_n: 1,
+                block_k: k,
+            },
+            None,
+            None,
+            DType::F32,
+        )
+        .with_w8a8();
+        assert!(other.w8a8.is_none());
     }
 }
