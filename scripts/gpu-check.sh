@@ -10,7 +10,7 @@
 #   3. ember-engine's CUDA tests: the tiny checkpoints on CUDA against transformers (f32, bf16), cache sizing
 #   4. ember bench latency on a dummy-weight Qwen3-30B-A3B (real shape, bf16), batch 1 and 10, with
 #      candle's attention, with ember's paged attention kernel, with all of ember's kernels (that,
-#      the fused MoE and the layer kernels), and with those over online FP8 weights (W8A16)
+#      the fused MoE and the layer kernels), and with those over online FP8 weights (W8A16, W8A8)
 #   5. ember serve on that model + ember bench serve, 2048 in / 1024 out at concurrency 10 (shortened
 #      with EMBER_GPU_PROMPTS), results JSON to $OUT
 # EMBER_GPU_STEPS="1 2 3" runs a subset.
@@ -77,14 +77,14 @@ fi
 MODEL=models/configs/qwen3-30b-a3b
 TOK=models/qwen3-moe-tiny
 if step 4; then
-    # attention, MoE and layer kernels, weights (auto: bf16; fp8: online FP8, the W8A16 kernels).
-    for backends in "tensor experts candle auto" "ember experts candle auto" "ember fused ember auto" \
-        "ember fused ember fp8"; do
-        read -r attention moe layer quant <<< "$backends"
+    # attention, MoE and layer kernels, weights (auto: bf16; fp8: online FP8) and the FP8 GEMM.
+    for backends in "tensor experts candle auto w8a16" "ember experts candle auto w8a16" \
+        "ember fused ember auto w8a16" "ember fused ember fp8 w8a16" "ember fused ember fp8 w8a8"; do
+        read -r attention moe layer quant fp8 <<< "$backends"
         for bs in 1 10; do
             run "$BIN/ember" bench latency --model "$MODEL" --load-format dummy --tokenizer "$TOK" \
                 --device cuda --dtype bfloat16 --attention-backend "$attention" --moe-backend "$moe" --layer-kernels "$layer" \
-                --quantization "$quant" --batch-size "$bs" --input-len 2048 --output-len 128 \
+                --quantization "$quant" --fp8-gemm "$fp8" --batch-size "$bs" --input-len 2048 --output-len 128 \
                 --num-iters-warmup 1 --num-iters 3
         done
     done

@@ -308,16 +308,35 @@ pub fn projection_from_weight(
                     weights.prefix()
                 ))
             })?;
+        // Under W8A8 each row's scale is repeated over its 128-input blocks, the layout the FP8
+        // GEMM reads (and the W8A16 kernels too).
+        let w8a8 = weights.fp8_gemm() == crate::quantized::Fp8Gemm::W8a8;
+        let (scales, shape) = if w8a8 {
+            let groups = shape.k.div_ceil(ember_kernels::w8a8::GROUP);
+            let scales = scales
+                .reshape((shape.n, 1))
+                .and_then(|s| s.repeat((1, groups)))
+                .and_then(|s| s.flatten_all())
+                .map_err(|e| EmberError::Tensor(e.to_string()))?;
+            let shape = ember_kernels::w8a16::W8a16Shape {
+                block_k: ember_kernels::w8a8::GROUP,
+                ..shape
+            };
+            (scales, shape)
+        } else {
+            (scales, shape)
+        };
         let held = bytes.elem_count() + 4 * scales.elem_count();
         weights.note_held(held as i64 - tensor_bytes(&weight));
-        return Ok(Arc::new(crate::quantized::packed::PackedLinear::new(
+        let layer = crate::quantized::packed::PackedLinear::new(
             bytes,
             scales,
             shape,
             bias,
             None,
             weight.dtype(),
-        )));
+        );
+        return Ok(Arc::new(if w8a8 { layer.with_w8a8() } else { layer }));
     }
     let layer = Fp8ChannelLinear::quantize(&weight, bias).map_err(|e| {
         EmberError::Weights(format!(

@@ -844,7 +844,8 @@ fn online_fp8_held_for_the_w8a16_kernels_gives_the_dequantized_logprobs() {
     }
 }
 
-/// `--fp8-gemm w8a8` on the FP8 checkpoints held as stored: every block-FP8 projection quantizes
+/// `--fp8-gemm w8a8` on the FP8 checkpoints held as stored, and on online FP8 (each row's scale
+/// repeated over its 128-input blocks): every FP8 projection quantizes
 /// its activations per token and 128-input group to e4m3 and runs the FP8 GEMM (its CPU
 /// references here), through prefill, decode and chunks, at TP 1 and 2, holding the same bytes.
 /// Each projection is exact against fake-quantized activations times the decoded weight (the unit
@@ -859,21 +860,28 @@ fn online_fp8_held_for_the_w8a16_kernels_gives_the_dequantized_logprobs() {
 fn w8a8_fp8_gemm_stays_within_activation_rounding_of_w8a16() {
     const MAX: f32 = 20.0;
     const MEAN: f32 = 1.0;
-    for name in [
-        "deepseek-v3-fp8-tiny",
-        "deepseek-v3-fp8-ue8m0-tiny",
-        "deepseek-v3-fp8-256-tiny",
+    // (checkpoint, online FP8): the block-FP8 checkpoints, and online FP8 of a bf16 one.
+    for (name, online) in [
+        ("deepseek-v3-fp8-tiny", false),
+        ("deepseek-v3-fp8-ue8m0-tiny", false),
+        ("deepseek-v3-fp8-256-tiny", false),
+        ("qwen3-moe-tiny", true),
     ] {
         for tp in [1, 2] {
             let mut opts = options(name, tp, false);
             opts.packed_weights = Some(true);
+            if online {
+                opts.quantization = ember_core::QuantizationRequest::Fp8;
+            }
             let w8a16 = load_model(&opts).unwrap();
             opts.fp8_gemm = ember_models::quantized::Fp8Gemm::W8a8;
             let w8a8 = load_model(&opts).unwrap();
-            assert_eq!(
-                w8a8.rank_weight_bytes, w8a16.rank_weight_bytes,
-                "{name} tp {tp}"
-            );
+            if !online {
+                assert_eq!(
+                    w8a8.rank_weight_bytes, w8a16.rank_weight_bytes,
+                    "{name} tp {tp}"
+                );
+            }
             for run in [run_steps, run_prefill] {
                 let (a, b) = (logprobs(&run(&w8a16)), logprobs(&run(&w8a8)));
                 // Over the tokens W8A16 gives at least 1e-3 (the tail's logprobs are noise).
