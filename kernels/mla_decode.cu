@@ -11,27 +11,11 @@
 #include <float.h>
 
 #include "element.cuh"
+#include "warp.cuh"
 
 #define MLA_THREADS 128
 // kv_lora_rank / MLA_THREADS, rounded up: MLA_MAX_RANK (1024) in mla_decode.rs.
 #define MLA_MAX_V_PER_THREAD 8
-
-__device__ __forceinline__ float mla_warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Max over the block; every thread gets it. `scratch` holds one float per warp.
-__device__ float mla_block_max(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = mla_warp_max(v);
-  __syncthreads();  // scratch may still be read from the previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float m = -FLT_MAX;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, scratch[w]);
-  return m;
-}
 
 template <typename T>
 __device__ void mla_decode(T* __restrict__ out, const T* __restrict__ q,
@@ -74,7 +58,7 @@ __device__ void mla_decode(T* __restrict__ out, const T* __restrict__ q,
       for (int d = 0; d < rope_dim; ++d) rope += q_s[rank + d] * load_f32(r_row[d]);
       s = (dot + rope) * scale;
     }
-    const float m_new = fmaxf(m, mla_block_max(s, scratch));
+    const float m_new = fmaxf(m, block_max(s, scratch));
     const float alpha = __expf(m - m_new);
     w_s[tid] = p < ctx ? __expf(s - m_new) : 0.f;
     __syncthreads();

@@ -50,13 +50,8 @@ __device__ void grouped_w4a16(T* __restrict__ out, const T* __restrict__ x,
     // group_size is even, so both inputs of a byte share a group.
     const int g = c / group_size;
     const float s = row_qparams[2 * g], z = row_qparams[2 * g + 1];
-    const unsigned char byte = row_codes[b];
-    float w0 = w4_value(byte & 15, z, e2m1) * s;
-    float w1 = w4_value(byte >> 4, z, e2m1) * s;
-    if (f16_weights) {
-      w0 = __half2float(__float2half_rn(w0));
-      w1 = __half2float(__float2half_rn(w1));
-    }
+    float w0, w1;
+    w4_pair(row_codes[b], s, z, e2m1, f16_weights, w0, w1);
 #pragma unroll
     for (int r = 0; r < GW4_ROWS; ++r) {
       if (ids[r] < (unsigned)num_entries) {

@@ -7,6 +7,7 @@
 // bytes) and reduce with shuffles; padding rows are skipped. CPU reference and numerics:
 // crates/ember-kernels/src/fused_moe.rs (grouped_w8a16).
 #include "element.cuh"
+#include "w8.cuh"
 #include "warp.cuh"
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -46,8 +47,7 @@ __device__ void grouped_w8a16(T* __restrict__ out, const T* __restrict__ x,
 #pragma unroll
   for (int r = 0; r < GW8_ROWS; ++r) acc[r] = 0.f;
   for (int c = lane; c < k_in; c += 32) {
-    const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)row_w[c], __NV_E4M3);
-    const float wv = __half2float(__half(h)) * row_scales[c / block_k];
+    const float wv = e4m3_weight(row_w[c], row_scales[c / block_k]);
 #pragma unroll
     for (int r = 0; r < GW8_ROWS; ++r) {
       if (ids[r] < (unsigned)num_entries)

@@ -11,27 +11,11 @@
 #include <float.h>
 
 #include "element.cuh"
+#include "warp.cuh"
 
 #define PA_THREADS 128
 // v_dim / PA_THREADS, rounded up: MAX_V_DIM (1024) in paged_attention.rs.
 #define PA_MAX_V_PER_THREAD 8
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Max over the block; every thread gets it. `scratch` holds one float per warp.
-__device__ float block_max(float v, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_max(v);
-  __syncthreads();  // scratch may still be read from the previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float m = -FLT_MAX;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, scratch[w]);
-  return m;
-}
 
 template <typename T>
 __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,

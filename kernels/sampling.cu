@@ -13,70 +13,8 @@ __device__ __forceinline__ bool argmax_better(float v, unsigned i, float best, u
   return v > best || (v == best && i < best_i);
 }
 
-extern "C" __global__ void argmax_f32(unsigned* __restrict__ out, const float* __restrict__ logits,
-                                      int vocab) {
-  const float* row = logits + (size_t)blockIdx.x * vocab;
-  float best = -CUDART_INF_F;
-  unsigned best_i = NO_INDEX;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float v = row[i];
-    if (argmax_better(v, (unsigned)i, best, best_i)) {
-      best = v;
-      best_i = (unsigned)i;
-    }
-  }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float v = __shfl_down_sync(0xffffffffu, best, offset);
-    const unsigned i = __shfl_down_sync(0xffffffffu, best_i, offset);
-    if (argmax_better(v, i, best, best_i)) {
-      best = v;
-      best_i = i;
-    }
-  }
-  __shared__ float warp_best[ARGMAX_THREADS / 32];
-  __shared__ unsigned warp_index[ARGMAX_THREADS / 32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    warp_best[warp] = best;
-    warp_index[warp] = best_i;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
-      if (argmax_better(warp_best[w], warp_index[w], best, best_i)) {
-        best = warp_best[w];
-        best_i = warp_index[w];
-      }
-    }
-    out[blockIdx.x] = best_i == NO_INDEX ? 0u : best_i;
-  }
-}
-
-// --- Temperature sampling with top-k, top-p and min-p: one block of SAMPLE_THREADS per row. -----
-// The rules and the CPU reference: crates/ember-kernels/src/sampling.rs (sample_rows). Every sum
-// is over 64-bit fixed-point masses and every cut an exact radix select over order-preserving
-// keys, so the result does not depend on the order threads add in.
-#define SAMPLE_THREADS 512
-#define MASS_ONE 1099511627776.0  // 2^40
-
-__device__ __forceinline__ float sample_score(float logit, float t) {
-  const float s = __fdiv_rn(logit, t);
-  if (isnan(s)) return -CUDART_INF_F;
-  if (s == CUDART_INF_F) return FLT_MAX;
-  return s;
-}
-
-__device__ __forceinline__ unsigned sample_key(float s) {
-  const unsigned b = __float_as_uint(s);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-__device__ __forceinline__ unsigned long long sample_mass(float w) {
-  return (unsigned long long)((double)w * MASS_ONE);
-}
-
-// The row's argmax as argmax_f32 takes it, for any blockDim that is a multiple of 32; every
-// thread gets it.
+// The row's argmax under argmax_better's order, for any blockDim that is a multiple of 32 (at
+// most 1024); every thread gets it.
 __device__ unsigned block_argmax(const float* row, int vocab) {
   __shared__ float warp_best[32];
   __shared__ unsigned warp_index[32];
@@ -115,6 +53,35 @@ __device__ unsigned block_argmax(const float* row, int vocab) {
   }
   __syncthreads();
   return result;
+}
+
+extern "C" __global__ void argmax_f32(unsigned* __restrict__ out, const float* __restrict__ logits,
+                                      int vocab) {
+  const unsigned best = block_argmax(logits + (size_t)blockIdx.x * vocab, vocab);
+  if (threadIdx.x == 0) out[blockIdx.x] = best;
+}
+
+// --- Temperature sampling with top-k, top-p and min-p: one block of SAMPLE_THREADS per row. -----
+// The rules and the CPU reference: crates/ember-kernels/src/sampling.rs (sample_rows). Every sum
+// is over 64-bit fixed-point masses and every cut an exact radix select over order-preserving
+// keys, so the result does not depend on the order threads add in.
+#define SAMPLE_THREADS 512
+#define MASS_ONE 1099511627776.0  // 2^40
+
+__device__ __forceinline__ float sample_score(float logit, float t) {
+  const float s = __fdiv_rn(logit, t);
+  if (isnan(s)) return -CUDART_INF_F;
+  if (s == CUDART_INF_F) return FLT_MAX;
+  return s;
+}
+
+__device__ __forceinline__ unsigned sample_key(float s) {
+  const unsigned b = __float_as_uint(s);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned long long sample_mass(float w) {
+  return (unsigned long long)((double)w * MASS_ONE);
 }
 
 __device__ float sample_block_max(float v) {

@@ -1,6 +1,8 @@
-// The weight of a 4-bit code before its scale, shared by the W4A16 kernels (w4a16.cu,
-// moe_w4a16.cu). CPU reference: crates/ember-kernels/src/w4a16.rs (code_value).
+// The weights of 4-bit codes, shared by the W4A16 kernels (w4a16.cu, moe_w4a16.cu). CPU
+// reference: crates/ember-kernels/src/w4a16.rs (code_value, weight).
 #pragma once
+
+#include <cuda_fp16.h>
 
 // One 4-bit code's weight before its scale: the integer less the zero point, or the e2m1 value
 // (sign bit 3, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6).
@@ -13,3 +15,15 @@ __device__ __forceinline__ float w4_value(unsigned int code, float zero, int e2m
   return (code & 8) ? -magnitude : magnitude;
 }
 
+
+// The two weights of one byte of codes (the even input in the low nibble) under its group's
+// scale and zero point, rounded to float16 when `f16_weights`.
+__device__ __forceinline__ void w4_pair(unsigned char byte, float scale, float zero, int e2m1,
+                                        int f16_weights, float& w0, float& w1) {
+  w0 = w4_value(byte & 15, zero, e2m1) * scale;
+  w1 = w4_value(byte >> 4, zero, e2m1) * scale;
+  if (f16_weights) {
+    w0 = __half2float(__float2half_rn(w0));
+    w1 = __half2float(__float2half_rn(w1));
+  }
+}

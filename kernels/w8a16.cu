@@ -6,6 +6,7 @@
 // where FP8 tensor cores do not exist. CPU reference and numerics contract:
 // crates/ember-kernels/src/w8a16.rs.
 #include "element.cuh"
+#include "w8.cuh"
 #include "warp.cuh"
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -30,8 +31,7 @@ __device__ void w8a16_gemm(T* __restrict__ y, const T* __restrict__ x,
 #pragma unroll
   for (int r = 0; r < W8A16_ROWS; ++r) acc[r] = 0.f;
   for (int c = lane; c < k; c += 32) {
-    const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)row_w[c], __NV_E4M3);
-    const float wv = __half2float(__half(h)) * row_scales[c / block_k];
+    const float wv = e4m3_weight(row_w[c], row_scales[c / block_k]);
 #pragma unroll
     for (int r = 0; r < W8A16_ROWS; ++r) {
       if (r < rows) acc[r] = fmaf(load_f32(x[(long long)(r0 + r) * k + c]), wv, acc[r]);
@@ -56,8 +56,7 @@ __device__ void w8a16_dequant(T* __restrict__ out, const unsigned char* __restri
        i += (long long)gridDim.x * blockDim.x) {
     const long long j = i / k;
     const int c = (int)(i % k);
-    const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)w[i], __NV_E4M3);
-    out[i] = store_f32<T>(__half2float(__half(h)) * scales[(j / block_n) * scale_cols + c / block_k]);
+    out[i] = store_f32<T>(e4m3_weight(w[i], scales[(j / block_n) * scale_cols + c / block_k]));
   }
 }
 

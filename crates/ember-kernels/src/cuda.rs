@@ -1096,20 +1096,9 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
     ) -> Result<(), KernelError> {
         let s = shape;
-        check_shape(
-            align.num_entries == s.num_entries
-                && align.num_experts == s.num_experts
-                && align.block_m == s.block_m,
-            "grouped_gemm",
-            || "the alignment was made for other entries, experts or block_m".into(),
-        )?;
+        let cap = self.check_alignment("grouped_gemm", align, s)?;
         // The sizes checks of the reference, on a host alignment of the same capacity.
-        let cap = align_capacity(s.num_entries, s.num_experts, s.block_m);
-        let host_shape = crate::fused_moe::MoeAlignment {
-            sorted_ids: vec![0; cap],
-            expert_ids: vec![0; cap / s.block_m.max(1)],
-            num_padded: 0,
-        };
+        let host_shape = host_alignment(cap, s.block_m);
         crate::fused_moe::grouped_gemm_shape(s, out.len(), x.len(), w.len(), &host_shape)?;
         if s.num_entries == 0 {
             return Ok(());
@@ -1170,11 +1159,7 @@ impl CudaKernels {
             "e4m3 weights are one byte each".into()
         })?;
         let cap = self.check_alignment(OP, align, s)?;
-        let host_shape = crate::fused_moe::MoeAlignment {
-            sorted_ids: vec![0; cap],
-            expert_ids: vec![0; cap / s.block_m.max(1)],
-            num_padded: 0,
-        };
+        let host_shape = host_alignment(cap, s.block_m);
         crate::fused_moe::grouped_w8a16_shape(
             s,
             blocks,
@@ -1235,11 +1220,7 @@ impl CudaKernels {
         const OP: &str = "grouped_w4a16";
         let s = shape;
         let cap = self.check_alignment(OP, align, s)?;
-        let host_shape = crate::fused_moe::MoeAlignment {
-            sorted_ids: vec![0; cap],
-            expert_ids: vec![0; cap / s.block_m.max(1)],
-            num_padded: 0,
-        };
+        let host_shape = host_alignment(cap, s.block_m);
         crate::fused_moe::grouped_w4a16_shape(
             s,
             params,
@@ -1335,6 +1316,15 @@ impl CudaKernels {
             || "the alignment was made for other entries, experts or block_m".into(),
         )?;
         Ok(align_capacity(s.num_entries, s.num_experts, s.block_m))
+    }
+}
+
+/// A host alignment of `cap` rows, for the reference's size checks of a device alignment.
+fn host_alignment(cap: usize, block_m: usize) -> crate::fused_moe::MoeAlignment {
+    crate::fused_moe::MoeAlignment {
+        sorted_ids: vec![0; cap],
+        expert_ids: vec![0; cap / block_m.max(1)],
+        num_padded: 0,
     }
 }
 

@@ -148,6 +148,21 @@ pub fn grouped_gemm<T: Element>(
     s: &GroupedGemmShape,
 ) -> Result<(), KernelError> {
     grouped_gemm_shape(s, out.len(), x.len(), w.len(), align)?;
+    grouped_rows(out, x, align, s, |e, n, c| {
+        w[(e * s.n_out + n) * s.k_in + c].to_f32()
+    });
+    Ok(())
+}
+
+/// The grouped GEMMs' common loop: `out[id, n] = Σ_c x[id / x_div, c] · weight(e, n, c)` over
+/// the alignment's real entries, `e` each one's expert, products summed in f32 in input order.
+fn grouped_rows<T: Element>(
+    out: &mut [T],
+    x: &[T],
+    align: &MoeAlignment,
+    s: &GroupedGemmShape,
+    weight: impl Fn(usize, usize, usize) -> f32,
+) {
     for (r, &id) in align.sorted_ids[..align.num_padded].iter().enumerate() {
         let id = id as usize;
         if id >= s.num_entries {
@@ -156,16 +171,14 @@ pub fn grouped_gemm<T: Element>(
         let e = align.expert_ids[r / s.block_m] as usize;
         let x_row = &x[id / s.x_div * s.k_in..][..s.k_in];
         for n in 0..s.n_out {
-            let w_row = &w[(e * s.n_out + n) * s.k_in..][..s.k_in];
             let acc: f32 = x_row
                 .iter()
-                .zip(w_row)
-                .map(|(a, b)| a.to_f32() * b.to_f32())
+                .enumerate()
+                .map(|(c, a)| a.to_f32() * weight(e, n, c))
                 .sum();
             out[id * s.n_out + n] = T::from_f32(acc);
         }
     }
-    Ok(())
 }
 
 /// Scale blocks of a grouped W8A16 GEMM's experts: `block_n x block_k` of each `[n_out, k_in]`
@@ -220,28 +233,10 @@ pub fn grouped_w8a16<T: Element>(
     grouped_w8a16_shape(s, blocks, out.len(), x.len(), w.len(), scales.len(), align)?;
     let per_expert = blocks.per_expert(s.n_out, s.k_in);
     let scale_cols = s.k_in.div_ceil(blocks.block_k);
-    for (r, &id) in align.sorted_ids[..align.num_padded].iter().enumerate() {
-        let id = id as usize;
-        if id >= s.num_entries {
-            continue;
-        }
-        let e = align.expert_ids[r / s.block_m] as usize;
-        let x_row = &x[id / s.x_div * s.k_in..][..s.k_in];
-        let expert_scales = &scales[e * per_expert..][..per_expert];
-        for n in 0..s.n_out {
-            let w_row = &w[(e * s.n_out + n) * s.k_in..][..s.k_in];
-            let row_scales = &expert_scales[n / blocks.block_n * scale_cols..][..scale_cols];
-            let acc: f32 = x_row
-                .iter()
-                .zip(w_row)
-                .enumerate()
-                .map(|(c, (a, &b))| {
-                    a.to_f32() * (crate::w8a16::e4m3_to_f32(b) * row_scales[c / blocks.block_k])
-                })
-                .sum();
-            out[id * s.n_out + n] = T::from_f32(acc);
-        }
-    }
+    grouped_rows(out, x, align, s, |e, n, c| {
+        let scale = scales[e * per_expert + n / blocks.block_n * scale_cols + c / blocks.block_k];
+        crate::w8a16::e4m3_to_f32(w[(e * s.n_out + n) * s.k_in + c]) * scale
+    });
     Ok(())
 }
 
@@ -322,26 +317,13 @@ pub fn grouped_w4a16<T: Element>(
         s.n_out * s.k_in / 2,
         s.n_out * (s.k_in / params.group_size) * 2,
     );
-    for (r, &id) in align.sorted_ids[..align.num_padded].iter().enumerate() {
-        let id = id as usize;
-        if id >= s.num_entries {
-            continue;
-        }
-        let e = align.expert_ids[r / s.block_m] as usize;
-        let x_row = &x[id / s.x_div * s.k_in..][..s.k_in];
+    grouped_rows(out, x, align, s, |e, n, c| {
         let (codes, qparams) = (
             &codes[e * codes_per..][..codes_per],
             &qparams[e * params_per..][..params_per],
         );
-        for n in 0..s.n_out {
-            let acc: f32 = x_row
-                .iter()
-                .enumerate()
-                .map(|(c, a)| a.to_f32() * crate::w4a16::weight(codes, qparams, &shape, n, c))
-                .sum();
-            out[id * s.n_out + n] = T::from_f32(acc);
-        }
-    }
+        crate::w4a16::weight(codes, qparams, &shape, n, c)
+    });
     Ok(())
 }
 

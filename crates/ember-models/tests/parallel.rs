@@ -497,40 +497,8 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
 #[test]
 fn adapted_experts_leave_the_fused_moe_for_the_step() {
     let _counted = counted();
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/lora/qwen3-moe-tiny-experts");
-    let run = |loaded: &LoadedModel, adapted: bool| -> Vec<Vec<f32>> {
-        let adapter = std::sync::Arc::new(
-            ember_models::lora::LoraAdapter::load(
-                &dir,
-                "experts",
-                1,
-                loaded.model.lora_targets(),
-                DType::F32,
-                &Device::Cpu,
-            )
-            .unwrap(),
-        );
-        let caches = caches(loaded);
-        let tokens: Vec<u32> = vec![3, 14, 15, 92, 65, 35];
-        let table = [0u32, 1];
-        let inputs = [SequenceInput {
-            token_ids: &tokens,
-            num_computed: 0,
-            block_table: &table,
-            all_logits: true,
-            adapter: adapted.then_some(&adapter),
-        }];
-        let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
-        logprobs(
-            &loaded
-                .model
-                .forward(&batch, &caches)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-        )
-    };
+    let run =
+        |loaded: &LoadedModel, adapted| run_adapted(loaded, "qwen3-moe-tiny-experts", adapted);
     let experts = load_model(&options("qwen3-moe-tiny", 1, false)).unwrap();
     let fused = load_model(&fused_options("qwen3-moe-tiny", 1, false)).unwrap();
     let diff = max_diff(&run(&experts, true), &run(&fused, true));
@@ -601,42 +569,10 @@ fn ember_layer_kernels_give_the_logprobs_of_candles_ops() {
 /// adapter path): the same logprobs as candle's ops with the adapter, not the base model's.
 #[test]
 fn adapted_gate_and_up_leave_the_fused_gemm_for_the_step() {
-    let _counted = counted();
     use ember_models::layer_ops::LayerKernels;
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/lora/qwen3-tiny-mlp-r4-rslora");
-    let run = |loaded: &LoadedModel, adapted: bool| -> Vec<Vec<f32>> {
-        let adapter = std::sync::Arc::new(
-            ember_models::lora::LoraAdapter::load(
-                &dir,
-                "mlp",
-                1,
-                loaded.model.lora_targets(),
-                DType::F32,
-                &Device::Cpu,
-            )
-            .unwrap(),
-        );
-        let caches = caches(loaded);
-        let tokens: Vec<u32> = vec![3, 14, 15, 92, 65, 35];
-        let table = [0u32, 1];
-        let inputs = [SequenceInput {
-            token_ids: &tokens,
-            num_computed: 0,
-            block_table: &table,
-            all_logits: true,
-            adapter: adapted.then_some(&adapter),
-        }];
-        let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
-        logprobs(
-            &loaded
-                .model
-                .forward(&batch, &caches)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-        )
-    };
+    let _counted = counted();
+    let run =
+        |loaded: &LoadedModel, adapted| run_adapted(loaded, "qwen3-tiny-mlp-r4-rslora", adapted);
     let candle = load_model(&options("qwen3-tiny", 1, false)).unwrap();
     let mut opts = options("qwen3-tiny", 1, false);
     opts.layer_kernels = LayerKernels::Ember;
@@ -647,6 +583,8 @@ fn adapted_gate_and_up_leave_the_fused_gemm_for_the_step() {
     assert!(moved > 1e-3, "the adapter changed nothing ({moved})");
 }
 
+/// The logprobs of a two-sequence prefill then decode whose second sequence takes the adapter
+/// in `models/lora/<adapter_dir>` when `adapted`.
 fn run_adapted(loaded: &LoadedModel, adapter_dir: &str, adapted: bool) -> Vec<Vec<f32>> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/lora")
