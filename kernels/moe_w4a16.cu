@@ -22,7 +22,7 @@ __device__ void grouped_w4a16(T* __restrict__ out, const T* __restrict__ x,
                               const unsigned* __restrict__ expert_ids,
                               const unsigned* __restrict__ num_padded, int num_entries,
                               int num_experts, int k_in, int n_out, int x_div, int group_size,
-                              int f16_weights, int e2m1) {
+                              int f16_weights, int e2m1, int zeros) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = blockIdx.y * GW4_WARPS + warp;
   const int r0 = blockIdx.x * GW4_ROWS;
@@ -41,15 +41,15 @@ __device__ void grouped_w4a16(T* __restrict__ out, const T* __restrict__ x,
   const int groups = k_in / group_size;
   const size_t row = (size_t)e * n_out + j;
   const unsigned char* row_codes = codes + row * (k_in / 2);
-  const float* row_qparams = qparams + row * groups * 2;
+  const long long row_group = (long long)row * groups;
   float acc[GW4_ROWS];
 #pragma unroll
   for (int r = 0; r < GW4_ROWS; ++r) acc[r] = 0.f;
   for (int b = lane; b < k_in / 2; b += 32) {
     const int c = 2 * b;
     // group_size is even, so both inputs of a byte share a group.
-    const int g = c / group_size;
-    const float s = row_qparams[2 * g], z = row_qparams[2 * g + 1];
+    float s, z;
+    w4_group(qparams, row_group + c / group_size, zeros, s, z);
     float w0, w1;
     w4_pair(row_codes[b], s, z, e2m1, f16_weights, w0, w1);
 #pragma unroll
@@ -73,9 +73,9 @@ __device__ void grouped_w4a16(T* __restrict__ out, const T* __restrict__ x,
       T* out, const T* x, const unsigned char* codes, const float* qparams,                     \
       const unsigned* sorted_ids, const unsigned* expert_ids, const unsigned* num_padded,       \
       int num_entries, int num_experts, int k_in, int n_out, int x_div, int group_size,         \
-      int f16_weights, int e2m1) {                                                              \
+      int f16_weights, int e2m1, int zeros) {                                                   \
     grouped_w4a16<T>(out, x, codes, qparams, sorted_ids, expert_ids, num_padded, num_entries,  \
-                     num_experts, k_in, n_out, x_div, group_size, f16_weights, e2m1);           \
+                     num_experts, k_in, n_out, x_div, group_size, f16_weights, e2m1, zeros);    \
   }
 
 GROUPED_W4A16_KERNEL(float, f32)

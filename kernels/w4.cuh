@@ -27,3 +27,16 @@ __device__ __forceinline__ void w4_pair(unsigned char byte, float scale, float z
     w1 = __half2float(__float2half_rn(w1));
   }
 }
+
+// Group g's scale and zero point (g counted over all rows): a (scale, zero) pair each, or with
+// `zeros` off the scale alone and the zero point 8 (unused by e2m1).
+__device__ __forceinline__ void w4_group(const float* __restrict__ qparams, long long g, int zeros,
+                                         float& scale, float& zero) {
+  if (zeros) {
+    scale = qparams[2 * g];
+    zero = qparams[2 * g + 1];
+  } else {
+    scale = qparams[g];
+    zero = 8.f;
+  }
+}

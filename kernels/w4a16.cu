@@ -1,6 +1,7 @@
 // W4A16 GEMM for decode-sized batches: y[m, n] = x[m, k] . W^T, W [n, k] stored as unsigned 4-bit
 // codes (two per byte, the even input in the low nibble) with one f32 (scale, zero point) pair
-// per (output row, group of group_size inputs): W[j, c] = (code - zero) * scale. Each warp
+// per (output row, group of group_size inputs), or the scale alone with zero point 8 (`zeros` off):
+// W[j, c] = (code - zero) * scale. Each warp
 // owns one output column for a tile of W4A16_ROWS rows of x: its lanes split the inputs a byte at
 // a time (coalesced), dequantize in registers and reduce with shuffles. CPU reference and the
 // numerics contract: crates/ember-kernels/src/w4a16.rs.
@@ -16,7 +17,7 @@ template <typename T>
 __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
                            const unsigned char* __restrict__ codes,
                            const float* __restrict__ qparams, int m, int n, int k,
-                           int group_size, int f16_weights, int e2m1) {
+                           int group_size, int f16_weights, int e2m1, int zeros) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = blockIdx.x * W4A16_WARPS + warp;
   const int r0 = blockIdx.y * W4A16_ROWS;
@@ -25,15 +26,15 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
   const int rows = min(W4A16_ROWS, m - r0);
   const int groups = k / group_size;
   const unsigned char* row_codes = codes + (long long)j * (k / 2);
-  const float* row_qparams = qparams + (long long)j * groups * 2;
+  const long long row_group = (long long)j * groups;
   float acc[W4A16_ROWS];
 #pragma unroll
   for (int r = 0; r < W4A16_ROWS; ++r) acc[r] = 0.f;
   for (int b = lane; b < k / 2; b += 32) {
     const int c = 2 * b;
     // group_size is even, so both inputs of a byte share a group.
-    const int g = c / group_size;
-    const float s = row_qparams[2 * g], z = row_qparams[2 * g + 1];
+    float s, z;
+    w4_group(qparams, row_group + c / group_size, zeros, s, z);
     float w0, w1;
     w4_pair(row_codes[b], s, z, e2m1, f16_weights, w0, w1);
 #pragma unroll
@@ -57,7 +58,7 @@ __device__ void w4a16_gemm(T* __restrict__ y, const T* __restrict__ x,
 template <typename T>
 __device__ void w4a16_dequant(T* __restrict__ out, const unsigned char* __restrict__ codes,
                               const float* __restrict__ qparams, int n, int k, int group_size,
-                              int f16_weights, int e2m1) {
+                              int f16_weights, int e2m1, int zeros) {
   const long long total = (long long)n * k;
   const int groups = k / group_size;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -66,8 +67,9 @@ __device__ void w4a16_dequant(T* __restrict__ out, const unsigned char* __restri
     const int c = (int)(i % k);
     const unsigned char byte = codes[j * (k / 2) + c / 2];
     const unsigned int code = (c % 2 == 0) ? (byte & 15) : (byte >> 4);
-    const long long g = j * groups + c / group_size;
-    float w = w4_value(code, qparams[2 * g + 1], e2m1) * qparams[2 * g];
+    float s, z;
+    w4_group(qparams, j * groups + c / group_size, zeros, s, z);
+    float w = w4_value(code, z, e2m1) * s;
     if (f16_weights) w = __half2float(__float2half_rn(w));
     out[i] = store_f32<T>(w);
   }
@@ -76,13 +78,15 @@ __device__ void w4a16_dequant(T* __restrict__ out, const unsigned char* __restri
 #define W4A16_KERNEL(T, SUFFIX)                                                                  \
   extern "C" __global__ void w4a16_gemm_##SUFFIX(T* y, const T* x, const unsigned char* codes,  \
                                                  const float* qparams, int m, int n, int k,      \
-                                                 int group_size, int f16_weights, int e2m1) {    \
-    w4a16_gemm<T>(y, x, codes, qparams, m, n, k, group_size, f16_weights, e2m1);                \
+                                                 int group_size, int f16_weights, int e2m1,      \
+                                                 int zeros) {                                    \
+    w4a16_gemm<T>(y, x, codes, qparams, m, n, k, group_size, f16_weights, e2m1, zeros);         \
   }                                                                                              \
   extern "C" __global__ void w4a16_dequant_##SUFFIX(T* out, const unsigned char* codes,          \
                                                     const float* qparams, int n, int k,          \
-                                                    int group_size, int f16_weights, int e2m1) { \
-    w4a16_dequant<T>(out, codes, qparams, n, k, group_size, f16_weights, e2m1);                 \
+                                                    int group_size, int f16_weights, int e2m1,   \
+                                                    int zeros) {                                 \
+    w4a16_dequant<T>(out, codes, qparams, n, k, group_size, f16_weights, e2m1, zeros);          \
   }
 
 W4A16_KERNEL(float, f32)

@@ -218,6 +218,7 @@ impl CudaKernels {
         let group_size = int32(op, "group_size", shape.group_size)?;
         let f16_weights = i32::from(shape.f16_weights);
         let e2m1 = i32::from(shape.e2m1);
+        let zeros = i32::from(shape.zeros);
         let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
         let blocks_y = u32::try_from(shape.m.div_ceil(W4A16_ROWS as usize))
             .ok()
@@ -239,9 +240,10 @@ impl CudaKernels {
             .arg(&k)
             .arg(&group_size)
             .arg(&f16_weights)
-            .arg(&e2m1);
+            .arg(&e2m1)
+            .arg(&zeros);
         // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
-        // int, int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
+        // int, int, int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
@@ -332,6 +334,7 @@ impl CudaKernels {
         let group_size = int32(op, "group_size", shape.group_size)?;
         let f16_weights = i32::from(shape.f16_weights);
         let e2m1 = i32::from(shape.e2m1);
+        let zeros = i32::from(shape.zeros);
         let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -342,8 +345,9 @@ impl CudaKernels {
             .arg(&k)
             .arg(&group_size)
             .arg(&f16_weights)
-            .arg(&e2m1);
-        // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int, int)
+            .arg(&e2m1)
+            .arg(&zeros);
+        // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int, int, int)
         // in kernels/w4a16.cu; the shape check bounds every index it touches.
         unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
         Ok(())
@@ -1243,6 +1247,7 @@ impl CudaKernels {
             int("group_size", params.group_size)?,
             i32::from(params.f16_weights),
             i32::from(params.e2m1),
+            i32::from(params.zeros),
         ];
         let f = kernel(&self.moe_w4a16, OP, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
@@ -1259,7 +1264,7 @@ impl CudaKernels {
         }
         let cfg = grouped_tile_launch(OP, cap, s)?;
         // SAFETY: matches grouped_w4a16_<T>(T*, const T*, const u8*, const float*, const unsigned*
-        // x 3, int x 8) in kernels/moe_w4a16.cu; the kernel reads x rows of ids < num_entries,
+        // x 3, int x 9) in kernels/moe_w4a16.cu; the kernel reads x rows of ids < num_entries,
         // codes and qparams of experts < num_experts within the lengths checked above, and
         // writes rows of ids < num_entries.
         unsafe { launch.launch(cfg) }?;

@@ -249,6 +249,8 @@ pub struct W4Params {
     pub f16_weights: bool,
     /// e2m1 (FP4) codes rather than integers less a zero point.
     pub e2m1: bool,
+    /// A zero point after each scale (else the scales alone: zero point 8, or none for e2m1).
+    pub zeros: bool,
 }
 
 impl W4Params {
@@ -261,6 +263,7 @@ impl W4Params {
             group_size: self.group_size,
             f16_weights: self.f16_weights,
             e2m1: self.e2m1,
+            zeros: self.zeros,
         }
     }
 }
@@ -285,7 +288,7 @@ pub fn grouped_w4a16_shape(
         || format!("group size {g} must be even and divide k_in {}", s.k_in),
     )?;
     grouped_gemm_shape(s, out_len, x_len, codes_len * 2, align)?;
-    let want = s.num_experts * s.n_out * (s.k_in / g) * 2;
+    let want = s.num_experts * params.shape(s.n_out, s.k_in).qparams_len();
     check_shape(qparams_len == want, OP, || {
         format!("qparams have {qparams_len} elements, expected {want}")
     })
@@ -313,10 +316,7 @@ pub fn grouped_w4a16<T: Element>(
         align,
     )?;
     let shape = params.shape(s.n_out, s.k_in);
-    let (codes_per, params_per) = (
-        s.n_out * s.k_in / 2,
-        s.n_out * (s.k_in / params.group_size) * 2,
-    );
+    let (codes_per, params_per) = (s.n_out * s.k_in / 2, shape.qparams_len());
     grouped_rows(out, x, align, s, |e, n, c| {
         let (codes, qparams) = (
             &codes[e * codes_per..][..codes_per],
@@ -461,17 +461,29 @@ mod tests {
             x_div: top_k,
             num_entries: tokens * top_k,
         };
-        for (f16_weights, e2m1) in [(false, false), (true, false), (false, true)] {
+        for (f16_weights, e2m1, zeros) in [
+            (false, false, true),
+            (true, false, true),
+            (false, true, false),
+            (false, false, false),
+        ] {
             let params = W4Params {
                 group_size: 4,
                 f16_weights,
                 e2m1,
+                zeros,
             };
-            let qparams: Vec<f32> = (0..experts * n_out * 2)
-                .flat_map(|_| [(next() % 1000) as f32 / 7000.0 + 0.01, (next() % 16) as f32])
-                .collect();
             let shape = params.shape(n_out, k_in);
-            let per = (n_out * k_in / 2, n_out * 2 * 2);
+            let qparams: Vec<f32> = (0..experts * shape.qparams_len())
+                .map(|i| {
+                    if zeros && i % 2 == 1 {
+                        (next() % 16) as f32
+                    } else {
+                        (next() % 1000) as f32 / 7000.0 + 0.01
+                    }
+                })
+                .collect();
+            let per = (n_out * k_in / 2, shape.qparams_len());
             let dense: Vec<f32> = (0..experts * n_out * k_in)
                 .map(|i| {
                     let (e, n, c) = (i / (n_out * k_in), i / k_in % n_out, i % k_in);

@@ -3,7 +3,8 @@
 //! - `codes` `[n, k / 2]` bytes, input `c` of a row in byte `c / 2`, the low nibble when `c` is
 //!   even, unsigned 0..=15;
 //! - `qparams` `[n, k / group_size, 2]` f32: each group's scale, then its zero point (a whole
-//!   number, 8 for a symmetric checkpoint);
+//!   number), or with [`W4a16Shape::zeros`] off `[n, k / group_size]`: the scales alone, the zero
+//!   point 8 (symmetric checkpoints, such as Kimi K2 Thinking's) or none (FP4);
 //! - `W[j, c] = (code[j, c] - zero[j, g]) * scale[j, g]` with `g = c / group_size`, rounded to
 //!   float16 when [`W4a16Shape::f16_weights`] (GPTQ and AWQ dequantize in their float16 scales'
 //!   dtype; their tools' weights are those, bit for bit).
@@ -35,6 +36,34 @@ pub struct W4a16Shape {
     pub f16_weights: bool,
     /// The codes are e2m1 (FP4) values rather than integers less a zero point.
     pub e2m1: bool,
+    /// `qparams` holds a zero point after each scale; without, the zero point is 8 (unused for
+    /// e2m1) and `qparams` holds the scales alone, half the bytes.
+    pub zeros: bool,
+}
+
+impl W4a16Shape {
+    /// f32s of `qparams` per group: a scale and a zero point, or the scale alone.
+    pub fn params_per_group(&self) -> usize {
+        if self.zeros {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Elements of `qparams`.
+    pub fn qparams_len(&self) -> usize {
+        self.n * (self.k / self.group_size.max(1)) * self.params_per_group()
+    }
+
+    /// Group `g`'s (scale, zero point) (`g` counted over all rows).
+    pub fn group_params(&self, qparams: &[f32], g: usize) -> (f32, f32) {
+        if self.zeros {
+            (qparams[2 * g], qparams[2 * g + 1])
+        } else {
+            (qparams[g], 8.0)
+        }
+    }
 }
 
 /// The magnitudes of e2m1 codes 0-7; bit 3 is the sign.
@@ -74,11 +103,10 @@ pub fn w4a16_shape(
         op,
         || format!("group_size {group_size} must be even and divide k = {k}"),
     )?;
-    let groups = k / group_size;
     for (what, len, want) in [
         ("x", x_len, m * k),
         ("codes", codes_len, n * k / 2),
-        ("qparams", qparams_len, n * groups * 2),
+        ("qparams", qparams_len, shape.qparams_len()),
         ("y", y_len, m * n),
     ] {
         check_shape(len == want, op, || {
@@ -106,8 +134,8 @@ pub fn weight(codes: &[u8], qparams: &[f32], shape: &W4a16Shape, j: usize, c: us
     } else {
         byte >> 4
     };
-    let g = j * groups + c / shape.group_size;
-    let w = code_value(code, qparams[2 * g + 1], shape.e2m1) * qparams[2 * g];
+    let (scale, zero) = shape.group_params(qparams, j * groups + c / shape.group_size);
+    let w = code_value(code, zero, shape.e2m1) * scale;
     if shape.f16_weights {
         half::f16::from_f32(w).to_f32()
     } else {
@@ -166,6 +194,7 @@ mod tests {
             group_size: 2,
             f16_weights: false,
             e2m1: false,
+            zeros: true,
         };
         let codes = pack_codes(&[3, 12, 0, 15], 4);
         assert_eq!(codes, [3 | 12 << 4, 15 << 4]);
@@ -182,6 +211,7 @@ mod tests {
             group_size: 2,
             f16_weights: true,
             e2m1: false,
+            zeros: true,
         };
         let mut y = [0.0f32];
         w4a16_gemm(&[1.0f32, 0.0], &[7], &[0.1, 0.0], &shape, &mut y).unwrap();
@@ -206,6 +236,7 @@ mod tests {
             group_size: 3,
             f16_weights: false,
             e2m1: false,
+            zeros: true,
         };
         let e = w4a16_shape(&shape, 8, 8, 8, 2).unwrap_err().to_string();
         assert!(e.contains("group_size 3"), "{e}");

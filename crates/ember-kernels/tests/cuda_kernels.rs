@@ -465,16 +465,18 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     let s = k.stream();
     // (m, n, k, group_size): one token, ragged tiles of rows and warps, the smallest group, and
     // real expert and dense shapes (DeepSeek-V3's 7168 hidden, Qwen3's 4096 at group 128).
-    // The last two are FP4: NVFP4's groups of 16, MXFP4's of 32.
-    for &(m, n, kk, group_size, f16_weights, e2m1) in &[
-        (1, 64, 128, 32, false, false),
-        (3, 33, 256, 128, true, false),
-        (9, 7, 64, 2, false, false),
-        (8, 100, 2048, 128, true, false),
-        (17, 512, 7168, 32, false, false),
-        (1, 4096, 4096, 128, true, false),
-        (5, 300, 7168, 16, false, true),
-        (2, 96, 2048, 32, false, true),
+    // The last two are FP4: NVFP4's groups of 16, MXFP4's of 32, their scales alone (`zeros`
+    // off), as a symmetric int4 checkpoint's (zero point 8) before them.
+    for &(m, n, kk, group_size, f16_weights, e2m1, with_zeros) in &[
+        (1, 64, 128, 32, false, false, true),
+        (3, 33, 256, 128, true, false, true),
+        (9, 7, 64, 2, false, false, true),
+        (8, 100, 2048, 128, true, false, true),
+        (17, 512, 7168, 32, false, false, true),
+        (1, 4096, 4096, 128, true, false, true),
+        (4, 2048, 7168, 32, false, false, false),
+        (5, 300, 7168, 16, false, true, false),
+        (2, 96, 2048, 32, false, true, false),
     ] {
         let shape = W4a16Shape {
             m,
@@ -483,6 +485,7 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             group_size,
             f16_weights,
             e2m1,
+            zeros: with_zeros,
         };
         let what = format!("w4a16_gemm_{} {shape:?}", T::KERNEL_SUFFIX);
         let groups = kk / group_size;
@@ -492,11 +495,15 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         let scales: Vec<f32> = (0..n * groups)
             .map(|_| rng.random_range(0.001..0.1f32))
             .collect();
-        let qparams: Vec<f32> = scales
-            .iter()
-            .zip(&zeros)
-            .flat_map(|(&s, &z)| [s, f32::from(z)])
-            .collect();
+        let qparams: Vec<f32> = if with_zeros {
+            scales
+                .iter()
+                .zip(&zeros)
+                .flat_map(|(&s, &z)| [s, f32::from(z)])
+                .collect()
+        } else {
+            scales.clone()
+        };
         let x: Vec<T> = random(rng, m * kk, -2.0, 2.0);
         let mut cpu = vec![T::from_f32(0.0); m * n];
         w4a16::w4a16_gemm(&x, &packed, &qparams, &shape, &mut cpu).unwrap();
@@ -1451,16 +1458,19 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         group_size: 32,
         f16_weights: false,
         e2m1: false,
+        zeros: false,
     };
     let gptq = W4Params {
         group_size: 128,
         f16_weights: true,
         e2m1: false,
+        zeros: true,
     };
     let fp4 = W4Params {
         group_size: 16,
         f16_weights: false,
         e2m1: true,
+        zeros: false,
     };
     for (tokens, experts, top_k, n_out, k_in, params, x_div) in [
         (1, 64, 8, 192, 256, int4, 8),
@@ -1482,14 +1492,12 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         let groups = k_in / params.group_size;
         let qparams: Vec<f32> = (0..experts * n_out * groups)
             .flat_map(|_| {
-                let zero = if params.e2m1 {
-                    0.0
-                } else if params.f16_weights {
-                    rng.random_range(0..16) as f32
+                let scale = rng.random_range(0.002f32..0.02);
+                if params.zeros {
+                    vec![scale, rng.random_range(0..16) as f32]
                 } else {
-                    8.0
-                };
-                [rng.random_range(0.002f32..0.02), zero]
+                    vec![scale]
+                }
             })
             .collect();
         let s = GroupedGemmShape {
@@ -1529,8 +1537,9 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             group_size: params.group_size,
             f16_weights: params.f16_weights,
             e2m1: params.e2m1,
+            zeros: params.zeros,
         };
-        let (codes_per, params_per) = (n_out * k_in / 2, n_out * groups * 2);
+        let (codes_per, params_per) = (n_out * k_in / 2, shape.qparams_len());
         for id in 0..n {
             let e = ids[id] as usize;
             let (ec, eq) = (

@@ -626,6 +626,7 @@ impl PackedKind {
                         group_size: p.group_size,
                         f16_weights: p.f16_weights,
                         e2m1: p.e2m1,
+                        zeros: p.zeros,
                     })
                 };
                 (
@@ -685,6 +686,7 @@ fn packed_layout(
                 group_size: s.group_size,
                 f16_weights: s.f16_weights,
                 e2m1: s.e2m1,
+                zeros: s.zeros,
             };
             let fits = (u.n, u.k) == (inter, hidden)
                 && params(&u) == params(&g)

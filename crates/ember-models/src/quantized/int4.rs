@@ -301,15 +301,22 @@ pub(crate) fn load(
         ))
     };
     let packed = w4a16::pack_codes(&parts.codes, parts.k);
-    let qparams: Vec<f32> = parts
-        .scales
-        .iter()
-        .zip(&parts.zeros)
-        .flat_map(|(&s, &z)| [s, z])
-        .collect();
+    // FP4 has no zero points, and a symmetric checkpoint's are all 8: the scales alone then.
+    let zeros = !(parts.e2m1 || parts.zeros.iter().all(|&z| z == 8.0));
+    let qparams: Vec<f32> = if zeros {
+        parts
+            .scales
+            .iter()
+            .zip(&parts.zeros)
+            .flat_map(|(&s, &z)| [s, z])
+            .collect()
+    } else {
+        parts.scales.clone()
+    };
     let device = weights.device();
     let codes = Tensor::from_vec(packed, parts.n * parts.k / 2, device).map_err(err)?;
-    let qparams = Tensor::from_vec(qparams, parts.n * parts.groups() * 2, device).map_err(err)?;
+    let qparams_len = qparams.len();
+    let qparams = Tensor::from_vec(qparams, qparams_len, device).map_err(err)?;
     let order = match &parts.order {
         Some(order) => Some(Tensor::new(order.as_slice(), device).map_err(err)?),
         None => None,
@@ -322,6 +329,7 @@ pub(crate) fn load(
         group_size: parts.group_size,
         f16_weights: parts.f16_weights,
         e2m1: parts.e2m1,
+        zeros,
     };
     let layer = PackedLinear::new(codes, qparams, shape, bias, order, weights.dtype());
     Ok(Some(layer))
