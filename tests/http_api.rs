@@ -278,44 +278,66 @@ fn deepseek_and_kimi_checkpoints_match_transformers_over_http() {
         "kimi-k2-gptq-tiny",
         "kimi-k2-awq-tiny",
     ] {
-        let server = Server::start_model(name, &[]);
-        let reference = reference_of(name);
-        for p in reference["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .skip(1)
-            .take(3)
-        {
-            let (status, body) = server.post(
-                "/v1/completions",
-                &json!({"model": name, "prompt": p["token_ids"], "echo": true, "logprobs": 1,
-                        "max_tokens": 0}),
-            );
-            assert_eq!(status, 200, "{body}");
-            let lps = floats(&body["choices"][0]["logprobs"]["token_logprobs"]);
-            assert_close(
-                &format!("{name} prompt"),
-                &lps,
-                &floats(&p["prompt_logprobs"]),
-            );
-            let steps = p["greedy"]["token_ids"].as_array().unwrap().len();
-            let (status, body) = server.post(
-                "/v1/completions",
-                &json!({"model": name, "prompt": p["token_ids"], "temperature": 0, "ignore_eos": true,
-                        "logprobs": 1, "max_tokens": steps, "return_token_ids": true}),
-            );
-            assert_eq!(status, 200, "{body}");
-            assert_eq!(
-                body["choices"][0]["token_ids"], p["greedy"]["token_ids"],
-                "{name}"
-            );
-            let lps = floats(&body["choices"][0]["logprobs"]["token_logprobs"]);
-            assert_close(
-                &format!("{name} greedy"),
-                &lps,
-                &floats(&p["greedy"]["logprobs"]),
-            );
-        }
+        check_against_reference(&Server::start_model(name, &[]), name);
+    }
+}
+
+/// ember's kernels selected from the command line (`--attention-backend ember`: MLA's decodes;
+/// `--moe-backend fused`; `--layer-kernels ember`), run here through their CPU references: the
+/// server still gives transformers' logprobs and greedy tokens.
+#[test]
+fn embers_kernels_selected_by_flag_match_transformers_over_http() {
+    let flags = [
+        "--attention-backend",
+        "ember",
+        "--moe-backend",
+        "fused",
+        "--layer-kernels",
+        "ember",
+    ];
+    for name in ["kimi-k2-tiny", "qwen3-moe-tiny", "deepseek-v2-lite-tiny"] {
+        check_against_reference(&Server::start_model(name, &flags), name);
+    }
+}
+
+/// Prompt logprobs (echo) and greedy tokens with logprobs of three of `name`'s reference prompts.
+fn check_against_reference(server: &Server, name: &str) {
+    let reference = reference_of(name);
+    for p in reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .take(3)
+    {
+        let (status, body) = server.post(
+            "/v1/completions",
+            &json!({"model": name, "prompt": p["token_ids"], "echo": true, "logprobs": 1,
+                    "max_tokens": 0}),
+        );
+        assert_eq!(status, 200, "{body}");
+        let lps = floats(&body["choices"][0]["logprobs"]["token_logprobs"]);
+        assert_close(
+            &format!("{name} prompt"),
+            &lps,
+            &floats(&p["prompt_logprobs"]),
+        );
+        let steps = p["greedy"]["token_ids"].as_array().unwrap().len();
+        let (status, body) = server.post(
+            "/v1/completions",
+            &json!({"model": name, "prompt": p["token_ids"], "temperature": 0, "ignore_eos": true,
+                    "logprobs": 1, "max_tokens": steps, "return_token_ids": true}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["token_ids"], p["greedy"]["token_ids"],
+            "{name}"
+        );
+        let lps = floats(&body["choices"][0]["logprobs"]["token_logprobs"]);
+        assert_close(
+            &format!("{name} greedy"),
+            &lps,
+            &floats(&p["greedy"]["logprobs"]),
+        );
     }
 }
