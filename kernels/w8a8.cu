@@ -4,7 +4,9 @@
 // tensor cores, mma.sync m16n8k32) x activation scale x weight scale, promoted to f32 every block.
 // Each block of 4 warps computes a 64 x 64 tile of y, each warp 32 x 32 (2 x 4 mma tiles); the
 // block's 64 rows of activations and of weights for one 128-input block sit in shared memory.
-// sm_80 has no FP8 tensor cores: there the GEMM compiles to nothing and the launcher refuses it.
+// The fused MoE's grouped GEMM over e4m3 experts runs the same tiles over one expert's 64-row
+// blocks of the alignment. sm_80 has no FP8 tensor cores: there the GEMMs compile to nothing and
+// the launchers refuse them.
 // CPU reference and numerics: crates/ember-kernels/src/w8a8.rs.
 #include "element.cuh"
 #include <cuda_fp8.h>
@@ -53,14 +55,16 @@ __device__ __forceinline__ unsigned w8a8_word(const unsigned char* row, int c, i
   return w;
 }
 
+// A 64 x 64 tile of output at columns n0..: row i of the tile reads activation row
+// `a_rows[i]` and writes output row `y_rows[i]` (-1: a padding row, neither read nor written).
 template <typename T>
-__device__ void w8a8_gemm(T* __restrict__ y, const unsigned char* __restrict__ qa,
+__device__ void w8a8_tile(T* __restrict__ y, const unsigned char* __restrict__ qa,
                           const float* __restrict__ sa, const unsigned char* __restrict__ qw,
-                          const float* __restrict__ sw, int m, int n, int k, int block_n) {
+                          const float* __restrict__ sw, const int* a_rows, const int* y_rows,
+                          int n, int k, int block_n, int n0) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   __shared__ __align__(16) unsigned char As[W8A8_TILE * W8A8_LDS];
   __shared__ __align__(16) unsigned char Bs[W8A8_TILE * W8A8_LDS];
-  const int m0 = blockIdx.x * W8A8_TILE, n0 = blockIdx.y * W8A8_TILE;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
@@ -79,7 +83,7 @@ __device__ void w8a8_gemm(T* __restrict__ y, const unsigned char* __restrict__ q
     for (int idx = tid; idx < W8A8_TILE * (W8A8_GROUP / 4); idx += blockDim.x) {
       const int r = idx / (W8A8_GROUP / 4), w4 = idx % (W8A8_GROUP / 4);
       const int c = k0 + w4 * 4;
-      const unsigned a = m0 + r < m ? w8a8_word(qa + (long long)(m0 + r) * k, c, k) : 0u;
+      const unsigned a = a_rows[r] >= 0 ? w8a8_word(qa + (long long)a_rows[r] * k, c, k) : 0u;
       const unsigned b = n0 + r < n ? w8a8_word(qw + (long long)(n0 + r) * k, c, k) : 0u;
       *(unsigned*)(As + r * W8A8_LDS + w4 * 4) = a;
       *(unsigned*)(Bs + r * W8A8_LDS + w4 * 4) = b;
@@ -128,10 +132,10 @@ __device__ void w8a8_gemm(T* __restrict__ y, const unsigned char* __restrict__ q
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int row = m0 + wm + i * 16 + g + (e >= 2 ? 8 : 0);
+          const int r = wm + i * 16 + g + (e >= 2 ? 8 : 0);
           const int col = n0 + wn + j * 8 + t * 2 + (e & 1);
-          if (row < m && col < n)
-            acc[i][j][e] += part[i][j][e] * sa[(long long)row * groups + kb] *
+          if (a_rows[r] >= 0 && col < n)
+            acc[i][j][e] += part[i][j][e] * sa[(long long)a_rows[r] * groups + kb] *
                             sw[(long long)(col / block_n) * groups + kb];
         }
     __syncthreads();  // the tiles are rewritten by the next block
@@ -142,11 +146,51 @@ __device__ void w8a8_gemm(T* __restrict__ y, const unsigned char* __restrict__ q
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int row = m0 + wm + i * 16 + g + (e >= 2 ? 8 : 0);
+        const int r = wm + i * 16 + g + (e >= 2 ? 8 : 0);
         const int col = n0 + wn + j * 8 + t * 2 + (e & 1);
-        if (row < m && col < n) y[(long long)row * n + col] = store_f32<T>(acc[i][j][e]);
+        if (y_rows[r] >= 0 && col < n) y[(long long)y_rows[r] * n + col] = store_f32<T>(acc[i][j][e]);
       }
 #endif
+}
+
+// Dense: rows m0.. of x and y.
+template <typename T>
+__device__ void w8a8_gemm(T* __restrict__ y, const unsigned char* __restrict__ qa,
+                          const float* __restrict__ sa, const unsigned char* __restrict__ qw,
+                          const float* __restrict__ sw, int m, int n, int k, int block_n) {
+  __shared__ int rows[W8A8_TILE];
+  const int m0 = blockIdx.x * W8A8_TILE;
+  if (threadIdx.x < W8A8_TILE) rows[threadIdx.x] = m0 + (int)threadIdx.x < m ? m0 + (int)threadIdx.x : -1;
+  __syncthreads();
+  w8a8_tile<T>(y, qa, sa, qw, sw, rows, rows, n, k, block_n, blockIdx.y * W8A8_TILE);
+}
+
+// The fused MoE's grouped form: block b of the alignment (64 sorted rows, one expert's) reads
+// the activation rows of its entries (entry / x_div) and writes its entries' rows, through the
+// expert's weights and scales. Padding rows and blocks past num_padded do nothing.
+template <typename T>
+__device__ void grouped_w8a8(T* __restrict__ out, const unsigned char* __restrict__ qa,
+                             const float* __restrict__ sa, const unsigned char* __restrict__ qw,
+                             const float* __restrict__ sw, const unsigned* __restrict__ sorted_ids,
+                             const unsigned* __restrict__ expert_ids,
+                             const unsigned* __restrict__ num_padded, int num_entries,
+                             int num_experts, int k_in, int n_out, int x_div, int block_n) {
+  __shared__ int a_rows[W8A8_TILE], y_rows[W8A8_TILE];
+  const int m0 = blockIdx.x * W8A8_TILE;
+  if (m0 >= (int)*num_padded) return;
+  const unsigned e = expert_ids[blockIdx.x];
+  if (e >= (unsigned)num_experts) return;  // never from moe_align; a bad id reads no weights
+  if (threadIdx.x < W8A8_TILE) {
+    const unsigned id = sorted_ids[m0 + threadIdx.x];
+    const bool real = id < (unsigned)num_entries;
+    a_rows[threadIdx.x] = real ? (int)(id / (unsigned)x_div) : -1;
+    y_rows[threadIdx.x] = real ? (int)id : -1;
+  }
+  __syncthreads();
+  const int groups = (k_in + W8A8_GROUP - 1) / W8A8_GROUP;
+  const long long scale_rows = (n_out + block_n - 1) / block_n;
+  w8a8_tile<T>(out, qa, sa, qw + (long long)e * n_out * k_in, sw + (long long)e * scale_rows * groups,
+               a_rows, y_rows, n_out, k_in, block_n, blockIdx.y * W8A8_TILE);
 }
 
 #define W8A8_KERNELS(T, SUFFIX)                                                                  \
@@ -158,6 +202,13 @@ __device__ void w8a8_gemm(T* __restrict__ y, const unsigned char* __restrict__ q
       w8a8_gemm_##SUFFIX(T* y, const unsigned char* qa, const float* sa, const unsigned char* qw, \
                          const float* sw, int m, int n, int k, int block_n) {                    \
     w8a8_gemm<T>(y, qa, sa, qw, sw, m, n, k, block_n);                                          \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(128) grouped_w8a8_##SUFFIX(                        \
+      T* out, const unsigned char* qa, const float* sa, const unsigned char* qw, const float* sw, \
+      const unsigned* sorted_ids, const unsigned* expert_ids, const unsigned* num_padded,        \
+      int num_entries, int num_experts, int k_in, int n_out, int x_div, int block_n) {           \
+    grouped_w8a8<T>(out, qa, sa, qw, sw, sorted_ids, expert_ids, num_padded, num_entries,       \
+                    num_experts, k_in, n_out, x_div, block_n);                                   \
   }
 
 W8A8_KERNELS(float, f32)

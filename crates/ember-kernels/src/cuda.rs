@@ -953,6 +953,85 @@ impl CudaKernels {
     }
 }
 
+impl CudaKernels {
+    /// [`crate::w8a8::grouped_w8a8`] on FP8 tensor cores over an alignment
+    /// [`CudaKernels::moe_align`] made (`shape.block_m` must be 64); `qa`/`sa` the activation
+    /// rows quantized by [`CudaKernels::quant_fp8_groups`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_w8a8<T: CudaElement, P: DeviceRepr>(
+        &self,
+        out: &mut CudaSlice<T>,
+        qa: &CudaView<u8>,
+        sa: &CudaView<f32>,
+        qw: &CudaView<P>,
+        sw: &CudaView<f32>,
+        align: &DeviceAlignment,
+        shape: &GroupedGemmShape,
+        block_n: usize,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "grouped_w8a8";
+        let s = shape;
+        check_shape(std::mem::size_of::<P>() == 1, OP, || {
+            "e4m3 weights are one byte each".into()
+        })?;
+        let cap = self.check_alignment(OP, align, s)?;
+        crate::w8a8::grouped_w8a8_shape(
+            s,
+            block_n,
+            out.len(),
+            qa.len(),
+            sa.len(),
+            qw.len(),
+            sw.len(),
+            &host_alignment(cap, s.block_m),
+        )?;
+        check_shape(self.has_fp8_tensor_cores()?, OP, || {
+            "this GPU has no FP8 tensor cores (compute capability below 8.9)".into()
+        })?;
+        if s.num_entries == 0 {
+            return Ok(());
+        }
+        let int = |what: &str, v: usize| int32(OP, what, v);
+        let args = [
+            int("entries", s.num_entries)?,
+            int("experts", s.num_experts)?,
+            int("k_in", s.k_in)?,
+            int("n_out", s.n_out)?,
+            int("x_div", s.x_div)?,
+            int("block_n", block_n)?,
+        ];
+        let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(qa)
+            .arg(sa)
+            .arg(qw)
+            .arg(sw)
+            .arg(&align.sorted_ids)
+            .arg(&align.expert_ids)
+            .arg(&align.num_padded);
+        for a in &args {
+            launch.arg(a);
+        }
+        let blocks_n = u32::try_from(s.n_out.div_ceil(64))
+            .ok()
+            .filter(|&b| b <= 65_535)
+            .ok_or_else(|| too_big(OP, "n_out", s.n_out))?;
+        let cfg = LaunchConfig {
+            grid_dim: ((cap / s.block_m) as u32, blocks_n, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches grouped_w8a8_<T>(T*, const u8*, const float*, const u8*, const float*,
+        // const unsigned* x 3, int x 6) in kernels/w8a8.cu, launched with its 128 threads; the
+        // kernel reads activation rows of entries < num_entries and weights and scales of experts
+        // < num_experts within the lengths checked above, and writes rows of those entries.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+}
+
 /// A step's paged attention metadata on the GPU ([`CudaKernels::upload_paged_batch`]).
 pub struct DevicePagedBatch {
     block_tables: CudaSlice<u32>,

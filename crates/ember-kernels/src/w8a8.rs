@@ -147,6 +147,93 @@ pub fn w8a8_gemm<T: Element>(
     Ok(())
 }
 
+/// CPU reference of `grouped_w8a8`, the fused MoE's grouped GEMM over e4m3 experts under W8A8:
+/// for every real entry `id` of the alignment, `out[id] = x[id / x_div] · W[e]ᵀ` with `x` given as
+/// its quantized rows `qa` `[rows, k_in]` and scales `sa` `[rows, ceil(k_in / 128)]`, expert `e`'s
+/// weights `qw` `[e, n_out, k_in]` and scales `sw` `[e, ceil(n_out / block_n), ceil(k_in / 128)]`,
+/// summed as [`w8a8_gemm`] sums.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_w8a8<T: Element>(
+    out: &mut [T],
+    qa: &[u8],
+    sa: &[f32],
+    qw: &[u8],
+    sw: &[f32],
+    align: &crate::fused_moe::MoeAlignment,
+    s: &crate::fused_moe::GroupedGemmShape,
+    block_n: usize,
+) -> Result<(), KernelError> {
+    grouped_w8a8_shape(
+        s,
+        block_n,
+        out.len(),
+        qa.len(),
+        sa.len(),
+        qw.len(),
+        sw.len(),
+        align,
+    )?;
+    let blocks = s.k_in.div_ceil(GROUP);
+    let per_expert = s.n_out.div_ceil(block_n) * blocks;
+    for (r, &id) in align.sorted_ids[..align.num_padded].iter().enumerate() {
+        let id = id as usize;
+        if id >= s.num_entries {
+            continue;
+        }
+        let e = align.expert_ids[r / s.block_m] as usize;
+        let row = id / s.x_div;
+        for j in 0..s.n_out {
+            let mut acc = 0f32;
+            for kb in 0..blocks {
+                let inner: f32 = (kb * GROUP..((kb + 1) * GROUP).min(s.k_in))
+                    .map(|c| {
+                        e4m3_to_f32(qa[row * s.k_in + c])
+                            * e4m3_to_f32(qw[(e * s.n_out + j) * s.k_in + c])
+                    })
+                    .sum();
+                acc += inner
+                    * sa[row * blocks + kb]
+                    * sw[e * per_expert + (j / block_n) * blocks + kb];
+            }
+            out[id * s.n_out + j] = T::from_f32(acc);
+        }
+    }
+    Ok(())
+}
+
+/// Checks a grouped W8A8 GEMM's buffers (see [`grouped_w8a8`]).
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_w8a8_shape(
+    s: &crate::fused_moe::GroupedGemmShape,
+    block_n: usize,
+    out_len: usize,
+    qa_len: usize,
+    sa_len: usize,
+    qw_len: usize,
+    sw_len: usize,
+    align: &crate::fused_moe::MoeAlignment,
+) -> Result<(), KernelError> {
+    check_shape(block_n > 0, "grouped_w8a8", || {
+        "block_n must be positive".into()
+    })?;
+    crate::fused_moe::grouped_gemm_shape(s, out_len, qa_len, qw_len, align)?;
+    let rows = s.num_entries / s.x_div;
+    let blocks = s.k_in.div_ceil(GROUP);
+    for (what, len, want) in [
+        ("activation scales", sa_len, rows * blocks),
+        (
+            "weight scales",
+            sw_len,
+            s.num_experts * s.n_out.div_ceil(block_n) * blocks,
+        ),
+    ] {
+        check_shape(len == want, "grouped_w8a8", || {
+            format!("{what} have {len} elements, expected {want}")
+        })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +314,62 @@ mod tests {
             }
         }
         assert!(w8a8_gemm(&qa, &sa[1..], &qw, &sw, &s, &mut y).is_err());
+    }
+
+    /// The grouped form is the dense form per expert: each entry's row through its expert's
+    /// weights and scales, as [`w8a8_gemm`] of that row alone.
+    #[test]
+    fn the_grouped_w8a8_gemm_is_the_dense_one_per_entry() {
+        use crate::fused_moe::{moe_align, GroupedGemmShape};
+        let (experts, n, k, tokens, top_k, block_n) = (3, 6, 200, 5, 2, 4);
+        let mut seed = 9u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed >> 8
+        };
+        let x: Vec<f32> = (0..tokens * k)
+            .map(|_| (next() % 2000) as f32 / 500.0 - 2.0)
+            .collect();
+        let (qa, sa) = quantize_groups(&x, k).unwrap();
+        let qw: Vec<u8> = (0..experts * n * k)
+            .map(|_| (next() % 0x7F) as u8)
+            .collect();
+        let dense = W8a8Shape {
+            m: 1,
+            n,
+            k,
+            block_n,
+        };
+        let per = dense.weight_scale_len();
+        let sw: Vec<f32> = (0..experts * per)
+            .map(|_| (next() % 100 + 1) as f32 / 1000.0)
+            .collect();
+        let ids: Vec<u32> = (0..tokens * top_k).map(|i| (i % experts) as u32).collect();
+        let align = moe_align(&ids, experts, 64).unwrap();
+        let s = GroupedGemmShape {
+            num_experts: experts,
+            k_in: k,
+            n_out: n,
+            block_m: 64,
+            x_div: top_k,
+            num_entries: tokens * top_k,
+        };
+        let mut got = vec![0f32; tokens * top_k * n];
+        grouped_w8a8(&mut got, &qa, &sa, &qw, &sw, &align, &s, block_n).unwrap();
+        let blocks = k.div_ceil(GROUP);
+        for (id, &e) in ids.iter().enumerate() {
+            let (e, row) = (e as usize, id / top_k);
+            let mut want = vec![0f32; n];
+            w8a8_gemm(
+                &qa[row * k..][..k],
+                &sa[row * blocks..][..blocks],
+                &qw[e * n * k..][..n * k],
+                &sw[e * per..][..per],
+                &dense,
+                &mut want,
+            )
+            .unwrap();
+            assert_eq!(&got[id * n..][..n], &want[..], "entry {id}");
+        }
     }
 }
