@@ -90,8 +90,13 @@ enum ExpertWeights {
 /// How packed experts are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PackedKind {
-    /// e4m3 bytes with f32 block scales: the gate/up rows' blocks and the down rows'.
-    W8a16 { b13: ScaleBlocks, b2: ScaleBlocks },
+    /// e4m3 bytes with f32 block scales: the gate/up rows' blocks and the down rows'; `w8a8`:
+    /// activations quantized to e4m3 per token and 128-input group, the grouped W8A8 GEMM.
+    W8a16 {
+        b13: ScaleBlocks,
+        b2: ScaleBlocks,
+        w8a8: bool,
+    },
     /// 4-bit codes with an f32 (scale, zero) pair per group.
     W4a16(W4Params),
 }
@@ -240,6 +245,7 @@ impl StackedExperts {
                             params,
                             shape,
                             dtype: *dtype,
+                            w8a8: matches!(kind, PackedKind::W8a16 { w8a8: true, .. }),
                         }
                         .layer()
                     };
@@ -379,9 +385,16 @@ fn experts_cpu<T: Element + candle_core::WithDType>(
             let params2 = held_slice::<f32>(&guards[3].0, guards[3].1, "their parameters")?;
             let gemm = |out: &mut [T], x: &[T], bytes, params, s: &GroupedGemmShape, down: bool| {
                 match *kind {
-                    PackedKind::W8a16 { b13, b2 } => {
+                    PackedKind::W8a16 { b13, b2, w8a8 } => {
                         let b = if down { b2 } else { b13 };
-                        fused_moe::grouped_w8a16(out, x, bytes, params, align, s, &b)
+                        if w8a8 {
+                            let (qa, sa) = ember_kernels::w8a8::quantize_groups(x, s.k_in)?;
+                            ember_kernels::w8a8::grouped_w8a8(
+                                out, &qa, &sa, bytes, params, align, s, b.block_n,
+                            )
+                        } else {
+                            fused_moe::grouped_w8a16(out, x, bytes, params, align, s, &b)
+                        }
                     }
                     PackedKind::W4a16(p) => {
                         fused_moe::grouped_w4a16(out, x, bytes, params, align, s, &p)
@@ -568,17 +581,43 @@ impl Cuda<'_> {
                             bytes: &View<'_, u8>,
                             params: &View<'_, f32>,
                             s: &GroupedGemmShape,
-                            down: bool| match *kind {
-                    PackedKind::W8a16 { b13, b2 } => {
-                        let b = if down { b2 } else { b13 };
-                        k.grouped_w8a16(out, x, bytes, params, align, s, &b)
+                            down: bool|
+                 -> candle_core::Result<()> {
+                    match *kind {
+                        PackedKind::W8a16 { b13, b2, w8a8 } => {
+                            let b = if down { b2 } else { b13 };
+                            if !w8a8 {
+                                return k
+                                    .grouped_w8a16(out, x, bytes, params, align, s, &b)
+                                    .map_err(wrap);
+                            }
+                            let rows = s.num_entries / s.x_div;
+                            let groups = s.k_in.div_ceil(ember_kernels::w8a8::GROUP);
+                            let mut qa = self.device.alloc_zeros::<u8>(rows * s.k_in)?;
+                            let mut sa = self.device.alloc_zeros::<f32>(rows * groups)?;
+                            k.quant_fp8_groups(x, s.k_in, &mut qa, &mut sa)
+                                .map_err(wrap)?;
+                            k.grouped_w8a8(
+                                out,
+                                &qa.as_view(),
+                                &sa.as_view(),
+                                bytes,
+                                params,
+                                align,
+                                s,
+                                b.block_n,
+                            )
+                            .map_err(wrap)
+                        }
+                        PackedKind::W4a16(p) => k
+                            .grouped_w4a16(out, x, bytes, params, align, s, &p)
+                            .map_err(wrap),
                     }
-                    PackedKind::W4a16(p) => k.grouped_w4a16(out, x, bytes, params, align, s, &p),
                 };
-                gemm(&mut h, &x, &bytes13, &params13, &up, false).map_err(wrap)?;
+                gemm(&mut h, &x, &bytes13, &params13, &up, false)?;
                 k.silu_and_mul(&h.as_view(), down.k_in, &mut act)
                     .map_err(wrap)?;
-                gemm(&mut y, &act.as_view(), &bytes2, &params2, &down, true).map_err(wrap)?;
+                gemm(&mut y, &act.as_view(), &bytes2, &params2, &down, true)?;
             }
         }
         drop(h);
@@ -601,7 +640,7 @@ impl PackedKind {
     /// The gate, up and down weights' shapes for `inter` channels over `hidden`.
     fn shapes(&self, inter: usize, hidden: usize) -> (PackedShape, PackedShape, PackedShape) {
         match *self {
-            PackedKind::W8a16 { b13, b2 } => {
+            PackedKind::W8a16 { b13, b2, .. } => {
                 let shape = |n, k, b: ScaleBlocks| {
                     PackedShape::W8a16(ember_kernels::w8a16::W8a16Shape {
                         m: 0,
@@ -669,13 +708,16 @@ fn packed_layout(
             let fits = (u.n, u.k) == (inter, hidden)
                 && blocks(&u) == blocks(&g)
                 && (d.n, d.k) == (hidden, inter)
-                && same_dtype;
+                && same_dtype
+                && gate.w8a8 == up.w8a8
+                && up.w8a8 == down.w8a8;
             fits.then_some((
                 inter,
                 hidden,
                 PackedKind::W8a16 {
                     b13,
                     b2: blocks(&d),
+                    w8a8: gate.w8a8,
                 },
                 gate.dtype,
             ))

@@ -859,3 +859,42 @@ fn w8a8_fp8_gemm_stays_within_activation_rounding_of_w8a16() {
         }
     }
 }
+
+/// The fused MoE under `--fp8-gemm w8a8`: FP8 experts stack with their W8A8 flag and run the
+/// grouped W8A8 GEMM (its CPU reference here), quantizing each token's (then each entry's)
+/// activations per 128-input group, as the experts one by one quantize the same rows: the same
+/// logprobs within 1e-4, for the block-FP8 checkpoints and online FP8.
+#[test]
+fn the_fused_moe_under_w8a8_gives_the_experts_w8a8_logprobs() {
+    use ember_models::fused_moe::{calls, MoeBackend};
+    use ember_models::quantized::Fp8Gemm;
+    let _counted = counted();
+    for (name, online) in [
+        ("deepseek-v3-fp8-tiny", false),
+        ("deepseek-v3-fp8-ue8m0-tiny", false),
+        ("qwen3-moe-tiny", true),
+    ] {
+        let mut opts = options(name, 1, false);
+        opts.packed_weights = Some(true);
+        opts.fp8_gemm = Fp8Gemm::W8a8;
+        if online {
+            opts.quantization = ember_core::QuantizationRequest::Fp8;
+        }
+        let experts = load_model(&opts).unwrap();
+        opts.moe_backend = MoeBackend::Fused;
+        let fused = load_model(&opts).unwrap();
+        opts.fp8_gemm = Fp8Gemm::W8a16;
+        let fused_w8a16 = load_model(&opts).unwrap();
+        let before = calls();
+        for run in [run_steps, run_prefill] {
+            let want = logprobs(&run(&experts));
+            let diff = max_diff(&want, &logprobs(&run(&fused)));
+            println!("{name}: fused W8A8 MoE max |Δ logprob| {diff:.2e}");
+            assert!(diff < 1e-4, "{name}: max |Δ logprob| {diff}");
+            // And it is W8A8: W8A16 gives other logprobs.
+            let moved = max_diff(&want, &logprobs(&run(&fused_w8a16)));
+            assert!(moved > 1e-3, "{name}: W8A8 and W8A16 agree ({moved})");
+        }
+        assert!(calls() > before, "{name}: the fused MoE never ran");
+    }
+}

@@ -256,6 +256,8 @@ pub struct PackedWeight {
     pub shape: PackedShape,
     /// The model dtype the layer computes in.
     pub dtype: DType,
+    /// An e4m3 weight multiplied by the W8A8 GEMM (activations quantized to e4m3).
+    pub w8a8: bool,
 }
 
 impl PackedWeight {
@@ -267,7 +269,8 @@ impl PackedWeight {
                 std::sync::Arc::new(PackedLinear::new(bytes, params, s, None, None, dtype))
             }
             PackedShape::W8a16(s) => {
-                std::sync::Arc::new(PackedLinear::new(bytes, params, s, None, None, dtype))
+                let layer = PackedLinear::new(bytes, params, s, None, None, dtype);
+                std::sync::Arc::new(if self.w8a8 { layer.with_w8a8() } else { layer })
             }
         }
     }
@@ -283,6 +286,7 @@ impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
             params: self.params.clone(),
             shape: self.format.packed_shape(),
             dtype: self.dtype,
+            w8a8: self.w8a8.is_some(),
         })
     }
 
