@@ -125,6 +125,7 @@ __device__ unsigned sample_select(const float* row, int vocab, float t, float m,
   __shared__ unsigned long long hist[256];
   __shared__ unsigned prefix_s;
   __shared__ unsigned long long remaining_s;
+  __syncthreads();  // every thread has read the previous call's prefix_s
   if (threadIdx.x == 0) {
     prefix_s = 0;
     remaining_s = target;
