@@ -171,3 +171,14 @@ __device__ void moe_sum(T* __restrict__ out, const T* __restrict__ y, const floa
 
 MOE_SUM_KERNEL(float, f32)
 MOE_SUM_KERNEL(__nv_bfloat16, bf16)
+
+// --- count_experts: the step's entries per expert, added to running counters (/metrics). ------
+// Grid-stride over the entries; an id outside the experts is not counted.
+extern "C" __global__ void count_experts(unsigned long long* __restrict__ counts,
+                                         const unsigned* __restrict__ topk_ids, int num_entries,
+                                         int num_experts) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < num_entries; i += gridDim.x * blockDim.x) {
+    const unsigned e = topk_ids[i];
+    if (e < (unsigned)num_experts) atomicAdd(&counts[e], 1ull);
+  }
+}

@@ -80,9 +80,8 @@ pub struct ModelArgs {
     /// Routed experts: experts (each expert's MLP over its rows, routed on the host; the
     /// default) or fused (router, alignment, grouped GEMMs and weighted sum as ember's fused MoE
     /// kernels, logits kept on the device; for dense f32/bf16 experts without expert
-    /// parallelism, the rest run as experts; /metrics' per-expert token counts skip fused
-    /// layers, whose routing never leaves the GPU). On the CPU fused runs the kernels'
-    /// references.
+    /// parallelism, the rest run as experts; a fused layer counts /metrics' per-expert tokens on
+    /// the GPU, read when scraped). On the CPU fused runs the kernels' references.
     #[arg(long, default_value = "experts")]
     pub moe_backend: String,
     /// RMSNorm (fused with the residual add before it), SiLU-and-mul (over one fused gate/up

@@ -1350,6 +1350,31 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// [`crate::fused_moe::count_experts`] on the GPU: `counts` (one per expert) += the entries
+    /// of `topk_ids` per expert, asynchronously.
+    pub fn count_experts(
+        &self,
+        counts: &mut CudaSlice<u64>,
+        topk_ids: &CudaView<u32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "count_experts";
+        let n = topk_ids.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let (n_arg, e_arg) = (
+            int32(OP, "entries", n)?,
+            int32(OP, "experts", counts.len())?,
+        );
+        let f = self.fused_moe.load_function(OP)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(counts).arg(topk_ids).arg(&n_arg).arg(&e_arg);
+        // SAFETY: matches count_experts(u64*, const unsigned*, int, int) in kernels/fused_moe.cu;
+        // it reads n ids and adds only to counters below counts.len().
+        unsafe { launch.launch(elementwise_launch(n as i64)) }?;
+        Ok(())
+    }
+
     /// [`crate::fused_moe::moe_sum`] on the GPU.
     pub fn moe_sum<T: CudaElement>(
         &self,

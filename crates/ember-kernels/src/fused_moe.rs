@@ -327,6 +327,16 @@ pub fn grouped_w4a16<T: Element>(
     Ok(())
 }
 
+/// CPU reference of `count_experts`: adds each entry's expert to `counts` (one per expert); ids
+/// outside the experts are not counted.
+pub fn count_experts(counts: &mut [u64], topk_ids: &[u32]) {
+    for &e in topk_ids {
+        if let Some(c) = counts.get_mut(e as usize) {
+            *c += 1;
+        }
+    }
+}
+
 /// Checks a weighted sum's lengths: `y` `[tokens · top_k, hidden]`, `weights` `[tokens · top_k]`,
 /// `out` `[tokens, hidden]`.
 pub fn moe_sum_shape(

@@ -1384,6 +1384,18 @@ fn check_fused_moe<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             vec![align.num_padded as u32],
             "{what}: padded rows"
         );
+        // The per-expert token counters /metrics reads, added to twice.
+        let mut want = vec![0u64; experts];
+        fused_moe::count_experts(&mut want, &ids);
+        fused_moe::count_experts(&mut want, &ids);
+        let mut dcounts = st.alloc_zeros::<u64>(experts).unwrap();
+        k.count_experts(&mut dcounts, &dids.as_view()).unwrap();
+        k.count_experts(&mut dcounts, &dids.as_view()).unwrap();
+        assert_eq!(
+            st.clone_dtoh(&dcounts).unwrap(),
+            want,
+            "{what}: expert counts"
+        );
         let (dx, dw1, dw2) = (
             st.clone_htod(&x).unwrap(),
             st.clone_htod(&w1).unwrap(),

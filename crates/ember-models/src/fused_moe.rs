@@ -107,6 +107,18 @@ pub struct StackedExperts {
     experts: usize,
     inter: usize,
     hidden: usize,
+    /// The layer's per-expert token counters (`/metrics`), when this copy counts: added to on
+    /// the CPU; on a GPU the counts accumulate there and are drained into them when read.
+    counts: Option<Arc<Vec<AtomicU64>>>,
+    #[cfg(feature = "cuda")]
+    device_counts: Arc<std::sync::Mutex<Option<DeviceCounts>>>,
+}
+
+/// A fused layer's token counters on its GPU.
+#[cfg(feature = "cuda")]
+struct DeviceCounts {
+    kernels: Arc<ember_kernels::cuda::CudaKernels>,
+    counts: candle_core::cuda_backend::cudarc::driver::CudaSlice<u64>,
 }
 
 impl StackedExperts {
@@ -142,12 +154,12 @@ impl StackedExperts {
         let w13 = Tensor::stack(&gate_up, 0)?;
         let w2 = Tensor::stack(&down, 0)?;
         let (experts, hidden, inter) = w2.dims3()?;
-        Ok(Some(Self {
-            weights: ExpertWeights::Dense { w13, w2 },
+        Ok(Some(Self::new(
+            ExpertWeights::Dense { w13, w2 },
             experts,
             inter,
             hidden,
-        }))
+        )))
     }
 
     fn stack_packed(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
@@ -173,19 +185,69 @@ impl StackedExperts {
         let Some((inter, hidden, kind, dtype)) = layout else {
             return Ok(None);
         };
-        Ok(Some(Self {
-            weights: ExpertWeights::Packed {
-                kind,
-                w13: Tensor::stack(&w13, 0)?,
-                p13: Tensor::stack(&p13, 0)?,
-                w2: Tensor::stack(&w2, 0)?,
-                p2: Tensor::stack(&p2, 0)?,
-                dtype,
-            },
-            experts: mlps.len(),
+        let weights = ExpertWeights::Packed {
+            kind,
+            w13: Tensor::stack(&w13, 0)?,
+            p13: Tensor::stack(&p13, 0)?,
+            w2: Tensor::stack(&w2, 0)?,
+            p2: Tensor::stack(&p2, 0)?,
+            dtype,
+        };
+        Ok(Some(Self::new(weights, mlps.len(), inter, hidden)))
+    }
+
+    fn new(weights: ExpertWeights, experts: usize, inter: usize, hidden: usize) -> Self {
+        Self {
+            weights,
+            experts,
             inter,
             hidden,
-        }))
+            counts: None,
+            #[cfg(feature = "cuda")]
+            device_counts: Default::default(),
+        }
+    }
+
+    /// The same stack, counting the tokens routed to each expert into `counts` (layer `layer`'s
+    /// counters of `registry`).
+    pub(crate) fn counting(
+        self,
+        counts: Arc<Vec<AtomicU64>>,
+        registry: &crate::moe::ExpertLoad,
+        layer: usize,
+    ) -> Self {
+        #[cfg(feature = "cuda")]
+        {
+            let device_counts = self.device_counts.clone();
+            registry.add_drain(
+                layer,
+                crate::moe::CountDrain(Box::new(move || {
+                    let mut held = device_counts.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(d) = held.as_mut() else {
+                        return Vec::new();
+                    };
+                    let stream = d.kernels.stream();
+                    match stream.clone_dtoh(&d.counts) {
+                        Ok(host) => {
+                            if let Err(e) = stream.memset_zeros(&mut d.counts) {
+                                tracing::warn!("cannot reset the fused MoE's token counts: {e}");
+                            }
+                            host
+                        }
+                        Err(e) => {
+                            tracing::warn!("cannot read the fused MoE's token counts: {e}");
+                            Vec::new()
+                        }
+                    }
+                })),
+            );
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = (registry, layer);
+        Self {
+            counts: Some(counts),
+            ..self
+        }
     }
 
     /// Experts in the stack.
@@ -432,6 +494,13 @@ impl CustomOp2 for FusedMoeOp<'_> {
         let bias = held_slice::<f32>(&bias, bias_layout, "router bias")?;
         let (mut ids, mut weights) = (vec![0u32; entries], vec![0f32; entries]);
         moe_routing::route(logits, bias, &self.routing, &mut ids, &mut weights).map_err(wrap)?;
+        if let Some(counts) = &self.stack.counts {
+            for &e in &ids {
+                if let Some(c) = counts.get(e as usize) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         let align = fused_moe::moe_align(&ids, self.routing.num_experts, BLOCK_M).map_err(wrap)?;
         let x_range = crate::contiguous_range(x_layout, "fused MoE input")?;
         let shapes = self.shapes(tokens);
@@ -487,6 +556,24 @@ impl CustomOp2 for FusedMoeOp<'_> {
         let align = kernels
             .moe_align(&ids.as_view(), self.routing.num_experts, BLOCK_M)
             .map_err(wrap)?;
+        if self.stack.counts.is_some() {
+            let mut held = self
+                .stack
+                .device_counts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if held.is_none() {
+                *held = Some(DeviceCounts {
+                    kernels: kernels.clone(),
+                    counts: device.alloc_zeros::<u64>(self.routing.num_experts)?,
+                });
+            }
+            if let Some(d) = held.as_mut() {
+                kernels
+                    .count_experts(&mut d.counts, &ids.as_view())
+                    .map_err(wrap)?;
+            }
+        }
         let x_range = crate::contiguous_range(x_layout, "fused MoE input")?;
         let run = Cuda {
             kernels: &kernels,

@@ -59,12 +59,34 @@ pub fn route_softmax_topk(
 #[derive(Debug, Default)]
 pub struct ExpertLoad {
     layers: Mutex<BTreeMap<usize, Arc<Vec<AtomicU64>>>>,
+    /// Counts kept elsewhere (a fused MoE layer's, on its GPU), drained into `layers` when read.
+    drains: Mutex<Vec<(usize, CountDrain)>>,
     /// Under expert parallelism, tokens each rank's experts processed (all layers).
     rank_tokens: OnceLock<Vec<AtomicU64>>,
     placements: Mutex<BTreeMap<usize, Arc<ExpertPlacement>>>,
 }
 
+/// Takes the tokens counted since the last call, per expert, and resets them.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct CountDrain(pub(crate) Box<dyn Fn() -> Vec<u64> + Send + Sync>);
+
+impl std::fmt::Debug for CountDrain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CountDrain")
+    }
+}
+
 impl ExpertLoad {
+    /// Adds counts of layer `layer` kept elsewhere, read (and reset) by `drain` whenever the
+    /// counters are read.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn add_drain(&self, layer: usize, drain: CountDrain) {
+        self.drains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((layer, drain));
+    }
+
     /// The counters of layer `layer` (created on first use, `experts` of them).
     fn layer(&self, layer: usize, experts: usize) -> Arc<Vec<AtomicU64>> {
         let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,6 +124,13 @@ impl ExpertLoad {
 
     /// Tokens per expert, by layer index, in layer order.
     pub fn snapshot(&self) -> Vec<(usize, Vec<u64>)> {
+        for (layer, drain) in self.drains.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let counts = (drain.0)();
+            let counters = self.layer(*layer, counts.len());
+            for (c, n) in counters.iter().zip(counts) {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
         let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
         layers.iter().map(|(&l, c)| (l, read_counts(c))).collect()
     }
@@ -738,10 +767,19 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             .map(|x| Mlp::load_split(&experts_w.pp(x), hidden, i, channels).map(Arc::new))
             .collect::<Result<_>>()?
     };
+    let counts_load = rank.is_none_or(|r| r.rank() == 0);
     let (mlps, stacked) = match experts_w.moe_backend() {
         MoeBackend::Fused => stack_experts(experts_w, mlps, channels)?,
         MoeBackend::Experts => (mlps, None),
     };
+    // A fused layer counts its tokens itself (the routing never leaves the device).
+    let stacked = stacked.map(|s| {
+        if counts_load {
+            s.counting(load.clone(), registry, layer_index(&path))
+        } else {
+            s
+        }
+    });
     Ok(Experts {
         stacked,
         slots: RwLock::new(RankSlots {
@@ -750,7 +788,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             mlps,
         }),
         load,
-        counts_load: rank.is_none_or(|r| r.rank() == 0),
+        counts_load,
         path,
         num_experts: e,
         expert_parallel: None,

@@ -468,6 +468,17 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
                 assert!(diff < 1e-4, "{name} tp {tp}: max |Δ logprob| {diff}");
             }
             assert!(calls() > before, "{name} tp {tp}: the fused MoE never ran");
+            // /metrics' per-expert token counts: the fused layers count what the experts did.
+            let counts = experts.expert_load.snapshot();
+            assert!(
+                counts.iter().flat_map(|(_, c)| c).sum::<u64>() > 0,
+                "{name}: no counts"
+            );
+            assert_eq!(
+                fused.expert_load.snapshot(),
+                counts,
+                "{name} tp {tp}: tokens per expert"
+            );
         }
     }
     // Checkpoints that store the experts fused, and expert parallelism (which the fused MoE
