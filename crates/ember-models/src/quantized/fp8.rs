@@ -22,23 +22,38 @@ const MIN_SCALE: f32 = 1.0 / (E4M3_MAX * 512.0);
 /// nearest even. Returns `(q [out, in] F8E4M3, scale [out, 1] f32)`, on the weight's device.
 pub fn quantize_per_channel(weight: &Tensor) -> TensorResult<(Tensor, Tensor)> {
     let (rows, cols) = weight.dims2()?;
-    let w = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    let w = w.flatten_all()?.to_vec1::<f32>()?;
-    let mut scales = Vec::with_capacity(rows);
-    let mut scaled = Vec::with_capacity(rows * cols);
-    for row in w.chunks_exact(cols.max(1)) {
-        let absmax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let scale = (absmax / E4M3_MAX).max(MIN_SCALE);
-        scales.push(scale);
-        // Division, not a multiply by 1/scale: the two round differently, and vLLM divides.
-        scaled.extend(row.iter().map(|x| (x / scale).clamp(-E4M3_MAX, E4M3_MAX)));
-    }
-    let q = Tensor::from_vec(scaled, (rows, cols), &Device::Cpu)?.to_dtype(DType::F8E4M3)?;
+    let (codes, scales) = per_channel_codes(weight)?;
+    let codes: Vec<float8::F8E4M3> = codes.into_iter().map(float8::F8E4M3::from_bits).collect();
+    let q = Tensor::from_vec(codes, (rows, cols), &Device::Cpu)?;
     let scale = Tensor::from_vec(scales, (rows, 1), &Device::Cpu)?;
     Ok((
         q.to_device(weight.device())?,
         scale.to_device(weight.device())?,
     ))
+}
+
+/// [`quantize_per_channel`]'s e4m3 bytes `[out · in]` and scales `[out]`, on the host, rows in
+/// parallel.
+fn per_channel_codes(weight: &Tensor) -> TensorResult<(Vec<u8>, Vec<f32>)> {
+    use rayon::prelude::*;
+    let (_, cols) = weight.dims2()?;
+    let w = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let w = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut codes = vec![0u8; w.len()];
+    let scales: Vec<f32> = w
+        .par_chunks(cols.max(1))
+        .zip(codes.par_chunks_mut(cols.max(1)))
+        .map(|(row, out)| {
+            let absmax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let scale = (absmax / E4M3_MAX).max(MIN_SCALE);
+            // Division, not a multiply by 1/scale: the two round differently, and vLLM divides.
+            for (o, x) in out.iter_mut().zip(row) {
+                *o = float8::F8E4M3::from_f32((x / scale).clamp(-E4M3_MAX, E4M3_MAX)).to_bits();
+            }
+            scale
+        })
+        .collect();
+    Ok((codes, scales))
 }
 
 /// [`quantize_per_channel`] held for the W8A16 kernels: the e4m3 bytes `[out · in]` (u8) and
@@ -47,17 +62,10 @@ pub(crate) fn packed_per_channel(
     weight: &Tensor,
 ) -> TensorResult<(Tensor, Tensor, ember_kernels::w8a16::W8a16Shape)> {
     let (n, k) = weight.dims2()?;
-    let (q, scale) = quantize_per_channel(weight)?;
-    let bytes: Vec<u8> = q
-        .to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<float8::F8E4M3>()?
-        .iter()
-        .map(|v| v.to_bits())
-        .collect();
+    let (bytes, scales) = per_channel_codes(weight)?;
     Ok((
         Tensor::from_vec(bytes, n * k, weight.device())?,
-        scale.flatten_all()?,
+        Tensor::from_vec(scales, n, weight.device())?,
         ember_kernels::w8a16::W8a16Shape {
             m: 0,
             n,
