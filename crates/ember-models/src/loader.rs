@@ -394,6 +394,14 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     .with_fp8_gemm(fp8_gemm(opts)?)
     .with_calculate_kv_scales(opts.calculate_kv_scales)
     .with_packed_weights(packed_weights(opts));
+    tracing::info!(
+        attention = ?weights.attention_backend(),
+        moe = ?weights.moe_backend(),
+        layer_kernels = ?weights.layer_kernels(),
+        fp8_gemm = ?weights.fp8_gemm(),
+        packed_weights = weights.packed_weights(),
+        "kernels selected (each serves where it can; the rest runs candle's ops)"
+    );
     let build = |weights: &Weights| -> Result<DecoderModel> {
         match config.family {
             ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {
