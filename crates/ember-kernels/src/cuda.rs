@@ -974,7 +974,7 @@ impl CudaKernels {
         check_shape(std::mem::size_of::<P>() == 1, OP, || {
             "e4m3 weights are one byte each".into()
         })?;
-        let cap = self.check_alignment(OP, align, s)?;
+        let (cap, host) = self.check_alignment(OP, align, s)?;
         crate::w8a8::grouped_w8a8_shape(
             s,
             block_n,
@@ -983,7 +983,7 @@ impl CudaKernels {
             sa.len(),
             qw.len(),
             sw.len(),
-            &host_alignment(cap, s.block_m),
+            &host,
         )?;
         check_shape(self.has_fp8_tensor_cores()?, OP, || {
             "this GPU has no FP8 tensor cores (compute capability below 8.9)".into()
@@ -991,26 +991,11 @@ impl CudaKernels {
         if s.num_entries == 0 {
             return Ok(());
         }
-        let int = |what: &str, v: usize| int32(OP, what, v);
-        let args = [
-            int("entries", s.num_entries)?,
-            int("experts", s.num_experts)?,
-            int("k_in", s.k_in)?,
-            int("n_out", s.n_out)?,
-            int("x_div", s.x_div)?,
-            int("block_n", block_n)?,
-        ];
+        let args = grouped_ints(OP, s, &[int32(OP, "block_n", block_n)?])?;
         let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(out)
-            .arg(qa)
-            .arg(sa)
-            .arg(qw)
-            .arg(sw)
-            .arg(&align.sorted_ids)
-            .arg(&align.expert_ids)
-            .arg(&align.num_padded);
+        launch.arg(out).arg(qa).arg(sa).arg(qw).arg(sw);
+        push_alignment(&mut launch, align);
         for a in &args {
             launch.arg(a);
         }
@@ -1179,32 +1164,17 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
     ) -> Result<(), KernelError> {
         let s = shape;
-        let cap = self.check_alignment("grouped_gemm", align, s)?;
-        // The sizes checks of the reference, on a host alignment of the same capacity.
-        let host_shape = host_alignment(cap, s.block_m);
-        crate::fused_moe::grouped_gemm_shape(s, out.len(), x.len(), w.len(), &host_shape)?;
+        let (cap, host) = self.check_alignment("grouped_gemm", align, s)?;
+        crate::fused_moe::grouped_gemm_shape(s, out.len(), x.len(), w.len(), &host)?;
         if s.num_entries == 0 {
             return Ok(());
         }
-        let int =
-            |what: &str, v: usize| i32::try_from(v).map_err(|_| too_big("grouped_gemm", what, v));
-        let args = [
-            int("entries", s.num_entries)?,
-            int("experts", s.num_experts)?,
-            int("k_in", s.k_in)?,
-            int("n_out", s.n_out)?,
-            int("x_div", s.x_div)?,
-        ];
+        let args = grouped_ints("grouped_gemm", s, &[])?;
         let bf16 = T::KERNEL_SUFFIX == "bf16";
         let f = kernel(&self.fused_moe, "grouped_gemm", T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(out)
-            .arg(x)
-            .arg(w)
-            .arg(&align.sorted_ids)
-            .arg(&align.expert_ids)
-            .arg(&align.num_padded);
+        launch.arg(out).arg(x).arg(w);
+        push_alignment(&mut launch, align);
         for a in &args {
             launch.arg(a);
         }
@@ -1241,8 +1211,7 @@ impl CudaKernels {
         check_shape(std::mem::size_of::<P>() == 1, OP, || {
             "e4m3 weights are one byte each".into()
         })?;
-        let cap = self.check_alignment(OP, align, s)?;
-        let host_shape = host_alignment(cap, s.block_m);
+        let (cap, host) = self.check_alignment(OP, align, s)?;
         crate::fused_moe::grouped_w8a16_shape(
             s,
             blocks,
@@ -1250,31 +1219,20 @@ impl CudaKernels {
             x.len(),
             w.len(),
             scales.len(),
-            &host_shape,
+            &host,
         )?;
         if s.num_entries == 0 {
             return Ok(());
         }
-        let int = |what: &str, v: usize| int32(OP, what, v);
-        let args = [
-            int("entries", s.num_entries)?,
-            int("experts", s.num_experts)?,
-            int("k_in", s.k_in)?,
-            int("n_out", s.n_out)?,
-            int("x_div", s.x_div)?,
-            int("block_n", blocks.block_n)?,
-            int("block_k", blocks.block_k)?,
+        let extra = [
+            int32(OP, "block_n", blocks.block_n)?,
+            int32(OP, "block_k", blocks.block_k)?,
         ];
+        let args = grouped_ints(OP, s, &extra)?;
         let f = kernel(&self.moe_w8a16, OP, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(out)
-            .arg(x)
-            .arg(w)
-            .arg(scales)
-            .arg(&align.sorted_ids)
-            .arg(&align.expert_ids)
-            .arg(&align.num_padded);
+        launch.arg(out).arg(x).arg(w).arg(scales);
+        push_alignment(&mut launch, align);
         for a in &args {
             launch.arg(a);
         }
@@ -1302,8 +1260,7 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         const OP: &str = "grouped_w4a16";
         let s = shape;
-        let cap = self.check_alignment(OP, align, s)?;
-        let host_shape = host_alignment(cap, s.block_m);
+        let (cap, host) = self.check_alignment(OP, align, s)?;
         crate::fused_moe::grouped_w4a16_shape(
             s,
             params,
@@ -1311,33 +1268,22 @@ impl CudaKernels {
             x.len(),
             codes.len(),
             qparams.len(),
-            &host_shape,
+            &host,
         )?;
         if s.num_entries == 0 {
             return Ok(());
         }
-        let int = |what: &str, v: usize| int32(OP, what, v);
-        let args = [
-            int("entries", s.num_entries)?,
-            int("experts", s.num_experts)?,
-            int("k_in", s.k_in)?,
-            int("n_out", s.n_out)?,
-            int("x_div", s.x_div)?,
-            int("group_size", params.group_size)?,
+        let extra = [
+            int32(OP, "group_size", params.group_size)?,
             i32::from(params.f16_weights),
             i32::from(params.e2m1),
             i32::from(params.zeros),
         ];
+        let args = grouped_ints(OP, s, &extra)?;
         let f = kernel(&self.moe_w4a16, OP, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(out)
-            .arg(x)
-            .arg(codes)
-            .arg(qparams)
-            .arg(&align.sorted_ids)
-            .arg(&align.expert_ids)
-            .arg(&align.num_padded);
+        launch.arg(out).arg(x).arg(codes).arg(qparams);
+        push_alignment(&mut launch, align);
         for a in &args {
             launch.arg(a);
         }
@@ -1416,7 +1362,7 @@ impl CudaKernels {
         op: &'static str,
         align: &DeviceAlignment,
         s: &GroupedGemmShape,
-    ) -> Result<usize, KernelError> {
+    ) -> Result<(usize, crate::fused_moe::MoeAlignment), KernelError> {
         check_shape(
             align.num_entries == s.num_entries
                 && align.num_experts == s.num_experts
@@ -1424,17 +1370,41 @@ impl CudaKernels {
             op,
             || "the alignment was made for other entries, experts or block_m".into(),
         )?;
-        Ok(align_capacity(s.num_entries, s.num_experts, s.block_m))
+        let cap = align_capacity(s.num_entries, s.num_experts, s.block_m);
+        // A host alignment of the same capacity, for the references' size checks.
+        let host = crate::fused_moe::MoeAlignment {
+            sorted_ids: vec![0; cap],
+            expert_ids: vec![0; cap / s.block_m.max(1)],
+            num_padded: 0,
+        };
+        Ok((cap, host))
     }
 }
 
-/// A host alignment of `cap` rows, for the reference's size checks of a device alignment.
-fn host_alignment(cap: usize, block_m: usize) -> crate::fused_moe::MoeAlignment {
-    crate::fused_moe::MoeAlignment {
-        sorted_ids: vec![0; cap],
-        expert_ids: vec![0; cap / block_m.max(1)],
-        num_padded: 0,
-    }
+/// The int arguments every grouped GEMM kernel starts with (entries, experts, k_in, n_out,
+/// x_div), then `extra`.
+fn grouped_ints(
+    op: &'static str,
+    s: &GroupedGemmShape,
+    extra: &[i32],
+) -> Result<Vec<i32>, KernelError> {
+    let mut ints = vec![
+        int32(op, "entries", s.num_entries)?,
+        int32(op, "experts", s.num_experts)?,
+        int32(op, "k_in", s.k_in)?,
+        int32(op, "n_out", s.n_out)?,
+        int32(op, "x_div", s.x_div)?,
+    ];
+    ints.extend_from_slice(extra);
+    Ok(ints)
+}
+
+/// Pushes an alignment's three device arrays (sorted ids, block experts, padded rows).
+fn push_alignment<'a>(launch: &mut cudarc::driver::LaunchArgs<'a>, align: &'a DeviceAlignment) {
+    launch
+        .arg(&align.sorted_ids)
+        .arg(&align.expert_ids)
+        .arg(&align.num_padded);
 }
 
 /// The launch of kernels/moe_w8a16.cu and moe_w4a16.cu: a tile of `GW8_ROWS` sorted rows by
