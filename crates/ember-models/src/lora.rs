@@ -10,7 +10,7 @@
 //! `models/lora/FORMAT.md` documents PEFT's layout, including transformers-5 fused experts
 //! (`target_parameters`), which are split into per-expert factors here at load.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -181,12 +181,25 @@ pub struct LoraAdapter {
     id: u64,
     name: String,
     modules: HashMap<String, LoraFactors>,
+    /// Every module path and each of its dot-separated prefixes (`model.layers.3.mlp.experts`
+    /// of `model.layers.3.mlp.experts.7.up_proj`): [`LoraRows::adapts_under`]'s lookup.
+    prefixes: HashSet<String>,
     max_rank: usize,
     num_parameters: usize,
 }
 
 fn invalid(dir: &Path, what: impl std::fmt::Display) -> EmberError {
     EmberError::AdapterLoad(format!("LoRA adapter {}: {what}", dir.display()))
+}
+
+/// Each module path and its dot-separated prefixes.
+fn module_prefixes(modules: &HashMap<String, LoraFactors>) -> HashSet<String> {
+    let mut prefixes = HashSet::new();
+    for path in modules.keys() {
+        prefixes.extend(path.match_indices('.').map(|(i, _)| path[..i].to_string()));
+        prefixes.insert(path.clone());
+    }
+    prefixes
 }
 
 /// Which part of a tensor key names the module, and whether it is LoRA's A or B.
@@ -368,6 +381,7 @@ impl LoraAdapter {
         Ok(Self {
             id,
             name: name.to_string(),
+            prefixes: module_prefixes(&modules),
             modules,
             max_rank,
             num_parameters,
@@ -586,12 +600,9 @@ impl LoraRows {
     /// Whether a row's adapter adapts a projection under the module path `prefix` (a layer's
     /// experts, `model.layers.3.mlp.experts`).
     pub fn adapts_under(&self, prefix: &str) -> bool {
-        self.groups.iter().any(|g| {
-            self.adapters[g.adapter].modules.keys().any(|path| {
-                path.strip_prefix(prefix)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-            })
-        })
+        self.groups
+            .iter()
+            .any(|g| self.adapters[g.adapter].prefixes.contains(prefix))
     }
 
     /// The rows `rows` of this set, renumbered `0..rows.len()` (the tokens routed to one expert).
@@ -691,10 +702,12 @@ mod tests {
             a_t: random((6, rank), seed),
             b_t: random((rank, 5), seed + 1),
         };
+        let modules = HashMap::from([(path.to_string(), factors)]);
         Arc::new(LoraAdapter {
             id,
             name: format!("a{id}"),
-            modules: HashMap::from([(path.to_string(), factors)]),
+            prefixes: module_prefixes(&modules),
+            modules,
             max_rank: rank,
             num_parameters: 0,
         })
