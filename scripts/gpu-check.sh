@@ -39,6 +39,11 @@ for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10; do
     [ -z "$p" ] && p=$(find /usr/local/cuda*/ /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
     [ -n "$p" ] && libdirs="$libdirs:$(dirname "$p")" || echo "gpu-check: $lib not found"
 done
+# NCCL, which ember opens at run time for ranks on several GPUs: torch's wheel brings one.
+nccl=$(ldconfig -p | awk '$1 == "libnccl.so.2" {print $NF; exit}')
+[ -z "$nccl" ] && nccl=$(find $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) /usr/local/cuda*/ /usr/lib -name libnccl.so.2 2>/dev/null | head -1)
+[ -n "$nccl" ] && export EMBER_NCCL_LIBRARY="$nccl" || echo "gpu-check: libnccl.so.2 not found (the NCCL tests skip)"
+echo "EMBER_NCCL_LIBRARY=${EMBER_NCCL_LIBRARY:-}"
 export LD_LIBRARY_PATH="${libdirs#:}:${LD_LIBRARY_PATH:-}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 export RUST_BACKTRACE=1

@@ -86,45 +86,53 @@ impl Engine {
     pub fn start(loaded: LoadedModel, cfg: EngineConfig) -> Result<EngineHandle> {
         let model_cfg = loaded.model.config().clone();
         let expert_load = loaded.expert_load.clone();
-        // Every rank of a sharded model caches its own heads of each block.
-        let per_block: usize = loaded
-            .model
-            .kv_cache_shards()
-            .into_iter()
-            .map(|widths| {
-                ember_models::KvCachePool::bytes_per_block(
-                    model_cfg.num_hidden_layers,
-                    cfg.block_size,
-                    widths,
-                    // An fp8 cache holds twice the tokens of a bf16 one in the same memory.
-                    loaded.kv_cache_dtype,
-                )
-            })
-            .sum();
-        let gpu = ember_models::device::gpu_memory(&loaded.device)?;
-        let kv_cache_bytes = match (cfg.num_blocks, cfg.gpu_memory_utilization, gpu) {
-            (None, Some(utilization), Some((free, total))) => {
-                let reserve = ember_models::device::activation_reserve_bytes(
-                    &model_cfg,
-                    loaded.dtype,
-                    cfg.max_num_batched_tokens,
-                    cfg.max_num_seqs,
-                );
-                let budget =
-                    ember_models::device::kv_cache_budget(free, total, utilization, reserve)?;
-                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-                tracing::info!(
-                    free_gib = gib(free),
-                    total_gib = gib(total),
-                    step_reserve_gib = gib(reserve),
-                    kv_cache_gib = gib(budget),
-                    "memory: KV cache sized by --gpu-memory-utilization {utilization}"
-                );
-                usize::try_from(budget).unwrap_or(usize::MAX)
+        // Every rank of a sharded model caches its own heads of each block, on its own device:
+        // the bytes a block takes on each device the ranks use.
+        let mut per_device: Vec<(candle_core::Device, usize)> = Vec::new();
+        for (rank, widths) in loaded.model.kv_cache_shards().into_iter().enumerate() {
+            let bytes = ember_models::KvCachePool::bytes_per_block(
+                model_cfg.num_hidden_layers,
+                cfg.block_size,
+                widths,
+                // An fp8 cache holds twice the tokens of a bf16 one in the same memory.
+                loaded.kv_cache_dtype,
+            );
+            let device = loaded.rank_devices.get(rank).unwrap_or(&loaded.device);
+            match per_device.iter_mut().find(|(d, _)| d.same_device(device)) {
+                Some((_, sum)) => *sum += bytes,
+                None => per_device.push((device.clone(), bytes)),
             }
-            _ => cfg.kv_cache_bytes,
-        };
-        let num_blocks = cfg.num_blocks.unwrap_or(kv_cache_bytes / per_block.max(1));
+        }
+        // As many blocks as the tightest device holds.
+        let mut fitting = usize::MAX;
+        for (device, per_block) in &per_device {
+            let gpu = ember_models::device::gpu_memory(device)?;
+            let kv_cache_bytes = match (cfg.num_blocks, cfg.gpu_memory_utilization, gpu) {
+                (None, Some(utilization), Some((free, total))) => {
+                    let reserve = ember_models::device::activation_reserve_bytes(
+                        &model_cfg,
+                        loaded.dtype,
+                        cfg.max_num_batched_tokens,
+                        cfg.max_num_seqs,
+                    );
+                    let budget =
+                        ember_models::device::kv_cache_budget(free, total, utilization, reserve)?;
+                    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                    tracing::info!(
+                        device = ?device.location(),
+                        free_gib = gib(free),
+                        total_gib = gib(total),
+                        step_reserve_gib = gib(reserve),
+                        kv_cache_gib = gib(budget),
+                        "memory: KV cache sized by --gpu-memory-utilization {utilization}"
+                    );
+                    usize::try_from(budget).unwrap_or(usize::MAX)
+                }
+                _ => cfg.kv_cache_bytes,
+            };
+            fitting = fitting.min(kv_cache_bytes / (*per_block).max(1));
+        }
+        let num_blocks = cfg.num_blocks.unwrap_or(fitting);
         let max_model_len = loaded.max_model_len;
         // Every request that fits the context must be servable, if only alone.
         if num_blocks * cfg.block_size < max_model_len {

@@ -20,11 +20,13 @@ impl ModelRunner {
     pub fn new(loaded: LoadedModel, num_blocks: usize, block_size: usize) -> Result<Self> {
         let device = loaded.device.clone();
         let layers = loaded.model.config().num_hidden_layers;
+        // Each rank's cache on its own device.
         let caches = loaded
             .model
             .kv_cache_shards()
             .into_iter()
-            .map(|widths| {
+            .enumerate()
+            .map(|(rank, widths)| {
                 KvCachePool::with_storage(
                     layers,
                     num_blocks,
@@ -32,7 +34,7 @@ impl ModelRunner {
                     widths,
                     loaded.dtype,
                     loaded.kv_cache_dtype,
-                    &device,
+                    loaded.rank_devices.get(rank).unwrap_or(&device),
                 )
             })
             .collect::<Result<Vec<_>>>()?;

@@ -415,3 +415,196 @@ fn the_kv_cache_takes_what_gpu_memory_utilization_leaves() {
     );
     assert_eq!(got.tokens.len(), 4);
 }
+
+/// GPUs this process can open, counting from cuda:0.
+fn gpu_count() -> usize {
+    (0..16)
+        .take_while(|&i| ember_models::device::open_cuda(i).is_ok())
+        .count()
+}
+
+/// Random f32 rows, the same for the same seed.
+#[cfg(feature = "cuda")]
+fn random_tensor(shape: &[usize], seed: u64, device: &Device) -> candle_core::Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    candle_core::Tensor::from_vec(v, shape, device).unwrap()
+}
+
+/// Every collective of rank `comm` on its inputs, seeded by its rank: sums, gathers (one of
+/// them uneven), scatters, an all-to-all of ragged pieces (some empty) and a broadcast; the
+/// results on the host, in order.
+#[cfg(feature = "cuda")]
+fn all_collectives(
+    comm: &dyn ember_models::parallel::Communicator,
+    device: &Device,
+) -> Vec<Vec<f32>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let seed = 100 * rank as u64;
+    let host = |t: candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let x = random_tensor(&[3, 4 * world], seed, device);
+    let mut out = vec![
+        host(comm.all_reduce_sum(&x).unwrap()),
+        host(comm.all_gather(&x, 0).unwrap()),
+        host(comm.all_gather(&x, 1).unwrap()),
+        host(comm.reduce_scatter_sum(&x, 1).unwrap()),
+        // bf16 through the same sum.
+        host(
+            comm.all_reduce_sum(&x.to_dtype(DType::BF16).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        ),
+    ];
+    // Uneven along dim 0: rank r sends r + 1 rows.
+    let uneven = random_tensor(&[rank + 1, 5], seed + 1, device);
+    out.push(host(comm.all_gather(&uneven, 0).unwrap()));
+    // Rank r sends (r + d) % 3 rows of 2 to rank d: some pieces are empty.
+    let send = (0..world)
+        .map(|d| random_tensor(&[(rank + d) % 3, 2], seed + 2 + d as u64, device))
+        .collect();
+    for piece in comm.all_to_all(send).unwrap() {
+        out.push(host(piece));
+    }
+    let root = world - 1;
+    let mine = random_tensor(&[2, 3], seed + 50, device);
+    let b = comm
+        .broadcast((rank == root).then_some(&mine), root)
+        .unwrap();
+    assert_eq!(b.dims(), [2, 3]);
+    out.push(host(b));
+    out
+}
+
+/// Runs [`all_collectives`] on every rank of a group, each on its own thread.
+#[cfg(feature = "cuda")]
+fn on_ranks(
+    comms: Vec<std::sync::Arc<dyn ember_models::parallel::Communicator>>,
+    devices: &[Device],
+) -> Vec<Vec<Vec<f32>>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .iter()
+            .zip(devices)
+            .map(|(comm, device)| s.spawn(move || all_collectives(comm.as_ref(), device)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// NCCL's collectives against the threads backend on the CPU, on the same random inputs: one
+/// rank on one GPU (every call, header exchange and reshaping, with NCCL doing the copy), and
+/// every GPU up to 4 when there are several. Sums may add in another order: within 1e-5 (f32)
+/// and 1e-2 (bf16); everything else exact.
+#[test]
+fn nccl_collectives_match_the_threads_backend() {
+    #[cfg(feature = "cuda")]
+    {
+        use ember_models::parallel::{Communicator, ThreadGroup};
+        use std::sync::Arc;
+        let test = "nccl_collectives_match_the_threads_backend";
+        let Some(_) = gpu(test) else { return };
+        if let Err(e) = ember_models::nccl::version() {
+            eprintln!("SKIPPED {test}: {e}");
+            return;
+        }
+        let count = gpu_count();
+        let mut worlds = vec![1];
+        if count >= 2 {
+            worlds.push(count.min(4));
+        } else {
+            eprintln!("{test}: one GPU, so one rank only (NCCL takes a GPU per rank)");
+        }
+        for world in worlds {
+            let gpus: Vec<Device> = (0..world)
+                .map(|i| ember_models::device::open_cuda(i).unwrap())
+                .collect();
+            let nccl = ember_models::nccl::ranks(&gpus)
+                .unwrap()
+                .into_iter()
+                .map(|r| Arc::new(r) as Arc<dyn Communicator>)
+                .collect();
+            let got = on_ranks(nccl, &gpus);
+            let cpus = vec![Device::Cpu; world];
+            let threads = ThreadGroup::ranks(world)
+                .into_iter()
+                .map(|r| Arc::new(r) as Arc<dyn Communicator>)
+                .collect();
+            let want = on_ranks(threads, &cpus);
+            for (rank, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.len(), w.len(), "world {world} rank {rank}: results");
+                for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                    assert_eq!(
+                        a.len(),
+                        b.len(),
+                        "world {world} rank {rank} result {i}: length"
+                    );
+                    let tol = if i == 4 { 1e-2 } else { 1e-5 };
+                    let worst = a
+                        .iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        worst <= tol,
+                        "world {world} rank {rank} result {i}: off by {worst}"
+                    );
+                }
+            }
+            eprintln!("{test}: {world} NCCL rank(s) match the threads backend");
+        }
+    }
+}
+
+/// A model sharded over GPUs, one rank each (NCCL where libnccl opens): tensor parallel and
+/// expert parallel over 2 GPUs match transformers as one rank does (f32). Needs 2 GPUs.
+#[test]
+fn tensor_and_expert_parallel_over_gpus_match_transformers() {
+    let test = "tensor_and_expert_parallel_over_gpus_match_transformers";
+    let Some(_) = gpu(test) else { return };
+    let count = gpu_count();
+    if count < 2 {
+        eprintln!("SKIPPED {test}: {count} GPU(s); a rank needs a GPU of its own");
+        return;
+    }
+    for name in [
+        "qwen3-tiny",
+        "qwen3-moe-tiny",
+        "deepseek-v3-tiny",
+        "kimi-k2-tiny",
+    ] {
+        let parallelisms: &[bool] = if name == "qwen3-tiny" {
+            &[false]
+        } else {
+            &[false, true]
+        };
+        for &expert_parallel in parallelisms {
+            let reference = reference(name);
+            let cfg = EngineConfig {
+                max_num_batched_tokens: 24,
+                block_size: 4,
+                ..EngineConfig::default()
+            };
+            let engine = start_with(name, cfg, |opts| {
+                opts.dtype = Some(DType::F32);
+                opts.device = ember_models::device::open_cuda(0).unwrap();
+                opts.tensor_parallel_size = 2;
+                opts.enable_expert_parallel = expert_parallel;
+            });
+            let prompts = reference["prompts"].as_array().unwrap();
+            let receivers: Vec<_> = prompts
+                .iter()
+                .map(|p| {
+                    engine
+                        .submit(ids(&p["token_ids"]), greedy_params(greedy_steps(p)))
+                        .unwrap()
+                })
+                .collect();
+            let results: Vec<_> = receivers.into_iter().map(collect).collect();
+            assert_matches_reference(name, prompts, &results);
+            eprintln!("{name}: 2 GPUs (expert parallel {expert_parallel}) match transformers");
+        }
+    }
+}

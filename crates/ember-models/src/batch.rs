@@ -68,6 +68,32 @@ pub struct ForwardBatch {
     /// What ember's CUDA kernels copy to the GPU once per step for every layer to read.
     #[cfg(feature = "cuda")]
     pub(crate) device_metadata: crate::cuda_attention::StepMetadata,
+    /// Every u32 of the step and every causal mask, as uploaded: the tensors above are views.
+    ints: Tensor,
+    masks: Option<Tensor>,
+    layout: StepLayout,
+}
+
+/// Where a step's fields sit in its two uploaded tensors, so a copy on another device can take
+/// the same views.
+#[derive(Debug, Clone)]
+struct StepLayout {
+    tokens: usize,
+    logits: usize,
+    /// Where the sequences' context slots start in the u32s.
+    context_base: usize,
+    sequences: Vec<SequenceLayout>,
+}
+
+#[derive(Debug, Clone)]
+struct SequenceLayout {
+    query_start: usize,
+    query_len: usize,
+    context_len: usize,
+    /// Offset of its context slots from `context_base`.
+    context_at: usize,
+    /// Where its causal mask starts in the masks, when it has one.
+    mask_start: Option<usize>,
 }
 
 impl ForwardBatch {
@@ -200,37 +226,107 @@ impl ForwardBatch {
             .then(|| Tensor::from_vec(masks, masks_len, device))
             .transpose()
             .map_err(tensor_err)?;
-        let view = |start: usize, len: usize| ints.narrow(0, start, len).map_err(tensor_err);
-        let mut sequences = Vec::with_capacity(inputs.len());
         let mut context_at = 0;
-        for (query_start, query_len, context_len, mask_start) in layout {
-            let causal_mask = match (mask_start, &masks) {
-                (Some(start), Some(masks)) => Some(
-                    masks
-                        .narrow(0, start, query_len * context_len)
-                        .and_then(|m| m.reshape((query_len, context_len)))
-                        .map_err(tensor_err)?,
-                ),
-                _ => None,
-            };
-            sequences.push(SequenceAttention {
+        let mut sequences = Vec::with_capacity(layout.len());
+        let mut host = Vec::with_capacity(layout.len());
+        for ((query_start, query_len, context_len, mask_start), input) in
+            layout.into_iter().zip(inputs)
+        {
+            sequences.push(SequenceLayout {
                 query_start,
                 query_len,
-                context_slots: view(context_base + context_at, context_len)?,
-                context_slots_host: all_context_slots[context_at..context_at + context_len]
-                    .to_vec(),
                 context_len,
-                causal_mask,
-                adapter: inputs[sequences.len()].adapter.cloned(),
+                context_at,
+                mask_start,
             });
+            host.push((
+                all_context_slots[context_at..context_at + context_len].to_vec(),
+                input.adapter.cloned(),
+            ));
             context_at += context_len;
         }
-        let num_tokens = t;
         let lora = if adapters.is_empty() {
             LoraRows::none()
         } else {
             LoraRows::new(adapters, row_adapter, device).map_err(tensor_err)?
         };
+        let layout = StepLayout {
+            tokens: t,
+            logits: l,
+            context_base,
+            sequences,
+        };
+        Self::assemble(
+            ints,
+            masks,
+            layout,
+            host,
+            logits_per_sequence,
+            lora,
+            block_size,
+        )
+    }
+
+    /// The same step on `device`: its two tensors copied there and the same views taken, for a
+    /// rank of a sharded model on another GPU.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let ints = self.ints.to_device(device).map_err(tensor_err)?;
+        let masks = self
+            .masks
+            .as_ref()
+            .map(|m| m.to_device(device))
+            .transpose()
+            .map_err(tensor_err)?;
+        let host = self
+            .sequences
+            .iter()
+            .map(|s| (s.context_slots_host.clone(), s.adapter.clone()))
+            .collect();
+        let lora = self.lora.to_device(device).map_err(tensor_err)?;
+        Self::assemble(
+            ints,
+            masks,
+            self.layout.clone(),
+            host,
+            self.logits_per_sequence.clone(),
+            lora,
+            self.block_size,
+        )
+    }
+
+    /// The batch over its uploaded tensors: each field a view at its place in `layout`.
+    fn assemble(
+        ints: Tensor,
+        masks: Option<Tensor>,
+        layout: StepLayout,
+        host: Vec<(Vec<u32>, Option<Arc<LoraAdapter>>)>,
+        logits_per_sequence: Vec<usize>,
+        lora: LoraRows,
+        block_size: usize,
+    ) -> Result<Self> {
+        let view = |start: usize, len: usize| ints.narrow(0, start, len).map_err(tensor_err);
+        let mut sequences = Vec::with_capacity(layout.sequences.len());
+        for (seq, (context_slots_host, adapter)) in layout.sequences.iter().zip(host) {
+            let causal_mask = match (seq.mask_start, &masks) {
+                (Some(start), Some(masks)) => Some(
+                    masks
+                        .narrow(0, start, seq.query_len * seq.context_len)
+                        .and_then(|m| m.reshape((seq.query_len, seq.context_len)))
+                        .map_err(tensor_err)?,
+                ),
+                _ => None,
+            };
+            sequences.push(SequenceAttention {
+                query_start: seq.query_start,
+                query_len: seq.query_len,
+                context_slots: view(layout.context_base + seq.context_at, seq.context_len)?,
+                context_slots_host,
+                context_len: seq.context_len,
+                causal_mask,
+                adapter,
+            });
+        }
+        let (t, l) = (layout.tokens, layout.logits);
         Ok(Self {
             token_ids: view(0, t)?,
             positions: view(t, t)?,
@@ -238,12 +334,15 @@ impl ForwardBatch {
             sequences,
             logits_rows: view(3 * t, l)?,
             logits_per_sequence,
-            num_tokens,
+            num_tokens: t,
             lora,
             block_size,
             mla_decodes: Default::default(),
             #[cfg(feature = "cuda")]
             device_metadata: Default::default(),
+            ints,
+            masks,
+            layout,
         })
     }
 }
@@ -273,6 +372,13 @@ mod tests {
             },
         ];
         let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
+        check_flattened(&batch);
+        // A rank's copy of the step takes the same views of its own copy of the tensors.
+        check_flattened(&batch.to_device(&Device::Cpu).unwrap());
+    }
+
+    fn check_flattened(batch: &ForwardBatch) {
+        assert_eq!(batch.token_ids.to_vec1::<u32>().unwrap(), vec![5, 6, 7, 9]);
         assert_eq!(batch.positions.to_vec1::<u32>().unwrap(), vec![2, 3, 4, 4]);
         // Position 4 of the first sequence is in its second block (1): slot 1*4+0.
         assert_eq!(
@@ -299,6 +405,15 @@ mod tests {
         assert_eq!(
             batch.sequences[1].context_slots.to_vec1::<u32>().unwrap(),
             vec![0, 1, 2, 3, 8]
+        );
+        assert_eq!(batch.sequences[1].context_slots_host, vec![0, 1, 2, 3, 8]);
+        assert_eq!(
+            batch.sequences[0].context_slots.to_vec1::<u32>().unwrap(),
+            vec![12, 13, 14, 15, 4]
+        );
+        assert_eq!(
+            (batch.sequences[1].query_start, batch.sequences[1].query_len),
+            (3, 1)
         );
     }
 

@@ -52,6 +52,31 @@ pub fn auto_device() -> Device {
     }
 }
 
+/// The device of each of `world` ranks of a sharded model: all on the CPU for a CPU model; on
+/// GPUs, one each, counting up from `device`'s (`cuda:N` puts rank r on `cuda:N+r`). Errs,
+/// naming the rank, when there are fewer GPUs than ranks.
+pub fn rank_devices(device: &Device, world: usize) -> Result<Vec<Device>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(gpu) if world > 1 => {
+            let first = gpu.cuda_stream().context().ordinal();
+            (0..world)
+                .map(|r| match r {
+                    0 => Ok(device.clone()),
+                    _ => open_cuda(first + r).map_err(|e| {
+                        EmberError::Config(format!(
+                            "--tensor-parallel-size {world} puts rank {r} on cuda:{}, which cannot \
+                             be used ({e}); each rank needs a GPU of its own",
+                            first + r
+                        ))
+                    }),
+                })
+                .collect()
+        }
+        _ => Ok(vec![device.clone(); world]),
+    }
+}
+
 /// Whether this build can drive GPUs at all.
 pub fn cuda_built() -> bool {
     cfg!(feature = "cuda")

@@ -25,6 +25,8 @@ pub mod mla;
 pub mod mla_kernel;
 pub mod mlp;
 pub mod moe;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod norm;
 pub mod paged_attention;
 pub mod parallel;

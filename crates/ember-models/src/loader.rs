@@ -148,6 +148,9 @@ pub struct LoadedModel {
     pub kv_cache_dtype: DType,
     /// Where the weights live and the model runs; its KV cache goes there too.
     pub device: Device,
+    /// Where each rank runs and keeps its KV cache (`[device]` for an unsharded model; one GPU
+    /// per rank when a sharded one is on GPUs). Rank 0 is on `device`.
+    pub rank_devices: Vec<Device>,
 }
 
 /// Parses a `--dtype` value; `auto` is `None`.
@@ -423,6 +426,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 .into(),
         ));
     }
+    let rank_devices = crate::device::rank_devices(&opts.device, world.max(1))?;
     let (model, rank_weight_bytes): (Box<dyn CausalLm>, Vec<u64>) = match world {
         0 => {
             return Err(EmberError::Config(
@@ -436,9 +440,9 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         _ => {
             let mut ranks = Vec::with_capacity(world);
             let mut bytes = Vec::with_capacity(world);
-            for comm in ThreadGroup::ranks(world) {
-                let comm: Arc<dyn Communicator> = Arc::new(comm);
-                let rank_weights = weights.clone().with_rank(RankContext {
+            let (comms, backend) = communicators(&rank_devices);
+            for (comm, device) in comms.into_iter().zip(&rank_devices) {
+                let rank_weights = weights.clone().on_device(device).with_rank(RankContext {
                     comm: comm.clone(),
                     expert_parallel: opts.enable_expert_parallel,
                     redundant_experts: opts.num_redundant_experts,
@@ -449,10 +453,12 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             tracing::info!(
                 ranks = world,
                 expert_parallel = opts.enable_expert_parallel,
+                devices = ?rank_devices.iter().map(Device::location).collect::<Vec<_>>(),
+                collectives = backend,
                 rank_weights_gib = ?bytes.iter().map(|&b| b as f64 / (1u64 << 30) as f64).collect::<Vec<_>>(),
                 "sharded over {world} ranks (threads of this process, in lock-step)"
             );
-            let mut sharded = ShardedModel::new(ranks)?;
+            let mut sharded = ShardedModel::new(ranks)?.on_devices(rank_devices.clone());
             if opts.enable_expert_parallel && opts.eplb_step_interval > 0 {
                 sharded = sharded.with_rebalancing(
                     weights.expert_load().clone(),
@@ -486,6 +492,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         },
         eos_token_ids: eos_token_ids(&dir, &config)?,
         device: opts.device.clone(),
+        rank_devices,
         dir,
         config,
         model,
@@ -493,6 +500,36 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         max_model_len,
         task,
     })
+}
+
+/// One communicator per rank, and what carries them: NCCL for ranks on separate GPUs where
+/// libnccl opens, else threads exchanging tensors (through the host between GPUs).
+fn communicators(devices: &[Device]) -> (Vec<Arc<dyn Communicator>>, &'static str) {
+    #[cfg(feature = "cuda")]
+    if devices.len() > 1 && devices.iter().all(Device::is_cuda) {
+        match crate::nccl::ranks(devices) {
+            Ok(ranks) => {
+                tracing::info!(
+                    nccl = crate::nccl::version().unwrap_or_default(),
+                    "collectives over NCCL"
+                );
+                let comms = ranks
+                    .into_iter()
+                    .map(|r| Arc::new(r) as Arc<dyn Communicator>)
+                    .collect();
+                return (comms, "nccl");
+            }
+            Err(e) => tracing::warn!(
+                "NCCL is not available ({e}); the ranks exchange tensors through host copies, \
+                 which is correct but slow"
+            ),
+        }
+    }
+    let comms = ThreadGroup::on_devices(devices)
+        .into_iter()
+        .map(|r| Arc::new(r) as Arc<dyn Communicator>)
+        .collect();
+    (comms, "threads")
 }
 
 #[cfg(test)]

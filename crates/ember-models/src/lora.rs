@@ -12,10 +12,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 use ember_core::{EmberError, Result};
 use serde::Deserialize;
 
@@ -30,26 +30,54 @@ pub struct LoraFactors {
     pub a_t: Tensor,
     /// `scaling · Bᵀ`, `[r, out]`.
     pub b_t: Tensor,
+    /// `(a_t, b_t)` copied to each other device a rank runs on, made on its first use there.
+    copies: Arc<Mutex<Vec<(DeviceLocation, Tensor, Tensor)>>>,
 }
 
 impl LoraFactors {
+    /// Factors `Aᵀ` `[in, r]` and `scaling · Bᵀ` `[r, out]`.
+    pub fn new(a_t: Tensor, b_t: Tensor) -> Self {
+        Self {
+            a_t,
+            b_t,
+            copies: Arc::default(),
+        }
+    }
+
+    /// `(Aᵀ, s Bᵀ)` on `device`: the adapter's own, or a copy kept for a rank on another GPU.
+    fn on(&self, device: &Device) -> TensorResult<(Tensor, Tensor)> {
+        if self.a_t.device().same_device(device) {
+            return Ok((self.a_t.clone(), self.b_t.clone()));
+        }
+        let mut copies = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        let at = device.location();
+        if let Some((_, a, b)) = copies.iter().find(|(loc, ..)| *loc == at) {
+            return Ok((a.clone(), b.clone()));
+        }
+        let (a, b) = (self.a_t.to_device(device)?, self.b_t.to_device(device)?);
+        copies.push((at, a.clone(), b.clone()));
+        Ok((a, b))
+    }
+
     /// `(x Aᵀ) (s Bᵀ)` for `x` `[rows, in]`.
     pub fn delta(&self, x: &Tensor) -> TensorResult {
-        x.matmul(&self.a_t)?.matmul(&self.b_t)
+        let (a_t, b_t) = self.on(x.device())?;
+        x.matmul(&a_t)?.matmul(&b_t)
     }
 
     /// [`LoraFactors::delta`] for a tensor-parallel rank's part of the projection: its output
     /// columns of `B` (column-parallel), or its input rows of `A` (row-parallel, a partial sum
     /// the ranks add up like the base output).
     pub fn delta_part(&self, x: &Tensor, split: Option<Split>) -> TensorResult {
+        let (a_t, b_t) = self.on(x.device())?;
         match split {
-            None => self.delta(x),
+            None => x.matmul(&a_t)?.matmul(&b_t),
             Some(Split::Columns { start, len }) => x
-                .matmul(&self.a_t)?
-                .matmul(&self.b_t.narrow(1, start, len)?.contiguous()?),
+                .matmul(&a_t)?
+                .matmul(&b_t.narrow(1, start, len)?.contiguous()?),
             Some(Split::Rows { start, len }) => x
-                .matmul(&self.a_t.narrow(0, start, len)?.contiguous()?)?
-                .matmul(&self.b_t),
+                .matmul(&a_t.narrow(0, start, len)?.contiguous()?)?
+                .matmul(&b_t),
         }
     }
 
@@ -297,13 +325,13 @@ impl LoraAdapter {
         let mut modules = HashMap::new();
         let mut add = |path: String, a: Tensor, b: Tensor, scaling: f64| -> Result<()> {
             let factors = (|| -> TensorResult<LoraFactors> {
-                Ok(LoraFactors {
-                    a_t: a.t()?.contiguous()?.to_dtype(dtype)?.to_device(device)?,
-                    b_t: (b.t()? * scaling)?
+                Ok(LoraFactors::new(
+                    a.t()?.contiguous()?.to_dtype(dtype)?.to_device(device)?,
+                    (b.t()? * scaling)?
                         .contiguous()?
                         .to_dtype(dtype)?
                         .to_device(device)?,
-                })
+                ))
             })()
             .map_err(|e| invalid(dir, format!("{path}: {e}")))?;
             modules.insert(path, factors);
@@ -605,6 +633,14 @@ impl LoraRows {
             .any(|g| self.adapters[g.adapter].prefixes.contains(prefix))
     }
 
+    /// The same rows, with their index tensors on `device` (a rank's copy of a step).
+    pub fn to_device(&self, device: &Device) -> TensorResult<Self> {
+        if self.is_empty() {
+            return Ok(Self::none());
+        }
+        Self::new(self.adapters.clone(), self.row_adapter.clone(), device)
+    }
+
     /// The rows `rows` of this set, renumbered `0..rows.len()` (the tokens routed to one expert).
     pub fn select(&self, rows: &[u32], device: &Device) -> TensorResult<Self> {
         if self.is_empty() {
@@ -698,10 +734,7 @@ mod tests {
     }
 
     fn adapter(id: u64, path: &str, rank: usize, seed: u64) -> Arc<LoraAdapter> {
-        let factors = LoraFactors {
-            a_t: random((6, rank), seed),
-            b_t: random((rank, 5), seed + 1),
-        };
+        let factors = LoraFactors::new(random((6, rank), seed), random((rank, 5), seed + 1));
         let modules = HashMap::from([(path.to_string(), factors)]);
         Arc::new(LoraAdapter {
             id,

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 /// The collectives one rank of a group takes part in. Every rank of the group must make the same
 /// calls in the same order; a rank that fails calls [`Communicator::abort`] so the others return
@@ -148,6 +148,16 @@ impl ThreadGroup {
         Self::with_timeout(world_size, DEFAULT_TIMEOUT)
     }
 
+    /// One rank per device of `devices` (rank r on `devices[r]`): what each rank receives is
+    /// copied to its device. Ranks on different GPUs without NCCL exchange through the host.
+    pub fn on_devices(devices: &[Device]) -> Vec<ThreadRank> {
+        let mut ranks = Self::ranks(devices.len());
+        for (rank, device) in ranks.iter_mut().zip(devices) {
+            rank.device = Some(device.clone());
+        }
+        ranks
+    }
+
     /// [`Self::ranks`] where a rank gives up on the others after `timeout`.
     pub fn with_timeout(world_size: usize, timeout: Duration) -> Vec<ThreadRank> {
         let exchange = Arc::new(Exchange {
@@ -166,6 +176,7 @@ impl ThreadGroup {
             .map(|rank| ThreadRank {
                 rank,
                 exchange: exchange.clone(),
+                device: None,
             })
             .collect()
     }
@@ -175,6 +186,8 @@ impl ThreadGroup {
 pub struct ThreadRank {
     rank: usize,
     exchange: Arc<Exchange>,
+    /// Where this rank's results go, when the ranks are on different devices.
+    device: Option<Device>,
 }
 
 struct Exchange {
@@ -262,8 +275,16 @@ impl Exchange {
 }
 
 impl ThreadRank {
+    /// Every rank's contribution, in rank order, on this rank's device.
     fn gather(&self, mine: Vec<Tensor>, what: &str) -> Result<Vec<Vec<Tensor>>> {
-        self.exchange.exchange(self.rank, mine, what)
+        let all = self.exchange.exchange(self.rank, mine, what)?;
+        match &self.device {
+            None => Ok(all),
+            Some(device) => all
+                .into_iter()
+                .map(|sent| sent.iter().map(|t| t.to_device(device)).collect())
+                .collect(),
+        }
     }
 }
 

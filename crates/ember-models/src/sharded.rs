@@ -10,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use ember_core::{EmberError, ModelConfig, Result};
 
 use crate::batch::ForwardBatch;
@@ -36,6 +36,9 @@ pub struct ShardedModel {
     /// With redundant experts: the load statistics to re-place the copies from, and every how
     /// many steps.
     rebalancing: Option<Rebalancing>,
+    /// Each rank's device, when the ranks are spread over several GPUs: a rank whose device is
+    /// not the batch's runs on a copy of the batch there.
+    devices: Vec<Device>,
 }
 
 /// EPLB's schedule: re-place every `interval` steps, from the load of the last `window` steps.
@@ -96,7 +99,14 @@ impl ShardedModel {
             steps: AtomicU64::new(0),
             fault: fault_from_env(),
             rebalancing: None,
+            devices: Vec::new(),
         })
+    }
+
+    /// Places rank r on `devices[r]` (its weights and cache are there; each step's batch is
+    /// copied to it).
+    pub fn on_devices(self, devices: Vec<Device>) -> Self {
+        Self { devices, ..self }
     }
 
     /// Re-places the experts and their copies from `load` after every `interval` steps, weighing
@@ -203,13 +213,24 @@ impl CausalLm for ShardedModel {
             }
         }
         let injected = |rank: usize| self.fault == Some((rank, step));
+        // The batch again on each rank's own device, where that is not the batch's.
+        let copies = (1..self.ranks.len())
+            .map(|rank| match self.devices.get(rank) {
+                Some(device) if !batch.token_ids.device().same_device(device) => {
+                    batch.to_device(device).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let results: Vec<Result<Tensor>> = std::thread::scope(|scope| {
             let others: Vec<_> = self.ranks[1..]
                 .iter()
                 .zip(&caches[1..])
+                .zip(&copies)
                 .enumerate()
-                .map(|(i, ((model, comm), cache))| {
+                .map(|(i, (((model, comm), cache), copy))| {
                     let fail = injected(i + 1);
+                    let batch = copy.as_ref().unwrap_or(batch);
                     scope.spawn(move || Self::run_rank(model, comm.as_ref(), batch, cache, fail))
                 })
                 .collect();

@@ -118,6 +118,15 @@ impl Weights {
         }
     }
 
+    /// The same checkpoint, read onto `device` (a rank's own GPU when the ranks of a sharded
+    /// model are spread over several).
+    pub fn on_device(self, device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            ..self
+        }
+    }
+
     /// Loads one rank's shard of the model: sharded layers read only their slices. Each rank
     /// counts its own held bytes.
     pub fn with_rank(self, rank: RankContext) -> Self {
