@@ -333,13 +333,21 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         config.family.model_type(),
         dir.display()
     );
-    if !opts.device.is_cpu() && opts.tensor_parallel_size > 1 {
-        return Err(EmberError::Config(format!(
-            "--tensor-parallel-size {} on a GPU needs the NCCL backend, which ember does not have \
-             yet; serve on one GPU (-t 1), or shard over CPU threads with --device cpu",
-            opts.tensor_parallel_size
-        )));
-    }
+    // What one GPU must hold: a rank's share when sharded (the loader's own split rules).
+    let world = opts.tensor_parallel_size.max(1);
+    let need_on_gpu = if world > 1 {
+        crate::memory_plan::rank_weights(
+            &config,
+            world,
+            opts.enable_expert_parallel,
+            crate::memory_plan::WeightFormat::Loaded(dtype),
+        )
+        .ok()
+        .and_then(|ranks| ranks.iter().map(|r| r.total()).max())
+        .unwrap_or(need / world as u64)
+    } else {
+        need
+    };
     if let Some((free, total)) = crate::device::gpu_memory(&opts.device)? {
         tracing::info!(
             free_gib = free as f64 / (1u64 << 30) as f64,
@@ -348,12 +356,14 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         );
         // Projections held packed (4-bit, block FP8) take a fraction of `need`; their load
         // fails with the GPU's out-of-memory error if they do not fit.
-        if need > free && !holds_packed_weights(opts, config.quantization, dtype) {
+        if need_on_gpu > free && !holds_packed_weights(opts, config.quantization, dtype) {
             return Err(EmberError::Config(format!(
-                "{} parameters need {:.1} GiB in {dtype:?} but the GPU has {:.1} GiB free of {:.1} GiB; \
-                 use a smaller --dtype, a quantized checkpoint, or fewer layers (--hf-overrides)",
+                "{} parameters need {:.1} GiB in {dtype:?}{} but the GPU has {:.1} GiB free of {:.1} GiB; \
+                 use a smaller --dtype, a quantized checkpoint, more GPUs (--tensor-parallel-size) \
+                 or fewer layers (--hf-overrides)",
                 billions(config.num_parameters()),
-                need as f64 / (1u64 << 30) as f64,
+                need_on_gpu as f64 / (1u64 << 30) as f64,
+                if world > 1 { " a rank" } else { "" },
                 free as f64 / (1u64 << 30) as f64,
                 total as f64 / (1u64 << 30) as f64
             )));
