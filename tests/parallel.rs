@@ -1,7 +1,8 @@
-//! Tensor and expert parallelism through the real `ember serve` (ranks are threads over the
-//! in-process collectives backend): for every family's tiny checkpoint, TP 2 and 4 and EP 2
-//! and 4 give the logprobs of one rank (fp32, 1e-4) and of transformers, prompt and greedy,
-//! with requests batched together; layouts a model cannot take are one-line errors.
+//! Tensor, expert and data parallelism through the real `ember serve` (ranks are threads over
+//! the in-process collectives backend): for every family's tiny checkpoint, TP 2 and 4, EP 2
+//! and 4, and DP 2 and 4 (with and without EP) give the logprobs of one rank (fp32, 1e-4) and
+//! of transformers, prompt and greedy, with requests batched together; layouts a model cannot
+//! take are one-line errors.
 
 mod common;
 
@@ -191,9 +192,26 @@ const TP_AND_EP: [&[&str]; 5] = [
     ],
 ];
 
+/// Data parallelism: each rank serves its own requests over its own KV cache (the three
+/// concurrent prompts land on different ranks; a rank with none runs a placeholder token), the
+/// routed experts partitioned over the ranks with expert parallelism.
+const DP: [&[&str]; 3] = [
+    &["--data-parallel-size", "2"],
+    &["--data-parallel-size", "2", "--enable-expert-parallel"],
+    &["--data-parallel-size", "4", "--enable-expert-parallel"],
+];
+
 #[test]
 fn qwen3_dense_tensor_parallel_matches_one_rank() {
     check_family("qwen3-tiny", &TP);
+}
+
+#[test]
+fn data_parallel_ranks_match_one_rank_for_every_family() {
+    check_family("qwen3-tiny", &[&["--data-parallel-size", "2"]]);
+    check_family("qwen3-moe-tiny", &DP);
+    check_family("deepseek-v3-tiny", &DP);
+    check_family("kimi-k2-tiny", &DP);
 }
 
 /// Every MoE layer sees every token: per layer, the experts' counts add up to the same total,
@@ -260,23 +278,51 @@ fn lora_adapters_under_tensor_and_expert_parallelism_match_transformers_and_peft
             &[&["2"][..], &["2", ep], &["4", ep]],
         ),
     ] {
-        let dir = common::model_dir(&format!("lora/{adapter}"));
-        let module = format!("a={}", dir.display());
-        let reference = reference_of(&format!("lora/{adapter}"));
-        for layout in layouts {
-            let mut flags = vec![
-                "--enable-lora",
-                "--max-lora-rank",
-                "16",
-                "--lora-modules",
-                &module,
-                "--tensor-parallel-size",
-            ];
-            flags.extend(layout.iter().copied());
-            let server = Server::start_model(base, &flags);
-            let got = answers_of(&server, "a", &reference);
-            assert_matches_reference(&format!("{adapter} {layout:?}"), &got, &reference);
-        }
+        check_lora_layouts(base, adapter, "--tensor-parallel-size", layouts);
+    }
+}
+
+/// LoRA adapters on data-parallel ranks: each rank applies its own sequences' adapters, and
+/// under expert parallelism the experts' owners apply the adapter of each row they receive.
+#[test]
+fn lora_adapters_on_data_parallel_ranks_match_transformers_and_peft() {
+    let ep = "--enable-expert-parallel";
+    for (base, adapter) in [
+        ("deepseek-v3-tiny", "deepseek-v3-tiny-mla"),
+        ("qwen3-moe-tiny", "qwen3-moe-tiny-experts"),
+    ] {
+        check_lora_layouts(
+            base,
+            adapter,
+            "--data-parallel-size",
+            &[&["2"][..], &["2", ep]],
+        );
+    }
+}
+
+/// Serves `adapter` over `base` under `size_flag` and each layout's value and flags, against
+/// transformers+peft.
+fn check_lora_layouts(base: &str, adapter: &str, size_flag: &str, layouts: &[&[&str]]) {
+    let dir = common::model_dir(&format!("lora/{adapter}"));
+    let module = format!("a={}", dir.display());
+    let reference = reference_of(&format!("lora/{adapter}"));
+    for layout in layouts {
+        let mut flags = vec![
+            "--enable-lora",
+            "--max-lora-rank",
+            "16",
+            "--lora-modules",
+            &module,
+            size_flag,
+        ];
+        flags.extend(layout.iter().copied());
+        let server = Server::start_model(base, &flags);
+        let got = answers_of(&server, "a", &reference);
+        assert_matches_reference(
+            &format!("{adapter} {size_flag} {layout:?}"),
+            &got,
+            &reference,
+        );
     }
 }
 
@@ -287,6 +333,16 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
     assert!(err.contains("does not split evenly over 3 ranks"), "{err}");
     let err = serve_error("qwen3-tiny", &["--tensor-parallel-size", "0"]);
     assert!(err.contains("at least 1"), "{err}");
+    let err = serve_error("qwen3-tiny", &["--data-parallel-size", "0"]);
+    assert!(err.contains("at least 1"), "{err}");
+    let err = serve_error("qwen3-moe-tiny", &["-t", "2", "--data-parallel-size", "2"]);
+    assert!(err.contains("not supported yet"), "{err}");
+    // 8 experts do not split over 3 data-parallel ranks.
+    let err = serve_error(
+        "qwen3-moe-tiny",
+        &["--data-parallel-size", "3", "--enable-expert-parallel"],
+    );
+    assert!(err.contains("do not split evenly over 3"), "{err}");
     let err = serve_error(
         "qwen3-moe-tiny",
         &["-t", "2", "--num-redundant-experts", "2"],

@@ -100,6 +100,12 @@ pub struct ModelArgs {
     /// process over the in-process collectives backend.
     #[arg(long, short = 't', default_value_t = 1)]
     pub tensor_parallel_size: usize,
+    /// Ranks that each serve their own requests with the whole model and their own KV cache
+    /// (data parallelism); with --enable-expert-parallel they partition the routed experts and
+    /// meet in them (DeepSeek's DP attention: MLA's latent cache is not replicated). Not
+    /// combined with --tensor-parallel-size yet.
+    #[arg(long, short = 'd', visible_alias = "dp", default_value_t = 1)]
+    pub data_parallel_size: usize,
     /// Partition routed experts across the ranks (expert parallelism: tokens sent to their
     /// experts' owners by all-to-all, shared experts replicated) instead of splitting each.
     #[arg(long)]
@@ -348,14 +354,20 @@ impl ModelArgs {
             bail!("--tensor-parallel-size must be at least 1");
         }
         opts.tensor_parallel_size = self.tensor_parallel_size;
+        if self.data_parallel_size == 0 {
+            bail!("--data-parallel-size must be at least 1");
+        }
+        opts.data_parallel_size = self.data_parallel_size;
         opts.enable_expert_parallel = self.enable_expert_parallel;
         let eplb = self.eplb_settings()?;
         if eplb.num_redundant_experts > 0 && !self.enable_eplb {
             bail!("--num-redundant-experts needs --enable-eplb (as vLLM), with --enable-expert-parallel");
         }
         if self.enable_eplb {
-            if !(self.enable_expert_parallel && self.tensor_parallel_size > 1) {
-                bail!("--enable-eplb needs --enable-expert-parallel and --tensor-parallel-size above 1");
+            if !(self.enable_expert_parallel
+                && self.tensor_parallel_size * self.data_parallel_size > 1)
+            {
+                bail!("--enable-eplb needs --enable-expert-parallel over more than one rank (--tensor-parallel-size or --data-parallel-size above 1)");
             }
             if eplb.step_interval == 0 || eplb.window_size == 0 {
                 bail!("--eplb-step-interval and --eplb-window-size must be positive");

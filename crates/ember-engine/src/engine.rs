@@ -171,8 +171,9 @@ impl Engine {
             })
             .transpose()?;
         let max_loras = cfg.lora.as_ref().map_or(1, |l| l.max_loras);
+        let data_parallel = loaded.model.data_parallel_size();
         let runner = ModelRunner::new(loaded, num_blocks, cfg.block_size)?;
-        let scheduler = Scheduler::new(
+        let scheduler = Scheduler::with_ranks(
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_num_seqs: cfg.max_num_seqs,
@@ -181,6 +182,7 @@ impl Engine {
                 max_loras,
             },
             num_blocks,
+            data_parallel,
         );
         let (tx, rx) = channel();
         let stats = Arc::new(EngineStats {
@@ -189,7 +191,7 @@ impl Engine {
         });
         stats
             .kv_blocks_total
-            .store(num_blocks as u64, Ordering::Relaxed);
+            .store((num_blocks * data_parallel) as u64, Ordering::Relaxed);
         let masks = MaskWorker::start().map_err(|e| {
             ember_core::EmberError::Config(format!("cannot start the grammar mask thread: {e}"))
         })?;
@@ -283,15 +285,17 @@ impl Engine {
     fn publish_stats(&self) {
         let s = &self.stats;
         s.steps.fetch_add(1, Ordering::Relaxed);
-        let kv = &self.scheduler.kv;
-        let prefix = kv.stats();
+        let (blocks, free) = self.scheduler.kv_blocks();
+        let (queries, hits) = self.scheduler.kv.iter().fold((0, 0), |(q, h), kv| {
+            let p = kv.stats();
+            (q + p.queries, h + p.hits)
+        });
         s.queued
             .store(self.scheduler.waiting.len() as u64, Ordering::Relaxed);
         s.kv_blocks_used
-            .store((kv.num_blocks() - kv.num_free()) as u64, Ordering::Relaxed);
-        s.prefix_cache_queries
-            .store(prefix.queries, Ordering::Relaxed);
-        s.prefix_cache_hits.store(prefix.hits, Ordering::Relaxed);
+            .store((blocks - free) as u64, Ordering::Relaxed);
+        s.prefix_cache_queries.store(queries, Ordering::Relaxed);
+        s.prefix_cache_hits.store(hits, Ordering::Relaxed);
         s.preemptions
             .store(self.scheduler.num_preemptions, Ordering::Relaxed);
         s.running
@@ -386,22 +390,30 @@ impl Engine {
             .collect();
         timer.lap(0);
         self.masks.begin(constrained);
-        let logits = self.runner.prepare(&inputs).and_then(|batch| {
-            timer.lap(1);
-            if greedy || draws.is_some() {
-                let tokens = match &draws {
-                    Some(draws) => self.runner.forward_draw(&batch, draws)?,
-                    None => self.runner.forward_greedy(&batch)?,
-                };
-                self.stats
-                    .device_sampled_steps
-                    .fetch_add(1, Ordering::Relaxed);
-                Ok(tokens.into_iter().map(StepOutput::Token).collect())
-            } else {
-                let rows = self.runner.forward(&batch)?;
-                Ok(rows.into_iter().map(StepOutput::Rows).collect::<Vec<_>>())
-            }
-        });
+        let ranks: Vec<usize> = plan
+            .chunks
+            .iter()
+            .map(|&(i, _)| self.scheduler.running[i].dp_rank)
+            .collect();
+        let logits = self
+            .runner
+            .prepare_ranked(&inputs, &ranks)
+            .and_then(|batch| {
+                timer.lap(1);
+                if greedy || draws.is_some() {
+                    let tokens = match &draws {
+                        Some(draws) => self.runner.forward_draw(&batch, draws)?,
+                        None => self.runner.forward_greedy(&batch)?,
+                    };
+                    self.stats
+                        .device_sampled_steps
+                        .fetch_add(1, Ordering::Relaxed);
+                    Ok(tokens.into_iter().map(StepOutput::Token).collect())
+                } else {
+                    let rows = self.runner.forward(&batch)?;
+                    Ok(rows.into_iter().map(StepOutput::Rows).collect::<Vec<_>>())
+                }
+            });
         drop(inputs);
         let mut masks: Vec<Option<MaskResult>> = plan.chunks.iter().map(|_| None).collect();
         for (k, constraint, mask) in self.masks.finish() {

@@ -106,6 +106,21 @@ impl KvBlockManager {
     /// The longest cached prefix of `tokens` in whole blocks, leaving at least one token to
     /// compute. Returns the blocks (not yet referenced) and their hashes.
     pub fn find_cached_prefix(&mut self, tokens: &[u32], adapter: u64) -> (Vec<u32>, Vec<u64>) {
+        let (blocks, hashes) = self.cached_prefix(tokens, adapter);
+        if self.enable_prefix_caching {
+            self.stats.queries += tokens.len() as u64;
+            self.stats.hits += (blocks.len() * self.block_size) as u64;
+        }
+        (blocks, hashes)
+    }
+
+    /// Blocks of the longest cached prefix of `tokens`, as [`Self::find_cached_prefix`] would
+    /// take them, without counting the lookup (to compare ranks before admitting).
+    pub fn cached_prefix_blocks(&self, tokens: &[u32], adapter: u64) -> usize {
+        self.cached_prefix(tokens, adapter).0.len()
+    }
+
+    fn cached_prefix(&self, tokens: &[u32], adapter: u64) -> (Vec<u32>, Vec<u64>) {
         let mut blocks = Vec::new();
         let mut hashes = Vec::new();
         if !self.enable_prefix_caching {
@@ -125,8 +140,6 @@ impl KvBlockManager {
                 _ => break,
             }
         }
-        self.stats.queries += tokens.len() as u64;
-        self.stats.hits += (blocks.len() * self.block_size) as u64;
         (blocks, hashes)
     }
 

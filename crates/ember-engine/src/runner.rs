@@ -13,6 +13,12 @@ pub struct ModelRunner {
     /// blocks, so one block table addresses them all.
     caches: Vec<KvCachePool>,
     device: candle_core::Device,
+    /// Each rank's device, for a data-parallel model's split steps.
+    rank_devices: Vec<candle_core::Device>,
+    /// A data-parallel model's ranks (1 otherwise); each cache then holds one block more, the
+    /// scratch block an idle rank's placeholder token writes to.
+    data_parallel: usize,
+    num_blocks: usize,
 }
 
 impl ModelRunner {
@@ -20,6 +26,8 @@ impl ModelRunner {
     pub fn new(loaded: LoadedModel, num_blocks: usize, block_size: usize) -> Result<Self> {
         let device = loaded.device.clone();
         let layers = loaded.model.config().num_hidden_layers;
+        let data_parallel = loaded.model.data_parallel_size();
+        let cache_blocks = num_blocks + usize::from(data_parallel > 1);
         // Each rank's cache on its own device.
         let caches = loaded
             .model
@@ -29,7 +37,7 @@ impl ModelRunner {
             .map(|(rank, widths)| {
                 KvCachePool::with_storage(
                     layers,
-                    num_blocks,
+                    cache_blocks,
                     block_size,
                     widths,
                     loaded.dtype,
@@ -42,6 +50,9 @@ impl ModelRunner {
             model: loaded.model,
             caches,
             device,
+            rank_devices: loaded.rank_devices,
+            data_parallel,
+            num_blocks,
         })
     }
 
@@ -64,6 +75,25 @@ impl ModelRunner {
     /// Builds the step's batch: positions, slots and attention metadata as device tensors.
     pub fn prepare(&self, inputs: &[SequenceInput<'_>]) -> Result<ForwardBatch> {
         ForwardBatch::new(inputs, self.block_size(), &self.device)
+    }
+
+    /// [`Self::prepare`] for sequences on data-parallel ranks `ranks` (one per input): split by
+    /// rank for a data-parallel model, the same as `prepare` for any other.
+    pub fn prepare_ranked(
+        &self,
+        inputs: &[SequenceInput<'_>],
+        ranks: &[usize],
+    ) -> Result<ForwardBatch> {
+        if self.data_parallel <= 1 {
+            return self.prepare(inputs);
+        }
+        ForwardBatch::split_data_parallel(
+            inputs,
+            ranks,
+            self.block_size(),
+            &self.rank_devices,
+            self.num_blocks as u32,
+        )
     }
 
     /// Runs the model over a prepared batch; returns, per sequence, its logits rows.

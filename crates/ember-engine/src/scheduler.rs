@@ -1,6 +1,11 @@
 //! Decides what runs each step: running sequences decode first, then waiting ones are admitted
 //! with (chunked) prefill within a token budget; when blocks run out the newest sequence is
 //! preempted and recomputed later. Never touches tensors.
+//!
+//! Under `--data-parallel-size` each rank has its own KV cache: its own blocks, prefix cache,
+//! token budget and sequence cap per step. A sequence is placed when it is admitted, on the rank
+//! that caches most of its prompt, else the one with the most free blocks, and stays there until
+//! it finishes or is preempted.
 
 use std::collections::VecDeque;
 
@@ -32,7 +37,8 @@ pub struct Scheduler {
     pub cfg: SchedulerConfig,
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
-    pub kv: KvBlockManager,
+    /// Each data-parallel rank's blocks (one entry without data parallelism).
+    pub kv: Vec<KvBlockManager>,
     /// Sequences preempted so far.
     pub num_preemptions: u64,
 }
@@ -40,7 +46,14 @@ pub struct Scheduler {
 impl Scheduler {
     /// An empty scheduler over `num_blocks` cache blocks.
     pub fn new(cfg: SchedulerConfig, num_blocks: usize) -> Self {
-        let kv = KvBlockManager::new(num_blocks, cfg.block_size, cfg.enable_prefix_caching);
+        Self::with_ranks(cfg, num_blocks, 1)
+    }
+
+    /// An empty scheduler over `ranks` data-parallel ranks of `num_blocks` blocks each.
+    pub fn with_ranks(cfg: SchedulerConfig, num_blocks: usize, ranks: usize) -> Self {
+        let kv = (0..ranks.max(1))
+            .map(|_| KvBlockManager::new(num_blocks, cfg.block_size, cfg.enable_prefix_caching))
+            .collect();
         Self {
             cfg,
             waiting: VecDeque::new(),
@@ -70,7 +83,7 @@ impl Scheduler {
     /// Frees a sequence's blocks and resets it to be computed again from scratch.
     fn preempt(&mut self, index: usize) {
         let mut seq = self.running.remove(index);
-        self.kv.free(&seq.block_table);
+        self.kv[seq.dp_rank].free(&seq.block_table);
         seq.block_table.clear();
         seq.block_hashes.clear();
         seq.num_computed = 0;
@@ -86,7 +99,7 @@ impl Scheduler {
         let mut done = Vec::with_capacity(indices.len());
         for &i in indices.iter().rev() {
             let seq = self.running.remove(i);
-            self.kv.free(&seq.block_table);
+            self.kv[seq.dp_rank].free(&seq.block_table);
             done.push(seq);
         }
         done
@@ -98,11 +111,10 @@ impl Scheduler {
         if seq.num_computed > 0 || !seq.block_table.is_empty() || !seq.may_use_prefix_cache() {
             return 0;
         }
-        let (blocks, hashes) = self
-            .kv
-            .find_cached_prefix(&seq.tokens(0, seq.len()), seq.adapter_id());
-        self.kv.acquire(&blocks);
-        let tokens = blocks.len() * self.kv.block_size();
+        let kv = &mut self.kv[seq.dp_rank];
+        let (blocks, hashes) = kv.find_cached_prefix(&seq.tokens(0, seq.len()), seq.adapter_id());
+        kv.acquire(&blocks);
+        let tokens = blocks.len() * kv.block_size();
         seq.block_table = blocks;
         seq.block_hashes = hashes;
         seq.num_computed = tokens;
@@ -117,7 +129,7 @@ impl Scheduler {
         if hit == 0 {
             return;
         }
-        self.kv.free(&seq.block_table);
+        self.kv[seq.dp_rank].free(&seq.block_table);
         seq.block_table.clear();
         seq.block_hashes.clear();
         seq.num_computed = 0;
@@ -127,14 +139,14 @@ impl Scheduler {
     /// Registers the newly filled blocks of running sequence `index` in the prefix cache.
     pub fn cache_computed_blocks(&mut self, index: usize) {
         let seq = &mut self.running[index];
-        let full = seq.num_computed / self.kv.block_size();
+        let kv = &mut self.kv[seq.dp_rank];
+        let full = seq.num_computed / kv.block_size();
         if full <= seq.block_hashes.len() {
             return;
         }
-        let tokens = seq.tokens(0, full * self.kv.block_size());
+        let tokens = seq.tokens(0, full * kv.block_size());
         let adapter = seq.adapter_id();
-        self.kv
-            .cache_full_blocks(&seq.block_table, &mut seq.block_hashes, &tokens, adapter);
+        kv.cache_full_blocks(&seq.block_table, &mut seq.block_hashes, &tokens, adapter);
     }
 
     /// The tokens each chunk of `plan` runs this step, in plan order.
@@ -150,43 +162,72 @@ impl Scheduler {
 
     /// Plans the next step.
     pub fn schedule(&mut self) -> StepPlan {
-        let mut budget = self.cfg.max_num_batched_tokens;
+        let ranks = self.kv.len();
+        // Each rank's token budget and sequences this step.
+        let mut budget = vec![self.cfg.max_num_batched_tokens; ranks];
         let mut plan = StepPlan::default();
-        // Running sequences first, oldest first; preempt from the newest when blocks run out.
+        // Running sequences first, oldest first; when a rank's blocks run out, preempt its
+        // newest sequence.
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let pending = self.running[i].len() - self.running[i].num_computed;
-            let n = pending.min(budget);
-            let target = self.running[i].num_computed + n;
-            if Self::reserve(&mut self.kv, &mut self.running[i], target) {
-                plan.chunks.push((i, n));
-                budget -= n;
+        while i < self.running.len() {
+            let rank = self.running[i].dp_rank;
+            if budget[rank] == 0 {
                 i += 1;
                 continue;
             }
-            let newest = self.running.len() - 1;
-            self.preempt(newest);
-            if newest == i {
-                break;
+            let pending = self.running[i].len() - self.running[i].num_computed;
+            let n = pending.min(budget[rank]);
+            let target = self.running[i].num_computed + n;
+            if Self::reserve(&mut self.kv[rank], &mut self.running[i], target) {
+                plan.chunks.push((i, n));
+                budget[rank] -= n;
+                i += 1;
+                continue;
             }
+            // The newest on this rank, at `i` or after it (the plan so far stays valid).
+            let newest = (i..self.running.len())
+                .rev()
+                .find(|&j| self.running[j].dp_rank == rank)
+                .unwrap_or(i);
+            self.preempt(newest);
+            // Preempting `i` itself moves the next sequence to `i`.
         }
         // Then admit waiting sequences while the budget, the sequence cap and the blocks allow.
         // A sequence whose adapter would exceed max_loras distinct adapters waits, and the ones
         // behind it may go first (as vLLM does), keeping their order otherwise.
         let mut adapters: Vec<u64> = Vec::new();
+        let mut seqs_on = vec![0usize; ranks];
         for seq in &self.running {
+            seqs_on[seq.dp_rank] += 1;
             if seq.adapter.is_some() && !adapters.contains(&seq.adapter_id()) {
                 adapters.push(seq.adapter_id());
             }
         }
         let mut skipped: VecDeque<Sequence> = VecDeque::new();
-        while budget > 0
-            && self.running.len() < self.cfg.max_num_seqs
-            && plan.chunks.len() < self.cfg.max_num_seqs
-        {
+        while (0..ranks).any(|r| budget[r] > 0 && seqs_on[r] < self.cfg.max_num_seqs) {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
+            // The rank with room that caches most of its prompt, then the one with the most
+            // free blocks, then the fewest sequences.
+            let cached = |r: usize| match ranks {
+                1 => 0,
+                _ if seq.may_use_prefix_cache() => {
+                    self.kv[r].cached_prefix_blocks(&seq.tokens(0, seq.len()), seq.adapter_id())
+                }
+                _ => 0,
+            };
+            let rank = (0..ranks)
+                .filter(|&r| budget[r] > 0 && seqs_on[r] < self.cfg.max_num_seqs)
+                .max_by_key(|&r| {
+                    (
+                        cached(r),
+                        self.kv[r].num_free(),
+                        std::cmp::Reverse(seqs_on[r]),
+                        std::cmp::Reverse(r),
+                    )
+                })
+                .unwrap_or(0);
             let adapter = seq.adapter_id();
             if seq.adapter.is_some() && !adapters.contains(&adapter) {
                 if adapters.len() >= self.cfg.max_loras {
@@ -195,22 +236,35 @@ impl Scheduler {
                 }
                 adapters.push(adapter);
             }
+            // A waiting sequence holds no blocks (new, or preempted and freed): it may move.
+            if seq.block_table.is_empty() {
+                seq.dp_rank = rank;
+            }
+            let rank = seq.dp_rank;
             let hit = self.take_cached_prefix(&mut seq);
-            let n = (seq.len() - seq.num_computed).min(budget);
+            let n = (seq.len() - seq.num_computed).min(budget[rank]);
             let target = seq.num_computed + n;
-            if !Self::reserve(&mut self.kv, &mut seq, target) {
+            if !Self::reserve(&mut self.kv[rank], &mut seq, target) {
                 self.release_cached_prefix(&mut seq, hit);
                 self.waiting.push_front(seq);
                 break;
             }
             self.running.push(seq);
             plan.chunks.push((self.running.len() - 1, n));
-            budget -= n;
+            budget[rank] -= n;
+            seqs_on[rank] += 1;
         }
         while let Some(seq) = skipped.pop_back() {
             self.waiting.push_front(seq);
         }
         plan
+    }
+
+    /// Blocks of every rank, and how many are free.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        self.kv.iter().fold((0, 0), |(n, free), kv| {
+            (n + kv.num_blocks(), free + kv.num_free())
+        })
     }
 }
 
@@ -281,6 +335,34 @@ mod tests {
         );
     }
 
+    /// Data-parallel ranks: sequences spread over the ranks by free blocks, each rank has its
+    /// own token budget and blocks, and running out of blocks on one rank preempts only that
+    /// rank's newest sequence.
+    #[test]
+    fn data_parallel_ranks_spread_sequences_and_preempt_within_a_rank() {
+        // 2 ranks of 4 blocks of 2 tokens, 6 tokens a rank per step.
+        let mut s = Scheduler::with_ranks(cfg(6, 8, 2), 4, 2);
+        for id in 0..4 {
+            s.waiting.push_back(seq(id, vec![id as u32 + 1; 4], 8));
+        }
+        let plan = s.schedule();
+        let ranks: Vec<usize> = s.running.iter().map(|q| q.dp_rank).collect();
+        // Alternating by free blocks; each rank's budget of 6 takes one prompt and 2 of the next.
+        assert_eq!(ranks, vec![0, 1, 0, 1]);
+        assert_eq!(plan.chunks, vec![(0, 4), (1, 4), (2, 2), (3, 2)]);
+        assert_eq!(s.kv_blocks(), (8, 2));
+        run_step(&mut s, &plan);
+        // Sequences 0 and 1 take their ranks' last blocks; 2 and 3 then find none on their
+        // ranks and give way (each its rank's newest), and neither fits back in this step.
+        let plan = s.schedule();
+        let left: Vec<(u64, usize)> = s.running.iter().map(|q| (q.id, q.dp_rank)).collect();
+        assert_eq!(left, vec![(0, 0), (1, 1)]);
+        assert_eq!(plan.chunks, vec![(0, 1), (1, 1)]);
+        assert_eq!(s.num_preemptions, 2);
+        let waiting: Vec<u64> = s.waiting.iter().map(|q| q.id).collect();
+        assert_eq!(waiting, vec![3, 2]);
+    }
+
     #[test]
     fn the_sequence_cap_holds_back_admissions() {
         let mut s = Scheduler::new(cfg(100, 2, 4), 64);
@@ -341,7 +423,7 @@ mod tests {
         assert_eq!(plan.chunks, vec![(0, 3)]);
         assert_eq!(s.running[0].num_cached_tokens, 8);
         run_step(&mut s, &plan);
-        assert_eq!(s.kv.stats().hits, 8);
+        assert_eq!(s.kv[0].stats().hits, 8);
     }
 
     #[test]
@@ -367,7 +449,7 @@ mod tests {
         assert!(!s.has_work(), "did not drain in {steps} steps");
         assert!(s.num_preemptions > 0, "the test should exercise preemption");
         assert_eq!(
-            s.kv.num_free(),
+            s.kv[0].num_free(),
             12,
             "every block is free (cached or not) once all requests end"
         );

@@ -19,7 +19,11 @@ pub struct Sequence {
     pub eos_token_ids: Vec<u32>,
     /// Tokens whose K/V are in the cache.
     pub num_computed: usize,
+    /// Blocks of its rank's KV cache (rank `dp_rank`'s).
     pub block_table: Vec<u32>,
+    /// Under `--data-parallel-size`, the rank whose KV cache holds it (chosen at admission);
+    /// 0 otherwise.
+    pub dp_rank: usize,
     /// Prefix-cache hashes of the full blocks of `block_table`, in order.
     pub block_hashes: Vec<u64>,
     /// Prompt tokens whose KV came from the prefix cache at admission.
@@ -56,6 +60,7 @@ impl Sequence {
             eos_token_ids: request.eos_token_ids,
             num_computed: 0,
             block_table: Vec::new(),
+            dp_rank: 0,
             block_hashes: Vec::new(),
             num_cached_tokens: 0,
             rng,

@@ -68,10 +68,26 @@ pub struct ForwardBatch {
     /// What ember's CUDA kernels copy to the GPU once per step for every layer to read.
     #[cfg(feature = "cuda")]
     pub(crate) device_metadata: crate::cuda_attention::StepMetadata,
+    /// Under `--data-parallel-size`, each rank's share of the step (see
+    /// [`ForwardBatch::split_data_parallel`]); `None` for every other model.
+    pub data_parallel: Option<DataParallelSplit>,
     /// Every u32 of the step and every causal mask, as uploaded: the tensors above are views.
     ints: Tensor,
     masks: Option<Tensor>,
     layout: StepLayout,
+}
+
+/// A step of a data-parallel model split by rank: each rank runs its own sequences over its own
+/// KV cache, and a rank with none runs one scratch token so it still meets the others in the
+/// experts' all-to-alls.
+#[derive(Debug)]
+pub struct DataParallelSplit {
+    /// Rank r's batch, on its device.
+    pub parts: Vec<ForwardBatch>,
+    /// Whether rank r's batch is the scratch token only (its output is dropped).
+    pub idle: Vec<bool>,
+    /// For each sequence of the step in order, its rank and its index in that rank's part.
+    pub placement: Vec<(usize, usize)>,
 }
 
 /// Where a step's fields sit in its two uploaded tensors, so a copy on another device can take
@@ -267,6 +283,74 @@ impl ForwardBatch {
         )
     }
 
+    /// The step of a data-parallel model: the whole batch on `devices[0]` (what the runner reads
+    /// logits rows by), and each rank's sequences (`ranks[i]` is input i's) as its own batch on
+    /// `devices[rank]`. A rank with no sequence this step gets one token written to
+    /// `scratch_block`, a cache block the scheduler never hands out.
+    pub fn split_data_parallel(
+        inputs: &[SequenceInput<'_>],
+        ranks: &[usize],
+        block_size: usize,
+        devices: &[Device],
+        scratch_block: u32,
+    ) -> Result<Self> {
+        if ranks.len() != inputs.len() || ranks.iter().any(|&r| r >= devices.len()) {
+            return Err(EmberError::Tensor(format!(
+                "a data-parallel step of {} sequences has ranks {ranks:?} over {} devices",
+                inputs.len(),
+                devices.len()
+            )));
+        }
+        let mut whole = Self::new(inputs, block_size, &devices[0])?;
+        let scratch_table = [scratch_block];
+        let mut parts = Vec::with_capacity(devices.len());
+        let mut idle = Vec::with_capacity(devices.len());
+        let mut placement = vec![(0, 0); inputs.len()];
+        for (rank, device) in devices.iter().enumerate() {
+            let mut mine = Vec::new();
+            for (i, input) in inputs.iter().enumerate() {
+                if ranks[i] == rank {
+                    placement[i] = (rank, mine.len());
+                    mine.push(input.clone());
+                }
+            }
+            idle.push(mine.is_empty());
+            if mine.is_empty() {
+                mine.push(SequenceInput {
+                    token_ids: &[0],
+                    num_computed: 0,
+                    block_table: &scratch_table,
+                    all_logits: false,
+                    adapter: None,
+                });
+            }
+            let mut part = Self::new(&mine, block_size, device)?;
+            if !whole.lora.is_empty() {
+                // Each of the part's rows' index in the whole step, for expert-parallel rows
+                // that carry it to another rank.
+                let mut step_rows = Vec::with_capacity(part.num_tokens);
+                if !idle[rank] {
+                    for (i, seq) in whole.sequences.iter().enumerate() {
+                        if ranks[i] == rank {
+                            let start = seq.query_start as u32;
+                            step_rows.extend(start..start + seq.query_len as u32);
+                        }
+                    }
+                } else {
+                    step_rows.push(0);
+                }
+                part.lora = std::mem::take(&mut part.lora).within_step(&whole.lora, step_rows);
+            }
+            parts.push(part);
+        }
+        whole.data_parallel = Some(DataParallelSplit {
+            parts,
+            idle,
+            placement,
+        });
+        Ok(whole)
+    }
+
     /// The same step on `device`: its two tensors copied there and the same views taken, for a
     /// rank of a sharded model on another GPU.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
@@ -340,6 +424,7 @@ impl ForwardBatch {
             mla_decodes: Default::default(),
             #[cfg(feature = "cuda")]
             device_metadata: Default::default(),
+            data_parallel: None,
             ints,
             masks,
             layout,

@@ -65,8 +65,8 @@ pub fn rank_devices(device: &Device, world: usize) -> Result<Vec<Device>> {
                     0 => Ok(device.clone()),
                     _ => open_cuda(first + r).map_err(|e| {
                         EmberError::Config(format!(
-                            "--tensor-parallel-size {world} puts rank {r} on cuda:{}, which cannot \
-                             be used ({e}); each rank needs a GPU of its own",
+                            "{world} ranks put rank {r} on cuda:{}, which cannot be used ({e}); \
+                             each rank needs a GPU of its own",
                             first + r
                         ))
                     }),

@@ -494,7 +494,12 @@ impl CustomOp2 for FusedMoeOp<'_> {
         let bias = held_slice::<f32>(&bias, bias_layout, "router bias")?;
         let (mut ids, mut weights) = (vec![0u32; entries], vec![0f32; entries]);
         moe_routing::route(logits, bias, &self.routing, &mut ids, &mut weights).map_err(wrap)?;
-        if let Some(counts) = &self.stack.counts {
+        if let Some(counts) = self
+            .stack
+            .counts
+            .as_ref()
+            .filter(|_| !crate::sharded::placeholder_step())
+        {
             for &e in &ids {
                 if let Some(c) = counts.get(e as usize) {
                     c.fetch_add(1, Ordering::Relaxed);
@@ -556,7 +561,7 @@ impl CustomOp2 for FusedMoeOp<'_> {
         let align = kernels
             .moe_align(&ids.as_view(), self.routing.num_experts, BLOCK_M)
             .map_err(wrap)?;
-        if self.stack.counts.is_some() {
+        if self.stack.counts.is_some() && !crate::sharded::placeholder_step() {
             let mut held = self
                 .stack
                 .device_counts

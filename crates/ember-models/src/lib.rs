@@ -70,6 +70,13 @@ pub trait CausalLm: Send + Sync {
     /// The projections LoRA adapters may target, by module path.
     fn lora_targets(&self) -> &lora::LoraTargets;
 
+    /// Ranks that run different sequences (`--data-parallel-size`): each step must then come
+    /// split by rank ([`batch::ForwardBatch::split_data_parallel`]), and rank r's sequences
+    /// keep their KV in cache r. 1 for every other model.
+    fn data_parallel_size(&self) -> usize {
+        1
+    }
+
     /// Widths of the cached K and V rows of each KV cache the model runs against: one for an
     /// unsharded model, one per rank for a sharded one (each rank caches its own heads).
     fn kv_cache_shards(&self) -> Vec<(usize, usize)> {

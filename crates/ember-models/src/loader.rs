@@ -48,6 +48,10 @@ pub struct LoadOptions {
     /// `--tensor-parallel-size`: ranks the model is sharded over (threads of this process on
     /// the CPU), 1 for an unsharded model.
     pub tensor_parallel_size: usize,
+    /// `--data-parallel-size`: ranks that each run their own sequences over their own KV cache
+    /// with every layer whole, meeting in the routed experts under expert parallelism
+    /// (DeepSeek's DP attention). 1: none. Not combined with tensor parallelism yet.
+    pub data_parallel_size: usize,
     /// `--enable-expert-parallel`: routed experts partitioned across the ranks instead of split.
     pub enable_expert_parallel: bool,
     /// `--num-redundant-experts`: extra expert slots over the expert-parallel ranks, each a
@@ -91,6 +95,7 @@ impl LoadOptions {
             quantization: QuantizationRequest::Auto,
             kv_cache_dtype: KvCacheDtype::Auto,
             tensor_parallel_size: 1,
+            data_parallel_size: 1,
             enable_expert_parallel: false,
             num_redundant_experts: 0,
             eplb_step_interval: 0,
@@ -333,9 +338,22 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         config.family.model_type(),
         dir.display()
     );
-    // What one GPU must hold: a rank's share when sharded (the loader's own split rules).
-    let world = opts.tensor_parallel_size.max(1);
-    let need_on_gpu = if world > 1 {
+    let data_parallel = opts.data_parallel_size > 1;
+    if data_parallel && opts.tensor_parallel_size > 1 {
+        return Err(EmberError::Config(format!(
+            "--data-parallel-size {} with --tensor-parallel-size {} is not supported yet; \
+             use one of them (with --enable-expert-parallel, the experts are partitioned over \
+             the data-parallel ranks)",
+            opts.data_parallel_size, opts.tensor_parallel_size
+        )));
+    }
+    // Ranks: the tensor-parallel ones, or the data-parallel ones.
+    let world = (opts.tensor_parallel_size * opts.data_parallel_size).max(1);
+    // What one GPU must hold: a rank's share when sharded (the loader's own split rules; a
+    // lower bound for a data-parallel rank, whose attention is whole).
+    let need_on_gpu = if data_parallel && !opts.enable_expert_parallel {
+        need
+    } else if world > 1 {
         crate::memory_plan::rank_weights(
             &config,
             world,
@@ -427,7 +445,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             ModelFamily::DeepseekV3 => load_deepseek_v3(weights, &config, max_model_len),
         }
     };
-    let world = opts.tensor_parallel_size;
+    let world = opts.tensor_parallel_size * opts.data_parallel_size;
     if (opts.num_redundant_experts > 0 || opts.eplb_step_interval > 0)
         && !(opts.enable_expert_parallel && world > 1)
     {
@@ -440,7 +458,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     let (model, rank_weight_bytes): (Box<dyn CausalLm>, Vec<u64>) = match world {
         0 => {
             return Err(EmberError::Config(
-                "--tensor-parallel-size must be at least 1".into(),
+                "--tensor-parallel-size and --data-parallel-size must be at least 1".into(),
             ))
         }
         1 => {
@@ -456,6 +474,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                     comm: comm.clone(),
                     expert_parallel: opts.enable_expert_parallel,
                     redundant_experts: opts.num_redundant_experts,
+                    data_parallel,
                 });
                 ranks.push((build(&rank_weights)?, comm));
                 bytes.push(rank_weights.held_bytes());
@@ -463,12 +482,16 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             tracing::info!(
                 ranks = world,
                 expert_parallel = opts.enable_expert_parallel,
+                data_parallel,
                 devices = ?rank_devices.iter().map(Device::location).collect::<Vec<_>>(),
                 collectives = backend,
                 rank_weights_gib = ?bytes.iter().map(|&b| b as f64 / (1u64 << 30) as f64).collect::<Vec<_>>(),
                 "sharded over {world} ranks (threads of this process, in lock-step)"
             );
             let mut sharded = ShardedModel::new(ranks)?.on_devices(rank_devices.clone());
+            if data_parallel {
+                sharded = sharded.data_parallel();
+            }
             if opts.enable_expert_parallel && opts.eplb_step_interval > 0 {
                 sharded = sharded.with_rebalancing(
                     weights.expert_load().clone(),

@@ -544,6 +544,10 @@ pub struct LoraRows {
     row_adapter: Vec<u16>,
     adapters: Vec<Arc<LoraAdapter>>,
     groups: Vec<LoraGroup>,
+    /// On a data-parallel rank, the whole step's rows (host side) and each of this rank's rows'
+    /// index among them: expert-parallel rows travel with their step index, which the experts'
+    /// owner resolves here (see [`LoraRows::step_row`]).
+    step: Option<Arc<(LoraRows, Vec<u32>)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -598,6 +602,7 @@ impl LoraRows {
             row_adapter,
             adapters,
             groups,
+            step: None,
         })
     }
 
@@ -610,6 +615,7 @@ impl LoraRows {
                 adapter: 0,
                 rows: GroupRows::Range(0, rows),
             }],
+            step: None,
         }
     }
 
@@ -635,10 +641,53 @@ impl LoraRows {
 
     /// The same rows, with their index tensors on `device` (a rank's copy of a step).
     pub fn to_device(&self, device: &Device) -> TensorResult<Self> {
-        if self.is_empty() {
-            return Ok(Self::none());
+        let mut rows = if self.is_empty() {
+            Self::none()
+        } else {
+            Self::new(self.adapters.clone(), self.row_adapter.clone(), device)?
+        };
+        rows.step = self.step.clone();
+        Ok(rows)
+    }
+
+    /// These rows as a data-parallel rank's share of a step whose rows are `step`: this rank's
+    /// row i is the step's row `step_rows[i]`.
+    pub fn within_step(self, step: &LoraRows, step_rows: Vec<u32>) -> Self {
+        let whole = LoraRows {
+            row_adapter: step.row_adapter.clone(),
+            adapters: step.adapters.clone(),
+            groups: Vec::new(),
+            step: None,
+        };
+        Self {
+            step: Some(Arc::new((whole, step_rows))),
+            ..self
         }
-        Self::new(self.adapters.clone(), self.row_adapter.clone(), device)
+    }
+
+    /// Row `row`'s index in the step: itself, or its index in the whole step on a
+    /// data-parallel rank.
+    pub fn step_row(&self, row: u32) -> u32 {
+        match &self.step {
+            Some(step) => step.1[row as usize],
+            None => row,
+        }
+    }
+
+    /// [`LoraRows::select`] of step rows (from [`LoraRows::step_row`], possibly another
+    /// rank's).
+    pub fn select_step_rows(&self, rows: &[u32], device: &Device) -> TensorResult<Self> {
+        match &self.step {
+            Some(step) if !step.0.adapters.is_empty() => {
+                let row_adapter = rows
+                    .iter()
+                    .map(|&r| step.0.row_adapter[r as usize])
+                    .collect();
+                Self::new(step.0.adapters.clone(), row_adapter, device)
+            }
+            Some(_) => Ok(Self::none()),
+            None => self.select(rows, device),
+        }
     }
 
     /// The rows `rows` of this set, renumbered `0..rows.len()` (the tokens routed to one expert).

@@ -497,7 +497,7 @@ impl Experts {
     pub fn run(&self, routing: &ExpertRouting, x: &Tensor, lora: &LoraRows) -> TensorResult {
         match &self.expert_parallel {
             None => {
-                if self.counts_load {
+                if self.counts_load && !crate::sharded::placeholder_step() {
                     for (count, (rows, _)) in self.load.iter().zip(&routing.per_expert) {
                         count.fetch_add(rows.len() as u64, Ordering::Relaxed);
                     }
@@ -568,7 +568,13 @@ impl Experts {
         let ctx = &ep.ctx;
         let (tokens, hidden) = x.dims2()?;
         let (world, device, dtype) = (ctx.world_size(), x.device(), x.dtype());
-        let (first, mine) = uneven_share(tokens, ctx.rank(), world);
+        // Under data parallelism every rank brings its own tokens; else each takes a share of
+        // the step's, which all ranks hold alike.
+        let (first, mine) = if ctx.data_parallel {
+            (0, tokens)
+        } else {
+            uneven_share(tokens, ctx.rank(), world)
+        };
         let per_rank = ep.placement.slots_per_rank;
         let mut copies: Vec<Vec<usize>> = vec![Vec::new(); self.num_experts];
         for (slot, &expert) in ep.placement.map().iter().enumerate() {
@@ -576,7 +582,15 @@ impl Experts {
         }
         let mut send_rows: Vec<Vec<u32>> = vec![Vec::new(); world];
         let mut send_meta: Vec<Vec<f32>> = vec![Vec::new(); world];
-        for (expert, (rows, weights)) in routing.per_expert.iter().enumerate() {
+        // An idle data-parallel rank's placeholder token goes to no expert (its output is
+        // dropped): the rank only takes part in the all-to-alls.
+        let placeholder = crate::sharded::placeholder_step();
+        for (expert, (rows, weights)) in routing
+            .per_expert
+            .iter()
+            .enumerate()
+            .filter(|_| !placeholder)
+        {
             let slots = &copies[expert];
             for (&row, &weight) in rows.iter().zip(weights) {
                 if (first..first + mine).contains(&(row as usize)) {
@@ -584,7 +598,11 @@ impl Experts {
                     let owner = slot / per_rank;
                     send_rows[owner].push(row);
                     // f32 holds row indices exactly up to 2^24 tokens a step.
-                    send_meta[owner].extend([(slot - owner * per_rank) as f32, weight, row as f32]);
+                    send_meta[owner].extend([
+                        (slot - owner * per_rank) as f32,
+                        weight,
+                        lora.step_row(row) as f32,
+                    ]);
                 }
             }
         }
@@ -645,7 +663,7 @@ impl Experts {
                 &slots.mlps,
                 &local,
                 &Tensor::cat(&received, 0)?,
-                &lora.select(&step_rows, device)?,
+                &lora.select_step_rows(&step_rows, device)?,
             )?
         };
         drop(slots);
@@ -669,6 +687,9 @@ impl Experts {
             let local_rows: Vec<u32> = rows.iter().map(|&r| r - first as u32).collect();
             let index = Tensor::from_slice(&local_rows, local_rows.len(), device)?;
             combined = combined.index_add(&index, y, 0)?;
+        }
+        if ctx.data_parallel {
+            return Ok(combined);
         }
         ctx.comm.all_gather(&combined, 0)
     }
@@ -694,7 +715,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
     let rank = experts_w.rank();
     let registry = experts_w.expert_load();
     let load = registry.layer(layer_index(&path), e);
-    if let Some(ctx) = rank.filter(|r| r.expert_parallel) {
+    if let Some(ctx) = experts_w.expert_rank().filter(|r| r.expert_parallel) {
         let world = ctx.world_size();
         let per_rank = expert_slots_per_rank(e, ctx.redundant_experts, world)?;
         let placement = registry.placement(layer_index(&path), e, per_rank, world);

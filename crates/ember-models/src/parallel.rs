@@ -52,6 +52,10 @@ pub struct RankContext {
     /// `--num-redundant-experts`: extra expert slots over the expert-parallel ranks, holding
     /// copies of the hottest experts (see [`crate::moe::ExpertPlacement`]).
     pub redundant_experts: usize,
+    /// `--data-parallel-size`: the ranks run different sequences (each its own share of a
+    /// step, attending over its own KV cache) with every layer whole, and meet only in the
+    /// routed experts when those are partitioned (`expert_parallel`).
+    pub data_parallel: bool,
 }
 
 impl RankContext {

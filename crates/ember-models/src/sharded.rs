@@ -21,6 +21,25 @@ use crate::moe::ExpertLoad;
 use crate::parallel::Communicator;
 use crate::CausalLm;
 
+thread_local! {
+    static PLACEHOLDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is running an idle data-parallel rank's placeholder token (see
+/// [`crate::batch::DataParallelSplit`]): the MoE layers then count no expert load for it and
+/// send its rows to no expert.
+pub(crate) fn placeholder_step() -> bool {
+    PLACEHOLDER.with(std::cell::Cell::get)
+}
+
+/// Runs `f` with [`placeholder_step`] answering `placeholder` on this thread.
+fn as_placeholder<T>(placeholder: bool, f: impl FnOnce() -> T) -> T {
+    PLACEHOLDER.with(|p| p.set(placeholder));
+    let out = f();
+    PLACEHOLDER.with(|p| p.set(false));
+    out
+}
+
 /// One shard per rank, each with its rank's communicator.
 pub struct ShardedModel {
     ranks: Vec<(DecoderModel, Arc<dyn Communicator>)>,
@@ -39,6 +58,8 @@ pub struct ShardedModel {
     /// Each rank's device, when the ranks are spread over several GPUs: a rank whose device is
     /// not the batch's runs on a copy of the batch there.
     devices: Vec<Device>,
+    /// `--data-parallel-size`: each rank runs its own sequences (see [`Self::data_parallel`]).
+    data_parallel: bool,
 }
 
 /// EPLB's schedule: re-place every `interval` steps, from the load of the last `window` steps.
@@ -100,6 +121,7 @@ impl ShardedModel {
             fault: fault_from_env(),
             rebalancing: None,
             devices: Vec::new(),
+            data_parallel: false,
         })
     }
 
@@ -119,6 +141,15 @@ impl ShardedModel {
             window,
         });
         self
+    }
+
+    /// Makes the ranks data-parallel: each step comes split by rank
+    /// ([`ForwardBatch::split_data_parallel`]) and each rank runs its own share.
+    pub fn data_parallel(self) -> Self {
+        Self {
+            data_parallel: true,
+            ..self
+        }
     }
 
     /// Ranks in the group.
@@ -157,6 +188,53 @@ impl ShardedModel {
         comm.abort(&reason);
         Err(EmberError::Tensor(reason))
     }
+}
+
+/// The step's output rows in its sequences' order, from each rank's output over its own share
+/// (rows in its part's order), on the step's device; idle ranks' placeholder rows are dropped.
+fn combine_data_parallel(
+    batch: &ForwardBatch,
+    split: &crate::batch::DataParallelSplit,
+    outputs: &[Tensor],
+) -> candle_core::Result<Tensor> {
+    let device = batch.token_ids.device();
+    // Where each rank's rows start in the concatenation of the busy ranks' outputs.
+    let mut starts = vec![0usize; outputs.len()];
+    let mut busy = Vec::new();
+    let mut at = 0;
+    for (rank, out) in outputs.iter().enumerate() {
+        if split.idle[rank] {
+            continue;
+        }
+        starts[rank] = at;
+        at += out.dim(0)?;
+        busy.push(out.to_device(device)?);
+    }
+    // Each rank's first output row of each of its sequences.
+    let first_rows: Vec<Vec<usize>> = split
+        .parts
+        .iter()
+        .map(|p| {
+            let mut row = 0;
+            p.logits_per_sequence
+                .iter()
+                .map(|&n| {
+                    let first = row;
+                    row += n;
+                    first
+                })
+                .collect()
+        })
+        .collect();
+    let mut order: Vec<u32> = Vec::with_capacity(batch.logits_rows.dim(0)?);
+    for (&(rank, index), &rows) in split.placement.iter().zip(&batch.logits_per_sequence) {
+        let first = starts[rank] + first_rows[rank][index];
+        order.extend((first..first + rows).map(|r| r as u32));
+    }
+    let all = Tensor::cat(&busy, 0)?;
+    let n = order.len();
+    let index = Tensor::from_vec(order, n, device)?;
+    all.index_select(&index, 0)
 }
 
 impl CausalLm for ShardedModel {
@@ -213,35 +291,62 @@ impl CausalLm for ShardedModel {
             }
         }
         let injected = |rank: usize| self.fault == Some((rank, step));
+        let split = match (&batch.data_parallel, self.data_parallel) {
+            (Some(split), true) if split.parts.len() == self.ranks.len() => Some(split),
+            (None, false) => None,
+            _ => {
+                return Err(EmberError::Tensor(format!(
+                    "a step for {} model of {} ranks must {}be split by data-parallel rank",
+                    if self.data_parallel {
+                        "a data-parallel"
+                    } else {
+                        "a tensor-parallel"
+                    },
+                    self.ranks.len(),
+                    if self.data_parallel { "" } else { "not " }
+                )))
+            }
+        };
         // The batch again on each rank's own device, where that is not the batch's.
         let copies = (1..self.ranks.len())
             .map(|rank| match self.devices.get(rank) {
-                Some(device) if !batch.token_ids.device().same_device(device) => {
+                Some(device)
+                    if split.is_none() && !batch.token_ids.device().same_device(device) =>
+                {
                     batch.to_device(device).map(Some)
                 }
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
+        // Rank r's batch: its own share under data parallelism, else the step (or its copy).
+        let rank_batch = |rank: usize| -> &ForwardBatch {
+            match split {
+                Some(split) => &split.parts[rank],
+                None if rank == 0 => batch,
+                None => copies[rank - 1].as_ref().unwrap_or(batch),
+            }
+        };
         let results: Vec<Result<Tensor>> = std::thread::scope(|scope| {
             let others: Vec<_> = self.ranks[1..]
                 .iter()
                 .zip(&caches[1..])
-                .zip(&copies)
                 .enumerate()
-                .map(|(i, (((model, comm), cache), copy))| {
+                .map(|(i, ((model, comm), cache))| {
                     let fail = injected(i + 1);
-                    let batch = copy.as_ref().unwrap_or(batch);
-                    scope.spawn(move || Self::run_rank(model, comm.as_ref(), batch, cache, fail))
+                    let batch = rank_batch(i + 1);
+                    let idle = split.is_some_and(|s| s.idle[i + 1]);
+                    scope.spawn(move || {
+                        as_placeholder(idle, || {
+                            Self::run_rank(model, comm.as_ref(), batch, cache, fail)
+                        })
+                    })
                 })
                 .collect();
             let (model, comm) = &self.ranks[0];
-            let mut results = vec![Self::run_rank(
-                model,
-                comm.as_ref(),
-                batch,
-                &caches[0],
-                injected(0),
-            )];
+            let idle = split.is_some_and(|s| s.idle[0]);
+            let mut results = vec![as_placeholder(idle, || {
+                Self::run_rank(model, comm.as_ref(), rank_batch(0), &caches[0], injected(0))
+            })];
             results.extend(others.into_iter().map(|h| {
                 h.join()
                     .unwrap_or_else(|_| Err(EmberError::Tensor("a rank thread died".into())))
@@ -263,10 +368,25 @@ impl CausalLm for ShardedModel {
             *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
             return Err(EmberError::Tensor(reason));
         }
-        results
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| Err(EmberError::Tensor("a sharded model without ranks".into())))
+        match split {
+            Some(split) => {
+                let outputs = results.into_iter().collect::<Result<Vec<_>>>()?;
+                combine_data_parallel(batch, split, &outputs)
+                    .map_err(|e| EmberError::Tensor(e.to_string()))
+            }
+            None => results
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Err(EmberError::Tensor("a sharded model without ranks".into()))),
+        }
+    }
+
+    fn data_parallel_size(&self) -> usize {
+        if self.data_parallel {
+            self.ranks.len()
+        } else {
+            1
+        }
     }
 
     fn failure(&self) -> Option<String> {

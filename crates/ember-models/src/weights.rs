@@ -142,8 +142,15 @@ impl Weights {
         &self.expert_load
     }
 
-    /// The rank being loaded, `None` for an unsharded model.
+    /// The tensor-parallel rank being loaded, `None` for an unsharded model and for a
+    /// data-parallel rank (whose layers are whole).
     pub fn rank(&self) -> Option<&RankContext> {
+        self.rank.as_ref().filter(|r| !r.data_parallel)
+    }
+
+    /// The rank the routed experts are loaded for: [`Weights::rank`], or a data-parallel rank
+    /// (whose experts are partitioned under expert parallelism, and whole otherwise).
+    pub fn expert_rank(&self) -> Option<&RankContext> {
         self.rank.as_ref()
     }
 
