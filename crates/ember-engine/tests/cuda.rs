@@ -558,8 +558,9 @@ fn nccl_collectives_match_the_threads_backend() {
     }
 }
 
-/// A model sharded over GPUs, one rank each (NCCL where libnccl opens): tensor parallel and
-/// expert parallel over 2 GPUs match transformers as one rank does (f32). Needs 2 GPUs.
+/// A model sharded over GPUs, one rank each (NCCL where libnccl opens): tensor parallel,
+/// expert parallel and data parallel over 2 GPUs match transformers as one rank does (f32).
+/// Needs 2 GPUs.
 #[test]
 fn tensor_and_expert_parallel_over_gpus_match_transformers() {
     let test = "tensor_and_expert_parallel_over_gpus_match_transformers";
@@ -575,12 +576,13 @@ fn tensor_and_expert_parallel_over_gpus_match_transformers() {
         "deepseek-v3-tiny",
         "kimi-k2-tiny",
     ] {
-        let parallelisms: &[bool] = if name == "qwen3-tiny" {
-            &[false]
+        // (tensor parallel, data parallel, expert parallel) sizes.
+        let layouts: &[(usize, usize, bool)] = if name == "qwen3-tiny" {
+            &[(2, 1, false), (1, 2, false)]
         } else {
-            &[false, true]
+            &[(2, 1, false), (2, 1, true), (1, 2, true)]
         };
-        for &expert_parallel in parallelisms {
+        for &(tp, dp, expert_parallel) in layouts {
             let reference = reference(name);
             let cfg = EngineConfig {
                 max_num_batched_tokens: 24,
@@ -590,7 +592,8 @@ fn tensor_and_expert_parallel_over_gpus_match_transformers() {
             let engine = start_with(name, cfg, |opts| {
                 opts.dtype = Some(DType::F32);
                 opts.device = ember_models::device::open_cuda(0).unwrap();
-                opts.tensor_parallel_size = 2;
+                opts.tensor_parallel_size = tp;
+                opts.data_parallel_size = dp;
                 opts.enable_expert_parallel = expert_parallel;
             });
             let prompts = reference["prompts"].as_array().unwrap();
@@ -604,7 +607,9 @@ fn tensor_and_expert_parallel_over_gpus_match_transformers() {
                 .collect();
             let results: Vec<_> = receivers.into_iter().map(collect).collect();
             assert_matches_reference(name, prompts, &results);
-            eprintln!("{name}: 2 GPUs (expert parallel {expert_parallel}) match transformers");
+            eprintln!(
+                "{name}: 2 GPUs (TP {tp}, DP {dp}, expert parallel {expert_parallel}) match transformers"
+            );
         }
     }
 }

@@ -122,6 +122,31 @@ pub fn rank_weights(
     plan_ranks(cfg, world_size, expert_parallel, 0, format)
 }
 
+/// The weight bytes each of `world_size` data-parallel ranks holds (`--data-parallel-size`):
+/// every layer whole, but the routed experts partitioned when `expert_parallel`.
+pub fn rank_weights_data_parallel(
+    cfg: &ModelConfig,
+    world_size: usize,
+    expert_parallel: bool,
+    format: WeightFormat,
+) -> Result<Vec<RankWeights>> {
+    (0..world_size.max(1))
+        .map(|rank| {
+            RankPlan {
+                cfg,
+                format,
+                rank,
+                world: world_size,
+                expert_parallel,
+                redundant_experts: 0,
+                data_parallel: true,
+                bytes: RankWeights::default(),
+            }
+            .plan()
+        })
+        .collect()
+}
+
 /// [`rank_weights`] under expert parallelism with `--num-redundant-experts redundant`: each
 /// rank holds `(experts + redundant) / world_size` whole experts, its share of the copies.
 pub fn rank_weights_with_redundant_experts(
@@ -149,6 +174,7 @@ fn plan_ranks(
                 world: world_size,
                 expert_parallel,
                 redundant_experts,
+                data_parallel: false,
                 bytes: RankWeights::default(),
             }
             .plan()
@@ -184,6 +210,8 @@ struct RankPlan<'a> {
     expert_parallel: bool,
     /// Expert slots beyond the routed experts, spread over the ranks (expert parallelism).
     redundant_experts: usize,
+    /// Data-parallel ranks: nothing is split but the routed experts under expert parallelism.
+    data_parallel: bool,
     bytes: RankWeights,
 }
 
@@ -193,9 +221,15 @@ impl RankPlan<'_> {
         self.world > 1
     }
 
-    /// This rank's count of `n` items split evenly (all of them on an unsharded model).
+    /// Whether layers are split over the ranks (tensor parallelism).
+    fn tensor_parallel(&self) -> bool {
+        self.sharded() && !self.data_parallel
+    }
+
+    /// This rank's count of `n` items split evenly (all of them on an unsharded model and on a
+    /// data-parallel rank).
     fn share(&self, n: usize, what: &str) -> Result<u64> {
-        if !self.sharded() {
+        if !self.tensor_parallel() {
             return Ok(n as u64);
         }
         Ok(even_share(n, self.rank, self.world, what)?.1 as u64)
@@ -247,7 +281,7 @@ impl RankPlan<'_> {
         let cfg = self.cfg;
         let (h, d) = (cfg.hidden_size as u64, cfg.head_dim as u64);
         let q = self.share(cfg.num_attention_heads, "num_attention_heads")? * d;
-        let kv = if self.sharded() {
+        let kv = if self.tensor_parallel() {
             kv_head_share(cfg.num_key_value_heads, self.rank, self.world)?.1 as u64
         } else {
             cfg.num_key_value_heads as u64
@@ -257,7 +291,11 @@ impl RankPlan<'_> {
             + 2 * f.matrix(Part::Attention, kv, h)
             + f.matrix(Part::Attention, h, q);
         if cfg.attention_bias {
-            let o_bias = if self.rank == 0 { h } else { 0 };
+            let o_bias = if self.rank == 0 || !self.tensor_parallel() {
+                h
+            } else {
+                0
+            };
             self.bytes.attention += self.plain(q + 2 * kv + o_bias);
         }
         self.bytes.norms_and_router += 2 * self.plain(d);
@@ -288,7 +326,11 @@ impl RankPlan<'_> {
             + f.matrix(Part::Attention, h, n * ds.v_head_dim as u64);
         if cfg.attention_bias {
             let q_a = ds.q_lora_rank.map_or(0, |r| r as u64);
-            let o_bias = if self.rank == 0 { h } else { 0 };
+            let o_bias = if self.rank == 0 || !self.tensor_parallel() {
+                h
+            } else {
+                0
+            };
             attention += self.plain(q_a + kvr + rope + o_bias);
         }
         self.bytes.attention += attention;

@@ -9,8 +9,8 @@ use candle_core::DType;
 use ember_core::ModelConfig;
 use ember_models::loader::read_config;
 use ember_models::memory_plan::{
-    kv_cache_bytes_per_token, rank_weights, rank_weights_with_redundant_experts, RankWeights,
-    WeightFormat,
+    kv_cache_bytes_per_token, rank_weights, rank_weights_data_parallel,
+    rank_weights_with_redundant_experts, RankWeights, WeightFormat,
 };
 use ember_models::{load_model, LoadFormat, LoadOptions};
 
@@ -69,6 +69,39 @@ fn the_plan_equals_what_every_rank_of_a_real_load_holds() {
                         "{name} tp {tp} ep {ep} {load_format:?} {dtype:?}"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Data-parallel ranks hold every layer whole and, under expert parallelism, their share of the
+/// routed experts: the plan equals a real load rank by rank.
+#[test]
+fn the_plan_equals_what_every_data_parallel_rank_of_a_real_load_holds() {
+    for name in TINY {
+        let cfg = config(name);
+        for (dp, ep) in [(2, false), (2, true), (4, true)] {
+            if ep && cfg.moe.is_none() && cfg.deepseek.is_none() {
+                continue;
+            }
+            let loaded = load_model(&LoadOptions {
+                dtype: Some(DType::F32),
+                data_parallel_size: dp,
+                enable_expert_parallel: ep,
+                ..LoadOptions::new(model_dir(name).to_string_lossy())
+            })
+            .unwrap();
+            let plan =
+                rank_weights_data_parallel(&cfg, dp, ep, WeightFormat::Loaded(DType::F32)).unwrap();
+            assert_eq!(
+                totals(&plan),
+                loaded.rank_weight_bytes,
+                "{name} dp {dp} ep {ep}"
+            );
+            // Without expert parallelism each rank is the whole model.
+            if !ep {
+                let one = rank_weights(&cfg, 1, false, WeightFormat::Loaded(DType::F32)).unwrap();
+                assert_eq!(plan[0], one[0], "{name} dp {dp}");
             }
         }
     }
@@ -279,6 +312,16 @@ fn deepseek_v3_fp8_fits_an_h200_node_but_not_an_h100_node() {
         gb(extra)
     );
     assert_eq!(extra * 8, plain.routed_experts);
+    // DP8 + EP8 (DP attention): attention, dense layers, shared experts and embeddings whole on
+    // every rank, the routed experts an eighth each; each rank caches only its own sequences.
+    let dp = rank_weights_data_parallel(&cfg, 8, true, WeightFormat::Fp8Block).unwrap()[0];
+    println!(
+        "deepseek-v3 fp8 dp8 + ep8: {} a rank ({} more than tp8 + ep8)",
+        gb(dp.total()),
+        gb(dp.total() - plain.total())
+    );
+    assert_eq!(dp.routed_experts, plain.routed_experts);
+    assert!(dp.total() + full_context_kv(v3, 2) < H200, "{}", dp.total());
     assert!(
         copies.total() + full_context_kv(v3, 2) < H200,
         "{}",
