@@ -12,6 +12,7 @@ pub mod cuda_attention;
 pub mod decoder;
 pub mod deepseek_v3;
 pub mod device;
+pub mod flat_collectives;
 pub mod fp8_e5m2;
 pub mod fused_moe;
 pub mod greedy;

@@ -8,10 +8,11 @@
 //! falls back to [`crate::parallel::ThreadGroup`] (collectives through host copies) and says so.
 //! The declarations below are NCCL's C API (`nccl.h`, stable across 2.x).
 //!
-//! Every collective is a candle custom op on the rank's tensor, enqueued on candle's stream of
-//! the rank's GPU, so it orders with the layers' own kernels and the step never waits for it on
-//! the host. Shapes that the peers cannot know (all-to-all, uneven all-gathers, broadcast) are
-//! exchanged first in a small fixed-size header, read back on the host.
+//! NCCL moves flat buffers ([`FlatTransport`]); [`Staged`] turns that into every collective of
+//! [`crate::parallel::Communicator`] (shapes, uneven gathers, ragged all-to-alls, tested in CI
+//! over the threads backend). Each NCCL call is a candle custom op on the rank's tensor,
+//! enqueued on candle's stream of the rank's GPU, so it orders with the layers' own kernels; only
+//! the headers of shapes the peers cannot know are read back on the host.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +29,7 @@ use candle_core::{
 };
 use ember_core::EmberError;
 
-use crate::parallel::Communicator;
+use crate::flat_collectives::{FlatCall, FlatTransport, Staged};
 
 type NcclResult = c_int;
 type RawComm = *mut c_void;
@@ -229,7 +230,7 @@ pub struct NcclRank {
 
 /// Makes one communicator per GPU in `devices` (rank r on `devices[r]`, each a different GPU of
 /// this process), with NCCL's single-process initialization.
-pub fn ranks(devices: &[Device]) -> ember_core::Result<Vec<NcclRank>> {
+pub fn ranks(devices: &[Device]) -> ember_core::Result<Vec<Staged<NcclRank>>> {
     let api = api().map_err(EmberError::Config)?;
     let mut ordinals = Vec::with_capacity(devices.len());
     for device in devices {
@@ -271,35 +272,20 @@ pub fn ranks(devices: &[Device]) -> ember_core::Result<Vec<NcclRank>> {
     Ok(devices
         .iter()
         .enumerate()
-        .map(|(rank, device)| NcclRank {
-            group: group.clone(),
-            rank,
-            device: device.clone(),
+        .map(|(rank, device)| {
+            Staged(NcclRank {
+                group: group.clone(),
+                rank,
+                device: device.clone(),
+            })
         })
         .collect())
 }
 
-/// A collective as one NCCL call (or group of calls) over flat buffers.
-#[derive(Debug, Clone)]
-enum Call {
-    AllReduce,
-    /// Every rank sends the same count.
-    AllGather,
-    ReduceScatter,
-    Broadcast {
-        root: usize,
-    },
-    /// Elements sent to and received from each rank, in rank order.
-    AllToAll {
-        send: Vec<usize>,
-        recv: Vec<usize>,
-    },
-}
-
-/// [`Call`] on one rank's contiguous input, producing a flat `[out_len]` tensor.
+/// [`FlatCall`] on one rank's contiguous input, producing a flat `[out_len]` tensor.
 struct Collective<'a> {
     rank: &'a NcclRank,
-    call: Call,
+    call: FlatCall,
     out_len: usize,
 }
 
@@ -377,66 +363,9 @@ struct Buffers {
     stream: Stream,
 }
 
-/// The element types a header names, by index.
-const HEADER_DTYPES: [DType; 7] = [
-    DType::F32,
-    DType::BF16,
-    DType::F16,
-    DType::F64,
-    DType::U32,
-    DType::I64,
-    DType::U8,
-];
-/// Dimensions a header carries.
-const HEADER_DIMS: usize = 6;
-/// `[dtype index, rank, dims...]`.
-const HEADER_LEN: usize = 2 + HEADER_DIMS;
-
-fn header(dtype: DType, shape: &[usize]) -> Result<[i64; HEADER_LEN]> {
-    let Some(code) = HEADER_DTYPES.iter().position(|&d| d == dtype) else {
-        candle_core::bail!("NCCL collectives do not take {dtype:?} tensors")
-    };
-    if shape.len() > HEADER_DIMS {
-        candle_core::bail!(
-            "NCCL collectives take tensors of up to {HEADER_DIMS} dimensions, not {shape:?}"
-        );
-    }
-    let mut h = [0i64; HEADER_LEN];
-    h[0] = code as i64;
-    h[1] = shape.len() as i64;
-    for (slot, &d) in h[2..].iter_mut().zip(shape) {
-        *slot = d as i64;
-    }
-    Ok(h)
-}
-
-fn read_header(h: &[i64]) -> Result<(DType, Vec<usize>)> {
-    let dtype = usize::try_from(h[0])
-        .ok()
-        .and_then(|i| HEADER_DTYPES.get(i).copied());
-    let dims = usize::try_from(h[1]).ok().filter(|&n| n <= HEADER_DIMS);
-    match (dtype, dims) {
-        (Some(dtype), Some(n)) => Ok((dtype, h[2..2 + n].iter().map(|&d| d as usize).collect())),
-        _ => candle_core::bail!("a rank sent a malformed NCCL header {h:?}"),
-    }
-}
-
-/// Moves axis 0 of `t` to position `dim` and merges it with the axis there: the inverse of
-/// splitting `dim` into `[world, piece]` and moving `world` to the front.
-fn merge_leading_axis(t: &Tensor, dim: usize) -> Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let mut order: Vec<usize> = (1..=dim).collect();
-    order.push(0);
-    order.extend(dim + 1..dims.len());
-    let moved = t.permute(order)?.contiguous()?;
-    let mut merged = dims[1..].to_vec();
-    merged[dim] *= dims[0];
-    moved.reshape(merged)
-}
-
 impl NcclRank {
     /// Enqueues `call` on this rank's communicator, unless the group failed.
-    fn enqueue(&self, call: &Call, b: Buffers) -> std::result::Result<(), String> {
+    fn enqueue(&self, call: &FlatCall, b: Buffers) -> std::result::Result<(), String> {
         let group = &self.group;
         let api = group.api;
         let comm = group.comm(self.rank).map_err(|e| e.to_string())?;
@@ -447,7 +376,7 @@ impl NcclRank {
         // communicator's; the counts below stay within them.
         let code = unsafe {
             match call {
-                Call::AllReduce => (api.all_reduce)(
+                FlatCall::AllReduce => (api.all_reduce)(
                     b.src as *const c_void,
                     b.dst as *mut c_void,
                     b.src_len,
@@ -456,7 +385,7 @@ impl NcclRank {
                     c,
                     b.stream,
                 ),
-                Call::AllGather => (api.all_gather)(
+                FlatCall::AllGather => (api.all_gather)(
                     b.src as *const c_void,
                     b.dst as *mut c_void,
                     b.src_len,
@@ -464,7 +393,7 @@ impl NcclRank {
                     c,
                     b.stream,
                 ),
-                Call::ReduceScatter => (api.reduce_scatter)(
+                FlatCall::ReduceScatter => (api.reduce_scatter)(
                     b.src as *const c_void,
                     b.dst as *mut c_void,
                     b.dst_len,
@@ -473,7 +402,7 @@ impl NcclRank {
                     c,
                     b.stream,
                 ),
-                Call::Broadcast { root } => (api.broadcast)(
+                FlatCall::Broadcast { root } => (api.broadcast)(
                     b.src as *const c_void,
                     b.dst as *mut c_void,
                     b.dst_len,
@@ -482,7 +411,7 @@ impl NcclRank {
                     c,
                     b.stream,
                 ),
-                Call::AllToAll { send, recv } => {
+                FlatCall::AllToAll { send, recv } => {
                     api.check((api.group_start)(), "ncclGroupStart")?;
                     let (mut sent, mut received) = (0, 0);
                     let mut code = 0;
@@ -517,7 +446,7 @@ impl NcclRank {
         api.check(code, "an NCCL collective")
     }
 
-    fn apply(&self, input: &Tensor, call: Call, out_len: usize) -> Result<Tensor> {
+    fn apply(&self, input: &Tensor, call: FlatCall, out_len: usize) -> Result<Tensor> {
         if !input.device().same_device(&self.device) {
             candle_core::bail!(
                 "rank {}'s collective got a tensor on {:?}, not its GPU",
@@ -531,22 +460,9 @@ impl NcclRank {
             out_len,
         })
     }
-
-    /// Every rank's `[n]` flat tensor, `n` the same everywhere, as `[world · n]` in rank order.
-    fn gather_flat(&self, flat: &Tensor) -> Result<Tensor> {
-        let n = flat.elem_count();
-        self.apply(flat, Call::AllGather, n * self.world_size())
-    }
-
-    /// Every rank's header, on the host.
-    fn gather_headers(&self, mine: &[i64]) -> Result<Vec<Vec<i64>>> {
-        let t = Tensor::from_slice(mine, mine.len(), &self.device)?;
-        let all = self.gather_flat(&t)?.to_vec1::<i64>()?;
-        Ok(all.chunks(mine.len()).map(<[i64]>::to_vec).collect())
-    }
 }
 
-impl Communicator for NcclRank {
+impl FlatTransport for NcclRank {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -555,169 +471,12 @@ impl Communicator for NcclRank {
         self.group.comms.len()
     }
 
-    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
-        let n = tensor.elem_count();
-        if n == 0 {
-            return Ok(tensor.clone());
-        }
-        self.apply(tensor, Call::AllReduce, n)?
-            .reshape(tensor.shape())
+    fn device(&self) -> &Device {
+        &self.device
     }
 
-    fn all_gather(&self, tensor: &Tensor, dim: usize) -> Result<Tensor> {
-        // The ranks may differ along `dim` (an uneven split of a step's tokens): each learns the
-        // others' shapes, and every rank sends the largest count, padded.
-        let headers = self.gather_headers(&header(tensor.dtype(), tensor.dims())?)?;
-        let shapes = headers
-            .iter()
-            .map(|h| read_header(h).map(|(_, shape)| shape))
-            .collect::<Result<Vec<_>>>()?;
-        let counts: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
-        let most = counts.iter().copied().max().unwrap_or(0);
-        if most == 0 {
-            return Tensor::cat(
-                &shapes
-                    .iter()
-                    .map(|s| Tensor::zeros(s.as_slice(), tensor.dtype(), &self.device))
-                    .collect::<Result<Vec<_>>>()?,
-                dim,
-            );
-        }
-        let flat = tensor.flatten_all()?;
-        let padded = if flat.elem_count() == most {
-            flat
-        } else {
-            let pad = Tensor::zeros(most - flat.elem_count(), tensor.dtype(), &self.device)?;
-            Tensor::cat(&[flat, pad], 0)?
-        };
-        let all = self.gather_flat(&padded)?;
-        if counts.iter().all(|&c| c == most) {
-            let mut stacked = vec![self.world_size()];
-            stacked.extend_from_slice(tensor.dims());
-            return merge_leading_axis(&all.reshape(stacked)?, dim);
-        }
-        let pieces = shapes
-            .iter()
-            .zip(&counts)
-            .enumerate()
-            .map(|(r, (shape, &n))| all.narrow(0, r * most, n)?.reshape(shape.as_slice()))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&pieces, dim)
-    }
-
-    fn reduce_scatter_sum(&self, tensor: &Tensor, dim: usize) -> Result<Tensor> {
-        let world = self.world_size();
-        let dims = tensor.dims().to_vec();
-        let len = dims[dim];
-        if !len.is_multiple_of(world) {
-            candle_core::bail!(
-                "reduce_scatter: dim {dim} of size {len} does not split over {world} ranks"
-            );
-        }
-        // Split `dim` into [world, piece] and bring `world` to the front: each rank's piece is
-        // then one contiguous block, in rank order, as NCCL scatters.
-        let mut split = dims[..dim].to_vec();
-        split.extend([world, len / world]);
-        split.extend_from_slice(&dims[dim + 1..]);
-        let mut order = vec![dim];
-        order.extend(0..dim);
-        order.extend(dim + 1..split.len());
-        let blocks = tensor.reshape(split)?.permute(order)?.contiguous()?;
-        let mut piece = dims.clone();
-        piece[dim] = len / world;
-        let n = tensor.elem_count() / world;
-        if n == 0 {
-            return Tensor::zeros(piece, tensor.dtype(), &self.device);
-        }
-        self.apply(&blocks.flatten_all()?, Call::ReduceScatter, n)?
-            .reshape(piece)
-    }
-
-    fn all_to_all(&self, send: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        let world = self.world_size();
-        if send.len() != world {
-            candle_core::bail!("all_to_all: {} tensors for {world} ranks", send.len());
-        }
-        let dtype = send[0].dtype();
-        if let Some(t) = send.iter().find(|t| t.dtype() != dtype) {
-            candle_core::bail!(
-                "all_to_all: {dtype:?} and {:?} tensors in one call",
-                t.dtype()
-            );
-        }
-        let mut mine = Vec::with_capacity(world * HEADER_LEN);
-        for t in &send {
-            mine.extend(header(dtype, t.dims())?);
-        }
-        // headers[s] holds rank s's headers for every destination.
-        let headers = self.gather_headers(&mine)?;
-        let mut recv_shapes = Vec::with_capacity(world);
-        for from in &headers {
-            let h = &from[self.rank * HEADER_LEN..(self.rank + 1) * HEADER_LEN];
-            let (their_dtype, shape) = read_header(h)?;
-            if their_dtype != dtype {
-                candle_core::bail!("all_to_all: a rank sends {their_dtype:?}, this one {dtype:?}");
-            }
-            recv_shapes.push(shape);
-        }
-        let send_counts: Vec<usize> = send.iter().map(Tensor::elem_count).collect();
-        let recv_counts: Vec<usize> = recv_shapes.iter().map(|s| s.iter().product()).collect();
-        let total: usize = recv_counts.iter().sum();
-        let flat: Vec<Tensor> = send
-            .iter()
-            .filter(|t| t.elem_count() > 0)
-            .map(Tensor::flatten_all)
-            .collect::<Result<_>>()?;
-        let input = if flat.is_empty() {
-            Tensor::zeros(1, dtype, &self.device)?
-        } else {
-            Tensor::cat(&flat, 0)?
-        };
-        let received = self.apply(
-            &input,
-            Call::AllToAll {
-                send: send_counts,
-                recv: recv_counts.clone(),
-            },
-            total,
-        )?;
-        let mut at = 0;
-        recv_shapes
-            .iter()
-            .zip(&recv_counts)
-            .map(|(shape, &n)| {
-                let piece = received.narrow(0, at, n)?.reshape(shape.as_slice());
-                at += n;
-                piece
-            })
-            .collect()
-    }
-
-    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
-        if (self.rank == root) != tensor.is_some() {
-            let reason = format!("broadcast: rank {} disagrees about root {root}", self.rank);
-            self.abort(&reason);
-            return Err(group_error(&reason));
-        }
-        let mine = match tensor {
-            Some(t) => header(t.dtype(), t.dims())?,
-            None => [0; HEADER_LEN],
-        };
-        let h = Tensor::from_slice(&mine, HEADER_LEN, &self.device)?;
-        let h = self
-            .apply(&h, Call::Broadcast { root }, HEADER_LEN)?
-            .to_vec1::<i64>()?;
-        let (dtype, shape) = read_header(&h)?;
-        let n: usize = shape.iter().product();
-        if n == 0 {
-            return Tensor::zeros(shape, dtype, &self.device);
-        }
-        let input = match tensor {
-            Some(t) => t.clone(),
-            None => Tensor::zeros(1, dtype, &self.device)?,
-        };
-        self.apply(&input, Call::Broadcast { root }, n)?
-            .reshape(shape)
+    fn run(&self, input: &Tensor, call: FlatCall, out_len: usize) -> Result<Tensor> {
+        self.apply(input, call, out_len)
     }
 
     fn abort(&self, reason: &str) {
@@ -768,40 +527,6 @@ mod tests {
             }
             Err(e) if e.contains("cannot open") => eprintln!("SKIPPED: {e}"),
             Err(e) => panic!("{e}"),
-        }
-    }
-
-    #[test]
-    fn headers_round_trip_and_refuse_what_they_cannot_carry() {
-        let h = header(DType::BF16, &[3, 0, 7]).unwrap();
-        assert_eq!(read_header(&h).unwrap(), (DType::BF16, vec![3, 0, 7]));
-        assert!(header(DType::F8E4M3, &[1]).is_err());
-        assert!(header(DType::F32, &[1; 7]).is_err());
-        assert!(read_header(&[99, 1, 1, 0, 0, 0, 0, 0]).is_err());
-        assert!(read_header(&[0, 9, 1, 0, 0, 0, 0, 0]).is_err());
-    }
-
-    #[test]
-    fn merging_the_leading_axis_is_a_concatenation_along_dim() {
-        let d = Device::Cpu;
-        let parts: Vec<Tensor> = (0i64..3)
-            .map(|r| {
-                Tensor::arange(r * 8, r * 8 + 8, &d)
-                    .unwrap()
-                    .reshape((2, 4))
-                    .unwrap()
-            })
-            .collect();
-        let stacked = Tensor::stack(&parts, 0).unwrap();
-        for dim in 0..2 {
-            assert_eq!(
-                merge_leading_axis(&stacked, dim)
-                    .unwrap()
-                    .to_vec2::<i64>()
-                    .unwrap(),
-                Tensor::cat(&parts, dim).unwrap().to_vec2::<i64>().unwrap(),
-                "dim {dim}"
-            );
         }
     }
 }
