@@ -1,7 +1,8 @@
 // The fused MoE's grouped GEMM over 4-bit experts (compressed-tensors int4 such as Kimi K2
 // Thinking's, GPTQ/AWQ without activation order, NVFP4/MXFP4 as e2m1 codes): out[id] =
 // x[id / x_div] . W[e]^T for the entries of each 64-row block of the alignment, W[e] [n_out, k_in]
-// as kernels/w4a16.cu holds one weight (codes two per byte, an f32 (scale, zero) pair per group).
+// as kernels/w4a16.cu holds one weight (codes two per byte, an f32 (scale, zero) pair per group,
+// or FP4 scale bytes after each row's codes with an f32 global per row).
 // Each warp owns one output column for a tile of 8 sorted rows (within one expert's block), its
 // lanes split the inputs a byte at a time and reduce with shuffles; padding rows are skipped.
 // CPU reference and numerics: crates/ember-kernels/src/fused_moe.rs (grouped_w4a16).
@@ -22,7 +23,7 @@ __device__ void grouped_w4a16(T* __restrict__ out, const T* __restrict__ x,
                               const unsigned* __restrict__ expert_ids,
                               const unsigned* __restrict__ num_padded, int num_entries,
                               int num_experts, int k_in, int n_out, int x_div, int group_size,
-                              int f16_weights, int e2m1, int zeros) {
+                              int f16_weights, int e2m1, int zeros, int scales) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int j = blockIdx.y * GW4_WARPS + warp;
   const int r0 = blockIdx.x * GW4_ROWS;
@@ -40,8 +41,7 @@ __device__ void grouped_w4a16(T* __restrict__ out, const T* __restrict__ x,
   if (!any) return;
   const int groups = k_in / group_size;
   const size_t row = (size_t)e * n_out + j;
-  const unsigned char* row_codes = codes + row * (k_in / 2);
-  const long long row_group = (long long)row * groups;
+  const unsigned char* row_codes = codes + row * w4_row_bytes(k_in, groups, scales);
   float acc[GW4_ROWS];
 #pragma unroll
   for (int r = 0; r < GW4_ROWS; ++r) acc[r] = 0.f;
@@ -49,7 +49,8 @@ __device__ void grouped_w4a16(T* __restrict__ out, const T* __restrict__ x,
     const int c = 2 * b;
     // group_size is even, so both inputs of a byte share a group.
     float s, z;
-    w4_group(qparams, row_group + c / group_size, zeros, s, z);
+    w4_row_group(row_codes, qparams, (long long)row, k_in, groups, c / group_size, zeros, scales,
+                 s, z);
     float w0, w1;
     w4_pair(row_codes[b], s, z, e2m1, f16_weights, w0, w1);
 #pragma unroll
@@ -73,9 +74,10 @@ __device__ void grouped_w4a16(T* __restrict__ out, const T* __restrict__ x,
       T* out, const T* x, const unsigned char* codes, const float* qparams,                     \
       const unsigned* sorted_ids, const unsigned* expert_ids, const unsigned* num_padded,       \
       int num_entries, int num_experts, int k_in, int n_out, int x_div, int group_size,         \
-      int f16_weights, int e2m1, int zeros) {                                                   \
+      int f16_weights, int e2m1, int zeros, int scales) {                                       \
     grouped_w4a16<T>(out, x, codes, qparams, sorted_ids, expert_ids, num_padded, num_entries,  \
-                     num_experts, k_in, n_out, x_div, group_size, f16_weights, e2m1, zeros);    \
+                     num_experts, k_in, n_out, x_div, group_size, f16_weights, e2m1, zeros,     \
+                     scales);                                                                   \
   }
 
 GROUPED_W4A16_KERNEL(float, f32)

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 // One 4-bit code's weight before its scale: the integer less the zero point, or the e2m1 value
 // (sign bit 3, magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6).
@@ -38,5 +39,42 @@ __device__ __forceinline__ void w4_group(const float* __restrict__ qparams, long
   } else {
     scale = qparams[g];
     zero = 8.f;
+  }
+}
+
+// Where a weight's group scales are (W4Scales in w4a16.rs): f32s in qparams (0), or one byte
+// per group after each row's k / 2 code bytes, under the row's f32 global in qparams: an e4m3
+// times it (1) or divided by it (2), or an e8m0 power of two times it (3).
+#define W4_SCALES_F32 0
+#define W4_SCALES_E4M3_TIMES 1
+#define W4_SCALES_E4M3_OVER 2
+#define W4_SCALES_UE8M0 3
+
+// Bytes of one row of codes: its code bytes, and its scale bytes under byte scales.
+__device__ __forceinline__ long long w4_row_bytes(int k, int groups, int scales) {
+  return (long long)(k / 2) + (scales == W4_SCALES_F32 ? 0 : groups);
+}
+
+// Row `row`'s group g (within the row) scale and zero point; `row_codes` are the row's bytes.
+__device__ __forceinline__ void w4_row_group(const unsigned char* __restrict__ row_codes,
+                                             const float* __restrict__ qparams, long long row,
+                                             int k, int groups, int g, int zeros, int scales,
+                                             float& scale, float& zero) {
+  if (scales == W4_SCALES_F32) {
+    w4_group(qparams, row * groups + g, zeros, scale, zero);
+    return;
+  }
+  const unsigned char b = row_codes[k / 2 + g];
+  const float global = qparams[row];
+  zero = 8.f;
+  if (scales == W4_SCALES_UE8M0) {
+    // 2^(b - 127) from its bits; 0 is the subnormal 2^-127, 255 NaN.
+    const float p = b == 0 ? __int_as_float(1 << 22)
+                           : (b == 255 ? __int_as_float(0x7fc00000) : __int_as_float((int)b << 23));
+    scale = p * global;
+  } else {
+    const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)b, __NV_E4M3);
+    const float s = __half2float(__half(h));
+    scale = scales == W4_SCALES_E4M3_TIMES ? s * global : s / global;
   }
 }

@@ -219,6 +219,7 @@ impl CudaKernels {
         let f16_weights = i32::from(shape.f16_weights);
         let e2m1 = i32::from(shape.e2m1);
         let zeros = i32::from(shape.zeros);
+        let scales = shape.scales.code();
         let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
         let blocks_y = u32::try_from(shape.m.div_ceil(W4A16_ROWS as usize))
             .ok()
@@ -241,9 +242,11 @@ impl CudaKernels {
             .arg(&group_size)
             .arg(&f16_weights)
             .arg(&e2m1)
-            .arg(&zeros);
+            .arg(&zeros)
+            .arg(&scales);
         // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
-        // int, int, int, int) in kernels/w4a16.cu; the shape check bounds every index it reads.
+        // int, int, int, int, int) in kernels/w4a16.cu; the shape check bounds every index it
+        // reads (codes of `codes_len`, qparams of `qparams_len` for its scales).
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
@@ -335,6 +338,7 @@ impl CudaKernels {
         let f16_weights = i32::from(shape.f16_weights);
         let e2m1 = i32::from(shape.e2m1);
         let zeros = i32::from(shape.zeros);
+        let scales = shape.scales.code();
         let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -346,9 +350,10 @@ impl CudaKernels {
             .arg(&group_size)
             .arg(&f16_weights)
             .arg(&e2m1)
-            .arg(&zeros);
-        // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int, int, int)
-        // in kernels/w4a16.cu; the shape check bounds every index it touches.
+            .arg(&zeros)
+            .arg(&scales);
+        // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int x 7) in
+        // kernels/w4a16.cu; the shape check bounds every index it touches.
         unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
         Ok(())
     }
@@ -1278,6 +1283,7 @@ impl CudaKernels {
             i32::from(params.f16_weights),
             i32::from(params.e2m1),
             i32::from(params.zeros),
+            params.scales.code(),
         ];
         let args = grouped_ints(OP, s, &extra)?;
         let f = kernel(&self.moe_w4a16, OP, T::KERNEL_SUFFIX)?;
@@ -1289,7 +1295,7 @@ impl CudaKernels {
         }
         let cfg = grouped_tile_launch(OP, cap, s)?;
         // SAFETY: matches grouped_w4a16_<T>(T*, const T*, const u8*, const float*, const unsigned*
-        // x 3, int x 9) in kernels/moe_w4a16.cu; the kernel reads x rows of ids < num_entries,
+        // x 3, int x 10) in kernels/moe_w4a16.cu; the kernel reads x rows of ids < num_entries,
         // codes and qparams of experts < num_experts within the lengths checked above, and
         // writes rows of ids < num_entries.
         unsafe { launch.launch(cfg) }?;

@@ -251,6 +251,8 @@ pub struct W4Params {
     pub e2m1: bool,
     /// A zero point after each scale (else the scales alone: zero point 8, or none for e2m1).
     pub zeros: bool,
+    /// Where the group scales are (see [`crate::w4a16::W4Scales`]).
+    pub scales: crate::w4a16::W4Scales,
 }
 
 impl W4Params {
@@ -264,6 +266,7 @@ impl W4Params {
             f16_weights: self.f16_weights,
             e2m1: self.e2m1,
             zeros: self.zeros,
+            scales: self.scales,
         }
     }
 }
@@ -287,10 +290,22 @@ pub fn grouped_w4a16_shape(
         OP,
         || format!("group size {g} must be even and divide k_in {}", s.k_in),
     )?;
-    grouped_gemm_shape(s, out_len, x_len, codes_len * 2, align)?;
-    let want = s.num_experts * params.shape(s.n_out, s.k_in).qparams_len();
-    check_shape(qparams_len == want, OP, || {
-        format!("qparams have {qparams_len} elements, expected {want}")
+    let shape = params.shape(s.n_out, s.k_in);
+    // The experts' weights as the dense shape's: codes `k_in / 2` bytes a row (plus its scale
+    // bytes), every expert's rows end to end.
+    grouped_gemm_shape(
+        s,
+        out_len,
+        x_len,
+        codes_len / shape.row_bytes() * s.k_in,
+        align,
+    )?;
+    let want = (
+        s.num_experts * shape.codes_len(),
+        s.num_experts * shape.qparams_len(),
+    );
+    check_shape((codes_len, qparams_len) == want, OP, || {
+        format!("codes and qparams have {codes_len} and {qparams_len} elements, expected {want:?}")
     })
 }
 
@@ -316,7 +331,7 @@ pub fn grouped_w4a16<T: Element>(
         align,
     )?;
     let shape = params.shape(s.n_out, s.k_in);
-    let (codes_per, params_per) = (s.n_out * s.k_in / 2, shape.qparams_len());
+    let (codes_per, params_per) = (shape.codes_len(), shape.qparams_len());
     grouped_rows(out, x, align, s, |e, n, c| {
         let (codes, qparams) = (
             &codes[e * codes_per..][..codes_per],
@@ -453,9 +468,6 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             seed >> 8
         };
-        let codes: Vec<u8> = (0..experts * n_out * k_in / 2)
-            .map(|_| next() as u8)
-            .collect();
         let x: Vec<f32> = (0..tokens * k_in)
             .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
             .collect();
@@ -471,19 +483,33 @@ mod tests {
             x_div: top_k,
             num_entries: tokens * top_k,
         };
-        for (f16_weights, e2m1, zeros) in [
-            (false, false, true),
-            (true, false, true),
-            (false, true, false),
-            (false, false, false),
+        use crate::w4a16::W4Scales;
+        for (f16_weights, e2m1, zeros, scales) in [
+            (false, false, true, W4Scales::F32),
+            (true, false, true, W4Scales::F32),
+            (false, true, false, W4Scales::F32),
+            (false, false, false, W4Scales::F32),
+            (false, true, false, W4Scales::E4m3Times),
+            (false, true, false, W4Scales::E4m3Over),
+            (false, true, false, W4Scales::Ue8m0),
         ] {
             let params = W4Params {
                 group_size: 4,
                 f16_weights,
                 e2m1,
                 zeros,
+                scales,
             };
             let shape = params.shape(n_out, k_in);
+            // Every row's codes, then (byte scales) its scale bytes: finite e4m3 (0x08-0x6f) or
+            // e8m0 powers of two from 2^-27 to 2^12.
+            let codes: Vec<u8> = (0..experts * shape.codes_len())
+                .map(|i| match (scales, i % shape.row_bytes() >= k_in / 2) {
+                    (W4Scales::F32, _) | (_, false) => next() as u8,
+                    (W4Scales::Ue8m0, true) => 100 + (next() % 40) as u8,
+                    (_, true) => 8 + (next() % 0x68) as u8,
+                })
+                .collect();
             let qparams: Vec<f32> = (0..experts * shape.qparams_len())
                 .map(|i| {
                     if zeros && i % 2 == 1 {
@@ -493,7 +519,7 @@ mod tests {
                     }
                 })
                 .collect();
-            let per = (n_out * k_in / 2, shape.qparams_len());
+            let per = (shape.codes_len(), shape.qparams_len());
             let dense: Vec<f32> = (0..experts * n_out * k_in)
                 .map(|i| {
                     let (e, n, c) = (i / (n_out * k_in), i / k_in % n_out, i % k_in);

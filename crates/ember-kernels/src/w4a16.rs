@@ -13,6 +13,11 @@
 //! e2m1(code) * scale[j, g]`, the zero point unused; e2m1 has a sign bit (bit 3) and the
 //! magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
 //!
+//! FP4 scales may stay in the byte their checkpoints store them in ([`W4Scales`]): then each
+//! row of `codes` is its `k / 2` code bytes followed by its `k / group_size` scale bytes (an
+//! e4m3 or an e8m0 each), and `qparams` `[n]` holds each row's f32 global scale. NVFP4 then
+//! takes 0.5625 bytes a weight instead of 0.75.
+//!
 //! Numerics, shared by the CPU reference and `kernels/w4a16.cu`: each weight is dequantized in
 //! f32 (exact: a small integer times the scale) and the products are summed in f32. The GPU sums
 //! in another order (lanes, then a shuffle tree), so the two agree to f32 rounding of the sum
@@ -39,9 +44,78 @@ pub struct W4a16Shape {
     /// `qparams` holds a zero point after each scale; without, the zero point is 8 (unused for
     /// e2m1) and `qparams` holds the scales alone, half the bytes.
     pub zeros: bool,
+    /// Where the group scales are: f32s in `qparams`, or bytes after each row's codes.
+    pub scales: W4Scales,
+}
+
+/// How a 4-bit weight's group scales are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum W4Scales {
+    /// f32s in `qparams` (with or without zero points, see [`W4a16Shape::zeros`]).
+    #[default]
+    F32,
+    /// An e4m3 byte per group after each row's codes, times the row's f32 in `qparams` (NVFP4
+    /// as ModelOpt dequantizes it).
+    E4m3Times,
+    /// An e4m3 byte per group, divided by the row's f32 (NVFP4 as compressed-tensors does).
+    E4m3Over,
+    /// An e8m0 byte per group (a power of two, MXFP4), times the row's f32 (1 for MXFP4).
+    Ue8m0,
+}
+
+impl W4Scales {
+    /// The kernels' code for it.
+    pub fn code(self) -> i32 {
+        match self {
+            W4Scales::F32 => 0,
+            W4Scales::E4m3Times => 1,
+            W4Scales::E4m3Over => 2,
+            W4Scales::Ue8m0 => 3,
+        }
+    }
+
+    /// Whether the scales are bytes after each row's codes.
+    pub fn in_bytes(self) -> bool {
+        self != W4Scales::F32
+    }
+
+    /// A scale byte's value under the row's global `global`.
+    pub fn value(self, byte: u8, global: f32) -> f32 {
+        match self {
+            W4Scales::F32 => f32::from(byte),
+            W4Scales::E4m3Times => crate::w8a16::e4m3_to_f32(byte) * global,
+            W4Scales::E4m3Over => crate::w8a16::e4m3_to_f32(byte) / global,
+            W4Scales::Ue8m0 => e8m0(byte) * global,
+        }
+    }
+}
+
+/// The power of two an e8m0 byte stands for (`2^(byte - 127)`; 255 is NaN).
+pub fn e8m0(byte: u8) -> f32 {
+    match byte {
+        255 => f32::NAN,
+        // 2^-127 is an f32 subnormal: built from its bits, not the exponent field.
+        0 => f32::from_bits(1 << 22),
+        b => f32::from_bits(u32::from(b) << 23),
+    }
 }
 
 impl W4a16Shape {
+    /// Bytes of one row of `codes`: its codes, and its scales when they are bytes.
+    pub fn row_bytes(&self) -> usize {
+        let scales = if self.scales.in_bytes() {
+            self.k / self.group_size.max(1)
+        } else {
+            0
+        };
+        self.k / 2 + scales
+    }
+
+    /// Elements of `codes`.
+    pub fn codes_len(&self) -> usize {
+        self.n * self.row_bytes()
+    }
+
     /// f32s of `qparams` per group: a scale and a zero point, or the scale alone.
     pub fn params_per_group(&self) -> usize {
         if self.zeros {
@@ -51,19 +125,41 @@ impl W4a16Shape {
         }
     }
 
-    /// Elements of `qparams`.
+    /// Elements of `qparams`: per group, or with byte scales one global per row.
     pub fn qparams_len(&self) -> usize {
+        if self.scales.in_bytes() {
+            return self.n;
+        }
         self.n * (self.k / self.group_size.max(1)) * self.params_per_group()
     }
 
-    /// Group `g`'s (scale, zero point) (`g` counted over all rows).
-    pub fn group_params(&self, qparams: &[f32], g: usize) -> (f32, f32) {
+    /// Row `j`'s group `g` (scale, zero point), `row` being its bytes of `codes`.
+    pub fn group_params(&self, row: &[u8], qparams: &[f32], j: usize, g: usize) -> (f32, f32) {
+        if self.scales.in_bytes() {
+            return (self.scales.value(row[self.k / 2 + g], qparams[j]), 8.0);
+        }
+        let g = j * (self.k / self.group_size) + g;
         if self.zeros {
             (qparams[2 * g], qparams[2 * g + 1])
         } else {
             (qparams[g], 8.0)
         }
     }
+}
+
+/// Packed codes `[n, k / 2]` and scale bytes `[n, groups]` as the rows of `codes` under byte
+/// scales (each row's codes, then its scales).
+pub fn with_scale_bytes(packed: &[u8], scales: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let groups = scales.len().checked_div(n).unwrap_or(0);
+    assert!(packed.len() == n * k / 2 && scales.len() == n * groups);
+    (0..n)
+        .flat_map(|j| {
+            packed[j * k / 2..(j + 1) * k / 2]
+                .iter()
+                .chain(&scales[j * groups..(j + 1) * groups])
+                .copied()
+        })
+        .collect()
 }
 
 /// The magnitudes of e2m1 codes 0-7; bit 3 is the sign.
@@ -105,7 +201,7 @@ pub fn w4a16_shape(
     )?;
     for (what, len, want) in [
         ("x", x_len, m * k),
-        ("codes", codes_len, n * k / 2),
+        ("codes", codes_len, shape.codes_len()),
         ("qparams", qparams_len, shape.qparams_len()),
         ("y", y_len, m * n),
     ] {
@@ -127,14 +223,14 @@ pub fn pack_codes(codes: &[u8], k: usize) -> Vec<u8> {
 
 /// The weight `W[j, c]` of `codes` and `qparams`.
 pub fn weight(codes: &[u8], qparams: &[f32], shape: &W4a16Shape, j: usize, c: usize) -> f32 {
-    let groups = shape.k / shape.group_size;
-    let byte = codes[j * shape.k / 2 + c / 2];
+    let row = &codes[j * shape.row_bytes()..][..shape.row_bytes()];
+    let byte = row[c / 2];
     let code = if c.is_multiple_of(2) {
         byte & 15
     } else {
         byte >> 4
     };
-    let (scale, zero) = shape.group_params(qparams, j * groups + c / shape.group_size);
+    let (scale, zero) = shape.group_params(row, qparams, j, c / shape.group_size);
     let w = code_value(code, zero, shape.e2m1) * scale;
     if shape.f16_weights {
         half::f16::from_f32(w).to_f32()
@@ -195,6 +291,7 @@ mod tests {
             f16_weights: false,
             e2m1: false,
             zeros: true,
+            scales: W4Scales::F32,
         };
         let codes = pack_codes(&[3, 12, 0, 15], 4);
         assert_eq!(codes, [3 | 12 << 4, 15 << 4]);
@@ -212,6 +309,7 @@ mod tests {
             f16_weights: true,
             e2m1: false,
             zeros: true,
+            scales: W4Scales::F32,
         };
         let mut y = [0.0f32];
         w4a16_gemm(&[1.0f32, 0.0], &[7], &[0.1, 0.0], &shape, &mut y).unwrap();
@@ -227,6 +325,57 @@ mod tests {
         assert_eq!(y, [3.0 - 6.0]);
     }
 
+    /// Byte scales: each row's scale bytes after its codes, under its global. e4m3 0x3c is 1.5
+    /// and 0x48 is 4; e8m0 129 is 4 and 126 is 0.5.
+    #[test]
+    fn byte_scales_follow_each_rows_codes_under_its_global() {
+        // Two rows of four e2m1 inputs in groups of 2: codes 2 (1.0) and 11 (-1.5) throughout.
+        let packed = pack_codes(&[2, 11, 2, 11, 2, 11, 2, 11], 4);
+        let shape = |scales| W4a16Shape {
+            m: 1,
+            n: 2,
+            k: 4,
+            group_size: 2,
+            f16_weights: false,
+            e2m1: true,
+            zeros: false,
+            scales,
+        };
+        let x = [1.0f32, 1.0, 2.0, 2.0];
+        // Per row: (1 - 1.5) · s0 + 2 (1 - 1.5) · s1.
+        let row = |s0: f32, s1: f32| -0.5 * s0 - s1;
+        for (scales, bytes, globals, want) in [
+            (
+                W4Scales::E4m3Times,
+                [0x3c, 0x48, 0x48, 0x3c],
+                [2.0, 0.5],
+                [row(3.0, 8.0), row(2.0, 0.75)],
+            ),
+            (
+                W4Scales::E4m3Over,
+                [0x3c, 0x48, 0x48, 0x3c],
+                [2.0, 0.5],
+                [row(0.75, 2.0), row(8.0, 3.0)],
+            ),
+            (
+                W4Scales::Ue8m0,
+                [129, 126, 127, 127],
+                [1.0, 1.0],
+                [row(4.0, 0.5), row(1.0, 1.0)],
+            ),
+        ] {
+            let codes = with_scale_bytes(&packed, &bytes, 2, 4);
+            assert_eq!(codes.len(), shape(scales).codes_len());
+            assert_eq!(&codes[2..4], &bytes[..2], "row 0's scales follow its codes");
+            let mut y = [0.0f32; 2];
+            w4a16_gemm(&x, &codes, &globals, &shape(scales), &mut y).unwrap();
+            assert_eq!(y, want, "{scales:?}");
+        }
+        assert_eq!(e8m0(127), 1.0);
+        assert_eq!(e8m0(0), 2f32.powi(-127));
+        assert!(e8m0(255).is_nan());
+    }
+
     #[test]
     fn shapes_that_do_not_fit_are_named() {
         let shape = W4a16Shape {
@@ -237,6 +386,7 @@ mod tests {
             f16_weights: false,
             e2m1: false,
             zeros: true,
+            scales: W4Scales::F32,
         };
         let e = w4a16_shape(&shape, 8, 8, 8, 2).unwrap_err().to_string();
         assert!(e.contains("group_size 3"), "{e}");

@@ -467,16 +467,21 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     // real expert and dense shapes (DeepSeek-V3's 7168 hidden, Qwen3's 4096 at group 128).
     // The last two are FP4: NVFP4's groups of 16, MXFP4's of 32, their scales alone (`zeros`
     // off), as a symmetric int4 checkpoint's (zero point 8) before them.
-    for &(m, n, kk, group_size, f16_weights, e2m1, with_zeros) in &[
-        (1, 64, 128, 32, false, false, true),
-        (3, 33, 256, 128, true, false, true),
-        (9, 7, 64, 2, false, false, true),
-        (8, 100, 2048, 128, true, false, true),
-        (17, 512, 7168, 32, false, false, true),
-        (1, 4096, 4096, 128, true, false, true),
-        (4, 2048, 7168, 32, false, false, false),
-        (5, 300, 7168, 16, false, true, false),
-        (2, 96, 2048, 32, false, true, false),
+    use ember_kernels::w4a16::W4Scales;
+    for &(m, n, kk, group_size, f16_weights, e2m1, with_zeros, scale_kind) in &[
+        (1, 64, 128, 32, false, false, true, W4Scales::F32),
+        (3, 33, 256, 128, true, false, true, W4Scales::F32),
+        (9, 7, 64, 2, false, false, true, W4Scales::F32),
+        (8, 100, 2048, 128, true, false, true, W4Scales::F32),
+        (17, 512, 7168, 32, false, false, true, W4Scales::F32),
+        (1, 4096, 4096, 128, true, false, true, W4Scales::F32),
+        (4, 2048, 7168, 32, false, false, false, W4Scales::F32),
+        (5, 300, 7168, 16, false, true, false, W4Scales::F32),
+        (2, 96, 2048, 32, false, true, false, W4Scales::F32),
+        // FP4 scales in their bytes: NVFP4 (e4m3, either global convention), MXFP4 (e8m0).
+        (5, 300, 7168, 16, false, true, false, W4Scales::E4m3Times),
+        (3, 129, 2048, 16, false, true, false, W4Scales::E4m3Over),
+        (9, 96, 2048, 32, false, true, false, W4Scales::Ue8m0),
     ] {
         let shape = W4a16Shape {
             m,
@@ -486,16 +491,32 @@ fn check_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             f16_weights,
             e2m1,
             zeros: with_zeros,
+            scales: scale_kind,
         };
         let what = format!("w4a16_gemm_{} {shape:?}", T::KERNEL_SUFFIX);
         let groups = kk / group_size;
         let codes: Vec<u8> = (0..n * kk).map(|_| rng.random_range(0..16u8)).collect();
-        let packed = w4a16::pack_codes(&codes, kk);
+        let mut packed = w4a16::pack_codes(&codes, kk);
         let zeros: Vec<u8> = (0..n * groups).map(|_| rng.random_range(0..16u8)).collect();
         let scales: Vec<f32> = (0..n * groups)
             .map(|_| rng.random_range(0.001..0.1f32))
             .collect();
-        let qparams: Vec<f32> = if with_zeros {
+        let qparams: Vec<f32> = if scale_kind.in_bytes() {
+            // Finite scale bytes after each row's codes, and a global per row.
+            let bytes: Vec<u8> = (0..n * groups)
+                .map(|_| match scale_kind {
+                    W4Scales::Ue8m0 => rng.random_range(110..135u8),
+                    _ => rng.random_range(0x08..0x70u8),
+                })
+                .collect();
+            packed = w4a16::with_scale_bytes(&packed, &bytes, n, kk);
+            (0..n)
+                .map(|_| match scale_kind {
+                    W4Scales::Ue8m0 => 1.0,
+                    _ => rng.random_range(0.001..0.1f32),
+                })
+                .collect()
+        } else if with_zeros {
             scales
                 .iter()
                 .zip(&zeros)
@@ -1568,28 +1589,43 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     } else {
         0.0
     };
+    use ember_kernels::w4a16::W4Scales;
     let int4 = W4Params {
         group_size: 32,
         f16_weights: false,
         e2m1: false,
         zeros: false,
+        scales: W4Scales::F32,
     };
     let gptq = W4Params {
         group_size: 128,
         f16_weights: true,
         e2m1: false,
         zeros: true,
+        scales: W4Scales::F32,
     };
     let fp4 = W4Params {
         group_size: 16,
         f16_weights: false,
         e2m1: true,
         zeros: false,
+        scales: W4Scales::F32,
+    };
+    let nvfp4 = W4Params {
+        scales: W4Scales::E4m3Times,
+        ..fp4
+    };
+    let mxfp4 = W4Params {
+        group_size: 32,
+        scales: W4Scales::Ue8m0,
+        ..fp4
     };
     for (tokens, experts, top_k, n_out, k_in, params, x_div) in [
         (1, 64, 8, 192, 256, int4, 8),
         (37, 64, 6, 96, 256, gptq, 1),
         (300, 16, 2, 160, 128, fp4, 2),
+        (5, 32, 8, 96, 256, nvfp4, 8),
+        (40, 16, 4, 64, 256, mxfp4, 1),
     ] {
         let what = format!(
             "grouped_w4a16_{} t{tokens} e{experts} {params:?} x_div {x_div}",
@@ -1600,20 +1636,43 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             .map(|_| rng.random_range(0..experts as u32))
             .collect();
         let x: Vec<T> = random(rng, n / x_div * k_in, -1.0, 1.0);
-        let codes: Vec<u8> = (0..experts * n_out * k_in / 2)
-            .map(|_| rng.random())
-            .collect();
         let groups = k_in / params.group_size;
-        let qparams: Vec<f32> = (0..experts * n_out * groups)
-            .flat_map(|_| {
-                let scale = rng.random_range(0.002f32..0.02);
-                if params.zeros {
-                    vec![scale, rng.random_range(0..16) as f32]
-                } else {
-                    vec![scale]
-                }
-            })
+        let shape = W4a16Shape {
+            m: 0,
+            n: n_out,
+            k: k_in,
+            group_size: params.group_size,
+            f16_weights: params.f16_weights,
+            e2m1: params.e2m1,
+            zeros: params.zeros,
+            scales: params.scales,
+        };
+        // Each row's codes, then (byte scales) its finite scale bytes.
+        let codes: Vec<u8> = (0..experts * shape.codes_len())
+            .map(
+                |i| match (params.scales, i % shape.row_bytes() >= k_in / 2) {
+                    (W4Scales::F32, _) | (_, false) => rng.random(),
+                    (W4Scales::Ue8m0, true) => rng.random_range(115..130u8),
+                    (_, true) => rng.random_range(0x08..0x70u8),
+                },
+            )
             .collect();
+        let qparams: Vec<f32> = if params.scales.in_bytes() {
+            (0..experts * n_out)
+                .map(|_| rng.random_range(0.002f32..0.02))
+                .collect()
+        } else {
+            (0..experts * n_out * groups)
+                .flat_map(|_| {
+                    let scale = rng.random_range(0.002f32..0.02);
+                    if params.zeros {
+                        vec![scale, rng.random_range(0..16) as f32]
+                    } else {
+                        vec![scale]
+                    }
+                })
+                .collect()
+        };
         let s = GroupedGemmShape {
             num_experts: experts,
             k_in,
@@ -1644,16 +1703,7 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         )
         .unwrap();
         let gpu = st.clone_dtoh(&dout).unwrap();
-        let shape = W4a16Shape {
-            m: 0,
-            n: n_out,
-            k: k_in,
-            group_size: params.group_size,
-            f16_weights: params.f16_weights,
-            e2m1: params.e2m1,
-            zeros: params.zeros,
-        };
-        let (codes_per, params_per) = (n_out * k_in / 2, shape.qparams_len());
+        let (codes_per, params_per) = (shape.codes_len(), shape.qparams_len());
         for id in 0..n {
             let e = ids[id] as usize;
             let (ec, eq) = (

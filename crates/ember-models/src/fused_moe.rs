@@ -758,6 +758,7 @@ impl PackedKind {
                         f16_weights: p.f16_weights,
                         e2m1: p.e2m1,
                         zeros: p.zeros,
+                        scales: p.scales,
                     })
                 };
                 (
@@ -821,6 +822,7 @@ fn packed_layout(
                 f16_weights: s.f16_weights,
                 e2m1: s.e2m1,
                 zeros: s.zeros,
+                scales: s.scales,
             };
             let fits = (u.n, u.k) == (inter, hidden)
                 && params(&u) == params(&g)

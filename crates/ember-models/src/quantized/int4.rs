@@ -330,6 +330,7 @@ pub(crate) fn load(
         f16_weights: parts.f16_weights,
         e2m1: parts.e2m1,
         zeros,
+        scales: w4a16::W4Scales::F32,
     };
     let layer = PackedLinear::new(codes, qparams, shape, bias, order, weights.dtype());
     Ok(Some(layer))
