@@ -23,17 +23,8 @@ pub fn unpack_e2m1(packed: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// The power of two an e8m0 code stands for (`2^(code - 127)`; 255 is NaN).
-pub fn e8m0(code: u8) -> f32 {
-    if code == 255 {
-        return f32::NAN;
-    }
-    // 2^-127 is an f32 subnormal: build it from bits rather than through the exponent field.
-    match code {
-        0 => f32::from_bits(1 << 22),
-        c => f32::from_bits((c as u32) << 23),
-    }
-}
+/// The power of two an e8m0 code stands for (`2^(code - 127)`; 255 is NaN): the kernels'.
+pub use ember_kernels::w4a16::e8m0;
 
 /// `values[r, c] * block_scale[r, c / group]` for `[rows, cols]` values.
 pub fn scale_groups(values: &[f32], block_scale: &[f32], cols: usize, group: usize) -> Vec<f32> {

@@ -5,8 +5,8 @@
 //! Every 4-bit layout this loader reads repacks into the kernel's one layout (codes, groups of
 //! consecutive inputs): compressed-tensors `pack-quantized` 4-bit, GPTQ 4-bit and AWQ as unsigned
 //! integers with zero points; NVFP4 (compressed-tensors and ModelOpt) and MXFP4 as e2m1 codes
-//! with one f32 scale per group (the e4m3 scale with its global scale applied, or the e8m0 power
-//! of two), exactly as their dequantizer computes it.
+//! with their scales as stored, one byte per group (e4m3 with the global scale per row, or the
+//! e8m0 power of two), computed exactly as their dequantizer does.
 //! A weight whose groups are not runs of consecutive inputs (GPTQ's activation order, a permuted
 //! `g_idx`) has its inputs reordered so that they are, and the layer gathers its input's columns
 //! in that order before the kernel (as exllama does). On the CPU the op runs the kernel's
@@ -14,10 +14,10 @@
 
 use candle_core::{DType, Tensor};
 use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};
-use ember_kernels::w4a16::{self, W4a16Shape};
+use ember_kernels::w4a16::{self, W4Scales, W4a16Shape};
 
 use super::packed::{computes_in, PackedLinear};
-use super::{f32s, fp4, i32s, packed_int, read_group_map, u8s};
+use super::{e4m3_bytes, f32s, i32s, packed_int, read_group_map, u8s};
 use crate::linear::Split;
 use crate::weights::{tensor_bytes, Weights};
 
@@ -38,6 +38,23 @@ struct Int4Parts {
     f16_weights: bool,
     /// The codes are e2m1 (FP4) values; `zeros` are unused.
     e2m1: bool,
+    /// FP4's scales as their checkpoint stores them, one byte per group, when held so.
+    scale_bytes: Option<ScaleBytes>,
+}
+
+/// FP4 group scales in their stored byte: `[n, groups]` e4m3 or e8m0 codes and the weight's
+/// global scale, combined as `kind` says.
+struct ScaleBytes {
+    bytes: Vec<u8>,
+    global: f32,
+    kind: W4Scales,
+}
+
+/// Rows `0..n` of a `[n, groups]` matrix, each cut to its groups `g0..g0 + gl`.
+fn group_columns<T: Copy>(v: &[T], n: usize, groups: usize, g0: usize, gl: usize) -> Vec<T> {
+    (0..n)
+        .flat_map(|r| v[r * groups + g0..r * groups + g0 + gl].iter().copied())
+        .collect()
 }
 
 impl Int4Parts {
@@ -69,6 +86,10 @@ impl Int4Parts {
                 codes: self.codes[start * k..(start + len) * k].to_vec(),
                 scales: self.scales[start * groups..(start + len) * groups].to_vec(),
                 zeros: self.zeros[start * groups..(start + len) * groups].to_vec(),
+                scale_bytes: self.scale_bytes.map(|b| ScaleBytes {
+                    bytes: b.bytes[start * groups..(start + len) * groups].to_vec(),
+                    ..b
+                }),
                 n: len,
                 ..self
             }),
@@ -79,17 +100,16 @@ impl Int4Parts {
                     && len.is_multiple_of(self.group_size) =>
             {
                 let (g0, gl) = (start / self.group_size, len / self.group_size);
-                let rows = |v: &[f32]| -> Vec<f32> {
-                    (0..n)
-                        .flat_map(|r| v[r * groups + g0..r * groups + g0 + gl].to_vec())
-                        .collect()
-                };
                 Some(Self {
                     codes: (0..n)
                         .flat_map(|r| self.codes[r * k + start..r * k + start + len].to_vec())
                         .collect(),
-                    scales: rows(&self.scales),
-                    zeros: rows(&self.zeros),
+                    scales: group_columns(&self.scales, n, groups, g0, gl),
+                    zeros: group_columns(&self.zeros, n, groups, g0, gl),
+                    scale_bytes: self.scale_bytes.map(|b| ScaleBytes {
+                        bytes: group_columns(&b.bytes, n, groups, g0, gl),
+                        ..b
+                    }),
                     k: len,
                     ..self
                 })
@@ -166,6 +186,7 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
                 order,
                 f16_weights: false,
                 e2m1: false,
+                scale_bytes: None,
             }
         }
         Some(WeightQuantization::Gptq {
@@ -196,6 +217,7 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
                 order,
                 f16_weights: weights.stored_dtype("scales") == Some(DType::F16),
                 e2m1: false,
+                scale_bytes: None,
             }
         }
         Some(WeightQuantization::Awq { group_size })
@@ -219,6 +241,7 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
                 order: None,
                 f16_weights: weights.stored_dtype("scales") == Some(DType::F16),
                 e2m1: false,
+                scale_bytes: None,
             }
         }
         Some(WeightQuantization::Nvfp4(layout)) => {
@@ -229,23 +252,37 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
             if weights.stored_dtype(packed) != Some(DType::U8) || !k.is_multiple_of(16) {
                 return Ok(None);
             }
-            let scale = f32s(weights, "weight_scale", &[n, k / 16], DType::F8E4M3)?;
             let global = f32s(weights, global, &[1], DType::F32)?[0];
             // As the dequantizer: compressed-tensors divides by its global scale, ModelOpt multiplies.
-            let scales = match layout {
-                Nvfp4Layout::CompressedTensors => scale.iter().map(|s| s / global).collect(),
-                Nvfp4Layout::ModelOpt => scale.iter().map(|s| s * global).collect(),
+            let kind = match layout {
+                Nvfp4Layout::CompressedTensors => W4Scales::E4m3Over,
+                Nvfp4Layout::ModelOpt => W4Scales::E4m3Times,
             };
-            fp4_parts(u8s(weights, packed, &[n, k / 2])?, scales, n, k, 16)
+            let bytes = match weights.stored_dtype("weight_scale") {
+                Some(DType::F8E4M3 | DType::U8) => {
+                    e4m3_bytes(weights, "weight_scale", &[n, k / 16])?
+                }
+                // Scales stored in another dtype are held as f32 (exact for e4m3 values).
+                _ => return fp4_f32_scales(weights, packed, global, kind, n, k),
+            };
+            let scale_bytes = ScaleBytes {
+                bytes,
+                global,
+                kind,
+            };
+            fp4_parts(u8s(weights, packed, &[n, k / 2])?, scale_bytes, n, k, 16)
         }
         Some(WeightQuantization::Mxfp4)
             if weights.contains("weight_packed") && k.is_multiple_of(32) =>
         {
-            let exps = u8s(weights, "weight_scale", &[n, k / 32])?;
-            let scales = exps.into_iter().map(fp4::e8m0).collect();
+            let scale_bytes = ScaleBytes {
+                bytes: u8s(weights, "weight_scale", &[n, k / 32])?,
+                global: 1.0,
+                kind: W4Scales::Ue8m0,
+            };
             fp4_parts(
                 u8s(weights, "weight_packed", &[n, k / 2])?,
-                scales,
+                scale_bytes,
                 n,
                 k,
                 32,
@@ -256,8 +293,19 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
     Ok(Some(parts.in_order()))
 }
 
-/// FP4 parts from e2m1 bytes `[n, k / 2]` (low nibble first) and one f32 scale per group.
-fn fp4_parts(bytes: Vec<u8>, scales: Vec<f32>, n: usize, k: usize, group_size: usize) -> Int4Parts {
+/// FP4 parts from e2m1 bytes `[n, k / 2]` (low nibble first) and one scale byte per group.
+fn fp4_parts(
+    bytes: Vec<u8>,
+    scale_bytes: ScaleBytes,
+    n: usize,
+    k: usize,
+    group_size: usize,
+) -> Int4Parts {
+    let scales: Vec<f32> = scale_bytes
+        .bytes
+        .iter()
+        .map(|&b| scale_bytes.kind.value(b, scale_bytes.global))
+        .collect();
     Int4Parts {
         codes: bytes.iter().flat_map(|b| [b & 15, b >> 4]).collect(),
         zeros: vec![0.0; scales.len()],
@@ -268,7 +316,42 @@ fn fp4_parts(bytes: Vec<u8>, scales: Vec<f32>, n: usize, k: usize, group_size: u
         order: None,
         f16_weights: false,
         e2m1: true,
+        scale_bytes: Some(scale_bytes),
     }
+}
+
+/// NVFP4 parts whose scales are not stored as e4m3 bytes: one f32 scale per group, combined
+/// with the global scale as the dequantizer does.
+fn fp4_f32_scales(
+    weights: &Weights,
+    packed: &str,
+    global: f32,
+    kind: W4Scales,
+    n: usize,
+    k: usize,
+) -> Result<Option<Int4Parts>> {
+    let scales = f32s(weights, "weight_scale", &[n, k / 16], DType::F8E4M3)?
+        .into_iter()
+        .map(|s| match kind {
+            W4Scales::E4m3Over => s / global,
+            _ => s * global,
+        })
+        .collect::<Vec<f32>>();
+    Ok(Some(Int4Parts {
+        codes: u8s(weights, packed, &[n, k / 2])?
+            .iter()
+            .flat_map(|b| [b & 15, b >> 4])
+            .collect(),
+        zeros: vec![0.0; scales.len()],
+        scales,
+        n,
+        k,
+        group_size: 16,
+        order: None,
+        f16_weights: false,
+        e2m1: true,
+        scale_bytes: None,
+    }))
 }
 
 /// `[rows, cols]` row-major to `[cols, rows]`.
@@ -300,10 +383,15 @@ pub(crate) fn load(
             weights.prefix()
         ))
     };
-    let packed = w4a16::pack_codes(&parts.codes, parts.k);
+    let mut packed = w4a16::pack_codes(&parts.codes, parts.k);
     // FP4 has no zero points, and a symmetric checkpoint's are all 8: the scales alone then.
     let zeros = !(parts.e2m1 || parts.zeros.iter().all(|&z| z == 8.0));
-    let qparams: Vec<f32> = if zeros {
+    let scales = parts.scale_bytes.as_ref().map_or(W4Scales::F32, |b| b.kind);
+    let qparams: Vec<f32> = if let Some(b) = &parts.scale_bytes {
+        // FP4 scale bytes after each row's codes, and the global scale per row.
+        packed = w4a16::with_scale_bytes(&packed, &b.bytes, parts.n, parts.k);
+        vec![b.global; parts.n]
+    } else if zeros {
         parts
             .scales
             .iter()
@@ -314,7 +402,8 @@ pub(crate) fn load(
         parts.scales.clone()
     };
     let device = weights.device();
-    let codes = Tensor::from_vec(packed, parts.n * parts.k / 2, device).map_err(err)?;
+    let codes_len = packed.len();
+    let codes = Tensor::from_vec(packed, codes_len, device).map_err(err)?;
     let qparams_len = qparams.len();
     let qparams = Tensor::from_vec(qparams, qparams_len, device).map_err(err)?;
     let order = match &parts.order {
@@ -330,7 +419,7 @@ pub(crate) fn load(
         f16_weights: parts.f16_weights,
         e2m1: parts.e2m1,
         zeros,
-        scales: w4a16::W4Scales::F32,
+        scales,
     };
     let layer = PackedLinear::new(codes, qparams, shape, bias, order, weights.dtype());
     Ok(Some(layer))

@@ -295,6 +295,23 @@ pub(super) fn u8s(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<u
         .map_err(|e| dequant_err(weights, e))
 }
 
+/// The bytes of a float8 e4m3 tensor (or of one stored as raw bytes), as stored.
+pub(super) fn e4m3_bytes(weights: &Weights, name: &str, dims: &[usize]) -> Result<Vec<u8>> {
+    let t = stored(weights, name, dims)?;
+    match t.dtype() {
+        DType::U8 => u8s(weights, name, dims),
+        DType::F8E4M3 => t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<float8::F8E4M3>())
+            .map(|v| v.into_iter().map(|x| x.to_bits()).collect())
+            .map_err(|e| dequant_err(weights, e)),
+        other => Err(EmberError::Weights(format!(
+            "tensor `{}.{name}` is {other:?}, expected float8 e4m3",
+            weights.prefix()
+        ))),
+    }
+}
+
 /// A float tensor as f32; `expected` is only checked when it is float8 (a 16- or 32-bit scale
 /// converts exactly either way).
 pub(super) fn f32s(
