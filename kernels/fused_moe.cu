@@ -1,10 +1,12 @@
 // Fused MoE pieces: moe_align (entries sorted by expert, padded to blocks of 64), the grouped
-// GEMM over those blocks (bf16 on tensor cores through WMMA, f32 on the SIMT cores), and moe_sum
-// (each token's weighted expert outputs). Layouts and the CPU references:
-// crates/ember-kernels/src/fused_moe.rs.
+// GEMM over those blocks (bf16 on tensor cores through WMMA, also over 4-bit and e4m3 experts
+// dequantized into its tiles for prefill; f32 on the SIMT cores), and moe_sum (each token's
+// weighted expert outputs). Layouts and the CPU references: crates/ember-kernels/src/fused_moe.rs.
 #include <mma.h>
 
 #include "element.cuh"
+#include "w4.cuh"
+#include "w8.cuh"
 
 // --- moe_align: one block; thread e owns expert e (blockDim.x >= num_experts). ---------------
 extern "C" __global__ void moe_align(unsigned* __restrict__ sorted_ids, unsigned* __restrict__ expert_ids,
@@ -43,12 +45,15 @@ extern "C" __global__ void moe_align(unsigned* __restrict__ sorted_ids, unsigned
 #define GG_BN 64
 #define GG_BK 16
 
-// bf16 on tensor cores: 4 warps, each a 32x32 quarter of the 64x64 tile as 2x2 WMMA 16x16x16.
-extern "C" __global__ void __launch_bounds__(128) grouped_gemm_bf16(
+// bf16 on tensor cores: 4 warps, each a 32x32 quarter of the 64x64 tile as 2x2 WMMA 16x16x16,
+// over any source of the weights: `weight(e, n, k)` is W[e][n, k] as a bf16 (stored as such, or
+// dequantized from 4-bit codes or e4m3 bytes into the tile, once per 64 rows of a block).
+template <typename Weight>
+__device__ __forceinline__ void grouped_wmma_bf16(
     __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ x,
-    const __nv_bfloat16* __restrict__ w, const unsigned* __restrict__ sorted_ids,
-    const unsigned* __restrict__ expert_ids, const unsigned* __restrict__ num_padded,
-    int num_entries, int num_experts, int k_in, int n_out, int x_div) {
+    const unsigned* __restrict__ sorted_ids, const unsigned* __restrict__ expert_ids,
+    const unsigned* __restrict__ num_padded, int num_entries, int num_experts, int k_in, int n_out,
+    int x_div, Weight weight) {
   using namespace nvcuda;
   constexpr int LD = GG_BK + 8;   // 24 bf16: a multiple of 8, rows 48 bytes apart
   constexpr int LDC = GG_BN + 4;  // 68 floats
@@ -78,8 +83,7 @@ extern "C" __global__ void __launch_bounds__(128) grouped_gemm_bf16(
                             ? x[(size_t)(id / x_div) * k_in + k]
                             : __float2bfloat16_rn(0.f);
       const int n = n0 + r;  // GG_BN == GG_BM: the same loop fills B's rows
-      Bs[r * LD + kk] = (n < n_out && k < k_in) ? w[((size_t)e * n_out + n) * k_in + k]
-                                                : __float2bfloat16_rn(0.f);
+      Bs[r * LD + kk] = (n < n_out && k < k_in) ? weight(e, n, k) : __float2bfloat16_rn(0.f);
     }
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
@@ -102,6 +106,54 @@ extern "C" __global__ void __launch_bounds__(128) grouped_gemm_bf16(
     if (id < (unsigned)num_entries && n < n_out)
       out[(size_t)id * n_out + n] = __float2bfloat16_rn(Cs[r * LDC + c]);
   }
+}
+
+extern "C" __global__ void __launch_bounds__(128) grouped_gemm_bf16(
+    __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ x,
+    const __nv_bfloat16* __restrict__ w, const unsigned* __restrict__ sorted_ids,
+    const unsigned* __restrict__ expert_ids, const unsigned* __restrict__ num_padded,
+    int num_entries, int num_experts, int k_in, int n_out, int x_div) {
+  grouped_wmma_bf16(out, x, sorted_ids, expert_ids, num_padded, num_entries, num_experts, k_in,
+                    n_out, x_div, [=](unsigned e, int n, int k) {
+                      return w[((size_t)e * n_out + n) * k_in + k];
+                    });
+}
+
+// Prefill over 4-bit experts (moe_w4a16.cu's layout): each weight dequantized as w4a16_dequant
+// does, rounded once to bf16 in the tile. CPU reference: grouped_w4a16_tc in fused_moe.rs.
+extern "C" __global__ void __launch_bounds__(128) grouped_w4a16_tc_bf16(
+    __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ x,
+    const unsigned char* __restrict__ codes, const float* __restrict__ qparams,
+    const unsigned* __restrict__ sorted_ids, const unsigned* __restrict__ expert_ids,
+    const unsigned* __restrict__ num_padded, int num_entries, int num_experts, int k_in, int n_out,
+    int x_div, int group_size, int f16_weights, int e2m1, int zeros, int scales) {
+  grouped_wmma_bf16(out, x, sorted_ids, expert_ids, num_padded, num_entries, num_experts, k_in,
+                    n_out, x_div, [=](unsigned e, int n, int k) {
+                      return __float2bfloat16_rn(w4_weight(codes, qparams,
+                                                           (long long)e * n_out + n, k, k_in,
+                                                           group_size, f16_weights, e2m1, zeros,
+                                                           scales));
+                    });
+}
+
+// Prefill over e4m3 experts (moe_w8a16.cu's layout: block scales per expert): each weight
+// decoded exactly, times its block's scale, rounded once to bf16 in the tile. CPU reference:
+// grouped_w8a16_tc in fused_moe.rs.
+extern "C" __global__ void __launch_bounds__(128) grouped_w8a16_tc_bf16(
+    __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ x,
+    const unsigned char* __restrict__ w, const float* __restrict__ scales,
+    const unsigned* __restrict__ sorted_ids, const unsigned* __restrict__ expert_ids,
+    const unsigned* __restrict__ num_padded, int num_entries, int num_experts, int k_in, int n_out,
+    int x_div, int block_n, int block_k) {
+  const int scale_rows = (n_out + block_n - 1) / block_n;
+  const int scale_cols = (k_in + block_k - 1) / block_k;
+  grouped_wmma_bf16(out, x, sorted_ids, expert_ids, num_padded, num_entries, num_experts, k_in,
+                    n_out, x_div, [=](unsigned e, int n, int k) {
+                      const float s =
+                          scales[((size_t)e * scale_rows + n / block_n) * scale_cols + k / block_k];
+                      return __float2bfloat16_rn(
+                          e4m3_weight(w[((size_t)e * n_out + n) * k_in + k], s));
+                    });
 }
 
 // f32 on the SIMT cores: 256 threads, each a 4x4 patch of the 64x64 tile.

@@ -78,3 +78,21 @@ __device__ __forceinline__ void w4_row_group(const unsigned char* __restrict__ r
     scale = scales == W4_SCALES_E4M3_TIMES ? s * global : s / global;
   }
 }
+
+// The weight W[row, c] of a 4-bit matrix of rows of `k` inputs (`row` counted over every row of
+// `codes`, so an expert's rows follow the one before), as a float: the shared dequantization of
+// w4a16_dequant and the grouped tensor-core GEMM (fused_moe.cu).
+__device__ __forceinline__ float w4_weight(const unsigned char* __restrict__ codes,
+                                           const float* __restrict__ qparams, long long row,
+                                           int c, int k, int group_size, int f16_weights,
+                                           int e2m1, int zeros, int scales) {
+  const int groups = k / group_size;
+  const unsigned char* row_codes = codes + row * w4_row_bytes(k, groups, scales);
+  const unsigned char byte = row_codes[c / 2];
+  const unsigned int code = (c % 2 == 0) ? (byte & 15) : (byte >> 4);
+  float s, z;
+  w4_row_group(row_codes, qparams, row, k, groups, c / group_size, zeros, scales, s, z);
+  float w = w4_value(code, z, e2m1) * s;
+  if (f16_weights) w = __half2float(__float2half_rn(w));
+  return w;
+}

@@ -60,18 +60,10 @@ __device__ void w4a16_dequant(T* __restrict__ out, const unsigned char* __restri
                               const float* __restrict__ qparams, int n, int k, int group_size,
                               int f16_weights, int e2m1, int zeros, int scales) {
   const long long total = (long long)n * k;
-  const int groups = k / group_size;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
-    const long long j = i / k;
-    const int c = (int)(i % k);
-    const unsigned char* row_codes = codes + j * w4_row_bytes(k, groups, scales);
-    const unsigned char byte = row_codes[c / 2];
-    const unsigned int code = (c % 2 == 0) ? (byte & 15) : (byte >> 4);
-    float s, z;
-    w4_row_group(row_codes, qparams, j, k, groups, c / group_size, zeros, scales, s, z);
-    float w = w4_value(code, z, e2m1) * s;
-    if (f16_weights) w = __half2float(__float2half_rn(w));
+    const float w = w4_weight(codes, qparams, i / k, (int)(i % k), k, group_size, f16_weights,
+                              e2m1, zeros, scales);
     out[i] = store_f32<T>(w);
   }
 }

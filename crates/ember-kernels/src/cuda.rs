@@ -1183,16 +1183,122 @@ impl CudaKernels {
         for a in &args {
             launch.arg(a);
         }
-        let blocks_n = u32::try_from(s.n_out.div_ceil(64))
-            .map_err(|_| too_big("grouped_gemm", "n_out", s.n_out))?;
-        let cfg = LaunchConfig {
-            grid_dim: ((cap / s.block_m) as u32, blocks_n, 1),
-            block_dim: (if bf16 { 128 } else { 256 }, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let mut cfg = wmma_tile_launch("grouped_gemm", cap, s)?;
+        if !bf16 {
+            cfg.block_dim.0 = 256;
+        }
         // SAFETY: matches grouped_gemm_<T>(T*, const T*, const T*, const unsigned* x 3, int x 5);
         // the kernel reads x rows of ids < num_entries, weights of experts < num_experts and
         // writes rows of ids < num_entries, all bounded by the length checks above.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::fused_moe::grouped_w8a16_tc`] on the GPU: the grouped GEMM over e4m3 experts on
+    /// bf16 tensor cores, each weight dequantized into the tile (prefill-sized batches; bf16 only).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_w8a16_tc<T: CudaElement, P: DeviceRepr>(
+        &self,
+        out: &mut CudaSlice<T>,
+        x: &CudaView<T>,
+        w: &CudaView<P>,
+        scales: &CudaView<f32>,
+        align: &DeviceAlignment,
+        shape: &GroupedGemmShape,
+        blocks: &crate::fused_moe::ScaleBlocks,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "grouped_w8a16_tc";
+        let s = shape;
+        check_shape(
+            std::mem::size_of::<P>() == 1 && T::KERNEL_SUFFIX == "bf16",
+            OP,
+            || "one-byte e4m3 weights and bf16 activations (tensor cores)".into(),
+        )?;
+        let (cap, host) = self.check_alignment(OP, align, s)?;
+        crate::fused_moe::grouped_w8a16_shape(
+            s,
+            blocks,
+            out.len(),
+            x.len(),
+            w.len(),
+            scales.len(),
+            &host,
+        )?;
+        if s.num_entries == 0 {
+            return Ok(());
+        }
+        let extra = [
+            int32(OP, "block_n", blocks.block_n)?,
+            int32(OP, "block_k", blocks.block_k)?,
+        ];
+        let args = grouped_ints(OP, s, &extra)?;
+        let f = kernel(&self.fused_moe, OP, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(x).arg(w).arg(scales);
+        push_alignment(&mut launch, align);
+        for a in &args {
+            launch.arg(a);
+        }
+        let cfg = wmma_tile_launch(OP, cap, s)?;
+        // SAFETY: matches grouped_w8a16_tc_bf16(bf16*, const bf16*, const u8*, const float*,
+        // const unsigned* x 3, int x 7) in kernels/fused_moe.cu (T is bf16, checked); it reads x
+        // rows of ids < num_entries and weights and scales of experts < num_experts within the
+        // lengths checked above, and writes rows of ids < num_entries.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::fused_moe::grouped_w4a16_tc`] on the GPU: the grouped GEMM over 4-bit experts on
+    /// bf16 tensor cores, each weight dequantized into the tile (prefill-sized batches; bf16 only).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_w4a16_tc<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        x: &CudaView<T>,
+        codes: &CudaView<u8>,
+        qparams: &CudaView<f32>,
+        align: &DeviceAlignment,
+        shape: &GroupedGemmShape,
+        params: &crate::fused_moe::W4Params,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "grouped_w4a16_tc";
+        let s = shape;
+        check_shape(T::KERNEL_SUFFIX == "bf16", OP, || {
+            "bf16 activations (tensor cores)".into()
+        })?;
+        let (cap, host) = self.check_alignment(OP, align, s)?;
+        crate::fused_moe::grouped_w4a16_shape(
+            s,
+            params,
+            out.len(),
+            x.len(),
+            codes.len(),
+            qparams.len(),
+            &host,
+        )?;
+        if s.num_entries == 0 {
+            return Ok(());
+        }
+        let extra = [
+            int32(OP, "group_size", params.group_size)?,
+            i32::from(params.f16_weights),
+            i32::from(params.e2m1),
+            i32::from(params.zeros),
+            params.scales.code(),
+        ];
+        let args = grouped_ints(OP, s, &extra)?;
+        let f = kernel(&self.fused_moe, OP, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(x).arg(codes).arg(qparams);
+        push_alignment(&mut launch, align);
+        for a in &args {
+            launch.arg(a);
+        }
+        let cfg = wmma_tile_launch(OP, cap, s)?;
+        // SAFETY: matches grouped_w4a16_tc_bf16(bf16*, const bf16*, const u8*, const float*,
+        // const unsigned* x 3, int x 10) in kernels/fused_moe.cu (T is bf16, checked); it reads x
+        // rows of ids < num_entries and codes and qparams of experts < num_experts within the
+        // lengths checked above, and writes rows of ids < num_entries.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
@@ -1403,6 +1509,22 @@ fn grouped_ints(
     ];
     ints.extend_from_slice(extra);
     Ok(ints)
+}
+
+/// The launch of `kernels/fused_moe.cu`'s 64 x 64 grouped GEMM tiles: one block of 128 threads
+/// (4 warps on tensor cores) per 64-row block of the alignment and 64 output columns.
+fn wmma_tile_launch(
+    op: &'static str,
+    cap: usize,
+    s: &GroupedGemmShape,
+) -> Result<LaunchConfig, KernelError> {
+    let blocks_n =
+        u32::try_from(s.n_out.div_ceil(64)).map_err(|_| too_big(op, "n_out", s.n_out))?;
+    Ok(LaunchConfig {
+        grid_dim: ((cap / s.block_m) as u32, blocks_n, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 /// Pushes an alignment's three device arrays (sorted ids, block experts, padded rows).

@@ -230,12 +230,53 @@ pub fn grouped_w8a16<T: Element>(
     s: &GroupedGemmShape,
     blocks: &ScaleBlocks,
 ) -> Result<(), KernelError> {
+    grouped_w8a16_rounded(out, x, w, scales, align, s, blocks, false)
+}
+
+/// CPU reference of the tensor-core grouped GEMM over e4m3 experts (prefill): as
+/// [`grouped_w8a16`], each weight rounded once to `T` (bf16) as the kernel's tiles hold it.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_w8a16_tc<T: Element>(
+    out: &mut [T],
+    x: &[T],
+    w: &[u8],
+    scales: &[f32],
+    align: &MoeAlignment,
+    s: &GroupedGemmShape,
+    blocks: &ScaleBlocks,
+) -> Result<(), KernelError> {
+    grouped_w8a16_rounded(out, x, w, scales, align, s, blocks, true)
+}
+
+/// Rounds a dequantized weight to `T` when `round` (the tensor-core tiles' bf16).
+fn as_stored<T: Element>(w: f32, round: bool) -> f32 {
+    if round {
+        T::from_f32(w).to_f32()
+    } else {
+        w
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grouped_w8a16_rounded<T: Element>(
+    out: &mut [T],
+    x: &[T],
+    w: &[u8],
+    scales: &[f32],
+    align: &MoeAlignment,
+    s: &GroupedGemmShape,
+    blocks: &ScaleBlocks,
+    round: bool,
+) -> Result<(), KernelError> {
     grouped_w8a16_shape(s, blocks, out.len(), x.len(), w.len(), scales.len(), align)?;
     let per_expert = blocks.per_expert(s.n_out, s.k_in);
     let scale_cols = s.k_in.div_ceil(blocks.block_k);
     grouped_rows(out, x, align, s, |e, n, c| {
         let scale = scales[e * per_expert + n / blocks.block_n * scale_cols + c / blocks.block_k];
-        crate::w8a16::e4m3_to_f32(w[(e * s.n_out + n) * s.k_in + c]) * scale
+        as_stored::<T>(
+            crate::w8a16::e4m3_to_f32(w[(e * s.n_out + n) * s.k_in + c]) * scale,
+            round,
+        )
     });
     Ok(())
 }
@@ -321,6 +362,35 @@ pub fn grouped_w4a16<T: Element>(
     s: &GroupedGemmShape,
     params: &W4Params,
 ) -> Result<(), KernelError> {
+    grouped_w4a16_rounded(out, x, codes, qparams, align, s, params, false)
+}
+
+/// CPU reference of the tensor-core grouped GEMM over 4-bit experts (prefill): as
+/// [`grouped_w4a16`], each weight rounded once to `T` (bf16) as the kernel's tiles hold it.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_w4a16_tc<T: Element>(
+    out: &mut [T],
+    x: &[T],
+    codes: &[u8],
+    qparams: &[f32],
+    align: &MoeAlignment,
+    s: &GroupedGemmShape,
+    params: &W4Params,
+) -> Result<(), KernelError> {
+    grouped_w4a16_rounded(out, x, codes, qparams, align, s, params, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grouped_w4a16_rounded<T: Element>(
+    out: &mut [T],
+    x: &[T],
+    codes: &[u8],
+    qparams: &[f32],
+    align: &MoeAlignment,
+    s: &GroupedGemmShape,
+    params: &W4Params,
+    round: bool,
+) -> Result<(), KernelError> {
     grouped_w4a16_shape(
         s,
         params,
@@ -337,7 +407,7 @@ pub fn grouped_w4a16<T: Element>(
             &codes[e * codes_per..][..codes_per],
             &qparams[e * params_per..][..params_per],
         );
-        crate::w4a16::weight(codes, qparams, &shape, n, c)
+        as_stored::<T>(crate::w4a16::weight(codes, qparams, &shape, n, c), round)
     });
     Ok(())
 }
@@ -539,6 +609,54 @@ mod tests {
             assert_eq!(got, want, "{params:?}");
             assert!(got.iter().any(|&v| v != 0.0));
         }
+    }
+
+    /// The tensor-core kernels' references: the grouped GEMM over each weight rounded once to
+    /// the activations' dtype (bf16 for the kernels); in f32 that is the SIMT reference itself.
+    #[test]
+    fn the_tensor_core_references_round_each_weight_to_the_activations_dtype() {
+        let (experts, n_out, k_in) = (2, 3, 8);
+        let ids = [1u32, 0, 1];
+        let align = moe_align(&ids, experts, 64).unwrap();
+        let s = GroupedGemmShape {
+            num_experts: experts,
+            k_in,
+            n_out,
+            block_m: 64,
+            x_div: 1,
+            num_entries: ids.len(),
+        };
+        let blocks = ScaleBlocks {
+            block_n: 1,
+            block_k: k_in,
+        };
+        let w: Vec<u8> = (0..experts * n_out * k_in)
+            .map(|i| (i * 37 % 0x70) as u8)
+            .collect();
+        // Scales that make most weights inexact in bf16.
+        let scales: Vec<f32> = (0..experts * n_out)
+            .map(|i| 0.3 + i as f32 * 0.017)
+            .collect();
+        let xf: Vec<f32> = (0..ids.len() * k_in)
+            .map(|i| (i % 5) as f32 - 2.0)
+            .collect();
+        let mut simt = vec![0f32; ids.len() * n_out];
+        let mut tc = simt.clone();
+        grouped_w8a16(&mut simt, &xf, &w, &scales, &align, &s, &blocks).unwrap();
+        grouped_w8a16_tc(&mut tc, &xf, &w, &scales, &align, &s, &blocks).unwrap();
+        assert_eq!(tc, simt, "f32: nothing to round");
+        let xb: Vec<half::bf16> = xf.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let dense: Vec<half::bf16> = (0..w.len())
+            .map(|i| half::bf16::from_f32(crate::w8a16::e4m3_to_f32(w[i]) * scales[i / k_in]))
+            .collect();
+        let mut want = vec![half::bf16::ZERO; ids.len() * n_out];
+        grouped_gemm(&mut want, &xb, &dense, &align, &s).unwrap();
+        let mut got = want.clone();
+        grouped_w8a16_tc(&mut got, &xb, &w, &scales, &align, &s, &blocks).unwrap();
+        assert_eq!(got, want);
+        let mut unrounded = want.clone();
+        grouped_w8a16(&mut unrounded, &xb, &w, &scales, &align, &s, &blocks).unwrap();
+        assert_ne!(got, unrounded, "the weights' rounding shows");
     }
 
     #[test]

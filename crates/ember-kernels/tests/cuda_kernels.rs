@@ -1555,25 +1555,64 @@ fn check_grouped_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         let gpu = st.clone_dtoh(&dout).unwrap();
         let per = blocks.per_expert(n_out, k_in);
         let cols = k_in.div_ceil(blocks.block_k);
-        for id in 0..n {
+        let magnitude = |id: usize, j: usize| -> f32 {
             let e = ids[id] as usize;
-            for j in 0..n_out {
-                let magnitude: f32 = (0..k_in)
-                    .map(|c| {
-                        let wv = ember_kernels::w8a16::e4m3_to_f32(w[(e * n_out + j) * k_in + c])
-                            * scales[e * per + j / blocks.block_n * cols + c / blocks.block_k];
-                        (x[id / x_div * k_in + c].to_f32() * wv).abs()
-                    })
-                    .sum();
-                let (g, c) = (gpu[id * n_out + j].to_f32(), cpu[id * n_out + j].to_f32());
-                let tol = 1e-5 * magnitude + rounding * c.abs() + 1e-6;
-                assert!(
-                    (g - c).abs() <= tol,
-                    "{what}[{id}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
-                );
-            }
+            (0..k_in)
+                .map(|c| {
+                    let wv = ember_kernels::w8a16::e4m3_to_f32(w[(e * n_out + j) * k_in + c])
+                        * scales[e * per + j / blocks.block_n * cols + c / blocks.block_k];
+                    (x[id / x_div * k_in + c].to_f32() * wv).abs()
+                })
+                .sum()
+        };
+        assert_grouped_close(&what, [n, n_out], &gpu, &cpu, rounding, magnitude);
+        if T::KERNEL_SUFFIX == "bf16" {
+            // The tensor-core kernel (prefill) against its reference: weights rounded to bf16.
+            let mut cpu = vec![T::from_f32(0.0); n * n_out];
+            fused_moe::grouped_w8a16_tc(&mut cpu, &x, &w, &scales, &align, &s, &blocks).unwrap();
+            k.grouped_w8a16_tc(
+                &mut dout,
+                &dx.as_view(),
+                &dw.as_view(),
+                &ds.as_view(),
+                &dalign,
+                &s,
+                &blocks,
+            )
+            .unwrap();
+            let gpu = st.clone_dtoh(&dout).unwrap();
+            assert_grouped_close(
+                &format!("{what} tc"),
+                [n, n_out],
+                &gpu,
+                &cpu,
+                rounding,
+                magnitude,
+            );
         }
         eprintln!("{what}: matches");
+    }
+}
+
+/// Every row of a grouped GEMM's output within `1e-5 · magnitude(id, j)` (the sum of the
+/// products' magnitudes: f32 sums in another order) plus the output dtype's `rounding`.
+fn assert_grouped_close<T: CudaElement>(
+    what: &str,
+    [n, n_out]: [usize; 2],
+    gpu: &[T],
+    cpu: &[T],
+    rounding: f32,
+    magnitude: impl Fn(usize, usize) -> f32,
+) {
+    for id in 0..n {
+        for j in 0..n_out {
+            let (g, c) = (gpu[id * n_out + j].to_f32(), cpu[id * n_out + j].to_f32());
+            let tol = 1e-5 * magnitude(id, j) + rounding * c.abs() + 1e-6;
+            assert!(
+                (g - c).abs() <= tol,
+                "{what}[{id}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+            );
+        }
     }
 }
 
@@ -1704,26 +1743,43 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         .unwrap();
         let gpu = st.clone_dtoh(&dout).unwrap();
         let (codes_per, params_per) = (shape.codes_len(), shape.qparams_len());
-        for id in 0..n {
+        let magnitude = |id: usize, j: usize| -> f32 {
             let e = ids[id] as usize;
             let (ec, eq) = (
                 &codes[e * codes_per..][..codes_per],
                 &qparams[e * params_per..][..params_per],
             );
-            for j in 0..n_out {
-                let magnitude: f32 = (0..k_in)
-                    .map(|c| {
-                        (x[id / x_div * k_in + c].to_f32() * w4a16::weight(ec, eq, &shape, j, c))
-                            .abs()
-                    })
-                    .sum();
-                let (g, c) = (gpu[id * n_out + j].to_f32(), cpu[id * n_out + j].to_f32());
-                let tol = 1e-5 * magnitude + rounding * c.abs() + 1e-6;
-                assert!(
-                    (g - c).abs() <= tol,
-                    "{what}[{id}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
-                );
-            }
+            (0..k_in)
+                .map(|c| {
+                    (x[id / x_div * k_in + c].to_f32() * w4a16::weight(ec, eq, &shape, j, c)).abs()
+                })
+                .sum()
+        };
+        assert_grouped_close(&what, [n, n_out], &gpu, &cpu, rounding, magnitude);
+        if T::KERNEL_SUFFIX == "bf16" {
+            // The tensor-core kernel (prefill) against its reference: weights rounded to bf16.
+            let mut cpu = vec![T::from_f32(0.0); n * n_out];
+            fused_moe::grouped_w4a16_tc(&mut cpu, &x, &codes, &qparams, &align, &s, &params)
+                .unwrap();
+            k.grouped_w4a16_tc(
+                &mut dout,
+                &dx.as_view(),
+                &dc.as_view(),
+                &dq.as_view(),
+                &dalign,
+                &s,
+                &params,
+            )
+            .unwrap();
+            let gpu = st.clone_dtoh(&dout).unwrap();
+            assert_grouped_close(
+                &format!("{what} tc"),
+                [n, n_out],
+                &gpu,
+                &cpu,
+                rounding,
+                magnitude,
+            );
         }
         eprintln!("{what}: matches");
     }

@@ -603,6 +603,13 @@ impl CustomOp2 for FusedMoeOp<'_> {
     }
 }
 
+/// Routed rows per expert on average (a step's entries over the experts) from which a bf16 step
+/// runs packed experts on tensor cores (weights dequantized into the tiles, each read once per
+/// 64 rows) rather than the SIMT GEMV tiles (each read once per 8 rows). A first guess, to tune
+/// on a GPU.
+#[cfg(feature = "cuda")]
+const TENSOR_CORE_ROWS_PER_EXPERT: usize = 8;
+
 /// The fused MoE's kernels on one GPU, after routing.
 #[cfg(feature = "cuda")]
 struct Cuda<'a> {
@@ -675,9 +682,18 @@ impl Cuda<'_> {
                             s: &GroupedGemmShape,
                             down: bool|
                  -> candle_core::Result<()> {
+                    // Prefill-sized steps in bf16 dequantize into tensor-core tiles; decodes keep
+                    // the SIMT kernels, which read each weight once for their few rows.
+                    let tensor_cores = T::KERNEL_SUFFIX == "bf16"
+                        && s.num_entries >= TENSOR_CORE_ROWS_PER_EXPERT * s.num_experts;
                     match *kind {
                         PackedKind::W8a16 { b13, b2, w8a8 } => {
                             let b = if down { b2 } else { b13 };
+                            if !w8a8 && tensor_cores {
+                                return k
+                                    .grouped_w8a16_tc(out, x, bytes, params, align, s, &b)
+                                    .map_err(wrap);
+                            }
                             if !w8a8 {
                                 return k
                                     .grouped_w8a16(out, x, bytes, params, align, s, &b)
@@ -701,6 +717,9 @@ impl Cuda<'_> {
                             )
                             .map_err(wrap)
                         }
+                        PackedKind::W4a16(p) if tensor_cores => k
+                            .grouped_w4a16_tc(out, x, bytes, params, align, s, &p)
+                            .map_err(wrap),
                         PackedKind::W4a16(p) => k
                             .grouped_w4a16(out, x, bytes, params, align, s, &p)
                             .map_err(wrap),
