@@ -366,12 +366,18 @@ fn every_model_matches_transformers_with_all_of_embers_kernels() {
         eprintln!(
             "{name}: all of ember's kernels on CUDA in f32 match transformers (tol {LOGPROB_TOL})"
         );
+        let prefills = ember_models::mla_kernel::prefill_calls();
         let (reference, results) = run_batched_with(name, &device, DType::BF16, EMBER);
         assert_tracks_in_bf16(
             name,
             &reference,
             &results,
             "all of ember's kernels in bf16 on CUDA",
+        );
+        // bf16 MLA prefill runs on the tensor-core prefill attention kernel.
+        assert!(
+            !mla || ember_models::mla_kernel::prefill_calls() > prefills,
+            "{name}: the MLA prefill kernel never ran in bf16"
         );
     }
 }

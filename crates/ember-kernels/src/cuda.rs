@@ -43,6 +43,8 @@ const MOE_W8A16_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_w8
 const MLA_DECODE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mla_decode.fatbin"));
 const PAGED_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.fatbin"));
+const PREFILL_ATTENTION_FATBIN: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/prefill_attention.fatbin"));
 /// Threads per block of `argmax_f32` in `kernels/sampling.cu` (its `ARGMAX_THREADS`).
 const ARGMAX_THREADS: u32 = 256;
 /// Threads per block of `sample_rows_f32` in `kernels/sampling.cu` (its `SAMPLE_THREADS`).
@@ -51,6 +53,8 @@ const SAMPLE_THREADS: u32 = 512;
 /// and of `kernels/w8a16.cu` (`W8A16_WARPS`, `W8A16_ROWS`, the same).
 const W4A16_WARPS: u32 = 4;
 const W4A16_ROWS: u32 = 8;
+/// Query rows per block of `kernels/prefill_attention.cu` (its `PF_BM`).
+const PREFILL_ROWS: usize = 64;
 /// Threads per block of `kernels/paged_attention.cu` (its `PA_THREADS`).
 const PA_THREADS: u32 = 128;
 /// Warps per block and sorted rows per tile of `kernels/moe_w8a16.cu` (`GW8_WARPS`, `GW8_ROWS`)
@@ -81,6 +85,7 @@ pub struct CudaKernels {
     w4a16: Arc<CudaModule>,
     w8a16: Arc<CudaModule>,
     paged_attention: Arc<CudaModule>,
+    prefill_attention: Arc<CudaModule>,
     mla_decode: Arc<CudaModule>,
     moe_w8a16: Arc<CudaModule>,
     moe_w4a16: Arc<CudaModule>,
@@ -120,6 +125,7 @@ impl CudaKernels {
             w4a16: load(W4A16_FATBIN)?,
             w8a16: load(W8A16_FATBIN)?,
             paged_attention: load(PAGED_ATTENTION_FATBIN)?,
+            prefill_attention: load(PREFILL_ATTENTION_FATBIN)?,
             mla_decode: load(MLA_DECODE_FATBIN)?,
             moe_w8a16: load(MOE_W8A16_FATBIN)?,
             moe_w4a16: load(MOE_W4A16_FATBIN)?,
@@ -1190,6 +1196,63 @@ impl CudaKernels {
         // SAFETY: matches grouped_gemm_<T>(T*, const T*, const T*, const unsigned* x 3, int x 5);
         // the kernel reads x rows of ids < num_entries, weights of experts < num_experts and
         // writes rows of ids < num_entries, all bounded by the length checks above.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::prefill_attention::prefill_attention`] on the GPU, on bf16 tensor cores (bf16
+    /// only; keys up to [`crate::prefill_attention::MAX_DQK`] wide, values up to `MAX_DV`).
+    pub fn prefill_attention<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaView<T>,
+        k: &CudaView<T>,
+        v: &CudaView<T>,
+        shape: &crate::prefill_attention::PrefillShape,
+        scale: f32,
+    ) -> Result<(), KernelError> {
+        use crate::prefill_attention::{prefill_shape, MAX_DQK, MAX_DV};
+        const OP: &str = "prefill_attention";
+        let s = shape;
+        check_shape(T::KERNEL_SUFFIX == "bf16", OP, || {
+            "bf16 inputs (tensor cores)".into()
+        })?;
+        check_shape(s.dqk <= MAX_DQK && s.dv <= MAX_DV, OP, || {
+            format!(
+                "heads of {} and {} are over the kernel's {MAX_DQK} and {MAX_DV}",
+                s.dqk, s.dv
+            )
+        })?;
+        prefill_shape(s, q.len(), k.len(), v.len(), out.len())?;
+        if s.q_len == 0 {
+            return Ok(());
+        }
+        let ints = [
+            int32(OP, "q_len", s.q_len)?,
+            int32(OP, "kv_len", s.kv_len)?,
+            int32(OP, "heads", s.heads)?,
+            int32(OP, "dqk", s.dqk)?,
+            int32(OP, "dv", s.dv)?,
+        ];
+        let blocks_y = u32::try_from(s.heads)
+            .ok()
+            .filter(|&b| b <= 65_535)
+            .ok_or_else(|| too_big(OP, "heads", s.heads))?;
+        let cfg = LaunchConfig {
+            grid_dim: (s.q_len.div_ceil(PREFILL_ROWS) as u32, blocks_y, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = kernel(&self.prefill_attention, OP, T::KERNEL_SUFFIX)?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(out).arg(q).arg(k).arg(v);
+        for a in &ints {
+            launch.arg(a);
+        }
+        launch.arg(&scale);
+        // SAFETY: matches prefill_attention_bf16(bf16*, const bf16* x 3, int x 5, float) in
+        // kernels/prefill_attention.cu (T is bf16, checked); it reads q rows < q_len and k, v rows
+        // < kv_len and writes out rows < q_len, within the lengths checked above.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod fused_moe;
 pub mod mla_decode;
 pub mod moe_routing;
 pub mod paged_attention;
+pub mod prefill_attention;
 pub mod rms_norm;
 pub mod rotary;
 pub mod sampling;

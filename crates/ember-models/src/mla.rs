@@ -233,13 +233,26 @@ impl MlaAttention {
             let (latent_ctx, k_rope_ctx) = cache.gather(&seq.context_slots, kv_scales)?;
             let q_nope = q_nope.narrow(1, start, ql)?;
             let q_rope = q_rope.narrow(1, start, ql)?;
-            // The rope part of the scores is shared by both forms: [heads, ql, ctx].
-            let rope_scores = q_rope.broadcast_matmul(&k_rope_ctx.t()?)?;
             // An adapter on kv_b_proj changes W_uk and W_uv: such sequences expand instead.
             let kv_b_adapted = seq
                 .adapter
                 .as_ref()
                 .is_some_and(|a| a.factors(self.kv_b_proj.path()).is_some());
+            if (ql > 1 || kv_b_adapted)
+                && self.backend == AttentionBackend::Ember
+                && crate::mla_kernel::prefill_serves(&q_nope, nope + rd, self.v_head_dim)
+            {
+                outputs.push(self.expanded_with_kernel(
+                    &q_nope,
+                    &q_rope,
+                    &latent_ctx,
+                    &k_rope_ctx,
+                    seq,
+                )?);
+                continue;
+            }
+            // The rope part of the scores is shared by both forms: [heads, ql, ctx].
+            let rope_scores = q_rope.broadcast_matmul(&k_rope_ctx.t()?)?;
             let out = if ql == 1 && !kv_b_adapted {
                 self.absorbed(&q_nope, &rope_scores, &latent_ctx, seq)?
             } else {
@@ -312,6 +325,57 @@ impl MlaAttention {
         }
     }
 
+    /// `kv_b_proj` over the context's latents (with the sequence's adapter): `[ctx, heads,
+    /// nope + v]`.
+    fn kv_b(&self, latent_ctx: &Tensor, seq: &SequenceAttention) -> TensorResult {
+        let ctx = seq.context_len;
+        let lora = match &seq.adapter {
+            Some(adapter) => LoraRows::uniform(adapter, ctx),
+            None => LoraRows::none(),
+        };
+        self.kv_b_proj.forward(latent_ctx, &lora)?.reshape((
+            ctx,
+            self.num_heads,
+            self.qk_nope_head_dim + self.v_head_dim,
+        ))
+    }
+
+    /// The context's keys `[ctx, heads, nope + rope]` and values `[ctx, heads, v]`: the latents
+    /// expanded through `kv_b_proj` (with the sequence's adapter), the rope key shared by all heads.
+    fn expand_context(
+        &self,
+        latent_ctx: &Tensor,
+        k_rope_ctx: &Tensor,
+        seq: &SequenceAttention,
+    ) -> TensorResult<(Tensor, Tensor)> {
+        let ctx = seq.context_len;
+        let kv = self.kv_b(latent_ctx, seq)?;
+        let k_rope =
+            k_rope_ctx
+                .unsqueeze(1)?
+                .broadcast_as((ctx, self.num_heads, self.qk_rope_head_dim))?;
+        let k = Tensor::cat(&[&kv.narrow(2, 0, self.qk_nope_head_dim)?, &k_rope], 2)?;
+        let v = kv.narrow(2, self.qk_nope_head_dim, self.v_head_dim)?;
+        Ok((k, v))
+    }
+
+    /// Prefill through ember's kernel (`--attention-backend ember`): the context expanded as
+    /// [`Self::expanded`] does, then causal attention in one call that never holds the scores:
+    /// `[ql, heads * v]`.
+    fn expanded_with_kernel(
+        &self,
+        q_nope: &Tensor,
+        q_rope: &Tensor,
+        latent_ctx: &Tensor,
+        k_rope_ctx: &Tensor,
+        seq: &SequenceAttention,
+    ) -> TensorResult {
+        let (k, v) = self.expand_context(latent_ctx, k_rope_ctx, seq)?;
+        // [heads, ql, nope] and [heads, ql, rope] → [ql, heads, nope + rope].
+        let q = Tensor::cat(&[q_nope, q_rope], 2)?.transpose(0, 1)?;
+        crate::mla_kernel::prefill(&q, &k, &v, self.softmax_scale as f32)
+    }
+
     /// Prefill: expand the context's latents into per-head keys and values.
     fn expanded(
         &self,
@@ -320,16 +384,7 @@ impl MlaAttention {
         latent_ctx: &Tensor,
         seq: &SequenceAttention,
     ) -> TensorResult {
-        let ctx = seq.context_len;
-        let lora = match &seq.adapter {
-            Some(adapter) => LoraRows::uniform(adapter, ctx),
-            None => LoraRows::none(),
-        };
-        let kv = self
-            .kv_b_proj
-            .forward(latent_ctx, &lora)?
-            .reshape((ctx, self.num_heads, self.qk_nope_head_dim + self.v_head_dim))?
-            .transpose(0, 1)?;
+        let kv = self.kv_b(latent_ctx, seq)?.transpose(0, 1)?;
         let k_nope = kv.narrow(2, 0, self.qk_nope_head_dim)?.contiguous()?;
         let v = kv
             .narrow(2, self.qk_nope_head_dim, self.v_head_dim)?

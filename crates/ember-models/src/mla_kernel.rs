@@ -293,3 +293,142 @@ impl CustomOp3 for MlaDecodeOp<'_> {
         Ok((storage, self.out_shape()))
     }
 }
+
+/// Layer calls the prefill kernel has served since start.
+static PREFILL_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many sequences' prefill attention ember's kernel has computed in this process.
+pub fn prefill_calls() -> u64 {
+    PREFILL_CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether the prefill kernel serves queries like `q` with keys `dqk` and values `dv` wide per
+/// head: its CPU reference takes f32 and bf16; on a GPU, the tensor-core kernel takes bf16
+/// within its widths.
+pub fn prefill_serves(q: &Tensor, dqk: usize, dv: usize) -> bool {
+    use ember_kernels::prefill_attention::{MAX_DQK, MAX_DV};
+    match q.device() {
+        candle_core::Device::Cpu => matches!(q.dtype(), DType::F32 | DType::BF16),
+        _ => q.dtype() == DType::BF16 && dqk <= MAX_DQK && dv <= MAX_DV,
+    }
+}
+
+/// Causal attention of one sequence's chunk `q` (`[q_len, heads, dqk]`) over its whole context's
+/// keys `k` (`[kv_len, heads, dqk]`) and values `v` (`[kv_len, heads, dv]`): `[q_len, heads · dv]`.
+pub fn prefill(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> TensorResult {
+    let (q_len, heads, dqk) = q.dims3()?;
+    let (kv_len, _, dv) = v.dims3()?;
+    let op = PrefillOp {
+        shape: ember_kernels::prefill_attention::PrefillShape {
+            q_len,
+            kv_len,
+            heads,
+            dqk,
+            dv,
+        },
+        scale,
+    };
+    let out = q
+        .contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    PREFILL_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(out)
+}
+
+struct PrefillOp {
+    shape: ember_kernels::prefill_attention::PrefillShape,
+    scale: f32,
+}
+
+impl PrefillOp {
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.shape.q_len, self.shape.heads * self.shape.dv))
+    }
+
+    fn cpu<T: Element + candle_core::WithDType>(
+        &self,
+        [q, k, v]: [(&CpuStorage, &Layout); 3],
+    ) -> candle_core::Result<Vec<T>> {
+        let slice = |(s, l): (&CpuStorage, &Layout), what: &str| -> candle_core::Result<Vec<T>> {
+            Ok(s.as_slice::<T>()?[crate::contiguous_range(l, what)?].to_vec())
+        };
+        let mut out = vec![T::from_f32(0.0); self.out_shape().elem_count()];
+        ember_kernels::prefill_attention::prefill_attention(
+            &mut out,
+            &slice(q, "prefill queries")?,
+            &slice(k, "prefill keys")?,
+            &slice(v, "prefill values")?,
+            &self.shape,
+            self.scale,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for PrefillOp {
+    fn name(&self) -> &'static str {
+        "ember-prefill-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = [(q, lq), (k, lk), (v, lv)];
+        let out = match (q, k, v) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(self.cpu::<f32>(inputs)?)
+            }
+            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+                CpuStorage::BF16(self.cpu::<half::bf16>(inputs)?)
+            }
+            _ => candle_core::bail!("prefill attention takes f32 or bf16 inputs of one dtype"),
+        };
+        Ok((out, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        lq: &Layout,
+        k: &candle_core::CudaStorage,
+        lk: &Layout,
+        v: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let device = q.device().clone();
+        let kernels = crate::cuda_attention::kernels(&device)?;
+        fn slice<'s>(
+            s: &'s candle_core::CudaStorage,
+            l: &Layout,
+            what: &str,
+        ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'s, half::bf16>>
+        {
+            Ok(s.as_cuda_slice::<half::bf16>()?
+                .slice(crate::contiguous_range(l, what)?))
+        }
+        let mut out = device.alloc_zeros::<half::bf16>(self.out_shape().elem_count())?;
+        kernels
+            .prefill_attention(
+                &mut out,
+                &slice(q, lq, "prefill queries")?,
+                &slice(k, lk, "prefill keys")?,
+                &slice(v, lv, "prefill values")?,
+                &self.shape,
+                self.scale,
+            )
+            .map_err(candle_core::Error::wrap)?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, device),
+            self.out_shape(),
+        ))
+    }
+}

@@ -648,14 +648,15 @@ fn run_adapted(loaded: &LoadedModel, adapter_dir: &str, adapted: bool) -> Vec<Ve
 }
 
 /// `--attention-backend ember` on MLA: the step's single-token decodes through ember's MLA decode
-/// op (absorbed over the latent cache, every decode in one call; its CPU reference here) next to
-/// prefill chunks on the tensor path give the tensor path's logprobs for DeepSeek-V3, Kimi K2 and
-/// V2 (YaRN) at TP 1 and 2; fp32, so within 1e-4. A decode whose adapter adapts kv_b_proj sends
-/// the layer's decodes back to the tensor path, keeping its delta.
+/// op (absorbed over the latent cache, every decode in one call) and its prefill chunks through
+/// the prefill attention op (the context expanded, causal attention in one call; both their CPU
+/// references here) give the tensor path's logprobs for DeepSeek-V3, Kimi K2 and V2 (YaRN) at
+/// TP 1 and 2; fp32, so within 1e-4. A decode whose adapter adapts kv_b_proj sends the layer's
+/// decodes back to the tensor path, keeping its delta; its prefill expands with the adapter.
 #[test]
 fn embers_mla_decode_gives_the_tensor_paths_logprobs() {
     use ember_models::attention::AttentionBackend;
-    use ember_models::mla_kernel::calls;
+    use ember_models::mla_kernel::{calls, prefill_calls};
     let _counted = counted();
     for name in [
         "deepseek-v3-tiny",
@@ -668,16 +669,24 @@ fn embers_mla_decode_gives_the_tensor_paths_logprobs() {
             let mut opts = options(name, tp, false);
             opts.attention_backend = AttentionBackend::Ember;
             let ember = load_model(&opts).unwrap();
-            let before = calls();
+            let (before, prefills) = (calls(), prefill_calls());
             let diff = max_diff(
                 &logprobs(&run_steps(&tensor)),
                 &logprobs(&run_steps(&ember)),
-            );
-            println!("{name} tp {tp}: MLA decode kernel max |Δ logprob| {diff:.2e}");
+            )
+            .max(max_diff(
+                &logprobs(&run_prefill(&tensor)),
+                &logprobs(&run_prefill(&ember)),
+            ));
+            println!("{name} tp {tp}: MLA kernels max |Δ logprob| {diff:.2e}");
             assert!(diff < 1e-4, "{name} tp {tp}: max |Δ logprob| {diff}");
             assert!(
                 calls() > before,
                 "{name} tp {tp}: the MLA decode op never ran"
+            );
+            assert!(
+                prefill_calls() > prefills,
+                "{name} tp {tp}: the prefill attention op never ran"
             );
         }
     }
