@@ -5,6 +5,8 @@
 #include <float.h>
 #include <math_constants.h>
 
+#include "warp.cuh"
+
 #define ARGMAX_THREADS 256
 #define NO_INDEX 0xffffffffu
 
@@ -247,4 +249,97 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     return;
   }
   if (threadIdx.x == 0) out[blockIdx.x] = found;
+}
+
+// --- Logprobs of the drawn tokens: one block of LOGPROB_THREADS per row. ------------------------
+// As crates/ember-kernels/src/sampling.rs's log_softmax_top: logits through finite_or_neg_inf,
+// exp in f32 and their sum in f64, the token's logprob and the k best tokens (value first, lower
+// id on ties), found as k passes each taking the best after the previous one in that order. Out:
+// per row [logprob, id_0, logprob_0, ..., id_k-1, logprob_k-1] (ids as exact f32s).
+#define LOGPROB_THREADS 512
+
+__device__ __forceinline__ float lp_value(float logit) {
+  return isnan(logit) ? -CUDART_INF_F : fminf(logit, FLT_MAX);
+}
+
+// The best (value, id) of the row strictly after (after_v, after_i) in the order, or id NO_INDEX;
+// every thread gets it.
+__device__ void lp_best_after(const float* row, int vocab, float after_v, unsigned after_i,
+                              float& best_v, unsigned& best_i) {
+  __shared__ float warp_v[32];
+  __shared__ unsigned warp_i[32];
+  float bv = -CUDART_INF_F;
+  unsigned bi = NO_INDEX;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = lp_value(row[i]);
+    const bool after = v < after_v || (v == after_v && (unsigned)i > after_i);
+    if (after && argmax_better(v, (unsigned)i, bv, bi)) {
+      bv = v;
+      bi = (unsigned)i;
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float v = __shfl_down_sync(0xffffffffu, bv, offset);
+    const unsigned i = __shfl_down_sync(0xffffffffu, bi, offset);
+    if (argmax_better(v, i, bv, bi)) {
+      bv = v;
+      bi = i;
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) {
+    warp_v[warp] = bv;
+    warp_i[warp] = bi;
+  }
+  __syncthreads();
+  bv = warp_v[0];
+  bi = warp_i[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
+    if (argmax_better(warp_v[w], warp_i[w], bv, bi)) {
+      bv = warp_v[w];
+      bi = warp_i[w];
+    }
+  best_v = bv;
+  best_i = bi;
+}
+
+extern "C" __global__ void __launch_bounds__(LOGPROB_THREADS)
+    token_logprobs_f32(float* __restrict__ out, const float* __restrict__ logits,
+                       const unsigned* __restrict__ tokens, int vocab, int k) {
+  __shared__ float max_scratch[32];
+  __shared__ double sums[32];
+  const float* row = logits + (size_t)blockIdx.x * vocab;
+  float* o = out + (size_t)blockIdx.x * (1 + 2 * k);
+  float m = -CUDART_INF_F;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, lp_value(row[i]));
+  m = block_max(m, max_scratch);
+  double sum = 0.0;
+  if (m != -CUDART_INF_F)
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) sum += (double)expf(lp_value(row[i]) - m);
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) sums[warp] = sum;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += sums[w];
+  const double log_norm = m == -CUDART_INF_F ? CUDART_INF : (double)m + log(total);
+  if (threadIdx.x == 0) {
+    const unsigned t = tokens[blockIdx.x];
+    const float lt = t < (unsigned)vocab ? lp_value(row[t]) : -CUDART_INF_F;
+    o[0] = (float)((double)lt - log_norm);
+  }
+  float after_v = CUDART_INF_F;
+  unsigned after_i = NO_INDEX;
+  for (int j = 0; j < k; ++j) {
+    float v;
+    unsigned i;
+    lp_best_after(row, vocab, after_v, after_i, v, i);
+    if (threadIdx.x == 0) {
+      o[1 + 2 * j] = (float)i;
+      o[2 + 2 * j] = (float)((double)v - log_norm);
+    }
+    after_v = v;
+    after_i = i;
+  }
 }

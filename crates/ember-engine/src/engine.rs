@@ -395,20 +395,31 @@ impl Engine {
             .iter()
             .map(|&(i, _)| self.scheduler.running[i].dp_rank)
             .collect();
+        // Logprobs of the tokens a device step samples: computed where the logits are.
+        let logprobs: Vec<Option<usize>> = plan
+            .chunks
+            .iter()
+            .map(|&(i, n)| {
+                let seq = &self.scheduler.running[i];
+                seq.params.logprobs.filter(|_| seq.samples_after(n))
+            })
+            .collect();
         let logits = self
             .runner
             .prepare_ranked(&inputs, &ranks)
             .and_then(|batch| {
                 timer.lap(1);
                 if greedy || draws.is_some() {
-                    let tokens = match &draws {
-                        Some(draws) => self.runner.forward_draw(&batch, draws)?,
-                        None => self.runner.forward_greedy(&batch)?,
-                    };
+                    let sampled =
+                        self.runner
+                            .forward_sampled(&batch, draws.as_deref(), &logprobs)?;
                     self.stats
                         .device_sampled_steps
                         .fetch_add(1, Ordering::Relaxed);
-                    Ok(tokens.into_iter().map(StepOutput::Token).collect())
+                    Ok(sampled
+                        .into_iter()
+                        .map(|(token, logprob)| StepOutput::Token(token, logprob))
+                        .collect())
                 } else {
                     let rows = self.runner.forward(&batch)?;
                     Ok(rows.into_iter().map(StepOutput::Rows).collect::<Vec<_>>())
@@ -477,7 +488,8 @@ impl StepTimer {
 /// step that sampled greedily on the device, its token.
 enum StepOutput {
     Rows(Vec<Vec<f32>>),
-    Token(u32),
+    /// The token and, when asked for, its logprobs (computed where the logits are).
+    Token(u32, Option<TokenLogprob>),
 }
 
 /// Records a step's `n` computed tokens of `seq` and, once the sequence is caught up, samples
@@ -498,7 +510,7 @@ fn advance(
     seq.num_computed += n;
     let rows = match output {
         StepOutput::Rows(rows) => &rows[..],
-        StepOutput::Token(_) => &[],
+        StepOutput::Token(..) => &[],
     };
     let mut out = seq.output_template();
     if let (Some(logprobs), Some(k)) = (seq.prompt_logprobs.as_mut(), seq.params.prompt_logprobs) {
@@ -534,10 +546,10 @@ fn advance(
         seq.send(out);
         return true;
     }
-    if let StepOutput::Token(token_id) = *output {
+    if let StepOutput::Token(token_id, logprob) = output {
         // `takes_only_the_argmax` or `takes_only_a_device_draw` held: nothing banned, no
-        // grammar, no logprobs.
-        return emit(seq, out, token_id, None, max_model_len, stats);
+        // grammar; the logprobs, if asked for, came with the token.
+        return emit(seq, out, *token_id, logprob.clone(), max_model_len, stats);
     }
     let Some(row) = rows.last() else {
         fail(seq, "the model returned no logits");

@@ -1,9 +1,10 @@
 //! The model runner: owns the model and its KV cache, runs one flattened batch per step.
 //! It never decides policy; the scheduler tells it what to run.
 
+use ember_core::TokenLogprob;
 use ember_core::{EmberError, Result};
 use ember_kernels::sampling::DrawParams;
-use ember_models::greedy::{greedy_tokens, sampled_tokens};
+use ember_models::greedy::{greedy_token_ids, sampled_token_ids, token_logprobs};
 use ember_models::{CausalLm, ForwardBatch, KvCachePool, LoadedModel, SequenceInput};
 
 /// A loaded model plus its paged KV cache.
@@ -110,31 +111,60 @@ impl ModelRunner {
             .collect())
     }
 
-    /// Runs the model over a prepared batch whose sequences each own one logits row and all
-    /// decode greedily; returns each one's token (its row's argmax, the lowest id on ties),
-    /// chosen on the model's device so only the ids come back.
-    pub fn forward_greedy(&self, batch: &ForwardBatch) -> Result<Vec<u32>> {
-        if batch.logits_per_sequence.iter().any(|&n| n != 1) {
-            return Err(EmberError::Tensor(
-                "greedy decoding needs exactly one logits row per sequence".into(),
-            ));
-        }
-        let logits = self.model.forward(batch, &self.caches)?;
-        greedy_tokens(&logits).map_err(|e| EmberError::Tensor(e.to_string()))
-    }
-
-    /// Runs the model over a prepared batch whose sequences each own one logits row; returns
-    /// each one's token drawn under its `draws` entry on the model's device (greedy rows at
-    /// temperature 0), so only the ids come back.
-    pub fn forward_draw(&self, batch: &ForwardBatch, draws: &[DrawParams]) -> Result<Vec<u32>> {
-        if batch.logits_per_sequence.iter().any(|&n| n != 1) || draws.len() != batch.sequences.len()
+    /// Runs the model over a prepared batch whose sequences each own one logits row, and picks
+    /// each one's token where the logits are: its row's argmax (the lowest id on ties) without
+    /// `draws`, else drawn under its entry (greedy rows at temperature 0). `logprobs[i]` asks for
+    /// sequence i's token's logprob and that many best alternatives, computed there too (the host
+    /// sampler's definition). Only ids and logprobs come back.
+    pub fn forward_sampled(
+        &self,
+        batch: &ForwardBatch,
+        draws: Option<&[DrawParams]>,
+        logprobs: &[Option<usize>],
+    ) -> Result<Vec<(u32, Option<TokenLogprob>)>> {
+        let rows = batch.sequences.len();
+        if batch.logits_per_sequence.iter().any(|&n| n != 1)
+            || draws.is_some_and(|d| d.len() != rows)
+            || logprobs.len() != rows
         {
             return Err(EmberError::Tensor(
-                "device sampling needs exactly one logits row and one draw per sequence".into(),
+                "device sampling needs exactly one logits row, draw and logprobs request per sequence"
+                    .into(),
             ));
         }
         let logits = self.model.forward(batch, &self.caches)?;
-        sampled_tokens(&logits, draws).map_err(|e| EmberError::Tensor(e.to_string()))
+        let tensor = |e: candle_core::Error| EmberError::Tensor(e.to_string());
+        let ids = match draws {
+            Some(draws) => sampled_token_ids(&logits, draws),
+            None => greedy_token_ids(&logits),
+        }
+        .map_err(tensor)?;
+        let top = logprobs.iter().flatten().copied().max();
+        let lp_rows = top
+            .map(|k| token_logprobs(&logits, &ids, k).and_then(|t| t.to_vec2::<f32>()))
+            .transpose()
+            .map_err(tensor)?;
+        let tokens = ids.to_vec1::<u32>().map_err(tensor)?;
+        Ok(tokens
+            .into_iter()
+            .zip(logprobs)
+            .enumerate()
+            .map(|(i, (token_id, k))| {
+                let logprob = k.zip(lp_rows.as_ref()).map(|(k, rows)| {
+                    let row = &rows[i];
+                    TokenLogprob {
+                        token_id,
+                        logprob: row[0],
+                        top: row[1..]
+                            .chunks_exact(2)
+                            .take(k)
+                            .map(|p| (p[0] as u32, p[1]))
+                            .collect(),
+                    }
+                });
+                (token_id, logprob)
+            })
+            .collect())
     }
 
     /// Whether the model runs on a GPU.

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 
 use ember_core::{SamplingParams, TokenLogprob, TokenMask};
-use ember_kernels::sampling::{argmax, argmax_iter};
+use ember_kernels::sampling::{argmax, argmax_iter, finite_or_neg_inf};
 
 /// A request's own random stream, so that seeded sampling repeats whatever else shares the batch.
 ///
@@ -138,40 +138,14 @@ pub fn masking_is_conditioning(params: &SamplingParams) -> bool {
 }
 
 /// The log-probability of `token` under `log_softmax(logits)` and the `k` most likely tokens,
-/// best first, ties to the lower id. Also serves prompt logprobs.
+/// best first, ties to the lower id (ember-kernels' definition, which the device computes too).
+/// Also serves prompt logprobs.
 pub fn log_softmax_top(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
-    let k = k.min(logits.len());
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    let mut max = f32::NEG_INFINITY;
-    for (id, &logit) in logits.iter().enumerate() {
-        let logit = finite_or_neg_inf(logit);
-        max = max.max(logit);
-        // Scanning in id order and inserting after equal values keeps ties at the lower id.
-        if k > 0 && (top.len() < k || logit > top[k - 1].1) {
-            let at = top.partition_point(|&(_, best)| best >= logit);
-            top.insert(at, (id as u32, logit));
-            top.truncate(k);
-        }
-    }
-    let log_norm = if max == f32::NEG_INFINITY {
-        f64::INFINITY
-    } else {
-        // exp in f32 keeps a 150k-vocab row cheap; summing in f64 keeps the result exact to ~1e-7.
-        let sum: f64 = logits
-            .iter()
-            .map(|&l| f64::from((finite_or_neg_inf(l) - max).exp()))
-            .sum();
-        f64::from(max) + sum.ln()
-    };
-    let logprob = |logit: f32| (f64::from(logit) - log_norm) as f32;
-    let token_logit = logits
-        .get(token as usize)
-        .copied()
-        .map_or(f32::NEG_INFINITY, finite_or_neg_inf);
+    let (logprob, top) = ember_kernels::sampling::log_softmax_top(logits, token, k);
     TokenLogprob {
         token_id: token,
-        logprob: logprob(token_logit),
-        top: top.into_iter().map(|(id, l)| (id, logprob(l))).collect(),
+        logprob,
+        top,
     }
 }
 
@@ -310,17 +284,18 @@ fn modifies_logits(params: &SamplingParams) -> bool {
 }
 
 /// Whether `params` draws from the raw logits under temperature, top-k, top-p and min-p alone
-/// (or greedily) and wants nothing else from them: no bias or penalty, no logprobs. Such a token
-/// can be drawn where the logits are ([`ember_models::greedy::sampled_tokens`]).
+/// (or greedily), with at most the raw logprobs: no bias or penalty. Such a token, and its
+/// logprobs, can be drawn where the logits are ([`ember_models::greedy::sampled_token_ids`],
+/// [`ember_models::greedy::token_logprobs`]).
 pub fn is_plain_draw(params: &SamplingParams) -> bool {
-    !modifies_logits(params) && params.logprobs.is_none()
+    !modifies_logits(params)
 }
 
-/// Whether `params` picks the raw logits' argmax and wants nothing else from them: greedy, no
-/// bias or penalty, no logprobs. Such a token can be chosen where the logits are
-/// ([`ember_models::greedy::greedy_tokens`], the same argmax as here).
+/// Whether `params` picks the raw logits' argmax, with at most the raw logprobs: greedy, no bias
+/// or penalty. Such a token can be chosen where the logits are
+/// ([`ember_models::greedy::greedy_token_ids`], the same argmax as here).
 pub fn is_plain_greedy(params: &SamplingParams) -> bool {
-    params.is_greedy() && !modifies_logits(params) && params.logprobs.is_none()
+    params.is_greedy() && !modifies_logits(params)
 }
 
 /// Applies `logit_bias`, then the repetition penalty (prompt and output tokens), then the
@@ -460,15 +435,6 @@ fn weight_sum(candidates: &[(u32, f32)]) -> f64 {
 
 fn best_first(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-}
-
-/// NaN becomes -inf (never chosen) and +inf the largest finite value, so softmax stays NaN-free.
-fn finite_or_neg_inf(logit: f32) -> f32 {
-    if logit.is_nan() {
-        f32::NEG_INFINITY
-    } else {
-        logit.min(f32::MAX)
-    }
 }
 
 #[cfg(test)]

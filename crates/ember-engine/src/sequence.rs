@@ -132,9 +132,9 @@ impl Sequence {
     }
 
     /// Whether a step of `n` of this sequence's tokens can run on device-side greedy sampling:
-    /// what it takes from the step is at most one token, its logits' plain argmax (see
-    /// [`crate::sampler::is_plain_greedy`]); a step that does not sample must not want the rows
-    /// either (prompt logprobs, an embedding).
+    /// what it takes from the step is at most one token, its logits' plain argmax, and its raw
+    /// logprobs (see [`crate::sampler::is_plain_greedy`]); a step that does not sample must not
+    /// want the rows either (prompt logprobs, an embedding).
     pub fn takes_only_the_argmax(&self, n: usize) -> bool {
         if self.params.embed || self.prompt_logprobs.is_some() {
             return false;
@@ -146,8 +146,8 @@ impl Sequence {
     }
 
     /// Whether this step's chunk of `n` tokens needs nothing of its logits that a device draw
-    /// cannot give: no sampling, or a draw under temperature, top-k, top-p and min-p alone (no
-    /// bias, penalty, logprobs, grammar or banned stop).
+    /// cannot give: no sampling, or a draw under temperature, top-k, top-p and min-p alone, with
+    /// its raw logprobs if asked (no bias, penalty, grammar or banned stop).
     pub fn takes_only_a_device_draw(&self, n: usize) -> bool {
         if self.params.embed || self.prompt_logprobs.is_some() {
             return false;

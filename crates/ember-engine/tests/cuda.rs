@@ -137,9 +137,10 @@ fn ember_paged_attention_kernel_matches_transformers_on_cuda() {
     }
 }
 
-/// Plain greedy requests (no logprobs) take the device-greedy path: the argmax kernel on the
-/// GPU, only token ids copied back. Their tokens must be transformers' greedy tokens, batched
-/// and chunked, and every step must have sampled on the device.
+/// Plain greedy requests take the device-greedy path: the argmax kernel on the GPU (and, for
+/// every other request here, the logprobs kernel), only token ids and logprobs copied back.
+/// Their tokens must be transformers' greedy tokens and their logprobs its greedy logprobs
+/// (f32 tolerance), batched and chunked, and every step must have sampled on the device.
 #[test]
 fn device_greedy_sampling_on_cuda_gives_the_reference_tokens() {
     let Some(device) = gpu("device_greedy_sampling_on_cuda_gives_the_reference_tokens") else {
@@ -151,16 +152,27 @@ fn device_greedy_sampling_on_cuda_gives_the_reference_tokens() {
         let prompts = reference["prompts"].as_array().unwrap();
         let receivers: Vec<_> = prompts
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
                 let params = ember_core::SamplingParams {
                     ignore_eos: true,
+                    logprobs: (i % 2 == 1).then_some(4),
                     ..ember_core::SamplingParams::greedy(greedy_steps(p))
                 };
                 engine.submit(ids(&p["token_ids"]), params).unwrap()
             })
             .collect();
-        for (rx, p) in receivers.into_iter().zip(prompts) {
-            assert_eq!(collect(rx).tokens, ids(&p["greedy"]["token_ids"]), "{name}");
+        for (i, (rx, p)) in receivers.into_iter().zip(prompts).enumerate() {
+            let got = collect(rx);
+            assert_eq!(got.tokens, ids(&p["greedy"]["token_ids"]), "{name}");
+            if i % 2 == 1 {
+                assert_close(
+                    &format!("{name}: logprobs on the GPU"),
+                    &got.logprobs,
+                    &floats(&p["greedy"]["logprobs"]),
+                    LOGPROB_TOL,
+                );
+            }
         }
         let stats = engine.stats();
         assert!(

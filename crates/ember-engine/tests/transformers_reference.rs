@@ -231,9 +231,10 @@ fn min_tokens_bans_the_stop_token_until_reached() {
 }
 
 /// Steps where every sequence decodes plainly greedily choose their tokens on the model's device
-/// (`ModelRunner::forward_greedy`); they must be the host sampler's tokens, and so the
-/// reference's, alone, batched with chunked prefills, and mixed with a request that needs its
-/// logits rows (logprobs), which sends the steps it shares back to the host sampler.
+/// (`ModelRunner::forward_sampled`); they must be the host sampler's tokens, and so the
+/// reference's, alone (also with logprobs, computed there too), batched with chunked prefills,
+/// and mixed with a request that needs its logits rows (prompt logprobs), which sends the steps
+/// it shares back to the host sampler.
 #[test]
 fn device_greedy_sampling_gives_the_host_samplers_tokens() {
     let plain = |steps| SamplingParams {
@@ -261,6 +262,22 @@ fn device_greedy_sampling_gives_the_host_samplers_tokens() {
             let got = collect(submit(p, plain(want.len())));
             assert_eq!(&got.tokens, want, "{name}: alone");
             assert!(got.logprobs.is_empty());
+        }
+        // Logprobs come with the device's tokens, computed where the logits are: the reference's
+        // greedy logprobs, and still every step sampled there.
+        for (p, want) in prompts.iter().zip(&want) {
+            let params = SamplingParams {
+                logprobs: Some(3),
+                ..plain(want.len())
+            };
+            let got = collect(submit(p, params));
+            assert_eq!(&got.tokens, want, "{name}: with logprobs");
+            assert_close(
+                &format!("{name}: device logprobs"),
+                &got.logprobs,
+                &floats(&p["greedy"]["logprobs"]),
+                LOGPROB_TOL,
+            );
         }
         let before = engine.stats();
         // The last step's count may not be published yet when its request has finished.

@@ -47,6 +47,8 @@ const PREFILL_ATTENTION_FATBIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/prefill_attention.fatbin"));
 /// Threads per block of `argmax_f32` in `kernels/sampling.cu` (its `ARGMAX_THREADS`).
 const ARGMAX_THREADS: u32 = 256;
+/// Threads per block of `token_logprobs_f32` in `kernels/sampling.cu` (its `LOGPROB_THREADS`).
+const LOGPROB_THREADS: u32 = 512;
 /// Threads per block of `sample_rows_f32` in `kernels/sampling.cu` (its `SAMPLE_THREADS`).
 const SAMPLE_THREADS: u32 = 512;
 /// Warps per block and rows of `x` per block of `kernels/w4a16.cu` (`W4A16_WARPS`, `W4A16_ROWS`)
@@ -677,6 +679,57 @@ impl CudaKernels {
         // SAFETY: matches sample_rows_f32(unsigned*, const float*, const float*, int) in
         // kernels/sampling.cu; sample_shape checked `rows` rows of `vocab` logits, five params
         // and one output per row (top_k below 2^23, exact as a float).
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::sampling::token_logprobs_rows`] on the GPU: each row's token's logprob and its
+    /// `k` best alternatives (at most the vocab), packed per row as
+    /// [`crate::sampling::logprobs_width`] says.
+    pub fn token_logprobs(
+        &self,
+        logits: &CudaView<f32>,
+        vocab: usize,
+        tokens: &CudaView<u32>,
+        k: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let op = "token_logprobs";
+        let rows = crate::sampling::argmax_shape(logits.len(), vocab, tokens.len())?;
+        let k = k.min(vocab);
+        check_shape(
+            out.len() == rows * crate::sampling::logprobs_width(k),
+            op,
+            || {
+                format!(
+                    "out has {} elements for {rows} rows of {k} alternatives",
+                    out.len()
+                )
+            },
+        )?;
+        check_shape(vocab < 1 << 24, op, || {
+            format!("vocab {vocab}: ids must be exact as f32")
+        })?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let rows = u32::try_from(rows).map_err(|_| too_big(op, "rows", rows))?;
+        let (vocab_arg, k_arg) = (int32(op, "vocab", vocab)?, int32(op, "k", k)?);
+        let f = self.sampling.load_function("token_logprobs_f32")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(out)
+            .arg(logits)
+            .arg(tokens)
+            .arg(&vocab_arg)
+            .arg(&k_arg);
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (LOGPROB_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches token_logprobs_f32(float*, const float*, const unsigned*, int, int) in
+        // kernels/sampling.cu; `rows` rows of `vocab` logits, one token and 1 + 2k outputs each.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -55,6 +55,98 @@ pub fn argmax_rows(logits: &[f32], vocab: usize, out: &mut [u32]) -> Result<(), 
     Ok(())
 }
 
+/// A logit as the logprobs see it: NaN is -inf, +inf the largest finite f32.
+pub fn finite_or_neg_inf(logit: f32) -> f32 {
+    if logit.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        logit.min(f32::MAX)
+    }
+}
+
+/// The log-probability of `token` under `log_softmax(row)` and the `k` most likely tokens with
+/// theirs, best first, ties to the lower id: the one definition of reported logprobs (the host
+/// sampler's, and the reference of `kernels/sampling.cu`'s `token_logprobs_f32`). Logits pass
+/// through [`finite_or_neg_inf`]; exps are f32, their sum f64; a row of nothing but -inf gives
+/// -inf everywhere.
+pub fn log_softmax_top(row: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let k = k.min(row.len());
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    let mut max = f32::NEG_INFINITY;
+    for (id, &logit) in row.iter().enumerate() {
+        let logit = finite_or_neg_inf(logit);
+        max = max.max(logit);
+        // Scanning in id order and inserting after equal values keeps ties at the lower id.
+        if k > 0 && (top.len() < k || logit > top[k - 1].1) {
+            let at = top.partition_point(|&(_, best)| best >= logit);
+            top.insert(at, (id as u32, logit));
+            top.truncate(k);
+        }
+    }
+    let log_norm = if max == f32::NEG_INFINITY {
+        f64::INFINITY
+    } else {
+        // exp in f32 keeps a 150k-vocab row cheap; summing in f64 keeps the result exact to ~1e-7.
+        let sum: f64 = row
+            .iter()
+            .map(|&l| f64::from((finite_or_neg_inf(l) - max).exp()))
+            .sum();
+        f64::from(max) + sum.ln()
+    };
+    let logprob = |logit: f32| (f64::from(logit) - log_norm) as f32;
+    let token_logit = row
+        .get(token as usize)
+        .copied()
+        .map_or(f32::NEG_INFINITY, finite_or_neg_inf);
+    (
+        logprob(token_logit),
+        top.into_iter().map(|(id, l)| (id, logprob(l))).collect(),
+    )
+}
+
+/// f32s per row of [`token_logprobs_rows`]'s output for `k` alternatives: the token's logprob,
+/// then each alternative's id (exact in f32 below 2^24) and logprob.
+pub fn logprobs_width(k: usize) -> usize {
+    1 + 2 * k
+}
+
+/// CPU reference of `token_logprobs_f32`: each row's [`log_softmax_top`] of its token
+/// (`tokens[r]`) with `k` alternatives (at most the vocab), packed as [`logprobs_width`] says.
+pub fn token_logprobs_rows(
+    logits: &[f32],
+    vocab: usize,
+    tokens: &[u32],
+    k: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let rows = argmax_shape(logits.len(), vocab, tokens.len())?;
+    let k = k.min(vocab);
+    check_shape(
+        out.len() == rows * logprobs_width(k),
+        "token_logprobs",
+        || {
+            format!(
+                "out has {} elements, expected {rows} rows x {}",
+                out.len(),
+                logprobs_width(k)
+            )
+        },
+    )?;
+    for ((row, &token), out) in logits
+        .chunks_exact(vocab)
+        .zip(tokens)
+        .zip(out.chunks_exact_mut(logprobs_width(k)))
+    {
+        let (lp, top) = log_softmax_top(row, token, k);
+        out[0] = lp;
+        for (j, (id, l)) in top.into_iter().enumerate() {
+            out[1 + 2 * j] = id as f32;
+            out[2 + 2 * j] = l;
+        }
+    }
+    Ok(())
+}
+
 /// One row's sampling settings and its draw (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DrawParams {

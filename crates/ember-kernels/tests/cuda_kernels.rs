@@ -1871,3 +1871,52 @@ fn prefill_attention_matches_the_cpu_reference() {
         eprintln!("{what}: matches");
     }
 }
+
+/// The drawn tokens' logprobs and best alternatives on the GPU against the CPU reference (the
+/// host sampler's definition): Qwen3's vocabulary and a small one with repeated logits (ties to
+/// the lower id), NaN and ±inf, and a row of nothing but -inf; 0, 5 and 20 alternatives. Ids
+/// exactly; logprobs within 1e-5 (f32 exps summed in f64 in another order).
+#[test]
+fn token_logprobs_match_the_cpu_reference() {
+    use ember_kernels::sampling::{logprobs_width, token_logprobs_rows};
+    let Some(k) = kernels() else { return };
+    let st = k.stream();
+    let mut rng = rng();
+    for (rows, vocab) in [(3, 151_936), (6, 1000)] {
+        let mut logits: Vec<f32> = (0..rows * vocab)
+            .map(|_| (rng.random_range(-8.0f32..8.0) * 4.0).round() / 4.0)
+            .collect();
+        if vocab == 1000 {
+            logits[7] = f32::NAN;
+            logits[vocab + 3] = f32::INFINITY;
+            logits[2 * vocab + 5] = f32::NEG_INFINITY;
+            logits[3 * vocab..4 * vocab].fill(f32::NEG_INFINITY);
+        }
+        let tokens: Vec<u32> = (0..rows)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
+        for top in [0, 5, 20] {
+            let what = format!("token_logprobs rows {rows} vocab {vocab} k {top}");
+            let mut cpu = vec![0f32; rows * logprobs_width(top)];
+            token_logprobs_rows(&logits, vocab, &tokens, top, &mut cpu).unwrap();
+            let (dl, dt) = (
+                st.clone_htod(&logits).unwrap(),
+                st.clone_htod(&tokens).unwrap(),
+            );
+            let mut dout = st.alloc_zeros::<f32>(cpu.len()).unwrap();
+            k.token_logprobs(&dl.as_view(), vocab, &dt.as_view(), top, &mut dout)
+                .unwrap();
+            let gpu = st.clone_dtoh(&dout).unwrap();
+            for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+                let is_id = i % logprobs_width(top) % 2 == 1;
+                let close = if is_id {
+                    g == c
+                } else {
+                    (g == c) || (g - c).abs() <= 1e-5
+                };
+                assert!(close, "{what}[{i}]: GPU {g} vs CPU {c}");
+            }
+            eprintln!("{what}: matches");
+        }
+    }
+}
