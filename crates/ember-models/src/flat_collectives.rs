@@ -57,16 +57,16 @@ const HEADER_DTYPES: [DType; 7] = [
 ];
 /// Dimensions a header carries.
 const HEADER_DIMS: usize = 6;
-/// `[dtype index, rank, dims...]`.
+/// `[dtype index, number of dimensions, dims...]`.
 const HEADER_LEN: usize = 2 + HEADER_DIMS;
 
 fn header(dtype: DType, shape: &[usize]) -> Result<[i64; HEADER_LEN]> {
     let Some(code) = HEADER_DTYPES.iter().position(|&d| d == dtype) else {
-        candle_core::bail!("NCCL collectives do not take {dtype:?} tensors")
+        candle_core::bail!("the flat collectives do not take {dtype:?} tensors")
     };
     if shape.len() > HEADER_DIMS {
         candle_core::bail!(
-            "NCCL collectives take tensors of up to {HEADER_DIMS} dimensions, not {shape:?}"
+            "the flat collectives take tensors of up to {HEADER_DIMS} dimensions, not {shape:?}"
         );
     }
     let mut h = [0i64; HEADER_LEN];
@@ -85,7 +85,7 @@ fn read_header(h: &[i64]) -> Result<(DType, Vec<usize>)> {
     let dims = usize::try_from(h[1]).ok().filter(|&n| n <= HEADER_DIMS);
     match (dtype, dims) {
         (Some(dtype), Some(n)) => Ok((dtype, h[2..2 + n].iter().map(|&d| d as usize).collect())),
-        _ => candle_core::bail!("a rank sent a malformed NCCL header {h:?}"),
+        _ => candle_core::bail!("a rank sent a malformed collective header {h:?}"),
     }
 }
 
