@@ -15,46 +15,58 @@ __device__ __forceinline__ bool argmax_better(float v, unsigned i, float best, u
   return v > best || (v == best && i < best_i);
 }
 
-// The row's argmax under argmax_better's order, for any blockDim that is a multiple of 32 (at
-// most 1024); every thread gets it.
-__device__ unsigned block_argmax(const float* row, int vocab) {
+// The best (value, index) of the row under argmax_better's order among the indices `eligible`
+// keeps, each valued by `value(logit)`, for any blockDim that is a multiple of 32 (at most 1024);
+// every thread gets it (index NO_INDEX when nothing is eligible).
+template <typename Value, typename Eligible>
+__device__ void block_best(const float* row, int vocab, Value value, Eligible eligible,
+                           float& best_v, unsigned& best_i) {
   __shared__ float warp_best[32];
   __shared__ unsigned warp_index[32];
-  __shared__ unsigned result;
   float best = -CUDART_INF_F;
-  unsigned best_i = NO_INDEX;
+  unsigned bi = NO_INDEX;
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    if (argmax_better(row[i], (unsigned)i, best, best_i)) {
-      best = row[i];
-      best_i = (unsigned)i;
+    const float v = value(row[i]);
+    if (eligible(v, (unsigned)i) && argmax_better(v, (unsigned)i, best, bi)) {
+      best = v;
+      bi = (unsigned)i;
     }
   }
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float v = __shfl_down_sync(0xffffffffu, best, offset);
-    const unsigned i = __shfl_down_sync(0xffffffffu, best_i, offset);
-    if (argmax_better(v, i, best, best_i)) {
+    const unsigned i = __shfl_down_sync(0xffffffffu, bi, offset);
+    if (argmax_better(v, i, best, bi)) {
       best = v;
-      best_i = i;
+      bi = i;
     }
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
+  __syncthreads();  // the arrays may still be read from the previous call
   if (lane == 0) {
     warp_best[warp] = best;
-    warp_index[warp] = best_i;
+    warp_index[warp] = bi;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
-      if (argmax_better(warp_best[w], warp_index[w], best, best_i)) {
-        best = warp_best[w];
-        best_i = warp_index[w];
-      }
+  best = warp_best[0];
+  bi = warp_index[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) {
+    if (argmax_better(warp_best[w], warp_index[w], best, bi)) {
+      best = warp_best[w];
+      bi = warp_index[w];
     }
-    result = best_i == NO_INDEX ? 0u : best_i;
   }
-  __syncthreads();
-  return result;
+  best_v = best;
+  best_i = bi;
+}
+
+// The row's argmax under argmax_better's order (0 for a row of nothing but NaN); every thread
+// gets it.
+__device__ unsigned block_argmax(const float* row, int vocab) {
+  float v;
+  unsigned i;
+  block_best(
+      row, vocab, [](float logit) { return logit; }, [](float, unsigned) { return true; }, v, i);
+  return i == NO_INDEX ? 0u : i;
 }
 
 extern "C" __global__ void argmax_f32(unsigned* __restrict__ out, const float* __restrict__ logits,
@@ -262,48 +274,6 @@ __device__ __forceinline__ float lp_value(float logit) {
   return isnan(logit) ? -CUDART_INF_F : fminf(logit, FLT_MAX);
 }
 
-// The best (value, id) of the row strictly after (after_v, after_i) in the order, or id NO_INDEX;
-// every thread gets it.
-__device__ void lp_best_after(const float* row, int vocab, float after_v, unsigned after_i,
-                              float& best_v, unsigned& best_i) {
-  __shared__ float warp_v[32];
-  __shared__ unsigned warp_i[32];
-  float bv = -CUDART_INF_F;
-  unsigned bi = NO_INDEX;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float v = lp_value(row[i]);
-    const bool after = v < after_v || (v == after_v && (unsigned)i > after_i);
-    if (after && argmax_better(v, (unsigned)i, bv, bi)) {
-      bv = v;
-      bi = (unsigned)i;
-    }
-  }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float v = __shfl_down_sync(0xffffffffu, bv, offset);
-    const unsigned i = __shfl_down_sync(0xffffffffu, bi, offset);
-    if (argmax_better(v, i, bv, bi)) {
-      bv = v;
-      bi = i;
-    }
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) {
-    warp_v[warp] = bv;
-    warp_i[warp] = bi;
-  }
-  __syncthreads();
-  bv = warp_v[0];
-  bi = warp_i[0];
-  for (int w = 1; w < (int)(blockDim.x >> 5); ++w)
-    if (argmax_better(warp_v[w], warp_i[w], bv, bi)) {
-      bv = warp_v[w];
-      bi = warp_i[w];
-    }
-  best_v = bv;
-  best_i = bi;
-}
-
 extern "C" __global__ void __launch_bounds__(LOGPROB_THREADS)
     token_logprobs_f32(float* __restrict__ out, const float* __restrict__ logits,
                        const unsigned* __restrict__ tokens, int vocab, int k) {
@@ -334,7 +304,11 @@ extern "C" __global__ void __launch_bounds__(LOGPROB_THREADS)
   for (int j = 0; j < k; ++j) {
     float v;
     unsigned i;
-    lp_best_after(row, vocab, after_v, after_i, v, i);
+    // The best strictly after the previous one in the order.
+    block_best(
+        row, vocab, lp_value,
+        [=](float x, unsigned id) { return x < after_v || (x == after_v && id > after_i); }, v,
+        i);
     if (threadIdx.x == 0) {
       o[1 + 2 * j] = (float)i;
       o[2 + 2 * j] = (float)((double)v - log_norm);

@@ -1323,45 +1323,7 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
         blocks: &crate::fused_moe::ScaleBlocks,
     ) -> Result<(), KernelError> {
-        const OP: &str = "grouped_w8a16_tc";
-        let s = shape;
-        check_shape(
-            std::mem::size_of::<P>() == 1 && T::KERNEL_SUFFIX == "bf16",
-            OP,
-            || "one-byte e4m3 weights and bf16 activations (tensor cores)".into(),
-        )?;
-        let (cap, host) = self.check_alignment(OP, align, s)?;
-        crate::fused_moe::grouped_w8a16_shape(
-            s,
-            blocks,
-            out.len(),
-            x.len(),
-            w.len(),
-            scales.len(),
-            &host,
-        )?;
-        if s.num_entries == 0 {
-            return Ok(());
-        }
-        let extra = [
-            int32(OP, "block_n", blocks.block_n)?,
-            int32(OP, "block_k", blocks.block_k)?,
-        ];
-        let args = grouped_ints(OP, s, &extra)?;
-        let f = kernel(&self.fused_moe, OP, T::KERNEL_SUFFIX)?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(out).arg(x).arg(w).arg(scales);
-        push_alignment(&mut launch, align);
-        for a in &args {
-            launch.arg(a);
-        }
-        let cfg = wmma_tile_launch(OP, cap, s)?;
-        // SAFETY: matches grouped_w8a16_tc_bf16(bf16*, const bf16*, const u8*, const float*,
-        // const unsigned* x 3, int x 7) in kernels/fused_moe.cu (T is bf16, checked); it reads x
-        // rows of ids < num_entries and weights and scales of experts < num_experts within the
-        // lengths checked above, and writes rows of ids < num_entries.
-        unsafe { launch.launch(cfg) }?;
-        Ok(())
+        self.grouped_w8a16_on(true, out, x, w, scales, align, shape, blocks)
     }
 
     /// [`crate::fused_moe::grouped_w4a16_tc`] on the GPU: the grouped GEMM over 4-bit experts on
@@ -1377,46 +1339,7 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
         params: &crate::fused_moe::W4Params,
     ) -> Result<(), KernelError> {
-        const OP: &str = "grouped_w4a16_tc";
-        let s = shape;
-        check_shape(T::KERNEL_SUFFIX == "bf16", OP, || {
-            "bf16 activations (tensor cores)".into()
-        })?;
-        let (cap, host) = self.check_alignment(OP, align, s)?;
-        crate::fused_moe::grouped_w4a16_shape(
-            s,
-            params,
-            out.len(),
-            x.len(),
-            codes.len(),
-            qparams.len(),
-            &host,
-        )?;
-        if s.num_entries == 0 {
-            return Ok(());
-        }
-        let extra = [
-            int32(OP, "group_size", params.group_size)?,
-            i32::from(params.f16_weights),
-            i32::from(params.e2m1),
-            i32::from(params.zeros),
-            params.scales.code(),
-        ];
-        let args = grouped_ints(OP, s, &extra)?;
-        let f = kernel(&self.fused_moe, OP, T::KERNEL_SUFFIX)?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(out).arg(x).arg(codes).arg(qparams);
-        push_alignment(&mut launch, align);
-        for a in &args {
-            launch.arg(a);
-        }
-        let cfg = wmma_tile_launch(OP, cap, s)?;
-        // SAFETY: matches grouped_w4a16_tc_bf16(bf16*, const bf16*, const u8*, const float*,
-        // const unsigned* x 3, int x 10) in kernels/fused_moe.cu (T is bf16, checked); it reads x
-        // rows of ids < num_entries and codes and qparams of experts < num_experts within the
-        // lengths checked above, and writes rows of ids < num_entries.
-        unsafe { launch.launch(cfg) }?;
-        Ok(())
+        self.grouped_w4a16_on(true, out, x, codes, qparams, align, shape, params)
     }
 
     /// [`crate::fused_moe::grouped_w8a16`] on the GPU over an alignment
@@ -1433,12 +1356,36 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
         blocks: &crate::fused_moe::ScaleBlocks,
     ) -> Result<(), KernelError> {
-        const OP: &str = "grouped_w8a16";
+        self.grouped_w8a16_on(false, out, x, w, scales, align, shape, blocks)
+    }
+
+    /// The grouped W8A16 GEMM on the SIMT tiles (`kernels/moe_w8a16.cu`), or with
+    /// `tensor_cores` the bf16 WMMA tiles (`grouped_w8a16_tc_bf16` in `kernels/fused_moe.cu`).
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_w8a16_on<T: CudaElement, P: DeviceRepr>(
+        &self,
+        tensor_cores: bool,
+        out: &mut CudaSlice<T>,
+        x: &CudaView<T>,
+        w: &CudaView<P>,
+        scales: &CudaView<f32>,
+        align: &DeviceAlignment,
+        shape: &GroupedGemmShape,
+        blocks: &crate::fused_moe::ScaleBlocks,
+    ) -> Result<(), KernelError> {
+        let op: &'static str = if tensor_cores {
+            "grouped_w8a16_tc"
+        } else {
+            "grouped_w8a16"
+        };
         let s = shape;
-        check_shape(std::mem::size_of::<P>() == 1, OP, || {
+        check_shape(std::mem::size_of::<P>() == 1, op, || {
             "e4m3 weights are one byte each".into()
         })?;
-        let (cap, host) = self.check_alignment(OP, align, s)?;
+        check_shape(!tensor_cores || T::KERNEL_SUFFIX == "bf16", op, || {
+            "bf16 activations (tensor cores)".into()
+        })?;
+        let (cap, host) = self.check_alignment(op, align, s)?;
         crate::fused_moe::grouped_w8a16_shape(
             s,
             blocks,
@@ -1452,22 +1399,32 @@ impl CudaKernels {
             return Ok(());
         }
         let extra = [
-            int32(OP, "block_n", blocks.block_n)?,
-            int32(OP, "block_k", blocks.block_k)?,
+            int32(op, "block_n", blocks.block_n)?,
+            int32(op, "block_k", blocks.block_k)?,
         ];
-        let args = grouped_ints(OP, s, &extra)?;
-        let f = kernel(&self.moe_w8a16, OP, T::KERNEL_SUFFIX)?;
+        let args = grouped_ints(op, s, &extra)?;
+        let module = if tensor_cores {
+            &self.fused_moe
+        } else {
+            &self.moe_w8a16
+        };
+        let f = kernel(module, op, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(x).arg(w).arg(scales);
         push_alignment(&mut launch, align);
         for a in &args {
             launch.arg(a);
         }
-        let cfg = grouped_tile_launch(OP, cap, s)?;
-        // SAFETY: matches grouped_w8a16_<T>(T*, const T*, const u8*, const float*, const unsigned*
-        // x 3, int x 7) in kernels/moe_w8a16.cu; the kernel reads x rows of ids < num_entries,
-        // weights and scales of experts < num_experts within the lengths checked above, and
-        // writes rows of ids < num_entries.
+        let cfg = if tensor_cores {
+            wmma_tile_launch(op, cap, s)?
+        } else {
+            grouped_tile_launch(op, cap, s)?
+        };
+        // SAFETY: matches grouped_w8a16_<T> in kernels/moe_w8a16.cu and grouped_w8a16_tc_bf16 in
+        // kernels/fused_moe.cu (T is bf16 there, checked), both (T*, const T*, const u8*, const
+        // float*, const unsigned* x 3, int x 7); they read x rows of ids < num_entries, weights
+        // and scales of experts < num_experts within the lengths checked above, and write rows of
+        // ids < num_entries.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
@@ -1485,9 +1442,33 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
         params: &crate::fused_moe::W4Params,
     ) -> Result<(), KernelError> {
-        const OP: &str = "grouped_w4a16";
+        self.grouped_w4a16_on(false, out, x, codes, qparams, align, shape, params)
+    }
+
+    /// The grouped W4A16 GEMM on the SIMT tiles (`kernels/moe_w4a16.cu`), or with
+    /// `tensor_cores` the bf16 WMMA tiles (`grouped_w4a16_tc_bf16` in `kernels/fused_moe.cu`).
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_w4a16_on<T: CudaElement>(
+        &self,
+        tensor_cores: bool,
+        out: &mut CudaSlice<T>,
+        x: &CudaView<T>,
+        codes: &CudaView<u8>,
+        qparams: &CudaView<f32>,
+        align: &DeviceAlignment,
+        shape: &GroupedGemmShape,
+        params: &crate::fused_moe::W4Params,
+    ) -> Result<(), KernelError> {
+        let op: &'static str = if tensor_cores {
+            "grouped_w4a16_tc"
+        } else {
+            "grouped_w4a16"
+        };
         let s = shape;
-        let (cap, host) = self.check_alignment(OP, align, s)?;
+        check_shape(!tensor_cores || T::KERNEL_SUFFIX == "bf16", op, || {
+            "bf16 activations (tensor cores)".into()
+        })?;
+        let (cap, host) = self.check_alignment(op, align, s)?;
         crate::fused_moe::grouped_w4a16_shape(
             s,
             params,
@@ -1501,23 +1482,33 @@ impl CudaKernels {
             return Ok(());
         }
         let extra = [
-            int32(OP, "group_size", params.group_size)?,
+            int32(op, "group_size", params.group_size)?,
             i32::from(params.f16_weights),
             i32::from(params.e2m1),
             i32::from(params.zeros),
             params.scales.code(),
         ];
-        let args = grouped_ints(OP, s, &extra)?;
-        let f = kernel(&self.moe_w4a16, OP, T::KERNEL_SUFFIX)?;
+        let args = grouped_ints(op, s, &extra)?;
+        let module = if tensor_cores {
+            &self.fused_moe
+        } else {
+            &self.moe_w4a16
+        };
+        let f = kernel(module, op, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(x).arg(codes).arg(qparams);
         push_alignment(&mut launch, align);
         for a in &args {
             launch.arg(a);
         }
-        let cfg = grouped_tile_launch(OP, cap, s)?;
-        // SAFETY: matches grouped_w4a16_<T>(T*, const T*, const u8*, const float*, const unsigned*
-        // x 3, int x 10) in kernels/moe_w4a16.cu; the kernel reads x rows of ids < num_entries,
+        let cfg = if tensor_cores {
+            wmma_tile_launch(op, cap, s)?
+        } else {
+            grouped_tile_launch(op, cap, s)?
+        };
+        // SAFETY: matches grouped_w4a16_<T> in kernels/moe_w4a16.cu and grouped_w4a16_tc_bf16 in
+        // kernels/fused_moe.cu (T is bf16 there, checked), both (T*, const T*, const u8*, const
+        // float*, const unsigned* x 3, int x 10); the kernel reads x rows of ids < num_entries,
         // codes and qparams of experts < num_experts within the lengths checked above, and
         // writes rows of ids < num_entries.
         unsafe { launch.launch(cfg) }?;
