@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
-    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -75,8 +75,67 @@ pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {}
 impl CudaElement for f32 {}
 impl CudaElement for half::bf16 {}
 
+/// Page-locked host buffers that step metadata is staged in on its way to the GPU, so the copy
+/// is a true asynchronous DMA: a copy from pageable memory first waits for the stream's earlier
+/// work, which mid-step (the first attention layer's metadata) stalls the host that queues the
+/// rest of the step. Per size class (powers of two), a ring of [`STAGING_RING`] buffers used in
+/// turn; writing into one waits only for that buffer's own previous copy (cudarc's event on it),
+/// long done by the time the ring comes round.
+struct Staging<T> {
+    classes: std::sync::Mutex<std::collections::HashMap<usize, StagingRing<T>>>,
+}
+
+/// One size class of [`Staging`]: the next buffer to use, and the buffers made so far.
+type StagingRing<T> = (usize, Vec<PinnedHostSlice<T>>);
+
+/// Buffers per size class of [`Staging`].
+const STAGING_RING: usize = 8;
+/// Smallest staged buffer, and the largest a copy is staged in (bigger ones, such as a long
+/// prefill's causal masks, copy from pageable memory as before).
+const STAGING_MIN: usize = 256;
+const STAGING_MAX: usize = 1 << 20;
+
+impl<T: DeviceRepr + ValidAsZeroBits + Copy> Staging<T> {
+    fn new() -> Self {
+        Self {
+            classes: Default::default(),
+        }
+    }
+
+    /// `data` on the GPU through a pinned buffer: a slice of at least `data.len()` elements
+    /// (its size class; the first `data.len()` are `data`), or `None` when `data` is too large
+    /// to stage.
+    fn upload(
+        &self,
+        stream: &Arc<CudaStream>,
+        data: &[T],
+    ) -> Result<Option<CudaSlice<T>>, KernelError> {
+        let cap = data.len().next_power_of_two().max(STAGING_MIN);
+        if cap > STAGING_MAX {
+            return Ok(None);
+        }
+        let mut classes = self.classes.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, ring) = classes.entry(cap).or_insert_with(|| (0, Vec::new()));
+        let at = *next;
+        *next = (at + 1) % STAGING_RING;
+        if ring.len() <= at {
+            // SAFETY: the buffer is written below before it is copied from.
+            ring.push(unsafe { stream.context().alloc_pinned::<T>(cap) }?);
+        }
+        let host = &mut ring[at];
+        // Waits for this buffer's previous copy, STAGING_RING uploads of this size ago.
+        host.as_mut_slice()?[..data.len()].copy_from_slice(data);
+        // SAFETY: every element is written by the copy below.
+        let mut dst = unsafe { stream.alloc::<T>(cap) }?;
+        stream.memcpy_htod(host, &mut dst)?;
+        Ok(Some(dst))
+    }
+}
+
 /// ember's kernels loaded on one GPU, with the stream they launch on.
 pub struct CudaKernels {
+    staging_u32: Staging<u32>,
+    staging_f32: Staging<f32>,
     stream: Arc<CudaStream>,
     rms_norm: Arc<CudaModule>,
     rotary: Arc<CudaModule>,
@@ -134,8 +193,28 @@ impl CudaKernels {
             w8a8: load(W8A8_FATBIN)?,
             moe_routing: load(MOE_ROUTING_FATBIN)?,
             fused_moe: load(FUSED_MOE_FATBIN)?,
+            staging_u32: Staging::new(),
+            staging_f32: Staging::new(),
             stream,
         })
+    }
+
+    /// `data` copied to the GPU asynchronously through a page-locked buffer (see [`Staging`]):
+    /// a slice of at least `data.len()` elements whose first `data.len()` are `data`; beyond the
+    /// staging size, an exact copy from pageable memory.
+    pub fn stage_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>, KernelError> {
+        match self.staging_u32.upload(&self.stream, data)? {
+            Some(slice) => Ok(slice),
+            None => Ok(self.stream.clone_htod(data)?),
+        }
+    }
+
+    /// [`Self::stage_u32`] for f32 data.
+    pub fn stage_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>, KernelError> {
+        match self.staging_f32.upload(&self.stream, data)? {
+            Some(slice) => Ok(slice),
+            None => Ok(self.stream.clone_htod(data)?),
+        }
     }
 
     /// The stream every launch goes on (copy inputs and results with it).
@@ -667,7 +746,7 @@ impl CudaKernels {
             .iter()
             .flat_map(|p| [p.temperature, p.top_k as f32, p.top_p, p.min_p, p.uniform])
             .collect();
-        let dparams = self.stream.clone_htod(&flat)?;
+        let dparams = self.stage_f32(&flat)?;
         let f = self.sampling.load_function("sample_rows_f32")?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(logits).arg(&dparams).arg(&vocab_arg);
@@ -746,9 +825,9 @@ impl CudaKernels {
     ) -> Result<DevicePagedBatch, KernelError> {
         let extent = paged_batch_extent(batch, block_size, max_blocks)?;
         Ok(DevicePagedBatch {
-            block_tables: self.stream.clone_htod(batch.block_tables)?,
-            token_seq: self.stream.clone_htod(batch.token_seq)?,
-            token_ctx: self.stream.clone_htod(batch.token_ctx)?,
+            block_tables: self.stage_u32(batch.block_tables)?,
+            token_seq: self.stage_u32(batch.token_seq)?,
+            token_ctx: self.stage_u32(batch.token_ctx)?,
             extent,
             block_size,
             max_blocks,

@@ -1920,3 +1920,33 @@ fn token_logprobs_match_the_cpu_reference() {
         }
     }
 }
+
+/// Step metadata staged through the page-locked ring: every upload arrives intact, for sizes in
+/// one class and across classes, more uploads than the ring has buffers (each buffer reused
+/// while earlier copies may still be in flight), and a size beyond staging (a pageable copy).
+#[test]
+fn staged_uploads_arrive_intact() {
+    let Some(k) = kernels() else { return };
+    let st = k.stream();
+    let mut rng = rng();
+    let mut sent = Vec::new();
+    for round in 0..40 {
+        let n = [1usize, 200, 256, 257, 5000, 70_000, 3_000_000][round % 7];
+        let data: Vec<u32> = (0..n).map(|_| rng.random()).collect();
+        let slice = k.stage_u32(&data).unwrap();
+        assert!(slice.len() >= n, "round {round}: {} < {n}", slice.len());
+        sent.push((data, slice));
+    }
+    for (i, (data, slice)) in sent.iter().enumerate() {
+        let back = st.clone_dtoh(slice).unwrap();
+        assert_eq!(
+            &back[..data.len()],
+            &data[..],
+            "upload {i} of {} elements",
+            data.len()
+        );
+    }
+    let floats: Vec<f32> = (0..999).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let back = st.clone_dtoh(&k.stage_f32(&floats).unwrap()).unwrap();
+    assert_eq!(&back[..floats.len()], &floats[..]);
+}

@@ -141,6 +141,78 @@ impl SequenceAttention {
     }
 }
 
+/// A step's host data as a `[len]` tensor on `device`: on a GPU staged through page-locked
+/// memory and copied asynchronously ([`ember_kernels::cuda::CudaKernels::stage_u32`]), so the
+/// copy does not wait for the stream's earlier work.
+pub(crate) fn upload<T: Staged>(data: Vec<T>, device: &Device) -> candle_core::Result<Tensor> {
+    let n = data.len();
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(gpu) if n > 0 => {
+            let kernels = crate::cuda_attention::kernels(gpu)?;
+            let storage = T::stage(&kernels, &data, gpu).map_err(candle_core::Error::wrap)?;
+            let len = storage_len(&storage);
+            Tensor::from_storage(
+                candle_core::Storage::Cuda(storage),
+                len,
+                candle_core::op::BackpropOp::none(),
+                false,
+            )
+            .narrow(0, 0, n)
+        }
+        _ => Tensor::from_vec(data, n, device),
+    }
+}
+
+/// The element types a step uploads: token ids, positions, slots (u32) and masks (f32).
+pub(crate) trait Staged: candle_core::WithDType {
+    #[cfg(feature = "cuda")]
+    fn stage(
+        kernels: &ember_kernels::cuda::CudaKernels,
+        data: &[Self],
+        gpu: &candle_core::CudaDevice,
+    ) -> std::result::Result<candle_core::CudaStorage, ember_kernels::KernelError>;
+}
+
+impl Staged for u32 {
+    #[cfg(feature = "cuda")]
+    fn stage(
+        kernels: &ember_kernels::cuda::CudaKernels,
+        data: &[Self],
+        gpu: &candle_core::CudaDevice,
+    ) -> std::result::Result<candle_core::CudaStorage, ember_kernels::KernelError> {
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(
+            kernels.stage_u32(data)?,
+            gpu.clone(),
+        ))
+    }
+}
+
+impl Staged for f32 {
+    #[cfg(feature = "cuda")]
+    fn stage(
+        kernels: &ember_kernels::cuda::CudaKernels,
+        data: &[Self],
+        gpu: &candle_core::CudaDevice,
+    ) -> std::result::Result<candle_core::CudaStorage, ember_kernels::KernelError> {
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(
+            kernels.stage_f32(data)?,
+            gpu.clone(),
+        ))
+    }
+}
+
+/// Elements a staged CUDA storage holds.
+#[cfg(feature = "cuda")]
+fn storage_len(storage: &candle_core::CudaStorage) -> usize {
+    use candle_core::cuda_backend::CudaStorageSlice;
+    match &storage.slice {
+        CudaStorageSlice::U32(s) => s.len(),
+        CudaStorageSlice::F32(s) => s.len(),
+        _ => 0,
+    }
+}
+
 fn tensor_err(e: candle_core::Error) -> EmberError {
     EmberError::Tensor(e.to_string())
 }
@@ -235,11 +307,9 @@ impl ForwardBatch {
         ints.extend_from_slice(&logits_rows);
         let context_base = ints.len();
         ints.extend_from_slice(&all_context_slots);
-        let n = ints.len();
-        let ints = Tensor::from_vec(ints, n, device).map_err(tensor_err)?;
-        let masks_len = masks.len();
-        let masks = (masks_len > 0)
-            .then(|| Tensor::from_vec(masks, masks_len, device))
+        let ints = upload(ints, device).map_err(tensor_err)?;
+        let masks = (!masks.is_empty())
+            .then(|| upload(masks, device))
             .transpose()
             .map_err(tensor_err)?;
         let mut context_at = 0;

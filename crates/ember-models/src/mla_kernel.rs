@@ -93,10 +93,9 @@ impl MlaDecodeBatch {
             token_ctx.push(seq.context_len as u32);
             rows.push(seq.query_start as u32);
         }
-        let n = rows.len();
         Ok(Self {
             seqs,
-            rows: Tensor::from_vec(rows, n, batch.token_ids.device())?,
+            rows: crate::batch::upload(rows, batch.token_ids.device())?,
             block_tables,
             token_seq,
             token_ctx,
