@@ -79,7 +79,7 @@ pub struct ForwardBatch {
 
 /// A step of a data-parallel model split by rank: each rank runs its own sequences over its own
 /// KV cache, and a rank with none runs one scratch token so it still meets the others in the
-/// experts' all-to-alls.
+/// experts' all-to-alls (without expert parallelism it skips the step instead).
 #[derive(Debug)]
 pub struct DataParallelSplit {
     /// Rank r's batch, on its device.

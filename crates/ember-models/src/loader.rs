@@ -490,7 +490,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             );
             let mut sharded = ShardedModel::new(ranks)?.on_devices(rank_devices.clone());
             if data_parallel {
-                sharded = sharded.data_parallel();
+                sharded = sharded.data_parallel(opts.enable_expert_parallel);
             }
             if opts.enable_expert_parallel && opts.eplb_step_interval > 0 {
                 sharded = sharded.with_rebalancing(

@@ -60,6 +60,8 @@ pub struct ShardedModel {
     devices: Vec<Device>,
     /// `--data-parallel-size`: each rank runs its own sequences (see [`Self::data_parallel`]).
     data_parallel: bool,
+    /// Whether an idle data-parallel rank must still run (its experts' all-to-alls).
+    idle_ranks_meet: bool,
 }
 
 /// EPLB's schedule: re-place every `interval` steps, from the load of the last `window` steps.
@@ -122,6 +124,7 @@ impl ShardedModel {
             rebalancing: None,
             devices: Vec::new(),
             data_parallel: false,
+            idle_ranks_meet: true,
         })
     }
 
@@ -144,10 +147,13 @@ impl ShardedModel {
     }
 
     /// Makes the ranks data-parallel: each step comes split by rank
-    /// ([`ForwardBatch::split_data_parallel`]) and each rank runs its own share.
-    pub fn data_parallel(self) -> Self {
+    /// ([`ForwardBatch::split_data_parallel`]) and each rank runs its own share. With
+    /// `meet_in_experts` (expert parallelism) a rank with nothing to run still runs a placeholder
+    /// token to take part in the all-to-alls; without, it skips the step.
+    pub fn data_parallel(self, meet_in_experts: bool) -> Self {
         Self {
             data_parallel: true,
+            idle_ranks_meet: meet_in_experts,
             ..self
         }
     }
@@ -335,7 +341,12 @@ impl CausalLm for ShardedModel {
                     let fail = injected(i + 1);
                     let batch = rank_batch(i + 1);
                     let idle = split.is_some_and(|s| s.idle[i + 1]);
+                    let skip = idle && !self.idle_ranks_meet;
                     scope.spawn(move || {
+                        if skip {
+                            return Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)
+                                .map_err(|e| EmberError::Tensor(e.to_string()));
+                        }
                         as_placeholder(idle, || {
                             Self::run_rank(model, comm.as_ref(), batch, cache, fail)
                         })
@@ -344,9 +355,14 @@ impl CausalLm for ShardedModel {
                 .collect();
             let (model, comm) = &self.ranks[0];
             let idle = split.is_some_and(|s| s.idle[0]);
-            let mut results = vec![as_placeholder(idle, || {
-                Self::run_rank(model, comm.as_ref(), rank_batch(0), &caches[0], injected(0))
-            })];
+            let mut results = vec![if idle && !self.idle_ranks_meet {
+                Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)
+                    .map_err(|e| EmberError::Tensor(e.to_string()))
+            } else {
+                as_placeholder(idle, || {
+                    Self::run_rank(model, comm.as_ref(), rank_batch(0), &caches[0], injected(0))
+                })
+            }];
             results.extend(others.into_iter().map(|h| {
                 h.join()
                     .unwrap_or_else(|_| Err(EmberError::Tensor("a rank thread died".into())))
