@@ -300,7 +300,7 @@ impl DecoderModel {
                 // Each rank's logits over its vocabulary rows, gathered in rank order.
                 (OutputHead::LmHead(lm_head), Some(rank)) => rank
                     .comm
-                    .all_gather(&lm_head.forward(&x)?.to_dtype(DType::F32)?, 1),
+                    .all_gather_equal(&lm_head.forward(&x)?.to_dtype(DType::F32)?, 1),
                 (OutputHead::Hidden, _) => x.to_dtype(DType::F32),
             }
         };

@@ -136,6 +136,17 @@ impl<T: FlatTransport> Communicator for Staged<T> {
             .reshape(tensor.shape())
     }
 
+    fn all_gather_equal(&self, tensor: &Tensor, dim: usize) -> Result<Tensor> {
+        let n = tensor.elem_count();
+        if n == 0 {
+            return self.all_gather(tensor, dim);
+        }
+        let all = self.gather_flat(&tensor.flatten_all()?)?;
+        let mut stacked = vec![self.world_size()];
+        stacked.extend_from_slice(tensor.dims());
+        merge_leading_axis(&all.reshape(stacked)?, dim)
+    }
+
     fn all_gather(&self, tensor: &Tensor, dim: usize) -> Result<Tensor> {
         // The ranks may differ along `dim` (an uneven split of a step's tokens): each learns the
         // others' shapes, and every rank sends the largest count, padded.
@@ -425,6 +436,10 @@ mod tests {
             f32s(comm.all_gather(&x.transpose(0, 2).unwrap(), 0).unwrap()),
             f32s(comm.all_gather(&x, 1).unwrap()),
             f32s(comm.all_gather(&x, 2).unwrap()),
+            f32s(
+                comm.all_gather_equal(&x.transpose(1, 2).unwrap(), 2)
+                    .unwrap(),
+            ),
             f32s(comm.reduce_scatter_sum(&x, 1).unwrap()),
             f32s(
                 comm.reduce_scatter_sum(&x.transpose(1, 2).unwrap(), 2)

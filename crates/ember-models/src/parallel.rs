@@ -26,6 +26,13 @@ pub trait Communicator: Send + Sync {
     /// Every rank's `tensor` concatenated along `dim` in rank order, on every rank.
     fn all_gather(&self, tensor: &Tensor, dim: usize) -> Result<Tensor>;
 
+    /// [`Communicator::all_gather`] where the caller knows every rank's `tensor` has the same
+    /// shape (an even split, such as the vocabulary-parallel logits): a backend may then skip
+    /// learning the others' shapes (NCCL's header exchange, a host read).
+    fn all_gather_equal(&self, tensor: &Tensor, dim: usize) -> Result<Tensor> {
+        self.all_gather(tensor, dim)
+    }
+
     /// The sum of every rank's `tensor`, split evenly along `dim`: rank r keeps the r-th piece.
     fn reduce_scatter_sum(&self, tensor: &Tensor, dim: usize) -> Result<Tensor>;
 
