@@ -9,8 +9,12 @@ use serde_json::Value;
 
 /// Runs `ember bench <args> --output-json <tmp>` and returns the JSON it wrote.
 fn bench(args: &[&str]) -> Value {
+    // One file per call: the tests run in parallel threads of one process, several of them the
+    // same subcommand.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!(
-        "ember-bench-{}-{}.json",
+        "ember-bench-{}-{}-{call}.json",
         args[0],
         std::process::id()
     ));
