@@ -81,8 +81,27 @@ impl CudaElement for half::bf16 {}
 /// rest of the step. Per size class (powers of two), a ring of [`STAGING_RING`] buffers used in
 /// turn; writing into one waits only for that buffer's own previous copy (cudarc's event on it),
 /// long done by the time the ring comes round.
-struct Staging<T> {
+pub struct Staging<T> {
     classes: std::sync::Mutex<std::collections::HashMap<usize, StagingRing<T>>>,
+}
+
+/// The element types [`CudaKernels::stage`] copies (a step's u32 metadata and f32 masks and
+/// parameters), each with its own [`Staging`].
+pub trait StagedElement: DeviceRepr + ValidAsZeroBits + Copy {
+    /// This type's staging buffers of `kernels`.
+    fn staging(kernels: &CudaKernels) -> &Staging<Self>;
+}
+
+impl StagedElement for u32 {
+    fn staging(kernels: &CudaKernels) -> &Staging<u32> {
+        &kernels.staging_u32
+    }
+}
+
+impl StagedElement for f32 {
+    fn staging(kernels: &CudaKernels) -> &Staging<f32> {
+        &kernels.staging_f32
+    }
 }
 
 /// One size class of [`Staging`]: the next buffer to use, and the buffers made so far.
@@ -202,16 +221,8 @@ impl CudaKernels {
     /// `data` copied to the GPU asynchronously through a page-locked buffer (see [`Staging`]):
     /// a slice of at least `data.len()` elements whose first `data.len()` are `data`; beyond the
     /// staging size, an exact copy from pageable memory.
-    pub fn stage_u32(&self, data: &[u32]) -> Result<CudaSlice<u32>, KernelError> {
-        match self.staging_u32.upload(&self.stream, data)? {
-            Some(slice) => Ok(slice),
-            None => Ok(self.stream.clone_htod(data)?),
-        }
-    }
-
-    /// [`Self::stage_u32`] for f32 data.
-    pub fn stage_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>, KernelError> {
-        match self.staging_f32.upload(&self.stream, data)? {
+    pub fn stage<T: StagedElement>(&self, data: &[T]) -> Result<CudaSlice<T>, KernelError> {
+        match T::staging(self).upload(&self.stream, data)? {
             Some(slice) => Ok(slice),
             None => Ok(self.stream.clone_htod(data)?),
         }
@@ -746,7 +757,7 @@ impl CudaKernels {
             .iter()
             .flat_map(|p| [p.temperature, p.top_k as f32, p.top_p, p.min_p, p.uniform])
             .collect();
-        let dparams = self.stage_f32(&flat)?;
+        let dparams = self.stage(&flat)?;
         let f = self.sampling.load_function("sample_rows_f32")?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(logits).arg(&dparams).arg(&vocab_arg);
@@ -825,9 +836,9 @@ impl CudaKernels {
     ) -> Result<DevicePagedBatch, KernelError> {
         let extent = paged_batch_extent(batch, block_size, max_blocks)?;
         Ok(DevicePagedBatch {
-            block_tables: self.stage_u32(batch.block_tables)?,
-            token_seq: self.stage_u32(batch.token_seq)?,
-            token_ctx: self.stage_u32(batch.token_ctx)?,
+            block_tables: self.stage(batch.block_tables)?,
+            token_seq: self.stage(batch.token_seq)?,
+            token_ctx: self.stage(batch.token_ctx)?,
             extent,
             block_size,
             max_blocks,

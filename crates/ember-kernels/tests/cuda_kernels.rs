@@ -1933,7 +1933,7 @@ fn staged_uploads_arrive_intact() {
     for round in 0..40 {
         let n = [1usize, 200, 256, 257, 5000, 70_000, 3_000_000][round % 7];
         let data: Vec<u32> = (0..n).map(|_| rng.random()).collect();
-        let slice = k.stage_u32(&data).unwrap();
+        let slice = k.stage(&data).unwrap();
         assert!(slice.len() >= n, "round {round}: {} < {n}", slice.len());
         sent.push((data, slice));
     }
@@ -1947,6 +1947,6 @@ fn staged_uploads_arrive_intact() {
         );
     }
     let floats: Vec<f32> = (0..999).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let back = st.clone_dtoh(&k.stage_f32(&floats).unwrap()).unwrap();
+    let back = st.clone_dtoh(&k.stage(&floats).unwrap()).unwrap();
     assert_eq!(&back[..floats.len()], &floats[..]);
 }

@@ -142,18 +142,21 @@ impl SequenceAttention {
 }
 
 /// A step's host data as a `[len]` tensor on `device`: on a GPU staged through page-locked
-/// memory and copied asynchronously ([`ember_kernels::cuda::CudaKernels::stage_u32`]), so the
-/// copy does not wait for the stream's earlier work.
+/// memory and copied asynchronously ([`ember_kernels::cuda::CudaKernels::stage`]), so the copy
+/// does not wait for the stream's earlier work.
 pub(crate) fn upload<T: Staged>(data: Vec<T>, device: &Device) -> candle_core::Result<Tensor> {
     let n = data.len();
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(gpu) if n > 0 => {
             let kernels = crate::cuda_attention::kernels(gpu)?;
-            let storage = T::stage(&kernels, &data, gpu).map_err(candle_core::Error::wrap)?;
-            let len = storage_len(&storage);
+            let slice = kernels.stage(&data).map_err(candle_core::Error::wrap)?;
+            let len = slice.len();
             Tensor::from_storage(
-                candle_core::Storage::Cuda(storage),
+                candle_core::Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(
+                    slice,
+                    gpu.clone(),
+                )),
                 len,
                 candle_core::op::BackpropOp::none(),
                 false,
@@ -165,53 +168,15 @@ pub(crate) fn upload<T: Staged>(data: Vec<T>, device: &Device) -> candle_core::R
 }
 
 /// The element types a step uploads: token ids, positions, slots (u32) and masks (f32).
-pub(crate) trait Staged: candle_core::WithDType {
-    #[cfg(feature = "cuda")]
-    fn stage(
-        kernels: &ember_kernels::cuda::CudaKernels,
-        data: &[Self],
-        gpu: &candle_core::CudaDevice,
-    ) -> std::result::Result<candle_core::CudaStorage, ember_kernels::KernelError>;
-}
-
-impl Staged for u32 {
-    #[cfg(feature = "cuda")]
-    fn stage(
-        kernels: &ember_kernels::cuda::CudaKernels,
-        data: &[Self],
-        gpu: &candle_core::CudaDevice,
-    ) -> std::result::Result<candle_core::CudaStorage, ember_kernels::KernelError> {
-        Ok(candle_core::CudaStorage::wrap_cuda_slice(
-            kernels.stage_u32(data)?,
-            gpu.clone(),
-        ))
-    }
-}
-
-impl Staged for f32 {
-    #[cfg(feature = "cuda")]
-    fn stage(
-        kernels: &ember_kernels::cuda::CudaKernels,
-        data: &[Self],
-        gpu: &candle_core::CudaDevice,
-    ) -> std::result::Result<candle_core::CudaStorage, ember_kernels::KernelError> {
-        Ok(candle_core::CudaStorage::wrap_cuda_slice(
-            kernels.stage_f32(data)?,
-            gpu.clone(),
-        ))
-    }
-}
-
-/// Elements a staged CUDA storage holds.
 #[cfg(feature = "cuda")]
-fn storage_len(storage: &candle_core::CudaStorage) -> usize {
-    use candle_core::cuda_backend::CudaStorageSlice;
-    match &storage.slice {
-        CudaStorageSlice::U32(s) => s.len(),
-        CudaStorageSlice::F32(s) => s.len(),
-        _ => 0,
-    }
+pub(crate) trait Staged:
+    candle_core::WithDType + candle_core::cuda_backend::CudaDType + ember_kernels::cuda::StagedElement
+{
 }
+#[cfg(not(feature = "cuda"))]
+pub(crate) trait Staged: candle_core::WithDType {}
+impl Staged for u32 {}
+impl Staged for f32 {}
 
 fn tensor_err(e: candle_core::Error) -> EmberError {
     EmberError::Tensor(e.to_string())
