@@ -193,12 +193,25 @@ const TP_AND_EP: [&[&str]; 5] = [
 ];
 
 /// Data parallelism: each rank serves its own requests over its own KV cache (the three
-/// concurrent prompts land on different ranks; a rank with none runs a placeholder token), the
-/// routed experts partitioned over the ranks with expert parallelism.
-const DP: [&[&str]; 3] = [
+/// concurrent prompts land on different ranks; under expert parallelism a rank with none runs a
+/// placeholder token), the routed experts partitioned over the ranks with expert parallelism,
+/// also with redundant copies re-placed before every step (EPLB).
+const DP: [&[&str]; 4] = [
     &["--data-parallel-size", "2"],
     &["--data-parallel-size", "2", "--enable-expert-parallel"],
     &["--data-parallel-size", "4", "--enable-expert-parallel"],
+    &[
+        "--data-parallel-size",
+        "4",
+        "--enable-expert-parallel",
+        "--enable-eplb",
+        "--num-redundant-experts",
+        "4",
+        "--eplb-step-interval",
+        "1",
+        "--eplb-window-size",
+        "1",
+    ],
 ];
 
 #[test]

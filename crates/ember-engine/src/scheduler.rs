@@ -363,6 +363,27 @@ mod tests {
         assert_eq!(waiting, vec![3, 2]);
     }
 
+    /// A request whose prompt one rank already caches goes to that rank, though another has more
+    /// free blocks, and takes its cached blocks there.
+    #[test]
+    fn data_parallel_placement_follows_the_prefix_cache() {
+        let mut s = Scheduler::with_ranks(cfg(100, 8, 2), 8, 2);
+        s.waiting.push_back(seq(0, vec![5, 6, 7, 8, 9], 3));
+        let plan = s.schedule();
+        assert_eq!(s.running[0].dp_rank, 0);
+        run_step(&mut s, &plan);
+        // Sequence 0 still runs on rank 0 (3 of its 8 blocks): rank 1 has more free blocks.
+        s.waiting.push_back(seq(1, vec![1, 1, 1], 1));
+        s.waiting.push_back(seq(2, vec![5, 6, 7, 8, 3], 1));
+        s.schedule();
+        let placed: Vec<(u64, usize)> = s.running.iter().map(|q| (q.id, q.dp_rank)).collect();
+        // 1 goes to the emptier rank 1; 2 to rank 0, which caches its first two blocks.
+        assert_eq!(placed, vec![(0, 0), (1, 1), (2, 0)]);
+        assert_eq!(s.running[2].num_cached_tokens, 4);
+        assert_eq!(s.kv[0].stats().hits, 4);
+        assert_eq!(s.kv[1].stats().hits, 0);
+    }
+
     #[test]
     fn the_sequence_cap_holds_back_admissions() {
         let mut s = Scheduler::new(cfg(100, 2, 4), 64);
