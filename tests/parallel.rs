@@ -195,9 +195,12 @@ const TP_AND_EP: [&[&str]; 5] = [
 /// Data parallelism: each rank serves its own requests over its own KV cache (the three
 /// concurrent prompts land on different ranks; under expert parallelism a rank with none runs a
 /// placeholder token), the routed experts partitioned over the ranks with expert parallelism,
-/// also with redundant copies re-placed before every step (EPLB).
-const DP: [&[&str]; 4] = [
+/// also with redundant copies re-placed before every step (EPLB); and replicas that are each
+/// tensor-parallel over two ranks.
+const DP: [&[&str]; 5] = [
     &["--data-parallel-size", "2"],
+    // Two replicas, each tensor-parallel over two ranks.
+    &["--data-parallel-size", "2", "--tensor-parallel-size", "2"],
     &["--data-parallel-size", "2", "--enable-expert-parallel"],
     &["--data-parallel-size", "4", "--enable-expert-parallel"],
     &[
@@ -221,7 +224,13 @@ fn qwen3_dense_tensor_parallel_matches_one_rank() {
 
 #[test]
 fn data_parallel_ranks_match_one_rank_for_every_family() {
-    check_family("qwen3-tiny", &[&["--data-parallel-size", "2"]]);
+    check_family(
+        "qwen3-tiny",
+        &[
+            &["--data-parallel-size", "2"],
+            &["--data-parallel-size", "2", "--tensor-parallel-size", "2"],
+        ],
+    );
     check_family("qwen3-moe-tiny", &DP);
     check_family("deepseek-v3-tiny", &DP);
     check_family("kimi-k2-tiny", &DP);
@@ -348,7 +357,16 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
     assert!(err.contains("at least 1"), "{err}");
     let err = serve_error("qwen3-tiny", &["--data-parallel-size", "0"]);
     assert!(err.contains("at least 1"), "{err}");
-    let err = serve_error("qwen3-moe-tiny", &["-t", "2", "--data-parallel-size", "2"]);
+    let err = serve_error(
+        "qwen3-moe-tiny",
+        &[
+            "-t",
+            "2",
+            "--data-parallel-size",
+            "2",
+            "--enable-expert-parallel",
+        ],
+    );
     assert!(err.contains("not supported yet"), "{err}");
     // 8 experts do not split over 3 data-parallel ranks.
     let err = serve_error(

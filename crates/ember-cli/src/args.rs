@@ -102,8 +102,9 @@ pub struct ModelArgs {
     pub tensor_parallel_size: usize,
     /// Ranks that each serve their own requests with the whole model and their own KV cache
     /// (data parallelism); with --enable-expert-parallel they partition the routed experts and
-    /// meet in them (DeepSeek's DP attention: MLA's latent cache is not replicated). Not
-    /// combined with --tensor-parallel-size yet.
+    /// meet in them (DeepSeek's DP attention: MLA's latent cache is not replicated). With
+    /// --tensor-parallel-size T each is a replica sharded over T ranks (not yet with expert
+    /// parallelism).
     #[arg(long, short = 'd', visible_alias = "dp", default_value_t = 1)]
     pub data_parallel_size: usize,
     /// Partition routed experts across the ranks (expert parallelism: tokens sent to their

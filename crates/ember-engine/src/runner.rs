@@ -14,7 +14,7 @@ pub struct ModelRunner {
     /// blocks, so one block table addresses them all.
     caches: Vec<KvCachePool>,
     device: candle_core::Device,
-    /// Each rank's device, for a data-parallel model's split steps.
+    /// Each data-parallel rank's device, for a data-parallel model's split steps.
     rank_devices: Vec<candle_core::Device>,
     /// A data-parallel model's ranks (1 otherwise); each cache then holds one block more, the
     /// scratch block an idle rank's placeholder token writes to.
@@ -47,11 +47,20 @@ impl ModelRunner {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        // Each data-parallel rank's device: its first rank's (a tensor-parallel replica copies
+        // its share of the step to its other ranks).
+        let per_replica = (loaded.rank_devices.len() / data_parallel.max(1)).max(1);
+        let rank_devices = loaded
+            .rank_devices
+            .iter()
+            .step_by(per_replica)
+            .cloned()
+            .collect();
         Ok(Self {
             model: loaded.model,
             caches,
             device,
-            rank_devices: loaded.rank_devices,
+            rank_devices,
             data_parallel,
             num_blocks,
         })

@@ -339,19 +339,33 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         dir.display()
     );
     let data_parallel = opts.data_parallel_size > 1;
-    if data_parallel && opts.tensor_parallel_size > 1 {
+    // Ranks of one tensor-parallel group: under --data-parallel-size each data-parallel rank is
+    // such a group (a replica sharded over its own ranks).
+    let group = opts.tensor_parallel_size.max(1);
+    if data_parallel && group > 1 && opts.enable_expert_parallel {
         return Err(EmberError::Config(format!(
-            "--data-parallel-size {} with --tensor-parallel-size {} is not supported yet; \
-             use one of them (with --enable-expert-parallel, the experts are partitioned over \
-             the data-parallel ranks)",
+            "--data-parallel-size {} with --tensor-parallel-size {} and --enable-expert-parallel \
+             is not supported yet; without expert parallelism each data-parallel rank is a \
+             tensor-parallel group of its own, and with it the experts are partitioned over \
+             data-parallel ranks of one GPU each",
             opts.data_parallel_size, opts.tensor_parallel_size
         )));
     }
-    // Ranks: the tensor-parallel ones, or the data-parallel ones.
+    // Ranks: the tensor-parallel ones, times the data-parallel replicas.
     let world = (opts.tensor_parallel_size * opts.data_parallel_size).max(1);
     // What one GPU must hold: a rank's share when sharded (the loader's own split rules; a
     // lower bound for a data-parallel rank, whose attention is whole).
-    let need_on_gpu = if data_parallel && !opts.enable_expert_parallel {
+    let need_on_gpu = if data_parallel && group > 1 {
+        crate::memory_plan::rank_weights(
+            &config,
+            group,
+            false,
+            crate::memory_plan::WeightFormat::Loaded(dtype),
+        )
+        .ok()
+        .and_then(|ranks| ranks.iter().map(|r| r.total()).max())
+        .unwrap_or(need / group as u64)
+    } else if data_parallel && !opts.enable_expert_parallel {
         need
     } else if world > 1 {
         crate::memory_plan::rank_weights(
@@ -468,13 +482,26 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         _ => {
             let mut ranks = Vec::with_capacity(world);
             let mut bytes = Vec::with_capacity(world);
-            let (comms, backend) = communicators(&rank_devices);
+            // One communicator group over every rank, or one per tensor-parallel replica.
+            let mut comms = Vec::with_capacity(world);
+            let mut backend = "threads";
+            let per_group = if data_parallel && group > 1 {
+                group
+            } else {
+                world
+            };
+            for devices in rank_devices.chunks(per_group) {
+                let (group_comms, b) = communicators(devices);
+                comms.extend(group_comms);
+                backend = b;
+            }
             for (comm, device) in comms.into_iter().zip(&rank_devices) {
                 let rank_weights = weights.clone().on_device(device).with_rank(RankContext {
                     comm: comm.clone(),
                     expert_parallel: opts.enable_expert_parallel,
                     redundant_experts: opts.num_redundant_experts,
-                    data_parallel,
+                    // Replicas of tensor-parallel groups shard within their group.
+                    data_parallel: data_parallel && group == 1,
                 });
                 ranks.push((build(&rank_weights)?, comm));
                 bytes.push(rank_weights.held_bytes());
@@ -488,10 +515,12 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 rank_weights_gib = ?bytes.iter().map(|&b| b as f64 / (1u64 << 30) as f64).collect::<Vec<_>>(),
                 "sharded over {world} ranks (threads of this process, in lock-step)"
             );
-            let mut sharded = ShardedModel::new(ranks)?.on_devices(rank_devices.clone());
-            if data_parallel {
-                sharded = sharded.data_parallel(opts.enable_expert_parallel);
+            let mut sharded = if data_parallel {
+                ShardedModel::grouped(ranks, group)?.data_parallel(opts.enable_expert_parallel)
+            } else {
+                ShardedModel::new(ranks)?
             }
+            .on_devices(rank_devices.clone());
             if opts.enable_expert_parallel && opts.eplb_step_interval > 0 {
                 sharded = sharded.with_rebalancing(
                     weights.expert_load().clone(),

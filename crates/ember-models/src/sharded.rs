@@ -62,6 +62,8 @@ pub struct ShardedModel {
     data_parallel: bool,
     /// Whether an idle data-parallel rank must still run (its experts' all-to-alls).
     idle_ranks_meet: bool,
+    /// Ranks per data-parallel rank: 1, or a tensor-parallel replica's size.
+    replica: usize,
 }
 
 /// EPLB's schedule: re-place every `interval` steps, from the load of the last `window` steps.
@@ -111,11 +113,16 @@ impl ShardedModel {
                 )));
             }
         }
+        Ok(Self::checked(ranks))
+    }
+
+    /// The model over shards whose ranks were checked.
+    fn checked(ranks: Vec<(DecoderModel, Arc<dyn Communicator>)>) -> Self {
         let mut lora_targets = LoraTargets::default();
         for (model, _) in &ranks {
             lora_targets.merge(model.lora_targets());
         }
-        Ok(Self {
+        Self {
             ranks,
             failed: Mutex::new(None),
             lora_targets,
@@ -125,7 +132,38 @@ impl ShardedModel {
             devices: Vec::new(),
             data_parallel: false,
             idle_ranks_meet: true,
-        })
+            replica: 1,
+        }
+    }
+
+    /// Replicas of one model, each sharded over `replica` ranks (tensor parallelism within a
+    /// replica): shards `r·replica..(r+1)·replica` are ranks `0..replica` of their own group.
+    /// With `replica` 1 the ranks form one group, as [`Self::new`] takes them.
+    pub fn grouped(
+        ranks: Vec<(DecoderModel, Arc<dyn Communicator>)>,
+        replica: usize,
+    ) -> Result<Self> {
+        if replica <= 1 {
+            return Self::new(ranks);
+        }
+        if ranks.is_empty() || !ranks.len().is_multiple_of(replica) {
+            return Err(EmberError::Config(format!(
+                "{} shards do not make replicas of {replica} ranks",
+                ranks.len()
+            )));
+        }
+        for (i, (_, comm)) in ranks.iter().enumerate() {
+            if comm.rank() != i % replica || comm.world_size() != replica {
+                return Err(EmberError::Config(format!(
+                    "shard {i} holds rank {} of {}; each replica's shards must be ranks 0..{replica} in order",
+                    comm.rank(),
+                    comm.world_size(),
+                )));
+            }
+        }
+        let mut model = Self::checked(ranks);
+        model.replica = replica;
+        Ok(model)
     }
 
     /// Places rank r on `devices[r]` (its weights and cache are there; each step's batch is
@@ -297,8 +335,9 @@ impl CausalLm for ShardedModel {
             }
         }
         let injected = |rank: usize| self.fault == Some((rank, step));
+        let replica = self.replica;
         let split = match (&batch.data_parallel, self.data_parallel) {
-            (Some(split), true) if split.parts.len() == self.ranks.len() => Some(split),
+            (Some(split), true) if split.parts.len() * replica == self.ranks.len() => Some(split),
             (None, false) => None,
             _ => {
                 return Err(EmberError::Tensor(format!(
@@ -313,25 +352,27 @@ impl CausalLm for ShardedModel {
                 )))
             }
         };
-        // The batch again on each rank's own device, where that is not the batch's.
-        let copies = (1..self.ranks.len())
+        // What rank r runs: its data-parallel rank's share of the step (its group's, for a
+        // tensor-parallel replica), else the whole step.
+        let source = |rank: usize| -> &ForwardBatch {
+            match split {
+                Some(split) => &split.parts[rank / replica],
+                None => batch,
+            }
+        };
+        // ...again on the rank's own device, where that is not its source's.
+        let copies = (0..self.ranks.len())
             .map(|rank| match self.devices.get(rank) {
-                Some(device)
-                    if split.is_none() && !batch.token_ids.device().same_device(device) =>
-                {
-                    batch.to_device(device).map(Some)
+                Some(device) if !source(rank).token_ids.device().same_device(device) => {
+                    source(rank).to_device(device).map(Some)
                 }
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
-        // Rank r's batch: its own share under data parallelism, else the step (or its copy).
         let rank_batch = |rank: usize| -> &ForwardBatch {
-            match split {
-                Some(split) => &split.parts[rank],
-                None if rank == 0 => batch,
-                None => copies[rank - 1].as_ref().unwrap_or(batch),
-            }
+            copies[rank].as_ref().unwrap_or_else(|| source(rank))
         };
+        let idle = |rank: usize| split.is_some_and(|s| s.idle[rank / replica]);
         let results: Vec<Result<Tensor>> = std::thread::scope(|scope| {
             let others: Vec<_> = self.ranks[1..]
                 .iter()
@@ -340,7 +381,7 @@ impl CausalLm for ShardedModel {
                 .map(|(i, ((model, comm), cache))| {
                     let fail = injected(i + 1);
                     let batch = rank_batch(i + 1);
-                    let idle = split.is_some_and(|s| s.idle[i + 1]);
+                    let idle = idle(i + 1);
                     let skip = idle && !self.idle_ranks_meet;
                     scope.spawn(move || {
                         if skip {
@@ -354,7 +395,7 @@ impl CausalLm for ShardedModel {
                 })
                 .collect();
             let (model, comm) = &self.ranks[0];
-            let idle = split.is_some_and(|s| s.idle[0]);
+            let idle = idle(0);
             let mut results = vec![if idle && !self.idle_ranks_meet {
                 Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)
                     .map_err(|e| EmberError::Tensor(e.to_string()))
@@ -386,7 +427,11 @@ impl CausalLm for ShardedModel {
         }
         match split {
             Some(split) => {
-                let outputs = results.into_iter().collect::<Result<Vec<_>>>()?;
+                // Each data-parallel rank's output: its group's first rank's.
+                let outputs = results
+                    .into_iter()
+                    .step_by(replica)
+                    .collect::<Result<Vec<_>>>()?;
                 combine_data_parallel(batch, split, &outputs)
                     .map_err(|e| EmberError::Tensor(e.to_string()))
             }
@@ -399,7 +444,7 @@ impl CausalLm for ShardedModel {
 
     fn data_parallel_size(&self) -> usize {
         if self.data_parallel {
-            self.ranks.len()
+            self.ranks.len() / self.replica
         } else {
             1
         }

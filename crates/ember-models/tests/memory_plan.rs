@@ -104,6 +104,20 @@ fn the_plan_equals_what_every_data_parallel_rank_of_a_real_load_holds() {
                 assert_eq!(plan[0], one[0], "{name} dp {dp}");
             }
         }
+        // Two replicas, each tensor-parallel over two ranks: each holds a TP 2 rank's share.
+        let loaded = load_model(&LoadOptions {
+            dtype: Some(DType::F32),
+            data_parallel_size: 2,
+            tensor_parallel_size: 2,
+            ..LoadOptions::new(model_dir(name).to_string_lossy())
+        })
+        .unwrap();
+        let tp2 = totals(&rank_weights(&cfg, 2, false, WeightFormat::Loaded(DType::F32)).unwrap());
+        assert_eq!(
+            loaded.rank_weight_bytes,
+            [&tp2[..], &tp2[..]].concat(),
+            "{name} dp 2 x tp 2"
+        );
     }
 }
 
