@@ -132,7 +132,14 @@ fn check_family(name: &str, layouts: &[&[&str]]) {
         let (load, ranks) = expert_load(&server);
         assert_eq!(load, one_load, "{name} {flags:?}: tokens per expert");
         if flags.contains(&"--enable-expert-parallel") {
-            let world: usize = flags[1].parse().unwrap();
+            // Every rank holds experts: the tensor-parallel size times the data-parallel one.
+            let size = |flag: &str| {
+                flags
+                    .iter()
+                    .position(|f| *f == flag)
+                    .map_or(1, |i| flags[i + 1].parse::<usize>().unwrap())
+            };
+            let world = size("--tensor-parallel-size") * size("--data-parallel-size");
             assert_eq!(ranks.len(), world, "{name} {flags:?}: ranks in /metrics");
             assert_eq!(ranks.iter().sum::<f64>(), load.values().sum::<f64>());
             // Copies per expert: one each, plus the redundant ones, in every MoE layer.
@@ -197,10 +204,18 @@ const TP_AND_EP: [&[&str]; 5] = [
 /// placeholder token), the routed experts partitioned over the ranks with expert parallelism,
 /// also with redundant copies re-placed before every step (EPLB); and replicas that are each
 /// tensor-parallel over two ranks.
-const DP: [&[&str]; 5] = [
+const DP: [&[&str]; 6] = [
     &["--data-parallel-size", "2"],
-    // Two replicas, each tensor-parallel over two ranks.
+    // Two replicas, each tensor-parallel over two ranks, and with the experts partitioned
+    // over all four ranks.
     &["--data-parallel-size", "2", "--tensor-parallel-size", "2"],
+    &[
+        "--data-parallel-size",
+        "2",
+        "--tensor-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+    ],
     &["--data-parallel-size", "2", "--enable-expert-parallel"],
     &["--data-parallel-size", "4", "--enable-expert-parallel"],
     &[
@@ -357,17 +372,18 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
     assert!(err.contains("at least 1"), "{err}");
     let err = serve_error("qwen3-tiny", &["--data-parallel-size", "0"]);
     assert!(err.contains("at least 1"), "{err}");
+    // 8 experts do not split over 2 replicas of 3 ranks.
     let err = serve_error(
         "qwen3-moe-tiny",
         &[
             "-t",
-            "2",
+            "3",
             "--data-parallel-size",
             "2",
             "--enable-expert-parallel",
         ],
     );
-    assert!(err.contains("not supported yet"), "{err}");
+    assert!(err.contains("split evenly over"), "{err}");
     // 8 experts do not split over 3 data-parallel ranks.
     let err = serve_error(
         "qwen3-moe-tiny",

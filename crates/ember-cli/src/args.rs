@@ -103,8 +103,8 @@ pub struct ModelArgs {
     /// Ranks that each serve their own requests with the whole model and their own KV cache
     /// (data parallelism); with --enable-expert-parallel they partition the routed experts and
     /// meet in them (DeepSeek's DP attention: MLA's latent cache is not replicated). With
-    /// --tensor-parallel-size T each is a replica sharded over T ranks (not yet with expert
-    /// parallelism).
+    /// --tensor-parallel-size T each is a replica sharded over T ranks (the experts, with
+    /// --enable-expert-parallel, partitioned over all of them).
     #[arg(long, short = 'd', visible_alias = "dp", default_value_t = 1)]
     pub data_parallel_size: usize,
     /// Partition routed experts across the ranks (expert parallelism: tokens sent to their

@@ -342,24 +342,22 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     // Ranks of one tensor-parallel group: under --data-parallel-size each data-parallel rank is
     // such a group (a replica sharded over its own ranks).
     let group = opts.tensor_parallel_size.max(1);
-    if data_parallel && group > 1 && opts.enable_expert_parallel {
-        return Err(EmberError::Config(format!(
-            "--data-parallel-size {} with --tensor-parallel-size {} and --enable-expert-parallel \
-             is not supported yet; without expert parallelism each data-parallel rank is a \
-             tensor-parallel group of its own, and with it the experts are partitioned over \
-             data-parallel ranks of one GPU each",
-            opts.data_parallel_size, opts.tensor_parallel_size
-        )));
-    }
     // Ranks: the tensor-parallel ones, times the data-parallel replicas.
     let world = (opts.tensor_parallel_size * opts.data_parallel_size).max(1);
     // What one GPU must hold: a rank's share when sharded (the loader's own split rules; a
     // lower bound for a data-parallel rank, whose attention is whole).
     let need_on_gpu = if data_parallel && group > 1 {
+        // Replicas: a TP rank's share; with experts partitioned over every rank, a lower bound
+        // (the experts' share of every rank, attention as if split over all of them).
+        let (ranks, ep) = if opts.enable_expert_parallel {
+            (world, true)
+        } else {
+            (group, false)
+        };
         crate::memory_plan::rank_weights(
             &config,
-            group,
-            false,
+            ranks,
+            ep,
             crate::memory_plan::WeightFormat::Loaded(dtype),
         )
         .ok()
@@ -495,13 +493,25 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 comms.extend(group_comms);
                 backend = b;
             }
-            for (comm, device) in comms.into_iter().zip(&rank_devices) {
+            // Experts partitioned over replicas: one more group, over every rank.
+            let mut experts_comms: Vec<Option<Arc<dyn Communicator>>> = vec![None; world];
+            if per_group < world && opts.enable_expert_parallel {
+                experts_comms = communicators(&rank_devices)
+                    .0
+                    .into_iter()
+                    .map(Some)
+                    .collect();
+            }
+            for ((comm, experts_comm), device) in
+                comms.into_iter().zip(experts_comms).zip(&rank_devices)
+            {
                 let rank_weights = weights.clone().on_device(device).with_rank(RankContext {
                     comm: comm.clone(),
                     expert_parallel: opts.enable_expert_parallel,
                     redundant_experts: opts.num_redundant_experts,
                     // Replicas of tensor-parallel groups shard within their group.
                     data_parallel: data_parallel && group == 1,
+                    experts_comm,
                 });
                 ranks.push((build(&rank_weights)?, comm));
                 bytes.push(rank_weights.held_bytes());

@@ -438,7 +438,12 @@ impl RankSlots {
 /// What a rank needs under expert parallelism: its group, the layer's placement, and where to
 /// read an expert the placement moves to it.
 struct ExpertParallel {
+    /// The ranks the experts are partitioned over (placement, dispatch and return).
     ctx: RankContext,
+    /// The ranks that hold the same tokens, which split them and gather the results: all of
+    /// `ctx`'s under expert parallelism alone, the rank's tensor-parallel replica over
+    /// replicas, none under data parallelism (each rank brings its own tokens).
+    share: Option<Arc<dyn crate::parallel::Communicator>>,
     placement: Arc<ExpertPlacement>,
     registry: Arc<ExpertLoad>,
     source: ExpertSource,
@@ -569,11 +574,10 @@ impl Experts {
         let (tokens, hidden) = x.dims2()?;
         let (world, device, dtype) = (ctx.world_size(), x.device(), x.dtype());
         // Under data parallelism every rank brings its own tokens; else each takes a share of
-        // the step's, which all ranks hold alike.
-        let (first, mine) = if ctx.data_parallel {
-            (0, tokens)
-        } else {
-            uneven_share(tokens, ctx.rank(), world)
+        // the tokens its sharing ranks hold alike.
+        let (first, mine) = match &ep.share {
+            None => (0, tokens),
+            Some(share) => uneven_share(tokens, share.rank(), share.world_size()),
         };
         let per_rank = ep.placement.slots_per_rank;
         let mut copies: Vec<Vec<usize>> = vec![Vec::new(); self.num_experts];
@@ -688,10 +692,10 @@ impl Experts {
             let index = Tensor::from_slice(&local_rows, local_rows.len(), device)?;
             combined = combined.index_add(&index, y, 0)?;
         }
-        if ctx.data_parallel {
-            return Ok(combined);
+        match &ep.share {
+            None => Ok(combined),
+            Some(share) => share.all_gather(&combined, 0),
         }
-        ctx.comm.all_gather(&combined, 0)
     }
 
     /// Records every expert's projections, and the container for fused expert adapters.
@@ -715,7 +719,17 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
     let rank = experts_w.rank();
     let registry = experts_w.expert_load();
     let load = registry.layer(layer_index(&path), e);
-    if let Some(ctx) = experts_w.expert_rank().filter(|r| r.expert_parallel) {
+    if let Some(rank_ctx) = experts_w.expert_rank().filter(|r| r.expert_parallel) {
+        // Dispatch over every rank holding experts; split tokens with the ranks holding the same.
+        let ctx = RankContext {
+            comm: rank_ctx
+                .experts_comm
+                .clone()
+                .unwrap_or_else(|| rank_ctx.comm.clone()),
+            ..rank_ctx.clone()
+        };
+        let share = (!rank_ctx.data_parallel).then(|| rank_ctx.comm.clone());
+        let ctx = &ctx;
         let world = ctx.world_size();
         let per_rank = expert_slots_per_rank(e, ctx.redundant_experts, world)?;
         let placement = registry.placement(layer_index(&path), e, per_rank, world);
@@ -727,6 +741,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
         };
         let ep = ExpertParallel {
             ctx: ctx.clone(),
+            share,
             placement,
             registry: registry.clone(),
             source,

@@ -63,6 +63,10 @@ pub struct RankContext {
     /// step, attending over its own KV cache) with every layer whole, and meet only in the
     /// routed experts when those are partitioned (`expert_parallel`).
     pub data_parallel: bool,
+    /// Under expert parallelism over tensor-parallel replicas (`--data-parallel-size` with
+    /// `--tensor-parallel-size`): every rank of every replica, over which the experts are
+    /// partitioned and the tokens dispatched, while `comm` is the rank's replica.
+    pub experts_comm: Option<Arc<dyn Communicator>>,
 }
 
 impl RankContext {
