@@ -347,17 +347,11 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     // What one GPU must hold: a rank's share when sharded (the loader's own split rules; a
     // lower bound for a data-parallel rank, whose attention is whole).
     let need_on_gpu = if data_parallel && group > 1 {
-        // Replicas: a TP rank's share; with experts partitioned over every rank, a lower bound
-        // (the experts' share of every rank, attention as if split over all of them).
-        let (ranks, ep) = if opts.enable_expert_parallel {
-            (world, true)
-        } else {
-            (group, false)
-        };
-        crate::memory_plan::rank_weights(
+        crate::memory_plan::rank_weights_replicas(
             &config,
-            ranks,
-            ep,
+            opts.data_parallel_size,
+            group,
+            opts.enable_expert_parallel,
             crate::memory_plan::WeightFormat::Loaded(dtype),
         )
         .ok()

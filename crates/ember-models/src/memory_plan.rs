@@ -141,6 +141,37 @@ pub fn rank_weights_data_parallel(
                 redundant_experts: 0,
                 data_parallel: true,
                 bytes: RankWeights::default(),
+                experts_world: world_size,
+            }
+            .plan()
+        })
+        .collect()
+}
+
+/// The weight bytes each rank holds under `replicas` data-parallel replicas of `tp`
+/// tensor-parallel ranks each (`--data-parallel-size` with `--tensor-parallel-size`): a TP
+/// rank's share of every layer, with the routed experts partitioned over all `replicas · tp`
+/// ranks when `expert_parallel`. In rank order, replica after replica.
+pub fn rank_weights_replicas(
+    cfg: &ModelConfig,
+    replicas: usize,
+    tp: usize,
+    expert_parallel: bool,
+    format: WeightFormat,
+) -> Result<Vec<RankWeights>> {
+    let (replicas, tp) = (replicas.max(1), tp.max(1));
+    (0..replicas * tp)
+        .map(|rank| {
+            RankPlan {
+                cfg,
+                format,
+                rank: rank % tp,
+                world: tp,
+                expert_parallel,
+                redundant_experts: 0,
+                data_parallel: false,
+                bytes: RankWeights::default(),
+                experts_world: replicas * tp,
             }
             .plan()
         })
@@ -176,6 +207,7 @@ fn plan_ranks(
                 redundant_experts,
                 data_parallel: false,
                 bytes: RankWeights::default(),
+                experts_world: world_size,
             }
             .plan()
         })
@@ -213,6 +245,9 @@ struct RankPlan<'a> {
     /// Data-parallel ranks: nothing is split but the routed experts under expert parallelism.
     data_parallel: bool,
     bytes: RankWeights,
+    /// Ranks the routed experts are partitioned over under expert parallelism: `world`, or
+    /// every rank of every tensor-parallel replica.
+    experts_world: usize,
 }
 
 impl RankPlan<'_> {
@@ -342,8 +377,8 @@ impl RankPlan<'_> {
     /// `e` routed experts of `i` channels: whole experts partitioned under expert parallelism,
     /// else every expert's share of its channels.
     fn experts(&self, e: usize, i: usize) -> Result<u64> {
-        let (count, channels) = if self.sharded() && self.expert_parallel {
-            let per_rank = expert_slots_per_rank(e, self.redundant_experts, self.world)?;
+        let (count, channels) = if self.experts_world > 1 && self.expert_parallel {
+            let per_rank = expert_slots_per_rank(e, self.redundant_experts, self.experts_world)?;
             (per_rank as u64, i as u64)
         } else {
             (e as u64, self.share(i, "moe_intermediate_size")?)

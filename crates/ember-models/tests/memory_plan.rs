@@ -9,7 +9,7 @@ use candle_core::DType;
 use ember_core::ModelConfig;
 use ember_models::loader::read_config;
 use ember_models::memory_plan::{
-    kv_cache_bytes_per_token, rank_weights, rank_weights_data_parallel,
+    kv_cache_bytes_per_token, rank_weights, rank_weights_data_parallel, rank_weights_replicas,
     rank_weights_with_redundant_experts, RankWeights, WeightFormat,
 };
 use ember_models::{load_model, LoadFormat, LoadOptions};
@@ -118,6 +118,29 @@ fn the_plan_equals_what_every_data_parallel_rank_of_a_real_load_holds() {
             [&tp2[..], &tp2[..]].concat(),
             "{name} dp 2 x tp 2"
         );
+        let plan = rank_weights_replicas(&cfg, 2, 2, false, WeightFormat::Loaded(DType::F32));
+        assert_eq!(
+            totals(&plan.unwrap()),
+            loaded.rank_weight_bytes,
+            "{name} dp 2 x tp 2 plan"
+        );
+        // With the experts partitioned over the four ranks too.
+        if cfg.moe.is_some() || cfg.deepseek.is_some() {
+            let loaded = load_model(&LoadOptions {
+                dtype: Some(DType::F32),
+                data_parallel_size: 2,
+                tensor_parallel_size: 2,
+                enable_expert_parallel: true,
+                ..LoadOptions::new(model_dir(name).to_string_lossy())
+            })
+            .unwrap();
+            let plan = rank_weights_replicas(&cfg, 2, 2, true, WeightFormat::Loaded(DType::F32));
+            assert_eq!(
+                totals(&plan.unwrap()),
+                loaded.rank_weight_bytes,
+                "{name} dp 2 x tp 2 + ep"
+            );
+        }
     }
 }
 
