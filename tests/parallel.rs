@@ -425,6 +425,19 @@ fn layouts_a_model_cannot_take_are_clear_errors() {
 /// rank instead of hanging.
 #[test]
 fn a_rank_failure_ends_the_request_and_stops_the_server_with_the_reason() {
+    check_rank_failure(&["--tensor-parallel-size", "2", "--enable-expert-parallel"]);
+    // Replicas meeting in the experts: rank 1 fails in its replica's group, and the other
+    // replica, waiting in the experts' group, must return too.
+    check_rank_failure(&[
+        "--data-parallel-size",
+        "2",
+        "--tensor-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+    ]);
+}
+
+fn check_rank_failure(flags: &[&str]) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
@@ -439,7 +452,7 @@ fn a_rank_failure_ends_the_request_and_stops_the_server_with_the_reason() {
         .arg(common::model_dir("qwen3-moe-tiny"))
         .args(["--dtype", "float32", "--host", "127.0.0.1", "--port"])
         .arg(port.to_string())
-        .args(["--tensor-parallel-size", "2", "--enable-expert-parallel"])
+        .args(flags)
         .env("EMBER_FAULT_INJECT", "1:2")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

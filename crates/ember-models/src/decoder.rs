@@ -164,6 +164,12 @@ pub struct DecoderModel {
 }
 
 impl DecoderModel {
+    /// The group the routed experts are dispatched over, when it is not the rank's own
+    /// (tensor-parallel replicas under expert parallelism): a failing rank aborts it too.
+    pub fn experts_comm(&self) -> Option<&std::sync::Arc<dyn crate::parallel::Communicator>> {
+        self.rank.as_ref().and_then(|r| r.experts_comm.as_ref())
+    }
+
     /// Loads embeddings, layers `0..num_hidden_layers` (each by `load_layer`), the final norm and,
     /// for `task` generate, lm_head. Layers past `num_hidden_layers` (DeepSeek's MTP layers) are
     /// never asked for. The body's tensors sit under `model.` in a `*ForCausalLM` checkpoint and

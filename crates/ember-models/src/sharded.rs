@@ -229,7 +229,11 @@ impl ShardedModel {
                 format!("rank {rank} panicked: {what}")
             }
         };
+        // Every group the rank takes part in, so no other rank waits for it in either.
         comm.abort(&reason);
+        if let Some(experts) = model.experts_comm() {
+            experts.abort(&reason);
+        }
         Err(EmberError::Tensor(reason))
     }
 }
