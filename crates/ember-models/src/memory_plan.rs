@@ -119,7 +119,14 @@ pub fn rank_weights(
     expert_parallel: bool,
     format: WeightFormat,
 ) -> Result<Vec<RankWeights>> {
-    plan_ranks(cfg, world_size, expert_parallel, 0, format)
+    let layout = Layout {
+        ranks: world_size,
+        group: world_size,
+        expert_parallel,
+        redundant_experts: 0,
+        data_parallel: false,
+    };
+    plan_ranks(cfg, format, layout)
 }
 
 /// The weight bytes each of `world_size` data-parallel ranks holds (`--data-parallel-size`):
@@ -130,22 +137,14 @@ pub fn rank_weights_data_parallel(
     expert_parallel: bool,
     format: WeightFormat,
 ) -> Result<Vec<RankWeights>> {
-    (0..world_size.max(1))
-        .map(|rank| {
-            RankPlan {
-                cfg,
-                format,
-                rank,
-                world: world_size,
-                expert_parallel,
-                redundant_experts: 0,
-                data_parallel: true,
-                bytes: RankWeights::default(),
-                experts_world: world_size,
-            }
-            .plan()
-        })
-        .collect()
+    let layout = Layout {
+        ranks: world_size,
+        group: world_size,
+        expert_parallel,
+        redundant_experts: 0,
+        data_parallel: true,
+    };
+    plan_ranks(cfg, format, layout)
 }
 
 /// The weight bytes each rank holds under `replicas` data-parallel replicas of `tp`
@@ -159,23 +158,14 @@ pub fn rank_weights_replicas(
     expert_parallel: bool,
     format: WeightFormat,
 ) -> Result<Vec<RankWeights>> {
-    let (replicas, tp) = (replicas.max(1), tp.max(1));
-    (0..replicas * tp)
-        .map(|rank| {
-            RankPlan {
-                cfg,
-                format,
-                rank: rank % tp,
-                world: tp,
-                expert_parallel,
-                redundant_experts: 0,
-                data_parallel: false,
-                bytes: RankWeights::default(),
-                experts_world: replicas * tp,
-            }
-            .plan()
-        })
-        .collect()
+    let layout = Layout {
+        ranks: replicas.max(1) * tp.max(1),
+        group: tp,
+        expert_parallel,
+        redundant_experts: 0,
+        data_parallel: false,
+    };
+    plan_ranks(cfg, format, layout)
 }
 
 /// [`rank_weights`] under expert parallelism with `--num-redundant-experts redundant`: each
@@ -186,28 +176,42 @@ pub fn rank_weights_with_redundant_experts(
     redundant: usize,
     format: WeightFormat,
 ) -> Result<Vec<RankWeights>> {
-    plan_ranks(cfg, world_size, true, redundant, format)
+    let layout = Layout {
+        ranks: world_size,
+        group: world_size,
+        expert_parallel: true,
+        redundant_experts: redundant,
+        data_parallel: false,
+    };
+    plan_ranks(cfg, format, layout)
 }
 
-fn plan_ranks(
-    cfg: &ModelConfig,
-    world_size: usize,
+/// How a plan's ranks split the model: `ranks` in all, in groups of `group` that split each
+/// layer (tensor parallelism; rank r is rank `r % group` of its group), the routed experts
+/// partitioned over all `ranks` under expert parallelism.
+struct Layout {
+    ranks: usize,
+    group: usize,
     expert_parallel: bool,
     redundant_experts: usize,
-    format: WeightFormat,
-) -> Result<Vec<RankWeights>> {
-    (0..world_size.max(1))
+    /// The ranks hold every layer whole (data parallelism).
+    data_parallel: bool,
+}
+
+fn plan_ranks(cfg: &ModelConfig, format: WeightFormat, l: Layout) -> Result<Vec<RankWeights>> {
+    let (ranks, group) = (l.ranks.max(1), l.group.max(1));
+    (0..ranks)
         .map(|rank| {
             RankPlan {
                 cfg,
                 format,
-                rank,
-                world: world_size,
-                expert_parallel,
-                redundant_experts,
-                data_parallel: false,
+                rank: rank % group,
+                world: group,
+                expert_parallel: l.expert_parallel,
+                redundant_experts: l.redundant_experts,
+                data_parallel: l.data_parallel,
                 bytes: RankWeights::default(),
-                experts_world: world_size,
+                experts_world: ranks,
             }
             .plan()
         })

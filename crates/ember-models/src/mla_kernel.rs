@@ -169,6 +169,33 @@ pub fn decode(
     Ok(out)
 }
 
+/// A CPU op input's contiguous elements.
+fn slice<'s, T: candle_core::WithDType>(
+    (s, l): (&'s CpuStorage, &Layout),
+    what: &str,
+) -> candle_core::Result<&'s [T]> {
+    Ok(&s.as_slice::<T>()?[crate::contiguous_range(l, what)?])
+}
+
+/// A three-input op's CPU output: `f32s` when every input is f32, `bf16s` when every one is
+/// bf16, else the error `what`.
+fn f32_or_bf16(
+    inputs: [(&CpuStorage, &Layout); 3],
+    what: &str,
+    f32s: impl FnOnce([(&CpuStorage, &Layout); 3]) -> candle_core::Result<Vec<f32>>,
+    bf16s: impl FnOnce([(&CpuStorage, &Layout); 3]) -> candle_core::Result<Vec<half::bf16>>,
+) -> candle_core::Result<CpuStorage> {
+    match inputs.map(|(s, _)| s) {
+        [CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)] => {
+            Ok(CpuStorage::F32(f32s(inputs)?))
+        }
+        [CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)] => {
+            Ok(CpuStorage::BF16(bf16s(inputs)?))
+        }
+        _ => candle_core::bail!("{what}"),
+    }
+}
+
 struct MlaDecodeOp<'a> {
     decodes: &'a MlaDecodeBatch,
     shape: MlaShape,
@@ -188,12 +215,6 @@ impl MlaDecodeOp<'_> {
         &self,
         [q, c, r]: [(&CpuStorage, &Layout); 3],
     ) -> candle_core::Result<Vec<T>> {
-        fn slice<'s, T: candle_core::WithDType>(
-            (s, l): (&'s CpuStorage, &Layout),
-            what: &str,
-        ) -> candle_core::Result<&'s [T]> {
-            Ok(&s.as_slice::<T>()?[crate::contiguous_range(l, what)?])
-        }
         let mut out = vec![T::from_f32(0.0); self.out_shape().elem_count()];
         mla_decode::mla_decode(
             &mut out,
@@ -223,16 +244,12 @@ impl CustomOp3 for MlaDecodeOp<'_> {
         r: &CpuStorage,
         lr: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let inputs = [(q, lq), (c, lc), (r, lr)];
-        let out = match (q, c, r) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(self.cpu::<f32>(inputs)?)
-            }
-            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-                CpuStorage::BF16(self.cpu::<half::bf16>(inputs)?)
-            }
-            _ => candle_core::bail!("MLA decode takes f32 or bf16 queries and caches of one dtype"),
-        };
+        let out = f32_or_bf16(
+            [(q, lq), (c, lc), (r, lr)],
+            "MLA decode takes f32 or bf16 queries and caches of one dtype",
+            |inputs| self.cpu::<f32>(inputs),
+            |inputs| self.cpu::<half::bf16>(inputs),
+        )?;
         Ok((out, self.out_shape()))
     }
 
@@ -348,15 +365,12 @@ impl PrefillOp {
         &self,
         [q, k, v]: [(&CpuStorage, &Layout); 3],
     ) -> candle_core::Result<Vec<T>> {
-        let slice = |(s, l): (&CpuStorage, &Layout), what: &str| -> candle_core::Result<Vec<T>> {
-            Ok(s.as_slice::<T>()?[crate::contiguous_range(l, what)?].to_vec())
-        };
         let mut out = vec![T::from_f32(0.0); self.out_shape().elem_count()];
         ember_kernels::prefill_attention::prefill_attention(
             &mut out,
-            &slice(q, "prefill queries")?,
-            &slice(k, "prefill keys")?,
-            &slice(v, "prefill values")?,
+            slice(q, "prefill queries")?,
+            slice(k, "prefill keys")?,
+            slice(v, "prefill values")?,
             &self.shape,
             self.scale,
         )
@@ -379,16 +393,12 @@ impl CustomOp3 for PrefillOp {
         v: &CpuStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let inputs = [(q, lq), (k, lk), (v, lv)];
-        let out = match (q, k, v) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(self.cpu::<f32>(inputs)?)
-            }
-            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-                CpuStorage::BF16(self.cpu::<half::bf16>(inputs)?)
-            }
-            _ => candle_core::bail!("prefill attention takes f32 or bf16 inputs of one dtype"),
-        };
+        let out = f32_or_bf16(
+            [(q, lq), (k, lk), (v, lv)],
+            "prefill attention takes f32 or bf16 inputs of one dtype",
+            |inputs| self.cpu::<f32>(inputs),
+            |inputs| self.cpu::<half::bf16>(inputs),
+        )?;
         Ok((out, self.out_shape()))
     }
 
