@@ -10,9 +10,11 @@
 #   3. ember-engine's CUDA tests: the tiny checkpoints on CUDA against transformers (f32, bf16), cache sizing
 #   4. ember bench latency on a dummy-weight Qwen3-30B-A3B (real shape, bf16), batch 1 and 10, with
 #      candle's attention, with ember's paged attention kernel, with all of ember's kernels (that,
-#      the fused MoE and the layer kernels), and with those over online FP8 weights (W8A16, W8A8)
-#   5. ember serve on that model + ember bench serve, 2048 in / 1024 out at concurrency 10 (shortened
-#      with EMBER_GPU_PROMPTS), results JSON to $OUT
+#      the fused MoE and the layer kernels) eagerly and with decode steps as CUDA graphs, and with
+#      those over online FP8 weights (W8A16, W8A8)
+#   5. ember serve on that model (EMBER_GPU_SERVE_FLAGS, default all of ember's kernels, so decode
+#      graphs) + ember bench serve, 2048 in / 1024 out at concurrency 10 (shortened with
+#      EMBER_GPU_PROMPTS), results JSON to $OUT
 # EMBER_GPU_STEPS="1 2 3" runs a subset.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -85,20 +87,28 @@ if step 4; then
     # attention, MoE and layer kernels, weights (auto: bf16; fp8: online FP8, quantized at load on
     # the host, slower to start) and the FP8 GEMM; the batch sizes last (FP8 at 10 only, for its
     # throughput beside bf16's).
-    for backends in "tensor experts candle auto w8a16 1 10" "ember experts candle auto w8a16 1 10" \
-        "ember fused ember auto w8a16 1 10" "ember fused ember fp8 w8a16 10" "ember fused ember fp8 w8a8 10"; do
-        read -r attention moe layer quant fp8 sizes <<< "$backends"
+    # The last column: eager (--enforce-eager) or graphs (decode steps as CUDA graphs where the
+    # backends allow: all of ember's kernels).
+    for backends in "tensor experts candle auto w8a16 eager 1 10" "ember experts candle auto w8a16 eager 1 10" \
+        "ember fused ember auto w8a16 eager 1 10" "ember fused ember auto w8a16 graphs 1 10" \
+        "ember fused ember fp8 w8a16 graphs 10" "ember fused ember fp8 w8a8 graphs 10"; do
+        read -r attention moe layer quant fp8 mode sizes <<< "$backends"
+        eager=""
+        [ "$mode" = eager ] && eager="--enforce-eager"
         for bs in $sizes; do
             run "$BIN/ember" bench latency --model "$MODEL" --load-format dummy --tokenizer "$TOK" \
                 --device cuda --dtype bfloat16 --attention-backend "$attention" --moe-backend "$moe" --layer-kernels "$layer" \
-                --quantization "$quant" --fp8-gemm "$fp8" --batch-size "$bs" --input-len 2048 --output-len 128 \
+                --quantization "$quant" --fp8-gemm "$fp8" $eager --batch-size "$bs" --input-len 2048 --output-len 128 \
                 --num-iters-warmup 1 --num-iters 3
         done
     done
 fi
 if step 5; then
+    # shellcheck disable=SC2086 # the flags split into words
     "$BIN/ember" serve --model "$MODEL" --load-format dummy --tokenizer "$TOK" --device cuda \
-        --dtype bfloat16 --port 8000 --max-model-len 4096 > "$OUT/serve.log" 2>&1 &
+        --dtype bfloat16 --port 8000 --max-model-len 4096 \
+        ${EMBER_GPU_SERVE_FLAGS:---attention-backend ember --moe-backend fused --layer-kernels ember} \
+        > "$OUT/serve.log" 2>&1 &
     server=$!
     for _ in $(seq 1 180); do
         curl -sf localhost:8000/v1/models > /dev/null && break

@@ -159,6 +159,16 @@ pub struct ModelArgs {
     /// Turn off reuse of KV blocks across requests that share a prompt prefix.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+    /// Run every step eagerly: no CUDA graphs for decode steps.
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Batch sizes whose decode steps are captured as CUDA graphs, each the first time a step
+    /// of up to that many sequences comes (a step of n runs in the smallest size >= n), e.g.
+    /// `1,2,4,8`. Default: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, those up
+    /// to --max-num-seqs and it. Graphs serve a model on one GPU with --attention-backend ember
+    /// (and --moe-backend fused for an MoE); other steps and models run eagerly.
+    #[arg(long, value_delimiter = ',')]
+    pub cuda_graph_sizes: Vec<usize>,
     #[command(flatten)]
     pub lora: LoraArgs,
 }
@@ -414,7 +424,29 @@ impl ModelArgs {
             lora: self.lora.config()?,
             // Sampled tokens drawn where the logits are on a GPU, on the host on the CPU.
             device_sampling: None,
+            cuda_graph_sizes: self.cuda_graph_sizes()?,
         })
+    }
+
+    /// The decode batch sizes to capture as CUDA graphs (none under --enforce-eager).
+    pub fn cuda_graph_sizes(&self) -> Result<Vec<usize>> {
+        if self.enforce_eager {
+            return Ok(Vec::new());
+        }
+        if self.cuda_graph_sizes.is_empty() {
+            return Ok(ember_models::cuda_graph::default_sizes(self.max_num_seqs));
+        }
+        if let Some(bad) = self
+            .cuda_graph_sizes
+            .iter()
+            .find(|&&s| s == 0 || s > self.max_num_seqs)
+        {
+            bail!(
+                "--cuda-graph-sizes {bad}: each size must be between 1 and --max-num-seqs ({})",
+                self.max_num_seqs
+            );
+        }
+        Ok(self.cuda_graph_sizes.clone())
     }
 }
 
@@ -507,6 +539,39 @@ mod tests {
         );
         assert!(eplb(&["--eplb-config", "[1]"]).is_err());
         assert!(eplb(&["--eplb-config", r#"{"log_balancedness": 1}"#]).is_err());
+    }
+
+    fn graph_sizes(args: &[&str]) -> Result<Vec<usize>> {
+        let argv = ["ember", "--model", "m"]
+            .into_iter()
+            .chain(args.iter().copied());
+        ModelCli::try_parse_from(argv)?.model.cuda_graph_sizes()
+    }
+
+    #[test]
+    fn cuda_graph_sizes_default_to_the_batch_cap_and_enforce_eager_turns_them_off() {
+        assert_eq!(
+            graph_sizes(&[]).unwrap(),
+            ember_models::cuda_graph::DEFAULT_SIZES.to_vec()
+        );
+        assert_eq!(
+            graph_sizes(&["--max-num-seqs", "20"]).unwrap(),
+            vec![1, 2, 4, 8, 16, 20]
+        );
+        assert_eq!(
+            graph_sizes(&["--cuda-graph-sizes", "8,1,4"]).unwrap(),
+            vec![8, 1, 4]
+        );
+        assert!(graph_sizes(&["--enforce-eager"]).unwrap().is_empty());
+        assert!(graph_sizes(&["--enforce-eager", "--cuda-graph-sizes", "4"])
+            .unwrap()
+            .is_empty());
+        let err = graph_sizes(&["--max-num-seqs", "8", "--cuda-graph-sizes", "4,16"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--cuda-graph-sizes 16"), "{err}");
+        assert!(graph_sizes(&["--cuda-graph-sizes", "0"]).is_err());
+        assert!(graph_sizes(&["--cuda-graph-sizes", "x"]).is_err());
     }
 
     #[test]

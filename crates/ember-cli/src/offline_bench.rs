@@ -468,7 +468,19 @@ pub fn run_latency(args: LatencyArgs) -> Result<()> {
         .collect();
     let block_size = args.model.block_size;
     let blocks_per_seq = total_len.div_ceil(block_size);
-    let runner = ModelRunner::new(loaded, blocks_per_seq * args.batch_size, block_size)?;
+    // The one batch's size is all the graphs need: the sizes up to the first that holds it.
+    let mut graph_sizes = args.model.cuda_graph_sizes()?;
+    graph_sizes.sort_unstable();
+    if let Some(fits) = graph_sizes.iter().position(|&s| s >= args.batch_size) {
+        graph_sizes.truncate(fits + 1);
+    }
+    let runner = ModelRunner::new(
+        loaded,
+        blocks_per_seq * args.batch_size,
+        block_size,
+        &graph_sizes,
+    )?;
+    runner.capture_graphs();
     for _ in 0..args.num_iters_warmup {
         run_batch(&runner, &prompts, args.output_len, blocks_per_seq)?;
     }

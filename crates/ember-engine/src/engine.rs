@@ -44,6 +44,10 @@ pub struct EngineConfig {
     /// ids. `None`: on a GPU, where it saves copying every row; the CPU's host sampler
     /// otherwise. Greedy steps always take the argmax where the logits are.
     pub device_sampling: Option<bool>,
+    /// Batch sizes whose decode steps run as CUDA graphs where the model allows (see
+    /// `ember_models::cuda_graph`); empty, the default here (the CLI's is
+    /// `ember_models::cuda_graph::default_sizes`), runs every step eagerly.
+    pub cuda_graph_sizes: Vec<usize>,
 }
 
 /// A request on its way to the engine thread, with the adapter it runs with.
@@ -65,6 +69,7 @@ impl Default for EngineConfig {
             max_waiting_requests: 4096,
             lora: None,
             device_sampling: None,
+            cuda_graph_sizes: Vec::new(),
         }
     }
 }
@@ -109,12 +114,22 @@ impl Engine {
             let gpu = ember_models::device::gpu_memory(device)?;
             let kv_cache_bytes = match (cfg.num_blocks, cfg.gpu_memory_utilization, gpu) {
                 (None, Some(utilization), Some((free, total))) => {
+                    let graphs = match cfg.cuda_graph_sizes.iter().max() {
+                        Some(&largest) if loaded.decode_graphs_possible() => {
+                            ember_models::device::decode_graph_reserve_bytes(
+                                &model_cfg,
+                                loaded.dtype,
+                                largest,
+                            )
+                        }
+                        _ => 0,
+                    };
                     let reserve = ember_models::device::activation_reserve_bytes(
                         &model_cfg,
                         loaded.dtype,
                         cfg.max_num_batched_tokens,
                         cfg.max_num_seqs,
-                    );
+                    ) + graphs;
                     let budget =
                         ember_models::device::kv_cache_budget(free, total, utilization, reserve)?;
                     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -172,7 +187,7 @@ impl Engine {
             .transpose()?;
         let max_loras = cfg.lora.as_ref().map_or(1, |l| l.max_loras);
         let data_parallel = loaded.model.data_parallel_size();
-        let runner = ModelRunner::new(loaded, num_blocks, cfg.block_size)?;
+        let runner = ModelRunner::new(loaded, num_blocks, cfg.block_size, &cfg.cuda_graph_sizes)?;
         let scheduler = Scheduler::with_ranks(
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
@@ -220,6 +235,7 @@ impl Engine {
     }
 
     fn run(mut self) {
+        self.runner.capture_graphs();
         loop {
             // Block while idle; otherwise take whatever has arrived and keep stepping.
             if !self.scheduler.has_work() {

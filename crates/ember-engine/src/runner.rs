@@ -16,19 +16,56 @@ pub struct ModelRunner {
     device: candle_core::Device,
     /// Each data-parallel rank's device, for a data-parallel model's split steps.
     rank_devices: Vec<candle_core::Device>,
-    /// A data-parallel model's ranks (1 otherwise); each cache then holds one block more, the
-    /// scratch block an idle rank's placeholder token writes to.
+    /// A data-parallel model's ranks (1 otherwise). With more than one, or with decode graphs,
+    /// each cache holds one block more: the scratch block that placeholder rows (an idle rank's
+    /// token, a graph's spare rows) write to.
     data_parallel: usize,
     num_blocks: usize,
+    /// Decode steps as CUDA graphs (see `ember_models::cuda_graph`), where the model allows.
+    #[cfg(feature = "cuda")]
+    graphs: Option<ember_models::cuda_graph::DecodeGraphs>,
 }
 
 impl ModelRunner {
     /// Allocates `num_blocks` cache blocks of `block_size` tokens for the model, on its device.
-    pub fn new(loaded: LoadedModel, num_blocks: usize, block_size: usize) -> Result<Self> {
+    /// Decode steps of up to the largest of `graph_sizes` sequences run as CUDA graphs of those
+    /// sizes where [`LoadedModel::decode_graphs_possible`] (none: every step eager).
+    pub fn new(
+        loaded: LoadedModel,
+        num_blocks: usize,
+        block_size: usize,
+        graph_sizes: &[usize],
+    ) -> Result<Self> {
         let device = loaded.device.clone();
         let layers = loaded.model.config().num_hidden_layers;
         let data_parallel = loaded.model.data_parallel_size();
-        let cache_blocks = num_blocks + usize::from(data_parallel > 1);
+        let graphs = !graph_sizes.is_empty() && loaded.decode_graphs_possible();
+        if !graph_sizes.is_empty() && !graphs && loaded.device.is_cuda() {
+            tracing::info!(
+                "decode steps run eagerly: CUDA graphs need one rank, ember's attention kernels \
+                 (--attention-backend ember) over a cache in the model's dtype and, for an MoE \
+                 model, --moe-backend fused"
+            );
+        }
+        let cache_blocks = num_blocks + usize::from(data_parallel > 1 || graphs);
+        #[cfg(feature = "cuda")]
+        let graphs = graphs
+            .then(|| {
+                ember_models::cuda_graph::DecodeGraphs::new(
+                    ember_models::cuda_graph::GraphPlan::new(
+                        graph_sizes,
+                        block_size,
+                        // No sequence outgrows the cache, whatever the model's context.
+                        loaded.max_model_len.min(num_blocks * block_size),
+                        num_blocks as u32,
+                    ),
+                    &device,
+                    cache_blocks,
+                )
+            })
+            .flatten();
+        #[cfg(not(feature = "cuda"))]
+        let _ = graphs;
         // Each rank's cache on its own device.
         let caches = loaded
             .model
@@ -63,7 +100,43 @@ impl ModelRunner {
             rank_devices,
             data_parallel,
             num_blocks,
+            #[cfg(feature = "cuda")]
+            graphs,
         })
+    }
+
+    /// Captures every decode graph now, so that no step waits for one (a size not captured yet
+    /// is captured by its first step). Call it from the thread that runs the steps: candle keeps
+    /// the small uploads a capture reads in that thread's cache. Returns the sizes captured.
+    pub fn capture_graphs(&self) -> Vec<usize> {
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            return graphs.capture_all(&|b: &ForwardBatch| self.model.forward(b, &self.caches));
+        }
+        Vec::new()
+    }
+
+    /// The step's logits: from a CUDA graph's replay where the step runs as one, else from the
+    /// model's forward.
+    fn logits(&self, batch: &ForwardBatch) -> Result<candle_core::Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            let forward = |b: &ForwardBatch| self.model.forward(b, &self.caches);
+            if let Some(logits) = graphs.run(batch, &forward)? {
+                return Ok(logits);
+            }
+        }
+        self.model.forward(batch, &self.caches)
+    }
+
+    /// The batch sizes whose decode graphs have been captured (none off a GPU, or when graphs
+    /// are off).
+    pub fn captured_graphs(&self) -> Vec<usize> {
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            return graphs.captured();
+        }
+        Vec::new()
     }
 
     /// Block size of the cache.
@@ -108,7 +181,7 @@ impl ModelRunner {
 
     /// Runs the model over a prepared batch; returns, per sequence, its logits rows.
     pub fn forward(&self, batch: &ForwardBatch) -> Result<Vec<Vec<Vec<f32>>>> {
-        let logits = self.model.forward(batch, &self.caches)?;
+        let logits = self.logits(batch)?;
         let mut rows = logits
             .to_vec2::<f32>()
             .map_err(|e| EmberError::Tensor(e.to_string()))?
@@ -141,7 +214,7 @@ impl ModelRunner {
                     .into(),
             ));
         }
-        let logits = self.model.forward(batch, &self.caches)?;
+        let logits = self.logits(batch)?;
         let tensor = |e: candle_core::Error| EmberError::Tensor(e.to_string());
         let ids = match draws {
             Some(draws) => sampled_token_ids(&logits, draws),

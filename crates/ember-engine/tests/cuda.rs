@@ -62,9 +62,21 @@ fn chunked_engine(
     dtype: DType,
     backends: Backends,
 ) -> ember_engine::EngineHandle {
+    chunked_engine_with_graphs(name, device, dtype, backends, &[])
+}
+
+/// [`chunked_engine`] whose decode steps run as CUDA graphs of `graph_sizes` where they can.
+fn chunked_engine_with_graphs(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    backends: Backends,
+    graph_sizes: &[usize],
+) -> ember_engine::EngineHandle {
     let cfg = EngineConfig {
         max_num_batched_tokens: 24,
         block_size: 4,
+        cuda_graph_sizes: graph_sizes.to_vec(),
         ..EngineConfig::default()
     };
     start_with(name, cfg, |opts| {
@@ -95,8 +107,18 @@ fn run_batched_with(
     dtype: DType,
     backends: Backends,
 ) -> (Value, Vec<Finished>) {
+    run_batched_with_graphs(name, device, dtype, backends, &[])
+}
+
+fn run_batched_with_graphs(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    backends: Backends,
+    graph_sizes: &[usize],
+) -> (Value, Vec<Finished>) {
     let reference = reference(name);
-    let engine = chunked_engine(name, device, dtype, backends);
+    let engine = chunked_engine_with_graphs(name, device, dtype, backends, graph_sizes);
     let prompts = reference["prompts"].as_array().unwrap();
     let receivers: Vec<_> = prompts
         .iter()
@@ -391,6 +413,55 @@ fn every_model_matches_transformers_with_all_of_embers_kernels() {
             !mla || ember_models::mla_kernel::prefill_calls() > prefills,
             "{name}: the MLA prefill kernel never ran in bf16"
         );
+    }
+}
+
+/// Decode steps replayed from CUDA graphs (sizes 1, 2, 4: the prompts' decodes run 1 to 4 at a
+/// time, padded up to a size) over all of ember's kernels, for every checkpoint: in f32 the
+/// eager path's tokens, their logprobs within the batch tolerance, and transformers' reference;
+/// in bf16 the eager logprobs within the bf16 tolerance for as long as the tokens agree. Graphs
+/// must have served steps (the engine checked each size's first replay against the eager step,
+/// and would have turned them off).
+#[test]
+fn decode_graphs_match_the_eager_steps() {
+    let Some(device) = gpu("decode_graphs_match_the_eager_steps") else {
+        return;
+    };
+    for name in MODELS {
+        for dtype in [DType::F32, DType::BF16] {
+            let (reference, eager) = run_batched_with(name, &device, dtype, EMBER);
+            let before = ember_models::cuda_graph::replays();
+            let (_, graphs) = run_batched_with_graphs(name, &device, dtype, EMBER, &[1, 2, 4]);
+            let replays = ember_models::cuda_graph::replays() - before;
+            assert!(
+                replays > 0,
+                "{name} {dtype:?}: no decode step ran as a graph"
+            );
+            let tol = if dtype == DType::F32 {
+                BATCH_TOL
+            } else {
+                BF16_MAX_TOL
+            };
+            for (i, (e, g)) in eager.iter().zip(&graphs).enumerate() {
+                if dtype == DType::F32 {
+                    assert_eq!(e.tokens, g.tokens, "{name} prompt {i}: tokens");
+                }
+                let same = e.tokens.iter().zip(&g.tokens).take_while(|(a, b)| a == b);
+                for (j, _) in same.enumerate() {
+                    let d = (e.logprobs[j] - g.logprobs[j]).abs() as f64;
+                    assert!(
+                        d <= tol,
+                        "{name} {dtype:?} prompt {i} token {j}: graph logprob off by {d} (tol {tol})"
+                    );
+                }
+            }
+            if dtype == DType::F32 {
+                assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &graphs);
+            }
+            eprintln!(
+                "{name} {dtype:?}: {replays} decode steps from CUDA graphs match the eager ones"
+            );
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
     DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
@@ -226,6 +226,50 @@ impl CudaKernels {
             Some(slice) => Ok(slice),
             None => Ok(self.stream.clone_htod(data)?),
         }
+    }
+
+    /// Copies `data` into `dst` from element `offset` on, staged like [`Self::stage`]: how a
+    /// CUDA graph's persistent inputs are rewritten before a replay, in a buffer that the graph
+    /// and the batch it was captured over both hold.
+    pub fn write_at<T: StagedElement>(
+        &self,
+        dst: &CudaSlice<T>,
+        offset: usize,
+        data: &[T],
+    ) -> Result<(), KernelError> {
+        check_shape(
+            offset
+                .checked_add(data.len())
+                .is_some_and(|end| end <= dst.len()),
+            "write_at",
+            || {
+                format!(
+                    "{} elements at {offset} overrun a buffer of {}",
+                    data.len(),
+                    dst.len()
+                )
+            },
+        )?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let staged = self.stage(data)?;
+        let size = std::mem::size_of::<T>();
+        let (src, _src_use) = staged.device_ptr(&self.stream);
+        let (base, _dst_use) = dst.device_ptr(&self.stream);
+        // SAFETY: both ranges are in bounds (checked above; `staged` holds at least
+        // `data.len()` elements). The copy is queued on the stream every kernel and copy of
+        // these buffers goes on, so it lands after the work that read `dst` before and before
+        // the work that reads it next; `staged` is freed on the same stream, after the copy.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                base + (offset * size) as u64,
+                src,
+                std::mem::size_of_val(data),
+                self.stream.cu_stream(),
+            )
+        }?;
+        Ok(())
     }
 
     /// The stream every launch goes on (copy inputs and results with it).
@@ -839,10 +883,56 @@ impl CudaKernels {
             block_tables: self.stage(batch.block_tables)?,
             token_seq: self.stage(batch.token_seq)?,
             token_ctx: self.stage(batch.token_ctx)?,
+            table_len: batch.block_tables.len(),
             extent,
             block_size,
             max_blocks,
         })
+    }
+
+    /// [`Self::upload_paged_batch`] for metadata a CUDA graph keeps and rewrites before each
+    /// replay ([`Self::rewrite_paged_batch`]): its extent claims every block of a cache of
+    /// `cache_blocks` blocks, so the launches check, once at capture, that the cache holds them
+    /// all, and each rewrite is checked on the host to read no block beyond them.
+    pub fn upload_paged_batch_bounded(
+        &self,
+        batch: &PagedAttentionBatch<'_>,
+        block_size: usize,
+        max_blocks: usize,
+        cache_blocks: usize,
+    ) -> Result<DevicePagedBatch, KernelError> {
+        let mut meta = self.upload_paged_batch(batch, block_size, max_blocks)?;
+        check_bound(&meta.extent, cache_blocks)?;
+        meta.extent.blocks_read = cache_blocks;
+        Ok(meta)
+    }
+
+    /// Replaces the contents of `meta` (made by [`Self::upload_paged_batch_bounded`]) with
+    /// `batch`, in place: the same tokens and table size, checked like an upload, and reading
+    /// no block beyond the bound `meta` was made with.
+    pub fn rewrite_paged_batch(
+        &self,
+        meta: &DevicePagedBatch,
+        batch: &PagedAttentionBatch<'_>,
+    ) -> Result<(), KernelError> {
+        let extent = paged_batch_extent(batch, meta.block_size, meta.max_blocks)?;
+        check_shape(
+            extent.tokens == meta.extent.tokens && batch.block_tables.len() == meta.table_len,
+            "paged_attention",
+            || {
+                format!(
+                    "rewriting metadata of {} tokens and {} table entries with {} and {}",
+                    meta.extent.tokens,
+                    meta.table_len,
+                    extent.tokens,
+                    batch.block_tables.len()
+                )
+            },
+        )?;
+        check_bound(&extent, meta.extent.blocks_read)?;
+        self.write_at(&meta.block_tables, 0, batch.block_tables)?;
+        self.write_at(&meta.token_seq, 0, batch.token_seq)?;
+        self.write_at(&meta.token_ctx, 0, batch.token_ctx)
     }
 
     /// [`crate::paged_attention::paged_attention`] on the GPU, over metadata
@@ -1176,6 +1266,8 @@ pub struct DevicePagedBatch {
     block_tables: CudaSlice<u32>,
     token_seq: CudaSlice<u32>,
     token_ctx: CudaSlice<u32>,
+    /// Entries of `block_tables` in use (the staged buffer may be longer).
+    table_len: usize,
     extent: BatchExtent,
     block_size: usize,
     max_blocks: usize,
@@ -1762,6 +1854,20 @@ fn hidden_i32(hidden: usize) -> Result<i32, KernelError> {
 /// `value` as a kernel's 32-bit int argument, or why it does not fit.
 fn int32(op: &'static str, what: &str, value: usize) -> Result<i32, KernelError> {
     i32::try_from(value).map_err(|_| too_big(op, what, value))
+}
+
+/// Errs unless metadata of `extent` reads only blocks below `cache_blocks`.
+fn check_bound(extent: &BatchExtent, cache_blocks: usize) -> Result<(), KernelError> {
+    check_shape(
+        extent.blocks_read <= cache_blocks,
+        "paged_attention",
+        || {
+            format!(
+                "a token reads block {}; the metadata is bound to {cache_blocks} blocks",
+                extent.blocks_read.saturating_sub(1)
+            )
+        },
+    )
 }
 
 fn too_big(op: &'static str, what: &str, value: usize) -> KernelError {

@@ -1950,3 +1950,170 @@ fn staged_uploads_arrive_intact() {
     let back = st.clone_dtoh(&k.stage(&floats).unwrap()).unwrap();
     assert_eq!(&back[..floats.len()], &floats[..]);
 }
+
+/// `write_at` lands its elements at the offset and leaves the rest of the buffer as it was.
+#[test]
+fn write_at_overwrites_only_its_range() {
+    let Some(k) = kernels() else { return };
+    let st = k.stream();
+    let mut rng = rng();
+    let base: Vec<u32> = (0..1000).map(|_| rng.random()).collect();
+    let dst = st.clone_htod(&base).unwrap();
+    let mut want = base.clone();
+    for (offset, n) in [(0usize, 1usize), (17, 300), (999, 1), (500, 500)] {
+        let data: Vec<u32> = (0..n).map(|_| rng.random()).collect();
+        k.write_at(&dst, offset, &data).unwrap();
+        want[offset..offset + n].copy_from_slice(&data);
+    }
+    assert!(
+        k.write_at(&dst, 999, &[1, 2]).is_err(),
+        "overruns the buffer"
+    );
+    assert_eq!(st.clone_dtoh(&dst).unwrap(), want);
+}
+
+/// Paged metadata rewritten in place ([`CudaKernels::rewrite_paged_batch`]) is what the kernel
+/// reads next, launched directly and replayed from a CUDA graph captured over the old
+/// metadata: a decode graph's mechanism. Within paged attention's tolerance of the CPU
+/// reference on the new metadata; rewrites of another size or past the bound are refused.
+#[test]
+fn a_graph_replays_over_rewritten_paged_metadata() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(k) = kernels() else { return };
+    let st = k.stream();
+    let mut rng = rng();
+    let shape = PagedAttentionShape {
+        num_heads: 32,
+        num_kv_heads: 4,
+        head_dim: 128,
+        v_dim: 128,
+        block_size: 16,
+        max_blocks: 64,
+    };
+    let (rows, pool) = (6usize, 200usize);
+    let slots = pool * shape.block_size;
+    let kc: Vec<f32> = random(
+        &mut rng,
+        slots * shape.num_kv_heads * shape.head_dim,
+        -1.0,
+        1.0,
+    );
+    let vc: Vec<f32> = random(
+        &mut rng,
+        slots * shape.num_kv_heads * shape.v_dim,
+        -1.0,
+        1.0,
+    );
+    let q: Vec<f32> = random(&mut rng, rows * shape.num_heads * shape.head_dim, -1.0, 1.0);
+    let (dq, dk, dv) = (
+        st.clone_htod(&q).unwrap(),
+        st.clone_htod(&kc).unwrap(),
+        st.clone_htod(&vc).unwrap(),
+    );
+    // One decode per row over a random context of random blocks.
+    let step = |rng: &mut StdRng| {
+        let mut tables = vec![0u32; rows * shape.max_blocks];
+        let mut ctx = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let len = rng.random_range(1..=shape.max_blocks * shape.block_size);
+            for b in 0..len.div_ceil(shape.block_size) {
+                tables[r * shape.max_blocks + b] = rng.random_range(0..pool as u32);
+            }
+            ctx.push(len as u32);
+        }
+        (tables, ctx)
+    };
+    let token_seq: Vec<u32> = (0..rows as u32).collect();
+    let (tables, ctx) = step(&mut rng);
+    fn decodes<'a>(
+        tables: &'a [u32],
+        token_seq: &'a [u32],
+        ctx: &'a [u32],
+    ) -> PagedAttentionBatch<'a> {
+        PagedAttentionBatch {
+            block_tables: tables,
+            token_seq,
+            token_ctx: ctx,
+        }
+    }
+    let meta = k
+        .upload_paged_batch_bounded(
+            &decodes(&tables, &token_seq, &ctx),
+            16,
+            shape.max_blocks,
+            pool,
+        )
+        .unwrap();
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let mut out = st
+        .alloc_zeros::<f32>(rows * shape.num_heads * shape.v_dim)
+        .unwrap();
+    let launch = |out: &mut _| {
+        k.paged_attention(
+            out,
+            &dq.as_view(),
+            &dk.as_view(),
+            &dv.as_view(),
+            &meta,
+            scale,
+            &shape,
+        )
+        .unwrap()
+    };
+    st.synchronize().unwrap();
+    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    launch(&mut out);
+    let graph = st
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    let check = |what: &str, gpu: &[f32], tables: &[u32], ctx: &[u32]| {
+        let mut cpu = vec![0f32; gpu.len()];
+        paged_attention::paged_attention(
+            &mut cpu,
+            &q,
+            &kc,
+            &vc,
+            &decodes(tables, &token_seq, ctx),
+            scale,
+            &shape,
+        )
+        .unwrap();
+        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            let tol = 1e-4 * c.abs() + 1e-5;
+            assert!(
+                (g - c).abs() <= tol,
+                "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
+            );
+        }
+    };
+    for round in 0..4 {
+        let (tables, ctx) = step(&mut rng);
+        k.rewrite_paged_batch(&meta, &decodes(&tables, &token_seq, &ctx))
+            .unwrap();
+        if round % 2 == 0 {
+            graph.launch().unwrap();
+        } else {
+            launch(&mut out);
+        }
+        let gpu = st.clone_dtoh(&out).unwrap();
+        check(&format!("round {round}"), &gpu, &tables, &ctx);
+    }
+    let (mut tables, ctx) = step(&mut rng);
+    tables[0] = pool as u32;
+    let err = k
+        .rewrite_paged_batch(&meta, &decodes(&tables, &token_seq, &ctx))
+        .unwrap_err();
+    assert!(err.to_string().contains("bound to 200 blocks"), "{err}");
+    let fewer = PagedAttentionBatch {
+        block_tables: &tables[..(rows - 1) * shape.max_blocks],
+        token_seq: &token_seq[..rows - 1],
+        token_ctx: &ctx[..rows - 1],
+    };
+    assert!(
+        k.rewrite_paged_batch(&meta, &fewer).is_err(),
+        "another size"
+    );
+    eprintln!("a graph over rewritten metadata matches the CPU reference, 4 rounds");
+}

@@ -162,6 +162,7 @@ impl Qwen3Attention {
             )?;
             return self.o_proj.forward(&attn, &batch.lora);
         }
+        crate::cuda_graph::refuse("attention over the tensor path (per sequence, on the host)")?;
         let group = self.num_heads / self.num_kv_heads;
         let mut outputs = Vec::with_capacity(batch.sequences.len());
         for seq in &batch.sequences {

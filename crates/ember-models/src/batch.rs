@@ -25,6 +25,21 @@ pub struct SequenceInput<'a> {
     pub adapter: Option<&'a Arc<LoraAdapter>>,
 }
 
+impl<'a> SequenceInput<'a> {
+    /// A stand-in sequence of one token at position 0 whose K/V goes to the one block of
+    /// `scratch_table`, a block the scheduler never hands out: the rows that pad a step (an
+    /// idle data-parallel rank's, a CUDA graph's spare rows) write there and are never read.
+    pub fn placeholder(scratch_table: &'a [u32; 1]) -> Self {
+        Self {
+            token_ids: &[0],
+            num_computed: 0,
+            block_table: scratch_table,
+            all_logits: false,
+            adapter: None,
+        }
+    }
+}
+
 /// Per-sequence attention metadata, in device tensors ready for every layer.
 #[derive(Debug)]
 pub struct SequenceAttention {
@@ -42,6 +57,20 @@ pub struct SequenceAttention {
     pub causal_mask: Option<Tensor>,
     /// The sequence's LoRA adapter, for projections over its context (MLA's `kv_b_proj`).
     pub adapter: Option<Arc<LoraAdapter>>,
+}
+
+impl SequenceAttention {
+    /// Writes the sequence's block table into `row` (the cache block of each of its context's
+    /// blocks, in order; `row` may be longer, and the rest is left as it is).
+    pub fn write_block_table(&self, block_size: usize, row: &mut [u32]) {
+        // Each block's first slot names it: slot = block · block_size + offset.
+        for (entry, slot) in row
+            .iter_mut()
+            .zip(self.context_slots_host.iter().step_by(block_size))
+        {
+            *entry = slot / block_size as u32;
+        }
+    }
 }
 
 /// Everything one forward step needs besides the weights and the cache.
@@ -71,6 +100,8 @@ pub struct ForwardBatch {
     /// Under `--data-parallel-size`, each rank's share of the step (see
     /// [`ForwardBatch::split_data_parallel`]); `None` for every other model.
     pub data_parallel: Option<DataParallelSplit>,
+    /// The step's token ids, positions and slots on the host, in that order (`num_tokens` each).
+    host_inputs: Arc<[u32]>,
     /// Every u32 of the step and every causal mask, as uploaded: the tensors above are views.
     ints: Tensor,
     masks: Option<Tensor>,
@@ -89,6 +120,9 @@ pub struct DataParallelSplit {
     /// For each sequence of the step in order, its rank and its index in that rank's part.
     pub placement: Vec<(usize, usize)>,
 }
+
+/// A sequence's context slots and adapter, as the host holds them.
+type SequenceHost = (Vec<u32>, Option<Arc<LoraAdapter>>);
 
 /// Where a step's fields sit in its two uploaded tensors, so a copy on another device can take
 /// the same views.
@@ -145,6 +179,7 @@ impl SequenceAttention {
 /// memory and copied asynchronously ([`ember_kernels::cuda::CudaKernels::stage`]), so the copy
 /// does not wait for the stream's earlier work.
 pub(crate) fn upload<T: Staged>(data: Vec<T>, device: &Device) -> candle_core::Result<Tensor> {
+    crate::cuda_graph::refuse("uploading a step's metadata")?;
     let n = data.len();
     match device {
         #[cfg(feature = "cuda")]
@@ -270,6 +305,7 @@ impl ForwardBatch {
         ints.extend_from_slice(&positions);
         ints.extend_from_slice(&slots);
         ints.extend_from_slice(&logits_rows);
+        let host_inputs: Arc<[u32]> = ints[..3 * t].into();
         let context_base = ints.len();
         ints.extend_from_slice(&all_context_slots);
         let ints = upload(ints, device).map_err(tensor_err)?;
@@ -311,7 +347,7 @@ impl ForwardBatch {
             ints,
             masks,
             layout,
-            host,
+            (host, host_inputs),
             logits_per_sequence,
             lora,
             block_size,
@@ -351,13 +387,7 @@ impl ForwardBatch {
             }
             idle.push(mine.is_empty());
             if mine.is_empty() {
-                mine.push(SequenceInput {
-                    token_ids: &[0],
-                    num_computed: 0,
-                    block_table: &scratch_table,
-                    all_logits: false,
-                    adapter: None,
-                });
+                mine.push(SequenceInput::placeholder(&scratch_table));
             }
             let mut part = Self::new(&mine, block_size, device)?;
             if !whole.lora.is_empty() {
@@ -406,7 +436,7 @@ impl ForwardBatch {
             ints,
             masks,
             self.layout.clone(),
-            host,
+            (host, self.host_inputs.clone()),
             self.logits_per_sequence.clone(),
             lora,
             self.block_size,
@@ -418,7 +448,7 @@ impl ForwardBatch {
         ints: Tensor,
         masks: Option<Tensor>,
         layout: StepLayout,
-        host: Vec<(Vec<u32>, Option<Arc<LoraAdapter>>)>,
+        (host, host_inputs): (Vec<SequenceHost>, Arc<[u32]>),
         logits_per_sequence: Vec<usize>,
         lora: LoraRows,
         block_size: usize,
@@ -460,10 +490,44 @@ impl ForwardBatch {
             #[cfg(feature = "cuda")]
             device_metadata: Default::default(),
             data_parallel: None,
+            host_inputs,
             ints,
             masks,
             layout,
         })
+    }
+
+    /// The step's token ids, positions and cache slots, as the host built them.
+    pub fn host_inputs(&self) -> (&[u32], &[u32], &[u32]) {
+        let t = self.num_tokens;
+        let h = &self.host_inputs;
+        (&h[..t], &h[t..2 * t], &h[2 * t..3 * t])
+    }
+
+    /// Replaces the step's token ids, positions and slots on the GPU with `inputs` (three runs
+    /// of `num_tokens`, as [`Self::host_inputs`] lays them out), in place: every view of them
+    /// sees the new values from the next launch on. What a CUDA graph captured over this batch
+    /// reads at its next replay.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn rewrite_inputs(
+        &self,
+        kernels: &ember_kernels::cuda::CudaKernels,
+        inputs: &[u32],
+    ) -> candle_core::Result<()> {
+        if inputs.len() != 3 * self.num_tokens {
+            candle_core::bail!(
+                "rewriting a step of {} tokens with {} inputs",
+                self.num_tokens,
+                inputs.len()
+            );
+        }
+        let (storage, layout) = self.ints.storage_and_layout();
+        let candle_core::Storage::Cuda(cuda) = &*storage else {
+            candle_core::bail!("only a step on a GPU is rewritten in place");
+        };
+        kernels
+            .write_at(cuda.as_cuda_slice::<u32>()?, layout.start_offset(), inputs)
+            .map_err(candle_core::Error::wrap)
     }
 }
 

@@ -61,11 +61,31 @@ impl std::fmt::Debug for StepMetadata {
 
 /// A step's paged attention metadata on one GPU, and its block tables' width.
 struct StepPagedBatch {
-    device: DevicePagedBatch,
+    device: Arc<DevicePagedBatch>,
     max_blocks: usize,
 }
 
 impl StepMetadata {
+    /// Hands every layer `meta` (tables `max_blocks` wide) as the step's metadata on `device`
+    /// instead of uploading it: a CUDA graph's batch, whose metadata the graph rewrites in
+    /// place before each replay.
+    pub(crate) fn preset(
+        &self,
+        device: &CudaDevice,
+        meta: Arc<DevicePagedBatch>,
+        max_blocks: usize,
+    ) {
+        let mut uploaded = self.paged.lock().unwrap_or_else(|p| p.into_inner());
+        uploaded.retain(|(id, _)| *id != device.id());
+        uploaded.push((
+            device.id(),
+            Arc::new(StepPagedBatch {
+                device: meta,
+                max_blocks,
+            }),
+        ));
+    }
+
     /// The batch's paged attention metadata on `device`: checked and copied once per step.
     fn paged(
         &self,
@@ -83,9 +103,11 @@ impl StepMetadata {
             token_ctx: &token_ctx,
         };
         let meta = Arc::new(StepPagedBatch {
-            device: kernels(device)?
-                .upload_paged_batch(&host, batch.block_size, max_blocks)
-                .map_err(candle_core::Error::wrap)?,
+            device: Arc::new(
+                kernels(device)?
+                    .upload_paged_batch(&host, batch.block_size, max_blocks)
+                    .map_err(candle_core::Error::wrap)?,
+            ),
             max_blocks,
         });
         uploaded.push((device.id(), meta.clone()));
@@ -95,7 +117,7 @@ impl StepMetadata {
 
 /// The kernel's metadata of a batch on the host: block tables `[sequences, max_blocks]`, each
 /// token's sequence and the positions it sees, and `max_blocks`.
-fn host_metadata(batch: &ForwardBatch) -> (Vec<u32>, Vec<u32>, Vec<u32>, usize) {
+pub(crate) fn host_metadata(batch: &ForwardBatch) -> (Vec<u32>, Vec<u32>, Vec<u32>, usize) {
     let block_size = batch.block_size;
     let tokens = batch.num_tokens;
     let max_blocks = batch
@@ -108,15 +130,7 @@ fn host_metadata(batch: &ForwardBatch) -> (Vec<u32>, Vec<u32>, Vec<u32>, usize) 
     let mut block_tables = vec![0u32; batch.sequences.len() * max_blocks];
     let (mut token_seq, mut token_ctx) = (vec![0u32; tokens], vec![0u32; tokens]);
     for (s, seq) in batch.sequences.iter().enumerate() {
-        // Each block's first slot names it: slot = block · block_size + offset.
-        for (b, slot) in seq
-            .context_slots_host
-            .iter()
-            .step_by(block_size)
-            .enumerate()
-        {
-            block_tables[s * max_blocks + b] = slot / block_size as u32;
-        }
+        seq.write_block_table(block_size, &mut block_tables[s * max_blocks..]);
         let past = seq.context_len - seq.query_len;
         for i in 0..seq.query_len {
             token_seq[seq.query_start + i] = s as u32;

@@ -134,6 +134,13 @@ pub fn activation_reserve_bytes(
     (1 << 30) + rows + scores + logits
 }
 
+/// GPU memory decode graphs of up to `largest` rows keep for themselves: a decode step's
+/// activations and logits at that size. Graphs replayed on one stream share their memory, so the
+/// largest bounds them all.
+pub fn decode_graph_reserve_bytes(cfg: &ModelConfig, dtype: DType, largest: usize) -> u64 {
+    activation_reserve_bytes(cfg, dtype, largest, largest) - (1 << 30)
+}
+
 /// Bytes the KV cache gets under `--gpu-memory-utilization`: the share `utilization` of the
 /// GPU's `total` memory, less what is already in use (`total - free`: weights, the context,
 /// other processes) and the step's `reserve`. Errs, naming the numbers, when nothing is left.

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda_attention;
+pub mod cuda_graph;
 pub mod decoder;
 pub mod deepseek_v3;
 pub mod device;

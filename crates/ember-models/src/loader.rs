@@ -156,6 +156,27 @@ pub struct LoadedModel {
     /// Where each rank runs and keeps its KV cache (`[device]` for an unsharded model; one GPU
     /// per rank when a sharded one is on GPUs). Rank 0 is on `device`.
     pub rank_devices: Vec<Device>,
+    /// The attention and MoE implementations it was loaded with (`--attention-backend`,
+    /// `--moe-backend`).
+    pub attention_backend: crate::attention::AttentionBackend,
+    pub moe_backend: crate::fused_moe::MoeBackend,
+}
+
+impl LoadedModel {
+    /// Whether its decode steps can run as CUDA graphs: on a GPU, one rank, generating, with
+    /// ember's attention kernels over a cache in the model's dtype and, for an MoE model, the
+    /// fused MoE (the paths that read nothing of a step on the host). The capture itself still
+    /// refuses anything else it meets.
+    pub fn decode_graphs_possible(&self) -> bool {
+        let moe = self.config.moe.is_some() || self.config.deepseek.is_some();
+        self.device.is_cuda()
+            && self.model.kv_cache_shards().len() == 1
+            && self.model.data_parallel_size() == 1
+            && self.task == ember_core::ModelTask::Generate
+            && self.attention_backend == crate::attention::AttentionBackend::Ember
+            && self.kv_cache_dtype == self.dtype
+            && (!moe || self.moe_backend == crate::fused_moe::MoeBackend::Fused)
+    }
 }
 
 /// Parses a `--dtype` value; `auto` is `None`.
@@ -559,6 +580,8 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         eos_token_ids: eos_token_ids(&dir, &config)?,
         device: opts.device.clone(),
         rank_devices,
+        attention_backend: opts.attention_backend,
+        moe_backend: opts.moe_backend,
         dir,
         config,
         model,

@@ -221,6 +221,12 @@ impl MlaAttention {
 
         // The step's decodes through ember's kernel, all at once: `[decodes, heads * v]`.
         let decoded = self.decode_with_kernel(&q_nope, &q_rope, batch, cache)?;
+        if let Some((decodes, out)) = &decoded {
+            // Every sequence decodes: the kernel's rows are the step's, in order.
+            if decodes.seqs.len() == batch.sequences.len() {
+                return self.o_proj.forward(out, &batch.lora);
+            }
+        }
         let mut outputs = Vec::with_capacity(batch.sequences.len());
         for (s, seq) in batch.sequences.iter().enumerate() {
             if let Some((decodes, out)) = &decoded {
@@ -229,6 +235,7 @@ impl MlaAttention {
                     continue;
                 }
             }
+            crate::cuda_graph::refuse("MLA over the tensor path (per sequence, on the host)")?;
             let (start, ql) = (seq.query_start, seq.query_len);
             let (latent_ctx, k_rope_ctx) = cache.gather(&seq.context_slots, kv_scales)?;
             let q_nope = q_nope.narrow(1, start, ql)?;

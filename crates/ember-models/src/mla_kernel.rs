@@ -62,6 +62,15 @@ impl std::fmt::Debug for MlaDecodeBatch {
 impl MlaDecodeBatch {
     /// The decodes of `batch` (sequences with one new token).
     pub fn new(batch: &ForwardBatch) -> TensorResult<Self> {
+        Self::with_width(batch, None)
+    }
+
+    /// The decodes of `batch`, with block tables `max_blocks` wide (a CUDA graph's, whose
+    /// metadata is rewritten in place for each replay), or as wide as the longest context.
+    pub(crate) fn with_width(
+        batch: &ForwardBatch,
+        max_blocks: Option<usize>,
+    ) -> TensorResult<Self> {
         let block_size = batch.block_size;
         let seqs: Vec<usize> = batch
             .sequences
@@ -70,25 +79,21 @@ impl MlaDecodeBatch {
             .filter(|(_, s)| s.query_len == 1)
             .map(|(i, _)| i)
             .collect();
-        let max_blocks = seqs
+        let needed = seqs
             .iter()
             .map(|&i| batch.sequences[i].context_len.div_ceil(block_size))
             .max()
             .unwrap_or(1)
             .max(1);
+        let max_blocks = max_blocks.unwrap_or(needed);
+        if needed > max_blocks {
+            candle_core::bail!("a decode needs {needed} blocks; its tables hold {max_blocks}");
+        }
         let mut block_tables = vec![0u32; seqs.len() * max_blocks];
         let (mut token_seq, mut token_ctx, mut rows) = (vec![], vec![], vec![]);
         for (j, &i) in seqs.iter().enumerate() {
             let seq = &batch.sequences[i];
-            // Each block's first slot names it: slot = block · block_size + offset.
-            for (b, slot) in seq
-                .context_slots_host
-                .iter()
-                .step_by(block_size)
-                .enumerate()
-            {
-                block_tables[j * max_blocks + b] = slot / block_size as u32;
-            }
+            seq.write_block_table(block_size, &mut block_tables[j * max_blocks..]);
             token_seq.push(j as u32);
             token_ctx.push(seq.context_len as u32);
             rows.push(seq.query_start as u32);
@@ -103,6 +108,19 @@ impl MlaDecodeBatch {
             block_size,
             uploaded: Default::default(),
         })
+    }
+
+    /// Hands the kernel `meta` as these decodes' metadata on `device` instead of uploading it:
+    /// a CUDA graph's, rewritten in place before each replay (tables as wide as these).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn preset(
+        &self,
+        device: &candle_core::CudaDevice,
+        meta: Arc<ember_kernels::cuda::DevicePagedBatch>,
+    ) {
+        let mut uploaded = self.uploaded.lock().unwrap_or_else(|p| p.into_inner());
+        uploaded.retain(|(id, _)| *id != device.id());
+        uploaded.push((device.id(), meta));
     }
 
     fn host(&self) -> PagedAttentionBatch<'_> {
