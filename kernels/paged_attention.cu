@@ -8,6 +8,13 @@
 // online softmax rescales the running sum and the per-thread output accumulators by
 // exp(m_old - m_new). Output dims are spread over the threads (d = tid, tid + blockDim.x, ...),
 // so each value row is read coalesced. blockDim.x must be PA_THREADS.
+//
+// Over long contexts with few (token, head) pairs the split form (flash-decoding) adds a third
+// grid dimension: block (t, h, s) walks only run s of token t's context (split_range in
+// paged_attention.rs: whole tiles, each token's context cut into `splits` runs on the device, so
+// a CUDA graph's launch splits whatever contexts it replays over) and writes its normalized
+// output row, max and sum to f32 partials; paged_attention_merge then weighs the runs by
+// l * exp(m - M) and writes out. The reference is paged_attention_split.
 #include <float.h>
 
 #include "element.cuh"
@@ -24,7 +31,8 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
                                 const unsigned* __restrict__ token_seq,
                                 const unsigned* __restrict__ token_ctx, float scale, int num_heads,
                                 int num_kv_heads, int head_dim, int v_dim, int block_size,
-                                int max_blocks) {
+                                int max_blocks, int splits, float* __restrict__ part_out,
+                                float* __restrict__ part_ml) {
   extern __shared__ float smem[];
   float* q_s = smem;                        // [head_dim]
   float* w_s = q_s + head_dim;              // [PA_THREADS]: the tile's weights
@@ -35,6 +43,14 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
   const int kv = h / (num_heads / num_kv_heads);
   const unsigned* table = block_tables + (size_t)token_seq[t] * max_blocks;
   const int ctx = (int)token_ctx[t];
+  // This block's run of the context: all of it, or split blockIdx.z of `splits`.
+  int lo = 0, hi = ctx;
+  if (splits > 1) {
+    const int per = (ctx + splits - 1) / splits;
+    const int len = max(1, (per + PA_THREADS - 1) / PA_THREADS) * PA_THREADS;
+    lo = min(ctx, (int)blockIdx.z * len);
+    hi = min(ctx, lo + len);
+  }
 
   const T* q_row = q + ((size_t)t * num_heads + h) * head_dim;
   for (int d = tid; d < head_dim; d += blockDim.x) q_s[d] = load_f32(q_row[d]);
@@ -45,10 +61,10 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
   for (int i = 0; i < PA_MAX_V_PER_THREAD; ++i) acc[i] = 0.f;
   float m = -FLT_MAX, l = 0.f;
 
-  for (int base = 0; base < ctx; base += PA_THREADS) {
+  for (int base = lo; base < hi; base += PA_THREADS) {
     const int p = base + tid;
     float s = -FLT_MAX;
-    if (p < ctx) {
+    if (p < hi) {
       const unsigned slot = table[p / block_size] * (unsigned)block_size + (unsigned)(p % block_size);
       slot_s[tid] = slot;
       const T* k_row = k_cache + ((size_t)slot * num_kv_heads + kv) * head_dim;
@@ -58,9 +74,9 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
     }
     const float m_new = fmaxf(m, block_max(s, scratch));
     const float alpha = __expf(m - m_new);
-    w_s[tid] = p < ctx ? __expf(s - m_new) : 0.f;
+    w_s[tid] = p < hi ? __expf(s - m_new) : 0.f;
     __syncthreads();
-    const int n = min(PA_THREADS, ctx - base);
+    const int n = min(PA_THREADS, hi - base);
     float tile_sum = 0.f;
     for (int j = 0; j < n; ++j) tile_sum += w_s[j];
     l = l * alpha + tile_sum;
@@ -77,11 +93,51 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
     m = m_new;
     __syncthreads();  // w_s and slot_s are rewritten by the next tile
   }
-  T* o = out + ((size_t)t * num_heads + h) * v_dim;
+  if (splits == 1) {
+    T* o = out + ((size_t)t * num_heads + h) * v_dim;
+#pragma unroll
+    for (int i = 0; i < PA_MAX_V_PER_THREAD; ++i) {
+      const int d = tid + i * PA_THREADS;
+      if (d < v_dim) o[d] = store_f32<T>(acc[i] / l);
+    }
+    return;
+  }
+  // An empty run (a short context's last splits) leaves m = -FLT_MAX, l = 0: it weighs nothing.
+  const size_t part = ((size_t)t * num_heads + h) * splits + blockIdx.z;
+  float* o = part_out + part * v_dim;
 #pragma unroll
   for (int i = 0; i < PA_MAX_V_PER_THREAD; ++i) {
     const int d = tid + i * PA_THREADS;
-    if (d < v_dim) o[d] = store_f32<T>(acc[i] / l);
+    if (d < v_dim) o[d] = l > 0.f ? acc[i] / l : 0.f;
+  }
+  if (tid == 0) {
+    part_ml[2 * part] = m;
+    part_ml[2 * part + 1] = l;
+  }
+}
+
+// The split form's second pass: block (t, h) merges the `splits` runs of its head.
+template <typename T>
+__device__ void paged_attention_merge(T* __restrict__ out, const float* __restrict__ part_out,
+                                      const float* __restrict__ part_ml, int num_heads, int v_dim,
+                                      int splits) {
+  const int t = blockIdx.x, h = blockIdx.y;
+  const size_t base = ((size_t)t * num_heads + h) * splits;
+  float top = -FLT_MAX;
+  for (int s = 0; s < splits; ++s) top = fmaxf(top, part_ml[2 * (base + s)]);
+  float total = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float l = part_ml[2 * (base + s) + 1];
+    if (l > 0.f) total += l * __expf(part_ml[2 * (base + s)] - top);
+  }
+  T* o = out + ((size_t)t * num_heads + h) * v_dim;
+  for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const float l = part_ml[2 * (base + s) + 1];
+      if (l > 0.f) acc += l * __expf(part_ml[2 * (base + s)] - top) * part_out[(base + s) * v_dim + d];
+    }
+    o[d] = store_f32<T>(acc / total);
   }
 }
 
@@ -91,7 +147,22 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
       const unsigned* token_seq, const unsigned* token_ctx, float scale, int num_heads,          \
       int num_kv_heads, int head_dim, int v_dim, int block_size, int max_blocks) {               \
     paged_attention<T>(out, q, k_cache, v_cache, block_tables, token_seq, token_ctx, scale,      \
-                       num_heads, num_kv_heads, head_dim, v_dim, block_size, max_blocks);        \
+                       num_heads, num_kv_heads, head_dim, v_dim, block_size, max_blocks, 1,      \
+                       nullptr, nullptr);                                                        \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_attention_split_##SUFFIX(       \
+      const T* q, const T* k_cache, const T* v_cache, const unsigned* block_tables,              \
+      const unsigned* token_seq, const unsigned* token_ctx, float scale, int num_heads,          \
+      int num_kv_heads, int head_dim, int v_dim, int block_size, int max_blocks, int splits,     \
+      float* part_out, float* part_ml) {                                                         \
+    paged_attention<T>(nullptr, q, k_cache, v_cache, block_tables, token_seq, token_ctx, scale,  \
+                       num_heads, num_kv_heads, head_dim, v_dim, block_size, max_blocks, splits, \
+                       part_out, part_ml);                                                       \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_attention_merge_##SUFFIX(       \
+      T* out, const float* part_out, const float* part_ml, int num_heads, int v_dim,             \
+      int splits) {                                                                              \
+    paged_attention_merge<T>(out, part_out, part_ml, num_heads, v_dim, splits);                  \
   }
 
 PAGED_ATTENTION_KERNEL(float, f32)

@@ -15,8 +15,8 @@ use crate::fused_moe::{align_capacity, GroupedGemmShape};
 use crate::mla_decode::{mla_dims, MlaShape};
 use crate::moe_routing::{routing_shape, RoutingConfig, TopkMethod};
 use crate::paged_attention::{
-    check_extent, paged_attention_dims, paged_batch_extent, BatchExtent, PagedAttentionBatch,
-    PagedAttentionShape,
+    check_extent, paged_attention_dims, paged_attention_splits, paged_batch_extent, BatchExtent,
+    PagedAttentionBatch, PagedAttentionShape, MAX_SPLITS,
 };
 use crate::rms_norm::rms_norm_shape;
 use crate::rotary::{rotary_shape, RotaryShape};
@@ -153,6 +153,8 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy> Staging<T> {
 
 /// ember's kernels loaded on one GPU, with the stream they launch on.
 pub struct CudaKernels {
+    /// The GPU's streaming multiprocessors (how many blocks a launch needs to fill it).
+    sm_count: usize,
     staging_u32: Staging<u32>,
     staging_f32: Staging<f32>,
     stream: Arc<CudaStream>,
@@ -195,7 +197,11 @@ impl CudaKernels {
     pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self, KernelError> {
         let ctx = stream.context().clone();
         let load = |image: &[u8]| ctx.load_module(Ptx::from_binary(image.to_vec()));
+        let sm_count = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )?;
         Ok(Self {
+            sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
             rms_norm: load(RMS_NORM_FATBIN)?,
             rotary: load(ROTARY_FATBIN)?,
             fp8_e5m2: load(FP8_E5M2_FATBIN)?,
@@ -949,7 +955,32 @@ impl CudaKernels {
         scale: f32,
         shape: &PagedAttentionShape,
     ) -> Result<(), KernelError> {
+        let tokens = q.len() / (shape.num_heads * shape.head_dim).max(1);
+        let splits = paged_attention_splits(shape, tokens, self.sm_count);
+        self.paged_attention_with_splits(out, q, k_cache, v_cache, batch, scale, shape, splits)
+    }
+
+    /// [`Self::paged_attention`] with each context cut into `splits` runs (1: not split; see
+    /// [`crate::paged_attention::paged_attention_split`]), which it picks itself by
+    /// [`paged_attention_splits`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_with_splits<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaView<T>,
+        k_cache: &CudaView<T>,
+        v_cache: &CudaView<T>,
+        batch: &DevicePagedBatch,
+        scale: f32,
+        shape: &PagedAttentionShape,
+        splits: usize,
+    ) -> Result<(), KernelError> {
         let s = shape;
+        check_shape(
+            (1..=MAX_SPLITS).contains(&splits),
+            "paged_attention",
+            || format!("{splits} splits; 1 to {MAX_SPLITS} allowed"),
+        )?;
         check_shape(
             s.block_size == batch.block_size && s.max_blocks == batch.max_blocks,
             "paged_attention",
@@ -978,8 +1009,70 @@ impl CudaKernels {
         check_shape(s.num_heads <= 65_535, "paged_attention", || {
             format!("{} heads exceed the grid's 65535", s.num_heads)
         })?;
+        let pairs = tokens * s.num_heads;
         let tokens =
             u32::try_from(tokens).map_err(|_| too_big("paged_attention", "tokens", tokens))?;
+        // q, the tile's weights and slots, and one float per warp.
+        let shared = (s.head_dim + 2 * PA_THREADS as usize + PA_THREADS as usize / 32) * 4;
+        let shared = u32::try_from(shared)
+            .map_err(|_| too_big("paged_attention", "head_dim", s.head_dim))?;
+        if splits > 1 {
+            // Each (token, head, split)'s normalized row, then its max and sum.
+            let mut part_out = self.stream.alloc_zeros::<f32>(pairs * splits * s.v_dim)?;
+            let mut part_ml = self.stream.alloc_zeros::<f32>(pairs * splits * 2)?;
+            let splits_arg = int32("paged_attention", "splits", splits)?;
+            let f = kernel(
+                &self.paged_attention,
+                "paged_attention_split",
+                T::KERNEL_SUFFIX,
+            )?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(q)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(&batch.block_tables)
+                .arg(&batch.token_seq)
+                .arg(&batch.token_ctx)
+                .arg(&scale);
+            for a in &args {
+                launch.arg(a);
+            }
+            launch.arg(&splits_arg).arg(&mut part_out).arg(&mut part_ml);
+            let cfg = LaunchConfig {
+                grid_dim: (tokens, s.num_heads as u32, splits as u32),
+                block_dim: (PA_THREADS, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            // SAFETY: matches paged_attention_split_<T>(const T* x 3, const unsigned* x 3,
+            // float, int x 7, float*, float*) in kernels/paged_attention.cu; bounded as the
+            // unsplit launch below, and each (token, head, split) block writes its own row of
+            // `part_out` (v_dim floats) and pair of `part_ml`, both sized for all of them.
+            unsafe { launch.launch(cfg) }?;
+            let f = kernel(
+                &self.paged_attention,
+                "paged_attention_merge",
+                T::KERNEL_SUFFIX,
+            )?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(out)
+                .arg(&part_out)
+                .arg(&part_ml)
+                .arg(&args[0])
+                .arg(&args[3])
+                .arg(&splits_arg);
+            let cfg = LaunchConfig {
+                grid_dim: (tokens, s.num_heads as u32, 1),
+                block_dim: (PA_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches paged_attention_merge_<T>(T*, const float*, const float*, int x 3);
+            // block (token, head) reads that pair's `splits` partials and writes its row of
+            // `out`, which paged_attention_dims sized for every token and head.
+            unsafe { launch.launch(cfg) }?;
+            return Ok(());
+        }
         let f = kernel(&self.paged_attention, "paged_attention", T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -994,13 +1087,10 @@ impl CudaKernels {
         for a in &args {
             launch.arg(a);
         }
-        // q, the tile's weights and slots, and one float per warp.
-        let shared = (s.head_dim + 2 * PA_THREADS as usize + PA_THREADS as usize / 32) * 4;
         let cfg = LaunchConfig {
             grid_dim: (tokens, s.num_heads as u32, 1),
             block_dim: (PA_THREADS, 1, 1),
-            shared_mem_bytes: u32::try_from(shared)
-                .map_err(|_| too_big("paged_attention", "head_dim", s.head_dim))?,
+            shared_mem_bytes: shared,
         };
         // SAFETY: the argument list matches paged_attention_<T>(T*, const T*, const T*, const T*,
         // const unsigned*, const unsigned*, const unsigned*, float, int x 6) in

@@ -41,6 +41,47 @@ pub struct PagedAttentionBatch<'a> {
 /// Largest `v_dim` the CUDA kernel accumulates (its per-thread registers); the reference takes any.
 pub const MAX_V_DIM: usize = 1024;
 
+/// Positions per tile of the CUDA kernel (its `PA_THREADS`): a split's run of the context is a
+/// whole number of tiles.
+pub const SPLIT_ALIGN: usize = 128;
+/// Most splits of one context (the split form's partial results are `splits` rows a head).
+pub const MAX_SPLITS: usize = 32;
+/// Contexts up to this many positions (as bounded by the block tables) are never split.
+pub const SPLIT_MIN_CONTEXT: usize = 1024;
+
+/// Positions `[start, end)` of split `s` of `splits` over a context of `ctx` positions: runs of
+/// `ceil(ctx / splits)` rounded up to whole tiles ([`SPLIT_ALIGN`]), so the last splits of a
+/// short context may be empty.
+pub fn split_range(ctx: usize, splits: usize, s: usize) -> (usize, usize) {
+    let len = ctx
+        .div_ceil(splits.max(1))
+        .next_multiple_of(SPLIT_ALIGN)
+        .max(SPLIT_ALIGN);
+    ((s * len).min(ctx), ((s + 1) * len).min(ctx))
+}
+
+/// How many splits the CUDA kernel cuts each context into (flash-decoding): one, unless the
+/// call's (token, head) pairs alone would leave the GPU's `sm_count` multiprocessors idle and
+/// its contexts may run past [`SPLIT_MIN_CONTEXT`] (`max_blocks · block_size`, what the tables
+/// can hold: a CUDA graph's call is split by its bound, not by the contexts of the step it was
+/// captured over); then enough to give about two blocks per multiprocessor, at most
+/// [`MAX_SPLITS`] and one per tile of the longest context.
+pub fn paged_attention_splits(
+    shape: &PagedAttentionShape,
+    tokens: usize,
+    sm_count: usize,
+) -> usize {
+    let max_ctx = shape.max_blocks * shape.block_size;
+    let pairs = tokens * shape.num_heads;
+    if max_ctx <= SPLIT_MIN_CONTEXT || pairs == 0 || pairs >= sm_count {
+        return 1;
+    }
+    (2 * sm_count)
+        .div_ceil(pairs)
+        .min(max_ctx.div_ceil(SPLIT_ALIGN))
+        .clamp(1, MAX_SPLITS)
+}
+
 /// Tokens of a call, or why the buffers and metadata don't fit `shape`: lengths, the GQA ratio,
 /// each token's sequence and context against the block tables, and every block a token reads
 /// against the cache's size.
@@ -240,6 +281,92 @@ pub fn paged_attention<T: Element>(
     Ok(())
 }
 
+/// The split form of [`paged_attention`], as the CUDA kernel computes it over long contexts:
+/// each token's context cut into `splits` runs ([`split_range`]); per run and head the softmax
+/// over the run's positions with its own max `m` and sum `l`, and the weighted value rows
+/// divided by `l`; then the runs merged: weights `l · exp(m − M)` against the largest `M`, an
+/// empty run weighing nothing. Equal to [`paged_attention`] up to f32 rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_split<T: Element>(
+    out: &mut [T],
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    batch: &PagedAttentionBatch<'_>,
+    scale: f32,
+    shape: &PagedAttentionShape,
+    splits: usize,
+) -> Result<(), KernelError> {
+    let s = *shape;
+    let tokens =
+        paged_attention_shape(&s, q.len(), k_cache.len(), v_cache.len(), out.len(), batch)?;
+    check_shape(
+        (1..=MAX_SPLITS).contains(&splits),
+        "paged_attention",
+        || format!("{splits} splits; 1 to {MAX_SPLITS} allowed"),
+    )?;
+    let group = s.num_heads / s.num_kv_heads;
+    // Per split: its max, its sum, and its normalized output row.
+    let mut parts: Vec<(f32, f32, Vec<f32>)> = Vec::with_capacity(splits);
+    for t in 0..tokens {
+        let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
+        let table = &batch.block_tables[seq * s.max_blocks..];
+        let slot = |p: usize| table[p / s.block_size] as usize * s.block_size + p % s.block_size;
+        for h in 0..s.num_heads {
+            let kv = h / group;
+            let q_row = &q[(t * s.num_heads + h) * s.head_dim..][..s.head_dim];
+            parts.clear();
+            for split in 0..splits {
+                let (lo, hi) = split_range(ctx, splits, split);
+                let scores: Vec<f32> = (lo..hi)
+                    .map(|p| {
+                        let k_row =
+                            &k_cache[(slot(p) * s.num_kv_heads + kv) * s.head_dim..][..s.head_dim];
+                        scale
+                            * q_row
+                                .iter()
+                                .zip(k_row)
+                                .map(|(a, b)| a.to_f32() * b.to_f32())
+                                .sum::<f32>()
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let weights: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
+                let l: f32 = weights.iter().sum();
+                let row = (0..s.v_dim)
+                    .map(|d| {
+                        let acc: f32 = weights
+                            .iter()
+                            .zip(lo..hi)
+                            .map(|(w, p)| {
+                                w * v_cache[(slot(p) * s.num_kv_heads + kv) * s.v_dim + d].to_f32()
+                            })
+                            .sum();
+                        if l > 0.0 {
+                            acc / l
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                parts.push((m, l, row));
+            }
+            let top = parts.iter().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f32> = parts
+                .iter()
+                .map(|(m, l, _)| if *l > 0.0 { l * (m - top).exp() } else { 0.0 })
+                .collect();
+            let total: f32 = w.iter().sum();
+            let o = &mut out[(t * s.num_heads + h) * s.v_dim..][..s.v_dim];
+            for (d, o) in o.iter_mut().enumerate() {
+                let acc: f32 = parts.iter().zip(&w).map(|(p, w)| w * p.2[d]).sum();
+                *o = T::from_f32(acc / total);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +423,110 @@ mod tests {
         assert!(run(&[0, 2], 3, &mut out).contains("reads block 2; the cache holds 2"));
         assert!(run(&[0, 1], 5, &mut out).contains("sees 5 positions"));
         assert!(run(&[0, 1], 0, &mut out).contains("sees 0 positions"));
+    }
+
+    #[test]
+    fn splits_cover_each_context_once_in_whole_tiles() {
+        for ctx in [1usize, 2, 127, 128, 129, 1000, 4096, 40_000] {
+            for splits in [1usize, 2, 3, 7, 32] {
+                let mut next = 0;
+                for s in 0..splits {
+                    let (lo, hi) = split_range(ctx, splits, s);
+                    assert_eq!(
+                        lo, next,
+                        "ctx {ctx} splits {splits}: split {s} starts at {lo}"
+                    );
+                    assert!(hi >= lo && hi <= ctx);
+                    assert!(
+                        lo % SPLIT_ALIGN == 0 || lo == ctx,
+                        "ctx {ctx}: split {s} at {lo}"
+                    );
+                    next = hi;
+                }
+                assert_eq!(next, ctx, "ctx {ctx} splits {splits}: all positions");
+            }
+        }
+    }
+
+    #[test]
+    fn only_calls_too_small_for_the_gpu_over_long_contexts_split() {
+        let shape = |max_blocks| PagedAttentionShape {
+            num_heads: 32,
+            num_kv_heads: 4,
+            head_dim: 128,
+            v_dim: 128,
+            block_size: 16,
+            max_blocks,
+        };
+        // 132 SMs (H100 SXM): one decode of 32 heads over 2048 positions: 9 splits (264 blocks).
+        assert_eq!(paged_attention_splits(&shape(128), 1, 132), 9);
+        // Short tables, or enough (token, head) pairs already: none.
+        assert_eq!(paged_attention_splits(&shape(64), 1, 132), 1);
+        assert_eq!(paged_attention_splits(&shape(4096), 5, 132), 1);
+        // A long bound with few pairs: capped at MAX_SPLITS, and at one per tile.
+        let one_head = PagedAttentionShape {
+            num_heads: 1,
+            num_kv_heads: 1,
+            ..shape(4096)
+        };
+        assert_eq!(paged_attention_splits(&one_head, 1, 132), MAX_SPLITS);
+        let short = PagedAttentionShape {
+            block_size: 1,
+            max_blocks: 1100,
+            ..one_head
+        };
+        assert_eq!(paged_attention_splits(&short, 1, 132), 9);
+    }
+
+    /// The split form equals the reference on random inputs: contexts of one position to past
+    /// several tiles, at and off tile edges, split from 1 to 32 ways (so some splits are empty).
+    #[test]
+    fn the_split_form_equals_the_reference() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let shape = PagedAttentionShape {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            v_dim: 6,
+            block_size: 16,
+            max_blocks: 40,
+        };
+        let ctxs = [1usize, 5, 128, 129, 300, 640];
+        let pool = 64usize;
+        let slots = pool * shape.block_size;
+        let mut random =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let q = random(ctxs.len() * shape.num_heads * shape.head_dim);
+        let k = random(slots * shape.num_kv_heads * shape.head_dim);
+        let v = random(slots * shape.num_kv_heads * shape.v_dim);
+        let mut tables = vec![0u32; ctxs.len() * shape.max_blocks];
+        for (s, ctx) in ctxs.iter().enumerate() {
+            for b in 0..ctx.div_ceil(shape.block_size) {
+                tables[s * shape.max_blocks + b] = rng.random_range(0..pool as u32);
+            }
+        }
+        let token_seq: Vec<u32> = (0..ctxs.len() as u32).collect();
+        let token_ctx: Vec<u32> = ctxs.iter().map(|&c| c as u32).collect();
+        let batch = PagedAttentionBatch {
+            block_tables: &tables,
+            token_seq: &token_seq,
+            token_ctx: &token_ctx,
+        };
+        let n = ctxs.len() * shape.num_heads * shape.v_dim;
+        let mut want = vec![0f32; n];
+        paged_attention(&mut want, &q, &k, &v, &batch, 0.7, &shape).unwrap();
+        for splits in [1usize, 2, 3, 7, 32] {
+            let mut got = vec![0f32; n];
+            paged_attention_split(&mut got, &q, &k, &v, &batch, 0.7, &shape, splits).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                    "{splits} splits [{i}]: {g} vs {w}"
+                );
+            }
+        }
+        let mut out = vec![0f32; n];
+        assert!(paged_attention_split(&mut out, &q, &k, &v, &batch, 0.7, &shape, 33).is_err());
     }
 }

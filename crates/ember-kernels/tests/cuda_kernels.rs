@@ -665,6 +665,9 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "w8a8_gemm_bf16",
         "grouped_w8a8_bf16",
         "rotary_embedding_rows_bf16",
+        "paged_attention_bf16",
+        "paged_attention_split_bf16",
+        "paged_attention_merge_bf16",
     ] {
         assert!(
             report.contains(&format!("::{kernel} ")),
@@ -697,6 +700,20 @@ const MIXES: &[Mix] = &[
             max_blocks: 0,
         },
         seqs: &[(0, 1), (15, 1), (16, 1), (100, 1), (700, 1)],
+    },
+    Mix {
+        // Long decodes with few heads (a rank's share under tensor parallelism): the kernel
+        // splits each context (flash-decoding) to fill the GPU.
+        name: "long decodes, few heads",
+        shape: PagedAttentionShape {
+            num_heads: 4,
+            num_kv_heads: 1,
+            head_dim: 128,
+            v_dim: 128,
+            block_size: 16,
+            max_blocks: 0,
+        },
+        seqs: &[(5000, 1), (1500, 1), (40, 1)],
     },
     Mix {
         // Prefill chunks next to decodes: a fresh prompt, a chunk after cached blocks, decodes.
@@ -793,17 +810,39 @@ fn check_paged_attention<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             &shape,
         )
         .unwrap();
-        let gpu = st.clone_dtoh(&dout).unwrap();
-        let what = format!("paged_attention_{} {}", T::KERNEL_SUFFIX, mix.name);
-        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-            let (g, c) = (g.to_f32(), c.to_f32());
-            let tol = rel * c.abs() + abs;
-            assert!(
-                (g - c).abs() <= tol,
-                "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
-            );
+        let auto = paged_attention::paged_attention_splits(&shape, tokens, 132);
+        let mut runs = vec![(
+            format!("auto ({auto} splits on 132 SMs)"),
+            st.clone_dtoh(&dout).unwrap(),
+        )];
+        // The split form (flash-decoding), forced: some splits of the short contexts are empty.
+        for splits in [2usize, 7, paged_attention::MAX_SPLITS] {
+            let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
+            k.paged_attention_with_splits(
+                &mut dout,
+                &dq.as_view(),
+                &dk.as_view(),
+                &dv.as_view(),
+                &dbatch,
+                scale,
+                &shape,
+                splits,
+            )
+            .unwrap();
+            runs.push((format!("{splits} splits"), st.clone_dtoh(&dout).unwrap()));
         }
-        eprintln!("{what}: {tokens} tokens match");
+        for (how, gpu) in runs {
+            let what = format!("paged_attention_{} {}, {how}", T::KERNEL_SUFFIX, mix.name);
+            for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+                let (g, c) = (g.to_f32(), c.to_f32());
+                let tol = rel * c.abs() + abs;
+                assert!(
+                    (g - c).abs() <= tol,
+                    "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
+                );
+            }
+            eprintln!("{what}: {tokens} tokens match");
+        }
     }
 }
 
