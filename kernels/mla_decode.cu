@@ -7,10 +7,13 @@
 //
 // As paged_attention.cu: the context in tiles of blockDim.x positions, each thread scoring one
 // position, an online softmax over the tiles, output dims spread over the threads (coalesced
-// latent reads). blockDim.x must be MLA_THREADS.
+// latent reads). blockDim.x must be MLA_THREADS. Over long contexts with few (token, head) pairs
+// (a rank's 16 heads under tensor parallelism) the split form of split_softmax.cuh, as in
+// paged_attention.cu; the reference is mla_decode_split.
 #include <float.h>
 
 #include "element.cuh"
+#include "split_softmax.cuh"
 #include "warp.cuh"
 
 #define MLA_THREADS 128
@@ -23,7 +26,8 @@ __device__ void mla_decode(T* __restrict__ out, const T* __restrict__ q,
                            const unsigned* __restrict__ block_tables,
                            const unsigned* __restrict__ token_seq,
                            const unsigned* __restrict__ token_ctx, float scale, int num_heads,
-                           int rank, int rope_dim, int block_size, int max_blocks) {
+                           int rank, int rope_dim, int block_size, int max_blocks, int splits,
+                           float* __restrict__ part_out, float* __restrict__ part_ml) {
   extern __shared__ float smem[];
   const int q_dim = rank + rope_dim;
   float* q_s = smem;                                 // [rank + rope_dim]
@@ -34,6 +38,9 @@ __device__ void mla_decode(T* __restrict__ out, const T* __restrict__ q,
   const int t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
   const unsigned* table = block_tables + (size_t)token_seq[t] * max_blocks;
   const int ctx = (int)token_ctx[t];
+  // This block's run of the context: all of it, or split blockIdx.z of `splits`.
+  int lo = 0, hi = ctx;
+  if (splits > 1) split_run(ctx, splits, blockIdx.z, MLA_THREADS, &lo, &hi);
 
   const T* q_row = q + ((size_t)t * num_heads + h) * q_dim;
   for (int d = tid; d < q_dim; d += blockDim.x) q_s[d] = load_f32(q_row[d]);
@@ -44,10 +51,10 @@ __device__ void mla_decode(T* __restrict__ out, const T* __restrict__ q,
   for (int i = 0; i < MLA_MAX_V_PER_THREAD; ++i) acc[i] = 0.f;
   float m = -FLT_MAX, l = 0.f;
 
-  for (int base = 0; base < ctx; base += MLA_THREADS) {
+  for (int base = lo; base < hi; base += MLA_THREADS) {
     const int p = base + tid;
     float s = -FLT_MAX;
-    if (p < ctx) {
+    if (p < hi) {
       const unsigned slot = table[p / block_size] * (unsigned)block_size + (unsigned)(p % block_size);
       slot_s[tid] = slot;
       const T* c_row = latent_cache + (size_t)slot * rank;
@@ -60,9 +67,9 @@ __device__ void mla_decode(T* __restrict__ out, const T* __restrict__ q,
     }
     const float m_new = fmaxf(m, block_max(s, scratch));
     const float alpha = __expf(m - m_new);
-    w_s[tid] = p < ctx ? __expf(s - m_new) : 0.f;
+    w_s[tid] = p < hi ? __expf(s - m_new) : 0.f;
     __syncthreads();
-    const int n = min(MLA_THREADS, ctx - base);
+    const int n = min(MLA_THREADS, hi - base);
     float tile_sum = 0.f;
     for (int j = 0; j < n; ++j) tile_sum += w_s[j];
     l = l * alpha + tile_sum;
@@ -78,6 +85,11 @@ __device__ void mla_decode(T* __restrict__ out, const T* __restrict__ q,
     m = m_new;
     __syncthreads();  // w_s and slot_s are rewritten by the next tile
   }
+  if (splits > 1) {
+    store_split<MLA_MAX_V_PER_THREAD, MLA_THREADS>(
+        part_out, part_ml, ((size_t)t * num_heads + h) * splits + blockIdx.z, acc, m, l, rank);
+    return;
+  }
   T* o = out + ((size_t)t * num_heads + h) * rank;
 #pragma unroll
   for (int i = 0; i < MLA_MAX_V_PER_THREAD; ++i) {
@@ -92,7 +104,20 @@ __device__ void mla_decode(T* __restrict__ out, const T* __restrict__ q,
       const unsigned* token_seq, const unsigned* token_ctx, float scale, int num_heads, int rank,   \
       int rope_dim, int block_size, int max_blocks) {                                              \
     mla_decode<T>(out, q, latent_cache, rope_cache, block_tables, token_seq, token_ctx, scale,     \
-                  num_heads, rank, rope_dim, block_size, max_blocks);                              \
+                  num_heads, rank, rope_dim, block_size, max_blocks, 1, nullptr, nullptr);         \
+  }                                                                                                \
+  /* At most 96 registers: under __launch_bounds__ sm_100 ptxas picks 32 and spills f32. */    \
+  extern "C" __global__ void __maxnreg__(96) mla_decode_split_##SUFFIX(                            \
+      const T* q, const T* latent_cache, const T* rope_cache, const unsigned* block_tables,        \
+      const unsigned* token_seq, const unsigned* token_ctx, float scale, int num_heads, int rank,  \
+      int rope_dim, int block_size, int max_blocks, int splits, float* part_out, float* part_ml) { \
+    mla_decode<T>(nullptr, q, latent_cache, rope_cache, block_tables, token_seq, token_ctx, scale, \
+                  num_heads, rank, rope_dim, block_size, max_blocks, splits, part_out, part_ml);   \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(MLA_THREADS) mla_decode_merge_##SUFFIX(             \
+      T* out, const float* part_out, const float* part_ml, int num_heads, int rank, int splits) {  \
+    const size_t pair = (size_t)blockIdx.x * num_heads + blockIdx.y;                               \
+    merge_splits<T>(out + pair * rank, part_out, part_ml, pair * splits, rank, splits);            \
   }
 
 MLA_DECODE_KERNEL(float, f32)

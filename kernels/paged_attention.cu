@@ -14,10 +14,11 @@
 // paged_attention.rs: whole tiles, each token's context cut into `splits` runs on the device, so
 // a CUDA graph's launch splits whatever contexts it replays over) and writes its normalized
 // output row, max and sum to f32 partials; paged_attention_merge then weighs the runs by
-// l * exp(m - M) and writes out. The reference is paged_attention_split.
+// l * exp(m - M) and writes out (split_softmax.cuh). The reference is paged_attention_split.
 #include <float.h>
 
 #include "element.cuh"
+#include "split_softmax.cuh"
 #include "warp.cuh"
 
 #define PA_THREADS 128
@@ -45,12 +46,7 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
   const int ctx = (int)token_ctx[t];
   // This block's run of the context: all of it, or split blockIdx.z of `splits`.
   int lo = 0, hi = ctx;
-  if (splits > 1) {
-    const int per = (ctx + splits - 1) / splits;
-    const int len = max(1, (per + PA_THREADS - 1) / PA_THREADS) * PA_THREADS;
-    lo = min(ctx, (int)blockIdx.z * len);
-    hi = min(ctx, lo + len);
-  }
+  if (splits > 1) split_run(ctx, splits, blockIdx.z, PA_THREADS, &lo, &hi);
 
   const T* q_row = q + ((size_t)t * num_heads + h) * head_dim;
   for (int d = tid; d < head_dim; d += blockDim.x) q_s[d] = load_f32(q_row[d]);
@@ -102,43 +98,8 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
     }
     return;
   }
-  // An empty run (a short context's last splits) leaves m = -FLT_MAX, l = 0: it weighs nothing.
-  const size_t part = ((size_t)t * num_heads + h) * splits + blockIdx.z;
-  float* o = part_out + part * v_dim;
-#pragma unroll
-  for (int i = 0; i < PA_MAX_V_PER_THREAD; ++i) {
-    const int d = tid + i * PA_THREADS;
-    if (d < v_dim) o[d] = l > 0.f ? acc[i] / l : 0.f;
-  }
-  if (tid == 0) {
-    part_ml[2 * part] = m;
-    part_ml[2 * part + 1] = l;
-  }
-}
-
-// The split form's second pass: block (t, h) merges the `splits` runs of its head.
-template <typename T>
-__device__ void paged_attention_merge(T* __restrict__ out, const float* __restrict__ part_out,
-                                      const float* __restrict__ part_ml, int num_heads, int v_dim,
-                                      int splits) {
-  const int t = blockIdx.x, h = blockIdx.y;
-  const size_t base = ((size_t)t * num_heads + h) * splits;
-  float top = -FLT_MAX;
-  for (int s = 0; s < splits; ++s) top = fmaxf(top, part_ml[2 * (base + s)]);
-  float total = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float l = part_ml[2 * (base + s) + 1];
-    if (l > 0.f) total += l * __expf(part_ml[2 * (base + s)] - top);
-  }
-  T* o = out + ((size_t)t * num_heads + h) * v_dim;
-  for (int d = threadIdx.x; d < v_dim; d += blockDim.x) {
-    float acc = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float l = part_ml[2 * (base + s) + 1];
-      if (l > 0.f) acc += l * __expf(part_ml[2 * (base + s)] - top) * part_out[(base + s) * v_dim + d];
-    }
-    o[d] = store_f32<T>(acc / total);
-  }
+  store_split<PA_MAX_V_PER_THREAD, PA_THREADS>(
+      part_out, part_ml, ((size_t)t * num_heads + h) * splits + blockIdx.z, acc, m, l, v_dim);
 }
 
 #define PAGED_ATTENTION_KERNEL(T, SUFFIX)                                                        \
@@ -162,7 +123,8 @@ __device__ void paged_attention_merge(T* __restrict__ out, const float* __restri
   extern "C" __global__ void __launch_bounds__(PA_THREADS) paged_attention_merge_##SUFFIX(       \
       T* out, const float* part_out, const float* part_ml, int num_heads, int v_dim,             \
       int splits) {                                                                              \
-    paged_attention_merge<T>(out, part_out, part_ml, num_heads, v_dim, splits);                  \
+    const size_t pair = (size_t)blockIdx.x * num_heads + blockIdx.y;                             \
+    merge_splits<T>(out + pair * v_dim, part_out, part_ml, pair * splits, v_dim, splits);        \
   }
 
 PAGED_ATTENTION_KERNEL(float, f32)

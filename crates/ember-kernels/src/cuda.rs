@@ -12,11 +12,11 @@ use cudarc::nvrtc::Ptx;
 
 use crate::error::check_shape;
 use crate::fused_moe::{align_capacity, GroupedGemmShape};
-use crate::mla_decode::{mla_dims, MlaShape};
+use crate::mla_decode::{mla_decode_splits, mla_dims, MlaShape};
 use crate::moe_routing::{routing_shape, RoutingConfig, TopkMethod};
 use crate::paged_attention::{
-    check_extent, paged_attention_dims, paged_attention_splits, paged_batch_extent, BatchExtent,
-    PagedAttentionBatch, PagedAttentionShape, MAX_SPLITS,
+    check_extent, check_splits, paged_attention_dims, paged_attention_splits, paged_batch_extent,
+    BatchExtent, PagedAttentionBatch, PagedAttentionShape,
 };
 use crate::rms_norm::rms_norm_shape;
 use crate::rotary::{rotary_shape, RotaryShape};
@@ -976,11 +976,7 @@ impl CudaKernels {
         splits: usize,
     ) -> Result<(), KernelError> {
         let s = shape;
-        check_shape(
-            (1..=MAX_SPLITS).contains(&splits),
-            "paged_attention",
-            || format!("{splits} splits; 1 to {MAX_SPLITS} allowed"),
-        )?;
+        check_splits("paged_attention", splits)?;
         check_shape(
             s.block_size == batch.block_size && s.max_blocks == batch.max_blocks,
             "paged_attention",
@@ -1054,24 +1050,9 @@ impl CudaKernels {
                 "paged_attention_merge",
                 T::KERNEL_SUFFIX,
             )?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(out)
-                .arg(&part_out)
-                .arg(&part_ml)
-                .arg(&args[0])
-                .arg(&args[3])
-                .arg(&splits_arg);
-            let cfg = LaunchConfig {
-                grid_dim: (tokens, s.num_heads as u32, 1),
-                block_dim: (PA_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: matches paged_attention_merge_<T>(T*, const float*, const float*, int x 3);
-            // block (token, head) reads that pair's `splits` partials and writes its row of
-            // `out`, which paged_attention_dims sized for every token and head.
-            unsafe { launch.launch(cfg) }?;
-            return Ok(());
+            // paged_attention_dims sized `out` for every token and head.
+            let sizes = [args[0], args[3], splits_arg];
+            return self.merge_splits(&f, out, (&part_out, &part_ml), (tokens, s.num_heads), sizes);
         }
         let f = kernel(&self.paged_attention, "paged_attention", T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
@@ -1103,6 +1084,39 @@ impl CudaKernels {
 }
 
 impl CudaKernels {
+    /// The split form's second pass (`merge_splits` in kernels/split_softmax.cuh) through `f`,
+    /// a `<op>_merge_<T>(T* out, const float* part_out, const float* part_ml, int num_heads,
+    /// int v_dim, int splits)` kernel: block (token, head) of `grid` merges that pair's
+    /// partials into its row of `out`, which the caller has checked holds `tokens · heads`
+    /// rows of v_dim; the partials hold `splits` rows (and max/sum pairs) per pair.
+    fn merge_splits<T: CudaElement>(
+        &self,
+        f: &CudaFunction,
+        out: &mut CudaSlice<T>,
+        (part_out, part_ml): (&CudaSlice<f32>, &CudaSlice<f32>),
+        (tokens, heads): (u32, usize),
+        [num_heads, v_dim, splits]: [i32; 3],
+    ) -> Result<(), KernelError> {
+        let mut launch = self.stream.launch_builder(f);
+        launch
+            .arg(out)
+            .arg(part_out)
+            .arg(part_ml)
+            .arg(&num_heads)
+            .arg(&v_dim)
+            .arg(&splits);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches the merge kernels' signature above; each block reads
+        // its pair's `splits` partials (written by the split launch before it on this stream)
+        // and writes its pair's row of `out`, all within the sizes the callers allocated.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
     /// [`crate::mla_decode::mla_decode`] on the GPU, over metadata
     /// [`CudaKernels::upload_paged_batch`] checked and copied (its extent checked here against
     /// these caches).
@@ -1117,7 +1131,37 @@ impl CudaKernels {
         scale: f32,
         shape: &MlaShape,
     ) -> Result<(), KernelError> {
+        let tokens = q.len() / (shape.num_heads * (shape.rank + shape.rope_dim)).max(1);
+        let splits = mla_decode_splits(shape, tokens, self.sm_count);
+        self.mla_decode_with_splits(
+            out,
+            q,
+            latent_cache,
+            rope_cache,
+            batch,
+            scale,
+            shape,
+            splits,
+        )
+    }
+
+    /// [`Self::mla_decode`] with each context cut into `splits` runs (1: not split; see
+    /// [`crate::mla_decode::mla_decode_split`]), which it picks itself by
+    /// [`mla_decode_splits`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_decode_with_splits<T: CudaElement>(
+        &self,
+        out: &mut CudaSlice<T>,
+        q: &CudaView<T>,
+        latent_cache: &CudaView<T>,
+        rope_cache: &CudaView<T>,
+        batch: &DevicePagedBatch,
+        scale: f32,
+        shape: &MlaShape,
+        splits: usize,
+    ) -> Result<(), KernelError> {
         const OP: &str = "mla_decode";
+        check_splits(OP, splits)?;
         let s = shape;
         check_shape(
             s.block_size == batch.block_size && s.max_blocks == batch.max_blocks,
@@ -1151,7 +1195,46 @@ impl CudaKernels {
             int("block_size", s.block_size)?,
             int("max_blocks", s.max_blocks)?,
         ];
+        let pairs = tokens * s.num_heads;
         let tokens = u32::try_from(tokens).map_err(|_| too_big(OP, "tokens", tokens))?;
+        // q, the tile's weights and slots, and one float per warp.
+        let shared =
+            (s.rank + s.rope_dim + 2 * MLA_THREADS as usize + MLA_THREADS as usize / 32) * 4;
+        let shared = u32::try_from(shared).map_err(|_| too_big(OP, "rank", s.rank))?;
+        if splits > 1 {
+            // Each (token, head, split)'s normalized latent row, then its max and sum.
+            let mut part_out = self.stream.alloc_zeros::<f32>(pairs * splits * s.rank)?;
+            let mut part_ml = self.stream.alloc_zeros::<f32>(pairs * splits * 2)?;
+            let splits_arg = int32(OP, "splits", splits)?;
+            let f = kernel(&self.mla_decode, "mla_decode_split", T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(q)
+                .arg(latent_cache)
+                .arg(rope_cache)
+                .arg(&batch.block_tables)
+                .arg(&batch.token_seq)
+                .arg(&batch.token_ctx)
+                .arg(&scale);
+            for a in &args {
+                launch.arg(a);
+            }
+            launch.arg(&splits_arg).arg(&mut part_out).arg(&mut part_ml);
+            let cfg = LaunchConfig {
+                grid_dim: (tokens, s.num_heads as u32, splits as u32),
+                block_dim: (MLA_THREADS, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            // SAFETY: matches mla_decode_split_<T>(const T* x 3, const unsigned* x 3, float,
+            // int x 6, float*, float*) in kernels/mla_decode.cu; bounded as the unsplit launch
+            // below, and each (token, head, split) block writes its own row of `part_out` (rank
+            // floats) and pair of `part_ml`, both sized for all of them.
+            unsafe { launch.launch(cfg) }?;
+            let f = kernel(&self.mla_decode, "mla_decode_merge", T::KERNEL_SUFFIX)?;
+            // mla_dims sized `out` for every token and head.
+            let sizes = [args[0], args[1], splits_arg];
+            return self.merge_splits(&f, out, (&part_out, &part_ml), (tokens, s.num_heads), sizes);
+        }
         let f = kernel(&self.mla_decode, OP, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch
@@ -1166,13 +1249,10 @@ impl CudaKernels {
         for a in &args {
             launch.arg(a);
         }
-        // q, the tile's weights and slots, and one float per warp.
-        let shared =
-            (s.rank + s.rope_dim + 2 * MLA_THREADS as usize + MLA_THREADS as usize / 32) * 4;
         let cfg = LaunchConfig {
             grid_dim: (tokens, s.num_heads as u32, 1),
             block_dim: (MLA_THREADS, 1, 1),
-            shared_mem_bytes: u32::try_from(shared).map_err(|_| too_big(OP, "rank", s.rank))?,
+            shared_mem_bytes: shared,
         };
         // SAFETY: matches mla_decode_<T>(T*, const T*, const T*, const T*, const unsigned* x 3,
         // float, int x 5) in kernels/mla_decode.cu; the metadata was checked when uploaded and its

@@ -16,7 +16,10 @@
 //! (online in the kernel); the weighted sum of latents in f32; one rounding on store.
 
 use crate::error::check_shape;
-use crate::paged_attention::{check_extent, paged_batch_extent, BatchExtent, PagedAttentionBatch};
+use crate::paged_attention::{
+    check_extent, check_splits, paged_batch_extent, split_attend, splits_for, BatchExtent,
+    PagedAttentionBatch,
+};
 use crate::{Element, KernelError};
 
 /// Largest `rank` the CUDA kernel accumulates (its per-thread registers).
@@ -152,9 +155,121 @@ pub fn mla_decode<T: Element>(
     Ok(())
 }
 
+/// How many splits the CUDA kernel cuts each context of a call into: the rule of
+/// [`crate::paged_attention::paged_attention_splits`], for `tokens` tokens of `shape`.
+pub fn mla_decode_splits(shape: &MlaShape, tokens: usize, sm_count: usize) -> usize {
+    splits_for(
+        tokens * shape.num_heads,
+        shape.max_blocks * shape.block_size,
+        sm_count,
+    )
+}
+
+/// The split form of [`mla_decode`] the CUDA kernel takes over long contexts with few (token,
+/// head) pairs ([`split_attend`]). Equal to [`mla_decode`] up to f32 rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_decode_split<T: Element>(
+    out: &mut [T],
+    q: &[T],
+    latent_cache: &[T],
+    rope_cache: &[T],
+    batch: &PagedAttentionBatch<'_>,
+    scale: f32,
+    shape: &MlaShape,
+    splits: usize,
+) -> Result<(), KernelError> {
+    let s = *shape;
+    let tokens = mla_shape(
+        &s,
+        q.len(),
+        latent_cache.len(),
+        rope_cache.len(),
+        out.len(),
+        batch,
+    )?;
+    check_splits("mla_decode", splits)?;
+    let q_dim = s.rank + s.rope_dim;
+    let dot =
+        |a: &[T], b: &[T]| -> f32 { a.iter().zip(b).map(|(x, y)| x.to_f32() * y.to_f32()).sum() };
+    let mut row = vec![0f32; s.rank];
+    for t in 0..tokens {
+        let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
+        let table = &batch.block_tables[seq * s.max_blocks..];
+        let slot = |p: usize| table[p / s.block_size] as usize * s.block_size + p % s.block_size;
+        for h in 0..s.num_heads {
+            let q_row = &q[(t * s.num_heads + h) * q_dim..][..q_dim];
+            let (q_lat, q_rope) = q_row.split_at(s.rank);
+            let score = |p: usize| {
+                let c = &latent_cache[slot(p) * s.rank..][..s.rank];
+                let r = &rope_cache[slot(p) * s.rope_dim..][..s.rope_dim];
+                (dot(q_lat, c) + dot(q_rope, r)) * scale
+            };
+            let value = |p: usize, d: usize| latent_cache[slot(p) * s.rank + d].to_f32();
+            split_attend(ctx, splits, score, value, &mut row);
+            for (o, r) in out[(t * s.num_heads + h) * s.rank..][..s.rank]
+                .iter_mut()
+                .zip(&row)
+            {
+                *o = T::from_f32(*r);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The split form equals the reference: contexts of 1 to several tiles, 1 to 32 splits.
+    #[test]
+    fn the_split_form_equals_the_reference() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let shape = MlaShape {
+            num_heads: 3,
+            rank: 16,
+            rope_dim: 4,
+            block_size: 8,
+            max_blocks: 80,
+        };
+        let ctxs = [1usize, 9, 128, 257, 600];
+        let pool = 90usize;
+        let slots = pool * shape.block_size;
+        let mut random =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let q = random(ctxs.len() * shape.num_heads * (shape.rank + shape.rope_dim));
+        let latent = random(slots * shape.rank);
+        let rope = random(slots * shape.rope_dim);
+        let mut tables = vec![0u32; ctxs.len() * shape.max_blocks];
+        for (s, ctx) in ctxs.iter().enumerate() {
+            for b in 0..ctx.div_ceil(shape.block_size) {
+                tables[s * shape.max_blocks + b] = rng.random_range(0..pool as u32);
+            }
+        }
+        let token_seq: Vec<u32> = (0..ctxs.len() as u32).collect();
+        let token_ctx: Vec<u32> = ctxs.iter().map(|&c| c as u32).collect();
+        let batch = PagedAttentionBatch {
+            block_tables: &tables,
+            token_seq: &token_seq,
+            token_ctx: &token_ctx,
+        };
+        let n = ctxs.len() * shape.num_heads * shape.rank;
+        let mut want = vec![0f32; n];
+        mla_decode(&mut want, &q, &latent, &rope, &batch, 0.3, &shape).unwrap();
+        for splits in [1usize, 2, 5, 32] {
+            let mut got = vec![0f32; n];
+            mla_decode_split(&mut got, &q, &latent, &rope, &batch, 0.3, &shape, splits).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs() + 1e-6,
+                    "{splits} splits [{i}]: {g} vs {w}"
+                );
+            }
+        }
+        let mut out = vec![0f32; n];
+        assert!(mla_decode_split(&mut out, &q, &latent, &rope, &batch, 0.3, &shape, 0).is_err());
+    }
 
     #[test]
     fn one_position_returns_its_latent_and_two_weigh_by_their_scores() {

@@ -71,8 +71,16 @@ pub fn paged_attention_splits(
     tokens: usize,
     sm_count: usize,
 ) -> usize {
-    let max_ctx = shape.max_blocks * shape.block_size;
-    let pairs = tokens * shape.num_heads;
+    splits_for(
+        tokens * shape.num_heads,
+        shape.max_blocks * shape.block_size,
+        sm_count,
+    )
+}
+
+/// [`paged_attention_splits`]' rule for a call of `pairs` (token, head) pairs over contexts of up
+/// to `max_ctx` positions (MLA's decode kernel takes it too).
+pub fn splits_for(pairs: usize, max_ctx: usize, sm_count: usize) -> usize {
     if max_ctx <= SPLIT_MIN_CONTEXT || pairs == 0 || pairs >= sm_count {
         return 1;
     }
@@ -300,14 +308,9 @@ pub fn paged_attention_split<T: Element>(
     let s = *shape;
     let tokens =
         paged_attention_shape(&s, q.len(), k_cache.len(), v_cache.len(), out.len(), batch)?;
-    check_shape(
-        (1..=MAX_SPLITS).contains(&splits),
-        "paged_attention",
-        || format!("{splits} splits; 1 to {MAX_SPLITS} allowed"),
-    )?;
+    check_splits("paged_attention", splits)?;
     let group = s.num_heads / s.num_kv_heads;
-    // Per split: its max, its sum, and its normalized output row.
-    let mut parts: Vec<(f32, f32, Vec<f32>)> = Vec::with_capacity(splits);
+    let mut row = vec![0f32; s.v_dim];
     for t in 0..tokens {
         let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
         let table = &batch.block_tables[seq * s.max_blocks..];
@@ -315,56 +318,81 @@ pub fn paged_attention_split<T: Element>(
         for h in 0..s.num_heads {
             let kv = h / group;
             let q_row = &q[(t * s.num_heads + h) * s.head_dim..][..s.head_dim];
-            parts.clear();
-            for split in 0..splits {
-                let (lo, hi) = split_range(ctx, splits, split);
-                let scores: Vec<f32> = (lo..hi)
-                    .map(|p| {
-                        let k_row =
-                            &k_cache[(slot(p) * s.num_kv_heads + kv) * s.head_dim..][..s.head_dim];
-                        scale
-                            * q_row
-                                .iter()
-                                .zip(k_row)
-                                .map(|(a, b)| a.to_f32() * b.to_f32())
-                                .sum::<f32>()
-                    })
-                    .collect();
-                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let weights: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
-                let l: f32 = weights.iter().sum();
-                let row = (0..s.v_dim)
-                    .map(|d| {
-                        let acc: f32 = weights
-                            .iter()
-                            .zip(lo..hi)
-                            .map(|(w, p)| {
-                                w * v_cache[(slot(p) * s.num_kv_heads + kv) * s.v_dim + d].to_f32()
-                            })
-                            .sum();
-                        if l > 0.0 {
-                            acc / l
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                parts.push((m, l, row));
-            }
-            let top = parts.iter().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max);
-            let w: Vec<f32> = parts
-                .iter()
-                .map(|(m, l, _)| if *l > 0.0 { l * (m - top).exp() } else { 0.0 })
-                .collect();
-            let total: f32 = w.iter().sum();
-            let o = &mut out[(t * s.num_heads + h) * s.v_dim..][..s.v_dim];
-            for (d, o) in o.iter_mut().enumerate() {
-                let acc: f32 = parts.iter().zip(&w).map(|(p, w)| w * p.2[d]).sum();
-                *o = T::from_f32(acc / total);
+            let score = |p: usize| {
+                let k_row = &k_cache[(slot(p) * s.num_kv_heads + kv) * s.head_dim..][..s.head_dim];
+                scale
+                    * q_row
+                        .iter()
+                        .zip(k_row)
+                        .map(|(a, b)| a.to_f32() * b.to_f32())
+                        .sum::<f32>()
+            };
+            let value = |p: usize, d: usize| {
+                v_cache[(slot(p) * s.num_kv_heads + kv) * s.v_dim + d].to_f32()
+            };
+            split_attend(ctx, splits, score, value, &mut row);
+            for (o, r) in out[(t * s.num_heads + h) * s.v_dim..][..s.v_dim]
+                .iter_mut()
+                .zip(&row)
+            {
+                *o = T::from_f32(*r);
             }
         }
     }
     Ok(())
+}
+
+/// Errs unless `splits` is a split count the kernels take (1 to [`MAX_SPLITS`]).
+pub fn check_splits(op: &'static str, splits: usize) -> Result<(), KernelError> {
+    check_shape((1..=MAX_SPLITS).contains(&splits), op, || {
+        format!("{splits} splits; 1 to {MAX_SPLITS} allowed")
+    })
+}
+
+/// One (token, head)'s output `row` (`v_dim` wide) in the split form over its `ctx` positions,
+/// `score(p)` and `value(p, d)` giving position p's scaled score and value dim d: per run
+/// ([`split_range`]) a softmax with its own max `m` and sum `l` and the weighted values divided
+/// by `l`, then the runs weighed by `l · exp(m − M)` against the largest `M` (an empty run, by
+/// nothing). The reference for the kernels' split launches (`kernels/split_softmax.cuh`).
+pub fn split_attend(
+    ctx: usize,
+    splits: usize,
+    score: impl Fn(usize) -> f32,
+    value: impl Fn(usize, usize) -> f32,
+    row: &mut [f32],
+) {
+    let mut parts: Vec<(f32, f32, Vec<f32>)> = Vec::with_capacity(splits);
+    for split in 0..splits {
+        let (lo, hi) = split_range(ctx, splits, split);
+        let scores: Vec<f32> = (lo..hi).map(&score).collect();
+        let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
+        let l: f32 = weights.iter().sum();
+        let part = (0..row.len())
+            .map(|d| {
+                let acc: f32 = weights
+                    .iter()
+                    .zip(lo..hi)
+                    .map(|(w, p)| w * value(p, d))
+                    .sum();
+                if l > 0.0 {
+                    acc / l
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        parts.push((m, l, part));
+    }
+    let top = parts.iter().map(|p| p.0).fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f32> = parts
+        .iter()
+        .map(|(m, l, _)| if *l > 0.0 { l * (m - top).exp() } else { 0.0 })
+        .collect();
+    let total: f32 = w.iter().sum();
+    for (d, o) in row.iter_mut().enumerate() {
+        *o = parts.iter().zip(&w).map(|(p, w)| w * p.2[d]).sum::<f32>() / total;
+    }
 }
 
 #[cfg(test)]

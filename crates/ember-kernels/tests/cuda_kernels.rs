@@ -668,6 +668,8 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         "paged_attention_bf16",
         "paged_attention_split_bf16",
         "paged_attention_merge_bf16",
+        "mla_decode_split_bf16",
+        "mla_decode_merge_bf16",
     ] {
         assert!(
             report.contains(&format!("::{kernel} ")),
@@ -856,8 +858,10 @@ fn paged_attention_matches_the_cpu_reference() {
 
 /// MLA in the absorbed form: DeepSeek-V3 / Kimi K2 latents (rank 512, rope 64) with a rank's 16
 /// heads at TP 8 and all 128, decodes of ragged lengths (at and across block boundaries, past
-/// several tiles of 128) next to a prefill chunk, blocks scattered over a pool. Random latents in
-/// [-1, 1] and queries scaled as the model's softmax scale does; tolerance as paged attention's:
+/// several tiles of 128) next to a prefill chunk, blocks scattered over a pool; each launched as
+/// the kernel picks, and split 3 and 32 ways (flash-decoding), a long TP 8 decode splitting by
+/// itself. Random latents in [-1, 1] and queries scaled as the model's softmax scale does;
+/// tolerance as paged attention's:
 /// f32 1e-4 relative + 1e-5, bf16 1/128 relative + 1e-3 (one rounding of 8 significant bits).
 type MlaMix = (&'static str, usize, &'static [(usize, usize)]);
 
@@ -870,12 +874,14 @@ fn check_mla_decode<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         (1e-4, 1e-5)
     };
     let block = 16;
-    let mixes: [MlaMix; 2] = [
+    let mixes: [MlaMix; 3] = [
         (
             "tp8 decodes",
             16,
             &[(0, 1), (15, 1), (16, 1), (300, 1), (1000, 1)],
         ),
+        // One long decode of a rank's 16 heads: split to fill the GPU.
+        ("tp8 long decode", 16, &[(6000, 1)]),
         (
             "all heads, prefill chunk and decodes",
             128,
@@ -942,17 +948,39 @@ fn check_mla_decode<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             &shape,
         )
         .unwrap();
-        let gpu = st.clone_dtoh(&dout).unwrap();
-        let what = format!("mla_decode_{} {name}", T::KERNEL_SUFFIX);
-        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-            let (g, c) = (g.to_f32(), c.to_f32());
-            let tol = rel * c.abs() + abs;
-            assert!(
-                (g - c).abs() <= tol,
-                "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
-            );
+        let auto = mla_decode::mla_decode_splits(&shape, tokens, 132);
+        let mut runs = vec![(
+            format!("auto ({auto} splits on 132 SMs)"),
+            st.clone_dtoh(&dout).unwrap(),
+        )];
+        // The split form, forced: the short contexts' last splits are empty.
+        for splits in [3usize, 32] {
+            let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
+            k.mla_decode_with_splits(
+                &mut dout,
+                &dq.as_view(),
+                &dl.as_view(),
+                &dr.as_view(),
+                &dbatch,
+                scale,
+                &shape,
+                splits,
+            )
+            .unwrap();
+            runs.push((format!("{splits} splits"), st.clone_dtoh(&dout).unwrap()));
         }
-        eprintln!("{what}: {tokens} tokens match");
+        for (how, gpu) in runs {
+            let what = format!("mla_decode_{} {name}, {how}", T::KERNEL_SUFFIX);
+            for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+                let (g, c) = (g.to_f32(), c.to_f32());
+                let tol = rel * c.abs() + abs;
+                assert!(
+                    (g - c).abs() <= tol,
+                    "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
+                );
+            }
+            eprintln!("{what}: {tokens} tokens match");
+        }
     }
 }
 
