@@ -977,16 +977,7 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         let s = shape;
         check_splits("paged_attention", splits)?;
-        check_shape(
-            s.block_size == batch.block_size && s.max_blocks == batch.max_blocks,
-            "paged_attention",
-            || {
-                format!(
-                    "the metadata was made for blocks of {} and tables of {}, not {} and {}",
-                    batch.block_size, batch.max_blocks, s.block_size, s.max_blocks
-                )
-            },
-        )?;
+        batch.check_made_for("paged_attention", s.block_size, s.max_blocks)?;
         let (tokens, blocks_in_cache) =
             paged_attention_dims(shape, q.len(), k_cache.len(), v_cache.len(), out.len())?;
         check_extent(&batch.extent, tokens, blocks_in_cache)?;
@@ -1002,84 +993,116 @@ impl CudaKernels {
             int("block_size", s.block_size)?,
             int("max_blocks", s.max_blocks)?,
         ];
-        check_shape(s.num_heads <= 65_535, "paged_attention", || {
-            format!("{} heads exceed the grid's 65535", s.num_heads)
-        })?;
-        let pairs = tokens * s.num_heads;
-        let tokens =
-            u32::try_from(tokens).map_err(|_| too_big("paged_attention", "tokens", tokens))?;
         // q, the tile's weights and slots, and one float per warp.
         let shared = (s.head_dim + 2 * PA_THREADS as usize + PA_THREADS as usize / 32) * 4;
-        let shared = u32::try_from(shared)
-            .map_err(|_| too_big("paged_attention", "head_dim", s.head_dim))?;
-        if splits > 1 {
+        let call = AttentionCall {
+            op: "paged_attention",
+            module: &self.paged_attention,
+            tokens,
+            num_heads: s.num_heads,
+            v_dim: s.v_dim,
+            threads: PA_THREADS,
+            shared,
+            splits,
+        };
+        // SAFETY: paged_attention_<T> and its _split/_merge kernels in
+        // kernels/paged_attention.cu take the arguments launch_attention passes, with these six
+        // ints (num_heads, num_kv_heads, head_dim, v_dim, block_size, max_blocks); the metadata
+        // was checked when uploaded (each token's sequence and context fit the tables) and its
+        // extent here against these buffers (every block read is in the cache), and
+        // paged_attention_dims sized `out`, which bounds every index the kernels read and write.
+        unsafe { self.launch_attention(&call, out, [q, k_cache, v_cache], batch, scale, &args) }
+    }
+}
+
+/// One launch of ember's paged attention kernels ([`CudaKernels::launch_attention`]).
+struct AttentionCall<'a> {
+    op: &'static str,
+    module: &'a Arc<CudaModule>,
+    tokens: usize,
+    num_heads: usize,
+    /// Width of each (token, head)'s output row.
+    v_dim: usize,
+    threads: u32,
+    /// Dynamic shared memory of the attention kernel, in bytes.
+    shared: usize,
+    splits: usize,
+}
+
+impl CudaKernels {
+    /// Launches `<op>_<T>(T* out, const T* q, const T* a, const T* b, const unsigned*
+    /// block_tables, const unsigned* token_seq, const unsigned* token_ctx, float scale, int...
+    /// ints)` over a `(tokens, num_heads)` grid; split, `<op>_split_<T>(q, a, b, the tables,
+    /// scale, ints..., int splits, float* part_out, float* part_ml)` over `(tokens, num_heads,
+    /// splits)` into f32 partials it allocates, then `<op>_merge_<T>` (see [`Self::merge_splits`]).
+    ///
+    /// # Safety
+    /// The op's kernels must take exactly these arguments, and `ints` with the buffers must bound
+    /// every index they read and write, `out` holding `tokens · num_heads` rows of `v_dim`.
+    unsafe fn launch_attention<T: CudaElement>(
+        &self,
+        call: &AttentionCall<'_>,
+        out: &mut CudaSlice<T>,
+        [q, a, b]: [&CudaView<T>; 3],
+        batch: &DevicePagedBatch,
+        scale: f32,
+        ints: &[i32],
+    ) -> Result<(), KernelError> {
+        let c = call;
+        check_shape(c.num_heads <= 65_535, c.op, || {
+            format!("{} heads exceed the grid's 65535", c.num_heads)
+        })?;
+        let pairs = c.tokens * c.num_heads;
+        let tokens = u32::try_from(c.tokens).map_err(|_| too_big(c.op, "tokens", c.tokens))?;
+        let shared = u32::try_from(c.shared).map_err(|_| too_big(c.op, "head size", c.shared))?;
+        let splits = int32(c.op, "splits", c.splits)?;
+        let mut parts = None;
+        let f = if c.splits > 1 {
             // Each (token, head, split)'s normalized row, then its max and sum.
-            let mut part_out = self.stream.alloc_zeros::<f32>(pairs * splits * s.v_dim)?;
-            let mut part_ml = self.stream.alloc_zeros::<f32>(pairs * splits * 2)?;
-            let splits_arg = int32("paged_attention", "splits", splits)?;
-            let f = kernel(
-                &self.paged_attention,
-                "paged_attention_split",
-                T::KERNEL_SUFFIX,
-            )?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(q)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(&batch.block_tables)
-                .arg(&batch.token_seq)
-                .arg(&batch.token_ctx)
-                .arg(&scale);
-            for a in &args {
-                launch.arg(a);
-            }
-            launch.arg(&splits_arg).arg(&mut part_out).arg(&mut part_ml);
-            let cfg = LaunchConfig {
-                grid_dim: (tokens, s.num_heads as u32, splits as u32),
-                block_dim: (PA_THREADS, 1, 1),
-                shared_mem_bytes: shared,
-            };
-            // SAFETY: matches paged_attention_split_<T>(const T* x 3, const unsigned* x 3,
-            // float, int x 7, float*, float*) in kernels/paged_attention.cu; bounded as the
-            // unsplit launch below, and each (token, head, split) block writes its own row of
-            // `part_out` (v_dim floats) and pair of `part_ml`, both sized for all of them.
-            unsafe { launch.launch(cfg) }?;
-            let f = kernel(
-                &self.paged_attention,
-                "paged_attention_merge",
-                T::KERNEL_SUFFIX,
-            )?;
-            // paged_attention_dims sized `out` for every token and head.
-            let sizes = [args[0], args[3], splits_arg];
-            return self.merge_splits(&f, out, (&part_out, &part_ml), (tokens, s.num_heads), sizes);
-        }
-        let f = kernel(&self.paged_attention, "paged_attention", T::KERNEL_SUFFIX)?;
+            parts = Some((
+                self.stream.alloc_zeros::<f32>(pairs * c.splits * c.v_dim)?,
+                self.stream.alloc_zeros::<f32>(pairs * c.splits * 2)?,
+            ));
+            kernel(c.module, &format!("{}_split", c.op), T::KERNEL_SUFFIX)?
+        } else {
+            kernel(c.module, c.op, T::KERNEL_SUFFIX)?
+        };
         let mut launch = self.stream.launch_builder(&f);
+        if parts.is_none() {
+            launch.arg(&mut *out);
+        }
         launch
-            .arg(out)
             .arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
+            .arg(a)
+            .arg(b)
             .arg(&batch.block_tables)
             .arg(&batch.token_seq)
             .arg(&batch.token_ctx)
             .arg(&scale);
-        for a in &args {
-            launch.arg(a);
+        for i in ints {
+            launch.arg(i);
+        }
+        if let Some((part_out, part_ml)) = parts.as_mut() {
+            launch.arg(&splits).arg(part_out).arg(part_ml);
         }
         let cfg = LaunchConfig {
-            grid_dim: (tokens, s.num_heads as u32, 1),
-            block_dim: (PA_THREADS, 1, 1),
+            grid_dim: (tokens, c.num_heads as u32, c.splits as u32),
+            block_dim: (c.threads, 1, 1),
             shared_mem_bytes: shared,
         };
-        // SAFETY: the argument list matches paged_attention_<T>(T*, const T*, const T*, const T*,
-        // const unsigned*, const unsigned*, const unsigned*, float, int x 6) in
-        // kernels/paged_attention.cu; the metadata was checked when uploaded (each token's
-        // sequence and context fit the tables) and its extent here against these buffers (every
-        // block read is in the cache), which bounds every index the kernel reads.
+        // SAFETY: the caller's contract; each split block writes its own row and pair of the
+        // partials, sized above for every (token, head, split).
         unsafe { launch.launch(cfg) }?;
-        Ok(())
+        let Some((part_out, part_ml)) = parts else {
+            return Ok(());
+        };
+        let f = kernel(c.module, &format!("{}_merge", c.op), T::KERNEL_SUFFIX)?;
+        let sizes = [
+            int32(c.op, "num_heads", c.num_heads)?,
+            int32(c.op, "v_dim", c.v_dim)?,
+            splits,
+        ];
+        self.merge_splits(&f, out, (&part_out, &part_ml), (tokens, c.num_heads), sizes)
     }
 }
 
@@ -1163,16 +1186,7 @@ impl CudaKernels {
         const OP: &str = "mla_decode";
         check_splits(OP, splits)?;
         let s = shape;
-        check_shape(
-            s.block_size == batch.block_size && s.max_blocks == batch.max_blocks,
-            OP,
-            || {
-                format!(
-                    "the metadata was made for blocks of {} and tables of {}, not {} and {}",
-                    batch.block_size, batch.max_blocks, s.block_size, s.max_blocks
-                )
-            },
-        )?;
+        batch.check_made_for(OP, s.block_size, s.max_blocks)?;
         let (tokens, blocks_in_cache) = mla_dims(
             shape,
             q.len(),
@@ -1184,9 +1198,6 @@ impl CudaKernels {
         if tokens == 0 {
             return Ok(());
         }
-        check_shape(s.num_heads <= 65_535, OP, || {
-            format!("{} heads exceed the grid's 65535", s.num_heads)
-        })?;
         let int = |what: &str, v: usize| int32(OP, what, v);
         let args = [
             int("num_heads", s.num_heads)?,
@@ -1195,70 +1206,33 @@ impl CudaKernels {
             int("block_size", s.block_size)?,
             int("max_blocks", s.max_blocks)?,
         ];
-        let pairs = tokens * s.num_heads;
-        let tokens = u32::try_from(tokens).map_err(|_| too_big(OP, "tokens", tokens))?;
         // q, the tile's weights and slots, and one float per warp.
         let shared =
             (s.rank + s.rope_dim + 2 * MLA_THREADS as usize + MLA_THREADS as usize / 32) * 4;
-        let shared = u32::try_from(shared).map_err(|_| too_big(OP, "rank", s.rank))?;
-        if splits > 1 {
-            // Each (token, head, split)'s normalized latent row, then its max and sum.
-            let mut part_out = self.stream.alloc_zeros::<f32>(pairs * splits * s.rank)?;
-            let mut part_ml = self.stream.alloc_zeros::<f32>(pairs * splits * 2)?;
-            let splits_arg = int32(OP, "splits", splits)?;
-            let f = kernel(&self.mla_decode, "mla_decode_split", T::KERNEL_SUFFIX)?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(q)
-                .arg(latent_cache)
-                .arg(rope_cache)
-                .arg(&batch.block_tables)
-                .arg(&batch.token_seq)
-                .arg(&batch.token_ctx)
-                .arg(&scale);
-            for a in &args {
-                launch.arg(a);
-            }
-            launch.arg(&splits_arg).arg(&mut part_out).arg(&mut part_ml);
-            let cfg = LaunchConfig {
-                grid_dim: (tokens, s.num_heads as u32, splits as u32),
-                block_dim: (MLA_THREADS, 1, 1),
-                shared_mem_bytes: shared,
-            };
-            // SAFETY: matches mla_decode_split_<T>(const T* x 3, const unsigned* x 3, float,
-            // int x 6, float*, float*) in kernels/mla_decode.cu; bounded as the unsplit launch
-            // below, and each (token, head, split) block writes its own row of `part_out` (rank
-            // floats) and pair of `part_ml`, both sized for all of them.
-            unsafe { launch.launch(cfg) }?;
-            let f = kernel(&self.mla_decode, "mla_decode_merge", T::KERNEL_SUFFIX)?;
-            // mla_dims sized `out` for every token and head.
-            let sizes = [args[0], args[1], splits_arg];
-            return self.merge_splits(&f, out, (&part_out, &part_ml), (tokens, s.num_heads), sizes);
-        }
-        let f = kernel(&self.mla_decode, OP, T::KERNEL_SUFFIX)?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(out)
-            .arg(q)
-            .arg(latent_cache)
-            .arg(rope_cache)
-            .arg(&batch.block_tables)
-            .arg(&batch.token_seq)
-            .arg(&batch.token_ctx)
-            .arg(&scale);
-        for a in &args {
-            launch.arg(a);
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (tokens, s.num_heads as u32, 1),
-            block_dim: (MLA_THREADS, 1, 1),
-            shared_mem_bytes: shared,
+        let call = AttentionCall {
+            op: OP,
+            module: &self.mla_decode,
+            tokens,
+            num_heads: s.num_heads,
+            v_dim: s.rank,
+            threads: MLA_THREADS,
+            shared,
+            splits,
         };
-        // SAFETY: matches mla_decode_<T>(T*, const T*, const T*, const T*, const unsigned* x 3,
-        // float, int x 5) in kernels/mla_decode.cu; the metadata was checked when uploaded and its
-        // extent here against these caches, and mla_dims bounds q, out and every cache row.
-        unsafe { launch.launch(cfg) }?;
-        Ok(())
+        // SAFETY: mla_decode_<T> and its _split/_merge kernels in kernels/mla_decode.cu take the
+        // arguments launch_attention passes, with these five ints (num_heads, rank, rope_dim,
+        // block_size, max_blocks); the metadata was checked when uploaded and its extent here
+        // against these caches, and mla_dims bounds q, out and every cache row.
+        unsafe {
+            self.launch_attention(
+                &call,
+                out,
+                [q, latent_cache, rope_cache],
+                batch,
+                scale,
+                &args,
+            )
+        }
     }
 }
 
@@ -1447,6 +1421,27 @@ impl DevicePagedBatch {
     /// What the metadata needs of a call's buffers.
     pub fn extent(&self) -> BatchExtent {
         self.extent
+    }
+
+    /// Errs unless the metadata was made for blocks of `block_size` and tables `max_blocks`
+    /// wide (what `op`'s call reads it as).
+    fn check_made_for(
+        &self,
+        op: &'static str,
+        block_size: usize,
+        max_blocks: usize,
+    ) -> Result<(), KernelError> {
+        check_shape(
+            block_size == self.block_size && max_blocks == self.max_blocks,
+            op,
+            || {
+                format!(
+                    "the metadata was made for blocks of {} and tables of {}, not {block_size} and \
+                     {max_blocks}",
+                    self.block_size, self.max_blocks
+                )
+            },
+        )
     }
 }
 

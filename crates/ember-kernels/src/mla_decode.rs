@@ -17,7 +17,7 @@
 
 use crate::error::check_shape;
 use crate::paged_attention::{
-    check_extent, check_splits, paged_batch_extent, split_attend, splits_for, BatchExtent,
+    attend, check_extent, check_splits, paged_batch_extent, split_attend, splits_for, BatchExtent,
     PagedAttentionBatch,
 };
 use crate::{Element, KernelError};
@@ -109,50 +109,16 @@ pub fn mla_decode<T: Element>(
     scale: f32,
     shape: &MlaShape,
 ) -> Result<(), KernelError> {
-    let s = *shape;
-    let tokens = mla_shape(
-        &s,
-        q.len(),
-        latent_cache.len(),
-        rope_cache.len(),
-        out.len(),
+    each_head(
+        out,
+        q,
+        latent_cache,
+        rope_cache,
         batch,
-    )?;
-    let q_dim = s.rank + s.rope_dim;
-    let dot =
-        |a: &[T], b: &[T]| -> f32 { a.iter().zip(b).map(|(x, y)| x.to_f32() * y.to_f32()).sum() };
-    let mut weights = Vec::new();
-    for t in 0..tokens {
-        let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
-        let table = &batch.block_tables[seq * s.max_blocks..];
-        let slot = |p: usize| table[p / s.block_size] as usize * s.block_size + p % s.block_size;
-        for h in 0..s.num_heads {
-            let q_row = &q[(t * s.num_heads + h) * q_dim..][..q_dim];
-            let (q_lat, q_rope) = q_row.split_at(s.rank);
-            weights.clear();
-            weights.extend((0..ctx).map(|p| {
-                let c = &latent_cache[slot(p) * s.rank..][..s.rank];
-                let r = &rope_cache[slot(p) * s.rope_dim..][..s.rope_dim];
-                (dot(q_lat, c) + dot(q_rope, r)) * scale
-            }));
-            let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for w in weights.iter_mut() {
-                *w = (*w - max).exp();
-                sum += *w;
-            }
-            let o = &mut out[(t * s.num_heads + h) * s.rank..][..s.rank];
-            for (d, o) in o.iter_mut().enumerate() {
-                let acc: f32 = weights
-                    .iter()
-                    .enumerate()
-                    .map(|(p, w)| w * latent_cache[slot(p) * s.rank + d].to_f32())
-                    .sum();
-                *o = T::from_f32(acc / sum);
-            }
-        }
-    }
-    Ok(())
+        scale,
+        shape,
+        attend,
+    )
 }
 
 /// How many splits the CUDA kernel cuts each context of a call into: the rule of
@@ -178,6 +144,33 @@ pub fn mla_decode_split<T: Element>(
     shape: &MlaShape,
     splits: usize,
 ) -> Result<(), KernelError> {
+    check_splits("mla_decode", splits)?;
+    each_head(
+        out,
+        q,
+        latent_cache,
+        rope_cache,
+        batch,
+        scale,
+        shape,
+        |ctx, score, value, row| split_attend(ctx, splits, score, value, row),
+    )
+}
+
+/// Checks a call and fills each (token, head)'s row of `out` with `row_of(ctx, score, value,
+/// row)`: `score(p)` is position p's scaled latent and rope score, `value(p, d)` its latent's
+/// dim d.
+#[allow(clippy::too_many_arguments)]
+fn each_head<T: Element>(
+    out: &mut [T],
+    q: &[T],
+    latent_cache: &[T],
+    rope_cache: &[T],
+    batch: &PagedAttentionBatch<'_>,
+    scale: f32,
+    shape: &MlaShape,
+    mut row_of: impl FnMut(usize, &dyn Fn(usize) -> f32, &dyn Fn(usize, usize) -> f32, &mut [f32]),
+) -> Result<(), KernelError> {
     let s = *shape;
     let tokens = mla_shape(
         &s,
@@ -187,7 +180,6 @@ pub fn mla_decode_split<T: Element>(
         out.len(),
         batch,
     )?;
-    check_splits("mla_decode", splits)?;
     let q_dim = s.rank + s.rope_dim;
     let dot =
         |a: &[T], b: &[T]| -> f32 { a.iter().zip(b).map(|(x, y)| x.to_f32() * y.to_f32()).sum() };
@@ -205,7 +197,7 @@ pub fn mla_decode_split<T: Element>(
                 (dot(q_lat, c) + dot(q_rope, r)) * scale
             };
             let value = |p: usize, d: usize| latent_cache[slot(p) * s.rank + d].to_f32();
-            split_attend(ctx, splits, score, value, &mut row);
+            row_of(ctx, &score, &value, &mut row);
             for (o, r) in out[(t * s.num_heads + h) * s.rank..][..s.rank]
                 .iter_mut()
                 .zip(&row)

@@ -245,55 +245,11 @@ pub fn paged_attention<T: Element>(
     scale: f32,
     shape: &PagedAttentionShape,
 ) -> Result<(), KernelError> {
-    let s = *shape;
-    let tokens =
-        paged_attention_shape(&s, q.len(), k_cache.len(), v_cache.len(), out.len(), batch)?;
-    let group = s.num_heads / s.num_kv_heads;
-    let mut scores = Vec::new();
-    for t in 0..tokens {
-        let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
-        let table = &batch.block_tables[seq * s.max_blocks..];
-        let slot = |p: usize| table[p / s.block_size] as usize * s.block_size + p % s.block_size;
-        for h in 0..s.num_heads {
-            let kv = h / group;
-            let q_row = &q[(t * s.num_heads + h) * s.head_dim..][..s.head_dim];
-            scores.clear();
-            scores.extend((0..ctx).map(|p| {
-                let k_row = &k_cache[(slot(p) * s.num_kv_heads + kv) * s.head_dim..][..s.head_dim];
-                scale
-                    * q_row
-                        .iter()
-                        .zip(k_row)
-                        .map(|(a, b)| a.to_f32() * b.to_f32())
-                        .sum::<f32>()
-            }));
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in scores.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let o = &mut out[(t * s.num_heads + h) * s.v_dim..][..s.v_dim];
-            for (d, o) in o.iter_mut().enumerate() {
-                let acc: f32 = scores
-                    .iter()
-                    .enumerate()
-                    .map(|(p, w)| {
-                        w * v_cache[(slot(p) * s.num_kv_heads + kv) * s.v_dim + d].to_f32()
-                    })
-                    .sum();
-                *o = T::from_f32(acc / sum);
-            }
-        }
-    }
-    Ok(())
+    each_head(out, q, k_cache, v_cache, batch, scale, shape, attend)
 }
 
-/// The split form of [`paged_attention`], as the CUDA kernel computes it over long contexts:
-/// each token's context cut into `splits` runs ([`split_range`]); per run and head the softmax
-/// over the run's positions with its own max `m` and sum `l`, and the weighted value rows
-/// divided by `l`; then the runs merged: weights `l · exp(m − M)` against the largest `M`, an
-/// empty run weighing nothing. Equal to [`paged_attention`] up to f32 rounding.
+/// The split form of [`paged_attention`], as the CUDA kernel computes it over long contexts
+/// ([`split_attend`]). Equal to [`paged_attention`] up to f32 rounding.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_split<T: Element>(
     out: &mut [T],
@@ -305,10 +261,35 @@ pub fn paged_attention_split<T: Element>(
     shape: &PagedAttentionShape,
     splits: usize,
 ) -> Result<(), KernelError> {
+    check_splits("paged_attention", splits)?;
+    each_head(
+        out,
+        q,
+        k_cache,
+        v_cache,
+        batch,
+        scale,
+        shape,
+        |ctx, score, value, row| split_attend(ctx, splits, score, value, row),
+    )
+}
+
+/// Checks a call and fills each (token, head)'s row of `out` with `row_of(ctx, score, value,
+/// row)`: `score(p)` is position p's scaled score, `value(p, d)` its value dim d.
+#[allow(clippy::too_many_arguments)]
+fn each_head<T: Element>(
+    out: &mut [T],
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    batch: &PagedAttentionBatch<'_>,
+    scale: f32,
+    shape: &PagedAttentionShape,
+    mut row_of: impl FnMut(usize, &dyn Fn(usize) -> f32, &dyn Fn(usize, usize) -> f32, &mut [f32]),
+) -> Result<(), KernelError> {
     let s = *shape;
     let tokens =
         paged_attention_shape(&s, q.len(), k_cache.len(), v_cache.len(), out.len(), batch)?;
-    check_splits("paged_attention", splits)?;
     let group = s.num_heads / s.num_kv_heads;
     let mut row = vec![0f32; s.v_dim];
     for t in 0..tokens {
@@ -330,7 +311,7 @@ pub fn paged_attention_split<T: Element>(
             let value = |p: usize, d: usize| {
                 v_cache[(slot(p) * s.num_kv_heads + kv) * s.v_dim + d].to_f32()
             };
-            split_attend(ctx, splits, score, value, &mut row);
+            row_of(ctx, &score, &value, &mut row);
             for (o, r) in out[(t * s.num_heads + h) * s.v_dim..][..s.v_dim]
                 .iter_mut()
                 .zip(&row)
@@ -340,6 +321,29 @@ pub fn paged_attention_split<T: Element>(
         }
     }
     Ok(())
+}
+
+/// One (token, head)'s output `row` over its `ctx` positions: a max-subtracted softmax of
+/// `score(p)` in f32, then the weighted sum of `value(p, d)` divided by the weights' sum. The
+/// definition the kernels' and the references' other forms are held to.
+pub fn attend(
+    ctx: usize,
+    score: &dyn Fn(usize) -> f32,
+    value: &dyn Fn(usize, usize) -> f32,
+    row: &mut [f32],
+) {
+    let weights: Vec<f32> = (0..ctx).map(score).collect();
+    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f32> = weights.iter().map(|x| (x - max).exp()).collect();
+    let sum: f32 = weights.iter().sum();
+    for (d, o) in row.iter_mut().enumerate() {
+        let acc: f32 = weights
+            .iter()
+            .enumerate()
+            .map(|(p, w)| w * value(p, d))
+            .sum();
+        *o = acc / sum;
+    }
 }
 
 /// Errs unless `splits` is a split count the kernels take (1 to [`MAX_SPLITS`]).
@@ -357,14 +361,14 @@ pub fn check_splits(op: &'static str, splits: usize) -> Result<(), KernelError> 
 pub fn split_attend(
     ctx: usize,
     splits: usize,
-    score: impl Fn(usize) -> f32,
-    value: impl Fn(usize, usize) -> f32,
+    score: &dyn Fn(usize) -> f32,
+    value: &dyn Fn(usize, usize) -> f32,
     row: &mut [f32],
 ) {
     let mut parts: Vec<(f32, f32, Vec<f32>)> = Vec::with_capacity(splits);
     for split in 0..splits {
         let (lo, hi) = split_range(ctx, splits, split);
-        let scores: Vec<f32> = (lo..hi).map(&score).collect();
+        let scores: Vec<f32> = (lo..hi).map(score).collect();
         let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
         let l: f32 = weights.iter().sum();

@@ -679,6 +679,27 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
     assert!(!report.contains("SPILL"), "a kernel spills:\n{report}");
 }
 
+/// Each GPU run (how it was launched, its output) within `rel · |cpu| + abs` of `cpu`.
+fn assert_runs_match<T: CudaElement>(
+    what: &str,
+    runs: Vec<(String, Vec<T>)>,
+    cpu: &[T],
+    (rel, abs): (f32, f32),
+    tokens: usize,
+) {
+    for (how, gpu) in runs {
+        for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+            let (g, c) = (g.to_f32(), c.to_f32());
+            let tol = rel * c.abs() + abs;
+            assert!(
+                (g - c).abs() <= tol,
+                "{what}, {how}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
+            );
+        }
+        eprintln!("{what}, {how}: {tokens} tokens match");
+    }
+}
+
 /// A batch mix for paged attention: per sequence, its cached positions before the step and the
 /// new tokens it brings (1 = a decode), its blocks scattered over a pool.
 struct Mix {
@@ -833,18 +854,8 @@ fn check_paged_attention<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             .unwrap();
             runs.push((format!("{splits} splits"), st.clone_dtoh(&dout).unwrap()));
         }
-        for (how, gpu) in runs {
-            let what = format!("paged_attention_{} {}, {how}", T::KERNEL_SUFFIX, mix.name);
-            for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-                let (g, c) = (g.to_f32(), c.to_f32());
-                let tol = rel * c.abs() + abs;
-                assert!(
-                    (g - c).abs() <= tol,
-                    "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
-                );
-            }
-            eprintln!("{what}: {tokens} tokens match");
-        }
+        let what = format!("paged_attention_{} {}", T::KERNEL_SUFFIX, mix.name);
+        assert_runs_match(&what, runs, &cpu, (rel, abs), tokens);
     }
 }
 
@@ -969,18 +980,8 @@ fn check_mla_decode<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             .unwrap();
             runs.push((format!("{splits} splits"), st.clone_dtoh(&dout).unwrap()));
         }
-        for (how, gpu) in runs {
-            let what = format!("mla_decode_{} {name}, {how}", T::KERNEL_SUFFIX);
-            for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-                let (g, c) = (g.to_f32(), c.to_f32());
-                let tol = rel * c.abs() + abs;
-                assert!(
-                    (g - c).abs() <= tol,
-                    "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
-                );
-            }
-            eprintln!("{what}: {tokens} tokens match");
-        }
+        let what = format!("mla_decode_{} {name}", T::KERNEL_SUFFIX);
+        assert_runs_match(&what, runs, &cpu, (rel, abs), tokens);
     }
 }
 
