@@ -55,11 +55,14 @@ __device__ int block_argmax(const float* values, int n, float* sv, int* si) {
 }
 
 // method: 0 greedy, 1 group-limited greedy, 2 noaux_tc (bias-corrected, groups by top-2 sums).
+// `live` (may be null): tokens from *live on are a CUDA graph's spare rows, routed to no expert
+// (id num_experts, weight 0), which moe_align leaves out and count_experts does not count.
 extern "C" __global__ void moe_routing(unsigned* __restrict__ ids, float* __restrict__ weights,
                                        const float* __restrict__ logits,
                                        const float* __restrict__ bias, int num_experts, int top_k,
                                        int n_group, int topk_group, int method, int sigmoid,
-                                       int renormalize, float scaling) {
+                                       int renormalize, float scaling,
+                                       const unsigned* __restrict__ live) {
   __shared__ float scores[ROUTING_MAX_EXPERTS];
   __shared__ float choice[ROUTING_MAX_EXPERTS];
   __shared__ float group_score[ROUTING_MAX_GROUPS];
@@ -70,6 +73,13 @@ extern "C" __global__ void moe_routing(unsigned* __restrict__ ids, float* __rest
 
   const int t = blockIdx.x, e = num_experts;
   const float* row = logits + (size_t)t * e;
+  if (live != nullptr && (unsigned)t >= *live) {
+    for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+      ids[(size_t)t * top_k + j] = (unsigned)e;
+      weights[(size_t)t * top_k + j] = 0.f;
+    }
+    return;  // the whole block: before any barrier
+  }
 
   if (sigmoid) {
     for (int i = threadIdx.x; i < e; i += blockDim.x) scores[i] = 1.f / (1.f + expf(-row[i]));

@@ -1449,6 +1449,9 @@ impl CudaKernels {
     /// [`crate::moe_routing::route`] on the GPU: f32 router logits `[tokens, experts]` to each
     /// token's chosen expert ids and weights (`[tokens, top_k]`, best first). `bias` may be empty
     /// unless the method is `NoauxTc`.
+    ///
+    /// With `live`, a device count: tokens from it on are routed to no expert
+    /// ([`crate::moe_routing::retire_rows`]); how a CUDA graph's spare rows skip the experts.
     pub fn moe_routing(
         &self,
         logits: &CudaView<f32>,
@@ -1456,6 +1459,7 @@ impl CudaKernels {
         cfg: &RoutingConfig,
         ids: &mut CudaSlice<u32>,
         weights: &mut CudaSlice<f32>,
+        live: Option<&CudaSlice<u32>>,
     ) -> Result<(), KernelError> {
         let tokens = routing_shape(cfg, logits.len(), bias.len(), ids.len(), weights.len())?;
         if tokens == 0 {
@@ -1484,6 +1488,11 @@ impl CudaKernels {
             launch.arg(i);
         }
         launch.arg(&cfg.scaling);
+        let null = 0u64;
+        match live {
+            Some(live) => launch.arg(live),
+            None => launch.arg(&null),
+        };
         let threads = cfg.num_experts.next_multiple_of(32).clamp(32, 1024) as u32;
         let launch_cfg = LaunchConfig {
             grid_dim: (tokens, 1, 1),
@@ -1491,8 +1500,9 @@ impl CudaKernels {
             shared_mem_bytes: 0,
         };
         // SAFETY: matches moe_routing(unsigned*, float*, const float*, const float*, int x 7,
-        // float) in kernels/moe_routing.cu; routing_shape bounds the experts, groups and top_k
-        // by the kernel's shared arrays and every buffer by the token count.
+        // float, const unsigned*) in kernels/moe_routing.cu (a null pointer for no `live`, which
+        // else holds at least the one u32 the kernel reads); routing_shape bounds the experts,
+        // groups and top_k by the kernel's shared arrays and every buffer by the token count.
         unsafe { launch.launch(launch_cfg) }?;
         Ok(())
     }

@@ -112,6 +112,18 @@ fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// What the kernel does to tokens from `live` on (a CUDA graph's spare rows, given `live`): routes
+/// them to no expert, id `num_experts` with weight 0, which the fused MoE leaves out.
+pub fn retire_rows(ids: &mut [u32], weights: &mut [f32], cfg: &RoutingConfig, live: usize) {
+    let from = live * cfg.top_k;
+    if let Some(rest) = ids.get_mut(from..) {
+        rest.fill(cfg.num_experts as u32);
+    }
+    if let Some(rest) = weights.get_mut(from..) {
+        rest.fill(0.0);
+    }
+}
+
 /// CPU reference: each token's chosen experts (`ids`, `[tokens, top_k]`) and weights.
 pub fn route(
     logits: &[f32],
@@ -177,6 +189,30 @@ pub fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retired_rows_go_to_no_expert() {
+        let cfg = RoutingConfig {
+            num_experts: 8,
+            top_k: 2,
+            n_group: 1,
+            topk_group: 1,
+            method: TopkMethod::Greedy,
+            sigmoid: false,
+            renormalize: true,
+            scaling: 1.0,
+        };
+        let (mut ids, mut w) = (vec![1u32, 2, 3, 4, 5, 6], vec![0.5f32; 6]);
+        retire_rows(&mut ids, &mut w, &cfg, 1);
+        assert_eq!(ids, [1, 2, 8, 8, 8, 8]);
+        assert_eq!(w, [0.5, 0.5, 0.0, 0.0, 0.0, 0.0]);
+        retire_rows(&mut ids, &mut w, &cfg, 5);
+        assert_eq!(
+            ids,
+            [1, 2, 8, 8, 8, 8],
+            "live past the tokens retires nothing more"
+        );
+    }
 
     fn logit(p: f32) -> f32 {
         (p / (1.0 - p)).ln()

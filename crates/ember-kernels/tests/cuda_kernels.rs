@@ -1359,9 +1359,35 @@ fn moe_routing_matches_the_cpu_reference() {
             );
             let mut dids = st.alloc_zeros::<u32>(ids.len()).unwrap();
             let mut dw = st.alloc_zeros::<f32>(w.len()).unwrap();
-            k.moe_routing(&dl.as_view(), &db.as_view(), &cfg, &mut dids, &mut dw)
+            k.moe_routing(&dl.as_view(), &db.as_view(), &cfg, &mut dids, &mut dw, None)
                 .unwrap();
             let (gids, gw) = (st.clone_dtoh(&dids).unwrap(), st.clone_dtoh(&dw).unwrap());
+            // A graph's spare rows: tokens from `live` on retired, the rest routed the same.
+            let live = tokens / 2;
+            let dlive = st.clone_htod(&[live as u32]).unwrap();
+            let mut rids = st.alloc_zeros::<u32>(ids.len()).unwrap();
+            let mut rw = st.alloc_zeros::<f32>(w.len()).unwrap();
+            k.moe_routing(
+                &dl.as_view(),
+                &db.as_view(),
+                &cfg,
+                &mut rids,
+                &mut rw,
+                Some(&dlive),
+            )
+            .unwrap();
+            let (mut want_ids, mut want_w) = (gids.clone(), gw.clone());
+            moe_routing::retire_rows(&mut want_ids, &mut want_w, &cfg, live);
+            assert_eq!(
+                st.clone_dtoh(&rids).unwrap(),
+                want_ids,
+                "{name} x{tokens}: live {live}"
+            );
+            assert_eq!(
+                st.clone_dtoh(&rw).unwrap(),
+                want_w,
+                "{name} x{tokens}: live {live}"
+            );
             // expf differs from the host's exp by an ulp or two and the softmax sums in another
             // order: a near-tie may rank the other way, at most one token in a thousand here.
             let flipped = (0..tokens)

@@ -6,7 +6,9 @@
 //! them in place:
 //! - a step of `n` decodes runs in the graph of the smallest captured size `B >= n`; rows `n..B`
 //!   are placeholders (token 0 at position 0) whose K/V goes to the scratch block, a cache block
-//!   the scheduler never hands out, as an idle data-parallel rank's row does;
+//!   the scheduler never hands out, as an idle data-parallel rank's row does, and that the fused
+//!   MoE routes to no expert (the routing kernel reads the step's row count from the device), so
+//!   padding reads no expert's weights;
 //! - the graph's batch holds the token ids, positions and slots; its paged metadata (block
 //!   tables `max_blocks` wide, enough for `--max-model-len`, and each row's context length) is
 //!   what every layer's attention kernel reads, the paged and the MLA kernel alike;
@@ -234,10 +236,13 @@ pub fn distribution_distance(
 }
 
 #[cfg(feature = "cuda")]
+pub(crate) use device::live_rows;
+#[cfg(feature = "cuda")]
 pub use device::DecodeGraphs;
 
 #[cfg(feature = "cuda")]
 mod device {
+    use std::cell::RefCell;
     use std::collections::hash_map::Entry;
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
@@ -246,7 +251,7 @@ mod device {
     use candle_core::cuda_backend::cudarc::driver::sys::{
         CUgraphInstantiate_flags, CUstreamCaptureMode,
     };
-    use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaGraph};
+    use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaGraph, CudaSlice};
     use candle_core::{CudaDevice, DType, Device, Tensor};
     use ember_core::Result;
     use ember_kernels::cuda::DevicePagedBatch;
@@ -255,6 +260,33 @@ mod device {
     use super::{CaptureMark, GraphPlan, StepInputs, MAX_CHECK_DISTANCE, REPLAYS};
     use crate::batch::ForwardBatch;
     use crate::mla_kernel::MlaDecodeBatch;
+
+    thread_local! {
+        /// While a graph's step is warmed up and captured on this thread: the device count of
+        /// its live rows, which the fused MoE's routing reads so the spare rows skip the experts.
+        static LIVE_ROWS: RefCell<Option<Arc<CudaSlice<u32>>>> = const { RefCell::new(None) };
+    }
+
+    /// The live-row count of the graph being captured on this thread, if one is.
+    pub(crate) fn live_rows() -> Option<Arc<CudaSlice<u32>>> {
+        LIVE_ROWS.with(|l| l.borrow().clone())
+    }
+
+    /// Hands `live` to [`live_rows`] until dropped.
+    struct LiveRows;
+
+    impl LiveRows {
+        fn set(live: &Arc<CudaSlice<u32>>) -> Self {
+            LIVE_ROWS.with(|l| *l.borrow_mut() = Some(live.clone()));
+            Self
+        }
+    }
+
+    impl Drop for LiveRows {
+        fn drop(&mut self) {
+            LIVE_ROWS.with(|l| *l.borrow_mut() = None);
+        }
+    }
 
     /// A model's decode graphs on one GPU, captured as steps of each size first come.
     pub struct DecodeGraphs {
@@ -282,6 +314,8 @@ mod device {
         meta: Arc<DevicePagedBatch>,
         /// `[bucket, vocab]` f32 logits, written by each replay.
         logits: Tensor,
+        /// How many of the rows are the step's (the rest skip the routed experts).
+        live: Arc<CudaSlice<u32>>,
         /// Whether a replay has been checked against the eager forward.
         checked: bool,
     }
@@ -518,6 +552,10 @@ mod device {
             decodes.preset(&self.device, meta.clone());
             let _ = batch.mla_decodes.set(Arc::new(decodes));
 
+            // No live rows while warming up: every row skips the experts, whose kernels load all
+            // the same (and count no placeholder's expert).
+            let live = Arc::new(kernels.stage(&[0u32]).map_err(wrap)?);
+            let _live = LiveRows::set(&live);
             let _cache = self.device.enable_cuda_graph_htod_cache();
             let warm = forward(&batch).map_err(wrap)?.to_dtype(DType::F32)?;
             let logits = Tensor::zeros(warm.dims(), DType::F32, &device)?;
@@ -550,6 +588,7 @@ mod device {
                 batch,
                 meta,
                 logits,
+                live,
                 checked: false,
             })
         }
@@ -568,6 +607,7 @@ mod device {
             kernels
                 .rewrite_paged_batch(&self.meta, &paged(inputs))
                 .map_err(wrap)?;
+            kernels.write_at(&self.live, 0, &[n as u32]).map_err(wrap)?;
             self.graph.launch().map_err(wrap)?;
             self.logits.narrow(0, 0, n)
         }

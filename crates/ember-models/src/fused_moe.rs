@@ -555,8 +555,17 @@ impl CustomOp2 for FusedMoeOp<'_> {
             .slice(crate::contiguous_range(logits_layout, "router logits")?);
         let mut ids = device.alloc_zeros::<u32>(entries)?;
         let mut weights = device.alloc_zeros::<f32>(entries)?;
+        // Under a CUDA graph, its spare rows skip the experts.
+        let live = crate::cuda_graph::live_rows();
         kernels
-            .moe_routing(&logits, &bias, &self.routing, &mut ids, &mut weights)
+            .moe_routing(
+                &logits,
+                &bias,
+                &self.routing,
+                &mut ids,
+                &mut weights,
+                live.as_deref(),
+            )
             .map_err(wrap)?;
         let align = kernels
             .moe_align(&ids.as_view(), self.routing.num_experts, BLOCK_M)
