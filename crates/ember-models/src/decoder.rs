@@ -191,6 +191,12 @@ impl DecoderModel {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let rank = weights.rank().cloned();
         let (vocab_start, vocab_len) = match &rank {
+            // A rank finds its ids among the step's in f32 (see `embed`).
+            Some(_) if v > 1 << 24 => {
+                return Err(EmberError::Config(format!(
+                    "vocab_size {v} is past the 2^24 ids a sharded embedding lookup takes"
+                )));
+            }
             Some(r) => r.even_share(v, "vocab_size")?,
             None => (0, v),
         };
@@ -253,27 +259,14 @@ impl DecoderModel {
             return self.embed_tokens.forward(ids);
         };
         let len = self.embed_tokens.embeddings().dim(0)?;
-        let (start, end) = (self.vocab_start as u32, (self.vocab_start + len) as u32);
-        let ids = ids.to_vec1::<u32>()?;
-        let local: Vec<u32> = ids
-            .iter()
-            .map(|&i| {
-                if (start..end).contains(&i) {
-                    i - start
-                } else {
-                    0
-                }
-            })
-            .collect();
-        let keep: Vec<f32> = ids
-            .iter()
-            .map(|i| f32::from(u8::from((start..end).contains(i))))
-            .collect();
-        let device = self.embed_tokens.embeddings().device();
-        let x = self
-            .embed_tokens
-            .forward(&Tensor::from_vec(local, ids.len(), device)?)?;
-        let keep = Tensor::from_vec(keep, (ids.len(), 1), device)?.to_dtype(x.dtype())?;
+        let (start, end) = (self.vocab_start as f64, (self.vocab_start + len) as f64);
+        // Where the ids are, so the step never waits to read them back: in f32, exact for every
+        // id below 2^24 (vocabularies are far smaller).
+        let ids = ids.to_dtype(DType::F32)?;
+        let keep = ids.ge(start)?.mul(&ids.lt(end)?)?.to_dtype(DType::F32)?;
+        let local = ((ids - start)? * &keep)?.to_dtype(DType::U32)?;
+        let x = self.embed_tokens.forward(&local)?;
+        let keep = keep.unsqueeze(1)?.to_dtype(x.dtype())?;
         rank.comm.all_reduce_sum(&x.broadcast_mul(&keep)?)
     }
 
