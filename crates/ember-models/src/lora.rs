@@ -593,8 +593,8 @@ impl LoraRows {
             let rows = if (last - first) as usize + 1 == rows.len() {
                 GroupRows::Range(first as usize, rows.len())
             } else {
-                let n = rows.len();
-                GroupRows::Indices(Tensor::from_vec(rows, n, device)?)
+                // Staged like the step's other metadata: an asynchronous copy.
+                GroupRows::Indices(crate::batch::upload(rows, device)?)
             };
             groups.push(LoraGroup { adapter, rows });
         }
