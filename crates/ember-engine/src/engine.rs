@@ -301,6 +301,8 @@ impl Engine {
     fn publish_stats(&self) {
         let s = &self.stats;
         s.steps.fetch_add(1, Ordering::Relaxed);
+        s.graph_steps
+            .store(self.runner.graph_steps(), Ordering::Relaxed);
         let (blocks, free) = self.scheduler.kv_blocks();
         let (queries, hits) = self.scheduler.kv.iter().fold((0, 0), |(q, h), kv| {
             let p = kv.stats();

@@ -129,6 +129,15 @@ impl ModelRunner {
         self.model.forward(batch, &self.caches)
     }
 
+    /// Steps this runner's decode graphs have served.
+    pub fn graph_steps(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            return graphs.replays();
+        }
+        0
+    }
+
     /// The batch sizes whose decode graphs have been captured (none off a GPU, or when graphs
     /// are off).
     pub fn captured_graphs(&self) -> Vec<usize> {

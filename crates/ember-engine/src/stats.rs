@@ -21,6 +21,8 @@ pub struct EngineStats {
     pub(crate) steps: AtomicU64,
     /// Steps whose tokens were all chosen on the model's device (greedy sampling there).
     pub(crate) device_sampled_steps: AtomicU64,
+    /// Steps whose forward replayed a CUDA graph.
+    pub(crate) graph_steps: AtomicU64,
     /// Wall time of the engine loop by phase, in nanoseconds, summed over steps.
     pub(crate) step_time_ns: [AtomicU64; 5],
     /// Why the engine stopped for good (a rank of a sharded model failed), once it has.
@@ -56,6 +58,9 @@ pub struct StatsSnapshot {
     /// Steps whose every token was the argmax taken on the model's device, so only token ids
     /// came back (every sequence greedy, with no logprobs, bias, penalty or grammar).
     pub device_sampled_steps: u64,
+    /// Steps whose forward was a CUDA graph's replay (decode steps on one GPU with ember's
+    /// kernels; see `ember_models::cuda_graph`).
+    pub graph_steps: u64,
     /// Seconds spent, summed over steps, in each of [`STEP_PHASES`]: `schedule` (aborts,
     /// admission, block allocation, building the batch), `forward` (the model, logits to host),
     /// `sample` (sampling, logprobs, sending tokens, caching full blocks, finishing requests),
@@ -83,6 +88,7 @@ impl EngineStats {
             generation_tokens: r(&self.generation_tokens),
             steps: r(&self.steps),
             device_sampled_steps: r(&self.device_sampled_steps),
+            graph_steps: r(&self.graph_steps),
             step_time_seconds: std::array::from_fn(|i| r(&self.step_time_ns[i]) as f64 * 1e-9),
         }
     }

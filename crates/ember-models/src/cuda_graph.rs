@@ -296,6 +296,8 @@ mod device {
         /// bound to.
         cache_blocks: usize,
         state: Mutex<State>,
+        /// Steps served by a replay.
+        replays: std::sync::atomic::AtomicU64,
     }
 
     #[derive(Default)]
@@ -364,6 +366,7 @@ mod device {
                 device: gpu.clone(),
                 cache_blocks,
                 state: Default::default(),
+                replays: Default::default(),
             })
         }
 
@@ -373,6 +376,11 @@ mod device {
             let mut sizes: Vec<usize> = state.graphs.keys().copied().collect();
             sizes.sort_unstable();
             sizes
+        }
+
+        /// Steps these graphs have served (replays trusted after their check).
+        pub fn replays(&self) -> u64 {
+            self.replays.load(std::sync::atomic::Ordering::Relaxed)
         }
 
         /// Why graphs are off, if they are.
@@ -416,6 +424,8 @@ mod device {
             };
             if captured.checked {
                 REPLAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.replays
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(Some(logits));
             }
             // The first replay of this size: the eager forward of the same step (which writes

@@ -377,6 +377,11 @@ impl Collector for EngineCollector {
                 "Engine steps whose tokens were all chosen greedily on the model's device.",
                 s.device_sampled_steps,
             ),
+            (
+                "ember:cuda_graph_steps",
+                "Engine steps whose forward replayed a CUDA graph (decode steps; --enforce-eager turns them off).",
+                s.graph_steps,
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);
