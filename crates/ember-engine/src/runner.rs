@@ -138,16 +138,6 @@ impl ModelRunner {
         0
     }
 
-    /// The batch sizes whose decode graphs have been captured (none off a GPU, or when graphs
-    /// are off).
-    pub fn captured_graphs(&self) -> Vec<usize> {
-        #[cfg(feature = "cuda")]
-        if let Some(graphs) = &self.graphs {
-            return graphs.captured();
-        }
-        Vec::new()
-    }
-
     /// Block size of the cache.
     pub fn block_size(&self) -> usize {
         self.caches[0].block_size

@@ -22,6 +22,9 @@
 //! walk the sequences on the host refuse ([`refuse`]). A failed capture turns graphs off with a
 //! warning, and steps run eagerly. The first replay of each size is checked against the eager
 //! forward of the same step before the graph is trusted.
+//!
+//! Every size is captured when the engine's thread starts (as vLLM does), on that thread:
+//! candle keeps the small uploads a capture reads in a per-thread cache.
 
 use std::cell::Cell;
 
@@ -288,7 +291,8 @@ mod device {
         }
     }
 
-    /// A model's decode graphs on one GPU, captured as steps of each size first come.
+    /// A model's decode graphs on one GPU: each size captured by [`DecodeGraphs::capture_all`]
+    /// (the engine calls it as its thread starts), or else by the first step of its size.
     pub struct DecodeGraphs {
         plan: GraphPlan,
         device: CudaDevice,
@@ -381,12 +385,6 @@ mod device {
         /// Steps these graphs have served (replays trusted after their check).
         pub fn replays(&self) -> u64 {
             self.replays.load(std::sync::atomic::Ordering::Relaxed)
-        }
-
-        /// Why graphs are off, if they are.
-        pub fn off(&self) -> Option<String> {
-            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.off.clone()
         }
 
         /// The logits of `batch` (`[sequences, vocab]` f32) from a graph replay, when `batch`
