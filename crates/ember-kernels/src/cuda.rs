@@ -278,6 +278,66 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// Copies the rows of `data` (`width` elements each) into the first `width` elements of
+    /// `dst`'s rows, `pitch` elements apart, staged like [`Self::write_at`]: one 2D copy.
+    pub fn write_rows<T: StagedElement>(
+        &self,
+        dst: &CudaSlice<T>,
+        pitch: usize,
+        data: &[T],
+        width: usize,
+    ) -> Result<(), KernelError> {
+        if width == pitch {
+            return self.write_at(dst, 0, data);
+        }
+        let rows = data.len() / width.max(1);
+        check_shape(
+            width > 0
+                && width <= pitch
+                && data.len() == rows * width
+                && (rows == 0 || (rows - 1) * pitch + width <= dst.len()),
+            "write_rows",
+            || {
+                format!(
+                    "{} elements as rows of {width}, {pitch} apart, into a buffer of {}",
+                    data.len(),
+                    dst.len()
+                )
+            },
+        )?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let staged = self.stage(data)?;
+        let size = std::mem::size_of::<T>();
+        let (src, _src_use) = staged.device_ptr(&self.stream);
+        let (base, _dst_use) = dst.device_ptr(&self.stream);
+        let copy = cudarc::driver::sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: cudarc::driver::sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: src,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: width * size,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: cudarc::driver::sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: base,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: pitch * size,
+            WidthInBytes: width * size,
+            Height: rows,
+        };
+        // SAFETY: `rows` rows of `width` elements are read from `staged` (which holds at least
+        // `data.len()`) and written `pitch` apart into `dst`, the last ending within it (checked
+        // above); ordered on the one stream as in `write_at`.
+        unsafe { cudarc::driver::sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()) }
+            .result()?;
+        Ok(())
+    }
+
     /// The stream every launch goes on (copy inputs and results with it).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -914,29 +974,45 @@ impl CudaKernels {
     }
 
     /// Replaces the contents of `meta` (made by [`Self::upload_paged_batch_bounded`]) with
-    /// `batch`, in place: the same tokens and table size, checked like an upload, and reading
-    /// no block beyond the bound `meta` was made with.
+    /// `batch`, in place: the same tokens and sequences, checked like an upload, reading no block
+    /// beyond the bound `meta` was made with. `batch`'s tables may be narrower than `meta`'s
+    /// (`width` columns, enough for every context it holds): only those columns are copied, and
+    /// what is left beyond them is never read.
     pub fn rewrite_paged_batch(
         &self,
         meta: &DevicePagedBatch,
         batch: &PagedAttentionBatch<'_>,
+        width: usize,
     ) -> Result<(), KernelError> {
-        let extent = paged_batch_extent(batch, meta.block_size, meta.max_blocks)?;
+        const OP: &str = "paged_attention";
+        check_shape((1..=meta.max_blocks).contains(&width), OP, || {
+            format!(
+                "tables {width} wide; the metadata's are {}",
+                meta.max_blocks
+            )
+        })?;
+        let extent = paged_batch_extent(batch, meta.block_size, width)?;
+        let rows = meta.table_len / meta.max_blocks;
         check_shape(
-            extent.tokens == meta.extent.tokens && batch.block_tables.len() == meta.table_len,
-            "paged_attention",
+            extent.tokens == meta.extent.tokens && batch.block_tables.len() == rows * width,
+            OP,
             || {
                 format!(
-                    "rewriting metadata of {} tokens and {} table entries with {} and {}",
+                    "rewriting metadata of {} tokens and {rows} tables with {} and {} entries \
+                     ({width} a table)",
                     meta.extent.tokens,
-                    meta.table_len,
                     extent.tokens,
                     batch.block_tables.len()
                 )
             },
         )?;
         check_bound(&extent, meta.extent.blocks_read)?;
-        self.write_at(&meta.block_tables, 0, batch.block_tables)?;
+        self.write_rows(
+            &meta.block_tables,
+            meta.max_blocks,
+            batch.block_tables,
+            width,
+        )?;
         self.write_at(&meta.token_seq, 0, batch.token_seq)?;
         self.write_at(&meta.token_ctx, 0, batch.token_ctx)
     }

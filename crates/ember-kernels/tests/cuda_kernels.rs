@@ -2066,9 +2066,10 @@ fn write_at_overwrites_only_its_range() {
     assert_eq!(st.clone_dtoh(&dst).unwrap(), want);
 }
 
-/// Paged metadata rewritten in place ([`CudaKernels::rewrite_paged_batch`]) is what the kernel
-/// reads next, launched directly and replayed from a CUDA graph captured over the old
-/// metadata: a decode graph's mechanism. Within paged attention's tolerance of the CPU
+/// Paged metadata rewritten in place ([`CudaKernels::rewrite_paged_batch`], whole tables or
+/// only the columns the contexts need, as a 2D copy) is what the kernel reads next, launched
+/// directly and replayed from a CUDA graph captured over the old metadata: a decode graph's
+/// mechanism. Within paged attention's tolerance of the CPU
 /// reference on the new metadata; rewrites of another size or past the bound are refused.
 #[test]
 fn a_graph_replays_over_rewritten_paged_metadata() {
@@ -2182,9 +2183,22 @@ fn a_graph_replays_over_rewritten_paged_metadata() {
             );
         }
     };
-    for round in 0..4 {
+    for round in 0..6 {
         let (tables, ctx) = step(&mut rng);
-        k.rewrite_paged_batch(&meta, &decodes(&tables, &token_seq, &ctx))
+        // Rounds 2 and up rewrite only the columns their contexts need (the graph path's).
+        let width = if round < 2 {
+            shape.max_blocks
+        } else {
+            ctx.iter()
+                .map(|&c| (c as usize).div_ceil(shape.block_size))
+                .max()
+                .unwrap()
+        };
+        let narrow: Vec<u32> = tables
+            .chunks(shape.max_blocks)
+            .flat_map(|row| row[..width].to_vec())
+            .collect();
+        k.rewrite_paged_batch(&meta, &decodes(&narrow, &token_seq, &ctx), width)
             .unwrap();
         if round % 2 == 0 {
             graph.launch().unwrap();
@@ -2192,22 +2206,37 @@ fn a_graph_replays_over_rewritten_paged_metadata() {
             launch(&mut out);
         }
         let gpu = st.clone_dtoh(&out).unwrap();
-        check(&format!("round {round}"), &gpu, &tables, &ctx);
+        check(
+            &format!("round {round} ({width} columns)"),
+            &gpu,
+            &tables,
+            &ctx,
+        );
     }
     let (mut tables, ctx) = step(&mut rng);
     tables[0] = pool as u32;
+    let w = shape.max_blocks;
     let err = k
-        .rewrite_paged_batch(&meta, &decodes(&tables, &token_seq, &ctx))
+        .rewrite_paged_batch(&meta, &decodes(&tables, &token_seq, &ctx), w)
         .unwrap_err();
     assert!(err.to_string().contains("bound to 200 blocks"), "{err}");
     let fewer = PagedAttentionBatch {
-        block_tables: &tables[..(rows - 1) * shape.max_blocks],
+        block_tables: &tables[..(rows - 1) * w],
         token_seq: &token_seq[..rows - 1],
         token_ctx: &ctx[..rows - 1],
     };
     assert!(
-        k.rewrite_paged_batch(&meta, &fewer).is_err(),
+        k.rewrite_paged_batch(&meta, &fewer, w).is_err(),
         "another size"
     );
-    eprintln!("a graph over rewritten metadata matches the CPU reference, 4 rounds");
+    // Tables too narrow for a context are refused.
+    let (tables, ctx) = step(&mut rng);
+    let narrow: Vec<u32> = tables.chunks(w).map(|row| row[0]).collect();
+    let long = ctx.iter().any(|&c| c as usize > shape.block_size);
+    assert_eq!(
+        k.rewrite_paged_batch(&meta, &decodes(&narrow, &token_seq, &ctx), 1)
+            .is_err(),
+        long
+    );
+    eprintln!("a graph over rewritten metadata matches the CPU reference, 6 rounds");
 }

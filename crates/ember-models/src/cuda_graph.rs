@@ -10,8 +10,9 @@
 //!   MoE routes to no expert (the routing kernel reads the step's row count from the device), so
 //!   padding reads no expert's weights;
 //! - the graph's batch holds the token ids, positions and slots; its paged metadata (block
-//!   tables `max_blocks` wide, enough for `--max-model-len`, and each row's context length) is
-//!   what every layer's attention kernel reads, the paged and the MLA kernel alike;
+//!   tables `max_blocks` wide, enough for `--max-model-len`, of which a replay rewrites only
+//!   the columns the step's longest context needs, and each row's context length) is what every
+//!   layer's attention kernel reads, the paged and the MLA kernel alike;
 //! - the logits land in a buffer the graph owns; a replay returns a view of its first `n` rows,
 //!   valid until the next replay.
 //!
@@ -68,8 +69,11 @@ pub struct GraphPlan {
 pub struct StepInputs {
     /// Token ids, positions and cache slots, `bucket` each.
     pub ints: Vec<u32>,
-    /// `[bucket, max_blocks]` block tables.
+    /// `[bucket, table_width]` block tables: as wide as the step's longest context needs (the
+    /// graph's tables are `max_blocks` wide; a replay rewrites only these columns, and no row
+    /// reads past its context).
     pub block_tables: Vec<u32>,
+    pub table_width: usize,
     /// Each row's sequence (its own row).
     pub token_seq: Vec<u32>,
     /// Each row's context length, its new token included.
@@ -149,7 +153,13 @@ impl GraphPlan {
             ints.extend_from_slice(run);
             ints.extend(std::iter::repeat_n(filler, pad));
         }
-        let w = self.max_blocks;
+        let w = batch
+            .sequences
+            .iter()
+            .map(|s| s.context_len.div_ceil(self.block_size))
+            .max()
+            .unwrap_or(1)
+            .clamp(1, self.max_blocks);
         let mut block_tables = vec![0u32; bucket * w];
         let mut token_ctx = Vec::with_capacity(bucket);
         for (s, seq) in batch.sequences.iter().enumerate() {
@@ -163,6 +173,7 @@ impl GraphPlan {
         StepInputs {
             ints,
             block_tables,
+            table_width: w,
             token_seq: (0..bucket as u32).collect(),
             token_ctx,
         }
@@ -542,7 +553,17 @@ mod device {
             )
             .map_err(wrap)?;
             let kernels = crate::cuda_attention::kernels(&self.device)?;
-            let host = plan.step_inputs(&batch, bucket);
+            // The placeholders' tables, as wide as the graph's.
+            let mut host = plan.step_inputs(&batch, bucket);
+            host.block_tables = host
+                .block_tables
+                .chunks(host.table_width)
+                .flat_map(|row| {
+                    let mut wide = row.to_vec();
+                    wide.resize(plan.max_blocks, 0);
+                    wide
+                })
+                .collect();
             let meta = Arc::new(
                 kernels
                     .upload_paged_batch_bounded(
@@ -613,7 +634,7 @@ mod device {
         ) -> candle_core::Result<Tensor> {
             self.batch.rewrite_inputs(kernels, &inputs.ints)?;
             kernels
-                .rewrite_paged_batch(&self.meta, &paged(inputs))
+                .rewrite_paged_batch(&self.meta, &paged(inputs), inputs.table_width)
                 .map_err(wrap)?;
             kernels.write_at(&self.live, 0, &[n as u32]).map_err(wrap)?;
             self.graph.launch().map_err(wrap)?;
@@ -723,7 +744,10 @@ mod tests {
         assert_eq!(inputs.ints, ints);
         assert_eq!(&inputs.ints[8..11], &[5, 2, 12]);
         assert_eq!(inputs.ints[3 * 8 - 1], scratch * block_size as u32);
-        let w = plan.max_blocks();
+        // The longest context (13 tokens, blocks of 4) needs 4 of the graph's 8 columns.
+        let w = inputs.table_width;
+        assert_eq!((w, plan.max_blocks()), (4, 8));
+        assert_eq!(inputs.block_tables.len(), 8 * w);
         for (s, seq) in eager.sequences.iter().enumerate() {
             let mut row = vec![0u32; w];
             seq.write_block_table(block_size, &mut row);
