@@ -2045,7 +2045,8 @@ fn staged_uploads_arrive_intact() {
     assert_eq!(&back[..floats.len()], &floats[..]);
 }
 
-/// `write_at` lands its elements at the offset and leaves the rest of the buffer as it was.
+/// `write_at` lands its elements at the offset and leaves the rest of the buffer as it was;
+/// `write_rows` lands each row at its pitch and leaves the rest of the row.
 #[test]
 fn write_at_overwrites_only_its_range() {
     let Some(k) = kernels() else { return };
@@ -2064,6 +2065,26 @@ fn write_at_overwrites_only_its_range() {
         "overruns the buffer"
     );
     assert_eq!(st.clone_dtoh(&dst).unwrap(), want);
+    // Rows of 7 into rows 50 apart (a graph's block tables, rewritten to the width needed).
+    let rows: Vec<u32> = (0..20 * 7).map(|_| rng.random()).collect();
+    k.write_rows(&dst, 50, &rows, 7).unwrap();
+    for (r, row) in rows.chunks(7).enumerate() {
+        want[r * 50..r * 50 + 7].copy_from_slice(row);
+    }
+    assert_eq!(
+        st.clone_dtoh(&dst).unwrap(),
+        want,
+        "only each row's first 7"
+    );
+    assert!(
+        k.write_rows(&dst, 50, &rows, 70).is_err(),
+        "wider than the pitch"
+    );
+    let too_many = vec![0u32; 21 * 7];
+    assert!(
+        k.write_rows(&dst, 50, &too_many, 7).is_err(),
+        "past the buffer"
+    );
 }
 
 /// Paged metadata rewritten in place ([`CudaKernels::rewrite_paged_batch`], whole tables or
