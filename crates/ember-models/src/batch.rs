@@ -53,10 +53,54 @@ pub struct SequenceAttention {
     pub context_slots_host: Vec<u32>,
     /// Tokens attended to: already computed plus new.
     pub context_len: usize,
-    /// Additive causal mask `[query_len, context_len]` (f32), absent for a single query token.
-    pub causal_mask: Option<Tensor>,
+    /// Where its causal mask sits in the step's masks, absent for a single query token (see
+    /// [`SequenceAttention::causal_mask`]).
+    mask: Option<(Arc<StepMasks>, usize)>,
     /// The sequence's LoRA adapter, for projections over its context (MLA's `kv_b_proj`).
     pub adapter: Option<Arc<LoraAdapter>>,
+}
+
+/// A step's additive causal masks, every sequence's with more than one new token, end to end:
+/// built and copied to the device by the first attention layer that asks, once for the step.
+/// Only the tensor paths ask; ember's kernels (and the CPU's) see each token's positions, so
+/// most steps never build them (a 2048-token chunk's would be 16 MB).
+#[derive(Debug)]
+struct StepMasks {
+    /// Per masked sequence: where its mask starts, its new tokens and its context.
+    shapes: Vec<(usize, usize, usize)>,
+    len: usize,
+    device: Device,
+    built: std::sync::OnceLock<Tensor>,
+}
+
+impl StepMasks {
+    /// The masks, uploaded.
+    fn tensor(&self) -> TensorResult<&Tensor> {
+        if let Some(t) = self.built.get() {
+            return Ok(t);
+        }
+        let mut masks = vec![0f32; self.len];
+        for &(start, query_len, context_len) in &self.shapes {
+            let past = context_len - query_len;
+            let mask = &mut masks[start..start + query_len * context_len];
+            for i in 0..query_len {
+                // Token i sees the cached positions and the new ones up to itself.
+                mask[i * context_len + past + i + 1..(i + 1) * context_len].fill(f32::NEG_INFINITY);
+            }
+        }
+        let t = upload(masks, &self.device)?;
+        Ok(self.built.get_or_init(|| t))
+    }
+
+    /// The same masks on `device`, built there when asked.
+    fn on(&self, device: &Device) -> Self {
+        Self {
+            shapes: self.shapes.clone(),
+            len: self.len,
+            device: device.clone(),
+            built: Default::default(),
+        }
+    }
 }
 
 impl SequenceAttention {
@@ -102,9 +146,10 @@ pub struct ForwardBatch {
     pub data_parallel: Option<DataParallelSplit>,
     /// The step's token ids, positions and slots on the host, in that order (`num_tokens` each).
     host_inputs: Arc<[u32]>,
-    /// Every u32 of the step and every causal mask, as uploaded: the tensors above are views.
+    /// Every u32 of the step, as uploaded: the tensors above are views.
     ints: Tensor,
-    masks: Option<Tensor>,
+    /// The step's causal masks (see [`StepMasks`]), when a sequence has more than one new token.
+    masks: Option<Arc<StepMasks>>,
     layout: StepLayout,
 }
 
@@ -158,6 +203,19 @@ impl ForwardBatch {
 }
 
 impl SequenceAttention {
+    /// Additive causal mask `[query_len, context_len]` (f32: 0 where visible, -inf after each
+    /// token's own position); `None` for a single query token.
+    pub fn causal_mask(&self) -> TensorResult<Option<Tensor>> {
+        let Some((masks, start)) = &self.mask else {
+            return Ok(None);
+        };
+        masks
+            .tensor()?
+            .narrow(0, *start, self.query_len * self.context_len)?
+            .reshape((self.query_len, self.context_len))
+            .map(Some)
+    }
+
     /// `softmax(scores × scale + causal mask)` over the context, computed in f32 and returned in
     /// `dtype`; `scores` is `[..., query_len, context_len]`.
     pub fn masked_softmax(
@@ -167,8 +225,8 @@ impl SequenceAttention {
         dtype: DType,
     ) -> candle_core::Result<Tensor> {
         let scores = (scores * scale)?.to_dtype(DType::F32)?;
-        let scores = match &self.causal_mask {
-            Some(mask) => scores.broadcast_add(mask)?,
+        let scores = match self.causal_mask()? {
+            Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
         candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)
@@ -242,9 +300,10 @@ impl ForwardBatch {
         let mut logits_per_sequence = Vec::with_capacity(inputs.len());
         let mut adapters: Vec<Arc<LoraAdapter>> = Vec::new();
         let mut row_adapter: Vec<u16> = Vec::new();
-        // Every sequence's context slots, and causal masks, one after the other.
+        // Every sequence's context slots, and its causal mask's place, one after the other.
         let mut all_context_slots: Vec<u32> = Vec::new();
-        let mut masks: Vec<f32> = Vec::new();
+        let mut mask_shapes: Vec<(usize, usize, usize)> = Vec::new();
+        let mut masks_len = 0;
         // Per sequence: query start and length, context length, where its mask starts.
         let mut layout: Vec<(usize, usize, usize, Option<usize>)> =
             Vec::with_capacity(inputs.len());
@@ -283,15 +342,9 @@ impl ForwardBatch {
                 all_context_slots.push(slot_of(input.block_table, block_size, pos)?);
             }
             let mask_start = (query_len > 1).then(|| {
-                let start = masks.len();
-                masks.resize(start + query_len * context_len, 0.0);
-                let mask = &mut masks[start..];
-                for i in 0..query_len {
-                    let last_visible = input.num_computed + i;
-                    for v in &mut mask[i * context_len + last_visible + 1..(i + 1) * context_len] {
-                        *v = f32::NEG_INFINITY;
-                    }
-                }
+                let start = masks_len;
+                mask_shapes.push((start, query_len, context_len));
+                masks_len += query_len * context_len;
                 start
             });
             let rows = if input.all_logits { query_len } else { 1 };
@@ -309,10 +362,14 @@ impl ForwardBatch {
         let context_base = ints.len();
         ints.extend_from_slice(&all_context_slots);
         let ints = upload(ints, device).map_err(tensor_err)?;
-        let masks = (!masks.is_empty())
-            .then(|| upload(masks, device))
-            .transpose()
-            .map_err(tensor_err)?;
+        let masks = (!mask_shapes.is_empty()).then(|| {
+            Arc::new(StepMasks {
+                shapes: mask_shapes,
+                len: masks_len,
+                device: device.clone(),
+                built: Default::default(),
+            })
+        });
         let mut context_at = 0;
         let mut sequences = Vec::with_capacity(layout.len());
         let mut host = Vec::with_capacity(layout.len());
@@ -420,12 +477,7 @@ impl ForwardBatch {
     /// rank of a sharded model on another GPU.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         let ints = self.ints.to_device(device).map_err(tensor_err)?;
-        let masks = self
-            .masks
-            .as_ref()
-            .map(|m| m.to_device(device))
-            .transpose()
-            .map_err(tensor_err)?;
+        let masks = self.masks.as_ref().map(|m| Arc::new(m.on(device)));
         let host = self
             .sequences
             .iter()
@@ -446,7 +498,7 @@ impl ForwardBatch {
     /// The batch over its uploaded tensors: each field a view at its place in `layout`.
     fn assemble(
         ints: Tensor,
-        masks: Option<Tensor>,
+        masks: Option<Arc<StepMasks>>,
         layout: StepLayout,
         (host, host_inputs): (Vec<SequenceHost>, Arc<[u32]>),
         logits_per_sequence: Vec<usize>,
@@ -456,22 +508,17 @@ impl ForwardBatch {
         let view = |start: usize, len: usize| ints.narrow(0, start, len).map_err(tensor_err);
         let mut sequences = Vec::with_capacity(layout.sequences.len());
         for (seq, (context_slots_host, adapter)) in layout.sequences.iter().zip(host) {
-            let causal_mask = match (seq.mask_start, &masks) {
-                (Some(start), Some(masks)) => Some(
-                    masks
-                        .narrow(0, start, seq.query_len * seq.context_len)
-                        .and_then(|m| m.reshape((seq.query_len, seq.context_len)))
-                        .map_err(tensor_err)?,
-                ),
-                _ => None,
-            };
+            let mask = seq
+                .mask_start
+                .zip(masks.clone())
+                .map(|(start, m)| (m, start));
             sequences.push(SequenceAttention {
                 query_start: seq.query_start,
                 query_len: seq.query_len,
                 context_slots: view(layout.context_base + seq.context_at, seq.context_len)?,
                 context_slots_host,
                 context_len: seq.context_len,
-                causal_mask,
+                mask,
                 adapter,
             });
         }
@@ -575,8 +622,8 @@ mod tests {
         );
         assert_eq!(batch.logits_per_sequence, vec![3, 1]);
         let mask = batch.sequences[0]
-            .causal_mask
-            .as_ref()
+            .causal_mask()
+            .unwrap()
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -585,7 +632,7 @@ mod tests {
             vec![0.0, 0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]
         );
         assert_eq!(mask[2], vec![0.0; 5]);
-        assert!(batch.sequences[1].causal_mask.is_none());
+        assert!(batch.sequences[1].causal_mask().unwrap().is_none());
         assert_eq!(
             batch.sequences[1].context_slots.to_vec1::<u32>().unwrap(),
             vec![0, 1, 2, 3, 8]
