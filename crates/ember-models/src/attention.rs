@@ -167,7 +167,7 @@ impl Qwen3Attention {
         let mut outputs = Vec::with_capacity(batch.sequences.len());
         for seq in &batch.sequences {
             let (ql, ctx) = (seq.query_len, seq.context_len);
-            let (k_ctx, v_ctx) = cache.gather(&seq.context_slots, kv_scales)?;
+            let (k_ctx, v_ctx) = cache.gather(&seq.context_slots()?, kv_scales)?;
             // [kv_heads, ctx, d]
             let k_ctx = k_ctx
                 .reshape((ctx, self.num_kv_heads, d))?

@@ -47,10 +47,9 @@ pub struct SequenceAttention {
     pub query_start: usize,
     /// Number of new tokens.
     pub query_len: usize,
-    /// Cache slots of all `context_len` tokens the new tokens attend to, in position order.
-    pub context_slots: Tensor,
-    /// The same slots on the host, for kernels that walk the cache themselves.
-    pub context_slots_host: Vec<u32>,
+    /// The step's contexts, and this sequence's index among them (see
+    /// [`SequenceAttention::context_slots`] and [`SequenceAttention::block_table`]).
+    contexts: (Arc<StepContexts>, usize),
     /// Tokens attended to: already computed plus new.
     pub context_len: usize,
     /// Where its causal mask sits in the step's masks, absent for a single query token (see
@@ -103,17 +102,104 @@ impl StepMasks {
     }
 }
 
-impl SequenceAttention {
-    /// Writes the sequence's block table into `row` (the cache block of each of its context's
-    /// blocks, in order; `row` may be longer, and the rest is left as it is).
-    pub fn write_block_table(&self, block_size: usize, row: &mut [u32]) {
-        // Each block's first slot names it: slot = block · block_size + offset.
-        for (entry, slot) in row
-            .iter_mut()
-            .zip(self.context_slots_host.iter().step_by(block_size))
-        {
-            *entry = slot / block_size as u32;
+/// A step's contexts: each sequence's block table (the blocks covering its context), which
+/// ember's kernels read; and every context's cache slots, position by position, on the host (for
+/// the CPU's kernel) and on the device (for the tensor paths' gathers), each built once for the
+/// step by the first layer that asks. A step of 256 decodes over 4096 tokens has 65,536 table
+/// entries but a million slots.
+#[derive(Debug)]
+struct StepContexts {
+    block_size: usize,
+    /// Per sequence: its block table and context length.
+    tables: Vec<(Vec<u32>, usize)>,
+    /// Where each sequence's slots start among all of them, and how many there are.
+    offsets: Vec<usize>,
+    total: usize,
+    device: Device,
+    host: std::sync::OnceLock<Vec<u32>>,
+    uploaded: std::sync::OnceLock<Tensor>,
+}
+
+impl StepContexts {
+    fn new(block_size: usize, tables: Vec<(Vec<u32>, usize)>, device: &Device) -> Self {
+        let mut offsets = Vec::with_capacity(tables.len());
+        let mut at = 0;
+        for (_, context_len) in &tables {
+            offsets.push(at);
+            at += context_len;
         }
+        Self {
+            block_size,
+            tables,
+            offsets,
+            total: at,
+            device: device.clone(),
+            host: Default::default(),
+            uploaded: Default::default(),
+        }
+    }
+
+    /// Every context's slots, end to end.
+    fn host(&self) -> &[u32] {
+        self.host.get_or_init(|| {
+            let bs = self.block_size as u32;
+            let mut slots = Vec::with_capacity(self.total);
+            for (table, context_len) in &self.tables {
+                slots.extend(
+                    table
+                        .iter()
+                        .flat_map(|&block| (0..bs).map(move |o| block * bs + o))
+                        .take(*context_len),
+                );
+            }
+            slots
+        })
+    }
+
+    /// The same slots on the device.
+    fn uploaded(&self) -> TensorResult<&Tensor> {
+        if let Some(t) = self.uploaded.get() {
+            return Ok(t);
+        }
+        let t = upload(self.host().to_vec(), &self.device)?;
+        Ok(self.uploaded.get_or_init(|| t))
+    }
+
+    /// The same contexts on `device`, built there when asked.
+    fn on(&self, device: &Device) -> Self {
+        Self::new(self.block_size, self.tables.clone(), device)
+    }
+}
+
+impl SequenceAttention {
+    /// The cache block of each of the context's blocks, in order.
+    pub fn block_table(&self) -> &[u32] {
+        let (contexts, i) = &self.contexts;
+        &contexts.tables[*i].0
+    }
+
+    /// Writes the sequence's block table into `row` (`row` may be longer, and the rest is left
+    /// as it is). `block_size` is the step's.
+    pub fn write_block_table(&self, block_size: usize, row: &mut [u32]) {
+        debug_assert_eq!(block_size, self.contexts.0.block_size);
+        let table = self.block_table();
+        let n = table.len().min(row.len());
+        row[..n].copy_from_slice(&table[..n]);
+    }
+
+    /// Cache slots of all `context_len` tokens the new tokens attend to, in position order, on
+    /// the host: for kernels that walk the cache themselves.
+    pub fn context_slots_host(&self) -> &[u32] {
+        let (contexts, i) = &self.contexts;
+        &contexts.host()[contexts.offsets[*i]..][..self.context_len]
+    }
+
+    /// The same slots on the step's device (`[context_len]` u32), for gathers.
+    pub fn context_slots(&self) -> TensorResult {
+        let (contexts, i) = &self.contexts;
+        contexts
+            .uploaded()?
+            .narrow(0, contexts.offsets[*i], self.context_len)
     }
 }
 
@@ -150,6 +236,8 @@ pub struct ForwardBatch {
     ints: Tensor,
     /// The step's causal masks (see [`StepMasks`]), when a sequence has more than one new token.
     masks: Option<Arc<StepMasks>>,
+    /// Every sequence's context (see [`StepContexts`]).
+    contexts: Arc<StepContexts>,
     layout: StepLayout,
 }
 
@@ -166,8 +254,9 @@ pub struct DataParallelSplit {
     pub placement: Vec<(usize, usize)>,
 }
 
-/// A sequence's context slots and adapter, as the host holds them.
-type SequenceHost = (Vec<u32>, Option<Arc<LoraAdapter>>);
+/// What a step's batch keeps of the host's view: its contexts, each sequence's adapter, and the
+/// token ids, positions and slots.
+type StepHost = (Arc<StepContexts>, Vec<Option<Arc<LoraAdapter>>>, Arc<[u32]>);
 
 /// Where a step's fields sit in its two uploaded tensors, so a copy on another device can take
 /// the same views.
@@ -175,8 +264,6 @@ type SequenceHost = (Vec<u32>, Option<Arc<LoraAdapter>>);
 struct StepLayout {
     tokens: usize,
     logits: usize,
-    /// Where the sequences' context slots start in the u32s.
-    context_base: usize,
     sequences: Vec<SequenceLayout>,
 }
 
@@ -185,8 +272,6 @@ struct SequenceLayout {
     query_start: usize,
     query_len: usize,
     context_len: usize,
-    /// Offset of its context slots from `context_base`.
-    context_at: usize,
     /// Where its causal mask starts in the masks, when it has one.
     mask_start: Option<usize>,
 }
@@ -300,8 +385,8 @@ impl ForwardBatch {
         let mut logits_per_sequence = Vec::with_capacity(inputs.len());
         let mut adapters: Vec<Arc<LoraAdapter>> = Vec::new();
         let mut row_adapter: Vec<u16> = Vec::new();
-        // Every sequence's context slots, and its causal mask's place, one after the other.
-        let mut all_context_slots: Vec<u32> = Vec::new();
+        // Every sequence's block table and context, and its causal mask's place.
+        let mut tables: Vec<(Vec<u32>, usize)> = Vec::with_capacity(inputs.len());
         let mut mask_shapes: Vec<(usize, usize, usize)> = Vec::new();
         let mut masks_len = 0;
         // Per sequence: query start and length, context length, where its mask starts.
@@ -338,9 +423,12 @@ impl ForwardBatch {
                 positions.push(pos as u32);
                 slots.push(slot_of(input.block_table, block_size, pos)?);
             }
-            for pos in 0..context_len {
-                all_context_slots.push(slot_of(input.block_table, block_size, pos)?);
-            }
+            // The table must cover the context (the new tokens' slots checked it for them).
+            slot_of(input.block_table, block_size, context_len - 1)?;
+            tables.push((
+                input.block_table[..context_len.div_ceil(block_size)].to_vec(),
+                context_len,
+            ));
             let mask_start = (query_len > 1).then(|| {
                 let start = masks_len;
                 mask_shapes.push((start, query_len, context_len));
@@ -359,9 +447,8 @@ impl ForwardBatch {
         ints.extend_from_slice(&slots);
         ints.extend_from_slice(&logits_rows);
         let host_inputs: Arc<[u32]> = ints[..3 * t].into();
-        let context_base = ints.len();
-        ints.extend_from_slice(&all_context_slots);
         let ints = upload(ints, device).map_err(tensor_err)?;
+        let contexts = Arc::new(StepContexts::new(block_size, tables, device));
         let masks = (!mask_shapes.is_empty()).then(|| {
             Arc::new(StepMasks {
                 shapes: mask_shapes,
@@ -370,9 +457,8 @@ impl ForwardBatch {
                 built: Default::default(),
             })
         });
-        let mut context_at = 0;
         let mut sequences = Vec::with_capacity(layout.len());
-        let mut host = Vec::with_capacity(layout.len());
+        let mut adapters_of = Vec::with_capacity(layout.len());
         for ((query_start, query_len, context_len, mask_start), input) in
             layout.into_iter().zip(inputs)
         {
@@ -380,14 +466,9 @@ impl ForwardBatch {
                 query_start,
                 query_len,
                 context_len,
-                context_at,
                 mask_start,
             });
-            host.push((
-                all_context_slots[context_at..context_at + context_len].to_vec(),
-                input.adapter.cloned(),
-            ));
-            context_at += context_len;
+            adapters_of.push(input.adapter.cloned());
         }
         let lora = if adapters.is_empty() {
             LoraRows::none()
@@ -397,14 +478,13 @@ impl ForwardBatch {
         let layout = StepLayout {
             tokens: t,
             logits: l,
-            context_base,
             sequences,
         };
         Self::assemble(
             ints,
             masks,
             layout,
-            (host, host_inputs),
+            (contexts, adapters_of, host_inputs),
             logits_per_sequence,
             lora,
             block_size,
@@ -478,17 +558,14 @@ impl ForwardBatch {
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         let ints = self.ints.to_device(device).map_err(tensor_err)?;
         let masks = self.masks.as_ref().map(|m| Arc::new(m.on(device)));
-        let host = self
-            .sequences
-            .iter()
-            .map(|s| (s.context_slots_host.clone(), s.adapter.clone()))
-            .collect();
+        let contexts = Arc::new(self.contexts.on(device));
+        let adapters_of = self.sequences.iter().map(|s| s.adapter.clone()).collect();
         let lora = self.lora.to_device(device).map_err(tensor_err)?;
         Self::assemble(
             ints,
             masks,
             self.layout.clone(),
-            (host, self.host_inputs.clone()),
+            (contexts, adapters_of, self.host_inputs.clone()),
             self.logits_per_sequence.clone(),
             lora,
             self.block_size,
@@ -500,14 +577,14 @@ impl ForwardBatch {
         ints: Tensor,
         masks: Option<Arc<StepMasks>>,
         layout: StepLayout,
-        (host, host_inputs): (Vec<SequenceHost>, Arc<[u32]>),
+        (contexts, adapters_of, host_inputs): StepHost,
         logits_per_sequence: Vec<usize>,
         lora: LoraRows,
         block_size: usize,
     ) -> Result<Self> {
         let view = |start: usize, len: usize| ints.narrow(0, start, len).map_err(tensor_err);
         let mut sequences = Vec::with_capacity(layout.sequences.len());
-        for (seq, (context_slots_host, adapter)) in layout.sequences.iter().zip(host) {
+        for (i, (seq, adapter)) in layout.sequences.iter().zip(adapters_of).enumerate() {
             let mask = seq
                 .mask_start
                 .zip(masks.clone())
@@ -515,8 +592,7 @@ impl ForwardBatch {
             sequences.push(SequenceAttention {
                 query_start: seq.query_start,
                 query_len: seq.query_len,
-                context_slots: view(layout.context_base + seq.context_at, seq.context_len)?,
-                context_slots_host,
+                contexts: (contexts.clone(), i),
                 context_len: seq.context_len,
                 mask,
                 adapter,
@@ -540,6 +616,7 @@ impl ForwardBatch {
             host_inputs,
             ints,
             masks,
+            contexts,
             layout,
         })
     }
@@ -634,12 +711,20 @@ mod tests {
         assert_eq!(mask[2], vec![0.0; 5]);
         assert!(batch.sequences[1].causal_mask().unwrap().is_none());
         assert_eq!(
-            batch.sequences[1].context_slots.to_vec1::<u32>().unwrap(),
+            batch.sequences[1]
+                .context_slots()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap(),
             vec![0, 1, 2, 3, 8]
         );
-        assert_eq!(batch.sequences[1].context_slots_host, vec![0, 1, 2, 3, 8]);
+        assert_eq!(batch.sequences[1].context_slots_host(), [0, 1, 2, 3, 8]);
         assert_eq!(
-            batch.sequences[0].context_slots.to_vec1::<u32>().unwrap(),
+            batch.sequences[0]
+                .context_slots()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap(),
             vec![12, 13, 14, 15, 4]
         );
         assert_eq!(

@@ -237,7 +237,7 @@ impl MlaAttention {
             }
             crate::cuda_graph::refuse("MLA over the tensor path (per sequence, on the host)")?;
             let (start, ql) = (seq.query_start, seq.query_len);
-            let (latent_ctx, k_rope_ctx) = cache.gather(&seq.context_slots, kv_scales)?;
+            let (latent_ctx, k_rope_ctx) = cache.gather(&seq.context_slots()?, kv_scales)?;
             let q_nope = q_nope.narrow(1, start, ql)?;
             let q_rope = q_rope.narrow(1, start, ql)?;
             // An adapter on kv_b_proj changes W_uk and W_uv: such sequences expand instead.

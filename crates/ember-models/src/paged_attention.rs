@@ -141,7 +141,7 @@ fn attend<T: CacheElem>(
                             let q_row = &q[row * d..(row + 1) * d];
                             scores.clear();
                             // Causal: token i of the chunk sees the past and itself.
-                            for &slot in &seq.context_slots_host[..past + i + 1] {
+                            for &slot in &seq.context_slots_host()[..past + i + 1] {
                                 let k_row = &k[slot as usize * k_width + kv * d..][..d];
                                 scores.push(dot(q_row, k_row) * k_scale);
                             }
@@ -152,7 +152,7 @@ fn attend<T: CacheElem>(
                                 sum += *s;
                             }
                             let o = &mut out[i * v_dim..(i + 1) * v_dim];
-                            for (&w, &slot) in scores.iter().zip(&seq.context_slots_host) {
+                            for (&w, &slot) in scores.iter().zip(seq.context_slots_host()) {
                                 let v_row = &v[slot as usize * v_width + kv * v_dim..][..v_dim];
                                 let w = w / sum * v_scale;
                                 for (o, &x) in o.iter_mut().zip(v_row) {
@@ -345,7 +345,7 @@ mod tests {
                         &q[row * num_heads * d..],
                         &k,
                         &v,
-                        &seq.context_slots_host,
+                        seq.context_slots_host(),
                         past,
                         i,
                         h,
