@@ -258,7 +258,7 @@ pub struct DataParallelSplit {
 /// token ids, positions and slots.
 type StepHost = (Arc<StepContexts>, Vec<Option<Arc<LoraAdapter>>>, Arc<[u32]>);
 
-/// Where a step's fields sit in its two uploaded tensors, so a copy on another device can take
+/// Where a step's fields sit in its uploaded tensor, so a copy on another device can take
 /// the same views.
 #[derive(Debug, Clone)]
 struct StepLayout {
@@ -374,9 +374,11 @@ pub fn slot_of(block_table: &[u32], block_size: usize, pos: usize) -> Result<u32
 impl ForwardBatch {
     /// Flattens the sequences of one step. Sequences with no new tokens are rejected.
     ///
-    /// The step's metadata reaches the device in two copies, whatever the batch: every u32
-    /// (token ids, positions, slots, logits rows and each sequence's context slots) in one
-    /// tensor and every causal mask in another; the fields are views of them.
+    /// The step's metadata reaches the device in one copy, whatever the batch: its token ids,
+    /// positions, slots and logits rows in one tensor, which the fields are views of. The
+    /// contexts' slots and the causal masks, which only some attention paths read, are built and
+    /// copied when first asked for ([`SequenceAttention::context_slots`],
+    /// [`SequenceAttention::causal_mask`]).
     pub fn new(inputs: &[SequenceInput<'_>], block_size: usize, device: &Device) -> Result<Self> {
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
