@@ -100,6 +100,8 @@ fn latency_reports_prefill_and_decode_per_iteration() {
     for p in ["10", "50", "99"] {
         assert!(r["percentiles"][p].as_f64().unwrap() > 0.0, "{p}: {r}");
     }
+    // The CPU has no CUDA graphs.
+    assert_eq!(r["cuda_graph_steps"], 0, "{r}");
 }
 
 /// Runs `ember bench <args>`, which must fail, and returns what it printed on stderr.

@@ -551,6 +551,12 @@ pub fn run_latency(args: LatencyArgs) -> Result<()> {
             1.0 / mean(&steps)
         );
     }
+    // Warm-up steps included: whether decode steps ran as CUDA graphs at all.
+    let graph_steps = runner.graph_steps();
+    println!(
+        "{:<36}{:>12}",
+        "Decode steps from CUDA graphs:", graph_steps
+    );
     println!("===========================================");
     let percentiles: serde_json::Map<String, serde_json::Value> = pcts
         .iter()
@@ -572,6 +578,7 @@ pub fn run_latency(args: LatencyArgs) -> Result<()> {
             "p50_decode_step_latency": percentile(&steps, 50.0),
             "p99_decode_step_latency": percentile(&steps, 99.0),
             "decode_tokens_per_second": if steps.is_empty() { 0.0 } else { b / mean(&steps) },
+            "cuda_graph_steps": graph_steps,
         }),
     )
 }
