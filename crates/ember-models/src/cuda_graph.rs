@@ -487,9 +487,32 @@ mod device {
             let sizes = self.captured();
             tracing::info!(
                 ms = started.elapsed().as_millis() as u64,
+                // Against the engine's step reserve, logged with the KV cache's size.
+                graph_memory_mib = self.graph_memory_high() >> 20,
                 "captured CUDA graphs for decode steps of {sizes:?} rows"
             );
             sizes
+        }
+
+        /// The most GPU memory the device's graphs have held at once (the driver's high-water
+        /// mark of graph allocations), in bytes; 0 when the driver does not say.
+        fn graph_memory_high(&self) -> u64 {
+            use candle_core::cuda_backend::cudarc::driver::sys;
+            let stream = self.device.cuda_stream();
+            let mut value = 0u64;
+            // SAFETY: the attribute is a u64 the driver writes into `value`.
+            let result = unsafe {
+                sys::cuDeviceGetGraphMemAttribute(
+                    stream.context().cu_device(),
+                    sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+                    (&mut value as *mut u64).cast(),
+                )
+            };
+            if result == sys::CUresult::CUDA_SUCCESS {
+                value
+            } else {
+                0
+            }
         }
 
         /// Whether the graph of `bucket` rows is there to replay: captured before, or now;
