@@ -1091,6 +1091,18 @@ impl CudaKernels {
     }
 }
 
+/// One launch of a grouped GEMM over packed experts ([`CudaKernels::launch_grouped`]).
+#[derive(Clone, Copy)]
+struct GroupedCall<'a> {
+    op: &'static str,
+    /// The fused MoE's tensor-core tiles, else `simt`'s SIMT ones.
+    tensor_cores: bool,
+    simt: &'a Arc<CudaModule>,
+    shape: &'a GroupedGemmShape,
+    /// The alignment's capacity (its padded rows).
+    cap: usize,
+}
+
 /// One launch of ember's paged attention kernels ([`CudaKernels::launch_attention`]).
 struct AttentionCall<'a> {
     op: &'static str,
@@ -1835,31 +1847,19 @@ impl CudaKernels {
             int32(op, "block_n", blocks.block_n)?,
             int32(op, "block_k", blocks.block_k)?,
         ];
-        let args = grouped_ints(op, s, &extra)?;
-        let module = if tensor_cores {
-            &self.fused_moe
-        } else {
-            &self.moe_w8a16
+        let call = GroupedCall {
+            op,
+            tensor_cores,
+            simt: &self.moe_w8a16,
+            shape: s,
+            cap,
         };
-        let f = kernel(module, op, T::KERNEL_SUFFIX)?;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(out).arg(x).arg(w).arg(scales);
-        push_alignment(&mut launch, align);
-        for a in &args {
-            launch.arg(a);
-        }
-        let cfg = if tensor_cores {
-            wmma_tile_launch(op, cap, s)?
-        } else {
-            grouped_tile_launch(op, cap, s)?
-        };
-        // SAFETY: matches grouped_w8a16_<T> in kernels/moe_w8a16.cu and grouped_w8a16_tc_bf16 in
-        // kernels/fused_moe.cu (T is bf16 there, checked), both (T*, const T*, const u8*, const
-        // float*, const unsigned* x 3, int x 7); they read x rows of ids < num_entries, weights
-        // and scales of experts < num_experts within the lengths checked above, and write rows of
-        // ids < num_entries.
-        unsafe { launch.launch(cfg) }?;
-        Ok(())
+        // SAFETY: grouped_w8a16_<T> in kernels/moe_w8a16.cu and grouped_w8a16_tc_bf16 in
+        // kernels/fused_moe.cu (T is bf16 there, checked) both take (T*, const T*, const u8*,
+        // const float*, const unsigned* x 3, int x 7); they read x rows of ids < num_entries,
+        // weights and scales of experts < num_experts within the lengths checked above, and write
+        // rows of ids < num_entries.
+        unsafe { self.launch_grouped(&call, out, x, w, scales, align, &extra) }
     }
 
     /// [`crate::fused_moe::grouped_w4a16`] on the GPU over an alignment
@@ -1921,15 +1921,51 @@ impl CudaKernels {
             i32::from(params.zeros),
             params.scales.code(),
         ];
-        let args = grouped_ints(op, s, &extra)?;
-        let module = if tensor_cores {
-            &self.fused_moe
-        } else {
-            &self.moe_w4a16
+        let call = GroupedCall {
+            op,
+            tensor_cores,
+            simt: &self.moe_w4a16,
+            shape: s,
+            cap,
         };
+        // SAFETY: grouped_w4a16_<T> in kernels/moe_w4a16.cu and grouped_w4a16_tc_bf16 in
+        // kernels/fused_moe.cu (T is bf16 there, checked) both take (T*, const T*, const u8*,
+        // const float*, const unsigned* x 3, int x 10); the kernel reads x rows of ids <
+        // num_entries, codes and qparams of experts < num_experts within the lengths checked
+        // above, and writes rows of ids < num_entries.
+        unsafe { self.launch_grouped(&call, out, x, codes, qparams, align, &extra) }
+    }
+
+    /// The launch both grouped GEMMs over packed experts end with: `op` from the fused MoE's
+    /// module (its tensor-core tiles) or from `simt`, over `(out, x, weights, their scales,
+    /// the alignment, the shape's ints, extra)`, on the tiles' grid.
+    ///
+    /// # Safety
+    /// `op` must take exactly those arguments, and the lengths checked by the caller must bound
+    /// every row, weight and scale it reads and writes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_grouped<T: CudaElement, W: DeviceRepr>(
+        &self,
+        call: &GroupedCall<'_>,
+        out: &mut CudaSlice<T>,
+        x: &CudaView<T>,
+        weights: &CudaView<W>,
+        params: &CudaView<f32>,
+        align: &DeviceAlignment,
+        extra: &[i32],
+    ) -> Result<(), KernelError> {
+        let GroupedCall {
+            op,
+            tensor_cores,
+            simt,
+            shape: s,
+            cap,
+        } = *call;
+        let args = grouped_ints(op, s, extra)?;
+        let module = if tensor_cores { &self.fused_moe } else { simt };
         let f = kernel(module, op, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(out).arg(x).arg(codes).arg(qparams);
+        launch.arg(out).arg(x).arg(weights).arg(params);
         push_alignment(&mut launch, align);
         for a in &args {
             launch.arg(a);
@@ -1939,11 +1975,7 @@ impl CudaKernels {
         } else {
             grouped_tile_launch(op, cap, s)?
         };
-        // SAFETY: matches grouped_w4a16_<T> in kernels/moe_w4a16.cu and grouped_w4a16_tc_bf16 in
-        // kernels/fused_moe.cu (T is bf16 there, checked), both (T*, const T*, const u8*, const
-        // float*, const unsigned* x 3, int x 10); the kernel reads x rows of ids < num_entries,
-        // codes and qparams of experts < num_experts within the lengths checked above, and
-        // writes rows of ids < num_entries.
+        // SAFETY: the caller's contract.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
