@@ -107,7 +107,8 @@ fn run_batched_with(
     dtype: DType,
     backends: Backends,
 ) -> (Value, Vec<Finished>) {
-    run_batched_with_graphs(name, device, dtype, backends, &[])
+    let (reference, results, _) = run_batched_with_graphs(name, device, dtype, backends, &[]);
+    (reference, results)
 }
 
 fn run_batched_with_graphs(
@@ -116,7 +117,7 @@ fn run_batched_with_graphs(
     dtype: DType,
     backends: Backends,
     graph_sizes: &[usize],
-) -> (Value, Vec<Finished>) {
+) -> (Value, Vec<Finished>, u64) {
     let reference = reference(name);
     let engine = chunked_engine_with_graphs(name, device, dtype, backends, graph_sizes);
     let prompts = reference["prompts"].as_array().unwrap();
@@ -129,7 +130,8 @@ fn run_batched_with_graphs(
         })
         .collect();
     let results = receivers.into_iter().map(collect).collect();
-    (reference, results)
+    // Published after each step: all but perhaps the last are counted.
+    (reference, results, engine.stats().graph_steps)
 }
 
 #[test]
@@ -430,9 +432,8 @@ fn decode_graphs_match_the_eager_steps() {
     for name in MODELS {
         for dtype in [DType::F32, DType::BF16] {
             let (reference, eager) = run_batched_with(name, &device, dtype, EMBER);
-            let before = ember_models::cuda_graph::replays();
-            let (_, graphs) = run_batched_with_graphs(name, &device, dtype, EMBER, &[1, 2, 4]);
-            let replays = ember_models::cuda_graph::replays() - before;
+            let (_, graphs, replays) =
+                run_batched_with_graphs(name, &device, dtype, EMBER, &[1, 2, 4]);
             assert!(
                 replays > 0,
                 "{name} {dtype:?}: no decode step ran as a graph"

@@ -48,94 +48,70 @@ pub struct SequenceAttention {
     /// Number of new tokens.
     pub query_len: usize,
     /// The step's contexts, and this sequence's index among them (see
-    /// [`SequenceAttention::context_slots`] and [`SequenceAttention::block_table`]).
+    /// [`SequenceAttention::block_table`], [`SequenceAttention::context_slots`] and
+    /// [`SequenceAttention::causal_mask`]).
     contexts: (Arc<StepContexts>, usize),
     /// Tokens attended to: already computed plus new.
     pub context_len: usize,
-    /// Where its causal mask sits in the step's masks, absent for a single query token (see
-    /// [`SequenceAttention::causal_mask`]).
-    mask: Option<(Arc<StepMasks>, usize)>,
     /// The sequence's LoRA adapter, for projections over its context (MLA's `kv_b_proj`).
     pub adapter: Option<Arc<LoraAdapter>>,
 }
 
-/// A step's additive causal masks, every sequence's with more than one new token, end to end:
-/// built and copied to the device by the first attention layer that asks, once for the step.
-/// Only the tensor paths ask; ember's kernels (and the CPU's) see each token's positions, so
-/// most steps never build them (a 2048-token chunk's would be 16 MB).
-#[derive(Debug)]
-struct StepMasks {
-    /// Per masked sequence: where its mask starts, its new tokens and its context.
-    shapes: Vec<(usize, usize, usize)>,
-    len: usize,
-    device: Device,
-    built: std::sync::OnceLock<Tensor>,
-}
-
-impl StepMasks {
-    /// The masks, uploaded.
-    fn tensor(&self) -> TensorResult<&Tensor> {
-        if let Some(t) = self.built.get() {
-            return Ok(t);
-        }
-        let mut masks = vec![0f32; self.len];
-        for &(start, query_len, context_len) in &self.shapes {
-            let past = context_len - query_len;
-            let mask = &mut masks[start..start + query_len * context_len];
-            for i in 0..query_len {
-                // Token i sees the cached positions and the new ones up to itself.
-                mask[i * context_len + past + i + 1..(i + 1) * context_len].fill(f32::NEG_INFINITY);
-            }
-        }
-        let t = upload(masks, &self.device)?;
-        Ok(self.built.get_or_init(|| t))
-    }
-
-    /// The same masks on `device`, built there when asked.
-    fn on(&self, device: &Device) -> Self {
-        Self {
-            shapes: self.shapes.clone(),
-            len: self.len,
-            device: device.clone(),
-            built: Default::default(),
-        }
-    }
-}
-
 /// A step's contexts: each sequence's block table (the blocks covering its context), which
-/// ember's kernels read; and every context's cache slots, position by position, on the host (for
-/// the CPU's kernel) and on the device (for the tensor paths' gathers), each built once for the
-/// step by the first layer that asks. A step of 256 decodes over 4096 tokens has 65,536 table
-/// entries but a million slots.
+/// ember's kernels read; and, each built once for the step by the first layer that asks, every
+/// context's cache slots position by position, on the host (for the CPU's kernel) and on the
+/// device (for the tensor paths' gathers), and the additive causal masks of the sequences with
+/// more than one new token (for the tensor paths). A step of 256 decodes over 4096 tokens has
+/// 65,536 table entries but a million slots; a 2048-token chunk's mask is 16 MB.
 #[derive(Debug)]
 struct StepContexts {
     block_size: usize,
-    /// Per sequence: its block table and context length.
-    tables: Vec<(Vec<u32>, usize)>,
+    /// Per sequence: its block table, context length and new tokens.
+    seqs: Vec<ContextShape>,
     /// Where each sequence's slots start among all of them, and how many there are.
     offsets: Vec<usize>,
     total: usize,
+    /// Where each sequence's mask starts among all of them (one with a single new token has
+    /// none), and how many floats they take.
+    mask_offsets: Vec<Option<usize>>,
+    masks_len: usize,
     device: Device,
     host: std::sync::OnceLock<Vec<u32>>,
     uploaded: std::sync::OnceLock<Tensor>,
+    masks: std::sync::OnceLock<Tensor>,
+}
+
+/// A sequence's block table, context length and new tokens.
+#[derive(Debug, Clone)]
+struct ContextShape {
+    table: Vec<u32>,
+    context_len: usize,
+    query_len: usize,
 }
 
 impl StepContexts {
-    fn new(block_size: usize, tables: Vec<(Vec<u32>, usize)>, device: &Device) -> Self {
-        let mut offsets = Vec::with_capacity(tables.len());
-        let mut at = 0;
-        for (_, context_len) in &tables {
-            offsets.push(at);
-            at += context_len;
+    fn new(block_size: usize, seqs: Vec<ContextShape>, device: &Device) -> Self {
+        let (mut offsets, mut mask_offsets) = (Vec::new(), Vec::new());
+        let (mut total, mut masks_len) = (0, 0);
+        for seq in &seqs {
+            offsets.push(total);
+            total += seq.context_len;
+            mask_offsets.push((seq.query_len > 1).then_some(masks_len));
+            if seq.query_len > 1 {
+                masks_len += seq.query_len * seq.context_len;
+            }
         }
         Self {
             block_size,
-            tables,
+            seqs,
             offsets,
-            total: at,
+            total,
+            mask_offsets,
+            masks_len,
             device: device.clone(),
             host: Default::default(),
             uploaded: Default::default(),
+            masks: Default::default(),
         }
     }
 
@@ -144,12 +120,12 @@ impl StepContexts {
         self.host.get_or_init(|| {
             let bs = self.block_size as u32;
             let mut slots = Vec::with_capacity(self.total);
-            for (table, context_len) in &self.tables {
+            for seq in &self.seqs {
                 slots.extend(
-                    table
+                    seq.table
                         .iter()
                         .flat_map(|&block| (0..bs).map(move |o| block * bs + o))
-                        .take(*context_len),
+                        .take(seq.context_len),
                 );
             }
             slots
@@ -165,9 +141,28 @@ impl StepContexts {
         Ok(self.uploaded.get_or_init(|| t))
     }
 
+    /// The causal masks, end to end, on the device.
+    fn masks(&self) -> TensorResult<&Tensor> {
+        if let Some(t) = self.masks.get() {
+            return Ok(t);
+        }
+        let mut masks = vec![0f32; self.masks_len];
+        for (seq, start) in self.seqs.iter().zip(&self.mask_offsets) {
+            let Some(start) = *start else { continue };
+            let (q, ctx) = (seq.query_len, seq.context_len);
+            let mask = &mut masks[start..start + q * ctx];
+            for i in 0..q {
+                // Token i sees the cached positions and the new ones up to itself.
+                mask[i * ctx + ctx - q + i + 1..(i + 1) * ctx].fill(f32::NEG_INFINITY);
+            }
+        }
+        let t = upload(masks, &self.device)?;
+        Ok(self.masks.get_or_init(|| t))
+    }
+
     /// The same contexts on `device`, built there when asked.
     fn on(&self, device: &Device) -> Self {
-        Self::new(self.block_size, self.tables.clone(), device)
+        Self::new(self.block_size, self.seqs.clone(), device)
     }
 }
 
@@ -175,13 +170,12 @@ impl SequenceAttention {
     /// The cache block of each of the context's blocks, in order.
     pub fn block_table(&self) -> &[u32] {
         let (contexts, i) = &self.contexts;
-        &contexts.tables[*i].0
+        &contexts.seqs[*i].table
     }
 
     /// Writes the sequence's block table into `row` (`row` may be longer, and the rest is left
-    /// as it is). `block_size` is the step's.
-    pub fn write_block_table(&self, block_size: usize, row: &mut [u32]) {
-        debug_assert_eq!(block_size, self.contexts.0.block_size);
+    /// as it is).
+    pub fn write_block_table(&self, row: &mut [u32]) {
         let table = self.block_table();
         let n = table.len().min(row.len());
         row[..n].copy_from_slice(&table[..n]);
@@ -234,8 +228,6 @@ pub struct ForwardBatch {
     host_inputs: Arc<[u32]>,
     /// Every u32 of the step, as uploaded: the tensors above are views.
     ints: Tensor,
-    /// The step's causal masks (see [`StepMasks`]), when a sequence has more than one new token.
-    masks: Option<Arc<StepMasks>>,
     /// Every sequence's context (see [`StepContexts`]).
     contexts: Arc<StepContexts>,
     layout: StepLayout,
@@ -272,8 +264,6 @@ struct SequenceLayout {
     query_start: usize,
     query_len: usize,
     context_len: usize,
-    /// Where its causal mask starts in the masks, when it has one.
-    mask_start: Option<usize>,
 }
 
 impl ForwardBatch {
@@ -291,12 +281,13 @@ impl SequenceAttention {
     /// Additive causal mask `[query_len, context_len]` (f32: 0 where visible, -inf after each
     /// token's own position); `None` for a single query token.
     pub fn causal_mask(&self) -> TensorResult<Option<Tensor>> {
-        let Some((masks, start)) = &self.mask else {
+        let (contexts, i) = &self.contexts;
+        let Some(start) = contexts.mask_offsets[*i] else {
             return Ok(None);
         };
-        masks
-            .tensor()?
-            .narrow(0, *start, self.query_len * self.context_len)?
+        contexts
+            .masks()?
+            .narrow(0, start, self.query_len * self.context_len)?
             .reshape((self.query_len, self.context_len))
             .map(Some)
     }
@@ -387,13 +378,10 @@ impl ForwardBatch {
         let mut logits_per_sequence = Vec::with_capacity(inputs.len());
         let mut adapters: Vec<Arc<LoraAdapter>> = Vec::new();
         let mut row_adapter: Vec<u16> = Vec::new();
-        // Every sequence's block table and context, and its causal mask's place.
-        let mut tables: Vec<(Vec<u32>, usize)> = Vec::with_capacity(inputs.len());
-        let mut mask_shapes: Vec<(usize, usize, usize)> = Vec::new();
-        let mut masks_len = 0;
-        // Per sequence: query start and length, context length, where its mask starts.
-        let mut layout: Vec<(usize, usize, usize, Option<usize>)> =
-            Vec::with_capacity(inputs.len());
+        // Every sequence's block table, context and new tokens.
+        let mut contexts: Vec<ContextShape> = Vec::with_capacity(inputs.len());
+        // Per sequence: query start and length, context length.
+        let mut layout: Vec<(usize, usize, usize)> = Vec::with_capacity(inputs.len());
         for input in inputs {
             let query_len = input.token_ids.len();
             if query_len == 0 {
@@ -427,21 +415,16 @@ impl ForwardBatch {
             }
             // The table must cover the context (the new tokens' slots checked it for them).
             slot_of(input.block_table, block_size, context_len - 1)?;
-            tables.push((
-                input.block_table[..context_len.div_ceil(block_size)].to_vec(),
+            contexts.push(ContextShape {
+                table: input.block_table[..context_len.div_ceil(block_size)].to_vec(),
                 context_len,
-            ));
-            let mask_start = (query_len > 1).then(|| {
-                let start = masks_len;
-                mask_shapes.push((start, query_len, context_len));
-                masks_len += query_len * context_len;
-                start
+                query_len,
             });
             let rows = if input.all_logits { query_len } else { 1 };
             let first_row = query_start + query_len - rows;
             logits_rows.extend((first_row..query_start + query_len).map(|r| r as u32));
             logits_per_sequence.push(rows);
-            layout.push((query_start, query_len, context_len, mask_start));
+            layout.push((query_start, query_len, context_len));
         }
         let (t, l) = (token_ids.len(), logits_rows.len());
         let mut ints = token_ids;
@@ -450,25 +433,14 @@ impl ForwardBatch {
         ints.extend_from_slice(&logits_rows);
         let host_inputs: Arc<[u32]> = ints[..3 * t].into();
         let ints = upload(ints, device).map_err(tensor_err)?;
-        let contexts = Arc::new(StepContexts::new(block_size, tables, device));
-        let masks = (!mask_shapes.is_empty()).then(|| {
-            Arc::new(StepMasks {
-                shapes: mask_shapes,
-                len: masks_len,
-                device: device.clone(),
-                built: Default::default(),
-            })
-        });
+        let contexts = Arc::new(StepContexts::new(block_size, contexts, device));
         let mut sequences = Vec::with_capacity(layout.len());
         let mut adapters_of = Vec::with_capacity(layout.len());
-        for ((query_start, query_len, context_len, mask_start), input) in
-            layout.into_iter().zip(inputs)
-        {
+        for ((query_start, query_len, context_len), input) in layout.into_iter().zip(inputs) {
             sequences.push(SequenceLayout {
                 query_start,
                 query_len,
                 context_len,
-                mask_start,
             });
             adapters_of.push(input.adapter.cloned());
         }
@@ -484,7 +456,6 @@ impl ForwardBatch {
         };
         Self::assemble(
             ints,
-            masks,
             layout,
             (contexts, adapters_of, host_inputs),
             logits_per_sequence,
@@ -555,17 +526,15 @@ impl ForwardBatch {
         Ok(whole)
     }
 
-    /// The same step on `device`: its two tensors copied there and the same views taken, for a
-    /// rank of a sharded model on another GPU.
+    /// The same step on `device`: its tensor copied there and the same views taken, for a rank
+    /// of a sharded model on another GPU.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         let ints = self.ints.to_device(device).map_err(tensor_err)?;
-        let masks = self.masks.as_ref().map(|m| Arc::new(m.on(device)));
         let contexts = Arc::new(self.contexts.on(device));
         let adapters_of = self.sequences.iter().map(|s| s.adapter.clone()).collect();
         let lora = self.lora.to_device(device).map_err(tensor_err)?;
         Self::assemble(
             ints,
-            masks,
             self.layout.clone(),
             (contexts, adapters_of, self.host_inputs.clone()),
             self.logits_per_sequence.clone(),
@@ -577,7 +546,6 @@ impl ForwardBatch {
     /// The batch over its uploaded tensors: each field a view at its place in `layout`.
     fn assemble(
         ints: Tensor,
-        masks: Option<Arc<StepMasks>>,
         layout: StepLayout,
         (contexts, adapters_of, host_inputs): StepHost,
         logits_per_sequence: Vec<usize>,
@@ -587,16 +555,11 @@ impl ForwardBatch {
         let view = |start: usize, len: usize| ints.narrow(0, start, len).map_err(tensor_err);
         let mut sequences = Vec::with_capacity(layout.sequences.len());
         for (i, (seq, adapter)) in layout.sequences.iter().zip(adapters_of).enumerate() {
-            let mask = seq
-                .mask_start
-                .zip(masks.clone())
-                .map(|(start, m)| (m, start));
             sequences.push(SequenceAttention {
                 query_start: seq.query_start,
                 query_len: seq.query_len,
                 contexts: (contexts.clone(), i),
                 context_len: seq.context_len,
-                mask,
                 adapter,
             });
         }
@@ -617,7 +580,6 @@ impl ForwardBatch {
             data_parallel: None,
             host_inputs,
             ints,
-            masks,
             contexts,
             layout,
         })

@@ -130,7 +130,7 @@ pub(crate) fn host_metadata(batch: &ForwardBatch) -> (Vec<u32>, Vec<u32>, Vec<u3
     let mut block_tables = vec![0u32; batch.sequences.len() * max_blocks];
     let (mut token_seq, mut token_ctx) = (vec![0u32; tokens], vec![0u32; tokens]);
     for (s, seq) in batch.sequences.iter().enumerate() {
-        seq.write_block_table(block_size, &mut block_tables[s * max_blocks..]);
+        seq.write_block_table(&mut block_tables[s * max_blocks..]);
         let past = seq.context_len - seq.query_len;
         for i in 0..seq.query_len {
             token_seq[seq.query_start + i] = s as u32;

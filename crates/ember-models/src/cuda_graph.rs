@@ -144,6 +144,17 @@ impl GraphPlan {
     /// `batch`'s inputs (a step [`Self::bucket`] put in `bucket`) padded to `bucket` rows with
     /// placeholders, as the graph's buffers hold them.
     pub fn step_inputs(&self, batch: &ForwardBatch, bucket: usize) -> StepInputs {
+        let needed = batch
+            .sequences
+            .iter()
+            .map(|s| s.context_len.div_ceil(self.block_size))
+            .max()
+            .unwrap_or(1);
+        self.inputs_with_width(batch, bucket, needed.clamp(1, self.max_blocks))
+    }
+
+    /// [`Self::step_inputs`] with tables `w` columns wide.
+    fn inputs_with_width(&self, batch: &ForwardBatch, bucket: usize, w: usize) -> StepInputs {
         let n = batch.sequences.len();
         let pad = bucket.saturating_sub(n);
         let (tokens, positions, slots) = batch.host_inputs();
@@ -153,17 +164,10 @@ impl GraphPlan {
             ints.extend_from_slice(run);
             ints.extend(std::iter::repeat_n(filler, pad));
         }
-        let w = batch
-            .sequences
-            .iter()
-            .map(|s| s.context_len.div_ceil(self.block_size))
-            .max()
-            .unwrap_or(1)
-            .clamp(1, self.max_blocks);
         let mut block_tables = vec![0u32; bucket * w];
         let mut token_ctx = Vec::with_capacity(bucket);
         for (s, seq) in batch.sequences.iter().enumerate() {
-            seq.write_block_table(self.block_size, &mut block_tables[s * w..(s + 1) * w]);
+            seq.write_block_table(&mut block_tables[s * w..(s + 1) * w]);
             token_ctx.push(seq.context_len as u32);
         }
         for s in n..bucket {
@@ -217,14 +221,6 @@ impl Drop for CaptureMark {
     }
 }
 
-/// Graph replays served since start (tests check that the path they mean is taken).
-static REPLAYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many decode steps graphs have served in this process.
-pub fn replays() -> u64 {
-    REPLAYS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Largest total variation distance between a graph's and the eager forward's next-token
 /// distributions, on any row, that the first replay of a graph may show: bf16 noise between
 /// differently tiled GEMMs stays far below it; a graph that froze part of its capture's step
@@ -271,7 +267,7 @@ mod device {
     use ember_kernels::cuda::DevicePagedBatch;
     use ember_kernels::paged_attention::PagedAttentionBatch;
 
-    use super::{CaptureMark, GraphPlan, StepInputs, MAX_CHECK_DISTANCE, REPLAYS};
+    use super::{CaptureMark, GraphPlan, StepInputs, MAX_CHECK_DISTANCE};
     use crate::batch::ForwardBatch;
     use crate::mla_kernel::MlaDecodeBatch;
 
@@ -432,7 +428,6 @@ mod device {
                 }
             };
             if captured.checked {
-                REPLAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.replays
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(Some(logits));
@@ -577,16 +572,7 @@ mod device {
             .map_err(wrap)?;
             let kernels = crate::cuda_attention::kernels(&self.device)?;
             // The placeholders' tables, as wide as the graph's.
-            let mut host = plan.step_inputs(&batch, bucket);
-            host.block_tables = host
-                .block_tables
-                .chunks(host.table_width)
-                .flat_map(|row| {
-                    let mut wide = row.to_vec();
-                    wide.resize(plan.max_blocks, 0);
-                    wide
-                })
-                .collect();
+            let host = plan.inputs_with_width(&batch, bucket, plan.max_blocks);
             let meta = Arc::new(
                 kernels
                     .upload_paged_batch_bounded(
@@ -773,7 +759,7 @@ mod tests {
         assert_eq!(inputs.block_tables.len(), 8 * w);
         for (s, seq) in eager.sequences.iter().enumerate() {
             let mut row = vec![0u32; w];
-            seq.write_block_table(block_size, &mut row);
+            seq.write_block_table(&mut row);
             assert_eq!(
                 &inputs.block_tables[s * w..(s + 1) * w],
                 &row[..],

@@ -93,7 +93,7 @@ impl MlaDecodeBatch {
         let (mut token_seq, mut token_ctx, mut rows) = (vec![], vec![], vec![]);
         for (j, &i) in seqs.iter().enumerate() {
             let seq = &batch.sequences[i];
-            seq.write_block_table(block_size, &mut block_tables[j * max_blocks..]);
+            seq.write_block_table(&mut block_tables[j * max_blocks..]);
             token_seq.push(j as u32);
             token_ctx.push(seq.context_len as u32);
             rows.push(seq.query_start as u32);
