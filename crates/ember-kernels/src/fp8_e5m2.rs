@@ -69,6 +69,62 @@ pub fn decode_slice(x: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
     Ok(())
 }
 
+/// The launchers: [`encode_slice`] and [`decode_slice`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+
+    use crate::cuda::{elementwise_launch, CudaKernels};
+    use crate::error::check_shape;
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// [`crate::fp8_e5m2::encode_slice`] on the GPU: f32 to e5m2 bytes (nearest even,
+        /// saturating).
+        pub fn e5m2_from_f32(
+            &self,
+            x: &CudaView<'_, f32>,
+            out: &mut CudaSlice<u8>,
+        ) -> Result<(), KernelError> {
+            // SAFETY: e5m2_from_f32(unsigned char*, const float*, long long) in
+            // kernels/fp8_e5m2.cu.
+            unsafe { self.e5m2_convert("e5m2_from_f32", x, out) }
+        }
+
+        /// [`crate::fp8_e5m2::decode_slice`] on the GPU: e5m2 bytes to f32 (exact).
+        pub fn e5m2_to_f32(
+            &self,
+            x: &CudaView<'_, u8>,
+            out: &mut CudaSlice<f32>,
+        ) -> Result<(), KernelError> {
+            // SAFETY: e5m2_to_f32(float*, const unsigned char*, long long) in kernels/fp8_e5m2.cu.
+            unsafe { self.e5m2_convert("e5m2_to_f32", x, out) }
+        }
+
+        /// Launches `name` of `kernels/fp8_e5m2.cu` over equal-length `x` and `out`.
+        ///
+        /// # Safety
+        /// `name` must take `(O* out, const I* x, long long n)`.
+        unsafe fn e5m2_convert<I: DeviceRepr, O: DeviceRepr>(
+            &self,
+            name: &'static str,
+            x: &CudaView<'_, I>,
+            out: &mut CudaSlice<O>,
+        ) -> Result<(), KernelError> {
+            check_shape(x.len() == out.len(), name, || {
+                format!("x has {} elements, out {}", x.len(), out.len())
+            })?;
+            let f = self.fp8_e5m2.load_function(name)?;
+            let n = out.len() as i64;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(out).arg(x).arg(&n);
+            // SAFETY: the caller names a kernel of this signature; both buffers hold n elements.
+            unsafe { launch.launch(elementwise_launch(n)) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

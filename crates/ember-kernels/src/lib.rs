@@ -1,5 +1,11 @@
 //! ember's own kernels. Each op has a CPU reference (always built) and, with the `cuda` feature,
 //! a CUDA kernel from the top-level `kernels/` with the same signature over device slices.
+//!
+//! One module per op: its reference, then its launcher, an `impl` block of
+//! [`cuda::CudaKernels`] in a `cuda` submodule at the end of the op's file (before the tests),
+//! or in the op's folder where the two together would be too long (`paged_attention/cuda.rs`,
+//! `fused_moe/cuda.rs`). What every launcher shares (loading the fatbins, the stream, the pinned
+//! staging buffers, the 32-bit argument checks) is `cuda.rs`.
 
 mod element;
 mod error;

@@ -209,6 +209,118 @@ fn each_head<T: Element>(
     Ok(())
 }
 
+/// The launchers: [`mla_decode`] and [`mla_decode_split`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView};
+
+    use super::{mla_decode_splits, mla_dims, MlaShape};
+    use crate::cuda::{int32, CudaElement, CudaKernels, DevicePagedBatch};
+    use crate::paged_attention::cuda::AttentionCall;
+    use crate::paged_attention::{check_extent, check_splits};
+    use crate::KernelError;
+
+    /// Threads per block of `kernels/mla_decode.cu` (its `MLA_THREADS`).
+    const MLA_THREADS: u32 = 128;
+
+    impl CudaKernels {
+        /// [`crate::mla_decode::mla_decode`] on the GPU, over metadata
+        /// [`CudaKernels::upload_paged_batch`] checked and copied (its extent checked here against
+        /// these caches).
+        #[allow(clippy::too_many_arguments)]
+        pub fn mla_decode<T: CudaElement>(
+            &self,
+            out: &mut CudaSlice<T>,
+            q: &CudaView<T>,
+            latent_cache: &CudaView<T>,
+            rope_cache: &CudaView<T>,
+            batch: &DevicePagedBatch,
+            scale: f32,
+            shape: &MlaShape,
+        ) -> Result<(), KernelError> {
+            let tokens = q.len() / (shape.num_heads * (shape.rank + shape.rope_dim)).max(1);
+            let splits = mla_decode_splits(shape, tokens, self.sm_count);
+            self.mla_decode_with_splits(
+                out,
+                q,
+                latent_cache,
+                rope_cache,
+                batch,
+                scale,
+                shape,
+                splits,
+            )
+        }
+
+        /// [`Self::mla_decode`] with each context cut into `splits` runs (1: not split; see
+        /// [`crate::mla_decode::mla_decode_split`]), which it picks itself by
+        /// [`mla_decode_splits`].
+        #[allow(clippy::too_many_arguments)]
+        pub fn mla_decode_with_splits<T: CudaElement>(
+            &self,
+            out: &mut CudaSlice<T>,
+            q: &CudaView<T>,
+            latent_cache: &CudaView<T>,
+            rope_cache: &CudaView<T>,
+            batch: &DevicePagedBatch,
+            scale: f32,
+            shape: &MlaShape,
+            splits: usize,
+        ) -> Result<(), KernelError> {
+            const OP: &str = "mla_decode";
+            check_splits(OP, splits)?;
+            let s = shape;
+            batch.check_made_for(OP, s.block_size, s.max_blocks)?;
+            let (tokens, blocks_in_cache) = mla_dims(
+                shape,
+                q.len(),
+                latent_cache.len(),
+                rope_cache.len(),
+                out.len(),
+            )?;
+            check_extent(&batch.extent(), tokens, blocks_in_cache)?;
+            if tokens == 0 {
+                return Ok(());
+            }
+            let int = |what: &str, v: usize| int32(OP, what, v);
+            let args = [
+                int("num_heads", s.num_heads)?,
+                int("rank", s.rank)?,
+                int("rope_dim", s.rope_dim)?,
+                int("block_size", s.block_size)?,
+                int("max_blocks", s.max_blocks)?,
+            ];
+            // q, the tile's weights and slots, and one float per warp.
+            let shared =
+                (s.rank + s.rope_dim + 2 * MLA_THREADS as usize + MLA_THREADS as usize / 32) * 4;
+            let call = AttentionCall {
+                op: OP,
+                module: &self.mla_decode,
+                tokens,
+                num_heads: s.num_heads,
+                v_dim: s.rank,
+                threads: MLA_THREADS,
+                shared,
+                splits,
+            };
+            // SAFETY: mla_decode_<T> and its _split/_merge kernels in kernels/mla_decode.cu take
+            // the arguments launch_attention passes, with these five ints (num_heads, rank,
+            // rope_dim, block_size, max_blocks); the metadata was checked when uploaded and its
+            // extent here against these caches, and mla_dims bounds q, out and every cache row.
+            unsafe {
+                self.launch_attention(
+                    &call,
+                    out,
+                    [q, latent_cache, rope_cache],
+                    batch,
+                    scale,
+                    &args,
+                )
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

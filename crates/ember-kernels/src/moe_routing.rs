@@ -186,6 +186,81 @@ pub fn route(
     Ok(())
 }
 
+/// The launcher: [`route`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+    use super::{routing_shape, RoutingConfig, TopkMethod};
+    use crate::cuda::{too_big, CudaKernels};
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// [`crate::moe_routing::route`] on the GPU: f32 router logits `[tokens, experts]` to each
+        /// token's chosen expert ids and weights (`[tokens, top_k]`, best first). `bias` may be
+        /// empty unless the method is `NoauxTc`.
+        ///
+        /// With `live`, a device count: tokens from it on are routed to no expert
+        /// ([`crate::moe_routing::retire_rows`]); how a CUDA graph's spare rows skip the experts.
+        pub fn moe_routing(
+            &self,
+            logits: &CudaView<f32>,
+            bias: &CudaView<f32>,
+            cfg: &RoutingConfig,
+            ids: &mut CudaSlice<u32>,
+            weights: &mut CudaSlice<f32>,
+            live: Option<&CudaSlice<u32>>,
+        ) -> Result<(), KernelError> {
+            let tokens = routing_shape(cfg, logits.len(), bias.len(), ids.len(), weights.len())?;
+            if tokens == 0 {
+                return Ok(());
+            }
+            let tokens =
+                u32::try_from(tokens).map_err(|_| too_big("moe_routing", "tokens", tokens))?;
+            let method: i32 = match cfg.method {
+                TopkMethod::Greedy => 0,
+                TopkMethod::GroupLimitedGreedy => 1,
+                TopkMethod::NoauxTc => 2,
+            };
+            // Sizes are bounded by routing_shape (at most 1024 experts).
+            let ints = [
+                cfg.num_experts as i32,
+                cfg.top_k as i32,
+                cfg.n_group as i32,
+                cfg.topk_group as i32,
+                method,
+                cfg.sigmoid as i32,
+                cfg.renormalize as i32,
+            ];
+            let f = self.moe_routing.load_function("moe_routing")?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(ids).arg(weights).arg(logits).arg(bias);
+            for i in &ints {
+                launch.arg(i);
+            }
+            launch.arg(&cfg.scaling);
+            let null = 0u64;
+            match live {
+                Some(live) => launch.arg(live),
+                None => launch.arg(&null),
+            };
+            let threads = cfg.num_experts.next_multiple_of(32).clamp(32, 1024) as u32;
+            let launch_cfg = LaunchConfig {
+                grid_dim: (tokens, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches moe_routing(unsigned*, float*, const float*, const float*, int x 7,
+            // float, const unsigned*) in kernels/moe_routing.cu (a null pointer for no `live`,
+            // which else holds at least the one u32 the kernel reads); routing_shape bounds the
+            // experts, groups and top_k by the kernel's shared arrays and every buffer by the token
+            // count.
+            unsafe { launch.launch(launch_cfg) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

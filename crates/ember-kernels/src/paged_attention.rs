@@ -399,6 +399,11 @@ pub fn split_attend(
     }
 }
 
+/// The launchers of paged attention on the GPU (its own file: with them this one would pass 800
+/// lines).
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
+
 #[cfg(test)]
 mod tests {
     use super::*;

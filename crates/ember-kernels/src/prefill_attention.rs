@@ -107,6 +107,78 @@ pub fn prefill_attention<T: Element>(
     Ok(())
 }
 
+/// The launcher: [`prefill_attention`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+    use super::{prefill_shape, PrefillShape, MAX_DQK, MAX_DV};
+    use crate::cuda::{int32, kernel, too_big, CudaElement, CudaKernels};
+    use crate::error::check_shape;
+    use crate::KernelError;
+
+    /// Query rows per block of `kernels/prefill_attention.cu` (its `PF_BM`).
+    const PREFILL_ROWS: usize = 64;
+
+    impl CudaKernels {
+        /// [`crate::prefill_attention::prefill_attention`] on the GPU, on bf16 tensor cores (bf16
+        /// only; keys up to [`crate::prefill_attention::MAX_DQK`] wide, values up to `MAX_DV`).
+        pub fn prefill_attention<T: CudaElement>(
+            &self,
+            out: &mut CudaSlice<T>,
+            q: &CudaView<T>,
+            k: &CudaView<T>,
+            v: &CudaView<T>,
+            shape: &PrefillShape,
+            scale: f32,
+        ) -> Result<(), KernelError> {
+            const OP: &str = "prefill_attention";
+            let s = shape;
+            check_shape(T::KERNEL_SUFFIX == "bf16", OP, || {
+                "bf16 inputs (tensor cores)".into()
+            })?;
+            check_shape(s.dqk <= MAX_DQK && s.dv <= MAX_DV, OP, || {
+                format!(
+                    "heads of {} and {} are over the kernel's {MAX_DQK} and {MAX_DV}",
+                    s.dqk, s.dv
+                )
+            })?;
+            prefill_shape(s, q.len(), k.len(), v.len(), out.len())?;
+            if s.q_len == 0 {
+                return Ok(());
+            }
+            let ints = [
+                int32(OP, "q_len", s.q_len)?,
+                int32(OP, "kv_len", s.kv_len)?,
+                int32(OP, "heads", s.heads)?,
+                int32(OP, "dqk", s.dqk)?,
+                int32(OP, "dv", s.dv)?,
+            ];
+            let blocks_y = u32::try_from(s.heads)
+                .ok()
+                .filter(|&b| b <= 65_535)
+                .ok_or_else(|| too_big(OP, "heads", s.heads))?;
+            let cfg = LaunchConfig {
+                grid_dim: (s.q_len.div_ceil(PREFILL_ROWS) as u32, blocks_y, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = kernel(&self.prefill_attention, OP, T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(out).arg(q).arg(k).arg(v);
+            for a in &ints {
+                launch.arg(a);
+            }
+            launch.arg(&scale);
+            // SAFETY: matches prefill_attention_bf16(bf16*, const bf16* x 3, int x 5, float) in
+            // kernels/prefill_attention.cu (T is bf16, checked); it reads q rows < q_len and k, v
+            // rows < kv_len and writes out rows < q_len, within the lengths checked above.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

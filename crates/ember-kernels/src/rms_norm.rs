@@ -79,6 +79,98 @@ fn normalise_row<T: Element>(x: &[T], weight: &[T], eps: f32, out: &mut [T]) {
     }
 }
 
+/// The launchers: [`rms_norm`] and [`fused_add_rms_norm`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+    use super::rms_norm_shape;
+    use crate::cuda::{kernel, too_big, CudaElement, CudaKernels};
+    use crate::error::check_shape;
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// [`crate::rms_norm::rms_norm`] on the GPU.
+        pub fn rms_norm<T: CudaElement>(
+            &self,
+            x: &CudaView<T>,
+            weight: &CudaView<T>,
+            eps: f32,
+            out: &mut CudaViewMut<T>,
+        ) -> Result<(), KernelError> {
+            let (rows, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
+            if rows == 0 {
+                return Ok(());
+            }
+            let hidden_arg = hidden_i32(hidden)?;
+            let f = kernel(&self.rms_norm, "rms_norm", T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(out)
+                .arg(x)
+                .arg(weight)
+                .arg(&hidden_arg)
+                .arg(&eps);
+            // SAFETY: the argument list matches rms_norm_<T>(T*, const T*, const T*, int, float) in
+            // kernels/rms_norm.cu, and the shape check above bounds every index it touches.
+            unsafe { launch.launch(row_launch(rows, hidden)?) }?;
+            Ok(())
+        }
+
+        /// [`crate::rms_norm::fused_add_rms_norm`] on the GPU (`residual` is updated in place).
+        pub fn fused_add_rms_norm<T: CudaElement>(
+            &self,
+            x: &CudaView<T>,
+            residual: &mut CudaViewMut<T>,
+            weight: &CudaView<T>,
+            eps: f32,
+            out: &mut CudaViewMut<T>,
+        ) -> Result<(), KernelError> {
+            let (rows, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
+            check_shape(residual.len() == x.len(), "fused_add_rms_norm", || {
+                format!(
+                    "residual has {} elements, x has {}",
+                    residual.len(),
+                    x.len()
+                )
+            })?;
+            if rows == 0 {
+                return Ok(());
+            }
+            let hidden_arg = hidden_i32(hidden)?;
+            let f = kernel(&self.rms_norm, "fused_add_rms_norm", T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(out)
+                .arg(residual)
+                .arg(x)
+                .arg(weight)
+                .arg(&hidden_arg)
+                .arg(&eps);
+            // SAFETY: matches fused_add_rms_norm_<T>(T*, T*, const T*, const T*, int, float);
+            // shapes checked.
+            unsafe { launch.launch(row_launch(rows, hidden)?) }?;
+            Ok(())
+        }
+    }
+
+    fn hidden_i32(hidden: usize) -> Result<i32, KernelError> {
+        i32::try_from(hidden).map_err(|_| too_big("rms_norm", "hidden", hidden))
+    }
+
+    /// One block per row, a multiple of 32 threads (block_sum's warp shuffles need full warps), ≤
+    /// 1024.
+    fn row_launch(rows: usize, hidden: usize) -> Result<LaunchConfig, KernelError> {
+        let rows = u32::try_from(rows).map_err(|_| too_big("rms_norm", "rows", rows))?;
+        let threads = hidden.next_multiple_of(32).clamp(32, 1024) as u32;
+        Ok(LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use half::bf16;

@@ -150,6 +150,109 @@ pub fn rotary_embedding<T: Element>(
     Ok(())
 }
 
+/// The launchers: [`rotary_embedding`] and [`rotary_embedding_rows`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+    use super::{rotary_rows_shape, rotary_shape, RotaryShape};
+    use crate::cuda::{int32, kernel, too_big, CudaElement, CudaKernels};
+    use crate::error::check_shape;
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// [`crate::rotary::rotary_embedding`] on the GPU. `positions` stays on the host: it is
+        /// checked against the tables there (every row the kernel reads exists), then copied over.
+        #[allow(clippy::too_many_arguments)]
+        pub fn rotary_embedding<T: CudaElement>(
+            &self,
+            x: &CudaView<T>,
+            positions: &[u32],
+            cos: &CudaView<T>,
+            sin: &CudaView<T>,
+            shape: &RotaryShape,
+            out: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            check_shape(cos.len() == sin.len(), "rotary_embedding", || {
+                format!("cos has {} elements, sin {}", cos.len(), sin.len())
+            })?;
+            let tokens = rotary_shape(shape, x.len(), positions, cos.len(), out.len())?;
+            if tokens == 0 {
+                return Ok(());
+            }
+            let positions = self.stream.clone_htod(positions)?;
+            self.launch_rotary(x, Some(&positions), cos, sin, shape, tokens, out)
+        }
+
+        /// [`crate::rotary::rotary_embedding_rows`] on the GPU: token `t` rotated by row `t` of
+        /// `cos`/`sin` (the step's rows, gathered once), so no positions are copied.
+        pub fn rotary_embedding_rows<T: CudaElement>(
+            &self,
+            x: &CudaView<T>,
+            cos: &CudaView<T>,
+            sin: &CudaView<T>,
+            shape: &RotaryShape,
+            out: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            let tokens = rotary_rows_shape(shape, x.len(), cos.len(), sin.len(), out.len())?;
+            if tokens == 0 {
+                return Ok(());
+            }
+            self.launch_rotary(x, None, cos, sin, shape, tokens, out)
+        }
+
+        /// Launches `rotary_embedding_<T>` (with positions) or `rotary_embedding_rows_<T>`
+        /// (without) over `tokens` tokens whose buffers the caller checked.
+        #[allow(clippy::too_many_arguments)]
+        fn launch_rotary<T: CudaElement>(
+            &self,
+            x: &CudaView<T>,
+            positions: Option<&CudaSlice<u32>>,
+            cos: &CudaView<T>,
+            sin: &CudaView<T>,
+            shape: &RotaryShape,
+            tokens: usize,
+            out: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            let op = "rotary_embedding";
+            let tokens = u32::try_from(tokens).map_err(|_| too_big(op, "tokens", tokens))?;
+            let heads = int32(op, "heads", shape.heads)?;
+            let head_dim = int32(op, "head_dim", shape.head_dim)?;
+            int32(op, "heads x head_dim", shape.heads * shape.head_dim)?;
+            let interleaved = i32::from(shape.interleaved);
+            let name = if positions.is_some() {
+                op
+            } else {
+                "rotary_embedding_rows"
+            };
+            let f = kernel(&self.rotary, name, T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(out).arg(x);
+            if let Some(positions) = positions {
+                launch.arg(positions);
+            }
+            launch
+                .arg(cos)
+                .arg(sin)
+                .arg(&heads)
+                .arg(&head_dim)
+                .arg(&interleaved);
+            let pairs = shape.heads * shape.head_dim / 2;
+            let cfg = LaunchConfig {
+                grid_dim: (tokens, 1, 1),
+                block_dim: (pairs.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches rotary_embedding_<T>(T*, const T*, const unsigned*, const T*, const
+            // T*, int, int, int) and rotary_embedding_rows_<T>(the same without positions) in
+            // kernels/rotary.cu; rotary_shape / rotary_rows_shape bound every x, out and table
+            // index.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

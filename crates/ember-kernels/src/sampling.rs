@@ -303,6 +303,139 @@ fn sample_row(row: &[f32], p: &DrawParams) -> u32 {
     argmax(row)
 }
 
+/// The launchers: [`argmax_rows`], [`sample_rows`] and [`token_logprobs_rows`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+    use super::{argmax_shape, logprobs_width, sample_shape, DrawParams};
+    use crate::cuda::{int32, too_big, CudaKernels};
+    use crate::error::check_shape;
+    use crate::KernelError;
+
+    /// Threads per block of `argmax_f32` in `kernels/sampling.cu` (its `ARGMAX_THREADS`).
+    const ARGMAX_THREADS: u32 = 256;
+    /// Threads per block of `token_logprobs_f32` in `kernels/sampling.cu` (its `LOGPROB_THREADS`).
+    const LOGPROB_THREADS: u32 = 512;
+    /// Threads per block of `sample_rows_f32` in `kernels/sampling.cu` (its `SAMPLE_THREADS`).
+    const SAMPLE_THREADS: u32 = 512;
+
+    impl CudaKernels {
+        /// [`crate::sampling::argmax_rows`] on the GPU: each f32 logits row's token id, so greedy
+        /// decoding copies back `rows` ids instead of `rows x vocab` logits. `logits` is a view, as
+        /// a tensor's rows may start inside its buffer.
+        pub fn argmax_rows(
+            &self,
+            logits: &CudaView<'_, f32>,
+            vocab: usize,
+            out: &mut CudaSlice<u32>,
+        ) -> Result<(), KernelError> {
+            let rows = argmax_shape(logits.len(), vocab, out.len())?;
+            if rows == 0 {
+                return Ok(());
+            }
+            let rows = u32::try_from(rows).map_err(|_| too_big("argmax", "rows", rows))?;
+            let vocab = int32("argmax", "vocab", vocab)?;
+            let f = self.sampling.load_function("argmax_f32")?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(out).arg(logits).arg(&vocab);
+            let cfg = LaunchConfig {
+                grid_dim: (rows, 1, 1),
+                block_dim: (ARGMAX_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches argmax_f32(unsigned*, const float*, int) in kernels/sampling.cu,
+            // launched with its ARGMAX_THREADS; argmax_shape bounds every row it reads and writes.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+
+        /// [`crate::sampling::sample_rows`] on the GPU: one token per row of f32 `logits`
+        /// (`[rows, vocab]`), each row drawn under its `params` (copied over, five floats a row).
+        pub fn sample_rows(
+            &self,
+            logits: &CudaView<f32>,
+            vocab: usize,
+            params: &[DrawParams],
+            out: &mut CudaSlice<u32>,
+        ) -> Result<(), KernelError> {
+            let rows = sample_shape(logits.len(), vocab, params.len(), out.len())?;
+            if rows == 0 {
+                return Ok(());
+            }
+            let op = "sample_rows";
+            let rows = u32::try_from(rows).map_err(|_| too_big(op, "rows", rows))?;
+            let vocab_arg = int32(op, "vocab", vocab)?;
+            let flat: Vec<f32> = params
+                .iter()
+                .flat_map(|p| [p.temperature, p.top_k as f32, p.top_p, p.min_p, p.uniform])
+                .collect();
+            let dparams = self.stage(&flat)?;
+            let f = self.sampling.load_function("sample_rows_f32")?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(out).arg(logits).arg(&dparams).arg(&vocab_arg);
+            let cfg = LaunchConfig {
+                grid_dim: (rows, 1, 1),
+                block_dim: (SAMPLE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches sample_rows_f32(unsigned*, const float*, const float*, int) in
+            // kernels/sampling.cu; sample_shape checked `rows` rows of `vocab` logits, five params
+            // and one output per row (top_k below 2^23, exact as a float).
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+
+        /// [`crate::sampling::token_logprobs_rows`] on the GPU: each row's token's logprob and its
+        /// `k` best alternatives (at most the vocab), packed per row as
+        /// [`crate::sampling::logprobs_width`] says.
+        pub fn token_logprobs(
+            &self,
+            logits: &CudaView<f32>,
+            vocab: usize,
+            tokens: &CudaView<u32>,
+            k: usize,
+            out: &mut CudaSlice<f32>,
+        ) -> Result<(), KernelError> {
+            let op = "token_logprobs";
+            let rows = argmax_shape(logits.len(), vocab, tokens.len())?;
+            let k = k.min(vocab);
+            check_shape(out.len() == rows * logprobs_width(k), op, || {
+                format!(
+                    "out has {} elements for {rows} rows of {k} alternatives",
+                    out.len()
+                )
+            })?;
+            check_shape(vocab < 1 << 24, op, || {
+                format!("vocab {vocab}: ids must be exact as f32")
+            })?;
+            if rows == 0 {
+                return Ok(());
+            }
+            let rows = u32::try_from(rows).map_err(|_| too_big(op, "rows", rows))?;
+            let (vocab_arg, k_arg) = (int32(op, "vocab", vocab)?, int32(op, "k", k)?);
+            let f = self.sampling.load_function("token_logprobs_f32")?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(out)
+                .arg(logits)
+                .arg(tokens)
+                .arg(&vocab_arg)
+                .arg(&k_arg);
+            let cfg = LaunchConfig {
+                grid_dim: (rows, 1, 1),
+                block_dim: (LOGPROB_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches token_logprobs_f32(float*, const float*, const unsigned*, int, int)
+            // in kernels/sampling.cu; `rows` rows of `vocab` logits, one token and 1 + 2k outputs
+            // each.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

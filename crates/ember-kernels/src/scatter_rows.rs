@@ -49,6 +49,63 @@ pub fn scatter_rows<T: Copy>(
     Ok(skipped)
 }
 
+/// The launcher: [`scatter_rows`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+
+    use super::scatter_rows_shape;
+    use crate::cuda::{too_big, CudaKernels};
+    use crate::error::check_shape;
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// [`crate::scatter_rows::scatter_rows`] on the GPU, over a pool of any one-byte element
+        /// (`u8`, float8): `slots` stay on the device; one past the pool is skipped.
+        pub fn scatter_rows<P: DeviceRepr>(
+            &self,
+            pool: &mut CudaSlice<P>,
+            rows: &CudaView<'_, P>,
+            slots: &CudaView<'_, u32>,
+            row_bytes: usize,
+        ) -> Result<(), KernelError> {
+            check_shape(std::mem::size_of::<P>() == 1, "scatter_rows", || {
+                format!(
+                    "elements of {} bytes; the kernel copies bytes",
+                    std::mem::size_of::<P>()
+                )
+            })?;
+            let tokens = scatter_rows_shape(pool.len(), rows.len(), slots.len(), row_bytes)?;
+            if tokens == 0 {
+                return Ok(());
+            }
+            let tokens =
+                u32::try_from(tokens).map_err(|_| too_big("scatter_rows", "tokens", tokens))?;
+            let pool_rows = (pool.len() / row_bytes) as i64;
+            let row_bytes = row_bytes as i64;
+            let f = self.scatter_rows.load_function("scatter_rows_u8")?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(pool)
+                .arg(rows)
+                .arg(slots)
+                .arg(&row_bytes)
+                .arg(&pool_rows);
+            let cfg = LaunchConfig {
+                grid_dim: (tokens, 1, 1),
+                block_dim: ((row_bytes as u32).next_multiple_of(32).clamp(32, 256), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches scatter_rows_u8(unsigned char*, const unsigned char*, const
+            // unsigned*, long long, long long) in kernels/scatter_rows.cu for one-byte elements
+            // (checked); scatter_rows_shape bounds every row read, and the kernel skips slots past
+            // pool_rows.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,47 @@ pub fn silu_and_mul<T: Element>(input: &[T], d: usize, out: &mut [T]) -> Result<
     Ok(())
 }
 
+/// The launcher: [`silu_and_mul`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+    use super::silu_and_mul_shape;
+    use crate::cuda::{kernel, too_big, CudaElement, CudaKernels};
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// [`crate::silu_and_mul::silu_and_mul`] on the GPU.
+        pub fn silu_and_mul<T: CudaElement>(
+            &self,
+            input: &CudaView<T>,
+            d: usize,
+            out: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            silu_and_mul_shape(input.len(), out.len(), d)?;
+            let d_arg = i32::try_from(d).map_err(|_| too_big("silu_and_mul", "d", d))?;
+            let n = out.len() as i64;
+            if n == 0 {
+                return Ok(());
+            }
+            let f = kernel(&self.silu_and_mul, "silu_and_mul", T::KERNEL_SUFFIX)?;
+            let threads = 256u32;
+            // Enough blocks to fill any of our GPUs; the kernel strides over the rest.
+            let blocks = (out.len().div_ceil(threads as usize)).min(65_535) as u32;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(out).arg(input).arg(&d_arg).arg(&n);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches silu_and_mul_<T>(T*, const T*, int, long long); shapes checked.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use half::bf16;

@@ -276,6 +276,119 @@ pub fn w4a16_gemm<T: Element>(
     Ok(())
 }
 
+/// The launchers: [`w4a16_gemm`] and [`dequantize`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+
+    use super::{w4a16_shape, W4a16Shape};
+    use crate::cuda::{elementwise_launch, int32, kernel, CudaElement, CudaKernels};
+    use crate::error::check_shape;
+    use crate::weight_gemm::gemv_launch;
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// [`crate::w4a16::w4a16_gemm`] on the GPU.
+        #[allow(clippy::too_many_arguments)]
+        pub fn w4a16_gemm<T: CudaElement>(
+            &self,
+            x: &CudaView<T>,
+            codes: &CudaView<u8>,
+            qparams: &CudaView<f32>,
+            shape: &W4a16Shape,
+            y: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            w4a16_shape(shape, x.len(), codes.len(), qparams.len(), y.len())?;
+            if shape.m == 0 || shape.n == 0 {
+                return Ok(());
+            }
+            let op = "w4a16_gemm";
+            let m = int32(op, "m", shape.m)?;
+            let n = int32(op, "n", shape.n)?;
+            let k = int32(op, "k", shape.k)?;
+            let group_size = int32(op, "group_size", shape.group_size)?;
+            let f16_weights = i32::from(shape.f16_weights);
+            let e2m1 = i32::from(shape.e2m1);
+            let zeros = i32::from(shape.zeros);
+            let scales = shape.scales.code();
+            let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
+            let cfg = gemv_launch(op, shape.m, shape.n)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(y)
+                .arg(x)
+                .arg(codes)
+                .arg(qparams)
+                .arg(&m)
+                .arg(&n)
+                .arg(&k)
+                .arg(&group_size)
+                .arg(&f16_weights)
+                .arg(&e2m1)
+                .arg(&zeros)
+                .arg(&scales);
+            // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
+            // int, int, int, int, int) in kernels/w4a16.cu; the shape check bounds every index it
+            // reads (codes of `codes_len`, qparams of `qparams_len` for its scales).
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+
+        /// [`crate::w4a16::dequantize`] on the GPU.
+        pub fn w4a16_dequant<T: CudaElement>(
+            &self,
+            codes: &CudaView<u8>,
+            qparams: &CudaView<f32>,
+            shape: &W4a16Shape,
+            out: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            let op = "w4a16_dequant";
+            w4a16_shape(
+                &W4a16Shape { m: 0, ..*shape },
+                0,
+                codes.len(),
+                qparams.len(),
+                0,
+            )?;
+            check_shape(out.len() == shape.n * shape.k, op, || {
+                format!(
+                    "out has {} elements, expected {} x {}",
+                    out.len(),
+                    shape.n,
+                    shape.k
+                )
+            })?;
+            if out.is_empty() {
+                return Ok(());
+            }
+            let n = int32(op, "n", shape.n)?;
+            let k = int32(op, "k", shape.k)?;
+            let group_size = int32(op, "group_size", shape.group_size)?;
+            let f16_weights = i32::from(shape.f16_weights);
+            let e2m1 = i32::from(shape.e2m1);
+            let zeros = i32::from(shape.zeros);
+            let scales = shape.scales.code();
+            let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(out)
+                .arg(codes)
+                .arg(qparams)
+                .arg(&n)
+                .arg(&k)
+                .arg(&group_size)
+                .arg(&f16_weights)
+                .arg(&e2m1)
+                .arg(&zeros)
+                .arg(&scales);
+            // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int x 7) in
+            // kernels/w4a16.cu; the shape check bounds every index it touches.
+            unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,113 @@ pub fn w8a16_gemm<T: Element>(
     Ok(())
 }
 
+/// The launchers: [`w8a16_gemm`] and [`dequantize`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+
+    use super::{w8a16_shape, W8a16Shape};
+    use crate::cuda::{elementwise_launch, int32, kernel, CudaElement, CudaKernels};
+    use crate::error::check_shape;
+    use crate::weight_gemm::gemv_launch;
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// [`crate::w8a16::w8a16_gemm`] on the GPU, over e4m3 weights as any one-byte element
+        /// (`float8::F8E4M3` from candle, or raw `u8`).
+        pub fn w8a16_gemm<T: CudaElement, P: DeviceRepr>(
+            &self,
+            x: &CudaView<T>,
+            w: &CudaView<P>,
+            scales: &CudaView<f32>,
+            shape: &W8a16Shape,
+            y: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            let op = "w8a16_gemm";
+            check_shape(std::mem::size_of::<P>() == 1, op, || {
+                format!(
+                    "weights must be one byte each, not {}",
+                    std::mem::size_of::<P>()
+                )
+            })?;
+            w8a16_shape(shape, x.len(), w.len(), scales.len(), y.len())?;
+            if shape.m == 0 || shape.n == 0 {
+                return Ok(());
+            }
+            let m = int32(op, "m", shape.m)?;
+            let n = int32(op, "n", shape.n)?;
+            let k = int32(op, "k", shape.k)?;
+            let block_n = int32(op, "block_n", shape.block_n)?;
+            let block_k = int32(op, "block_k", shape.block_k)?;
+            let f = kernel(&self.w8a16, op, T::KERNEL_SUFFIX)?;
+            let cfg = gemv_launch(op, shape.m, shape.n)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(y)
+                .arg(x)
+                .arg(w)
+                .arg(scales)
+                .arg(&m)
+                .arg(&n)
+                .arg(&k)
+                .arg(&block_n)
+                .arg(&block_k);
+            // SAFETY: matches w8a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
+            // int, int) in kernels/w8a16.cu (its W8A16_WARPS and W8A16_ROWS equal W4A16's); the
+            // shape check bounds every index it reads, and `P` is one byte.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+
+        /// [`crate::w8a16::dequantize`] on the GPU, over e4m3 weights as any one-byte element.
+        pub fn w8a16_dequant<T: CudaElement, P: DeviceRepr>(
+            &self,
+            w: &CudaView<P>,
+            scales: &CudaView<f32>,
+            shape: &W8a16Shape,
+            out: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            let op = "w8a16_dequant";
+            check_shape(std::mem::size_of::<P>() == 1, op, || {
+                format!(
+                    "weights must be one byte each, not {}",
+                    std::mem::size_of::<P>()
+                )
+            })?;
+            w8a16_shape(&W8a16Shape { m: 0, ..*shape }, 0, w.len(), scales.len(), 0)?;
+            check_shape(out.len() == shape.n * shape.k, op, || {
+                format!(
+                    "out has {} elements, expected {} x {}",
+                    out.len(),
+                    shape.n,
+                    shape.k
+                )
+            })?;
+            if out.is_empty() {
+                return Ok(());
+            }
+            let n = int32(op, "n", shape.n)?;
+            let k = int32(op, "k", shape.k)?;
+            let block_n = int32(op, "block_n", shape.block_n)?;
+            let block_k = int32(op, "block_k", shape.block_k)?;
+            let f = kernel(&self.w8a16, op, T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch
+                .arg(out)
+                .arg(w)
+                .arg(scales)
+                .arg(&n)
+                .arg(&k)
+                .arg(&block_n)
+                .arg(&block_k);
+            // SAFETY: matches w8a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int) in
+            // kernels/w8a16.cu; the shape check bounds every index it touches, and `P` is one byte.
+            unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -234,6 +234,187 @@ pub fn grouped_w8a8_shape(
     Ok(())
 }
 
+/// The launchers: [`quantize_groups`], [`w8a8_gemm`] and [`grouped_w8a8`] on the GPU.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+
+    use super::{grouped_w8a8_shape, w8a8_shape, W8a8Shape, GROUP};
+    use crate::cuda::{int32, kernel, too_big, CudaElement, CudaKernels, DeviceAlignment};
+    use crate::error::check_shape;
+    use crate::fused_moe::cuda::{grouped_ints, push_alignment};
+    use crate::fused_moe::GroupedGemmShape;
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// Whether the GPU has FP8 tensor cores (compute capability 8.9 and up), which
+        /// [`CudaKernels::w8a8_gemm`] needs.
+        pub fn has_fp8_tensor_cores(&self) -> Result<bool, KernelError> {
+            Ok(self.stream.context().compute_capability()? >= (8, 9))
+        }
+
+        /// [`crate::w8a8::quantize_groups`] on the GPU: `x` `[m, k]` to e4m3 bytes `q` `[m, k]` and
+        /// scales `[m, ceil(k / 128)]`.
+        pub fn quant_fp8_groups<T: CudaElement>(
+            &self,
+            x: &CudaView<T>,
+            k: usize,
+            q: &mut CudaSlice<u8>,
+            scales: &mut CudaSlice<f32>,
+        ) -> Result<(), KernelError> {
+            const OP: &str = "quant_fp8_groups";
+            check_shape(k > 0 && x.len().is_multiple_of(k), OP, || {
+                format!("x has {} elements, not rows of {k}", x.len())
+            })?;
+            let m = x.len() / k;
+            let groups = k.div_ceil(GROUP);
+            check_shape(q.len() == m * k && scales.len() == m * groups, OP, || {
+                format!(
+                    "q has {} and scales {} elements for [{m}, {k}]",
+                    q.len(),
+                    scales.len()
+                )
+            })?;
+            if m == 0 {
+                return Ok(());
+            }
+            let (m_arg, k_arg) = (int32(OP, "m", m)?, int32(OP, "k", k)?);
+            let items = m * groups;
+            let blocks = u32::try_from(items.div_ceil(8)).map_err(|_| too_big(OP, "rows", m))?;
+            let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(q).arg(scales).arg(x).arg(&m_arg).arg(&k_arg);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches quant_fp8_groups_<T>(u8*, float*, const T*, int, int) in
+            // kernels/w8a8.cu: one warp per (row, group), 8 a block; lengths checked above.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+
+        /// [`crate::w8a8::w8a8_gemm`] on FP8 tensor cores; `qw` e4m3 bytes as any one-byte element.
+        /// Refused on a GPU without them ([`CudaKernels::has_fp8_tensor_cores`]).
+        #[allow(clippy::too_many_arguments)]
+        pub fn w8a8_gemm<T: CudaElement, P: DeviceRepr>(
+            &self,
+            qa: &CudaView<u8>,
+            sa: &CudaView<f32>,
+            qw: &CudaView<P>,
+            sw: &CudaView<f32>,
+            shape: &W8a8Shape,
+            y: &mut CudaSlice<T>,
+        ) -> Result<(), KernelError> {
+            const OP: &str = "w8a8_gemm";
+            check_shape(std::mem::size_of::<P>() == 1, OP, || {
+                "e4m3 weights are one byte each".into()
+            })?;
+            w8a8_shape(shape, qa.len(), sa.len(), qw.len(), sw.len(), y.len())?;
+            check_shape(self.has_fp8_tensor_cores()?, OP, || {
+                "this GPU has no FP8 tensor cores (compute capability below 8.9)".into()
+            })?;
+            let s = shape;
+            if s.m == 0 || s.n == 0 {
+                return Ok(());
+            }
+            let int = |what: &str, v: usize| int32(OP, what, v);
+            let args = [
+                int("m", s.m)?,
+                int("n", s.n)?,
+                int("k", s.k)?,
+                int("block_n", s.block_n)?,
+            ];
+            let tiles = |v: usize, what| {
+                u32::try_from(v.div_ceil(64))
+                    .ok()
+                    .filter(|&b| b <= 65_535 || what == "m")
+                    .ok_or_else(|| too_big(OP, what, v))
+            };
+            let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(y).arg(qa).arg(sa).arg(qw).arg(sw);
+            for a in &args {
+                launch.arg(a);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (tiles(s.m, "m")?, tiles(s.n, "n")?, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches w8a8_gemm_<T>(T*, const u8*, const float*, const u8*, const float*,
+            // int x 4) in kernels/w8a8.cu, launched with its 128 threads; w8a8_shape bounds every
+            // row, input and scale it reads, and it writes only rows < m and columns < n.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+
+        /// [`crate::w8a8::grouped_w8a8`] on FP8 tensor cores over an alignment
+        /// [`CudaKernels::moe_align`] made (`shape.block_m` must be 64); `qa`/`sa` the activation
+        /// rows quantized by [`CudaKernels::quant_fp8_groups`].
+        #[allow(clippy::too_many_arguments)]
+        pub fn grouped_w8a8<T: CudaElement, P: DeviceRepr>(
+            &self,
+            out: &mut CudaSlice<T>,
+            qa: &CudaView<u8>,
+            sa: &CudaView<f32>,
+            qw: &CudaView<P>,
+            sw: &CudaView<f32>,
+            align: &DeviceAlignment,
+            shape: &GroupedGemmShape,
+            block_n: usize,
+        ) -> Result<(), KernelError> {
+            const OP: &str = "grouped_w8a8";
+            let s = shape;
+            check_shape(std::mem::size_of::<P>() == 1, OP, || {
+                "e4m3 weights are one byte each".into()
+            })?;
+            let (cap, host) = self.check_alignment(OP, align, s)?;
+            grouped_w8a8_shape(
+                s,
+                block_n,
+                out.len(),
+                qa.len(),
+                sa.len(),
+                qw.len(),
+                sw.len(),
+                &host,
+            )?;
+            check_shape(self.has_fp8_tensor_cores()?, OP, || {
+                "this GPU has no FP8 tensor cores (compute capability below 8.9)".into()
+            })?;
+            if s.num_entries == 0 {
+                return Ok(());
+            }
+            let args = grouped_ints(OP, s, &[int32(OP, "block_n", block_n)?])?;
+            let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(out).arg(qa).arg(sa).arg(qw).arg(sw);
+            push_alignment(&mut launch, align);
+            for a in &args {
+                launch.arg(a);
+            }
+            let blocks_n = u32::try_from(s.n_out.div_ceil(64))
+                .ok()
+                .filter(|&b| b <= 65_535)
+                .ok_or_else(|| too_big(OP, "n_out", s.n_out))?;
+            let cfg = LaunchConfig {
+                grid_dim: ((cap / s.block_m) as u32, blocks_n, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches grouped_w8a8_<T>(T*, const u8*, const float*, const u8*, const
+            // float*, const unsigned* x 3, int x 6) in kernels/w8a8.cu, launched with its 128
+            // threads; the kernel reads activation rows of entries < num_entries and weights and
+            // scales of experts < num_experts within the lengths checked above, and writes rows of
+            // those entries.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

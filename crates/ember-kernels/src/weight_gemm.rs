@@ -1,6 +1,6 @@
 //! The CPU references' shared loops over a weight given element by element (the packed
 //! formats' dequantizers): the weight itself in a storage dtype, and `y = x · Wᵀ` summed in f32
-//! in input order.
+//! in input order. With `cuda`, the launch grid their two GPU kernels share.
 
 use crate::Element;
 
@@ -34,4 +34,30 @@ pub(crate) fn gemm<T: Element>(
             y[r * n + j] = T::from_f32(sum);
         }
     }
+}
+
+/// Warps per block and rows of `x` per block of `kernels/w4a16.cu` (`W4A16_WARPS`, `W4A16_ROWS`)
+/// and of `kernels/w8a16.cu` (`W8A16_WARPS`, `W8A16_ROWS`, the same).
+#[cfg(feature = "cuda")]
+const W4A16_WARPS: u32 = 4;
+#[cfg(feature = "cuda")]
+const W4A16_ROWS: u32 = 8;
+
+/// The launch of `kernels/w4a16.cu` and `kernels/w8a16.cu`'s GEMMs for `y` `[m, n]`: one warp
+/// per output column, `W4A16_ROWS` rows of `x` per block.
+#[cfg(feature = "cuda")]
+pub(crate) fn gemv_launch(
+    op: &'static str,
+    m: usize,
+    n: usize,
+) -> Result<cudarc::driver::LaunchConfig, crate::KernelError> {
+    let blocks_y = u32::try_from(m.div_ceil(W4A16_ROWS as usize))
+        .ok()
+        .filter(|&b| b <= 65_535)
+        .ok_or_else(|| crate::cuda::too_big(op, "m", m))?;
+    Ok(cudarc::driver::LaunchConfig {
+        grid_dim: (n.div_ceil(W4A16_WARPS as usize) as u32, blocks_y, 1),
+        block_dim: (32 * W4A16_WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
