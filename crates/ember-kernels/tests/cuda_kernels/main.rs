@@ -1,0 +1,184 @@
+//! Each CUDA kernel against its CPU reference on fresh random inputs (the seed is printed, so a
+//! failure can be replayed with EMBER_KERNEL_TEST_SEED). Skipped, saying so, without a GPU.
+//! Tolerance: f32 within 2e-5 relative (plus 1e-6 absolute): only the order of the f32 sum and
+//! rsqrtf/expf differ; bf16 within one bf16 ulp of the reference (2^-7 relative, plus 1e-6).
+//! Paged attention sums softmax-weighted rows in tiles (online rescaling, __expf): f32 within
+//! 1e-4 relative plus 1e-5 absolute, bf16 one ulp plus 1e-3 absolute (outputs are O(1)).
+//! RoPE does the same f32 products and sums on both sides (no FMA on the GPU): bit-identical.
+//! Argmax only compares: exact, ties (lowest id) and NaN included. e5m2 conversions are exact too.
+//! W4A16 GEMM dequantizes exactly and sums in another order: within 1e-5 of the sum of the
+//! terms' magnitudes (plus one bf16 ulp of the result for bf16); W8A16 (e4m3 weights, block
+//! scales) the same.
+//!
+//! One file per op beside this one, as in `src/`; the fixtures they share are here.
+#![cfg(feature = "cuda")]
+
+mod fp8_e5m2;
+mod fused_moe;
+mod mla_decode;
+mod moe_routing;
+mod paged_attention;
+mod prefill_attention;
+mod rms_norm;
+mod rotary;
+mod sampling;
+mod scatter_rows;
+mod silu_and_mul;
+mod staging;
+mod w4a16;
+mod w8a16;
+mod w8a8;
+
+use ember_kernels::cuda::{CudaElement, CudaKernels};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Shapes (rows, hidden): one row, sizes under a warp, not a multiple of 32, and real hidden sizes.
+const SHAPES: &[(usize, usize)] = &[(1, 8), (3, 33), (7, 1000), (64, 2048), (5, 4096), (2, 7168)];
+
+fn kernels() -> Option<CudaKernels> {
+    match CudaKernels::new(0) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!("skipping: no usable CUDA GPU 0 ({e})");
+            None
+        }
+    }
+}
+
+fn rng() -> StdRng {
+    let seed = std::env::var("EMBER_KERNEL_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("EMBER_KERNEL_TEST_SEED={seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+fn random<T: CudaElement>(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<T> {
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(lo..hi)))
+        .collect()
+}
+
+/// Relative tolerance of one element type (see the file's doc).
+fn rel_tol<T: CudaElement>() -> f32 {
+    if T::KERNEL_SUFFIX == "bf16" {
+        1.0 / 128.0
+    } else {
+        2e-5
+    }
+}
+
+fn assert_close<T: CudaElement>(what: &str, gpu: &[T], cpu: &[T]) {
+    assert_eq!(gpu.len(), cpu.len());
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        let (g, c) = (g.to_f32(), c.to_f32());
+        let tol = rel_tol::<T>() * c.abs() + 1e-6;
+        assert!(
+            (g - c).abs() <= tol,
+            "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
+        );
+    }
+}
+
+/// GEMM outputs `[m, n]` within 1e-5 of the sum of their terms' magnitudes (the f32 sums run in
+/// another order), plus one bf16 ulp of the result for bf16.
+fn assert_gemm_close<T: CudaElement>(
+    what: &str,
+    [m, n]: [usize; 2],
+    gpu: &[T],
+    cpu: &[T],
+    magnitude: impl Fn(usize, usize) -> f32,
+) {
+    for r in 0..m {
+        for j in 0..n {
+            let (g, c) = (gpu[r * n + j].to_f32(), cpu[r * n + j].to_f32());
+            let ulp = if T::KERNEL_SUFFIX == "bf16" {
+                c.abs() / 128.0
+            } else {
+                0.0
+            };
+            let tol = 1e-5 * magnitude(r, j) + ulp + 1e-6;
+            assert!(
+                (g - c).abs() <= tol,
+                "{what} y[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+            );
+        }
+    }
+}
+
+/// The same bits, element by element.
+fn assert_bits_equal<T: CudaElement>(what: &str, gpu: &[T], cpu: &[T]) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert_eq!(g.to_f32().to_bits(), c.to_f32().to_bits(), "{what}[{i}]");
+    }
+}
+
+#[test]
+fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
+    let report = ember_kernels::cuda::PTXAS_RESOURCE_USAGE;
+    for kernel in [
+        "rms_norm_f32",
+        "rms_norm_bf16",
+        "fused_add_rms_norm_f32",
+        "silu_and_mul_bf16",
+        "rotary_embedding_f32",
+        "rotary_embedding_bf16",
+        "argmax_f32",
+        "e5m2_from_f32",
+        "e5m2_to_f32",
+        "scatter_rows_u8",
+        "w4a16_gemm_f32",
+        "w4a16_gemm_bf16",
+        "w8a16_gemm_f32",
+        "w8a16_gemm_bf16",
+        "w4a16_dequant_bf16",
+        "w8a16_dequant_bf16",
+        "mla_decode_f32",
+        "mla_decode_bf16",
+        "grouped_w8a16_f32",
+        "grouped_w8a16_bf16",
+        "grouped_w4a16_f32",
+        "grouped_w4a16_bf16",
+        "sample_rows_f32",
+        "quant_fp8_groups_bf16",
+        "w8a8_gemm_bf16",
+        "grouped_w8a8_bf16",
+        "rotary_embedding_rows_bf16",
+        "paged_attention_bf16",
+        "paged_attention_split_bf16",
+        "paged_attention_merge_bf16",
+        "mla_decode_split_bf16",
+        "mla_decode_merge_bf16",
+    ] {
+        assert!(
+            report.contains(&format!("::{kernel} ")),
+            "{kernel} missing from:\n{report}"
+        );
+    }
+    assert!(!report.contains("SPILL"), "a kernel spills:\n{report}");
+}
+
+/// Each GPU run (how it was launched, its output) within `rel · |cpu| + abs` of `cpu`.
+fn assert_runs_match<T: CudaElement>(
+    what: &str,
+    runs: Vec<(String, Vec<T>)>,
+    cpu: &[T],
+    (rel, abs): (f32, f32),
+    tokens: usize,
+) {
+    for (how, gpu) in runs {
+        for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+            let (g, c) = (g.to_f32(), c.to_f32());
+            let tol = rel * c.abs() + abs;
+            assert!(
+                (g - c).abs() <= tol,
+                "{what}, {how}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
+            );
+        }
+        eprintln!("{what}, {how}: {tokens} tokens match");
+    }
+}
