@@ -283,8 +283,7 @@ mod cuda {
 
     use super::{w4a16_shape, W4a16Shape};
     use crate::cuda::{elementwise_launch, int32, kernel, CudaElement, CudaKernels};
-    use crate::error::check_shape;
-    use crate::weight_gemm::gemv_launch;
+    use crate::weight_gemm::{check_dequant_out, gemv_launch};
     use crate::KernelError;
 
     impl CudaKernels {
@@ -304,29 +303,14 @@ mod cuda {
             }
             let op = "w4a16_gemm";
             let m = int32(op, "m", shape.m)?;
-            let n = int32(op, "n", shape.n)?;
-            let k = int32(op, "k", shape.k)?;
-            let group_size = int32(op, "group_size", shape.group_size)?;
-            let f16_weights = i32::from(shape.f16_weights);
-            let e2m1 = i32::from(shape.e2m1);
-            let zeros = i32::from(shape.zeros);
-            let scales = shape.scales.code();
+            let ints = weight_ints(op, shape)?;
             let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
             let cfg = gemv_launch(op, shape.m, shape.n)?;
             let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(y)
-                .arg(x)
-                .arg(codes)
-                .arg(qparams)
-                .arg(&m)
-                .arg(&n)
-                .arg(&k)
-                .arg(&group_size)
-                .arg(&f16_weights)
-                .arg(&e2m1)
-                .arg(&zeros)
-                .arg(&scales);
+            launch.arg(y).arg(x).arg(codes).arg(qparams).arg(&m);
+            for a in &ints {
+                launch.arg(a);
+            }
             // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
             // int, int, int, int, int) in kernels/w4a16.cu; the shape check bounds every index it
             // reads (codes of `codes_len`, qparams of `qparams_len` for its scales).
@@ -350,42 +334,36 @@ mod cuda {
                 qparams.len(),
                 0,
             )?;
-            check_shape(out.len() == shape.n * shape.k, op, || {
-                format!(
-                    "out has {} elements, expected {} x {}",
-                    out.len(),
-                    shape.n,
-                    shape.k
-                )
-            })?;
+            check_dequant_out(op, out.len(), shape.n, shape.k)?;
             if out.is_empty() {
                 return Ok(());
             }
-            let n = int32(op, "n", shape.n)?;
-            let k = int32(op, "k", shape.k)?;
-            let group_size = int32(op, "group_size", shape.group_size)?;
-            let f16_weights = i32::from(shape.f16_weights);
-            let e2m1 = i32::from(shape.e2m1);
-            let zeros = i32::from(shape.zeros);
-            let scales = shape.scales.code();
+            let ints = weight_ints(op, shape)?;
             let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
             let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(out)
-                .arg(codes)
-                .arg(qparams)
-                .arg(&n)
-                .arg(&k)
-                .arg(&group_size)
-                .arg(&f16_weights)
-                .arg(&e2m1)
-                .arg(&zeros)
-                .arg(&scales);
+            launch.arg(out).arg(codes).arg(qparams);
+            for a in &ints {
+                launch.arg(a);
+            }
             // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int x 7) in
             // kernels/w4a16.cu; the shape check bounds every index it touches.
             unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
             Ok(())
         }
+    }
+
+    /// The weights' int arguments both kernels take after their buffers (and `m`): n, k,
+    /// group_size, f16_weights, e2m1, zeros and the scales' code.
+    fn weight_ints(op: &'static str, shape: &W4a16Shape) -> Result<[i32; 7], KernelError> {
+        Ok([
+            int32(op, "n", shape.n)?,
+            int32(op, "k", shape.k)?,
+            int32(op, "group_size", shape.group_size)?,
+            i32::from(shape.f16_weights),
+            i32::from(shape.e2m1),
+            i32::from(shape.zeros),
+            shape.scales.code(),
+        ])
     }
 }
 

@@ -124,7 +124,7 @@ mod cuda {
     use super::{w8a16_shape, W8a16Shape};
     use crate::cuda::{elementwise_launch, int32, kernel, CudaElement, CudaKernels};
     use crate::error::check_shape;
-    use crate::weight_gemm::gemv_launch;
+    use crate::weight_gemm::{check_dequant_out, gemv_launch};
     use crate::KernelError;
 
     impl CudaKernels {
@@ -139,34 +139,20 @@ mod cuda {
             y: &mut CudaSlice<T>,
         ) -> Result<(), KernelError> {
             let op = "w8a16_gemm";
-            check_shape(std::mem::size_of::<P>() == 1, op, || {
-                format!(
-                    "weights must be one byte each, not {}",
-                    std::mem::size_of::<P>()
-                )
-            })?;
+            check_one_byte::<P>(op)?;
             w8a16_shape(shape, x.len(), w.len(), scales.len(), y.len())?;
             if shape.m == 0 || shape.n == 0 {
                 return Ok(());
             }
             let m = int32(op, "m", shape.m)?;
-            let n = int32(op, "n", shape.n)?;
-            let k = int32(op, "k", shape.k)?;
-            let block_n = int32(op, "block_n", shape.block_n)?;
-            let block_k = int32(op, "block_k", shape.block_k)?;
+            let ints = weight_ints(op, shape)?;
             let f = kernel(&self.w8a16, op, T::KERNEL_SUFFIX)?;
             let cfg = gemv_launch(op, shape.m, shape.n)?;
             let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(y)
-                .arg(x)
-                .arg(w)
-                .arg(scales)
-                .arg(&m)
-                .arg(&n)
-                .arg(&k)
-                .arg(&block_n)
-                .arg(&block_k);
+            launch.arg(y).arg(x).arg(w).arg(scales).arg(&m);
+            for a in &ints {
+                launch.arg(a);
+            }
             // SAFETY: matches w8a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
             // int, int) in kernels/w8a16.cu (its W8A16_WARPS and W8A16_ROWS equal W4A16's); the
             // shape check bounds every index it reads, and `P` is one byte.
@@ -183,43 +169,45 @@ mod cuda {
             out: &mut CudaSlice<T>,
         ) -> Result<(), KernelError> {
             let op = "w8a16_dequant";
-            check_shape(std::mem::size_of::<P>() == 1, op, || {
-                format!(
-                    "weights must be one byte each, not {}",
-                    std::mem::size_of::<P>()
-                )
-            })?;
+            check_one_byte::<P>(op)?;
             w8a16_shape(&W8a16Shape { m: 0, ..*shape }, 0, w.len(), scales.len(), 0)?;
-            check_shape(out.len() == shape.n * shape.k, op, || {
-                format!(
-                    "out has {} elements, expected {} x {}",
-                    out.len(),
-                    shape.n,
-                    shape.k
-                )
-            })?;
+            check_dequant_out(op, out.len(), shape.n, shape.k)?;
             if out.is_empty() {
                 return Ok(());
             }
-            let n = int32(op, "n", shape.n)?;
-            let k = int32(op, "k", shape.k)?;
-            let block_n = int32(op, "block_n", shape.block_n)?;
-            let block_k = int32(op, "block_k", shape.block_k)?;
+            let ints = weight_ints(op, shape)?;
             let f = kernel(&self.w8a16, op, T::KERNEL_SUFFIX)?;
             let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(out)
-                .arg(w)
-                .arg(scales)
-                .arg(&n)
-                .arg(&k)
-                .arg(&block_n)
-                .arg(&block_k);
+            launch.arg(out).arg(w).arg(scales);
+            for a in &ints {
+                launch.arg(a);
+            }
             // SAFETY: matches w8a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int) in
             // kernels/w8a16.cu; the shape check bounds every index it touches, and `P` is one byte.
             unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
             Ok(())
         }
+    }
+
+    /// Errs unless the weights' element `P` is one byte (e4m3 as `u8` or `float8::F8E4M3`).
+    fn check_one_byte<P>(op: &'static str) -> Result<(), KernelError> {
+        check_shape(std::mem::size_of::<P>() == 1, op, || {
+            format!(
+                "weights must be one byte each, not {}",
+                std::mem::size_of::<P>()
+            )
+        })
+    }
+
+    /// The weights' int arguments both kernels take after their buffers (and `m`): n, k,
+    /// block_n, block_k.
+    fn weight_ints(op: &'static str, shape: &W8a16Shape) -> Result<[i32; 4], KernelError> {
+        Ok([
+            int32(op, "n", shape.n)?,
+            int32(op, "k", shape.k)?,
+            int32(op, "block_n", shape.block_n)?,
+            int32(op, "block_k", shape.block_k)?,
+        ])
     }
 }
 

@@ -1,6 +1,6 @@
 //! The CPU references' shared loops over a weight given element by element (the packed
 //! formats' dequantizers): the weight itself in a storage dtype, and `y = x · Wᵀ` summed in f32
-//! in input order. With `cuda`, the launch grid their two GPU kernels share.
+//! in input order. With `cuda`, what their two GPU kernels' launchers share.
 
 use crate::Element;
 
@@ -34,6 +34,19 @@ pub(crate) fn gemm<T: Element>(
             y[r * n + j] = T::from_f32(sum);
         }
     }
+}
+
+/// Errs unless a dequantizer's `out` holds the `[n, k]` weight.
+#[cfg(feature = "cuda")]
+pub(crate) fn check_dequant_out(
+    op: &'static str,
+    out_len: usize,
+    n: usize,
+    k: usize,
+) -> Result<(), crate::KernelError> {
+    crate::error::check_shape(out_len == n * k, op, || {
+        format!("out has {out_len} elements, expected {n} x {k}")
+    })
 }
 
 /// Warps per block and rows of `x` per block of `kernels/w4a16.cu` (`W4A16_WARPS`, `W4A16_ROWS`)
