@@ -460,8 +460,8 @@ pub fn moe_sum<T: Element>(
     Ok(())
 }
 
-/// The launchers of the fused MoE's pieces on the GPU (its own file: with them this one would pass
-/// 800 lines).
+/// The launchers of the fused MoE's pieces on the GPU, in a file of their own (with them this
+/// would pass 800 lines).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 

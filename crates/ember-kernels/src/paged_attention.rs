@@ -399,8 +399,8 @@ pub fn split_attend(
     }
 }
 
-/// The launchers of paged attention on the GPU (its own file: with them this one would pass 800
-/// lines).
+/// The launchers of paged attention on the GPU, in a file of their own (with them this would
+/// pass 800 lines).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 

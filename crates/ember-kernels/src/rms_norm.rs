@@ -154,12 +154,13 @@ mod cuda {
         }
     }
 
+    /// `hidden` as the kernels' 32-bit int argument.
     fn hidden_i32(hidden: usize) -> Result<i32, KernelError> {
         i32::try_from(hidden).map_err(|_| too_big("rms_norm", "hidden", hidden))
     }
 
-    /// One block per row, a multiple of 32 threads (block_sum's warp shuffles need full warps), ≤
-    /// 1024.
+    /// One block per row, of a multiple of 32 threads up to 1024 (block_sum's warp shuffles need
+    /// full warps).
     fn row_launch(rows: usize, hidden: usize) -> Result<LaunchConfig, KernelError> {
         let rows = u32::try_from(rows).map_err(|_| too_big("rms_norm", "rows", rows))?;
         let threads = hidden.next_multiple_of(32).clamp(32, 1024) as u32;
