@@ -357,10 +357,10 @@ impl ModelArgs {
         }
         opts.device = parse_device(&self.device)?;
         opts.attention_backend =
-            ember_models::attention::AttentionBackend::parse(&self.attention_backend)?;
-        opts.moe_backend = ember_models::fused_moe::MoeBackend::parse(&self.moe_backend)?;
-        opts.layer_kernels = ember_models::layer_ops::LayerKernels::parse(&self.layer_kernels)?;
-        opts.fp8_gemm = ember_models::quantized::Fp8Gemm::parse(&self.fp8_gemm)?;
+            ember_models::backends::AttentionBackend::parse(&self.attention_backend)?;
+        opts.moe_backend = ember_models::backends::MoeBackend::parse(&self.moe_backend)?;
+        opts.layer_kernels = ember_models::backends::LayerKernels::parse(&self.layer_kernels)?;
+        opts.fp8_gemm = ember_models::backends::Fp8Gemm::parse(&self.fp8_gemm)?;
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }
@@ -434,7 +434,9 @@ impl ModelArgs {
             return Ok(Vec::new());
         }
         if self.cuda_graph_sizes.is_empty() {
-            return Ok(ember_models::cuda_graph::default_sizes(self.max_num_seqs));
+            return Ok(ember_models::step::cuda_graph::default_sizes(
+                self.max_num_seqs,
+            ));
         }
         if let Some(bad) = self
             .cuda_graph_sizes
@@ -552,7 +554,7 @@ mod tests {
     fn cuda_graph_sizes_default_to_the_batch_cap_and_enforce_eager_turns_them_off() {
         assert_eq!(
             graph_sizes(&[]).unwrap(),
-            ember_models::cuda_graph::DEFAULT_SIZES.to_vec()
+            ember_models::step::cuda_graph::DEFAULT_SIZES.to_vec()
         );
         assert_eq!(
             graph_sizes(&["--max-num-seqs", "20"]).unwrap(),

@@ -45,8 +45,8 @@ pub struct EngineConfig {
     /// otherwise. Greedy steps always take the argmax where the logits are.
     pub device_sampling: Option<bool>,
     /// Batch sizes whose decode steps run as CUDA graphs where the model allows (see
-    /// `ember_models::cuda_graph`); empty, the default here (the CLI's is
-    /// `ember_models::cuda_graph::default_sizes`), runs every step eagerly.
+    /// `ember_models::step::cuda_graph`); empty, the default here (the CLI's is
+    /// `ember_models::step::cuda_graph::default_sizes`), runs every step eagerly.
     pub cuda_graph_sizes: Vec<usize>,
 }
 

@@ -89,7 +89,7 @@ impl EngineHandle {
     }
 
     /// Tokens routed to each expert of each MoE layer so far (load balance).
-    pub fn expert_load(&self) -> &Arc<ember_models::moe::ExpertLoad> {
+    pub fn expert_load(&self) -> &Arc<ember_models::parallel::eplb::ExpertLoad> {
         &self.stats.expert_load
     }
 

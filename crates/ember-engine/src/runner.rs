@@ -4,7 +4,7 @@
 use ember_core::TokenLogprob;
 use ember_core::{EmberError, Result};
 use ember_kernels::sampling::DrawParams;
-use ember_models::greedy::{greedy_token_ids, sampled_token_ids, token_logprobs};
+use ember_models::sampling::{greedy_token_ids, sampled_token_ids, token_logprobs};
 use ember_models::{CausalLm, ForwardBatch, KvCachePool, LoadedModel, SequenceInput};
 
 /// A loaded model plus its paged KV cache.
@@ -21,9 +21,9 @@ pub struct ModelRunner {
     /// token, a graph's spare rows) write to.
     data_parallel: usize,
     num_blocks: usize,
-    /// Decode steps as CUDA graphs (see `ember_models::cuda_graph`), where the model allows.
+    /// Decode steps as CUDA graphs (see `ember_models::step::cuda_graph`), where the model allows.
     #[cfg(feature = "cuda")]
-    graphs: Option<ember_models::cuda_graph::DecodeGraphs>,
+    graphs: Option<ember_models::step::cuda_graph::DecodeGraphs>,
 }
 
 impl ModelRunner {
@@ -51,8 +51,8 @@ impl ModelRunner {
         #[cfg(feature = "cuda")]
         let graphs = graphs
             .then(|| {
-                ember_models::cuda_graph::DecodeGraphs::new(
-                    ember_models::cuda_graph::GraphPlan::new(
+                ember_models::step::cuda_graph::DecodeGraphs::new(
+                    ember_models::step::cuda_graph::GraphPlan::new(
                         graph_sizes,
                         block_size,
                         // No sequence outgrows the cache, whatever the model's context.

@@ -285,15 +285,15 @@ fn modifies_logits(params: &SamplingParams) -> bool {
 
 /// Whether `params` draws from the raw logits under temperature, top-k, top-p and min-p alone
 /// (or greedily), with at most the raw logprobs: no bias or penalty. Such a token, and its
-/// logprobs, can be drawn where the logits are ([`ember_models::greedy::sampled_token_ids`],
-/// [`ember_models::greedy::token_logprobs`]).
+/// logprobs, can be drawn where the logits are ([`ember_models::sampling::sampled_token_ids`],
+/// [`ember_models::sampling::token_logprobs`]).
 pub fn is_plain_draw(params: &SamplingParams) -> bool {
     !modifies_logits(params)
 }
 
 /// Whether `params` picks the raw logits' argmax, with at most the raw logprobs: greedy, no bias
 /// or penalty. Such a token can be chosen where the logits are
-/// ([`ember_models::greedy::greedy_token_ids`], the same argmax as here).
+/// ([`ember_models::sampling::greedy_token_ids`], the same argmax as here).
 pub fn is_plain_greedy(params: &SamplingParams) -> bool {
     params.is_greedy() && !modifies_logits(params)
 }

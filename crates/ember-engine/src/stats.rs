@@ -28,7 +28,7 @@ pub struct EngineStats {
     /// Why the engine stopped for good (a rank of a sharded model failed), once it has.
     pub(crate) failure: std::sync::Mutex<Option<String>>,
     /// Tokens routed to each expert of the model's MoE layers.
-    pub(crate) expert_load: std::sync::Arc<ember_models::moe::ExpertLoad>,
+    pub(crate) expert_load: std::sync::Arc<ember_models::parallel::eplb::ExpertLoad>,
 }
 
 /// The phases of one engine step, in the order [`StatsSnapshot::step_time_seconds`] lists them.
@@ -59,7 +59,7 @@ pub struct StatsSnapshot {
     /// came back (every sequence greedy, with no logprobs, bias, penalty or grammar).
     pub device_sampled_steps: u64,
     /// Steps whose forward was a CUDA graph's replay (decode steps on one GPU with ember's
-    /// kernels; see `ember_models::cuda_graph`).
+    /// kernels; see `ember_models::step::cuda_graph`).
     pub graph_steps: u64,
     /// Seconds spent, summed over steps, in each of [`STEP_PHASES`]: `schedule` (aborts,
     /// admission, block allocation, building the batch), `forward` (the model, logits to host),

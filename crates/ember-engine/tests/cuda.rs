@@ -8,9 +8,9 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use ember_engine::EngineConfig;
-use ember_models::attention::AttentionBackend;
-use ember_models::fused_moe::MoeBackend;
-use ember_models::layer_ops::LayerKernels;
+use ember_models::backends::AttentionBackend;
+use ember_models::backends::LayerKernels;
+use ember_models::backends::MoeBackend;
 use serde_json::Value;
 
 /// Largest |bf16 on the GPU − fp32 transformers| allowed on one prompt log-probability, and on
@@ -360,14 +360,14 @@ fn ember_fused_moe_kernels_match_transformers_on_cuda() {
         "kimi-k2-awq-tiny",
         "kimi-k2-nvfp4-tiny",
     ] {
-        let before = ember_models::fused_moe::calls();
+        let before = ember_models::moe::fused::calls();
         let fused = Backends {
             moe: MoeBackend::Fused,
             ..Backends::default()
         };
         let (reference, results) = run_batched_with(name, &device, DType::F32, fused);
         assert!(
-            ember_models::fused_moe::calls() > before,
+            ember_models::moe::fused::calls() > before,
             "{name}: the fused MoE never ran"
         );
         assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
@@ -386,23 +386,23 @@ fn every_model_matches_transformers_with_all_of_embers_kernels() {
         return;
     };
     for name in MODELS {
-        let before = ember_models::layer_ops::calls();
-        let mla_before = ember_models::mla_kernel::calls();
+        let before = ember_models::layers::kernel_ops::calls();
+        let mla_before = ember_models::attention::mla_decode::calls();
         let (reference, results) = run_batched_with(name, &device, DType::F32, EMBER);
         assert!(
-            ember_models::layer_ops::calls()[1] > before[1],
+            ember_models::layers::kernel_ops::calls()[1] > before[1],
             "{name}: the fused add-RMSNorm never ran"
         );
         let mla = name.starts_with("deepseek") || name.starts_with("kimi");
         assert!(
-            !mla || ember_models::mla_kernel::calls() > mla_before,
+            !mla || ember_models::attention::mla_decode::calls() > mla_before,
             "{name}: the MLA decode kernel never ran"
         );
         assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
         eprintln!(
             "{name}: all of ember's kernels on CUDA in f32 match transformers (tol {LOGPROB_TOL})"
         );
-        let prefills = ember_models::mla_kernel::prefill_calls();
+        let prefills = ember_models::attention::mla_decode::prefill_calls();
         let (reference, results) = run_batched_with(name, &device, DType::BF16, EMBER);
         assert_tracks_in_bf16(
             name,
@@ -412,7 +412,7 @@ fn every_model_matches_transformers_with_all_of_embers_kernels() {
         );
         // bf16 MLA prefill runs on the tensor-core prefill attention kernel.
         assert!(
-            !mla || ember_models::mla_kernel::prefill_calls() > prefills,
+            !mla || ember_models::attention::mla_decode::prefill_calls() > prefills,
             "{name}: the MLA prefill kernel never ran in bf16"
         );
     }
@@ -597,7 +597,7 @@ fn nccl_collectives_match_the_threads_backend() {
         use std::sync::Arc;
         let test = "nccl_collectives_match_the_threads_backend";
         let Some(_) = gpu(test) else { return };
-        if let Err(e) = ember_models::nccl::version() {
+        if let Err(e) = ember_models::parallel::nccl::version() {
             eprintln!("SKIPPED {test}: {e}");
             return;
         }
@@ -612,7 +612,7 @@ fn nccl_collectives_match_the_threads_backend() {
             let gpus: Vec<Device> = (0..world)
                 .map(|i| ember_models::device::open_cuda(i).unwrap())
                 .collect();
-            let nccl = ember_models::nccl::ranks(&gpus)
+            let nccl = ember_models::parallel::nccl::ranks(&gpus)
                 .unwrap()
                 .into_iter()
                 .map(|r| Arc::new(r) as Arc<dyn Communicator>)

@@ -1,4 +1,4 @@
-//! The CPU half of CUDA decode graphs (`ember_models::cuda_graph`): a decode step padded to a
+//! The CPU half of CUDA decode graphs (`ember_models::step::cuda_graph`): a decode step padded to a
 //! graph's size with placeholder rows gives its sequences the logits the step alone gives, and
 //! leaves their caches as the step alone does, step after step, for every family, with ember's
 //! kernels' references (what graphs run with on a GPU). The GPU half, that a replay computes
@@ -8,9 +8,9 @@ mod common;
 
 use common::model_dir;
 use ember_engine::runner::ModelRunner;
-use ember_models::attention::AttentionBackend;
-use ember_models::cuda_graph::GraphPlan;
-use ember_models::fused_moe::MoeBackend;
+use ember_models::backends::AttentionBackend;
+use ember_models::backends::MoeBackend;
+use ember_models::step::cuda_graph::GraphPlan;
 use ember_models::{load_model, LoadOptions, SequenceInput};
 
 /// Largest |padded − alone| allowed on a logit: the same f32 arithmetic, only the matmuls' row

@@ -89,8 +89,8 @@ fn every_model_matches_transformers_through_embers_kernel_references() {
             ..EngineConfig::default()
         };
         check_against_reference_with(name, cfg, true, |opts| {
-            opts.moe_backend = ember_models::fused_moe::MoeBackend::Fused;
-            opts.layer_kernels = ember_models::layer_ops::LayerKernels::Ember;
+            opts.moe_backend = ember_models::backends::MoeBackend::Fused;
+            opts.layer_kernels = ember_models::backends::LayerKernels::Ember;
         });
     }
 }

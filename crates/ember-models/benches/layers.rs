@@ -11,14 +11,15 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode};
 use ember_core::ModelConfig;
-use ember_models::attention::Qwen3Attention;
-use ember_models::kv_cache::LayerKvCache;
+use ember_models::attention::gqa::Qwen3Attention;
+use ember_models::attention::mla::MlaAttention;
+use ember_models::cache::kv_cache::LayerKvCache;
+use ember_models::layers::rope::{RopeRows, RotaryEmbedding};
 use ember_models::loader::read_config;
+use ember_models::loading::weights::Weights;
 use ember_models::lora::LoraRows;
-use ember_models::mla::MlaAttention;
 use ember_models::moe::SparseMoe;
-use ember_models::rope::{RopeRows, RotaryEmbedding};
-use ember_models::weights::Weights;
+use ember_models::step::mode::StepMode;
 use ember_models::{ForwardBatch, KvCachePool, SequenceInput};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -80,7 +81,7 @@ fn decode_setup(cfg: &ModelConfig) -> (KvCachePool, ForwardBatch, RopeRows) {
             &random(rows, widths.0, 1),
             &random(rows, widths.1, 2),
             &slots,
-            &ember_models::kv_cache::KvScales::default(),
+            &ember_models::cache::kv_cache::KvScales::default(),
         )
         .expect("slots are inside the pool");
     let tokens: Vec<[u32; 1]> = (0..BATCH as u32).map(|s| [s + 7]).collect();
@@ -127,7 +128,10 @@ fn bench_moe(c: &mut Criterion) {
     for tokens in [1, 256] {
         let x = random(tokens, cfg.hidden_size, 3);
         group.bench_function(format!("{tokens}_tokens"), |b| {
-            b.iter(|| moe.forward(&x, &LoraRows::none()).expect("forward"))
+            b.iter(|| {
+                moe.forward(&x, &LoraRows::none(), &StepMode::default())
+                    .expect("forward")
+            })
         });
     }
     group.finish();

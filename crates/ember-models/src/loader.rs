@@ -11,17 +11,18 @@ use ember_core::{
 };
 use serde_json::Value;
 
-use crate::checkpoint::{resolve_model_dir, safetensors_files};
+use crate::backends::{Backends, Fp8Gemm};
+use crate::loading::checkpoint::{resolve_model_dir, safetensors_files};
 use std::sync::Arc;
 
-use crate::decoder::DecoderModel;
-use crate::deepseek_v3::load_deepseek_v3;
-use crate::moe::ExpertLoad;
+use crate::families::decoder::DecoderModel;
+use crate::families::deepseek_v3::load_deepseek_v3;
+use crate::families::qwen3::load_qwen3;
+use crate::loading::task::resolve_task;
+use crate::loading::weights::{LoadFormat, Weights};
+use crate::parallel::eplb::ExpertLoad;
 use crate::parallel::{Communicator, RankContext, ThreadGroup};
-use crate::qwen3::load_qwen3;
 use crate::sharded::ShardedModel;
-use crate::task::resolve_task;
-use crate::weights::{LoadFormat, Weights};
 use crate::CausalLm;
 
 /// What to load and how.
@@ -67,13 +68,13 @@ pub struct LoadOptions {
     /// the first keys and values it writes (max |x| / 200 for keys, / 100 for values, as vLLM).
     pub calculate_kv_scales: bool,
     /// `--attention-backend`: candle's tensor path, or ember's CUDA kernel where it serves.
-    pub attention_backend: crate::attention::AttentionBackend,
+    pub attention_backend: crate::backends::AttentionBackend,
     /// `--moe-backend`: each expert's MLP routed on the host, or the fused MoE kernels.
-    pub moe_backend: crate::fused_moe::MoeBackend,
+    pub moe_backend: crate::backends::MoeBackend,
     /// `--layer-kernels`: candle's RMSNorm, SiLU and RoPE ops, or ember's kernels.
-    pub layer_kernels: crate::layer_ops::LayerKernels,
+    pub layer_kernels: crate::backends::LayerKernels,
     /// `--fp8-gemm`: block-FP8 projections as W8A16 or W8A8 (FP8 tensor cores, sm_89 and up).
-    pub fp8_gemm: crate::quantized::packed::Fp8Gemm,
+    pub fp8_gemm: Fp8Gemm,
     /// Hold 4-bit and block-FP8 checkpoint projections as stored and multiply them with the
     /// W4A16 / W8A16 kernels (`None`: on CUDA, where it saves the memory; on the CPU they are
     /// dequantized at load, which candle's matmuls run faster than the kernels' references).
@@ -112,19 +113,17 @@ impl LoadOptions {
 
 /// `--fp8-gemm` as the device can run it: W8A8 needs FP8 tensor cores on a GPU (the CPU runs its
 /// references); without them it is W8A16, with a warning.
-fn fp8_gemm(opts: &LoadOptions) -> Result<crate::quantized::packed::Fp8Gemm> {
+fn fp8_gemm(opts: &LoadOptions) -> Result<Fp8Gemm> {
     #[cfg(feature = "cuda")]
-    if let (crate::quantized::packed::Fp8Gemm::W8a8, Device::Cuda(device)) =
-        (opts.fp8_gemm, &opts.device)
-    {
-        let kernels = crate::cuda_attention::kernels(device)
+    if let (Fp8Gemm::W8a8, Device::Cuda(device)) = (opts.fp8_gemm, &opts.device) {
+        let kernels = crate::device::kernels::kernels(device)
             .map_err(|e| EmberError::Config(format!("cannot load ember's kernels: {e}")))?;
         if !kernels
             .has_fp8_tensor_cores()
             .map_err(|e| EmberError::Config(e.to_string()))?
         {
             tracing::warn!("--fp8-gemm w8a8: this GPU has no FP8 tensor cores; using w8a16");
-            return Ok(crate::quantized::packed::Fp8Gemm::W8a16);
+            return Ok(Fp8Gemm::W8a16);
         }
     }
     Ok(opts.fp8_gemm)
@@ -149,7 +148,7 @@ pub struct LoadedModel {
     /// Tokens routed to each expert of each MoE layer, counted as the model runs.
     pub expert_load: Arc<ExpertLoad>,
     /// The dtype the paged KV cache stores: `dtype`, `F8E4M3` under `--kv-cache-dtype fp8`, or
-    /// `U8` holding e5m2 bytes under `fp8_e5m2` (see [`crate::kv_cache::E5M2_STORAGE`]).
+    /// `U8` holding e5m2 bytes under `fp8_e5m2` (see [`crate::cache::kv_cache::E5M2_STORAGE`]).
     pub kv_cache_dtype: DType,
     /// Where the weights live and the model runs; its KV cache goes there too.
     pub device: Device,
@@ -158,8 +157,8 @@ pub struct LoadedModel {
     pub rank_devices: Vec<Device>,
     /// The attention and MoE implementations it was loaded with (`--attention-backend`,
     /// `--moe-backend`).
-    pub attention_backend: crate::attention::AttentionBackend,
-    pub moe_backend: crate::fused_moe::MoeBackend,
+    pub attention_backend: crate::backends::AttentionBackend,
+    pub moe_backend: crate::backends::MoeBackend,
 }
 
 impl LoadedModel {
@@ -173,9 +172,9 @@ impl LoadedModel {
             && self.model.kv_cache_shards().len() == 1
             && self.model.data_parallel_size() == 1
             && self.task == ember_core::ModelTask::Generate
-            && self.attention_backend == crate::attention::AttentionBackend::Ember
+            && self.attention_backend == crate::backends::AttentionBackend::Ember
             && self.kv_cache_dtype == self.dtype
-            && (!moe || self.moe_backend == crate::fused_moe::MoeBackend::Fused)
+            && (!moe || self.moe_backend == crate::backends::MoeBackend::Fused)
     }
 }
 
@@ -293,7 +292,7 @@ fn holds_packed_weights(
                 | WeightQuantization::Fp8Block(_)
         )
     );
-    packs && packed_weights(opts) && crate::quantized::packed_computes_in(dtype)
+    packs && packed_weights(opts) && crate::linear::quantized::packed_computes_in(dtype)
 }
 
 /// Checks `--quantization` against the checkpoint's `quantization_config`; `true` when the
@@ -368,12 +367,12 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     // What one GPU must hold: a rank's share when sharded (the loader's own split rules; a
     // lower bound for a data-parallel rank, whose attention is whole).
     let need_on_gpu = if data_parallel && group > 1 {
-        crate::memory_plan::rank_weights_replicas(
+        crate::parallel::memory_plan::rank_weights_replicas(
             &config,
             opts.data_parallel_size,
             group,
             opts.enable_expert_parallel,
-            crate::memory_plan::WeightFormat::Loaded(dtype),
+            crate::parallel::memory_plan::WeightFormat::Loaded(dtype),
         )
         .ok()
         .and_then(|ranks| ranks.iter().map(|r| r.total()).max())
@@ -381,11 +380,11 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     } else if data_parallel && !opts.enable_expert_parallel {
         need
     } else if world > 1 {
-        crate::memory_plan::rank_weights(
+        crate::parallel::memory_plan::rank_weights(
             &config,
             world,
             opts.enable_expert_parallel,
-            crate::memory_plan::WeightFormat::Loaded(dtype),
+            crate::parallel::memory_plan::WeightFormat::Loaded(dtype),
         )
         .ok()
         .and_then(|ranks| ranks.iter().map(|r| r.total()).max())
@@ -446,17 +445,16 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         LoadFormat::Dummy => Weights::dummy(opts.seed, dtype, &opts.device),
     }
     .with_online_fp8(online_fp8)
-    .with_attention_backend(opts.attention_backend)
-    .with_moe_backend(opts.moe_backend)
-    .with_layer_kernels(opts.layer_kernels)
-    .with_fp8_gemm(fp8_gemm(opts)?)
+    .with_backends(Backends {
+        attention: opts.attention_backend,
+        moe: opts.moe_backend,
+        layer_kernels: opts.layer_kernels,
+        fp8_gemm: fp8_gemm(opts)?,
+    })
     .with_calculate_kv_scales(opts.calculate_kv_scales)
     .with_packed_weights(packed_weights(opts));
     tracing::info!(
-        attention = ?weights.attention_backend(),
-        moe = ?weights.moe_backend(),
-        layer_kernels = ?weights.layer_kernels(),
-        fp8_gemm = ?weights.fp8_gemm(),
+        backends = ?weights.backends(),
         packed_weights = weights.packed_weights(),
         "kernels selected (each serves where it can; the rest runs candle's ops)"
     );
@@ -575,7 +573,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         kv_cache_dtype: match opts.kv_cache_dtype {
             KvCacheDtype::Auto => dtype,
             KvCacheDtype::Fp8E4m3 => DType::F8E4M3,
-            KvCacheDtype::Fp8E5m2 => crate::kv_cache::E5M2_STORAGE,
+            KvCacheDtype::Fp8E5m2 => crate::cache::kv_cache::E5M2_STORAGE,
         },
         eos_token_ids: eos_token_ids(&dir, &config)?,
         device: opts.device.clone(),
@@ -596,10 +594,10 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
 fn communicators(devices: &[Device]) -> (Vec<Arc<dyn Communicator>>, &'static str) {
     #[cfg(feature = "cuda")]
     if devices.len() > 1 && devices.iter().all(Device::is_cuda) {
-        match crate::nccl::ranks(devices) {
+        match crate::parallel::nccl::ranks(devices) {
             Ok(ranks) => {
                 tracing::info!(
-                    nccl = crate::nccl::version().unwrap_or_default(),
+                    nccl = crate::parallel::nccl::version().unwrap_or_default(),
                     "collectives over NCCL"
                 );
                 let comms = ranks

@@ -13,32 +13,13 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use ember_core::{EmberError, ModelConfig, Result};
 
-use crate::batch::ForwardBatch;
-use crate::decoder::DecoderModel;
-use crate::kv_cache::KvCachePool;
+use crate::cache::kv_cache::KvCachePool;
+use crate::families::decoder::DecoderModel;
 use crate::lora::LoraTargets;
-use crate::moe::ExpertLoad;
+use crate::parallel::eplb::ExpertLoad;
 use crate::parallel::Communicator;
+use crate::step::batch::ForwardBatch;
 use crate::CausalLm;
-
-thread_local! {
-    static PLACEHOLDER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether this thread is running an idle data-parallel rank's placeholder token (see
-/// [`crate::batch::DataParallelSplit`]): the MoE layers then count no expert load for it and
-/// send its rows to no expert.
-pub(crate) fn placeholder_step() -> bool {
-    PLACEHOLDER.with(std::cell::Cell::get)
-}
-
-/// Runs `f` with [`placeholder_step`] answering `placeholder` on this thread.
-fn as_placeholder<T>(placeholder: bool, f: impl FnOnce() -> T) -> T {
-    PLACEHOLDER.with(|p| p.set(placeholder));
-    let out = f();
-    PLACEHOLDER.with(|p| p.set(false));
-    out
-}
 
 /// One shard per rank, each with its rank's communicator.
 pub struct ShardedModel {
@@ -242,7 +223,7 @@ impl ShardedModel {
 /// (rows in its part's order), on the step's device; idle ranks' placeholder rows are dropped.
 fn combine_data_parallel(
     batch: &ForwardBatch,
-    split: &crate::batch::DataParallelSplit,
+    split: &crate::step::batch::DataParallelSplit,
     outputs: &[Tensor],
 ) -> candle_core::Result<Tensor> {
     let device = batch.token_ids.device();
@@ -392,9 +373,7 @@ impl CausalLm for ShardedModel {
                             return Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)
                                 .map_err(|e| EmberError::Tensor(e.to_string()));
                         }
-                        as_placeholder(idle, || {
-                            Self::run_rank(model, comm.as_ref(), batch, cache, fail)
-                        })
+                        Self::run_rank(model, comm.as_ref(), batch, cache, fail)
                     })
                 })
                 .collect();
@@ -404,9 +383,7 @@ impl CausalLm for ShardedModel {
                 Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)
                     .map_err(|e| EmberError::Tensor(e.to_string()))
             } else {
-                as_placeholder(idle, || {
-                    Self::run_rank(model, comm.as_ref(), rank_batch(0), &caches[0], injected(0))
-                })
+                Self::run_rank(model, comm.as_ref(), rank_batch(0), &caches[0], injected(0))
             }];
             results.extend(others.into_iter().map(|h| {
                 h.join()

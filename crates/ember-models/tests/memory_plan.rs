@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::DType;
 use ember_core::ModelConfig;
 use ember_models::loader::read_config;
-use ember_models::memory_plan::{
+use ember_models::parallel::memory_plan::{
     kv_cache_bytes_per_token, rank_weights, rank_weights_data_parallel, rank_weights_replicas,
     rank_weights_with_redundant_experts, RankWeights, WeightFormat,
 };

@@ -430,7 +430,7 @@ fn counted() -> std::sync::MutexGuard<'static, ()> {
 
 fn fused_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
     let mut opts = options(name, tp, ep);
-    opts.moe_backend = ember_models::fused_moe::MoeBackend::Fused;
+    opts.moe_backend = ember_models::backends::MoeBackend::Fused;
     opts
 }
 
@@ -443,7 +443,7 @@ fn fused_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
 #[test]
 fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
     let _counted = counted();
-    use ember_models::fused_moe::calls;
+    use ember_models::moe::fused::calls;
     for name in [
         "qwen3-moe-tiny",
         "qwen3-moe-mixed-tiny",
@@ -525,7 +525,8 @@ fn adapted_experts_leave_the_fused_moe_for_the_step() {
 #[test]
 fn ember_layer_kernels_give_the_logprobs_of_candles_ops() {
     let _counted = counted();
-    use ember_models::layer_ops::{calls, LayerKernels};
+    use ember_models::backends::LayerKernels;
+    use ember_models::layers::kernel_ops::calls;
     for name in [
         "qwen3-tiny",
         "qwen3-moe-tiny",
@@ -580,7 +581,7 @@ fn ember_layer_kernels_give_the_logprobs_of_candles_ops() {
 /// adapter path): the same logprobs as candle's ops with the adapter, not the base model's.
 #[test]
 fn adapted_gate_and_up_leave_the_fused_gemm_for_the_step() {
-    use ember_models::layer_ops::LayerKernels;
+    use ember_models::backends::LayerKernels;
     let _counted = counted();
     let run =
         |loaded: &LoadedModel, adapted| run_adapted(loaded, "qwen3-tiny-mlp-r4-rslora", adapted);
@@ -655,8 +656,8 @@ fn run_adapted(loaded: &LoadedModel, adapter_dir: &str, adapted: bool) -> Vec<Ve
 /// decodes back to the tensor path, keeping its delta; its prefill expands with the adapter.
 #[test]
 fn embers_mla_decode_gives_the_tensor_paths_logprobs() {
-    use ember_models::attention::AttentionBackend;
-    use ember_models::mla_kernel::{calls, prefill_calls};
+    use ember_models::attention::mla_decode::{calls, prefill_calls};
+    use ember_models::backends::AttentionBackend;
     let _counted = counted();
     for name in [
         "deepseek-v3-tiny",
@@ -737,14 +738,14 @@ fn the_fused_moe_over_four_bit_experts_gives_their_logprobs_one_by_one() {
 /// Packed experts under the fused MoE against the same packed experts one by one, at TP 1 and
 /// 2; `stacks`: whether the fused MoE runs at TP 1.
 fn check_fused_packed(models: &[(&str, bool)]) {
-    use ember_models::fused_moe::calls;
+    use ember_models::moe::fused::calls;
     let _counted = counted();
     for &(name, stacks) in models {
         for tp in [1, 2] {
             let mut opts = options(name, tp, false);
             opts.packed_weights = Some(true);
             let experts = load_model(&opts).unwrap();
-            opts.moe_backend = ember_models::fused_moe::MoeBackend::Fused;
+            opts.moe_backend = ember_models::backends::MoeBackend::Fused;
             let fused = load_model(&opts).unwrap();
             assert_eq!(
                 fused.rank_weight_bytes, experts.rank_weight_bytes,
@@ -774,7 +775,8 @@ fn check_fused_packed(models: &[(&str, bool)]) {
 /// for the fused MoE's grouped W8A16 GEMM. fp32, within 1e-4.
 #[test]
 fn online_fp8_held_for_the_w8a16_kernels_gives_the_dequantized_logprobs() {
-    use ember_models::fused_moe::{calls, MoeBackend};
+    use ember_models::backends::MoeBackend;
+    use ember_models::moe::fused::calls;
     let _counted = counted();
     for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
         let mut opts = options(name, 1, false);
@@ -832,7 +834,7 @@ fn w8a8_fp8_gemm_stays_within_activation_rounding_of_w8a16() {
                 opts.quantization = ember_core::QuantizationRequest::Fp8;
             }
             let w8a16 = load_model(&opts).unwrap();
-            opts.fp8_gemm = ember_models::quantized::Fp8Gemm::W8a8;
+            opts.fp8_gemm = ember_models::backends::Fp8Gemm::W8a8;
             let w8a8 = load_model(&opts).unwrap();
             if !online {
                 assert_eq!(
@@ -886,8 +888,9 @@ fn w8a8_fp8_gemm_stays_within_activation_rounding_of_w8a16() {
 /// logprobs within 1e-4, for the block-FP8 checkpoints and online FP8.
 #[test]
 fn the_fused_moe_under_w8a8_gives_the_experts_w8a8_logprobs() {
-    use ember_models::fused_moe::{calls, MoeBackend};
-    use ember_models::quantized::Fp8Gemm;
+    use ember_models::backends::Fp8Gemm;
+    use ember_models::backends::MoeBackend;
+    use ember_models::moe::fused::calls;
     let _counted = counted();
     for (name, online) in [
         ("deepseek-v3-fp8-tiny", false),

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use ember_core::quantization::parse_quantization_config;
 use ember_core::WeightQuantization;
-use ember_models::quantized::{dequantize_weight, fp4, fp8, packed_int};
-use ember_models::weights::Weights;
+use ember_models::linear::quantized::{dequantize_weight, fp4, fp8, packed_int};
+use ember_models::loading::weights::Weights;
 
 fn fixture(scheme: &str) -> (Weights, WeightQuantization) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/quantized-tensors");

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use ember_core::{ModelTask, RequestOutput, Result, SamplingParams};
 use ember_engine::{EngineHandle, LoraManager, StatsSnapshot};
-use ember_models::moe::ExpertLoad;
+use ember_models::parallel::eplb::ExpertLoad;
 use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedReceiver;
 

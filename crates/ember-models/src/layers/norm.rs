@@ -1,0 +1,50 @@
+//! RMSNorm, as Qwen3 and DeepSeek use it (`weight * x / sqrt(mean(x²) + eps)`), alone or fused
+//! with the residual add before it.
+
+use candle_core::Tensor;
+use ember_core::Result;
+
+use crate::backends::LayerKernels;
+use crate::layers::kernel_ops;
+use crate::loading::weights::Weights;
+use crate::TensorResult;
+
+/// Root-mean-square normalisation over the last dimension, computed in f32.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+    kernels: LayerKernels,
+}
+
+impl RmsNorm {
+    /// Loads `<prefix>.weight` of length `size`.
+    pub fn load(weights: &Weights, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: weights.get("weight", size)?,
+            eps,
+            kernels: weights.backends().layer_kernels,
+        })
+    }
+
+    fn ember_serves(&self, x: &Tensor) -> bool {
+        kernel_ops::serves(self.kernels, x.dtype()) && self.weight.dtype() == x.dtype()
+    }
+
+    /// Normalises `x` (`[..., size]`), returning the input dtype; accumulates in f32.
+    pub fn forward(&self, x: &Tensor) -> TensorResult {
+        if self.ember_serves(x) {
+            return kernel_ops::rms_norm(x, &self.weight, self.eps as f32);
+        }
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+    }
+
+    /// `residual + delta` and its norm: `(sum, normed)`; one kernel under ember's layer kernels.
+    pub fn forward_add(&self, delta: &Tensor, residual: &Tensor) -> TensorResult<(Tensor, Tensor)> {
+        if self.ember_serves(residual) && delta.dtype() == residual.dtype() {
+            return kernel_ops::add_rms_norm(delta, residual, &self.weight, self.eps as f32);
+        }
+        let sum = (residual + delta)?;
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
+    }
+}

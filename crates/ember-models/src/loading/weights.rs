@@ -1,0 +1,430 @@
+//! Where a model's tensors come from: memory-mapped safetensors shards, or random values
+//! for `--load-format dummy`. Layers ask for tensors by checkpoint name through a [`Weights`]
+//! prefix, so each weight name is written once, next to the module that owns it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+
+use crate::backends::Backends;
+use ember_core::{EmberError, Result, WeightQuantization};
+
+use crate::parallel::eplb::ExpertLoad;
+use crate::parallel::RankContext;
+
+/// How weights are produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// Read the checkpoint's safetensors files.
+    Safetensors,
+    /// Random weights of the right shapes; nothing is read but config.json.
+    Dummy,
+}
+
+enum Source {
+    Mmap(MmapedSafetensors),
+    Dummy { seed: u64 },
+}
+
+/// A view of the checkpoint's tensors under a name prefix, converted to one dtype on one device.
+#[derive(Clone)]
+pub struct Weights {
+    source: Arc<Source>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+    /// How the checkpoint stores its quantized linear weights (from config.json).
+    quantization: Option<WeightQuantization>,
+    /// `--quantization fp8` on an unquantized checkpoint: projections are quantized at load.
+    online_fp8: bool,
+    /// The implementations the layers run, fixed at load.
+    backends: Backends,
+    calculate_kv_scales: bool,
+    /// 4-bit and block-FP8 checkpoint weights are held as stored for the W4A16 / W8A16 kernels
+    /// instead of dequantized.
+    packed_weights: bool,
+    /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
+    held: Arc<AtomicI64>,
+    /// The rank this model is loaded for, when sharded (`--tensor-parallel-size` > 1).
+    rank: Option<RankContext>,
+    /// Per-expert token counters of the MoE layers, shared by every rank.
+    expert_load: Arc<ExpertLoad>,
+}
+
+fn tensor_err(e: candle_core::Error) -> EmberError {
+    EmberError::Tensor(e.to_string())
+}
+
+impl Weights {
+    /// Memory-maps the given safetensors files.
+    pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        // SAFETY: the files are mapped read-only; ember never writes to checkpoints, and a file
+        // changed under a running server is outside what any loader can guard against.
+        let mmap = unsafe { MmapedSafetensors::multi(files) }
+            .map_err(|e| EmberError::Weights(format!("cannot read safetensors {files:?}: {e}")))?;
+        Ok(Self {
+            source: Arc::new(Source::Mmap(mmap)),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+            quantization: None,
+            online_fp8: false,
+            backends: Backends::default(),
+            calculate_kv_scales: false,
+            packed_weights: false,
+            held: Arc::default(),
+            rank: None,
+            expert_load: Arc::default(),
+        })
+    }
+
+    /// Random weights (seeded), for benchmarks of real shapes without a download.
+    pub fn dummy(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self {
+            source: Arc::new(Source::Dummy { seed }),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+            quantization: None,
+            online_fp8: false,
+            backends: Backends::default(),
+            calculate_kv_scales: false,
+            packed_weights: false,
+            held: Arc::default(),
+            rank: None,
+            expert_load: Arc::default(),
+        }
+    }
+
+    /// Marks the checkpoint's linear weights as stored in `quantization` (from config.json).
+    pub fn with_quantization(self, quantization: Option<WeightQuantization>) -> Self {
+        Self {
+            quantization,
+            ..self
+        }
+    }
+
+    /// The same checkpoint, read onto `device` (a rank's own GPU when the ranks of a sharded
+    /// model are spread over several).
+    pub fn on_device(self, device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            ..self
+        }
+    }
+
+    /// Loads one rank's shard of the model: sharded layers read only their slices. Each rank
+    /// counts its own held bytes.
+    pub fn with_rank(self, rank: RankContext) -> Self {
+        Self {
+            rank: Some(rank),
+            held: Arc::default(),
+            ..self
+        }
+    }
+
+    /// The MoE layers' per-expert token counters (the same for every rank's view).
+    pub fn expert_load(&self) -> &Arc<ExpertLoad> {
+        &self.expert_load
+    }
+
+    /// The tensor-parallel rank being loaded, `None` for an unsharded model and for a
+    /// data-parallel rank (whose layers are whole).
+    pub fn rank(&self) -> Option<&RankContext> {
+        self.rank.as_ref().filter(|r| !r.data_parallel)
+    }
+
+    /// The rank the routed experts are loaded for: [`Weights::rank`], or a data-parallel rank
+    /// (whose experts are partitioned under expert parallelism, and whole otherwise).
+    pub fn expert_rank(&self) -> Option<&RankContext> {
+        self.rank.as_ref()
+    }
+
+    /// The same weights, with their layers loaded to run on `backends`.
+    pub fn with_backends(self, backends: Backends) -> Self {
+        Self { backends, ..self }
+    }
+
+    /// The implementations the layers loaded from these weights run.
+    pub fn backends(&self) -> Backends {
+        self.backends
+    }
+
+    /// `--calculate-kv-scales`: attention layers compute their fp8 cache scales from the first
+    /// keys and values they write instead of taking the checkpoint's (or 1.0).
+    pub fn with_calculate_kv_scales(self, calculate_kv_scales: bool) -> Self {
+        Self {
+            calculate_kv_scales,
+            ..self
+        }
+    }
+
+    /// Whether attention layers compute their fp8 cache scales (see
+    /// [`Weights::with_calculate_kv_scales`]).
+    pub fn calculate_kv_scales(&self) -> bool {
+        self.calculate_kv_scales
+    }
+
+    /// Holds the projections a checkpoint stores in 4 bits or block FP8 as stored, multiplied by
+    /// the W4A16 / W8A16 kernels ([`crate::linear::quantized::int4`], [`crate::linear::quantized::fp8_block`]),
+    /// instead of dequantizing them at load.
+    pub fn with_packed_weights(self, packed_weights: bool) -> Self {
+        Self {
+            packed_weights,
+            ..self
+        }
+    }
+
+    /// Whether 4-bit and block-FP8 projections are held packed (see [`Weights::with_packed_weights`]).
+    pub fn packed_weights(&self) -> bool {
+        self.packed_weights
+    }
+
+    /// Asks for online FP8: projections quantized to e4m3 per output channel at load.
+    pub fn with_online_fp8(self, online_fp8: bool) -> Self {
+        Self { online_fp8, ..self }
+    }
+
+    /// Whether projections are quantized to e4m3 at load (`--quantization fp8`, unquantized checkpoint).
+    pub fn online_fp8(&self) -> bool {
+        self.online_fp8
+    }
+
+    /// Bytes of the tensors handed out by [`Weights::get`] and [`Weights::get_as`], less those
+    /// released by layers that replaced them (online FP8), plus those layers noted as held.
+    pub fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Counts `bytes` more (or, negative, fewer) as held by the model.
+    pub fn note_held(&self, bytes: i64) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The checkpoint's weight quantization; `None` for unquantized and dummy weights.
+    pub fn quantization(&self) -> Option<WeightQuantization> {
+        match self.source.as_ref() {
+            Source::Mmap(_) => self.quantization,
+            Source::Dummy { .. } => None,
+        }
+    }
+
+    /// The stored dtype of tensor `name`, if the checkpoint holds it (`None` for dummy weights).
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let Source::Mmap(m) = self.source.as_ref() else {
+            return None;
+        };
+        let view = m.get(&self.full_name(name)).ok()?;
+        DType::try_from(view.dtype()).ok()
+    }
+
+    /// Loads tensor `name` as stored (its own dtype and shape), on the CPU: the packed storage
+    /// of a quantized weight, read by the dequantizers.
+    pub fn get_stored(&self, name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let Source::Mmap(m) = self.source.as_ref() else {
+            return Err(EmberError::Weights(format!(
+                "tensor `{full}`: dummy weights hold no quantized storage"
+            )));
+        };
+        m.get(&full).map_err(|_| {
+            EmberError::Weights(format!("tensor `{full}` is missing from the checkpoint"))
+        })?;
+        m.load(&full, &Device::Cpu)
+            .map_err(|e| EmberError::Weights(format!("tensor `{full}` cannot be loaded: {e}")))
+    }
+
+    /// The same weights with `name` appended to the prefix (`model` → `model.layers`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    /// The name prefix (the module path, e.g. `model.layers.0.self_attn.q_proj`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Whether the checkpoint holds `name` (dummy weights hold everything).
+    pub fn contains(&self, name: &str) -> bool {
+        match self.source.as_ref() {
+            Source::Mmap(m) => m.get(&self.full_name(name)).is_ok(),
+            Source::Dummy { .. } => true,
+        }
+    }
+
+    /// Loads tensor `name` (relative to the prefix), checks its shape and converts its dtype.
+    pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    /// Like [`Weights::get`], converting to `dtype` instead of the model dtype.
+    pub fn get_as(&self, name: &str, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        let t = self.read_as(name, shape, dtype)?;
+        self.note_held(tensor_bytes(&t));
+        Ok(t)
+    }
+
+    /// Like [`Weights::get_as`] for a tensor only read at load (a dequantizer's input), so not
+    /// counted as held.
+    pub(crate) fn read_as(
+        &self,
+        name: &str,
+        shape: impl Into<Shape>,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let shape = shape.into();
+        let tensor = match self.source.as_ref() {
+            Source::Mmap(m) => {
+                let view = m.get(&full).map_err(|_| {
+                    EmberError::Weights(format!("tensor `{full}` is missing from the checkpoint"))
+                })?;
+                if view.shape() != shape.dims() {
+                    return Err(EmberError::Weights(format!(
+                        "tensor `{full}` has shape {:?}, expected {:?}",
+                        view.shape(),
+                        shape.dims()
+                    )));
+                }
+                m.load(&full, &self.device).map_err(|e| {
+                    EmberError::Weights(format!("tensor `{full}` cannot be loaded: {e}"))
+                })?
+            }
+            Source::Dummy { seed } => dummy_tensor(&full, &shape, *seed, &self.device)?,
+        };
+        tensor.to_dtype(dtype).map_err(tensor_err)
+    }
+}
+
+impl Weights {
+    /// Loads `len` entries from `start` along `dim` of tensor `name`, whose whole shape is
+    /// `full` (checked), in the model dtype: one rank's shard. From a checkpoint only the
+    /// slice's bytes are read (the rest of the mapping is never touched); dummy weights make the
+    /// whole tensor and cut it, so a shard holds what the unsharded model holds there.
+    pub fn get_slice(
+        &self,
+        name: &str,
+        full: impl Into<Shape>,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let full = full.into();
+        let dims = full.dims().to_vec();
+        let whole = || EmberError::Weights(format!("tensor `{}`", self.full_name(name)));
+        if dim >= dims.len() || start + len > dims[dim] {
+            return Err(EmberError::Weights(format!(
+                "{}: cannot take {start}..{} along dim {dim} of {dims:?}",
+                whole(),
+                start + len
+            )));
+        }
+        if start == 0 && len == dims[dim] {
+            return self.get(name, full);
+        }
+        let t = match self.source.as_ref() {
+            Source::Mmap(m) => {
+                let full_name = self.full_name(name);
+                let view = m.get(&full_name).map_err(|_| {
+                    EmberError::Weights(format!(
+                        "tensor `{full_name}` is missing from the checkpoint"
+                    ))
+                })?;
+                if view.shape() != dims.as_slice() {
+                    return Err(EmberError::Weights(format!(
+                        "tensor `{full_name}` has shape {:?}, expected {dims:?}",
+                        view.shape()
+                    )));
+                }
+                let stored = DType::try_from(view.dtype())
+                    .map_err(|e| EmberError::Weights(format!("tensor `{full_name}`: {e}")))?;
+                let elem = stored.size_in_bytes();
+                let outer: usize = dims[..dim].iter().product();
+                let inner: usize = dims[dim + 1..].iter().product::<usize>() * elem;
+                let data = view.data();
+                let mut raw = Vec::with_capacity(outer * len * inner);
+                for o in 0..outer {
+                    let base = (o * dims[dim] + start) * inner;
+                    raw.extend_from_slice(&data[base..base + len * inner]);
+                }
+                let mut shape = dims.clone();
+                shape[dim] = len;
+                Tensor::from_raw_buffer(&raw, stored, &shape, &self.device)
+                    .and_then(|t| t.to_dtype(self.dtype))
+                    .map_err(|e| {
+                        EmberError::Weights(format!("tensor `{full_name}` cannot be loaded: {e}"))
+                    })?
+            }
+            Source::Dummy { .. } => self
+                .read_as(name, full, self.dtype)?
+                .narrow(dim, start, len)
+                .and_then(|t| t.contiguous())
+                .map_err(tensor_err)?,
+        };
+        self.note_held(tensor_bytes(&t));
+        Ok(t)
+    }
+}
+
+/// Bytes a tensor's elements take.
+pub fn tensor_bytes(t: &Tensor) -> i64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as i64
+}
+
+/// Norm scales start at one (as initialised models do); other weights are small normals.
+fn dummy_tensor(name: &str, shape: &Shape, seed: u64, device: &Device) -> Result<Tensor> {
+    if name.ends_with("norm.weight") {
+        return Tensor::ones(shape, DType::F32, device).map_err(tensor_err);
+    }
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+    // One stream per tensor name and chunk, so values depend neither on load order nor on threads.
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let fan_in = *shape.dims().last().unwrap_or(&1) as f32;
+    let scale = 1.0 / fan_in.sqrt();
+    const CHUNK: usize = 1 << 16;
+    let mut values = vec![0f32; shape.elem_count()];
+    values
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                seed ^ name_hash ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
+            chunk
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(-scale..scale));
+        });
+    Tensor::from_vec(values, shape.clone(), device).map_err(tensor_err)
+}
