@@ -23,7 +23,8 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use super::{lark_class, Node, RuleDef, TokenRef, ROOT};
+use super::lark::{lark_class, lark_string, regex_char};
+use super::{Node, RuleDef, TokenRef, ROOT};
 
 /// The largest bounded repetition merged into a run: counted repetition in a regex is
 /// expanded into automaton states, so large bounds stay as Lark repetitions.
@@ -129,7 +130,7 @@ pub(super) fn run_item_regex(item: &Node) -> String {
             class[1..class.len() - 1].to_string()
         }
         Node::AnyChar => "(?s:.)".to_string(),
-        Node::Literal(chars) => super::regex_char(chars[0]),
+        Node::Literal(chars) => regex_char(chars[0]),
         _ => unreachable!("only single-character items form runs"),
     }
 }
@@ -299,7 +300,7 @@ impl<'n> Flow<'n> {
                     .enumerate()
                     .map(|(i, &c)| {
                         self.occurrence(node, i, || Occurrence {
-                            key: super::lark_string(&[c]),
+                            key: lark_string(&[c]),
                             first: CharSet::one(c),
                             last: CharSet::one(c),
                         })
@@ -316,7 +317,7 @@ impl<'n> Flow<'n> {
             }
             Node::Literal(chars) => {
                 let id = self.occurrence(node, 0, || Occurrence {
-                    key: super::lark_string(chars),
+                    key: lark_string(chars),
                     first: CharSet::one(chars[0]),
                     last: CharSet::one(chars[chars.len() - 1]),
                 });
@@ -501,8 +502,9 @@ pub(super) fn runs_of(rules: &[RuleDef], split: &HashSet<Vec<char>>) -> HashSet<
 
 #[cfg(test)]
 mod tests {
+    use super::super::parser::Parser;
     use super::super::tests::{tok_env, GrammarTester};
-    use super::super::{gbnf_to_lark, translate, Node, Parser, RuleDef};
+    use super::super::{gbnf_to_lark, translate, Node, RuleDef};
     use super::*;
 
     /// The Lark body of GBNF's `root`.
