@@ -5,12 +5,15 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device};
 use common::*;
 use ember_engine::EngineConfig;
 use ember_models::backends::AttentionBackend;
 use ember_models::backends::LayerKernels;
 use ember_models::backends::MoeBackend;
+use ember_models::device::calls::{Kernel, KernelCalls};
 use serde_json::Value;
 
 /// Largest |bf16 on the GPU − fp32 transformers| allowed on one prompt log-probability, and on
@@ -62,7 +65,7 @@ fn chunked_engine(
     dtype: DType,
     backends: Backends,
 ) -> ember_engine::EngineHandle {
-    chunked_engine_with_graphs(name, device, dtype, backends, &[])
+    chunked_engine_with_graphs(name, device, dtype, backends, &[]).0
 }
 
 /// [`chunked_engine`] whose decode steps run as CUDA graphs of `graph_sizes` where they can.
@@ -72,14 +75,14 @@ fn chunked_engine_with_graphs(
     dtype: DType,
     backends: Backends,
     graph_sizes: &[usize],
-) -> ember_engine::EngineHandle {
+) -> (ember_engine::EngineHandle, Arc<KernelCalls>) {
     let cfg = EngineConfig {
         max_num_batched_tokens: 24,
         block_size: 4,
         cuda_graph_sizes: graph_sizes.to_vec(),
         ..EngineConfig::default()
     };
-    start_with(name, cfg, |opts| {
+    start_counting(name, cfg, |opts| {
         opts.dtype = Some(dtype);
         opts.device = device.clone();
         opts.attention_backend = backends.attention;
@@ -107,8 +110,20 @@ fn run_batched_with(
     dtype: DType,
     backends: Backends,
 ) -> (Value, Vec<Finished>) {
-    let (reference, results, _) = run_batched_with_graphs(name, device, dtype, backends, &[]);
+    let (reference, results, _) = run_batched_counted(name, device, dtype, backends);
     (reference, results)
+}
+
+/// [`run_batched_with`], and the calls the model's kernel paths served.
+fn run_batched_counted(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    backends: Backends,
+) -> (Value, Vec<Finished>, Arc<KernelCalls>) {
+    let (reference, results, _, calls) =
+        run_batched_with_graphs(name, device, dtype, backends, &[]);
+    (reference, results, calls)
 }
 
 fn run_batched_with_graphs(
@@ -117,9 +132,9 @@ fn run_batched_with_graphs(
     dtype: DType,
     backends: Backends,
     graph_sizes: &[usize],
-) -> (Value, Vec<Finished>, u64) {
+) -> (Value, Vec<Finished>, u64, Arc<KernelCalls>) {
     let reference = reference(name);
-    let engine = chunked_engine_with_graphs(name, device, dtype, backends, graph_sizes);
+    let (engine, calls) = chunked_engine_with_graphs(name, device, dtype, backends, graph_sizes);
     let prompts = reference["prompts"].as_array().unwrap();
     let receivers: Vec<_> = prompts
         .iter()
@@ -131,7 +146,7 @@ fn run_batched_with_graphs(
         .collect();
     let results = receivers.into_iter().map(collect).collect();
     // Published after each step: all but perhaps the last are counted.
-    (reference, results, engine.stats().graph_steps)
+    (reference, results, engine.stats().graph_steps, calls)
 }
 
 #[test]
@@ -360,14 +375,13 @@ fn ember_fused_moe_kernels_match_transformers_on_cuda() {
         "kimi-k2-awq-tiny",
         "kimi-k2-nvfp4-tiny",
     ] {
-        let before = ember_models::moe::fused::calls();
         let fused = Backends {
             moe: MoeBackend::Fused,
             ..Backends::default()
         };
-        let (reference, results) = run_batched_with(name, &device, DType::F32, fused);
+        let (reference, results, calls) = run_batched_counted(name, &device, DType::F32, fused);
         assert!(
-            ember_models::moe::fused::calls() > before,
+            calls.get(Kernel::FusedMoe) > 0,
             "{name}: the fused MoE never ran"
         );
         assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
@@ -386,24 +400,21 @@ fn every_model_matches_transformers_with_all_of_embers_kernels() {
         return;
     };
     for name in MODELS {
-        let before = ember_models::layers::kernel_ops::calls();
-        let mla_before = ember_models::attention::mla_decode::calls();
-        let (reference, results) = run_batched_with(name, &device, DType::F32, EMBER);
+        let (reference, results, calls) = run_batched_counted(name, &device, DType::F32, EMBER);
         assert!(
-            ember_models::layers::kernel_ops::calls()[1] > before[1],
+            calls.get(Kernel::AddRmsNorm) > 0,
             "{name}: the fused add-RMSNorm never ran"
         );
         let mla = name.starts_with("deepseek") || name.starts_with("kimi");
         assert!(
-            !mla || ember_models::attention::mla_decode::calls() > mla_before,
+            !mla || calls.get(Kernel::MlaDecode) > 0,
             "{name}: the MLA decode kernel never ran"
         );
         assert_matches_reference(name, reference["prompts"].as_array().unwrap(), &results);
         eprintln!(
             "{name}: all of ember's kernels on CUDA in f32 match transformers (tol {LOGPROB_TOL})"
         );
-        let prefills = ember_models::attention::mla_decode::prefill_calls();
-        let (reference, results) = run_batched_with(name, &device, DType::BF16, EMBER);
+        let (reference, results, calls) = run_batched_counted(name, &device, DType::BF16, EMBER);
         assert_tracks_in_bf16(
             name,
             &reference,
@@ -412,7 +423,7 @@ fn every_model_matches_transformers_with_all_of_embers_kernels() {
         );
         // bf16 MLA prefill runs on the tensor-core prefill attention kernel.
         assert!(
-            !mla || ember_models::attention::mla_decode::prefill_calls() > prefills,
+            !mla || calls.get(Kernel::MlaPrefill) > 0,
             "{name}: the MLA prefill kernel never ran in bf16"
         );
     }
@@ -432,7 +443,7 @@ fn decode_graphs_match_the_eager_steps() {
     for name in MODELS {
         for dtype in [DType::F32, DType::BF16] {
             let (reference, eager) = run_batched_with(name, &device, dtype, EMBER);
-            let (_, graphs, replays) =
+            let (_, graphs, replays, _) =
                 run_batched_with_graphs(name, &device, dtype, EMBER, &[1, 2, 4]);
             assert!(
                 replays > 0,

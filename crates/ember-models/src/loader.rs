@@ -12,6 +12,7 @@ use ember_core::{
 use serde_json::Value;
 
 use crate::backends::{Backends, Fp8Gemm};
+use crate::device::calls::KernelCalls;
 use crate::loading::checkpoint::{resolve_model_dir, safetensors_files};
 use std::sync::Arc;
 
@@ -147,6 +148,8 @@ pub struct LoadedModel {
     pub rank_weight_bytes: Vec<u64>,
     /// Tokens routed to each expert of each MoE layer, counted as the model runs.
     pub expert_load: Arc<ExpertLoad>,
+    /// Calls each of ember's kernel paths has served, counted as the model runs.
+    pub kernel_calls: Arc<KernelCalls>,
     /// The dtype the paged KV cache stores: `dtype`, `F8E4M3` under `--kv-cache-dtype fp8`, or
     /// `U8` holding e5m2 bytes under `fp8_e5m2` (see [`crate::cache::kv_cache::E5M2_STORAGE`]).
     pub kv_cache_dtype: DType,
@@ -570,6 +573,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         weight_bytes,
         rank_weight_bytes,
         expert_load: weights.expert_load().clone(),
+        kernel_calls: weights.kernel_calls().clone(),
         kv_cache_dtype: match opts.kv_cache_dtype {
             KvCacheDtype::Auto => dtype,
             KvCacheDtype::Fp8E4m3 => DType::F8E4M3,

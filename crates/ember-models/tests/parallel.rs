@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use ember_models::device::calls::Kernel;
 use ember_models::{
     load_model, ForwardBatch, KvCachePool, LoadOptions, LoadedModel, SequenceInput,
 };
@@ -420,14 +421,6 @@ fn block_fp8_projections_held_as_stored_give_the_dequantized_logprobs() {
     }
 }
 
-/// Held by the tests that count the calls of the fused MoE and layer ops (process-wide counters),
-/// so another test's calls cannot stand in for a path that never ran.
-static COUNTED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn counted() -> std::sync::MutexGuard<'static, ()> {
-    COUNTED.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn fused_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
     let mut opts = options(name, tp, ep);
     opts.moe_backend = ember_models::backends::MoeBackend::Fused;
@@ -442,8 +435,6 @@ fn fused_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
 /// The experts' MLPs become views of the stack: the model holds the same bytes.
 #[test]
 fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
-    let _counted = counted();
-    use ember_models::moe::fused::calls;
     for name in [
         "qwen3-moe-tiny",
         "qwen3-moe-mixed-tiny",
@@ -459,6 +450,7 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
                 fused.rank_weight_bytes, experts.rank_weight_bytes,
                 "{name} tp {tp}"
             );
+            let calls = || fused.kernel_calls.get(Kernel::FusedMoe);
             let before = calls();
             for run in [run_steps, run_prefill] {
                 let want = logprobs(&run(&experts));
@@ -507,7 +499,6 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
 /// those of the base model.
 #[test]
 fn adapted_experts_leave_the_fused_moe_for_the_step() {
-    let _counted = counted();
     let run =
         |loaded: &LoadedModel, adapted| run_adapted(loaded, "qwen3-moe-tiny-experts", adapted);
     let experts = load_model(&options("qwen3-moe-tiny", 1, false)).unwrap();
@@ -524,9 +515,7 @@ fn adapted_experts_leave_the_fused_moe_for_the_step() {
 /// fused MoE; fp32, so within 1e-4. Every op must have run.
 #[test]
 fn ember_layer_kernels_give_the_logprobs_of_candles_ops() {
-    let _counted = counted();
     use ember_models::backends::LayerKernels;
-    use ember_models::layers::kernel_ops::calls;
     for name in [
         "qwen3-tiny",
         "qwen3-moe-tiny",
@@ -549,6 +538,15 @@ fn ember_layer_kernels_give_the_logprobs_of_candles_ops() {
                 ember.rank_weight_bytes, candle.rank_weight_bytes,
                 "{name} tp {tp}"
             );
+            let calls = || {
+                [
+                    Kernel::RmsNorm,
+                    Kernel::AddRmsNorm,
+                    Kernel::SiluAndMul,
+                    Kernel::Rotary,
+                ]
+                .map(|k| ember.kernel_calls.get(k))
+            };
             let before = calls();
             for run in [run_steps, run_prefill] {
                 let diff = max_diff(&logprobs(&run(&candle)), &logprobs(&run(&ember)));
@@ -582,7 +580,6 @@ fn ember_layer_kernels_give_the_logprobs_of_candles_ops() {
 #[test]
 fn adapted_gate_and_up_leave_the_fused_gemm_for_the_step() {
     use ember_models::backends::LayerKernels;
-    let _counted = counted();
     let run =
         |loaded: &LoadedModel, adapted| run_adapted(loaded, "qwen3-tiny-mlp-r4-rslora", adapted);
     let candle = load_model(&options("qwen3-tiny", 1, false)).unwrap();
@@ -656,9 +653,7 @@ fn run_adapted(loaded: &LoadedModel, adapter_dir: &str, adapted: bool) -> Vec<Ve
 /// decodes back to the tensor path, keeping its delta; its prefill expands with the adapter.
 #[test]
 fn embers_mla_decode_gives_the_tensor_paths_logprobs() {
-    use ember_models::attention::mla_decode::{calls, prefill_calls};
     use ember_models::backends::AttentionBackend;
-    let _counted = counted();
     for name in [
         "deepseek-v3-tiny",
         "kimi-k2-tiny",
@@ -670,6 +665,8 @@ fn embers_mla_decode_gives_the_tensor_paths_logprobs() {
             let mut opts = options(name, tp, false);
             opts.attention_backend = AttentionBackend::Ember;
             let ember = load_model(&opts).unwrap();
+            let calls = || ember.kernel_calls.get(Kernel::MlaDecode);
+            let prefill_calls = || ember.kernel_calls.get(Kernel::MlaPrefill);
             let (before, prefills) = (calls(), prefill_calls());
             let diff = max_diff(
                 &logprobs(&run_steps(&tensor)),
@@ -738,8 +735,6 @@ fn the_fused_moe_over_four_bit_experts_gives_their_logprobs_one_by_one() {
 /// Packed experts under the fused MoE against the same packed experts one by one, at TP 1 and
 /// 2; `stacks`: whether the fused MoE runs at TP 1.
 fn check_fused_packed(models: &[(&str, bool)]) {
-    use ember_models::moe::fused::calls;
-    let _counted = counted();
     for &(name, stacks) in models {
         for tp in [1, 2] {
             let mut opts = options(name, tp, false);
@@ -751,6 +746,7 @@ fn check_fused_packed(models: &[(&str, bool)]) {
                 fused.rank_weight_bytes, experts.rank_weight_bytes,
                 "{name} tp {tp}"
             );
+            let calls = || fused.kernel_calls.get(Kernel::FusedMoe);
             let before = calls();
             for run in [run_steps, run_prefill] {
                 let diff = max_diff(&logprobs(&run(&experts)), &logprobs(&run(&fused)));
@@ -776,8 +772,6 @@ fn check_fused_packed(models: &[(&str, bool)]) {
 #[test]
 fn online_fp8_held_for_the_w8a16_kernels_gives_the_dequantized_logprobs() {
     use ember_models::backends::MoeBackend;
-    use ember_models::moe::fused::calls;
-    let _counted = counted();
     for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
         let mut opts = options(name, 1, false);
         opts.quantization = ember_core::QuantizationRequest::Fp8;
@@ -794,6 +788,7 @@ fn online_fp8_held_for_the_w8a16_kernels_gives_the_dequantized_logprobs() {
             let want = logprobs(&run(&dequantized));
             let diff = max_diff(&want, &logprobs(&run(&packed)));
             assert!(diff < 1e-4, "{name} packed: max |Δ logprob| {diff}");
+            let calls = || fused.kernel_calls.get(Kernel::FusedMoe);
             let before = calls();
             let diff = max_diff(&want, &logprobs(&run(&fused)));
             assert!(diff < 1e-4, "{name} fused: max |Δ logprob| {diff}");
@@ -890,8 +885,6 @@ fn w8a8_fp8_gemm_stays_within_activation_rounding_of_w8a16() {
 fn the_fused_moe_under_w8a8_gives_the_experts_w8a8_logprobs() {
     use ember_models::backends::Fp8Gemm;
     use ember_models::backends::MoeBackend;
-    use ember_models::moe::fused::calls;
-    let _counted = counted();
     for (name, online) in [
         ("deepseek-v3-fp8-tiny", false),
         ("deepseek-v3-fp8-ue8m0-tiny", false),
@@ -908,6 +901,7 @@ fn the_fused_moe_under_w8a8_gives_the_experts_w8a8_logprobs() {
         let fused = load_model(&opts).unwrap();
         opts.fp8_gemm = Fp8Gemm::W8a16;
         let fused_w8a16 = load_model(&opts).unwrap();
+        let calls = || fused.kernel_calls.get(Kernel::FusedMoe);
         let before = calls();
         for run in [run_steps, run_prefill] {
             let want = logprobs(&run(&experts));

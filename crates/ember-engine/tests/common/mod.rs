@@ -1,6 +1,7 @@
 //! Helpers shared by the tests that compare the engine with transformers' reference outputs.
 #![allow(dead_code)]
 
+use ember_models::device::calls::KernelCalls;
 use std::path::PathBuf;
 
 use ember_core::{FinishReason, RequestOutput, SamplingParams};
@@ -76,13 +77,24 @@ pub fn start_with(
     cfg: EngineConfig,
     set: impl FnOnce(&mut LoadOptions),
 ) -> EngineHandle {
+    start_counting(name, cfg, set).0
+}
+
+/// [`start_with`], and the calls the model's kernel paths serve (see [`KernelCalls`]).
+pub fn start_counting(
+    name: &str,
+    cfg: EngineConfig,
+    set: impl FnOnce(&mut LoadOptions),
+) -> (EngineHandle, std::sync::Arc<KernelCalls>) {
     // A context that any cache of the tests can hold whole, however small.
     let max_model_len = cfg.num_blocks.map(|n| n * cfg.block_size);
     let mut opts = LoadOptions::new(model_dir(name).to_string_lossy());
     set(&mut opts);
     opts.max_model_len = max_model_len;
     let loaded = load_model(&opts).unwrap_or_else(|e| panic!("{name}: {e}"));
-    Engine::start(loaded, cfg).unwrap_or_else(|e| panic!("{name}: {e}"))
+    let calls = loaded.kernel_calls.clone();
+    let engine = Engine::start(loaded, cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
+    (engine, calls)
 }
 
 pub fn floats(v: &Value) -> Vec<f64> {

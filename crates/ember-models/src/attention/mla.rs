@@ -13,6 +13,7 @@ use ember_core::{EmberError, ModelConfig, Result, RopeScaling};
 
 use crate::backends::AttentionBackend;
 use crate::cache::kv_cache::{KvScales, LayerKvCache, LayerKvScales};
+use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeRows;
 use crate::linear::{load_weight, load_weight_split, projection_from_weight, Projection};
@@ -56,6 +57,8 @@ pub struct MlaAttention {
     kv_scales: LayerKvScales,
     /// `--attention-backend ember`: the step's decodes through ember's MLA kernel.
     backend: AttentionBackend,
+    /// Where the kernels' calls are counted.
+    calls: std::sync::Arc<KernelCalls>,
 }
 
 /// `qk_head_dim^-0.5`, times `mscale(factor, mscale_all_dim)²` under YaRN, as transformers does.
@@ -174,6 +177,7 @@ impl MlaAttention {
                 )
             },
             backend: weights.backends().attention,
+            calls: weights.kernel_calls().clone(),
         })
     }
 
@@ -315,6 +319,7 @@ impl MlaAttention {
         let q = Tensor::cat(&[&q_latent, &q_rope], 2)?.transpose(0, 1)?;
         let latent_out =
             crate::attention::mla_decode::decode(&q, cache, &decodes, self.softmax_scale as f32)?;
+        self.calls.count(Kernel::MlaDecode);
         // [n, heads, kv_lora_rank] → [heads, n, v] → [n, heads * v]
         let out = latent_out
             .transpose(0, 1)?
@@ -389,6 +394,7 @@ impl MlaAttention {
         let (k, v) = self.expand_context(latent_ctx, k_rope_ctx, seq)?;
         // [heads, ql, nope] and [heads, ql, rope] → [ql, heads, nope + rope].
         let q = Tensor::cat(&[q_nope, q_rope], 2)?.transpose(0, 1)?;
+        self.calls.count(Kernel::MlaPrefill);
         crate::attention::mla_decode::prefill(&q, &k, &v, self.softmax_scale as f32)
     }
 

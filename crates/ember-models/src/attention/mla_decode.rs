@@ -18,14 +18,6 @@ use crate::cache::kv_cache::LayerKvCache;
 use crate::step::metadata::MlaDecodeBatch;
 use crate::TensorResult;
 
-/// Layer calls the kernel has served since start (tests check the path they mean is taken).
-static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many layer calls MLA's decode kernel has served in this process.
-pub fn calls() -> u64 {
-    CALLS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Whether the kernel serves a layer: queries in f32 or bf16, caches of the same dtype (an fp8
 /// cache keeps the tensor path), latents within the kernel's width.
 pub fn serves(cache: &LayerKvCache, q: &Tensor, rank: usize) -> bool {
@@ -58,7 +50,6 @@ pub fn decode(
         scale,
     };
     let out = q.contiguous()?.apply_op3_no_bwd(&cache.k, &cache.v, &op)?;
-    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(out)
 }
 
@@ -203,14 +194,6 @@ impl CustomOp3 for MlaDecodeOp<'_> {
     }
 }
 
-/// Layer calls the prefill kernel has served since start.
-static PREFILL_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many sequences' prefill attention ember's kernel has computed in this process.
-pub fn prefill_calls() -> u64 {
-    PREFILL_CALLS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Whether the prefill kernel serves queries like `q` with keys `dqk` and values `dv` wide per
 /// head: its CPU reference takes f32 and bf16; on a GPU, the tensor-core kernel takes bf16
 /// within its widths.
@@ -240,7 +223,6 @@ pub fn prefill(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> TensorResult {
     let out = q
         .contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
-    PREFILL_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(out)
 }
 

@@ -1,6 +1,7 @@
 //! Where a model runs: the CPU always, a CUDA GPU when ember is built with `--features cuda`;
 //! and how much of a GPU's memory the KV cache may take (`--gpu-memory-utilization`).
 
+pub mod calls;
 pub mod kernels;
 
 use candle_core::{DType, Device};

@@ -246,7 +246,10 @@ impl DecoderModel {
             norm: RmsNorm::load(&model.pp("norm"), h, cfg.rms_norm_eps)?,
             head,
             rotary: RotaryEmbedding::new(cfg, max_positions, weights.dtype(), weights.device())?
-                .with_kernels(weights.backends().layer_kernels),
+                .with_kernels(
+                    weights.backends().layer_kernels,
+                    weights.kernel_calls().clone(),
+                ),
             cfg: cfg.clone(),
         })
     }

@@ -9,27 +9,12 @@
 //! halves one kernel combines (instead of two GEMMs, a SiLU and a multiply); DeepSeek's
 //! interleaved rotary dims are read in place instead of gathered first.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use ember_kernels::rotary::RotaryShape;
 use ember_kernels::{rms_norm, rotary, silu_and_mul, Element, KernelError};
 
 use crate::backends::LayerKernels;
 use crate::TensorResult;
-
-/// Calls of each op since start (tests check the path they mean is taken): RMSNorm, fused
-/// add-RMSNorm, SiLU-and-mul, RoPE.
-static CALLS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
-
-/// How many times the RMSNorm, add-RMSNorm, SiLU-and-mul and RoPE ops have run in this process.
-pub fn calls() -> [u64; 4] {
-    CALLS.each_ref().map(|c| c.load(Ordering::Relaxed))
-}
-
-fn count(op: usize) {
-    CALLS[op].fetch_add(1, Ordering::Relaxed);
-}
 
 /// Whether ember's kernels serve tensors of `dtype` under `kernels`.
 pub fn serves(kernels: LayerKernels, dtype: DType) -> bool {
@@ -38,7 +23,6 @@ pub fn serves(kernels: LayerKernels, dtype: DType) -> bool {
 
 /// `x / sqrt(mean(x²) + eps) * weight` over the last dimension of `x` (`weight` of its dtype).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> TensorResult {
-    count(0);
     x.contiguous()?
         .apply_op2_no_bwd(&weight.contiguous()?, &Op(RmsNorm { eps }))
 }
@@ -50,7 +34,6 @@ pub fn add_rms_norm(
     weight: &Tensor,
     eps: f32,
 ) -> TensorResult<(Tensor, Tensor)> {
-    count(1);
     let both = delta.contiguous()?.apply_op3_no_bwd(
         &residual.contiguous()?,
         &weight.contiguous()?,
@@ -61,7 +44,6 @@ pub fn add_rms_norm(
 
 /// `silu(h[.., :d]) * h[.., d:]` for `h` `[rows, 2d]` (gate then up): `[rows, d]`.
 pub fn silu_and_mul(h: &Tensor) -> TensorResult {
-    count(2);
     let (_, two_d) = h.dims2()?;
     h.contiguous()?
         .apply_op1_no_bwd(&Op(SiluAndMul { d: two_d / 2 }))
@@ -70,7 +52,6 @@ pub fn silu_and_mul(h: &Tensor) -> TensorResult {
 /// `x` `[tokens, heads, head_dim]` rotated by the step's rows `cos`/`sin` `[tokens, head_dim/2]`
 /// (row `t` for token `t`); `interleaved` input pairs `(x[2i], x[2i+1])` come out rotate-half.
 pub fn rotary_rows(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> TensorResult {
-    count(3);
     let (_, heads, head_dim) = x.dims3()?;
     let shape = RotaryShape {
         heads,

@@ -4,12 +4,14 @@ use candle_core::{DType, Tensor};
 use ember_core::{EmberError, Result};
 
 use crate::backends::LayerKernels;
+use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::kernel_ops;
 use crate::linear::{linear_from_weight, projection_from_weight, Projection};
 use crate::loading::weights::Weights;
 use crate::lora::{LoraRows, LoraTargets};
 use crate::parallel::Split;
 use crate::TensorResult;
+use std::sync::Arc;
 
 /// `gate_proj`, `up_proj`, `down_proj` of one MLP.
 #[derive(Clone)]
@@ -20,6 +22,8 @@ pub struct Mlp {
     /// Under ember's layer kernels, the gate and up weights as one `[2 · inter, hidden]` tensor
     /// (gate rows first) that `gate_proj` and `up_proj` are views of: one GEMM, then SiLU-and-mul.
     gate_up: Option<Tensor>,
+    /// Where the fused path counts its SiLU-and-mul calls.
+    calls: Arc<KernelCalls>,
 }
 
 impl Mlp {
@@ -61,6 +65,7 @@ impl Mlp {
                 rows,
             )?,
             gate_up: None,
+            calls: weights.kernel_calls().clone(),
         }
         .fuse_gate_up(weights)
     }
@@ -100,6 +105,7 @@ impl Mlp {
             up_proj: proj("up_proj", up, hidden, intermediate, cols)?,
             down_proj: proj("down_proj", down, intermediate, hidden, rows)?,
             gate_up: None,
+            calls: experts.kernel_calls().clone(),
         };
         match gate_up {
             Some(gate_up) if experts.backends().layer_kernels == LayerKernels::Ember => Ok(Self {
@@ -149,6 +155,7 @@ impl Mlp {
         if let Some(gate_up) = &self.gate_up {
             if !lora.adapts(self.gate_proj.path()) && !lora.adapts(self.up_proj.path()) {
                 let h = x.matmul(&gate_up.t()?)?;
+                self.calls.count(Kernel::SiluAndMul);
                 return self.down_proj.forward(&kernel_ops::silu_and_mul(&h)?, lora);
             }
         }
@@ -167,15 +174,13 @@ impl Mlp {
     }
 
     /// The same MLP (paths, splits) over other base layers for its three projections.
-    pub fn with_bases(
-        self,
-        [gate, up, down]: [std::sync::Arc<dyn crate::linear::LinearLayer>; 3],
-    ) -> Self {
+    pub fn with_bases(self, [gate, up, down]: [Arc<dyn crate::linear::LinearLayer>; 3]) -> Self {
         Self {
             gate_proj: self.gate_proj.with_base(gate),
             up_proj: self.up_proj.with_base(up),
             down_proj: self.down_proj.with_base(down),
             gate_up: None,
+            calls: self.calls,
         }
     }
 

@@ -5,15 +5,18 @@ use candle_core::Tensor;
 use ember_core::Result;
 
 use crate::backends::LayerKernels;
+use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::kernel_ops;
 use crate::loading::weights::Weights;
 use crate::TensorResult;
+use std::sync::Arc;
 
 /// Root-mean-square normalisation over the last dimension, computed in f32.
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
     kernels: LayerKernels,
+    calls: Arc<KernelCalls>,
 }
 
 impl RmsNorm {
@@ -23,6 +26,7 @@ impl RmsNorm {
             weight: weights.get("weight", size)?,
             eps,
             kernels: weights.backends().layer_kernels,
+            calls: weights.kernel_calls().clone(),
         })
     }
 
@@ -33,6 +37,7 @@ impl RmsNorm {
     /// Normalises `x` (`[..., size]`), returning the input dtype; accumulates in f32.
     pub fn forward(&self, x: &Tensor) -> TensorResult {
         if self.ember_serves(x) {
+            self.calls.count(Kernel::RmsNorm);
             return kernel_ops::rms_norm(x, &self.weight, self.eps as f32);
         }
         candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
@@ -41,6 +46,7 @@ impl RmsNorm {
     /// `residual + delta` and its norm: `(sum, normed)`; one kernel under ember's layer kernels.
     pub fn forward_add(&self, delta: &Tensor, residual: &Tensor) -> TensorResult<(Tensor, Tensor)> {
         if self.ember_serves(residual) && delta.dtype() == residual.dtype() {
+            self.calls.count(Kernel::AddRmsNorm);
             return kernel_ops::add_rms_norm(delta, residual, &self.weight, self.eps as f32);
         }
         let sum = (residual + delta)?;

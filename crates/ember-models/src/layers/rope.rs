@@ -7,8 +7,10 @@ use ember_core::config::YarnScaling;
 use ember_core::{EmberError, ModelConfig, Result, RopeScaling};
 
 use crate::backends::LayerKernels;
+use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::kernel_ops;
 use crate::TensorResult;
+use std::sync::Arc;
 
 /// Precomputed cos/sin tables `[max_positions, head_dim / 2]` in the model dtype.
 pub struct RotaryEmbedding {
@@ -17,6 +19,7 @@ pub struct RotaryEmbedding {
     /// For interleaved checkpoints, the permutation that gathers even then odd dims.
     deinterleave: Option<Tensor>,
     kernels: LayerKernels,
+    calls: Arc<KernelCalls>,
 }
 
 /// YaRN's inverse frequencies for `dim` rotary dims, as transformers' `_compute_yarn_parameters`:
@@ -107,13 +110,18 @@ impl RotaryEmbedding {
             sin: build(sin)?,
             deinterleave,
             kernels: LayerKernels::default(),
+            calls: Arc::default(),
         })
     }
 
     /// The same tables, rotated by `kernels` (ember's rotary kernel reads interleaved pairs in
-    /// place).
-    pub fn with_kernels(self, kernels: LayerKernels) -> Self {
-        Self { kernels, ..self }
+    /// place), its calls counted in `calls`.
+    pub fn with_kernels(self, kernels: LayerKernels, calls: Arc<KernelCalls>) -> Self {
+        Self {
+            kernels,
+            calls,
+            ..self
+        }
     }
 
     /// The cos/sin rows of the given positions (a u32 `[tokens]` tensor), picked once per step.
@@ -123,6 +131,7 @@ impl RotaryEmbedding {
             sin: self.sin.index_select(positions, 0)?,
             deinterleave: self.deinterleave.clone(),
             kernels: self.kernels,
+            calls: self.calls.clone(),
         })
     }
 }
@@ -133,6 +142,7 @@ pub struct RopeRows {
     sin: Tensor,
     deinterleave: Option<Tensor>,
     kernels: LayerKernels,
+    calls: Arc<KernelCalls>,
 }
 
 impl RopeRows {
@@ -141,6 +151,7 @@ impl RopeRows {
     /// transformers' `apply_rotary_pos_emb_interleave` returns it (queries and keys alike).
     pub fn apply(&self, x: &Tensor) -> TensorResult {
         if kernel_ops::serves(self.kernels, x.dtype()) && self.cos.dtype() == x.dtype() {
+            self.calls.count(Kernel::Rotary);
             return kernel_ops::rotary_rows(x, &self.cos, &self.sin, self.deinterleave.is_some());
         }
         let x = match &self.deinterleave {

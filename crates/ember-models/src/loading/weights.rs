@@ -10,6 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::backends::Backends;
+use crate::device::calls::KernelCalls;
 use ember_core::{EmberError, Result, WeightQuantization};
 
 use crate::parallel::eplb::ExpertLoad;
@@ -52,6 +53,8 @@ pub struct Weights {
     rank: Option<RankContext>,
     /// Per-expert token counters of the MoE layers, shared by every rank.
     expert_load: Arc<ExpertLoad>,
+    /// Calls each of ember's kernel paths served, shared by every layer loaded from these.
+    kernel_calls: Arc<KernelCalls>,
 }
 
 fn tensor_err(e: candle_core::Error) -> EmberError {
@@ -78,6 +81,7 @@ impl Weights {
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
+            kernel_calls: Arc::default(),
         })
     }
 
@@ -96,6 +100,7 @@ impl Weights {
             held: Arc::default(),
             rank: None,
             expert_load: Arc::default(),
+            kernel_calls: Arc::default(),
         }
     }
 
@@ -129,6 +134,11 @@ impl Weights {
     /// The MoE layers' per-expert token counters (the same for every rank's view).
     pub fn expert_load(&self) -> &Arc<ExpertLoad> {
         &self.expert_load
+    }
+
+    /// The calls of ember's kernel paths of the model these weights load.
+    pub fn kernel_calls(&self) -> &Arc<KernelCalls> {
+        &self.kernel_calls
     }
 
     /// The tensor-parallel rank being loaded, `None` for an unsharded model and for a

@@ -501,6 +501,7 @@ fn stack_experts(
         );
         return Ok((mlps, None));
     };
+    let stack = stack.with_calls(experts_w.kernel_calls().clone());
     let views = mlps
         .iter()
         .enumerate()

@@ -23,6 +23,7 @@ use ember_kernels::fused_moe::{self, GroupedGemmShape, MoeAlignment, ScaleBlocks
 use ember_kernels::moe_routing::{self, RoutingConfig};
 use ember_kernels::{silu_and_mul, Element};
 
+use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::mlp::Mlp;
 use crate::linear::quantized::packed::{PackedShape, PackedWeight};
 use crate::linear::LinearLayer;
@@ -34,14 +35,6 @@ use crate::TensorResult;
 mod cuda;
 #[cfg(feature = "cuda")]
 use cuda::Cuda;
-
-/// Layers run through the fused MoE since start (tests check the path they mean is taken).
-static CALLS: AtomicU64 = AtomicU64::new(0);
-
-/// How many layer calls the fused MoE has served in this process.
-pub fn calls() -> u64 {
-    CALLS.load(Ordering::Relaxed)
-}
 
 /// Rows of each expert block of the grouped GEMM (its tiles' height).
 const BLOCK_M: usize = 64;
@@ -91,6 +84,8 @@ pub struct StackedExperts {
     /// The layer's per-expert token counters (`/metrics`), when this copy counts: added to on
     /// the CPU; on a GPU the counts accumulate there and are drained into them when read.
     counts: Option<Arc<Vec<AtomicU64>>>,
+    /// Where the layer's calls are counted.
+    calls: Arc<KernelCalls>,
     #[cfg(feature = "cuda")]
     device_counts: Arc<std::sync::Mutex<Option<DeviceCounts>>>,
 }
@@ -184,9 +179,15 @@ impl StackedExperts {
             inter,
             hidden,
             counts: None,
+            calls: Arc::default(),
             #[cfg(feature = "cuda")]
             device_counts: Default::default(),
         }
+    }
+
+    /// The same stack, counting its calls in `calls`.
+    pub(crate) fn with_calls(self, calls: Arc<KernelCalls>) -> Self {
+        Self { calls, ..self }
     }
 
     /// The same stack, counting the tokens routed to each expert into `counts` (layer `layer`'s
@@ -336,7 +337,7 @@ impl StackedExperts {
             live_rows: step.live_rows(),
         };
         let y = x.apply_op2_no_bwd(&logits, &op)?;
-        CALLS.fetch_add(1, Ordering::Relaxed);
+        self.calls.count(Kernel::FusedMoe);
         Ok(y)
     }
 }
