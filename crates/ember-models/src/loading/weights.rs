@@ -68,27 +68,18 @@ impl Weights {
         // changed under a running server is outside what any loader can guard against.
         let mmap = unsafe { MmapedSafetensors::multi(files) }
             .map_err(|e| EmberError::Weights(format!("cannot read safetensors {files:?}: {e}")))?;
-        Ok(Self {
-            source: Arc::new(Source::Mmap(mmap)),
-            prefix: String::new(),
-            dtype,
-            device: device.clone(),
-            quantization: None,
-            online_fp8: false,
-            backends: Backends::default(),
-            calculate_kv_scales: false,
-            packed_weights: false,
-            held: Arc::default(),
-            rank: None,
-            expert_load: Arc::default(),
-            kernel_calls: Arc::default(),
-        })
+        Ok(Self::over(Source::Mmap(mmap), dtype, device))
     }
 
     /// Random weights (seeded), for benchmarks of real shapes without a download.
     pub fn dummy(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::over(Source::Dummy { seed }, dtype, device)
+    }
+
+    /// Weights from `source` with every option at its default.
+    fn over(source: Source, dtype: DType, device: &Device) -> Self {
         Self {
-            source: Arc::new(Source::Dummy { seed }),
+            source: Arc::new(source),
             prefix: String::new(),
             dtype,
             device: device.clone(),
