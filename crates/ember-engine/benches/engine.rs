@@ -36,6 +36,7 @@ fn sequence(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Sequence {
         prompt_token_ids: prompt,
         params: SamplingParams::greedy(max_tokens),
         eos_token_ids: vec![],
+        lora_name: None,
         output: tx,
     })
 }

@@ -51,7 +51,8 @@ pub struct EngineConfig {
     pub cuda_graph_sizes: Vec<usize>,
 }
 
-/// A request on its way to the engine thread, with the adapter it runs with.
+/// A request on its way to the engine thread, with the adapter its `lora_name` names already
+/// resolved (so that unloading the adapter later does not stop the request).
 pub(crate) struct Submission {
     pub request: EngineRequest,
     pub adapter: Option<Arc<LoraAdapter>>,

@@ -422,6 +422,7 @@ mod tests {
             prompt_token_ids: prompt,
             params: SamplingParams::greedy(max_tokens),
             eos_token_ids: vec![],
+            lora_name: None,
             output: tx,
         })
     }
@@ -615,28 +616,23 @@ mod tests {
 
 #[cfg(test)]
 mod lora_tests {
-    use std::path::PathBuf;
     use std::sync::Arc;
 
-    use candle_core::{DType, Device};
     use ember_core::{EngineRequest, SamplingParams};
     use ember_models::LoraAdapter;
 
     use super::*;
+    use crate::lora::tests::{fixture, manager};
+    use crate::lora::LoraConfig;
 
-    /// The tiny attention adapter loaded under `id` (two ids = two distinct adapters).
-    fn adapters(ids: &[u64]) -> Vec<Arc<LoraAdapter>> {
-        let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
-        let mut opts = ember_models::LoadOptions::new(models.join("qwen3-tiny").to_string_lossy());
-        opts.dtype = Some(DType::F32);
-        let loaded = ember_models::load_model(&opts).unwrap();
-        ids.iter()
-            .map(|&id| {
-                let dir = models.join("lora/qwen3-tiny-attn-r8");
-                let targets = loaded.model.lora_targets();
-                Arc::new(
-                    LoraAdapter::load(&dir, "a", id, targets, DType::F32, &Device::Cpu).unwrap(),
-                )
+    /// The tiny attention adapter registered under each of `names` (distinct adapters).
+    fn adapters(names: &[&str]) -> Vec<Arc<LoraAdapter>> {
+        let m = manager(LoraConfig::default());
+        names
+            .iter()
+            .map(|name| {
+                m.load(name, &fixture("qwen3-tiny-attn-r8")).unwrap();
+                m.get(name).unwrap()
             })
             .collect()
     }
@@ -649,6 +645,7 @@ mod lora_tests {
             prompt_token_ids: vec![1, 2, 3],
             params: SamplingParams::greedy(4),
             eos_token_ids: vec![],
+            lora_name: adapter.map(|a| a.name().to_string()),
             output: tx,
         };
         Sequence::with_adapter(request, adapter.cloned())
@@ -656,7 +653,7 @@ mod lora_tests {
 
     #[test]
     fn a_second_adapter_waits_under_max_loras_one_and_others_pass_it_in_order() {
-        let a = adapters(&[1, 2]);
+        let a = adapters(&["a", "b"]);
         let mut s = Scheduler::new(
             SchedulerConfig {
                 max_num_batched_tokens: 100,
