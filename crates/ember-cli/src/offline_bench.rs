@@ -186,7 +186,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
             constraint: constraint.clone(),
             ..SamplingParams::default()
         };
-        let adapter = (!adapters.is_empty()).then(|| adapters[i % adapters.len()].clone());
+        let adapter = (!adapters.is_empty()).then(|| adapters[i % adapters.len()].name.as_str());
         receivers.push(handle.submit_with_adapter(prompt.clone(), params, adapter)?);
     }
     let mut detokenize = Duration::ZERO;
@@ -312,7 +312,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
             "overhead_fraction": 1.0 - phases[FORWARD_PHASE] / busy.max(f64::MIN_POSITIVE),
             "detokenize_seconds": detokenize.as_secs_f64(),
             "num_lora_adapters": adapters.len(),
-            "lora_max_rank": adapters.iter().map(|a| a.max_rank()).max(),
+            "lora_max_rank": adapters.iter().map(|a| a.max_rank).max(),
             "response_format": args.response_format,
             "num_stopped_early": stopped_early,
         }),
@@ -345,7 +345,7 @@ fn throughput_constraint(
 fn throughput_adapters(
     args: &ThroughputArgs,
     handle: &ember_engine::EngineHandle,
-) -> Result<Vec<Arc<ember_models::LoraAdapter>>> {
+) -> Result<Vec<ember_engine::LoraInfo>> {
     let modules: Vec<(String, PathBuf)> = match &args.lora_path {
         Some(path) => (1..=args.model.lora.max_loras)
             .map(|i| (format!("lora-{i}"), path.clone()))
@@ -366,8 +366,7 @@ fn throughput_adapters(
         .iter()
         .map(|(name, path)| {
             lora.load(name, path)
-                .with_context(|| format!("LoRA adapter {name} ({})", path.display()))?;
-            Ok(lora.get(name)?)
+                .with_context(|| format!("LoRA adapter {name} ({})", path.display()))
         })
         .collect()
 }

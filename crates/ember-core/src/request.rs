@@ -44,6 +44,9 @@ pub struct EngineRequest {
     pub params: SamplingParams,
     /// End-of-sequence ids of the model (honoured unless `ignore_eos`).
     pub eos_token_ids: Vec<u32>,
+    /// The LoRA adapter it runs with, by the name it was registered under; `None` runs the base
+    /// model. The engine resolves the name.
+    pub lora_name: Option<String>,
     /// Outputs go here; when the receiver is dropped the engine aborts the request.
     pub output: UnboundedSender<RequestOutput>,
 }

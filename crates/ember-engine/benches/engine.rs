@@ -10,7 +10,7 @@ use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ember_core::{EngineRequest, SamplingParams};
 use ember_engine::sampler::{log_softmax_top, sample, SequenceRng};
-use ember_engine::scheduler::{Scheduler, SchedulerConfig, StepPlan};
+use ember_engine::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use ember_engine::sequence::Sequence;
 use ember_models::{ForwardBatch, SequenceInput};
 use rand::rngs::StdRng;
@@ -36,6 +36,7 @@ fn sequence(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Sequence {
         prompt_token_ids: prompt,
         params: SamplingParams::greedy(max_tokens),
         eos_token_ids: vec![],
+        lora_name: None,
         output: tx,
     })
 }
@@ -67,47 +68,44 @@ fn steady_decode_scheduler(seed: u64) -> Scheduler {
         } else {
             usize::MAX
         };
-        s.waiting.push_back(sequence(id, prompt, max_tokens));
+        s.add(sequence(id, prompt, max_tokens));
         // Prefill the first alone so the others find the system prompt in the prefix cache.
         if id == 0 || id + 1 == RUNNING as u64 {
-            let plan = s.schedule();
-            complete(&mut s, &plan, 0);
+            let out = s.schedule();
+            complete(&mut s, &out, 0);
         }
     }
     assert_eq!(
-        s.running.len(),
+        s.num_running(),
         RUNNING,
         "every sequence is admitted and none is done"
     );
     s
 }
 
-/// What `Engine::step` does around the model: schedule, gather each sequence's new tokens,
-/// then advance, "sample" a token, cache filled blocks and finish the done. Returns the plan.
-fn engine_step(s: &mut Scheduler, token: u32) -> StepPlan {
-    let plan = s.schedule();
-    let pending = s.step_tokens(&plan);
-    black_box(&pending);
-    complete(s, &plan, token);
-    plan
+/// What `Engine::step` does around the model: schedule (each sequence's new tokens and block
+/// table), then advance, "sample" a token, cache filled blocks and finish the done. Returns the
+/// scheduler's output.
+fn engine_step(s: &mut Scheduler, token: u32) -> SchedulerOutput {
+    let out = s.schedule();
+    complete(s, &out, token);
+    out
 }
 
-/// The engine's bookkeeping after a forward: advances each planned sequence, appends `token`
+/// The engine's bookkeeping after a forward: advances each scheduled sequence, appends `token`
 /// to those caught up (the model's sample), caches newly filled blocks and finishes the done.
-fn complete(s: &mut Scheduler, plan: &StepPlan, token: u32) {
+fn complete(s: &mut Scheduler, out: &SchedulerOutput, token: u32) {
     let mut finished = Vec::new();
-    for &(i, n) in &plan.chunks {
-        let seq = &mut s.running[i];
-        seq.num_computed += n;
+    for (seq, chunk) in s.scheduled_mut(out).into_iter().zip(&out.scheduled) {
+        seq.num_computed += chunk.token_ids.len();
         if seq.num_computed == seq.len() {
             seq.output.push(token);
             if seq.check_finished(usize::MAX).is_some() {
-                finished.push(i);
+                finished.push(seq.id);
             }
         }
-        s.cache_computed_blocks(i);
     }
-    s.finish(finished);
+    s.update_from_output(out, &finished);
 }
 
 fn bench_scheduler(c: &mut Criterion) {
@@ -129,31 +127,30 @@ fn bench_scheduler(c: &mut Criterion) {
                     }
                     spent += start.elapsed();
                     done += steps;
-                    assert_eq!(s.num_preemptions, 0, "the cache is sized for no preemption");
+                    assert_eq!(
+                        s.num_preemptions(),
+                        0,
+                        "the cache is sized for no preemption"
+                    );
                 }
                 spent
             })
         },
     );
 
-    // The runner's CPU share of a decode step: flattening the plan into a ForwardBatch
+    // The runner's CPU share of a decode step: flattening the scheduler output into a ForwardBatch
     // (positions, slots, every sequence's context slots) before any model work.
     let mut s = steady_decode_scheduler(0);
-    let plan = s.schedule();
-    let pending = s.step_tokens(&plan);
-    let inputs: Vec<SequenceInput<'_>> = plan
-        .chunks
+    let out = s.schedule();
+    let inputs: Vec<SequenceInput<'_>> = out
+        .scheduled
         .iter()
-        .zip(&pending)
-        .map(|(&(i, _), tokens)| {
-            let seq = &s.running[i];
-            SequenceInput {
-                token_ids: tokens,
-                num_computed: seq.num_computed,
-                block_table: &seq.block_table,
-                all_logits: false,
-                adapter: None,
-            }
+        .map(|chunk| SequenceInput {
+            token_ids: &chunk.token_ids,
+            num_computed: chunk.num_computed,
+            block_table: &chunk.block_table,
+            all_logits: false,
+            adapter: None,
         })
         .collect();
     c.bench_function("forward_batch_new/1000_decodes_ctx500_bs16", |b| {

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::stats::{EngineStats, StatsSnapshot};
+use crate::stats::{EngineStats, ExpertLoadSnapshot, StatsSnapshot};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -89,8 +89,19 @@ impl EngineHandle {
     }
 
     /// Tokens routed to each expert of each MoE layer so far (load balance).
-    pub fn expert_load(&self) -> &Arc<ember_models::parallel::eplb::ExpertLoad> {
-        &self.stats.expert_load
+    pub fn expert_load(&self) -> ExpertLoadSnapshot {
+        self.stats.expert_load()
+    }
+
+    /// The adapter registered as `name`, for a request to hold while it runs.
+    fn adapter(&self, name: &str) -> Result<Arc<LoraAdapter>> {
+        let lora = self.lora.as_ref().ok_or_else(|| {
+            EmberError::InvalidRequest(format!(
+                "the request names LoRA adapter '{name}', but LoRA adapters are not enabled; \
+                 restart with --enable-lora"
+            ))
+        })?;
+        lora.get(name)
     }
 
     /// Facts about the served model.
@@ -108,12 +119,15 @@ impl EngineHandle {
         self.submit_with_adapter(prompt_token_ids, params, None)
     }
 
-    /// Like [`Self::submit`], running the request with a LoRA `adapter` (from [`LoraManager::get`]).
+    /// Like [`Self::submit`], running the request with the LoRA adapter registered as `adapter`
+    /// (see [`LoraManager::load`]); it runs to its end even if the adapter is unloaded meanwhile.
+    /// Reads the adapter from disk if it was evicted from memory (see
+    /// [`LoraManager::make_resident`] to do that beforehand, off async workers).
     pub fn submit_with_adapter(
         &self,
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
-        adapter: Option<Arc<LoraAdapter>>,
+        adapter: Option<&str>,
     ) -> Result<UnboundedReceiver<RequestOutput>> {
         params.validate()?;
         match (self.info.task, params.embed) {
@@ -161,16 +175,22 @@ impl EngineHandle {
                 self.max_waiting_requests
             )));
         }
+        let resolved = adapter.map(|name| self.adapter(name)).transpose()?;
         let (tx, rx) = unbounded_channel();
         let request = EngineRequest {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             prompt_token_ids,
             params,
             eos_token_ids: self.info.eos_token_ids.clone(),
+            lora_name: adapter.map(str::to_string),
             output: tx,
         };
         self.stats.unseen.fetch_add(1, Ordering::Relaxed);
-        if self.sender.send(Submission { request, adapter }).is_err() {
+        let submission = Submission {
+            request,
+            adapter: resolved,
+        };
+        if self.sender.send(submission).is_err() {
             self.stats.unseen.fetch_sub(1, Ordering::Relaxed);
             return Err(EmberError::Unavailable("the engine has stopped".into()));
         }

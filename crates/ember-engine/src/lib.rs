@@ -14,4 +14,4 @@ pub mod stats;
 pub use engine::{Engine, EngineConfig};
 pub use handle::{EngineHandle, ModelInfo};
 pub use lora::{LoraConfig, LoraInfo, LoraManager};
-pub use stats::{StatsSnapshot, FORWARD_PHASE, STEP_PHASES};
+pub use stats::{ExpertLoadSnapshot, StatsSnapshot, FORWARD_PHASE, STEP_PHASES};

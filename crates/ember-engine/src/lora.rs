@@ -43,6 +43,8 @@ pub struct LoraInfo {
     pub path: PathBuf,
     /// Unix seconds when it was registered.
     pub created: u64,
+    /// Its largest rank over the modules it adapts.
+    pub max_rank: usize,
 }
 
 struct Entry {
@@ -103,6 +105,21 @@ impl LoraManager {
                 ..State::default()
             }),
         })
+    }
+
+    /// A manager for adapters of the checkpoint in `model_dir`, held in f32 on the CPU, for tools
+    /// and tests that check adapters without an engine (the model is loaded once, to learn which
+    /// projections adapters may target).
+    pub fn for_checkpoint(config: LoraConfig, model_dir: &Path) -> Result<Self> {
+        let mut opts = ember_models::LoadOptions::new(model_dir.to_string_lossy());
+        opts.dtype = Some(DType::F32);
+        let loaded = ember_models::load_model(&opts)?;
+        Self::new(
+            config,
+            loaded.model.lora_targets().clone(),
+            DType::F32,
+            Device::Cpu,
+        )
     }
 
     /// The limits it was built with.
@@ -168,6 +185,7 @@ impl LoraManager {
             id,
             path,
             created: unix_now(),
+            max_rank: adapter.max_rank(),
         };
         tracing::info!(
             adapter = name,
@@ -224,9 +242,16 @@ impl LoraManager {
             .count()
     }
 
+    /// Reads adapter `name` back into memory if it was evicted, so that a request naming it
+    /// starts without a file read. Blocks on file reads then: call it off async executors.
+    /// A `NotFound` error when it is not registered.
+    pub fn make_resident(&self, name: &str) -> Result<()> {
+        self.get(name).map(drop)
+    }
+
     /// The adapter registered as `name`, read from disk again if it was evicted. Blocks on file
-    /// reads in that case: call it off async executors.
-    pub fn get(&self, name: &str) -> Result<Arc<LoraAdapter>> {
+    /// reads in that case.
+    pub(crate) fn get(&self, name: &str) -> Result<Arc<LoraAdapter>> {
         let (id, path) = {
             let mut state = self.lock();
             state.clock += 1;
@@ -289,30 +314,20 @@ fn not_found(name: &str) -> EmberError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> PathBuf {
+    /// `models/lora/<name>`.
+    pub(crate) fn fixture(name: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../../models/lora")
             .join(name)
     }
 
-    fn manager(config: LoraConfig) -> LoraManager {
-        let mut opts = ember_models::LoadOptions::new(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../models/qwen3-tiny")
-                .to_string_lossy(),
-        );
-        opts.dtype = Some(DType::F32);
-        let loaded = ember_models::load_model(&opts).unwrap();
-        LoraManager::new(
-            config,
-            loaded.model.lora_targets().clone(),
-            DType::F32,
-            Device::Cpu,
-        )
-        .unwrap()
+    /// A manager over `models/qwen3-tiny`.
+    pub(crate) fn manager(config: LoraConfig) -> LoraManager {
+        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/qwen3-tiny");
+        LoraManager::for_checkpoint(config, &model).unwrap()
     }
 
     #[test]

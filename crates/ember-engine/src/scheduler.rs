@@ -26,21 +26,47 @@ pub struct SchedulerConfig {
     pub max_loras: usize,
 }
 
-/// The plan of one step: for each running sequence (by index), how many tokens it runs.
-#[derive(Debug, Default, PartialEq)]
-pub struct StepPlan {
-    pub chunks: Vec<(usize, usize)>,
+/// One sequence's share of a step: what the runner computes for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduledSequence {
+    pub request_id: u64,
+    /// The tokens this step computes, at positions `num_computed..num_computed + token_ids.len()`.
+    pub token_ids: Vec<u32>,
+    /// Tokens whose K/V are already cached: the position of the first of `token_ids`.
+    pub num_computed: usize,
+    /// Its blocks of its rank's KV cache, covering every position through this step's.
+    pub block_table: Vec<u32>,
+    /// The data-parallel rank whose cache holds it (0 without data parallelism).
+    pub dp_rank: usize,
 }
 
-/// Waiting and running sequences plus the blocks they hold.
+/// What one step runs, as plain data (vLLM v1's `SchedulerOutput`): the scheduled sequences in
+/// batch order, and the requests preempted to make room for them.
+#[derive(Debug, Default, PartialEq)]
+pub struct SchedulerOutput {
+    pub scheduled: Vec<ScheduledSequence>,
+    /// Requests whose blocks were freed this step; they wait to be computed again from scratch.
+    pub preempted: Vec<u64>,
+}
+
+impl SchedulerOutput {
+    /// Tokens the step computes, all sequences together.
+    pub fn num_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.token_ids.len()).sum()
+    }
+}
+
+/// Waiting and running sequences plus the blocks they hold; everything else sees plain
+/// [`SchedulerOutput`]s and request ids.
 pub struct Scheduler {
-    pub cfg: SchedulerConfig,
-    pub waiting: VecDeque<Sequence>,
-    pub running: Vec<Sequence>,
+    cfg: SchedulerConfig,
+    waiting: VecDeque<Sequence>,
+    /// Oldest first; a step schedules them in this order, so its output is in this order too.
+    running: Vec<Sequence>,
     /// Each data-parallel rank's blocks (one entry without data parallelism).
-    pub kv: Vec<KvBlockManager>,
+    kv: Vec<KvBlockManager>,
     /// Sequences preempted so far.
-    pub num_preemptions: u64,
+    num_preemptions: u64,
 }
 
 impl Scheduler {
@@ -63,9 +89,44 @@ impl Scheduler {
         }
     }
 
+    /// Queues a new request behind those already waiting.
+    pub fn add(&mut self, seq: Sequence) {
+        self.waiting.push_back(seq);
+    }
+
     /// Whether anything is left to do.
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Requests waiting to run (new or preempted).
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Requests running (holding blocks).
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Sequences preempted so far.
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    /// Blocks of every rank, and how many are free.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        self.kv.iter().fold((0, 0), |(n, free), kv| {
+            (n + kv.num_blocks(), free + kv.num_free())
+        })
+    }
+
+    /// Prompt tokens looked up in the prefix caches of every rank, and how many were found.
+    pub fn prefix_cache_stats(&self) -> (u64, u64) {
+        self.kv.iter().fold((0, 0), |(q, h), kv| {
+            let p = kv.stats();
+            (q + p.queries, h + p.hits)
+        })
     }
 
     /// Grows `seq`'s block table to cover `tokens` tokens; false when blocks ran out.
@@ -81,7 +142,7 @@ impl Scheduler {
     }
 
     /// Frees a sequence's blocks and resets it to be computed again from scratch.
-    fn preempt(&mut self, index: usize) {
+    fn preempt(&mut self, index: usize) -> u64 {
         let mut seq = self.running.remove(index);
         self.kv[seq.dp_rank].free(&seq.block_table);
         seq.block_table.clear();
@@ -89,11 +150,13 @@ impl Scheduler {
         seq.num_computed = 0;
         self.num_preemptions += 1;
         tracing::debug!(request = seq.id, "preempted; will recompute");
+        let id = seq.id;
         self.waiting.push_front(seq);
+        id
     }
 
-    /// Removes and returns the sequences at `indices` of `running`, freeing their blocks.
-    pub fn finish(&mut self, mut indices: Vec<usize>) -> Vec<Sequence> {
+    /// Removes the running sequences at `indices`, freeing their blocks, newest first.
+    fn finish_at(&mut self, mut indices: Vec<usize>) -> Vec<Sequence> {
         indices.sort_unstable();
         indices.dedup();
         let mut done = Vec::with_capacity(indices.len());
@@ -103,6 +166,49 @@ impl Scheduler {
             done.push(seq);
         }
         done
+    }
+
+    /// Removes and returns the running requests `ids`, freeing their blocks.
+    pub fn finish(&mut self, ids: &[u64]) -> Vec<Sequence> {
+        let indices = (0..self.running.len())
+            .filter(|&i| ids.contains(&self.running[i].id))
+            .collect();
+        self.finish_at(indices)
+    }
+
+    /// Drops the requests whose clients went away, waiting or running (freeing their blocks);
+    /// returns their ids.
+    pub fn abort_abandoned(&mut self) -> Vec<u64> {
+        let mut gone = Vec::new();
+        self.waiting.retain(|s| {
+            let keep = !s.is_abandoned();
+            if !keep {
+                gone.push(s.id);
+            }
+            keep
+        });
+        let running = (0..self.running.len())
+            .filter(|&i| self.running[i].is_abandoned())
+            .collect();
+        gone.extend(self.finish_at(running).iter().map(|s| s.id));
+        gone
+    }
+
+    /// Removes every request, running (freeing its blocks) and waiting, as when the engine stops.
+    pub fn drain(&mut self) -> Vec<Sequence> {
+        let mut all = self.finish_at((0..self.running.len()).collect());
+        all.extend(self.waiting.drain(..));
+        all
+    }
+
+    /// When nothing runs, removes the head waiting request: a step that scheduled nothing with
+    /// every block free shows it needs more blocks than the cache has.
+    pub fn take_unservable(&mut self) -> Option<Sequence> {
+        if self.running.is_empty() {
+            self.waiting.pop_front()
+        } else {
+            None
+        }
     }
 
     /// For a sequence starting from scratch, takes the cached blocks of its longest known
@@ -137,7 +243,7 @@ impl Scheduler {
     }
 
     /// Registers the newly filled blocks of running sequence `index` in the prefix cache.
-    pub fn cache_computed_blocks(&mut self, index: usize) {
+    fn cache_computed_blocks(&mut self, index: usize) {
         let seq = &mut self.running[index];
         let kv = &mut self.kv[seq.dp_rank];
         let full = seq.num_computed / kv.block_size();
@@ -149,23 +255,53 @@ impl Scheduler {
         kv.cache_full_blocks(&seq.block_table, &mut seq.block_hashes, &tokens, adapter);
     }
 
-    /// The tokens each chunk of `plan` runs this step, in plan order.
-    pub fn step_tokens(&self, plan: &StepPlan) -> Vec<Vec<u32>> {
-        plan.chunks
-            .iter()
-            .map(|&(i, n)| {
-                let seq = &self.running[i];
-                seq.tokens(seq.num_computed, seq.num_computed + n)
-            })
+    /// Positions in `running` of `out`'s sequences still running, in output order (the order
+    /// of `running`, which a step schedules in).
+    fn positions(&self, out: &SchedulerOutput) -> Vec<usize> {
+        let mut ids = out.scheduled.iter().map(|s| s.request_id).peekable();
+        (0..self.running.len())
+            .filter(|&i| ids.next_if_eq(&self.running[i].id).is_some())
             .collect()
     }
 
-    /// Plans the next step.
-    pub fn schedule(&mut self) -> StepPlan {
+    /// The requests of `out` still running, in output order, for the engine to sample and
+    /// advance.
+    pub fn scheduled_mut(&mut self, out: &SchedulerOutput) -> Vec<&mut Sequence> {
+        let mut positions = self.positions(out).into_iter().peekable();
+        self.running
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, seq)| positions.next_if_eq(&i).map(|_| seq))
+            .collect()
+    }
+
+    /// Ends a step once its sequences have advanced: registers the blocks they filled in the
+    /// prefix cache, then finishes the requests `finished`, freeing their blocks.
+    pub fn update_from_output(&mut self, out: &SchedulerOutput, finished: &[u64]) {
+        for i in self.positions(out) {
+            self.cache_computed_blocks(i);
+        }
+        self.finish(finished);
+    }
+
+    /// What running sequence `index` runs this step: its next `n` tokens.
+    fn scheduled(&self, index: usize, n: usize) -> ScheduledSequence {
+        let seq = &self.running[index];
+        ScheduledSequence {
+            request_id: seq.id,
+            token_ids: seq.tokens(seq.num_computed, seq.num_computed + n),
+            num_computed: seq.num_computed,
+            block_table: seq.block_table.clone(),
+            dp_rank: seq.dp_rank,
+        }
+    }
+
+    /// Schedules the next step.
+    pub fn schedule(&mut self) -> SchedulerOutput {
         let ranks = self.kv.len();
         // Each rank's token budget and sequences this step.
         let mut budget = vec![self.cfg.max_num_batched_tokens; ranks];
-        let mut plan = StepPlan::default();
+        let mut out = SchedulerOutput::default();
         // Running sequences first, oldest first; when a rank's blocks run out, preempt its
         // newest sequence.
         let mut i = 0;
@@ -179,17 +315,17 @@ impl Scheduler {
             let n = pending.min(budget[rank]);
             let target = self.running[i].num_computed + n;
             if Self::reserve(&mut self.kv[rank], &mut self.running[i], target) {
-                plan.chunks.push((i, n));
+                out.scheduled.push(self.scheduled(i, n));
                 budget[rank] -= n;
                 i += 1;
                 continue;
             }
-            // The newest on this rank, at `i` or after it (the plan so far stays valid).
+            // The newest on this rank, at `i` or after it (what is scheduled so far stays).
             let newest = (i..self.running.len())
                 .rev()
                 .find(|&j| self.running[j].dp_rank == rank)
                 .unwrap_or(i);
-            self.preempt(newest);
+            out.preempted.push(self.preempt(newest));
             // Preempting `i` itself moves the next sequence to `i`.
         }
         // Then admit waiting sequences while the budget, the sequence cap and the blocks allow.
@@ -250,21 +386,15 @@ impl Scheduler {
                 break;
             }
             self.running.push(seq);
-            plan.chunks.push((self.running.len() - 1, n));
+            out.scheduled
+                .push(self.scheduled(self.running.len() - 1, n));
             budget[rank] -= n;
             seqs_on[rank] += 1;
         }
         while let Some(seq) = skipped.pop_back() {
             self.waiting.push_front(seq);
         }
-        plan
-    }
-
-    /// Blocks of every rank, and how many are free.
-    pub fn kv_blocks(&self) -> (usize, usize) {
-        self.kv.iter().fold((0, 0), |(n, free), kv| {
-            (n + kv.num_blocks(), free + kv.num_free())
-        })
+        out
     }
 }
 
@@ -292,47 +422,51 @@ mod tests {
             prompt_token_ids: prompt,
             params: SamplingParams::greedy(max_tokens),
             eos_token_ids: vec![],
+            lora_name: None,
             output: tx,
         })
     }
 
-    /// Plays the runner: marks the planned tokens computed, "samples" token 7 for caught-up
+    /// (request id, tokens) of each scheduled sequence, in output order.
+    fn chunks(out: &SchedulerOutput) -> Vec<(u64, usize)> {
+        out.scheduled
+            .iter()
+            .map(|c| (c.request_id, c.token_ids.len()))
+            .collect()
+    }
+
+    /// Plays the runner: marks the scheduled tokens computed, "samples" token 7 for caught-up
     /// sequences, finishes those at max_tokens. Returns the finished ids.
-    fn run_step(s: &mut Scheduler, plan: &StepPlan) -> Vec<u64> {
+    fn run_step(s: &mut Scheduler, out: &SchedulerOutput) -> Vec<u64> {
         let mut done = Vec::new();
-        for &(i, n) in &plan.chunks {
-            let seq = &mut s.running[i];
-            seq.num_computed += n;
+        for (seq, chunk) in s.scheduled_mut(out).into_iter().zip(&out.scheduled) {
+            seq.num_computed += chunk.token_ids.len();
             if seq.num_computed == seq.len() {
                 seq.output.push(7);
                 if seq.output.len() >= seq.params.max_tokens {
-                    done.push(i);
+                    done.push(seq.id);
                 }
             }
-            s.cache_computed_blocks(i);
         }
-        s.finish(done).into_iter().map(|q| q.id).collect()
+        s.update_from_output(out, &done);
+        done
     }
 
     #[test]
     fn the_token_budget_chunks_long_prompts_and_decodes_go_first() {
         let mut s = Scheduler::new(cfg(8, 16, 4), 64);
-        s.waiting.push_back(seq(1, vec![1; 3], 4));
-        let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![(0, 3)]);
-        run_step(&mut s, &plan);
+        s.add(seq(1, vec![1; 3], 4));
+        let out = s.schedule();
+        assert_eq!(chunks(&out), vec![(1, 3)]);
+        run_step(&mut s, &out);
         // A 20-token prompt arrives: the running decode takes 1 token, the prompt gets the rest.
-        s.waiting.push_back(seq(2, vec![2; 20], 1));
-        let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![(0, 1), (1, 7)]);
-        run_step(&mut s, &plan);
-        let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![(0, 1), (1, 7)]);
-        assert_eq!(
-            plan.chunks.iter().map(|c| c.1).sum::<usize>(),
-            8,
-            "the budget is used, not exceeded"
-        );
+        s.add(seq(2, vec![2; 20], 1));
+        let out = s.schedule();
+        assert_eq!(chunks(&out), vec![(1, 1), (2, 7)]);
+        run_step(&mut s, &out);
+        let out = s.schedule();
+        assert_eq!(chunks(&out), vec![(1, 1), (2, 7)]);
+        assert_eq!(out.num_tokens(), 8, "the budget is used, not exceeded");
     }
 
     /// Data-parallel ranks: sequences spread over the ranks by free blocks, each rank has its
@@ -343,21 +477,22 @@ mod tests {
         // 2 ranks of 4 blocks of 2 tokens, 6 tokens a rank per step.
         let mut s = Scheduler::with_ranks(cfg(6, 8, 2), 4, 2);
         for id in 0..4 {
-            s.waiting.push_back(seq(id, vec![id as u32 + 1; 4], 8));
+            s.add(seq(id, vec![id as u32 + 1; 4], 8));
         }
-        let plan = s.schedule();
+        let out = s.schedule();
         let ranks: Vec<usize> = s.running.iter().map(|q| q.dp_rank).collect();
         // Alternating by free blocks; each rank's budget of 6 takes one prompt and 2 of the next.
         assert_eq!(ranks, vec![0, 1, 0, 1]);
-        assert_eq!(plan.chunks, vec![(0, 4), (1, 4), (2, 2), (3, 2)]);
+        assert_eq!(chunks(&out), vec![(0, 4), (1, 4), (2, 2), (3, 2)]);
         assert_eq!(s.kv_blocks(), (8, 2));
-        run_step(&mut s, &plan);
+        run_step(&mut s, &out);
         // Sequences 0 and 1 take their ranks' last blocks; 2 and 3 then find none on their
         // ranks and give way (each its rank's newest), and neither fits back in this step.
-        let plan = s.schedule();
+        let out = s.schedule();
         let left: Vec<(u64, usize)> = s.running.iter().map(|q| (q.id, q.dp_rank)).collect();
         assert_eq!(left, vec![(0, 0), (1, 1)]);
-        assert_eq!(plan.chunks, vec![(0, 1), (1, 1)]);
+        assert_eq!(chunks(&out), vec![(0, 1), (1, 1)]);
+        assert_eq!(out.preempted, vec![2, 3]);
         assert_eq!(s.num_preemptions, 2);
         let waiting: Vec<u64> = s.waiting.iter().map(|q| q.id).collect();
         assert_eq!(waiting, vec![3, 2]);
@@ -368,13 +503,13 @@ mod tests {
     #[test]
     fn data_parallel_placement_follows_the_prefix_cache() {
         let mut s = Scheduler::with_ranks(cfg(100, 8, 2), 8, 2);
-        s.waiting.push_back(seq(0, vec![5, 6, 7, 8, 9], 3));
-        let plan = s.schedule();
+        s.add(seq(0, vec![5, 6, 7, 8, 9], 3));
+        let out = s.schedule();
         assert_eq!(s.running[0].dp_rank, 0);
-        run_step(&mut s, &plan);
+        run_step(&mut s, &out);
         // Sequence 0 still runs on rank 0 (3 of its 8 blocks): rank 1 has more free blocks.
-        s.waiting.push_back(seq(1, vec![1, 1, 1], 1));
-        s.waiting.push_back(seq(2, vec![5, 6, 7, 8, 3], 1));
+        s.add(seq(1, vec![1, 1, 1], 1));
+        s.add(seq(2, vec![5, 6, 7, 8, 3], 1));
         s.schedule();
         let placed: Vec<(u64, usize)> = s.running.iter().map(|q| (q.id, q.dp_rank)).collect();
         // 1 goes to the emptier rank 1; 2 to rank 0, which caches its first two blocks.
@@ -388,10 +523,10 @@ mod tests {
     fn the_sequence_cap_holds_back_admissions() {
         let mut s = Scheduler::new(cfg(100, 2, 4), 64);
         for id in 0..3 {
-            s.waiting.push_back(seq(id, vec![1, 2], 5));
+            s.add(seq(id, vec![1, 2], 5));
         }
-        let plan = s.schedule();
-        assert_eq!(plan.chunks.len(), 2);
+        let out = s.schedule();
+        assert_eq!(out.scheduled.len(), 2);
         assert_eq!(s.waiting.len(), 1);
     }
 
@@ -399,18 +534,19 @@ mod tests {
     fn running_out_of_blocks_preempts_the_newest_and_recomputes_it() {
         // 4 blocks of 2 tokens: two 3-token prompts fit (2 blocks each) until they grow.
         let mut s = Scheduler::new(cfg(100, 8, 2), 4);
-        s.waiting.push_back(seq(1, vec![1, 2, 3], 3));
-        s.waiting.push_back(seq(2, vec![4, 5, 6], 3));
-        let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![(0, 3), (1, 3)]);
-        run_step(&mut s, &plan);
+        s.add(seq(1, vec![1, 2, 3], 3));
+        s.add(seq(2, vec![4, 5, 6], 3));
+        let out = s.schedule();
+        assert_eq!(chunks(&out), vec![(1, 3), (2, 3)]);
+        run_step(&mut s, &out);
         // Both now hold 4 tokens: each needs no new block to decode position 3.
-        let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![(0, 1), (1, 1)]);
-        run_step(&mut s, &plan);
+        let out = s.schedule();
+        assert_eq!(chunks(&out), vec![(1, 1), (2, 1)]);
+        run_step(&mut s, &out);
         // Position 4 needs a third block each: the newest (id 2) is preempted.
-        let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![(0, 1)]);
+        let out = s.schedule();
+        assert_eq!(chunks(&out), vec![(1, 1)]);
+        assert_eq!(out.preempted, vec![2]);
         assert_eq!(s.num_preemptions, 1);
         let preempted = s.waiting.front().unwrap();
         assert_eq!(
@@ -421,29 +557,29 @@ mod tests {
             ),
             (2, 0, 0)
         );
-        let finished = run_step(&mut s, &plan);
+        let finished = run_step(&mut s, &out);
         assert_eq!(finished, vec![1]);
         // Sequence 2 is recomputed from scratch, prompt and outputs alike (prefix hits allowed).
-        let plan = s.schedule();
-        let (i, n) = plan.chunks[0];
-        assert_eq!(s.running[i].id, 2);
-        assert_eq!(s.running[i].num_computed + n, 5);
+        let out = s.schedule();
+        let chunk = &out.scheduled[0];
+        assert_eq!(chunk.request_id, 2);
+        assert_eq!(chunk.num_computed + chunk.token_ids.len(), 5);
     }
 
     #[test]
     fn a_shared_prefix_is_computed_once_and_counted() {
         let mut s = Scheduler::new(cfg(100, 8, 4), 16);
-        s.waiting.push_back(seq(1, (0..10).collect(), 1));
-        let plan = s.schedule();
-        run_step(&mut s, &plan);
+        s.add(seq(1, (0..10).collect(), 1));
+        let out = s.schedule();
+        run_step(&mut s, &out);
         // Same first 8 tokens: two blocks come from the cache.
         let mut prompt: Vec<u32> = (0..8).collect();
         prompt.extend([50, 51, 52]);
-        s.waiting.push_back(seq(2, prompt, 1));
-        let plan = s.schedule();
-        assert_eq!(plan.chunks, vec![(0, 3)]);
+        s.add(seq(2, prompt, 1));
+        let out = s.schedule();
+        assert_eq!(chunks(&out), vec![(2, 3)]);
         assert_eq!(s.running[0].num_cached_tokens, 8);
-        run_step(&mut s, &plan);
+        run_step(&mut s, &out);
         assert_eq!(s.kv[0].stats().hits, 8);
     }
 
@@ -451,7 +587,7 @@ mod tests {
     fn no_block_leaks_after_finished_aborted_and_preempted_requests() {
         let mut s = Scheduler::new(cfg(16, 8, 2), 12);
         for id in 0..6 {
-            s.waiting.push_back(seq(
+            s.add(seq(
                 id,
                 (0..(3 + id as u32)).map(|t| t * 10 + id as u32).collect(),
                 4,
@@ -459,11 +595,12 @@ mod tests {
         }
         let mut steps = 0;
         while s.has_work() && steps < 200 {
-            let plan = s.schedule();
-            run_step(&mut s, &plan);
+            let out = s.schedule();
+            run_step(&mut s, &out);
             // Abort one request midway, as a disconnecting client would.
             if steps == 3 && !s.running.is_empty() {
-                s.finish(vec![0]);
+                let oldest = s.running[0].id;
+                s.finish(&[oldest]);
             }
             steps += 1;
         }
@@ -479,28 +616,23 @@ mod tests {
 
 #[cfg(test)]
 mod lora_tests {
-    use std::path::PathBuf;
     use std::sync::Arc;
 
-    use candle_core::{DType, Device};
     use ember_core::{EngineRequest, SamplingParams};
     use ember_models::LoraAdapter;
 
     use super::*;
+    use crate::lora::tests::{fixture, manager};
+    use crate::lora::LoraConfig;
 
-    /// The tiny attention adapter loaded under `id` (two ids = two distinct adapters).
-    fn adapters(ids: &[u64]) -> Vec<Arc<LoraAdapter>> {
-        let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models");
-        let mut opts = ember_models::LoadOptions::new(models.join("qwen3-tiny").to_string_lossy());
-        opts.dtype = Some(DType::F32);
-        let loaded = ember_models::load_model(&opts).unwrap();
-        ids.iter()
-            .map(|&id| {
-                let dir = models.join("lora/qwen3-tiny-attn-r8");
-                let targets = loaded.model.lora_targets();
-                Arc::new(
-                    LoraAdapter::load(&dir, "a", id, targets, DType::F32, &Device::Cpu).unwrap(),
-                )
+    /// The tiny attention adapter registered under each of `names` (distinct adapters).
+    fn adapters(names: &[&str]) -> Vec<Arc<LoraAdapter>> {
+        let m = manager(LoraConfig::default());
+        names
+            .iter()
+            .map(|name| {
+                m.load(name, &fixture("qwen3-tiny-attn-r8")).unwrap();
+                m.get(name).unwrap()
             })
             .collect()
     }
@@ -513,6 +645,7 @@ mod lora_tests {
             prompt_token_ids: vec![1, 2, 3],
             params: SamplingParams::greedy(4),
             eos_token_ids: vec![],
+            lora_name: adapter.map(|a| a.name().to_string()),
             output: tx,
         };
         Sequence::with_adapter(request, adapter.cloned())
@@ -520,7 +653,7 @@ mod lora_tests {
 
     #[test]
     fn a_second_adapter_waits_under_max_loras_one_and_others_pass_it_in_order() {
-        let a = adapters(&[1, 2]);
+        let a = adapters(&["a", "b"]);
         let mut s = Scheduler::new(
             SchedulerConfig {
                 max_num_batched_tokens: 100,
@@ -538,7 +671,7 @@ mod lora_tests {
             (4, Some(&a[0])),
             (5, Some(&a[1])),
         ] {
-            s.waiting.push_back(seq(id, adapter));
+            s.add(seq(id, adapter));
         }
         s.schedule();
         let running: Vec<u64> = s.running.iter().map(|q| q.id).collect();
@@ -546,7 +679,7 @@ mod lora_tests {
         let waiting: Vec<u64> = s.waiting.iter().map(|q| q.id).collect();
         assert_eq!(waiting, vec![2, 5], "skipped requests keep their order");
         // Once adapter 1's requests finish, adapter 2's run.
-        s.finish(vec![0, 2]);
+        s.finish(&[1, 4]);
         s.schedule();
         let running: Vec<u64> = s.running.iter().map(|q| q.id).collect();
         assert_eq!(running, vec![3, 2, 5]);

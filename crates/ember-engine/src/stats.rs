@@ -31,6 +31,18 @@ pub struct EngineStats {
     pub(crate) expert_load: std::sync::Arc<ember_models::parallel::eplb::ExpertLoad>,
 }
 
+/// A MoE model's load balance at one moment, as plain counts (empty for a dense model).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpertLoadSnapshot {
+    /// Tokens routed to each expert, by MoE layer index, in layer order (a token counts once
+    /// per expert it picks).
+    pub layers: Vec<(usize, Vec<u64>)>,
+    /// Under expert parallelism, tokens each rank's experts processed, all layers together.
+    pub rank_tokens: Option<Vec<u64>>,
+    /// Under expert parallelism, each layer's copies of each expert (1 without redundancy).
+    pub replicas: Vec<(usize, Vec<usize>)>,
+}
+
 /// The phases of one engine step, in the order [`StatsSnapshot::step_time_seconds`] lists them.
 pub const STEP_PHASES: [&str; 5] = ["schedule", "prepare", "forward", "sample", "other"];
 
@@ -69,6 +81,16 @@ pub struct StatsSnapshot {
 }
 
 impl EngineStats {
+    /// Reads the experts' counters (draining those kept on a GPU).
+    pub(crate) fn expert_load(&self) -> ExpertLoadSnapshot {
+        let load = &self.expert_load;
+        ExpertLoadSnapshot {
+            layers: load.snapshot(),
+            rank_tokens: load.rank_tokens(),
+            replicas: load.replicas(),
+        }
+    }
+
     /// Reads every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
         // `running` is stored last in a step (Release): reading it first (Acquire) makes the

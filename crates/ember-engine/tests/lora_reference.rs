@@ -5,11 +5,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use common::*;
 use ember_engine::{EngineConfig, EngineHandle, LoraConfig};
-use ember_models::LoraAdapter;
 use serde_json::Value;
 
 /// (adapter, base model) of every fixture.
@@ -38,12 +36,13 @@ fn lora_engine(base: &str, cfg: EngineConfig) -> EngineHandle {
     )
 }
 
-fn adapter(engine: &EngineHandle, name: &str) -> Arc<LoraAdapter> {
+/// Registers the fixture adapter `name` under its own name, once; returns the name.
+fn adapter<'a>(engine: &EngineHandle, name: &'a str) -> &'a str {
     let lora = engine.lora().expect("LoRA enabled");
     if !lora.contains(name) {
         lora.load(name, &adapter_dir(name)).unwrap();
     }
-    lora.get(name).unwrap()
+    name
 }
 
 fn lora_reference(name: &str) -> Value {
@@ -63,7 +62,7 @@ fn check_adapter(name: &str, base: &str, cfg: EngineConfig, batched: bool) {
             .submit_with_adapter(
                 ids(&p["token_ids"]),
                 greedy_params(greedy_steps(p)),
-                Some(a.clone()),
+                Some(a),
             )
             .unwrap()
     };

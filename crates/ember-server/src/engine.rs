@@ -3,9 +3,7 @@
 use std::sync::Arc;
 
 use ember_core::{ModelTask, RequestOutput, Result, SamplingParams};
-use ember_engine::{EngineHandle, LoraManager, StatsSnapshot};
-use ember_models::parallel::eplb::ExpertLoad;
-use ember_models::LoraAdapter;
+use ember_engine::{EngineHandle, ExpertLoadSnapshot, LoraManager, StatsSnapshot};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// What the HTTP side must know of the model to validate a request.
@@ -31,13 +29,13 @@ pub(crate) trait EngineClient: Send + Sync + 'static {
         None
     }
 
-    /// Queues a request, run with the LoRA `adapter` when one is given; outputs stream on the
-    /// receiver, dropping it cancels the request.
+    /// Queues a request, run with the LoRA adapter registered as `adapter` when one is named;
+    /// outputs stream on the receiver, dropping it cancels the request.
     fn submit(
         &self,
         prompt: Vec<u32>,
         params: SamplingParams,
-        adapter: Option<Arc<LoraAdapter>>,
+        adapter: Option<&str>,
     ) -> Result<UnboundedReceiver<RequestOutput>>;
 
     /// The engine's live counters (running, waiting, KV blocks, ...), for `/metrics`.
@@ -46,8 +44,8 @@ pub(crate) trait EngineClient: Send + Sync + 'static {
     /// The registered LoRA adapters; `None` when the engine runs without `--enable-lora`.
     fn lora(&self) -> Option<&Arc<LoraManager>>;
 
-    /// Tokens routed to each expert of each MoE layer, when the model has experts.
-    fn expert_load(&self) -> Option<&Arc<ExpertLoad>> {
+    /// Tokens routed to each expert of each MoE layer so far, when the model has experts.
+    fn expert_load(&self) -> Option<ExpertLoadSnapshot> {
         None
     }
 }
@@ -74,7 +72,7 @@ impl EngineClient for EngineHandle {
         &self,
         prompt: Vec<u32>,
         params: SamplingParams,
-        adapter: Option<Arc<LoraAdapter>>,
+        adapter: Option<&str>,
     ) -> Result<UnboundedReceiver<RequestOutput>> {
         EngineHandle::submit_with_adapter(self, prompt, params, adapter)
     }
@@ -87,7 +85,7 @@ impl EngineClient for EngineHandle {
         EngineHandle::lora(self)
     }
 
-    fn expert_load(&self) -> Option<&Arc<ExpertLoad>> {
+    fn expert_load(&self) -> Option<ExpertLoadSnapshot> {
         Some(EngineHandle::expert_load(self))
     }
 }

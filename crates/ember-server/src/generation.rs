@@ -4,12 +4,10 @@
 //! a streamed answer is the plain one cut into pieces.
 
 use std::future::poll_fn;
-use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use ember_core::RequestOutput;
-use ember_models::LoraAdapter;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::choice::{ChoiceJob, ChoiceState, Delta, Generated};
@@ -59,12 +57,12 @@ pub(crate) struct Generation {
 }
 
 impl Generation {
-    /// Submits every job, run with `adapter` when one is given. If one is refused (full queue,
+    /// Submits every job, run with the LoRA adapter named `adapter` when one is given. If one is refused (full queue,
     /// bad parameters), those already submitted are cancelled and the error returned.
     pub fn start(
         state: &AppState,
         jobs: &[ChoiceJob],
-        adapter: Option<Arc<LoraAdapter>>,
+        adapter: Option<String>,
         started: Instant,
         in_flight: InFlight,
     ) -> Result<Self, ApiError> {
@@ -74,7 +72,11 @@ impl Generation {
         for job in jobs {
             let rx = shared
                 .engine
-                .submit(job.prompt_ids.clone(), job.params.clone(), adapter.clone())
+                .submit(
+                    job.prompt_ids.clone(),
+                    job.params.clone(),
+                    adapter.as_deref(),
+                )
                 .map_err(ApiError::from_ember)?;
             runs.push(ChoiceRun {
                 state: ChoiceState::new(shared.tokenizer.clone(), job, &eos),
@@ -87,7 +89,7 @@ impl Generation {
         Ok(Self {
             state: state.clone(),
             runs,
-            lora_name: adapter.map(|a| a.name().to_string()),
+            lora_name: adapter,
             started,
             poll_from: 0,
             _in_flight: in_flight,

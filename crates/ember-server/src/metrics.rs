@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use ember_models::parallel::eplb::ExpertLoad;
+use ember_engine::ExpertLoadSnapshot;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric,
@@ -255,8 +255,8 @@ fn one_two_five_buckets(max: usize) -> Vec<f64> {
 
 /// Load balance of a MoE model: tokens per expert of each layer, and under expert parallelism
 /// tokens per rank (all layers), whose spread redundant experts even out, and each expert's copies.
-fn encode_expert_load(e: &mut DescriptorEncoder, load: &ExpertLoad) -> fmt::Result {
-    let layers = load.snapshot();
+fn encode_expert_load(e: &mut DescriptorEncoder, load: &ExpertLoadSnapshot) -> fmt::Result {
+    let layers = &load.layers;
     if layers.is_empty() {
         return Ok(());
     }
@@ -266,7 +266,7 @@ fn encode_expert_load(e: &mut DescriptorEncoder, load: &ExpertLoad) -> fmt::Resu
         None,
         prometheus_client::metrics::MetricType::Counter,
     )?;
-    for (layer, experts) in &layers {
+    for (layer, experts) in layers {
         for (expert, &tokens) in experts.iter().enumerate() {
             ConstCounter::new(tokens).encode(family.encode_family(&ExpertLabels {
                 layer: *layer,
@@ -274,7 +274,7 @@ fn encode_expert_load(e: &mut DescriptorEncoder, load: &ExpertLoad) -> fmt::Resu
             })?)?;
         }
     }
-    if let Some(ranks) = load.rank_tokens() {
+    if let Some(ranks) = &load.rank_tokens {
         let mut family = e.encode_descriptor(
             "ember:ep_rank_tokens",
             "Expert-parallel ranks: tokens their experts processed, all MoE layers together.",
@@ -290,10 +290,12 @@ fn encode_expert_load(e: &mut DescriptorEncoder, load: &ExpertLoad) -> fmt::Resu
             None,
             prometheus_client::metrics::MetricType::Gauge,
         )?;
-        for (layer, experts) in load.replicas() {
+        for (layer, experts) in &load.replicas {
             for (expert, &copies) in experts.iter().enumerate() {
-                ConstGauge::new(copies as i64)
-                    .encode(family.encode_family(&ExpertLabels { layer, expert })?)?;
+                ConstGauge::new(copies as i64).encode(family.encode_family(&ExpertLabels {
+                    layer: *layer,
+                    expert,
+                })?)?;
             }
         }
     }
@@ -398,7 +400,7 @@ impl Collector for EngineCollector {
             ConstCounter::new(seconds).encode(family.encode_family(&PhaseLabels { phase })?)?;
         }
         if let Some(load) = self.0.expert_load() {
-            encode_expert_load(e, load)?;
+            encode_expert_load(e, &load)?;
         }
         if let Some(lora) = self.0.lora() {
             gauge(

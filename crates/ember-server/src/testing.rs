@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 
 use ember_core::{EmberError, FinishReason, RequestOutput, SamplingParams, TokenLogprob};
 use ember_engine::{LoraConfig, LoraManager, StatsSnapshot};
-use ember_models::LoraAdapter;
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -227,17 +226,8 @@ impl FakeEngine {
     /// `config` (adapters are read and checked for real; generation stays scripted).
     pub(crate) fn serving_adapters(script: Vec<u32>, config: LoraConfig) -> Arc<Self> {
         let model_dir = fixture_dir("qwen3-tiny");
-        let mut opts = ember_models::LoadOptions::new(model_dir.to_string_lossy());
-        opts.dtype = Some(candle_core::DType::F32);
-        let loaded = ember_models::load_model(&opts)
-            .unwrap_or_else(|e| panic!("{}: {e}", model_dir.display()));
-        let manager = LoraManager::new(
-            config,
-            loaded.model.lora_targets().clone(),
-            candle_core::DType::F32,
-            candle_core::Device::Cpu,
-        )
-        .unwrap_or_else(|e| panic!("LoRA manager: {e}"));
+        let manager = LoraManager::for_checkpoint(config, &model_dir)
+            .unwrap_or_else(|e| panic!("LoRA manager over {}: {e}", model_dir.display()));
         let mut engine = Self::build(script, Mode::Finish);
         engine.lora = Some(Arc::new(manager));
         Arc::new(engine)
@@ -312,7 +302,7 @@ impl EngineClient for FakeEngine {
         &self,
         prompt: Vec<u32>,
         params: SamplingParams,
-        adapter: Option<Arc<LoraAdapter>>,
+        adapter: Option<&str>,
     ) -> ember_core::Result<UnboundedReceiver<RequestOutput>> {
         params.validate()?;
         if self.mode == Mode::Overloaded {
@@ -328,7 +318,7 @@ impl EngineClient for FakeEngine {
             s.push((prompt.clone(), params.clone()));
         }
         if let Ok(mut a) = self.adapters.lock() {
-            a.push(adapter.map(|a| a.name().to_string()));
+            a.push(adapter.map(str::to_string));
         }
         let (tx, rx) = unbounded_channel();
         let prompt_logprobs = params.prompt_logprobs.map(|k| {

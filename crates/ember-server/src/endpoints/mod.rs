@@ -11,12 +11,9 @@ mod prompt_input;
 mod render;
 mod stream;
 
-use std::sync::Arc;
-
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ember_models::LoraAdapter;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -39,8 +36,8 @@ struct ParsedRequest<T> {
     limits: ModelLimits,
     plan: GenerationPlan,
     options: ResponseOptions,
-    /// The LoRA adapter `model` names; `None` for the base model.
-    adapter: Option<Arc<LoraAdapter>>,
+    /// The LoRA adapter `model` names, in memory; `None` for the base model.
+    adapter: Option<String>,
 }
 
 /// How to shape the answer, beyond what to generate.
@@ -77,7 +74,7 @@ impl ResponseOptions {
 }
 
 /// Parses both views of the body, checks `model` and validates the sampling fields; last, when
-/// `model` names a LoRA adapter, fetches it (from disk if it was evicted from memory).
+/// `model` names a LoRA adapter, brings it into memory (from disk if it was evicted).
 async fn parse_generation_request<T: DeserializeOwned>(
     state: &AppState,
     body: &[u8],
@@ -101,12 +98,9 @@ async fn parse_generation_request<T: DeserializeOwned>(
     })
 }
 
-/// The adapter a request runs with. It was unloaded since `model` was resolved: 404, as if it
-/// had never been there.
-async fn adapter_of(
-    state: &AppState,
-    target: ModelTarget,
-) -> Result<Option<Arc<LoraAdapter>>, ApiError> {
+/// The adapter a request runs with, made resident so that submitting it reads no file. It was
+/// unloaded since `model` was resolved: 404, as if it had never been there.
+async fn adapter_of(state: &AppState, target: ModelTarget) -> Result<Option<String>, ApiError> {
     let ModelTarget::Adapter(name) = target else {
         return Ok(None);
     };
@@ -115,7 +109,13 @@ async fn adapter_of(
             "a LoRA adapter was resolved on a server without LoRA",
         ));
     };
-    run_blocking(move || manager.get(&name).map(Some).map_err(ApiError::from_ember)).await
+    run_blocking(move || {
+        manager
+            .make_resident(&name)
+            .map(|()| Some(name))
+            .map_err(ApiError::from_ember)
+    })
+    .await
 }
 
 /// Compiles an output format off the async workers (the first one also builds the
