@@ -15,6 +15,8 @@
 //! the weighted sum of value rows in f32, one rounding to the storage dtype on store.
 
 use crate::error::check_shape;
+use rayon::prelude::*;
+
 use crate::{Element, KernelError};
 
 /// The sizes of a paged attention call.
@@ -234,8 +236,54 @@ pub fn check_extent(
     })
 }
 
-/// CPU reference: `out[t, h] = softmax_p(scale · q[t, h]·k[p]) · v[p]` over the `token_ctx[t]`
-/// positions `p` of token `t`'s sequence, `k`/`v` of key/value head `h / group`.
+/// An element of a KV cache the CPU attention reads, widened to f32 as it is read: f32 and bf16,
+/// e4m3, and e5m2 held as bytes ([`crate::fp8_e5m2`]).
+pub trait CacheElement: Copy + Send + Sync {
+    /// The element's value as f32 (exact for every element type).
+    fn to_f32(self) -> f32;
+}
+
+impl<T: Element> CacheElement for T {
+    fn to_f32(self) -> f32 {
+        Element::to_f32(self)
+    }
+}
+
+impl CacheElement for float8::F8E4M3 {
+    fn to_f32(self) -> f32 {
+        float8::F8E4M3::to_f32(&self)
+    }
+}
+
+/// An e5m2 cache's bytes.
+impl CacheElement for u8 {
+    fn to_f32(self) -> f32 {
+        crate::fp8_e5m2::decode(self)
+    }
+}
+
+/// The scales of an fp8 cache's keys and values (`x = stored · scale`): one per tensor, or one
+/// per key/value head (a row's heads split evenly among them); none means 1.0.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheScales<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+impl CacheScales<'_> {
+    /// The scale of head `head` of `heads` among `scales` (1.0 where there are none).
+    pub fn of_head(scales: &[f32], head: usize, heads: usize) -> f32 {
+        match scales.len() {
+            0 => 1.0,
+            1 => scales[0],
+            n => scales[head * n / heads],
+        }
+    }
+}
+
+/// `out[t, h] = softmax_p(scale · q[t, h]·k[p]) · v[p]` over the `token_ctx[t]` positions `p`
+/// of token `t`'s sequence, `k`/`v` of key/value head `h / group`: the reference the CUDA kernel
+/// is held to, and the CPU's paged attention ([`paged_attention_scaled`] with an fp8 cache).
 pub fn paged_attention<T: Element>(
     out: &mut [T],
     q: &[T],
@@ -245,7 +293,34 @@ pub fn paged_attention<T: Element>(
     scale: f32,
     shape: &PagedAttentionShape,
 ) -> Result<(), KernelError> {
-    each_head(out, q, k_cache, v_cache, batch, scale, shape, attend)
+    let none = CacheScales::default();
+    paged_attention_scaled(out, q, k_cache, v_cache, batch, scale, none, shape)
+}
+
+/// [`paged_attention`] over a cache of any [`CacheElement`] with its `scales`: the key head's
+/// scale folds into `scale`, the value head's into the output. One task per (token, head) on
+/// rayon's pool.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_scaled<Q: CacheElement, K: CacheElement, O: Element>(
+    out: &mut [O],
+    q: &[Q],
+    k_cache: &[K],
+    v_cache: &[K],
+    batch: &PagedAttentionBatch<'_>,
+    scale: f32,
+    scales: CacheScales<'_>,
+    shape: &PagedAttentionShape,
+) -> Result<(), KernelError> {
+    let call = Call {
+        q,
+        k: k_cache,
+        v: v_cache,
+        batch: *batch,
+        scale,
+        scales,
+        shape: *shape,
+    };
+    call.each_head(out, |head, scores, row| head.attend(scores, row))
 }
 
 /// The split form of [`paged_attention`], as the CUDA kernel computes it over long contexts
@@ -262,65 +337,185 @@ pub fn paged_attention_split<T: Element>(
     splits: usize,
 ) -> Result<(), KernelError> {
     check_splits("paged_attention", splits)?;
-    each_head(
-        out,
+    let scales = CacheScales::default();
+    let call = Call {
         q,
-        k_cache,
-        v_cache,
-        batch,
+        k: k_cache,
+        v: v_cache,
+        batch: *batch,
         scale,
-        shape,
-        |ctx, score, value, row| split_attend(ctx, splits, score, value, row),
-    )
+        scales,
+        shape: *shape,
+    };
+    call.each_head(out, |head, _, row| {
+        let score = |p| head.score(head.slot(p));
+        let value = |p, d| head.value(head.slot(p), d);
+        split_attend(head.ctx, splits, &score, &value, row)
+    })
 }
 
-/// Checks a call and fills each (token, head)'s row of `out` with `row_of(ctx, score, value,
-/// row)`: `score(p)` is position p's scaled score, `value(p, d)` its value dim d.
-#[allow(clippy::too_many_arguments)]
-fn each_head<T: Element>(
-    out: &mut [T],
-    q: &[T],
-    k_cache: &[T],
-    v_cache: &[T],
-    batch: &PagedAttentionBatch<'_>,
+/// A call's inputs: the query, the caches, the metadata and the scales.
+struct Call<'a, Q, K> {
+    q: &'a [Q],
+    k: &'a [K],
+    v: &'a [K],
+    batch: PagedAttentionBatch<'a>,
     scale: f32,
-    shape: &PagedAttentionShape,
-    mut row_of: impl FnMut(usize, &dyn Fn(usize) -> f32, &dyn Fn(usize, usize) -> f32, &mut [f32]),
-) -> Result<(), KernelError> {
-    let s = *shape;
-    let tokens =
-        paged_attention_shape(&s, q.len(), k_cache.len(), v_cache.len(), out.len(), batch)?;
-    let group = s.num_heads / s.num_kv_heads;
-    let mut row = vec![0f32; s.v_dim];
-    for t in 0..tokens {
-        let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
-        let table = &batch.block_tables[seq * s.max_blocks..];
-        let slot = |p: usize| table[p / s.block_size] as usize * s.block_size + p % s.block_size;
-        for h in 0..s.num_heads {
-            let kv = h / group;
-            let q_row = &q[(t * s.num_heads + h) * s.head_dim..][..s.head_dim];
-            let score = |p: usize| {
-                let k_row = &k_cache[(slot(p) * s.num_kv_heads + kv) * s.head_dim..][..s.head_dim];
-                scale
-                    * q_row
-                        .iter()
-                        .zip(k_row)
-                        .map(|(a, b)| a.to_f32() * b.to_f32())
-                        .sum::<f32>()
-            };
-            let value = |p: usize, d: usize| {
-                v_cache[(slot(p) * s.num_kv_heads + kv) * s.v_dim + d].to_f32()
-            };
-            row_of(ctx, &score, &value, &mut row);
-            for (o, r) in out[(t * s.num_heads + h) * s.v_dim..][..s.v_dim]
-                .iter_mut()
-                .zip(&row)
-            {
-                *o = T::from_f32(*r);
+    scales: CacheScales<'a>,
+    shape: PagedAttentionShape,
+}
+
+impl<Q: CacheElement, K: CacheElement> Call<'_, Q, K> {
+    /// Checks the call and fills each (token, head)'s row of `out` (`v_dim` wide) with
+    /// `row_of(head, scores, row)`, one task per row on rayon's pool: `scores` is scratch space,
+    /// `row` the f32 result, stored rounded.
+    fn each_head<O: Element>(
+        &self,
+        out: &mut [O],
+        row_of: impl Fn(&Head<'_, Q, K>, &mut Vec<f32>, &mut [f32]) + Sync,
+    ) -> Result<(), KernelError> {
+        let Call {
+            q,
+            k,
+            v,
+            batch,
+            scale,
+            scales,
+            shape: s,
+        } = *self;
+        paged_attention_shape(&s, q.len(), k.len(), v.len(), out.len(), &batch)?;
+        let group = s.num_heads / s.num_kv_heads;
+        out.par_chunks_mut(s.v_dim).enumerate().for_each_init(
+            || (Vec::new(), vec![0f32; s.v_dim]),
+            |(scores, row), (i, out_row)| {
+                let (t, h) = (i / s.num_heads, i % s.num_heads);
+                let (seq, ctx) = (batch.token_seq[t] as usize, batch.token_ctx[t] as usize);
+                let kv = h / group;
+                let head = Head {
+                    q_row: &q[i * s.head_dim..][..s.head_dim],
+                    k,
+                    v,
+                    kv,
+                    table: &batch.block_tables[seq * s.max_blocks..][..ctx.div_ceil(s.block_size)],
+                    ctx,
+                    score_scale: scale * CacheScales::of_head(scales.k, kv, s.num_kv_heads),
+                    v_scale: CacheScales::of_head(scales.v, kv, s.num_kv_heads),
+                    shape: s,
+                };
+                row_of(&head, scores, row);
+                for (o, r) in out_row.iter_mut().zip(row.iter()) {
+                    *o = O::from_f32(*r);
+                }
+            },
+        );
+        Ok(())
+    }
+}
+
+/// What one (token, head) reads: its query row, its key/value head's columns of the cache, and
+/// its context's blocks.
+struct Head<'a, Q, K> {
+    q_row: &'a [Q],
+    k: &'a [K],
+    v: &'a [K],
+    kv: usize,
+    /// The context's blocks, `ctx.div_ceil(block_size)` of them.
+    table: &'a [u32],
+    ctx: usize,
+    /// `scale` times the key head's scale.
+    score_scale: f32,
+    v_scale: f32,
+    shape: PagedAttentionShape,
+}
+
+impl<Q: CacheElement, K: CacheElement> Head<'_, Q, K> {
+    /// Calls `f(p, slot)` for each position `p` of the context and its cache slot, in order.
+    #[inline]
+    fn each_slot(&self, mut f: impl FnMut(usize, usize)) {
+        let bs = self.shape.block_size;
+        for (b, &block) in self.table.iter().enumerate() {
+            let first = block as usize * bs;
+            for (i, slot) in (first..first + bs.min(self.ctx - b * bs)).enumerate() {
+                f(b * bs + i, slot);
             }
         }
     }
-    Ok(())
+
+    /// The cache slot of position `p`.
+    fn slot(&self, p: usize) -> usize {
+        let bs = self.shape.block_size;
+        self.table[p / bs] as usize * bs + p % bs
+    }
+
+    /// The scaled score of the key in `slot`.
+    #[inline]
+    fn score(&self, slot: usize) -> f32 {
+        let s = &self.shape;
+        let k_row = &self.k[(slot * s.num_kv_heads + self.kv) * s.head_dim..][..s.head_dim];
+        dot(self.q_row, k_row) * self.score_scale
+    }
+
+    /// The value row in `slot`, stored.
+    #[inline]
+    fn value_row(&self, slot: usize) -> &[K] {
+        let s = &self.shape;
+        &self.v[(slot * s.num_kv_heads + self.kv) * s.v_dim..][..s.v_dim]
+    }
+
+    /// Dim `d` of the value in `slot`, scaled.
+    fn value(&self, slot: usize, d: usize) -> f32 {
+        self.value_row(slot)[d].to_f32() * self.v_scale
+    }
+
+    /// [`attend`] over the cache: the scores of the context into `scores`, their softmax, and
+    /// the weighted sum of the value rows into `row`.
+    fn attend(&self, scores: &mut Vec<f32>, row: &mut [f32]) {
+        scores.clear();
+        self.each_slot(|_, slot| scores.push(self.score(slot)));
+        let (_, sum) = softmax(scores);
+        row.fill(0.0);
+        self.each_slot(|p, slot| {
+            let w = scores[p];
+            for (o, x) in row.iter_mut().zip(self.value_row(slot)) {
+                *o += w * x.to_f32();
+            }
+        });
+        let norm = self.v_scale / sum;
+        for o in row.iter_mut() {
+            *o *= norm;
+        }
+    }
+}
+
+/// `Σ a·b` in f32 with eight independent accumulators, so the compiler vectorises it (a
+/// conversion is a no-op for f32).
+#[inline]
+fn dot<A: CacheElement, B: CacheElement>(a: &[A], b: &[B]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += ca[l].to_f32() * cb[l].to_f32();
+        }
+    }
+    let tail: f32 = a[chunks..]
+        .iter()
+        .zip(&b[chunks..])
+        .map(|(x, y)| x.to_f32() * y.to_f32())
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Turns `scores` into their max-subtracted exponentials, in place; returns the max and the
+/// exponentials' sum (0 for no scores).
+fn softmax(scores: &mut [f32]) -> (f32, f32) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in scores.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    (max, sum)
 }
 
 /// One (token, head)'s output `row` over its `ctx` positions: a max-subtracted softmax of
@@ -332,10 +527,8 @@ pub fn attend(
     value: &dyn Fn(usize, usize) -> f32,
     row: &mut [f32],
 ) {
-    let weights: Vec<f32> = (0..ctx).map(score).collect();
-    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f32> = weights.iter().map(|x| (x - max).exp()).collect();
-    let sum: f32 = weights.iter().sum();
+    let mut weights: Vec<f32> = (0..ctx).map(score).collect();
+    let (_, sum) = softmax(&mut weights);
     for (d, o) in row.iter_mut().enumerate() {
         let acc: f32 = weights
             .iter()
@@ -368,10 +561,8 @@ pub fn split_attend(
     let mut parts: Vec<(f32, f32, Vec<f32>)> = Vec::with_capacity(splits);
     for split in 0..splits {
         let (lo, hi) = split_range(ctx, splits, split);
-        let scores: Vec<f32> = (lo..hi).map(score).collect();
-        let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f32> = scores.iter().map(|x| (x - m).exp()).collect();
-        let l: f32 = weights.iter().sum();
+        let mut weights: Vec<f32> = (lo..hi).map(score).collect();
+        let (m, l) = softmax(&mut weights);
         let part = (0..row.len())
             .map(|d| {
                 let acc: f32 = weights

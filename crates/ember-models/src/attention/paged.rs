@@ -2,17 +2,20 @@
 //!
 //! The tensor path gathers each sequence's context out of the pool, transposes it per head and
 //! runs small batched matmuls: a dozen candle ops and three copies of the context per sequence
-//! and layer, which dominate a decode step of a batch. This kernel walks the block table instead:
-//! one task per (sequence, query head), f32 dot products against the cached rows, a numerically
-//! stable softmax, and the weighted sum of value rows. It serves f32 and fp8 (e4m3 or e5m2,
+//! and layer, which dominate a decode step of a batch. This adapter hands the cache and the
+//! batch's block tables to `ember_kernels::paged_attention`, which walks the tables instead (the
+//! same function the CUDA kernel is tested against). It serves f32 and fp8 (e4m3 or e5m2,
 //! converted as it reads) caches of f32 models on the CPU; other dtypes and devices keep the
 //! tensor path.
 
 use candle_core::{DType, Device, Storage, Tensor, WithDType};
-use rayon::prelude::*;
+use ember_kernels::paged_attention::{
+    paged_attention_scaled, CacheElement, CacheScales, PagedAttentionBatch, PagedAttentionShape,
+};
 
 use crate::cache::kv_cache::{KvScales, LayerKvCache, E5M2_STORAGE};
 use crate::step::batch::ForwardBatch;
+use crate::step::metadata::host_metadata;
 
 type TensorResult<T = Tensor> = candle_core::Result<T>;
 
@@ -22,50 +25,6 @@ pub fn supported(cache: &LayerKvCache, q: &Tensor) -> bool {
         && matches!(cache.k.dtype(), DType::F32 | DType::F8E4M3 | E5M2_STORAGE)
         && cache.v.dtype() == cache.k.dtype()
         && q.dtype() == DType::F32
-}
-
-/// An element of a cache the kernel reads: f32, or e4m3 converted as it is read.
-trait CacheElem: WithDType {
-    fn to_f32(self) -> f32;
-}
-
-impl CacheElem for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl CacheElem for float8::F8E4M3 {
-    fn to_f32(self) -> f32 {
-        // The inherent conversion, named in full: candle 0.11's `WithDType::to_f64` for e4m3
-        // calls itself forever.
-        float8::F8E4M3::to_f32(&self)
-    }
-}
-
-/// An e5m2 cache's bytes ([`E5M2_STORAGE`]), decoded as they are read.
-impl CacheElem for u8 {
-    fn to_f32(self) -> f32 {
-        ember_kernels::fp8_e5m2::decode(self)
-    }
-}
-
-/// `Σ a·b` with eight independent accumulators, so the compiler vectorises it; `b` is a cached
-/// row, converted to f32 as it is read (a no-op for f32).
-fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += ca[l] * cb[l].to_f32();
-        }
-    }
-    let tail: f32 = a[chunks..]
-        .iter()
-        .zip(&b[chunks..])
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Runs `f` over the contiguous data of a CPU tensor of element type `T`.
@@ -104,7 +63,7 @@ pub fn paged_attention(
 }
 
 /// [`paged_attention`] over a cache whose elements are `T`.
-fn attend<T: CacheElem>(
+fn attend<T: CacheElement + WithDType>(
     q: &Tensor,
     cache: &LayerKvCache,
     scales: &KvScales,
@@ -112,69 +71,37 @@ fn attend<T: CacheElem>(
     num_kv_heads: usize,
     scale: f32,
 ) -> TensorResult {
-    let (tokens, num_heads, d) = q.dims3()?;
-    let group = num_heads / num_kv_heads;
-    let k_width = cache.k.dim(1)?;
-    let v_width = cache.v.dim(1)?;
-    let v_dim = v_width / num_kv_heads;
-    // fp8 scales (per tensor or per key/value head) fold into the score scale and the output
-    // (1.0 for other caches).
+    let (tokens, num_heads, head_dim) = q.dims3()?;
+    let v_dim = cache.v.dim(1)? / num_kv_heads;
+    let (block_tables, token_seq, token_ctx, max_blocks) = host_metadata(batch);
+    let meta = PagedAttentionBatch {
+        block_tables: &block_tables,
+        token_seq: &token_seq,
+        token_ctx: &token_ctx,
+    };
+    let shape = PagedAttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        v_dim,
+        block_size: batch.block_size,
+        max_blocks,
+    };
+    let scales = CacheScales {
+        k: &scales.k,
+        v: &scales.v,
+    };
     let q = q.contiguous()?;
-    let tasks: Vec<(usize, usize)> = (0..batch.sequences.len())
-        .flat_map(|s| (0..num_heads).map(move |h| (s, h)))
-        .collect();
-    let results: Vec<Vec<f32>> = with_slice::<f32, _>(&q, |q| {
+    let mut out = vec![0f32; tokens * num_heads * v_dim];
+    with_slice::<f32, _>(&q, |q| {
         with_slice::<T, _>(&cache.k, |k| {
             with_slice::<T, _>(&cache.v, |v| {
-                Ok(tasks
-                    .par_iter()
-                    .map(|&(s, h)| {
-                        let seq = &batch.sequences[s];
-                        let kv = h / group;
-                        let k_scale = scale * KvScales::of_head(&scales.k, kv, num_kv_heads);
-                        let v_scale = KvScales::of_head(&scales.v, kv, num_kv_heads);
-                        let past = seq.context_len - seq.query_len;
-                        let mut out = vec![0f32; seq.query_len * v_dim];
-                        let mut scores = Vec::with_capacity(seq.context_len);
-                        for i in 0..seq.query_len {
-                            let row = (seq.query_start + i) * num_heads + h;
-                            let q_row = &q[row * d..(row + 1) * d];
-                            scores.clear();
-                            // Causal: token i of the chunk sees the past and itself.
-                            for &slot in &seq.context_slots_host()[..past + i + 1] {
-                                let k_row = &k[slot as usize * k_width + kv * d..][..d];
-                                scores.push(dot(q_row, k_row) * k_scale);
-                            }
-                            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                            let mut sum = 0f32;
-                            for s in scores.iter_mut() {
-                                *s = (*s - max).exp();
-                                sum += *s;
-                            }
-                            let o = &mut out[i * v_dim..(i + 1) * v_dim];
-                            for (&w, &slot) in scores.iter().zip(seq.context_slots_host()) {
-                                let v_row = &v[slot as usize * v_width + kv * v_dim..][..v_dim];
-                                let w = w / sum * v_scale;
-                                for (o, &x) in o.iter_mut().zip(v_row) {
-                                    *o += w * x.to_f32();
-                                }
-                            }
-                        }
-                        out
-                    })
-                    .collect())
+                paged_attention_scaled(&mut out, q, k, v, &meta, scale, scales, &shape)
+                    .map_err(candle_core::Error::wrap)
             })
         })
     })?;
-    let mut attn = vec![0f32; tokens * num_heads * v_dim];
-    for (&(s, h), out) in tasks.iter().zip(results) {
-        let seq = &batch.sequences[s];
-        for i in 0..seq.query_len {
-            let at = ((seq.query_start + i) * num_heads + h) * v_dim;
-            attn[at..at + v_dim].copy_from_slice(&out[i * v_dim..(i + 1) * v_dim]);
-        }
-    }
-    Tensor::from_vec(attn, (tokens, num_heads * v_dim), q.device())
+    Tensor::from_vec(out, (tokens, num_heads * v_dim), q.device())
 }
 
 #[cfg(test)]

@@ -89,7 +89,6 @@ impl StepMetadata {
     }
 }
 
-#[cfg(feature = "cuda")]
 /// The kernel's metadata of a batch on the host: block tables `[sequences, max_blocks]`, each
 /// token's sequence and the positions it sees, and `max_blocks`.
 pub(crate) fn host_metadata(batch: &ForwardBatch) -> (Vec<u32>, Vec<u32>, Vec<u32>, usize) {
