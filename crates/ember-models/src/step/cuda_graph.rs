@@ -208,12 +208,10 @@ pub fn distribution_distance(
 }
 
 #[cfg(feature = "cuda")]
-#[cfg(feature = "cuda")]
 pub use device::DecodeGraphs;
 
 #[cfg(feature = "cuda")]
 mod device {
-
     use std::collections::hash_map::Entry;
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
