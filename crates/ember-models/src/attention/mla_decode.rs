@@ -7,9 +7,6 @@
 //! The step's metadata (which sequences decode, their block tables and context lengths) is built
 //! once per step on the host and, on a GPU, checked and copied once, for every layer to read.
 
-#[cfg(feature = "cuda")]
-use std::sync::Arc;
-
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use ember_kernels::mla_decode::{self, MlaShape};
 use ember_kernels::Element;

@@ -5,16 +5,16 @@
 //! runs the kernel, and read by every layer after; the op launches on candle's stream, so it
 //! orders with candle's own ops.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use ember_kernels::cuda::{CudaKernels, DevicePagedBatch};
-use ember_kernels::paged_attention::{PagedAttentionBatch, PagedAttentionShape, MAX_V_DIM};
+use ember_kernels::cuda::CudaKernels;
+use ember_kernels::paged_attention::{PagedAttentionShape, MAX_V_DIM};
 
 use crate::cache::kv_cache::LayerKvCache;
 use crate::step::batch::ForwardBatch;
+use crate::step::metadata::StepPagedBatch;
 use crate::TensorResult;
 
 /// Whether the kernel serves this layer: the query on a GPU in f32 or bf16, a cache of the same
@@ -91,7 +91,7 @@ impl CustomOp3 for PagedAttentionOp {
         lv: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let device = q.device().clone();
-        let kernels = kernels(&device)?;
+        let kernels = crate::device::kernels::kernels(&device)?;
         let ranges = [
             crate::device::kernels::contiguous_range(lq, "paged attention: q")?,
             crate::device::kernels::contiguous_range(lk, "paged attention: the k cache")?,
