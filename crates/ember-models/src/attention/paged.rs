@@ -10,12 +10,11 @@
 
 use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use ember_kernels::paged_attention::{
-    paged_attention_scaled, CacheElement, CacheScales, PagedAttentionBatch, PagedAttentionShape,
+    paged_attention_scaled, CacheElement, CacheScales, PagedAttentionShape,
 };
 
 use crate::cache::kv_cache::{KvScales, LayerKvCache, E5M2_STORAGE};
 use crate::step::batch::ForwardBatch;
-use crate::step::metadata::host_metadata;
 
 type TensorResult<T = Tensor> = candle_core::Result<T>;
 
@@ -73,19 +72,15 @@ fn attend<T: CacheElement + WithDType>(
 ) -> TensorResult {
     let (tokens, num_heads, head_dim) = q.dims3()?;
     let v_dim = cache.v.dim(1)? / num_kv_heads;
-    let (block_tables, token_seq, token_ctx, max_blocks) = host_metadata(batch);
-    let meta = PagedAttentionBatch {
-        block_tables: &block_tables,
-        token_seq: &token_seq,
-        token_ctx: &token_ctx,
-    };
+    let host = batch.host_paged();
+    let meta = host.view();
     let shape = PagedAttentionShape {
         num_heads,
         num_kv_heads,
         head_dim,
         v_dim,
         block_size: batch.block_size,
-        max_blocks,
+        max_blocks: host.max_blocks,
     };
     let scales = CacheScales {
         k: &scales.k,

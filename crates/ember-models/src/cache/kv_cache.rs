@@ -101,11 +101,7 @@ impl KvScales {
 
     /// The scale of head `head` of `heads` in a row.
     pub fn of_head(scales: &[f32], head: usize, heads: usize) -> f32 {
-        if scales.len() == 1 {
-            scales[0]
-        } else {
-            scales[head * scales.len() / heads]
-        }
+        ember_kernels::paged_attention::CacheScales::of_head(scales, head, heads)
     }
 
     /// `[1, width]` factors of `scales` over a row's columns; `None` when every one is 1.0.

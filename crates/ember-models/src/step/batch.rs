@@ -220,6 +220,8 @@ pub struct ForwardBatch {
     pub block_size: usize,
     /// The step's decodes for MLA's kernel, built by the first layer that asks.
     pub(crate) mla_decodes: std::sync::OnceLock<Arc<crate::step::metadata::MlaDecodeBatch>>,
+    /// The paged kernels' metadata on the host, built by the first layer that asks.
+    host_paged: std::sync::OnceLock<crate::step::metadata::HostPagedBatch>,
     /// What ember's CUDA kernels copy to the GPU once per step for every layer to read.
     #[cfg(feature = "cuda")]
     pub(crate) device_metadata: crate::step::metadata::StepMetadata,
@@ -271,6 +273,12 @@ struct SequenceLayout {
 }
 
 impl ForwardBatch {
+    /// The paged kernels' metadata of the step on the host, made once for every layer.
+    pub fn host_paged(&self) -> &crate::step::metadata::HostPagedBatch {
+        self.host_paged
+            .get_or_init(|| crate::step::metadata::host_metadata(self))
+    }
+
     /// The step's single-token decodes and their metadata for MLA's kernel, made once.
     pub fn mla_decodes(&self) -> TensorResult<Arc<crate::step::metadata::MlaDecodeBatch>> {
         if let Some(d) = self.mla_decodes.get() {
@@ -546,6 +554,7 @@ impl ForwardBatch {
             lora,
             block_size,
             mla_decodes: Default::default(),
+            host_paged: Default::default(),
             #[cfg(feature = "cuda")]
             device_metadata: Default::default(),
             data_parallel: None,

@@ -70,28 +70,44 @@ impl StepMetadata {
         if let Some((_, meta)) = uploaded.iter().find(|(id, _)| *id == device.id()) {
             return Ok(meta.clone());
         }
-        let (block_tables, token_seq, token_ctx, max_blocks) = host_metadata(batch);
-        let host = PagedAttentionBatch {
-            block_tables: &block_tables,
-            token_seq: &token_seq,
-            token_ctx: &token_ctx,
-        };
+        let host = batch.host_paged();
         let meta = Arc::new(StepPagedBatch {
             device: Arc::new(
                 crate::device::kernels::kernels(device)?
-                    .upload_paged_batch(&host, batch.block_size, max_blocks)
+                    .upload_paged_batch(&host.view(), batch.block_size, host.max_blocks)
                     .map_err(candle_core::Error::wrap)?,
             ),
-            max_blocks,
+            max_blocks: host.max_blocks,
         });
         uploaded.push((device.id(), meta.clone()));
         Ok(meta)
     }
 }
 
-/// The kernel's metadata of a batch on the host: block tables `[sequences, max_blocks]`, each
-/// token's sequence and the positions it sees, and `max_blocks`.
-pub(crate) fn host_metadata(batch: &ForwardBatch) -> (Vec<u32>, Vec<u32>, Vec<u32>, usize) {
+/// The paged kernel's metadata of a step on the host: block tables `[sequences, max_blocks]`,
+/// each token's sequence and the positions it sees. Built once per step
+/// ([`ForwardBatch::host_paged`]) for the CPU kernel and the GPU upload alike.
+#[derive(Debug)]
+pub struct HostPagedBatch {
+    pub block_tables: Vec<u32>,
+    pub token_seq: Vec<u32>,
+    pub token_ctx: Vec<u32>,
+    pub max_blocks: usize,
+}
+
+impl HostPagedBatch {
+    /// The metadata as the kernels take it.
+    pub fn view(&self) -> PagedAttentionBatch<'_> {
+        PagedAttentionBatch {
+            block_tables: &self.block_tables,
+            token_seq: &self.token_seq,
+            token_ctx: &self.token_ctx,
+        }
+    }
+}
+
+/// [`HostPagedBatch`] of `batch`.
+pub(crate) fn host_metadata(batch: &ForwardBatch) -> HostPagedBatch {
     let block_size = batch.block_size;
     let tokens = batch.num_tokens;
     let max_blocks = batch
@@ -111,7 +127,12 @@ pub(crate) fn host_metadata(batch: &ForwardBatch) -> (Vec<u32>, Vec<u32>, Vec<u3
             token_ctx[seq.query_start + i] = (past + i + 1) as u32;
         }
     }
-    (block_tables, token_seq, token_ctx, max_blocks)
+    HostPagedBatch {
+        block_tables,
+        token_seq,
+        token_ctx,
+        max_blocks,
+    }
 }
 
 /// The step's single-token decodes and the kernel's metadata for them.
