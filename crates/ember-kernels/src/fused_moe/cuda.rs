@@ -2,11 +2,7 @@
 //! grouped GEMMs over plain, e4m3 and 4-bit experts, [`super::count_experts`] and
 //! [`super::moe_sum`] on the GPU.
 
-use std::sync::Arc;
-
-use cudarc::driver::{
-    CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{
     align_capacity, grouped_gemm_shape, grouped_w4a16_shape, grouped_w8a16_shape, moe_sum_shape,
@@ -32,16 +28,55 @@ pub struct DeviceAlignment {
     pub block_m: usize,
 }
 
-/// One launch of a grouped GEMM over packed experts ([`CudaKernels::launch_grouped`]).
+/// The experts a grouped GEMM over packed weights reads: e4m3 bytes with block scales
+/// (`kernels/moe_w8a16.cu`) or 4-bit codes with their parameters (`kernels/moe_w4a16.cu`).
 #[derive(Clone, Copy)]
-struct GroupedCall<'a> {
-    op: &'static str,
-    /// The fused MoE's tensor-core tiles, else `simt`'s SIMT ones.
-    tensor_cores: bool,
-    simt: &'a Arc<CudaModule>,
-    shape: &'a GroupedGemmShape,
-    /// The alignment's capacity (its padded rows).
-    cap: usize,
+enum PackedExperts<'a> {
+    E4m3(&'a ScaleBlocks),
+    FourBit(&'a W4Params),
+}
+
+impl PackedExperts<'_> {
+    /// The kernel's name: the SIMT tiles', or with `tensor_cores` the bf16 WMMA tiles'.
+    fn op(self, tensor_cores: bool) -> &'static str {
+        match (self, tensor_cores) {
+            (Self::E4m3(_), false) => "grouped_w8a16",
+            (Self::E4m3(_), true) => "grouped_w8a16_tc",
+            (Self::FourBit(_), false) => "grouped_w4a16",
+            (Self::FourBit(_), true) => "grouped_w4a16_tc",
+        }
+    }
+
+    /// Checks the buffers' lengths `[out, x, weights, their parameters]` against the shape, as
+    /// the CPU reference does.
+    fn check_lens(
+        self,
+        s: &GroupedGemmShape,
+        [out, x, weights, params]: [usize; 4],
+        host: &MoeAlignment,
+    ) -> Result<(), KernelError> {
+        match self {
+            Self::E4m3(blocks) => grouped_w8a16_shape(s, blocks, out, x, weights, params, host),
+            Self::FourBit(p) => grouped_w4a16_shape(s, p, out, x, weights, params, host),
+        }
+    }
+
+    /// The ints the kernel takes after the shape's ([`grouped_ints`]).
+    fn extra_ints(self, op: &'static str) -> Result<Vec<i32>, KernelError> {
+        Ok(match self {
+            Self::E4m3(blocks) => vec![
+                int32(op, "block_n", blocks.block_n)?,
+                int32(op, "block_k", blocks.block_k)?,
+            ],
+            Self::FourBit(p) => vec![
+                int32(op, "group_size", p.group_size)?,
+                i32::from(p.f16_weights),
+                i32::from(p.e2m1),
+                i32::from(p.zeros),
+                p.scales.code(),
+            ],
+        })
+    }
 }
 
 impl CudaKernels {
@@ -148,7 +183,8 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
         blocks: &ScaleBlocks,
     ) -> Result<(), KernelError> {
-        self.grouped_w8a16_on(true, out, x, w, scales, align, shape, blocks)
+        let e4m3 = PackedExperts::E4m3(blocks);
+        self.grouped_packed(true, e4m3, out, x, w, scales, align, shape)
     }
 
     /// [`crate::fused_moe::grouped_w4a16_tc`] on the GPU: the grouped GEMM over 4-bit experts on
@@ -164,7 +200,8 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
         params: &W4Params,
     ) -> Result<(), KernelError> {
-        self.grouped_w4a16_on(true, out, x, codes, qparams, align, shape, params)
+        let four_bit = PackedExperts::FourBit(params);
+        self.grouped_packed(true, four_bit, out, x, codes, qparams, align, shape)
     }
 
     /// [`crate::fused_moe::grouped_w8a16`] on the GPU over an alignment
@@ -181,57 +218,8 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
         blocks: &ScaleBlocks,
     ) -> Result<(), KernelError> {
-        self.grouped_w8a16_on(false, out, x, w, scales, align, shape, blocks)
-    }
-
-    /// The grouped W8A16 GEMM on the SIMT tiles (`kernels/moe_w8a16.cu`), or with
-    /// `tensor_cores` the bf16 WMMA tiles (`grouped_w8a16_tc_bf16` in `kernels/fused_moe.cu`).
-    #[allow(clippy::too_many_arguments)]
-    fn grouped_w8a16_on<T: CudaElement, P: DeviceRepr>(
-        &self,
-        tensor_cores: bool,
-        out: &mut CudaSlice<T>,
-        x: &CudaView<T>,
-        w: &CudaView<P>,
-        scales: &CudaView<f32>,
-        align: &DeviceAlignment,
-        shape: &GroupedGemmShape,
-        blocks: &ScaleBlocks,
-    ) -> Result<(), KernelError> {
-        let op: &'static str = if tensor_cores {
-            "grouped_w8a16_tc"
-        } else {
-            "grouped_w8a16"
-        };
-        let s = shape;
-        check_shape(std::mem::size_of::<P>() == 1, op, || {
-            "e4m3 weights are one byte each".into()
-        })?;
-        check_shape(!tensor_cores || T::KERNEL_SUFFIX == "bf16", op, || {
-            "bf16 activations (tensor cores)".into()
-        })?;
-        let (cap, host) = self.check_alignment(op, align, s)?;
-        grouped_w8a16_shape(s, blocks, out.len(), x.len(), w.len(), scales.len(), &host)?;
-        if s.num_entries == 0 {
-            return Ok(());
-        }
-        let extra = [
-            int32(op, "block_n", blocks.block_n)?,
-            int32(op, "block_k", blocks.block_k)?,
-        ];
-        let call = GroupedCall {
-            op,
-            tensor_cores,
-            simt: &self.moe_w8a16,
-            shape: s,
-            cap,
-        };
-        // SAFETY: grouped_w8a16_<T> in kernels/moe_w8a16.cu and grouped_w8a16_tc_bf16 in
-        // kernels/fused_moe.cu (T is bf16 there, checked) both take (T*, const T*, const u8*,
-        // const float*, const unsigned* x 3, int x 7); they read x rows of ids < num_entries,
-        // weights and scales of experts < num_experts within the lengths checked above, and write
-        // rows of ids < num_entries.
-        unsafe { self.launch_grouped(&call, out, x, w, scales, align, &extra) }
+        let e4m3 = PackedExperts::E4m3(blocks);
+        self.grouped_packed(false, e4m3, out, x, w, scales, align, shape)
     }
 
     /// [`crate::fused_moe::grouped_w4a16`] on the GPU over an alignment
@@ -247,94 +235,49 @@ impl CudaKernels {
         shape: &GroupedGemmShape,
         params: &W4Params,
     ) -> Result<(), KernelError> {
-        self.grouped_w4a16_on(false, out, x, codes, qparams, align, shape, params)
+        let four_bit = PackedExperts::FourBit(params);
+        self.grouped_packed(false, four_bit, out, x, codes, qparams, align, shape)
     }
 
-    /// The grouped W4A16 GEMM on the SIMT tiles (`kernels/moe_w4a16.cu`), or with
-    /// `tensor_cores` the bf16 WMMA tiles (`grouped_w4a16_tc_bf16` in `kernels/fused_moe.cu`).
+    /// The grouped GEMM over `packed` experts on their SIMT tiles, or with `tensor_cores` on
+    /// the bf16 WMMA tiles of `kernels/fused_moe.cu`: `weights` and their `params` (scales, or
+    /// the 4-bit codes' parameters) per expert.
     #[allow(clippy::too_many_arguments)]
-    fn grouped_w4a16_on<T: CudaElement>(
+    fn grouped_packed<T: CudaElement, W: DeviceRepr>(
         &self,
         tensor_cores: bool,
-        out: &mut CudaSlice<T>,
-        x: &CudaView<T>,
-        codes: &CudaView<u8>,
-        qparams: &CudaView<f32>,
-        align: &DeviceAlignment,
-        shape: &GroupedGemmShape,
-        params: &W4Params,
-    ) -> Result<(), KernelError> {
-        let op: &'static str = if tensor_cores {
-            "grouped_w4a16_tc"
-        } else {
-            "grouped_w4a16"
-        };
-        let s = shape;
-        check_shape(!tensor_cores || T::KERNEL_SUFFIX == "bf16", op, || {
-            "bf16 activations (tensor cores)".into()
-        })?;
-        let (cap, host) = self.check_alignment(op, align, s)?;
-        grouped_w4a16_shape(
-            s,
-            params,
-            out.len(),
-            x.len(),
-            codes.len(),
-            qparams.len(),
-            &host,
-        )?;
-        if s.num_entries == 0 {
-            return Ok(());
-        }
-        let extra = [
-            int32(op, "group_size", params.group_size)?,
-            i32::from(params.f16_weights),
-            i32::from(params.e2m1),
-            i32::from(params.zeros),
-            params.scales.code(),
-        ];
-        let call = GroupedCall {
-            op,
-            tensor_cores,
-            simt: &self.moe_w4a16,
-            shape: s,
-            cap,
-        };
-        // SAFETY: grouped_w4a16_<T> in kernels/moe_w4a16.cu and grouped_w4a16_tc_bf16 in
-        // kernels/fused_moe.cu (T is bf16 there, checked) both take (T*, const T*, const u8*,
-        // const float*, const unsigned* x 3, int x 10); the kernel reads x rows of ids <
-        // num_entries, codes and qparams of experts < num_experts within the lengths checked
-        // above, and writes rows of ids < num_entries.
-        unsafe { self.launch_grouped(&call, out, x, codes, qparams, align, &extra) }
-    }
-
-    /// The launch both grouped GEMMs over packed experts end with: `op` from the fused MoE's
-    /// module (its tensor-core tiles) or from `simt`, over `(out, x, weights, their scales,
-    /// the alignment, the shape's ints, extra)`, on the tiles' grid.
-    ///
-    /// # Safety
-    /// `op` must take exactly those arguments, and the lengths checked by the caller must bound
-    /// every row, weight and scale it reads and writes.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn launch_grouped<T: CudaElement, W: DeviceRepr>(
-        &self,
-        call: &GroupedCall<'_>,
+        packed: PackedExperts<'_>,
         out: &mut CudaSlice<T>,
         x: &CudaView<T>,
         weights: &CudaView<W>,
         params: &CudaView<f32>,
         align: &DeviceAlignment,
-        extra: &[i32],
+        shape: &GroupedGemmShape,
     ) -> Result<(), KernelError> {
-        let GroupedCall {
-            op,
-            tensor_cores,
-            simt,
-            shape: s,
-            cap,
-        } = *call;
-        let args = grouped_ints(op, s, extra)?;
-        let module = if tensor_cores { &self.fused_moe } else { simt };
+        let op = packed.op(tensor_cores);
+        let s = shape;
+        if let PackedExperts::E4m3(_) = packed {
+            check_shape(std::mem::size_of::<W>() == 1, op, || {
+                "e4m3 weights are one byte each".into()
+            })?;
+        }
+        check_shape(!tensor_cores || T::KERNEL_SUFFIX == "bf16", op, || {
+            "bf16 activations (tensor cores)".into()
+        })?;
+        let (cap, host) = self.check_alignment(op, align, s)?;
+        let lens = [out.len(), x.len(), weights.len(), params.len()];
+        packed.check_lens(s, lens, &host)?;
+        if s.num_entries == 0 {
+            return Ok(());
+        }
+        let args = grouped_ints(op, s, &packed.extra_ints(op)?)?;
+        let module = if tensor_cores {
+            &self.fused_moe
+        } else if let PackedExperts::E4m3(_) = packed {
+            &self.moe_w8a16
+        } else {
+            &self.moe_w4a16
+        };
         let f = kernel(module, op, T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(x).arg(weights).arg(params);
@@ -347,7 +290,12 @@ impl CudaKernels {
         } else {
             grouped_tile_launch(op, cap, s)?
         };
-        // SAFETY: the caller's contract.
+        // SAFETY: grouped_w8a16_<T> (kernels/moe_w8a16.cu), grouped_w4a16_<T>
+        // (kernels/moe_w4a16.cu) and their _tc_bf16 forms in kernels/fused_moe.cu (T is bf16
+        // there, checked) take (T*, const T*, const u8*, const float*, const unsigned* x 3, int x
+        // 5, then the extra ints: 2 for e4m3, 5 for 4 bits); they read x rows of ids <
+        // num_entries, weights and params of experts < num_experts within the lengths checked
+        // above, and write rows of ids < num_entries.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }
