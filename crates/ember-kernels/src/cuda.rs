@@ -342,9 +342,34 @@ pub(crate) fn too_big(op: &'static str, what: &str, value: usize) -> KernelError
 /// 256 threads a block, enough blocks for `n` elements up to 65535 (the kernel strides on).
 pub(crate) fn elementwise_launch(n: i64) -> LaunchConfig {
     let blocks = (n.max(1) as usize).div_ceil(256).min(65_535) as u32;
+    grid_launch((blocks, 1), 256)
+}
+
+/// A `(x, y)` grid of blocks of `threads` threads, without dynamic shared memory.
+pub(crate) fn grid_launch((x, y): (u32, u32), threads: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (x, y, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Blocks of `per` that cover `value` on a grid's y axis (65535 at most), or why they do not fit.
+pub(crate) fn grid_y_blocks(
+    op: &'static str,
+    what: &str,
+    value: usize,
+    per: usize,
+) -> Result<u32, KernelError> {
+    u32::try_from(value.div_ceil(per))
+        .ok()
+        .filter(|&b| b <= 65_535)
+        .ok_or_else(|| too_big(op, what, value))
+}
+
+/// Errs unless `P` is one byte: e4m3 weights come as any one-byte element.
+pub(crate) fn check_e4m3_bytes<P>(op: &'static str) -> Result<(), KernelError> {
+    check_shape(std::mem::size_of::<P>() == 1, op, || {
+        "e4m3 weights are one byte each".into()
+    })
 }

@@ -189,10 +189,10 @@ pub fn route(
 /// The launcher: [`route`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
     use super::{routing_shape, RoutingConfig, TopkMethod};
-    use crate::cuda::{too_big, CudaKernels};
+    use crate::cuda::{grid_launch, too_big, CudaKernels};
     use crate::KernelError;
 
     impl CudaKernels {
@@ -245,11 +245,7 @@ mod cuda {
                 None => launch.arg(&null),
             };
             let threads = cfg.num_experts.next_multiple_of(32).clamp(32, 1024) as u32;
-            let launch_cfg = LaunchConfig {
-                grid_dim: (tokens, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let launch_cfg = grid_launch((tokens, 1), threads);
             // SAFETY: matches moe_routing(unsigned*, float*, const float*, const float*, int x 7,
             // float, const unsigned*) in kernels/moe_routing.cu (a null pointer for no `live`,
             // which else holds at least the one u32 the kernel reads); routing_shape bounds the

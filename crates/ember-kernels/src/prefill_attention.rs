@@ -110,10 +110,10 @@ pub fn prefill_attention<T: Element>(
 /// The launcher: [`prefill_attention`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
     use super::{prefill_shape, PrefillShape, MAX_DQK, MAX_DV};
-    use crate::cuda::{int32, kernel, too_big, CudaElement, CudaKernels};
+    use crate::cuda::{grid_launch, grid_y_blocks, int32, kernel, CudaElement, CudaKernels};
     use crate::error::check_shape;
     use crate::KernelError;
 
@@ -154,15 +154,8 @@ mod cuda {
                 int32(OP, "dqk", s.dqk)?,
                 int32(OP, "dv", s.dv)?,
             ];
-            let blocks_y = u32::try_from(s.heads)
-                .ok()
-                .filter(|&b| b <= 65_535)
-                .ok_or_else(|| too_big(OP, "heads", s.heads))?;
-            let cfg = LaunchConfig {
-                grid_dim: (s.q_len.div_ceil(PREFILL_ROWS) as u32, blocks_y, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let blocks_y = grid_y_blocks(OP, "heads", s.heads, 1)?;
+            let cfg = grid_launch((s.q_len.div_ceil(PREFILL_ROWS) as u32, blocks_y), 128);
             let f = kernel(&self.prefill_attention, OP, T::KERNEL_SUFFIX)?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(out).arg(q).arg(k).arg(v);

@@ -85,7 +85,7 @@ mod cuda {
     use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
     use super::rms_norm_shape;
-    use crate::cuda::{kernel, too_big, CudaElement, CudaKernels};
+    use crate::cuda::{grid_launch, kernel, too_big, CudaElement, CudaKernels};
     use crate::error::check_shape;
     use crate::KernelError;
 
@@ -99,22 +99,10 @@ mod cuda {
             out: &mut CudaViewMut<T>,
         ) -> Result<(), KernelError> {
             let (rows, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
-            if rows == 0 {
-                return Ok(());
-            }
-            let hidden_arg = hidden_i32(hidden)?;
-            let f = kernel(&self.rms_norm, "rms_norm", T::KERNEL_SUFFIX)?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(out)
-                .arg(x)
-                .arg(weight)
-                .arg(&hidden_arg)
-                .arg(&eps);
-            // SAFETY: the argument list matches rms_norm_<T>(T*, const T*, const T*, int, float) in
-            // kernels/rms_norm.cu, and the shape check above bounds every index it touches.
-            unsafe { launch.launch(row_launch(rows, hidden)?) }?;
-            Ok(())
+            // SAFETY: rms_norm_<T>(T*, const T*, const T*, int, float) in kernels/rms_norm.cu
+            // takes what launch_rows passes without a residual, and the shape check above bounds
+            // every index it touches.
+            unsafe { self.launch_rows("rms_norm", [rows, hidden], out, None, x, weight, eps) }
         }
 
         /// [`crate::rms_norm::fused_add_rms_norm`] on the GPU (`residual` is updated in place).
@@ -134,21 +122,51 @@ mod cuda {
                     x.len()
                 )
             })?;
+            // SAFETY: fused_add_rms_norm_<T>(T*, T*, const T*, const T*, int, float) takes what
+            // launch_rows passes with the residual; shapes checked.
+            unsafe {
+                let dims = [rows, hidden];
+                self.launch_rows(
+                    "fused_add_rms_norm",
+                    dims,
+                    out,
+                    Some(residual),
+                    x,
+                    weight,
+                    eps,
+                )
+            }
+        }
+
+        /// Launches `<op>_<T>(out, [residual,] x, weight, hidden, eps)` over `rows` rows of
+        /// `hidden` ([`row_launch`]); nothing for no rows.
+        ///
+        /// # Safety
+        /// `op` must take exactly those arguments, and the buffers must hold `rows` rows of
+        /// `hidden` (`weight` one).
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn launch_rows<T: CudaElement>(
+            &self,
+            op: &str,
+            [rows, hidden]: [usize; 2],
+            out: &mut CudaViewMut<T>,
+            residual: Option<&mut CudaViewMut<T>>,
+            x: &CudaView<T>,
+            weight: &CudaView<T>,
+            eps: f32,
+        ) -> Result<(), KernelError> {
             if rows == 0 {
                 return Ok(());
             }
             let hidden_arg = hidden_i32(hidden)?;
-            let f = kernel(&self.rms_norm, "fused_add_rms_norm", T::KERNEL_SUFFIX)?;
+            let f = kernel(&self.rms_norm, op, T::KERNEL_SUFFIX)?;
             let mut launch = self.stream.launch_builder(&f);
-            launch
-                .arg(out)
-                .arg(residual)
-                .arg(x)
-                .arg(weight)
-                .arg(&hidden_arg)
-                .arg(&eps);
-            // SAFETY: matches fused_add_rms_norm_<T>(T*, T*, const T*, const T*, int, float);
-            // shapes checked.
+            launch.arg(out);
+            if let Some(residual) = residual {
+                launch.arg(residual);
+            }
+            launch.arg(x).arg(weight).arg(&hidden_arg).arg(&eps);
+            // SAFETY: the caller's contract.
             unsafe { launch.launch(row_launch(rows, hidden)?) }?;
             Ok(())
         }
@@ -164,11 +182,7 @@ mod cuda {
     fn row_launch(rows: usize, hidden: usize) -> Result<LaunchConfig, KernelError> {
         let rows = u32::try_from(rows).map_err(|_| too_big("rms_norm", "rows", rows))?;
         let threads = hidden.next_multiple_of(32).clamp(32, 1024) as u32;
-        Ok(LaunchConfig {
-            grid_dim: (rows, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        })
+        Ok(grid_launch((rows, 1), threads))
     }
 }
 

@@ -153,10 +153,10 @@ pub fn rotary_embedding<T: Element>(
 /// The launchers: [`rotary_embedding`] and [`rotary_embedding_rows`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
     use super::{rotary_rows_shape, rotary_shape, RotaryShape};
-    use crate::cuda::{int32, kernel, too_big, CudaElement, CudaKernels};
+    use crate::cuda::{grid_launch, int32, kernel, too_big, CudaElement, CudaKernels};
     use crate::error::check_shape;
     use crate::KernelError;
 
@@ -238,11 +238,10 @@ mod cuda {
                 .arg(&head_dim)
                 .arg(&interleaved);
             let pairs = shape.heads * shape.head_dim / 2;
-            let cfg = LaunchConfig {
-                grid_dim: (tokens, 1, 1),
-                block_dim: (pairs.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_launch(
+                (tokens, 1),
+                pairs.next_multiple_of(32).clamp(32, 256) as u32,
+            );
             // SAFETY: matches rotary_embedding_<T>(T*, const T*, const unsigned*, const T*, const
             // T*, int, int, int) and rotary_embedding_rows_<T>(the same without positions) in
             // kernels/rotary.cu; rotary_shape / rotary_rows_shape bound every x, out and table

@@ -306,10 +306,10 @@ fn sample_row(row: &[f32], p: &DrawParams) -> u32 {
 /// The launchers: [`argmax_rows`], [`sample_rows`] and [`token_logprobs_rows`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
     use super::{argmax_shape, logprobs_width, sample_shape, DrawParams};
-    use crate::cuda::{int32, too_big, CudaKernels};
+    use crate::cuda::{grid_launch, int32, too_big, CudaKernels};
     use crate::error::check_shape;
     use crate::KernelError;
 
@@ -339,11 +339,7 @@ mod cuda {
             let f = self.sampling.load_function("argmax_f32")?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(out).arg(logits).arg(&vocab);
-            let cfg = LaunchConfig {
-                grid_dim: (rows, 1, 1),
-                block_dim: (ARGMAX_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_launch((rows, 1), ARGMAX_THREADS);
             // SAFETY: matches argmax_f32(unsigned*, const float*, int) in kernels/sampling.cu,
             // launched with its ARGMAX_THREADS; argmax_shape bounds every row it reads and writes.
             unsafe { launch.launch(cfg) }?;
@@ -374,11 +370,7 @@ mod cuda {
             let f = self.sampling.load_function("sample_rows_f32")?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(out).arg(logits).arg(&dparams).arg(&vocab_arg);
-            let cfg = LaunchConfig {
-                grid_dim: (rows, 1, 1),
-                block_dim: (SAMPLE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_launch((rows, 1), SAMPLE_THREADS);
             // SAFETY: matches sample_rows_f32(unsigned*, const float*, const float*, int) in
             // kernels/sampling.cu; sample_shape checked `rows` rows of `vocab` logits, five params
             // and one output per row (top_k below 2^23, exact as a float).
@@ -422,11 +414,7 @@ mod cuda {
                 .arg(tokens)
                 .arg(&vocab_arg)
                 .arg(&k_arg);
-            let cfg = LaunchConfig {
-                grid_dim: (rows, 1, 1),
-                block_dim: (LOGPROB_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid_launch((rows, 1), LOGPROB_THREADS);
             // SAFETY: matches token_logprobs_f32(float*, const float*, const unsigned*, int, int)
             // in kernels/sampling.cu; `rows` rows of `vocab` logits, one token and 1 + 2k outputs
             // each.

@@ -52,10 +52,10 @@ pub fn scatter_rows<T: Copy>(
 /// The launcher: [`scatter_rows`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 
     use super::scatter_rows_shape;
-    use crate::cuda::{too_big, CudaKernels};
+    use crate::cuda::{grid_launch, too_big, CudaKernels};
     use crate::error::check_shape;
     use crate::KernelError;
 
@@ -91,11 +91,8 @@ mod cuda {
                 .arg(slots)
                 .arg(&row_bytes)
                 .arg(&pool_rows);
-            let cfg = LaunchConfig {
-                grid_dim: (tokens, 1, 1),
-                block_dim: ((row_bytes as u32).next_multiple_of(32).clamp(32, 256), 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let threads = (row_bytes as u32).next_multiple_of(32).clamp(32, 256);
+            let cfg = grid_launch((tokens, 1), threads);
             // SAFETY: matches scatter_rows_u8(unsigned char*, const unsigned char*, const
             // unsigned*, long long, long long) in kernels/scatter_rows.cu for one-byte elements
             // (checked); scatter_rows_shape bounds every row read, and the kernel skips slots past

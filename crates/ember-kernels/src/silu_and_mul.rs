@@ -38,10 +38,10 @@ pub fn silu_and_mul<T: Element>(input: &[T], d: usize, out: &mut [T]) -> Result<
 /// The launcher: [`silu_and_mul`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
     use super::silu_and_mul_shape;
-    use crate::cuda::{kernel, too_big, CudaElement, CudaKernels};
+    use crate::cuda::{elementwise_launch, kernel, too_big, CudaElement, CudaKernels};
     use crate::KernelError;
 
     impl CudaKernels {
@@ -59,18 +59,10 @@ mod cuda {
                 return Ok(());
             }
             let f = kernel(&self.silu_and_mul, "silu_and_mul", T::KERNEL_SUFFIX)?;
-            let threads = 256u32;
-            // Enough blocks to fill any of our GPUs; the kernel strides over the rest.
-            let blocks = (out.len().div_ceil(threads as usize)).min(65_535) as u32;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(out).arg(input).arg(&d_arg).arg(&n);
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
             // SAFETY: matches silu_and_mul_<T>(T*, const T*, int, long long); shapes checked.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { launch.launch(elementwise_launch(n)) }?;
             Ok(())
         }
     }

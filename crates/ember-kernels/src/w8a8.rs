@@ -237,10 +237,13 @@ pub fn grouped_w8a8_shape(
 /// The launchers: [`quantize_groups`], [`w8a8_gemm`] and [`grouped_w8a8`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 
     use super::{grouped_w8a8_shape, w8a8_shape, W8a8Shape, GROUP};
-    use crate::cuda::{int32, kernel, too_big, CudaElement, CudaKernels, DeviceAlignment};
+    use crate::cuda::{
+        check_e4m3_bytes, grid_launch, grid_y_blocks, int32, kernel, too_big, CudaElement,
+        CudaKernels, DeviceAlignment,
+    };
     use crate::error::check_shape;
     use crate::fused_moe::cuda::{grouped_ints, push_alignment};
     use crate::fused_moe::GroupedGemmShape;
@@ -251,6 +254,13 @@ mod cuda {
         /// [`CudaKernels::w8a8_gemm`] needs.
         pub fn has_fp8_tensor_cores(&self) -> Result<bool, KernelError> {
             Ok(self.stream.context().compute_capability()? >= (8, 9))
+        }
+
+        /// Errs unless the GPU has FP8 tensor cores, which `op` runs on.
+        fn check_fp8_tensor_cores(&self, op: &'static str) -> Result<(), KernelError> {
+            check_shape(self.has_fp8_tensor_cores()?, op, || {
+                "this GPU has no FP8 tensor cores (compute capability below 8.9)".into()
+            })
         }
 
         /// [`crate::w8a8::quantize_groups`] on the GPU: `x` `[m, k]` to e4m3 bytes `q` `[m, k]` and
@@ -284,14 +294,9 @@ mod cuda {
             let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(q).arg(scales).arg(x).arg(&m_arg).arg(&k_arg);
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
             // SAFETY: matches quant_fp8_groups_<T>(u8*, float*, const T*, int, int) in
             // kernels/w8a8.cu: one warp per (row, group), 8 a block; lengths checked above.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { launch.launch(grid_launch((blocks, 1), 256)) }?;
             Ok(())
         }
 
@@ -308,13 +313,9 @@ mod cuda {
             y: &mut CudaSlice<T>,
         ) -> Result<(), KernelError> {
             const OP: &str = "w8a8_gemm";
-            check_shape(std::mem::size_of::<P>() == 1, OP, || {
-                "e4m3 weights are one byte each".into()
-            })?;
+            check_e4m3_bytes::<P>(OP)?;
             w8a8_shape(shape, qa.len(), sa.len(), qw.len(), sw.len(), y.len())?;
-            check_shape(self.has_fp8_tensor_cores()?, OP, || {
-                "this GPU has no FP8 tensor cores (compute capability below 8.9)".into()
-            })?;
+            self.check_fp8_tensor_cores(OP)?;
             let s = shape;
             if s.m == 0 || s.n == 0 {
                 return Ok(());
@@ -326,23 +327,14 @@ mod cuda {
                 int("k", s.k)?,
                 int("block_n", s.block_n)?,
             ];
-            let tiles = |v: usize, what| {
-                u32::try_from(v.div_ceil(64))
-                    .ok()
-                    .filter(|&b| b <= 65_535 || what == "m")
-                    .ok_or_else(|| too_big(OP, what, v))
-            };
             let f = kernel(&self.w8a8, OP, T::KERNEL_SUFFIX)?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(y).arg(qa).arg(sa).arg(qw).arg(sw);
             for a in &args {
                 launch.arg(a);
             }
-            let cfg = LaunchConfig {
-                grid_dim: (tiles(s.m, "m")?, tiles(s.n, "n")?, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let m_tiles = u32::try_from(s.m.div_ceil(64)).map_err(|_| too_big(OP, "m", s.m))?;
+            let cfg = grid_launch((m_tiles, grid_y_blocks(OP, "n", s.n, 64)?), 128);
             // SAFETY: matches w8a8_gemm_<T>(T*, const u8*, const float*, const u8*, const float*,
             // int x 4) in kernels/w8a8.cu, launched with its 128 threads; w8a8_shape bounds every
             // row, input and scale it reads, and it writes only rows < m and columns < n.
@@ -367,9 +359,7 @@ mod cuda {
         ) -> Result<(), KernelError> {
             const OP: &str = "grouped_w8a8";
             let s = shape;
-            check_shape(std::mem::size_of::<P>() == 1, OP, || {
-                "e4m3 weights are one byte each".into()
-            })?;
+            check_e4m3_bytes::<P>(OP)?;
             let (cap, host) = self.check_alignment(OP, align, s)?;
             grouped_w8a8_shape(
                 s,
@@ -381,9 +371,7 @@ mod cuda {
                 sw.len(),
                 &host,
             )?;
-            check_shape(self.has_fp8_tensor_cores()?, OP, || {
-                "this GPU has no FP8 tensor cores (compute capability below 8.9)".into()
-            })?;
+            self.check_fp8_tensor_cores(OP)?;
             if s.num_entries == 0 {
                 return Ok(());
             }
@@ -395,15 +383,8 @@ mod cuda {
             for a in &args {
                 launch.arg(a);
             }
-            let blocks_n = u32::try_from(s.n_out.div_ceil(64))
-                .ok()
-                .filter(|&b| b <= 65_535)
-                .ok_or_else(|| too_big(OP, "n_out", s.n_out))?;
-            let cfg = LaunchConfig {
-                grid_dim: ((cap / s.block_m) as u32, blocks_n, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let blocks_n = grid_y_blocks(OP, "n_out", s.n_out, 64)?;
+            let cfg = grid_launch(((cap / s.block_m) as u32, blocks_n), 128);
             // SAFETY: matches grouped_w8a8_<T>(T*, const u8*, const float*, const u8*, const
             // float*, const unsigned* x 3, int x 6) in kernels/w8a8.cu, launched with its 128
             // threads; the kernel reads activation rows of entries < num_entries and weights and

@@ -64,13 +64,10 @@ pub(crate) fn gemv_launch(
     m: usize,
     n: usize,
 ) -> Result<cudarc::driver::LaunchConfig, crate::KernelError> {
-    let blocks_y = u32::try_from(m.div_ceil(W4A16_ROWS as usize))
-        .ok()
-        .filter(|&b| b <= 65_535)
-        .ok_or_else(|| crate::cuda::too_big(op, "m", m))?;
-    Ok(cudarc::driver::LaunchConfig {
-        grid_dim: (n.div_ceil(W4A16_WARPS as usize) as u32, blocks_y, 1),
-        block_dim: (32 * W4A16_WARPS, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    let blocks_y = crate::cuda::grid_y_blocks(op, "m", m, W4A16_ROWS as usize)?;
+    let blocks_x = n.div_ceil(W4A16_WARPS as usize) as u32;
+    Ok(crate::cuda::grid_launch(
+        (blocks_x, blocks_y),
+        32 * W4A16_WARPS,
+    ))
 }

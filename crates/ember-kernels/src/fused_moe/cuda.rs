@@ -8,7 +8,10 @@ use super::{
     align_capacity, grouped_gemm_shape, grouped_w4a16_shape, grouped_w8a16_shape, moe_sum_shape,
     GroupedGemmShape, MoeAlignment, ScaleBlocks, W4Params,
 };
-use crate::cuda::{elementwise_launch, int32, kernel, too_big, CudaElement, CudaKernels};
+use crate::cuda::{
+    check_e4m3_bytes, elementwise_launch, grid_launch, grid_y_blocks, int32, kernel, too_big,
+    CudaElement, CudaKernels,
+};
 use crate::error::check_shape;
 use crate::KernelError;
 
@@ -121,12 +124,7 @@ impl CudaKernels {
         for x in &args {
             launch.arg(x);
         }
-        let threads = num_experts.next_multiple_of(32) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_launch((1, 1), num_experts.next_multiple_of(32) as u32);
         // SAFETY: matches moe_align(unsigned*, unsigned*, unsigned*, const unsigned*, int x 4) in
         // kernels/fused_moe.cu; the outputs hold `cap` rows and `cap / block_m` blocks, what any
         // counts of n entries over num_experts (<= 1024 threads) can fill.
@@ -257,9 +255,7 @@ impl CudaKernels {
         let op = packed.op(tensor_cores);
         let s = shape;
         if let PackedExperts::E4m3(_) = packed {
-            check_shape(std::mem::size_of::<W>() == 1, op, || {
-                "e4m3 weights are one byte each".into()
-            })?;
+            check_e4m3_bytes::<W>(op)?;
         }
         check_shape(!tensor_cores || T::KERNEL_SUFFIX == "bf16", op, || {
             "bf16 activations (tensor cores)".into()
@@ -344,15 +340,8 @@ impl CudaKernels {
         let f = kernel(&self.fused_moe, "moe_sum", T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(y).arg(weights).arg(&k_arg).arg(&h_arg);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32::try_from(tokens).map_err(|_| too_big("moe_sum", "tokens", tokens))?,
-                1,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let rows = u32::try_from(tokens).map_err(|_| too_big("moe_sum", "tokens", tokens))?;
+        let cfg = grid_launch((rows, 1), 256);
         // SAFETY: matches moe_sum_<T>(T*, const T*, const float*, int, int); lengths checked.
         unsafe { launch.launch(cfg) }?;
         Ok(())
@@ -410,11 +399,7 @@ fn wmma_tile_launch(
 ) -> Result<LaunchConfig, KernelError> {
     let blocks_n =
         u32::try_from(s.n_out.div_ceil(64)).map_err(|_| too_big(op, "n_out", s.n_out))?;
-    Ok(LaunchConfig {
-        grid_dim: ((cap / s.block_m) as u32, blocks_n, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    Ok(grid_launch(((cap / s.block_m) as u32, blocks_n), 128))
 }
 
 /// Pushes an alignment's three device arrays (sorted ids, block experts, padded rows).
@@ -433,13 +418,6 @@ fn grouped_tile_launch(
     s: &GroupedGemmShape,
 ) -> Result<LaunchConfig, KernelError> {
     let tiles = u32::try_from(cap / GW8_ROWS).map_err(|_| too_big(op, "entries", s.num_entries))?;
-    let blocks_n = u32::try_from(s.n_out.div_ceil(GW8_WARPS as usize))
-        .ok()
-        .filter(|&b| b <= 65_535)
-        .ok_or_else(|| too_big(op, "n_out", s.n_out))?;
-    Ok(LaunchConfig {
-        grid_dim: (tiles, blocks_n, 1),
-        block_dim: (32 * GW8_WARPS, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    let blocks_n = grid_y_blocks(op, "n_out", s.n_out, GW8_WARPS as usize)?;
+    Ok(grid_launch((tiles, blocks_n), 32 * GW8_WARPS))
 }

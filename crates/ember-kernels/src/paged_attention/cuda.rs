@@ -10,7 +10,7 @@ use super::{
     check_extent, check_splits, paged_attention_dims, paged_attention_splits, paged_batch_extent,
     BatchExtent, PagedAttentionBatch, PagedAttentionShape,
 };
-use crate::cuda::{int32, kernel, too_big, CudaElement, CudaKernels};
+use crate::cuda::{grid_launch, int32, kernel, too_big, CudaElement, CudaKernels};
 use crate::error::check_shape;
 use crate::KernelError;
 
@@ -324,11 +324,7 @@ impl CudaKernels {
             .arg(&num_heads)
             .arg(&v_dim)
             .arg(&splits);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens, heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_launch((tokens, heads as u32), 128);
         // SAFETY: the argument list matches the merge kernels' signature above; each block reads
         // its pair's `splits` partials (written by the split launch before it on this stream)
         // and writes its pair's row of `out`, all within the sizes the callers allocated.
