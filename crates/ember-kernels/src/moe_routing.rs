@@ -39,6 +39,23 @@ pub struct RoutingConfig {
     pub scaling: f32,
 }
 
+impl RoutingConfig {
+    /// Qwen3-MoE's routing: a softmax over all `num_experts`, the `top_k` best, their weights
+    /// renormalised to sum to 1.
+    pub fn softmax_top_k(num_experts: usize, top_k: usize) -> Self {
+        RoutingConfig {
+            num_experts,
+            top_k,
+            n_group: 1,
+            topk_group: 1,
+            method: TopkMethod::Greedy,
+            sigmoid: false,
+            renormalize: true,
+            scaling: 1.0,
+        }
+    }
+}
+
 /// Most experts, experts per token and groups the CUDA kernel holds per token (its shared memory);
 /// the checks apply to the reference too, so both take the same calls.
 pub const MAX_EXPERTS: usize = 1024;
@@ -263,16 +280,7 @@ mod tests {
 
     #[test]
     fn retired_rows_go_to_no_expert() {
-        let cfg = RoutingConfig {
-            num_experts: 8,
-            top_k: 2,
-            n_group: 1,
-            topk_group: 1,
-            method: TopkMethod::Greedy,
-            sigmoid: false,
-            renormalize: true,
-            scaling: 1.0,
-        };
+        let cfg = RoutingConfig::softmax_top_k(8, 2);
         let (mut ids, mut w) = (vec![1u32, 2, 3, 4, 5, 6], vec![0.5f32; 6]);
         retire_rows(&mut ids, &mut w, &cfg, 1);
         assert_eq!(ids, [1, 2, 8, 8, 8, 8]);
@@ -315,14 +323,8 @@ mod tests {
     #[test]
     fn softmax_top_k_takes_the_lower_index_on_ties() {
         let cfg = RoutingConfig {
-            num_experts: 4,
-            top_k: 2,
-            n_group: 1,
-            topk_group: 1,
-            method: TopkMethod::Greedy,
-            sigmoid: false,
             renormalize: false,
-            scaling: 1.0,
+            ..RoutingConfig::softmax_top_k(4, 2)
         };
         let (mut ids, mut w) = ([0u32; 2], [0f32; 2]);
         route(&[0.0, 1.0, 1.0, 0.5], &[], &cfg, &mut ids, &mut w).unwrap();

@@ -311,15 +311,7 @@ pub fn paged_attention_scaled<Q: CacheElement, K: CacheElement, O: Element>(
     scales: CacheScales<'_>,
     shape: &PagedAttentionShape,
 ) -> Result<(), KernelError> {
-    let call = Call {
-        q,
-        k: k_cache,
-        v: v_cache,
-        batch: *batch,
-        scale,
-        scales,
-        shape: *shape,
-    };
+    let call = Call::new(q, k_cache, v_cache, batch, scale, scales, shape);
     call.each_head(out, |head, scores, row| head.attend(scores, row))
 }
 
@@ -338,15 +330,7 @@ pub fn paged_attention_split<T: Element>(
 ) -> Result<(), KernelError> {
     check_splits("paged_attention", splits)?;
     let scales = CacheScales::default();
-    let call = Call {
-        q,
-        k: k_cache,
-        v: v_cache,
-        batch: *batch,
-        scale,
-        scales,
-        shape: *shape,
-    };
+    let call = Call::new(q, k_cache, v_cache, batch, scale, scales, shape);
     call.each_head(out, |head, _, row| {
         let score = |p| head.score(head.slot(p));
         let value = |p, d| head.value(head.slot(p), d);
@@ -365,7 +349,29 @@ struct Call<'a, Q, K> {
     shape: PagedAttentionShape,
 }
 
-impl<Q: CacheElement, K: CacheElement> Call<'_, Q, K> {
+impl<'a, Q: CacheElement, K: CacheElement> Call<'a, Q, K> {
+    /// The call of the public functions' arguments, in their order.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        q: &'a [Q],
+        k_cache: &'a [K],
+        v_cache: &'a [K],
+        batch: &PagedAttentionBatch<'a>,
+        scale: f32,
+        scales: CacheScales<'a>,
+        shape: &PagedAttentionShape,
+    ) -> Self {
+        Call {
+            q,
+            k: k_cache,
+            v: v_cache,
+            batch: *batch,
+            scale,
+            scales,
+            shape: *shape,
+        }
+    }
+
     /// Checks the call and fills each (token, head)'s row of `out` (`v_dim` wide) with
     /// `row_of(head, scores, row)`, one task per row on rayon's pool: `scores` is scratch space,
     /// `row` the f32 result, stored rounded.

@@ -27,6 +27,21 @@ pub fn rms_norm_shape(
     Ok((x_len / hidden, hidden))
 }
 
+/// Rows and hidden size of a fused add-RMSNorm call: [`rms_norm_shape`]'s, with a residual as
+/// long as `x`.
+pub fn fused_add_rms_norm_shape(
+    x_len: usize,
+    residual_len: usize,
+    weight_len: usize,
+    out_len: usize,
+) -> Result<(usize, usize), KernelError> {
+    let dims = rms_norm_shape(x_len, weight_len, out_len)?;
+    check_shape(residual_len == x_len, "fused_add_rms_norm", || {
+        format!("residual has {residual_len} elements, x has {x_len}")
+    })?;
+    Ok(dims)
+}
+
 /// CPU reference: `out[r] = x[r] / sqrt(mean(x[r]²) + eps) * weight` for each row of `x`.
 pub fn rms_norm<T: Element>(
     x: &[T],
@@ -50,14 +65,7 @@ pub fn fused_add_rms_norm<T: Element>(
     eps: f32,
     out: &mut [T],
 ) -> Result<(), KernelError> {
-    let (_, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
-    check_shape(residual.len() == x.len(), "fused_add_rms_norm", || {
-        format!(
-            "residual has {} elements, x has {}",
-            residual.len(),
-            x.len()
-        )
-    })?;
+    let (_, hidden) = fused_add_rms_norm_shape(x.len(), residual.len(), weight.len(), out.len())?;
     for ((x, residual), out) in x
         .chunks_exact(hidden)
         .zip(residual.chunks_exact_mut(hidden))
@@ -84,9 +92,8 @@ fn normalise_row<T: Element>(x: &[T], weight: &[T], eps: f32, out: &mut [T]) {
 mod cuda {
     use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-    use super::rms_norm_shape;
+    use super::{fused_add_rms_norm_shape, rms_norm_shape};
     use crate::cuda::{grid_launch, kernel, too_big, CudaElement, CudaKernels};
-    use crate::error::check_shape;
     use crate::KernelError;
 
     impl CudaKernels {
@@ -114,14 +121,8 @@ mod cuda {
             eps: f32,
             out: &mut CudaViewMut<T>,
         ) -> Result<(), KernelError> {
-            let (rows, hidden) = rms_norm_shape(x.len(), weight.len(), out.len())?;
-            check_shape(residual.len() == x.len(), "fused_add_rms_norm", || {
-                format!(
-                    "residual has {} elements, x has {}",
-                    residual.len(),
-                    x.len()
-                )
-            })?;
+            let (rows, hidden) =
+                fused_add_rms_norm_shape(x.len(), residual.len(), weight.len(), out.len())?;
             // SAFETY: fused_add_rms_norm_<T>(T*, T*, const T*, const T*, int, float) takes what
             // launch_rows passes with the residual; shapes checked.
             unsafe {

@@ -163,16 +163,8 @@ pub fn grouped_w8a8<T: Element>(
     s: &crate::fused_moe::GroupedGemmShape,
     block_n: usize,
 ) -> Result<(), KernelError> {
-    grouped_w8a8_shape(
-        s,
-        block_n,
-        out.len(),
-        qa.len(),
-        sa.len(),
-        qw.len(),
-        sw.len(),
-        align,
-    )?;
+    let lens = [out.len(), qa.len(), sa.len(), qw.len(), sw.len()];
+    grouped_w8a8_shape(s, block_n, lens, align)?;
     let blocks = s.k_in.div_ceil(GROUP);
     let per_expert = s.n_out.div_ceil(block_n) * blocks;
     for (r, &id) in align.sorted_ids[..align.num_padded].iter().enumerate() {
@@ -201,16 +193,12 @@ pub fn grouped_w8a8<T: Element>(
     Ok(())
 }
 
-/// Checks a grouped W8A8 GEMM's buffers (see [`grouped_w8a8`]).
-#[allow(clippy::too_many_arguments)]
+/// Checks a grouped W8A8 GEMM's buffers by their lengths `[out, qa, sa, qw, sw]` (see
+/// [`grouped_w8a8`]).
 pub fn grouped_w8a8_shape(
     s: &crate::fused_moe::GroupedGemmShape,
     block_n: usize,
-    out_len: usize,
-    qa_len: usize,
-    sa_len: usize,
-    qw_len: usize,
-    sw_len: usize,
+    [out_len, qa_len, sa_len, qw_len, sw_len]: [usize; 5],
     align: &crate::fused_moe::MoeAlignment,
 ) -> Result<(), KernelError> {
     check_shape(block_n > 0, "grouped_w8a8", || {
@@ -361,16 +349,8 @@ mod cuda {
             let s = shape;
             check_e4m3_bytes::<P>(OP)?;
             let (cap, host) = self.check_alignment(OP, align, s)?;
-            grouped_w8a8_shape(
-                s,
-                block_n,
-                out.len(),
-                qa.len(),
-                sa.len(),
-                qw.len(),
-                sw.len(),
-                &host,
-            )?;
+            let lens = [out.len(), qa.len(), sa.len(), qw.len(), sw.len()];
+            grouped_w8a8_shape(s, block_n, lens, &host)?;
             self.check_fp8_tensor_cores(OP)?;
             if s.num_entries == 0 {
                 return Ok(());

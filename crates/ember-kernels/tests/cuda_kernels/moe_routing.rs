@@ -4,16 +4,7 @@ use ember_kernels::moe_routing;
 /// Routing of real layer shapes: (name, config, tokens).
 fn routing_cases() -> Vec<(&'static str, moe_routing::RoutingConfig)> {
     use moe_routing::{RoutingConfig, TopkMethod};
-    let base = RoutingConfig {
-        num_experts: 128,
-        top_k: 8,
-        n_group: 1,
-        topk_group: 1,
-        method: TopkMethod::Greedy,
-        sigmoid: false,
-        renormalize: true,
-        scaling: 1.0,
-    };
+    let base = RoutingConfig::softmax_top_k(128, 8);
     vec![
         ("qwen3-30b-a3b softmax top-8", base),
         (
