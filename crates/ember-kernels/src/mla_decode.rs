@@ -240,28 +240,17 @@ mod cuda {
         ) -> Result<(), KernelError> {
             let tokens = q.len() / (shape.num_heads * (shape.rank + shape.rope_dim)).max(1);
             let splits = mla_decode_splits(shape, tokens, self.sm_count);
-            self.mla_decode_with_splits(
-                out,
-                q,
-                latent_cache,
-                rope_cache,
-                batch,
-                scale,
-                shape,
-                splits,
-            )
+            let inputs = [q, latent_cache, rope_cache];
+            self.mla_decode_with_splits(out, inputs, batch, scale, shape, splits)
         }
 
         /// [`Self::mla_decode`] with each context cut into `splits` runs (1: not split; see
         /// [`crate::mla_decode::mla_decode_split`]), which it picks itself by
-        /// [`mla_decode_splits`].
-        #[allow(clippy::too_many_arguments)]
+        /// [`mla_decode_splits`]; `inputs` are q and the latent and rope caches, in that order.
         pub fn mla_decode_with_splits<T: CudaElement>(
             &self,
             out: &mut CudaSlice<T>,
-            q: &CudaView<T>,
-            latent_cache: &CudaView<T>,
-            rope_cache: &CudaView<T>,
+            inputs: [&CudaView<T>; 3],
             batch: &DevicePagedBatch,
             scale: f32,
             shape: &MlaShape,
@@ -271,6 +260,7 @@ mod cuda {
             check_splits(OP, splits)?;
             let s = shape;
             batch.check_made_for(OP, s.block_size, s.max_blocks)?;
+            let [q, latent_cache, rope_cache] = inputs;
             let (tokens, blocks_in_cache) = mla_dims(
                 shape,
                 q.len(),
@@ -307,16 +297,7 @@ mod cuda {
             // the arguments launch_attention passes, with these five ints (num_heads, rank,
             // rope_dim, block_size, max_blocks); the metadata was checked when uploaded and its
             // extent here against these caches, and mla_dims bounds q, out and every cache row.
-            unsafe {
-                self.launch_attention(
-                    &call,
-                    out,
-                    [q, latent_cache, rope_cache],
-                    batch,
-                    scale,
-                    &args,
-                )
-            }
+            unsafe { self.launch_attention(&call, out, inputs, batch, scale, &args) }
         }
     }
 }

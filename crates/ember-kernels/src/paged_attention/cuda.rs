@@ -155,19 +155,17 @@ impl CudaKernels {
     ) -> Result<(), KernelError> {
         let tokens = q.len() / (shape.num_heads * shape.head_dim).max(1);
         let splits = paged_attention_splits(shape, tokens, self.sm_count);
-        self.paged_attention_with_splits(out, q, k_cache, v_cache, batch, scale, shape, splits)
+        let inputs = [q, k_cache, v_cache];
+        self.paged_attention_with_splits(out, inputs, batch, scale, shape, splits)
     }
 
     /// [`Self::paged_attention`] with each context cut into `splits` runs (1: not split; see
     /// [`crate::paged_attention::paged_attention_split`]), which it picks itself by
-    /// [`paged_attention_splits`].
-    #[allow(clippy::too_many_arguments)]
+    /// [`paged_attention_splits`]; `inputs` are q and the two caches, in that order.
     pub fn paged_attention_with_splits<T: CudaElement>(
         &self,
         out: &mut CudaSlice<T>,
-        q: &CudaView<T>,
-        k_cache: &CudaView<T>,
-        v_cache: &CudaView<T>,
+        inputs: [&CudaView<T>; 3],
         batch: &DevicePagedBatch,
         scale: f32,
         shape: &PagedAttentionShape,
@@ -176,6 +174,7 @@ impl CudaKernels {
         let s = shape;
         check_splits("paged_attention", splits)?;
         batch.check_made_for("paged_attention", s.block_size, s.max_blocks)?;
+        let [q, k_cache, v_cache] = inputs;
         let (tokens, blocks_in_cache) =
             paged_attention_dims(shape, q.len(), k_cache.len(), v_cache.len(), out.len())?;
         check_extent(&batch.extent, tokens, blocks_in_cache)?;
@@ -209,7 +208,7 @@ impl CudaKernels {
         // was checked when uploaded (each token's sequence and context fit the tables) and its
         // extent here against these buffers (every block read is in the cache), and
         // paged_attention_dims sized `out`, which bounds every index the kernels read and write.
-        unsafe { self.launch_attention(&call, out, [q, k_cache, v_cache], batch, scale, &args) }
+        unsafe { self.launch_attention(&call, out, inputs, batch, scale, &args) }
     }
 }
 

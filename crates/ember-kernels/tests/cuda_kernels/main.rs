@@ -29,7 +29,9 @@ mod w4a16;
 mod w8a16;
 mod w8a8;
 
+use cudarc::driver::CudaSlice;
 use ember_kernels::cuda::{CudaElement, CudaKernels};
+use ember_kernels::paged_attention::PagedAttentionBatch;
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -160,6 +162,84 @@ fn ptxas_reported_every_kernel_for_every_architecture_without_spills() {
         );
     }
     assert!(!report.contains("SPILL"), "a kernel spills:\n{report}");
+}
+
+/// A step's paged metadata for sequences of `(past, new)` tokens (1 new: a decode) in blocks of
+/// `block` positions, each sequence's blocks drawn in a random order from a pool of `spare`
+/// blocks more than they need.
+struct ScatteredBatch {
+    tables: Vec<u32>,
+    token_seq: Vec<u32>,
+    token_ctx: Vec<u32>,
+    /// Blocks of the longest sequence: the tables' width.
+    max_blocks: usize,
+    /// Blocks in the pool.
+    pool: usize,
+}
+
+impl ScatteredBatch {
+    fn new(rng: &mut StdRng, seqs: &[(usize, usize)], block: usize, spare: usize) -> Self {
+        let blocks = |&(past, new): &(usize, usize)| (past + new).div_ceil(block);
+        let max_blocks = seqs.iter().map(blocks).max().unwrap();
+        let pool = seqs.iter().map(blocks).sum::<usize>() + spare;
+        let mut free: Vec<u32> = (0..pool as u32).collect();
+        for i in (1..free.len()).rev() {
+            free.swap(i, rng.random_range(0..=i));
+        }
+        let mut tables = vec![0u32; seqs.len() * max_blocks];
+        let (mut token_seq, mut token_ctx) = (vec![], vec![]);
+        for (s, &(past, new)) in seqs.iter().enumerate() {
+            for b in 0..(past + new).div_ceil(block) {
+                tables[s * max_blocks + b] = free.pop().unwrap();
+            }
+            for i in 0..new {
+                token_seq.push(s as u32);
+                token_ctx.push((past + i + 1) as u32);
+            }
+        }
+        ScatteredBatch {
+            tables,
+            token_seq,
+            token_ctx,
+            max_blocks,
+            pool,
+        }
+    }
+
+    fn batch(&self) -> PagedAttentionBatch<'_> {
+        PagedAttentionBatch {
+            block_tables: &self.tables,
+            token_seq: &self.token_seq,
+            token_ctx: &self.token_ctx,
+        }
+    }
+
+    fn tokens(&self) -> usize {
+        self.token_seq.len()
+    }
+}
+
+/// A paged kernel's runs for [`assert_runs_match`]: `launch(out, None)` as the kernel picks its
+/// splits (`auto` of them on 132 SMs), then `launch(out, Some(n))` forced to each of `splits`,
+/// each into fresh zeros of `len`.
+fn split_runs<T: CudaElement>(
+    k: &CudaKernels,
+    len: usize,
+    auto: usize,
+    splits: &[usize],
+    launch: impl Fn(&mut CudaSlice<T>, Option<usize>),
+) -> Vec<(String, Vec<T>)> {
+    let st = k.stream();
+    let run = |splits| {
+        let mut dout = st.alloc_zeros::<T>(len).unwrap();
+        launch(&mut dout, splits);
+        st.clone_dtoh(&dout).unwrap()
+    };
+    let mut runs = vec![(format!("auto ({auto} splits on 132 SMs)"), run(None))];
+    for &n in splits {
+        runs.push((format!("{n} splits"), run(Some(n))));
+    }
+    runs
 }
 
 /// Each GPU run (how it was launched, its output) within `rel · |cpu| + abs` of `cpu`.

@@ -1,5 +1,4 @@
 use super::*;
-use ember_kernels::paged_attention::PagedAttentionBatch;
 
 /// MLA in the absorbed form: DeepSeek-V3 / Kimi K2 latents (rank 512, rope 64) with a rank's 16
 /// heads at TP 8 and all 128, decodes of ragged lengths (at and across block boundaries, past
@@ -34,11 +33,8 @@ fn check_mla_decode<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         ),
     ];
     for (name, num_heads, seqs) in mixes {
-        let max_blocks = seqs
-            .iter()
-            .map(|(p, n)| (p + n).div_ceil(block))
-            .max()
-            .unwrap();
+        let scattered = ScatteredBatch::new(rng, seqs, block, 5);
+        let max_blocks = scattered.max_blocks;
         let shape = MlaShape {
             num_heads,
             rank: 512,
@@ -46,33 +42,12 @@ fn check_mla_decode<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             block_size: block,
             max_blocks,
         };
-        let needed: usize = seqs.iter().map(|(p, n)| (p + n).div_ceil(block)).sum();
-        let pool = needed + 5;
-        let mut free: Vec<u32> = (0..pool as u32).collect();
-        for i in (1..free.len()).rev() {
-            free.swap(i, rng.random_range(0..=i));
-        }
-        let mut tables = vec![0u32; seqs.len() * max_blocks];
-        let (mut token_seq, mut token_ctx) = (vec![], vec![]);
-        for (s, &(past, new)) in seqs.iter().enumerate() {
-            for b in 0..(past + new).div_ceil(block) {
-                tables[s * max_blocks + b] = free.pop().unwrap();
-            }
-            for i in 0..new {
-                token_seq.push(s as u32);
-                token_ctx.push((past + i + 1) as u32);
-            }
-        }
-        let tokens = token_seq.len();
-        let slots = pool * block;
+        let tokens = scattered.tokens();
+        let slots = scattered.pool * block;
         let q: Vec<T> = random(rng, tokens * num_heads * 576, -1.0, 1.0);
         let latent: Vec<T> = random(rng, slots * 512, -1.0, 1.0);
         let rope: Vec<T> = random(rng, slots * 64, -1.0, 1.0);
-        let batch = PagedAttentionBatch {
-            block_tables: &tables,
-            token_seq: &token_seq,
-            token_ctx: &token_ctx,
-        };
+        let batch = scattered.batch();
         let scale = 1.0 / (192f32).sqrt();
         let mut cpu = vec![T::from_f32(0.0); tokens * num_heads * 512];
         mla_decode::mla_decode(&mut cpu, &q, &latent, &rope, &batch, scale, &shape).unwrap();
@@ -82,38 +57,17 @@ fn check_mla_decode<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             st.clone_htod(&rope).unwrap(),
         );
         let dbatch = k.upload_paged_batch(&batch, block, max_blocks).unwrap();
-        let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
-        k.mla_decode(
-            &mut dout,
-            &dq.as_view(),
-            &dl.as_view(),
-            &dr.as_view(),
-            &dbatch,
-            scale,
-            &shape,
-        )
-        .unwrap();
+        let inputs = [&dq.as_view(), &dl.as_view(), &dr.as_view()];
         let auto = mla_decode::mla_decode_splits(&shape, tokens, 132);
-        let mut runs = vec![(
-            format!("auto ({auto} splits on 132 SMs)"),
-            st.clone_dtoh(&dout).unwrap(),
-        )];
         // The split form, forced: the short contexts' last splits are empty.
-        for splits in [3usize, 32] {
-            let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
-            k.mla_decode_with_splits(
-                &mut dout,
-                &dq.as_view(),
-                &dl.as_view(),
-                &dr.as_view(),
-                &dbatch,
-                scale,
-                &shape,
-                splits,
-            )
-            .unwrap();
-            runs.push((format!("{splits} splits"), st.clone_dtoh(&dout).unwrap()));
-        }
+        let runs = split_runs(k, cpu.len(), auto, &[3, 32], |dout, splits| {
+            let [q, latent, rope] = inputs;
+            match splits {
+                None => k.mla_decode(dout, q, latent, rope, &dbatch, scale, &shape),
+                Some(n) => k.mla_decode_with_splits(dout, inputs, &dbatch, scale, &shape, n),
+            }
+            .unwrap()
+        });
         let what = format!("mla_decode_{} {name}", T::KERNEL_SUFFIX);
         assert_runs_match(&what, runs, &cpu, (rel, abs), tokens);
     }

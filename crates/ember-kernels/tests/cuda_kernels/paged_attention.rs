@@ -78,40 +78,14 @@ fn check_paged_attention<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     for mix in MIXES {
         let mut shape = mix.shape;
         let block = shape.block_size;
-        shape.max_blocks = mix
-            .seqs
-            .iter()
-            .map(|(p, n)| (p + n).div_ceil(block))
-            .max()
-            .unwrap();
-        let blocks_needed: usize = mix.seqs.iter().map(|(p, n)| (p + n).div_ceil(block)).sum();
-        // A pool with spare blocks; each sequence's blocks drawn in a random order.
-        let pool = blocks_needed + 7;
-        let mut free: Vec<u32> = (0..pool as u32).collect();
-        for i in (1..free.len()).rev() {
-            free.swap(i, rng.random_range(0..=i));
-        }
-        let mut tables = vec![0u32; mix.seqs.len() * shape.max_blocks];
-        let (mut token_seq, mut token_ctx) = (vec![], vec![]);
-        for (s, &(past, new)) in mix.seqs.iter().enumerate() {
-            for b in 0..(past + new).div_ceil(block) {
-                tables[s * shape.max_blocks + b] = free.pop().unwrap();
-            }
-            for i in 0..new {
-                token_seq.push(s as u32);
-                token_ctx.push((past + i + 1) as u32);
-            }
-        }
-        let tokens = token_seq.len();
-        let slots = pool * block;
+        let scattered = ScatteredBatch::new(rng, mix.seqs, block, 7);
+        shape.max_blocks = scattered.max_blocks;
+        let tokens = scattered.tokens();
+        let slots = scattered.pool * block;
         let q: Vec<T> = random(rng, tokens * shape.num_heads * shape.head_dim, -1.0, 1.0);
         let kc: Vec<T> = random(rng, slots * shape.num_kv_heads * shape.head_dim, -1.0, 1.0);
         let vc: Vec<T> = random(rng, slots * shape.num_kv_heads * shape.v_dim, -1.0, 1.0);
-        let batch = PagedAttentionBatch {
-            block_tables: &tables,
-            token_seq: &token_seq,
-            token_ctx: &token_ctx,
-        };
+        let batch = scattered.batch();
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         let mut cpu = vec![T::from_f32(0.0); tokens * shape.num_heads * shape.v_dim];
         paged_attention::paged_attention(&mut cpu, &q, &kc, &vc, &batch, scale, &shape).unwrap();
@@ -120,41 +94,21 @@ fn check_paged_attention<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             st.clone_htod(&kc).unwrap(),
             st.clone_htod(&vc).unwrap(),
         );
-        let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
         let dbatch = k
             .upload_paged_batch(&batch, shape.block_size, shape.max_blocks)
             .unwrap();
-        k.paged_attention(
-            &mut dout,
-            &dq.as_view(),
-            &dk.as_view(),
-            &dv.as_view(),
-            &dbatch,
-            scale,
-            &shape,
-        )
-        .unwrap();
+        let inputs = [&dq.as_view(), &dk.as_view(), &dv.as_view()];
         let auto = paged_attention::paged_attention_splits(&shape, tokens, 132);
-        let mut runs = vec![(
-            format!("auto ({auto} splits on 132 SMs)"),
-            st.clone_dtoh(&dout).unwrap(),
-        )];
         // The split form (flash-decoding), forced: some splits of the short contexts are empty.
-        for splits in [2usize, 7, paged_attention::MAX_SPLITS] {
-            let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
-            k.paged_attention_with_splits(
-                &mut dout,
-                &dq.as_view(),
-                &dk.as_view(),
-                &dv.as_view(),
-                &dbatch,
-                scale,
-                &shape,
-                splits,
-            )
-            .unwrap();
-            runs.push((format!("{splits} splits"), st.clone_dtoh(&dout).unwrap()));
-        }
+        let splits = [2, 7, paged_attention::MAX_SPLITS];
+        let runs = split_runs(k, cpu.len(), auto, &splits, |dout, splits| {
+            let [q, k_cache, v_cache] = inputs;
+            match splits {
+                None => k.paged_attention(dout, q, k_cache, v_cache, &dbatch, scale, &shape),
+                Some(n) => k.paged_attention_with_splits(dout, inputs, &dbatch, scale, &shape, n),
+            }
+            .unwrap()
+        });
         let what = format!("paged_attention_{} {}", T::KERNEL_SUFFIX, mix.name);
         assert_runs_match(&what, runs, &cpu, (rel, abs), tokens);
     }
