@@ -1,6 +1,9 @@
 use super::*;
+use cudarc::driver::CudaView;
+use ember_kernels::fused_moe::{self, ScaleBlocks, W4Params};
 use ember_kernels::silu_and_mul;
 use ember_kernels::w4a16::{self, W4a16Shape};
+use ember_kernels::KernelError;
 
 /// The fused MoE pipeline (align, grouped GEMM, SiLU-and-mul, grouped GEMM, weighted sum) on the
 /// GPU against the CPU references, for Qwen3-30B-A3B-like and DeepSeek-like (narrower) layers.
@@ -136,61 +139,26 @@ fn check_fused_moe<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
 /// (x per entry). Random finite e4m3 codes, scales ~1/64. Tolerance 1e-5 of the sum of |terms|
 /// (f32 sums in another order), plus the output dtype's rounding.
 fn check_grouped_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
-    use ember_kernels::fused_moe::{self, GroupedGemmShape, ScaleBlocks};
-    let st = k.stream();
-    let rounding = if T::KERNEL_SUFFIX == "bf16" {
-        1.0 / 128.0
-    } else {
-        0.0
+    let deepseek = ScaleBlocks {
+        block_n: 128,
+        block_k: 128,
+    };
+    let per_channel = ScaleBlocks {
+        block_n: 1,
+        block_k: 256,
     };
     for (tokens, experts, top_k, n_out, k_in, blocks, x_div) in [
-        (
-            1,
-            64,
-            8,
-            320,
-            200,
-            ScaleBlocks {
-                block_n: 128,
-                block_k: 128,
-            },
-            8,
-        ),
-        (
-            37,
-            64,
-            6,
-            320,
-            200,
-            ScaleBlocks {
-                block_n: 128,
-                block_k: 128,
-            },
-            1,
-        ),
-        (
-            300,
-            16,
-            2,
-            96,
-            256,
-            ScaleBlocks {
-                block_n: 1,
-                block_k: 256,
-            },
-            2,
-        ),
+        (1, 64, 8, 320, 200, deepseek, 8),
+        (37, 64, 6, 320, 200, deepseek, 1),
+        (300, 16, 2, 96, 256, per_channel, 2),
     ] {
         let what = format!(
             "grouped_w8a16_{} t{tokens} e{experts} {blocks:?} x_div {x_div}",
             T::KERNEL_SUFFIX
         );
-        let n = tokens * top_k;
-        let ids: Vec<u32> = (0..n)
-            .map(|_| rng.random_range(0..experts as u32))
-            .collect();
-        let rows = n / x_div;
-        let x: Vec<T> = random(rng, rows * k_in, -1.0, 1.0);
+        let entries = RandomEntries::new(k, rng, [tokens, top_k, experts], [n_out, k_in], x_div);
+        let (ids, s) = (&entries.ids, &entries.shape);
+        let x: Vec<T> = random(rng, s.num_entries / x_div * k_in, -1.0, 1.0);
         let w: Vec<u8> = (0..experts * n_out * k_in)
             .map(|_| {
                 let code: u8 = rng.random_range(0..0x7F);
@@ -200,36 +168,6 @@ fn check_grouped_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         let scales: Vec<f32> = (0..experts * blocks.per_expert(n_out, k_in))
             .map(|_| rng.random_range(0.005f32..0.03))
             .collect();
-        let s = GroupedGemmShape {
-            num_experts: experts,
-            k_in,
-            n_out,
-            block_m: 64,
-            x_div,
-            num_entries: n,
-        };
-        let align = fused_moe::moe_align(&ids, experts, 64).unwrap();
-        let mut cpu = vec![T::from_f32(0.0); n * n_out];
-        fused_moe::grouped_w8a16(&mut cpu, &x, &w, &scales, &align, &s, &blocks).unwrap();
-        let dids = st.clone_htod(&ids).unwrap();
-        let dalign = k.moe_align(&dids.as_view(), experts, 64).unwrap();
-        let (dx, dw, ds) = (
-            st.clone_htod(&x).unwrap(),
-            st.clone_htod(&w).unwrap(),
-            st.clone_htod(&scales).unwrap(),
-        );
-        let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
-        k.grouped_w8a16(
-            &mut dout,
-            &dx.as_view(),
-            &dw.as_view(),
-            &ds.as_view(),
-            &dalign,
-            &s,
-            &blocks,
-        )
-        .unwrap();
-        let gpu = st.clone_dtoh(&dout).unwrap();
         let per = blocks.per_expert(n_out, k_in);
         let cols = k_in.div_ceil(blocks.block_k);
         let magnitude = |id: usize, j: usize| -> f32 {
@@ -242,54 +180,103 @@ fn check_grouped_w8a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
                 })
                 .sum()
         };
-        assert_grouped_close(&what, [n, n_out], &gpu, &cpu, rounding, magnitude);
-        if T::KERNEL_SUFFIX == "bf16" {
-            // The tensor-core kernel (prefill) against its reference: weights rounded to bf16.
-            let mut cpu = vec![T::from_f32(0.0); n * n_out];
-            fused_moe::grouped_w8a16_tc(&mut cpu, &x, &w, &scales, &align, &s, &blocks).unwrap();
-            k.grouped_w8a16_tc(
-                &mut dout,
-                &dx.as_view(),
-                &dw.as_view(),
-                &ds.as_view(),
-                &dalign,
-                &s,
-                &blocks,
-            )
-            .unwrap();
-            let gpu = st.clone_dtoh(&dout).unwrap();
-            assert_grouped_close(
-                &format!("{what} tc"),
-                [n, n_out],
-                &gpu,
-                &cpu,
-                rounding,
-                magnitude,
-            );
-        }
+        check_packed_experts(k, &what, &entries, (&x, &w, &scales), &blocks, magnitude);
         eprintln!("{what}: matches");
     }
 }
 
-/// Every row of a grouped GEMM's output within `1e-5 · magnitude(id, j)` (the sum of the
-/// products' magnitudes: f32 sums in another order) plus the output dtype's `rounding`.
-fn assert_grouped_close<T: CudaElement>(
+/// A grouped GEMM over packed experts on the host: (out, x, weight bytes, their f32 parameters,
+/// alignment, shape, format).
+type PackedReference<T, F> = fn(
+    &mut [T],
+    &[T],
+    &[u8],
+    &[f32],
+    &MoeAlignment,
+    &GroupedGemmShape,
+    &F,
+) -> Result<(), KernelError>;
+
+/// The same on the GPU.
+type PackedLaunch<T, F> = fn(
+    &CudaKernels,
+    &mut CudaSlice<T>,
+    &CudaView<T>,
+    &CudaView<u8>,
+    &CudaView<f32>,
+    &DeviceAlignment,
+    &GroupedGemmShape,
+    &F,
+) -> Result<(), KernelError>;
+
+/// A format of packed experts (its parameters' type): its grouped GEMMs on the SIMT tiles and on
+/// tensor cores, each as the CPU reference and the launcher.
+trait PackedFormat: Sized {
+    #[allow(clippy::type_complexity)]
+    fn gemms<T: CudaElement>() -> ([PackedReference<T, Self>; 2], [PackedLaunch<T, Self>; 2]);
+}
+
+impl PackedFormat for ScaleBlocks {
+    fn gemms<T: CudaElement>() -> ([PackedReference<T, Self>; 2], [PackedLaunch<T, Self>; 2]) {
+        (
+            [fused_moe::grouped_w8a16, fused_moe::grouped_w8a16_tc],
+            [CudaKernels::grouped_w8a16, CudaKernels::grouped_w8a16_tc],
+        )
+    }
+}
+
+impl PackedFormat for W4Params {
+    fn gemms<T: CudaElement>() -> ([PackedReference<T, Self>; 2], [PackedLaunch<T, Self>; 2]) {
+        (
+            [fused_moe::grouped_w4a16, fused_moe::grouped_w4a16_tc],
+            [CudaKernels::grouped_w4a16, CudaKernels::grouped_w4a16_tc],
+        )
+    }
+}
+
+/// A grouped GEMM over packed experts of `format` (`weights` bytes and their f32 parameters) on
+/// the GPU against its CPU reference: on the SIMT tiles, and for bf16 on tensor cores too
+/// (against the reference with weights rounded to bf16). Every row within 1e-5 of
+/// `magnitude(id, j)` (the sum of the products' magnitudes: f32 sums in another order) plus the
+/// output dtype's rounding.
+fn check_packed_experts<T: CudaElement, F: PackedFormat>(
+    k: &CudaKernels,
     what: &str,
-    [n, n_out]: [usize; 2],
-    gpu: &[T],
-    cpu: &[T],
-    rounding: f32,
+    entries: &RandomEntries,
+    (x, weights, params): (&[T], &[u8], &[f32]),
+    format: &F,
     magnitude: impl Fn(usize, usize) -> f32,
 ) {
-    for id in 0..n {
-        for j in 0..n_out {
-            let (g, c) = (gpu[id * n_out + j].to_f32(), cpu[id * n_out + j].to_f32());
-            let tol = 1e-5 * magnitude(id, j) + rounding * c.abs() + 1e-6;
-            assert!(
-                (g - c).abs() <= tol,
-                "{what}[{id}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
-            );
-        }
+    let (references, launches) = F::gemms::<T>();
+    let (align, dalign, s) = (&entries.align, &entries.dalign, &entries.shape);
+    let st = k.stream();
+    let (dx, dw, dp) = (
+        st.clone_htod(x).unwrap(),
+        st.clone_htod(weights).unwrap(),
+        st.clone_htod(params).unwrap(),
+    );
+    let dims = [s.num_entries, s.n_out];
+    let mut dout = st.alloc_zeros::<T>(dims[0] * dims[1]).unwrap();
+    let tiles: &[bool] = if T::KERNEL_SUFFIX == "bf16" {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &tensor_cores in tiles {
+        let (reference, launch) = (
+            references[tensor_cores as usize],
+            launches[tensor_cores as usize],
+        );
+        let mut cpu_out = vec![T::from_f32(0.0); dims[0] * dims[1]];
+        reference(&mut cpu_out, x, weights, params, align, s, format).unwrap();
+        let (dx, dw, dp) = (dx.as_view(), dw.as_view(), dp.as_view());
+        launch(k, &mut dout, &dx, &dw, &dp, dalign, s, format).unwrap();
+        let gpu_out = st.clone_dtoh(&dout).unwrap();
+        let what = match tensor_cores {
+            false => what.to_string(),
+            true => format!("{what} tc"),
+        };
+        assert_gemm_close(&what, dims, &gpu_out, &cpu_out, 1e-5, &magnitude);
     }
 }
 
@@ -298,13 +285,6 @@ fn assert_grouped_close<T: CudaElement>(
 /// NVFP4 e2m1 codes (group 16), a decode (mostly padding rows) to 300 tokens, as the first GEMM
 /// and the second. Tolerance 1e-5 of the sum of |terms|, plus the output dtype's rounding.
 fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
-    use ember_kernels::fused_moe::{self, GroupedGemmShape, W4Params};
-    let st = k.stream();
-    let rounding = if T::KERNEL_SUFFIX == "bf16" {
-        1.0 / 128.0
-    } else {
-        0.0
-    };
     use ember_kernels::w4a16::W4Scales;
     let int4 = W4Params {
         group_size: 32,
@@ -347,11 +327,9 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             "grouped_w4a16_{} t{tokens} e{experts} {params:?} x_div {x_div}",
             T::KERNEL_SUFFIX
         );
-        let n = tokens * top_k;
-        let ids: Vec<u32> = (0..n)
-            .map(|_| rng.random_range(0..experts as u32))
-            .collect();
-        let x: Vec<T> = random(rng, n / x_div * k_in, -1.0, 1.0);
+        let entries = RandomEntries::new(k, rng, [tokens, top_k, experts], [n_out, k_in], x_div);
+        let (ids, s) = (&entries.ids, &entries.shape);
+        let x: Vec<T> = random(rng, s.num_entries / x_div * k_in, -1.0, 1.0);
         let groups = k_in / params.group_size;
         let shape = W4a16Shape {
             m: 0,
@@ -389,36 +367,6 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
                 })
                 .collect()
         };
-        let s = GroupedGemmShape {
-            num_experts: experts,
-            k_in,
-            n_out,
-            block_m: 64,
-            x_div,
-            num_entries: n,
-        };
-        let align = fused_moe::moe_align(&ids, experts, 64).unwrap();
-        let mut cpu = vec![T::from_f32(0.0); n * n_out];
-        fused_moe::grouped_w4a16(&mut cpu, &x, &codes, &qparams, &align, &s, &params).unwrap();
-        let dids = st.clone_htod(&ids).unwrap();
-        let dalign = k.moe_align(&dids.as_view(), experts, 64).unwrap();
-        let (dx, dc, dq) = (
-            st.clone_htod(&x).unwrap(),
-            st.clone_htod(&codes).unwrap(),
-            st.clone_htod(&qparams).unwrap(),
-        );
-        let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
-        k.grouped_w4a16(
-            &mut dout,
-            &dx.as_view(),
-            &dc.as_view(),
-            &dq.as_view(),
-            &dalign,
-            &s,
-            &params,
-        )
-        .unwrap();
-        let gpu = st.clone_dtoh(&dout).unwrap();
         let (codes_per, params_per) = (shape.codes_len(), shape.qparams_len());
         let magnitude = |id: usize, j: usize| -> f32 {
             let e = ids[id] as usize;
@@ -432,56 +380,29 @@ fn check_grouped_w4a16<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
                 })
                 .sum()
         };
-        assert_grouped_close(&what, [n, n_out], &gpu, &cpu, rounding, magnitude);
-        if T::KERNEL_SUFFIX == "bf16" {
-            // The tensor-core kernel (prefill) against its reference: weights rounded to bf16.
-            let mut cpu = vec![T::from_f32(0.0); n * n_out];
-            fused_moe::grouped_w4a16_tc(&mut cpu, &x, &codes, &qparams, &align, &s, &params)
-                .unwrap();
-            k.grouped_w4a16_tc(
-                &mut dout,
-                &dx.as_view(),
-                &dc.as_view(),
-                &dq.as_view(),
-                &dalign,
-                &s,
-                &params,
-            )
-            .unwrap();
-            let gpu = st.clone_dtoh(&dout).unwrap();
-            assert_grouped_close(
-                &format!("{what} tc"),
-                [n, n_out],
-                &gpu,
-                &cpu,
-                rounding,
-                magnitude,
-            );
-        }
+        check_packed_experts(
+            k,
+            &what,
+            &entries,
+            (&x, &codes, &qparams),
+            &params,
+            magnitude,
+        );
         eprintln!("{what}: matches");
     }
 }
 
 #[test]
 fn grouped_w4a16_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_grouped_w4a16::<f32>(&k, &mut rng);
-    check_grouped_w4a16::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_grouped_w4a16::<f32>, check_grouped_w4a16::<bf16>);
 }
 
 #[test]
 fn grouped_w8a16_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_grouped_w8a16::<f32>(&k, &mut rng);
-    check_grouped_w8a16::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_grouped_w8a16::<f32>, check_grouped_w8a16::<bf16>);
 }
 
 #[test]
 fn fused_moe_matches_the_cpu_references() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_fused_moe::<f32>(&k, &mut rng);
-    check_fused_moe::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_fused_moe::<f32>, check_fused_moe::<bf16>);
 }

@@ -30,7 +30,8 @@ mod w8a16;
 mod w8a8;
 
 use cudarc::driver::CudaSlice;
-use ember_kernels::cuda::{CudaElement, CudaKernels};
+use ember_kernels::cuda::{CudaElement, CudaKernels, DeviceAlignment};
+use ember_kernels::fused_moe::{moe_align, GroupedGemmShape, MoeAlignment};
 use ember_kernels::paged_attention::PagedAttentionBatch;
 use half::bf16;
 use rand::rngs::StdRng;
@@ -47,6 +48,17 @@ fn kernels() -> Option<CudaKernels> {
             None
         }
     }
+}
+
+/// Runs an op's check for f32, then for bf16, on GPU 0 with one seeded rng; skipped without a GPU.
+fn check_f32_then_bf16(
+    check_f32: fn(&CudaKernels, &mut StdRng),
+    check_bf16: fn(&CudaKernels, &mut StdRng),
+) {
+    let Some(k) = kernels() else { return };
+    let mut rng = rng();
+    check_f32(&k, &mut rng);
+    check_bf16(&k, &mut rng);
 }
 
 fn rng() -> StdRng {
@@ -85,13 +97,15 @@ fn assert_close<T: CudaElement>(what: &str, gpu: &[T], cpu: &[T]) {
     }
 }
 
-/// GEMM outputs `[m, n]` within 1e-5 of the sum of their terms' magnitudes (the f32 sums run in
-/// another order), plus one bf16 ulp of the result for bf16.
+/// GEMM outputs `[m, n]` within `sum_tol` of the sum of their terms' magnitudes
+/// (`magnitude(row, column)`: the sums run in another order), plus one bf16 ulp of the result
+/// for bf16.
 fn assert_gemm_close<T: CudaElement>(
     what: &str,
     [m, n]: [usize; 2],
     gpu: &[T],
     cpu: &[T],
+    sum_tol: f32,
     magnitude: impl Fn(usize, usize) -> f32,
 ) {
     for r in 0..m {
@@ -102,11 +116,53 @@ fn assert_gemm_close<T: CudaElement>(
             } else {
                 0.0
             };
-            let tol = 1e-5 * magnitude(r, j) + ulp + 1e-6;
+            let tol = sum_tol * magnitude(r, j) + ulp + 1e-6;
             assert!(
                 (g - c).abs() <= tol,
-                "{what} y[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
+                "{what}[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
             );
+        }
+    }
+}
+
+/// A grouped GEMM's entries for a test: `tokens · top_k` of them on random experts, the shape of
+/// a GEMM over them (`x_div` entries to an `x` row), and their alignment on the host and, by
+/// `moe_align`, on the GPU.
+struct RandomEntries {
+    ids: Vec<u32>,
+    shape: GroupedGemmShape,
+    align: MoeAlignment,
+    dalign: DeviceAlignment,
+}
+
+impl RandomEntries {
+    fn new(
+        k: &CudaKernels,
+        rng: &mut StdRng,
+        [tokens, top_k, experts]: [usize; 3],
+        [n_out, k_in]: [usize; 2],
+        x_div: usize,
+    ) -> Self {
+        let n = tokens * top_k;
+        let ids: Vec<u32> = (0..n)
+            .map(|_| rng.random_range(0..experts as u32))
+            .collect();
+        let shape = GroupedGemmShape {
+            num_experts: experts,
+            k_in,
+            n_out,
+            block_m: 64,
+            x_div,
+            num_entries: n,
+        };
+        let align = moe_align(&ids, experts, 64).unwrap();
+        let dids = k.stream().clone_htod(&ids).unwrap();
+        let dalign = k.moe_align(&dids.as_view(), experts, 64).unwrap();
+        RandomEntries {
+            ids,
+            shape,
+            align,
+            dalign,
         }
     }
 }

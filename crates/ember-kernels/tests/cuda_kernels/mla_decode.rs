@@ -75,8 +75,5 @@ fn check_mla_decode<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
 
 #[test]
 fn mla_decode_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_mla_decode::<f32>(&k, &mut rng);
-    check_mla_decode::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_mla_decode::<f32>, check_mla_decode::<bf16>);
 }

@@ -116,10 +116,7 @@ fn check_paged_attention<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
 
 #[test]
 fn paged_attention_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_paged_attention::<f32>(&k, &mut rng);
-    check_paged_attention::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_paged_attention::<f32>, check_paged_attention::<bf16>);
 }
 
 /// Paged metadata rewritten in place ([`CudaKernels::rewrite_paged_batch`], whole tables or

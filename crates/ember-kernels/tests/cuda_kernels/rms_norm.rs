@@ -52,16 +52,13 @@ fn check_fused_add_rms_norm<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
 
 #[test]
 fn rms_norm_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_rms_norm::<f32>(&k, &mut rng);
-    check_rms_norm::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_rms_norm::<f32>, check_rms_norm::<bf16>);
 }
 
 #[test]
 fn fused_add_rms_norm_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_fused_add_rms_norm::<f32>(&k, &mut rng);
-    check_fused_add_rms_norm::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(
+        check_fused_add_rms_norm::<f32>,
+        check_fused_add_rms_norm::<bf16>,
+    );
 }

@@ -129,8 +129,5 @@ fn check_rotary<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
 
 #[test]
 fn rotary_embedding_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_rotary::<f32>(&k, &mut rng);
-    check_rotary::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_rotary::<f32>, check_rotary::<bf16>);
 }

@@ -17,8 +17,5 @@ fn check_silu_and_mul<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
 
 #[test]
 fn silu_and_mul_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_silu_and_mul::<f32>(&k, &mut rng);
-    check_silu_and_mul::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_silu_and_mul::<f32>, check_silu_and_mul::<bf16>);
 }

@@ -10,11 +10,6 @@ fn check_w8a8<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     use ember_kernels::w8a8::{self, W8a8Shape, GROUP};
     let st = k.stream();
     let tensor_cores = k.has_fp8_tensor_cores().unwrap();
-    let rounding = if T::KERNEL_SUFFIX == "bf16" {
-        1.0 / 128.0
-    } else {
-        0.0
-    };
     for (m, n, kk, block_n) in [
         (1, 320, 1024, 128),
         (7, 200, 1000, 128),
@@ -72,25 +67,17 @@ fn check_w8a8<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         let gpu = st.clone_dtoh(&dy).unwrap();
         let blocks = kk.div_ceil(GROUP);
         let e4 = ember_kernels::w8a16::e4m3_to_f32;
-        for r in 0..m {
-            for j in 0..n {
-                let magnitude: f32 = (0..kk)
-                    .map(|c| {
-                        (e4(qa[r * kk + c])
-                            * e4(qw[j * kk + c])
-                            * sa[r * blocks + c / GROUP]
-                            * sw[(j / block_n) * blocks + c / GROUP])
-                            .abs()
-                    })
-                    .sum();
-                let (g, c) = (gpu[r * n + j].to_f32(), cpu[r * n + j].to_f32());
-                let tol = 1e-3 * magnitude + rounding * c.abs() + 1e-6;
-                assert!(
-                    (g - c).abs() <= tol,
-                    "{what}[{r}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
-                );
-            }
-        }
+        assert_gemm_close(&what, [m, n], &gpu, &cpu, 1e-3, |r, j| {
+            (0..kk)
+                .map(|c| {
+                    (e4(qa[r * kk + c])
+                        * e4(qw[j * kk + c])
+                        * sa[r * blocks + c / GROUP]
+                        * sw[(j / block_n) * blocks + c / GROUP])
+                        .abs()
+                })
+                .sum()
+        });
         eprintln!("{what}: matches");
     }
 }
@@ -99,18 +86,12 @@ fn check_w8a8<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
 /// and 64 tokens over 64 experts, as the first GEMM (x per token) and the second (per entry);
 /// 128 x 128 blocks (n 320, k 1000: ragged) and per-channel ones. Tolerance as `check_w8a8`.
 fn check_grouped_w8a8<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
-    use ember_kernels::fused_moe::{self, GroupedGemmShape};
     use ember_kernels::w8a8::{self, GROUP};
     let st = k.stream();
     if !k.has_fp8_tensor_cores().unwrap() {
         eprintln!("SKIPPED grouped_w8a8: this GPU has no FP8 tensor cores");
         return;
     }
-    let rounding = if T::KERNEL_SUFFIX == "bf16" {
-        1.0 / 128.0
-    } else {
-        0.0
-    };
     for (tokens, experts, top_k, n_out, k_in, block_n, x_div) in [
         (1, 64, 8, 320, 1000, 128, 8),
         (64, 64, 4, 320, 1024, 128, 1),
@@ -120,10 +101,9 @@ fn check_grouped_w8a8<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             "grouped_w8a8_{} t{tokens} e{experts} n{n_out} k{k_in} x_div {x_div}",
             T::KERNEL_SUFFIX
         );
-        let n = tokens * top_k;
-        let ids: Vec<u32> = (0..n)
-            .map(|_| rng.random_range(0..experts as u32))
-            .collect();
+        let entries = RandomEntries::new(k, rng, [tokens, top_k, experts], [n_out, k_in], x_div);
+        let (ids, s) = (&entries.ids, &entries.shape);
+        let n = s.num_entries;
         let rows = n / x_div;
         let x: Vec<T> = random(rng, rows * k_in, -3.0, 3.0);
         let (qa, sa) = w8a8::quantize_groups(&x, k_in).unwrap();
@@ -135,19 +115,8 @@ fn check_grouped_w8a8<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         let sw: Vec<f32> = (0..experts * per)
             .map(|_| rng.random_range(0.001f32..0.01))
             .collect();
-        let s = GroupedGemmShape {
-            num_experts: experts,
-            k_in,
-            n_out,
-            block_m: 64,
-            x_div,
-            num_entries: n,
-        };
-        let align = fused_moe::moe_align(&ids, experts, 64).unwrap();
         let mut cpu = vec![T::from_f32(0.0); n * n_out];
-        w8a8::grouped_w8a8(&mut cpu, &qa, &sa, &qw, &sw, &align, &s, block_n).unwrap();
-        let dids = st.clone_htod(&ids).unwrap();
-        let dalign = k.moe_align(&dids.as_view(), experts, 64).unwrap();
+        w8a8::grouped_w8a8(&mut cpu, &qa, &sa, &qw, &sw, &entries.align, s, block_n).unwrap();
         let (dqa, dsa) = (st.clone_htod(&qa).unwrap(), st.clone_htod(&sa).unwrap());
         let (dqw, dsw) = (st.clone_htod(&qw).unwrap(), st.clone_htod(&sw).unwrap());
         let mut dout = st.alloc_zeros::<T>(cpu.len()).unwrap();
@@ -157,49 +126,35 @@ fn check_grouped_w8a8<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
             &dsa.as_view(),
             &dqw.as_view(),
             &dsw.as_view(),
-            &dalign,
-            &s,
+            &entries.dalign,
+            s,
             block_n,
         )
         .unwrap();
         let gpu = st.clone_dtoh(&dout).unwrap();
         let e4 = ember_kernels::w8a16::e4m3_to_f32;
-        for id in 0..n {
+        assert_gemm_close(&what, [n, n_out], &gpu, &cpu, 1e-3, |id, j| {
             let (e, row) = (ids[id] as usize, id / x_div);
-            for j in 0..n_out {
-                let magnitude: f32 = (0..k_in)
-                    .map(|c| {
-                        (e4(qa[row * k_in + c])
-                            * e4(qw[(e * n_out + j) * k_in + c])
-                            * sa[row * blocks + c / GROUP]
-                            * sw[e * per + (j / block_n) * blocks + c / GROUP])
-                            .abs()
-                    })
-                    .sum();
-                let (g, c) = (gpu[id * n_out + j].to_f32(), cpu[id * n_out + j].to_f32());
-                let tol = 1e-3 * magnitude + rounding * c.abs() + 1e-6;
-                assert!(
-                    (g - c).abs() <= tol,
-                    "{what}[{id}, {j}]: GPU {g} vs CPU {c} (tolerance {tol})"
-                );
-            }
-        }
+            (0..k_in)
+                .map(|c| {
+                    (e4(qa[row * k_in + c])
+                        * e4(qw[(e * n_out + j) * k_in + c])
+                        * sa[row * blocks + c / GROUP]
+                        * sw[e * per + (j / block_n) * blocks + c / GROUP])
+                        .abs()
+                })
+                .sum()
+        });
         eprintln!("{what}: matches");
     }
 }
 
 #[test]
 fn grouped_w8a8_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_grouped_w8a8::<f32>(&k, &mut rng);
-    check_grouped_w8a8::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_grouped_w8a8::<f32>, check_grouped_w8a8::<bf16>);
 }
 
 #[test]
 fn w8a8_matches_the_cpu_reference() {
-    let Some(k) = kernels() else { return };
-    let mut rng = rng();
-    check_w8a8::<f32>(&k, &mut rng);
-    check_w8a8::<bf16>(&k, &mut rng);
+    check_f32_then_bf16(check_w8a8::<f32>, check_w8a8::<bf16>);
 }
