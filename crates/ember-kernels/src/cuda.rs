@@ -354,6 +354,18 @@ pub(crate) fn grid_launch((x, y): (u32, u32), threads: u32) -> LaunchConfig {
     }
 }
 
+/// One block of `threads` per row (or token) of a call, `rows` of them, or why they do not fit
+/// the grid.
+pub(crate) fn block_per_row(
+    op: &'static str,
+    what: &str,
+    rows: usize,
+    threads: u32,
+) -> Result<LaunchConfig, KernelError> {
+    let rows = u32::try_from(rows).map_err(|_| too_big(op, what, rows))?;
+    Ok(grid_launch((rows, 1), threads))
+}
+
 /// Blocks of `per` that cover `value` on a grid's y axis (65535 at most), or why they do not fit.
 pub(crate) fn grid_y_blocks(
     op: &'static str,
@@ -367,9 +379,11 @@ pub(crate) fn grid_y_blocks(
         .ok_or_else(|| too_big(op, what, value))
 }
 
-/// Errs unless `P` is one byte: e4m3 weights come as any one-byte element.
+/// Errs unless `P` is one byte: e4m3 weights come as any one-byte element (`u8`,
+/// `float8::F8E4M3`).
 pub(crate) fn check_e4m3_bytes<P>(op: &'static str) -> Result<(), KernelError> {
-    check_shape(std::mem::size_of::<P>() == 1, op, || {
-        "e4m3 weights are one byte each".into()
+    let size = std::mem::size_of::<P>();
+    check_shape(size == 1, op, || {
+        format!("e4m3 weights are one byte each, not {size}")
     })
 }

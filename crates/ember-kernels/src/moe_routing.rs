@@ -209,7 +209,7 @@ mod cuda {
     use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
     use super::{routing_shape, RoutingConfig, TopkMethod};
-    use crate::cuda::{grid_launch, too_big, CudaKernels};
+    use crate::cuda::{block_per_row, CudaKernels};
     use crate::KernelError;
 
     impl CudaKernels {
@@ -232,8 +232,8 @@ mod cuda {
             if tokens == 0 {
                 return Ok(());
             }
-            let tokens =
-                u32::try_from(tokens).map_err(|_| too_big("moe_routing", "tokens", tokens))?;
+            let threads = cfg.num_experts.next_multiple_of(32).clamp(32, 1024) as u32;
+            let launch_cfg = block_per_row("moe_routing", "tokens", tokens, threads)?;
             let method: i32 = match cfg.method {
                 TopkMethod::Greedy => 0,
                 TopkMethod::GroupLimitedGreedy => 1,
@@ -261,8 +261,6 @@ mod cuda {
                 Some(live) => launch.arg(live),
                 None => launch.arg(&null),
             };
-            let threads = cfg.num_experts.next_multiple_of(32).clamp(32, 1024) as u32;
-            let launch_cfg = grid_launch((tokens, 1), threads);
             // SAFETY: matches moe_routing(unsigned*, float*, const float*, const float*, int x 7,
             // float, const unsigned*) in kernels/moe_routing.cu (a null pointer for no `live`,
             // which else holds at least the one u32 the kernel reads); routing_shape bounds the

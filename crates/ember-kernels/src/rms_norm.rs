@@ -93,7 +93,7 @@ mod cuda {
     use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
     use super::{fused_add_rms_norm_shape, rms_norm_shape};
-    use crate::cuda::{grid_launch, kernel, too_big, CudaElement, CudaKernels};
+    use crate::cuda::{block_per_row, kernel, too_big, CudaElement, CudaKernels};
     use crate::KernelError;
 
     impl CudaKernels {
@@ -181,9 +181,8 @@ mod cuda {
     /// One block per row, of a multiple of 32 threads up to 1024 (block_sum's warp shuffles need
     /// full warps).
     fn row_launch(rows: usize, hidden: usize) -> Result<LaunchConfig, KernelError> {
-        let rows = u32::try_from(rows).map_err(|_| too_big("rms_norm", "rows", rows))?;
         let threads = hidden.next_multiple_of(32).clamp(32, 1024) as u32;
-        Ok(grid_launch((rows, 1), threads))
+        block_per_row("rms_norm", "rows", rows, threads)
     }
 }
 

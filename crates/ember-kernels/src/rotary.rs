@@ -156,7 +156,7 @@ mod cuda {
     use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
     use super::{rotary_rows_shape, rotary_shape, RotaryShape};
-    use crate::cuda::{grid_launch, int32, kernel, too_big, CudaElement, CudaKernels};
+    use crate::cuda::{block_per_row, int32, kernel, CudaElement, CudaKernels};
     use crate::error::check_shape;
     use crate::KernelError;
 
@@ -215,7 +215,9 @@ mod cuda {
             out: &mut CudaSlice<T>,
         ) -> Result<(), KernelError> {
             let op = "rotary_embedding";
-            let tokens = u32::try_from(tokens).map_err(|_| too_big(op, "tokens", tokens))?;
+            let pairs = shape.heads * shape.head_dim / 2;
+            let threads = pairs.next_multiple_of(32).clamp(32, 256) as u32;
+            let cfg = block_per_row(op, "tokens", tokens, threads)?;
             let heads = int32(op, "heads", shape.heads)?;
             let head_dim = int32(op, "head_dim", shape.head_dim)?;
             int32(op, "heads x head_dim", shape.heads * shape.head_dim)?;
@@ -237,11 +239,6 @@ mod cuda {
                 .arg(&heads)
                 .arg(&head_dim)
                 .arg(&interleaved);
-            let pairs = shape.heads * shape.head_dim / 2;
-            let cfg = grid_launch(
-                (tokens, 1),
-                pairs.next_multiple_of(32).clamp(32, 256) as u32,
-            );
             // SAFETY: matches rotary_embedding_<T>(T*, const T*, const unsigned*, const T*, const
             // T*, int, int, int) and rotary_embedding_rows_<T>(the same without positions) in
             // kernels/rotary.cu; rotary_shape / rotary_rows_shape bound every x, out and table

@@ -309,7 +309,7 @@ mod cuda {
     use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
     use super::{argmax_shape, logprobs_width, sample_shape, DrawParams};
-    use crate::cuda::{grid_launch, int32, too_big, CudaKernels};
+    use crate::cuda::{block_per_row, int32, CudaKernels};
     use crate::error::check_shape;
     use crate::KernelError;
 
@@ -334,12 +334,11 @@ mod cuda {
             if rows == 0 {
                 return Ok(());
             }
-            let rows = u32::try_from(rows).map_err(|_| too_big("argmax", "rows", rows))?;
+            let cfg = block_per_row("argmax", "rows", rows, ARGMAX_THREADS)?;
             let vocab = int32("argmax", "vocab", vocab)?;
             let f = self.sampling.load_function("argmax_f32")?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(out).arg(logits).arg(&vocab);
-            let cfg = grid_launch((rows, 1), ARGMAX_THREADS);
             // SAFETY: matches argmax_f32(unsigned*, const float*, int) in kernels/sampling.cu,
             // launched with its ARGMAX_THREADS; argmax_shape bounds every row it reads and writes.
             unsafe { launch.launch(cfg) }?;
@@ -360,7 +359,7 @@ mod cuda {
                 return Ok(());
             }
             let op = "sample_rows";
-            let rows = u32::try_from(rows).map_err(|_| too_big(op, "rows", rows))?;
+            let cfg = block_per_row(op, "rows", rows, SAMPLE_THREADS)?;
             let vocab_arg = int32(op, "vocab", vocab)?;
             let flat: Vec<f32> = params
                 .iter()
@@ -370,7 +369,6 @@ mod cuda {
             let f = self.sampling.load_function("sample_rows_f32")?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(out).arg(logits).arg(&dparams).arg(&vocab_arg);
-            let cfg = grid_launch((rows, 1), SAMPLE_THREADS);
             // SAFETY: matches sample_rows_f32(unsigned*, const float*, const float*, int) in
             // kernels/sampling.cu; sample_shape checked `rows` rows of `vocab` logits, five params
             // and one output per row (top_k below 2^23, exact as a float).
@@ -404,7 +402,7 @@ mod cuda {
             if rows == 0 {
                 return Ok(());
             }
-            let rows = u32::try_from(rows).map_err(|_| too_big(op, "rows", rows))?;
+            let cfg = block_per_row(op, "rows", rows, LOGPROB_THREADS)?;
             let (vocab_arg, k_arg) = (int32(op, "vocab", vocab)?, int32(op, "k", k)?);
             let f = self.sampling.load_function("token_logprobs_f32")?;
             let mut launch = self.stream.launch_builder(&f);
@@ -414,7 +412,6 @@ mod cuda {
                 .arg(tokens)
                 .arg(&vocab_arg)
                 .arg(&k_arg);
-            let cfg = grid_launch((rows, 1), LOGPROB_THREADS);
             // SAFETY: matches token_logprobs_f32(float*, const float*, const unsigned*, int, int)
             // in kernels/sampling.cu; `rows` rows of `vocab` logits, one token and 1 + 2k outputs
             // each.

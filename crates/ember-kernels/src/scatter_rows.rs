@@ -55,7 +55,7 @@ mod cuda {
     use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 
     use super::scatter_rows_shape;
-    use crate::cuda::{grid_launch, too_big, CudaKernels};
+    use crate::cuda::{block_per_row, CudaKernels};
     use crate::error::check_shape;
     use crate::KernelError;
 
@@ -79,8 +79,8 @@ mod cuda {
             if tokens == 0 {
                 return Ok(());
             }
-            let tokens =
-                u32::try_from(tokens).map_err(|_| too_big("scatter_rows", "tokens", tokens))?;
+            let threads = (row_bytes as u32).next_multiple_of(32).clamp(32, 256);
+            let cfg = block_per_row("scatter_rows", "tokens", tokens, threads)?;
             let pool_rows = (pool.len() / row_bytes) as i64;
             let row_bytes = row_bytes as i64;
             let f = self.scatter_rows.load_function("scatter_rows_u8")?;
@@ -91,8 +91,6 @@ mod cuda {
                 .arg(slots)
                 .arg(&row_bytes)
                 .arg(&pool_rows);
-            let threads = (row_bytes as u32).next_multiple_of(32).clamp(32, 256);
-            let cfg = grid_launch((tokens, 1), threads);
             // SAFETY: matches scatter_rows_u8(unsigned char*, const unsigned char*, const
             // unsigned*, long long, long long) in kernels/scatter_rows.cu for one-byte elements
             // (checked); scatter_rows_shape bounds every row read, and the kernel skips slots past

@@ -279,10 +279,10 @@ pub fn w4a16_gemm<T: Element>(
 /// The launchers: [`w4a16_gemm`] and [`dequantize`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView};
 
     use super::{w4a16_shape, W4a16Shape};
-    use crate::cuda::{elementwise_launch, int32, kernel, CudaElement, CudaKernels};
+    use crate::cuda::{elementwise_launch, int32, CudaElement, CudaKernels};
     use crate::weight_gemm::{check_dequant_out, gemv_launch};
     use crate::KernelError;
 
@@ -304,18 +304,15 @@ mod cuda {
             let op = "w4a16_gemm";
             let m = int32(op, "m", shape.m)?;
             let ints = weight_ints(op, shape)?;
-            let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
             let cfg = gemv_launch(op, shape.m, shape.n)?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch.arg(y).arg(x).arg(codes).arg(qparams).arg(&m);
-            for a in &ints {
-                launch.arg(a);
+            let module = &self.w4a16;
+            // SAFETY: w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int, int,
+            // int, int, int, int) in kernels/w4a16.cu takes (y, x, codes, qparams, m, ints); the
+            // shape check bounds every index it reads (codes of `codes_len`, qparams of
+            // `qparams_len` for its scales).
+            unsafe {
+                self.launch_weight_kernel(module, op, cfg, y, Some((x, m)), codes, qparams, &ints)
             }
-            // SAFETY: matches w4a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
-            // int, int, int, int, int) in kernels/w4a16.cu; the shape check bounds every index it
-            // reads (codes of `codes_len`, qparams of `qparams_len` for its scales).
-            unsafe { launch.launch(cfg) }?;
-            Ok(())
         }
 
         /// [`crate::w4a16::dequantize`] on the GPU.
@@ -339,16 +336,11 @@ mod cuda {
                 return Ok(());
             }
             let ints = weight_ints(op, shape)?;
-            let f = kernel(&self.w4a16, op, T::KERNEL_SUFFIX)?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch.arg(out).arg(codes).arg(qparams);
-            for a in &ints {
-                launch.arg(a);
-            }
-            // SAFETY: matches w4a16_dequant_<T>(T*, const u8*, const float*, int x 7) in
-            // kernels/w4a16.cu; the shape check bounds every index it touches.
-            unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
-            Ok(())
+            let cfg = elementwise_launch((shape.n * shape.k) as i64);
+            let module = &self.w4a16;
+            // SAFETY: w4a16_dequant_<T>(T*, const u8*, const float*, int x 7) in kernels/w4a16.cu
+            // takes (out, codes, qparams, ints); the shape check bounds every index it touches.
+            unsafe { self.launch_weight_kernel(module, op, cfg, out, None, codes, qparams, &ints) }
         }
     }
 

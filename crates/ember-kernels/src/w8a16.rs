@@ -119,11 +119,10 @@ pub fn w8a16_gemm<T: Element>(
 /// The launchers: [`w8a16_gemm`] and [`dequantize`] on the GPU.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 
     use super::{w8a16_shape, W8a16Shape};
-    use crate::cuda::{elementwise_launch, int32, kernel, CudaElement, CudaKernels};
-    use crate::error::check_shape;
+    use crate::cuda::{check_e4m3_bytes, elementwise_launch, int32, CudaElement, CudaKernels};
     use crate::weight_gemm::{check_dequant_out, gemv_launch};
     use crate::KernelError;
 
@@ -139,25 +138,20 @@ mod cuda {
             y: &mut CudaSlice<T>,
         ) -> Result<(), KernelError> {
             let op = "w8a16_gemm";
-            check_one_byte::<P>(op)?;
+            check_e4m3_bytes::<P>(op)?;
             w8a16_shape(shape, x.len(), w.len(), scales.len(), y.len())?;
             if shape.m == 0 || shape.n == 0 {
                 return Ok(());
             }
             let m = int32(op, "m", shape.m)?;
             let ints = weight_ints(op, shape)?;
-            let f = kernel(&self.w8a16, op, T::KERNEL_SUFFIX)?;
             let cfg = gemv_launch(op, shape.m, shape.n)?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch.arg(y).arg(x).arg(w).arg(scales).arg(&m);
-            for a in &ints {
-                launch.arg(a);
-            }
-            // SAFETY: matches w8a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int,
-            // int, int) in kernels/w8a16.cu (its W8A16_WARPS and W8A16_ROWS equal W4A16's); the
-            // shape check bounds every index it reads, and `P` is one byte.
-            unsafe { launch.launch(cfg) }?;
-            Ok(())
+            let module = &self.w8a16;
+            // SAFETY: w8a16_gemm_<T>(T*, const T*, const u8*, const float*, int, int, int, int,
+            // int) in kernels/w8a16.cu (its W8A16_WARPS and W8A16_ROWS equal W4A16's) takes (y, x,
+            // w, scales, m, ints); the shape check bounds every index it reads, and `P` is one
+            // byte.
+            unsafe { self.launch_weight_kernel(module, op, cfg, y, Some((x, m)), w, scales, &ints) }
         }
 
         /// [`crate::w8a16::dequantize`] on the GPU, over e4m3 weights as any one-byte element.
@@ -169,34 +163,20 @@ mod cuda {
             out: &mut CudaSlice<T>,
         ) -> Result<(), KernelError> {
             let op = "w8a16_dequant";
-            check_one_byte::<P>(op)?;
+            check_e4m3_bytes::<P>(op)?;
             w8a16_shape(&W8a16Shape { m: 0, ..*shape }, 0, w.len(), scales.len(), 0)?;
             check_dequant_out(op, out.len(), shape.n, shape.k)?;
             if out.is_empty() {
                 return Ok(());
             }
             let ints = weight_ints(op, shape)?;
-            let f = kernel(&self.w8a16, op, T::KERNEL_SUFFIX)?;
-            let mut launch = self.stream.launch_builder(&f);
-            launch.arg(out).arg(w).arg(scales);
-            for a in &ints {
-                launch.arg(a);
-            }
-            // SAFETY: matches w8a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int) in
-            // kernels/w8a16.cu; the shape check bounds every index it touches, and `P` is one byte.
-            unsafe { launch.launch(elementwise_launch((shape.n * shape.k) as i64)) }?;
-            Ok(())
+            let cfg = elementwise_launch((shape.n * shape.k) as i64);
+            let module = &self.w8a16;
+            // SAFETY: w8a16_dequant_<T>(T*, const u8*, const float*, int, int, int, int) in
+            // kernels/w8a16.cu takes (out, w, scales, ints); the shape check bounds every index it
+            // touches, and `P` is one byte.
+            unsafe { self.launch_weight_kernel(module, op, cfg, out, None, w, scales, &ints) }
         }
-    }
-
-    /// Errs unless the weights' element `P` is one byte (e4m3 as `u8` or `float8::F8E4M3`).
-    fn check_one_byte<P>(op: &'static str) -> Result<(), KernelError> {
-        check_shape(std::mem::size_of::<P>() == 1, op, || {
-            format!(
-                "weights must be one byte each, not {}",
-                std::mem::size_of::<P>()
-            )
-        })
     }
 
     /// The weights' int arguments both kernels take after their buffers (and `m`): n, k,

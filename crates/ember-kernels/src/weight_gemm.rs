@@ -71,3 +71,54 @@ pub(crate) fn gemv_launch(
         32 * W4A16_WARPS,
     ))
 }
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{
+        CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+
+    use crate::cuda::{kernel, CudaElement, CudaKernels};
+    use crate::KernelError;
+
+    impl CudaKernels {
+        /// Launches `<op>_<T>` of `module` on `cfg` with `(out, x, weights, params, m, ints...)`
+        /// for a GEMM (`gemm_x`: x and its rows m) or `(out, weights, params, ints...)` for a
+        /// dequantizer.
+        ///
+        /// # Safety
+        /// `op` must take exactly those arguments, and the caller's shape checks must bound every
+        /// index it reads and writes.
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) unsafe fn launch_weight_kernel<T: CudaElement, W: DeviceRepr>(
+            &self,
+            module: &Arc<CudaModule>,
+            op: &str,
+            cfg: LaunchConfig,
+            out: &mut CudaSlice<T>,
+            gemm_x: Option<(&CudaView<T>, i32)>,
+            weights: &CudaView<W>,
+            params: &CudaView<f32>,
+            ints: &[i32],
+        ) -> Result<(), KernelError> {
+            let f = kernel(module, op, T::KERNEL_SUFFIX)?;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(out);
+            if let Some((x, _)) = &gemm_x {
+                launch.arg(*x);
+            }
+            launch.arg(weights).arg(params);
+            if let Some((_, m)) = &gemm_x {
+                launch.arg(m);
+            }
+            for a in ints {
+                launch.arg(a);
+            }
+            // SAFETY: the caller's contract.
+            unsafe { launch.launch(cfg) }?;
+            Ok(())
+        }
+    }
+}

@@ -9,8 +9,8 @@ use super::{
     GroupedGemmShape, MoeAlignment, ScaleBlocks, W4Params,
 };
 use crate::cuda::{
-    check_e4m3_bytes, elementwise_launch, grid_launch, grid_y_blocks, int32, kernel, too_big,
-    CudaElement, CudaKernels,
+    block_per_row, check_e4m3_bytes, elementwise_launch, grid_launch, grid_y_blocks, int32, kernel,
+    too_big, CudaElement, CudaKernels,
 };
 use crate::error::check_shape;
 use crate::KernelError;
@@ -340,8 +340,7 @@ impl CudaKernels {
         let f = kernel(&self.fused_moe, "moe_sum", T::KERNEL_SUFFIX)?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(out).arg(y).arg(weights).arg(&k_arg).arg(&h_arg);
-        let rows = u32::try_from(tokens).map_err(|_| too_big("moe_sum", "tokens", tokens))?;
-        let cfg = grid_launch((rows, 1), 256);
+        let cfg = block_per_row("moe_sum", "tokens", tokens, 256)?;
         // SAFETY: matches moe_sum_<T>(T*, const T*, const float*, int, int); lengths checked.
         unsafe { launch.launch(cfg) }?;
         Ok(())
