@@ -121,14 +121,7 @@ fn check_fused_moe<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
         )
         .unwrap();
         let gpu = st.clone_dtoh(&dout).unwrap();
-        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-            let (g, c) = (g.to_f32(), c.to_f32());
-            let tol = rel * c.abs() + abs;
-            assert!(
-                (g - c).abs() <= tol,
-                "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
-            );
-        }
+        assert_within(&what, &gpu, &cpu, (rel, abs));
         eprintln!("{what}: matches");
     }
 }

@@ -12,11 +12,7 @@ type MlaMix = (&'static str, usize, &'static [(usize, usize)]);
 fn check_mla_decode<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     use ember_kernels::mla_decode::{self, MlaShape};
     let st = k.stream();
-    let (rel, abs) = if T::KERNEL_SUFFIX == "bf16" {
-        (1.0 / 128.0, 1e-3)
-    } else {
-        (1e-4, 1e-5)
-    };
+    let (rel, abs) = paged_attention_tol::<T>();
     let block = 16;
     let mixes: [MlaMix; 3] = [
         (

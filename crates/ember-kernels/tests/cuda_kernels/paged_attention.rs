@@ -70,11 +70,7 @@ const MIXES: &[Mix] = &[
 
 fn check_paged_attention<T: CudaElement>(k: &CudaKernels, rng: &mut StdRng) {
     let st = k.stream();
-    let (rel, abs) = if T::KERNEL_SUFFIX == "bf16" {
-        (1.0 / 128.0, 1e-3)
-    } else {
-        (1e-4, 1e-5)
-    };
+    let (rel, abs) = paged_attention_tol::<T>();
     for mix in MIXES {
         let mut shape = mix.shape;
         let block = shape.block_size;
@@ -228,13 +224,7 @@ fn a_graph_replays_over_rewritten_paged_metadata() {
             &shape,
         )
         .unwrap();
-        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-            let tol = 1e-4 * c.abs() + 1e-5;
-            assert!(
-                (g - c).abs() <= tol,
-                "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
-            );
-        }
+        assert_within(what, gpu, &cpu, paged_attention_tol::<f32>());
     };
     for round in 0..6 {
         let (tables, ctx) = step(&mut rng);

@@ -51,14 +51,7 @@ fn prefill_attention_matches_the_cpu_reference() {
         .unwrap();
         let gpu = st.clone_dtoh(&dout).unwrap();
         let vmax = v.iter().map(|x| x.to_f32().abs()).fold(0f32, f32::max);
-        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-            let (g, c) = (g.to_f32(), c.to_f32());
-            let tol = 1e-2 * vmax + c.abs() / 128.0;
-            assert!(
-                (g - c).abs() <= tol,
-                "{what}[{i}]: GPU {g} vs CPU {c} (tolerance {tol})"
-            );
-        }
+        assert_within(&what, &gpu, &cpu, (1.0 / 128.0, 1e-2 * vmax));
         eprintln!("{what}: matches");
     }
 }
