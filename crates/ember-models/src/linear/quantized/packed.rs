@@ -335,6 +335,8 @@ impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
     }
 }
 
+type OpResult = candle_core::Result<()>;
+
 /// One of the packed ops over the activations `x` `[m, k]` (f32 or bf16), the packed bytes (u8)
 /// and their f32 parameters, into an output in `x`'s dtype.
 trait PackedOp: Send + Sync {
@@ -345,17 +347,11 @@ trait PackedOp: Send + Sync {
     fn out_dims(&self) -> (usize, usize);
 
     /// The CPU reference into `out`.
-    fn cpu<T: Element>(
-        &self,
-        x: &[T],
-        bytes: &[u8],
-        params: &[f32],
-        out: &mut [T],
-    ) -> candle_core::Result<()>;
+    fn cpu<T: Element>(&self, x: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult;
 
     /// The kernels into the call's output.
     #[cfg(feature = "cuda")]
-    fn cuda<T: CudaElement>(&self, call: PackedCall<'_, T>) -> candle_core::Result<()>;
+    fn cuda<T: CudaElement>(&self, call: PackedCall<'_, T>) -> OpResult;
 }
 
 /// What a packed op's kernel call gets: the kernels on the inputs' GPU, the inputs, the output.
@@ -382,19 +378,13 @@ impl<F: PackedFormat> PackedOp for Gemm<F> {
         (self.m, self.format.dims().0)
     }
 
-    fn cpu<T: Element>(
-        &self,
-        x: &[T],
-        bytes: &[u8],
-        params: &[f32],
-        out: &mut [T],
-    ) -> candle_core::Result<()> {
+    fn cpu<T: Element>(&self, x: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult {
         let gemm = self.format.gemm(self.m, x, bytes, params, out);
         gemm.map_err(candle_core::Error::wrap)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> candle_core::Result<()> {
+    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> OpResult {
         let (x, bytes, params) = (&c.x, &c.bytes, &c.params);
         let gemm = self
             .format
@@ -415,19 +405,13 @@ impl<F: PackedFormat> PackedOp for Dequant<F> {
         self.format.dims()
     }
 
-    fn cpu<T: Element>(
-        &self,
-        _: &[T],
-        bytes: &[u8],
-        params: &[f32],
-        out: &mut [T],
-    ) -> candle_core::Result<()> {
+    fn cpu<T: Element>(&self, _: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult {
         let dequant = self.format.dequant(bytes, params, out);
         dequant.map_err(candle_core::Error::wrap)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> candle_core::Result<()> {
+    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> OpResult {
         let dequant = self
             .format
             .dequant_cuda(c.kernels, &c.bytes, &c.params, c.out);
@@ -448,13 +432,7 @@ impl PackedOp for W8a8Gemm {
         (self.shape.m, self.shape.n)
     }
 
-    fn cpu<T: Element>(
-        &self,
-        x: &[T],
-        bytes: &[u8],
-        scales: &[f32],
-        out: &mut [T],
-    ) -> candle_core::Result<()> {
+    fn cpu<T: Element>(&self, x: &[T], bytes: &[u8], scales: &[f32], out: &mut [T]) -> OpResult {
         use ember_kernels::w8a8;
         let wrap = candle_core::Error::wrap;
         let s = &self.shape;
@@ -463,7 +441,7 @@ impl PackedOp for W8a8Gemm {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> candle_core::Result<()> {
+    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> OpResult {
         let wrap = candle_core::Error::wrap;
         let s = &self.shape;
         let mut qa = c.device.alloc_zeros::<u8>(s.m * s.k)?;

@@ -52,15 +52,8 @@ impl Cuda<'_> {
                 k.grouped_gemm(&mut y, &act.as_view(), &w2, align, &down)
                     .map_err(wrap)?;
             }
-            ExpertWeights::Packed {
-                kind,
-                w13,
-                p13,
-                w2,
-                p2,
-                ..
-            } => {
-                let guards = [w13, p13, w2, p2].map(|t| t.storage_and_layout());
+            ExpertWeights::Packed(packed) => {
+                let guards = packed.stacked().map(|t| t.storage_and_layout());
                 let range = |i: usize, what: &str| {
                     crate::device::kernels::contiguous_range(guards[i].1, what)
                 };
@@ -88,7 +81,7 @@ impl Cuda<'_> {
                     // the SIMT kernels, which read each weight once for their few rows.
                     let tensor_cores = T::KERNEL_SUFFIX == "bf16"
                         && s.num_entries >= TENSOR_CORE_ROWS_PER_EXPERT * s.num_experts;
-                    match *kind {
+                    match packed.kind {
                         PackedKind::W8a16 { b13, b2, w8a8 } => {
                             let b = if down { b2 } else { b13 };
                             if !w8a8 && tensor_cores {
