@@ -401,7 +401,17 @@ fn held_slice<'s, T: candle_core::WithDType>(
     layout: &Layout,
     what: &str,
 ) -> candle_core::Result<&'s [T]> {
-    Ok(&cpu_of(storage)?.as_slice::<T>()?[crate::device::kernels::contiguous_range(layout, what)?])
+    crate::device::kernels::cpu_input(cpu_of(storage)?, layout, what)
+}
+
+/// The elements of a held CUDA tensor.
+#[cfg(feature = "cuda")]
+fn held_view<'s, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'s Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'s, T>> {
+    crate::device::kernels::cuda_input(cuda_of(storage)?, layout, what)
 }
 
 /// The fused MoE on the CPU references, after routing.
@@ -522,9 +532,7 @@ impl CustomOp2 for FusedMoeOp<'_> {
         let tokens = x_layout.shape().dims2()?.0;
         let entries = tokens * self.routing.top_k;
         let (bias_guard, bias_layout) = self.bias.storage_and_layout();
-        let bias = cuda_of(&bias_guard)?.as_cuda_slice::<f32>()?.slice(
-            crate::device::kernels::contiguous_range(bias_layout, "router bias")?,
-        );
+        let bias = held_view::<f32>(&bias_guard, bias_layout, "router bias")?;
         let logits =
             logits
                 .as_cuda_slice::<f32>()?
