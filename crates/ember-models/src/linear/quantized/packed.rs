@@ -379,17 +379,16 @@ impl<F: PackedFormat> PackedOp for Gemm<F> {
     }
 
     fn cpu<T: Element>(&self, x: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult {
-        let gemm = self.format.gemm(self.m, x, bytes, params, out);
-        gemm.map_err(candle_core::Error::wrap)
+        self.format
+            .gemm(self.m, x, bytes, params, out)
+            .map_err(candle_core::Error::wrap)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> OpResult {
-        let (x, bytes, params) = (&c.x, &c.bytes, &c.params);
-        let gemm = self
-            .format
-            .gemm_cuda(c.kernels, self.m, x, bytes, params, c.out);
-        gemm.map_err(candle_core::Error::wrap)
+        self.format
+            .gemm_cuda(c.kernels, self.m, &c.x, &c.bytes, &c.params, c.out)
+            .map_err(candle_core::Error::wrap)
     }
 }
 
@@ -406,16 +405,16 @@ impl<F: PackedFormat> PackedOp for Dequant<F> {
     }
 
     fn cpu<T: Element>(&self, _: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult {
-        let dequant = self.format.dequant(bytes, params, out);
-        dequant.map_err(candle_core::Error::wrap)
+        self.format
+            .dequant(bytes, params, out)
+            .map_err(candle_core::Error::wrap)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> OpResult {
-        let dequant = self
-            .format
-            .dequant_cuda(c.kernels, &c.bytes, &c.params, c.out);
-        dequant.map_err(candle_core::Error::wrap)
+        self.format
+            .dequant_cuda(c.kernels, &c.bytes, &c.params, c.out)
+            .map_err(candle_core::Error::wrap)
     }
 }
 
