@@ -6,6 +6,10 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use ember_kernels::sampling::{argmax_rows, sample_rows, DrawParams};
 
+use crate::device::kernels::cpu_input;
+#[cfg(feature = "cuda")]
+use crate::device::kernels::{cuda_input, device_kernels};
+
 /// The argmax of each row of f32 `logits` `[rows, vocab]`: the lowest id of the largest logit, NaN
 /// never chosen (as the host sampler chooses), brought back to the host.
 pub fn greedy_tokens(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
@@ -18,7 +22,27 @@ pub fn greedy_token_ids(logits: &Tensor) -> candle_core::Result<Tensor> {
         candle_core::bail!("greedy sampling takes f32 logits, not {:?}", logits.dtype());
     }
     let (_, vocab) = logits.dims2()?;
-    logits.contiguous()?.apply_op1_no_bwd(&Argmax { vocab })
+    logits
+        .contiguous()?
+        .apply_op1_no_bwd(&PickTokens { vocab, draws: None })
+}
+
+/// Each row of f32 `logits` `[rows, vocab]` drawn under its `params` (see
+/// [`ember_kernels::sampling`]), brought back to the host.
+pub fn sampled_tokens(logits: &Tensor, params: &[DrawParams]) -> candle_core::Result<Vec<u32>> {
+    sampled_token_ids(logits, params)?.to_vec1::<u32>()
+}
+
+/// [`sampled_tokens`] left where the logits are: `[rows]` u32.
+pub fn sampled_token_ids(logits: &Tensor, params: &[DrawParams]) -> candle_core::Result<Tensor> {
+    if logits.dtype() != DType::F32 {
+        candle_core::bail!("sampling takes f32 logits, not {:?}", logits.dtype());
+    }
+    let (_, vocab) = logits.dims2()?;
+    logits.contiguous()?.apply_op1_no_bwd(&PickTokens {
+        vocab,
+        draws: Some(params),
+    })
 }
 
 /// Each row's logprob of its token (`tokens` `[rows]` u32, where the logits are) and its `k` best
@@ -60,10 +84,8 @@ impl candle_core::CustomOp2 for Logprobs {
         tokens: &CpuStorage,
         tokens_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let logits = &logits.as_slice::<f32>()?
-            [crate::device::kernels::contiguous_range(logits_layout, "logprobs")?];
-        let tokens = &tokens.as_slice::<u32>()?
-            [crate::device::kernels::contiguous_range(tokens_layout, "their tokens")?];
+        let logits = cpu_input::<f32>(logits, logits_layout, "logprobs")?;
+        let tokens = cpu_input::<u32>(tokens, tokens_layout, "their tokens")?;
         let width = ember_kernels::sampling::logprobs_width(self.k);
         let mut out = vec![0f32; tokens.len() * width];
         ember_kernels::sampling::token_logprobs_rows(logits, self.vocab, tokens, self.k, &mut out)
@@ -79,23 +101,9 @@ impl candle_core::CustomOp2 for Logprobs {
         tokens: &candle_core::CudaStorage,
         tokens_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let device = logits.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        let logits =
-            logits
-                .as_cuda_slice::<f32>()?
-                .slice(crate::device::kernels::contiguous_range(
-                    logits_layout,
-                    "logprobs",
-                )?);
-        let tokens =
-            tokens
-                .as_cuda_slice::<u32>()?
-                .slice(crate::device::kernels::contiguous_range(
-                    tokens_layout,
-                    "their tokens",
-                )?);
+        let (device, kernels) = device_kernels(logits)?;
+        let logits = cuda_input::<f32>(logits, logits_layout, "logprobs")?;
+        let tokens = cuda_input::<u32>(tokens, tokens_layout, "their tokens")?;
         let width = ember_kernels::sampling::logprobs_width(self.k);
         let rows = tokens.len();
         let mut out = device.alloc_zeros::<f32>(rows * width)?;
@@ -109,13 +117,36 @@ impl candle_core::CustomOp2 for Logprobs {
     }
 }
 
-struct Argmax {
+/// Each row's token from f32 logits `[rows, vocab]`: its argmax, or its draw.
+struct PickTokens<'a> {
     vocab: usize,
+    /// Each row's draw parameters; `None` for the argmax.
+    draws: Option<&'a [DrawParams]>,
 }
 
-impl CustomOp1 for Argmax {
+impl PickTokens<'_> {
+    /// Who refuses strided logits.
+    fn what(&self) -> &'static str {
+        match self.draws {
+            None => "greedy sampling",
+            Some(_) => "sampling",
+        }
+    }
+
+    fn rows(&self, logits: usize) -> usize {
+        match self.draws {
+            None => logits / self.vocab,
+            Some(params) => params.len(),
+        }
+    }
+}
+
+impl CustomOp1 for PickTokens<'_> {
     fn name(&self) -> &'static str {
-        "ember-argmax"
+        match self.draws {
+            None => "ember-argmax",
+            Some(_) => "ember-sample",
+        }
     }
 
     fn cpu_fwd(
@@ -123,10 +154,13 @@ impl CustomOp1 for Argmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let logits = &storage.as_slice::<f32>()?
-            [crate::device::kernels::contiguous_range(layout, "greedy sampling")?];
-        let mut out = vec![0u32; logits.len() / self.vocab];
-        argmax_rows(logits, self.vocab, &mut out).map_err(candle_core::Error::wrap)?;
+        let logits = cpu_input::<f32>(storage, layout, self.what())?;
+        let mut out = vec![0u32; self.rows(logits.len())];
+        match self.draws {
+            None => argmax_rows(logits, self.vocab, &mut out),
+            Some(params) => sample_rows(logits, self.vocab, params, &mut out),
+        }
+        .map_err(candle_core::Error::wrap)?;
         let rows = out.len();
         Ok((CpuStorage::U32(out), Shape::from(rows)))
     }
@@ -137,79 +171,15 @@ impl CustomOp1 for Argmax {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let range = crate::device::kernels::contiguous_range(layout, "greedy sampling")?;
-        let device = storage.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        let logits = storage.as_cuda_slice::<f32>()?.slice(range.clone());
-        let rows = range.len() / self.vocab;
+        let (device, kernels) = device_kernels(storage)?;
+        let logits = cuda_input::<f32>(storage, layout, self.what())?;
+        let rows = self.rows(logits.len());
         let mut out = device.alloc_zeros::<u32>(rows)?;
-        kernels
-            .argmax_rows(&logits, self.vocab, &mut out)
-            .map_err(candle_core::Error::wrap)?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, device),
-            Shape::from(rows),
-        ))
-    }
-}
-
-/// Each row of f32 `logits` `[rows, vocab]` drawn under its `params` (see
-/// [`ember_kernels::sampling`]), brought back to the host.
-pub fn sampled_tokens(logits: &Tensor, params: &[DrawParams]) -> candle_core::Result<Vec<u32>> {
-    sampled_token_ids(logits, params)?.to_vec1::<u32>()
-}
-
-/// [`sampled_tokens`] left where the logits are: `[rows]` u32.
-pub fn sampled_token_ids(logits: &Tensor, params: &[DrawParams]) -> candle_core::Result<Tensor> {
-    if logits.dtype() != DType::F32 {
-        candle_core::bail!("sampling takes f32 logits, not {:?}", logits.dtype());
-    }
-    let (_, vocab) = logits.dims2()?;
-    logits
-        .contiguous()?
-        .apply_op1_no_bwd(&Draw { vocab, params })
-}
-
-struct Draw<'a> {
-    vocab: usize,
-    params: &'a [DrawParams],
-}
-
-impl CustomOp1 for Draw<'_> {
-    fn name(&self) -> &'static str {
-        "ember-sample"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let logits = &storage.as_slice::<f32>()?
-            [crate::device::kernels::contiguous_range(layout, "sampling")?];
-        let mut out = vec![0u32; self.params.len()];
-        sample_rows(logits, self.vocab, self.params, &mut out).map_err(candle_core::Error::wrap)?;
-        let rows = out.len();
-        Ok((CpuStorage::U32(out), Shape::from(rows)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let range = crate::device::kernels::contiguous_range(layout, "sampling")?;
-        let device = storage.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        let logits = storage.as_cuda_slice::<f32>()?.slice(range);
-        let rows = self.params.len();
-        let mut out = device.alloc_zeros::<u32>(rows)?;
-        kernels
-            .sample_rows(&logits, self.vocab, self.params, &mut out)
-            .map_err(candle_core::Error::wrap)?;
+        match self.draws {
+            None => kernels.argmax_rows(&logits, self.vocab, &mut out),
+            Some(params) => kernels.sample_rows(&logits, self.vocab, params, &mut out),
+        }
+        .map_err(candle_core::Error::wrap)?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, device),
             Shape::from(rows),

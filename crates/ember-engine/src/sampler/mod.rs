@@ -28,24 +28,12 @@ pub fn sample(
     output_tokens: &[u32],
     rng: &mut SequenceRng,
 ) -> Sampled {
-    sample_masked(logits, None, params, prompt_tokens, output_tokens, rng)
-}
-
-/// Like [`sample`], choosing only among the tokens `mask` allows (a grammar's next tokens).
-/// Logprobs are still those of the raw logits, so they show what the grammar overruled.
-pub fn sample_masked(
-    logits: &[f32],
-    mask: Option<&TokenMask>,
-    params: &SamplingParams,
-    prompt_tokens: &[u32],
-    output_tokens: &[u32],
-    rng: &mut SequenceRng,
-) -> Sampled {
-    let token_id = choose_masked(logits, mask, params, prompt_tokens, output_tokens, rng);
+    let token_id = choose(logits, params, prompt_tokens, output_tokens, rng);
     with_logprobs(logits, token_id, params)
 }
 
-/// The token [`sample_masked`] chooses, without its logprobs.
+/// The token [`sample`] chooses, choosing only among the tokens `mask` allows (a grammar's next
+/// tokens).
 pub fn choose_masked(
     logits: &[f32],
     mask: Option<&TokenMask>,
@@ -73,7 +61,7 @@ pub fn choose_masked(
 
 /// Whether masking only conditions `params`' distribution on the allowed set A, so that drawing
 /// unmasked and keeping the draw when A holds it (drawing again under the mask when not) is
-/// exactly [`sample_masked`]: P(x) = p(x) + (1 - p(A)) p(x) / p(A) = p(x) / p(A).
+/// exactly [`choose_masked`]: P(x) = p(x) + (1 - p(A)) p(x) / p(A) = p(x) / p(A).
 ///
 /// Greedy: an allowed argmax is the argmax over A (ties too: both take the lowest id). Bias,
 /// penalties and temperature change each token's weight from its own logit alone, so they keep

@@ -7,11 +7,17 @@
 //! The step's metadata (which sequences decode, their block tables and context lengths) is built
 //! once per step on the host and, on a GPU, checked and copied once, for every layer to read.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Shape, Tensor};
+#[cfg(feature = "cuda")]
+use ember_kernels::cuda::CudaElement;
 use ember_kernels::mla_decode::{self, MlaShape};
+use ember_kernels::prefill_attention::PrefillShape;
 use ember_kernels::Element;
 
 use crate::cache::kv_cache::LayerKvCache;
+#[cfg(feature = "cuda")]
+use crate::device::same_dtype_op::CudaCall;
+use crate::device::same_dtype_op::{SameDtype, SameDtypeOp};
 use crate::step::metadata::MlaDecodeBatch;
 use crate::TensorResult;
 
@@ -46,35 +52,10 @@ pub fn decode(
         shape,
         scale,
     };
-    let out = q.contiguous()?.apply_op3_no_bwd(&cache.k, &cache.v, &op)?;
+    let out = q
+        .contiguous()?
+        .apply_op3_no_bwd(&cache.k, &cache.v, &SameDtype(op))?;
     Ok(out)
-}
-
-/// A CPU op input's contiguous elements.
-fn slice<'s, T: candle_core::WithDType>(
-    (s, l): (&'s CpuStorage, &Layout),
-    what: &str,
-) -> candle_core::Result<&'s [T]> {
-    Ok(&s.as_slice::<T>()?[crate::device::kernels::contiguous_range(l, what)?])
-}
-
-/// A three-input op's CPU output: `f32s` when every input is f32, `bf16s` when every one is
-/// bf16, else the error `what`.
-fn f32_or_bf16(
-    inputs: [(&CpuStorage, &Layout); 3],
-    what: &str,
-    f32s: impl FnOnce([(&CpuStorage, &Layout); 3]) -> candle_core::Result<Vec<f32>>,
-    bf16s: impl FnOnce([(&CpuStorage, &Layout); 3]) -> candle_core::Result<Vec<half::bf16>>,
-) -> candle_core::Result<CpuStorage> {
-    match inputs.map(|(s, _)| s) {
-        [CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)] => {
-            Ok(CpuStorage::F32(f32s(inputs)?))
-        }
-        [CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)] => {
-            Ok(CpuStorage::BF16(bf16s(inputs)?))
-        }
-        _ => candle_core::bail!("{what}"),
-    }
 }
 
 struct MlaDecodeOp<'a> {
@@ -83,111 +64,30 @@ struct MlaDecodeOp<'a> {
     scale: f32,
 }
 
-impl MlaDecodeOp<'_> {
-    fn out_shape(&self) -> Shape {
-        Shape::from((
+impl SameDtypeOp for MlaDecodeOp<'_> {
+    const NAME: &'static str = "ember-mla-decode";
+
+    /// Inputs: the queries, the latent cache and the rope key cache.
+    fn out_shape(&self, _: &[&Shape]) -> candle_core::Result<Shape> {
+        Ok(Shape::from((
             self.decodes.seqs.len(),
             self.shape.num_heads,
             self.shape.rank,
-        ))
+        )))
     }
 
-    fn cpu<T: Element + candle_core::WithDType>(
-        &self,
-        [q, c, r]: [(&CpuStorage, &Layout); 3],
-    ) -> candle_core::Result<Vec<T>> {
-        let mut out = vec![T::from_f32(0.0); self.out_shape().elem_count()];
-        mla_decode::mla_decode(
-            &mut out,
-            slice(q, "MLA queries")?,
-            slice(c, "the latent cache")?,
-            slice(r, "the rope key cache")?,
-            &self.decodes.host(),
-            self.scale,
-            &self.shape,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        Ok(out)
-    }
-}
-
-impl CustomOp3 for MlaDecodeOp<'_> {
-    fn name(&self) -> &'static str {
-        "ember-mla-decode"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        lq: &Layout,
-        c: &CpuStorage,
-        lc: &Layout,
-        r: &CpuStorage,
-        lr: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = f32_or_bf16(
-            [(q, lq), (c, lc), (r, lr)],
-            "MLA decode takes f32 or bf16 queries and caches of one dtype",
-            |inputs| self.cpu::<f32>(inputs),
-            |inputs| self.cpu::<half::bf16>(inputs),
-        )?;
-        Ok((out, self.out_shape()))
+    fn cpu<T: Element>(&self, i: &[&[T]], out: &mut [T]) -> candle_core::Result<()> {
+        let batch = self.decodes.host();
+        mla_decode::mla_decode(out, i[0], i[1], i[2], &batch, self.scale, &self.shape)
+            .map_err(candle_core::Error::wrap)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        lq: &Layout,
-        c: &candle_core::CudaStorage,
-        lc: &Layout,
-        r: &candle_core::CudaStorage,
-        lr: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let device = q.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        let meta = self.decodes.on_device(&device)?;
-        let ranges = [
-            crate::device::kernels::contiguous_range(lq, "MLA queries")?,
-            crate::device::kernels::contiguous_range(lc, "the latent cache")?,
-            crate::device::kernels::contiguous_range(lr, "the rope key cache")?,
-        ];
-        fn run<T: ember_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
-            op: &MlaDecodeOp<'_>,
-            kernels: &ember_kernels::cuda::CudaKernels,
-            device: &candle_core::CudaDevice,
-            meta: &ember_kernels::cuda::DevicePagedBatch,
-            [q, c, r]: [&candle_core::CudaStorage; 3],
-            [rq, rc, rr]: [std::ops::Range<usize>; 3],
-        ) -> candle_core::Result<candle_core::CudaStorage> {
-            let mut out = device.alloc_zeros::<T>(op.out_shape().elem_count())?;
-            kernels
-                .mla_decode(
-                    &mut out,
-                    &q.as_cuda_slice::<T>()?.slice(rq),
-                    &c.as_cuda_slice::<T>()?.slice(rc),
-                    &r.as_cuda_slice::<T>()?.slice(rr),
-                    meta,
-                    op.scale,
-                    &op.shape,
-                )
-                .map_err(candle_core::Error::wrap)?;
-            Ok(candle_core::CudaStorage::wrap_cuda_slice(
-                out,
-                device.clone(),
-            ))
-        }
-        let storage = match (q.dtype(), c.dtype(), r.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => {
-                run::<f32>(self, &kernels, &device, &meta, [q, c, r], ranges)?
-            }
-            (DType::BF16, DType::BF16, DType::BF16) => {
-                run::<half::bf16>(self, &kernels, &device, &meta, [q, c, r], ranges)?
-            }
-            _ => candle_core::bail!("MLA decode takes f32 or bf16 queries and caches of one dtype"),
-        };
-        Ok((storage, self.out_shape()))
+    fn cuda<T: CudaElement>(&self, call: CudaCall<'_, T>) -> candle_core::Result<()> {
+        let (k, i, out) = (call.kernels, call.inputs, call.out);
+        let meta = self.decodes.on_device(call.device)?;
+        k.mla_decode(out, &i[0], &i[1], &i[2], &meta, self.scale, &self.shape)
+            .map_err(candle_core::Error::wrap)
     }
 }
 
@@ -208,7 +108,7 @@ pub fn prefill(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> TensorResult {
     let (q_len, heads, dqk) = q.dims3()?;
     let (kv_len, _, dv) = v.dims3()?;
     let op = PrefillOp {
-        shape: ember_kernels::prefill_attention::PrefillShape {
+        shape: PrefillShape {
             q_len,
             kv_len,
             heads,
@@ -217,99 +117,38 @@ pub fn prefill(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> TensorResult {
         },
         scale,
     };
-    let out = q
-        .contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let out =
+        q.contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &SameDtype(op))?;
     Ok(out)
 }
 
 struct PrefillOp {
-    shape: ember_kernels::prefill_attention::PrefillShape,
+    shape: PrefillShape,
     scale: f32,
 }
 
-impl PrefillOp {
-    fn out_shape(&self) -> Shape {
-        Shape::from((self.shape.q_len, self.shape.heads * self.shape.dv))
+impl SameDtypeOp for PrefillOp {
+    const NAME: &'static str = "ember-prefill-attention";
+
+    /// Inputs: the queries, the keys and the values.
+    fn out_shape(&self, _: &[&Shape]) -> candle_core::Result<Shape> {
+        Ok(Shape::from((
+            self.shape.q_len,
+            self.shape.heads * self.shape.dv,
+        )))
     }
 
-    fn cpu<T: Element + candle_core::WithDType>(
-        &self,
-        [q, k, v]: [(&CpuStorage, &Layout); 3],
-    ) -> candle_core::Result<Vec<T>> {
-        let mut out = vec![T::from_f32(0.0); self.out_shape().elem_count()];
-        ember_kernels::prefill_attention::prefill_attention(
-            &mut out,
-            slice(q, "prefill queries")?,
-            slice(k, "prefill keys")?,
-            slice(v, "prefill values")?,
-            &self.shape,
-            self.scale,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        Ok(out)
-    }
-}
-
-impl CustomOp3 for PrefillOp {
-    fn name(&self) -> &'static str {
-        "ember-prefill-attention"
+    fn cpu<T: Element>(&self, i: &[&[T]], out: &mut [T]) -> candle_core::Result<()> {
+        let attention = ember_kernels::prefill_attention::prefill_attention;
+        attention(out, i[0], i[1], i[2], &self.shape, self.scale).map_err(candle_core::Error::wrap)
     }
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        lq: &Layout,
-        k: &CpuStorage,
-        lk: &Layout,
-        v: &CpuStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = f32_or_bf16(
-            [(q, lq), (k, lk), (v, lv)],
-            "prefill attention takes f32 or bf16 inputs of one dtype",
-            |inputs| self.cpu::<f32>(inputs),
-            |inputs| self.cpu::<half::bf16>(inputs),
-        )?;
-        Ok((out, self.out_shape()))
-    }
-
+    /// The kernel takes bf16 only (see [`prefill_serves`]); it refuses f32.
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        lq: &Layout,
-        k: &candle_core::CudaStorage,
-        lk: &Layout,
-        v: &candle_core::CudaStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let device = q.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        fn slice<'s>(
-            s: &'s candle_core::CudaStorage,
-            l: &Layout,
-            what: &str,
-        ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'s, half::bf16>>
-        {
-            Ok(s.as_cuda_slice::<half::bf16>()?
-                .slice(crate::device::kernels::contiguous_range(l, what)?))
-        }
-        let mut out = device.alloc_zeros::<half::bf16>(self.out_shape().elem_count())?;
-        kernels
-            .prefill_attention(
-                &mut out,
-                &slice(q, lq, "prefill queries")?,
-                &slice(k, lk, "prefill keys")?,
-                &slice(v, lv, "prefill values")?,
-                &self.shape,
-                self.scale,
-            )
-            .map_err(candle_core::Error::wrap)?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, device),
-            self.out_shape(),
-        ))
+    fn cuda<T: CudaElement>(&self, call: CudaCall<'_, T>) -> candle_core::Result<()> {
+        let (k, i, out) = (call.kernels, call.inputs, call.out);
+        k.prefill_attention(out, &i[0], &i[1], &i[2], &self.shape, self.scale)
+            .map_err(candle_core::Error::wrap)
     }
 }

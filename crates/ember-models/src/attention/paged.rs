@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use ember_kernels::paged_attention::{
-    paged_attention_scaled, CacheElement, CacheScales, PagedAttentionShape,
+    paged_attention_scaled, CacheElement, CacheScales, PagedAttentionBatch, PagedAttentionShape,
 };
 
 use crate::cache::kv_cache::{KvScales, LayerKvCache, E5M2_STORAGE};
@@ -54,49 +54,76 @@ pub fn paged_attention(
     num_kv_heads: usize,
     scale: f32,
 ) -> TensorResult {
+    let host = batch.host_paged();
+    let (tokens, shape) = kernel_shape(q, cache, num_kv_heads, batch.block_size, host.max_blocks)?;
+    let layer = Attend {
+        q: q.contiguous()?,
+        cache,
+        meta: host.view(),
+        shape,
+        scale,
+    };
+    let mut out = vec![0f32; tokens * shape.num_heads * shape.v_dim];
     match cache.k.dtype() {
-        DType::F8E4M3 => attend::<float8::F8E4M3>(q, cache, scales, batch, num_kv_heads, scale),
-        E5M2_STORAGE => attend::<u8>(q, cache, scales, batch, num_kv_heads, scale),
-        _ => attend::<f32>(q, cache, &KvScales::default(), batch, num_kv_heads, scale),
+        DType::F8E4M3 => layer.attend::<float8::F8E4M3>(scales, &mut out)?,
+        E5M2_STORAGE => layer.attend::<u8>(scales, &mut out)?,
+        _ => layer.attend::<f32>(&KvScales::default(), &mut out)?,
     }
+    Tensor::from_vec(out, (tokens, shape.num_heads * shape.v_dim), q.device())
 }
 
-/// [`paged_attention`] over a cache whose elements are `T`.
-fn attend<T: CacheElement + WithDType>(
+/// The paged attention kernels' shape for `q` (`[tokens, num_heads, head_dim]`) over `cache`
+/// with `num_kv_heads` heads, under block tables `max_blocks` wide: `(tokens, shape)`.
+pub(crate) fn kernel_shape(
     q: &Tensor,
     cache: &LayerKvCache,
-    scales: &KvScales,
-    batch: &ForwardBatch,
     num_kv_heads: usize,
-    scale: f32,
-) -> TensorResult {
+    block_size: usize,
+    max_blocks: usize,
+) -> TensorResult<(usize, PagedAttentionShape)> {
     let (tokens, num_heads, head_dim) = q.dims3()?;
-    let v_dim = cache.v.dim(1)? / num_kv_heads;
-    let host = batch.host_paged();
-    let meta = host.view();
     let shape = PagedAttentionShape {
         num_heads,
         num_kv_heads,
         head_dim,
-        v_dim,
-        block_size: batch.block_size,
-        max_blocks: host.max_blocks,
+        v_dim: cache.v.dim(1)? / num_kv_heads,
+        block_size,
+        max_blocks,
     };
-    let scales = CacheScales {
-        k: &scales.k,
-        v: &scales.v,
-    };
-    let q = q.contiguous()?;
-    let mut out = vec![0f32; tokens * num_heads * v_dim];
-    with_slice::<f32, _>(&q, |q| {
-        with_slice::<T, _>(&cache.k, |k| {
-            with_slice::<T, _>(&cache.v, |v| {
-                paged_attention_scaled(&mut out, q, k, v, &meta, scale, scales, &shape)
-                    .map_err(candle_core::Error::wrap)
+    Ok((tokens, shape))
+}
+
+/// One layer's [`paged_attention`] before the cache's element type is chosen.
+struct Attend<'a> {
+    /// Contiguous.
+    q: Tensor,
+    cache: &'a LayerKvCache,
+    meta: PagedAttentionBatch<'a>,
+    shape: PagedAttentionShape,
+    scale: f32,
+}
+
+impl Attend<'_> {
+    /// The attention into `out`, over a cache whose elements are `T`.
+    fn attend<T: CacheElement + WithDType>(
+        &self,
+        scales: &KvScales,
+        out: &mut [f32],
+    ) -> TensorResult<()> {
+        let scales = CacheScales {
+            k: &scales.k,
+            v: &scales.v,
+        };
+        with_slice::<f32, _>(&self.q, |q| {
+            with_slice::<T, _>(&self.cache.k, |k| {
+                with_slice::<T, _>(&self.cache.v, |v| {
+                    let (meta, shape) = (&self.meta, &self.shape);
+                    paged_attention_scaled(out, q, k, v, meta, self.scale, scales, shape)
+                        .map_err(candle_core::Error::wrap)
+                })
             })
         })
-    })?;
-    Tensor::from_vec(out, (tokens, num_heads * v_dim), q.device())
+    }
 }
 
 #[cfg(test)]

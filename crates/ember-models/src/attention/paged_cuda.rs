@@ -7,12 +7,14 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use ember_kernels::cuda::CudaKernels;
+use candle_core::{DType, Shape, Tensor};
+use ember_kernels::cuda::CudaElement;
 use ember_kernels::paged_attention::{PagedAttentionShape, MAX_V_DIM};
+use ember_kernels::Element;
 
+use crate::attention::paged::kernel_shape;
 use crate::cache::kv_cache::LayerKvCache;
+use crate::device::same_dtype_op::{CudaCall, SameDtype, SameDtypeOp};
 use crate::step::batch::ForwardBatch;
 use crate::step::metadata::StepPagedBatch;
 use crate::TensorResult;
@@ -30,7 +32,7 @@ pub fn supported(cache: &LayerKvCache, q: &Tensor, num_kv_heads: usize) -> bool 
             .is_ok_and(|w| w / num_kv_heads.max(1) <= MAX_V_DIM)
 }
 
-/// One layer's call: the step's metadata and sizes.
+/// One layer's call: the step's metadata and sizes. Inputs: `q`, the k cache, the v cache.
 struct PagedAttentionOp {
     meta: Arc<StepPagedBatch>,
     shape: PagedAttentionShape,
@@ -38,79 +40,25 @@ struct PagedAttentionOp {
     tokens: usize,
 }
 
-impl PagedAttentionOp {
-    /// The kernel over `[q, k cache, v cache]` and their element ranges.
-    fn run<T: ember_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
-        &self,
-        kernels: &CudaKernels,
-        device: &CudaDevice,
-        [q, k, v]: [&CudaStorage; 3],
-        [rq, rk, rv]: [std::ops::Range<usize>; 3],
-        out_len: usize,
-    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
-        let mut out = device.alloc_zeros::<T>(out_len)?;
-        kernels
-            .paged_attention(
-                &mut out,
-                &q.as_cuda_slice::<T>()?.slice(rq),
-                &k.as_cuda_slice::<T>()?.slice(rk),
-                &v.as_cuda_slice::<T>()?.slice(rv),
-                &self.meta.device,
-                self.scale,
-                &self.shape,
-            )
-            .map_err(candle_core::Error::wrap)?;
-        Ok(out)
-    }
-}
+impl SameDtypeOp for PagedAttentionOp {
+    const NAME: &'static str = "ember-paged-attention";
 
-impl CustomOp3 for PagedAttentionOp {
-    fn name(&self) -> &'static str {
-        "ember-paged-attention"
+    fn out_shape(&self, _: &[&Shape]) -> candle_core::Result<Shape> {
+        Ok(Shape::from((
+            self.tokens,
+            self.shape.num_heads * self.shape.v_dim,
+        )))
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu<T: Element>(&self, _: &[&[T]], _: &mut [T]) -> candle_core::Result<()> {
         candle_core::bail!("ember's paged attention kernel runs on CUDA; the CPU has its own path")
     }
 
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        lq: &Layout,
-        k: &CudaStorage,
-        lk: &Layout,
-        v: &CudaStorage,
-        lv: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let device = q.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        let ranges = [
-            crate::device::kernels::contiguous_range(lq, "paged attention: q")?,
-            crate::device::kernels::contiguous_range(lk, "paged attention: the k cache")?,
-            crate::device::kernels::contiguous_range(lv, "paged attention: the v cache")?,
-        ];
-        let s = &self.shape;
-        let out_len = self.tokens * s.num_heads * s.v_dim;
-        let storage = match q.dtype() {
-            DType::F32 => CudaStorage::wrap_cuda_slice(
-                self.run::<f32>(&kernels, &device, [q, k, v], ranges, out_len)?,
-                device,
-            ),
-            DType::BF16 => CudaStorage::wrap_cuda_slice(
-                self.run::<half::bf16>(&kernels, &device, [q, k, v], ranges, out_len)?,
-                device,
-            ),
-            other => candle_core::bail!("paged attention: no kernel for {other:?}"),
-        };
-        Ok((storage, Shape::from((self.tokens, s.num_heads * s.v_dim))))
+    fn cuda<T: CudaElement>(&self, call: CudaCall<'_, T>) -> candle_core::Result<()> {
+        let (k, i, out) = (call.kernels, call.inputs, call.out);
+        let (meta, shape) = (&self.meta.device, &self.shape);
+        k.paged_attention(out, &i[0], &i[1], &i[2], meta, self.scale, shape)
+            .map_err(candle_core::Error::wrap)
     }
 }
 
@@ -124,25 +72,18 @@ pub fn paged_attention(
     num_kv_heads: usize,
     scale: f32,
 ) -> TensorResult {
-    let (tokens, num_heads, head_dim) = q.dims3()?;
-    let v_dim = cache.v.dim(1)? / num_kv_heads;
     let meta = match q.device() {
         candle_core::Device::Cuda(device) => batch.device_metadata.paged(batch, device)?,
         _ => candle_core::bail!("ember's paged attention kernel runs on CUDA"),
     };
+    let (tokens, shape) = kernel_shape(q, cache, num_kv_heads, batch.block_size, meta.max_blocks)?;
     let op = PagedAttentionOp {
-        shape: PagedAttentionShape {
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            v_dim,
-            block_size: batch.block_size,
-            max_blocks: meta.max_blocks,
-        },
+        shape,
         meta,
         scale,
         tokens,
     };
     // The op reads q where it starts: no copy once contiguous.
-    q.contiguous()?.apply_op3_no_bwd(&cache.k, &cache.v, &op)
+    q.contiguous()?
+        .apply_op3_no_bwd(&cache.k, &cache.v, &SameDtype(op))
 }

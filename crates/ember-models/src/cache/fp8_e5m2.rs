@@ -4,6 +4,13 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use ember_kernels::fp8_e5m2::{decode_slice, encode_slice};
 
+use crate::device::kernels::cpu_input;
+#[cfg(feature = "cuda")]
+use crate::device::kernels::{cuda_input, device_kernels};
+
+/// Who refuses a strided input.
+const WHAT: &str = "e5m2 conversion";
+
 /// `x` (any float dtype) as e5m2 bytes: nearest even, saturating to ±57344.
 pub fn encode(x: &Tensor) -> candle_core::Result<Tensor> {
     x.to_dtype(DType::F32)?
@@ -37,17 +44,16 @@ impl CustomOp1 for Convert {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let range = crate::device::kernels::contiguous_range(layout, "e5m2 conversion")?;
         let wrap = candle_core::Error::wrap;
         let storage = match self {
             Self::ToE5m2 => {
-                let x = &storage.as_slice::<f32>()?[range];
+                let x = cpu_input::<f32>(storage, layout, WHAT)?;
                 let mut out = vec![0u8; x.len()];
                 encode_slice(x, &mut out).map_err(wrap)?;
                 CpuStorage::U8(out)
             }
             Self::FromE5m2 => {
-                let x = &storage.as_slice::<u8>()?[range];
+                let x = cpu_input::<u8>(storage, layout, WHAT)?;
                 let mut out = vec![0f32; x.len()];
                 decode_slice(x, &mut out).map_err(wrap)?;
                 CpuStorage::F32(out)
@@ -62,22 +68,18 @@ impl CustomOp1 for Convert {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let range = crate::device::kernels::contiguous_range(layout, "e5m2 conversion")?;
-        let device = storage.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
+        let (device, kernels) = device_kernels(storage)?;
         let wrap = candle_core::Error::wrap;
-        let n = range.len();
         let out = match self {
             Self::ToE5m2 => {
-                let x = storage.as_cuda_slice::<f32>()?.slice(range);
-                let mut out = device.alloc_zeros::<u8>(n)?;
+                let x = cuda_input::<f32>(storage, layout, WHAT)?;
+                let mut out = device.alloc_zeros::<u8>(x.len())?;
                 kernels.e5m2_from_f32(&x, &mut out).map_err(wrap)?;
                 candle_core::CudaStorage::wrap_cuda_slice(out, device)
             }
             Self::FromE5m2 => {
-                let x = storage.as_cuda_slice::<u8>()?.slice(range);
-                let mut out = device.alloc_zeros::<f32>(n)?;
+                let x = cuda_input::<u8>(storage, layout, WHAT)?;
+                let mut out = device.alloc_zeros::<f32>(x.len())?;
                 kernels.e5m2_to_f32(&x, &mut out).map_err(wrap)?;
                 candle_core::CudaStorage::wrap_cuda_slice(out, device)
             }

@@ -24,6 +24,37 @@ pub fn contiguous_range(
     }
 }
 
+/// A custom op's CPU input as its contiguous elements of `T` (see [`contiguous_range`]).
+pub fn cpu_input<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    Ok(&storage.as_slice::<T>()?[contiguous_range(layout, what)?])
+}
+
+/// [`cpu_input`] on a GPU.
+#[cfg(feature = "cuda")]
+pub fn cuda_input<'a, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'a candle_core::CudaStorage,
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    Ok(storage
+        .as_cuda_slice::<T>()?
+        .slice(contiguous_range(layout, what)?))
+}
+
+/// The GPU a custom op's input is on, and the kernels loaded there.
+#[cfg(feature = "cuda")]
+pub fn device_kernels(
+    storage: &candle_core::CudaStorage,
+) -> candle_core::Result<(CudaDevice, Arc<CudaKernels>)> {
+    let device = candle_core::backend::BackendStorage::device(storage).clone();
+    let k = kernels(&device)?;
+    Ok((device, k))
+}
+
 #[cfg(feature = "cuda")]
 /// The kernels loaded on each GPU candle uses, once.
 pub fn kernels(device: &CudaDevice) -> candle_core::Result<Arc<CudaKernels>> {

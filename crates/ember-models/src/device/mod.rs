@@ -3,6 +3,7 @@
 
 pub mod calls;
 pub mod kernels;
+pub mod same_dtype_op;
 
 use candle_core::{DType, Device};
 use ember_core::{EmberError, ModelConfig, Result};

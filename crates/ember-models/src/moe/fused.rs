@@ -47,18 +47,28 @@ enum ExpertWeights {
         /// `[experts, hidden, inter]`.
         w2: Tensor,
     },
-    Packed {
-        kind: PackedKind,
-        /// `[experts, gate/up bytes]` (u8): the gate's rows, then the up's.
-        w13: Tensor,
-        /// `[experts, gate/up parameters]` (f32): the gate's, then the up's.
-        p13: Tensor,
-        /// `[experts, down bytes]` and `[experts, down parameters]`.
-        w2: Tensor,
-        p2: Tensor,
-        /// The model dtype the per-expert layers compute in.
-        dtype: DType,
-    },
+    Packed(PackedExperts),
+}
+
+/// The experts' packed weights, stacked.
+struct PackedExperts {
+    kind: PackedKind,
+    /// `[experts, gate/up bytes]` (u8): the gate's rows, then the up's.
+    w13: Tensor,
+    /// `[experts, gate/up parameters]` (f32): the gate's, then the up's.
+    p13: Tensor,
+    /// `[experts, down bytes]` and `[experts, down parameters]`.
+    w2: Tensor,
+    p2: Tensor,
+    /// The model dtype the per-expert layers compute in.
+    dtype: DType,
+}
+
+impl PackedExperts {
+    /// What the kernels read: the gate/up bytes and parameters, the down bytes and parameters.
+    fn stacked(&self) -> [&Tensor; 4] {
+        [&self.w13, &self.p13, &self.w2, &self.p2]
+    }
 }
 
 /// How packed experts are read.
@@ -161,14 +171,14 @@ impl StackedExperts {
         let Some((inter, hidden, kind, dtype)) = layout else {
             return Ok(None);
         };
-        let weights = ExpertWeights::Packed {
+        let weights = ExpertWeights::Packed(PackedExperts {
             kind,
             w13: Tensor::stack(&w13, 0)?,
             p13: Tensor::stack(&p13, 0)?,
             w2: Tensor::stack(&w2, 0)?,
             p2: Tensor::stack(&p2, 0)?,
             dtype,
-        };
+        });
         Ok(Some(Self::new(weights, mlps.len(), inter, hidden)))
     }
 
@@ -271,16 +281,10 @@ impl StackedExperts {
                 let (weights, gate_up) = views().map_err(err)?;
                 Mlp::from_weights(experts_w, k, weights, i, channels, Some(gate_up))
             }
-            ExpertWeights::Packed {
-                kind,
-                w13,
-                p13,
-                w2,
-                p2,
-                dtype,
-            } => {
+            ExpertWeights::Packed(packed) => {
+                let PackedExperts { kind, w2, p2, .. } = packed;
                 let views = || -> TensorResult<[Arc<dyn LinearLayer>; 3]> {
-                    let (bytes13, params13) = (w13.get(k)?, p13.get(k)?);
+                    let (bytes13, params13) = (packed.w13.get(k)?, packed.p13.get(k)?);
                     let (gate_bytes, gate_params) = (bytes13.dim(0)? / 2, params13.dim(0)? / 2);
                     let (gate, up, down) = kind.shapes(i, h);
                     let part = |bytes: Tensor, params: Tensor, shape| {
@@ -288,7 +292,7 @@ impl StackedExperts {
                             bytes,
                             params,
                             shape,
-                            dtype: *dtype,
+                            dtype: packed.dtype,
                             w8a8: matches!(kind, PackedKind::W8a16 { w8a8: true, .. }),
                         }
                         .layer()
@@ -397,7 +401,17 @@ fn held_slice<'s, T: candle_core::WithDType>(
     layout: &Layout,
     what: &str,
 ) -> candle_core::Result<&'s [T]> {
-    Ok(&cpu_of(storage)?.as_slice::<T>()?[crate::device::kernels::contiguous_range(layout, what)?])
+    crate::device::kernels::cpu_input(cpu_of(storage)?, layout, what)
+}
+
+/// The elements of a held CUDA tensor.
+#[cfg(feature = "cuda")]
+fn held_view<'s, T: candle_core::cuda_backend::CudaDType>(
+    storage: &'s Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'s, T>> {
+    crate::device::kernels::cuda_input(cuda_of(storage)?, layout, what)
 }
 
 /// The fused MoE on the CPU references, after routing.
@@ -423,21 +437,14 @@ fn experts_cpu<T: Element + candle_core::WithDType>(
             silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
             fused_moe::grouped_gemm(&mut y, &act, w2, align, &down).map_err(wrap)?;
         }
-        ExpertWeights::Packed {
-            kind,
-            w13,
-            p13,
-            w2,
-            p2,
-            ..
-        } => {
-            let guards = [w13, p13, w2, p2].map(|t| t.storage_and_layout());
+        ExpertWeights::Packed(packed) => {
+            let guards = packed.stacked().map(|t| t.storage_and_layout());
             let bytes13 = held_slice::<u8>(&guards[0].0, guards[0].1, "stacked gate/up weights")?;
             let params13 = held_slice::<f32>(&guards[1].0, guards[1].1, "their parameters")?;
             let bytes2 = held_slice::<u8>(&guards[2].0, guards[2].1, "stacked down weights")?;
             let params2 = held_slice::<f32>(&guards[3].0, guards[3].1, "their parameters")?;
             let gemm = |out: &mut [T], x: &[T], bytes, params, s: &GroupedGemmShape, down: bool| {
-                match *kind {
+                match packed.kind {
                     PackedKind::W8a16 { b13, b2, w8a8 } => {
                         let b = if down { b2 } else { b13 };
                         if w8a8 {
@@ -493,22 +500,14 @@ impl CustomOp2 for FusedMoeOp<'_> {
             }
         }
         let align = fused_moe::moe_align(&ids, self.routing.num_experts, BLOCK_M).map_err(wrap)?;
-        let x_range = crate::device::kernels::contiguous_range(x_layout, "fused MoE input")?;
+        let range = crate::device::kernels::contiguous_range(x_layout, "fused MoE input")?;
         let shapes = self.shapes(tokens);
         let out = match x {
             CpuStorage::F32(x) => CpuStorage::F32(experts_cpu(
-                self.stack,
-                &x[x_range],
-                &align,
-                &weights,
-                shapes,
+                self.stack, &x[range], &align, &weights, shapes,
             )?),
             CpuStorage::BF16(x) => CpuStorage::BF16(experts_cpu(
-                self.stack,
-                &x[x_range],
-                &align,
-                &weights,
-                shapes,
+                self.stack, &x[range], &align, &weights, shapes,
             )?),
             _ => candle_core::bail!(
                 "fused MoE takes f32 or bf16 inputs, not {:?}",
@@ -533,9 +532,7 @@ impl CustomOp2 for FusedMoeOp<'_> {
         let tokens = x_layout.shape().dims2()?.0;
         let entries = tokens * self.routing.top_k;
         let (bias_guard, bias_layout) = self.bias.storage_and_layout();
-        let bias = cuda_of(&bias_guard)?.as_cuda_slice::<f32>()?.slice(
-            crate::device::kernels::contiguous_range(bias_layout, "router bias")?,
-        );
+        let bias = held_view::<f32>(&bias_guard, bias_layout, "router bias")?;
         let logits =
             logits
                 .as_cuda_slice::<f32>()?

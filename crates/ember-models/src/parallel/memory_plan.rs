@@ -120,11 +120,8 @@ pub fn rank_weights(
     format: WeightFormat,
 ) -> Result<Vec<RankWeights>> {
     let layout = Layout {
-        ranks: world_size,
-        group: world_size,
         expert_parallel,
-        redundant_experts: 0,
-        data_parallel: false,
+        ..Layout::one_group(world_size)
     };
     plan_ranks(cfg, format, layout)
 }
@@ -138,11 +135,9 @@ pub fn rank_weights_data_parallel(
     format: WeightFormat,
 ) -> Result<Vec<RankWeights>> {
     let layout = Layout {
-        ranks: world_size,
-        group: world_size,
         expert_parallel,
-        redundant_experts: 0,
         data_parallel: true,
+        ..Layout::one_group(world_size)
     };
     plan_ranks(cfg, format, layout)
 }
@@ -160,10 +155,8 @@ pub fn rank_weights_replicas(
 ) -> Result<Vec<RankWeights>> {
     let layout = Layout {
         ranks: replicas.max(1) * tp.max(1),
-        group: tp,
         expert_parallel,
-        redundant_experts: 0,
-        data_parallel: false,
+        ..Layout::one_group(tp)
     };
     plan_ranks(cfg, format, layout)
 }
@@ -177,11 +170,9 @@ pub fn rank_weights_with_redundant_experts(
     format: WeightFormat,
 ) -> Result<Vec<RankWeights>> {
     let layout = Layout {
-        ranks: world_size,
-        group: world_size,
         expert_parallel: true,
         redundant_experts: redundant,
-        data_parallel: false,
+        ..Layout::one_group(world_size)
     };
     plan_ranks(cfg, format, layout)
 }
@@ -196,6 +187,19 @@ struct Layout {
     redundant_experts: usize,
     /// The ranks hold every layer whole (data parallelism).
     data_parallel: bool,
+}
+
+impl Layout {
+    /// `ranks` ranks that split each layer as one tensor-parallel group, experts and all.
+    fn one_group(ranks: usize) -> Self {
+        Layout {
+            ranks,
+            group: ranks,
+            expert_parallel: false,
+            redundant_experts: 0,
+            data_parallel: false,
+        }
+    }
 }
 
 fn plan_ranks(cfg: &ModelConfig, format: WeightFormat, l: Layout) -> Result<Vec<RankWeights>> {

@@ -45,6 +45,22 @@ const NCCL_FLOAT64: c_int = 8;
 const NCCL_BFLOAT16: c_int = 9;
 const NCCL_SUM: c_int = 0;
 
+/// `ncclAllReduce`, `ncclReduceScatter`, `ncclBroadcast`: send and receive buffers, count,
+/// dtype, the reduction (or the root), the communicator, the stream.
+type CollectiveFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    RawComm,
+    Stream,
+) -> NcclResult;
+
+/// `ncclAllGather`: as [`CollectiveFn`] without a reduction.
+type AllGatherFn =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, RawComm, Stream) -> NcclResult;
+
 /// The NCCL entry points ember calls, resolved from the opened library.
 struct Api {
     _lib: libloading::Library,
@@ -53,44 +69,10 @@ struct Api {
     comm_destroy: unsafe extern "C" fn(RawComm) -> NcclResult,
     comm_abort: unsafe extern "C" fn(RawComm) -> NcclResult,
     get_error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
-    #[allow(clippy::type_complexity)]
-    all_reduce: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        RawComm,
-        Stream,
-    ) -> NcclResult,
-    all_gather: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        RawComm,
-        Stream,
-    ) -> NcclResult,
-    #[allow(clippy::type_complexity)]
-    reduce_scatter: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        RawComm,
-        Stream,
-    ) -> NcclResult,
-    #[allow(clippy::type_complexity)]
-    broadcast: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        RawComm,
-        Stream,
-    ) -> NcclResult,
+    all_reduce: CollectiveFn,
+    all_gather: AllGatherFn,
+    reduce_scatter: CollectiveFn,
+    broadcast: CollectiveFn,
     send: unsafe extern "C" fn(*const c_void, usize, c_int, c_int, RawComm, Stream) -> NcclResult,
     recv: unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, RawComm, Stream) -> NcclResult,
     group_start: unsafe extern "C" fn() -> NcclResult,
@@ -371,46 +353,23 @@ impl NcclRank {
         let comm = group.comm(self.rank).map_err(|e| e.to_string())?;
         let c = comm.0;
         let at = |base: usize, offset: usize| (base + offset * b.elem) as *mut c_void;
+        let (src, dst) = (b.src as *const c_void, b.dst as *mut c_void);
+        let (dtype, stream) = (b.dtype, b.stream);
         // SAFETY: `src` and `dst` are live device buffers of `src_len` and at least `dst_len`
         // (and 1) elements of the type `dtype` names, on the stream's GPU, which is the
         // communicator's; the counts below stay within them.
         let code = unsafe {
             match call {
-                FlatCall::AllReduce => (api.all_reduce)(
-                    b.src as *const c_void,
-                    b.dst as *mut c_void,
-                    b.src_len,
-                    b.dtype,
-                    NCCL_SUM,
-                    c,
-                    b.stream,
-                ),
-                FlatCall::AllGather => (api.all_gather)(
-                    b.src as *const c_void,
-                    b.dst as *mut c_void,
-                    b.src_len,
-                    b.dtype,
-                    c,
-                    b.stream,
-                ),
-                FlatCall::ReduceScatter => (api.reduce_scatter)(
-                    b.src as *const c_void,
-                    b.dst as *mut c_void,
-                    b.dst_len,
-                    b.dtype,
-                    NCCL_SUM,
-                    c,
-                    b.stream,
-                ),
-                FlatCall::Broadcast { root } => (api.broadcast)(
-                    b.src as *const c_void,
-                    b.dst as *mut c_void,
-                    b.dst_len,
-                    b.dtype,
-                    *root as c_int,
-                    c,
-                    b.stream,
-                ),
+                FlatCall::AllReduce => {
+                    (api.all_reduce)(src, dst, b.src_len, dtype, NCCL_SUM, c, stream)
+                }
+                FlatCall::AllGather => (api.all_gather)(src, dst, b.src_len, dtype, c, stream),
+                FlatCall::ReduceScatter => {
+                    (api.reduce_scatter)(src, dst, b.dst_len, dtype, NCCL_SUM, c, stream)
+                }
+                FlatCall::Broadcast { root } => {
+                    (api.broadcast)(src, dst, b.dst_len, dtype, *root as c_int, c, stream)
+                }
                 FlatCall::AllToAll { send, recv } => {
                     api.check((api.group_start)(), "ncclGroupStart")?;
                     let (mut sent, mut received) = (0, 0);

@@ -5,12 +5,19 @@
 //! [`ember_kernels::w4a16`] ([`crate::linear::quantized::int4`]) and [`ember_kernels::w8a16`]
 //! ([`crate::linear::quantized::fp8_block`]).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+#[cfg(feature = "cuda")]
+use ember_kernels::cuda::CudaElement;
 use ember_kernels::w4a16::{self, W4a16Shape};
 use ember_kernels::w8a16::{self, W8a16Shape};
 use ember_kernels::{Element, KernelError};
 
 use super::GEMV_MAX_ROWS;
+use crate::device::kernels::cpu_input;
+#[cfg(feature = "cuda")]
+use crate::device::kernels::{cuda_input, device_kernels};
 use crate::linear::LinearLayer;
 
 /// Whether the packed kernels compute in `dtype` (f32 and bf16); other model dtypes dequantize
@@ -278,19 +285,18 @@ impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
             let op = W8a8Gemm {
                 shape: ember_kernels::w8a8::W8a8Shape { m, ..shape },
             };
-            x2.apply_op3_no_bwd(&self.bytes, &self.params, &op)?
+            x2.apply_op3_no_bwd(&self.bytes, &self.params, &Packed(op))?
         } else if m <= GEMV_MAX_ROWS {
             let op = Gemm {
                 format: self.format,
                 m,
             };
-            x2.apply_op3_no_bwd(&self.bytes, &self.params, &op)?
+            x2.apply_op3_no_bwd(&self.bytes, &self.params, &Packed(op))?
         } else {
             let op = Dequant {
                 format: self.format,
-                dtype: x2.dtype(),
             };
-            let w = self.bytes.apply_op2_no_bwd(&self.params, &op)?;
+            let w = x2.apply_op3_no_bwd(&self.bytes, &self.params, &Packed(op))?;
             x2.matmul(&w.t()?)?
         };
         let mut out_dims = dims;
@@ -329,258 +335,132 @@ impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
     }
 }
 
-/// The format's GEMM over `x` `[m, k]` (f32 or bf16), the bytes and the params.
+type OpResult = candle_core::Result<()>;
+
+/// One of the packed ops over the activations `x` `[m, k]` (f32 or bf16), the packed bytes (u8)
+/// and their f32 parameters, into an output in `x`'s dtype.
+trait PackedOp: Send + Sync {
+    /// The name candle reports.
+    const NAME: &'static str;
+
+    /// The output's `[rows, cols]`.
+    fn out_dims(&self) -> (usize, usize);
+
+    /// The CPU reference into `out`.
+    fn cpu<T: Element>(&self, x: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult;
+
+    /// The kernels into the call's output.
+    #[cfg(feature = "cuda")]
+    fn cuda<T: CudaElement>(&self, call: PackedCall<'_, T>) -> OpResult;
+}
+
+/// What a packed op's kernel call gets: the kernels on the inputs' GPU, the inputs, the output.
+#[cfg(feature = "cuda")]
+struct PackedCall<'a, T> {
+    kernels: &'a ember_kernels::cuda::CudaKernels,
+    device: &'a candle_core::CudaDevice,
+    x: CudaView<'a, T>,
+    bytes: CudaView<'a, u8>,
+    params: CudaView<'a, f32>,
+    out: &'a mut CudaSlice<T>,
+}
+
+/// The format's GEMM over `x` `[m, k]`.
 struct Gemm<F> {
     format: F,
     m: usize,
 }
 
-/// The weight `[n, k]` itself, in `dtype` (f32 or bf16), from the bytes and the params.
+impl<F: PackedFormat> PackedOp for Gemm<F> {
+    const NAME: &'static str = F::GEMM;
+
+    fn out_dims(&self) -> (usize, usize) {
+        (self.m, self.format.dims().0)
+    }
+
+    fn cpu<T: Element>(&self, x: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult {
+        self.format
+            .gemm(self.m, x, bytes, params, out)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> OpResult {
+        self.format
+            .gemm_cuda(c.kernels, self.m, &c.x, &c.bytes, &c.params, c.out)
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
+/// The weight `[n, k]` itself, in `x`'s dtype (`x` gives only its dtype).
 struct Dequant<F> {
     format: F,
-    dtype: DType,
 }
 
-/// The contiguous slices of the bytes and params an op reads.
-fn packed_slices<'a>(
-    bytes: &'a CpuStorage,
-    bytes_layout: &Layout,
-    params: &'a CpuStorage,
-    params_layout: &Layout,
-) -> candle_core::Result<(&'a [u8], &'a [f32])> {
-    Ok((
-        &bytes.as_slice::<u8>()?
-            [crate::device::kernels::contiguous_range(bytes_layout, "packed weight")?],
-        &params.as_slice::<f32>()?
-            [crate::device::kernels::contiguous_range(params_layout, "packed params")?],
-    ))
-}
+impl<F: PackedFormat> PackedOp for Dequant<F> {
+    const NAME: &'static str = F::DEQUANT;
 
-/// [`packed_slices`] on the GPU.
-#[cfg(feature = "cuda")]
-fn packed_views<'a>(
-    bytes: &'a candle_core::CudaStorage,
-    bytes_layout: &Layout,
-    params: &'a candle_core::CudaStorage,
-    params_layout: &Layout,
-) -> candle_core::Result<(
-    candle_core::cuda_backend::cudarc::driver::CudaView<'a, u8>,
-    candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>,
-)> {
-    Ok((
-        bytes
-            .as_cuda_slice::<u8>()?
-            .slice(crate::device::kernels::contiguous_range(
-                bytes_layout,
-                "packed weight",
-            )?),
-        params
-            .as_cuda_slice::<f32>()?
-            .slice(crate::device::kernels::contiguous_range(
-                params_layout,
-                "packed params",
-            )?),
-    ))
-}
-
-impl<F: PackedFormat> CustomOp3 for Gemm<F> {
-    fn name(&self) -> &'static str {
-        F::GEMM
+    fn out_dims(&self) -> (usize, usize) {
+        self.format.dims()
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        bytes: &CpuStorage,
-        bytes_layout: &Layout,
-        params: &CpuStorage,
-        params_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (bytes, params) = packed_slices(bytes, bytes_layout, params, params_layout)?;
-        let range = crate::device::kernels::contiguous_range(x_layout, "packed GEMM input")?;
-        let (m, (n, _)) = (self.m, self.format.dims());
-        let wrap = candle_core::Error::wrap;
-        let out = match x {
-            CpuStorage::F32(x) => {
-                let mut y = vec![0f32; m * n];
-                self.format
-                    .gemm(m, &x[range], bytes, params, &mut y)
-                    .map_err(wrap)?;
-                CpuStorage::F32(y)
-            }
-            CpuStorage::BF16(x) => {
-                let mut y = vec![half::bf16::ZERO; m * n];
-                self.format
-                    .gemm(m, &x[range], bytes, params, &mut y)
-                    .map_err(wrap)?;
-                CpuStorage::BF16(y)
-            }
-            other => candle_core::bail!(
-                "{} takes f32 or bf16 inputs, not {:?}",
-                F::GEMM,
-                candle_core::backend::BackendStorage::dtype(other)
-            ),
-        };
-        Ok((out, Shape::from((m, n))))
+    fn cpu<T: Element>(&self, _: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult {
+        self.format
+            .dequant(bytes, params, out)
+            .map_err(candle_core::Error::wrap)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        x_layout: &Layout,
-        bytes: &candle_core::CudaStorage,
-        bytes_layout: &Layout,
-        params: &candle_core::CudaStorage,
-        params_layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let device = x.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        let (bytes, params) = packed_views(bytes, bytes_layout, params, params_layout)?;
-        let range = crate::device::kernels::contiguous_range(x_layout, "packed GEMM input")?;
-        let (m, (n, _)) = (self.m, self.format.dims());
-        let wrap = candle_core::Error::wrap;
-        let out = match x.dtype() {
-            DType::F32 => {
-                let xs = x.as_cuda_slice::<f32>()?.slice(range);
-                let mut y = device.alloc_zeros::<f32>(m * n)?;
-                self.format
-                    .gemm_cuda(&kernels, m, &xs, &bytes, &params, &mut y)
-                    .map_err(wrap)?;
-                candle_core::CudaStorage::wrap_cuda_slice(y, device)
-            }
-            DType::BF16 => {
-                let xs = x.as_cuda_slice::<half::bf16>()?.slice(range);
-                let mut y = device.alloc_zeros::<half::bf16>(m * n)?;
-                self.format
-                    .gemm_cuda(&kernels, m, &xs, &bytes, &params, &mut y)
-                    .map_err(wrap)?;
-                candle_core::CudaStorage::wrap_cuda_slice(y, device)
-            }
-            other => candle_core::bail!("{} takes f32 or bf16 inputs, not {other:?}", F::GEMM),
-        };
-        Ok((out, Shape::from((m, n))))
+    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> OpResult {
+        self.format
+            .dequant_cuda(c.kernels, &c.bytes, &c.params, c.out)
+            .map_err(candle_core::Error::wrap)
     }
 }
 
-impl<F: PackedFormat> CustomOp2 for Dequant<F> {
-    fn name(&self) -> &'static str {
-        F::DEQUANT
-    }
-
-    fn cpu_fwd(
-        &self,
-        bytes: &CpuStorage,
-        bytes_layout: &Layout,
-        params: &CpuStorage,
-        params_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (bytes, params) = packed_slices(bytes, bytes_layout, params, params_layout)?;
-        let (n, k) = self.format.dims();
-        let wrap = candle_core::Error::wrap;
-        let out = match self.dtype {
-            DType::F32 => {
-                let mut w = vec![0f32; n * k];
-                self.format.dequant(bytes, params, &mut w).map_err(wrap)?;
-                CpuStorage::F32(w)
-            }
-            DType::BF16 => {
-                let mut w = vec![half::bf16::ZERO; n * k];
-                self.format.dequant(bytes, params, &mut w).map_err(wrap)?;
-                CpuStorage::BF16(w)
-            }
-            other => candle_core::bail!("{} gives f32 or bf16, not {other:?}", F::DEQUANT),
-        };
-        Ok((out, Shape::from((n, k))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        bytes: &candle_core::CudaStorage,
-        bytes_layout: &Layout,
-        params: &candle_core::CudaStorage,
-        params_layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let device = bytes.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        let (bytes, params) = packed_views(bytes, bytes_layout, params, params_layout)?;
-        let (n, k) = self.format.dims();
-        let wrap = candle_core::Error::wrap;
-        let out = match self.dtype {
-            DType::F32 => {
-                let mut w = device.alloc_zeros::<f32>(n * k)?;
-                self.format
-                    .dequant_cuda(&kernels, &bytes, &params, &mut w)
-                    .map_err(wrap)?;
-                candle_core::CudaStorage::wrap_cuda_slice(w, device)
-            }
-            DType::BF16 => {
-                let mut w = device.alloc_zeros::<half::bf16>(n * k)?;
-                self.format
-                    .dequant_cuda(&kernels, &bytes, &params, &mut w)
-                    .map_err(wrap)?;
-                candle_core::CudaStorage::wrap_cuda_slice(w, device)
-            }
-            other => candle_core::bail!("{} gives f32 or bf16, not {other:?}", F::DEQUANT),
-        };
-        Ok((out, Shape::from((n, k))))
-    }
-}
-
-/// The W8A8 GEMM over `x` `[m, k]` (f32 or bf16), e4m3 bytes and block scales: activations
-/// quantized per token and 128-input group, then the FP8 GEMM (tensor cores on CUDA, the
-/// references on the CPU).
+/// The W8A8 GEMM over `x` `[m, k]`, e4m3 bytes and block scales: activations quantized per token
+/// and 128-input group, then the FP8 GEMM (tensor cores on CUDA, the references on the CPU).
 struct W8a8Gemm {
     shape: ember_kernels::w8a8::W8a8Shape,
 }
 
-impl W8a8Gemm {
-    fn cpu<T: Element + candle_core::WithDType>(
-        &self,
-        x: &[T],
-        bytes: &[u8],
-        scales: &[f32],
-    ) -> candle_core::Result<Vec<T>> {
+impl PackedOp for W8a8Gemm {
+    const NAME: &'static str = "ember-w8a8";
+
+    fn out_dims(&self) -> (usize, usize) {
+        (self.shape.m, self.shape.n)
+    }
+
+    fn cpu<T: Element>(&self, x: &[T], bytes: &[u8], scales: &[f32], out: &mut [T]) -> OpResult {
         use ember_kernels::w8a8;
         let wrap = candle_core::Error::wrap;
         let s = &self.shape;
         let (qa, sa) = w8a8::quantize_groups(x, s.k).map_err(wrap)?;
-        let mut y = vec![T::from_f32(0.0); s.m * s.n];
-        w8a8::w8a8_gemm(&qa, &sa, bytes, scales, s, &mut y).map_err(wrap)?;
-        Ok(y)
+        w8a8::w8a8_gemm(&qa, &sa, bytes, scales, s, out).map_err(wrap)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda<T: ember_kernels::cuda::CudaElement + candle_core::cuda_backend::CudaDType>(
-        &self,
-        kernels: &ember_kernels::cuda::CudaKernels,
-        device: &candle_core::CudaDevice,
-        x: &candle_core::cuda_backend::cudarc::driver::CudaView<T>,
-        bytes: &candle_core::cuda_backend::cudarc::driver::CudaView<u8>,
-        scales: &candle_core::cuda_backend::cudarc::driver::CudaView<f32>,
-    ) -> candle_core::Result<candle_core::CudaStorage> {
+    fn cuda<T: CudaElement>(&self, c: PackedCall<'_, T>) -> OpResult {
         let wrap = candle_core::Error::wrap;
         let s = &self.shape;
-        let mut qa = device.alloc_zeros::<u8>(s.m * s.k)?;
-        let mut sa = device.alloc_zeros::<f32>(s.act_scale_len())?;
-        kernels
-            .quant_fp8_groups(x, s.k, &mut qa, &mut sa)
+        let mut qa = c.device.alloc_zeros::<u8>(s.m * s.k)?;
+        let mut sa = c.device.alloc_zeros::<f32>(s.act_scale_len())?;
+        c.kernels
+            .quant_fp8_groups(&c.x, s.k, &mut qa, &mut sa)
             .map_err(wrap)?;
-        let mut y = device.alloc_zeros::<T>(s.m * s.n)?;
-        kernels
-            .w8a8_gemm(&qa.as_view(), &sa.as_view(), bytes, scales, s, &mut y)
-            .map_err(wrap)?;
-        Ok(candle_core::CudaStorage::wrap_cuda_slice(y, device.clone()))
+        let (qa, sa) = (qa.as_view(), sa.as_view());
+        c.kernels
+            .w8a8_gemm(&qa, &sa, &c.bytes, &c.params, s, c.out)
+            .map_err(wrap)
     }
 }
 
-impl CustomOp3 for W8a8Gemm {
+/// A [`PackedOp`] as candle applies it: `x.apply_op3_no_bwd(bytes, params, op)`.
+struct Packed<O>(O);
+
+impl<O: PackedOp> CustomOp3 for Packed<O> {
     fn name(&self) -> &'static str {
-        "ember-w8a8"
+        O::NAME
     }
 
     fn cpu_fwd(
@@ -592,17 +472,29 @@ impl CustomOp3 for W8a8Gemm {
         params: &CpuStorage,
         params_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (bytes, scales) = packed_slices(bytes, bytes_layout, params, params_layout)?;
-        let range = crate::device::kernels::contiguous_range(x_layout, "W8A8 GEMM input")?;
-        let out = match x {
-            CpuStorage::F32(x) => CpuStorage::F32(self.cpu(&x[range], bytes, scales)?),
-            CpuStorage::BF16(x) => CpuStorage::BF16(self.cpu(&x[range], bytes, scales)?),
-            other => candle_core::bail!(
-                "the W8A8 GEMM takes f32 or bf16 inputs, not {:?}",
-                candle_core::backend::BackendStorage::dtype(other)
-            ),
+        use candle_core::backend::BackendStorage;
+        let bytes = cpu_input::<u8>(bytes, bytes_layout, "packed weight")?;
+        let params = cpu_input::<f32>(params, params_layout, "packed params")?;
+        let (rows, cols) = self.0.out_dims();
+        fn go<O: PackedOp, T: Element + candle_core::WithDType>(
+            op: &O,
+            (x, x_layout): (&CpuStorage, &Layout),
+            bytes: &[u8],
+            params: &[f32],
+            len: usize,
+        ) -> candle_core::Result<Vec<T>> {
+            let x = cpu_input::<T>(x, x_layout, O::NAME)?;
+            let mut out = vec![T::from_f32(0.0); len];
+            op.cpu(x, bytes, params, &mut out)?;
+            Ok(out)
+        }
+        let (op, x, len) = (&self.0, (x, x_layout), rows * cols);
+        let out = match x.0.dtype() {
+            DType::F32 => CpuStorage::F32(go::<O, f32>(op, x, bytes, params, len)?),
+            DType::BF16 => CpuStorage::BF16(go::<O, half::bf16>(op, x, bytes, params, len)?),
+            other => candle_core::bail!("{} takes f32 or bf16 inputs, not {other:?}", O::NAME),
         };
-        Ok((out, Shape::from((self.shape.m, self.shape.n))))
+        Ok((out, Shape::from((rows, cols))))
     }
 
     #[cfg(feature = "cuda")]
@@ -616,22 +508,40 @@ impl CustomOp3 for W8a8Gemm {
         params_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let device = x.device().clone();
-        let kernels = crate::device::kernels::kernels(&device)?;
-        let (bytes, scales) = packed_views(bytes, bytes_layout, params, params_layout)?;
-        let range = crate::device::kernels::contiguous_range(x_layout, "W8A8 GEMM input")?;
-        let out = match x.dtype() {
-            DType::F32 => {
-                let xs = x.as_cuda_slice::<f32>()?.slice(range);
-                self.cuda(&kernels, &device, &xs, &bytes, &scales)?
-            }
-            DType::BF16 => {
-                let xs = x.as_cuda_slice::<half::bf16>()?.slice(range);
-                self.cuda(&kernels, &device, &xs, &bytes, &scales)?
-            }
-            other => candle_core::bail!("the W8A8 GEMM takes f32 or bf16 inputs, not {other:?}"),
+        let (device, kernels) = device_kernels(x)?;
+        let bytes = cuda_input::<u8>(bytes, bytes_layout, "packed weight")?;
+        let params = cuda_input::<f32>(params, params_layout, "packed params")?;
+        let (rows, cols) = self.0.out_dims();
+        fn go<O: PackedOp, T: CudaElement + candle_core::cuda_backend::CudaDType>(
+            op: &O,
+            (x, x_layout): (&candle_core::CudaStorage, &Layout),
+            (kernels, device): (&ember_kernels::cuda::CudaKernels, &candle_core::CudaDevice),
+            bytes: CudaView<'_, u8>,
+            params: CudaView<'_, f32>,
+            len: usize,
+        ) -> candle_core::Result<candle_core::CudaStorage> {
+            let x = cuda_input::<T>(x, x_layout, O::NAME)?;
+            let mut out = device.alloc_zeros::<T>(len)?;
+            op.cuda(PackedCall {
+                kernels,
+                device,
+                x,
+                bytes,
+                params,
+                out: &mut out,
+            })?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(
+                out,
+                device.clone(),
+            ))
+        }
+        let (op, x, on, len) = (&self.0, (x, x_layout), (&*kernels, &device), rows * cols);
+        let out = match x.0.dtype() {
+            DType::F32 => go::<O, f32>(op, x, on, bytes, params, len)?,
+            DType::BF16 => go::<O, half::bf16>(op, x, on, bytes, params, len)?,
+            other => candle_core::bail!("{} takes f32 or bf16 inputs, not {other:?}", O::NAME),
         };
-        Ok((out, Shape::from((self.shape.m, self.shape.n))))
+        Ok((out, Shape::from((rows, cols))))
     }
 }
 

@@ -40,42 +40,21 @@ impl Cuda<'_> {
         match &self.stack.weights {
             ExpertWeights::Dense { w13, w2 } => {
                 let ((g13, l13), (g2, l2)) = (w13.storage_and_layout(), w2.storage_and_layout());
-                let w13 = cuda_of(&g13)?.as_cuda_slice::<T>()?.slice(
-                    crate::device::kernels::contiguous_range(l13, "stacked gate/up weights")?,
-                );
-                let w2 = cuda_of(&g2)?.as_cuda_slice::<T>()?.slice(
-                    crate::device::kernels::contiguous_range(l2, "stacked down weights")?,
-                );
+                let w13 = held_view::<T>(&g13, l13, "stacked gate/up weights")?;
+                let w2 = held_view::<T>(&g2, l2, "stacked down weights")?;
                 k.grouped_gemm(&mut h, &x, &w13, align, &up).map_err(wrap)?;
                 k.silu_and_mul(&h.as_view(), down.k_in, &mut act)
                     .map_err(wrap)?;
                 k.grouped_gemm(&mut y, &act.as_view(), &w2, align, &down)
                     .map_err(wrap)?;
             }
-            ExpertWeights::Packed {
-                kind,
-                w13,
-                p13,
-                w2,
-                p2,
-                ..
-            } => {
-                let guards = [w13, p13, w2, p2].map(|t| t.storage_and_layout());
-                let range = |i: usize, what: &str| {
-                    crate::device::kernels::contiguous_range(guards[i].1, what)
-                };
-                let bytes13 = cuda_of(&guards[0].0)?
-                    .as_cuda_slice::<u8>()?
-                    .slice(range(0, "stacked gate/up weights")?);
-                let params13 = cuda_of(&guards[1].0)?
-                    .as_cuda_slice::<f32>()?
-                    .slice(range(1, "their parameters")?);
-                let bytes2 = cuda_of(&guards[2].0)?
-                    .as_cuda_slice::<u8>()?
-                    .slice(range(2, "stacked down weights")?);
-                let params2 = cuda_of(&guards[3].0)?
-                    .as_cuda_slice::<f32>()?
-                    .slice(range(3, "their parameters")?);
+            ExpertWeights::Packed(packed) => {
+                let guards = packed.stacked().map(|t| t.storage_and_layout());
+                let bytes13 =
+                    held_view::<u8>(&guards[0].0, guards[0].1, "stacked gate/up weights")?;
+                let params13 = held_view::<f32>(&guards[1].0, guards[1].1, "their parameters")?;
+                let bytes2 = held_view::<u8>(&guards[2].0, guards[2].1, "stacked down weights")?;
+                let params2 = held_view::<f32>(&guards[3].0, guards[3].1, "their parameters")?;
                 type View<'v, E> = candle_core::cuda_backend::cudarc::driver::CudaView<'v, E>;
                 let gemm = |out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
                             x: &View<'_, T>,
@@ -88,7 +67,7 @@ impl Cuda<'_> {
                     // the SIMT kernels, which read each weight once for their few rows.
                     let tensor_cores = T::KERNEL_SUFFIX == "bf16"
                         && s.num_entries >= TENSOR_CORE_ROWS_PER_EXPERT * s.num_experts;
-                    match *kind {
+                    match packed.kind {
                         PackedKind::W8a16 { b13, b2, w8a8 } => {
                             let b = if down { b2 } else { b13 };
                             if !w8a8 && tensor_cores {
