@@ -78,7 +78,7 @@ fn unix_now() -> u64 {
 
 impl LoraManager {
     /// A manager for adapters of a model with these `targets`, stored in `dtype` on `device`.
-    pub fn new(
+    pub(crate) fn new(
         config: LoraConfig,
         targets: LoraTargets,
         dtype: DType,

@@ -16,6 +16,7 @@ use ember_models::attention::mla::MlaAttention;
 use ember_models::cache::kv_cache::LayerKvCache;
 use ember_models::layers::rope::{RopeRows, RotaryEmbedding};
 use ember_models::loader::read_config;
+use ember_models::loading::context::LoadContext;
 use ember_models::loading::weights::Weights;
 use ember_models::lora::LoraRows;
 use ember_models::moe::SparseMoe;
@@ -120,6 +121,7 @@ fn bench_moe(c: &mut Criterion) {
     let moe_cfg = cfg.moe.as_ref().expect("qwen3-moe-1b is a MoE");
     let moe = SparseMoe::load(
         &dummy_weights().pp("model.layers.0.mlp"),
+        &LoadContext::default(),
         cfg.hidden_size,
         moe_cfg,
     )
@@ -139,8 +141,12 @@ fn bench_moe(c: &mut Criterion) {
 
 fn bench_attention(c: &mut Criterion) {
     let cfg = config("qwen3-moe-1b");
-    let attn = Qwen3Attention::load(&dummy_weights().pp("model.layers.0.self_attn"), &cfg)
-        .expect("dummy weights have every shape");
+    let attn = Qwen3Attention::load(
+        &dummy_weights().pp("model.layers.0.self_attn"),
+        &LoadContext::default(),
+        &cfg,
+    )
+    .expect("dummy weights have every shape");
     let (pool, batch, rope) = decode_setup(&cfg);
     let x = random(BATCH, cfg.hidden_size, 4);
     let cache: &LayerKvCache = &pool.layers[0];
@@ -155,8 +161,13 @@ fn bench_attention(c: &mut Criterion) {
         .deepseek
         .as_ref()
         .expect("deepseek-v3-1b has MLA settings");
-    let mla = MlaAttention::load(&dummy_weights().pp("model.layers.0.self_attn"), &cfg, ds)
-        .expect("dummy weights have every shape");
+    let mla = MlaAttention::load(
+        &dummy_weights().pp("model.layers.0.self_attn"),
+        &LoadContext::default(),
+        &cfg,
+        ds,
+    )
+    .expect("dummy weights have every shape");
     let (pool, batch, rope) = decode_setup(&cfg);
     let x = random(BATCH, cfg.hidden_size, 5);
     let cache = &pool.layers[0];

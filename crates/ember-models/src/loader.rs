@@ -19,6 +19,7 @@ use std::sync::Arc;
 use crate::families::decoder::DecoderModel;
 use crate::families::deepseek_v3::load_deepseek_v3;
 use crate::families::qwen3::load_qwen3;
+use crate::loading::context::LoadContext;
 use crate::loading::task::resolve_task;
 use crate::loading::weights::{LoadFormat, Weights};
 use crate::parallel::eplb::ExpertLoad;
@@ -430,7 +431,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             }
         }
     }
-    let weights = match opts.load_format {
+    let (weights, quantization) = match opts.load_format {
         LoadFormat::Safetensors => {
             let files = safetensors_files(&dir)?;
             // The memory report: quantized weights are dequantized at load, so they are held in
@@ -442,35 +443,41 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 quantization = ?config.quantization,
                 "memory: weights held in {dtype:?} (quantized checkpoints are dequantized at load, but for 4-bit and block-FP8 projections on CUDA, held as stored)"
             );
-            Weights::from_safetensors(&files, dtype, &opts.device)?
-                .with_quantization(config.quantization)
+            (
+                Weights::from_safetensors(&files, dtype, &opts.device)?,
+                config.quantization,
+            )
         }
-        LoadFormat::Dummy => Weights::dummy(opts.seed, dtype, &opts.device),
-    }
-    .with_online_fp8(online_fp8)
-    .with_backends(Backends {
-        attention: opts.attention_backend,
-        moe: opts.moe_backend,
-        layer_kernels: opts.layer_kernels,
-        fp8_gemm: fp8_gemm(opts)?,
-    })
-    .with_calculate_kv_scales(opts.calculate_kv_scales)
-    .with_packed_weights(packed_weights(opts));
+        LoadFormat::Dummy => (Weights::dummy(opts.seed, dtype, &opts.device), None),
+    };
+    let ctx = LoadContext {
+        backends: Backends {
+            attention: opts.attention_backend,
+            moe: opts.moe_backend,
+            layer_kernels: opts.layer_kernels,
+            fp8_gemm: fp8_gemm(opts)?,
+        },
+        quantization,
+        online_fp8,
+        calculate_kv_scales: opts.calculate_kv_scales,
+        packed_weights: packed_weights(opts),
+        ..LoadContext::default()
+    };
     tracing::info!(
-        backends = ?weights.backends(),
-        packed_weights = weights.packed_weights(),
+        backends = ?ctx.backends,
+        packed_weights = ctx.packed_weights,
         "kernels selected (each serves where it can; the rest runs candle's ops)"
     );
-    let build = |weights: &Weights| -> Result<DecoderModel> {
+    let build = |weights: &Weights, ctx: &LoadContext| -> Result<DecoderModel> {
         match config.family {
             ModelFamily::Qwen3 | ModelFamily::Qwen3Moe => {
-                load_qwen3(weights, &config, max_model_len, task)
+                load_qwen3(weights, ctx, &config, max_model_len, task)
             }
             ModelFamily::DeepseekV3 if task == ModelTask::Embed => Err(EmberError::Config(
                 "--task embed is for Qwen3 embedding checkpoints (Qwen3-Embedding); DeepSeek models only generate"
                     .into(),
             )),
-            ModelFamily::DeepseekV3 => load_deepseek_v3(weights, &config, max_model_len),
+            ModelFamily::DeepseekV3 => load_deepseek_v3(weights, ctx, &config, max_model_len),
         }
     };
     let world = opts.tensor_parallel_size * opts.data_parallel_size;
@@ -490,7 +497,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             ))
         }
         1 => {
-            let model = build(&weights)?;
+            let model = build(&weights, &ctx)?;
             (Box::new(model), vec![weights.held_bytes()])
         }
         _ => {
@@ -521,7 +528,8 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             for ((comm, experts_comm), device) in
                 comms.into_iter().zip(experts_comms).zip(&rank_devices)
             {
-                let rank_weights = weights.clone().on_device(device).with_rank(RankContext {
+                let rank_weights = weights.on_device(device);
+                let rank_ctx = ctx.for_rank(RankContext {
                     comm: comm.clone(),
                     expert_parallel: opts.enable_expert_parallel,
                     redundant_experts: opts.num_redundant_experts,
@@ -529,7 +537,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                     data_parallel: data_parallel && group == 1,
                     experts_comm,
                 });
-                ranks.push((build(&rank_weights)?, comm));
+                ranks.push((build(&rank_weights, &rank_ctx)?, comm));
                 bytes.push(rank_weights.held_bytes());
             }
             tracing::info!(
@@ -549,7 +557,7 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             .on_devices(rank_devices.clone());
             if opts.enable_expert_parallel && opts.eplb_step_interval > 0 {
                 sharded = sharded.with_rebalancing(
-                    weights.expert_load().clone(),
+                    ctx.expert_load.clone(),
                     opts.eplb_step_interval,
                     opts.eplb_window_size,
                 );
@@ -572,8 +580,8 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     Ok(LoadedModel {
         weight_bytes,
         rank_weight_bytes,
-        expert_load: weights.expert_load().clone(),
-        kernel_calls: weights.kernel_calls().clone(),
+        expert_load: ctx.expert_load.clone(),
+        kernel_calls: ctx.kernel_calls.clone(),
         kv_cache_dtype: match opts.kv_cache_dtype {
             KvCacheDtype::Auto => dtype,
             KvCacheDtype::Fp8E4m3 => DType::F8E4M3,

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use ember_core::quantization::parse_quantization_config;
 use ember_core::WeightQuantization;
 use ember_models::linear::quantized::{dequantize_weight, fp4, fp8, packed_int};
+use ember_models::loading::context::LoadContext;
 use ember_models::loading::weights::Weights;
 
 fn fixture(scheme: &str) -> (Weights, WeightQuantization) {
@@ -21,10 +22,16 @@ fn fixture(scheme: &str) -> (Weights, WeightQuantization) {
         .unwrap()
         .unwrap();
     let file = dir.join(format!("{scheme}.safetensors"));
-    let weights = Weights::from_safetensors(&[file], DType::F32, &Device::Cpu)
-        .unwrap()
-        .with_quantization(Some(q));
+    let weights = Weights::from_safetensors(&[file], DType::F32, &Device::Cpu).unwrap();
     (weights, q)
+}
+
+/// Layers loaded from a checkpoint stored in `q`.
+fn stored_in(q: WeightQuantization) -> LoadContext {
+    LoadContext {
+        quantization: Some(q),
+        ..LoadContext::default()
+    }
 }
 
 fn floats(t: &Tensor) -> Vec<f32> {
@@ -69,7 +76,7 @@ fn check(scheme: &str, expect: WeightQuantization, layers: usize) {
         // The tool's dtype: bf16 for compressed-tensors (it dequantizes in the scale's dtype),
         // f32 for ModelOpt. Our f32 rounded to it must be the same bits, but for the sign of
         // zero: e2m1 code 8 is -0 to compressed-tensors and +0 in ModelOpt's table.
-        assert_dequantized_as_the_tool(&layer, &format!("{scheme} layer{i}"), true);
+        assert_dequantized_as_the_tool(&layer, &stored_in(q), &format!("{scheme} layer{i}"), true);
     }
 }
 
@@ -134,9 +141,9 @@ fn modelopt_nvfp4() {
 
 #[test]
 fn a_misshaped_scale_is_named() {
-    let (weights, _) = fixture("int4-group32-symmetric");
+    let (weights, q) = fixture("int4-group32-symmetric");
     // layer0 is [24, 64]: claiming 128 inputs makes the packed words and the scale disagree.
-    let err = dequantize_weight(&weights.pp("layer0"), 128, 24)
+    let err = dequantize_weight(&weights.pp("layer0"), &stored_in(q), 128, 24)
         .unwrap_err()
         .to_string();
     assert!(
@@ -197,10 +204,15 @@ fn online_fp8_per_channel_quantization_rounds_as_torch_float8_e4m3fn() {
 
 /// `layer`'s weight dequantized by us, rounded to the dtype of the tool's `dequantized`, has the
 /// tool's bits (a zero of either sign matching either when `any_zero_sign`).
-fn assert_dequantized_as_the_tool(layer: &Weights, what: &str, any_zero_sign: bool) {
+fn assert_dequantized_as_the_tool(
+    layer: &Weights,
+    ctx: &LoadContext,
+    what: &str,
+    any_zero_sign: bool,
+) {
     let want = layer.get_stored("dequantized").unwrap();
     let (rows, cols) = want.dims2().unwrap();
-    let ours = dequantize_weight(layer, cols, rows)
+    let ours = dequantize_weight(layer, ctx, cols, rows)
         .unwrap()
         .unwrap_or_else(|| panic!("{what} not seen as quantized"));
     let ours = floats(&ours.to_dtype(want.dtype()).unwrap());
@@ -223,7 +235,7 @@ fn check_dequantized(scheme: &str, expect: WeightQuantization, layers: usize) {
     assert_eq!(q, expect, "{scheme}");
     for i in 0..layers {
         let layer = weights.pp(format!("layer{i}"));
-        assert_dequantized_as_the_tool(&layer, &format!("{scheme} layer{i}"), false);
+        assert_dequantized_as_the_tool(&layer, &stored_in(q), &format!("{scheme} layer{i}"), false);
     }
 }
 

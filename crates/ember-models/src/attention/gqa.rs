@@ -8,6 +8,7 @@ use crate::cache::kv_cache::{KvScales, LayerKvCache, LayerKvScales};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeRows;
 use crate::linear::Projection;
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::lora::LoraTargets;
 use crate::parallel::kv_head_share;
@@ -37,11 +38,11 @@ impl Qwen3Attention {
     /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm` under `weights`. On a
     /// tensor-parallel rank, the rank's query heads and their key/value heads (replicated when
     /// there are fewer than ranks), with `o_proj` split by rows: the output is a partial sum.
-    pub fn load(weights: &Weights, cfg: &ModelConfig) -> Result<Self> {
+    pub fn load(weights: &Weights, ctx: &LoadContext, cfg: &ModelConfig) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
-        let (q_split, kv_split, o_split, local_q, local_kv, kv_first) = match weights.rank() {
+        let (q_split, kv_split, o_split, local_q, local_kv, kv_first) = match ctx.rank() {
             None => (None, None, None, nq, nkv, 0),
             Some(rank) => {
                 let (q0, qn) = rank.even_share(nq, "num_attention_heads")?;
@@ -66,23 +67,23 @@ impl Qwen3Attention {
             }
         };
         Ok(Self {
-            q_proj: Projection::load_split(&weights.pp("q_proj"), h, nq * d, bias, q_split)?,
-            k_proj: Projection::load_split(&weights.pp("k_proj"), h, nkv * d, bias, kv_split)?,
-            v_proj: Projection::load_split(&weights.pp("v_proj"), h, nkv * d, bias, kv_split)?,
-            o_proj: Projection::load_split(&weights.pp("o_proj"), nq * d, h, bias, o_split)?,
-            q_norm: RmsNorm::load(&weights.pp("q_norm"), d, cfg.rms_norm_eps)?,
-            k_norm: RmsNorm::load(&weights.pp("k_norm"), d, cfg.rms_norm_eps)?,
+            q_proj: Projection::load_split(&weights.pp("q_proj"), ctx, h, nq * d, bias, q_split)?,
+            k_proj: Projection::load_split(&weights.pp("k_proj"), ctx, h, nkv * d, bias, kv_split)?,
+            v_proj: Projection::load_split(&weights.pp("v_proj"), ctx, h, nkv * d, bias, kv_split)?,
+            o_proj: Projection::load_split(&weights.pp("o_proj"), ctx, nq * d, h, bias, o_split)?,
+            q_norm: RmsNorm::load(&weights.pp("q_norm"), ctx, d, cfg.rms_norm_eps)?,
+            k_norm: RmsNorm::load(&weights.pp("k_norm"), ctx, d, cfg.rms_norm_eps)?,
             num_heads: local_q,
             num_kv_heads: local_kv,
             head_dim: d,
-            kv_scales: if weights.calculate_kv_scales() {
+            kv_scales: if ctx.calculate_kv_scales {
                 LayerKvScales::calculated(false)
             } else {
                 LayerKvScales::fixed(
                     KvScales::load(weights, nkv, (kv_first, local_kv))?.unwrap_or_default(),
                 )
             },
-            backend: weights.backends().attention,
+            backend: ctx.backends.attention,
         })
     }
 

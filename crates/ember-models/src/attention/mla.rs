@@ -17,6 +17,7 @@ use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::RopeRows;
 use crate::linear::{load_weight, load_weight_split, projection_from_weight, Projection};
+use crate::loading::context::LoadContext;
 use crate::loading::weights::{tensor_bytes, Weights};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::parallel::Split;
@@ -78,18 +79,23 @@ pub fn softmax_scale(cfg: &ModelConfig, ds: &DeepseekConfig) -> f64 {
 
 impl MlaAttention {
     /// Loads the projections and norms under `weights`.
-    pub fn load(weights: &Weights, cfg: &ModelConfig, ds: &DeepseekConfig) -> Result<Self> {
+    pub fn load(
+        weights: &Weights,
+        ctx: &LoadContext,
+        cfg: &ModelConfig,
+        ds: &DeepseekConfig,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let n_all = cfg.num_attention_heads;
         let bias = cfg.attention_bias;
         let eps = cfg.rms_norm_eps;
         // A tensor-parallel rank keeps its heads' query, key/value expansion and output rows;
         // the latent projection (shared by all heads) is replicated.
-        let (h0, n) = match weights.rank() {
+        let (h0, n) = match ctx.rank() {
             Some(rank) => rank.even_share(n_all, "num_attention_heads")?,
             None => (0, n_all),
         };
-        let sharded = weights.rank().is_some();
+        let sharded = ctx.rank().is_some();
         let heads = |per_head: usize, split: fn(usize, usize) -> Split| {
             sharded.then(|| split(h0 * per_head, n * per_head))
         };
@@ -98,10 +104,11 @@ impl MlaAttention {
         let qk = ds.qk_head_dim();
         let q = match ds.q_lora_rank {
             Some(r) => QueryProjection::LowRank {
-                q_a_proj: Projection::load(&weights.pp("q_a_proj"), h, r, bias)?,
-                q_a_layernorm: RmsNorm::load(&weights.pp("q_a_layernorm"), r, eps)?,
+                q_a_proj: Projection::load(&weights.pp("q_a_proj"), ctx, h, r, bias)?,
+                q_a_layernorm: RmsNorm::load(&weights.pp("q_a_layernorm"), ctx, r, eps)?,
                 q_b_proj: Projection::load_split(
                     &weights.pp("q_b_proj"),
+                    ctx,
                     r,
                     n_all * qk,
                     false,
@@ -111,6 +118,7 @@ impl MlaAttention {
             None => QueryProjection::Plain {
                 q_proj: Projection::load_split(
                     &weights.pp("q_proj"),
+                    ctx,
                     h,
                     n_all * qk,
                     false,
@@ -122,10 +130,10 @@ impl MlaAttention {
         let per_head = ds.qk_nope_head_dim + ds.v_head_dim;
         let kv_b_w = weights.pp("kv_b_proj");
         let kv_b = match heads(per_head, columns) {
-            Some(split) => load_weight_split(&kv_b_w, kvr, n_all * per_head, split)?,
-            None => load_weight(&kv_b_w, kvr, n_all * per_head)?,
+            Some(split) => load_weight_split(&kv_b_w, ctx, kvr, n_all * per_head, split)?,
+            None => load_weight(&kv_b_w, ctx, kvr, n_all * per_head)?,
         };
-        let kv_b = projection_from_weight(&kv_b_w, kv_b, None)?;
+        let kv_b = projection_from_weight(&kv_b_w, ctx, kv_b, None)?;
         // Absorbed decode folds the weight as the expanded path's matmul sees it (dequantized
         // under online FP8, as vLLM does), so both forms compute the same attention.
         let split = || -> candle_core::Result<(Tensor, Tensor)> {
@@ -142,17 +150,19 @@ impl MlaAttention {
             q,
             kv_a_proj_with_mqa: Projection::load(
                 &weights.pp("kv_a_proj_with_mqa"),
+                ctx,
                 h,
                 kvr + ds.qk_rope_head_dim,
                 bias,
             )?,
-            kv_a_layernorm: RmsNorm::load(&weights.pp("kv_a_layernorm"), kvr, eps)?,
+            kv_a_layernorm: RmsNorm::load(&weights.pp("kv_a_layernorm"), ctx, kvr, eps)?,
             kv_b_proj: Projection::new(kv_b, kv_b_w.prefix(), kvr, n_all * per_head)
                 .with_split(heads(per_head, columns)),
             w_uk,
             w_uv,
             o_proj: Projection::load_split(
                 &weights.pp("o_proj"),
+                ctx,
                 n_all * ds.v_head_dim,
                 h,
                 bias,
@@ -164,7 +174,7 @@ impl MlaAttention {
             v_head_dim: ds.v_head_dim,
             kv_lora_rank: kvr,
             softmax_scale: softmax_scale(cfg, ds),
-            kv_scales: if weights.calculate_kv_scales() {
+            kv_scales: if ctx.calculate_kv_scales {
                 LayerKvScales::calculated(true)
             } else {
                 LayerKvScales::fixed(
@@ -176,8 +186,8 @@ impl MlaAttention {
                         .unwrap_or_default(),
                 )
             },
-            backend: weights.backends().attention,
-            calls: weights.kernel_calls().clone(),
+            backend: ctx.backends.attention,
+            calls: ctx.kernel_calls.clone(),
         })
     }
 

@@ -1,6 +1,6 @@
 //! How many layer calls each of ember's kernel paths has served for one model: what tests read
 //! to know the path they mean is taken. One per model, shared by its layers and ranks, handed to
-//! the layers at load ([`crate::loading::weights::Weights::kernel_calls`]) and kept by
+//! the layers at load ([`crate::loading::context::LoadContext::kernel_calls`]) and kept by
 //! [`crate::LoadedModel::kernel_calls`].
 
 use std::sync::atomic::{AtomicU64, Ordering};

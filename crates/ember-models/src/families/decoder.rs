@@ -15,6 +15,7 @@ use crate::layers::mlp::Mlp;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::{RopeRows, RotaryEmbedding};
 use crate::linear::{linear_from_weight, load_weight_split, LinearLayer};
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::lora::LoraTargets;
 use crate::moe::deepseek::DeepseekMoe;
@@ -68,21 +69,23 @@ impl DecoderLayer {
     /// `post_attention_layernorm` under `weights`).
     pub fn load(
         weights: &Weights,
+        ctx: &LoadContext,
         cfg: &ModelConfig,
         self_attn: Attention,
         mlp: FeedForward,
     ) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
-            input_layernorm: RmsNorm::load(&weights.pp("input_layernorm"), h, eps)?,
+            input_layernorm: RmsNorm::load(&weights.pp("input_layernorm"), ctx, h, eps)?,
             self_attn,
             post_attention_layernorm: RmsNorm::load(
                 &weights.pp("post_attention_layernorm"),
+                ctx,
                 h,
                 eps,
             )?,
             mlp,
-            rank: weights.rank().cloned(),
+            rank: ctx.rank().cloned(),
         })
     }
 
@@ -177,6 +180,7 @@ impl DecoderModel {
     /// at the top in one saved from the bare `*Model` (as Qwen3-Embedding is).
     pub fn load(
         weights: &Weights,
+        ctx: &LoadContext,
         cfg: &ModelConfig,
         max_positions: usize,
         task: ModelTask,
@@ -190,7 +194,7 @@ impl DecoderModel {
             weights.pp("model")
         };
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let rank = weights.rank().cloned();
+        let rank = ctx.rank().cloned();
         let (vocab_start, vocab_len) = match &rank {
             // A rank finds its ids among the step's in f32 (see `embed`).
             Some(_) if v > 1 << 24 => {
@@ -224,6 +228,7 @@ impl DecoderModel {
             // A rank's vocabulary rows (all of them unsharded).
             ModelTask::Generate => OutputHead::LmHead(linear_from_weight(load_weight_split(
                 &weights.pp("lm_head"),
+                ctx,
                 h,
                 v,
                 Split::Columns {
@@ -243,13 +248,10 @@ impl DecoderModel {
             rank,
             kv_widths,
             layers,
-            norm: RmsNorm::load(&model.pp("norm"), h, cfg.rms_norm_eps)?,
+            norm: RmsNorm::load(&model.pp("norm"), ctx, h, cfg.rms_norm_eps)?,
             head,
             rotary: RotaryEmbedding::new(cfg, max_positions, weights.dtype(), weights.device())?
-                .with_kernels(
-                    weights.backends().layer_kernels,
-                    weights.kernel_calls().clone(),
-                ),
+                .with_kernels(ctx.backends.layer_kernels, ctx.kernel_calls.clone()),
             cfg: cfg.clone(),
         })
     }

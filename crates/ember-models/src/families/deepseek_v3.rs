@@ -8,6 +8,7 @@ use ember_core::{EmberError, ModelConfig, ModelTask, Result};
 use crate::attention::mla::MlaAttention;
 use crate::families::decoder::{Attention, DecoderLayer, DecoderModel, FeedForward};
 use crate::layers::mlp::Mlp;
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::moe::deepseek::DeepseekMoe;
 
@@ -15,6 +16,7 @@ use crate::moe::deepseek::DeepseekMoe;
 /// (DeepSeek-V2, V2-Lite; same layers, another router): layers `0..num_hidden_layers`.
 pub fn load_deepseek_v3(
     weights: &Weights,
+    ctx: &LoadContext,
     cfg: &ModelConfig,
     max_positions: usize,
 ) -> Result<DecoderModel> {
@@ -23,18 +25,24 @@ pub fn load_deepseek_v3(
     })?;
     DecoderModel::load(
         weights,
+        ctx,
         cfg,
         max_positions,
         ModelTask::Generate,
         |layer, layer_idx| {
             let h = cfg.hidden_size;
             let mlp = if cfg.is_moe_layer(layer_idx) {
-                FeedForward::DeepseekMoe(Box::new(DeepseekMoe::load(&layer.pp("mlp"), h, ds)?))
+                FeedForward::DeepseekMoe(Box::new(DeepseekMoe::load(&layer.pp("mlp"), ctx, h, ds)?))
             } else {
-                FeedForward::Dense(Mlp::load_dense(&layer.pp("mlp"), h, cfg.intermediate_size)?)
+                FeedForward::Dense(Mlp::load_dense(
+                    &layer.pp("mlp"),
+                    ctx,
+                    h,
+                    cfg.intermediate_size,
+                )?)
             };
-            let attn = Attention::Mla(MlaAttention::load(&layer.pp("self_attn"), cfg, ds)?);
-            DecoderLayer::load(layer, cfg, attn, mlp)
+            let attn = Attention::Mla(MlaAttention::load(&layer.pp("self_attn"), ctx, cfg, ds)?);
+            DecoderLayer::load(layer, ctx, cfg, attn, mlp)
         },
     )
 }

@@ -7,6 +7,7 @@ use crate::backends::LayerKernels;
 use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::kernel_ops;
 use crate::linear::{linear_from_weight, projection_from_weight, Projection};
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::lora::{LoraRows, LoraTargets};
 use crate::parallel::Split;
@@ -28,14 +29,20 @@ pub struct Mlp {
 
 impl Mlp {
     /// Loads the three projections under `weights` (`hidden → intermediate → hidden`).
-    pub fn load(weights: &Weights, hidden: usize, intermediate: usize) -> Result<Self> {
-        Self::load_split(weights, hidden, intermediate, None)
+    pub fn load(
+        weights: &Weights,
+        ctx: &LoadContext,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
+        Self::load_split(weights, ctx, hidden, intermediate, None)
     }
 
     /// Loads one rank's share `(start, len)` of the intermediate channels (gate/up by columns,
     /// down by rows: the output is a partial sum), or the whole MLP (`None`).
     pub fn load_split(
         weights: &Weights,
+        ctx: &LoadContext,
         hidden: usize,
         intermediate: usize,
         channels: Option<(usize, usize)>,
@@ -45,6 +52,7 @@ impl Mlp {
         Self {
             gate_proj: Projection::load_split(
                 &weights.pp("gate_proj"),
+                ctx,
                 hidden,
                 intermediate,
                 false,
@@ -52,6 +60,7 @@ impl Mlp {
             )?,
             up_proj: Projection::load_split(
                 &weights.pp("up_proj"),
+                ctx,
                 hidden,
                 intermediate,
                 false,
@@ -59,25 +68,31 @@ impl Mlp {
             )?,
             down_proj: Projection::load_split(
                 &weights.pp("down_proj"),
+                ctx,
                 intermediate,
                 hidden,
                 false,
                 rows,
             )?,
             gate_up: None,
-            calls: weights.kernel_calls().clone(),
+            calls: ctx.kernel_calls.clone(),
         }
-        .fuse_gate_up(weights)
+        .fuse_gate_up(ctx)
     }
 
     /// Loads a dense MLP the way the rank of `weights` holds it: its share of the intermediate
     /// channels on a sharded model (partial output), else whole.
-    pub fn load_dense(weights: &Weights, hidden: usize, intermediate: usize) -> Result<Self> {
-        let channels = weights
+    pub fn load_dense(
+        weights: &Weights,
+        ctx: &LoadContext,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
+        let channels = ctx
             .rank()
             .map(|r| r.even_share(intermediate, "intermediate_size"))
             .transpose()?;
-        Self::load_split(weights, hidden, intermediate, channels)
+        Self::load_split(weights, ctx, hidden, intermediate, channels)
     }
 
     /// Builds expert `index` of `experts` (the fused tensors' owner, whose prefix is the module
@@ -86,6 +101,7 @@ impl Mlp {
     /// `gate_up`, when given, is the `[gate; up]` tensor `gate` and `up` are views of.
     pub fn from_weights(
         experts: &Weights,
+        ctx: &LoadContext,
         index: usize,
         (gate, up, down): (Tensor, Tensor, Tensor),
         intermediate: usize,
@@ -97,7 +113,7 @@ impl Mlp {
         let cols = channels.map(|(start, len)| Split::Columns { start, len });
         let rows = channels.map(|(start, len)| Split::Rows { start, len });
         let proj = |name: &str, w: Tensor, i: usize, o: usize, split| -> Result<Projection> {
-            let layer = projection_from_weight(&experts.pp(index).pp(name), w, None)?;
+            let layer = projection_from_weight(&experts.pp(index).pp(name), ctx, w, None)?;
             Ok(Projection::new(layer, &format!("{path}.{name}"), i, o).with_split(split))
         };
         let mlp = Self {
@@ -105,22 +121,22 @@ impl Mlp {
             up_proj: proj("up_proj", up, hidden, intermediate, cols)?,
             down_proj: proj("down_proj", down, intermediate, hidden, rows)?,
             gate_up: None,
-            calls: experts.kernel_calls().clone(),
+            calls: ctx.kernel_calls.clone(),
         };
         match gate_up {
-            Some(gate_up) if experts.backends().layer_kernels == LayerKernels::Ember => Ok(Self {
+            Some(gate_up) if ctx.backends.layer_kernels == LayerKernels::Ember => Ok(Self {
                 gate_up: Some(gate_up),
                 ..mlp
             }),
             Some(_) => Ok(mlp),
-            None => mlp.fuse_gate_up(experts),
+            None => mlp.fuse_gate_up(ctx),
         }
     }
 
     /// Under ember's layer kernels, holds the gate and up weights as one tensor (and the two
     /// projections as views of it) when both are dense f32/bf16 weights of one dtype; else as is.
-    fn fuse_gate_up(self, weights: &Weights) -> Result<Self> {
-        if weights.backends().layer_kernels != LayerKernels::Ember {
+    fn fuse_gate_up(self, ctx: &LoadContext) -> Result<Self> {
+        if ctx.backends.layer_kernels != LayerKernels::Ember {
             return Ok(self);
         }
         let (Some(gate), Some(up)) = (self.gate_proj.dense_weight(), self.up_proj.dense_weight())
@@ -140,7 +156,10 @@ impl Mlp {
             ))
         };
         let (gate, up, gate_up) = fuse().map_err(|e| {
-            EmberError::Weights(format!("{}: fusing gate and up: {e}", weights.prefix()))
+            EmberError::Weights(format!(
+                "{}: fusing gate and up: {e}",
+                self.gate_proj.path()
+            ))
         })?;
         Ok(Self {
             gate_proj: self.gate_proj.with_base(linear_from_weight(gate)),

@@ -7,6 +7,7 @@ use ember_core::Result;
 use crate::backends::LayerKernels;
 use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::kernel_ops;
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::TensorResult;
 use std::sync::Arc;
@@ -21,12 +22,12 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     /// Loads `<prefix>.weight` of length `size`.
-    pub fn load(weights: &Weights, size: usize, eps: f64) -> Result<Self> {
+    pub fn load(weights: &Weights, ctx: &LoadContext, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: weights.get("weight", size)?,
             eps,
-            kernels: weights.backends().layer_kernels,
-            calls: weights.kernel_calls().clone(),
+            kernels: ctx.backends.layer_kernels,
+            calls: ctx.kernel_calls.clone(),
         })
     }
 

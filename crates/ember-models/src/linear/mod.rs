@@ -11,6 +11,7 @@ use ember_core::{EmberError, Result};
 use crate::linear::quantized::dequantize_weight;
 use crate::linear::quantized::fp8::Fp8ChannelLinear;
 use crate::linear::quantized::{fp8_block, int4};
+use crate::loading::context::LoadContext;
 use crate::loading::weights::{tensor_bytes, Weights};
 use crate::lora::{LoraRows, LoraTargets};
 use crate::parallel::Split;
@@ -32,17 +33,23 @@ pub struct Projection {
 impl Projection {
     /// Loads `<prefix>.weight` (and bias) like [`load_linear`], quantized to e4m3 under online
     /// FP8 (see [`projection_from_weight`]); the prefix is the module path.
-    pub fn load(weights: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        weights: &Weights,
+        ctx: &LoadContext,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let bias = if bias {
             Some(weights.get("bias", out_dim)?)
         } else {
             None
         };
-        let layer = match packed_projection(weights, in_dim, out_dim, None, &bias)? {
+        let layer = match packed_projection(weights, ctx, in_dim, out_dim, None, &bias)? {
             Some(layer) => layer,
             None => {
-                let weight = load_weight(weights, in_dim, out_dim)?;
-                projection_from_weight(weights, weight, bias)?
+                let weight = load_weight(weights, ctx, in_dim, out_dim)?;
+                projection_from_weight(weights, ctx, weight, bias)?
             }
         };
         Ok(Self::new(layer, weights.prefix(), in_dim, out_dim))
@@ -53,29 +60,30 @@ impl Projection {
     /// by the caller; its bias is held by rank 0 alone, so the sum adds it once.
     pub fn load_split(
         weights: &Weights,
+        ctx: &LoadContext,
         in_dim: usize,
         out_dim: usize,
         bias: bool,
         split: Option<Split>,
     ) -> Result<Self> {
         let Some(split) = split else {
-            return Self::load(weights, in_dim, out_dim, bias);
+            return Self::load(weights, ctx, in_dim, out_dim, bias);
         };
         let bias = match split {
             _ if !bias => None,
             Split::Columns { start, len } => {
                 Some(weights.get_slice("bias", out_dim, 0, start, len)?)
             }
-            Split::Rows { .. } if weights.rank().is_none_or(|r| r.rank() == 0) => {
+            Split::Rows { .. } if ctx.rank().is_none_or(|r| r.rank() == 0) => {
                 Some(weights.get("bias", out_dim)?)
             }
             Split::Rows { .. } => None,
         };
-        let layer = match packed_projection(weights, in_dim, out_dim, Some(split), &bias)? {
+        let layer = match packed_projection(weights, ctx, in_dim, out_dim, Some(split), &bias)? {
             Some(layer) => layer,
             None => {
-                let weight = load_weight_split(weights, in_dim, out_dim, split)?;
-                projection_from_weight(weights, weight, bias)?
+                let weight = load_weight_split(weights, ctx, in_dim, out_dim, split)?;
+                projection_from_weight(weights, ctx, weight, bias)?
             }
         };
         Ok(Self::new(layer, weights.prefix(), in_dim, out_dim).with_split(Some(split)))
@@ -182,11 +190,12 @@ impl LinearLayer for DenseLinear {
 /// FP8 keeps in 16 bits too.
 pub fn load_linear(
     weights: &Weights,
+    ctx: &LoadContext,
     in_dim: usize,
     out_dim: usize,
     bias: bool,
 ) -> Result<Arc<dyn LinearLayer>> {
-    let weight = load_weight(weights, in_dim, out_dim)?;
+    let weight = load_weight(weights, ctx, in_dim, out_dim)?;
     let bias = if bias {
         Some(weights.get("bias", out_dim)?)
     } else {
@@ -202,30 +211,37 @@ pub fn load_linear(
 /// with every split), and the rank holds only its part.
 pub fn load_weight_split(
     weights: &Weights,
+    ctx: &LoadContext,
     in_dim: usize,
     out_dim: usize,
     split: Split,
 ) -> Result<Tensor> {
-    load_weight_part(weights, in_dim, out_dim, Some(split))
+    load_weight_part(weights, ctx, in_dim, out_dim, Some(split))
 }
 
 /// Loads `<prefix>.weight` `[out, in]` in the model dtype. A weight the checkpoint stores
 /// quantized (block FP8, packed INT4/INT8, NVFP4, MXFP4: see [`crate::linear::quantized`]) is
 /// dequantized here, at load, so the model holds it in the model dtype (4 bytes per parameter in
 /// f32, 2 in bf16, against the checkpoint's 0.5-1) and pays nothing per step.
-pub fn load_weight(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Tensor> {
-    load_weight_part(weights, in_dim, out_dim, None)
+pub fn load_weight(
+    weights: &Weights,
+    ctx: &LoadContext,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Tensor> {
+    load_weight_part(weights, ctx, in_dim, out_dim, None)
 }
 
 /// The whole weight, or the part `split` takes; see [`load_weight`] and [`load_weight_split`].
 fn load_weight_part(
     weights: &Weights,
+    ctx: &LoadContext,
     in_dim: usize,
     out_dim: usize,
     split: Option<Split>,
 ) -> Result<Tensor> {
     let part = split.map(Split::range);
-    match dequantize_weight(weights, in_dim, out_dim)? {
+    match dequantize_weight(weights, ctx, in_dim, out_dim)? {
         None => match part {
             Some((dim, start, len)) => {
                 weights.get_slice("weight", (out_dim, in_dim), dim, start, len)
@@ -251,39 +267,41 @@ fn load_weight_part(
     }
 }
 
-/// The projection held as the checkpoint packs it, when [`Weights::packed_weights`] asks for
+/// The projection held as the checkpoint packs it, when [`LoadContext::packed_weights`] asks for
 /// it: 4-bit weights for the W4A16 kernel, block FP8 for the W8A16 kernel.
 fn packed_projection(
     weights: &Weights,
+    ctx: &LoadContext,
     in_dim: usize,
     out_dim: usize,
     split: Option<Split>,
     bias: &Option<Tensor>,
 ) -> Result<Option<Arc<dyn LinearLayer>>> {
-    if !weights.packed_weights() {
+    if !ctx.packed_weights {
         return Ok(None);
     }
-    if let Some(layer) = int4::load(weights, in_dim, out_dim, split, bias.clone())? {
+    if let Some(layer) = int4::load(weights, ctx, in_dim, out_dim, split, bias.clone())? {
         return Ok(Some(Arc::new(layer)));
     }
-    let layer = fp8_block::load(weights, in_dim, out_dim, split, bias.clone())?;
+    let layer = fp8_block::load(weights, ctx, in_dim, out_dim, split, bias.clone())?;
     Ok(layer.map(|l| Arc::new(l) as Arc<dyn LinearLayer>))
 }
 
 /// A projection of attention, an MLP or an expert over its loaded weight `[out, in]` (counted as
-/// held by `weights`). Under online FP8 ([`Weights::online_fp8`]) the weight is quantized to e4m3
+/// held by `weights`). Under online FP8 ([`LoadContext::online_fp8`]) the weight is quantized to e4m3
 /// with per-output-channel scales and the full-precision tensor is released.
 pub fn projection_from_weight(
     weights: &Weights,
+    ctx: &LoadContext,
     weight: Tensor,
     bias: Option<Tensor>,
 ) -> Result<Arc<dyn LinearLayer>> {
-    if !weights.online_fp8() {
+    if !ctx.online_fp8 {
         return Ok(Arc::new(DenseLinear {
             inner: candle_nn::Linear::new(weight, bias),
         }));
     }
-    if weights.packed_weights() && crate::linear::quantized::packed::computes_in(weight.dtype()) {
+    if ctx.packed_weights && crate::linear::quantized::packed::computes_in(weight.dtype()) {
         // Held for the W8A16 kernels (on CUDA): e4m3 bytes, one scale per output channel.
         let (bytes, scales, shape) = crate::linear::quantized::fp8::packed_per_channel(&weight)
             .map_err(|e| {
@@ -294,7 +312,7 @@ pub fn projection_from_weight(
             })?;
         // Under W8A8 each row's scale is repeated over its 128-input blocks, the layout the FP8
         // GEMM reads (and the W8A16 kernels too).
-        let w8a8 = weights.backends().fp8_gemm == crate::backends::Fp8Gemm::W8a8;
+        let w8a8 = ctx.backends.fp8_gemm == crate::backends::Fp8Gemm::W8a8;
         let (scales, shape) = if w8a8 {
             let groups = shape.k.div_ceil(ember_kernels::w8a8::GROUP);
             let scales = scales

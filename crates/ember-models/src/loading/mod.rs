@@ -2,5 +2,6 @@
 //! ones), and which task it is for. The loader that builds models from them is [`crate::loader`].
 
 pub mod checkpoint;
+pub mod context;
 pub mod task;
 pub mod weights;

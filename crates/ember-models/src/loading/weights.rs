@@ -9,12 +9,7 @@ use std::sync::Arc;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 
-use crate::backends::Backends;
-use crate::device::calls::KernelCalls;
-use ember_core::{EmberError, Result, WeightQuantization};
-
-use crate::parallel::eplb::ExpertLoad;
-use crate::parallel::RankContext;
+use ember_core::{EmberError, Result};
 
 /// How weights are produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,24 +32,8 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
-    /// How the checkpoint stores its quantized linear weights (from config.json).
-    quantization: Option<WeightQuantization>,
-    /// `--quantization fp8` on an unquantized checkpoint: projections are quantized at load.
-    online_fp8: bool,
-    /// The implementations the layers run, fixed at load.
-    backends: Backends,
-    calculate_kv_scales: bool,
-    /// 4-bit and block-FP8 checkpoint weights are held as stored for the W4A16 / W8A16 kernels
-    /// instead of dequantized.
-    packed_weights: bool,
     /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
     held: Arc<AtomicI64>,
-    /// The rank this model is loaded for, when sharded (`--tensor-parallel-size` > 1).
-    rank: Option<RankContext>,
-    /// Per-expert token counters of the MoE layers, shared by every rank.
-    expert_load: Arc<ExpertLoad>,
-    /// Calls each of ember's kernel paths served, shared by every layer loaded from these.
-    kernel_calls: Arc<KernelCalls>,
 }
 
 fn tensor_err(e: candle_core::Error) -> EmberError {
@@ -83,115 +62,18 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
-            quantization: None,
-            online_fp8: false,
-            backends: Backends::default(),
-            calculate_kv_scales: false,
-            packed_weights: false,
             held: Arc::default(),
-            rank: None,
-            expert_load: Arc::default(),
-            kernel_calls: Arc::default(),
-        }
-    }
-
-    /// Marks the checkpoint's linear weights as stored in `quantization` (from config.json).
-    pub fn with_quantization(self, quantization: Option<WeightQuantization>) -> Self {
-        Self {
-            quantization,
-            ..self
         }
     }
 
     /// The same checkpoint, read onto `device` (a rank's own GPU when the ranks of a sharded
-    /// model are spread over several).
-    pub fn on_device(self, device: &Device) -> Self {
+    /// model are spread over several), counting its own held bytes (each rank's memory report).
+    pub fn on_device(&self, device: &Device) -> Self {
         Self {
             device: device.clone(),
-            ..self
-        }
-    }
-
-    /// Loads one rank's shard of the model: sharded layers read only their slices. Each rank
-    /// counts its own held bytes.
-    pub fn with_rank(self, rank: RankContext) -> Self {
-        Self {
-            rank: Some(rank),
             held: Arc::default(),
-            ..self
+            ..self.clone()
         }
-    }
-
-    /// The MoE layers' per-expert token counters (the same for every rank's view).
-    pub fn expert_load(&self) -> &Arc<ExpertLoad> {
-        &self.expert_load
-    }
-
-    /// The calls of ember's kernel paths of the model these weights load.
-    pub fn kernel_calls(&self) -> &Arc<KernelCalls> {
-        &self.kernel_calls
-    }
-
-    /// The tensor-parallel rank being loaded, `None` for an unsharded model and for a
-    /// data-parallel rank (whose layers are whole).
-    pub fn rank(&self) -> Option<&RankContext> {
-        self.rank.as_ref().filter(|r| !r.data_parallel)
-    }
-
-    /// The rank the routed experts are loaded for: [`Weights::rank`], or a data-parallel rank
-    /// (whose experts are partitioned under expert parallelism, and whole otherwise).
-    pub fn expert_rank(&self) -> Option<&RankContext> {
-        self.rank.as_ref()
-    }
-
-    /// The same weights, with their layers loaded to run on `backends`.
-    pub fn with_backends(self, backends: Backends) -> Self {
-        Self { backends, ..self }
-    }
-
-    /// The implementations the layers loaded from these weights run.
-    pub fn backends(&self) -> Backends {
-        self.backends
-    }
-
-    /// `--calculate-kv-scales`: attention layers compute their fp8 cache scales from the first
-    /// keys and values they write instead of taking the checkpoint's (or 1.0).
-    pub fn with_calculate_kv_scales(self, calculate_kv_scales: bool) -> Self {
-        Self {
-            calculate_kv_scales,
-            ..self
-        }
-    }
-
-    /// Whether attention layers compute their fp8 cache scales (see
-    /// [`Weights::with_calculate_kv_scales`]).
-    pub fn calculate_kv_scales(&self) -> bool {
-        self.calculate_kv_scales
-    }
-
-    /// Holds the projections a checkpoint stores in 4 bits or block FP8 as stored, multiplied by
-    /// the W4A16 / W8A16 kernels ([`crate::linear::quantized::int4`], [`crate::linear::quantized::fp8_block`]),
-    /// instead of dequantizing them at load.
-    pub fn with_packed_weights(self, packed_weights: bool) -> Self {
-        Self {
-            packed_weights,
-            ..self
-        }
-    }
-
-    /// Whether 4-bit and block-FP8 projections are held packed (see [`Weights::with_packed_weights`]).
-    pub fn packed_weights(&self) -> bool {
-        self.packed_weights
-    }
-
-    /// Asks for online FP8: projections quantized to e4m3 per output channel at load.
-    pub fn with_online_fp8(self, online_fp8: bool) -> Self {
-        Self { online_fp8, ..self }
-    }
-
-    /// Whether projections are quantized to e4m3 at load (`--quantization fp8`, unquantized checkpoint).
-    pub fn online_fp8(&self) -> bool {
-        self.online_fp8
     }
 
     /// Bytes of the tensors handed out by [`Weights::get`] and [`Weights::get_as`], less those
@@ -203,14 +85,6 @@ impl Weights {
     /// Counts `bytes` more (or, negative, fewer) as held by the model.
     pub fn note_held(&self, bytes: i64) {
         self.held.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    /// The checkpoint's weight quantization; `None` for unquantized and dummy weights.
-    pub fn quantization(&self) -> Option<WeightQuantization> {
-        match self.source.as_ref() {
-            Source::Mmap(_) => self.quantization,
-            Source::Dummy { .. } => None,
-        }
     }
 
     /// The stored dtype of tensor `name`, if the checkpoint holds it (`None` for dummy weights).

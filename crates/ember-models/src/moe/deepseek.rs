@@ -6,6 +6,7 @@ use ember_core::config::DeepseekConfig;
 use ember_core::{EmberError, Result};
 
 use crate::layers::mlp::Mlp;
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::lora::{LoraRows, LoraTargets};
 use crate::moe::experts::{load_experts, Experts};
@@ -28,7 +29,12 @@ pub struct DeepseekMoe {
 
 impl DeepseekMoe {
     /// Loads `gate`, `experts` and `shared_experts` under `weights`.
-    pub fn load(weights: &Weights, hidden: usize, ds: &DeepseekConfig) -> Result<Self> {
+    pub fn load(
+        weights: &Weights,
+        ctx: &LoadContext,
+        hidden: usize,
+        ds: &DeepseekConfig,
+    ) -> Result<Self> {
         let (e, i) = (ds.n_routed_experts, ds.moe_intermediate_size);
         let gate_w = weights.pp("gate");
         let gate = gate_w.get_as("weight", (e, hidden), DType::F32)?;
@@ -43,7 +49,7 @@ impl DeepseekMoe {
         // Shared experts are split like a dense MLP under tensor parallelism and replicated
         // under expert parallelism (where the routed output is whole on every rank).
         let shared_i = i * ds.n_shared_experts;
-        let shared_channels = match weights.rank() {
+        let shared_channels = match ctx.rank() {
             Some(rank) if !rank.expert_parallel => {
                 Some(rank.even_share(shared_i, "the shared experts' intermediate size")?)
             }
@@ -53,13 +59,14 @@ impl DeepseekMoe {
             .then(|| {
                 Mlp::load_split(
                     &weights.pp("shared_experts"),
+                    ctx,
                     hidden,
                     shared_i,
                     shared_channels,
                 )
             })
             .transpose()?;
-        let experts = load_experts(&weights.pp("experts"), hidden, e, i)?;
+        let experts = load_experts(&weights.pp("experts"), ctx, hidden, e, i)?;
         let fused_bias = experts
             .is_stacked()
             .then(|| Tensor::from_slice(&e_score_correction_bias, e, weights.device()))

@@ -11,6 +11,7 @@ use ember_kernels::moe_routing::RoutingConfig;
 
 use crate::backends::MoeBackend;
 use crate::layers::mlp::Mlp;
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::lora::{LoraRows, LoraTargets};
 use crate::moe::fused::StackedExperts;
@@ -100,14 +101,16 @@ struct ExpertSource {
     hidden: usize,
     intermediate: usize,
     experts: usize,
+    /// What the experts are loaded for (their rank's backends and options).
+    ctx: LoadContext,
 }
 
 impl ExpertSource {
     /// Expert `x`, whole.
     fn load(&self, x: usize) -> Result<Mlp> {
-        let (w, i, hidden) = (&self.weights, self.intermediate, self.hidden);
+        let (w, ctx, i, hidden) = (&self.weights, &self.ctx, self.intermediate, self.hidden);
         if !is_fused(w) {
-            return Mlp::load_split(&w.pp(x), hidden, i, None);
+            return Mlp::load_split(&w.pp(x), ctx, hidden, i, None);
         }
         let fused_err =
             |err: candle_core::Error| EmberError::Weights(format!("fused experts: {err}"));
@@ -126,6 +129,7 @@ impl ExpertSource {
             .map_err(fused_err)?;
         Mlp::from_weights(
             w,
+            ctx,
             x,
             (part(&gate_up, 0, i)?, part(&gate_up, i, i)?, down),
             i,
@@ -366,14 +370,20 @@ impl Experts {
 /// rank of a sharded model: under expert parallelism the whole experts of the rank's slots (see
 /// [`ExpertPlacement`]), else every expert's share of the intermediate channels (see
 /// [`Mlp::load_split`]).
-pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> Result<Experts> {
+pub fn load_experts(
+    experts_w: &Weights,
+    ctx: &LoadContext,
+    hidden: usize,
+    e: usize,
+    i: usize,
+) -> Result<Experts> {
     let path = experts_w.prefix().to_string();
-    let rank = experts_w.rank();
-    let registry = experts_w.expert_load();
+    let rank = ctx.rank();
+    let registry = &ctx.expert_load;
     let load = registry.layer(layer_index(&path), e);
-    if let Some(rank_ctx) = experts_w.expert_rank().filter(|r| r.expert_parallel) {
+    if let Some(rank_ctx) = ctx.expert_rank().filter(|r| r.expert_parallel) {
         // Dispatch over every rank holding experts; split tokens with the ranks holding the same.
-        let ctx = RankContext {
+        let dispatch = RankContext {
             comm: rank_ctx
                 .experts_comm
                 .clone()
@@ -381,18 +391,18 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             ..rank_ctx.clone()
         };
         let share = (!rank_ctx.data_parallel).then(|| rank_ctx.comm.clone());
-        let ctx = &ctx;
-        let world = ctx.world_size();
-        let per_rank = expert_slots_per_rank(e, ctx.redundant_experts, world)?;
+        let world = dispatch.world_size();
+        let per_rank = expert_slots_per_rank(e, dispatch.redundant_experts, world)?;
         let placement = registry.placement(layer_index(&path), e, per_rank, world);
         let source = ExpertSource {
             weights: experts_w.clone(),
             hidden,
             intermediate: i,
             experts: e,
+            ctx: ctx.clone(),
         };
         let ep = ExpertParallel {
-            ctx: ctx.clone(),
+            ctx: dispatch,
             share,
             placement,
             registry: registry.clone(),
@@ -411,7 +421,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
         });
     }
     let channels = match rank {
-        Some(ctx) => Some(ctx.even_share(i, "moe_intermediate_size")?),
+        Some(r) => Some(r.even_share(i, "moe_intermediate_size")?),
         None => None,
     };
     let mlps = if is_fused(experts_w) {
@@ -441,6 +451,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
                 let expert = |t: &Tensor| t.get(k).and_then(|t| t.contiguous()).map_err(fused_err);
                 Mlp::from_weights(
                     experts_w,
+                    ctx,
                     k,
                     (expert(&gate)?, expert(&up)?, expert(&down)?),
                     i,
@@ -452,12 +463,12 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
             .collect::<Result<Vec<_>>>()?
     } else {
         (0..e)
-            .map(|x| Mlp::load_split(&experts_w.pp(x), hidden, i, channels).map(Arc::new))
+            .map(|x| Mlp::load_split(&experts_w.pp(x), ctx, hidden, i, channels).map(Arc::new))
             .collect::<Result<_>>()?
     };
     let counts_load = rank.is_none_or(|r| r.rank() == 0);
-    let (mlps, stacked) = match experts_w.backends().moe {
-        MoeBackend::Fused => stack_experts(experts_w, mlps, channels)?,
+    let (mlps, stacked) = match ctx.backends.moe {
+        MoeBackend::Fused => stack_experts(experts_w, ctx, mlps, channels)?,
         MoeBackend::Experts => (mlps, None),
     };
     // A fused layer counts its tokens itself (the routing never leaves the device).
@@ -488,6 +499,7 @@ pub fn load_experts(experts_w: &Weights, hidden: usize, e: usize, i: usize) -> R
 /// [`StackedExperts::stack`]).
 fn stack_experts(
     experts_w: &Weights,
+    ctx: &LoadContext,
     mlps: Vec<Arc<Mlp>>,
     channels: Option<(usize, usize)>,
 ) -> Result<(Vec<Arc<Mlp>>, Option<StackedExperts>)> {
@@ -501,11 +513,15 @@ fn stack_experts(
         );
         return Ok((mlps, None));
     };
-    let stack = stack.with_calls(experts_w.kernel_calls().clone());
+    let stack = stack.with_calls(ctx.kernel_calls.clone());
     let views = mlps
         .iter()
         .enumerate()
-        .map(|(k, mlp)| stack.expert_mlp(k, mlp, experts_w, channels).map(Arc::new))
+        .map(|(k, mlp)| {
+            stack
+                .expert_mlp(k, mlp, experts_w, ctx, channels)
+                .map(Arc::new)
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((views, Some(stack)))
 }

@@ -27,6 +27,7 @@ use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::mlp::Mlp;
 use crate::linear::quantized::packed::{PackedShape, PackedWeight};
 use crate::linear::LinearLayer;
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::step::mode::StepMode;
 use crate::TensorResult;
@@ -259,6 +260,7 @@ impl StackedExperts {
         k: usize,
         original: &Mlp,
         experts_w: &Weights,
+        ctx: &LoadContext,
         channels: Option<(usize, usize)>,
     ) -> Result<Mlp> {
         let err = |e: candle_core::Error| {
@@ -279,7 +281,7 @@ impl StackedExperts {
                     ))
                 };
                 let (weights, gate_up) = views().map_err(err)?;
-                Mlp::from_weights(experts_w, k, weights, i, channels, Some(gate_up))
+                Mlp::from_weights(experts_w, ctx, k, weights, i, channels, Some(gate_up))
             }
             ExpertWeights::Packed(packed) => {
                 let PackedExperts { kind, w2, p2, .. } = packed;

@@ -13,6 +13,7 @@ use ember_core::{EmberError, MoeConfig, Result};
 use ember_kernels::moe_routing::{RoutingConfig, TopkMethod as KernelTopk};
 
 use crate::linear::{load_linear, LinearLayer};
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 use crate::lora::{LoraRows, LoraTargets};
 use crate::moe::experts::{load_experts, Experts};
@@ -34,10 +35,15 @@ pub struct SparseMoe {
 
 impl SparseMoe {
     /// Loads the router `gate` and the experts (see [`load_experts`]).
-    pub fn load(weights: &Weights, hidden: usize, moe: &MoeConfig) -> Result<Self> {
+    pub fn load(
+        weights: &Weights,
+        ctx: &LoadContext,
+        hidden: usize,
+        moe: &MoeConfig,
+    ) -> Result<Self> {
         let (e, i) = (moe.num_experts, moe.moe_intermediate_size);
-        let gate = load_linear(&weights.pp("gate"), hidden, e, false)?;
-        let experts = load_experts(&weights.pp("experts"), hidden, e, i)?;
+        let gate = load_linear(&weights.pp("gate"), ctx, hidden, e, false)?;
+        let experts = load_experts(&weights.pp("experts"), ctx, hidden, e, i)?;
         let fused_bias = experts
             .is_stacked()
             .then(|| Tensor::zeros(e, DType::F32, weights.device()))

@@ -54,7 +54,7 @@ pub trait Communicator: Send + Sync {
 }
 
 /// Where one rank sits in a sharded model: its collectives, and how its layers are split.
-/// Handed to the loader through [`crate::loading::weights::Weights::with_rank`]; every layer that shards
+/// Handed to the layers in their [`crate::loading::context::LoadContext`]; every layer that shards
 /// reads its slice of the checkpoint by it.
 #[derive(Clone)]
 pub struct RankContext {

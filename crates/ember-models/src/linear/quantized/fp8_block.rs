@@ -9,6 +9,7 @@ use ember_core::{EmberError, Result, WeightQuantization};
 use ember_kernels::w8a16::W8a16Shape;
 
 use super::packed::{computes_in, PackedLinear};
+use crate::loading::context::LoadContext;
 use crate::loading::weights::{tensor_bytes, Weights};
 use crate::parallel::Split;
 
@@ -17,12 +18,13 @@ use crate::parallel::Split;
 /// block boundary; `None` to load it the usual way.
 pub(crate) fn load(
     weights: &Weights,
+    ctx: &LoadContext,
     in_dim: usize,
     out_dim: usize,
     split: Option<Split>,
     bias: Option<Tensor>,
 ) -> Result<Option<PackedLinear<W8a16Shape>>> {
-    let Some(WeightQuantization::Fp8Block([block_n, block_k])) = weights.quantization() else {
+    let Some(WeightQuantization::Fp8Block([block_n, block_k])) = ctx.quantization else {
         return Ok(None);
     };
     if !computes_in(weights.dtype())
@@ -84,7 +86,7 @@ pub(crate) fn load(
     let scales = Tensor::from_vec(scales, shape.scale_len(), device).map_err(err)?;
     weights.note_held(tensor_bytes(&weight) + tensor_bytes(&scales));
     let layer = PackedLinear::new(weight, scales, shape, bias, None, weights.dtype());
-    Ok(Some(match weights.backends().fp8_gemm {
+    Ok(Some(match ctx.backends.fp8_gemm {
         crate::backends::Fp8Gemm::W8a8 => layer.with_w8a8(),
         crate::backends::Fp8Gemm::W8a16 => layer,
     }))

@@ -18,6 +18,7 @@ use ember_kernels::w4a16::{self, W4Scales, W4a16Shape};
 
 use super::packed::{computes_in, PackedLinear};
 use super::{e4m3_bytes, f32s, i32s, packed_int, read_group_map, u8s};
+use crate::loading::context::LoadContext;
 use crate::loading::weights::{tensor_bytes, Weights};
 use crate::parallel::Split;
 
@@ -121,7 +122,12 @@ impl Int4Parts {
 
 /// The 4-bit parts of `<prefix>.weight` `[out_dim, in_dim]` when the checkpoint stores it in a
 /// 4-bit layout whose groups are runs of consecutive inputs; `None` otherwise.
-fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option<Int4Parts>> {
+fn int4_parts(
+    weights: &Weights,
+    ctx: &LoadContext,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Option<Int4Parts>> {
     let (n, k) = (out_dim, in_dim);
     if !k.is_multiple_of(2) {
         return Ok(None);
@@ -146,7 +152,7 @@ fn int4_parts(weights: &Weights, in_dim: usize, out_dim: usize) -> Result<Option
                 Err(())
             }
         };
-    let parts = match weights.quantization() {
+    let parts = match ctx.quantization {
         Some(WeightQuantization::PackedInt {
             num_bits: 4,
             group_size,
@@ -366,6 +372,7 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// bf16; `None` to load it the usual way.
 pub(crate) fn load(
     weights: &Weights,
+    ctx: &LoadContext,
     in_dim: usize,
     out_dim: usize,
     split: Option<Split>,
@@ -374,7 +381,8 @@ pub(crate) fn load(
     if !computes_in(weights.dtype()) {
         return Ok(None);
     }
-    let Some(parts) = int4_parts(weights, in_dim, out_dim)?.and_then(|p| p.slice(split)) else {
+    let Some(parts) = int4_parts(weights, ctx, in_dim, out_dim)?.and_then(|p| p.slice(split))
+    else {
         return Ok(None);
     };
     let err = |e: candle_core::Error| {

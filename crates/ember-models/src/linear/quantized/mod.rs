@@ -14,6 +14,7 @@ pub mod packed_int;
 use candle_core::{DType, Device, Tensor};
 use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};
 
+use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 
 /// Batches of at most this many rows multiply a packed weight with the GEMV kernels (W4A16,
@@ -26,10 +27,11 @@ pub(crate) const GEMV_MAX_ROWS: usize = 16;
 /// or whatever the checkpoint's ignore list kept in 16 bits).
 pub fn dequantize_weight(
     weights: &Weights,
+    ctx: &LoadContext,
     in_dim: usize,
     out_dim: usize,
 ) -> Result<Option<Tensor>> {
-    let Some(scheme) = weights.quantization() else {
+    let Some(scheme) = ctx.quantization else {
         return Ok(None);
     };
     let w = match scheme {
