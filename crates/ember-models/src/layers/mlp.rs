@@ -49,31 +49,13 @@ impl Mlp {
     ) -> Result<Self> {
         let cols = channels.map(|(start, len)| Split::Columns { start, len });
         let rows = channels.map(|(start, len)| Split::Rows { start, len });
+        let proj = |name: &str, in_dim: usize, out_dim: usize, split: Option<Split>| {
+            Projection::load_split(&weights.pp(name), ctx, in_dim, out_dim, false, split)
+        };
         Self {
-            gate_proj: Projection::load_split(
-                &weights.pp("gate_proj"),
-                ctx,
-                hidden,
-                intermediate,
-                false,
-                cols,
-            )?,
-            up_proj: Projection::load_split(
-                &weights.pp("up_proj"),
-                ctx,
-                hidden,
-                intermediate,
-                false,
-                cols,
-            )?,
-            down_proj: Projection::load_split(
-                &weights.pp("down_proj"),
-                ctx,
-                intermediate,
-                hidden,
-                false,
-                rows,
-            )?,
+            gate_proj: proj("gate_proj", hidden, intermediate, cols)?,
+            up_proj: proj("up_proj", hidden, intermediate, cols)?,
+            down_proj: proj("down_proj", intermediate, hidden, rows)?,
             gate_up: None,
             calls: ctx.kernel_calls.clone(),
         }
