@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use ember_models::device::calls::Kernel;
 use ember_models::{load_model, ForwardBatch, LoadOptions, LoadedModel, SequenceInput};
-use steps::{caches, fused_copy_of_qwen3_moe, logprobs, max_diff, options, run_steps};
+use steps::{
+    caches, fused_copy_of_qwen3_moe, logprobs, max_diff, options, run_steps, SequencePair,
+};
 
 /// Every logits row of one 40-token prefill: batches past the packed weights' GEMV size, which
 /// dequantize on the device and run a dense GEMM instead.
@@ -284,39 +286,15 @@ fn run_adapted(loaded: &LoadedModel, adapter_dir: &str, adapted: bool) -> Vec<Ve
         )
         .unwrap(),
     );
-    let caches = caches(loaded);
-    let (a, b): (Vec<u32>, Vec<u32>) = (vec![3, 14, 15, 92, 65, 35], vec![27, 18, 28]);
-    let (ta, tb) = ([0u32, 1], [2u32, 3]);
-    let mut rows = Vec::new();
     // A prefill of both, then a decode of both: the second sequence takes the adapter.
-    for (step, ((a0, a1), (b0, b1))) in [((0, 5), (0, 2)), ((5, 6), (2, 3))].into_iter().enumerate()
-    {
-        let inputs = [
-            SequenceInput {
-                token_ids: &a[a0..a1],
-                num_computed: a0,
-                block_table: &ta,
-                all_logits: step == 0,
-                adapter: None,
-            },
-            SequenceInput {
-                token_ids: &b[b0..b1],
-                num_computed: b0,
-                block_table: &tb,
-                all_logits: step == 0,
-                adapter: adapted.then_some(&adapter),
-            },
-        ];
-        let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
-        rows.extend(
-            loaded
-                .model
-                .forward(&batch, &caches)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-        );
-    }
+    let pair = SequencePair {
+        a: &[3, 14, 15, 92, 65, 35],
+        b: &[27, 18, 28],
+        tables: (&[0, 1], &[2, 3]),
+        b_all_logits: true,
+        b_adapter: adapted.then_some(&adapter),
+    };
+    let rows = pair.run(loaded, &[((0, 5), (0, 2)), ((5, 6), (2, 3))]);
     logprobs(&rows)
 }
 

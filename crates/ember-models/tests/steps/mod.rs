@@ -2,8 +2,10 @@
 //! running a fixed mix of prefill, decode and chunked steps through it for every logits row.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
+use ember_models::lora::LoraAdapter;
 use ember_models::{ForwardBatch, KvCachePool, LoadOptions, LoadedModel, SequenceInput};
 
 pub fn options(name: &str, tp: usize, ep: bool) -> LoadOptions {
@@ -32,36 +34,64 @@ pub fn caches(loaded: &LoadedModel) -> Vec<KvCachePool> {
 /// prompt, then a step decoding one token of each, then a 3-token chunk of the first beside a
 /// decode of the second (blocks of 4 tokens, so chunks cross block boundaries).
 pub fn run_steps(loaded: &LoadedModel) -> Vec<Vec<f32>> {
-    let caches = caches(loaded);
-    let a: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38];
-    let b: Vec<u32> = vec![27, 18, 28, 1828, 45, 90, 45];
-    let (ta, tb) = ([0u32, 1, 2, 3], [4u32, 5, 6, 7]);
-    let steps: [((usize, usize), (usize, usize)); 3] =
-        [((0, 9), (0, 5)), ((9, 10), (5, 6)), ((10, 13), (6, 7))];
-    let mut rows = Vec::new();
-    for (step, ((a0, a1), (b0, b1))) in steps.into_iter().enumerate() {
-        let inputs = [
-            SequenceInput {
-                token_ids: &a[a0..a1],
-                num_computed: a0,
-                block_table: &ta,
-                all_logits: step == 0,
-                adapter: None,
-            },
-            SequenceInput {
-                token_ids: &b[b0..b1],
-                num_computed: b0,
-                block_table: &tb,
-                all_logits: false,
-                adapter: None,
-            },
-        ];
-        let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
-        let out = loaded.model.forward(&batch, &caches).unwrap();
-        rows.extend(out.to_vec2::<f32>().unwrap());
-    }
-    rows
+    let pair = SequencePair {
+        a: &[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38],
+        b: &[27, 18, 28, 1828, 45, 90, 45],
+        tables: (&[0, 1, 2, 3], &[4, 5, 6, 7]),
+        b_all_logits: false,
+        b_adapter: None,
+    };
+    pair.run(
+        loaded,
+        &[((0, 9), (0, 5)), ((9, 10), (5, 6)), ((10, 13), (6, 7))],
+    )
 }
+
+/// Two sequences stepped side by side, `a` first.
+pub struct SequencePair<'a> {
+    pub a: &'a [u32],
+    pub b: &'a [u32],
+    /// Their block tables (blocks of 4 tokens).
+    pub tables: (&'a [u32], &'a [u32]),
+    /// Whether `b`'s first step returns every row, as `a`'s does (else only its last).
+    pub b_all_logits: bool,
+    pub b_adapter: Option<&'a Arc<LoraAdapter>>,
+}
+
+impl SequencePair<'_> {
+    /// The logits rows of each step `((a0, a1), (b0, b1))`, which computes `a[a0..a1]` and
+    /// `b[b0..b1]`: every row of the first step, each sequence's last row after.
+    pub fn run(&self, loaded: &LoadedModel, steps: &[StepSpans]) -> Vec<Vec<f32>> {
+        let caches = caches(loaded);
+        let mut rows = Vec::new();
+        for (step, &((a0, a1), (b0, b1))) in steps.iter().enumerate() {
+            let inputs = [
+                SequenceInput {
+                    token_ids: &self.a[a0..a1],
+                    num_computed: a0,
+                    block_table: self.tables.0,
+                    all_logits: step == 0,
+                    adapter: None,
+                },
+                SequenceInput {
+                    token_ids: &self.b[b0..b1],
+                    num_computed: b0,
+                    block_table: self.tables.1,
+                    all_logits: step == 0 && self.b_all_logits,
+                    adapter: self.b_adapter,
+                },
+            ];
+            let batch = ForwardBatch::new(&inputs, 4, &Device::Cpu).unwrap();
+            let out = loaded.model.forward(&batch, &caches).unwrap();
+            rows.extend(out.to_vec2::<f32>().unwrap());
+        }
+        rows
+    }
+}
+
+/// The tokens one step computes of each sequence of a [`SequencePair`]: `(start, end)` of `a`,
+/// then of `b`.
+pub type StepSpans = ((usize, usize), (usize, usize));
 
 pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len());
