@@ -32,11 +32,14 @@ pub struct MoeCpuShape {
 
 /// A weight dtype the kernel reads (f32, bf16), widened to f32 in registers.
 pub trait ExpertWeight: Element {
-    /// Widens to f32; written so that a loop of them vectorizes (bf16: a shift).
+    /// Whether the weights are bf16 (else f32): how the AVX2 kernel widens 8 of them.
+    const BF16: bool;
+    /// Widens to f32 (bf16: a shift).
     fn widen(self) -> f32;
 }
 
 impl ExpertWeight for f32 {
+    const BF16: bool = false;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -44,6 +47,7 @@ impl ExpertWeight for f32 {
 }
 
 impl ExpertWeight for bf16 {
+    const BF16: bool = true;
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
@@ -250,55 +254,103 @@ fn run_task<T: Task>(fma: bool, task: &T, block: &mut [f32]) {
     task.run::<false>(block);
 }
 
-/// `a · b + c`, fused when the task is compiled for FMA.
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// The dot products of `R` rows of `xs` with `C` weight rows of `ws` (all `k` long).
+/// The dot products of `R` rows of `xs` with `C` weight rows of `ws` (all at least `k` long),
+/// with AVX2 and FMA when `FMA` (the task runs compiled for them).
 #[inline(always)]
 fn tile<const R: usize, const C: usize, const FMA: bool, W: ExpertWeight>(
     xs: [&[f32]; R],
     ws: [&[W]; C],
     k: usize,
 ) -> [[f32; C]; R] {
-    let mut acc = [[[0f32; LANES]; C]; R];
-    let full = k / LANES * LANES;
-    let mut c0 = 0;
-    while c0 < full {
-        let mut w = [[0f32; LANES]; C];
-        for (wc, src) in w.iter_mut().zip(&ws) {
-            let src = &src[c0..c0 + LANES];
-            for (v, s) in wc.iter_mut().zip(src) {
-                *v = s.widen();
-            }
-        }
-        for (acc_r, x) in acc.iter_mut().zip(&xs) {
-            let x = &x[c0..c0 + LANES];
-            for (acc_rc, wc) in acc_r.iter_mut().zip(&w) {
-                for l in 0..LANES {
-                    acc_rc[l] = madd::<FMA>(x[l], wc[l], acc_rc[l]);
-                }
-            }
-        }
-        c0 += LANES;
+    assert!(xs.iter().all(|x| x.len() >= k) && ws.iter().all(|w| w.len() >= k));
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA tasks run only where `use_fma` found AVX2 and FMA; every row holds `k`.
+        return unsafe { x86::tile(xs, ws, k) };
     }
     let mut sums = [[0f32; C]; R];
-    for r in 0..R {
-        for c in 0..C {
-            let mut v: f32 = acc[r][c].iter().sum();
-            for k in full..k {
-                v = madd::<FMA>(xs[r][k], ws[c][k].widen(), v);
-            }
-            sums[r][c] = v;
+    for (sum_r, x) in sums.iter_mut().zip(&xs) {
+        for (sum, w) in sum_r.iter_mut().zip(&ws) {
+            *sum = x[..k].iter().zip(&w[..k]).map(|(a, b)| a * b.widen()).sum();
         }
     }
     sums
+}
+
+/// The AVX2/FMA tile: 8 lanes of f32 accumulators per (row, weight row), weights widened on
+/// load.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{ExpertWeight, LANES};
+
+    /// 8 weights from `w` as f32.
+    ///
+    /// # Safety
+    /// AVX2 present; `w` points at 8 readable weights.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load<W: ExpertWeight>(w: *const W) -> __m256 {
+        if W::BF16 {
+            let halves = _mm_loadu_si128(w.cast::<__m128i>());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+        } else {
+            _mm256_loadu_ps(w.cast::<f32>())
+        }
+    }
+
+    /// The sum of the 8 lanes.
+    ///
+    /// # Safety
+    /// AVX2 present.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// See [`super::tile`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; every row of `xs` and `ws` at least `k` long.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const R: usize, const C: usize, W: ExpertWeight>(
+        xs: [&[f32]; R],
+        ws: [&[W]; C],
+        k: usize,
+    ) -> [[f32; C]; R] {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let full = k / LANES * LANES;
+        let mut c0 = 0;
+        while c0 < full {
+            let mut w = [_mm256_setzero_ps(); C];
+            for c in 0..C {
+                w[c] = load(ws[c].as_ptr().add(c0));
+            }
+            for r in 0..R {
+                let x = _mm256_loadu_ps(xs[r].as_ptr().add(c0));
+                for c in 0..C {
+                    acc[r][c] = _mm256_fmadd_ps(x, w[c], acc[r][c]);
+                }
+            }
+            c0 += LANES;
+        }
+        let mut sums = [[0f32; C]; R];
+        for r in 0..R {
+            for c in 0..C {
+                let mut v = sum(acc[r][c]);
+                for i in full..k {
+                    v = xs[r][i].mul_add(ws[c][i].widen(), v);
+                }
+                sums[r][c] = v;
+            }
+        }
+        sums
+    }
 }
 
 /// One gate/up task: a block of intermediate channels of one expert over all its rows.
