@@ -89,7 +89,7 @@ pub fn group_by_expert(topk_ids: &[u32], num_experts: usize) -> Result<ExpertGro
 /// Intermediate channels per gate/up task: 32 gate and 32 up rows.
 const INTER_BLOCK: usize = 32;
 /// Output channels per down task.
-const HIDDEN_BLOCK: usize = 16;
+const HIDDEN_BLOCK: usize = 32;
 /// Rows multiplied together against the same weight rows.
 const ROW_TILE: usize = 4;
 /// f32 lanes of the dot products' accumulators.
@@ -374,23 +374,40 @@ impl<W: ExpertWeight> Task for GateUp<'_, W> {
         let row = |r: usize| &self.x[self.rows[r] as usize / self.top_k * h..][..h];
         for (j, out) in block.chunks_exact_mut(m).enumerate() {
             let ws = [&self.gate[j * h..][..h], &self.up[j * h..][..h]];
-            let mut r = 0;
-            while r + ROW_TILE <= m {
-                let d = tile::<ROW_TILE, 2, FMA, W>(
-                    [row(r), row(r + 1), row(r + 2), row(r + 3)],
-                    ws,
-                    h,
-                );
-                for (q, [g, u]) in d.into_iter().enumerate() {
-                    out[r + q] = silu(g) * u;
-                }
-                r += ROW_TILE;
-            }
-            for (r, o) in out.iter_mut().enumerate().skip(r) {
-                let [[g, u]] = tile::<1, 2, FMA, W>([row(r)], ws, h);
-                *o = silu(g) * u;
-            }
+            pair_dots::<FMA, W>(&row, 0..m, ws, h, |r, [g, u]| out[r] = silu(g) * u);
         }
+    }
+}
+
+/// The dot products of rows `rows` (`row(r)`) with the two weight rows `ws`, in tiles of up to
+/// [`ROW_TILE`] rows that read `ws` once: `emit(r, [dot with ws[0], dot with ws[1]])`.
+#[inline(always)]
+fn pair_dots<'x, const FMA: bool, W: ExpertWeight>(
+    row: &impl Fn(usize) -> &'x [f32],
+    rows: std::ops::Range<usize>,
+    ws: [&[W]; 2],
+    k: usize,
+    mut emit: impl FnMut(usize, [f32; 2]),
+) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let tile_rows = (rows.end - r).min(ROW_TILE);
+        match tile_rows {
+            4 => tile::<4, 2, FMA, W>([row(r), row(r + 1), row(r + 2), row(r + 3)], ws, k)
+                .into_iter()
+                .enumerate()
+                .for_each(|(q, d)| emit(r + q, d)),
+            3 => tile::<3, 2, FMA, W>([row(r), row(r + 1), row(r + 2)], ws, k)
+                .into_iter()
+                .enumerate()
+                .for_each(|(q, d)| emit(r + q, d)),
+            2 => tile::<2, 2, FMA, W>([row(r), row(r + 1)], ws, k)
+                .into_iter()
+                .enumerate()
+                .for_each(|(q, d)| emit(r + q, d)),
+            _ => emit(r, tile::<1, 2, FMA, W>([row(r)], ws, k)[0]),
+        }
+        r += tile_rows;
     }
 }
 
@@ -435,24 +452,10 @@ impl<W: ExpertWeight> Task for Down<'_, W> {
             for n in (0..channels).step_by(2) {
                 if n + 1 < channels {
                     let ws = [&w[n * i..][..i], &w[(n + 1) * i..][..i]];
-                    let mut p = o;
-                    while p + ROW_TILE <= end {
-                        let d = tile::<ROW_TILE, 2, FMA, W>(
-                            [row(p), row(p + 1), row(p + 2), row(p + 3)],
-                            ws,
-                            i,
-                        );
-                        for (q, [a, b]) in d.into_iter().enumerate() {
-                            add(p + q, n, a);
-                            add(p + q, n + 1, b);
-                        }
-                        p += ROW_TILE;
-                    }
-                    for p in p..end {
-                        let [[a, b]] = tile::<1, 2, FMA, W>([row(p)], ws, i);
+                    pair_dots::<FMA, W>(&row, o..end, ws, i, |p, [a, b]| {
                         add(p, n, a);
                         add(p, n + 1, b);
-                    }
+                    });
                 } else {
                     for p in o..end {
                         let [[a]] = tile::<1, 1, FMA, W>([row(p)], [&w[n * i..][..i]], i);
