@@ -77,12 +77,13 @@ pub struct ModelArgs {
     /// CPU; f32/bf16 caches). Other attention on the CPU runs ember's CPU kernel or the tensor path.
     #[arg(long, default_value = "tensor")]
     pub attention_backend: String,
-    /// Routed experts: experts (each expert's MLP over its rows, routed on the host; the
-    /// default) or fused (router, alignment, grouped GEMMs and weighted sum as ember's fused MoE
-    /// kernels, logits kept on the device; for dense f32/bf16 experts without expert
-    /// parallelism, the rest run as experts; a fused layer counts /metrics' per-expert tokens on
-    /// the GPU, read when scraped). On the CPU fused runs the kernels' references.
-    #[arg(long, default_value = "experts")]
+    /// Routed experts: auto (the default: fused on the CPU for dense f32/bf16 experts, experts
+    /// on a GPU), experts (each expert's MLP over its rows, routed on the host) or fused (router,
+    /// alignment, grouped GEMMs and weighted sum as ember's fused MoE kernels, logits kept on the
+    /// device; for dense f32/bf16 experts without expert parallelism, the rest run as experts; a
+    /// fused layer counts /metrics' per-expert tokens on the GPU, read when scraped). On the CPU
+    /// dense experts run fused as ember's blocked CPU kernel, on every core.
+    #[arg(long, default_value = "auto")]
     pub moe_backend: String,
     /// RMSNorm (fused with the residual add before it), SiLU-and-mul (over one fused gate/up
     /// GEMM) and RoPE: candle (candle's ops; the default) or ember (ember's kernels, for f32 and

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use ember_core::{FinishReason, SamplingParams};
 use ember_engine::{Engine, EngineConfig};
+use ember_models::device::calls::{Kernel, KernelCalls};
 use ember_models::{load_model, LoadOptions};
 use serde_json::Value;
 
@@ -35,14 +36,15 @@ fn check_against_reference(name: &str, cfg: EngineConfig, batched: bool) {
     check_against_reference_with(name, cfg, batched, |_| {});
 }
 
+/// Checks `name` against its reference; returns the calls its kernel paths served.
 fn check_against_reference_with(
     name: &str,
     cfg: EngineConfig,
     batched: bool,
     set: impl FnOnce(&mut LoadOptions),
-) {
+) -> std::sync::Arc<KernelCalls> {
     let reference = reference(name);
-    let engine = start_with(name, cfg, set);
+    let (engine, calls) = start_counting(name, cfg, set);
     let prompts = reference["prompts"].as_array().unwrap();
     let run = |p: &Value| {
         engine
@@ -57,6 +59,7 @@ fn check_against_reference_with(
         prompts.iter().map(|p| collect(run(p))).collect()
     };
     assert_matches_reference(name, prompts, &results);
+    calls
 }
 #[test]
 fn every_model_matches_transformers_alone() {
@@ -78,8 +81,28 @@ fn every_model_matches_transformers_batched_and_chunked() {
     }
 }
 
-/// The fused MoE and ember's layer kernels (their CPU references here: the oracles of the CUDA
-/// kernels), batched and chunked: every checkpoint still matches transformers.
+/// On the CPU the default MoE backend runs dense experts through the fused MoE's blocked CPU
+/// kernel (ember-kernels' `moe_cpu`): the MoE checkpoints match transformers through it.
+#[test]
+fn the_moe_checkpoints_match_transformers_through_the_cpu_moe_kernel() {
+    for name in [
+        "qwen3-moe-tiny",
+        "deepseek-v3-tiny",
+        "kimi-k2-tiny",
+        "deepseek-v2-tiny",
+    ] {
+        let calls = check_against_reference_with(name, EngineConfig::default(), true, |_| {});
+        assert!(
+            calls.get(Kernel::MoeCpu) > 0,
+            "{name}: the CPU MoE kernel never ran"
+        );
+    }
+}
+
+/// The fused MoE (`--moe-backend fused`: dense experts through the blocked CPU kernel here, as
+/// by default on the CPU, packed ones through the references) and ember's layer kernels (their
+/// CPU references here: the oracles of the CUDA kernels), batched and chunked: every checkpoint
+/// still matches transformers.
 #[test]
 fn every_model_matches_transformers_through_embers_kernel_references() {
     for name in MODELS {

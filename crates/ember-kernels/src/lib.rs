@@ -12,6 +12,7 @@ mod error;
 pub mod fp8_e5m2;
 pub mod fused_moe;
 pub mod mla_decode;
+pub mod moe_cpu;
 pub mod moe_routing;
 pub mod paged_attention;
 pub mod prefill_attention;

@@ -22,12 +22,16 @@ pub enum AttentionBackend {
 /// Which implementation runs a layer's routed experts (`--moe-backend`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MoeBackend {
-    /// Each expert's MLP over the rows routed to it, routed on the host: the default until the
-    /// fused kernels have been run on a GPU.
+    /// On the CPU the fused MoE where it serves the layer (dense f32/bf16 experts, not expert
+    /// parallel, no adapter on the experts in the step: ember-kernels' blocked CPU kernel),
+    /// elsewhere as `Experts`; on a GPU `Experts`, until the fused kernels have been run on one.
     #[default]
+    Auto,
+    /// Each expert's MLP over the rows routed to it, routed on the host.
     Experts,
-    /// The fused MoE where it serves the layer (dense f32/bf16 experts, not expert parallel, no
-    /// adapter on the experts in the step); elsewhere as `Experts`.
+    /// The fused MoE where it serves the layer (dense f32/bf16 experts, or e4m3/4-bit ones held
+    /// as stored, not expert parallel, no adapter on the experts in the step); elsewhere as
+    /// `Experts`.
     Fused,
 }
 
@@ -94,8 +98,11 @@ impl AttentionBackend {
 }
 
 impl MoeBackend {
-    /// Parses `--moe-backend`.
+    /// Parses `--moe-backend` (`auto`, `experts` or `fused`).
     pub fn parse(name: &str) -> Result<Self> {
+        if name.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
         choose(
             "--moe-backend",
             name,
@@ -141,6 +148,7 @@ mod tests {
             AttentionBackend::Tensor
         );
         assert_eq!(MoeBackend::parse("fused").unwrap(), MoeBackend::Fused);
+        assert_eq!(MoeBackend::parse("Auto").unwrap(), MoeBackend::Auto);
         assert_eq!(LayerKernels::parse("auto").unwrap(), LayerKernels::Candle);
         assert_eq!(Fp8Gemm::parse("W8A8").unwrap(), Fp8Gemm::W8a8);
         let err = MoeBackend::parse("triton").unwrap_err().to_string();

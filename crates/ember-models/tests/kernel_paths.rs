@@ -98,6 +98,14 @@ fn block_fp8_projections_held_as_stored_give_the_dequantized_logprobs() {
     }
 }
 
+/// `options` with the routed experts run one by one (`--moe-backend experts`; the CPU's default
+/// fuses dense experts): the baseline the fused MoE is checked against.
+fn experts_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
+    let mut opts = options(name, tp, ep);
+    opts.moe_backend = ember_models::backends::MoeBackend::Experts;
+    opts
+}
+
 fn fused_options(name: &str, tp: usize, ep: bool) -> LoadOptions {
     let mut opts = options(name, tp, ep);
     opts.moe_backend = ember_models::backends::MoeBackend::Fused;
@@ -121,7 +129,7 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
         "deepseek-v2-lite-tiny",
     ] {
         for tp in [1, 2] {
-            let experts = load_model(&options(name, tp, false)).unwrap();
+            let experts = load_model(&experts_options(name, tp, false)).unwrap();
             let fused = load_model(&fused_options(name, tp, false)).unwrap();
             assert_eq!(
                 fused.rank_weight_bytes, experts.rank_weight_bytes,
@@ -154,7 +162,7 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
     // leaves to the experts one by one: the same logprobs still).
     let dir = fused_copy_of_qwen3_moe();
     let reference = logprobs(&run_steps(
-        &load_model(&options("qwen3-moe-tiny", 1, false)).unwrap(),
+        &load_model(&experts_options("qwen3-moe-tiny", 1, false)).unwrap(),
     ));
     for (tp, ep) in [(1, false), (2, false), (2, true)] {
         let mut opts = fused_options("qwen3-moe-tiny", tp, ep);
@@ -171,6 +179,38 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// On the CPU the default `--moe-backend` (auto) runs dense experts as ember-kernels' blocked
+/// CPU kernel (`moe_cpu`), with the same logprobs as the experts one by one (fp32, within 1e-4),
+/// at TP 1 and 2, holding the same bytes and counting the same tokens per expert; under expert
+/// parallelism the experts still run one by one.
+#[test]
+fn the_cpus_default_moe_is_the_blocked_kernel() {
+    for name in ["qwen3-moe-tiny", "deepseek-v3-tiny"] {
+        for tp in [1, 2] {
+            let experts = load_model(&experts_options(name, tp, false)).unwrap();
+            let auto = load_model(&options(name, tp, false)).unwrap();
+            assert_eq!(auto.rank_weight_bytes, experts.rank_weight_bytes, "{name}");
+            let calls = || auto.kernel_calls.get(Kernel::MoeCpu);
+            let before = calls();
+            for run in [run_steps, run_prefill] {
+                let diff = max_diff(&logprobs(&run(&experts)), &logprobs(&run(&auto)));
+                println!("{name} tp {tp}: CPU MoE max |Δ logprob| {diff:.2e}");
+                assert!(diff < 1e-4, "{name} tp {tp}: max |Δ logprob| {diff}");
+            }
+            assert!(calls() > before, "{name} tp {tp}: the CPU MoE never ran");
+            assert_eq!(experts.kernel_calls.get(Kernel::MoeCpu), 0, "{name}");
+            assert_eq!(
+                auto.expert_load.snapshot(),
+                experts.expert_load.snapshot(),
+                "{name} tp {tp}: tokens per expert"
+            );
+        }
+        let ep = load_model(&options(name, 2, true)).unwrap();
+        run_steps(&ep);
+        assert_eq!(ep.kernel_calls.get(Kernel::MoeCpu), 0, "{name} ep");
+    }
+}
+
 /// A step whose adapter adapts the experts runs them one by one (the fused MoE has no adapter
 /// path), so adapted rows keep their deltas: the same logprobs as the experts backend, and not
 /// those of the base model.
@@ -178,7 +218,7 @@ fn the_fused_moe_gives_the_logprobs_of_the_experts_one_by_one() {
 fn adapted_experts_leave_the_fused_moe_for_the_step() {
     let run =
         |loaded: &LoadedModel, adapted| run_adapted(loaded, "qwen3-moe-tiny-experts", adapted);
-    let experts = load_model(&options("qwen3-moe-tiny", 1, false)).unwrap();
+    let experts = load_model(&experts_options("qwen3-moe-tiny", 1, false)).unwrap();
     let fused = load_model(&fused_options("qwen3-moe-tiny", 1, false)).unwrap();
     let diff = max_diff(&run(&experts, true), &run(&fused, true));
     assert!(diff < 1e-4, "adapted: max |Δ logprob| {diff}");
@@ -207,7 +247,7 @@ fn ember_layer_kernels_give_the_logprobs_of_candles_ops() {
             let mut opts = if fused {
                 fused_options(name, tp, false)
             } else {
-                options(name, tp, false)
+                experts_options(name, tp, false)
             };
             opts.layer_kernels = LayerKernels::Ember;
             let ember = load_model(&opts).unwrap();

@@ -18,11 +18,13 @@ pub enum Kernel {
     /// MLA's prefill attention (`kernels/prefill_attention.cu`).
     MlaPrefill,
     FusedMoe,
+    /// The fused MoE's blocked CPU kernel (ember-kernels' `moe_cpu`).
+    MoeCpu,
 }
 
 /// Calls served per [`Kernel`].
 #[derive(Debug, Default)]
-pub struct KernelCalls([AtomicU64; 7]);
+pub struct KernelCalls([AtomicU64; 8]);
 
 impl KernelCalls {
     /// Counts one call of `kernel`.

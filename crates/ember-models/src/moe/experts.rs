@@ -37,8 +37,8 @@ pub struct Experts {
     /// Whether this copy counts: every rank under expert parallelism (each its own experts'
     /// tokens), rank 0 alone under tensor parallelism (every rank routes every token).
     counts_load: bool,
-    /// The experts stacked for the fused MoE (`--moe-backend fused`, dense experts, not expert
-    /// parallel); the slots' MLPs are then views of it.
+    /// The experts stacked for the fused MoE (`--moe-backend fused`, or on the CPU `auto`; not
+    /// expert parallel); the slots' MLPs are then views of it.
     stacked: Option<StackedExperts>,
 }
 
@@ -468,8 +468,12 @@ pub fn load_experts(
     };
     let counts_load = rank.is_none_or(|r| r.rank() == 0);
     let (mlps, stacked) = match ctx.backends.moe {
-        MoeBackend::Fused => stack_experts(experts_w, ctx, mlps, channels)?,
-        MoeBackend::Experts => (mlps, None),
+        MoeBackend::Fused => stack_experts(experts_w, ctx, mlps, channels, false)?,
+        // The CPU's default: dense experts run as the blocked CPU kernel.
+        MoeBackend::Auto if experts_w.device().is_cpu() => {
+            stack_experts(experts_w, ctx, mlps, channels, true)?
+        }
+        MoeBackend::Auto | MoeBackend::Experts => (mlps, None),
     };
     // A fused layer counts its tokens itself (the routing never leaves the device).
     let stacked = stacked.map(|s| {
@@ -496,17 +500,26 @@ pub fn load_experts(
 
 /// The layer's experts stacked for the fused MoE, and MLPs over views of the stack in place of
 /// `mlps`; `mlps` unchanged (and no stack) when the experts do not stack (see
-/// [`StackedExperts::stack`]).
+/// [`StackedExperts::stack`]; `dense_only`: dense f32/bf16 experts alone stack).
 fn stack_experts(
     experts_w: &Weights,
     ctx: &LoadContext,
     mlps: Vec<Arc<Mlp>>,
     channels: Option<(usize, usize)>,
+    dense_only: bool,
 ) -> Result<(Vec<Arc<Mlp>>, Option<StackedExperts>)> {
     let err = |e: candle_core::Error| {
         EmberError::Weights(format!("{}: stacking the experts: {e}", experts_w.prefix()))
     };
-    let Some(stack) = StackedExperts::stack(&mlps).map_err(err)? else {
+    let stack = if dense_only {
+        StackedExperts::stack_dense(&mlps)
+    } else {
+        StackedExperts::stack(&mlps)
+    };
+    let Some(stack) = stack.map_err(err)? else {
+        if dense_only {
+            return Ok((mlps, None));
+        }
         tracing::info!(
             experts = experts_w.prefix(),
             "--moe-backend fused: the experts are neither dense f32/bf16 nor e4m3 held as stored; they run one by one"

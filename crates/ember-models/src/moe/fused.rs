@@ -11,8 +11,9 @@
 //! run the grouped W8A16 GEMM over e4m3 bytes (FP8 checkpoints' block scales, online FP8;
 //! `kernels/moe_w8a16.cu`) or the grouped W4A16 GEMM over 4-bit codes (INT4, GPTQ/AWQ without
 //! activation order, NVFP4/MXFP4; `kernels/moe_w4a16.cu`).
-//! On the CPU the same op runs ember-kernels' references, the oracle the CUDA kernels are tested
-//! against; it is there to test the wiring, not to be fast.
+//! On the CPU, dense experts run ember-kernels' blocked CPU kernel (`moe_cpu`: grouped by
+//! expert, each active expert's weights read once, on every core; the CPU's default MoE), and
+//! packed ones the references the CUDA kernels are tested against (there to test the wiring).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use ember_core::{EmberError, Result};
 use ember_kernels::fused_moe::{self, GroupedGemmShape, MoeAlignment, ScaleBlocks, W4Params};
+use ember_kernels::moe_cpu::{self, ExpertWeight, MoeCpuShape};
 use ember_kernels::moe_routing::{self, RoutingConfig};
 use ember_kernels::{silu_and_mul, Element};
 
@@ -119,7 +121,9 @@ impl StackedExperts {
         }
     }
 
-    fn stack_dense(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
+    /// Stacks `mlps` when every projection is a dense f32 or bf16 weight without a bias, all of
+    /// one dtype; `None` otherwise.
+    pub fn stack_dense(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
         let mut gate_up = Vec::with_capacity(mlps.len());
         let mut down = Vec::with_capacity(mlps.len());
         for mlp in mlps {
@@ -380,6 +384,61 @@ impl FusedMoeOp<'_> {
     }
 }
 
+impl FusedMoeOp<'_> {
+    /// The dense experts' weighted sum for `x[x_range]` routed to `ids` with `weights`, through
+    /// ember-kernels' blocked CPU kernel.
+    fn dense_cpu(
+        &self,
+        x: &CpuStorage,
+        x_range: std::ops::Range<usize>,
+        ids: &[u32],
+        weights: &[f32],
+        (w13, w2): (&Tensor, &Tensor),
+    ) -> candle_core::Result<CpuStorage> {
+        let s = MoeCpuShape {
+            tokens: ids.len() / self.routing.top_k,
+            top_k: self.routing.top_k,
+            num_experts: self.stack.experts,
+            hidden: self.stack.hidden,
+            inter: self.stack.inter,
+        };
+        let (g13, l13) = w13.storage_and_layout();
+        let (g2, l2) = w2.storage_and_layout();
+        fn run<T: Element, W: ExpertWeight>(
+            x: &[T],
+            (ids, weights): (&[u32], &[f32]),
+            w13: &[W],
+            w2: &[W],
+            s: &MoeCpuShape,
+        ) -> candle_core::Result<Vec<T>> {
+            let mut out = vec![T::from_f32(0.0); s.tokens * s.hidden];
+            moe_cpu::fused_moe_cpu(&mut out, x, ids, weights, w13, w2, s)
+                .map_err(candle_core::Error::wrap)?;
+            Ok(out)
+        }
+        Ok(match (x, w13.dtype()) {
+            (CpuStorage::F32(x), DType::F32) => CpuStorage::F32(run(
+                &x[x_range],
+                (ids, weights),
+                held_slice::<f32>(&g13, l13, "stacked gate/up weights")?,
+                held_slice::<f32>(&g2, l2, "stacked down weights")?,
+                &s,
+            )?),
+            (CpuStorage::BF16(x), DType::BF16) => CpuStorage::BF16(run(
+                &x[x_range],
+                (ids, weights),
+                held_slice::<half::bf16>(&g13, l13, "stacked gate/up weights")?,
+                held_slice::<half::bf16>(&g2, l2, "stacked down weights")?,
+                &s,
+            )?),
+            (x, w) => candle_core::bail!(
+                "fused MoE on the CPU takes f32 or bf16 inputs of the experts' dtype, not {:?} over {w:?}",
+                candle_core::backend::BackendStorage::dtype(x)
+            ),
+        })
+    }
+}
+
 /// A held tensor's CPU storage, or why it is elsewhere.
 fn cpu_of(storage: &Storage) -> candle_core::Result<&CpuStorage> {
     match storage {
@@ -501,8 +560,13 @@ impl CustomOp2 for FusedMoeOp<'_> {
                 }
             }
         }
-        let align = fused_moe::moe_align(&ids, self.routing.num_experts, BLOCK_M).map_err(wrap)?;
         let range = crate::device::kernels::contiguous_range(x_layout, "fused MoE input")?;
+        if let ExpertWeights::Dense { w13, w2 } = &self.stack.weights {
+            let out = self.dense_cpu(x, range.clone(), &ids, &weights, (w13, w2))?;
+            self.stack.calls.count(Kernel::MoeCpu);
+            return Ok((out, Shape::from((tokens, self.stack.hidden))));
+        }
+        let align = fused_moe::moe_align(&ids, self.routing.num_experts, BLOCK_M).map_err(wrap)?;
         let shapes = self.shapes(tokens);
         let out = match x {
             CpuStorage::F32(x) => CpuStorage::F32(experts_cpu(

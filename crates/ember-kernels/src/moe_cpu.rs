@@ -1,0 +1,625 @@
+//! The fused MoE on the CPU: one layer's routed experts for one step as blocked GEMMs that read
+//! each active expert's weights once, on every core (rayon).
+//!
+//! The step's (token, expert) entries are grouped by expert ([`group_by_expert`], the CPU twin
+//! of `moe_align` without the padding to GPU blocks). Then, in parallel over (expert, block of
+//! intermediate channels), each block's gate and up rows are multiplied with all the expert's
+//! rows at once and SiLU-and-mul is applied on the spot; and in parallel over blocks of output
+//! channels, each block's down rows of every active expert are multiplied with the expert's
+//! activations and added into the tokens' outputs with their routing weights. Tiles of rows x
+//! weight rows keep the rows in cache while a weight row streams by once.
+//!
+//! Numerics: inputs and weights widened to f32, products summed in f32 (in lanes of 8, so in
+//! another order than [`crate::fused_moe`]'s references), one rounding of the output.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::error::check_shape;
+use crate::{Element, KernelError};
+
+/// Sizes of one fused MoE call: `tokens` rows of `hidden`, each routed to `top_k` of
+/// `num_experts` experts whose gate/up weights are `[num_experts, 2 * inter, hidden]` (gate rows,
+/// then up rows) and down weights `[num_experts, hidden, inter]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeCpuShape {
+    pub tokens: usize,
+    pub top_k: usize,
+    pub num_experts: usize,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+/// A weight dtype the kernel reads (f32, bf16), widened to f32 in registers.
+pub trait ExpertWeight: Element {
+    /// Whether the weights are bf16 (else f32): how the AVX2 kernel widens 8 of them.
+    const BF16: bool;
+    /// Widens to f32 (bf16: a shift).
+    fn widen(self) -> f32;
+}
+
+impl ExpertWeight for f32 {
+    const BF16: bool = false;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl ExpertWeight for bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+/// The step's entries grouped by expert: expert `e`'s entry ids are
+/// `entries[offsets[e]..offsets[e + 1]]`, in increasing order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertGroups {
+    pub offsets: Vec<usize>,
+    pub entries: Vec<u32>,
+}
+
+/// Groups entries `0..topk_ids.len()` by their expert (a counting sort).
+pub fn group_by_expert(topk_ids: &[u32], num_experts: usize) -> Result<ExpertGroups, KernelError> {
+    if let Some(bad) = topk_ids.iter().find(|&&e| e as usize >= num_experts) {
+        return Err(KernelError::Shape {
+            op: "moe_cpu",
+            message: format!("expert id {bad} of {num_experts} experts"),
+        });
+    }
+    let mut offsets = vec![0usize; num_experts + 1];
+    for &e in topk_ids {
+        offsets[e as usize + 1] += 1;
+    }
+    for e in 0..num_experts {
+        offsets[e + 1] += offsets[e];
+    }
+    let mut next = offsets.clone();
+    let mut entries = vec![0u32; topk_ids.len()];
+    for (id, &e) in topk_ids.iter().enumerate() {
+        entries[next[e as usize]] = id as u32;
+        next[e as usize] += 1;
+    }
+    Ok(ExpertGroups { offsets, entries })
+}
+
+/// Intermediate channels per gate/up task: 32 gate and 32 up rows.
+const INTER_BLOCK: usize = 32;
+/// Output channels per down task.
+const HIDDEN_BLOCK: usize = 32;
+/// Rows multiplied together against the same weight rows.
+const ROW_TILE: usize = 4;
+/// f32 lanes of the dot products' accumulators.
+const LANES: usize = 8;
+
+fn check(
+    s: &MoeCpuShape,
+    out: usize,
+    x: usize,
+    ids: usize,
+    weights: usize,
+    w13: usize,
+    w2: usize,
+) -> Result<(), KernelError> {
+    let entries = s.tokens * s.top_k;
+    check_shape(
+        out == s.tokens * s.hidden
+            && x == s.tokens * s.hidden
+            && ids == entries
+            && weights == entries
+            && w13 == s.num_experts * 2 * s.inter * s.hidden
+            && w2 == s.num_experts * s.hidden * s.inter,
+        "moe_cpu",
+        || {
+            format!(
+                "{s:?} needs out and x of {}, ids and weights of {entries}, w13 of {}, w2 of {}; \
+                 got out {out}, x {x}, ids {ids}, weights {weights}, w13 {w13}, w2 {w2}",
+                s.tokens * s.hidden,
+                s.num_experts * 2 * s.inter * s.hidden,
+                s.num_experts * s.hidden * s.inter
+            )
+        },
+    )
+}
+
+/// `out[t] = Σ_j topk_weights[t·top_k + j] · down_e(silu(gate_e(x[t])) · up_e(x[t]))`, `e` =
+/// `topk_ids[t·top_k + j]`: the routed experts' weighted sum for every token.
+pub fn fused_moe_cpu<T: Element, W: ExpertWeight>(
+    out: &mut [T],
+    x: &[T],
+    topk_ids: &[u32],
+    topk_weights: &[f32],
+    w13: &[W],
+    w2: &[W],
+    s: &MoeCpuShape,
+) -> Result<(), KernelError> {
+    check(
+        s,
+        out.len(),
+        x.len(),
+        topk_ids.len(),
+        topk_weights.len(),
+        w13.len(),
+        w2.len(),
+    )?;
+    if s.tokens == 0 {
+        return Ok(());
+    }
+    let groups = group_by_expert(topk_ids, s.num_experts)?;
+    let (h, i) = (s.hidden, s.inter);
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let fma = use_fma();
+
+    // Gate/up and SiLU-and-mul, each expert's activations channel-major ([inter][rows]) so that
+    // every task owns one contiguous block of them.
+    let mut act_t = vec![0f32; topk_ids.len() * i];
+    let mut tasks = Vec::new();
+    let mut rest = act_t.as_mut_slice();
+    for e in 0..s.num_experts {
+        let rows = &groups.entries[groups.offsets[e]..groups.offsets[e + 1]];
+        let (mine, tail) = rest.split_at_mut(rows.len() * i);
+        rest = tail;
+        if rows.is_empty() {
+            continue;
+        }
+        for (b, block) in mine.chunks_mut(INTER_BLOCK * rows.len()).enumerate() {
+            tasks.push((e, b * INTER_BLOCK, rows, block));
+        }
+    }
+    tasks.into_par_iter().for_each(|(e, j0, rows, block)| {
+        let w = &w13[e * 2 * i * h..][..2 * i * h];
+        let job = GateUp {
+            x: &xf,
+            hidden: h,
+            top_k: s.top_k,
+            rows,
+            gate: &w[j0 * h..],
+            up: &w[(i + j0) * h..],
+        };
+        run_task(fma, &job, block);
+    });
+
+    // Each expert's activations row-major, for the down GEMM's dot products.
+    let mut act = vec![0f32; act_t.len()];
+    for e in 0..s.num_experts {
+        let (o, m) = (groups.offsets[e], groups.offsets[e + 1] - groups.offsets[e]);
+        for (j, col) in act_t[o * i..(o + m) * i].chunks_exact(m.max(1)).enumerate() {
+            for (r, &v) in col.iter().enumerate() {
+                act[(o + r) * i + j] = v;
+            }
+        }
+    }
+
+    // Down and the weighted sum, output channel-major ([hidden][tokens]).
+    let mut out_t = vec![0f32; s.tokens * h];
+    out_t
+        .par_chunks_mut(HIDDEN_BLOCK * s.tokens)
+        .enumerate()
+        .for_each(|(b, block)| {
+            let job = Down {
+                act: &act,
+                inter: i,
+                hidden: h,
+                top_k: s.top_k,
+                tokens: s.tokens,
+                groups: &groups,
+                weights: topk_weights,
+                w2,
+                n0: b * HIDDEN_BLOCK,
+            };
+            run_task(fma, &job, block);
+        });
+    for (n, col) in out_t.chunks_exact(s.tokens).enumerate() {
+        for (t, &v) in col.iter().enumerate() {
+            out[t * h + n] = T::from_f32(v);
+        }
+    }
+    Ok(())
+}
+
+/// Whether this CPU has AVX2 and FMA (then the tasks run compiled for them).
+fn use_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A task of the kernel, compiled twice: portable, and for AVX2 with FMA.
+trait Task: Sync {
+    fn run<const FMA: bool>(&self, block: &mut [f32]);
+}
+
+/// Runs `task` over `block`, compiled for AVX2 and FMA when `fma` (see [`use_fma`]).
+fn run_task<T: Task>(fma: bool, task: &T, block: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if fma {
+        /// # Safety: only called after [`use_fma`] found AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: Task>(task: &T, block: &mut [f32]) {
+            task.run::<true>(block)
+        }
+        // SAFETY: `fma` is `use_fma()`: this CPU has AVX2 and FMA.
+        unsafe { avx2(task, block) };
+        return;
+    }
+    let _ = fma;
+    task.run::<false>(block);
+}
+
+/// The dot products of `R` rows of `xs` with `C` weight rows of `ws` (all at least `k` long),
+/// with AVX2 and FMA when `FMA` (the task runs compiled for them).
+#[inline(always)]
+fn tile<const R: usize, const C: usize, const FMA: bool, W: ExpertWeight>(
+    xs: [&[f32]; R],
+    ws: [&[W]; C],
+    k: usize,
+) -> [[f32; C]; R] {
+    assert!(xs.iter().all(|x| x.len() >= k) && ws.iter().all(|w| w.len() >= k));
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA tasks run only where `use_fma` found AVX2 and FMA; every row holds `k`.
+        return unsafe { x86::tile(xs, ws, k) };
+    }
+    let mut sums = [[0f32; C]; R];
+    for (sum_r, x) in sums.iter_mut().zip(&xs) {
+        for (sum, w) in sum_r.iter_mut().zip(&ws) {
+            *sum = x[..k].iter().zip(&w[..k]).map(|(a, b)| a * b.widen()).sum();
+        }
+    }
+    sums
+}
+
+/// The AVX2/FMA tile: 8 lanes of f32 accumulators per (row, weight row), weights widened on
+/// load.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{ExpertWeight, LANES};
+
+    /// 8 weights from `w` as f32.
+    ///
+    /// # Safety
+    /// AVX2 present; `w` points at 8 readable weights.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load<W: ExpertWeight>(w: *const W) -> __m256 {
+        if W::BF16 {
+            let halves = _mm_loadu_si128(w.cast::<__m128i>());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+        } else {
+            _mm256_loadu_ps(w.cast::<f32>())
+        }
+    }
+
+    /// The sum of the 8 lanes.
+    ///
+    /// # Safety
+    /// AVX2 present.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// See [`super::tile`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; every row of `xs` and `ws` at least `k` long.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const R: usize, const C: usize, W: ExpertWeight>(
+        xs: [&[f32]; R],
+        ws: [&[W]; C],
+        k: usize,
+    ) -> [[f32; C]; R] {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let full = k / LANES * LANES;
+        let mut c0 = 0;
+        while c0 < full {
+            let mut w = [_mm256_setzero_ps(); C];
+            for c in 0..C {
+                w[c] = load(ws[c].as_ptr().add(c0));
+            }
+            for r in 0..R {
+                let x = _mm256_loadu_ps(xs[r].as_ptr().add(c0));
+                for c in 0..C {
+                    acc[r][c] = _mm256_fmadd_ps(x, w[c], acc[r][c]);
+                }
+            }
+            c0 += LANES;
+        }
+        let mut sums = [[0f32; C]; R];
+        for r in 0..R {
+            for c in 0..C {
+                let mut v = sum(acc[r][c]);
+                for i in full..k {
+                    v = xs[r][i].mul_add(ws[c][i].widen(), v);
+                }
+                sums[r][c] = v;
+            }
+        }
+        sums
+    }
+}
+
+/// One gate/up task: a block of intermediate channels of one expert over all its rows.
+struct GateUp<'a, W> {
+    /// The step's rows, f32.
+    x: &'a [f32],
+    hidden: usize,
+    top_k: usize,
+    /// The expert's entry ids.
+    rows: &'a [u32],
+    /// The block's first gate row and first up row, and the rows after them.
+    gate: &'a [W],
+    up: &'a [W],
+}
+
+impl<W: ExpertWeight> Task for GateUp<'_, W> {
+    /// Writes `silu(gate) · up` of the block's channels, channel-major, into `block`.
+    #[inline(always)]
+    fn run<const FMA: bool>(&self, block: &mut [f32]) {
+        let (h, m) = (self.hidden, self.rows.len());
+        let row = |r: usize| &self.x[self.rows[r] as usize / self.top_k * h..][..h];
+        for (j, out) in block.chunks_exact_mut(m).enumerate() {
+            let ws = [&self.gate[j * h..][..h], &self.up[j * h..][..h]];
+            pair_dots::<FMA, W>(&row, 0..m, ws, h, |r, [g, u]| out[r] = silu(g) * u);
+        }
+    }
+}
+
+/// The dot products of rows `rows` (`row(r)`) with the two weight rows `ws`, in tiles of up to
+/// [`ROW_TILE`] rows that read `ws` once: `emit(r, [dot with ws[0], dot with ws[1]])`.
+#[inline(always)]
+fn pair_dots<'x, const FMA: bool, W: ExpertWeight>(
+    row: &impl Fn(usize) -> &'x [f32],
+    rows: std::ops::Range<usize>,
+    ws: [&[W]; 2],
+    k: usize,
+    mut emit: impl FnMut(usize, [f32; 2]),
+) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let tile_rows = (rows.end - r).min(ROW_TILE);
+        match tile_rows {
+            4 => tile::<4, 2, FMA, W>([row(r), row(r + 1), row(r + 2), row(r + 3)], ws, k)
+                .into_iter()
+                .enumerate()
+                .for_each(|(q, d)| emit(r + q, d)),
+            3 => tile::<3, 2, FMA, W>([row(r), row(r + 1), row(r + 2)], ws, k)
+                .into_iter()
+                .enumerate()
+                .for_each(|(q, d)| emit(r + q, d)),
+            2 => tile::<2, 2, FMA, W>([row(r), row(r + 1)], ws, k)
+                .into_iter()
+                .enumerate()
+                .for_each(|(q, d)| emit(r + q, d)),
+            _ => emit(r, tile::<1, 2, FMA, W>([row(r)], ws, k)[0]),
+        }
+        r += tile_rows;
+    }
+}
+
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// One down task: a block of output channels over every active expert.
+struct Down<'a, W> {
+    /// Each expert's activations, row-major, in grouped order.
+    act: &'a [f32],
+    inter: usize,
+    hidden: usize,
+    top_k: usize,
+    tokens: usize,
+    groups: &'a ExpertGroups,
+    weights: &'a [f32],
+    w2: &'a [W],
+    /// The block's first output channel.
+    n0: usize,
+}
+
+impl<W: ExpertWeight> Task for Down<'_, W> {
+    /// Adds the block's channels of every entry's weighted down projection into `block`
+    /// (`[channels][tokens]`).
+    #[inline(always)]
+    fn run<const FMA: bool>(&self, block: &mut [f32]) {
+        let (i, g) = (self.inter, self.groups);
+        let channels = block.len() / self.tokens;
+        for e in 0..g.offsets.len() - 1 {
+            let (o, end) = (g.offsets[e], g.offsets[e + 1]);
+            if o == end {
+                continue;
+            }
+            let w = &self.w2[(e * self.hidden + self.n0) * i..][..channels * i];
+            let row = |p: usize| &self.act[p * i..][..i];
+            let mut add = |p: usize, n: usize, v: f32| {
+                let id = g.entries[p] as usize;
+                let t = id / self.top_k;
+                block[n * self.tokens + t] += self.weights[id] * v;
+            };
+            for n in (0..channels).step_by(2) {
+                if n + 1 < channels {
+                    let ws = [&w[n * i..][..i], &w[(n + 1) * i..][..i]];
+                    pair_dots::<FMA, W>(&row, o..end, ws, i, |p, [a, b]| {
+                        add(p, n, a);
+                        add(p, n + 1, b);
+                    });
+                } else {
+                    for p in o..end {
+                        let [[a]] = tile::<1, 1, FMA, W>([row(p)], [&w[n * i..][..i]], i);
+                        add(p, n, a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::fused_moe::{self, GroupedGemmShape};
+    use crate::silu_and_mul::silu_and_mul;
+
+    /// The per-expert references of [`crate::fused_moe`] composed (align, grouped GEMM,
+    /// SiLU-and-mul, grouped GEMM, weighted sum), in f32.
+    fn reference(
+        x: &[f32],
+        ids: &[u32],
+        weights: &[f32],
+        w13: &[f32],
+        w2: &[f32],
+        s: &MoeCpuShape,
+    ) -> Vec<f32> {
+        let entries = ids.len();
+        let align = fused_moe::moe_align(ids, s.num_experts, 64).unwrap();
+        let up = GroupedGemmShape {
+            num_experts: s.num_experts,
+            k_in: s.hidden,
+            n_out: 2 * s.inter,
+            block_m: 64,
+            x_div: s.top_k,
+            num_entries: entries,
+        };
+        let down = GroupedGemmShape {
+            k_in: s.inter,
+            n_out: s.hidden,
+            x_div: 1,
+            ..up
+        };
+        let mut h = vec![0f32; entries * 2 * s.inter];
+        let mut act = vec![0f32; entries * s.inter];
+        let mut y = vec![0f32; entries * s.hidden];
+        fused_moe::grouped_gemm(&mut h, x, w13, &align, &up).unwrap();
+        silu_and_mul(&h, s.inter, &mut act).unwrap();
+        fused_moe::grouped_gemm(&mut y, &act, w2, &align, &down).unwrap();
+        let mut out = vec![0f32; s.tokens * s.hidden];
+        fused_moe::moe_sum(&mut out, &y, weights, s.top_k, s.hidden).unwrap();
+        out
+    }
+
+    /// Fresh random inputs for `s`: x, distinct experts per token, weights, w13, w2.
+    #[allow(clippy::type_complexity)]
+    fn inputs(s: &MoeCpuShape, seed: u64) -> (Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut uniform = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| rng.random_range(-scale..scale))
+                .collect::<Vec<_>>()
+        };
+        let x = uniform(s.tokens * s.hidden, 1.0);
+        let w13 = uniform(s.num_experts * 2 * s.inter * s.hidden, 0.2);
+        let w2 = uniform(s.num_experts * s.hidden * s.inter, 0.2);
+        let weights = uniform(s.tokens * s.top_k, 1.0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
+        let mut ids = Vec::with_capacity(s.tokens * s.top_k);
+        for _ in 0..s.tokens {
+            let mut chosen: Vec<u32> = Vec::new();
+            while chosen.len() < s.top_k {
+                let e = rng.random_range(0..s.num_experts as u32);
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            ids.extend(chosen);
+        }
+        (x, ids, weights, w13, w2)
+    }
+
+    /// Shapes with edges: rows per expert from 0 to past a tile, channels not a multiple of
+    /// the lanes or blocks, one token, many tokens.
+    const SHAPES: [MoeCpuShape; 3] = [
+        MoeCpuShape {
+            tokens: 1,
+            top_k: 2,
+            num_experts: 4,
+            hidden: 40,
+            inter: 24,
+        },
+        MoeCpuShape {
+            tokens: 13,
+            top_k: 3,
+            num_experts: 5,
+            hidden: 67,
+            inter: 45,
+        },
+        MoeCpuShape {
+            tokens: 40,
+            top_k: 4,
+            num_experts: 8,
+            hidden: 130,
+            inter: 70,
+        },
+    ];
+
+    /// f32: within 1e-4 of the references' output plus 1e-4 of its size (sums in another
+    /// order).
+    #[test]
+    fn f32_matches_the_per_expert_references() {
+        for (n, s) in SHAPES.iter().enumerate() {
+            let (x, ids, weights, w13, w2) = inputs(s, 7 + n as u64);
+            let want = reference(&x, &ids, &weights, &w13, &w2, s);
+            let mut got = vec![0f32; want.len()];
+            fused_moe_cpu(&mut got, &x, &ids, &weights, &w13, &w2, s).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4 + 1e-4 * w.abs(), "{s:?}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// bf16 inputs and weights: within one bf16 rounding of the output (2⁻⁸ relative) plus
+    /// 1e-4 of the references run in f32 on the same (widened) values.
+    #[test]
+    fn bf16_matches_the_per_expert_references_within_one_rounding() {
+        for (n, s) in SHAPES.iter().enumerate() {
+            let (x, ids, weights, w13, w2) = inputs(s, 70 + n as u64);
+            let to_bf16 = |v: &[f32]| v.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+            let widen = |v: &[bf16]| v.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            let (xb, w13b, w2b) = (to_bf16(&x), to_bf16(&w13), to_bf16(&w2));
+            let want = reference(&widen(&xb), &ids, &weights, &widen(&w13b), &widen(&w2b), s);
+            let mut got = vec![bf16::ZERO; want.len()];
+            fused_moe_cpu(&mut got, &xb, &ids, &weights, &w13b, &w2b, s).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                let g = g.to_f32();
+                assert!(
+                    (g - w).abs() <= 1e-4 + (1e-4 + 1.0 / 256.0) * w.abs(),
+                    "{s:?}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn entries_are_grouped_by_expert_in_order() {
+        let g = group_by_expert(&[2, 0, 2, 1, 0, 2], 4).unwrap();
+        assert_eq!(g.offsets, [0, 2, 3, 6, 6]);
+        assert_eq!(g.entries, [1, 4, 3, 0, 2, 5]);
+        let err = group_by_expert(&[4], 4).unwrap_err().to_string();
+        assert!(err.contains("expert id 4 of 4 experts"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_length_is_refused() {
+        let s = SHAPES[0];
+        let (x, ids, weights, w13, w2) = inputs(&s, 1);
+        let mut out = vec![0f32; s.tokens * s.hidden + 1];
+        let err = fused_moe_cpu(&mut out, &x, &ids, &weights, &w13, &w2, &s)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("got out 41"), "{err}");
+    }
+}
