@@ -185,6 +185,11 @@ impl Mlp {
         }
     }
 
+    /// The whole MLP's intermediate channels (a tensor-parallel rank holds a share).
+    pub fn intermediate_size(&self) -> usize {
+        self.down_proj.dims().0
+    }
+
     /// The gate, up and down weights when all three are held dense without biases.
     pub fn dense_weights(&self) -> Option<(Tensor, Tensor, Tensor)> {
         Some((

@@ -130,6 +130,11 @@ impl Projection {
         self.base.dense_weight()
     }
 
+    /// The whole projection's `(in, out)` dimensions (a tensor-parallel rank holds a part).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.in_dim, self.out_dim)
+    }
+
     /// The module path adapters name this projection by.
     pub fn path(&self) -> &str {
         &self.path

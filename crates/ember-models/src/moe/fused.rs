@@ -285,7 +285,9 @@ impl StackedExperts {
                     ))
                 };
                 let (weights, gate_up) = views().map_err(err)?;
-                Mlp::from_weights(experts_w, ctx, k, weights, i, channels, Some(gate_up))
+                // Adapters are shaped by the whole expert; the stack holds the rank's channels.
+                let whole = original.intermediate_size();
+                Mlp::from_weights(experts_w, ctx, k, weights, whole, channels, Some(gate_up))
             }
             ExpertWeights::Packed(packed) => {
                 let PackedExperts { kind, w2, p2, .. } = packed;
