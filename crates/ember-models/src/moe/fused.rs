@@ -477,9 +477,10 @@ fn held_view<'s, T: candle_core::cuda_backend::CudaDType>(
     crate::device::kernels::cuda_input(cuda_of(storage)?, layout, what)
 }
 
-/// The fused MoE on the CPU references, after routing.
+/// The fused MoE over packed experts on the CPU: the references the CUDA kernels are tested
+/// against, after routing (dense experts run `moe_cpu`, see [`FusedMoeOp::dense_cpu`]).
 fn experts_cpu<T: Element + candle_core::WithDType>(
-    stack: &StackedExperts,
+    packed: &PackedExperts,
     x: &[T],
     align: &MoeAlignment,
     weights: &[f32],
@@ -490,45 +491,30 @@ fn experts_cpu<T: Element + candle_core::WithDType>(
     let mut h = vec![zero; up.num_entries * up.n_out];
     let mut act = vec![zero; up.num_entries * down.k_in];
     let mut y = vec![zero; down.num_entries * down.n_out];
-    match &stack.weights {
-        ExpertWeights::Dense { w13, w2 } => {
-            let (g13, l13) = w13.storage_and_layout();
-            let (g2, l2) = w2.storage_and_layout();
-            let w13 = held_slice::<T>(&g13, l13, "stacked gate/up weights")?;
-            let w2 = held_slice::<T>(&g2, l2, "stacked down weights")?;
-            fused_moe::grouped_gemm(&mut h, x, w13, align, &up).map_err(wrap)?;
-            silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
-            fused_moe::grouped_gemm(&mut y, &act, w2, align, &down).map_err(wrap)?;
-        }
-        ExpertWeights::Packed(packed) => {
-            let guards = packed.stacked().map(|t| t.storage_and_layout());
-            let bytes13 = held_slice::<u8>(&guards[0].0, guards[0].1, "stacked gate/up weights")?;
-            let params13 = held_slice::<f32>(&guards[1].0, guards[1].1, "their parameters")?;
-            let bytes2 = held_slice::<u8>(&guards[2].0, guards[2].1, "stacked down weights")?;
-            let params2 = held_slice::<f32>(&guards[3].0, guards[3].1, "their parameters")?;
-            let gemm = |out: &mut [T], x: &[T], bytes, params, s: &GroupedGemmShape, down: bool| {
-                match packed.kind {
-                    PackedKind::W8a16 { b13, b2, w8a8 } => {
-                        let b = if down { b2 } else { b13 };
-                        if w8a8 {
-                            let (qa, sa) = ember_kernels::w8a8::quantize_groups(x, s.k_in)?;
-                            ember_kernels::w8a8::grouped_w8a8(
-                                out, &qa, &sa, bytes, params, align, s, b.block_n,
-                            )
-                        } else {
-                            fused_moe::grouped_w8a16(out, x, bytes, params, align, s, &b)
-                        }
-                    }
-                    PackedKind::W4a16(p) => {
-                        fused_moe::grouped_w4a16(out, x, bytes, params, align, s, &p)
-                    }
+    let guards = packed.stacked().map(|t| t.storage_and_layout());
+    let bytes13 = held_slice::<u8>(&guards[0].0, guards[0].1, "stacked gate/up weights")?;
+    let params13 = held_slice::<f32>(&guards[1].0, guards[1].1, "their parameters")?;
+    let bytes2 = held_slice::<u8>(&guards[2].0, guards[2].1, "stacked down weights")?;
+    let params2 = held_slice::<f32>(&guards[3].0, guards[3].1, "their parameters")?;
+    let gemm =
+        |out: &mut [T], x: &[T], bytes, params, s: &GroupedGemmShape, down: bool| match packed.kind
+        {
+            PackedKind::W8a16 { b13, b2, w8a8 } => {
+                let b = if down { b2 } else { b13 };
+                if w8a8 {
+                    let (qa, sa) = ember_kernels::w8a8::quantize_groups(x, s.k_in)?;
+                    ember_kernels::w8a8::grouped_w8a8(
+                        out, &qa, &sa, bytes, params, align, s, b.block_n,
+                    )
+                } else {
+                    fused_moe::grouped_w8a16(out, x, bytes, params, align, s, &b)
                 }
-            };
-            gemm(&mut h, x, bytes13, params13, &up, false).map_err(wrap)?;
-            silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
-            gemm(&mut y, &act, bytes2, params2, &down, true).map_err(wrap)?;
-        }
-    }
+            }
+            PackedKind::W4a16(p) => fused_moe::grouped_w4a16(out, x, bytes, params, align, s, &p),
+        };
+    gemm(&mut h, x, bytes13, params13, &up, false).map_err(wrap)?;
+    silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
+    gemm(&mut y, &act, bytes2, params2, &down, true).map_err(wrap)?;
     let mut out = vec![zero; up.num_entries / up.x_div * down.n_out];
     fused_moe::moe_sum(&mut out, &y, weights, up.x_div, down.n_out).map_err(wrap)?;
     Ok(out)
@@ -563,20 +549,23 @@ impl CustomOp2 for FusedMoeOp<'_> {
             }
         }
         let range = crate::device::kernels::contiguous_range(x_layout, "fused MoE input")?;
-        if let ExpertWeights::Dense { w13, w2 } = &self.stack.weights {
-            let out = self.dense_cpu(x, range.clone(), &ids, &weights, (w13, w2))?;
-            self.stack.calls.count(Kernel::MoeCpu);
-            return Ok((out, Shape::from((tokens, self.stack.hidden))));
-        }
+        let packed = match &self.stack.weights {
+            ExpertWeights::Dense { w13, w2 } => {
+                let out = self.dense_cpu(x, range, &ids, &weights, (w13, w2))?;
+                self.stack.calls.count(Kernel::MoeCpu);
+                return Ok((out, Shape::from((tokens, self.stack.hidden))));
+            }
+            ExpertWeights::Packed(packed) => packed,
+        };
         let align = fused_moe::moe_align(&ids, self.routing.num_experts, BLOCK_M).map_err(wrap)?;
         let shapes = self.shapes(tokens);
         let out = match x {
-            CpuStorage::F32(x) => CpuStorage::F32(experts_cpu(
-                self.stack, &x[range], &align, &weights, shapes,
-            )?),
-            CpuStorage::BF16(x) => CpuStorage::BF16(experts_cpu(
-                self.stack, &x[range], &align, &weights, shapes,
-            )?),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(experts_cpu(packed, &x[range], &align, &weights, shapes)?)
+            }
+            CpuStorage::BF16(x) => {
+                CpuStorage::BF16(experts_cpu(packed, &x[range], &align, &weights, shapes)?)
+            }
             _ => candle_core::bail!(
                 "fused MoE takes f32 or bf16 inputs, not {:?}",
                 candle_core::backend::BackendStorage::dtype(x)
