@@ -56,12 +56,14 @@ pub fn moe_align(
     let cap = align_capacity(n, num_experts, block_m);
     let mut sorted_ids = Vec::with_capacity(cap);
     let mut expert_ids = Vec::with_capacity(cap / block_m);
-    for e in 0..num_experts as u32 {
+    // Each expert's entries in order (the CPU kernel's grouping), padded to `block_m`.
+    let groups = crate::moe_cpu::group_by_expert(topk_ids, num_experts)?;
+    for e in 0..num_experts {
         let start = sorted_ids.len();
-        sorted_ids.extend((0..n as u32).filter(|&i| topk_ids[i as usize] == e));
+        sorted_ids.extend_from_slice(&groups.entries[groups.offsets[e]..groups.offsets[e + 1]]);
         let padded = (sorted_ids.len() - start).div_ceil(block_m) * block_m;
         sorted_ids.resize(start + padded, n as u32);
-        expert_ids.extend(std::iter::repeat_n(e, padded / block_m));
+        expert_ids.extend(std::iter::repeat_n(e as u32, padded / block_m));
     }
     let num_padded = sorted_ids.len();
     sorted_ids.resize(cap, n as u32);
