@@ -10,6 +10,11 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Rounds an f32 to this type, to nearest even (as `__float2bfloat16` does on the GPU).
     fn from_f32(v: f32) -> Self;
+    /// The slice itself when the type is f32 (no copy to widen it).
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl Element for f32 {
@@ -19,6 +24,9 @@ impl Element for f32 {
     }
     fn from_f32(v: f32) -> Self {
         v
+    }
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 

@@ -7,10 +7,12 @@
 //! `fused_moe/cuda.rs`). What every launcher shares (loading the fatbins, the stream, the pinned
 //! staging buffers, the 32-bit argument checks) is `cuda.rs`.
 
+pub mod cpu_dot;
 mod element;
 mod error;
 pub mod fp8_e5m2;
 pub mod fused_moe;
+pub mod linear_cpu;
 pub mod mla_decode;
 pub mod moe_cpu;
 pub mod moe_routing;

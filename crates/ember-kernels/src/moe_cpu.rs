@@ -12,9 +12,9 @@
 //! Numerics: inputs and weights widened to f32, products summed in f32 (in lanes of 8, so in
 //! another order than [`crate::fused_moe`]'s references), one rounding of the output.
 
-use half::bf16;
 use rayon::prelude::*;
 
+use crate::cpu_dot::{row_dots, run_task, tile, use_fma, DotWeight, Task};
 use crate::error::check_shape;
 use crate::{Element, KernelError};
 
@@ -28,30 +28,6 @@ pub struct MoeCpuShape {
     pub num_experts: usize,
     pub hidden: usize,
     pub inter: usize,
-}
-
-/// A weight dtype the kernel reads (f32, bf16), widened to f32 in registers.
-pub trait ExpertWeight: Element {
-    /// Whether the weights are bf16 (else f32): how the AVX2 kernel widens 8 of them.
-    const BF16: bool;
-    /// Widens to f32 (bf16: a shift).
-    fn widen(self) -> f32;
-}
-
-impl ExpertWeight for f32 {
-    const BF16: bool = false;
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
-impl ExpertWeight for bf16 {
-    const BF16: bool = true;
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
-    }
 }
 
 /// The step's entries grouped by expert: expert `e`'s entry ids are
@@ -90,10 +66,6 @@ pub fn group_by_expert(topk_ids: &[u32], num_experts: usize) -> Result<ExpertGro
 const INTER_BLOCK: usize = 32;
 /// Output channels per down task.
 const HIDDEN_BLOCK: usize = 32;
-/// Rows multiplied together against the same weight rows.
-const ROW_TILE: usize = 4;
-/// f32 lanes of the dot products' accumulators.
-const LANES: usize = 8;
 
 fn check(
     s: &MoeCpuShape,
@@ -127,7 +99,7 @@ fn check(
 
 /// `out[t] = Σ_j topk_weights[t·top_k + j] · down_e(silu(gate_e(x[t])) · up_e(x[t]))`, `e` =
 /// `topk_ids[t·top_k + j]`: the routed experts' weighted sum for every token.
-pub fn fused_moe_cpu<T: Element, W: ExpertWeight>(
+pub fn fused_moe_cpu<T: Element, W: DotWeight>(
     out: &mut [T],
     x: &[T],
     topk_ids: &[u32],
@@ -220,139 +192,6 @@ pub fn fused_moe_cpu<T: Element, W: ExpertWeight>(
     Ok(())
 }
 
-/// Whether this CPU has AVX2 and FMA (then the tasks run compiled for them).
-fn use_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// A task of the kernel, compiled twice: portable, and for AVX2 with FMA.
-trait Task: Sync {
-    fn run<const FMA: bool>(&self, block: &mut [f32]);
-}
-
-/// Runs `task` over `block`, compiled for AVX2 and FMA when `fma` (see [`use_fma`]).
-fn run_task<T: Task>(fma: bool, task: &T, block: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if fma {
-        /// # Safety: only called after [`use_fma`] found AVX2 and FMA.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<T: Task>(task: &T, block: &mut [f32]) {
-            task.run::<true>(block)
-        }
-        // SAFETY: `fma` is `use_fma()`: this CPU has AVX2 and FMA.
-        unsafe { avx2(task, block) };
-        return;
-    }
-    let _ = fma;
-    task.run::<false>(block);
-}
-
-/// The dot products of `R` rows of `xs` with `C` weight rows of `ws` (all at least `k` long),
-/// with AVX2 and FMA when `FMA` (the task runs compiled for them).
-#[inline(always)]
-fn tile<const R: usize, const C: usize, const FMA: bool, W: ExpertWeight>(
-    xs: [&[f32]; R],
-    ws: [&[W]; C],
-    k: usize,
-) -> [[f32; C]; R] {
-    assert!(xs.iter().all(|x| x.len() >= k) && ws.iter().all(|w| w.len() >= k));
-    #[cfg(target_arch = "x86_64")]
-    if FMA {
-        // SAFETY: FMA tasks run only where `use_fma` found AVX2 and FMA; every row holds `k`.
-        return unsafe { x86::tile(xs, ws, k) };
-    }
-    let mut sums = [[0f32; C]; R];
-    for (sum_r, x) in sums.iter_mut().zip(&xs) {
-        for (sum, w) in sum_r.iter_mut().zip(&ws) {
-            *sum = x[..k].iter().zip(&w[..k]).map(|(a, b)| a * b.widen()).sum();
-        }
-    }
-    sums
-}
-
-/// The AVX2/FMA tile: 8 lanes of f32 accumulators per (row, weight row), weights widened on
-/// load.
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::{ExpertWeight, LANES};
-
-    /// 8 weights from `w` as f32.
-    ///
-    /// # Safety
-    /// AVX2 present; `w` points at 8 readable weights.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load<W: ExpertWeight>(w: *const W) -> __m256 {
-        if W::BF16 {
-            let halves = _mm_loadu_si128(w.cast::<__m128i>());
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
-        } else {
-            _mm256_loadu_ps(w.cast::<f32>())
-        }
-    }
-
-    /// The sum of the 8 lanes.
-    ///
-    /// # Safety
-    /// AVX2 present.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn sum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// See [`super::tile`].
-    ///
-    /// # Safety
-    /// AVX2 and FMA present; every row of `xs` and `ws` at least `k` long.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const R: usize, const C: usize, W: ExpertWeight>(
-        xs: [&[f32]; R],
-        ws: [&[W]; C],
-        k: usize,
-    ) -> [[f32; C]; R] {
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let full = k / LANES * LANES;
-        let mut c0 = 0;
-        while c0 < full {
-            let mut w = [_mm256_setzero_ps(); C];
-            for c in 0..C {
-                w[c] = load(ws[c].as_ptr().add(c0));
-            }
-            for r in 0..R {
-                let x = _mm256_loadu_ps(xs[r].as_ptr().add(c0));
-                for c in 0..C {
-                    acc[r][c] = _mm256_fmadd_ps(x, w[c], acc[r][c]);
-                }
-            }
-            c0 += LANES;
-        }
-        let mut sums = [[0f32; C]; R];
-        for r in 0..R {
-            for c in 0..C {
-                let mut v = sum(acc[r][c]);
-                for i in full..k {
-                    v = xs[r][i].mul_add(ws[c][i].widen(), v);
-                }
-                sums[r][c] = v;
-            }
-        }
-        sums
-    }
-}
-
 /// One gate/up task: a block of intermediate channels of one expert over all its rows.
 struct GateUp<'a, W> {
     /// The step's rows, f32.
@@ -366,7 +205,7 @@ struct GateUp<'a, W> {
     up: &'a [W],
 }
 
-impl<W: ExpertWeight> Task for GateUp<'_, W> {
+impl<W: DotWeight> Task for GateUp<'_, W> {
     /// Writes `silu(gate) · up` of the block's channels, channel-major, into `block`.
     #[inline(always)]
     fn run<const FMA: bool>(&self, block: &mut [f32]) {
@@ -374,40 +213,8 @@ impl<W: ExpertWeight> Task for GateUp<'_, W> {
         let row = |r: usize| &self.x[self.rows[r] as usize / self.top_k * h..][..h];
         for (j, out) in block.chunks_exact_mut(m).enumerate() {
             let ws = [&self.gate[j * h..][..h], &self.up[j * h..][..h]];
-            pair_dots::<FMA, W>(&row, 0..m, ws, h, |r, [g, u]| out[r] = silu(g) * u);
+            row_dots::<2, FMA, W>(&row, 0..m, ws, h, |r, [g, u]| out[r] = silu(g) * u);
         }
-    }
-}
-
-/// The dot products of rows `rows` (`row(r)`) with the two weight rows `ws`, in tiles of up to
-/// [`ROW_TILE`] rows that read `ws` once: `emit(r, [dot with ws[0], dot with ws[1]])`.
-#[inline(always)]
-fn pair_dots<'x, const FMA: bool, W: ExpertWeight>(
-    row: &impl Fn(usize) -> &'x [f32],
-    rows: std::ops::Range<usize>,
-    ws: [&[W]; 2],
-    k: usize,
-    mut emit: impl FnMut(usize, [f32; 2]),
-) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let tile_rows = (rows.end - r).min(ROW_TILE);
-        match tile_rows {
-            4 => tile::<4, 2, FMA, W>([row(r), row(r + 1), row(r + 2), row(r + 3)], ws, k)
-                .into_iter()
-                .enumerate()
-                .for_each(|(q, d)| emit(r + q, d)),
-            3 => tile::<3, 2, FMA, W>([row(r), row(r + 1), row(r + 2)], ws, k)
-                .into_iter()
-                .enumerate()
-                .for_each(|(q, d)| emit(r + q, d)),
-            2 => tile::<2, 2, FMA, W>([row(r), row(r + 1)], ws, k)
-                .into_iter()
-                .enumerate()
-                .for_each(|(q, d)| emit(r + q, d)),
-            _ => emit(r, tile::<1, 2, FMA, W>([row(r)], ws, k)[0]),
-        }
-        r += tile_rows;
     }
 }
 
@@ -430,7 +237,7 @@ struct Down<'a, W> {
     n0: usize,
 }
 
-impl<W: ExpertWeight> Task for Down<'_, W> {
+impl<W: DotWeight> Task for Down<'_, W> {
     /// Adds the block's channels of every entry's weighted down projection into `block`
     /// (`[channels][tokens]`).
     #[inline(always)]
@@ -452,7 +259,7 @@ impl<W: ExpertWeight> Task for Down<'_, W> {
             for n in (0..channels).step_by(2) {
                 if n + 1 < channels {
                     let ws = [&w[n * i..][..i], &w[(n + 1) * i..][..i]];
-                    pair_dots::<FMA, W>(&row, o..end, ws, i, |p, [a, b]| {
+                    row_dots::<2, FMA, W>(&row, o..end, ws, i, |p, [a, b]| {
                         add(p, n, a);
                         add(p, n + 1, b);
                     });
@@ -469,6 +276,7 @@ impl<W: ExpertWeight> Task for Down<'_, W> {
 
 #[cfg(test)]
 mod tests {
+    use half::bf16;
     use rand::{Rng, SeedableRng};
 
     use super::*;

@@ -20,8 +20,9 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use ember_core::{EmberError, Result};
+use ember_kernels::cpu_dot::DotWeight;
 use ember_kernels::fused_moe::{self, GroupedGemmShape, MoeAlignment, ScaleBlocks, W4Params};
-use ember_kernels::moe_cpu::{self, ExpertWeight, MoeCpuShape};
+use ember_kernels::moe_cpu::{self, MoeCpuShape};
 use ember_kernels::moe_routing::{self, RoutingConfig};
 use ember_kernels::{silu_and_mul, Element};
 
@@ -406,7 +407,7 @@ impl FusedMoeOp<'_> {
         };
         let (g13, l13) = w13.storage_and_layout();
         let (g2, l2) = w2.storage_and_layout();
-        fn run<T: Element, W: ExpertWeight>(
+        fn run<T: Element, W: DotWeight>(
             x: &[T],
             (ids, weights): (&[u32], &[f32]),
             w13: &[W],
