@@ -137,6 +137,9 @@ mod x86 {
 
     use super::{DotWeight, LANES};
 
+    /// How far ahead of the loads weight rows are prefetched.
+    const PREFETCH_BYTES: usize = 2048;
+
     /// 8 weights from `w` as f32.
     ///
     /// # Safety
@@ -178,9 +181,18 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let full = k / LANES * LANES;
         let mut c0 = 0;
+        let ahead = PREFETCH_BYTES / std::mem::size_of::<W>();
         while c0 < full {
             let mut w = [_mm256_setzero_ps(); C];
             for c in 0..C {
+                // Each weight row is read once: fetch ahead of the loads, past the end of the row
+                // into the rows stored after it (a row or two is a page, where the hardware
+                // prefetcher stops and ramps up again). A prefetch never faults.
+                if (c0 * std::mem::size_of::<W>()).is_multiple_of(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        ws[c].as_ptr().wrapping_add(c0 + ahead).cast::<i8>(),
+                    );
+                }
                 w[c] = load(ws[c].as_ptr().add(c0));
             }
             for r in 0..R {

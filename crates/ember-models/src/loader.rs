@@ -236,17 +236,28 @@ fn eos_token_ids(dir: &Path, cfg: &ModelConfig) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn resolve_dtype(requested: Option<DType>, cfg: &ModelConfig, device: &Device) -> Result<DType> {
+/// The dtype the model computes in: `requested`, else on a GPU the checkpoint's `torch_dtype`,
+/// and on the CPU the dtype its weights are stored in (`stored`: bf16 stays bf16, which the CPU
+/// kernels multiply as stored; f16, which they do not take, and dummy weights compute in f32).
+fn resolve_dtype(
+    requested: Option<DType>,
+    cfg: &ModelConfig,
+    device: &Device,
+    stored: Option<DType>,
+) -> Result<DType> {
     if let Some(dtype) = requested {
         return Ok(dtype);
     }
     if device.is_cpu() {
-        // bf16/f16 matmuls on CPUs without native support run ~10x slower than f32
-        // (measured: 1.9 vs 14.8 decode tok/s on a 1B MoE, benches/RESULTS.md).
+        let dtype = match stored {
+            Some(DType::BF16) => DType::BF16,
+            _ => DType::F32,
+        };
         tracing::info!(
-            "on CPU --dtype auto computes in float32; pass --dtype bfloat16 to keep 16-bit weights"
+            stored = ?stored,
+            "on CPU --dtype auto computes in {dtype:?} (the weights' stored dtype; f16 and dummy weights compute in F32)"
         );
-        return Ok(DType::F32);
+        return Ok(dtype);
     }
     match cfg.torch_dtype.as_deref() {
         None => Ok(DType::F32),
@@ -340,7 +351,13 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
     let config = read_config(&dir, opts.hf_overrides.as_ref())?;
     let task = resolve_task(&dir, &config, opts.task)?;
     let online_fp8 = check_quantization(opts.quantization, config.quantization)?;
-    let dtype = resolve_dtype(opts.dtype, &config, &opts.device)?;
+    let stored = match (opts.dtype, opts.load_format) {
+        (None, LoadFormat::Safetensors) if opts.device.is_cpu() => {
+            crate::loading::checkpoint::stored_float_dtype(&safetensors_files(&dir)?)?
+        }
+        _ => None,
+    };
+    let dtype = resolve_dtype(opts.dtype, &config, &opts.device, stored)?;
     let max_model_len = match opts.max_model_len {
         Some(len) if len > config.max_position_embeddings => {
             return Err(EmberError::Config(format!(
@@ -633,6 +650,8 @@ fn communicators(devices: &[Device]) -> (Vec<Arc<dyn Communicator>>, &'static st
 
 #[cfg(test)]
 mod tests {
+    use candle_core::Tensor;
+
     use super::*;
 
     #[test]
@@ -668,5 +687,48 @@ mod tests {
         assert_eq!(parse_dtype("float32").unwrap(), Some(DType::F32));
         let err = parse_dtype("float8").unwrap_err().to_string();
         assert!(err.contains("float8") && err.contains("bfloat16"), "{err}");
+    }
+
+    /// On the CPU `auto` follows the weights' stored dtype: a bf16 checkpoint stays bf16, f32
+    /// stays f32, f16 and dummy weights compute in f32; a GPU follows `torch_dtype`.
+    #[test]
+    fn auto_dtype_on_the_cpu_is_the_stored_one() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/qwen3-tiny");
+        let files = safetensors_files(&dir).unwrap();
+        let stored = crate::loading::checkpoint::stored_float_dtype(&files).unwrap();
+        assert_eq!(
+            stored,
+            Some(DType::BF16),
+            "the tiny checkpoints are stored in bf16"
+        );
+        let cfg = read_config(&dir, None).unwrap();
+        let cpu = Device::Cpu;
+        for (stored, want) in [
+            (Some(DType::BF16), DType::BF16),
+            (Some(DType::F32), DType::F32),
+            (Some(DType::F16), DType::F32),
+            (None, DType::F32),
+        ] {
+            assert_eq!(resolve_dtype(None, &cfg, &cpu, stored).unwrap(), want);
+        }
+        // Counted in elements: an f32 checkpoint with a few bf16 tensors is f32.
+        let path =
+            std::env::temp_dir().join(format!("ember-f32-{}.safetensors", std::process::id()));
+        let tensors = std::collections::HashMap::from([
+            (
+                "w".to_string(),
+                Tensor::zeros((8, 8), DType::F32, &cpu).unwrap(),
+            ),
+            (
+                "n".to_string(),
+                Tensor::zeros(8, DType::BF16, &cpu).unwrap(),
+            ),
+        ]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let stored = crate::loading::checkpoint::stored_float_dtype(std::slice::from_ref(&path));
+        std::fs::remove_file(&path).ok();
+        assert_eq!(stored.unwrap(), Some(DType::F32));
+        let asked = resolve_dtype(Some(DType::F32), &cfg, &cpu, Some(DType::BF16)).unwrap();
+        assert_eq!(asked, DType::F32, "--dtype wins");
     }
 }

@@ -89,6 +89,8 @@ pub fn start_counting(
     // A context that any cache of the tests can hold whole, however small.
     let max_model_len = cfg.num_blocks.map(|n| n * cfg.block_size);
     let mut opts = LoadOptions::new(model_dir(name).to_string_lossy());
+    // The references are fp32 (the checkpoints store bf16, which `auto` would keep on the CPU).
+    opts.dtype = Some(candle_core::DType::F32);
     set(&mut opts);
     opts.max_model_len = max_model_len;
     let loaded = load_model(&opts).unwrap_or_else(|e| panic!("{name}: {e}"));

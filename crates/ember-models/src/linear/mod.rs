@@ -1,13 +1,15 @@
 //! The one linear-layer interface. Every projection of every model goes through
 //! [`LinearLayer`], so quantized formats and LoRA plug in without model changes.
 
+mod dense;
 pub mod quantized;
 
 use std::sync::Arc;
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use ember_core::{EmberError, Result};
 
+pub use crate::linear::dense::DenseLinear;
 use crate::linear::quantized::dequantize_weight;
 use crate::linear::quantized::fp8::Fp8ChannelLinear;
 use crate::linear::quantized::{fp8_block, int4};
@@ -168,28 +170,6 @@ pub trait LinearLayer: Send + Sync {
     }
 }
 
-/// Weights kept unquantized in the model dtype (bf16, f16 or f32).
-pub struct DenseLinear {
-    inner: candle_nn::Linear,
-}
-
-impl LinearLayer for DenseLinear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(x)
-    }
-
-    fn weight(&self) -> candle_core::Result<Tensor> {
-        Ok(self.inner.weight().clone())
-    }
-
-    fn dense_weight(&self) -> Option<Tensor> {
-        self.inner
-            .bias()
-            .is_none()
-            .then(|| self.inner.weight().clone())
-    }
-}
-
 /// Loads `<prefix>.weight` of shape `[out, in]` (and `<prefix>.bias` when `bias`) as the
 /// checkpoint stores it, never quantized online: the router and the LM head, which vLLM's online
 /// FP8 keeps in 16 bits too.
@@ -206,9 +186,7 @@ pub fn load_linear(
     } else {
         None
     };
-    Ok(Arc::new(DenseLinear {
-        inner: candle_nn::Linear::new(weight, bias),
-    }))
+    Ok(Arc::new(DenseLinear::new(weight, bias)))
 }
 
 /// Like [`load_weight`] for one rank's part: only the slice is read from an unquantized
@@ -302,9 +280,7 @@ pub fn projection_from_weight(
     bias: Option<Tensor>,
 ) -> Result<Arc<dyn LinearLayer>> {
     if !ctx.online_fp8 {
-        return Ok(Arc::new(DenseLinear {
-            inner: candle_nn::Linear::new(weight, bias),
-        }));
+        return Ok(Arc::new(DenseLinear::new(weight, bias)));
     }
     if ctx.packed_weights && crate::linear::quantized::packed::computes_in(weight.dtype()) {
         // Held for the W8A16 kernels (on CUDA): e4m3 bytes, one scale per output channel.
@@ -357,9 +333,7 @@ pub fn projection_from_weight(
 
 /// A linear layer over an already loaded weight, never quantized online (tied embeddings).
 pub fn linear_from_weight(weight: Tensor) -> Arc<dyn LinearLayer> {
-    Arc::new(DenseLinear {
-        inner: candle_nn::Linear::new(weight, None),
-    })
+    Arc::new(DenseLinear::new(weight, None))
 }
 
 /// Shorthand used by layers: forward through a shared linear layer.

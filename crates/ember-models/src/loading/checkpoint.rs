@@ -110,6 +110,64 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The floating-point dtype most of a checkpoint's parameters are stored in (counted in
+/// elements over the safetensors headers of `files`; 8-bit floats and integer codes are not
+/// counted), or `None` when it stores none.
+pub fn stored_float_dtype(files: &[PathBuf]) -> Result<Option<candle_core::DType>> {
+    use candle_core::DType;
+    let mut elements: [(DType, u64); 3] = [(DType::F32, 0), (DType::BF16, 0), (DType::F16, 0)];
+    for file in files {
+        for (dtype, count) in header_dtypes(file)? {
+            if let Some(slot) = elements.iter_mut().find(|(d, _)| *d == dtype) {
+                slot.1 += count;
+            }
+        }
+    }
+    let (dtype, count) = elements
+        .into_iter()
+        .max_by_key(|&(_, n)| n)
+        .unwrap_or((DType::F32, 0));
+    Ok((count > 0).then_some(dtype))
+}
+
+/// The (dtype, elements) of each tensor in a safetensors file's header, unknown dtypes skipped.
+fn header_dtypes(file: &Path) -> Result<Vec<(candle_core::DType, u64)>> {
+    use std::io::Read;
+    let bad = |why: String| EmberError::Weights(format!("{}: {why}", file.display()));
+    let mut f = std::fs::File::open(file).map_err(|e| EmberError::io(file, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| EmberError::io(file, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(format!(
+            "a {len}-byte safetensors header is not plausible"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| EmberError::io(file, e))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("bad safetensors header: {e}")))?;
+    let Some(tensors) = json.as_object() else {
+        return Err(bad("the safetensors header is not a JSON object".into()));
+    };
+    Ok(tensors
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .filter_map(|(_, t)| {
+            let dtype = match t.get("dtype")?.as_str()? {
+                "F32" => candle_core::DType::F32,
+                "BF16" => candle_core::DType::BF16,
+                "F16" => candle_core::DType::F16,
+                _ => return None,
+            };
+            let shape = t.get("shape")?.as_array()?;
+            Some((dtype, shape.iter().filter_map(|d| d.as_u64()).product()))
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
