@@ -21,6 +21,10 @@ pub struct ModelRunner {
     /// token, a graph's spare rows) write to.
     data_parallel: usize,
     num_blocks: usize,
+    /// Whether forwards run on a worker of rayon's pool: a single-rank CPU model with at least
+    /// two threads in the pool (ranks are threads that call into the pool themselves, and the
+    /// worker blocked in a step must leave another to serve any other caller).
+    forward_in_pool: bool,
     /// Decode steps as CUDA graphs (see `ember_models::step::cuda_graph`), where the model allows.
     #[cfg(feature = "cuda")]
     graphs: Option<ember_models::step::cuda_graph::DecodeGraphs>,
@@ -93,6 +97,8 @@ impl ModelRunner {
             .step_by(per_replica)
             .cloned()
             .collect();
+        let forward_in_pool =
+            device.is_cpu() && caches.len() == 1 && rayon::current_num_threads() >= 2;
         Ok(Self {
             model: loaded.model,
             caches,
@@ -100,6 +106,7 @@ impl ModelRunner {
             rank_devices,
             data_parallel,
             num_blocks,
+            forward_in_pool,
             #[cfg(feature = "cuda")]
             graphs,
         })
@@ -125,6 +132,11 @@ impl ModelRunner {
             if let Some(logits) = graphs.run(batch, &forward)? {
                 return Ok(logits);
             }
+        }
+        if self.forward_in_pool {
+            // On a worker of the one CPU pool, the forward's kernels push their tasks to this
+            // thread's own queue instead of waking the pool from outside ~100 times a step.
+            return rayon::scope(|_| self.model.forward(batch, &self.caches));
         }
         self.model.forward(batch, &self.caches)
     }
