@@ -214,6 +214,51 @@ fn deepseek_absorbed_decode_matches_expanded_prefill_on_dummy_weights() {
 }
 
 #[test]
+fn dummy_quantized_checkpoints_run_packed_and_dequantized_to_the_same_finite_logits() {
+    // A dummy load of a quantized config stores its linear modules as the format does, so the
+    // two ways of holding them (dequantized at load, the CPU default; packed for the W4A16 and
+    // W8A16 kernels) read one checkpoint and must agree, in fewer bytes when packed.
+    let w4a16 = json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
+        "ignore": ["lm_head", "re:.*mlp.gate$"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4,
+            "type": "int", "symmetric": true, "group_size": 32, "strategy": "group"}}}});
+    let fp8 = json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128]});
+    for (name, qc) in [("qwen3-moe-tiny", w4a16), ("deepseek-v3-tiny", fp8)] {
+        let mut runs = Vec::new();
+        for packed in [false, true] {
+            let mut opts = options(name);
+            opts.load_format = LoadFormat::Dummy;
+            opts.hf_overrides = Some(json!({ "quantization_config": qc }));
+            opts.packed_weights = Some(packed);
+            let loaded = load_model(&opts).unwrap();
+            let logits = last_logits(&loaded, &[3, 14, 15, 92, 65, 35], Some(5));
+            assert!(logits.iter().all(|v| v.is_finite()), "{name}");
+            let spread = logits.iter().cloned().fold(f32::MIN, f32::max)
+                - logits.iter().cloned().fold(f32::MAX, f32::min);
+            assert!(spread > 1e-3, "{name}: {spread}");
+            runs.push((loaded.weight_bytes, logits));
+        }
+        let max_diff = runs[0]
+            .1
+            .iter()
+            .zip(&runs[1].1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max_diff < 1e-3,
+            "{name}: packed and dequantized differ by {max_diff}"
+        );
+        assert!(
+            runs[1].0 < runs[0].0,
+            "{name}: {} bytes packed, {} dequantized",
+            runs[1].0,
+            runs[0].0
+        );
+    }
+}
+
+#[test]
 fn fp8_block_checkpoints_dequantize_to_the_reference_weights() {
     // The FP8 tiny checkpoints hold float8_e4m3fn weights plus 128x128 `weight_scale_inv` (plain
     // f32, and ue8m0 powers of two); transformers' reference ran the dequantized weights, so the
