@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use ember_core::WeightQuantization;
 use ember_models::loader::{billions, read_config, weight_bytes};
 use ember_models::{load_model, ForwardBatch, KvCachePool, LoadFormat, LoadOptions, SequenceInput};
 use serde_json::json;
@@ -87,6 +88,32 @@ fn qwen3_30b_a3b_shape_reports_its_size_without_allocating() {
     let gib = weight_bytes(&cfg, DType::BF16) as f64 / (1u64 << 30) as f64;
     assert!((56.0..58.0).contains(&gib), "{gib} GiB");
     assert_eq!(cfg.num_hidden_layers, 48);
+}
+
+#[test]
+fn the_quantized_dummy_configs_store_their_projections_as_their_formats_do() {
+    let cfg = read_config(&models_dir().join("configs/qwen3-30b-a3b-w4a16"), None).unwrap();
+    assert_eq!(
+        cfg.quantization,
+        Some(WeightQuantization::PackedInt {
+            num_bits: 4,
+            group_size: Some(128),
+            symmetric: true
+        })
+    );
+    let modules = &cfg.quantized_modules;
+    assert!(modules.quantizes("model.layers.47.mlp.experts.127.down_proj"));
+    assert!(modules.quantizes("model.layers.0.self_attn.q_proj"));
+    assert!(!modules.quantizes("lm_head") && !modules.quantizes("model.layers.47.mlp.gate"));
+    let cfg = read_config(&models_dir().join("configs/deepseek-v3-1b-fp8"), None).unwrap();
+    assert_eq!(
+        cfg.quantization,
+        Some(WeightQuantization::Fp8Block([128, 128]))
+    );
+    assert!(cfg
+        .quantized_modules
+        .quantizes("model.layers.3.self_attn.kv_b_proj"));
+    assert!(!cfg.quantized_modules.quantizes("lm_head"));
 }
 
 #[test]
