@@ -96,6 +96,12 @@ pub struct ModelArgs {
     /// sm_89 and up, as the checkpoints were trained; w8a16 on a GPU without them, with a warning).
     #[arg(long, default_value = "w8a16")]
     pub fp8_gemm: String,
+    /// Hold 4-bit and block-FP8 checkpoint projections as stored and multiply them with ember's
+    /// W4A16 / W8A16 kernels (`--packed-weights` or `--packed-weights true`), or dequantize them
+    /// at load (`false`). Unset: packed on a GPU, dequantized on the CPU, where candle's matmuls
+    /// run faster than the kernels' references but a quantized model takes 2-8 times the memory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub packed_weights: Option<bool>,
     /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the
     /// vocabulary split, one all-reduce per block). Without GPUs the ranks are threads of this
     /// process over the in-process collectives backend.
@@ -362,6 +368,7 @@ impl ModelArgs {
         opts.moe_backend = ember_models::backends::MoeBackend::parse(&self.moe_backend)?;
         opts.layer_kernels = ember_models::backends::LayerKernels::parse(&self.layer_kernels)?;
         opts.fp8_gemm = ember_models::backends::Fp8Gemm::parse(&self.fp8_gemm)?;
+        opts.packed_weights = self.packed_weights;
         if self.tensor_parallel_size == 0 {
             bail!("--tensor-parallel-size must be at least 1");
         }
@@ -575,6 +582,20 @@ mod tests {
         assert!(err.contains("--cuda-graph-sizes 16"), "{err}");
         assert!(graph_sizes(&["--cuda-graph-sizes", "0"]).is_err());
         assert!(graph_sizes(&["--cuda-graph-sizes", "x"]).is_err());
+    }
+
+    #[test]
+    fn packed_weights_is_unset_a_bare_flag_or_a_bool() {
+        let packed = |args: &[&str]| {
+            let argv = ["ember", "--model", "m"]
+                .into_iter()
+                .chain(args.iter().copied());
+            ModelCli::try_parse_from(argv).map(|c| c.model.load_options().unwrap().packed_weights)
+        };
+        assert_eq!(packed(&[]).unwrap(), None);
+        assert_eq!(packed(&["--packed-weights"]).unwrap(), Some(true));
+        assert_eq!(packed(&["--packed-weights", "false"]).unwrap(), Some(false));
+        assert!(packed(&["--packed-weights", "maybe"]).is_err());
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub mod task;
 pub use config::{ModelConfig, ModelFamily, MoeConfig, RopeScaling};
 pub use constraint::{Constraint, ConstraintSpec, TokenConstraint, TokenMask};
 pub use error::{EmberError, Result};
-pub use quantization::{KvCacheDtype, Nvfp4Layout, QuantizationRequest, WeightQuantization};
+pub use quantization::{
+    KvCacheDtype, Nvfp4Layout, QuantizationRequest, QuantizedModules, WeightQuantization,
+};
 pub use request::{EngineRequest, FinishReason, RequestOutput, TokenLogprob};
 pub use sampling::SamplingParams;
 pub use task::ModelTask;

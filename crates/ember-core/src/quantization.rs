@@ -297,6 +297,134 @@ fn parse_compressed_tensors_group(
     }
 }
 
+/// Which linear modules a checkpoint stores quantized; everything else (embeddings, norms, and
+/// the linear modules left out) it stores in 16 bits. A real checkpoint shows it by the tensors
+/// it holds; a dummy load (`--load-format dummy`) has only this to go by.
+///
+/// compressed-tensors quantizes its config groups' `targets` (`Linear`: every linear module)
+/// less its `ignore` list; the other methods every linear module less `modules_to_not_convert`
+/// (ModelOpt: `ignore` or `exclude_modules`). DeepSeek's `fp8`, GPTQ (without `lm_head: true`)
+/// and AWQ never quantize the LM head, and their configs need not say so.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QuantizedModules {
+    /// `None`: every linear module.
+    targets: Option<Vec<ModulePattern>>,
+    ignore: Vec<ModulePattern>,
+}
+
+/// One entry of a `targets` or ignore list, matched against a module's path
+/// (`model.layers.0.mlp.gate`): `re:<regex>` matched from the path's start (as compressed-tensors
+/// does), a pattern with `*` wildcards matching the whole path (as ModelOpt's), or a module name
+/// matching whole dot-separated parts of the path (`lm_head`, `mlp.gate`, `model.layers.0`).
+#[derive(Debug, Clone)]
+struct ModulePattern {
+    entry: String,
+    regex: regex::Regex,
+}
+
+impl PartialEq for ModulePattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.entry == other.entry
+    }
+}
+
+impl ModulePattern {
+    fn parse(entry: &str) -> Result<Self> {
+        let pattern = if let Some(re) = entry.strip_prefix("re:") {
+            format!("^(?:{re})")
+        } else if entry.contains('*') {
+            let parts: Vec<String> = entry.split('*').map(regex::escape).collect();
+            format!("^{}$", parts.join(".*"))
+        } else {
+            format!(r"(?:^|\.){}(?:$|\.)", regex::escape(entry))
+        };
+        let regex = regex::Regex::new(&pattern).map_err(|e| {
+            EmberError::Config(format!(
+                "quantization_config module pattern {entry:?} is not a valid regex: {e}"
+            ))
+        })?;
+        Ok(Self {
+            entry: entry.to_string(),
+            regex,
+        })
+    }
+
+    fn matches(&self, module: &str) -> bool {
+        self.regex.is_match(module)
+    }
+}
+
+impl QuantizedModules {
+    /// Whether the checkpoint stores the linear module at `path` quantized.
+    pub fn quantizes(&self, path: &str) -> bool {
+        let targeted = self
+            .targets
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|p| p.matches(path)));
+        targeted && !self.ignore.iter().any(|p| p.matches(path))
+    }
+}
+
+/// Reads which linear modules `quantization_config` quantizes (see [`QuantizedModules`]);
+/// absent or null: every one (nothing is quantized then anyway).
+pub fn parse_quantized_modules(qc: Option<&Value>) -> Result<QuantizedModules> {
+    let Some(qc) = qc.filter(|q| !q.is_null()) else {
+        return Ok(QuantizedModules::default());
+    };
+    let strings = |v: Option<&Value>| -> Vec<String> {
+        v.and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let method = qc.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    let mut ignore = match method {
+        "compressed-tensors" => strings(qc.get("ignore")),
+        "modelopt" => [
+            qc.get("ignore"),
+            qc.get("exclude_modules"),
+            qc.pointer("/quantization/exclude_modules"),
+        ]
+        .into_iter()
+        .flat_map(strings)
+        .collect(),
+        _ => strings(qc.get("modules_to_not_convert")),
+    };
+    let lm_head_quantized = method == "gptq" && qc.get("lm_head") == Some(&Value::Bool(true));
+    if matches!(method, "fp8" | "gptq" | "awq") && !lm_head_quantized {
+        ignore.push("lm_head".into());
+    }
+    // compressed-tensors' targets name a module class (`Linear`) or modules; a group without
+    // targets, or any group targeting `Linear`, covers every linear module.
+    let mut targets: Option<Vec<String>> = None;
+    if method == "compressed-tensors" {
+        let groups = qc.get("config_groups").and_then(Value::as_object);
+        let named: Vec<Vec<String>> = groups
+            .into_iter()
+            .flat_map(|g| g.values())
+            .map(|g| strings(g.get("targets")))
+            .collect();
+        if !named.is_empty()
+            && named
+                .iter()
+                .all(|t| !t.is_empty() && !t.iter().any(|t| t == "Linear"))
+        {
+            targets = Some(named.concat());
+        }
+    }
+    let patterns = |entries: Vec<String>| -> Result<Vec<ModulePattern>> {
+        entries.iter().map(|e| ModulePattern::parse(e)).collect()
+    };
+    Ok(QuantizedModules {
+        targets: targets.map(patterns).transpose()?,
+        ignore: patterns(ignore)?,
+    })
+}
+
 /// What `--quantization` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QuantizationRequest {
@@ -494,6 +622,55 @@ mod tests {
                 && err.contains("awq"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ignore_lists_and_targets_say_which_linear_modules_are_quantized() {
+        let modules = |v: Value| parse_quantized_modules(Some(&v)).unwrap();
+        // RedHatAI's Qwen3-30B-A3B W4A16: the LM head and the MoE routers stay in 16 bits.
+        let w4a16 = modules(json!({"quant_method": "compressed-tensors",
+            "ignore": ["lm_head", "re:.*mlp.gate$"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4}}}}));
+        assert!(!w4a16.quantizes("lm_head"));
+        assert!(!w4a16.quantizes("model.layers.7.mlp.gate"));
+        assert!(w4a16.quantizes("model.layers.7.mlp.experts.3.gate_proj"));
+        assert!(w4a16.quantizes("model.layers.7.self_attn.q_proj"));
+        // Kimi K2 Thinking: only the routed experts.
+        let kimi = modules(json!({"quant_method": "compressed-tensors",
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+            "config_groups": {"group_0": {"targets": ["Linear"]}}}));
+        assert!(kimi.quantizes("model.layers.1.mlp.experts.0.down_proj"));
+        for kept in [
+            "model.layers.1.self_attn.kv_b_proj",
+            "model.layers.1.mlp.shared_experts.up_proj",
+            "model.layers.0.mlp.gate_proj",
+        ] {
+            assert!(!kimi.quantizes(kept), "{kept}");
+        }
+        // Targets other than `Linear` limit what is quantized.
+        let experts = modules(json!({"quant_method": "compressed-tensors",
+            "config_groups": {"g": {"targets": ["re:.*experts.*"]}}}));
+        assert!(experts.quantizes("model.layers.1.mlp.experts.0.up_proj"));
+        assert!(!experts.quantizes("model.layers.1.self_attn.o_proj"));
+        // A plain name matches whole parts of the path; ModelOpt's wildcards the whole path.
+        let awq = modules(json!({"quant_method": "awq", "modules_to_not_convert": ["mlp.gate"]}));
+        assert!(!awq.quantizes("model.layers.2.mlp.gate"));
+        assert!(awq.quantizes("model.layers.2.mlp.gate_proj"));
+        assert!(!awq.quantizes("lm_head"), "AWQ never quantizes the LM head");
+        let modelopt = modules(json!({"quant_method": "modelopt",
+            "exclude_modules": ["lm_head", "model.layers.0.self_attn*"]}));
+        assert!(!modelopt.quantizes("model.layers.0.self_attn.o_proj"));
+        assert!(modelopt.quantizes("model.layers.10.self_attn.o_proj"));
+        // DeepSeek's block FP8 names nothing and keeps its LM head; GPTQ can quantize it.
+        let fp8 = modules(json!({"quant_method": "fp8", "weight_block_size": [128, 128]}));
+        assert!(!fp8.quantizes("lm_head") && fp8.quantizes("model.layers.3.mlp.experts.1.up_proj"));
+        let gptq = modules(json!({"quant_method": "gptq", "bits": 4, "lm_head": true}));
+        assert!(gptq.quantizes("lm_head"));
+        let err = parse_quantized_modules(Some(&json!({"quant_method": "compressed-tensors",
+            "ignore": ["re:(unclosed"]})))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("re:(unclosed"), "{err}");
     }
 
     #[test]

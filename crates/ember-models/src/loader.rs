@@ -435,10 +435,24 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
         }
     }
     if opts.device.is_cpu() {
+        // Projections held packed take half a byte (4-bit) or one (block FP8) per parameter:
+        // at least that much is needed, the rest (embeddings, ignored modules) in `dtype`.
+        let (need, held) = if holds_packed_weights(opts, config.quantization, dtype) {
+            let bits = match config.quantization {
+                Some(WeightQuantization::Fp8Block(_)) => 8,
+                _ => 4,
+            };
+            (
+                config.num_parameters() * bits / 8,
+                " at least, projections held packed",
+            )
+        } else {
+            (need, "")
+        };
         if let Some(avail) = available_memory_bytes() {
             if need > avail {
                 return Err(EmberError::Config(format!(
-                    "{} parameters ({} active per token) need {:.1} GiB in {dtype:?} but only {:.1} GiB of memory is available; \
+                    "{} parameters ({} active per token) need {:.1} GiB in {dtype:?}{held} but only {:.1} GiB of memory is available; \
                      use a smaller --dtype or fewer layers, e.g. --hf-overrides '{{\"num_hidden_layers\": 2}}'",
                     billions(config.num_parameters()),
                     billions(config.num_active_parameters()),
@@ -465,7 +479,17 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
                 config.quantization,
             )
         }
-        LoadFormat::Dummy => (Weights::dummy(opts.seed, dtype, &opts.device), None),
+        // Linear modules stored as the quantization_config says, as a real checkpoint's are.
+        LoadFormat::Dummy => (
+            Weights::dummy_quantized(
+                opts.seed,
+                config.quantization,
+                config.quantized_modules.clone(),
+                dtype,
+                &opts.device,
+            ),
+            config.quantization,
+        ),
     };
     let ctx = LoadContext {
         backends: Backends {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use ember_core::WeightQuantization;
 use ember_models::loader::{billions, read_config, weight_bytes};
 use ember_models::{load_model, ForwardBatch, KvCachePool, LoadFormat, LoadOptions, SequenceInput};
 use serde_json::json;
@@ -87,6 +88,32 @@ fn qwen3_30b_a3b_shape_reports_its_size_without_allocating() {
     let gib = weight_bytes(&cfg, DType::BF16) as f64 / (1u64 << 30) as f64;
     assert!((56.0..58.0).contains(&gib), "{gib} GiB");
     assert_eq!(cfg.num_hidden_layers, 48);
+}
+
+#[test]
+fn the_quantized_dummy_configs_store_their_projections_as_their_formats_do() {
+    let cfg = read_config(&models_dir().join("configs/qwen3-30b-a3b-w4a16"), None).unwrap();
+    assert_eq!(
+        cfg.quantization,
+        Some(WeightQuantization::PackedInt {
+            num_bits: 4,
+            group_size: Some(128),
+            symmetric: true
+        })
+    );
+    let modules = &cfg.quantized_modules;
+    assert!(modules.quantizes("model.layers.47.mlp.experts.127.down_proj"));
+    assert!(modules.quantizes("model.layers.0.self_attn.q_proj"));
+    assert!(!modules.quantizes("lm_head") && !modules.quantizes("model.layers.47.mlp.gate"));
+    let cfg = read_config(&models_dir().join("configs/deepseek-v3-1b-fp8"), None).unwrap();
+    assert_eq!(
+        cfg.quantization,
+        Some(WeightQuantization::Fp8Block([128, 128]))
+    );
+    assert!(cfg
+        .quantized_modules
+        .quantizes("model.layers.3.self_attn.kv_b_proj"));
+    assert!(!cfg.quantized_modules.quantizes("lm_head"));
 }
 
 #[test]
@@ -211,6 +238,51 @@ fn deepseek_absorbed_decode_matches_expanded_prefill_on_dummy_weights() {
     let spread = prefill.iter().cloned().fold(f32::MIN, f32::max)
         - prefill.iter().cloned().fold(f32::MAX, f32::min);
     assert!(spread > 1e-3, "{spread}");
+}
+
+#[test]
+fn dummy_quantized_checkpoints_run_packed_and_dequantized_to_the_same_finite_logits() {
+    // A dummy load of a quantized config stores its linear modules as the format does, so the
+    // two ways of holding them (dequantized at load, the CPU default; packed for the W4A16 and
+    // W8A16 kernels) read one checkpoint and must agree, in fewer bytes when packed.
+    let w4a16 = json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
+        "ignore": ["lm_head", "re:.*mlp.gate$"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4,
+            "type": "int", "symmetric": true, "group_size": 32, "strategy": "group"}}}});
+    let fp8 = json!({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128]});
+    for (name, qc) in [("qwen3-moe-tiny", w4a16), ("deepseek-v3-tiny", fp8)] {
+        let mut runs = Vec::new();
+        for packed in [false, true] {
+            let mut opts = options(name);
+            opts.load_format = LoadFormat::Dummy;
+            opts.hf_overrides = Some(json!({ "quantization_config": qc }));
+            opts.packed_weights = Some(packed);
+            let loaded = load_model(&opts).unwrap();
+            let logits = last_logits(&loaded, &[3, 14, 15, 92, 65, 35], Some(5));
+            assert!(logits.iter().all(|v| v.is_finite()), "{name}");
+            let spread = logits.iter().cloned().fold(f32::MIN, f32::max)
+                - logits.iter().cloned().fold(f32::MAX, f32::min);
+            assert!(spread > 1e-3, "{name}: {spread}");
+            runs.push((loaded.weight_bytes, logits));
+        }
+        let max_diff = runs[0]
+            .1
+            .iter()
+            .zip(&runs[1].1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max_diff < 1e-3,
+            "{name}: packed and dequantized differ by {max_diff}"
+        );
+        assert!(
+            runs[1].0 < runs[0].0,
+            "{name}: {} bytes packed, {} dequantized",
+            runs[1].0,
+            runs[0].0
+        );
+    }
 }
 
 #[test]

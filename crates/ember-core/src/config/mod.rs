@@ -7,7 +7,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{EmberError, Result};
-use crate::quantization::{parse_quantization_config, WeightQuantization};
+use crate::quantization::{
+    parse_quantization_config, parse_quantized_modules, QuantizedModules, WeightQuantization,
+};
 
 mod deepseek;
 mod rope;
@@ -118,6 +120,8 @@ pub struct ModelConfig {
     pub deepseek: Option<DeepseekConfig>,
     /// How the checkpoint stores its quantized linear weights (`quantization_config`), if it does.
     pub quantization: Option<WeightQuantization>,
+    /// Which linear modules it stores quantized (the config's targets and ignore list).
+    pub quantized_modules: QuantizedModules,
 }
 
 /// config.json as written on disk; every key optional so that errors can name what is missing.
@@ -272,6 +276,7 @@ impl ModelConfig {
             moe,
             deepseek,
             quantization: parse_quantization_config(raw.quantization_config.as_ref())?,
+            quantized_modules: parse_quantized_modules(raw.quantization_config.as_ref())?,
         })
     }
 

@@ -223,6 +223,7 @@ fn load_weight_part(
     out_dim: usize,
     split: Option<Split>,
 ) -> Result<Tensor> {
+    let weights = &weights.as_linear(in_dim, out_dim);
     let part = split.map(Split::range);
     match dequantize_weight(weights, ctx, in_dim, out_dim)? {
         None => match part {
@@ -263,6 +264,7 @@ fn packed_projection(
     if !ctx.packed_weights {
         return Ok(None);
     }
+    let weights = &weights.as_linear(in_dim, out_dim);
     if let Some(layer) = int4::load(weights, ctx, in_dim, out_dim, split, bias.clone())? {
         return Ok(Some(Arc::new(layer)));
     }

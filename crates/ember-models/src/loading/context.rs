@@ -19,8 +19,8 @@ use crate::parallel::RankContext;
 pub struct LoadContext {
     /// The implementations the layers run.
     pub backends: Backends,
-    /// How the checkpoint stores its quantized linear weights (from config.json); `None` for
-    /// unquantized and dummy weights.
+    /// How the checkpoint stores its quantized linear weights (from config.json; dummy weights
+    /// are stored so too); `None` for unquantized ones.
     pub quantization: Option<WeightQuantization>,
     /// `--quantization fp8` on an unquantized checkpoint: projections are quantized to e4m3 per
     /// output channel at load.

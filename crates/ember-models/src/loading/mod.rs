@@ -3,5 +3,6 @@
 
 pub mod checkpoint;
 pub mod context;
+mod dummy;
 pub mod task;
 pub mod weights;

@@ -1,6 +1,7 @@
 //! Where a model's tensors come from: memory-mapped safetensors shards, or random values
-//! for `--load-format dummy`. Layers ask for tensors by checkpoint name through a [`Weights`]
-//! prefix, so each weight name is written once, next to the module that owns it.
+//! for `--load-format dummy` (stored as the config's `quantization_config` says, see
+//! [`super::dummy`]). Layers ask for tensors by checkpoint name through a [`Weights`] prefix, so
+//! each weight name is written once, next to the module that owns it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -9,7 +10,9 @@ use std::sync::Arc;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 
-use ember_core::{EmberError, Result};
+use ember_core::{EmberError, QuantizedModules, Result, WeightQuantization};
+
+use super::dummy::DummyCheckpoint;
 
 /// How weights are produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +25,7 @@ pub enum LoadFormat {
 
 enum Source {
     Mmap(MmapedSafetensors),
-    Dummy { seed: u64 },
+    Dummy(DummyCheckpoint),
 }
 
 /// A view of the checkpoint's tensors under a name prefix, converted to one dtype on one device.
@@ -34,6 +37,8 @@ pub struct Weights {
     device: Device,
     /// Bytes of the tensors the model keeps, counted as they are handed out (the memory report).
     held: Arc<AtomicI64>,
+    /// `[out, in]` when the prefix is a linear module (see [`Weights::as_linear`]).
+    linear: Option<[usize; 2]>,
 }
 
 fn tensor_err(e: candle_core::Error) -> EmberError {
@@ -52,7 +57,20 @@ impl Weights {
 
     /// Random weights (seeded), for benchmarks of real shapes without a download.
     pub fn dummy(seed: u64, dtype: DType, device: &Device) -> Self {
-        Self::over(Source::Dummy { seed }, dtype, device)
+        Self::over(Source::Dummy(DummyCheckpoint::new(seed)), dtype, device)
+    }
+
+    /// Random weights (seeded) whose linear modules named by `modules` are stored in `scheme`,
+    /// as a real checkpoint of that `quantization_config` stores them.
+    pub fn dummy_quantized(
+        seed: u64,
+        scheme: Option<WeightQuantization>,
+        modules: QuantizedModules,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let checkpoint = DummyCheckpoint::new(seed).quantized(scheme, modules);
+        Self::over(Source::Dummy(checkpoint), dtype, device)
     }
 
     /// Weights from `source` with every option at its default.
@@ -63,6 +81,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             held: Arc::default(),
+            linear: None,
         }
     }
 
@@ -87,23 +106,42 @@ impl Weights {
         self.held.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// The stored dtype of tensor `name`, if the checkpoint holds it (`None` for dummy weights).
+    /// The same view, known to be the linear module `[out_dim, in_dim]` at the prefix: dummy
+    /// weights then hold it as the checkpoint's quantization format stores a linear layer.
+    pub fn as_linear(&self, in_dim: usize, out_dim: usize) -> Self {
+        Self {
+            linear: Some([out_dim, in_dim]),
+            ..self.clone()
+        }
+    }
+
+    /// The stored dtype of tensor `name`, if the checkpoint holds it (dummy weights: only for
+    /// their quantized storage).
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
-        let Source::Mmap(m) = self.source.as_ref() else {
-            return None;
-        };
-        let view = m.get(&self.full_name(name)).ok()?;
-        DType::try_from(view.dtype()).ok()
+        match self.source.as_ref() {
+            Source::Mmap(m) => {
+                let view = m.get(&self.full_name(name)).ok()?;
+                DType::try_from(view.dtype()).ok()
+            }
+            Source::Dummy(d) => d.stored_dtype(&self.prefix, self.linear, name),
+        }
     }
 
     /// Loads tensor `name` as stored (its own dtype and shape), on the CPU: the packed storage
     /// of a quantized weight, read by the dequantizers.
     pub fn get_stored(&self, name: &str) -> Result<Tensor> {
         let full = self.full_name(name);
-        let Source::Mmap(m) = self.source.as_ref() else {
-            return Err(EmberError::Weights(format!(
-                "tensor `{full}`: dummy weights hold no quantized storage"
-            )));
+        let m = match self.source.as_ref() {
+            Source::Mmap(m) => m,
+            Source::Dummy(d) => {
+                return d
+                    .load_stored(&self.prefix, self.linear, name)
+                    .unwrap_or_else(|| {
+                        Err(EmberError::Weights(format!(
+                            "tensor `{full}`: dummy weights store it unquantized"
+                        )))
+                    })
+            }
         };
         m.get(&full).map_err(|_| {
             EmberError::Weights(format!("tensor `{full}` is missing from the checkpoint"))
@@ -121,6 +159,7 @@ impl Weights {
         };
         Self {
             prefix,
+            linear: None,
             ..self.clone()
         }
     }
@@ -148,11 +187,12 @@ impl Weights {
         }
     }
 
-    /// Whether the checkpoint holds `name` (dummy weights hold everything).
+    /// Whether the checkpoint holds `name` (dummy weights hold everything but the quantized
+    /// storage their linear modules lack).
     pub fn contains(&self, name: &str) -> bool {
         match self.source.as_ref() {
             Source::Mmap(m) => m.get(&self.full_name(name)).is_ok(),
-            Source::Dummy { .. } => true,
+            Source::Dummy(d) => d.contains(&self.prefix, self.linear, name),
         }
     }
 
@@ -194,7 +234,20 @@ impl Weights {
                     EmberError::Weights(format!("tensor `{full}` cannot be loaded: {e}"))
                 })?
             }
-            Source::Dummy { seed } => dummy_tensor(&full, &shape, *seed, &self.device)?,
+            Source::Dummy(d) => match d.load_stored(&self.prefix, self.linear, name) {
+                Some(stored) => {
+                    let stored = stored?;
+                    if stored.dims() != shape.dims() {
+                        return Err(EmberError::Weights(format!(
+                            "tensor `{full}` has shape {:?}, expected {:?}",
+                            stored.dims(),
+                            shape.dims()
+                        )));
+                    }
+                    stored.to_device(&self.device).map_err(tensor_err)?
+                }
+                None => d.float_tensor(&full, &shape, &self.device)?,
+            },
         };
         tensor.to_dtype(dtype).map_err(tensor_err)
     }
@@ -259,7 +312,7 @@ impl Weights {
                         EmberError::Weights(format!("tensor `{full_name}` cannot be loaded: {e}"))
                     })?
             }
-            Source::Dummy { .. } => self
+            Source::Dummy(_) => self
                 .read_as(name, full, self.dtype)?
                 .narrow(dim, start, len)
                 .and_then(|t| t.contiguous())
@@ -273,33 +326,4 @@ impl Weights {
 /// Bytes a tensor's elements take.
 pub fn tensor_bytes(t: &Tensor) -> i64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as i64
-}
-
-/// Norm scales start at one (as initialised models do); other weights are small normals.
-fn dummy_tensor(name: &str, shape: &Shape, seed: u64, device: &Device) -> Result<Tensor> {
-    if name.ends_with("norm.weight") {
-        return Tensor::ones(shape, DType::F32, device).map_err(tensor_err);
-    }
-    use rand::{Rng, SeedableRng};
-    use rayon::prelude::*;
-    // One stream per tensor name and chunk, so values depend neither on load order nor on threads.
-    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    let fan_in = *shape.dims().last().unwrap_or(&1) as f32;
-    let scale = 1.0 / fan_in.sqrt();
-    const CHUNK: usize = 1 << 16;
-    let mut values = vec![0f32; shape.elem_count()];
-    values
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(i, chunk)| {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(
-                seed ^ name_hash ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            );
-            chunk
-                .iter_mut()
-                .for_each(|v| *v = rng.random_range(-scale..scale));
-        });
-    Tensor::from_vec(values, shape.clone(), device).map_err(tensor_err)
 }
