@@ -110,6 +110,27 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Bytes a load that holds quantized projections packed takes for the checkpoint in `files`
+/// (from their headers, nothing read): every tensor stored in integers or 8-bit floats (packed
+/// codes, e4m3 weights, scale bytes) as stored, every float one (unquantized modules, scales)
+/// in `dtype`.
+pub fn packed_held_bytes(files: &[PathBuf], dtype: candle_core::DType) -> Result<u64> {
+    use candle_core::DType;
+    // SAFETY: mapped read-only to read the headers; see `Weights::from_safetensors`.
+    let mmap = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+        .map_err(|e| EmberError::Weights(format!("cannot read safetensors {files:?}: {e}")))?;
+    Ok(mmap
+        .tensors()
+        .iter()
+        .map(|(_, t)| match DType::try_from(t.dtype()) {
+            Ok(DType::F64 | DType::F32 | DType::F16 | DType::BF16) => {
+                t.shape().iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64
+            }
+            _ => t.data().len() as u64,
+        })
+        .sum())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
