@@ -12,11 +12,13 @@
 //! its own blocks: never the whole weight.
 //!
 //! Numerics: each weight decodes to exactly the references' f32 value ([`crate::w4a16::weight`],
-//! [`crate::w8a16::weight`]: the same operations, float16 rounding included); only the order of
-//! the sums differs (lanes of 8, then across them), so results agree with the references to f32
-//! rounding of the sum, then one rounding to the storage dtype. One exception: e4m3's NaN codes
-//! (`S.1111.111`, which no checkpoint or quantizer writes: [`crate::w8a16`]'s scales bound the
-//! weights by 448) decode in the AVX2 tiles as ±480 times their scale, not NaN.
+//! [`crate::w8a16::weight`]: the same operations, float16 rounding included), except that a
+//! single row in registers multiplies each group's (or block's) sum by its scale once rather
+//! than every integer or e4m3 weight by it; and the sums run in another order (lanes of 8, then
+//! across them). So results agree with the references to f32 rounding of the sum, then one
+//! rounding to the storage dtype. One exception: e4m3's NaN codes (`S.1111.111`, which no
+//! checkpoint or quantizer writes: [`crate::w8a16`]'s scales bound the weights by 448) decode in
+//! the AVX2 tiles as ±480 times their scale, not NaN.
 
 use std::borrow::Cow;
 use std::cell::RefCell;

@@ -29,6 +29,25 @@ pub(super) trait Span: Copy {
     /// AVX2, FMA and F16C present; inputs `c..c + 8` in the row.
     #[cfg(target_arch = "x86_64")]
     unsafe fn lanes(&self, c: usize) -> std::arch::x86_64::__m256;
+
+    /// Whether the span's weights are [`Span::unscaled`] times [`Span::factor`], so that a
+    /// one-row tile may multiply the span's sum by the factor once instead of every weight.
+    const FACTORED: bool = false;
+
+    /// The span's common factor (with [`Span::FACTORED`]).
+    fn factor(&self) -> f32 {
+        1.0
+    }
+
+    /// The 8 weights from input `c` before [`Span::factor`] (with [`Span::FACTORED`]).
+    ///
+    /// # Safety
+    /// As [`Span::lanes`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unscaled(&self, c: usize) -> std::arch::x86_64::__m256 {
+        self.lanes(c)
+    }
 }
 
 /// A 4-bit weight's spans, its encoding in the type: e2m1 codes or integers, float16 rounding.
@@ -95,14 +114,7 @@ impl<const E2M1: bool, const F16: bool> Span for W4Span<'_, E2M1, F16> {
     #[inline(always)]
     unsafe fn lanes(&self, c: usize) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        // Inputs c..c + 8 are the nibbles of the 4 bytes from c / 2, low nibble first.
-        debug_assert!(c.is_multiple_of(2) && c / 2 + 4 <= self.row.len());
-        let word = self.row.as_ptr().add(c / 2).cast::<i32>().read_unaligned();
-        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        let codes = _mm256_and_si256(
-            _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts),
-            _mm256_set1_epi32(15),
-        );
+        let codes = self.codes(c);
         let w = if E2M1 {
             // Magnitude from the scaled table by the low 3 bits, then bit 3 as the sign:
             // -(m · s) is (-m) · s exactly.
@@ -113,14 +125,47 @@ impl<const E2M1: bool, const F16: bool> Span for W4Span<'_, E2M1, F16> {
                 _mm256_and_si256(_mm256_slli_epi32::<28>(codes), _mm256_set1_epi32(i32::MIN));
             _mm256_xor_ps(magnitude, _mm256_castsi256_ps(sign))
         } else {
-            let q = _mm256_sub_ps(_mm256_cvtepi32_ps(codes), _mm256_set1_ps(self.zero));
-            _mm256_mul_ps(q, _mm256_set1_ps(self.scale))
+            _mm256_mul_ps(self.unscaled(c), _mm256_set1_ps(self.scale))
         };
         if F16 {
             _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w))
         } else {
             w
         }
+    }
+
+    /// Integers less their zero point, unrounded: the scale factors out.
+    const FACTORED: bool = !E2M1 && !F16;
+
+    fn factor(&self) -> f32 {
+        self.scale
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unscaled(&self, c: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_sub_ps(_mm256_cvtepi32_ps(self.codes(c)), _mm256_set1_ps(self.zero))
+    }
+}
+
+impl<const E2M1: bool, const F16: bool> W4Span<'_, E2M1, F16> {
+    /// The 8 codes from input `c`, one per lane.
+    ///
+    /// # Safety
+    /// AVX2 present; inputs `c..c + 8` in the row, `c` even.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn codes(&self, c: usize) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // Inputs c..c + 8 are the nibbles of the 4 bytes from c / 2, low nibble first.
+        debug_assert!(c.is_multiple_of(2) && c / 2 + 4 <= self.row.len());
+        let word = self.row.as_ptr().add(c / 2).cast::<i32>().read_unaligned();
+        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts),
+            _mm256_set1_epi32(15),
+        )
     }
 }
 
@@ -168,16 +213,31 @@ impl Span for W8Span<'_> {
     #[inline(always)]
     unsafe fn lanes(&self, c: usize) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
+        // The 2^120 that rebiases the fields is in `wide`, and both factors are exact, so the
+        // one rounding is the reference's.
+        _mm256_mul_ps(self.unscaled(c), _mm256_set1_ps(self.wide))
+    }
+
+    /// The e4m3 values times 2^-120, exact: `wide` factors out.
+    const FACTORED: bool = true;
+
+    fn factor(&self) -> f32 {
+        self.wide
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unscaled(&self, c: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
         debug_assert!(c + 8 <= self.row.len());
         // Sign-extended bytes shifted so that sign, exponent and mantissa land in an f32's
-        // fields (`w8a16::e4m3_bits`); the 2^120 that rebiases them is in `wide`, and both factors
-        // are exact, so the one rounding is the reference's.
+        // fields (`w8a16::e4m3_bits`).
         let bytes = _mm_loadl_epi64(self.row.as_ptr().add(c).cast::<__m128i>());
         let fields = _mm256_and_si256(
             _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(bytes)),
             _mm256_set1_epi32(0x87F0_0000u32 as i32),
         );
-        _mm256_mul_ps(_mm256_castsi256_ps(fields), _mm256_set1_ps(self.wide))
+        _mm256_castsi256_ps(fields)
     }
 }
 
@@ -268,6 +328,9 @@ mod x86 {
     ) -> [[f32; C]; R] {
         let (_, k) = p.dims();
         let len = p.span_len().max(1);
+        // One row multiplies a factored span's weights unscaled and its sum by the factor: a
+        // multiply per span rather than per 8 weights (more rows share each decoded weight).
+        let factored = <P::Span<'_> as Span>::FACTORED && R == 1;
         let mut acc = [[[_mm256_setzero_ps(); U]; C]; R];
         let mut tail = [[0f32; C]; R];
         let (mut c0, mut s) = (0, 0);
@@ -279,16 +342,28 @@ mod x86 {
             for q in 1..C {
                 spans[q] = p.span(js[q], s);
             }
+            let mut part = [[[_mm256_setzero_ps(); U]; C]; R];
+            let sums = if factored { &mut part } else { &mut acc };
             let mut c = c0;
             while c + 8 * U <= c1 {
                 for u in 0..U {
-                    step::<R, C, U, P>(&spans, &xs, c + 8 * u, u, &mut acc);
+                    step::<R, C, U, P>(&spans, &xs, c + 8 * u, u, factored, sums);
                 }
                 c += 8 * U;
             }
             while c + 8 <= c1 {
-                step::<R, C, U, P>(&spans, &xs, c, 0, &mut acc);
+                step::<R, C, U, P>(&spans, &xs, c, 0, factored, sums);
                 c += 8;
+            }
+            if factored {
+                for q in 0..C {
+                    let mut v = part[0][q][0];
+                    for &a in &part[0][q][1..] {
+                        v = _mm256_add_ps(v, a);
+                    }
+                    let factor = _mm256_set1_ps(spans[q].factor());
+                    acc[0][q][0] = _mm256_fmadd_ps(v, factor, acc[0][q][0]);
+                }
             }
             for c in c..c1 {
                 for (q, span) in spans.iter().enumerate() {
@@ -313,19 +388,24 @@ mod x86 {
         sums
     }
 
-    /// One step of 8 inputs from `c`: each weight row's 8 weights decoded once, multiplied with
-    /// every row into accumulator `u`.
+    /// One step of 8 inputs from `c`: each weight row's 8 weights decoded once (`unscaled`:
+    /// before their span's factor), multiplied with every row into accumulator `u`.
     #[inline(always)]
     unsafe fn step<const R: usize, const C: usize, const U: usize, P: Spans>(
         spans: &[P::Span<'_>; C],
         xs: &[&[f32]; R],
         c: usize,
         u: usize,
+        unscaled: bool,
         acc: &mut [[[__m256; U]; C]; R],
     ) {
         let mut w = [_mm256_setzero_ps(); C];
         for q in 0..C {
-            w[q] = spans[q].lanes(c);
+            w[q] = if unscaled {
+                spans[q].unscaled(c)
+            } else {
+                spans[q].lanes(c)
+            };
         }
         for r in 0..R {
             let x = _mm256_loadu_ps(xs[r].as_ptr().add(c));
