@@ -36,11 +36,11 @@ use spans::{span_rows, span_tile, W4Spans};
 
 /// Rows up to which the GEMMs decode the weights in registers; more rows dequantize blocks of
 /// weight rows into a tile for a dense GEMM.
-pub const FEW_ROWS: usize = 16;
+pub const FEW_ROWS: usize = 32;
 
 /// Weight rows dequantized into one tile for the dense GEMM (at most: fewer to give every
 /// thread blocks).
-const TILE_ROWS: usize = 32;
+const TILE_ROWS: usize = 128;
 
 /// [`crate::w4a16::w4a16_gemm`] at memory speed (see the module doc); `shape.m` rows.
 pub fn w4a16_cpu<T: Element>(
@@ -538,9 +538,9 @@ pub(crate) mod tests {
         out
     }
 
-    /// Row counts through both paths: in registers (1, 3, 4 rows: every tile height; 16) and by
-    /// tiles (17, 40).
-    const ROWS: [usize; 6] = [1, 3, 4, 16, 17, 40];
+    /// Row counts through every path: in registers (1, 3, 4 rows: every tile height), decoded
+    /// once per weight row for more (5, and the most), by tiles past that.
+    const ROWS: [usize; 6] = [1, 3, 4, 5, FEW_ROWS, FEW_ROWS + 1];
 
     /// W4A16, every encoding, both paths, AVX2 and portable, f32 and bf16 activations: the
     /// reference's outputs to f32 rounding of the sums.
