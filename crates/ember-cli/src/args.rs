@@ -77,12 +77,12 @@ pub struct ModelArgs {
     /// CPU; f32/bf16 caches). Other attention on the CPU runs ember's CPU kernel or the tensor path.
     #[arg(long, default_value = "tensor")]
     pub attention_backend: String,
-    /// Routed experts: auto (the default: fused on the CPU for dense f32/bf16 experts, experts
-    /// on a GPU), experts (each expert's MLP over its rows, routed on the host) or fused (router,
-    /// alignment, grouped GEMMs and weighted sum as ember's fused MoE kernels, logits kept on the
-    /// device; for dense f32/bf16 experts without expert parallelism, the rest run as experts; a
+    /// Routed experts: auto (the default: fused on the CPU, experts on a GPU), experts (each
+    /// expert's MLP over its rows, routed on the host) or fused (router, alignment, grouped GEMMs
+    /// and weighted sum as ember's fused MoE kernels, logits kept on the device; for dense
+    /// f32/bf16 experts or packed ones without expert parallelism, the rest run as experts; a
     /// fused layer counts /metrics' per-expert tokens on the GPU, read when scraped). On the CPU
-    /// dense experts run fused as ember's blocked CPU kernel, on every core.
+    /// the fused experts run as ember's blocked CPU kernel, on every core.
     #[arg(long, default_value = "auto")]
     pub moe_backend: String,
     /// RMSNorm (fused with the residual add before it), SiLU-and-mul (over one fused gate/up
@@ -96,10 +96,10 @@ pub struct ModelArgs {
     /// sm_89 and up, as the checkpoints were trained; w8a16 on a GPU without them, with a warning).
     #[arg(long, default_value = "w8a16")]
     pub fp8_gemm: String,
-    /// Hold 4-bit and block-FP8 checkpoint projections as stored and multiply them with ember's
-    /// W4A16 / W8A16 kernels (`--packed-weights` or `--packed-weights true`), or dequantize them
-    /// at load (`false`). Unset: packed on a GPU, dequantized on the CPU, where candle's matmuls
-    /// run faster than the kernels' references but a quantized model takes 2-8 times the memory.
+    /// Hold 4-bit (INT4, GPTQ, AWQ, NVFP4, MXFP4) and FP8 (block FP8, online --quantization
+    /// fp8) projections as stored and multiply them by ember's packed kernels (`--packed-weights`
+    /// or `true`, the default on every device), or dequantize them at load to the model dtype
+    /// (`false`: 2 or 4 bytes a weight).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub packed_weights: Option<bool>,
     /// Ranks to shard the model over (tensor parallelism: attention heads, MLP channels and the

@@ -81,8 +81,9 @@ fn every_model_matches_transformers_batched_and_chunked() {
     }
 }
 
-/// On the CPU the default MoE backend runs dense experts through the fused MoE's blocked CPU
-/// kernel (ember-kernels' `moe_cpu`): the MoE checkpoints match transformers through it.
+/// On the CPU the default MoE backend runs dense experts, and packed ones (4-bit, FP4, block
+/// FP8), through the fused MoE's blocked CPU kernel (ember-kernels' `moe_cpu`): the MoE
+/// checkpoints match transformers through it.
 #[test]
 fn the_moe_checkpoints_match_transformers_through_the_cpu_moe_kernel() {
     for name in [
@@ -90,6 +91,9 @@ fn the_moe_checkpoints_match_transformers_through_the_cpu_moe_kernel() {
         "deepseek-v3-tiny",
         "kimi-k2-tiny",
         "deepseek-v2-tiny",
+        "kimi-k2-int4-tiny",
+        "kimi-k2-mxfp4-tiny",
+        "deepseek-v3-fp8-tiny",
     ] {
         let calls = check_against_reference_with(name, EngineConfig::default(), true, |_| {});
         assert!(
@@ -99,10 +103,10 @@ fn the_moe_checkpoints_match_transformers_through_the_cpu_moe_kernel() {
     }
 }
 
-/// The fused MoE (`--moe-backend fused`: dense experts through the blocked CPU kernel here, as
-/// by default on the CPU, packed ones through the references) and ember's layer kernels (their
-/// CPU references here: the oracles of the CUDA kernels), batched and chunked: every checkpoint
-/// still matches transformers.
+/// The fused MoE (`--moe-backend fused`: dense and packed experts through the blocked CPU
+/// kernel here, as by default on the CPU) and ember's layer kernels (their CPU references here:
+/// the oracles of the CUDA kernels), batched and chunked: every checkpoint still matches
+/// transformers.
 #[test]
 fn every_model_matches_transformers_through_embers_kernel_references() {
     for name in MODELS {
@@ -115,6 +119,20 @@ fn every_model_matches_transformers_through_embers_kernel_references() {
             opts.moe_backend = ember_models::backends::MoeBackend::Fused;
             opts.layer_kernels = ember_models::backends::LayerKernels::Ember;
         });
+    }
+}
+
+/// The quantized checkpoints dequantized at load (`--packed-weights false`; by default they are
+/// held packed, as the tests above run them), batched and chunked: transformers' outputs still.
+#[test]
+fn the_quantized_checkpoints_match_transformers_dequantized_at_load() {
+    for name in QUANTIZED {
+        let cfg = EngineConfig {
+            max_num_batched_tokens: 24,
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        check_against_reference_with(name, cfg, true, |opts| opts.packed_weights = Some(false));
     }
 }
 

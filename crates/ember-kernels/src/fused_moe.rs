@@ -300,7 +300,7 @@ pub struct W4Params {
 
 impl W4Params {
     /// One expert's `[n_out, k_in]` weight as the W4A16 kernels' shape.
-    fn shape(&self, n_out: usize, k_in: usize) -> crate::w4a16::W4a16Shape {
+    pub fn shape(&self, n_out: usize, k_in: usize) -> crate::w4a16::W4a16Shape {
         crate::w4a16::W4a16Shape {
             m: 0,
             n: n_out,

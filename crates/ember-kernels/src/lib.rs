@@ -16,6 +16,7 @@ pub mod linear_cpu;
 pub mod mla_decode;
 pub mod moe_cpu;
 pub mod moe_routing;
+pub mod packed_cpu;
 pub mod paged_attention;
 pub mod prefill_attention;
 pub mod rms_norm;

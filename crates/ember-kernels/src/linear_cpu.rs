@@ -1,17 +1,19 @@
-//! A dense projection `y = x · Wᵀ` on the CPU for the few rows of a decode step (attention's
+//! A projection `y = x · Wᵀ` on the CPU for the few rows of a decode step (attention's
 //! projections, shared experts, the LM head): each weight row is read once per call, streamed
 //! against all the rows while they sit in cache, on every core (rayon over blocks of output
-//! channels). At one row it is a GEMV bound by memory bandwidth; larger batches (prefill) are
-//! left to a cache-blocked GEMM (candle's), which the caller picks by row count.
+//! channels). At one row it is a GEMV bound by memory bandwidth. The weight is any
+//! [`WeightRows`] source: dense here ([`linear_cpu`]), packed in [`crate::packed_cpu`]. Larger
+//! batches (prefill) are left to a cache-blocked GEMM (candle's for dense weights), which the
+//! caller picks by row count.
 //!
-//! Numerics: inputs and weights widened to f32, products summed in f32 in lanes of 8 (see
-//! [`crate::cpu_dot`]), one rounding of the output.
+//! Numerics: inputs and weights widened (or decoded) to f32, products summed in f32 in lanes of
+//! 8 (see [`crate::cpu_dot`]), one rounding of the output.
 
 use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::cpu_dot::{row_dots, run_task, tile, use_fma, DotWeight, Task};
+use crate::cpu_dot::{run_task, use_fma, DenseRows, DotWeight, Task, WeightRows};
 use crate::error::check_shape;
 use crate::{Element, KernelError};
 
@@ -54,9 +56,30 @@ fn linear<T: Element, W: DotWeight>(
             )
         },
     )?;
-    if m == 0 || n == 0 {
+    if k == 0 {
+        y.iter_mut().for_each(|v| *v = T::from_f32(0.0));
         return Ok(());
     }
+    linear_rows(fma, y, x, &DenseRows::new(w, k), m);
+    Ok(())
+}
+
+/// `y[r, j] = Σ_c x[r, c] · w[j, c]` over the `m` rows of `x` (`[m, w.k()]`) into `y`
+/// (`[m, w.n()]`), lengths checked by the caller; compiled for AVX2 and FMA when `fma` and the
+/// source allows it.
+pub(crate) fn linear_rows<T: Element, S: WeightRows>(
+    fma: bool,
+    y: &mut [T],
+    x: &[T],
+    w: &S,
+    m: usize,
+) {
+    let (n, k) = (w.n(), w.k());
+    debug_assert!(y.len() == m * n && x.len() == m * k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let fma = fma && w.simd();
     let xf: Cow<[f32]> = match T::as_f32_slice(x) {
         Some(x) => Cow::Borrowed(x),
         None => Cow::Owned(x.iter().map(|v| v.to_f32()).collect()),
@@ -71,7 +94,8 @@ fn linear<T: Element, W: DotWeight>(
             let job = Block {
                 x: &xf,
                 k,
-                w: &w[b * block * k..],
+                w,
+                j0: b * block,
             };
             run_task(fma, &job, out);
         });
@@ -86,17 +110,17 @@ fn linear<T: Element, W: DotWeight>(
             }
         }
     }
-    Ok(())
 }
 
-/// One task: a block of output channels (the weight rows from `w` on) over every row of `x`.
-struct Block<'a, W> {
+/// One task: a block of output channels (the weight rows from `j0` on) over every row of `x`.
+struct Block<'a, S> {
     x: &'a [f32],
     k: usize,
-    w: &'a [W],
+    w: &'a S,
+    j0: usize,
 }
 
-impl<W: DotWeight> Task for Block<'_, W> {
+impl<S: WeightRows> Task for Block<'_, S> {
     /// Writes the block's channels, channel-major (`[channels][m]`), into `out`.
     #[inline(always)]
     fn run<const FMA: bool>(&self, out: &mut [f32]) {
@@ -106,19 +130,18 @@ impl<W: DotWeight> Task for Block<'_, W> {
         let row = |r: usize| &self.x[r * k..][..k];
         let mut j = 0;
         while j + 1 < channels {
-            let ws = [&self.w[j * k..][..k], &self.w[(j + 1) * k..][..k]];
+            let js = [self.j0 + j, self.j0 + j + 1];
             let (a, b) = out[j * m..(j + 2) * m].split_at_mut(m);
-            row_dots::<2, FMA, W>(&row, 0..m, ws, k, |r, [da, db]| {
+            self.w.row_dots::<2, FMA>(&row, 0..m, js, |r, [da, db]| {
                 a[r] = da;
                 b[r] = db;
             });
             j += 2;
         }
         if j < channels {
-            let wj = &self.w[j * k..][..k];
-            for r in 0..m {
-                out[j * m + r] = tile::<1, 1, FMA, W>([row(r)], [wj], k)[0][0];
-            }
+            let col = &mut out[j * m..(j + 1) * m];
+            self.w
+                .row_dots::<1, FMA>(&row, 0..m, [self.j0 + j], |r, [d]| col[r] = d);
         }
     }
 }

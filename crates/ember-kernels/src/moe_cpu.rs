@@ -9,12 +9,16 @@
 //! activations and added into the tokens' outputs with their routing weights. Tiles of rows x
 //! weight rows keep the rows in cache while a weight row streams by once.
 //!
-//! Numerics: inputs and weights widened to f32, products summed in f32 (in lanes of 8, so in
-//! another order than [`crate::fused_moe`]'s references), one rounding of the output.
+//! The experts' weights are any [`WeightRows`] source: dense f32 / bf16 ([`fused_moe_cpu`]), or
+//! packed 4-bit / e4m3 ones decoded in registers ([`fused_moe_rows`] over
+//! [`crate::packed_cpu`]'s sources).
+//!
+//! Numerics: inputs and weights widened (or decoded) to f32, products summed in f32 (in lanes of
+//! 8, so in another order than [`crate::fused_moe`]'s references), one rounding of the output.
 
 use rayon::prelude::*;
 
-use crate::cpu_dot::{row_dots, run_task, tile, use_fma, DotWeight, Task};
+use crate::cpu_dot::{run_task, use_fma, DenseRows, DotWeight, Task, WeightRows};
 use crate::error::check_shape;
 use crate::{Element, KernelError};
 
@@ -67,38 +71,9 @@ const INTER_BLOCK: usize = 32;
 /// Output channels per down task.
 const HIDDEN_BLOCK: usize = 32;
 
-fn check(
-    s: &MoeCpuShape,
-    out: usize,
-    x: usize,
-    ids: usize,
-    weights: usize,
-    w13: usize,
-    w2: usize,
-) -> Result<(), KernelError> {
-    let entries = s.tokens * s.top_k;
-    check_shape(
-        out == s.tokens * s.hidden
-            && x == s.tokens * s.hidden
-            && ids == entries
-            && weights == entries
-            && w13 == s.num_experts * 2 * s.inter * s.hidden
-            && w2 == s.num_experts * s.hidden * s.inter,
-        "moe_cpu",
-        || {
-            format!(
-                "{s:?} needs out and x of {}, ids and weights of {entries}, w13 of {}, w2 of {}; \
-                 got out {out}, x {x}, ids {ids}, weights {weights}, w13 {w13}, w2 {w2}",
-                s.tokens * s.hidden,
-                s.num_experts * 2 * s.inter * s.hidden,
-                s.num_experts * s.hidden * s.inter
-            )
-        },
-    )
-}
-
 /// `out[t] = Σ_j topk_weights[t·top_k + j] · down_e(silu(gate_e(x[t])) · up_e(x[t]))`, `e` =
-/// `topk_ids[t·top_k + j]`: the routed experts' weighted sum for every token.
+/// `topk_ids[t·top_k + j]`: the routed experts' weighted sum for every token, over dense
+/// weights: `w13` `[num_experts, 2 * inter, hidden]` and `w2` `[num_experts, hidden, inter]`.
 pub fn fused_moe_cpu<T: Element, W: DotWeight>(
     out: &mut [T],
     x: &[T],
@@ -108,22 +83,91 @@ pub fn fused_moe_cpu<T: Element, W: DotWeight>(
     w2: &[W],
     s: &MoeCpuShape,
 ) -> Result<(), KernelError> {
-    check(
-        s,
-        out.len(),
-        x.len(),
-        topk_ids.len(),
-        topk_weights.len(),
-        w13.len(),
-        w2.len(),
+    let (e, h, i) = (s.num_experts, s.hidden, s.inter);
+    check_shape(
+        w13.len() == e * 2 * i * h && w2.len() == e * h * i,
+        "moe_cpu",
+        || {
+            format!(
+                "{s:?} needs w13 of {}, w2 of {}; got w13 {}, w2 {}",
+                e * 2 * i * h,
+                e * h * i,
+                w13.len(),
+                w2.len()
+            )
+        },
+    )?;
+    if h == 0 || i == 0 {
+        out.iter_mut().for_each(|v| *v = T::from_f32(0.0));
+        return Ok(());
+    }
+    let w13: Vec<_> = w13
+        .chunks_exact(2 * i * h)
+        .map(|w| DenseRows::new(w, h))
+        .collect();
+    let w2: Vec<_> = w2
+        .chunks_exact(h * i)
+        .map(|w| DenseRows::new(w, i))
+        .collect();
+    fused_moe_rows(out, x, topk_ids, topk_weights, &w13, &w2, s)
+}
+
+/// [`fused_moe_cpu`] over any weight-row source: expert `e`'s gate then up rows are `w13[e]`
+/// (`[2 * inter, hidden]`), its down rows `w2[e]` (`[hidden, inter]`).
+pub fn fused_moe_rows<T: Element, R: WeightRows>(
+    out: &mut [T],
+    x: &[T],
+    topk_ids: &[u32],
+    topk_weights: &[f32],
+    w13: &[R],
+    w2: &[R],
+    s: &MoeCpuShape,
+) -> Result<(), KernelError> {
+    fused_moe(use_fma(), out, x, (topk_ids, topk_weights), (w13, w2), s)
+}
+
+/// [`fused_moe_rows`], compiled for AVX2 and FMA when `fma` and every source allows it.
+fn fused_moe<T: Element, R: WeightRows>(
+    fma: bool,
+    out: &mut [T],
+    x: &[T],
+    (topk_ids, topk_weights): (&[u32], &[f32]),
+    (w13, w2): (&[R], &[R]),
+    s: &MoeCpuShape,
+) -> Result<(), KernelError> {
+    let entries = s.tokens * s.top_k;
+    let (e, h, i) = (s.num_experts, s.hidden, s.inter);
+    let fits = |w: &[R], n, k| w.len() == e && w.iter().all(|w| (w.n(), w.k()) == (n, k));
+    check_shape(
+        out.len() == s.tokens * h
+            && x.len() == s.tokens * h
+            && topk_ids.len() == entries
+            && topk_weights.len() == entries
+            && fits(w13, 2 * i, h)
+            && fits(w2, h, i),
+        "moe_cpu",
+        || {
+            format!(
+                "{s:?} needs out and x of {}, ids and weights of {entries}, {e} experts' \
+                 [{}, {h}] gate/up and [{h}, {i}] down rows; got out {}, x {}, ids {}, \
+                 weights {}, {} gate/up and {} down sources",
+                s.tokens * h,
+                2 * i,
+                out.len(),
+                x.len(),
+                topk_ids.len(),
+                topk_weights.len(),
+                w13.len(),
+                w2.len()
+            )
+        },
     )?;
     if s.tokens == 0 {
         return Ok(());
     }
     let groups = group_by_expert(topk_ids, s.num_experts)?;
-    let (h, i) = (s.hidden, s.inter);
     let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-    let fma = use_fma();
+    let fma = fma && w13.iter().chain(w2).all(|w| w.simd());
 
     // Gate/up and SiLU-and-mul, each expert's activations channel-major ([inter][rows]) so that
     // every task owns one contiguous block of them.
@@ -142,14 +186,14 @@ pub fn fused_moe_cpu<T: Element, W: DotWeight>(
         }
     }
     tasks.into_par_iter().for_each(|(e, j0, rows, block)| {
-        let w = &w13[e * 2 * i * h..][..2 * i * h];
         let job = GateUp {
             x: &xf,
             hidden: h,
+            inter: i,
             top_k: s.top_k,
             rows,
-            gate: &w[j0 * h..],
-            up: &w[(i + j0) * h..],
+            w: &w13[e],
+            j0,
         };
         run_task(fma, &job, block);
     });
@@ -174,7 +218,6 @@ pub fn fused_moe_cpu<T: Element, W: DotWeight>(
             let job = Down {
                 act: &act,
                 inter: i,
-                hidden: h,
                 top_k: s.top_k,
                 tokens: s.tokens,
                 groups: &groups,
@@ -193,27 +236,30 @@ pub fn fused_moe_cpu<T: Element, W: DotWeight>(
 }
 
 /// One gate/up task: a block of intermediate channels of one expert over all its rows.
-struct GateUp<'a, W> {
+struct GateUp<'a, R> {
     /// The step's rows, f32.
     x: &'a [f32],
     hidden: usize,
+    inter: usize,
     top_k: usize,
     /// The expert's entry ids.
     rows: &'a [u32],
-    /// The block's first gate row and first up row, and the rows after them.
-    gate: &'a [W],
-    up: &'a [W],
+    /// The expert's gate rows, then its up rows.
+    w: &'a R,
+    /// The block's first intermediate channel.
+    j0: usize,
 }
 
-impl<W: DotWeight> Task for GateUp<'_, W> {
+impl<R: WeightRows> Task for GateUp<'_, R> {
     /// Writes `silu(gate) · up` of the block's channels, channel-major, into `block`.
     #[inline(always)]
     fn run<const FMA: bool>(&self, block: &mut [f32]) {
         let (h, m) = (self.hidden, self.rows.len());
         let row = |r: usize| &self.x[self.rows[r] as usize / self.top_k * h..][..h];
         for (j, out) in block.chunks_exact_mut(m).enumerate() {
-            let ws = [&self.gate[j * h..][..h], &self.up[j * h..][..h]];
-            row_dots::<2, FMA, W>(&row, 0..m, ws, h, |r, [g, u]| out[r] = silu(g) * u);
+            let js = [self.j0 + j, self.inter + self.j0 + j];
+            self.w
+                .row_dots::<2, FMA>(&row, 0..m, js, |r, [g, u]| out[r] = silu(g) * u);
         }
     }
 }
@@ -223,21 +269,21 @@ fn silu(g: f32) -> f32 {
 }
 
 /// One down task: a block of output channels over every active expert.
-struct Down<'a, W> {
+struct Down<'a, R> {
     /// Each expert's activations, row-major, in grouped order.
     act: &'a [f32],
     inter: usize,
-    hidden: usize,
     top_k: usize,
     tokens: usize,
     groups: &'a ExpertGroups,
     weights: &'a [f32],
-    w2: &'a [W],
+    /// Each expert's down rows.
+    w2: &'a [R],
     /// The block's first output channel.
     n0: usize,
 }
 
-impl<W: DotWeight> Task for Down<'_, W> {
+impl<R: WeightRows> Task for Down<'_, R> {
     /// Adds the block's channels of every entry's weighted down projection into `block`
     /// (`[channels][tokens]`).
     #[inline(always)]
@@ -249,7 +295,7 @@ impl<W: DotWeight> Task for Down<'_, W> {
             if o == end {
                 continue;
             }
-            let w = &self.w2[(e * self.hidden + self.n0) * i..][..channels * i];
+            let w = &self.w2[e];
             let row = |p: usize| &self.act[p * i..][..i];
             let mut add = |p: usize, n: usize, v: f32| {
                 let id = g.entries[p] as usize;
@@ -257,17 +303,14 @@ impl<W: DotWeight> Task for Down<'_, W> {
                 block[n * self.tokens + t] += self.weights[id] * v;
             };
             for n in (0..channels).step_by(2) {
+                let j = self.n0 + n;
                 if n + 1 < channels {
-                    let ws = [&w[n * i..][..i], &w[(n + 1) * i..][..i]];
-                    row_dots::<2, FMA, W>(&row, o..end, ws, i, |p, [a, b]| {
+                    w.row_dots::<2, FMA>(&row, o..end, [j, j + 1], |p, [a, b]| {
                         add(p, n, a);
                         add(p, n + 1, b);
                     });
                 } else {
-                    for p in o..end {
-                        let [[a]] = tile::<1, 1, FMA, W>([row(p)], [&w[n * i..][..i]], i);
-                        add(p, n, a);
-                    }
+                    w.row_dots::<1, FMA>(&row, o..end, [j], |p, [a]| add(p, n, a));
                 }
             }
         }
@@ -406,6 +449,113 @@ mod tests {
                 assert!(
                     (g - w).abs() <= 1e-4 + (1e-4 + 1.0 / 256.0) * w.abs(),
                     "{s:?}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    /// Packed experts (4-bit integers with zero points, e2m1 under e4m3 scale bytes, e4m3 in
+    /// 16 x 16 blocks) through [`fused_moe_rows`]: the f32 path over the same weights
+    /// dequantized, within 1e-4 plus 1e-4 of the output (sums in another order). One token
+    /// decodes the weights in registers; 13 tokens give experts more rows than a tile.
+    #[test]
+    fn packed_experts_match_their_dequantized_weights() {
+        use crate::packed_cpu::tests::{w4_weight, w8_weight};
+        use crate::packed_cpu::{W4Rows, W8Rows};
+        use crate::w4a16::{self, W4Scales, W4a16Shape};
+        use crate::w8a16::{self, W8a16Shape};
+
+        let w4 = |n, k, e2m1| W4a16Shape {
+            m: 0,
+            n,
+            k,
+            group_size: 16,
+            f16_weights: false,
+            e2m1,
+            zeros: !e2m1,
+            scales: if e2m1 {
+                W4Scales::E4m3Times
+            } else {
+                W4Scales::F32
+            },
+        };
+        let w8 = |n, k| W8a16Shape {
+            m: 0,
+            n,
+            k,
+            block_n: 16,
+            block_k: 16,
+        };
+        for tokens in [1, 13] {
+            let s = MoeCpuShape {
+                tokens,
+                top_k: 3,
+                num_experts: 5,
+                hidden: 64,
+                inter: 48,
+            };
+            let (x, ids, weights, _, _) = inputs(&s, 30 + tokens as u64);
+            let (e, h, i) = (s.num_experts, s.hidden, s.inter);
+            let mut want_w = (Vec::new(), Vec::new());
+            for e2m1 in [false, true] {
+                let (s13, s2) = (w4(2 * i, h, e2m1), w4(h, i, e2m1));
+                let w13: Vec<_> = (0..e).map(|x| w4_weight(&s13, x as u64)).collect();
+                let w2: Vec<_> = (0..e).map(|x| w4_weight(&s2, 10 + x as u64)).collect();
+                let dense = |(c, q): &(Vec<u8>, Vec<f32>), sh: &W4a16Shape| {
+                    let mut out = vec![0f32; sh.n * sh.k];
+                    w4a16::dequantize(c, q, sh, &mut out).unwrap();
+                    out
+                };
+                want_w.0 = w13.iter().flat_map(|w| dense(w, &s13)).collect();
+                want_w.1 = w2.iter().flat_map(|w| dense(w, &s2)).collect();
+                let r13: Vec<_> = w13
+                    .iter()
+                    .map(|(c, q)| W4Rows::new(c, q, &s13).unwrap())
+                    .collect();
+                let r2: Vec<_> = w2
+                    .iter()
+                    .map(|(c, q)| W4Rows::new(c, q, &s2).unwrap())
+                    .collect();
+                check_packed(&s, (&x, &ids, &weights), &want_w, (&r13, &r2));
+            }
+            let (s13, s2) = (w8(2 * i, h), w8(h, i));
+            let w13: Vec<_> = (0..e).map(|x| w8_weight(&s13, 20 + x as u64)).collect();
+            let w2: Vec<_> = (0..e).map(|x| w8_weight(&s2, 30 + x as u64)).collect();
+            let dense = |(b, sc): &(Vec<u8>, Vec<f32>), sh: &W8a16Shape| {
+                let mut out = vec![0f32; sh.n * sh.k];
+                w8a16::dequantize(b, sc, sh, &mut out).unwrap();
+                out
+            };
+            want_w.0 = w13.iter().flat_map(|w| dense(w, &s13)).collect();
+            want_w.1 = w2.iter().flat_map(|w| dense(w, &s2)).collect();
+            let r13: Vec<_> = w13
+                .iter()
+                .map(|(b, sc)| W8Rows::new(b, sc, &s13).unwrap())
+                .collect();
+            let r2: Vec<_> = w2
+                .iter()
+                .map(|(b, sc)| W8Rows::new(b, sc, &s2).unwrap())
+                .collect();
+            check_packed(&s, (&x, &ids, &weights), &want_w, (&r13, &r2));
+        }
+    }
+
+    /// [`fused_moe_rows`] over packed `rows` against the reference over their dequantized
+    /// weights `(w13, w2)`, with AVX2 where the CPU has it and portable.
+    fn check_packed<R: WeightRows>(
+        s: &MoeCpuShape,
+        (x, ids, weights): (&[f32], &[u32], &[f32]),
+        (w13, w2): &(Vec<f32>, Vec<f32>),
+        (r13, r2): (&[R], &[R]),
+    ) {
+        let want = reference(x, ids, weights, w13, w2, s);
+        for fma in [use_fma(), false] {
+            let mut got = vec![0f32; want.len()];
+            fused_moe(fma, &mut got, x, (ids, weights), (r13, r2), s).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                    "fma {fma}, {s:?}: {g} vs {w}"
                 );
             }
         }

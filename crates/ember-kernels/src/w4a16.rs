@@ -75,11 +75,13 @@ impl W4Scales {
     }
 
     /// Whether the scales are bytes after each row's codes.
+    #[inline]
     pub fn in_bytes(self) -> bool {
         self != W4Scales::F32
     }
 
     /// A scale byte's value under the row's global `global`.
+    #[inline]
     pub fn value(self, byte: u8, global: f32) -> f32 {
         match self {
             W4Scales::F32 => f32::from(byte),
@@ -163,10 +165,10 @@ pub fn with_scale_bytes(packed: &[u8], scales: &[u8], n: usize, k: usize) -> Vec
 }
 
 /// The magnitudes of e2m1 codes 0-7; bit 3 is the sign.
-const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+pub(crate) const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 
 /// A 4-bit code's weight before its scale: the integer less `zero`, or its e2m1 value.
-fn code_value(code: u8, zero: f32, e2m1: bool) -> f32 {
+pub(crate) fn code_value(code: u8, zero: f32, e2m1: bool) -> f32 {
     if !e2m1 {
         return f32::from(code) - zero;
     }

@@ -67,16 +67,21 @@ pub fn w8a16_shape(
 
 /// float8 e4m3 (the `fn` variant: no infinities, `S.1111.111` is NaN) to f32, exactly.
 pub fn e4m3_to_f32(byte: u8) -> f32 {
-    let sign = if byte & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let exp = i32::from((byte >> 3) & 0xF);
-    let mantissa = f32::from(byte & 7);
-    if exp == 15 && byte & 7 == 7 {
+    if byte & 0x7F == 0x7F {
         return f32::NAN;
     }
-    if exp == 0 {
-        return sign * mantissa * 2f32.powi(-9);
-    }
-    sign * (1.0 + mantissa / 8.0) * 2f32.powi(exp - 7)
+    e4m3_bits(byte) * E4M3_REBIAS
+}
+
+/// 2^120: an e4m3 byte's bits placed in an f32 (see [`e4m3_bits`]) times this are its value.
+pub(crate) const E4M3_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
+
+/// An e4m3 byte's sign, exponent and mantissa placed in an f32's fields as they are (the
+/// exponent not rebiased): its value times 2^-120, exactly, subnormals included. NaN codes
+/// read as 480 · 2^-120.
+#[inline(always)]
+pub(crate) fn e4m3_bits(byte: u8) -> f32 {
+    f32::from_bits(((i32::from(byte as i8) << 20) as u32) & 0x87F0_0000)
 }
 
 /// The weight `W[j, c]` of `w` and `scales`.

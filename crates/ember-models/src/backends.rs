@@ -22,9 +22,10 @@ pub enum AttentionBackend {
 /// Which implementation runs a layer's routed experts (`--moe-backend`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum MoeBackend {
-    /// On the CPU the fused MoE where it serves the layer (dense f32/bf16 experts, not expert
-    /// parallel, no adapter on the experts in the step: ember-kernels' blocked CPU kernel),
-    /// elsewhere as `Experts`; on a GPU `Experts`, until the fused kernels have been run on one.
+    /// On the CPU the fused MoE where it serves the layer (dense f32/bf16 experts or packed ones,
+    /// not expert parallel, no adapter on the experts in the step: ember-kernels' blocked CPU
+    /// kernel), elsewhere as `Experts`; on a GPU `Experts`, until the fused kernels have been
+    /// run on one.
     #[default]
     Auto,
     /// Each expert's MLP over the rows routed to it, routed on the host.

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::backends::{Backends, Fp8Gemm};
 use crate::device::calls::KernelCalls;
-use crate::loading::checkpoint::{resolve_model_dir, safetensors_files};
+use crate::loading::checkpoint::{packed_held_bytes, resolve_model_dir, safetensors_files};
 use std::sync::Arc;
 
 use crate::families::decoder::DecoderModel;
@@ -77,9 +77,10 @@ pub struct LoadOptions {
     pub layer_kernels: crate::backends::LayerKernels,
     /// `--fp8-gemm`: block-FP8 projections as W8A16 or W8A8 (FP8 tensor cores, sm_89 and up).
     pub fp8_gemm: Fp8Gemm,
-    /// Hold 4-bit and block-FP8 checkpoint projections as stored and multiply them with the
-    /// W4A16 / W8A16 kernels (`None`: on CUDA, where it saves the memory; on the CPU they are
-    /// dequantized at load, which candle's matmuls run faster than the kernels' references).
+    /// `--packed-weights`: hold 4-bit and FP8 projections (block-FP8 checkpoints, online FP8)
+    /// as stored and multiply them with the W4A16 / W8A16 kernels (on the CPU ember-kernels'
+    /// `packed_cpu`, as fast as the dequantized f32 weights or faster at a quarter to an eighth
+    /// of the memory) rather than dequantize them at load (`None`: packed, on every device).
     pub packed_weights: Option<bool>,
 }
 
@@ -284,9 +285,18 @@ pub fn weight_bytes(cfg: &ModelConfig, dtype: DType) -> u64 {
     cfg.num_parameters() * dtype.size_in_bytes() as u64
 }
 
-/// Whether 4-bit and block-FP8 checkpoint projections are held as stored ([`LoadOptions::packed_weights`]).
+/// Whether 4-bit and FP8 projections are held as stored ([`LoadOptions::packed_weights`]).
 fn packed_weights(opts: &LoadOptions) -> bool {
-    opts.packed_weights.unwrap_or(opts.device.is_cuda())
+    opts.packed_weights.unwrap_or(true)
+}
+
+/// Bytes a load of the checkpoint in `files` holds with its quantized projections packed: the
+/// checkpoint's tensors as [`packed_held_bytes`] counts them, and MLA's absorbed-decode copies of
+/// `kv_b_proj`, which the loader derives in `dtype`.
+pub fn packed_weight_bytes(cfg: &ModelConfig, files: &[PathBuf], dtype: DType) -> Result<u64> {
+    use crate::parallel::memory_plan::{rank_weights, WeightFormat};
+    let absorbed = rank_weights(cfg, 1, false, WeightFormat::Loaded(dtype))?[0].mla_absorbed;
+    Ok(packed_held_bytes(files, dtype)? + absorbed)
 }
 
 /// Whether the checkpoint stores 4-bit integer or block-FP8 projections that this load holds
@@ -434,53 +444,64 @@ pub fn load_model(opts: &LoadOptions) -> Result<LoadedModel> {
             )));
         }
     }
-    if opts.device.is_cpu() {
-        // Projections held packed take half a byte (4-bit) or one (block FP8) per parameter:
-        // at least that much is needed, the rest (embeddings, ignored modules) in `dtype`.
-        let (need, held) = if holds_packed_weights(opts, config.quantization, dtype) {
+    let files = match opts.load_format {
+        LoadFormat::Safetensors => Some(safetensors_files(&dir)?),
+        LoadFormat::Dummy => None,
+    };
+    // What the weights take held: in `dtype`, but projections held packed at their size.
+    let packed = holds_packed_weights(opts, config.quantization, dtype);
+    let held = match &files {
+        Some(files) if packed => packed_weight_bytes(&config, files, dtype)?,
+        // A dummy load of a quantized config holds its projections packed too: half a byte
+        // (4-bit) or one (block FP8) per parameter at least.
+        None if packed => {
             let bits = match config.quantization {
                 Some(WeightQuantization::Fp8Block(_)) => 8,
                 _ => 4,
             };
-            (
-                config.num_parameters() * bits / 8,
-                " at least, projections held packed",
-            )
-        } else {
-            (need, "")
-        };
+            config.num_parameters() * bits / 8
+        }
+        _ => need,
+    };
+    if opts.device.is_cpu() {
         if let Some(avail) = available_memory_bytes() {
-            if need > avail {
+            if held > avail {
                 return Err(EmberError::Config(format!(
-                    "{} parameters ({} active per token) need {:.1} GiB in {dtype:?}{held} but only {:.1} GiB of memory is available; \
+                    "{} parameters ({} active per token) need {:.1} GiB in {dtype:?}{} but only {:.1} GiB of memory is available; \
                      use a smaller --dtype or fewer layers, e.g. --hf-overrides '{{\"num_hidden_layers\": 2}}'",
                     billions(config.num_parameters()),
                     billions(config.num_active_parameters()),
-                    need as f64 / (1u64 << 30) as f64,
+                    held as f64 / (1u64 << 30) as f64,
+                    if packed { " with the quantized projections packed" } else { "" },
                     avail as f64 / (1u64 << 30) as f64
                 )));
             }
         }
     }
-    let (weights, quantization) = match opts.load_format {
-        LoadFormat::Safetensors => {
-            let files = safetensors_files(&dir)?;
-            // The memory report: quantized weights are dequantized at load, so they are held in
-            // `dtype`, not at their checkpoint size.
+    let (weights, quantization) = match &files {
+        Some(files) => {
             tracing::info!(
-                weights_gib = need as f64 / (1u64 << 30) as f64,
-                checkpoint_gib = checkpoint_bytes(&files) as f64 / (1u64 << 30) as f64,
+                weights_gib = held as f64 / (1u64 << 30) as f64,
+                checkpoint_gib = checkpoint_bytes(files) as f64 / (1u64 << 30) as f64,
                 available_gib = available_memory_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
                 quantization = ?config.quantization,
-                "memory: weights held in {dtype:?} (quantized checkpoints are dequantized at load, but for 4-bit and block-FP8 projections on CUDA, held as stored)"
+                packed,
+                "memory: weights held in {dtype:?}{}",
+                if packed {
+                    ", but for the 4-bit and block-FP8 projections, held as stored"
+                } else if config.quantization.is_some() {
+                    " (the quantized checkpoint dequantized at load)"
+                } else {
+                    ""
+                }
             );
             (
-                Weights::from_safetensors(&files, dtype, &opts.device)?,
+                Weights::from_safetensors(files, dtype, &opts.device)?,
                 config.quantization,
             )
         }
         // Linear modules stored as the quantization_config says, as a real checkpoint's are.
-        LoadFormat::Dummy => (
+        None => (
             Weights::dummy_quantized(
                 opts.seed,
                 config.quantization,

@@ -1,7 +1,7 @@
 //! ember's kernel paths give the logits of candle's: 4-bit and block-FP8 projections held packed
-//! for the W4A16 / W8A16 kernels against the same checkpoints dequantized at load, online FP8,
-//! W8A8, the fused MoE against the experts one by one, ember's layer kernels and MLA decode
-//! (their CPU references here), unsharded and sharded.
+//! (the default; on the CPU ember-kernels' packed GEMMs) against the same checkpoints
+//! dequantized at load, online FP8, W8A8, the fused MoE against the experts one by one, ember's
+//! layer kernels and MLA decode (their CPU references here), unsharded and sharded.
 
 mod steps;
 
@@ -15,7 +15,7 @@ use steps::{
 };
 
 /// Every logits row of one 40-token prefill: batches past the packed weights' GEMV size, which
-/// dequantize on the device and run a dense GEMM instead.
+/// dequantize on the device and run a dense GEMM instead (on the CPU: tiles of weight rows).
 fn run_prefill(loaded: &LoadedModel) -> Vec<Vec<f32>> {
     let caches = caches(loaded);
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 1900).collect();
@@ -32,17 +32,22 @@ fn run_prefill(loaded: &LoadedModel) -> Vec<Vec<f32>> {
     out.to_vec2::<f32>().unwrap()
 }
 
-/// Loads `name` dequantized (the CPU default) and held packed (`packed_weights`) at TP 1 and 2:
-/// the same logprobs within `tol` on the steps and on a prefill past the GEMV size, and fewer
-/// bytes held (below `at_most_tenths / 10` of the dequantized ones at TP 1).
+/// `options` with the quantized projections dequantized at load (`--packed-weights false`).
+fn dequantized_options(name: &str, tp: usize) -> LoadOptions {
+    let mut opts = options(name, tp, false);
+    opts.packed_weights = Some(false);
+    opts
+}
+
+/// Loads `name` dequantized at load and held packed (the default) at TP 1 and 2: the same
+/// logprobs within `tol` on the steps and on a prefill past the GEMV size, and fewer bytes held
+/// (below `at_most_tenths / 10` of the dequantized ones at TP 1).
 fn check_held(name: &str, tol: f32, at_most_tenths: u64) {
-    let one = load_model(&options(name, 1, false)).unwrap();
+    let one = load_model(&dequantized_options(name, 1)).unwrap();
     let (reference, prefill) = (logprobs(&run_steps(&one)), logprobs(&run_prefill(&one)));
     for tp in [1, 2] {
-        let dequantized = load_model(&options(name, tp, false)).unwrap();
-        let mut opts = options(name, tp, false);
-        opts.packed_weights = Some(true);
-        let packed = load_model(&opts).unwrap();
+        let dequantized = load_model(&dequantized_options(name, tp)).unwrap();
+        let packed = load_model(&options(name, tp, false)).unwrap();
         let diff = max_diff(&reference, &logprobs(&run_steps(&packed)))
             .max(max_diff(&prefill, &logprobs(&run_prefill(&packed))));
         println!(
@@ -61,8 +66,8 @@ fn check_held(name: &str, tol: f32, at_most_tenths: u64) {
 }
 
 /// 4-bit routed experts (integer, or FP4: NVFP4, MXFP4) held packed and multiplied by the W4A16
-/// op (its CPU reference here) give the logprobs of the same weights dequantized at load, at TP 1
-/// and 2 (column and row splits), and hold a fraction of the bytes. Both dequantize the same way (exact in f32; rounded to
+/// op (ember-kernels' packed CPU GEMM here) give the logprobs of the same weights dequantized at
+/// load, at TP 1 and 2 (column and row splits), and hold a fraction of the bytes. Both dequantize the same way (exact in f32; rounded to
 /// float16 for GPTQ and AWQ, as their tools do), so they agree to the order of the f32 sums:
 /// 1e-4. The GPTQ checkpoint uses activation order: its inputs are gathered.
 ///
@@ -82,8 +87,8 @@ fn four_bit_projections_held_packed_give_the_dequantized_logprobs() {
     }
 }
 
-/// Block-FP8 projections held as stored and multiplied by the W8A16 op (its CPU reference here)
-/// give the logprobs of the same checkpoint dequantized at load, at TP 1 and 2: both compute each
+/// Block-FP8 projections held as stored and multiplied by the W8A16 op (ember-kernels' packed
+/// CPU GEMM here) give the logprobs of the same checkpoint dequantized at load, at TP 1 and 2: both compute each
 /// weight as e4m3 times its block's scale in f32, so they agree to the order of the f32 sums.
 /// deepseek-v3-fp8-256-tiny has hidden 320: real 128 x 128 blocks with ragged edges. A rank's part
 /// that does not start on a block boundary is dequantized instead (at TP 2 most of them here).
@@ -208,6 +213,31 @@ fn the_cpus_default_moe_is_the_blocked_kernel() {
         let ep = load_model(&options(name, 2, true)).unwrap();
         run_steps(&ep);
         assert_eq!(ep.kernel_calls.get(Kernel::MoeCpu), 0, "{name} ep");
+    }
+}
+
+/// On quantized checkpoints the CPU's default holds the experts packed and runs them as the
+/// blocked CPU kernel over their packed rows (4-bit integers, e2m1 with e4m3 scale bytes, e4m3
+/// blocks), with the logprobs of the same experts one by one (fp32, within 1e-4), holding the
+/// same bytes.
+#[test]
+fn the_cpus_default_moe_runs_packed_experts_through_the_blocked_kernel() {
+    for name in [
+        "kimi-k2-int4-tiny",
+        "kimi-k2-nvfp4-tiny",
+        "deepseek-v3-fp8-tiny",
+    ] {
+        let experts = load_model(&experts_options(name, 1, false)).unwrap();
+        let auto = load_model(&options(name, 1, false)).unwrap();
+        assert_eq!(auto.rank_weight_bytes, experts.rank_weight_bytes, "{name}");
+        let calls = || auto.kernel_calls.get(Kernel::MoeCpu);
+        let before = calls();
+        for run in [run_steps, run_prefill] {
+            let diff = max_diff(&logprobs(&run(&experts)), &logprobs(&run(&auto)));
+            println!("{name}: CPU MoE over packed experts max |Δ logprob| {diff:.2e}");
+            assert!(diff < 1e-4, "{name}: max |Δ logprob| {diff}");
+        }
+        assert!(calls() > before, "{name}: the CPU MoE never ran");
     }
 }
 
@@ -392,9 +422,9 @@ fn embers_mla_decode_gives_the_tensor_paths_logprobs() {
     assert!(moved > 1e-3, "the adapter changed nothing ({moved})");
 }
 
-/// The fused MoE over FP8 checkpoints' experts held as stored (e4m3 bytes and block scales, as
-/// on CUDA; `packed_weights` forces it here): the grouped W8A16 GEMM (its CPU reference) gives
-/// the logprobs of the same packed experts run one by one, holding the same bytes; fp32, 1e-4.
+/// The fused MoE over FP8 checkpoints' experts held as stored (e4m3 bytes and block scales):
+/// the grouped W8A16 GEMM (on the CPU the blocked kernel over the packed rows) gives the
+/// logprobs of the same packed experts run one by one, holding the same bytes; fp32, 1e-4.
 /// deepseek-v3-fp8-256-tiny has real 128 x 128 blocks with ragged edges, and 192 intermediate
 /// channels: its up rows would start inside a scale block of the stacked gate/up rows, so its
 /// experts run one by one (the real checkpoints' 768, 2048 and their TP shares stack). At TP 2
@@ -410,8 +440,9 @@ fn the_fused_moe_over_fp8_experts_gives_their_logprobs_one_by_one() {
 }
 
 /// The fused MoE over 4-bit experts held packed (integer with zero points, AWQ's float16
-/// weights, NVFP4 and MXFP4 as e2m1): the grouped W4A16 GEMM (its CPU reference) gives the
-/// logprobs of the same packed experts run one by one; fp32, within 1e-4. GPTQ with activation
+/// weights, NVFP4 and MXFP4 as e2m1): the grouped W4A16 GEMM (on the CPU the blocked kernel
+/// over the packed rows) gives the logprobs of the same packed experts run one by one; fp32,
+/// within 1e-4. GPTQ with activation
 /// order gathers each expert's inputs in its own order, so those experts run one by one.
 #[test]
 fn the_fused_moe_over_four_bit_experts_gives_their_logprobs_one_by_one() {
@@ -430,11 +461,8 @@ fn the_fused_moe_over_four_bit_experts_gives_their_logprobs_one_by_one() {
 fn check_fused_packed(models: &[(&str, bool)]) {
     for &(name, stacks) in models {
         for tp in [1, 2] {
-            let mut opts = options(name, tp, false);
-            opts.packed_weights = Some(true);
-            let experts = load_model(&opts).unwrap();
-            opts.moe_backend = ember_models::backends::MoeBackend::Fused;
-            let fused = load_model(&opts).unwrap();
+            let experts = load_model(&experts_options(name, tp, false)).unwrap();
+            let fused = load_model(&fused_options(name, tp, false)).unwrap();
             assert_eq!(
                 fused.rank_weight_bytes, experts.rank_weight_bytes,
                 "{name} tp {tp}"
@@ -458,18 +486,20 @@ fn check_fused_packed(models: &[(&str, bool)]) {
     }
 }
 
-/// Online FP8 (`--quantization fp8`) held for the W8A16 kernels (as on CUDA; `packed_weights`
-/// forces it here: e4m3 bytes with one scale block per output row) gives the logprobs of online
-/// FP8 dequantized per matmul (the CPU's), with the same bytes held; and its MoE experts stack
-/// for the fused MoE's grouped W8A16 GEMM. fp32, within 1e-4.
+/// Online FP8 (`--quantization fp8`) held for the W8A16 kernels (the default: e4m3 bytes with
+/// one scale block per output row) gives the logprobs of online FP8 dequantized per matmul
+/// (`--packed-weights false`), with the same bytes held; and its MoE experts stack for the fused
+/// MoE's grouped W8A16 GEMM. fp32, within 1e-4.
 #[test]
 fn online_fp8_held_for_the_w8a16_kernels_gives_the_dequantized_logprobs() {
     use ember_models::backends::MoeBackend;
     for name in ["qwen3-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"] {
         let mut opts = options(name, 1, false);
         opts.quantization = ember_core::QuantizationRequest::Fp8;
+        opts.packed_weights = Some(false);
         let dequantized = load_model(&opts).unwrap();
-        opts.packed_weights = Some(true);
+        opts.packed_weights = None;
+        opts.moe_backend = MoeBackend::Experts;
         let packed = load_model(&opts).unwrap();
         opts.moe_backend = MoeBackend::Fused;
         let fused = load_model(&opts).unwrap();
@@ -517,7 +547,6 @@ fn w8a8_fp8_gemm_stays_within_activation_rounding_of_w8a16() {
     ] {
         for tp in [1, 2] {
             let mut opts = options(name, tp, false);
-            opts.packed_weights = Some(true);
             if online {
                 opts.quantization = ember_core::QuantizationRequest::Fp8;
             }
@@ -583,8 +612,7 @@ fn the_fused_moe_under_w8a8_gives_the_experts_w8a8_logprobs() {
         ("deepseek-v3-fp8-ue8m0-tiny", false),
         ("qwen3-moe-tiny", true),
     ] {
-        let mut opts = options(name, 1, false);
-        opts.packed_weights = Some(true);
+        let mut opts = experts_options(name, 1, false);
         opts.fp8_gemm = Fp8Gemm::W8a8;
         if online {
             opts.quantization = ember_core::QuantizationRequest::Fp8;

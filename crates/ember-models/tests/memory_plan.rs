@@ -28,6 +28,15 @@ fn totals(plan: &[RankWeights]) -> Vec<u64> {
     plan.iter().map(RankWeights::total).collect()
 }
 
+/// Loading `name` with quantized projections dequantized (`--packed-weights false`): what the
+/// plan's [`WeightFormat::Loaded`] describes.
+fn dequantized(name: &str) -> LoadOptions {
+    LoadOptions {
+        packed_weights: Some(false),
+        ..LoadOptions::new(model_dir(name).to_string_lossy())
+    }
+}
+
 /// Every family's tiny checkpoint, and the quantized ones (dequantized at load).
 const TINY: [&str; 7] = [
     "qwen3-tiny",
@@ -59,7 +68,7 @@ fn the_plan_equals_what_every_rank_of_a_real_load_holds() {
                         load_format,
                         tensor_parallel_size: tp,
                         enable_expert_parallel: ep,
-                        ..LoadOptions::new(model_dir(name).to_string_lossy())
+                        ..dequantized(name)
                     })
                     .unwrap();
                     let plan = rank_weights(&cfg, tp, ep, WeightFormat::Loaded(dtype)).unwrap();
@@ -88,7 +97,7 @@ fn the_plan_equals_what_every_data_parallel_rank_of_a_real_load_holds() {
                 dtype: Some(DType::F32),
                 data_parallel_size: dp,
                 enable_expert_parallel: ep,
-                ..LoadOptions::new(model_dir(name).to_string_lossy())
+                ..dequantized(name)
             })
             .unwrap();
             let plan =
@@ -109,7 +118,7 @@ fn the_plan_equals_what_every_data_parallel_rank_of_a_real_load_holds() {
             dtype: Some(DType::F32),
             data_parallel_size: 2,
             tensor_parallel_size: 2,
-            ..LoadOptions::new(model_dir(name).to_string_lossy())
+            ..dequantized(name)
         })
         .unwrap();
         let tp2 = totals(&rank_weights(&cfg, 2, false, WeightFormat::Loaded(DType::F32)).unwrap());
@@ -131,7 +140,7 @@ fn the_plan_equals_what_every_data_parallel_rank_of_a_real_load_holds() {
                 data_parallel_size: 2,
                 tensor_parallel_size: 2,
                 enable_expert_parallel: true,
-                ..LoadOptions::new(model_dir(name).to_string_lossy())
+                ..dequantized(name)
             })
             .unwrap();
             let plan = rank_weights_replicas(&cfg, 2, 2, true, WeightFormat::Loaded(DType::F32));
@@ -156,7 +165,7 @@ fn the_plan_counts_each_ranks_redundant_expert_copies() {
                 tensor_parallel_size: world,
                 enable_expert_parallel: true,
                 num_redundant_experts: redundant,
-                ..LoadOptions::new(model_dir(name).to_string_lossy())
+                ..dequantized(name)
             })
             .unwrap();
             let format = WeightFormat::Loaded(DType::F32);
@@ -196,7 +205,7 @@ fn attention_biases_split_with_their_columns_and_sit_on_rank_0_under_row_splits(
                 load_format: LoadFormat::Dummy,
                 hf_overrides: Some(overrides.clone()),
                 tensor_parallel_size: tp,
-                ..LoadOptions::new(model_dir(name).to_string_lossy())
+                ..dequantized(name)
             })
             .unwrap();
             let plan = rank_weights(&cfg, tp, false, WeightFormat::Loaded(DType::F32)).unwrap();

@@ -31,7 +31,20 @@ pub const MODELS: [&str; 16] = [
     "kimi-k2-nvfp4-tiny",
     "kimi-k2-mxfp4-tiny",
     // Routed experts in GPTQ's own layout (v1, act order, asymmetric) and AWQ's (GEMM); held
-    // packed for the W4A16 kernel on CUDA.
+    // packed for the W4A16 kernels.
+    "kimi-k2-gptq-tiny",
+    "kimi-k2-awq-tiny",
+];
+
+/// The checkpoints of [`MODELS`] that store quantized projections (held packed by default).
+pub const QUANTIZED: [&str; 9] = [
+    "deepseek-v3-fp8-tiny",
+    "deepseek-v3-fp8-ue8m0-tiny",
+    "deepseek-v3-fp8-256-tiny",
+    "kimi-k2-int4-tiny",
+    "kimi-k2-int4-actorder-tiny",
+    "kimi-k2-nvfp4-tiny",
+    "kimi-k2-mxfp4-tiny",
     "kimi-k2-gptq-tiny",
     "kimi-k2-awq-tiny",
 ];

@@ -111,16 +111,20 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The floating-point dtype most of a checkpoint's parameters are stored in (counted in
-/// elements over the safetensors headers of `files`; 8-bit floats and integer codes are not
-/// counted), or `None` when it stores none.
+/// elements over the safetensors headers of `files`, nothing read; 8-bit floats and integer
+/// codes are not counted), or `None` when it stores none.
 pub fn stored_float_dtype(files: &[PathBuf]) -> Result<Option<candle_core::DType>> {
     use candle_core::DType;
+    // SAFETY: mapped read-only to read the headers; see `Weights::from_safetensors`.
+    let mmap = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+        .map_err(|e| EmberError::Weights(format!("cannot read safetensors {files:?}: {e}")))?;
     let mut elements: [(DType, u64); 3] = [(DType::F32, 0), (DType::BF16, 0), (DType::F16, 0)];
-    for file in files {
-        for (dtype, count) in header_dtypes(file)? {
-            if let Some(slot) = elements.iter_mut().find(|(d, _)| *d == dtype) {
-                slot.1 += count;
-            }
+    for (_, t) in mmap.tensors() {
+        let Ok(dtype) = DType::try_from(t.dtype()) else {
+            continue;
+        };
+        if let Some(slot) = elements.iter_mut().find(|(d, _)| *d == dtype) {
+            slot.1 += t.shape().iter().product::<usize>() as u64;
         }
     }
     let (dtype, count) = elements
@@ -130,42 +134,25 @@ pub fn stored_float_dtype(files: &[PathBuf]) -> Result<Option<candle_core::DType
     Ok((count > 0).then_some(dtype))
 }
 
-/// The (dtype, elements) of each tensor in a safetensors file's header, unknown dtypes skipped.
-fn header_dtypes(file: &Path) -> Result<Vec<(candle_core::DType, u64)>> {
-    use std::io::Read;
-    let bad = |why: String| EmberError::Weights(format!("{}: {why}", file.display()));
-    let mut f = std::fs::File::open(file).map_err(|e| EmberError::io(file, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|e| EmberError::io(file, e))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(bad(format!(
-            "a {len}-byte safetensors header is not plausible"
-        )));
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| EmberError::io(file, e))?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("bad safetensors header: {e}")))?;
-    let Some(tensors) = json.as_object() else {
-        return Err(bad("the safetensors header is not a JSON object".into()));
-    };
-    Ok(tensors
+/// Bytes a load that holds quantized projections packed takes for the checkpoint in `files`
+/// (from their headers, nothing read): every tensor stored in integers or 8-bit floats (packed
+/// codes, e4m3 weights, scale bytes) as stored, every float one (unquantized modules, scales)
+/// in `dtype`.
+pub fn packed_held_bytes(files: &[PathBuf], dtype: candle_core::DType) -> Result<u64> {
+    use candle_core::DType;
+    // SAFETY: mapped read-only to read the headers; see `Weights::from_safetensors`.
+    let mmap = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+        .map_err(|e| EmberError::Weights(format!("cannot read safetensors {files:?}: {e}")))?;
+    Ok(mmap
+        .tensors()
         .iter()
-        .filter(|(name, _)| name.as_str() != "__metadata__")
-        .filter_map(|(_, t)| {
-            let dtype = match t.get("dtype")?.as_str()? {
-                "F32" => candle_core::DType::F32,
-                "BF16" => candle_core::DType::BF16,
-                "F16" => candle_core::DType::F16,
-                _ => return None,
-            };
-            let shape = t.get("shape")?.as_array()?;
-            Some((dtype, shape.iter().filter_map(|d| d.as_u64()).product()))
+        .map(|(_, t)| match DType::try_from(t.dtype()) {
+            Ok(DType::F64 | DType::F32 | DType::F16 | DType::BF16) => {
+                t.shape().iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64
+            }
+            _ => t.data().len() as u64,
         })
-        .collect())
+        .sum())
 }
 
 #[cfg(test)]

@@ -468,10 +468,10 @@ pub fn load_experts(
     };
     let counts_load = rank.is_none_or(|r| r.rank() == 0);
     let (mlps, stacked) = match ctx.backends.moe {
-        MoeBackend::Fused => stack_experts(experts_w, ctx, mlps, channels, false)?,
-        // The CPU's default: dense experts run as the blocked CPU kernel.
+        // The CPU's default too: dense and packed experts run as the blocked CPU kernel.
+        MoeBackend::Fused => stack_experts(experts_w, ctx, mlps, channels)?,
         MoeBackend::Auto if experts_w.device().is_cpu() => {
-            stack_experts(experts_w, ctx, mlps, channels, true)?
+            stack_experts(experts_w, ctx, mlps, channels)?
         }
         MoeBackend::Auto | MoeBackend::Experts => (mlps, None),
     };
@@ -500,29 +500,21 @@ pub fn load_experts(
 
 /// The layer's experts stacked for the fused MoE, and MLPs over views of the stack in place of
 /// `mlps`; `mlps` unchanged (and no stack) when the experts do not stack (see
-/// [`StackedExperts::stack`]; `dense_only`: dense f32/bf16 experts alone stack).
+/// [`StackedExperts::stack`]).
 fn stack_experts(
     experts_w: &Weights,
     ctx: &LoadContext,
     mlps: Vec<Arc<Mlp>>,
     channels: Option<(usize, usize)>,
-    dense_only: bool,
 ) -> Result<(Vec<Arc<Mlp>>, Option<StackedExperts>)> {
     let err = |e: candle_core::Error| {
         EmberError::Weights(format!("{}: stacking the experts: {e}", experts_w.prefix()))
     };
-    let stack = if dense_only {
-        StackedExperts::stack_dense(&mlps)
-    } else {
-        StackedExperts::stack(&mlps)
-    };
-    let Some(stack) = stack.map_err(err)? else {
-        if dense_only {
-            return Ok((mlps, None));
-        }
+    let Some(stack) = StackedExperts::stack(&mlps).map_err(err)? else {
         tracing::info!(
             experts = experts_w.prefix(),
-            "--moe-backend fused: the experts are neither dense f32/bf16 nor e4m3 held as stored; they run one by one"
+            "the fused MoE does not serve these experts (neither dense f32/bf16 nor packed alike, \
+             or inputs gathered in activation order); they run one by one"
         );
         return Ok((mlps, None));
     };

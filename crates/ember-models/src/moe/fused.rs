@@ -11,20 +11,18 @@
 //! run the grouped W8A16 GEMM over e4m3 bytes (FP8 checkpoints' block scales, online FP8;
 //! `kernels/moe_w8a16.cu`) or the grouped W4A16 GEMM over 4-bit codes (INT4, GPTQ/AWQ without
 //! activation order, NVFP4/MXFP4; `kernels/moe_w4a16.cu`).
-//! On the CPU, dense experts run ember-kernels' blocked CPU kernel (`moe_cpu`: grouped by
-//! expert, each active expert's weights read once, on every core; the CPU's default MoE), and
-//! packed ones the references the CUDA kernels are tested against (there to test the wiring).
+//! On the CPU, dense and packed experts run ember-kernels' blocked CPU kernel (`moe_cpu`:
+//! grouped by expert, each active expert's weights read once, on every core, packed ones decoded
+//! in registers by `packed_cpu`; the CPU's default MoE); W8A8 experts run the references the
+//! CUDA kernels are tested against.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use ember_core::{EmberError, Result};
-use ember_kernels::cpu_dot::DotWeight;
-use ember_kernels::fused_moe::{self, GroupedGemmShape, MoeAlignment, ScaleBlocks, W4Params};
-use ember_kernels::moe_cpu::{self, MoeCpuShape};
-use ember_kernels::moe_routing::{self, RoutingConfig};
-use ember_kernels::{silu_and_mul, Element};
+use ember_kernels::fused_moe::{GroupedGemmShape, ScaleBlocks, W4Params};
+use ember_kernels::moe_routing::RoutingConfig;
 
 use crate::device::calls::{Kernel, KernelCalls};
 use crate::layers::mlp::Mlp;
@@ -35,6 +33,7 @@ use crate::loading::weights::Weights;
 use crate::step::mode::StepMode;
 use crate::TensorResult;
 
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
@@ -113,8 +112,8 @@ struct DeviceCounts {
 
 impl StackedExperts {
     /// Stacks `mlps` when every projection is a dense f32 or bf16 weight without a bias (the
-    /// kernels' types), all of one dtype, or every one an e4m3 weight held as stored whose gate
-    /// and up rows stack on scale-block boundaries; `None` otherwise (4-bit, say).
+    /// kernels' types), all of one dtype, or every one a packed weight alike (e4m3 whose gate and
+    /// up rows stack on scale-block boundaries, or 4-bit of one encoding); `None` otherwise.
     pub fn stack(mlps: &[Arc<Mlp>]) -> TensorResult<Option<Self>> {
         match Self::stack_dense(mlps)? {
             Some(stack) => Ok(Some(stack)),
@@ -387,61 +386,6 @@ impl FusedMoeOp<'_> {
     }
 }
 
-impl FusedMoeOp<'_> {
-    /// The dense experts' weighted sum for `x[x_range]` routed to `ids` with `weights`, through
-    /// ember-kernels' blocked CPU kernel.
-    fn dense_cpu(
-        &self,
-        x: &CpuStorage,
-        x_range: std::ops::Range<usize>,
-        ids: &[u32],
-        weights: &[f32],
-        (w13, w2): (&Tensor, &Tensor),
-    ) -> candle_core::Result<CpuStorage> {
-        let s = MoeCpuShape {
-            tokens: ids.len() / self.routing.top_k,
-            top_k: self.routing.top_k,
-            num_experts: self.stack.experts,
-            hidden: self.stack.hidden,
-            inter: self.stack.inter,
-        };
-        let (g13, l13) = w13.storage_and_layout();
-        let (g2, l2) = w2.storage_and_layout();
-        fn run<T: Element, W: DotWeight>(
-            x: &[T],
-            (ids, weights): (&[u32], &[f32]),
-            w13: &[W],
-            w2: &[W],
-            s: &MoeCpuShape,
-        ) -> candle_core::Result<Vec<T>> {
-            let mut out = vec![T::from_f32(0.0); s.tokens * s.hidden];
-            moe_cpu::fused_moe_cpu(&mut out, x, ids, weights, w13, w2, s)
-                .map_err(candle_core::Error::wrap)?;
-            Ok(out)
-        }
-        Ok(match (x, w13.dtype()) {
-            (CpuStorage::F32(x), DType::F32) => CpuStorage::F32(run(
-                &x[x_range],
-                (ids, weights),
-                held_slice::<f32>(&g13, l13, "stacked gate/up weights")?,
-                held_slice::<f32>(&g2, l2, "stacked down weights")?,
-                &s,
-            )?),
-            (CpuStorage::BF16(x), DType::BF16) => CpuStorage::BF16(run(
-                &x[x_range],
-                (ids, weights),
-                held_slice::<half::bf16>(&g13, l13, "stacked gate/up weights")?,
-                held_slice::<half::bf16>(&g2, l2, "stacked down weights")?,
-                &s,
-            )?),
-            (x, w) => candle_core::bail!(
-                "fused MoE on the CPU takes f32 or bf16 inputs of the experts' dtype, not {:?} over {w:?}",
-                candle_core::backend::BackendStorage::dtype(x)
-            ),
-        })
-    }
-}
-
 /// A held tensor's CPU storage, or why it is elsewhere.
 fn cpu_of(storage: &Storage) -> candle_core::Result<&CpuStorage> {
     match storage {
@@ -478,49 +422,6 @@ fn held_view<'s, T: candle_core::cuda_backend::CudaDType>(
     crate::device::kernels::cuda_input(cuda_of(storage)?, layout, what)
 }
 
-/// The fused MoE over packed experts on the CPU: the references the CUDA kernels are tested
-/// against, after routing (dense experts run `moe_cpu`, see [`FusedMoeOp::dense_cpu`]).
-fn experts_cpu<T: Element + candle_core::WithDType>(
-    packed: &PackedExperts,
-    x: &[T],
-    align: &MoeAlignment,
-    weights: &[f32],
-    (up, down): (GroupedGemmShape, GroupedGemmShape),
-) -> candle_core::Result<Vec<T>> {
-    let wrap = candle_core::Error::wrap;
-    let zero = T::from_f32(0.0);
-    let mut h = vec![zero; up.num_entries * up.n_out];
-    let mut act = vec![zero; up.num_entries * down.k_in];
-    let mut y = vec![zero; down.num_entries * down.n_out];
-    let guards = packed.stacked().map(|t| t.storage_and_layout());
-    let bytes13 = held_slice::<u8>(&guards[0].0, guards[0].1, "stacked gate/up weights")?;
-    let params13 = held_slice::<f32>(&guards[1].0, guards[1].1, "their parameters")?;
-    let bytes2 = held_slice::<u8>(&guards[2].0, guards[2].1, "stacked down weights")?;
-    let params2 = held_slice::<f32>(&guards[3].0, guards[3].1, "their parameters")?;
-    let gemm =
-        |out: &mut [T], x: &[T], bytes, params, s: &GroupedGemmShape, down: bool| match packed.kind
-        {
-            PackedKind::W8a16 { b13, b2, w8a8 } => {
-                let b = if down { b2 } else { b13 };
-                if w8a8 {
-                    let (qa, sa) = ember_kernels::w8a8::quantize_groups(x, s.k_in)?;
-                    ember_kernels::w8a8::grouped_w8a8(
-                        out, &qa, &sa, bytes, params, align, s, b.block_n,
-                    )
-                } else {
-                    fused_moe::grouped_w8a16(out, x, bytes, params, align, s, &b)
-                }
-            }
-            PackedKind::W4a16(p) => fused_moe::grouped_w4a16(out, x, bytes, params, align, s, &p),
-        };
-    gemm(&mut h, x, bytes13, params13, &up, false).map_err(wrap)?;
-    silu_and_mul::silu_and_mul(&h, down.k_in, &mut act).map_err(wrap)?;
-    gemm(&mut y, &act, bytes2, params2, &down, true).map_err(wrap)?;
-    let mut out = vec![zero; up.num_entries / up.x_div * down.n_out];
-    fused_moe::moe_sum(&mut out, &y, weights, up.x_div, down.n_out).map_err(wrap)?;
-    Ok(out)
-}
-
 impl CustomOp2 for FusedMoeOp<'_> {
     fn name(&self) -> &'static str {
         "ember-fused-moe"
@@ -533,46 +434,7 @@ impl CustomOp2 for FusedMoeOp<'_> {
         logits: &CpuStorage,
         logits_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let wrap = candle_core::Error::wrap;
-        let logits = &logits.as_slice::<f32>()?
-            [crate::device::kernels::contiguous_range(logits_layout, "router logits")?];
-        let tokens = x_layout.shape().dims2()?.0;
-        let entries = tokens * self.routing.top_k;
-        let (bias, bias_layout) = self.bias.storage_and_layout();
-        let bias = held_slice::<f32>(&bias, bias_layout, "router bias")?;
-        let (mut ids, mut weights) = (vec![0u32; entries], vec![0f32; entries]);
-        moe_routing::route(logits, bias, &self.routing, &mut ids, &mut weights).map_err(wrap)?;
-        if let Some(counts) = self.stack.counts.as_ref().filter(|_| !self.placeholder) {
-            for &e in &ids {
-                if let Some(c) = counts.get(e as usize) {
-                    c.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        let range = crate::device::kernels::contiguous_range(x_layout, "fused MoE input")?;
-        let packed = match &self.stack.weights {
-            ExpertWeights::Dense { w13, w2 } => {
-                let out = self.dense_cpu(x, range, &ids, &weights, (w13, w2))?;
-                self.stack.calls.count(Kernel::MoeCpu);
-                return Ok((out, Shape::from((tokens, self.stack.hidden))));
-            }
-            ExpertWeights::Packed(packed) => packed,
-        };
-        let align = fused_moe::moe_align(&ids, self.routing.num_experts, BLOCK_M).map_err(wrap)?;
-        let shapes = self.shapes(tokens);
-        let out = match x {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(experts_cpu(packed, &x[range], &align, &weights, shapes)?)
-            }
-            CpuStorage::BF16(x) => {
-                CpuStorage::BF16(experts_cpu(packed, &x[range], &align, &weights, shapes)?)
-            }
-            _ => candle_core::bail!(
-                "fused MoE takes f32 or bf16 inputs, not {:?}",
-                candle_core::backend::BackendStorage::dtype(x)
-            ),
-        };
-        Ok((out, Shape::from((tokens, self.stack.hidden))))
+        self.cpu(x, x_layout, logits, logits_layout)
     }
 
     #[cfg(feature = "cuda")]
@@ -658,6 +520,11 @@ impl CustomOp2 for FusedMoeOp<'_> {
 }
 
 impl PackedKind {
+    /// Whether the experts multiply by the W8A8 GEMM (activations quantized to e4m3).
+    fn w8a8(&self) -> bool {
+        matches!(self, PackedKind::W8a16 { w8a8: true, .. })
+    }
+
     /// The gate, up and down weights' shapes for `inter` channels over `hidden`.
     fn shapes(&self, inter: usize, hidden: usize) -> (PackedShape, PackedShape, PackedShape) {
         match *self {

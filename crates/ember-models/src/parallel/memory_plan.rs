@@ -20,8 +20,9 @@ use crate::parallel::{even_share, expert_slots_per_rank, kv_head_share};
 /// How the weights are stored in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// As ember's loader holds a checkpoint: every tensor in this dtype (quantized checkpoints
-    /// are dequantized at load), the DeepSeek router and `e_score_correction_bias` in f32.
+    /// As ember's loader holds a checkpoint with `--packed-weights false`: every tensor in this
+    /// dtype (quantized checkpoints dequantized at load), the DeepSeek router and
+    /// `e_score_correction_bias` in f32.
     Loaded(DType),
     /// Block FP8 as DeepSeek-V3 and Kimi K2 publish it, kept as stored: every projection of
     /// attention, MLPs and experts in e4m3 with an f32 scale per 128x128 block; embeddings,

@@ -1,9 +1,9 @@
 //! FP8 e4m3 weights: DeepSeek's block-scaled checkpoints (one f32 `weight_scale_inv` per
 //! 128x128 block; `scale_fmt: ue8m0` scales are powers of two stored as f32, needing no decoding),
 //! and online FP8 (`--quantization fp8` on a 16/32-bit checkpoint): weights quantized at load to
-//! e4m3 with one f32 scale per output channel, held as e4m3: on the CPU dequantized per matmul,
-//! where weights are held packed (CUDA) multiplied by the W8A16 kernels (one scale block per
-//! output row), the fused MoE's grouped one included.
+//! e4m3 with one f32 scale per output channel, held as e4m3 and multiplied by the W8A16 kernels
+//! (one scale block per output row; on the CPU ember-kernels' packed CPU GEMM), the fused MoE's
+//! grouped one included; with `--packed-weights false`, dequantized per matmul.
 
 use candle_core::{DType, Device, Module, Tensor};
 

@@ -1,8 +1,8 @@
 //! Block-FP8 weights (DeepSeek-V3's, Kimi K2's and Qwen3 `-FP8` e4m3 with a `weight_scale_inv`
 //! per 128 x 128 block) kept as stored, one byte per parameter, and multiplied by ember's W8A16
 //! kernel (`kernels/w8a16.cu`, [`ember_kernels::w8a16`]) instead of dequantized to the model
-//! dtype at load. On the CPU the op runs the kernel's reference, which is how the path is tested
-//! against the dequantizing loader.
+//! dtype at load. On the CPU the op runs ember-kernels' packed CPU GEMM, tested against the
+//! dequantizing loader.
 
 use candle_core::{DType, Tensor};
 use ember_core::{EmberError, Result, WeightQuantization};

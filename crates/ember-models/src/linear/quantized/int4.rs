@@ -9,8 +9,8 @@
 //! e8m0 power of two), computed exactly as their dequantizer does.
 //! A weight whose groups are not runs of consecutive inputs (GPTQ's activation order, a permuted
 //! `g_idx`) has its inputs reordered so that they are, and the layer gathers its input's columns
-//! in that order before the kernel (as exllama does). On the CPU the op runs the kernel's
-//! reference, which is how the repacking is tested against the dequantizing loaders.
+//! in that order before the kernel (as exllama does). On the CPU the op runs ember-kernels'
+//! packed CPU GEMM, whose results are tested against the dequantizing loaders'.
 
 use candle_core::{DType, Tensor};
 use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};

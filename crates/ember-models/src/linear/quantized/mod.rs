@@ -1,7 +1,9 @@
 //! The dequantizing CPU references of the checkpoint weight formats: each turns a quantized
 //! `<prefix>.weight` back into an f32 `[out, in]` matrix. They are the correctness oracle of
-//! any GPU kernel and the CPU serving path (CPU matmuls need a float weight anyway: the model
-//! then holds it in the model dtype and pays nothing per step).
+//! the packed kernels (GPU and CPU) and the path of `--packed-weights false` (the model then
+//! holds the weight in the model dtype, 2 or 4 bytes a weight, and pays nothing per step to
+//! decode it). By default the formats the packed kernels read are held as stored
+//! ([`packed`], [`int4`], [`fp8_block`]).
 
 pub mod fp4;
 pub mod fp8;
@@ -17,9 +19,10 @@ use ember_core::{EmberError, Nvfp4Layout, Result, WeightQuantization};
 use crate::loading::context::LoadContext;
 use crate::loading::weights::Weights;
 
-/// Batches of at most this many rows multiply a packed weight with the GEMV kernels (W4A16,
-/// W8A16), which read the weight once per 8 rows; larger ones (prefill) dequantize it on the
-/// device and run a dense GEMM. Not yet tuned on a GPU.
+/// On a GPU, batches of at most this many rows multiply a packed weight with the GEMV kernels
+/// (W4A16, W8A16), which read the weight once per 8 rows; larger ones (prefill) dequantize it on
+/// the device and run a dense GEMM. Not yet tuned on a GPU. (The CPU's packed GEMM picks its
+/// own path by row count.)
 pub(crate) const GEMV_MAX_ROWS: usize = 16;
 
 /// Dequantizes `<prefix>.weight` `[out_dim, in_dim]` to f32 on the CPU when the checkpoint

@@ -1,9 +1,12 @@
 //! A projection over a weight held as its checkpoint packs it (4-bit codes, e4m3 bytes), one
-//! layer for every packed format: batches of up to [`GEMV_MAX_ROWS`] rows multiply the packed
-//! weight with the format's GEMV kernel; larger ones (prefill) dequantize it on the device and
-//! run a dense GEMM. On the CPU both ops run ember-kernels' references. The formats are
-//! [`ember_kernels::w4a16`] ([`crate::linear::quantized::int4`]) and [`ember_kernels::w8a16`]
-//! ([`crate::linear::quantized::fp8_block`]).
+//! layer for every packed format. On a GPU, batches of up to [`GEMV_MAX_ROWS`] rows multiply
+//! the packed weight with the format's GEMV kernel; larger ones (prefill) dequantize it on the
+//! device and run a dense GEMM. On the CPU every batch runs ember-kernels' packed CPU GEMM
+//! ([`ember_kernels::packed_cpu`]: weights decoded in registers for a decode step's rows, a
+//! block of weight rows at a time into a tile in cache for prefill), and the dequantization
+//! (the layer's [`LinearLayer::weight`]) the reference. The formats are [`ember_kernels::w4a16`]
+//! ([`crate::linear::quantized::int4`]) and [`ember_kernels::w8a16`]
+//! ([`crate::linear::quantized::fp8_block`], online FP8).
 
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
@@ -39,7 +42,7 @@ pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
     /// The shape, as either format.
     fn packed_shape(&self) -> PackedShape;
 
-    /// The CPU GEMM reference over `m` rows.
+    /// The CPU GEMM over `m` rows (ember-kernels' packed CPU GEMM).
     fn gemm<T: Element>(
         &self,
         m: usize,
@@ -81,10 +84,11 @@ pub(crate) trait PackedFormat: Copy + Send + Sync + 'static {
     ) -> Result<(), KernelError>;
 }
 
-/// Implements [`PackedFormat`] for a kernel shape by delegating to its module's references and
-/// to its `CudaKernels` launchers (the formats differ only in these names).
+/// Implements [`PackedFormat`] for a kernel shape by delegating to its packed CPU GEMM, its
+/// module's dequantization reference and its `CudaKernels` launchers (the formats differ only
+/// in these names).
 macro_rules! packed_format {
-    ($shape:ident, $module:ident, $gemm:ident, $dequant:ident, $gemm_name:literal, $dequant_name:literal, $variant:ident) => {
+    ($shape:ident, $module:ident, $cpu_gemm:ident, $gemm:ident, $dequant:ident, $gemm_name:literal, $dequant_name:literal, $variant:ident) => {
         impl PackedFormat for $shape {
             const GEMM: &'static str = $gemm_name;
             const DEQUANT: &'static str = $dequant_name;
@@ -105,7 +109,7 @@ macro_rules! packed_format {
                 params: &[f32],
                 y: &mut [T],
             ) -> Result<(), KernelError> {
-                $module::$gemm(x, bytes, params, &$shape { m, ..*self }, y)
+                ember_kernels::packed_cpu::$cpu_gemm(x, bytes, params, &$shape { m, ..*self }, y)
             }
 
             fn dequant<T: Element>(
@@ -147,6 +151,7 @@ macro_rules! packed_format {
 packed_format!(
     W4a16Shape,
     w4a16,
+    w4a16_cpu,
     w4a16_gemm,
     w4a16_dequant,
     "ember-w4a16",
@@ -156,6 +161,7 @@ packed_format!(
 packed_format!(
     W8a16Shape,
     w8a16,
+    w8a16_cpu,
     w8a16_gemm,
     w8a16_dequant,
     "ember-w8a16",
@@ -286,7 +292,8 @@ impl<F: PackedFormat> LinearLayer for PackedLinear<F> {
                 shape: ember_kernels::w8a8::W8a8Shape { m, ..shape },
             };
             x2.apply_op3_no_bwd(&self.bytes, &self.params, &Packed(op))?
-        } else if m <= GEMV_MAX_ROWS {
+        } else if m <= GEMV_MAX_ROWS || x2.device().is_cpu() {
+            // The CPU's GEMM picks its own path by row count, never expanding the weight.
             let op = Gemm {
                 format: self.format,
                 m,
@@ -346,7 +353,7 @@ trait PackedOp: Send + Sync {
     /// The output's `[rows, cols]`.
     fn out_dims(&self) -> (usize, usize);
 
-    /// The CPU reference into `out`.
+    /// The CPU op into `out`.
     fn cpu<T: Element>(&self, x: &[T], bytes: &[u8], params: &[f32], out: &mut [T]) -> OpResult;
 
     /// The kernels into the call's output.
