@@ -437,8 +437,11 @@ mod tests {
         weights.pp(path).as_linear(IN, OUT)
     }
 
+    /// A stored tensor's name, dtype and shape.
+    type Stored = (&'static str, DType, Vec<usize>);
+
     /// Each format with the tensors a real checkpoint of it stores for an `[OUT, IN]` weight.
-    fn formats() -> Vec<(WeightQuantization, Vec<(&'static str, DType, Vec<usize>)>)> {
+    fn formats() -> Vec<(WeightQuantization, Vec<Stored>)> {
         use DType::{BF16, F16, F32, F8E4M3, I32, I64, U8};
         vec![
             (
