@@ -71,12 +71,24 @@ struct StoredTensor {
     fill: Fill,
 }
 
-fn stored(dtype: DType, shape: &[usize], fill: Fill) -> StoredTensor {
-    StoredTensor {
+/// Tensor `name`, stored in `dtype` and `shape`, filled by `fill`.
+fn stored(
+    name: &'static str,
+    dtype: DType,
+    shape: &[usize],
+    fill: Fill,
+) -> (&'static str, StoredTensor) {
+    let tensor = StoredTensor {
         dtype,
         shape: shape.to_vec(),
         fill,
-    }
+    };
+    (name, tensor)
+}
+
+/// Positive scales, at most `top` and at least half of it.
+fn scales(top: f32) -> Fill {
+    Fill::Uniform(0.5 * top, top)
 }
 
 /// The tensors `scheme` stores for a linear weight `[out, in]`, by name. `t` is the unquantized
@@ -86,6 +98,7 @@ fn format_tensors(
     scheme: WeightQuantization,
     [out, inputs]: [usize; 2],
 ) -> Vec<(&'static str, StoredTensor)> {
+    use DType::{BF16, F16, F32, F8E4M3, I32, I64, U8};
     let t = 1.0 / (inputs.max(1) as f32).sqrt();
     let groups = |size: Option<usize>| size.map_or(1, |g| inputs.div_ceil(g));
     // Integer zero points in the middle half of their range, so `q - z` stays within it.
@@ -101,33 +114,22 @@ fn format_tensors(
             group_size,
             symmetric,
         } => {
-            let bits = num_bits as usize;
-            let (g, half) = (groups(group_size), (1u32 << (num_bits - 1)) as f32);
+            let (bits, g) = (num_bits as usize, groups(group_size));
+            let half = (1u32 << (num_bits - 1)) as f32;
             let mut tensors = vec![
-                (
+                stored(
                     "weight_packed",
-                    stored(DType::I32, &[out, (inputs * bits).div_ceil(32)], Fill::Bits),
+                    I32,
+                    &[out, (inputs * bits).div_ceil(32)],
+                    Fill::Bits,
                 ),
-                (
-                    "weight_scale",
-                    stored(
-                        DType::BF16,
-                        &[out, g],
-                        Fill::Uniform(0.5 * t / half, t / half),
-                    ),
-                ),
-                (
-                    "weight_shape",
-                    stored(DType::I64, &[2], Fill::WeightShape([out, inputs])),
-                ),
+                stored("weight_scale", BF16, &[out, g], scales(t / half)),
+                stored("weight_shape", I64, &[2], Fill::WeightShape([out, inputs])),
             ];
             if !symmetric {
-                let zero_point = stored(
-                    DType::I32,
-                    &[(out * bits).div_ceil(32), g],
-                    zero_points(num_bits, false),
-                );
-                tensors.push(("weight_zero_point", zero_point));
+                let shape = [(out * bits).div_ceil(32), g];
+                let zeros = zero_points(num_bits, false);
+                tensors.push(stored("weight_zero_point", I32, &shape, zeros));
             }
             tensors
         }
@@ -136,78 +138,54 @@ fn format_tensors(
             group_size,
             v1,
         } => {
-            let per_word = (32 / bits) as usize;
-            let (g, half) = (groups(group_size), (1u32 << (bits - 1)) as f32);
+            let (per_word, g) = ((32 / bits) as usize, groups(group_size));
+            let half = (1u32 << (bits - 1)) as f32;
             vec![
-                (
+                stored(
                     "qweight",
-                    stored(DType::I32, &[inputs.div_ceil(per_word), out], Fill::Bits),
+                    I32,
+                    &[inputs.div_ceil(per_word), out],
+                    Fill::Bits,
                 ),
-                (
+                stored(
                     "qzeros",
-                    stored(
-                        DType::I32,
-                        &[g, out.div_ceil(per_word)],
-                        zero_points(bits, v1),
-                    ),
+                    I32,
+                    &[g, out.div_ceil(per_word)],
+                    zero_points(bits, v1),
                 ),
-                (
-                    "scales",
-                    stored(
-                        DType::F16,
-                        &[g, out],
-                        Fill::Uniform(0.5 * t / half, t / half),
-                    ),
-                ),
-                (
-                    "g_idx",
-                    stored(DType::I32, &[inputs], Fill::GroupIndex(group_size)),
-                ),
+                stored("scales", F16, &[g, out], scales(t / half)),
+                stored("g_idx", I32, &[inputs], Fill::GroupIndex(group_size)),
             ]
         }
         WeightQuantization::Awq { group_size } => {
             let g = groups(Some(group_size));
             vec![
-                (
-                    "qweight",
-                    stored(DType::I32, &[inputs, out.div_ceil(8)], Fill::Bits),
-                ),
-                (
-                    "qzeros",
-                    stored(DType::I32, &[g, out.div_ceil(8)], zero_points(4, false)),
-                ),
-                (
-                    "scales",
-                    stored(DType::F16, &[g, out], Fill::Uniform(0.5 * t / 8.0, t / 8.0)),
-                ),
+                stored("qweight", I32, &[inputs, out.div_ceil(8)], Fill::Bits),
+                stored("qzeros", I32, &[g, out.div_ceil(8)], zero_points(4, false)),
+                stored("scales", F16, &[g, out], scales(t / 8.0)),
             ]
         }
         WeightQuantization::Nvfp4(layout) => {
             // w = e2m1 · scale / global (compressed-tensors) or · scale · scale_2 (ModelOpt).
-            let codes = stored(DType::U8, &[out, inputs.div_ceil(2)], Fill::Bits);
+            let codes = [out, inputs.div_ceil(2)];
             let scale = stored(
-                DType::F8E4M3,
+                "weight_scale",
+                F8E4M3,
                 &[out, inputs.div_ceil(16)],
-                Fill::Uniform(0.5 * E4M3_MAX, E4M3_MAX),
+                scales(E4M3_MAX),
             );
             let global = E2M1_MAX * E4M3_MAX / t;
             match layout {
                 Nvfp4Layout::CompressedTensors => vec![
-                    ("weight_packed", codes),
-                    ("weight_scale", scale),
-                    (
-                        "weight_global_scale",
-                        stored(DType::F32, &[1], Fill::Constant(global)),
-                    ),
+                    stored("weight_packed", U8, &codes, Fill::Bits),
+                    scale,
+                    stored("weight_global_scale", F32, &[1], Fill::Constant(global)),
                 ],
                 Nvfp4Layout::ModelOpt => vec![
-                    ("weight", codes),
-                    ("weight_scale", scale),
-                    (
-                        "weight_scale_2",
-                        stored(DType::F32, &[], Fill::Constant(1.0 / global)),
-                    ),
-                    ("input_scale", stored(DType::F32, &[], Fill::Constant(1.0))),
+                    stored("weight", U8, &codes, Fill::Bits),
+                    scale,
+                    stored("weight_scale_2", F32, &[], Fill::Constant(1.0 / global)),
+                    stored("input_scale", F32, &[], Fill::Constant(1.0)),
                 ],
             }
         }
@@ -215,39 +193,25 @@ fn format_tensors(
             // The largest power of two p with 6p <= t, and half of it.
             let top = (127.0 + (t / E2M1_MAX).log2().floor()).clamp(2.0, 254.0) as u8;
             vec![
-                (
-                    "weight_packed",
-                    stored(DType::U8, &[out, inputs.div_ceil(2)], Fill::Bits),
-                ),
-                (
+                stored("weight_packed", U8, &[out, inputs.div_ceil(2)], Fill::Bits),
+                stored(
                     "weight_scale",
-                    stored(
-                        DType::U8,
-                        &[out, inputs.div_ceil(32)],
-                        Fill::Exponents(top - 1, top),
-                    ),
+                    U8,
+                    &[out, inputs.div_ceil(32)],
+                    Fill::Exponents(top - 1, top),
                 ),
             ]
         }
         WeightQuantization::Fp8Block([block_rows, block_cols]) => {
             let blocks = [out.div_ceil(block_rows), inputs.div_ceil(block_cols)];
             vec![
-                (
+                stored(
                     "weight",
-                    stored(
-                        DType::F8E4M3,
-                        &[out, inputs],
-                        Fill::Uniform(-E4M3_MAX, E4M3_MAX),
-                    ),
+                    F8E4M3,
+                    &[out, inputs],
+                    Fill::Uniform(-E4M3_MAX, E4M3_MAX),
                 ),
-                (
-                    "weight_scale_inv",
-                    stored(
-                        DType::F32,
-                        &blocks,
-                        Fill::Uniform(0.5 * t / E4M3_MAX, t / E4M3_MAX),
-                    ),
-                ),
+                stored("weight_scale_inv", F32, &blocks, scales(t / E4M3_MAX)),
             ]
         }
     }
@@ -473,8 +437,11 @@ mod tests {
         weights.pp(path).as_linear(IN, OUT)
     }
 
+    /// A stored tensor's name, dtype and shape.
+    type Stored = (&'static str, DType, Vec<usize>);
+
     /// Each format with the tensors a real checkpoint of it stores for an `[OUT, IN]` weight.
-    fn formats() -> Vec<(WeightQuantization, Vec<(&'static str, DType, Vec<usize>)>)> {
+    fn formats() -> Vec<(WeightQuantization, Vec<Stored>)> {
         use DType::{BF16, F16, F32, F8E4M3, I32, I64, U8};
         vec![
             (
