@@ -14,9 +14,8 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use ember_core::SamplingParams;
-use ember_engine::{Engine, EngineConfig};
-use ember_models::{load_model, LoadOptions};
+use ember_engine::EngineConfig;
+use ember_models::LoadOptions;
 
 /// The bf16 reference of `name`.
 fn bf16_reference(name: &str) -> serde_json::Value {
@@ -26,24 +25,14 @@ fn bf16_reference(name: &str) -> serde_json::Value {
 
 /// The logprob of every token but the first of each sequence, in `dtype`, prefilled in chunks
 /// of at most `chunk` tokens.
-fn score(name: &str, dtype: DType, chunk: usize, sequences: &[Vec<u32>]) -> Vec<f32> {
+fn score_in(name: &str, dtype: DType, chunk: usize, sequences: &[Vec<u32>]) -> Vec<f32> {
     let mut opts = LoadOptions::new(model_dir(name).to_string_lossy());
     opts.dtype = Some(dtype);
     let cfg = EngineConfig {
         max_num_batched_tokens: chunk,
         ..EngineConfig::default()
     };
-    let engine = Engine::start(load_model(&opts).unwrap(), cfg).unwrap();
-    let params = SamplingParams {
-        prompt_logprobs: Some(1),
-        ..SamplingParams::greedy(0)
-    };
-    let mut logprobs = vec![];
-    for tokens in sequences {
-        let got = collect(engine.submit(tokens.clone(), params.clone()).unwrap());
-        logprobs.extend(got.prompt_logprobs[1..].iter().map(|l| l.unwrap()));
-    }
-    logprobs
+    score_with(&opts, cfg, sequences).0
 }
 
 /// Mean and largest |a - b|.
@@ -67,23 +56,11 @@ fn distance(ours: &[f32], theirs: &[f64]) -> (f64, f64) {
 fn bf16_matches_transformers_in_bf16() {
     for name in ["qwen3-tiny", "qwen3-moe-tiny"] {
         let reference = bf16_reference(name);
-        let sequences: Vec<Vec<u32>> = reference["sequences"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(ids)
-            .collect();
-        let flat = |key: &str| -> Vec<f64> {
-            reference[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(floats)
-                .collect()
-        };
-        let (theirs_bf16, theirs_f32) = (flat("bfloat16"), flat("float32"));
+        let sequences = fixture_sequences(&reference);
+        let theirs_bf16 = fixture_logprobs(&reference, "bfloat16");
+        let theirs_f32 = fixture_logprobs(&reference, "float32");
         for chunk in [8, 2048] {
-            let ours = score(name, DType::BF16, chunk, &sequences);
+            let ours = score_in(name, DType::BF16, chunk, &sequences);
             let (mean, max) = distance(&ours, &theirs_bf16);
             let (mean_f32, max_f32) = distance(&ours, &theirs_f32);
             let (ref_mean, ref_max) = distance(

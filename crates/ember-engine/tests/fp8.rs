@@ -10,7 +10,7 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use ember_core::{KvCacheDtype, QuantizationRequest, SamplingParams};
+use ember_core::{KvCacheDtype, QuantizationRequest};
 use ember_engine::{Engine, EngineConfig};
 use ember_models::{load_model, LoadOptions};
 
@@ -41,23 +41,6 @@ fn fixed_sequences(name: &str) -> Vec<Vec<u32>> {
             tokens
         })
         .collect()
-}
-
-/// The logprob of every token but the first of each sequence, under `opts`.
-fn score(opts: &LoadOptions, sequences: &[Vec<u32>]) -> (Vec<f32>, u64) {
-    let loaded = load_model(opts).unwrap();
-    let weight_bytes = loaded.weight_bytes;
-    let engine = Engine::start(loaded, EngineConfig::default()).unwrap();
-    let params = SamplingParams {
-        prompt_logprobs: Some(1),
-        ..SamplingParams::greedy(0)
-    };
-    let mut logprobs = vec![];
-    for tokens in sequences {
-        let got = collect(engine.submit(tokens.clone(), params.clone()).unwrap());
-        logprobs.extend(got.prompt_logprobs[1..].iter().map(|l| l.unwrap()));
-    }
-    (logprobs, weight_bytes)
 }
 
 fn compare(name: &str, dtype: DType, variant: impl Fn(&mut LoadOptions)) -> Comparison {
@@ -103,20 +86,9 @@ fn online_fp8_matches_transformers_with_the_same_e4m3_rounding() {
     opts.dtype = Some(DType::F32);
     online_fp8(&mut opts);
     let sequences = fixed_sequences(name);
-    let theirs_sequences: Vec<Vec<u32>> = reference["sequences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
-    assert_eq!(sequences, theirs_sequences);
+    assert_eq!(sequences, fixture_sequences(&reference));
     let (ours, _) = score(&opts, &sequences);
-    let theirs: Vec<f64> = reference["online_fp8"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(floats)
-        .collect();
+    let theirs = fixture_logprobs(&reference, "online_fp8");
     assert_close("online fp8 logprobs", &ours, &theirs, LOGPROB_TOL);
 }
 
@@ -301,20 +273,8 @@ fn checkpoint_kv_cache_scales_match_transformers_with_the_same_scaled_cache() {
     // (ModelOpt names) and 3; DeepSeek-V3: one `k_scale` for the MLA row per layer.
     for name in ["qwen3-tiny-kv-scales", "deepseek-v3-tiny-kv-scales"] {
         let reference = kv_scales_reference(name);
-        let sequences: Vec<Vec<u32>> = reference["sequences"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(ids)
-            .collect();
-        let flat = |key: &str| -> Vec<f64> {
-            reference[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(floats)
-                .collect()
-        };
+        let sequences = fixture_sequences(&reference);
+        let flat = |key: &str| fixture_logprobs(&reference, key);
         let mut opts = LoadOptions::new(model_dir(name).to_string_lossy());
         opts.dtype = Some(DType::F32);
         fp8_kv_cache(&mut opts);

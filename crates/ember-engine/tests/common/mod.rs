@@ -230,3 +230,51 @@ pub fn assert_matches_reference(name: &str, prompts: &[Value], results: &[Finish
 pub fn greedy_steps(p: &Value) -> usize {
     p["greedy"]["token_ids"].as_array().unwrap().len()
 }
+
+/// The logprob of every token but the first of each of `sequences` (teacher-forced through
+/// prompt logprobs, so no greedy flip can make two runs diverge), and the weight bytes held,
+/// under `opts` and the engine settings `cfg`.
+pub fn score_with(
+    opts: &LoadOptions,
+    cfg: EngineConfig,
+    sequences: &[Vec<u32>],
+) -> (Vec<f32>, u64) {
+    let loaded = load_model(opts).unwrap();
+    let weight_bytes = loaded.weight_bytes;
+    let engine = Engine::start(loaded, cfg).unwrap();
+    let params = SamplingParams {
+        prompt_logprobs: Some(1),
+        ..SamplingParams::greedy(0)
+    };
+    let mut logprobs = vec![];
+    for tokens in sequences {
+        let got = collect(engine.submit(tokens.clone(), params.clone()).unwrap());
+        logprobs.extend(got.prompt_logprobs[1..].iter().map(|l| l.unwrap()));
+    }
+    (logprobs, weight_bytes)
+}
+
+/// [`score_with`] under the default engine settings.
+pub fn score(opts: &LoadOptions, sequences: &[Vec<u32>]) -> (Vec<f32>, u64) {
+    score_with(opts, EngineConfig::default(), sequences)
+}
+
+/// A scoring fixture's token sequences (its `sequences`).
+pub fn fixture_sequences(fixture: &Value) -> Vec<Vec<u32>> {
+    fixture["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect()
+}
+
+/// A scoring fixture's logprobs under `key`, all sequences end to end.
+pub fn fixture_logprobs(fixture: &Value, key: &str) -> Vec<f64> {
+    fixture[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(floats)
+        .collect()
+}
